@@ -1,0 +1,50 @@
+"""lmkern: fused numeric kernels from recent language-model papers, as torch custom ops.
+
+The kernels live in Rust (lmkern._core), CPU through rayon and CUDA through cudarc; this package
+registers them with torch (torch.ops.lmkern.*) and exposes the public functions below.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _core
+from . import ops  # noqa: F401  (registers torch.ops.lmkern.*)
+from . import nn
+from .ops.norm import crms_norm, rms_norm
+
+__all__ = ["rms_norm", "crms_norm", "nn", "cuda_available", "cuda_status", "set_num_threads", "get_num_threads"]
+
+try:
+    from importlib.metadata import version as _version
+
+    __version__ = _version("lmkern")
+except Exception:  # not installed as a distribution (e.g. a source tree on sys.path)
+    __version__ = "0+unknown"
+
+
+def cuda_status() -> str | None:
+    """None when lmkern's CUDA kernels can run here, else why not."""
+    if not torch.cuda.is_available():
+        return "torch sees no CUDA device"
+    return _core.cuda_status()
+
+
+def cuda_available() -> bool:
+    """Whether lmkern's CUDA path works here (kernels built in, driver loaded, a device present)."""
+    return cuda_status() is None
+
+
+def set_num_threads(threads: int) -> None:
+    """Set the number of CPU threads lmkern's kernels use (default: torch.get_num_threads() at import)."""
+    threads = int(threads)
+    if threads < 1:
+        raise ValueError(f"threads: expected a count >= 1; got {threads}")
+    _core.set_num_threads(threads)
+
+
+def get_num_threads() -> int:
+    """The number of CPU threads lmkern's kernels use."""
+    return _core.get_num_threads()
+
+
+_core.set_num_threads(torch.get_num_threads())

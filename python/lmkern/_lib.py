@@ -1,0 +1,40 @@
+"""The `lmkern` torch.library namespace and the small helpers every op module shares."""
+from __future__ import annotations
+
+import torch
+
+from . import _core
+
+#: Every lmkern op is defined in this one library: torch.ops.lmkern.<name>.
+LIB = torch.library.Library("lmkern", "DEF")
+
+#: dtype codes understood by lmkern._core.
+DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+
+
+def device_args(t: torch.Tensor) -> tuple[int, int]:
+    """(device index, raw stream) for _core: (-1, 0) on CPU, torch's current stream on CUDA."""
+    if t.device.type == "cpu":
+        return -1, 0
+    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    return index, torch.cuda.current_stream(index).cuda_stream
+
+
+def ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def check_floating(name: str, t: torch.Tensor, allowed) -> None:
+    if t.dtype not in allowed:
+        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+        raise TypeError(f"{name}: expected dtype {names}; got {str(t.dtype).replace('torch.', '')}")
+
+
+def check_device(name: str, t: torch.Tensor, ref: torch.Tensor, ref_name: str = "x") -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{name}: expected a tensor on {ref.device} (the device of {ref_name}); got {t.device}")
+
+
+def check_cpu_or_cuda(name: str, t: torch.Tensor) -> None:
+    if t.device.type not in ("cpu", "cuda", "meta"):
+        raise ValueError(f"{name}: lmkern runs on cpu and cuda tensors; got a {t.device.type} tensor")

@@ -1,0 +1,2 @@
+"""torch custom ops of lmkern, one module per kernel family. Importing registers them."""
+from . import norm  # noqa: F401

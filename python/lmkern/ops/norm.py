@@ -1,0 +1,222 @@
+"""Fused RMSNorm and CRMSNorm as torch custom ops (Jiang et al., "Pre-RMSNorm and Pre-CRMSNorm
+Transformers", NeurIPS 2023).
+
+Ops (torch.ops.lmkern.*), for <norm> in rms_norm, crms_norm:
+  <norm>(x, weight?, eps, offset, scale) -> (y, rstd)
+  <norm>_residual(x, residual, weight?, eps, offset, scale) -> (y, h, rstd)     h = x + residual
+  <norm>_backward(dy, x, weight?, rstd, dh?, offset, scale, weight_grad) -> (dx, dw)
+The backward op is the gradient of both forward forms (for the residual form x is h and dh the
+gradient of the returned h). rstd is float32 (float64 for float64 input), one per row.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _core
+from .._lib import DTYPE_CODES, LIB, check_cpu_or_cuda, check_device, check_floating, device_args, ptr
+
+_CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_CUDA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_x(x: torch.Tensor, name: str = "x") -> None:
+    check_cpu_or_cuda(name, x)
+    check_floating(name, x, _CUDA_DTYPES if x.device.type == "cuda" else _CPU_DTYPES)
+    if x.dim() == 0:
+        raise ValueError(f"{name}: expected a tensor with at least one dimension (the normalized one); got a scalar")
+
+
+def _check_like(name: str, t: torch.Tensor, x: torch.Tensor, shape, x_name: str = "x") -> None:
+    check_device(name, t, x, x_name)
+    if t.dtype != x.dtype:
+        raise TypeError(f"{name}: expected dtype {x.dtype} (the dtype of {x_name}); got {t.dtype}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}; got {tuple(t.shape)}")
+
+
+def _check_fwd(x, residual, weight) -> None:
+    _check_x(x)
+    if residual is not None:
+        _check_like("residual", residual, x, x.shape)
+    if weight is not None:
+        _check_like("weight", weight, x, (x.shape[-1],))
+
+
+def _rows(x: torch.Tensor) -> tuple[int, int]:
+    n = x.shape[-1]
+    return (x.numel() // n if n else 0), n
+
+
+def _forward(crms, x, residual, weight, eps, offset, scale):
+    _check_fwd(x, residual, weight)
+    x = x.contiguous()
+    residual = None if residual is None else residual.contiguous()
+    weight = None if weight is None else weight.contiguous()
+    rows, n = _rows(x)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    h = None if residual is None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    rstd = torch.empty(x.shape[:-1], dtype=_acc_dtype(x.dtype), device=x.device)
+    if n == 0 and rstd.numel():
+        rstd.fill_(eps**-0.5 if eps > 0 else float("inf"))  # mean of an empty row taken as 0
+    dev, stream = device_args(x)
+    _core.norm_forward(
+        crms, DTYPE_CODES[x.dtype], dev, stream, rows, n, eps, offset, scale,
+        ptr(x), ptr(residual), ptr(weight), ptr(y), ptr(h), ptr(rstd),
+    )
+    return y, h, rstd
+
+
+def _backward(crms, dy, x, weight, rstd, dh, offset, scale, weight_grad):
+    _check_x(x)
+    _check_like("dy", dy, x, x.shape)
+    if dh is not None:
+        _check_like("dh", dh, x, x.shape)
+    if weight is not None:
+        _check_like("weight", weight, x, (x.shape[-1],))
+    check_device("rstd", rstd, x)
+    if rstd.dtype != _acc_dtype(x.dtype) or tuple(rstd.shape) != tuple(x.shape[:-1]):
+        raise ValueError(
+            f"rstd: expected {_acc_dtype(x.dtype)} of shape {tuple(x.shape[:-1])} as the forward returns; "
+            f"got {rstd.dtype} of shape {tuple(rstd.shape)}"
+        )
+    if weight_grad and weight is None:
+        raise ValueError("weight_grad: a weight gradient was asked for without a weight")
+    dy, x, rstd = dy.contiguous(), x.contiguous(), rstd.contiguous()
+    dh = None if dh is None else dh.contiguous()
+    weight = None if weight is None else weight.contiguous()
+    rows, n = _rows(x)
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if weight_grad:
+        parts = _core.norm_dw_parts(rows, n)
+        partial = torch.empty((parts, n), dtype=_acc_dtype(x.dtype), device=x.device)
+        dw = torch.empty((n,), dtype=x.dtype, device=x.device)
+    else:
+        parts, partial, dw = 0, None, x.new_empty((0,))
+    dev, stream = device_args(x)
+    _core.norm_backward(
+        crms, DTYPE_CODES[x.dtype], dev, stream, rows, n, offset, scale,
+        ptr(dy), ptr(x), ptr(weight), ptr(rstd), ptr(dh), ptr(dx), ptr(partial),
+        ptr(dw) if weight_grad else 0, parts,
+    )
+    return dx, dw
+
+
+def _define(name: str, crms: bool) -> None:
+    """Define <name>, <name>_residual and <name>_backward with impls, fakes and autograd."""
+    LIB.define(f"{name}(Tensor x, Tensor? weight, float eps, float offset, float scale) -> (Tensor, Tensor)")
+    LIB.define(
+        f"{name}_residual(Tensor x, Tensor residual, Tensor? weight, float eps, float offset, float scale)"
+        " -> (Tensor, Tensor, Tensor)"
+    )
+    LIB.define(
+        f"{name}_backward(Tensor dy, Tensor x, Tensor? weight, Tensor rstd, Tensor? dh, float offset,"
+        " float scale, bool weight_grad) -> (Tensor, Tensor)"
+    )
+
+    def fwd(x, weight, eps, offset, scale):
+        y, _, rstd = _forward(crms, x, None, weight, eps, offset, scale)
+        return y, rstd
+
+    def fwd_residual(x, residual, weight, eps, offset, scale):
+        return _forward(crms, x, residual, weight, eps, offset, scale)
+
+    def bwd(dy, x, weight, rstd, dh, offset, scale, weight_grad):
+        return _backward(crms, dy, x, weight, rstd, dh, offset, scale, weight_grad)
+
+    for key in ("CPU", "CUDA"):
+        LIB.impl(name, fwd, key)
+        LIB.impl(f"{name}_residual", fwd_residual, key)
+        LIB.impl(f"{name}_backward", bwd, key)
+
+    def fwd_fake(x, weight, eps, offset, scale):
+        _check_fwd(x, None, weight)
+        return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(
+            x.shape[:-1], dtype=_acc_dtype(x.dtype)
+        )
+
+    def fwd_residual_fake(x, residual, weight, eps, offset, scale):
+        _check_fwd(x, residual, weight)
+        y = torch.empty_like(x, memory_format=torch.contiguous_format)
+        h = torch.empty_like(x, memory_format=torch.contiguous_format)
+        return y, h, x.new_empty(x.shape[:-1], dtype=_acc_dtype(x.dtype))
+
+    def bwd_fake(dy, x, weight, rstd, dh, offset, scale, weight_grad):
+        _check_x(x)
+        dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+        return dx, x.new_empty((x.shape[-1],) if weight_grad else (0,))
+
+    torch.library.register_fake(f"lmkern::{name}", fwd_fake, lib=LIB)
+    torch.library.register_fake(f"lmkern::{name}_residual", fwd_residual_fake, lib=LIB)
+    torch.library.register_fake(f"lmkern::{name}_backward", bwd_fake, lib=LIB)
+
+    backward_op = getattr(torch.ops.lmkern, f"{name}_backward").default
+
+    def setup(ctx, inputs, output):
+        x, weight, _eps, offset, scale = inputs
+        ctx.save_for_backward(x, weight, output[1])
+        ctx.offset, ctx.scale = offset, scale
+
+    def grad(ctx, dy, _drstd):
+        x, weight, rstd = ctx.saved_tensors
+        weight_grad = weight is not None and ctx.needs_input_grad[1]
+        dx, dw = backward_op(dy, x, weight, rstd, None, ctx.offset, ctx.scale, weight_grad)
+        return dx, (dw if weight_grad else None), None, None, None
+
+    def setup_residual(ctx, inputs, output):
+        x, residual, weight, _eps, offset, scale = inputs
+        ctx.save_for_backward(output[1], weight, output[2])
+        ctx.offset, ctx.scale = offset, scale
+        # Two leaves given one gradient tensor would share .grad storage: copy in that case only.
+        ctx.both_leaves = x.is_leaf and residual.is_leaf
+
+    def grad_residual(ctx, dy, dh, _drstd):
+        h, weight, rstd = ctx.saved_tensors
+        weight_grad = weight is not None and ctx.needs_input_grad[2]
+        dx, dw = backward_op(dy, h, weight, rstd, dh, ctx.offset, ctx.scale, weight_grad)
+        dres = None
+        if ctx.needs_input_grad[1]:
+            dres = dx.clone() if (ctx.both_leaves and ctx.needs_input_grad[0]) else dx
+        return dx, dres, (dw if weight_grad else None), None, None, None
+
+    torch.library.register_autograd(f"lmkern::{name}", grad, setup_context=setup, lib=LIB)
+    torch.library.register_autograd(f"lmkern::{name}_residual", grad_residual, setup_context=setup_residual, lib=LIB)
+
+
+_define("rms_norm", crms=False)
+_define("crms_norm", crms=True)
+
+
+def _public(op, op_residual, x, weight, eps, residual, offset, scale):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x: expected a torch.Tensor; got {type(x).__name__}")
+    if weight is not None and weight.dtype != x.dtype and weight.is_floating_point():
+        weight = weight.to(x.dtype)  # e.g. float32 master weights with bfloat16 activations
+    eps, offset, scale = float(eps), float(offset), float(scale)
+    if residual is None:
+        return op(x, weight, eps, offset, scale)[0]
+    y, h, _ = op_residual(x, residual, weight, eps, offset, scale)
+    return y, h
+
+
+def rms_norm(x, weight=None, eps=1e-6, *, residual=None, offset=0.0, scale=1.0):
+    """RMSNorm over the last dimension: ``y = x · rsqrt(mean(x²) + eps) · (offset + weight) · scale``.
+
+    Without ``weight`` the factor ``(offset + weight)`` is 1. With ``residual`` it first forms
+    ``h = x + residual`` and returns ``(rms_norm(h), h)``. Differentiable in x, weight and residual.
+    dtypes: float32, float64 (CPU), bfloat16, float16; accumulation in float32 (float64 for float64).
+    A weight of another floating dtype is cast to x's dtype. NaN/inf in x propagate to that row.
+    """
+    return _public(torch.ops.lmkern.rms_norm, torch.ops.lmkern.rms_norm_residual, x, weight, eps, residual, offset, scale)
+
+
+def crms_norm(x, weight=None, eps=1e-6, *, residual=None, offset=0.0, scale=1.0):
+    """CRMSNorm over the last dimension (n wide, the compressed form of a zero-mean vector of width n+1):
+    ``y = x · rsqrt((Σx² + (Σx)²)/(n+1) + eps) · (offset + weight) · scale``.
+
+    Options, outputs, dtypes and gradients as :func:`rms_norm`.
+    """
+    return _public(torch.ops.lmkern.crms_norm, torch.ops.lmkern.crms_norm_residual, x, weight, eps, residual, offset, scale)
