@@ -14,7 +14,7 @@ DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloa
 
 def device_args(t: torch.Tensor) -> tuple[int, int]:
     """(device index, raw stream) for _core: (-1, 0) on CPU, torch's current stream on CUDA."""
-    if t.device.type == "cpu":
+    if not t.is_cuda:
         return -1, 0
     index = t.device.index if t.device.index is not None else torch.cuda.current_device()
     return index, torch.cuda.current_stream(index).cuda_stream
@@ -36,5 +36,5 @@ def check_device(name: str, t: torch.Tensor, ref: torch.Tensor, ref_name: str = 
 
 
 def check_cpu_or_cuda(name: str, t: torch.Tensor) -> None:
-    if t.device.type not in ("cpu", "cuda", "meta"):
+    if not (t.is_cpu or t.is_cuda or t.is_meta):
         raise ValueError(f"{name}: lmkern runs on cpu and cuda tensors; got a {t.device.type} tensor")

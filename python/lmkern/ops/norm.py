@@ -25,7 +25,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _check_x(x: torch.Tensor, name: str = "x") -> None:
     check_cpu_or_cuda(name, x)
-    check_floating(name, x, _CUDA_DTYPES if x.device.type == "cuda" else _CPU_DTYPES)
+    check_floating(name, x, _CUDA_DTYPES if x.is_cuda else _CPU_DTYPES)
     if x.dim() == 0:
         raise ValueError(f"{name}: expected a tensor with at least one dimension (the normalized one); got a scalar")
 
@@ -34,7 +34,7 @@ def _check_like(name: str, t: torch.Tensor, x: torch.Tensor, shape, x_name: str 
     check_device(name, t, x, x_name)
     if t.dtype != x.dtype:
         raise TypeError(f"{name}: expected dtype {x.dtype} (the dtype of {x_name}); got {t.dtype}")
-    if tuple(t.shape) != tuple(shape):
+    if t.shape != shape:
         raise ValueError(f"{name}: expected shape {tuple(shape)}; got {tuple(t.shape)}")
 
 
@@ -43,7 +43,7 @@ def _check_fwd(x, residual, weight) -> None:
     if residual is not None:
         _check_like("residual", residual, x, x.shape)
     if weight is not None:
-        _check_like("weight", weight, x, (x.shape[-1],))
+        _check_like("weight", weight, x, x.shape[-1:])
 
 
 def _rows(x: torch.Tensor) -> tuple[int, int]:
@@ -51,17 +51,20 @@ def _rows(x: torch.Tensor) -> tuple[int, int]:
     return (x.numel() // n if n else 0), n
 
 
-def _forward(crms, x, residual, weight, eps, offset, scale):
+def _forward(crms, x, residual, weight, eps, offset, scale, save_rstd=True):
+    """Run the forward kernel into fresh outputs: (y, h or None, rstd or None)."""
     _check_fwd(x, residual, weight)
     x = x.contiguous()
     residual = None if residual is None else residual.contiguous()
     weight = None if weight is None else weight.contiguous()
     rows, n = _rows(x)
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    h = None if residual is None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    rstd = torch.empty(x.shape[:-1], dtype=_acc_dtype(x.dtype), device=x.device)
-    if n == 0 and rstd.numel():
-        rstd.fill_(eps**-0.5 if eps > 0 else float("inf"))  # mean of an empty row taken as 0
+    y = torch.empty_like(x)  # x is contiguous, so y is too (empty_like is the cheapest allocation)
+    h = None if residual is None else torch.empty_like(x)
+    rstd = None
+    if save_rstd:
+        rstd = x.new_empty(x.shape[:-1], dtype=_acc_dtype(x.dtype))
+        if n == 0 and rstd.numel():
+            rstd.fill_(eps**-0.5 if eps > 0 else float("inf"))  # mean of an empty row taken as 0
     dev, stream = device_args(x)
     _core.norm_forward(
         crms, DTYPE_CODES[x.dtype], dev, stream, rows, n, eps, offset, scale,
@@ -190,12 +193,36 @@ _define("rms_norm", crms=False)
 _define("crms_norm", crms=True)
 
 
-def _public(op, op_residual, x, weight, eps, residual, offset, scale):
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _direct_ok(x, residual, weight) -> bool:
+    """Whether a call may skip torch's dispatcher and run the kernel directly: plain cpu/cuda tensors,
+    no gradient wanted, and nothing tracing or intercepting ops (torch.compile, modes, functorch).
+    The dispatcher costs more than the kernel for small tensors; every other case goes through it."""
+    if (
+        torch.compiler.is_compiling()
+        or torch._C._len_torch_dispatch_stack()
+        or torch._C._is_torch_function_mode_enabled()
+        or torch._C._are_functorch_transforms_active()
+    ):
+        return False
+    grad = torch.is_grad_enabled()
+    for t in (x, residual, weight):
+        if t is not None and (type(t) not in _PLAIN or (grad and t.requires_grad)):
+            return False
+    return x.is_cpu or x.is_cuda
+
+
+def _public(crms, op, op_residual, x, weight, eps, residual, offset, scale):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x: expected a torch.Tensor; got {type(x).__name__}")
     if weight is not None and weight.dtype != x.dtype and weight.is_floating_point():
         weight = weight.to(x.dtype)  # e.g. float32 master weights with bfloat16 activations
     eps, offset, scale = float(eps), float(offset), float(scale)
+    if _direct_ok(x, residual, weight):
+        y, h, _ = _forward(crms, x, residual, weight, eps, offset, scale, save_rstd=False)
+        return y if residual is None else (y, h)
     if residual is None:
         return op(x, weight, eps, offset, scale)[0]
     y, h, _ = op_residual(x, residual, weight, eps, offset, scale)
@@ -210,7 +237,7 @@ def rms_norm(x, weight=None, eps=1e-6, *, residual=None, offset=0.0, scale=1.0):
     dtypes: float32, float64 (CPU), bfloat16, float16; accumulation in float32 (float64 for float64).
     A weight of another floating dtype is cast to x's dtype. NaN/inf in x propagate to that row.
     """
-    return _public(torch.ops.lmkern.rms_norm, torch.ops.lmkern.rms_norm_residual, x, weight, eps, residual, offset, scale)
+    return _public(False, torch.ops.lmkern.rms_norm, torch.ops.lmkern.rms_norm_residual, x, weight, eps, residual, offset, scale)
 
 
 def crms_norm(x, weight=None, eps=1e-6, *, residual=None, offset=0.0, scale=1.0):
@@ -219,4 +246,4 @@ def crms_norm(x, weight=None, eps=1e-6, *, residual=None, offset=0.0, scale=1.0)
 
     Options, outputs, dtypes and gradients as :func:`rms_norm`.
     """
-    return _public(torch.ops.lmkern.crms_norm, torch.ops.lmkern.crms_norm_residual, x, weight, eps, residual, offset, scale)
+    return _public(True, torch.ops.lmkern.crms_norm, torch.ops.lmkern.crms_norm_residual, x, weight, eps, residual, offset, scale)

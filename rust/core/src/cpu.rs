@@ -1,5 +1,6 @@
 //! Helpers shared by the CPU kernels: slices rebuilt from caller addresses, non-temporal copies
-//! for outputs too large to stay in cache, and the AVX2 dispatch.
+//! for outputs too large to stay in cache, the AVX2 dispatch, and the element types kernels share.
+use half::{bf16, f16};
 
 /// Outputs at least this large (bytes) bypass the cache: a normal store first reads the line it
 /// writes (read-for-ownership), a third pass over memory that a streaming store avoids.
@@ -100,9 +101,167 @@ macro_rules! multiversion {
 }
 pub(crate) use multiversion;
 
+/// An element type and the type its reductions accumulate in.
+pub trait Elem: Copy + Send + Sync + 'static {
+    type Acc: Acc;
+    fn load(self) -> Self::Acc;
+    fn store(v: Self::Acc) -> Self;
+}
+
+/// Accumulation arithmetic (f32 or f64).
+pub trait Acc:
+    Copy
+    + Send
+    + Sync
+    + PartialOrd
+    + std::ops::Add<Output = Self>
+    + std::ops::Sub<Output = Self>
+    + std::ops::Mul<Output = Self>
+    + std::ops::AddAssign
+    + 'static
+{
+    const ZERO: Self;
+    fn from_f64(v: f64) -> Self;
+    fn rsqrt(self) -> Self;
+}
+
+impl Acc for f32 {
+    const ZERO: Self = 0.0;
+    fn from_f64(v: f64) -> Self {
+        v as f32
+    }
+    fn rsqrt(self) -> Self {
+        1.0 / self.sqrt()
+    }
+}
+impl Acc for f64 {
+    const ZERO: Self = 0.0;
+    fn from_f64(v: f64) -> Self {
+        v
+    }
+    fn rsqrt(self) -> Self {
+        1.0 / self.sqrt()
+    }
+}
+
+impl Elem for f32 {
+    type Acc = f32;
+    #[inline(always)]
+    fn load(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn store(v: f32) -> Self {
+        v
+    }
+}
+impl Elem for f64 {
+    type Acc = f64;
+    #[inline(always)]
+    fn load(self) -> f64 {
+        self
+    }
+    #[inline(always)]
+    fn store(v: f64) -> Self {
+        v
+    }
+}
+impl Elem for bf16 {
+    type Acc = f32;
+    #[inline(always)]
+    fn load(self) -> f32 {
+        // Exact widening; written with bits so the compiler vectorizes it.
+        f32::from_bits((self.to_bits() as u32) << 16)
+    }
+    #[inline(always)]
+    fn store(v: f32) -> Self {
+        bf16::from_f32(v)
+    }
+}
+impl Elem for f16 {
+    type Acc = f32;
+    #[inline(always)]
+    fn load(self) -> f32 {
+        f16_to_f32(self.to_bits())
+    }
+    #[inline(always)]
+    fn store(v: f32) -> Self {
+        f16::from_bits(f32_to_f16(v))
+    }
+}
+
+/// Exact float16 → float32 with integer and float arithmetic only, so loops over it vectorize
+/// (half's own conversion checks for F16C on every call).
+#[inline(always)]
+pub fn f16_to_f32(h: u16) -> f32 {
+    let h = h as u32;
+    let sign = (h & 0x8000) << 16;
+    let exp_mant = (h & 0x7fff) << 13;
+    // Shifted into place the exponent is biased by 15 instead of 127: scaling by 2^112 rebiases it,
+    // and turns float16 subnormals (read as float32 subnormals) into the right normal values.
+    let scaled = f32::from_bits(exp_mant) * f32::from_bits(0x7780_0000);
+    let bits = if h & 0x7c00 == 0x7c00 { exp_mant | 0x7f80_0000 } else { scaled.to_bits() }; // inf, NaN
+    f32::from_bits(bits | sign)
+}
+
+/// float32 → float16, round to nearest even (overflow to inf, NaN stays NaN), vectorizable.
+#[inline(always)]
+pub fn f32_to_f16(f: f32) -> u16 {
+    const F16_MAX_EXCL: u32 = (127 + 16) << 23; // first float32 past float16's range
+    const MIN_NORMAL: u32 = 113 << 23; // 2^-14, float16's smallest normal
+    const DENORM_MAGIC: u32 = ((127 - 15) + (23 - 10) + 1) << 23;
+    let bits = f.to_bits();
+    let sign = (bits >> 16) & 0x8000;
+    let abs = bits & 0x7fff_ffff;
+    let out = if abs >= F16_MAX_EXCL {
+        if abs > 0x7f80_0000 { 0x7e00 } else { 0x7c00 }
+    } else if abs < MIN_NORMAL {
+        // Adding 0.5 (the magic) makes the FPU round the subnormal mantissa into the low bits.
+        (f32::from_bits(abs) + f32::from_bits(DENORM_MAGIC)).to_bits().wrapping_sub(DENORM_MAGIC)
+    } else {
+        let odd = (abs >> 13) & 1;
+        // Rebias the exponent (127 → 15) and add the rounding bias: 0xfff, plus 1 when the kept mantissa is odd.
+        (abs.wrapping_add(((15u32).wrapping_sub(127) << 23).wrapping_add(0xfff)).wrapping_add(odd)) >> 13
+    };
+    (out | sign) as u16
+}
+
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn f16_conversions_match_half_exactly() {
+        for h in 0..=u16::MAX {
+            let want = f16::from_bits(h).to_f32();
+            let got = f16_to_f32(h);
+            assert!(got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()), "{h:#x}");
+        }
+        // Every float16 value, the midpoints between neighbours (ties), and values just off them.
+        let probe = |f: f32| {
+            let want = f16::from_f32(f);
+            let got = f16::from_bits(f32_to_f16(f));
+            assert!(got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()), "{f:e} ({:#x})", f.to_bits());
+        };
+        for h in 0..=u16::MAX {
+            let v = f16::from_bits(h).to_f32();
+            let next = f16::from_bits(h.wrapping_add(1)).to_f32();
+            for f in [v, (v + next) / 2.0, f32::from_bits(v.to_bits() + 1), f32::from_bits(v.to_bits().wrapping_sub(1))] {
+                probe(f);
+            }
+        }
+        let mut x = 0x1234_5678u32;
+        for _ in 0..2_000_000 {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            probe(f32::from_bits(x));
+        }
+        for f in [f32::INFINITY, f32::NEG_INFINITY, f32::NAN, 65520.0, 65519.99, -0.0, 1e-8, 5.9604645e-8, 2.9802322e-8] {
+            probe(f);
+        }
+    }
 
     #[test]
     fn stream_copy_copies_every_alignment_and_length() {

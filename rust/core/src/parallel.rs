@@ -2,44 +2,40 @@
 //! so the count can change at run time (rayon's global pool cannot).
 use std::sync::{Arc, RwLock};
 
+/// The pool, or None before first use. If the OS refuses threads, kernels run on the caller's thread.
 static POOL: RwLock<Option<Arc<rayon::ThreadPool>>> = RwLock::new(None);
 
-fn build(threads: usize) -> Arc<rayon::ThreadPool> {
-    let pool = rayon::ThreadPoolBuilder::new()
+fn build(threads: usize) -> Option<Arc<rayon::ThreadPool>> {
+    rayon::ThreadPoolBuilder::new()
         .num_threads(threads.max(1))
         .thread_name(|i| format!("lmkern-{i}"))
         .build()
-        // Building a pool fails only if the OS refuses to spawn threads; nothing sensible remains then.
-        .expect("lmkern: could not start CPU worker threads");
-    Arc::new(pool)
+        .ok()
+        .map(Arc::new)
 }
 
 /// Set the number of CPU threads the kernels use (at least 1).
 pub fn set_num_threads(threads: usize) {
     let mut guard = POOL.write().unwrap_or_else(|e| e.into_inner());
     if guard.as_ref().map(|p| p.current_num_threads()) != Some(threads.max(1)) {
-        *guard = Some(build(threads));
+        *guard = build(threads);
     }
 }
 
 /// The number of CPU threads the kernels use.
 pub fn num_threads() -> usize {
-    pool().current_num_threads()
+    pool().map_or(1, |p| p.current_num_threads())
 }
 
-fn pool() -> Arc<rayon::ThreadPool> {
+fn pool() -> Option<Arc<rayon::ThreadPool>> {
     if let Some(p) = POOL.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
-        return p.clone();
+        return Some(p.clone());
     }
     let mut guard = POOL.write().unwrap_or_else(|e| e.into_inner());
-    guard
-        .get_or_insert_with(|| build(std::thread::available_parallelism().map_or(1, |n| n.get())))
-        .clone()
-}
-
-/// Run `f` inside lmkern's pool (rayon's `par_iter` calls in `f` use it).
-pub fn install<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    pool().install(f)
+    if guard.is_none() {
+        *guard = build(std::thread::available_parallelism().map_or(1, |n| n.get()));
+    }
+    guard.clone()
 }
 
 /// Elements below which a kernel runs on the calling thread: waking the pool costs more than the work.
@@ -48,10 +44,11 @@ pub const SERIAL_BELOW: usize = 1 << 15;
 /// Run `f(t)` for every task `t` in `0..tasks`: on the calling thread when `elems` (the work, in
 /// elements) is small, else in lmkern's pool. Tasks must be independent.
 pub fn for_each_task(tasks: usize, elems: usize, f: impl Fn(usize) + Sync + Send) {
-    if tasks <= 1 || elems < SERIAL_BELOW || num_threads() == 1 {
-        (0..tasks).for_each(f);
-    } else {
-        use rayon::prelude::*;
-        install(|| (0..tasks).into_par_iter().for_each(f));
+    match pool() {
+        Some(pool) if tasks > 1 && elems >= SERIAL_BELOW && pool.current_num_threads() > 1 => {
+            use rayon::prelude::*;
+            pool.install(|| (0..tasks).into_par_iter().for_each(f));
+        }
+        _ => (0..tasks).for_each(f),
     }
 }

@@ -6,95 +6,7 @@ use crate::cpu::{multiversion, rows_of, rows_of_mut, slice, stream_copy, STREAM_
 use crate::parallel;
 use crate::tensor::DType;
 use half::{bf16, f16};
-
-/// An element type and the type its reductions accumulate in.
-pub trait Elem: Copy + Send + Sync + 'static {
-    type Acc: Acc;
-    fn load(self) -> Self::Acc;
-    fn store(v: Self::Acc) -> Self;
-}
-
-/// Accumulation arithmetic (f32 or f64).
-pub trait Acc:
-    Copy
-    + Send
-    + Sync
-    + PartialOrd
-    + std::ops::Add<Output = Self>
-    + std::ops::Sub<Output = Self>
-    + std::ops::Mul<Output = Self>
-    + std::ops::AddAssign
-    + 'static
-{
-    const ZERO: Self;
-    fn from_f64(v: f64) -> Self;
-    fn rsqrt(self) -> Self;
-}
-
-impl Acc for f32 {
-    const ZERO: Self = 0.0;
-    fn from_f64(v: f64) -> Self {
-        v as f32
-    }
-    fn rsqrt(self) -> Self {
-        1.0 / self.sqrt()
-    }
-}
-impl Acc for f64 {
-    const ZERO: Self = 0.0;
-    fn from_f64(v: f64) -> Self {
-        v
-    }
-    fn rsqrt(self) -> Self {
-        1.0 / self.sqrt()
-    }
-}
-
-impl Elem for f32 {
-    type Acc = f32;
-    #[inline(always)]
-    fn load(self) -> f32 {
-        self
-    }
-    #[inline(always)]
-    fn store(v: f32) -> Self {
-        v
-    }
-}
-impl Elem for f64 {
-    type Acc = f64;
-    #[inline(always)]
-    fn load(self) -> f64 {
-        self
-    }
-    #[inline(always)]
-    fn store(v: f64) -> Self {
-        v
-    }
-}
-impl Elem for bf16 {
-    type Acc = f32;
-    #[inline(always)]
-    fn load(self) -> f32 {
-        // Exact widening; written with bits so the compiler vectorizes it.
-        f32::from_bits((self.to_bits() as u32) << 16)
-    }
-    #[inline(always)]
-    fn store(v: f32) -> Self {
-        bf16::from_f32(v)
-    }
-}
-impl Elem for f16 {
-    type Acc = f32;
-    #[inline(always)]
-    fn load(self) -> f32 {
-        self.to_f32()
-    }
-    #[inline(always)]
-    fn store(v: f32) -> Self {
-        f16::from_f32(v)
-    }
-}
+use crate::cpu::{Acc, Elem};
 
 /// Lanes of independent partial sums: a fixed reduction order the compiler can vectorize.
 const LANES: usize = 16;
@@ -222,8 +134,8 @@ multiversion!(fn forward_rows<T: Elem>(f: &Fwd<T>, r0: usize, r1: usize) => forw
 fn forward_rows_body<T: Elem>(f: &Fwd<T>, r0: usize, r1: usize) {
     let (n, p) = (f.n, f.p);
     // SAFETY: tasks cover disjoint row ranges [r0, r1) of the caller's buffers (see `forward`).
-    let (x, y, rstd) =
-        unsafe { (rows_of::<T>(p.x, n, r0, r1), rows_of_mut::<T>(p.y, n, r0, r1), rows_of_mut::<T::Acc>(p.rstd, 1, r0, r1)) };
+    let (x, y) = unsafe { (rows_of::<T>(p.x, n, r0, r1), rows_of_mut::<T>(p.y, n, r0, r1)) };
+    let mut rstd = (p.rstd != 0).then(|| unsafe { rows_of_mut::<T::Acc>(p.rstd, 1, r0, r1) });
     let res = (p.residual != 0).then(|| unsafe { rows_of::<T>(p.residual, n, r0, r1) });
     let mut h_out = (p.h != 0).then(|| unsafe { rows_of_mut::<T>(p.h, n, r0, r1) });
     // Rows are built here and streamed out when the outputs are too large to keep in cache.
@@ -246,7 +158,9 @@ fn forward_rows_body<T: Elem>(f: &Fwd<T>, r0: usize, r1: usize) {
         let (sq, s) = sums(hr, f.crms);
         let ms = if f.crms { (sq + s * s) * f.inv_div } else { sq * f.inv_div };
         let r = (ms + f.eps).rsqrt();
-        rstd[i] = r;
+        if let Some(rs) = rstd.as_deref_mut() {
+            rs[i] = r;
+        }
         let yr: &mut [T] = if f.stream { &mut ybuf } else { &mut y[i * n..(i + 1) * n] };
         match &f.factor {
             Some(fac) => {

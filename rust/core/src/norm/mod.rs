@@ -79,6 +79,7 @@ pub struct NormFwd {
     pub y: Ptr,
     /// Output h = x + residual, required iff `residual` is given.
     pub h: Ptr,
+    /// Optional per-row 1/rms, saved for the backward (0: not stored, e.g. inference).
     pub rstd: Ptr,
 }
 
@@ -124,7 +125,6 @@ pub unsafe fn forward(device: Device, a: &NormArgs, p: &NormFwd) -> Result<()> {
     }
     require_ptr(p.x, "x")?;
     require_ptr(p.y, "y")?;
-    require_ptr(p.rstd, "rstd")?;
     let (es, acc) = (a.dtype.size(), a.dtype.acc_size());
     for (ptr, name, align) in
         [(p.x, "x", es), (p.residual, "residual", es), (p.weight, "weight", es), (p.y, "y", es), (p.h, "h", es), (p.rstd, "rstd", acc)]
