@@ -185,7 +185,17 @@ def _define(name: str, crms: bool) -> None:
             dres = dx.clone() if (ctx.both_leaves and ctx.needs_input_grad[0]) else dx
         return dx, dres, (dw if weight_grad else None), None, None, None
 
+    def no_double_backward(ctx, *grads):
+        raise NotImplementedError(
+            f"lmkern.{name}: second derivatives are not implemented (the backward is not differentiable)"
+        )
+
     torch.library.register_autograd(f"lmkern::{name}", grad, setup_context=setup, lib=LIB)
+    # Without this, autograd would treat the backward op as constant and give silently wrong
+    # second derivatives; with it, asking for them raises.
+    torch.library.register_autograd(
+        f"lmkern::{name}_backward", no_double_backward, setup_context=lambda ctx, inputs, output: None, lib=LIB
+    )
     torch.library.register_autograd(f"lmkern::{name}_residual", grad_residual, setup_context=setup_residual, lib=LIB)
 
 
@@ -215,8 +225,9 @@ def _direct_ok(x, residual, weight) -> bool:
 
 
 def _public(crms, op, op_residual, x, weight, eps, residual, offset, scale):
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x: expected a torch.Tensor; got {type(x).__name__}")
+    for name, t in (("x", x), ("weight", weight), ("residual", residual)):
+        if not isinstance(t, torch.Tensor) and (t is not None or name == "x"):
+            raise TypeError(f"{name}: expected a torch.Tensor{'' if name == 'x' else ' or None'}; got {type(t).__name__}")
     if weight is not None and weight.dtype != x.dtype and weight.is_floating_point():
         weight = weight.to(x.dtype)  # e.g. float32 master weights with bfloat16 activations
     eps, offset, scale = float(eps), float(offset), float(scale)

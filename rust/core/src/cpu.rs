@@ -191,16 +191,26 @@ impl Elem for f16 {
 }
 
 /// Exact float16 → float32 with integer and float arithmetic only, so loops over it vectorize
-/// (half's own conversion checks for F16C on every call).
+/// (half's own conversion checks for F16C on every call). No float32 subnormal is ever formed, so
+/// the result holds with flush-to-zero / denormals-are-zero modes on (torch.set_flush_denormal).
 #[inline(always)]
 pub fn f16_to_f32(h: u16) -> f32 {
     let h = h as u32;
     let sign = (h & 0x8000) << 16;
-    let exp_mant = (h & 0x7fff) << 13;
-    // Shifted into place the exponent is biased by 15 instead of 127: scaling by 2^112 rebiases it,
-    // and turns float16 subnormals (read as float32 subnormals) into the right normal values.
-    let scaled = f32::from_bits(exp_mant) * f32::from_bits(0x7780_0000);
-    let bits = if h & 0x7c00 == 0x7c00 { exp_mant | 0x7f80_0000 } else { scaled.to_bits() }; // inf, NaN
+    let exp = h & 0x7c00;
+    let mant = h & 0x03ff;
+    // Normal: move exponent and mantissa into place and rebias the exponent (15 → 127).
+    let normal = ((h & 0x7fff) << 13) + ((127 - 15) << 23);
+    // Subnormal (and zero): mant · 2^-24, computed from an integer, so every operand is normal.
+    let subnormal = (mant as f32 * f32::from_bits((127 - 24) << 23)).to_bits();
+    let inf_nan = 0x7f80_0000 | (mant << 13);
+    let bits = if exp == 0 {
+        subnormal
+    } else if exp == 0x7c00 {
+        inf_nan
+    } else {
+        normal
+    };
     f32::from_bits(bits | sign)
 }
 
@@ -261,6 +271,33 @@ mod tests {
         for f in [f32::INFINITY, f32::NEG_INFINITY, f32::NAN, 65520.0, 65519.99, -0.0, 1e-8, 5.9604645e-8, 2.9802322e-8] {
             probe(f);
         }
+    }
+
+    /// Sets MXCSR's flush-to-zero and denormals-are-zero bits (what torch.set_flush_denormal does)
+    /// for the current thread, runs `f`, and restores them.
+    #[cfg(target_arch = "x86_64")]
+    #[allow(deprecated)]
+    fn with_flush_denormal(f: impl FnOnce()) {
+        use std::arch::x86_64::{_mm_getcsr, _mm_setcsr};
+        // SAFETY: only the FTZ (bit 15) and DAZ (bit 6) flags change, and they are restored.
+        unsafe {
+            let old = _mm_getcsr();
+            _mm_setcsr(old | 0x8040);
+            f();
+            _mm_setcsr(old);
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn f16_subnormals_convert_with_flush_denormal_on() {
+        with_flush_denormal(|| {
+            for h in 1..0x0400u16 {
+                let got = std::hint::black_box(f16_to_f32(std::hint::black_box(h)));
+                assert_eq!(got, h as f32 * 2f32.powi(-24), "{h:#x}");
+                assert_eq!(f32_to_f16(got), h);
+            }
+        });
     }
 
     #[test]

@@ -1,0 +1,418 @@
+"""GPU timings of lmkern's norm kernels against torch, with achieved bandwidth (run by check.sh).
+
+  python benches/gpu/timings.py [--reps 50] [--budget 200]
+
+1. Device copy bandwidth: dst.copy_(src) and src.clone() of a 1 GiB buffer (read + write counted).
+2. For each case (bf16 and float32 [32768, 4096]; bf16 with n = 1024, 8192, 16384 and the odd 4095,
+   about 2^27 elements each, far larger than L2), each form:
+     fwd       lmkern.rms_norm(x, w)                  vs F.rms_norm, torch.compile(F.rms_norm)
+     bwd       torch.ops.lmkern.rms_norm_backward      vs the autograd backward of F.rms_norm (eager,
+               (the backward op alone)                    compiled), timed alone (retain_graph)
+     fwd+bwd   lmkern.rms_norm + autograd.grad         vs the same with F.rms_norm (eager, compiled)
+     residual  lmkern.rms_norm(x, w, residual=r)       vs h = x + r; F.rms_norm(h) (eager, compiled)
+     crms      lmkern.crms_norm(x, w)                  vs the CRMS formula as torch ops (eager, compiled)
+   Time: CUDA events around each call, calls interleaved between implementations, after warm-up;
+   median of --reps (>= 50). Bandwidth from the bytes the op must move:
+     fwd, crms  read x, w; write y (+ rstd when saved for backward)
+     residual   read x, r, w; write y, h
+     bwd        read dy, x, w, rstd; write dx, dw, and write + read the float32 dw partials
+     fwd+bwd    the sum of the two (forward saving rstd)
+   and % of the measured copy bandwidth. Error: ||out - ref|| / ||ref|| against the float64
+   formula (lmkern.bench's references), lmkern's and eager torch's. Inputs: torch.randn, never zeros.
+3. A compact table on stdout; JSON to $OUT/gpu_timings.json when OUT is set, else
+   benches/results/gpu_timings.json.
+
+Compiles (dynamic=False, one per case and form) are the slow part: past --budget seconds the
+compiled peers are skipped, past 1.5x the remaining cases too. Exit status 1 when an lmkern
+output exceeds its tolerance or lmkern's CUDA path fails, else 0.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import lmkern
+from lmkern import bench as lb
+
+EPS = 1e-6
+B16, F32 = torch.bfloat16, torch.float32
+FORMS = ("fwd", "bwd", "fwd+bwd", "residual", "crms")
+
+
+# ---- timing --------------------------------------------------------------------------------------
+
+
+def time_interleaved(fns: dict, reps: int, warmup: int, cuda: bool) -> dict[str, list[float]]:
+    """Microseconds per call of each function: `warmup` calls each, then `reps` rounds in which every
+    function runs once (order alternating), each call between its own pair of CUDA events; one
+    synchronize at the end. On CPU (smoke tests only) perf_counter around each call."""
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    if cuda:
+        torch.cuda.synchronize()
+    names = list(fns)
+    if cuda:
+        events = {k: [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                      for _ in range(reps)] for k in names}
+        for i in range(reps):
+            for k in (names if i % 2 == 0 else names[::-1]):
+                start, end = events[k][i]
+                start.record()
+                fns[k]()
+                end.record()
+        torch.cuda.synchronize()
+        return {k: [s.elapsed_time(e) * 1e3 for s, e in events[k]] for k in names}
+    out = {k: [] for k in names}
+    for i in range(reps):
+        for k in (names if i % 2 == 0 else names[::-1]):
+            t0 = time.perf_counter()
+            fns[k]()
+            out[k].append((time.perf_counter() - t0) * 1e6)
+    return out
+
+
+def copy_bandwidth(device, cuda: bool, reps: int, nbytes: int) -> dict:
+    """GB/s of dst.copy_(src) and src.clone() (2 × nbytes moved per call), medians."""
+    src = torch.randn(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    t = time_interleaved({"copy_": lambda: dst.copy_(src), "clone": src.clone}, reps, 3, cuda)
+    med = {k: statistics.median(v) for k, v in t.items()}
+    del src, dst
+    return {
+        "bytes": nbytes,
+        "copy_us": med["copy_"], "clone_us": med["clone"],
+        "copy_GBps": 2 * nbytes / med["copy_"] / 1e3, "clone_GBps": 2 * nbytes / med["clone"] / 1e3,
+    }
+
+
+# ---- cases ---------------------------------------------------------------------------------------
+
+
+def cases(smoke: bool) -> list[tuple[torch.dtype, int, int]]:
+    """(dtype, rows, n), most important first: the cutoff of --budget drops the tail."""
+    if smoke:
+        return [(B16, 64, 256), (F32, 64, 256), (B16, 32, 255)]
+    total = 1 << 27  # elements: 256 MiB in bf16, far beyond L2
+    out = [(B16, 32768, 4096), (F32, 32768, 4096)]
+    out += [(B16, total // n, n) for n in (1024, 8192, 16384)]
+    out += [(B16, 32768, 4095)]
+    return out
+
+
+def fwd_bytes(rows, n, e, rstd=False):
+    return 2 * rows * n * e + n * e + (4 * rows if rstd else 0)
+
+
+def bwd_bytes(rows, n, e):
+    parts = lmkern._core.norm_dw_parts(rows, n)
+    return 3 * rows * n * e + n * e + 4 * rows + 2 * parts * n * 4 + n * e
+
+
+def residual_bytes(rows, n, e):
+    return 4 * rows * n * e + n * e
+
+
+def composite_residual(x, r, w):
+    h = x + r
+    return F.rms_norm(h, (h.shape[-1],), w, EPS), h
+
+
+def rms(x, w):
+    return F.rms_norm(x, (x.shape[-1],), w, EPS)
+
+
+class Compiled:
+    """torch.compile(fn, dynamic=False) wrappers, made on first use; None when compiling is off or failed."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.cache = {}
+        self.failures = {}
+
+    def get(self, name, fn):
+        if not self.enabled:
+            return None
+        if name not in self.cache:
+            self.cache[name] = torch.compile(fn, dynamic=False)
+        return self.cache[name]
+
+
+def run_case(dtype, rows, n, device, cuda, reps, compiled: Compiled, forms, copy_gbps, use=("lmkern", "torch")):
+    """Every form of one case: a list of row dicts. `use`: which of lmkern and torch (eager) to run;
+    the compiled peer runs while `compiled` is enabled. Stops early when the CUDA context breaks."""
+    gen = torch.Generator(device=device).manual_seed(rows * 131 + n)
+    rnd = lambda *s: torch.randn(s, device=device, generator=gen, dtype=F32).to(dtype)  # noqa: E731
+    x, w, r, dy = rnd(rows, n), rnd(n), rnd(rows, n), rnd(rows, n)
+    e = x.element_size()
+    tag = f"{str(dtype).replace('torch.', '')} {rows}x{n}"
+    out = []
+
+    def grads(fn):
+        xr, wr = x.detach().requires_grad_(), w.detach().requires_grad_()
+        y = fn(xr, wr)
+        return xr, wr, y
+
+    for form in forms:
+        row = {"case": tag, "dtype": str(dtype).replace("torch.", ""), "rows": rows, "n": n, "form": form}
+        impls, check, ref, nbytes = {}, {}, None, 0
+        try:
+            if form == "fwd":
+                nbytes = fwd_bytes(rows, n, e)
+                impls["lmkern"] = lambda: lmkern.rms_norm(x, w, EPS)
+                impls["torch"] = lambda: rms(x, w)
+                c = compiled.get(f"fwd {tag}", rms)
+                if c is not None:
+                    impls["compiled"] = lambda: c(x, w)
+                check = {"lmkern": lambda: (lmkern.rms_norm(x, w, EPS),), "torch": lambda: (rms(x, w),)}
+                ref = lambda: (lb.ref_norm(x.double(), w.double(), EPS),)  # noqa: E731
+            elif form == "crms":
+                nbytes = fwd_bytes(rows, n, e)
+                impls["lmkern"] = lambda: lmkern.crms_norm(x, w, EPS)
+                impls["torch"] = lambda: lb.torch_crms_norm(x, w, EPS)
+                c = compiled.get(f"crms {tag}", lb.torch_crms_norm)
+                if c is not None:
+                    impls["compiled"] = lambda: c(x, w, EPS)
+                check = {"lmkern": lambda: (lmkern.crms_norm(x, w, EPS),), "torch": lambda: (lb.torch_crms_norm(x, w, EPS),)}
+                ref = lambda: (lb.ref_norm(x.double(), w.double(), EPS, crms=True),)  # noqa: E731
+            elif form == "residual":
+                nbytes = residual_bytes(rows, n, e)
+                impls["lmkern"] = lambda: lmkern.rms_norm(x, w, EPS, residual=r)
+                impls["torch"] = lambda: composite_residual(x, r, w)
+                c = compiled.get(f"residual {tag}", composite_residual)
+                if c is not None:
+                    impls["compiled"] = lambda: c(x, r, w)
+                check = {"lmkern": impls["lmkern"], "torch": impls["torch"]}
+                ref = lambda: lb.ref_residual(x, r, w, EPS)  # noqa: E731
+            elif form == "bwd":
+                nbytes = bwd_bytes(rows, n, e)
+                try:
+                    rstd = torch.ops.lmkern.rms_norm(x, w, EPS, 0.0, 1.0)[1]
+                    bwd_op = torch.ops.lmkern.rms_norm_backward
+                    impls["lmkern"] = lambda: bwd_op(dy, x, w, rstd, None, 0.0, 1.0, True)
+                except Exception as ex:  # the peers are still timed
+                    row["lmkern_failure"] = f"{type(ex).__name__}: {str(ex)[:200]}"
+                xt, wt, yt = grads(rms)
+                impls["torch"] = lambda: torch.autograd.grad(yt, (xt, wt), dy, retain_graph=True)
+                c = compiled.get(f"grad {tag}", rms)
+                if c is not None:
+                    xc, wc, yc = grads(c)
+                    impls["compiled"] = lambda: torch.autograd.grad(yc, (xc, wc), dy, retain_graph=True)
+                check = {k: impls[k] for k in ("lmkern", "torch") if k in impls}
+                ref = lambda: lb.ref_fwd_bwd(x, w, dy, EPS)[1:]  # noqa: E731
+            elif form == "fwd+bwd":
+                nbytes = fwd_bytes(rows, n, e, rstd=True) + bwd_bytes(rows, n, e)
+
+                def fb(fn):
+                    xr, wr = x.detach().requires_grad_(), w.detach().requires_grad_()
+
+                    def run():
+                        y = fn(xr, wr)
+                        dx, dw = torch.autograd.grad(y, (xr, wr), dy)
+                        return y.detach(), dx, dw
+
+                    return run
+
+                impls["lmkern"] = fb(lambda a, b: lmkern.rms_norm(a, b, EPS))
+                impls["torch"] = fb(rms)
+                c = compiled.get(f"grad {tag}", rms)
+                if c is not None:
+                    impls["compiled"] = fb(c)
+                check = {"lmkern": impls["lmkern"], "torch": impls["torch"]}
+                ref = lambda: lb.ref_fwd_bwd(x, w, dy, EPS)  # noqa: E731
+            for k in ("lmkern", "torch"):
+                if k not in use:
+                    impls.pop(k, None)
+                    check.pop(k, None)
+            # error first (also the first call: compiles happen here, outside the timings)
+            refs = ref()
+            for k, f in check.items():
+                try:
+                    row[f"{k}_err"] = lb.max_rel_error(f(), refs)
+                    if cuda:
+                        torch.cuda.synchronize()  # a faulting kernel is reported here
+                except Exception as ex:  # e.g. lmkern's CUDA path missing: the peers are still timed
+                    row[f"{k}_failure"] = f"{type(ex).__name__}: {str(ex)[:200]}"
+                    impls.pop(k, None)
+            del refs
+            for k in [k for k in impls if k not in check]:
+                t0 = time.perf_counter()
+                try:
+                    impls[k]()
+                    if cuda:
+                        torch.cuda.synchronize()
+                    row[f"{k}_first_call_s"] = time.perf_counter() - t0
+                except Exception as ex:  # a compile failure loses that peer only
+                    row[f"{k}_failure"] = f"{type(ex).__name__}: {str(ex)[:200]}"
+                    del impls[k]
+            t = time_interleaved(impls, reps, 3, cuda)
+            for k, v in t.items():
+                us = statistics.median(v)
+                row[f"{k}_us"] = us
+                row[f"{k}_GBps"] = nbytes / us / 1e3
+                row[f"{k}_pct_copy"] = 100 * nbytes / us / 1e3 / copy_gbps if copy_gbps else math.nan
+            row["bytes"] = nbytes
+            for k in ("torch", "compiled"):
+                if f"{k}_us" in row and "lmkern_us" in row:
+                    row[f"speedup_vs_{k}"] = row[f"{k}_us"] / row["lmkern_us"]
+            row["tolerance"] = lb.TOLERANCE[dtype]
+            row["ok"] = "lmkern" not in use or row.get("lmkern_err", math.inf) <= lb.TOLERANCE[dtype]
+            if "lmkern_failure" in row:
+                print(f"{tag} {form}: lmkern failed: {row['lmkern_failure']}", flush=True)
+        except Exception as ex:
+            row["failure"] = f"{type(ex).__name__}: {str(ex)[:300]}"
+            row["ok"] = False
+            traceback.print_exc(limit=3)
+        out.append(row)
+        impls = check = ref = None
+        gc.collect()
+        if cuda and lb.cuda_broken():
+            row["cuda_context_broken"] = True
+            break
+        if cuda:
+            torch.cuda.empty_cache()
+    return out
+
+
+# ---- output --------------------------------------------------------------------------------------
+
+
+def _f(v, fmt):
+    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, fmt)
+
+
+def table(rows) -> str:
+    head = ["case", "form", "lmkern us", "GB/s", "%copy", "err", "torch err", "torch us", "x torch",
+            "compiled us", "x compiled"]
+    lines = [head]
+    for r in rows:
+        if "failure" in r:
+            lines.append([r["case"], r["form"], "FAILED: " + r["failure"][:90]] + [""] * 8)
+            continue
+        lines.append([
+            r["case"], r["form"], _f(r.get("lmkern_us"), ".1f"), _f(r.get("lmkern_GBps"), ".0f"),
+            _f(r.get("lmkern_pct_copy"), ".0f"),
+            "FAIL" if "lmkern_failure" in r else _f(r.get("lmkern_err"), ".1e") + ("" if r.get("ok") else " !"),
+            _f(r.get("torch_err"), ".1e"), _f(r.get("torch_us"), ".1f"), _f(r.get("speedup_vs_torch"), ".2f"),
+            _f(r.get("compiled_us"), ".1f"), _f(r.get("speedup_vs_compiled"), ".2f"),
+        ])
+    widths = [max(len(l[i]) for l in lines if len(l) > i and not l[2].startswith("FAILED")) for i in range(len(head))]
+    text = []
+    for j, l in enumerate(lines):
+        if l[2].startswith("FAILED"):
+            text.append(f"{l[0].ljust(widths[0])}  {l[1].ljust(widths[1])}  {l[2]}")
+        else:
+            text.append("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(l, widths))))
+        if j == 0:
+            text.append("  ".join("-" * w for w in widths))
+    return "\n".join(text)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--reps", type=int, default=50, help="timed rounds per form (median); at least 50 on GPU")
+    p.add_argument("--budget", type=float, default=200.0,
+                   help="seconds: past it compiled peers are skipped, past 1.5x the remaining cases")
+    p.add_argument("--impls", default="lmkern,torch,compiled",
+                   help="comma-separated subset of lmkern,torch,compiled (e.g. torch,compiled: the peers and "
+                        "the copy bandwidth alone, when lmkern's CUDA path is broken)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile peers (= no 'compiled' in --impls)")
+    p.add_argument("--forms", default=",".join(FORMS), help=f"comma-separated subset of {','.join(FORMS)}")
+    p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # cpu: smoke test of this script only
+    p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # tiny cases, few reps
+    args = p.parse_args(argv)
+    t_start = time.perf_counter()
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if cuda and not torch.cuda.is_available():
+        print("timings: torch sees no CUDA device", file=sys.stderr)
+        return 2
+    reps = args.reps if args.smoke or not cuda else max(50, args.reps)
+    forms = [f for f in args.forms.split(",") if f]
+    bad = [f for f in forms if f not in FORMS]
+    if bad:
+        p.error(f"--forms: unknown {bad}; choose from {FORMS}")
+    use = [i for i in args.impls.split(",") if i]
+    if any(i not in ("lmkern", "torch", "compiled") for i in use):
+        p.error(f"--impls: unknown {use}; choose from lmkern,torch,compiled")
+    if args.no_compile and "compiled" in use:
+        use.remove("compiled")
+
+    for name in ("recompile_limit", "cache_size_limit"):  # one compile per case and form: stay compiled
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 256)
+
+    status = lmkern.cuda_status() if cuda else None
+    info = {
+        "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
+        "torch": torch.__version__, "cuda": torch.version.cuda, "lmkern": lmkern.__version__,
+        "lmkern_cuda_status": status, "python": platform.python_version(),
+        "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "reps": reps,
+    }
+    print(f"device {info['device']}; torch {info['torch']} (CUDA {info['cuda']}); lmkern {info['lmkern']}; "
+          f"lmkern.cuda_status(): {'n/a (cpu smoke test)' if not cuda else 'available' if status is None else status}",
+          flush=True)
+
+    copy = copy_bandwidth(device, cuda, reps, (1 << 30) if not args.smoke else (1 << 24))
+    info["copy"] = copy
+    print(f"copy bandwidth ({copy['bytes'] >> 20} MiB, read + write): copy_ {copy['copy_GBps']:.0f} GB/s "
+          f"({copy['copy_us']:.1f} us), clone {copy['clone_GBps']:.0f} GB/s ({copy['clone_us']:.1f} us)", flush=True)
+
+    compiled = Compiled("compiled" in use)
+    rows = []
+    broken = False
+    for dtype, nrows, n in cases(args.smoke):
+        if broken:
+            break
+        elapsed = time.perf_counter() - t_start
+        if elapsed > 1.5 * args.budget:
+            print(f"(skipping {dtype} {nrows}x{n}: past 1.5x the budget)", flush=True)
+            rows.append({"case": f"{str(dtype).replace('torch.', '')} {nrows}x{n}", "form": "-", "skipped": True})
+            continue
+        if compiled.enabled and elapsed > args.budget:
+            print(f"(budget of {args.budget:.0f} s spent: compiled peers skipped from here)", flush=True)
+            compiled.enabled = False
+        case_rows = run_case(dtype, nrows, n, device, cuda, reps, compiled, forms, copy["copy_GBps"], use)
+        rows += case_rows
+        print(table(case_rows).split("\n", 2)[2] if case_rows else "", flush=True)
+        if any(r.get("cuda_context_broken") for r in case_rows):
+            broken = True
+            print("the CUDA context is broken (a kernel faulted: every later CUDA call fails); the remaining "
+                  "cases are not run. Rerun with --impls torch,compiled for the peers alone.", flush=True)
+
+    timed = [r for r in rows if not r.get("skipped")]
+    print()
+    print(f"lmkern vs torch on {info['device']}: us = median of {reps} CUDA-event timings; GB/s from the bytes "
+          f"the op must move; %copy of copy_ {copy['copy_GBps']:.0f} GB/s; err = ||out-ref||/||ref|| vs float64; "
+          "x = peer time / lmkern time")
+    print(table(timed))
+    failed = [r for r in timed if not r.get("ok")]
+    print(f"{len(timed) - len(failed)}/{len(timed)} forms ok; {time.perf_counter() - t_start:.0f} s")
+
+    info["impls"], info["cuda_context_broken"] = use, broken
+    out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else Path(__file__).resolve().parents[1] / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = "gpu_timings" if cuda else f"timings_{device.type}_smoke"
+    path = out_dir / (f"{name}.json" if "lmkern" in use else f"{name}_peers.json")
+    with open(path, "w") as f:
+        json.dump({"info": info, "rows": rows}, f, indent=1, default=str)
+    print(f"wrote {path}")
+    if broken:
+        return 3
+    return 0 if not failed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# Compile check of the CUDA kernels, as CI runs it (no GPU needed): every cuda/*.cu, on its own,
+# with the nvcc 13.0 toolchain, for sm_80 and sm_90, warnings as errors (device and host); then
+# checks that PTX for compute_90 declares ISA version 9.0 (what the GPU machines' 13.0 driver takes).
+#
+# nvcc is found as rust/core/build.rs finds it, first hit wins:
+#   $LMKERN_NVCC; $REPO/.toolchain/nvcc/nvidia/cu13/bin/nvcc (.ci/install-nvcc.sh puts it there);
+#   nvcc on PATH; $CUDA_HOME/bin/nvcc; <dir>/bin/nvcc for the first dir of nvidia.cu13.__path__
+#   (of $PYO3_PYTHON, else python3) that has one.
+#
+# Then, unless --no-emu, runs the kernels themselves on the CPU emulator (cuda/emu: every *_emu.cpp
+# is built with the host compiler against the same CUDA headers and must pass).
+#
+# Usage: cuda/check.sh [-v] [--no-emu]     (-v: print ptxas register/spill statistics)
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(cd "$here/.." && pwd)"
+verbose=0
+emu=1
+for arg in "$@"; do
+    case "$arg" in
+        -v) verbose=1 ;;
+        --no-emu) emu=0 ;;
+        *) echo "usage: cuda/check.sh [-v] [--no-emu]" >&2; exit 2 ;;
+    esac
+done
+
+find_nvcc() {
+    if [[ -n "${LMKERN_NVCC:-}" ]]; then
+        echo "$LMKERN_NVCC"; return 0
+    fi
+    local local_nvcc="$repo/.toolchain/nvcc/nvidia/cu13/bin/nvcc"
+    if [[ -f "$local_nvcc" ]]; then
+        echo "$local_nvcc"; return 0
+    fi
+    if command -v nvcc >/dev/null 2>&1; then
+        command -v nvcc; return 0
+    fi
+    if [[ -n "${CUDA_HOME:-}" && -f "$CUDA_HOME/bin/nvcc" ]]; then
+        echo "$CUDA_HOME/bin/nvcc"; return 0
+    fi
+    local py="${PYO3_PYTHON:-python3}" roots root
+    if roots="$("$py" -c 'import nvidia.cu13 as m; print("\n".join(m.__path__))' 2>/dev/null)"; then
+        while IFS= read -r root; do
+            if [[ -n "$root" && -f "$root/bin/nvcc" ]]; then
+                echo "$root/bin/nvcc"; return 0
+            fi
+        done <<<"$roots"
+    fi
+    return 1
+}
+
+if ! nvcc="$(find_nvcc)"; then
+    echo "cuda/check.sh: nvcc not found; install the pinned toolchain with .ci/install-nvcc.sh" >&2
+    exit 2
+fi
+version="$("$nvcc" --version)" || { echo "cuda/check.sh: $nvcc does not run" >&2; exit 2; }
+if ! grep -q "release 13\.0," <<<"$version"; then
+    echo "cuda/check.sh: $nvcc is not the 13.0 toolchain:" >&2
+    echo "$version" >&2
+    echo "install the pinned one with .ci/install-nvcc.sh (or point LMKERN_NVCC at it)" >&2
+    exit 2
+fi
+echo "nvcc: $nvcc ($(grep -oE 'V[0-9]+\.[0-9.]+' <<<"$version" | head -1))"
+
+inc=()
+nvcc_root="$(cd "$(dirname "$nvcc")/.." && pwd)"
+[[ -f "$nvcc_root/include/cuda_bf16.h" ]] && inc=(-I "$nvcc_root/include")
+
+tmp="$(mktemp -d)"
+trap 'rm -rf "$tmp"' EXIT
+
+flags=(-O3 -std=c++17 -Werror all-warnings -Xcompiler -Wall,-Werror "${inc[@]}" -I "$here")
+[[ $verbose == 1 ]] && flags+=(-Xptxas -v)
+
+status=0
+shopt -s nullglob
+units=("$here"/*.cu)
+if [[ ${#units[@]} -eq 0 ]]; then
+    echo "cuda/check.sh: no .cu files in $here" >&2
+    exit 1
+fi
+for cu in "${units[@]}"; do
+    name="$(basename "$cu" .cu)"
+    echo "== $name.cu: sm_80, sm_90"
+    if ! "$nvcc" -fatbin "${flags[@]}" \
+        -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
+        -o "$tmp/$name.fatbin" "$cu"; then
+        echo "FAILED: $name.cu (if ptxas said 'Unsupported .version': nvidia-nvvm does not match nvcc 13.0;" \
+            "use .ci/install-nvcc.sh)" >&2
+        status=1
+        continue
+    fi
+    if ! "$nvcc" -ptx "${flags[@]}" -arch=compute_90 -o "$tmp/$name.ptx" "$cu"; then
+        echo "FAILED: $name.cu (PTX)" >&2
+        status=1
+        continue
+    fi
+    ptx_version="$(grep -m1 '^\.version' "$tmp/$name.ptx" | awk '{print $2}')"
+    if [[ "$ptx_version" != "9.0" ]]; then
+        echo "FAILED: $name.cu: PTX ISA $ptx_version, expected 9.0 (mismatched nvidia-nvvm?)" >&2
+        status=1
+        continue
+    fi
+    echo "   ok (PTX ISA $ptx_version)"
+done
+
+if [[ $emu == 1 ]]; then
+    cxx="${CXX:-g++}"
+    for src in "$here"/emu/*_emu.cpp; do
+        name="$(basename "$src" .cpp)"
+        echo "== emu/$name.cpp: kernels on the CPU emulator"
+        # -U_FORTIFY_SOURCE: the emulator switches stacks with _longjmp, which fortified glibc refuses.
+        if ! "$cxx" -std=c++17 -O2 -U_FORTIFY_SOURCE -Wall -Wno-unknown-pragmas -DLMKERN_EMU \
+            "${inc[@]}" -I "$here" -o "$tmp/$name" "$src"; then
+            echo "FAILED: emu/$name.cpp does not build" >&2
+            status=1
+            continue
+        fi
+        if ! "$tmp/$name"; then
+            echo "FAILED: emu/$name" >&2
+            status=1
+        fi
+    done
+fi
+exit $status

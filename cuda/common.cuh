@@ -1,0 +1,189 @@
+// Shared device helpers for lmkern's CUDA kernels: element conversions, aligned vector packs and
+// deterministic warp/row reductions. Header-only; every function is __device__ __forceinline__.
+//
+// Conventions for every kernel in cuda/*.cu:
+//   - extern "C" entry points named <op>_<dtype>[_variant], dtype in {f32, bf16, f16};
+//   - arithmetic accumulates in float;
+//   - launch configurations are chosen by the Rust launcher (rust/core/src/<family>/cuda.rs) and
+//     depend on the shape only, so results are bitwise reproducible run to run.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#include <type_traits>
+
+namespace lmkern {
+
+// ---------------------------------------------------------------------------------------------
+// Element conversions (float accumulation, round-to-nearest-even on store, as torch does).
+// ---------------------------------------------------------------------------------------------
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+    return __float2bfloat16_rn(v);
+}
+template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+
+// ---------------------------------------------------------------------------------------------
+// Packs: VW consecutive elements moved with one load/store, kept in 32-bit words (a 2-byte pack in
+// one 16-bit word) so that a 16-byte pack costs 4 registers. VW * sizeof(T) is 16 for the
+// vectorized kernels (the launcher checks n % VW == 0 and 16-byte alignment) or sizeof(T) for the
+// scalar ones. Element e of a pack is element e in memory (little-endian halves of each word).
+// ---------------------------------------------------------------------------------------------
+template <typename T, int VW> struct alignas(sizeof(T) * VW) Pack {
+    static constexpr int BYTES = sizeof(T) * VW;
+    static_assert(BYTES == 2 || BYTES % 4 == 0, "a pack is one 16-bit word or whole 32-bit words");
+    static constexpr int NW = BYTES == 2 ? 1 : BYTES / 4;
+    using Word = typename std::conditional<BYTES == 2, uint16_t, uint32_t>::type;
+    Word w[NW];
+};
+
+template <typename T, int VW>
+__device__ __forceinline__ Pack<T, VW> load_pack(const T* __restrict__ base, int64_t pack_index) {
+    return reinterpret_cast<const Pack<T, VW>*>(base)[pack_index];
+}
+
+template <typename T, int VW>
+__device__ __forceinline__ void store_pack(T* __restrict__ base, int64_t pack_index, const Pack<T, VW>& p) {
+    reinterpret_cast<Pack<T, VW>*>(base)[pack_index] = p;
+}
+
+// Pack <-> VW floats.
+template <int VW>
+__device__ __forceinline__ void unpack(const Pack<float, VW>& p, float (&f)[VW]) {
+#pragma unroll
+    for (int e = 0; e < VW; ++e) f[e] = __uint_as_float(p.w[e]);
+}
+template <int VW>
+__device__ __forceinline__ void unpack(const Pack<__nv_bfloat16, VW>& p, float (&f)[VW]) {
+    if constexpr (VW == 1) {
+        f[0] = __uint_as_float(static_cast<uint32_t>(p.w[0]) << 16);
+    } else {
+#pragma unroll
+        for (int j = 0; j < VW / 2; ++j) {
+            f[2 * j] = __uint_as_float(p.w[j] << 16);
+            f[2 * j + 1] = __uint_as_float(p.w[j] & 0xffff0000u);
+        }
+    }
+}
+template <int VW>
+__device__ __forceinline__ void unpack(const Pack<__half, VW>& p, float (&f)[VW]) {
+    if constexpr (VW == 1) {
+        f[0] = __half2float(__ushort_as_half(p.w[0]));
+    } else {
+#pragma unroll
+        for (int j = 0; j < VW / 2; ++j) {
+            __half2_raw raw;
+            raw.x = static_cast<unsigned short>(p.w[j] & 0xffffu);
+            raw.y = static_cast<unsigned short>(p.w[j] >> 16);
+            const float2 v = __half22float2(__half2(raw));
+            f[2 * j] = v.x;
+            f[2 * j + 1] = v.y;
+        }
+    }
+}
+
+template <typename T, int VW>
+__device__ __forceinline__ Pack<T, VW> pack_floats(const float (&f)[VW]) {
+    Pack<T, VW> p;
+    if constexpr (std::is_same<T, float>::value) {
+#pragma unroll
+        for (int e = 0; e < VW; ++e) p.w[e] = __float_as_uint(f[e]);
+    } else if constexpr (VW == 1) {
+        if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+            p.w[0] = __bfloat16_as_ushort(__float2bfloat16_rn(f[0]));
+        } else {
+            p.w[0] = __half_as_ushort(__float2half_rn(f[0]));
+        }
+    } else {
+#pragma unroll
+        for (int j = 0; j < VW / 2; ++j) {
+            if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+                const __nv_bfloat162_raw b = __floats2bfloat162_rn(f[2 * j], f[2 * j + 1]);
+                p.w[j] = static_cast<uint32_t>(b.x) | (static_cast<uint32_t>(b.y) << 16);
+            } else {
+                const __half2_raw b = __floats2half2_rn(f[2 * j], f[2 * j + 1]);
+                p.w[j] = static_cast<uint32_t>(b.x) | (static_cast<uint32_t>(b.y) << 16);
+            }
+        }
+    }
+    return p;
+}
+
+// Make the compiler forget what it knows about a pack's contents (an empty asm that "modifies"
+// each word). Used right after a block-wide reduction so that values derived from the pack before
+// it (float conversions) are recomputed from the pack's few registers instead of being kept alive
+// across the barrier: it keeps register use, and so occupancy, in check. No effect on values.
+template <typename T, int VW>
+__device__ __forceinline__ void launder(Pack<T, VW>& p) {
+#ifndef LMKERN_EMU
+#pragma unroll
+    for (int j = 0; j < Pack<T, VW>::NW; ++j) {
+        if constexpr (Pack<T, VW>::BYTES == 2) {
+            asm volatile("" : "+h"(p.w[j]));
+        } else {
+            asm volatile("" : "+r"(p.w[j]));
+        }
+    }
+#else
+    (void)p;
+#endif
+}
+
+#ifndef LMKERN_EMU
+// The block's dynamic shared memory (its size is set at launch), 16-byte aligned.
+template <typename T>
+__device__ __forceinline__ T* dynamic_smem() {
+    extern __shared__ __align__(16) unsigned char lmkern_dynamic_smem[];
+    return reinterpret_cast<T*>(lmkern_dynamic_smem);
+}
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// Reductions.
+// ---------------------------------------------------------------------------------------------
+constexpr unsigned FULL_MASK = 0xffffffffu;
+
+// Butterfly sum over the 32 lanes of a warp. Every lane ends with the bitwise same value: at each
+// step lane i computes v_i + v_(i^o) and lane i^o computes v_(i^o) + v_i, equal by commutativity.
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
+    return v;
+}
+
+// Sum K values over the threads of one row of a 2-D block: the row is threadIdx.y, and its
+// blockDim.x threads (a multiple of 32, so no warp straddles two rows) hold one partial each.
+// `smem` holds K * 32 floats; blockDim.x * blockDim.y <= 1024, so at most 32 warps in all.
+// Every thread of the block must call this (it may __syncthreads). On return every thread of the
+// row holds the row's sums, bitwise equal across the row. The order of summation depends on the
+// block shape only.
+template <int K>
+__device__ __forceinline__ void row_sum(float (&v)[K], float* smem) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) v[k] = warp_sum(v[k]);
+    const int warps_per_row = blockDim.x >> 5;  // uniform across the block
+    if (warps_per_row == 1) return;
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int slot0 = threadIdx.y * warps_per_row;
+    if (lane == 0) {
+#pragma unroll
+        for (int k = 0; k < K; ++k) smem[k * 32 + slot0 + warp] = v[k];
+    }
+    __syncthreads();
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+        const float t = lane < warps_per_row ? smem[k * 32 + slot0 + lane] : 0.0f;
+        v[k] = warp_sum(t);
+    }
+    __syncthreads();  // smem may be reused by the next call
+}
+
+}  // namespace lmkern

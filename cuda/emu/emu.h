@@ -1,0 +1,232 @@
+// A tiny CPU emulator of the CUDA execution model, enough to run lmkern's kernel sources unchanged
+// on a machine without a GPU (compiled by a host C++ compiler with -DLMKERN_EMU).
+//
+// Each thread of a block is a coroutine (started with makecontext, then switched with
+// _setjmp/_longjmp, which skip the signal-mask system calls of swapcontext); blocks run one after
+// another. __syncthreads()
+// waits until every thread of the block has arrived, __shfl_xor_sync() until all 32 lanes of the
+// warp have; anything else (a barrier some threads never reach, a shuffle with missing lanes or
+// mixed offsets) is reported as an error and aborts. __shared__ variables become function-local
+// statics, which is per-block storage because blocks run one at a time.
+//
+// It checks the control flow and indexing of a kernel, not its speed or memory-model subtleties.
+#pragma once
+
+#ifndef LMKERN_EMU
+#error "define LMKERN_EMU when compiling the emulator"
+#endif
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+#include <string.h>
+#include <setjmp.h>
+#include <ucontext.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <vector>
+
+// The CUDA headers define these for host compilers; give them emulator meanings.
+#undef __global__
+#undef __device__
+#undef __forceinline__
+#undef __launch_bounds__
+#undef __grid_constant__
+#undef __shared__
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __grid_constant__
+#define __shared__ static
+
+inline float __uint_as_float(uint32_t u) {
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+inline uint32_t __float_as_uint(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return u;
+}
+
+namespace emu {
+
+enum State { Runnable, AtBarrier, AtShuffle, Done };
+
+struct Thread {
+    ucontext_t ctx;
+    jmp_buf jb;
+    bool started = false;
+    uint3 tid;
+    State state = Runnable;
+    float shfl_value = 0.0f;
+    int shfl_offset = 0;
+    unsigned shfl_mask = 0;
+    float shfl_result = 0.0f;
+};
+
+struct Block {
+    dim3 grid, block;
+    uint3 idx;
+    std::vector<Thread> threads;
+    std::vector<char> stacks;
+    std::vector<unsigned char> dynamic_smem;
+    ucontext_t scheduler;
+    jmp_buf scheduler_jb;
+    size_t current = 0;
+    const std::function<void()>* body = nullptr;
+};
+
+inline Block& block() {
+    static Block b;
+    return b;
+}
+inline Thread& self() { return block().threads[block().current]; }
+
+[[noreturn]] inline void fail(const char* what) {
+    const Block& b = block();
+    fprintf(stderr, "emu: %s (block %u, thread %u,%u)\n", what, b.idx.x, b.threads[b.current].tid.x,
+            b.threads[b.current].tid.y);
+    exit(3);
+}
+
+inline void yield(State s) {
+    Thread& t = self();
+    t.state = s;
+    if (!_setjmp(t.jb)) _longjmp(block().scheduler_jb, 1);
+}
+
+inline void entry() {
+    (*block().body)();
+    self().state = Done;
+    _longjmp(block().scheduler_jb, 1);  // never returns to uc_link
+}
+
+// Run thread i until it yields or finishes.
+inline void resume(size_t i) {
+    Block& b = block();
+    Thread& t = b.threads[i];
+    b.current = i;
+    if (!_setjmp(b.scheduler_jb)) {
+        if (!t.started) {
+            t.started = true;
+            swapcontext(&b.scheduler, &t.ctx);
+        } else {
+            _longjmp(t.jb, 1);
+        }
+    }
+}
+
+constexpr size_t STACK = 64 * 1024;
+
+// Run `kernel` (a call of the extern "C" kernel with its arguments) over the whole grid.
+inline void launch(dim3 grid, dim3 blockdim, size_t smem_bytes, const std::function<void()>& kernel) {
+    Block& b = block();
+    const size_t nthreads = (size_t)blockdim.x * blockdim.y * blockdim.z;
+    if (nthreads == 0 || nthreads > 1024 || grid.x == 0) {
+        fprintf(stderr, "emu: invalid launch grid %u block %ux%ux%u\n", grid.x, blockdim.x, blockdim.y, blockdim.z);
+        exit(3);
+    }
+    b.grid = grid;
+    b.block = blockdim;
+    b.body = &kernel;
+    b.threads.assign(nthreads, Thread{});
+    if (b.stacks.size() < nthreads * STACK) b.stacks.resize(nthreads * STACK);
+    for (unsigned bz = 0; bz < grid.z; ++bz)
+        for (unsigned by = 0; by < grid.y; ++by)
+            for (unsigned bx = 0; bx < grid.x; ++bx) {
+                b.idx = make_uint3(bx, by, bz);
+                // Fresh, poisoned dynamic shared memory for every block.
+                b.dynamic_smem.assign(smem_bytes + 16, 0xFF);  // NaN floats
+                for (size_t i = 0; i < nthreads; ++i) {
+                    Thread& t = b.threads[i];
+                    t = Thread{};
+                    t.tid = make_uint3(i % blockdim.x, (i / blockdim.x) % blockdim.y, i / (blockdim.x * blockdim.y));
+                    getcontext(&t.ctx);
+                    t.ctx.uc_stack.ss_sp = b.stacks.data() + i * STACK;
+                    t.ctx.uc_stack.ss_size = STACK;
+                    t.ctx.uc_link = &b.scheduler;
+                    makecontext(&t.ctx, entry, 0);
+                }
+                for (;;) {
+                    for (size_t i = 0; i < nthreads; ++i) {
+                        if (b.threads[i].state != Runnable) continue;
+                        resume(i);
+                    }
+                    bool all_done = true, any_barrier = false, progressed = false;
+                    for (const Thread& t : b.threads) {
+                        all_done &= t.state == Done;
+                        any_barrier |= t.state == AtBarrier;
+                    }
+                    if (all_done) break;
+                    // Warp shuffles: a warp whose lanes all wait at a shuffle exchanges values.
+                    for (size_t w = 0; w * 32 < nthreads; ++w) {
+                        Thread* lanes = &b.threads[w * 32];
+                        const size_t nl = nthreads - w * 32 < 32 ? nthreads - w * 32 : 32;
+                        bool any = false, all = true;
+                        for (size_t l = 0; l < nl; ++l) {
+                            any |= lanes[l].state == AtShuffle;
+                            all &= lanes[l].state == AtShuffle;
+                        }
+                        if (!any) continue;
+                        if (!all || nl != 32) {
+                            // Nothing is runnable now, so the missing lanes wait elsewhere or are done.
+                            b.current = w * 32;
+                            fail("__shfl_xor_sync without all 32 lanes of the warp");
+                        }
+                        for (size_t l = 0; l < 32; ++l) {
+                            if (lanes[l].shfl_mask != 0xffffffffu || lanes[l].shfl_offset != lanes[0].shfl_offset) {
+                                b.current = w * 32 + l;
+                                fail("__shfl_xor_sync with a partial mask or mixed offsets");
+                            }
+                        }
+                        for (size_t l = 0; l < 32; ++l) lanes[l].shfl_result = lanes[l ^ lanes[0].shfl_offset].shfl_value;
+                        for (size_t l = 0; l < 32; ++l) lanes[l].state = Runnable;
+                        progressed = true;
+                    }
+                    if (progressed) continue;
+                    // Block barrier: every thread must be there (none finished, none elsewhere).
+                    if (any_barrier) {
+                        for (size_t i = 0; i < nthreads; ++i) {
+                            if (b.threads[i].state != AtBarrier) {
+                                b.current = i;
+                                fail("__syncthreads not reached by every thread of the block");
+                            }
+                        }
+                        for (Thread& t : b.threads) t.state = Runnable;
+                        continue;
+                    }
+                    fail("deadlock");
+                }
+            }
+}
+
+}  // namespace emu
+
+#define threadIdx (::emu::self().tid)
+#define blockIdx (::emu::block().idx)
+#define blockDim (::emu::block().block)
+#define gridDim (::emu::block().grid)
+
+inline void __syncthreads() { ::emu::yield(::emu::AtBarrier); }
+
+inline float __shfl_xor_sync(unsigned mask, float v, int offset) {
+    ::emu::Thread& t = ::emu::self();
+    t.shfl_value = v;
+    t.shfl_offset = offset;
+    t.shfl_mask = mask;
+    ::emu::yield(::emu::AtShuffle);
+    return ::emu::self().shfl_result;
+}
+
+namespace lmkern {
+template <typename T>
+inline T* dynamic_smem() {
+    return reinterpret_cast<T*>(::emu::block().dynamic_smem.data());
+}
+}  // namespace lmkern

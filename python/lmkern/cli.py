@@ -1,0 +1,119 @@
+"""The `lmkern` command.
+
+  lmkern --version
+  lmkern info                                   version, torch, CUDA status, threads
+  lmkern bench [--device cpu|cuda|all] [--quick] [--op NAME] [--threads N] [--json PATH]
+
+`bench` checks every op against its float64 reference and times it against its peer (see
+lmkern.bench); it exits 1 when an op fails or exceeds its tolerance, 2 when --device cuda is asked
+for and lmkern's CUDA path is unavailable.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+
+
+def _version() -> str:
+    try:  # without importing torch: `lmkern --version` stays fast
+        from importlib.metadata import version
+
+        return version("lmkern")
+    except Exception:
+        import lmkern
+
+        return lmkern.__version__
+
+
+def _info(_args) -> int:
+    import torch
+
+    import lmkern
+
+    status = lmkern.cuda_status()
+    print(f"lmkern        {lmkern.__version__}  ({os.path.dirname(lmkern.__file__)})")
+    print(f"torch         {torch.__version__}  (CUDA {torch.version.cuda or 'none'})")
+    print(f"python        {platform.python_version()}  {platform.machine()}  {platform.system()}")
+    print(f"cuda_status   {'available' if status is None else status}")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            print(f"cuda:{i}        {p.name}, {p.total_memory / 2**30:.0f} GiB, sm_{p.major}{p.minor}")
+    print(f"threads       lmkern {lmkern.get_num_threads()}, torch {torch.get_num_threads()}, cpus {os.cpu_count()}")
+    return 0
+
+
+def _bench(args) -> int:
+    import torch
+
+    import lmkern
+    from lmkern import bench
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        lmkern.set_num_threads(args.threads)
+    status = lmkern.cuda_status()
+    devices = []
+    if args.device in ("cpu", "all"):
+        devices.append("cpu")
+    if args.device in ("cuda", "all"):
+        if status is None:
+            devices.append("cuda")
+        elif args.device == "cuda":
+            print(f"lmkern bench: lmkern's CUDA path is unavailable here: {status}", file=sys.stderr)
+            return 2
+        else:
+            print(f"(cuda skipped: {status})")
+    print(
+        f"lmkern {lmkern.__version__}, torch {torch.__version__}, threads {lmkern.get_num_threads()}, "
+        f"{'quick' if args.quick else 'full'} run; error = ||out - ref|| / ||ref|| vs float64; "
+        "times are medians, interleaved with the peer; speedup = peer time / lmkern time",
+        flush=True,
+    )
+    progress = None if args.no_progress else (lambda line: print("  " + line, file=sys.stderr, flush=True))
+    results = bench.run(devices, quick=args.quick, only=args.op, progress=progress)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(
+                {"lmkern": lmkern.__version__, "torch": torch.__version__, "quick": args.quick,
+                 "threads": lmkern.get_num_threads(), "results": [r.as_dict() for r in results]},
+                f, indent=1,
+            )
+    if not results:
+        print("lmkern bench: nothing ran", file=sys.stderr)
+        return 1
+    return 0 if all(r.ok for r in results) else 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lmkern", description="lmkern: fused numeric kernels as torch custom ops")
+    p.add_argument("--version", action="version", version=f"lmkern {_version()}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    info = sub.add_parser("info", help="version, torch, CUDA status and threads")
+    info.set_defaults(func=_info)
+    b = sub.add_parser("bench", help="check every op against its float64 reference and time it against its peer")
+    b.add_argument("--device", choices=("cpu", "cuda", "all"), default="all",
+                   help="where to run (default all: cpu, and cuda when lmkern's CUDA path works)")
+    b.add_argument("--quick", action="store_true", help="smaller shapes and fewer rounds")
+    b.add_argument("--op", metavar="NAME", help="only ops whose name contains NAME (e.g. crms, residual)")
+    b.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch and lmkern")
+    b.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    b.add_argument("--no-progress", action="store_true", help="print only the final table")
+    b.set_defaults(func=_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if not getattr(args, "func", None):
+        _parser().print_help()
+        return 0
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

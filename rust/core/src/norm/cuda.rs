@@ -1,0 +1,535 @@
+//! CUDA launch code for the norm kernels in cuda/norm.cu.
+//!
+//! Kernel choice and launch shape depend on the shape, dtype and buffer alignment only, so results
+//! are reproducible run to run:
+//! - pack width VW: 16-byte packs (16/sizeof(T) elements) when n is a multiple of it and every
+//!   row-sized buffer is 16-byte aligned, else one element (`_v16` kernels vs plain ones);
+//! - row in registers (`_r<VPT>` kernels) when the row fits: blockDim.x = TX threads per row (a
+//!   multiple of 32, at most 1024), each holding VPT packs, TX·VPT ≥ n/VW, and blockDim.y = RY rows
+//!   per block (about 256 threads per block for small rows);
+//! - otherwise a looped kernel, one row per 1024-thread block, that reads the row twice.
+//!
+//! Forward: grid over row groups. Backward: one block per weight-gradient part (see
+//! [`super::dw_parts`]), then `norm_dw_reduce_<t>` sums the parts when dw is wanted.
+use std::ffi::c_void;
+use std::sync::OnceLock;
+
+use super::{dw_parts, NormArgs, NormBwd, NormFwd, NormKind};
+use crate::cuda::{self, LaunchConfig, MAX_DEFAULT_SHARED_MEM};
+use crate::error::{Error, Result};
+use crate::tensor::DType;
+
+// Kernel parameter blocks: field for field the structs of cuda/norm.cu (sizes asserted there too).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct FwdParams {
+    x: u64,
+    residual: u64,
+    weight: u64,
+    y: u64,
+    h: u64,
+    rstd: u64,
+    rows: i64,
+    n: i32,
+    crms: i32,
+    eps: f32,
+    inv_div: f32,
+    offset: f32,
+    scale: f32,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct BwdParams {
+    dy: u64,
+    h: u64,
+    weight: u64,
+    rstd: u64,
+    dh_out: u64,
+    dx: u64,
+    dw_partial: u64,
+    rows: i64,
+    parts: i64,
+    n: i32,
+    crms: i32,
+    inv_div: f32,
+    offset: f32,
+    scale: f32,
+    pad: i32,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct ReduceParams {
+    partial: u64,
+    dw: u64,
+    parts: i64,
+    n: i32,
+    scale: f32,
+}
+
+const _: () = {
+    use std::mem::{offset_of, size_of};
+    assert!(size_of::<FwdParams>() == 80);
+    assert!(offset_of!(FwdParams, rows) == 48);
+    assert!(offset_of!(FwdParams, n) == 56);
+    assert!(offset_of!(FwdParams, eps) == 64);
+    assert!(offset_of!(FwdParams, scale) == 76);
+    assert!(size_of::<BwdParams>() == 96);
+    assert!(offset_of!(BwdParams, rows) == 56);
+    assert!(offset_of!(BwdParams, n) == 72);
+    assert!(offset_of!(BwdParams, inv_div) == 80);
+    assert!(offset_of!(BwdParams, scale) == 88);
+    assert!(size_of::<ReduceParams>() == 32);
+    assert!(offset_of!(ReduceParams, n) == 24);
+    assert!(offset_of!(ReduceParams, scale) == 28);
+};
+
+/// Largest n/VW kept in registers: forward up to 4 packs per thread, backward up to 2, at 1024 threads.
+const FWD_MAX_VPT: usize = 4;
+const BWD_MAX_VPT: usize = 2;
+const MAX_THREADS: usize = 1024;
+/// Threads of the looped kernels.
+const LOOP_THREADS: usize = 1024;
+
+/// Launch-shape preferences. Defaults are the tuned ones; `LMKERN_CUDA_NORM_TUNE`, e.g.
+/// `fwd_vpt=2,bwd_vpt=1,fwd_block=256,bwd_block=256`, overrides them for tuning experiments
+/// (read once per process; unknown or out-of-range entries are ignored).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Tune {
+    /// Packs per thread the forward aims for (1, 2 or 4).
+    pub fwd_vpt: usize,
+    /// Packs per thread the backward aims for (1 or 2).
+    pub bwd_vpt: usize,
+    /// Threads per block the forward aims for when several rows share a block.
+    pub fwd_block: usize,
+    /// The same for the backward.
+    pub bwd_block: usize,
+}
+
+impl Default for Tune {
+    fn default() -> Self {
+        Tune { fwd_vpt: 2, bwd_vpt: 1, fwd_block: 256, bwd_block: 256 }
+    }
+}
+
+impl Tune {
+    fn parse(text: &str) -> Tune {
+        let mut t = Tune::default();
+        for item in text.split(',') {
+            let Some((k, v)) = item.split_once('=') else { continue };
+            let Ok(v) = v.trim().parse::<usize>() else { continue };
+            match k.trim() {
+                "fwd_vpt" if matches!(v, 1 | 2 | 4) => t.fwd_vpt = v,
+                "bwd_vpt" if matches!(v, 1 | 2) => t.bwd_vpt = v,
+                "fwd_block" if (32..=MAX_THREADS).contains(&v) => t.fwd_block = v,
+                "bwd_block" if (32..=MAX_THREADS).contains(&v) => t.bwd_block = v,
+                _ => {}
+            }
+        }
+        t
+    }
+
+    fn get() -> Tune {
+        static TUNE: OnceLock<Tune> = OnceLock::new();
+        *TUNE.get_or_init(|| std::env::var("LMKERN_CUDA_NORM_TUNE").map(|s| Tune::parse(&s)).unwrap_or_default())
+    }
+}
+
+/// One kernel launch: which kernel, and its shape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Plan {
+    pub name: String,
+    pub grid: u32,
+    pub block: (u32, u32),
+    pub shared_mem: u32,
+    /// Elements per pack (1 or 16/sizeof(T)).
+    pub vw: usize,
+    /// Packs per thread of a row-in-registers kernel; 0 for the looped kernels.
+    pub vpt: usize,
+}
+
+impl Plan {
+    fn config(&self) -> LaunchConfig {
+        LaunchConfig { grid: (self.grid, 1, 1), block: (self.block.0, self.block.1, 1), shared_mem: self.shared_mem }
+    }
+}
+
+fn type_suffix(dtype: DType) -> Result<&'static str> {
+    match dtype {
+        DType::F32 => Ok("f32"),
+        DType::BF16 => Ok("bf16"),
+        DType::F16 => Ok("f16"),
+        DType::F64 => {
+            Err(Error::dtype("x: float64 is supported on CPU only; use float32, bfloat16 or float16 on CUDA"))
+        }
+    }
+}
+
+/// Elements per pack: 16 bytes' worth when n allows it and every given row buffer is 16-byte
+/// aligned (0 = not given), else 1.
+pub(crate) fn pack_width(dtype: DType, n: usize, ptrs: &[u64]) -> usize {
+    let vw = 16 / dtype.size();
+    if n.is_multiple_of(vw) && ptrs.iter().all(|&p| p.is_multiple_of(16)) {
+        vw
+    } else {
+        1
+    }
+}
+
+/// Threads per row and packs per thread for a row of `nv` packs, aiming at `goal` packs per
+/// thread: TX = nv/goal rounded up to a warp multiple, within [32, 1024]; VPT = ceil(nv/TX)
+/// rounded up to 1, 2 or 4.
+fn row_threads(nv: usize, goal: usize) -> (usize, usize) {
+    let tx = nv.div_ceil(goal).div_ceil(32).saturating_mul(32).clamp(32, MAX_THREADS);
+    let vpt = match nv.div_ceil(tx) {
+        0 | 1 => 1,
+        2 => 2,
+        _ => 4,
+    };
+    (tx, vpt)
+}
+
+fn clamp_grid(blocks: usize) -> u32 {
+    blocks.clamp(1, i32::MAX as usize) as u32
+}
+
+pub(crate) fn plan_fwd(dtype: DType, rows: usize, n: usize, vw: usize, tune: Tune) -> Result<Plan> {
+    let t = type_suffix(dtype)?;
+    let v = if vw > 1 { "_v16" } else { "" };
+    let nv = n / vw;
+    if nv <= MAX_THREADS * FWD_MAX_VPT {
+        let (tx, vpt) = row_threads(nv, tune.fwd_vpt);
+        let ry = (tune.fwd_block / tx).max(1).min(rows.max(1));
+        Ok(Plan {
+            name: format!("norm_fwd_{t}{v}_r{vpt}"),
+            grid: clamp_grid(rows.div_ceil(ry)),
+            block: (tx as u32, ry as u32),
+            shared_mem: 0,
+            vw,
+            vpt,
+        })
+    } else {
+        Ok(Plan {
+            name: format!("norm_fwd_{t}{v}"),
+            grid: clamp_grid(rows),
+            block: (LOOP_THREADS as u32, 1),
+            shared_mem: 0,
+            vw,
+            vpt: 0,
+        })
+    }
+}
+
+pub(crate) fn plan_bwd(
+    dtype: DType,
+    rows: usize,
+    n: usize,
+    parts: usize,
+    vw: usize,
+    want_dw: bool,
+    tune: Tune,
+) -> Result<Plan> {
+    let t = type_suffix(dtype)?;
+    let v = if vw > 1 { "_v16" } else { "" };
+    let nv = n / vw;
+    let parts = parts.max(1);
+    if nv <= MAX_THREADS * BWD_MAX_VPT {
+        let (tx, vpt) = row_threads(nv, tune.bwd_vpt.min(BWD_MAX_VPT));
+        let rows_per_part = rows.div_ceil(parts).max(1);
+        let ry = (tune.bwd_block / tx).max(1).min(rows_per_part);
+        let shared = if want_dw && ry > 1 { (ry - 1) * tx * vpt * vw * 4 } else { 0 };
+        if shared > MAX_DEFAULT_SHARED_MEM as usize {
+            return Err(Error::cuda(format!("norm_bwd: internal error: plan needs {shared} bytes of shared memory")));
+        }
+        Ok(Plan {
+            name: format!("norm_bwd_{t}{v}_r{vpt}"),
+            grid: clamp_grid(parts),
+            block: (tx as u32, ry as u32),
+            shared_mem: shared as u32,
+            vw,
+            vpt,
+        })
+    } else {
+        Ok(Plan {
+            name: format!("norm_bwd_{t}{v}"),
+            grid: clamp_grid(parts),
+            block: (LOOP_THREADS as u32, 1),
+            shared_mem: 0,
+            vw,
+            vpt: 0,
+        })
+    }
+}
+
+pub(crate) fn plan_reduce(dtype: DType, n: usize) -> Result<Plan> {
+    let t = type_suffix(dtype)?;
+    Ok(Plan {
+        name: format!("norm_dw_reduce_{t}"),
+        grid: clamp_grid(n.div_ceil(32)),
+        block: (32, 32),
+        shared_mem: 0,
+        vw: 1,
+        vpt: 0,
+    })
+}
+
+unsafe fn launch_with<P>(ordinal: usize, stream: u64, plan: &Plan, params: &mut P) -> Result<()> {
+    let mut args: [*mut c_void; 1] = [params as *mut P as *mut c_void];
+    cuda::launch(ordinal, stream, &plan.name, plan.config(), &mut args)
+}
+
+fn crms_flag(a: &NormArgs) -> i32 {
+    match a.kind {
+        NormKind::Rms => 0,
+        NormKind::Crms => 1,
+    }
+}
+
+/// # Safety
+/// See [`super::forward`]: all addresses are device pointers valid on `ordinal`.
+pub unsafe fn forward(ordinal: usize, stream: u64, a: &NormArgs, p: &NormFwd) -> Result<()> {
+    if a.rows == 0 || a.n == 0 {
+        return Ok(());
+    }
+    let vw = pack_width(a.dtype, a.n, &[p.x, p.residual, p.weight, p.y, p.h]);
+    let plan = plan_fwd(a.dtype, a.rows, a.n, vw, Tune::get())?;
+    let mut params = FwdParams {
+        x: p.x,
+        residual: p.residual,
+        weight: p.weight,
+        y: p.y,
+        h: if p.residual != 0 { p.h } else { 0 },
+        rstd: p.rstd,
+        rows: a.rows as i64,
+        n: a.n as i32,
+        crms: crms_flag(a),
+        eps: a.eps as f32,
+        inv_div: (1.0 / a.divisor()) as f32,
+        offset: a.offset as f32,
+        scale: a.scale as f32,
+    };
+    launch_with(ordinal, stream, &plan, &mut params)
+}
+
+/// # Safety
+/// See [`super::backward`].
+pub unsafe fn backward(ordinal: usize, stream: u64, a: &NormArgs, p: &NormBwd) -> Result<()> {
+    if a.n == 0 {
+        return Ok(());
+    }
+    let want_dw = p.dw != 0;
+    if a.rows == 0 && !want_dw {
+        return Ok(());
+    }
+    // With dw, mod.rs has checked p.parts == dw_parts(rows, n); without, use the same partition.
+    let parts = if want_dw { p.parts } else { dw_parts(a.rows, a.n) };
+    let vw = pack_width(a.dtype, a.n, &[p.dy, p.h, p.weight, p.dh_out, p.dx, if want_dw { p.dw_partial } else { 0 }]);
+    let plan = plan_bwd(a.dtype, a.rows, a.n, parts, vw, want_dw, Tune::get())?;
+    let mut params = BwdParams {
+        dy: p.dy,
+        h: p.h,
+        weight: p.weight,
+        rstd: p.rstd,
+        dh_out: p.dh_out,
+        dx: p.dx,
+        dw_partial: if want_dw { p.dw_partial } else { 0 },
+        rows: a.rows as i64,
+        parts: parts as i64,
+        n: a.n as i32,
+        crms: crms_flag(a),
+        inv_div: (1.0 / a.divisor()) as f32,
+        offset: a.offset as f32,
+        scale: a.scale as f32,
+        pad: 0,
+    };
+    launch_with(ordinal, stream, &plan, &mut params)?;
+    if want_dw {
+        let plan = plan_reduce(a.dtype, a.n)?;
+        let mut params =
+            ReduceParams { partial: p.dw_partial, dw: p.dw, parts: parts as i64, n: a.n as i32, scale: a.scale as f32 };
+        launch_with(ordinal, stream, &plan, &mut params)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::Device;
+
+    const DTYPES: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
+
+    /// Every kernel name a plan can produce, as defined in cuda/norm.cu.
+    fn all_kernel_names() -> Vec<String> {
+        let mut v = Vec::new();
+        for t in ["f32", "bf16", "f16"] {
+            for vec in ["", "_v16"] {
+                v.push(format!("norm_fwd_{t}{vec}"));
+                v.push(format!("norm_bwd_{t}{vec}"));
+                for r in [1, 2, 4] {
+                    v.push(format!("norm_fwd_{t}{vec}_r{r}"));
+                }
+                for r in [1, 2] {
+                    v.push(format!("norm_bwd_{t}{vec}_r{r}"));
+                }
+            }
+            v.push(format!("norm_dw_reduce_{t}"));
+        }
+        v
+    }
+
+    fn check_reg_plan(p: &Plan, nv: usize, max_vpt: usize) {
+        let (tx, ry) = (p.block.0 as usize, p.block.1 as usize);
+        assert_eq!(tx % 32, 0, "{p:?}");
+        assert!((32..=1024).contains(&tx), "{p:?}");
+        assert!(ry >= 1 && tx * ry <= 1024, "{p:?}");
+        assert!(tx * ry / 32 <= 32, "{p:?}");
+        assert!(matches!(p.vpt, 1 | 2 | 4) && p.vpt <= max_vpt, "{p:?}");
+        assert!(tx * p.vpt >= nv, "row does not fit: nv={nv} {p:?}");
+        assert!(p.grid >= 1);
+    }
+
+    #[test]
+    fn plans_cover_every_row_length() {
+        let names = all_kernel_names();
+        let tunes = [
+            Tune::default(),
+            Tune::parse("fwd_vpt=1,bwd_vpt=2,fwd_block=1024,bwd_block=32"),
+            Tune::parse("fwd_vpt=4,bwd_vpt=1,fwd_block=32,bwd_block=1024"),
+        ];
+        let mut ns: Vec<usize> = (1..=300).collect();
+        ns.extend([511, 512, 513, 1000, 1024, 2047, 2048, 2049, 4095, 4096, 4097, 5120, 8192, 8193, 12288]);
+        ns.extend([16383, 16384, 16385, 16392, 32768, 32769, 32776, 65536, 65544, 131072, 262144, 1 << 20]);
+        for &tune in &tunes {
+            for dtype in DTYPES {
+                for &n in &ns {
+                    for vw in [1, 16 / dtype.size()] {
+                        if n % vw != 0 {
+                            continue;
+                        }
+                        let nv = n / vw;
+                        for rows in [1usize, 3, 16, 17, 1000, 32768, 3_000_000] {
+                            let f = plan_fwd(dtype, rows, n, vw, tune).unwrap();
+                            assert!(names.contains(&f.name), "{f:?}");
+                            if f.vpt > 0 {
+                                check_reg_plan(&f, nv, FWD_MAX_VPT);
+                                let ry = f.block.1 as usize;
+                                assert!(f.grid as usize * ry >= rows.min(i32::MAX as usize));
+                                assert!(ry <= rows);
+                            } else {
+                                assert!(nv > 4096 && f.block == (1024, 1));
+                            }
+                            for want_dw in [false, true] {
+                                let parts = dw_parts(rows, n);
+                                let b = plan_bwd(dtype, rows, n, parts, vw, want_dw, tune).unwrap();
+                                assert!(names.contains(&b.name), "{b:?}");
+                                assert_eq!(b.grid as usize, parts);
+                                if b.vpt > 0 {
+                                    check_reg_plan(&b, nv, BWD_MAX_VPT);
+                                    let ry = b.block.1 as usize;
+                                    assert!(ry <= rows.div_ceil(parts).max(1));
+                                    let need = if want_dw && ry > 1 {
+                                        (ry - 1) * b.block.0 as usize * b.vpt * vw * 4
+                                    } else {
+                                        0
+                                    };
+                                    assert_eq!(b.shared_mem as usize, need);
+                                    assert!(b.shared_mem <= MAX_DEFAULT_SHARED_MEM);
+                                } else {
+                                    assert!(nv > 2048 && b.block == (1024, 1));
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn default_plans_for_the_target_shape() {
+        // bf16 [32768, 4096], 16-byte aligned: 512 packs per row.
+        let t = Tune::default();
+        let f = plan_fwd(DType::BF16, 32768, 4096, 8, t).unwrap();
+        assert_eq!((f.name.as_str(), f.block, f.grid), ("norm_fwd_bf16_v16_r2", (256, 1), 32768));
+        let b = plan_bwd(DType::BF16, 32768, 4096, dw_parts(32768, 4096), 8, true, t).unwrap();
+        assert_eq!((b.name.as_str(), b.block, b.grid, b.shared_mem), ("norm_bwd_bf16_v16_r1", (512, 1), 512, 0));
+        // Small rows share a block: n = 512 bf16 -> 64 packs, 32 threads, 8 rows per block.
+        let f = plan_fwd(DType::BF16, 1000, 512, 8, t).unwrap();
+        assert_eq!((f.name.as_str(), f.block, f.grid), ("norm_fwd_bf16_v16_r2", (32, 8), 125));
+    }
+
+    #[test]
+    fn pack_width_needs_alignment_and_divisibility() {
+        assert_eq!(pack_width(DType::BF16, 4096, &[256, 0, 512]), 8);
+        assert_eq!(pack_width(DType::BF16, 4096, &[256, 2, 512]), 1);
+        assert_eq!(pack_width(DType::BF16, 4100, &[256]), 1);
+        assert_eq!(pack_width(DType::F32, 4100, &[256]), 4);
+        assert_eq!(pack_width(DType::F16, 7, &[0]), 1);
+    }
+
+    #[test]
+    fn tune_parsing_ignores_junk() {
+        assert_eq!(Tune::parse(""), Tune::default());
+        assert_eq!(Tune::parse("fwd_vpt=3,bwd_vpt=4,fwd_block=5000,x=1,bwd_block"), Tune::default());
+        let t = Tune::parse(" fwd_vpt = 4 , bwd_vpt=2,fwd_block=128,bwd_block=512");
+        assert_eq!(t, Tune { fwd_vpt: 4, bwd_vpt: 2, fwd_block: 128, bwd_block: 512 });
+    }
+
+    #[test]
+    fn float64_is_a_type_error() {
+        assert_eq!(plan_fwd(DType::F64, 1, 8, 1, Tune::default()).unwrap_err().kind, crate::error::ErrorKind::Type);
+    }
+
+    #[test]
+    fn kernels_named_by_plans_are_in_the_image() {
+        // The fatbin holds each kernel's name as a NUL-terminated ELF symbol string (uncompressed
+        // cubins); check that every name a plan can produce exists, when kernels were built.
+        if !crate::cuda::kernels_built() {
+            return;
+        }
+        let image = crate::cuda::image_bytes();
+        let has = |name: &str| {
+            let mut needle = name.as_bytes().to_vec();
+            needle.push(0);
+            image.windows(needle.len()).any(|w| w == needle.as_slice())
+        };
+        if !has("norm_dw_reduce_f32") {
+            return; // a compressed image: nothing to look at
+        }
+        for name in all_kernel_names() {
+            assert!(has(&name), "{name} missing from the CUDA image");
+        }
+    }
+
+    /// Without a driver (this build machine), a CUDA forward/backward is an error, not a panic.
+    #[test]
+    fn cuda_calls_without_a_gpu_are_errors() {
+        if crate::cuda_status().is_ok() {
+            return;
+        }
+        let a =
+            NormArgs { kind: NormKind::Rms, dtype: DType::BF16, rows: 4, n: 64, eps: 1e-6, offset: 0.0, scale: 1.0 };
+        let dev = Device::Cuda { ordinal: 0, stream: 0 };
+        let fwd = NormFwd { x: 4096, y: 8192, rstd: 12288, ..Default::default() };
+        let e = unsafe { super::super::forward(dev, &a, &fwd) }.unwrap_err();
+        assert_eq!(e.kind, crate::error::ErrorKind::Cuda, "{e}");
+        let bwd = NormBwd {
+            dy: 4096,
+            h: 8192,
+            weight: 16384,
+            rstd: 12288,
+            dx: 20480,
+            dw_partial: 24576,
+            dw: 28672,
+            parts: dw_parts(4, 64),
+            ..Default::default()
+        };
+        let e = unsafe { super::super::backward(dev, &a, &bwd) }.unwrap_err();
+        assert_eq!(e.kind, crate::error::ErrorKind::Cuda, "{e}");
+        // The direct entry points as well.
+        assert!(unsafe { forward(0, 0, &a, &fwd) }.is_err());
+        assert!(unsafe { backward(0, 0, &a, &bwd) }.is_err());
+    }
+}

@@ -1,0 +1,1 @@
+"""float64 references for lmkern's ops, written straight from the papers' formulas (never calling lmkern)."""
