@@ -19,6 +19,7 @@ from hypothesis import given, strategies as st
 
 import lmkern
 from lmkern import _core
+from lmkern.ops import norm as norm_ops
 
 from reference.norm import crms_norm_ref, norm_grads_ref, norm_rstd_ref, rms_norm_ref
 
@@ -615,8 +616,18 @@ def test_opcheck(crms, form):
         assert all(v == "SUCCESS" for v in result.values()), result
 
 
+@pytest.fixture(params=["eager", "op"])
+def autograd_path(request, monkeypatch):
+    """Run a gradient test through both autograd paths of the public functions: the eager
+    torch.autograd.Function and the custom ops' registered autograd (forced by declaring every call
+    not eager-safe, as under torch.compile or a dispatch mode)."""
+    if request.param == "op":
+        monkeypatch.setattr(norm_ops, "_eager_ok", lambda *args: False)
+    return request.param
+
+
 @KINDS
-def test_gradcheck(crms):
+def test_gradcheck(crms, autograd_path):
     fn, _ = NORMS[crms]
     x = randn((3, 7), F64, 1).requires_grad_(True)
     w = randn((7,), F64, 2).requires_grad_(True)
@@ -629,7 +640,7 @@ def test_gradcheck(crms):
 
 
 @KINDS
-def test_grad_of_one_input_only(crms):
+def test_grad_of_one_input_only(crms, autograd_path):
     """needs_input_grad paths: only the weight, only x, only the residual."""
     fn, _ = NORMS[crms]
     x, w, r, dy, dh = make_case((6, 19), F32, 8, weight=True, residual=True, requires_grad=False)
@@ -648,7 +659,7 @@ def test_grad_of_one_input_only(crms):
 
 
 @KINDS
-def test_residual_same_leaf_twice(crms):
+def test_residual_same_leaf_twice(crms, autograd_path):
     """x and residual the same leaf tensor: its gradient is the sum of both paths."""
     fn, _ = NORMS[crms]
     x = randn((4, 23), F64, 1).requires_grad_(True)
@@ -661,7 +672,7 @@ def test_residual_same_leaf_twice(crms):
 
 
 @KINDS
-def test_residual_leaf_grads_do_not_alias(crms):
+def test_residual_leaf_grads_do_not_alias(crms, autograd_path):
     """x.grad and residual.grad are equal in value but must not share storage."""
     fn, _ = NORMS[crms]
     x, w, r, _, _ = make_case((3, 10), F32, 2, residual=True)
@@ -674,7 +685,7 @@ def test_residual_leaf_grads_do_not_alias(crms):
 
 
 @KINDS
-def test_double_backward_is_correct_or_refused(crms):
+def test_double_backward_is_correct_or_refused(crms, autograd_path):
     """A second derivative must either match the float64 reference or raise; never be silently wrong."""
     fn, _ = NORMS[crms]
     x = randn((3, 6), F64, 1).requires_grad_(True)

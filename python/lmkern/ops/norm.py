@@ -206,10 +206,12 @@ _define("crms_norm", crms=True)
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
-def _direct_ok(x, residual, weight) -> bool:
-    """Whether a call may skip torch's dispatcher and run the kernel directly: plain cpu/cuda tensors,
-    no gradient wanted, and nothing tracing or intercepting ops (torch.compile, modes, functorch).
-    The dispatcher costs more than the kernel for small tensors; every other case goes through it."""
+def _eager_ok(x, residual, weight) -> bool:
+    """Whether a call may skip torch's dispatcher: plain cpu/cuda tensors, and nothing tracing or
+    intercepting ops (torch.compile, dispatch or function modes, functorch transforms). For small
+    tensors the dispatcher and torch.library's autograd wrapper cost more than the kernel, so eager
+    calls run the kernels directly (through _NormFunction when a gradient is wanted); every other
+    case goes through the custom op."""
     if (
         torch.compiler.is_compiling()
         or torch._C._len_torch_dispatch_stack()
@@ -217,11 +219,40 @@ def _direct_ok(x, residual, weight) -> bool:
         or torch._C._are_functorch_transforms_active()
     ):
         return False
-    grad = torch.is_grad_enabled()
     for t in (x, residual, weight):
-        if t is not None and (type(t) not in _PLAIN or (grad and t.requires_grad)):
+        if t is not None and type(t) not in _PLAIN:
             return False
     return x.is_cpu or x.is_cuda
+
+
+class _NormFunction(torch.autograd.Function):
+    """Eager autograd over the same kernels as the custom ops (same _forward/_backward)."""
+
+    @staticmethod
+    def forward(ctx, crms, x, residual, weight, eps, offset, scale):
+        y, h, rstd = _forward(crms, x, residual, weight, eps, offset, scale)
+        ctx.save_for_backward(x if residual is None else h, weight, rstd)
+        ctx.crms, ctx.offset, ctx.scale = crms, offset, scale
+        ctx.has_residual = residual is not None
+        # Two leaves given one gradient tensor would share .grad storage: copy in that case only.
+        ctx.both_leaves = residual is not None and x.is_leaf and residual.is_leaf
+        ctx.set_materialize_grads(False)
+        if residual is None:
+            return y
+        return y, h
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy, dh=None):
+        h, weight, rstd = ctx.saved_tensors
+        if dy is None:
+            dy = torch.zeros_like(h)
+        weight_grad = weight is not None and ctx.needs_input_grad[3]
+        dx, dw = _backward(ctx.crms, dy, h, weight, rstd, dh, ctx.offset, ctx.scale, weight_grad)
+        dres = None
+        if ctx.has_residual and ctx.needs_input_grad[2]:
+            dres = dx.clone() if (ctx.both_leaves and ctx.needs_input_grad[1]) else dx
+        return None, dx, dres, (dw if weight_grad else None), None, None, None
 
 
 def _public(crms, op, op_residual, x, weight, eps, residual, offset, scale):
@@ -231,7 +262,9 @@ def _public(crms, op, op_residual, x, weight, eps, residual, offset, scale):
     if weight is not None and weight.dtype != x.dtype and weight.is_floating_point():
         weight = weight.to(x.dtype)  # e.g. float32 master weights with bfloat16 activations
     eps, offset, scale = float(eps), float(offset), float(scale)
-    if _direct_ok(x, residual, weight):
+    if _eager_ok(x, residual, weight):
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual, weight)):
+            return _NormFunction.apply(crms, x, residual, weight, eps, offset, scale)
         y, h, _ = _forward(crms, x, residual, weight, eps, offset, scale, save_rstd=False)
         return y if residual is None else (y, h)
     if residual is None:
