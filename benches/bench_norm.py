@@ -51,8 +51,14 @@ class _Norm:
         gen = torch.Generator(device=dev).manual_seed(0)
         self.inputs = self.op.make(_shape(shape), getattr(torch, dtype), dev, gen)
         self.cuda = dev.type == "cuda"
-        # No warm-up call here: peakmem_* would then report the larger of both ops' peaks
-        # (asv's own warm-up, warmup_time, keeps first calls out of time_*).
+        # Warm-up on two rows of the same width, dtype and device: the one-time costs of a process
+        # (autograd engine, thread pools, first dispatch of each op: ~0.3 s for the first backward)
+        # stay out of time_*, which --quick times with a single call, while peakmem_* still sees
+        # only its own op at full size.
+        small = self.op.make((2, _shape(shape)[-1]), getattr(torch, dtype), dev, gen)
+        self.op.lmkern(small)
+        self.op.peer(small)
+        small["x"].detach().clone()
         self._sync()
 
     def _sync(self):

@@ -20,7 +20,7 @@
    and % of the measured copy bandwidth. Error: ||out - ref|| / ||ref|| against the float64
    formula (lmkern.bench's references), lmkern's and eager torch's. Inputs: torch.randn, never zeros.
 3. A compact table on stdout; JSON to $OUT/gpu_timings.json when OUT is set, else
-   benches/results/gpu_timings.json.
+   benches/results/gpu_timings.json (gpu_timings_peers.json with --impls torch,compiled).
 
 Compiles (dynamic=False, one per case and form) are the slow part: past --budget seconds the
 compiled peers are skipped, past 1.5x the remaining cases too. Exit status 1 when an lmkern
@@ -36,6 +36,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -203,7 +204,7 @@ def run_case(dtype, rows, n, device, cuda, reps, compiled: Compiled, forms, copy
                     bwd_op = torch.ops.lmkern.rms_norm_backward
                     impls["lmkern"] = lambda: bwd_op(dy, x, w, rstd, None, 0.0, 1.0, True)
                 except Exception as ex:  # the peers are still timed
-                    row["lmkern_failure"] = f"{type(ex).__name__}: {str(ex)[:200]}"
+                    row["lmkern_failure"] = lb.one_line(ex)
                 xt, wt, yt = grads(rms)
                 impls["torch"] = lambda: torch.autograd.grad(yt, (xt, wt), dy, retain_graph=True)
                 c = compiled.get(f"grad {tag}", rms)
@@ -244,7 +245,7 @@ def run_case(dtype, rows, n, device, cuda, reps, compiled: Compiled, forms, copy
                     if cuda:
                         torch.cuda.synchronize()  # a faulting kernel is reported here
                 except Exception as ex:  # e.g. lmkern's CUDA path missing: the peers are still timed
-                    row[f"{k}_failure"] = f"{type(ex).__name__}: {str(ex)[:200]}"
+                    row[f"{k}_failure"] = lb.one_line(ex)
                     impls.pop(k, None)
             del refs
             for k in [k for k in impls if k not in check]:
@@ -255,7 +256,7 @@ def run_case(dtype, rows, n, device, cuda, reps, compiled: Compiled, forms, copy
                         torch.cuda.synchronize()
                     row[f"{k}_first_call_s"] = time.perf_counter() - t0
                 except Exception as ex:  # a compile failure loses that peer only
-                    row[f"{k}_failure"] = f"{type(ex).__name__}: {str(ex)[:200]}"
+                    row[f"{k}_failure"] = lb.one_line(ex)
                     del impls[k]
             t = time_interleaved(impls, reps, 3, cuda)
             for k, v in t.items():
@@ -272,7 +273,7 @@ def run_case(dtype, rows, n, device, cuda, reps, compiled: Compiled, forms, copy
             if "lmkern_failure" in row:
                 print(f"{tag} {form}: lmkern failed: {row['lmkern_failure']}", flush=True)
         except Exception as ex:
-            row["failure"] = f"{type(ex).__name__}: {str(ex)[:300]}"
+            row["failure"] = lb.one_line(ex)
             row["ok"] = False
             traceback.print_exc(limit=3)
         out.append(row)
@@ -402,7 +403,12 @@ def main(argv=None) -> int:
     print(f"{len(timed) - len(failed)}/{len(timed)} forms ok; {time.perf_counter() - t_start:.0f} s")
 
     info["impls"], info["cuda_context_broken"] = use, broken
-    out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else Path(__file__).resolve().parents[1] / "results"
+    if os.environ.get("OUT"):
+        out_dir = Path(os.environ["OUT"])
+    elif cuda:
+        out_dir = Path(__file__).resolve().parents[1] / "results"
+    else:  # smoke tests of the script itself stay out of the repository
+        out_dir = Path(tempfile.gettempdir()) / "lmkern-timings"
     out_dir.mkdir(parents=True, exist_ok=True)
     name = "gpu_timings" if cuda else f"timings_{device.type}_smoke"
     path = out_dir / (f"{name}.json" if "lmkern" in use else f"{name}_peers.json")

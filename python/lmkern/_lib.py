@@ -12,12 +12,19 @@ LIB = torch.library.Library("lmkern", "DEF")
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 
 
+# torch's current raw CUstream of a device, without building a torch.cuda.Stream object (a few
+# microseconds per call); the public API is the fallback should the private helper go away.
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or (
+    lambda index: torch.cuda.current_stream(index).cuda_stream
+)
+
+
 def device_args(t: torch.Tensor) -> tuple[int, int]:
     """(device index, raw stream) for _core: (-1, 0) on CPU, torch's current stream on CUDA."""
     if not t.is_cuda:
         return -1, 0
-    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
-    return index, torch.cuda.current_stream(index).cuda_stream
+    index = t.get_device()
+    return index, _raw_stream(index)
 
 
 def ptr(t: torch.Tensor | None) -> int:

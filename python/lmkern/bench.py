@@ -438,7 +438,7 @@ def run_case(entry: BenchOp, shape: Shape, dtype: torch.dtype, device: str, *, q
         if dev.type == "cuda":
             torch.cuda.synchronize()  # a faulting kernel is reported here, at its own case
     except Exception as e:  # a failing op is a reported failure, not a crash of the whole run
-        res.failure = _one_line(e)
+        res.failure = one_line(e)
         return res
     try:
         try:
@@ -461,13 +461,13 @@ def run_case(entry: BenchOp, shape: Shape, dtype: torch.dtype, device: str, *, q
             warmup=0 if big else 3,  # big: the check above already ran both once
         )
     except Exception as e:
-        res.failure = _one_line(e)
+        res.failure = one_line(e)
         return res
     res.time_s, res.peer_time_s = t["lmkern"].median, t["peer"].median
     return res
 
 
-def _one_line(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
 
 
