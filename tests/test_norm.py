@@ -890,7 +890,7 @@ def test_non_tensor_arguments(crms):
     """A weight or residual that is not a tensor: a clear exception that names the argument."""
     fn, _ = NORMS[crms]
     x = torch.randn(4, 8)
-    # the residual goes straight to the op, whose schema check (RuntimeError) names it
+    # the public function rejects it by name (TypeError); the op's schema check would too (RuntimeError)
     with pytest.raises((TypeError, RuntimeError), match="residual"):
         fn(x, residual=[[1.0] * 8] * 4)
     for weight in ([1.0] * 8, torch.ones(8).numpy()):
