@@ -359,6 +359,29 @@ def _composite_residual(fn):
     return run
 
 
+def _make_inplace(shape, dtype, device, gen):
+    """Originals x, r (for the reference) and a working copy of each for lmkern ("lx", "lr") and for
+    the peer ("px", "pr"): both sides update their own copies in place call after call (r grows by a
+    unit-RMS row per call, harmless for timing); the check uses the first call, made on fresh copies."""
+    d = _make_residual(shape, dtype, device, gen)
+    for side in ("l", "p"):
+        d[side + "x"], d[side + "r"] = d["x"].clone(), d["r"].clone()
+    return d
+
+
+def _lm_inplace(fn):
+    return lambda d: fn(d["lx"], d["w"], EPS, residual=d["lr"])
+
+
+def _composite_inplace(fn):
+    """The peer's in-place residual form: r += x, then the norm of r into a fresh y."""
+    def run(d):
+        h = d["pr"].add_(d["px"])
+        return fn(h, d["w"], EPS), h
+
+    return run
+
+
 def _rows_of(t: torch.Tensor, rows: slice) -> torch.Tensor:
     return t.detach().reshape(-1, t.shape[-1])[rows]
 
@@ -375,9 +398,9 @@ def _ref_residual(crms):
     return lambda d, rows: ref_residual(_rows_of(d["x"], rows), _rows_of(d["r"], rows), d["w"], EPS, crms=crms)
 
 
-for _op, _lm, _peer, _peer_name, _crms in (
-    ("rms_norm", lmkern.rms_norm, torch_rms_norm, "F.rms_norm", False),
-    ("crms_norm", lmkern.crms_norm, torch_crms_norm, "torch composite", True),
+for _op, _lm, _lm_inplace_fn, _peer, _peer_name, _crms in (
+    ("rms_norm", lmkern.rms_norm, lmkern.rms_norm_, torch_rms_norm, "F.rms_norm", False),
+    ("crms_norm", lmkern.crms_norm, lmkern.crms_norm_, torch_crms_norm, "torch composite", True),
 ):
     register(BenchOp(_op, "fwd", _peer_name, _make_fwd, _fwd(_lm), _fwd(_peer), _ref_fwd(_crms), norm_cases))
     register(BenchOp(
@@ -387,6 +410,10 @@ for _op, _lm, _peer, _peer_name, _crms in (
     register(BenchOp(
         _op, "residual", f"x + r; {_peer_name}", _make_residual, _lm_residual(_lm), _composite_residual(_peer),
         _ref_residual(_crms), norm_cases,
+    ))
+    register(BenchOp(
+        _op, "residual in place", f"r += x; {_peer_name}", _make_inplace, _lm_inplace(_lm_inplace_fn),
+        _composite_inplace(_peer), _ref_residual(_crms), norm_cases,
     ))
 
 
