@@ -157,8 +157,10 @@ def _neox_spec(model) -> StreamSpec:
     base = model.gpt_neox if head else model
     spec = StreamSpec(d=cfg.hidden_size)
     spec.known += ["", _join(p, "layers"), _join(p, "rotary_emb")] + ([p] if p else [])
+    # transformers 5 names the head lm_head; 4.x named it embed_out.
+    head_name = "embed_out" if head and hasattr(model, "embed_out") else "lm_head"
     if head:
-        _expect_children("", model, {"gpt_neox", "lm_head"}, model)
+        _expect_children("", model, {"gpt_neox", head_name}, model)
     _expect_children(p, base, {"embed_in", "emb_dropout", "layers", "final_layer_norm", "rotary_emb"}, model)
     spec.writers.append(_join(p, "embed_in"))
     spec.dropouts.append(_join(p, "emb_dropout"))
@@ -177,8 +179,8 @@ def _neox_spec(model) -> StreamSpec:
         spec.dropouts += [f"{b}.post_attention_dropout", f"{b}.post_mlp_dropout"]
     final = _join(p, "final_layer_norm")
     if head:
-        spec.sites.append(Site(final, ["lm_head"]))
-        spec.head = "lm_head"
+        spec.sites.append(Site(final, [head_name]))
+        spec.head = head_name
     else:
         spec.sites.append(Site(final, []))
         spec.output = final
@@ -667,3 +669,53 @@ def cli_main(args) -> int:
             print("lmkern convert: the converted model's outputs differ from the original's", file=sys.stderr)
             return 1
     return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# `lmkern bench` entries: a converted lmkern.models.Transformer against its Pre-LN original
+# --------------------------------------------------------------------------------------------------
+
+
+def bench_entries(BenchOp) -> list:
+    """Registry entries for lmkern.bench: the forward of lmkern's own Transformer converted to
+    Pre-RMSNorm / Pre-CRMSNorm (lmkern) vs the Pre-LN original (peer), checked against the original
+    run in float64. A case's shape is (tokens, d_model); 2 layers, vocab 512, batch 1."""
+    from .models import Transformer, TransformerConfig
+
+    def cases(device, quick):
+        return [((128, 128), torch.float32)] if quick else [((512, 256), torch.float32), ((512, 255), torch.float32)]
+
+    def make_for(kind):
+        def make(shape, dtype, device, gen):
+            t, d = shape
+            heads = next(h for h in (4, 3, 5, 1) if d % h == 0)
+            cfg = TransformerConfig(vocab_size=512, d_model=d, n_layers=2, n_heads=heads, max_len=t)
+            model = Transformer(cfg)
+            g = torch.Generator().manual_seed(0)
+            with torch.no_grad():
+                for name, p in model.named_parameters():  # random LayerNorm affine too
+                    noise = torch.randn(p.shape, generator=g)
+                    p.copy_(1 + 0.2 * noise if name.endswith(("ln1.weight", "ln2.weight", "ln_f.weight")) else 0.05 * noise)
+            model = model.to(device=device, dtype=dtype).eval()
+            new = (to_pre_rmsnorm if kind == "rms" else to_pre_crmsnorm)(model).eval()
+            ids = torch.randint(0, cfg.vocab_size, (1, t), generator=torch.Generator().manual_seed(0)).to(device)
+            return {"model": model, "new": new, "ids": ids}
+
+        return make
+
+    def run(key):
+        def f(d):
+            with torch.no_grad():
+                return (d[key](d["ids"])[0],)
+
+        return f
+
+    def reference(d, rows):
+        if "ref" not in d:  # the Pre-LN original in float64 on the CPU, once
+            m64 = copy.deepcopy(d["model"]).to(device="cpu", dtype=torch.float64)
+            with torch.no_grad():
+                d["ref"] = m64(d["ids"].cpu())[0]
+        return (d["ref"][rows],)
+
+    return [BenchOp(f"convert {kind}", "fwd", "Pre-LN model", make_for(kind), run("new"), run("model"), reference, cases)
+            for kind in KINDS]
