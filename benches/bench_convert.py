@@ -124,6 +124,23 @@ def _mark_norms(model):
     return handles
 
 
+def top_ops(fn, model, device="cpu", n: int = 8) -> list[tuple[str, float, int]]:
+    """(op, self CPU seconds per call, calls) of the n ops with the most self time in one profiled call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    handles = _mark_norms(model)
+    try:
+        fn()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+            _sync(device)
+    finally:
+        for h in handles:
+            h.remove()
+    ev = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:n]
+    return [(e.key, e.self_cpu_time_total * 1e-6, e.count) for e in ev]
+
+
 def norm_share(fn, model, device="cpu", repeats: int = 2) -> dict:
     """Profile `repeats` calls of fn: {'total_s', 'norm_s', 'share'} per call (CPU time of the norm
     events over the wall time of the call)."""
@@ -227,6 +244,7 @@ def main(argv=None) -> int:
     p.add_argument("--phase", choices=list(PHASES), action="append", help="default: both")
     p.add_argument("--no-profile", action="store_true")
     p.add_argument("--json", metavar="PATH")
+    p.add_argument("--top", type=int, default=0, metavar="N", help="also print the N ops with the most self time")
     args = p.parse_args(argv)
     dev = args.device
     t0 = time.perf_counter()
@@ -251,12 +269,16 @@ def main(argv=None) -> int:
                    "rounds": len(t[k].samples), "speedup_vs_ln": t["pre-ln"].median / t[k].median}
             if not args.no_profile:
                 row.update({f"profile_{a}": b for a, b in norm_share(fns[k], models[k], dev).items()})
+            if args.top:
+                row["top_ops"] = top_ops(fns[k], models[k], dev, args.top)
             results.append(row)
             share = f"{100 * row['profile_share']:.2f} % ({lb.fmt_time(row['profile_norm_s'])} of {lb.fmt_time(row['profile_total_s'])})" \
                 if "profile_share" in row else "-"
             print(f"{phase:<10}  {k:<8}  median {lb.fmt_time(row['median_s']):>9}  IQR {lb.fmt_time(row['iqr_s'][0])}–"
                   f"{lb.fmt_time(row['iqr_s'][1])}  n={row['rounds']:<3}  vs pre-ln {row['speedup_vs_ln']:.3f}x  "
                   f"norm share {share}", flush=True)
+            for op, sec, calls in row.get("top_ops", []):
+                print(f"    {op:<60} {lb.fmt_time(sec):>9}  ({calls} calls)")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
