@@ -165,6 +165,42 @@ def norm_share(fn, model, device="cpu", repeats: int = 2) -> dict:
     return {"total_s": total, "norm_s": norm, "share": norm / total if total else math.nan}
 
 
+def norm_micro(tokens_: int = 512, d: int = 768, device="cpu", budget_s: float = 10.0) -> dict:
+    """The norms alone at GPT-2 small's shape, interleaved: torch LayerNorm (with γ, β) vs lmkern
+    RMSNorm (d) vs lmkern CRMSNorm (d−1), forward (no grad) and forward+backward. Seconds per call."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens_, d, generator=gen).to(device)
+    xc = x[:, :-1].contiguous()
+    ln = torch.nn.LayerNorm(d).to(device)
+    rms = lmkern.nn.RMSNorm(d, eps=1e-5, elementwise_affine=False)
+    crms = lmkern.nn.CRMSNorm(d - 1, eps=1e-5, elementwise_affine=False)
+    dy, dyc = torch.randn_like(x), torch.randn_like(xc)
+
+    def fwd(m, t):
+        def run():
+            with torch.no_grad():
+                return m(t)
+        return run
+
+    def fwd_bwd(m, t, g):
+        t = t.clone().requires_grad_(True)
+
+        def run():
+            m(t).backward(g)
+            t.grad = None
+            for p_ in m.parameters():
+                p_.grad = None
+        return run
+
+    out = {}
+    for phase, fns in (("forward", {"layer_norm": fwd(ln, x), "rms_norm": fwd(rms, x), "crms_norm": fwd(crms, xc)}),
+                       ("fwd+bwd", {"layer_norm": fwd_bwd(ln, x, dy), "rms_norm": fwd_bwd(rms, x, dy),
+                                    "crms_norm": fwd_bwd(crms, xc, dyc)})):
+        t = lb.interleaved(fns, device, min_rounds=20, budget_s=budget_s, warmup=3)
+        out[phase] = {k: v.median for k, v in t.items()}
+    return out
+
+
 # ---- asv ------------------------------------------------------------------------------------------
 
 
@@ -244,9 +280,21 @@ def main(argv=None) -> int:
     p.add_argument("--phase", choices=list(PHASES), action="append", help="default: both")
     p.add_argument("--no-profile", action="store_true")
     p.add_argument("--json", metavar="PATH")
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch and lmkern")
+    p.add_argument("--norms-only", action="store_true", help="only the norms alone at [tokens, 768] (fast)")
     p.add_argument("--top", type=int, default=0, metavar="N", help="also print the N ops with the most self time")
     args = p.parse_args(argv)
     dev = args.device
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        lmkern.set_num_threads(args.threads)
+    micro = norm_micro(args.tokens, 768, dev, budget_s=3.0 if args.quick else 10.0)
+    for phase, t in micro.items():
+        print(f"norms alone [{args.tokens}, 768], {phase:<8}: " + ", ".join(
+            f"{k} {lb.fmt_time(v)} ({t['layer_norm'] / v:.2f}x LN)" for k, v in t.items())
+            + f"; 25 norms per model call: LN {lb.fmt_time(25 * t['layer_norm'])}", flush=True)
+    if args.norms_only:
+        return 0
     t0 = time.perf_counter()
     models = build(dev)
     ids = tokens(args.tokens, dev)
@@ -283,7 +331,7 @@ def main(argv=None) -> int:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump({"lmkern": lmkern.__version__, "torch": torch.__version__, "tokens": args.tokens,
-                       "device": dev, "results": results}, f, indent=1)
+                       "device": dev, "norms_alone": micro, "results": results}, f, indent=1)
     return 0
 
 
