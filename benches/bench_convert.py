@@ -36,6 +36,7 @@ except ImportError:  # asv_runner absent: the decorator only informs asv
         return lambda f: f
 
 NAMES = ("pre-ln", "pre-rms", "pre-crms")
+TOKENS = 512  # the target: batch 1 × 512 tokens
 DEVICES = ["cpu"] + (["cuda"] if lmkern.cuda_available() else [])
 _NO_PEAKMEM = [(d, p) for d in DEVICES if d == "cuda" for p in ("forward", "train_step")]
 
@@ -201,6 +202,25 @@ def norm_micro(tokens_: int = 512, d: int = 768, device="cpu", budget_s: float =
     return out
 
 
+def gemm_micro(tokens_: int = 512, d: int = 768, ff: int = 3072, device="cpu", budget_s: float = 3.0) -> dict:
+    """The MLP's GEMMs at stream width d (Pre-LN, Pre-RMSNorm) and d−1 (Pre-CRMSNorm), interleaved:
+    {gemm: (seconds at d, seconds at d−1)}. The d−1 stream changes the GEMMs' shapes, not only the norm."""
+    gen = torch.Generator().manual_seed(0)
+    out = {}
+    for name, shapes in (("x @ W_fc      [t,d]x[d,ff]", ((tokens_, None), (None, ff))),
+                         ("h @ W_proj    [t,ff]x[ff,d]", ((tokens_, ff), (ff, None))),
+                         ("dW_proj = hᵀg [ff,t]x[t,d]", ((ff, tokens_), (tokens_, None))),
+                         ("dx = g W_fcᵀ  [t,ff]x[ff,d]", ((tokens_, ff), (ff, None)))):
+        fns = {}
+        for width in (d, d - 1):
+            a = torch.randn(*[width if v is None else v for v in shapes[0]], generator=gen).to(device)
+            b = torch.randn(*[width if v is None else v for v in shapes[1]], generator=gen).to(device)
+            fns[width] = (lambda a=a, b=b: a @ b)
+        t = lb.interleaved(fns, device, min_rounds=10, budget_s=budget_s, warmup=2)
+        out[name] = (t[d].median, t[d - 1].median)
+    return out
+
+
 # ---- asv ------------------------------------------------------------------------------------------
 
 
@@ -217,7 +237,7 @@ class GPT2Small:
 
     def setup(self, device, phase):
         self.models = build(device)
-        self.ids = tokens(512, device)
+        self.ids = tokens(TOKENS, device)
         self.device = device
         self.fns = {k: PHASES[phase](m, self.ids) for k, m in self.models.items()}
         for f in self.fns.values():  # first-call costs (allocator, AdamW state) stay out of time_*
@@ -281,7 +301,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-profile", action="store_true")
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch and lmkern")
-    p.add_argument("--norms-only", action="store_true", help="only the norms alone at [tokens, 768] (fast)")
+    p.add_argument("--norms-only", action="store_true", help="only the norms and GEMMs alone (fast)")
     p.add_argument("--top", type=int, default=0, metavar="N", help="also print the N ops with the most self time")
     args = p.parse_args(argv)
     dev = args.device
@@ -293,6 +313,9 @@ def main(argv=None) -> int:
         print(f"norms alone [{args.tokens}, 768], {phase:<8}: " + ", ".join(
             f"{k} {lb.fmt_time(v)} ({t['layer_norm'] / v:.2f}x LN)" for k, v in t.items())
             + f"; 25 norms per model call: LN {lb.fmt_time(25 * t['layer_norm'])}", flush=True)
+    gemm = gemm_micro(args.tokens, 768, 3072, dev, budget_s=2.0 if args.quick else 5.0)
+    for k, (a, b) in gemm.items():
+        print(f"gemm {k}: width 768 {lb.fmt_time(a)}, width 767 {lb.fmt_time(b)} ({b / a:.2f}x)", flush=True)
     if args.norms_only:
         return 0
     t0 = time.perf_counter()
@@ -331,7 +354,7 @@ def main(argv=None) -> int:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump({"lmkern": lmkern.__version__, "torch": torch.__version__, "tokens": args.tokens,
-                       "device": dev, "norms_alone": micro, "results": results}, f, indent=1)
+                       "device": dev, "norms_alone": micro, "gemm_768_vs_767": gemm, "results": results}, f, indent=1)
     return 0
 
 
