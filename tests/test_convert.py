@@ -136,6 +136,8 @@ def test_hf_float64_equivalent(case, kind):
     assert rel_max(out_of(new, ids), expected) <= TOL[F64]
     # Batch of one and a length-1 sequence too.
     assert rel_max(out_of(new, ids[:1, :1]), out_of(model, ids[:1, :1])) <= TOL[F64]
+    with torch.no_grad():  # the tuple form of the outputs (return_dict=False) as well
+        assert rel_max(new(ids, return_dict=False)[0], model(ids, return_dict=False)[0]) <= TOL[F64]
     # The original is left as it was (a deep copy was converted).
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert getattr(model.config, "lmkern_norm", None) is None
