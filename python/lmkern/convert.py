@@ -481,7 +481,9 @@ def to_pre_rmsnorm(model: nn.Module, *, recenter_writers: bool = False, inplace:
     to each parameter's dtype), the stream writers re-centered, every LayerNorm replaced by an
     ``lmkern.nn.RMSNorm`` without affine. ``recenter_writers=True`` re-centers every writer's output on
     every forward, so training keeps the stream zero-mean (see the module docstring). ``inplace=True``
-    converts the given (Hugging Face) model itself instead of a deep copy. Works for models on any
+    converts the given Hugging Face model itself instead of a deep copy (lmkern's own Transformer is
+    always rebuilt from its converted config). Costs to know: a tied LM head is untied (GPT-2 small:
+    +38.6M parameters) and gets a bias (the final LayerNorm's β), see BENCHMARKS.md. Works for models on any
     device and of any floating dtype lmkern's norms take (float64 on CPU only).
     Raises :class:`UnsupportedModelError` (a ValueError) naming the module it does not know.
     """
@@ -641,7 +643,7 @@ def cli_main(args) -> int:
                 print("lmkern convert: --recenter-writers is for --to rms (a CRMS stream needs none)", file=sys.stderr)
                 return 2
             new = to_pre_crmsnorm(model)
-    except (UnsupportedModelError, ValueError, OSError) as e:
+    except (UnsupportedModelError, ValueError, OSError, ImportError) as e:
         print(f"lmkern convert: {e}", file=sys.stderr)
         return 2
     worst = None
