@@ -417,6 +417,14 @@ for _op, _lm, _lm_inplace_fn, _peer, _peer_name, _crms in (
     ))
 
 
+# ---- model conversion (lmkern.convert): a converted model's forward vs its Pre-LN original ---------
+
+from . import convert as _convert  # noqa: E402
+
+for _entry in _convert.bench_entries(BenchOp):
+    register(_entry)
+
+
 # --------------------------------------------------------------------------------------------------
 # Running
 # --------------------------------------------------------------------------------------------------

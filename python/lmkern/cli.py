@@ -3,10 +3,13 @@
   lmkern --version
   lmkern info                                   version, torch, CUDA status, threads
   lmkern bench [--device cpu|cuda|all] [--quick] [--op NAME] [--threads N] [--json PATH]
+  lmkern convert SRC DST --to rms|crms [--recenter-writers] [--dtype D] [--no-check]
 
 `bench` checks every op against its float64 reference and times it against its peer (see
 lmkern.bench); it exits 1 when an op fails or exceeds its tolerance, 2 when --device cuda is asked
-for and lmkern's CUDA path is unavailable.
+for and lmkern's CUDA path is unavailable. `convert` (lmkern.convert) reads a saved model directory
+(save_pretrained), writes the converted one, and checks its logits against the original's on random
+tokens; it exits 1 when they differ by more than the dtype's tolerance, 2 when the model is unsupported.
 """
 from __future__ import annotations
 
@@ -89,6 +92,12 @@ def _bench(args) -> int:
     return 0 if all(r.ok for r in results) else 1
 
 
+def _convert(args) -> int:
+    from . import convert
+
+    return convert.cli_main(args)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lmkern", description="lmkern: fused numeric kernels as torch custom ops")
     p.add_argument("--version", action="version", version=f"lmkern {_version()}")
@@ -104,6 +113,14 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     b.add_argument("--no-progress", action="store_true", help="print only the final table")
     b.set_defaults(func=_bench)
+    c = sub.add_parser("convert", help="convert a saved Pre-LN model to Pre-RMSNorm or Pre-CRMSNorm")
+    c.add_argument("src", help="a directory written by save_pretrained (GPT-2, GPT-NeoX, lmkern.models.Transformer)")
+    c.add_argument("dst", help="the directory to write the converted model into")
+    c.add_argument("--to", choices=("rms", "crms"), required=True, help="Pre-RMSNorm or Pre-CRMSNorm")
+    c.add_argument("--recenter-writers", action="store_true", help="rms: re-center stream writers on every forward (for training)")
+    c.add_argument("--dtype", choices=("float32", "float64", "bfloat16", "float16"), help="dtype to load and save (default: as saved)")
+    c.add_argument("--no-check", action="store_true", help="skip comparing the converted model's outputs to the original's")
+    c.set_defaults(func=_convert)
     return p
 
 
