@@ -10,9 +10,10 @@ import torch
 from . import _core
 from . import ops  # noqa: F401  (registers torch.ops.lmkern.*)
 from . import nn
+from . import quant
 from .ops.norm import crms_norm, rms_norm
 
-__all__ = ["rms_norm", "crms_norm", "nn", "cuda_available", "cuda_status", "set_num_threads", "get_num_threads"]
+__all__ = ["rms_norm", "crms_norm", "nn", "quant", "cuda_available", "cuda_status", "set_num_threads", "get_num_threads"]
 
 try:
     from importlib.metadata import version as _version
