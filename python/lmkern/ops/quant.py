@@ -6,8 +6,10 @@ Ops (torch.ops.lmkern.*); x is [..., n] with rows = the product of its leading d
   power_dequantize(codes, scales, a, bits, group_size, n, dtype) -> x̂ [rows, n] of dtype
   power_fake_quantize(x, a, bits, group_size, clip) -> (x̂ like x, scales)        differentiable in x and a
   power_fake_quantize_backward(dy, x, scales, a, bits, group_size, a_grad) -> (dx like x, da f32 [rows] or [0])
-  power_quant_linear(x, codes, scales, a, bias?, bits, group_size, in_features) -> x @ Ŵᵀ + bias   differentiable in x
-  power_quant_linear_backward(dy, codes, scales, a, bits, group_size, in_features) -> dy @ Ŵ
+  power_codebook(a, bits) -> f32 [rows, 2^bits]: sign(q_f)·(|q_f|/qmax)^(1/a) for every field f
+  power_quant_linear(x, codes, scales, table, bias?, bits, group_size, in_features) -> x @ Ŵᵀ + bias   differentiable in x
+  power_quant_linear_backward(dy, codes, scales, table, bits, group_size, in_features) -> dy @ Ŵ
+(table: the weight rows' codebooks, from power_codebook.)
   power_search_exponent(w, z?, bits, group_size, clip, per_row) -> f32 [rows] or [1]
 CPU only for now: CUDA tensors raise TypeError.
 """
@@ -99,12 +101,13 @@ LIB.define(
     "power_fake_quantize_backward(Tensor dy, Tensor x, Tensor scales, Tensor a, int bits, int group_size, bool a_grad)"
     " -> (Tensor, Tensor)"
 )
+LIB.define("power_codebook(Tensor a, int bits) -> Tensor")
 LIB.define(
-    "power_quant_linear(Tensor x, Tensor codes, Tensor scales, Tensor a, Tensor? bias, int bits, int group_size,"
+    "power_quant_linear(Tensor x, Tensor codes, Tensor scales, Tensor table, Tensor? bias, int bits, int group_size,"
     " int in_features) -> Tensor"
 )
 LIB.define(
-    "power_quant_linear_backward(Tensor dy, Tensor codes, Tensor scales, Tensor a, int bits, int group_size,"
+    "power_quant_linear_backward(Tensor dy, Tensor codes, Tensor scales, Tensor table, int bits, int group_size,"
     " int in_features) -> Tensor"
 )
 LIB.define("power_search_exponent(Tensor w, Tensor? z, int bits, int group_size, float clip, bool per_row) -> Tensor")
@@ -198,14 +201,43 @@ def _fake_bwd_fake(dy, x, scales, a, bits, group_size, a_grad):
 # ------------------------------------------------------------------------------------------------
 
 
-def _check_linear(x, codes, scales, a, bias, bits, group_size, in_features, x_name="x"):
-    _check_x(x_name, x)
+def _check_weight(codes, scales, table, bits, group_size, in_features):
     check_bits(bits)
     check_group(group_size, in_features)
+    out_features = codes.shape[0] if codes.dim() == 2 else -1
+    for name, t in (("codes", codes), ("scales", scales), ("table", table)):
+        check_cpu(name, t)
+    nb, ng = row_bytes(in_features, bits), in_features // group_size
+    if codes.dtype != torch.uint8 or tuple(codes.shape) != (out_features, nb):
+        raise ValueError(f"codes: expected uint8 of shape (out_features, {nb}); got {codes.dtype} of shape {tuple(codes.shape)}")
+    if scales.dtype != torch.float32 or tuple(scales.shape) != (out_features, ng):
+        raise ValueError(f"scales: expected float32 of shape ({out_features}, {ng}); got {scales.dtype} of shape {tuple(scales.shape)}")
+    if table.dtype != torch.float32 or tuple(table.shape) != (out_features, 2 ** bits):
+        raise ValueError(f"table: expected float32 of shape ({out_features}, {2 ** bits}); got {table.dtype} of shape {tuple(table.shape)}")
+    return out_features
+
+
+def _codebook(a, bits):
+    check_bits(bits)
+    check_cpu("a", a)
+    if a.dtype != torch.float32 or a.dim() != 1:
+        raise ValueError(f"a: expected float32 of shape (rows,); got {a.dtype} of shape {tuple(a.shape)}")
+    a = a.contiguous()
+    out = torch.empty((a.shape[0], 2 ** bits), dtype=torch.float32, device=a.device)
+    _core.quant_codebook(bits, a.shape[0], ptr(a), ptr(out))
+    return out
+
+
+def _codebook_fake(a, bits):
+    check_bits(bits)
+    return a.new_empty((a.shape[0], 2 ** bits), dtype=torch.float32)
+
+
+def _check_linear(x, codes, scales, table, bias, bits, group_size, in_features, x_name="x"):
+    _check_x(x_name, x)
     if x.shape[-1] != in_features:
         raise ValueError(f"{x_name}: expected last dimension {in_features} (in_features); got {tuple(x.shape)}")
-    out_features = codes.shape[0] if codes.dim() == 2 else -1
-    _check_packed(codes, scales, a, bits, group_size, out_features, in_features)
+    out_features = _check_weight(codes, scales, table, bits, group_size, in_features)
     if bias is not None:
         check_cpu("bias", bias)
         if bias.dtype != torch.float32 or tuple(bias.shape) != (out_features,):
@@ -213,43 +245,41 @@ def _check_linear(x, codes, scales, a, bias, bits, group_size, in_features, x_na
     return out_features
 
 
-def _linear(x, codes, scales, a, bias, bits, group_size, in_features):
-    out_features = _check_linear(x, codes, scales, a, bias, bits, group_size, in_features)
+def _linear(x, codes, scales, table, bias, bits, group_size, in_features):
+    out_features = _check_linear(x, codes, scales, table, bias, bits, group_size, in_features)
     x2 = x.reshape(-1, in_features).contiguous()
     tokens = x2.shape[0]
     y = torch.empty((tokens, out_features), dtype=x.dtype, device=x.device)
-    codes, scales, a = codes.contiguous(), scales.contiguous(), a.contiguous()
+    codes, scales, table = codes.contiguous(), scales.contiguous(), table.contiguous()
     bias = None if bias is None else bias.contiguous()
     dev, stream = device_args(x)
     _core.quant_linear(DTYPE_CODES[x.dtype], dev, stream, bits, out_features, in_features, group_size, tokens,
-                       ptr(x2), ptr(codes), ptr(scales), ptr(a), ptr(bias), ptr(y))
+                       ptr(x2), ptr(codes), ptr(scales), ptr(table), ptr(bias), ptr(y))
     return y.reshape(*x.shape[:-1], out_features)
 
 
-def _linear_fake(x, codes, scales, a, bias, bits, group_size, in_features):
-    out_features = _check_linear(x, codes, scales, a, bias, bits, group_size, in_features)
+def _linear_fake(x, codes, scales, table, bias, bits, group_size, in_features):
+    out_features = _check_linear(x, codes, scales, table, bias, bits, group_size, in_features)
     return x.new_empty((*x.shape[:-1], out_features))
 
 
-def _linear_bwd(dy, codes, scales, a, bits, group_size, in_features):
+def _linear_bwd(dy, codes, scales, table, bits, group_size, in_features):
     out_features = codes.shape[0]
     _check_x("dy", dy)
     if dy.shape[-1] != out_features:
         raise ValueError(f"dy: expected last dimension {out_features} (out_features); got {tuple(dy.shape)}")
-    check_bits(bits)
-    check_group(group_size, in_features)
-    _check_packed(codes, scales, a, bits, group_size, out_features, in_features)
+    _check_weight(codes, scales, table, bits, group_size, in_features)
     dy2 = dy.reshape(-1, out_features).contiguous()
     tokens = dy2.shape[0]
     dx = torch.empty((tokens, in_features), dtype=dy.dtype, device=dy.device)
-    codes, scales, a = codes.contiguous(), scales.contiguous(), a.contiguous()
+    codes, scales, table = codes.contiguous(), scales.contiguous(), table.contiguous()
     dev, stream = device_args(dy)
     _core.quant_linear_backward(DTYPE_CODES[dy.dtype], dev, stream, bits, out_features, in_features, group_size,
-                                tokens, ptr(dy2), ptr(codes), ptr(scales), ptr(a), ptr(dx))
+                                tokens, ptr(dy2), ptr(codes), ptr(scales), ptr(table), ptr(dx))
     return dx.reshape(*dy.shape[:-1], in_features)
 
 
-def _linear_bwd_fake(dy, codes, scales, a, bits, group_size, in_features):
+def _linear_bwd_fake(dy, codes, scales, table, bits, group_size, in_features):
     return dy.new_empty((*dy.shape[:-1], in_features))
 
 
@@ -287,6 +317,7 @@ for _name, _impl, _fake_impl in (
     ("power_dequantize", _dequantize, _dequantize_fake),
     ("power_fake_quantize", _fake, _fake_fake),
     ("power_fake_quantize_backward", _fake_bwd, _fake_bwd_fake),
+    ("power_codebook", _codebook, _codebook_fake),
     ("power_quant_linear", _linear, _linear_fake),
     ("power_quant_linear_backward", _linear_bwd, _linear_bwd_fake),
     ("power_search_exponent", _search, _search_fake),
@@ -315,16 +346,16 @@ def _fake_grad(ctx, dy, _dscales):
 
 
 def _linear_setup(ctx, inputs, output):
-    _x, codes, scales, a, _bias, bits, group_size, in_features = inputs
-    ctx.save_for_backward(codes, scales, a)
+    _x, codes, scales, table, _bias, bits, group_size, in_features = inputs
+    ctx.save_for_backward(codes, scales, table)
     ctx.bits, ctx.group_size, ctx.in_features = bits, group_size, in_features
 
 
 def _linear_grad(ctx, dy):
-    codes, scales, a = ctx.saved_tensors
+    codes, scales, table = ctx.saved_tensors
     dx = None
     if ctx.needs_input_grad[0]:
-        dx = torch.ops.lmkern.power_quant_linear_backward(dy, codes, scales, a, ctx.bits, ctx.group_size, ctx.in_features)
+        dx = torch.ops.lmkern.power_quant_linear_backward(dy, codes, scales, table, ctx.bits, ctx.group_size, ctx.in_features)
     if any(ctx.needs_input_grad[1:5]):
         raise NotImplementedError("power_quant_linear: the quantized weight, its scales, exponents and bias are frozen (no gradient)")
     return dx, None, None, None, None, None, None, None
