@@ -895,28 +895,33 @@ struct SortedRow {
 
 impl SortedRow {
     fn new(w: &[f32], g: usize, clip: f64) -> Option<SortedRow> {
-        let mut pairs: Vec<(f32, f32)> = Vec::with_capacity(w.len());
-        for ws in w.chunks_exact(g) {
+        let mut ms: Vec<f32> = Vec::with_capacity(w.len() / g);
+        // (bits of u ≥ 0) << 32 | group: integer order is the order of u.
+        let mut keys: Vec<u64> = Vec::with_capacity(w.len());
+        for (gi, ws) in w.chunks_exact(g).enumerate() {
             let (amax, finite) = absmax(ws);
             let m = (clip * amax as f64) as f32;
             if !finite || !m.is_finite() {
                 return None;
             }
+            // An all-zero group (m = 0) has no error whatever a: u = 0 and weight 0.
+            ms.push(m);
             for &v in ws {
-                // An all-zero group (m = 0) has no error whatever a: weight 0.
-                pairs.push(if m > 0.0 { (v.abs() / m, m) } else { (0.0, 0.0) });
+                let u = if m > 0.0 { v.abs() / m } else { 0.0 };
+                keys.push(((u.to_bits() as u64) << 32) | gi as u64);
             }
         }
-        pairs.sort_unstable_by(|x, y| x.0.total_cmp(&y.0));
-        let mut pre = Vec::with_capacity(pairs.len() + 1);
+        keys.sort_unstable();
+        let mut pre = Vec::with_capacity(keys.len() + 1);
         let mut acc = [0f64; 3];
         pre.push(acc);
-        for &(u, m) in &pairs {
-            let (u, m2) = (u as f64, m as f64 * m as f64);
+        for &key in &keys {
+            let (u, m) = (f32::from_bits((key >> 32) as u32) as f64, ms[(key & 0xffff_ffff) as usize] as f64);
+            let m2 = m * m;
             acc = [acc[0] + m2, acc[1] + m2 * u, acc[2] + m2 * u * u];
             pre.push(acc);
         }
-        let u: Vec<f32> = pairs.into_iter().map(|p| p.0).collect();
+        let u: Vec<f32> = keys.iter().map(|&k| f32::from_bits((k >> 32) as u32)).collect();
         let nb = u.len().max(16);
         let mut bucket = vec![0u32; nb + 1];
         let mut j = 0usize;
