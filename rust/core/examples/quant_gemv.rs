@@ -42,6 +42,18 @@ fn main() {
         time("linear GEMV 4096 -> 4096 4-bit g128", &mut || {
             quant::linear(Device::Cpu, DType::F32, &l, x.as_ptr() as u64, codes.as_ptr() as u64, scales.as_ptr() as u64, table.as_ptr() as u64, 0, y.as_mut_ptr() as u64).unwrap()
         });
+        // The same with the caches flushed before each call (64 MiB written in between), as when the
+        // GEMV is interleaved with other work: the codes then come from DRAM.
+        let mut junk = vec![0u8; 64 << 20];
+        let mut ts = Vec::new();
+        for it in 0..30 {
+            junk.iter_mut().step_by(64).for_each(|b| *b = b.wrapping_add(it as u8));
+            let t = Instant::now();
+            quant::linear(Device::Cpu, DType::F32, &l, x.as_ptr() as u64, codes.as_ptr() as u64, scales.as_ptr() as u64, table.as_ptr() as u64, 0, y.as_mut_ptr() as u64).unwrap();
+            ts.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        ts.sort_by(|a, b| a.total_cmp(b));
+        println!("linear GEMV, caches flushed: min {:.3} ms, median {:.3} ms ({threads} threads)", ts[0], ts[15]);
         let mut yd = vec![0f32; n];
         time("dense f32 GEMV (naive Rust dot, reference only)", &mut || {
             for (o, yo) in yd.iter_mut().enumerate() {

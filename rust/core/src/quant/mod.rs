@@ -217,6 +217,8 @@ fn check_ptrs(list: &[(Ptr, &str, usize)]) -> Result<()> {
     Ok(())
 }
 
+/// The device dispatch of this family: CPU kernels only for now. A `cuda.rs` (launching
+/// `cuda/quant.cu`) slots in here as in `norm`, reading and writing the layout documented above.
 fn cpu_only(device: Device) -> Result<()> {
     match device {
         Device::Cpu => Ok(()),
@@ -348,8 +350,9 @@ pub unsafe fn codebook(bits: u32, rows: usize, a: Ptr, out: Ptr) -> Result<()> {
 
 /// `y = x @ Ŵᵀ + bias` with x `[tokens, in]` and y `[tokens, out]` of `dtype`, bias float32 [out]
 /// (0: none), `table` the rows' codebooks (float32 [out, 2^b], see [`codebook`]). Ŵ is never formed:
-/// each row's codebook times its group scales meets x directly (AVX2 for 4 bits: per 8 code bytes
-/// one load, two `vpermps` and a blend per 8 weights, FMA into float32 accumulators).
+/// each row's codebook times its group scales meets x directly (AVX2 for 4 bits with in and the
+/// group size multiples of 32: per 32 weights four `vpshufb` over the codebook's byte planes and
+/// unpacks to float32, FMA into float32 accumulators; a scalar table path otherwise).
 ///
 /// # Safety
 /// As [`quantize`].
