@@ -19,3 +19,34 @@ def norm_backward(
     offset: float, scale: float,
     dy: int, h: int, weight: int, rstd: int, dh_out: int, dx: int, dw_partial: int, dw: int, parts: int,
 ) -> None: ...
+# power quantization (rust/core/src/quant): x/codes/scales/a/out addresses; CPU only for now
+def quant_row_bytes(n: int, bits: int) -> int: ...
+def quant_quantize(
+    dtype_code: int, device_index: int, stream: int, bits: int, rows: int, n: int, group: int, clip: float,
+    x: int, a: int, codes: int, scales: int,
+) -> None: ...
+def quant_dequantize(
+    dtype_code: int, device_index: int, stream: int, bits: int, rows: int, n: int, group: int,
+    codes: int, scales: int, a: int, out: int,
+) -> None: ...
+def quant_fake(
+    dtype_code: int, device_index: int, stream: int, bits: int, rows: int, n: int, group: int, clip: float,
+    x: int, a: int, y: int, scales: int,
+) -> None: ...
+def quant_fake_backward(
+    dtype_code: int, device_index: int, stream: int, bits: int, rows: int, n: int, group: int,
+    dy: int, x: int, scales: int, a: int, dx: int, da: int,
+) -> None: ...
+def quant_codebook(bits: int, rows: int, a: int, out: int) -> None: ...
+def quant_linear(
+    dtype_code: int, device_index: int, stream: int, bits: int, out_features: int, in_features: int, group: int,
+    tokens: int, x: int, codes: int, scales: int, table: int, bias: int, y: int,
+) -> None: ...
+def quant_linear_backward(
+    dtype_code: int, device_index: int, stream: int, bits: int, out_features: int, in_features: int, group: int,
+    tokens: int, dy: int, codes: int, scales: int, table: int, dx: int,
+) -> None: ...
+def quant_search(
+    bits: int, rows: int, n: int, group: int, clip: float, per_row: bool, z_rows: int, lo: float, grid: int,
+    refine: int, w: int, z: int, out: int,
+) -> None: ...

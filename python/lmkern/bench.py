@@ -425,6 +425,109 @@ for _entry in _convert.bench_entries(BenchOp):
     register(_entry)
 
 
+# ---- power quantization (PowerQuant / NUPES) ------------------------------------------------------
+
+QUANT_A = 0.7  # the exponent of the timed cases (any a in (0, 1] costs the same)
+
+
+def quant_cases(device: str, quick: bool) -> list[Case]:
+    """The target weight [4096, 4096] float32 (4-bit, groups of 128); CPU only for now."""
+    if device != "cpu":
+        return []
+    return [((1024, 4096), F32)] if quick else [((4096, 4096), F32), ((1024, 4096), B16)]
+
+
+def _make_quant(shape, dtype, device, gen):
+    return {"x": _randn(shape, dtype, device, gen)}
+
+
+def ref_power_quantize(x: torch.Tensor, a: float, bits: int = 4, g: int = 128):
+    """(packed codes as float64, scales) of PAPERS.md §2 in float64: m = float32(max|x|) per group,
+    q = sign(x)·min(floor(qmax·(|x|/m)^a + 0.5), qmax), 4-bit codes packed two per byte, low first."""
+    rows, n = x.shape
+    qm = 2 ** (bits - 1) - 1
+    X = x.detach().to(F64).reshape(rows, n // g, g)
+    m = X.abs().amax(-1, keepdim=True).to(torch.float32).to(F64)
+    q = torch.sign(X) * torch.floor(qm * (X.abs() / m) ** a + 0.5).clamp(max=qm)
+    f = torch.remainder(q.reshape(rows, n), 2 ** bits)  # two's-complement field
+    return (f[:, 0::2] + 16 * f[:, 1::2]), m.reshape(rows, n // g)
+
+
+def torch_power_quantize(x: torch.Tensor, a: float, bits: int = 4, g: int = 128):
+    """The same formula as a user would write it in torch (abs, div, pow, round, clamp, nibble packing)."""
+    rows, n = x.shape
+    qm = 2 ** (bits - 1) - 1
+    X = x.float().reshape(rows, n // g, g)
+    m = X.abs().amax(-1, keepdim=True)
+    q = torch.sign(X) * torch.clamp(torch.round(qm * (X.abs() / m).pow(a)), max=qm)
+    q = q.to(torch.int8).reshape(rows, n)
+    codes = ((q[:, 0::2] & 0xF) | ((q[:, 1::2] & 0xF) << 4)).view(torch.uint8)
+    return codes, m.reshape(rows, n // g)
+
+
+def _lm_quantize(d):
+    q = lmkern.quant.power_quantize(d["x"], QUANT_A, 4, 128)
+    return q.codes, q.scales
+
+
+def _peer_quantize(d):
+    return torch_power_quantize(d["x"], QUANT_A)
+
+
+def _ref_quantize(d, rows):
+    return ref_power_quantize(_rows_of(d["x"], rows), QUANT_A)
+
+
+register(BenchOp("power_quantize", "4bit g128", "torch composite", _make_quant, _lm_quantize, _peer_quantize,
+                 _ref_quantize, quant_cases))
+
+
+def quant_linear_cases(device: str, quick: bool) -> list[Case]:
+    """GEMV (batch 1) and a small batch through a 4096 → 4096 4-bit g128 layer."""
+    if device != "cpu":
+        return []
+    return [((1, 4096), F32)] if quick else [((1, 4096), F32), ((1, 4096), B16), ((8, 4096), F32)]
+
+
+_QLINEAR: dict = {}
+
+
+def _quant_layer(n: int, device) -> tuple:
+    """(PowerQuantLinear, its dense float32 Ŵ) for an n → n layer, built once per process."""
+    key = (n, str(device))
+    if key not in _QLINEAR:
+        gen = torch.Generator(device=device).manual_seed(1)
+        lin = torch.nn.Linear(n, n, bias=False, device=device)
+        with torch.no_grad():
+            lin.weight.copy_(torch.randn((n, n), generator=gen, device=device) / math.sqrt(n))
+        mod = lmkern.nn.PowerQuantLinear.from_linear(lin, 4, 128, a=QUANT_A)
+        _QLINEAR[key] = (mod, mod.dequantized_weight())
+    return _QLINEAR[key]
+
+
+def _make_qlinear(shape, dtype, device, gen):
+    mod, w_hat = _quant_layer(shape[-1], device)
+    return {"x": _randn(shape, dtype, device, gen), "mod": mod, "w": w_hat.to(dtype)}
+
+
+def _lm_qlinear(d):
+    with torch.no_grad():
+        return (d["mod"](d["x"]),)
+
+
+def _peer_qlinear(d):
+    return (F.linear(d["x"], d["w"]),)
+
+
+def _ref_qlinear(d, rows):
+    w64 = d["mod"].dequantized_weight().to(F64)  # the codebook × scales, exactly as stored
+    return (_f64(_rows_of(d["x"], rows)) @ w64.T,)
+
+
+register(BenchOp("power_quant_linear", "4bit g128", "dense F.linear", _make_qlinear, _lm_qlinear, _peer_qlinear,
+                 _ref_qlinear, quant_linear_cases))
+
+
 # --------------------------------------------------------------------------------------------------
 # Running
 # --------------------------------------------------------------------------------------------------

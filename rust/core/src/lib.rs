@@ -6,6 +6,7 @@ pub(crate) mod cpu;
 pub mod error;
 pub mod norm;
 pub mod parallel;
+pub mod quant;
 pub mod tensor;
 
 #[cfg(feature = "cuda")]

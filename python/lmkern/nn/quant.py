@@ -1,0 +1,102 @@
+"""PowerQuantLinear: a linear layer over power-quantized frozen weights (PowerQuant / NUPES)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..ops import quant as _ops
+from ..quant import PowerQuantized, _exponents, power_quantize, search_exponent
+
+
+class PowerQuantLinear(nn.Module):
+    """``y = x @ Ŵᵀ + b`` with Ŵ the power-dequantized weight, computed without forming Ŵ: each
+    output row's 2^bits-entry table times its group scales meets x directly (a fused lookup-table
+    dequantize-matmul; AVX2 for 4 bits). The backward gives dx = dy @ Ŵ through the same tables;
+    the weight (codes, scales, exponents) and the bias are frozen buffers, so ``state_dict`` carries
+    them and a fresh module built with the same configuration loads it.
+
+    Buffers: ``codes`` uint8 [out, ceil(in·bits/8)], ``scales`` float32 [out, in/group_size],
+    ``exponent`` float32 [out], ``bias`` float32 [out] (when bias=True), and, not saved in the state
+    dict, ``codebook`` float32 [out, 2^bits], the rows' tables computed from ``exponent`` when the
+    module is built or loaded (call :meth:`refresh_codebook` after changing ``exponent`` in place);
+    layout as in
+    :mod:`lmkern.quant`. Activations: float32, bfloat16, float16 on CPU (float64 is accepted and
+    computed in float32); accumulation in float32; the output has the activations' dtype. CUDA: not
+    built yet (TypeError).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 4,
+                 group_size: int | None = 128, device=None):
+        super().__init__()
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.bits = _ops.check_bits(bits)
+        self.group_size = _ops.check_group(group_size, self.in_features)
+        nb = _ops.row_bytes(self.in_features, self.bits)
+        self.register_buffer("codes", torch.zeros((self.out_features, nb), dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.zeros((self.out_features, self.in_features // self.group_size),
+                                                   dtype=torch.float32, device=device))
+        self.register_buffer("exponent", torch.ones((self.out_features,), dtype=torch.float32, device=device))
+        self.register_buffer("codebook", torch.empty((self.out_features, 2 ** self.bits), dtype=torch.float32,
+                                                     device=device), persistent=False)
+        self.refresh_codebook()
+        self.register_load_state_dict_post_hook(lambda module, _keys: module.refresh_codebook())
+        if bias:
+            self.register_buffer("bias", torch.zeros((self.out_features,), dtype=torch.float32, device=device))
+        else:
+            self.bias = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int = 4, group_size: int | None = 128, a=None, *,
+                    x: torch.Tensor | None = None, clip: float = 1.0) -> "PowerQuantLinear":
+        """Quantize ``linear.weight`` per output row, groups of ``group_size`` inputs (None: whole rows).
+        ``a``: a float, or a tensor of one exponent per output row; None searches it per row
+        (:func:`lmkern.quant.search_exponent`, on the weight error, or on the output error over
+        calibration activations ``x`` when given)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear: expected a torch.nn.Linear; got {type(linear).__name__}")
+        w = linear.weight.detach()
+        gs = _ops.check_group(group_size, w.shape[1])
+        if a is None:
+            a = search_exponent(w, bits, gs, x=x, per_row=True, clip=clip)
+        mod = cls(w.shape[1], w.shape[0], bias=linear.bias is not None, bits=bits, group_size=gs, device=w.device)
+        q = power_quantize(w, a, bits, gs, clip)
+        mod.load_quantized(q)
+        if linear.bias is not None:
+            mod.bias.copy_(linear.bias.detach().to(torch.float32))
+        return mod
+
+    def load_quantized(self, q: PowerQuantized) -> None:
+        """Take the codes, scales and exponents of a quantized [out, in] weight."""
+        if tuple(q.shape) != (self.out_features, self.in_features) or q.bits != self.bits or q.group_size != self.group_size:
+            raise ValueError(
+                f"q: expected a [{self.out_features}, {self.in_features}] weight with bits={self.bits}, "
+                f"group_size={self.group_size}; got {list(q.shape)}, bits={q.bits}, group_size={q.group_size}"
+            )
+        self.codes.copy_(q.codes)
+        self.scales.copy_(q.scales)
+        self.exponent.copy_(_exponents(q.exponent, self.out_features, q.exponent))
+        self.refresh_codebook()
+
+    @torch.no_grad()
+    def refresh_codebook(self) -> None:
+        """Recompute ``codebook`` from ``exponent`` (done on construction, load_quantized and load_state_dict)."""
+        if self.exponent.is_meta:
+            return
+        self.codebook.copy_(torch.ops.lmkern.power_codebook(self.exponent, self.bits))
+
+    @property
+    def quantized(self) -> PowerQuantized:
+        return PowerQuantized(self.codes, self.scales, self.bits, self.group_size,
+                              torch.Size((self.out_features, self.in_features)), torch.float32, self.exponent)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The dense float32 Ŵ (for inspection; forward never forms it)."""
+        return self.quantized.dequantize()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.lmkern.power_quant_linear(x, self.codes, self.scales, self.codebook, self.bias,
+                                                   self.bits, self.group_size, self.in_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"bits={self.bits}, group_size={self.group_size}")

@@ -1,0 +1,376 @@
+"""Power-exponent quantization (PowerQuant, NUPES) as torch custom ops. The public API, and the
+packed layout these ops read and write, are in :mod:`lmkern.quant`.
+
+Ops (torch.ops.lmkern.*); x is [..., n] with rows = the product of its leading dims, a is float32 [rows]:
+  power_quantize(x, a, bits, group_size, clip) -> (codes uint8 [rows, ceil(n·bits/8)], scales f32 [rows, n/g])
+  power_dequantize(codes, scales, a, bits, group_size, n, dtype) -> x̂ [rows, n] of dtype
+  power_fake_quantize(x, a, bits, group_size, clip) -> (x̂ like x, scales)        differentiable in x and a
+  power_fake_quantize_backward(dy, x, scales, a, bits, group_size, a_grad) -> (dx like x, da f32 [rows] or [0])
+  power_codebook(a, bits) -> f32 [rows, 2^bits]: sign(q_f)·(|q_f|/qmax)^(1/a) for every field f
+  power_quant_linear(x, codes, scales, table, bias?, bits, group_size, in_features) -> x @ Ŵᵀ + bias   differentiable in x
+  power_quant_linear_backward(dy, codes, scales, table, bits, group_size, in_features) -> dy @ Ŵ
+(table: the weight rows' codebooks, from power_codebook.)
+  power_search_exponent(w, z?, bits, group_size, clip, per_row) -> f32 [rows] or [1]
+CPU only for now: CUDA tensors raise TypeError.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import _core
+from .._lib import DTYPE_CODES, LIB, check_cpu_or_cuda, check_floating, device_args, ptr
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+BITS = (2, 3, 4, 8)
+NO_CUDA = "CUDA kernels for power quantization are not built yet: use CPU tensors"
+
+# Exponent search (rust/core/src/quant/mod.rs SearchArgs): a coarse grid of SEARCH_GRID exponents
+# on [SEARCH_LO, 1], then SEARCH_REFINE points around each of the 4 best coarse local minima.
+SEARCH_LO = 0.05
+SEARCH_GRID = 1024
+SEARCH_REFINE = 16
+
+
+def check_cpu(name: str, t: torch.Tensor) -> None:
+    check_cpu_or_cuda(name, t)
+    if t.is_cuda:
+        raise TypeError(f"{name}: {NO_CUDA}; got a tensor on {t.device}")
+
+
+def check_bits(bits) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in BITS:
+        raise ValueError(f"bits: expected one of 2, 3, 4, 8; got {bits!r}")
+    return bits
+
+
+def check_group(group_size, n: int) -> int:
+    """group_size (None: one group per row) as an int dividing n."""
+    if group_size is None:
+        return max(n, 1)
+    if isinstance(group_size, bool) or not isinstance(group_size, int):
+        raise TypeError(f"group_size: expected an int or None; got {type(group_size).__name__}")
+    if group_size < 1 or (n % group_size) != 0:
+        raise ValueError(f"group_size: expected a positive divisor of the last dimension {n}; got {group_size}")
+    return group_size
+
+
+def row_bytes(n: int, bits: int) -> int:
+    return (n * bits + 7) // 8
+
+
+def _rows(x: torch.Tensor) -> tuple[int, int]:
+    n = x.shape[-1]
+    return math.prod(x.shape[:-1]), n
+
+
+def _check_x(name: str, x: torch.Tensor) -> None:
+    check_cpu(name, x)
+    check_floating(name, x, FLOAT_DTYPES)
+    if x.dim() == 0:
+        raise ValueError(f"{name}: expected a tensor with at least one dimension; got a scalar")
+
+
+def _check_a(a: torch.Tensor, rows: int, ref: torch.Tensor) -> None:
+    if a.dtype != torch.float32 or a.dim() != 1 or a.shape[0] != rows:
+        raise ValueError(f"a: expected float32 of shape ({rows},) (one exponent per row); got {a.dtype} of shape {tuple(a.shape)}")
+    if a.device != ref.device:
+        raise ValueError(f"a: expected a tensor on {ref.device}; got {a.device}")
+
+
+def _check_packed(codes, scales, a, bits, group_size, rows, n) -> None:
+    for name, t in (("codes", codes), ("scales", scales), ("a", a)):
+        check_cpu(name, t)
+    nb, ng = row_bytes(n, bits), (n // group_size if group_size else 0)
+    if codes.dtype != torch.uint8 or tuple(codes.shape) != (rows, nb):
+        raise ValueError(f"codes: expected uint8 of shape ({rows}, {nb}); got {codes.dtype} of shape {tuple(codes.shape)}")
+    if scales.dtype != torch.float32 or tuple(scales.shape) != (rows, ng):
+        raise ValueError(f"scales: expected float32 of shape ({rows}, {ng}); got {scales.dtype} of shape {tuple(scales.shape)}")
+    _check_a(a, rows, codes)
+
+
+# ------------------------------------------------------------------------------------------------
+# quantize / dequantize
+# ------------------------------------------------------------------------------------------------
+
+LIB.define("power_quantize(Tensor x, Tensor a, int bits, int group_size, float clip) -> (Tensor, Tensor)")
+LIB.define("power_dequantize(Tensor codes, Tensor scales, Tensor a, int bits, int group_size, int n, ScalarType dtype) -> Tensor")
+LIB.define("power_fake_quantize(Tensor x, Tensor a, int bits, int group_size, float clip) -> (Tensor, Tensor)")
+LIB.define(
+    "power_fake_quantize_backward(Tensor dy, Tensor x, Tensor scales, Tensor a, int bits, int group_size, bool a_grad)"
+    " -> (Tensor, Tensor)"
+)
+LIB.define("power_codebook(Tensor a, int bits) -> Tensor")
+LIB.define(
+    "power_quant_linear(Tensor x, Tensor codes, Tensor scales, Tensor table, Tensor? bias, int bits, int group_size,"
+    " int in_features) -> Tensor"
+)
+LIB.define(
+    "power_quant_linear_backward(Tensor dy, Tensor codes, Tensor scales, Tensor table, int bits, int group_size,"
+    " int in_features) -> Tensor"
+)
+LIB.define("power_search_exponent(Tensor w, Tensor? z, int bits, int group_size, float clip, bool per_row) -> Tensor")
+
+
+def _check_quantize(x, a, bits, group_size):
+    _check_x("x", x)
+    check_bits(bits)
+    rows, n = _rows(x)
+    check_group(group_size, n)
+    _check_a(a, rows, x)
+    return rows, n
+
+
+def _quantize(x, a, bits, group_size, clip):
+    rows, n = _check_quantize(x, a, bits, group_size)
+    x, a = x.contiguous(), a.contiguous()
+    codes = torch.empty((rows, row_bytes(n, bits)), dtype=torch.uint8, device=x.device)
+    scales = torch.empty((rows, n // group_size), dtype=torch.float32, device=x.device)
+    dev, stream = device_args(x)
+    _core.quant_quantize(DTYPE_CODES[x.dtype], dev, stream, bits, rows, n, group_size, clip,
+                         ptr(x), ptr(a), ptr(codes), ptr(scales))
+    return codes, scales
+
+
+def _quantize_fake(x, a, bits, group_size, clip):
+    rows, n = _check_quantize(x, a, bits, group_size)
+    return (x.new_empty((rows, row_bytes(n, bits)), dtype=torch.uint8),
+            x.new_empty((rows, n // group_size), dtype=torch.float32))
+
+
+def _dequantize(codes, scales, a, bits, group_size, n, dtype):
+    check_bits(bits)
+    check_group(group_size, n)
+    rows = codes.shape[0]
+    _check_packed(codes, scales, a, bits, group_size, rows, n)
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype: expected float32, float64, bfloat16 or float16; got {dtype}")
+    codes, scales, a = codes.contiguous(), scales.contiguous(), a.contiguous()
+    out = torch.empty((rows, n), dtype=dtype, device=codes.device)
+    dev, stream = device_args(codes)
+    _core.quant_dequantize(DTYPE_CODES[dtype], dev, stream, bits, rows, n, group_size,
+                           ptr(codes), ptr(scales), ptr(a), ptr(out))
+    return out
+
+
+def _dequantize_fake(codes, scales, a, bits, group_size, n, dtype):
+    check_bits(bits)
+    check_group(group_size, n)
+    return codes.new_empty((codes.shape[0], n), dtype=dtype)
+
+
+def _fake(x, a, bits, group_size, clip):
+    rows, n = _check_quantize(x, a, bits, group_size)
+    x, a = x.contiguous(), a.contiguous()
+    y = torch.empty_like(x)
+    scales = torch.empty((rows, n // group_size), dtype=torch.float32, device=x.device)
+    dev, stream = device_args(x)
+    _core.quant_fake(DTYPE_CODES[x.dtype], dev, stream, bits, rows, n, group_size, clip,
+                     ptr(x), ptr(a), ptr(y), ptr(scales))
+    return y, scales
+
+
+def _fake_fake(x, a, bits, group_size, clip):
+    rows, n = _check_quantize(x, a, bits, group_size)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty((rows, n // group_size), dtype=torch.float32)
+
+
+def _fake_bwd(dy, x, scales, a, bits, group_size, a_grad):
+    rows, n = _check_quantize(x, a, bits, group_size)
+    if dy.shape != x.shape or dy.dtype != x.dtype or dy.device != x.device:
+        raise ValueError(f"dy: expected {x.dtype} of shape {tuple(x.shape)} on {x.device}; got {dy.dtype} {tuple(dy.shape)} on {dy.device}")
+    if scales.dtype != torch.float32 or tuple(scales.shape) != (rows, n // group_size):
+        raise ValueError(f"scales: expected float32 of shape ({rows}, {n // group_size}); got {scales.dtype} {tuple(scales.shape)}")
+    dy, x, scales, a = dy.contiguous(), x.contiguous(), scales.contiguous(), a.contiguous()
+    dx = torch.empty_like(x)
+    da = torch.empty((rows if a_grad else 0,), dtype=torch.float32, device=x.device)
+    dev, stream = device_args(x)
+    _core.quant_fake_backward(DTYPE_CODES[x.dtype], dev, stream, bits, rows, n, group_size,
+                              ptr(dy), ptr(x), ptr(scales), ptr(a), ptr(dx), ptr(da) if a_grad else 0)
+    return dx, da
+
+
+def _fake_bwd_fake(dy, x, scales, a, bits, group_size, a_grad):
+    rows, _ = _check_quantize(x, a, bits, group_size)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty((rows if a_grad else 0,), dtype=torch.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# linear
+# ------------------------------------------------------------------------------------------------
+
+
+def _check_weight(codes, scales, table, bits, group_size, in_features):
+    check_bits(bits)
+    check_group(group_size, in_features)
+    out_features = codes.shape[0] if codes.dim() == 2 else -1
+    for name, t in (("codes", codes), ("scales", scales), ("table", table)):
+        check_cpu(name, t)
+    nb, ng = row_bytes(in_features, bits), in_features // group_size
+    if codes.dtype != torch.uint8 or tuple(codes.shape) != (out_features, nb):
+        raise ValueError(f"codes: expected uint8 of shape (out_features, {nb}); got {codes.dtype} of shape {tuple(codes.shape)}")
+    if scales.dtype != torch.float32 or tuple(scales.shape) != (out_features, ng):
+        raise ValueError(f"scales: expected float32 of shape ({out_features}, {ng}); got {scales.dtype} of shape {tuple(scales.shape)}")
+    if table.dtype != torch.float32 or tuple(table.shape) != (out_features, 2 ** bits):
+        raise ValueError(f"table: expected float32 of shape ({out_features}, {2 ** bits}); got {table.dtype} of shape {tuple(table.shape)}")
+    return out_features
+
+
+def _codebook(a, bits):
+    check_bits(bits)
+    check_cpu("a", a)
+    if a.dtype != torch.float32 or a.dim() != 1:
+        raise ValueError(f"a: expected float32 of shape (rows,); got {a.dtype} of shape {tuple(a.shape)}")
+    a = a.contiguous()
+    out = torch.empty((a.shape[0], 2 ** bits), dtype=torch.float32, device=a.device)
+    _core.quant_codebook(bits, a.shape[0], ptr(a), ptr(out))
+    return out
+
+
+def _codebook_fake(a, bits):
+    check_bits(bits)
+    return a.new_empty((a.shape[0], 2 ** bits), dtype=torch.float32)
+
+
+def _check_linear(x, codes, scales, table, bias, bits, group_size, in_features, x_name="x"):
+    _check_x(x_name, x)
+    if x.shape[-1] != in_features:
+        raise ValueError(f"{x_name}: expected last dimension {in_features} (in_features); got {tuple(x.shape)}")
+    out_features = _check_weight(codes, scales, table, bits, group_size, in_features)
+    if bias is not None:
+        check_cpu("bias", bias)
+        if bias.dtype != torch.float32 or tuple(bias.shape) != (out_features,):
+            raise ValueError(f"bias: expected float32 of shape ({out_features},); got {bias.dtype} {tuple(bias.shape)}")
+    return out_features
+
+
+def _linear(x, codes, scales, table, bias, bits, group_size, in_features):
+    out_features = _check_linear(x, codes, scales, table, bias, bits, group_size, in_features)
+    x2 = x.reshape(-1, in_features).contiguous()
+    tokens = x2.shape[0]
+    y = torch.empty((tokens, out_features), dtype=x.dtype, device=x.device)
+    codes, scales, table = codes.contiguous(), scales.contiguous(), table.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    dev, stream = device_args(x)
+    _core.quant_linear(DTYPE_CODES[x.dtype], dev, stream, bits, out_features, in_features, group_size, tokens,
+                       ptr(x2), ptr(codes), ptr(scales), ptr(table), ptr(bias), ptr(y))
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+def _linear_fake(x, codes, scales, table, bias, bits, group_size, in_features):
+    out_features = _check_linear(x, codes, scales, table, bias, bits, group_size, in_features)
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+def _linear_bwd(dy, codes, scales, table, bits, group_size, in_features):
+    out_features = codes.shape[0]
+    _check_x("dy", dy)
+    if dy.shape[-1] != out_features:
+        raise ValueError(f"dy: expected last dimension {out_features} (out_features); got {tuple(dy.shape)}")
+    _check_weight(codes, scales, table, bits, group_size, in_features)
+    dy2 = dy.reshape(-1, out_features).contiguous()
+    tokens = dy2.shape[0]
+    dx = torch.empty((tokens, in_features), dtype=dy.dtype, device=dy.device)
+    codes, scales, table = codes.contiguous(), scales.contiguous(), table.contiguous()
+    dev, stream = device_args(dy)
+    _core.quant_linear_backward(DTYPE_CODES[dy.dtype], dev, stream, bits, out_features, in_features, group_size,
+                                tokens, ptr(dy2), ptr(codes), ptr(scales), ptr(table), ptr(dx))
+    return dx.reshape(*dy.shape[:-1], in_features)
+
+
+def _linear_bwd_fake(dy, codes, scales, table, bits, group_size, in_features):
+    return dy.new_empty((*dy.shape[:-1], in_features))
+
+
+# ------------------------------------------------------------------------------------------------
+# exponent search
+# ------------------------------------------------------------------------------------------------
+
+
+def _search(w, z, bits, group_size, clip, per_row):
+    check_cpu("w", w)
+    check_bits(bits)
+    if w.dtype != torch.float32 or w.dim() < 1:
+        raise ValueError(f"w: expected float32 with at least one dimension; got {w.dtype} {tuple(w.shape)}")
+    rows, n = _rows(w)
+    check_group(group_size, n)
+    if z is not None:
+        check_cpu("x", z)
+        if z.dtype != torch.float32 or z.dim() != 2 or z.shape[1] != n:
+            raise ValueError(f"x: expected float32 of shape (T, {n}); got {z.dtype} {tuple(z.shape)}")
+        z = z.contiguous()
+    w = w.contiguous()
+    out = torch.empty((rows if per_row else 1,), dtype=torch.float32, device=w.device)
+    _core.quant_search(bits, rows, n, group_size, clip, per_row, 0 if z is None else z.shape[0],
+                       SEARCH_LO, SEARCH_GRID, SEARCH_REFINE, ptr(w), ptr(z), ptr(out))
+    return out
+
+
+def _search_fake(w, z, bits, group_size, clip, per_row):
+    rows, _ = _rows(w)
+    return w.new_empty((rows if per_row else 1,), dtype=torch.float32)
+
+
+for _name, _impl, _fake_impl in (
+    ("power_quantize", _quantize, _quantize_fake),
+    ("power_dequantize", _dequantize, _dequantize_fake),
+    ("power_fake_quantize", _fake, _fake_fake),
+    ("power_fake_quantize_backward", _fake_bwd, _fake_bwd_fake),
+    ("power_codebook", _codebook, _codebook_fake),
+    ("power_quant_linear", _linear, _linear_fake),
+    ("power_quant_linear_backward", _linear_bwd, _linear_bwd_fake),
+    ("power_search_exponent", _search, _search_fake),
+):
+    for _key in ("CPU", "CUDA"):  # CUDA: the same checks raise the "not built yet" TypeError
+        LIB.impl(_name, _impl, _key)
+    torch.library.register_fake(f"lmkern::{_name}", _fake_impl, lib=LIB)
+
+
+# ------------------------------------------------------------------------------------------------
+# autograd
+# ------------------------------------------------------------------------------------------------
+
+
+def _fake_setup(ctx, inputs, output):
+    x, a, bits, group_size, _clip = inputs
+    ctx.save_for_backward(x, a, output[1])
+    ctx.bits, ctx.group_size = bits, group_size
+
+
+def _fake_grad(ctx, dy, _dscales):
+    x, a, scales = ctx.saved_tensors
+    a_grad = ctx.needs_input_grad[1]
+    dx, da = torch.ops.lmkern.power_fake_quantize_backward(dy.contiguous(), x, scales, a, ctx.bits, ctx.group_size, a_grad)
+    return (dx if ctx.needs_input_grad[0] else None), (da if a_grad else None), None, None, None
+
+
+def _linear_setup(ctx, inputs, output):
+    _x, codes, scales, table, _bias, bits, group_size, in_features = inputs
+    ctx.save_for_backward(codes, scales, table)
+    ctx.bits, ctx.group_size, ctx.in_features = bits, group_size, in_features
+
+
+def _linear_grad(ctx, dy):
+    codes, scales, table = ctx.saved_tensors
+    dx = None
+    if ctx.needs_input_grad[0]:
+        dx = torch.ops.lmkern.power_quant_linear_backward(dy, codes, scales, table, ctx.bits, ctx.group_size, ctx.in_features)
+    if any(ctx.needs_input_grad[1:5]):
+        raise NotImplementedError("power_quant_linear: the quantized weight, its scales, exponents and bias are frozen (no gradient)")
+    return dx, None, None, None, None, None, None, None
+
+
+def _no_double_backward(name):
+    def grad(ctx, *grads):
+        raise NotImplementedError(f"lmkern.{name}: second derivatives are not implemented")
+
+    return grad
+
+
+torch.library.register_autograd("lmkern::power_fake_quantize", _fake_grad, setup_context=_fake_setup, lib=LIB)
+torch.library.register_autograd("lmkern::power_quant_linear", _linear_grad, setup_context=_linear_setup, lib=LIB)
+for _name in ("power_fake_quantize_backward", "power_quant_linear_backward"):
+    torch.library.register_autograd(
+        f"lmkern::{_name}", _no_double_backward(_name), setup_context=lambda ctx, inputs, output: None, lib=LIB
+    )

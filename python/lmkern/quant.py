@@ -1,0 +1,231 @@
+"""Power-exponent quantization: PowerQuant (ICLR 2023) and NUPES (Yvinec et al.), PAPERS.md §2.
+
+The operator, for b bits (b ∈ {2, 3, 4, 8}), ``qmax = 2^(b−1) − 1`` and an exponent ``0 < a ≤ 1``::
+
+    m = clip · max|x|                    per group of g contiguous elements of the last dimension
+    q = clamp(round(qmax · sign(x) · (|x|/m)^a), −qmax, qmax)        round half away from zero
+    x̂ = m · sign(q) · (|q|/qmax)^(1/a)                               (m = 0 gives x̂ = 0)
+
+a = 1 is plain symmetric absmax integer quantization. The kernels never exponentiate per element:
+the boundary between codes k and k+1 is the fixed threshold ``t_k = ((k + 0.5)/qmax)^(1/a)`` of
+|x|/m, so the quantizer compares |x| with ``t_k·m`` (computed in float64, rounded up to float32 —
+float64 for float64 input — which makes the comparison exact up to that float64 product), and the
+dequantizer is a table of 2^b values per row.
+
+Packed layout (shared with the rotation quantizer to come; also documented in rust/core/src/quant/mod.rs)
+---------------------------------------------------------------------------------------------------
+For x of shape [..., n], ``rows`` = product of the leading dims (a weight [out, in] has one row per
+output channel), groups are ``g`` contiguous elements of a row (g divides n; ``group_size=None``
+means g = n):
+
+* ``codes``: torch.uint8 ``[rows, ceil(n·b/8)]``. Element j of a row is stored as the b-bit
+  two's-complement field of its q (``q & (2^b − 1)``). A row's fields form a little-endian bit
+  stream, LSB first: field j occupies stream bits ``[j·b, (j+1)·b)``, stream bit i being bit
+  ``i % 8`` of byte ``i // 8`` of the row. Hence 8-bit codes are plain int8 (``codes.view(torch.int8)``);
+  4-bit codes are two per byte, element 2i in the low nibble of byte i and 2i+1 in the high nibble;
+  2-bit codes four per byte, element 4i+s in bits 2s..2s+1 of byte i; 3-bit codes eight per three
+  bytes, forming a 24-bit little-endian word with element 8i+s in bits 3s..3s+2 (a field may straddle
+  two bytes). Every row starts on a byte boundary; unused high bits of a row's last byte are 0.
+* A field f (0..2^b−1) stands for ``q = f − 2^b if f ≥ 2^(b−1) else f``. The most negative field
+  (−2^(b−1)) never occurs in codes made here (|q| ≤ qmax); if present it dequantizes by the same
+  formula with |q| = 2^(b−1).
+* ``scales``: torch.float32 ``[rows, n/g]``, m of each group (group i covers elements
+  ``[i·g, (i+1)·g)``), rounded to float32 from ``clip·max|x|``; codes are made against this stored
+  value. ``exponent``: torch.float32 ``[rows]``, one a per row (a scalar a is stored expanded).
+* Dequantize element j of row r: ``x̂ = scales[r, j // g] · lut_r[field(r, j)]`` with the table
+  ``lut_r[f] = sign(q_f)·(|q_f|/qmax)^(1/a_r)`` (computed in float64, applied in float32; in
+  float64 for float64 output).
+
+Gradients of :func:`power_fake_quantize` (NUPES; straight-through round, m held constant, no
+gradient through the absmax): with ``u = |x|/m``, ``r = |q|/qmax``, ``lu = ln(u + 1e-12)``:
+``∂x̂/∂x = r^(1/a−1)·exp((a−1)·lu)`` and
+``∂x̂/∂a = −(m/a²)·sign(x)·r^(1/a)·ln r + (m/a)·sign(x)·r^(1/a−1)·exp(a·lu)·lu``, with
+``r^(1/a−1)`` taken as 1 for q = 0 when a = 1 (0 when a < 1) and the first term 0 for q = 0; both are
+0 where x = 0, m = 0 or |x| > m (clamped). They are finite for every x and every a in (0, 1].
+
+CPU kernels only for now (float32, float64, bfloat16, float16); CUDA tensors raise TypeError.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .ops import quant as _ops
+
+__all__ = [
+    "QuantizedTensor", "PowerQuantized", "power_quantize", "power_dequantize", "power_fake_quantize",
+    "search_exponent", "SEARCH_LO",
+]
+
+#: Exponents are searched in [SEARCH_LO, 1].
+SEARCH_LO = _ops.SEARCH_LO
+
+
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """Packed symmetric codes of a tensor, in the layout of this module's docstring.
+
+    codes: uint8 [rows, ceil(n·bits/8)]; scales: float32 [rows, n/group_size]; shape/dtype: those of
+    the original tensor (rows = product of shape[:-1], n = shape[-1]). Subclasses say how a code and
+    a scale become a value (:class:`PowerQuantized`: the power table; a = 1 is plain integer codes).
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    bits: int
+    group_size: int
+    shape: torch.Size
+    dtype: torch.dtype
+
+    @property
+    def rows(self) -> int:
+        return math.prod(self.shape[:-1])
+
+    @property
+    def n(self) -> int:
+        return self.shape[-1]
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1
+
+    def int_codes(self) -> torch.Tensor:
+        """The signed codes q as int8 [rows, n] (unpacked with torch ops; for inspection and tests)."""
+        return unpack_codes(self.codes, self.bits, self.n)
+
+
+@dataclass(frozen=True)
+class PowerQuantized(QuantizedTensor):
+    """A power-quantized tensor: :class:`QuantizedTensor` plus the float32 exponents [rows]."""
+
+    exponent: torch.Tensor
+
+    def dequantize(self) -> torch.Tensor:
+        return power_dequantize(self)
+
+
+def unpack_codes(codes: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Signed int8 codes [rows, n] from packed ``codes`` (the documented bit stream), in torch ops."""
+    rows = codes.shape[0]
+    if bits == 8:
+        return codes.view(torch.int8)[:, :n].clone()
+    bitpos = torch.arange(n, device=codes.device) * bits
+    byte, shift = bitpos // 8, bitpos % 8
+    c = codes.to(torch.int32)
+    lo = c[:, byte]
+    nxt = torch.clamp(byte + 1, max=max(codes.shape[1] - 1, 0))
+    hi = torch.where((shift + bits > 8), c[:, nxt], torch.zeros_like(lo)) if codes.shape[1] else lo
+    f = ((lo | (hi << 8)) >> shift) & ((1 << bits) - 1)
+    q = torch.where(f >= 2 ** (bits - 1), f - 2 ** bits, f)
+    return q.to(torch.int8).reshape(rows, n)
+
+
+def _as_tensor(name: str, x) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor; got {type(x).__name__}")
+    return x
+
+
+def _exponents(a, rows: int, x: torch.Tensor) -> torch.Tensor:
+    """a (a float, a 0-d tensor or a 1-D tensor of `rows` exponents) as float32 [rows] on x's device;
+    differentiable (a scalar tensor is expanded, so its gradient is the sum over rows)."""
+    if isinstance(a, torch.Tensor):
+        if not a.is_floating_point():
+            raise TypeError(f"a: expected a floating tensor or a float; got dtype {a.dtype}")
+        if a.dim() == 0:
+            a = a.reshape(1).expand(rows)
+        elif a.dim() != 1 or a.shape[0] != rows:
+            raise ValueError(f"a: expected a float, a 0-d tensor or a 1-D tensor of {rows} exponents (one per row); got shape {tuple(a.shape)}")
+        if a.device != x.device:
+            raise ValueError(f"a: expected a tensor on {x.device} (the device of x); got {a.device}")
+        return a.to(torch.float32)
+    if isinstance(a, bool) or not isinstance(a, (int, float)):
+        raise TypeError(f"a: expected a float or a tensor; got {type(a).__name__}")
+    a = float(a)
+    if not (0.0 < a <= 1.0):
+        raise ValueError(f"a: expected an exponent in (0, 1]; got {a}")
+    return torch.full((rows,), a, dtype=torch.float32, device=x.device)
+
+
+def _clip(clip) -> float:
+    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not (0.0 < float(clip) < math.inf):
+        raise ValueError(f"clip: expected a finite number > 0; got {clip!r}")
+    return float(clip)
+
+
+def _prepare(x, a, bits, group_size, clip):
+    x = _as_tensor("x", x)
+    _ops._check_x("x", x)
+    bits = _ops.check_bits(bits)
+    rows, n = math.prod(x.shape[:-1]), x.shape[-1]
+    g = _ops.check_group(group_size, n)
+    return x, _exponents(a, rows, x), bits, g, _clip(clip)
+
+
+def power_quantize(x, a, bits: int = 4, group_size: int | None = None, clip: float = 1.0) -> PowerQuantized:
+    """Quantize x ([..., n]; float32, float64, bfloat16 or float16; CPU) with exponent(s) a.
+
+    ``a``: a float, a 0-d tensor, or a 1-D tensor with one exponent per row (rows = product of the
+    leading dims), each in (0, 1]. ``group_size``: contiguous elements per scale along the last dim
+    (None: one group per row). ``m = clip·max|x|`` per group. Returns a :class:`PowerQuantized`
+    (layout in this module's docstring). Raises ValueError on NaN/inf in x.
+    """
+    x, a32, bits, g, clip = _prepare(x, a, bits, group_size, clip)
+    a32 = a32.detach()
+    codes, scales = torch.ops.lmkern.power_quantize(x.detach(), a32, bits, g, clip)
+    return PowerQuantized(codes, scales, bits, g, x.shape, x.dtype, a32.contiguous())
+
+
+def power_dequantize(q: PowerQuantized) -> torch.Tensor:
+    """``x̂ = m·sign(q)·(|q|/qmax)^(1/a)`` with the original shape and dtype of the quantized tensor."""
+    if not isinstance(q, PowerQuantized):
+        raise TypeError(f"q: expected a PowerQuantized; got {type(q).__name__}")
+    out = torch.ops.lmkern.power_dequantize(q.codes, q.scales, q.exponent, q.bits, q.group_size, q.n, q.dtype)
+    return out.reshape(q.shape)
+
+
+def power_fake_quantize(x, a, bits: int = 4, group_size: int | None = None, clip: float = 1.0) -> torch.Tensor:
+    """``power_dequantize(power_quantize(x, a, ...))`` in one pass, differentiable in x and in a
+    (when a is a tensor that requires grad): straight-through round, m held constant; the gradient
+    formulas are in this module's docstring. Same dtypes and arguments as :func:`power_quantize`."""
+    x, a32, bits, g, clip = _prepare(x, a, bits, group_size, clip)
+    y, _scales = torch.ops.lmkern.power_fake_quantize(x, a32, bits, g, clip)
+    return y
+
+
+def search_exponent(w, bits: int = 4, group_size: int | None = None, x=None, per_row: bool = True,
+                    clip: float = 1.0) -> torch.Tensor:
+    """The exponent(s) a in [SEARCH_LO, 1] minimizing the quantization error of the weight w
+    ([..., n], one row per output channel): ``‖w − ŵ_a‖²`` per row, or with calibration activations
+    ``x`` ([..., n]) the layer-output error ``‖x·(w − ŵ_a)ᵀ‖²``. A coarse grid of 1024 exponents,
+    then 16 finer points around each of the 4 best coarse local minima, for every row
+    at once, in Rust. Without x each evaluation is qmax binary searches in the row's sorted |w|/m
+    (the error is piecewise smooth in a, with narrow dips: hence the fine grid); with x it costs
+    min(T, n)·n per row and exponent (~1100 exponents), so keep the calibration set small (a few
+    dozen tokens) for large layers.
+
+    Returns float32 [rows] (``per_row``) or a 0-d float32 tensor (one exponent for the whole tensor,
+    minimizing the summed error). With x of T > n tokens, x is first reduced to the n×n factor R of
+    its QR decomposition (``‖x e‖ = ‖R e‖``), so each evaluation costs min(T, n)·n per row.
+    """
+    w = _as_tensor("w", w)
+    _ops._check_x("w", w)
+    bits = _ops.check_bits(bits)
+    n = w.shape[-1]
+    g = _ops.check_group(group_size, n)
+    clip = _clip(clip)
+    w32 = w.detach().reshape(-1, n).to(torch.float32)
+    z = None
+    if x is not None:
+        x = _as_tensor("x", x)
+        _ops._check_x("x", x)
+        if x.shape[-1] != n:
+            raise ValueError(f"x: expected calibration activations with last dimension {n}; got shape {tuple(x.shape)}")
+        z = x.detach().reshape(-1, n)
+        if z.shape[0] > n:
+            z = torch.linalg.qr(z.to(torch.float64), mode="r")[1]
+        z = z.to(torch.float32)
+    out = torch.ops.lmkern.power_search_exponent(w32, z, bits, g, clip, bool(per_row))
+    return out if per_row else out.reshape(())

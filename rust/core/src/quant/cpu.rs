@@ -1,0 +1,1207 @@
+//! CPU power-quantization kernels: rows split across lmkern's pool, every row computed in a fixed
+//! order (results do not depend on the thread count). See the module docs of [`super`] for the
+//! operator and the packed layout.
+use super::{boundaries, pack_row, qmax, row_lut, unpack_fields, LinearArgs, QuantArgs, SearchArgs, FAKE_GRAD_EPS};
+use crate::cpu::{multiversion, rows_of, rows_of_mut, slice, Acc, Elem};
+use crate::error::{Error, Result};
+use crate::parallel;
+use crate::tensor::DType;
+use half::{bf16, f16};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// The comparison/accumulation type of an element type (f32, or f64 for f64 input).
+pub trait Real: Acc {
+    /// `t` (> 0) rounded up to this type: `v >= Self::thr_up(t)` ⟺ `v >= t` for every v of this type.
+    fn thr_up(t: f64) -> Self;
+    fn to_f64(self) -> f64;
+    fn abs(self) -> Self;
+    fn is_neg(self) -> bool;
+}
+
+impl Real for f32 {
+    #[inline(always)]
+    fn thr_up(t: f64) -> f32 {
+        let f = t as f32; // round to nearest
+        if (f as f64) < t {
+            f.next_up()
+        } else {
+            f
+        }
+    }
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+    #[inline(always)]
+    fn abs(self) -> f32 {
+        f32::abs(self)
+    }
+    #[inline(always)]
+    fn is_neg(self) -> bool {
+        self < 0.0
+    }
+}
+
+impl Real for f64 {
+    #[inline(always)]
+    fn thr_up(t: f64) -> f64 {
+        t
+    }
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        self
+    }
+    #[inline(always)]
+    fn abs(self) -> f64 {
+        f64::abs(self)
+    }
+    #[inline(always)]
+    fn is_neg(self) -> bool {
+        self < 0.0
+    }
+}
+
+/// An element type whose accumulation type is [`Real`] (every lmkern dtype).
+pub trait QElem: Elem<Acc: Real> {}
+impl QElem for f32 {}
+impl QElem for f64 {}
+impl QElem for f16 {}
+impl QElem for bf16 {}
+
+/// Rows handed to one task: about 16K elements of work, independent of the thread count.
+fn rows_per_task(n: usize) -> usize {
+    (16384 / n.max(1)).clamp(1, 256)
+}
+
+/// A raw address that tasks may share; each task touches only its own disjoint part (see uses).
+#[derive(Clone, Copy)]
+struct Shared(usize);
+
+/// max|x| of a group, and whether every element is finite.
+#[inline(always)]
+fn absmax<A: Real>(xs: &[A]) -> (A, bool) {
+    const L: usize = 8;
+    let mut m = [A::ZERO; L];
+    let mut z = [A::ZERO; L]; // Σ x·0: 0 unless some x is NaN or ±inf
+    let chunks = xs.chunks_exact(L);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for i in 0..L {
+            let v = c[i].abs();
+            m[i] = if v > m[i] { v } else { m[i] };
+            z[i] += c[i] * A::ZERO;
+        }
+    }
+    for (i, v) in tail.iter().enumerate() {
+        let a = v.abs();
+        m[i] = if a > m[i] { a } else { m[i] };
+        z[i] += *v * A::ZERO;
+    }
+    let mut mm = m[0];
+    let mut zz = A::ZERO;
+    for i in 0..L {
+        mm = if m[i] > mm { m[i] } else { mm };
+        zz += z[i];
+    }
+    (mm, zz == A::ZERO)
+}
+
+/// |q| of every element of a group: the number of scaled boundaries `T_k = t_k·m` at or below |x|.
+#[inline(always)]
+fn count_codes<A: Real>(xs: &[A], t: &[f64], m: f32, cnt: &mut [u32]) {
+    let cnt = &mut cnt[..xs.len()];
+    cnt.fill(0);
+    if m == 0.0 {
+        return; // an all-zero group: every code 0
+    }
+    let m = m as f64;
+    // Never 0, so x = 0 stays code 0 even when t_k·m underflows.
+    let thr = |k: usize| A::thr_up((t[k] * m).max(f64::from_bits(1)));
+    if t.len() <= 7 {
+        for k in 0..t.len() {
+            let tk = thr(k);
+            for (c, x) in cnt.iter_mut().zip(xs) {
+                *c += (x.abs() >= tk) as u32;
+            }
+        }
+    } else {
+        // 8 bits: branchless binary search over the 127 boundaries (padded with +inf to 128).
+        let mut tab = [A::from_f64(f64::INFINITY); 128];
+        for (k, v) in tab.iter_mut().enumerate().take(t.len()) {
+            *v = thr(k);
+        }
+        for (c, x) in cnt.iter_mut().zip(xs) {
+            let v = x.abs();
+            let mut pos = 0usize;
+            let mut step = 64;
+            while step > 0 {
+                pos += if tab[pos + step - 1] <= v { step } else { 0 };
+                step /= 2;
+            }
+            *c = pos as u32;
+        }
+    }
+}
+
+/// Signed codes of a group from its counts.
+#[inline(always)]
+fn signed<A: Real>(xs: &[A], cnt: &[u32], codes: &mut [i8]) {
+    for ((q, c), x) in codes.iter_mut().zip(cnt).zip(xs) {
+        *q = if x.is_neg() { -(*c as i8) } else { *c as i8 };
+    }
+}
+
+/// Per-task scratch of one row.
+struct RowScratch<A> {
+    xv: Vec<A>,
+    cnt: Vec<u32>,
+    codes: Vec<i8>,
+}
+
+impl<A: Real> RowScratch<A> {
+    fn new(n: usize, g: usize) -> Self {
+        RowScratch { xv: vec![A::ZERO; n], cnt: vec![0; g], codes: vec![0; n] }
+    }
+}
+
+/// Codes of one row (into `s.codes`) and its group scales; false when x holds NaN/inf or a scale
+/// overflows float32.
+#[inline(always)]
+fn quant_row<T: QElem>(xr: &[T], t: &[f64], q: &QuantArgs, scales: &mut [f32], s: &mut RowScratch<T::Acc>) -> bool
+{
+    let g = q.group;
+    for (v, x) in s.xv.iter_mut().zip(xr) {
+        *v = x.load();
+    }
+    let mut ok = true;
+    for (gi, sc) in scales.iter_mut().enumerate() {
+        let xs = &s.xv[gi * g..(gi + 1) * g];
+        let (amax, finite) = absmax(xs);
+        let m = (q.clip * amax.to_f64()) as f32;
+        ok &= finite && m.is_finite();
+        *sc = m;
+        count_codes(xs, t, m, &mut s.cnt);
+        signed(xs, &s.cnt, &mut s.codes[gi * g..(gi + 1) * g]);
+    }
+    ok
+}
+
+fn lut_of<A: Real>(bits: u32, a: f32) -> Vec<A> {
+    row_lut(bits, a).into_iter().map(A::from_f64).collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// quantize / dequantize / fake quantize
+// ---------------------------------------------------------------------------------------------
+
+/// # Safety
+/// See [`super::quantize`].
+pub unsafe fn quantize(dtype: DType, q: &QuantArgs, x: u64, a: u64, codes: u64, scales: u64) -> Result<()> {
+    let ok = match dtype {
+        DType::F32 => quantize_t::<f32>(q, x, a, codes, scales),
+        DType::F64 => quantize_t::<f64>(q, x, a, codes, scales),
+        DType::F16 => quantize_t::<f16>(q, x, a, codes, scales),
+        DType::BF16 => quantize_t::<bf16>(q, x, a, codes, scales),
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::value("x: expected finite values (NaN or inf found, or clip·max|x| overflows float32)"))
+    }
+}
+
+unsafe fn quantize_t<T: QElem>(q: &QuantArgs, x: u64, a: u64, codes: u64, scales: u64) -> bool
+{
+    let (rows, n) = (q.rows, q.n);
+    let ok = AtomicBool::new(true);
+    let rpt = rows_per_task(n);
+    let (xs, cs, ss) = (Shared(x as usize), Shared(codes as usize), Shared(scales as usize));
+    parallel::for_each_task(rows.div_ceil(rpt), rows * n, |ti| {
+        let (r0, r1) = (ti * rpt, ((ti + 1) * rpt).min(rows));
+        if !quant_rows::<T>(q, xs, a, cs, ss, r0, r1) {
+            ok.store(false, Ordering::Relaxed);
+        }
+    });
+    ok.load(Ordering::Relaxed)
+}
+
+fn quant_rows<T: QElem>(q: &QuantArgs, x: Shared, a: u64, codes: Shared, scales: Shared, r0: usize, r1: usize) -> bool
+{
+    let (n, rb, ng) = (q.n, q.row_bytes(), q.groups());
+    // SAFETY: tasks own disjoint row ranges [r0, r1) of codes and scales; x and a are only read.
+    let (xr, ar, cr, sr) = unsafe {
+        (
+            rows_of::<T>(x.0 as u64, n, r0, r1),
+            rows_of::<f32>(a, 1, r0, r1),
+            rows_of_mut::<u8>(codes.0 as u64, rb, r0, r1),
+            rows_of_mut::<f32>(scales.0 as u64, ng, r0, r1),
+        )
+    };
+    let mut s = RowScratch::<T::Acc>::new(n, q.group);
+    let mut ok = true;
+    // Boundaries are recomputed only when the exponent changes from one row to the next.
+    let (mut cached, mut t) = (f32::NAN, Vec::new());
+    for i in 0..r1 - r0 {
+        if ar[i].to_bits() != cached.to_bits() {
+            (cached, t) = (ar[i], boundaries(q.bits, ar[i]));
+        }
+        ok &= quant_row_mv::<T>(&xr[i * n..(i + 1) * n], &t, q, &mut sr[i * ng..(i + 1) * ng], &mut s);
+        pack_row(&s.codes, q.bits, &mut cr[i * rb..(i + 1) * rb]);
+    }
+    ok
+}
+
+/// quant_row compiled twice (AVX2+FMA and baseline), chosen at run time.
+fn quant_row_mv<T: QElem>(xr: &[T], t: &[f64], q: &QuantArgs, scales: &mut [f32], s: &mut RowScratch<T::Acc>) -> bool
+{
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2<T: QElem>(xr: &[T], t: &[f64], q: &QuantArgs, scales: &mut [f32], s: &mut RowScratch<T::Acc>) -> bool
+        {
+            quant_row::<T>(xr, t, q, scales, s)
+        }
+        if crate::cpu::has_avx2() {
+            // SAFETY: the CPU supports AVX2 and FMA (checked at run time).
+            return unsafe { avx2::<T>(xr, t, q, scales, s) };
+        }
+    }
+    quant_row::<T>(xr, t, q, scales, s)
+}
+
+/// # Safety
+/// See [`super::dequantize`].
+pub unsafe fn dequantize(dtype: DType, q: &QuantArgs, codes: u64, scales: u64, a: u64, out: u64) {
+    match dtype {
+        DType::F32 => dequantize_t::<f32>(q, codes, scales, a, out),
+        DType::F64 => dequantize_t::<f64>(q, codes, scales, a, out),
+        DType::F16 => dequantize_t::<f16>(q, codes, scales, a, out),
+        DType::BF16 => dequantize_t::<bf16>(q, codes, scales, a, out),
+    }
+}
+
+struct Deq<'a> {
+    q: &'a QuantArgs,
+    codes: u64,
+    scales: u64,
+    a: u64,
+    out: u64,
+}
+
+unsafe fn dequantize_t<T: QElem>(q: &QuantArgs, codes: u64, scales: u64, a: u64, out: u64)
+{
+    let d = Deq { q, codes, scales, a, out };
+    let rpt = rows_per_task(q.n);
+    parallel::for_each_task(q.rows.div_ceil(rpt), q.rows * q.n, |ti| {
+        deq_rows::<T>(&d, ti * rpt, ((ti + 1) * rpt).min(q.rows))
+    });
+}
+
+multiversion!(fn deq_rows<T: QElem>(d: &Deq, r0: usize, r1: usize) => deq_rows_body);
+
+#[inline(always)]
+fn deq_rows_body<T: QElem>(d: &Deq, r0: usize, r1: usize)
+{
+    let q = d.q;
+    let (n, rb, ng, g) = (q.n, q.row_bytes(), q.groups(), q.group);
+    // SAFETY: tasks write disjoint row ranges of out; the rest is only read.
+    let (cr, sr, ar, o) = unsafe {
+        (
+            rows_of::<u8>(d.codes, rb, r0, r1),
+            rows_of::<f32>(d.scales, ng, r0, r1),
+            rows_of::<f32>(d.a, 1, r0, r1),
+            rows_of_mut::<T>(d.out, n, r0, r1),
+        )
+    };
+    let mut f = vec![0u8; n];
+    for i in 0..r1 - r0 {
+        let lut = lut_of::<T::Acc>(q.bits, ar[i]);
+        unpack_fields(&cr[i * rb..(i + 1) * rb], q.bits, 0, &mut f);
+        for gi in 0..ng {
+            let m = T::Acc::from_f64(sr[i * ng + gi] as f64);
+            let orow = &mut o[i * n + gi * g..i * n + (gi + 1) * g];
+            for (y, &fv) in orow.iter_mut().zip(&f[gi * g..(gi + 1) * g]) {
+                *y = T::store(m * lut[fv as usize]);
+            }
+        }
+    }
+}
+
+/// # Safety
+/// See [`super::fake_quantize`].
+pub unsafe fn fake_quantize(dtype: DType, q: &QuantArgs, x: u64, a: u64, y: u64, scales: u64) -> Result<()> {
+    let ok = match dtype {
+        DType::F32 => fake_t::<f32>(q, x, a, y, scales),
+        DType::F64 => fake_t::<f64>(q, x, a, y, scales),
+        DType::F16 => fake_t::<f16>(q, x, a, y, scales),
+        DType::BF16 => fake_t::<bf16>(q, x, a, y, scales),
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::value("x: expected finite values (NaN or inf found, or clip·max|x| overflows float32)"))
+    }
+}
+
+unsafe fn fake_t<T: QElem>(q: &QuantArgs, x: u64, a: u64, y: u64, scales: u64) -> bool
+{
+    let (rows, n) = (q.rows, q.n);
+    let ok = AtomicBool::new(true);
+    let rpt = rows_per_task(n);
+    let (xs, ys, ss) = (Shared(x as usize), Shared(y as usize), Shared(scales as usize));
+    parallel::for_each_task(rows.div_ceil(rpt), rows * n, |ti| {
+        let (r0, r1) = (ti * rpt, ((ti + 1) * rpt).min(rows));
+        // SAFETY: tasks own disjoint row ranges of y and scales; x and a are only read.
+        let (xr, ar, yr, sr) = unsafe {
+            (
+                rows_of::<T>(xs.0 as u64, n, r0, r1),
+                rows_of::<f32>(a, 1, r0, r1),
+                rows_of_mut::<T>(ys.0 as u64, n, r0, r1),
+                rows_of_mut::<f32>(ss.0 as u64, q.groups(), r0, r1),
+            )
+        };
+        let mut s = RowScratch::<T::Acc>::new(n, q.group);
+        let (g, ng, mask) = (q.group, q.groups(), (1u32 << q.bits) - 1);
+        for i in 0..r1 - r0 {
+            let t = boundaries(q.bits, ar[i]);
+            let srow = &mut sr[i * ng..(i + 1) * ng];
+            if !quant_row_mv::<T>(&xr[i * n..(i + 1) * n], &t, q, srow, &mut s) {
+                ok.store(false, Ordering::Relaxed);
+            }
+            let lut = lut_of::<T::Acc>(q.bits, ar[i]);
+            for gi in 0..ng {
+                let m = T::Acc::from_f64(srow[gi] as f64);
+                let yrow = &mut yr[i * n + gi * g..i * n + (gi + 1) * g];
+                for (yv, &c) in yrow.iter_mut().zip(&s.codes[gi * g..(gi + 1) * g]) {
+                    *yv = T::store(m * lut[(c as u8 as u32 & mask) as usize]);
+                }
+            }
+        }
+    });
+    ok.load(Ordering::Relaxed)
+}
+
+/// # Safety
+/// See [`super::fake_quantize_backward`].
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn fake_quantize_backward(dtype: DType, q: &QuantArgs, dy: u64, x: u64, scales: u64, a: u64, dx: u64, da: u64) {
+    match dtype {
+        DType::F32 => fake_bwd_t::<f32>(q, dy, x, scales, a, dx, da),
+        DType::F64 => fake_bwd_t::<f64>(q, dy, x, scales, a, dx, da),
+        DType::F16 => fake_bwd_t::<f16>(q, dy, x, scales, a, dx, da),
+        DType::BF16 => fake_bwd_t::<bf16>(q, dy, x, scales, a, dx, da),
+    }
+}
+
+unsafe fn fake_bwd_t<T: QElem>(q: &QuantArgs, dy: u64, x: u64, scales: u64, a: u64, dx: u64, da: u64)
+{
+    let (rows, n, g, ng) = (q.rows, q.n, q.group, q.groups());
+    let rpt = rows_per_task(n);
+    let (dys, xs, dxs, das) = (Shared(dy as usize), Shared(x as usize), Shared(dx as usize), Shared(da as usize));
+    let qm = qmax(q.bits) as f64;
+    parallel::for_each_task(rows.div_ceil(rpt), rows * n, |ti| {
+        let (r0, r1) = (ti * rpt, ((ti + 1) * rpt).min(rows));
+        // SAFETY: tasks own disjoint row ranges of dx and da; the inputs are only read.
+        let (dyr, xr, sr, ar, dxr) = unsafe {
+            (
+                rows_of::<T>(dys.0 as u64, n, r0, r1),
+                rows_of::<T>(xs.0 as u64, n, r0, r1),
+                rows_of::<f32>(scales, ng, r0, r1),
+                rows_of::<f32>(a, 1, r0, r1),
+                rows_of_mut::<T>(dxs.0 as u64, n, r0, r1),
+            )
+        };
+        let mut dar = (das.0 != 0).then(|| unsafe { rows_of_mut::<f32>(das.0 as u64, 1, r0, r1) });
+        let mut s = RowScratch::<T::Acc>::new(n, g);
+        for i in 0..r1 - r0 {
+            let av = ar[i] as f64;
+            let t = boundaries(q.bits, ar[i]);
+            for (v, xv) in s.xv.iter_mut().zip(&xr[i * n..(i + 1) * n]) {
+                *v = xv.load();
+            }
+            let mut da_row = 0.0f64;
+            for gi in 0..ng {
+                let m32 = sr[i * ng + gi];
+                let xs = &s.xv[gi * g..(gi + 1) * g];
+                // The same codes the forward made, from the same stored scale.
+                count_codes(xs, &t, m32, &mut s.cnt);
+                let m = m32 as f64;
+                for j in 0..g {
+                    let e = i * n + gi * g + j;
+                    let xv = xs[j].to_f64();
+                    let (ddx, dda) = if xv == 0.0 || m == 0.0 || xv.abs() > m {
+                        (0.0, 0.0)
+                    } else {
+                        let sg = xv.signum();
+                        let lu = (xv.abs() / m + FAKE_GRAD_EPS).ln();
+                        let c = s.cnt[j] as f64;
+                        let (big_r, term_f) = if c == 0.0 {
+                            (if av == 1.0 { 1.0 } else { 0.0 }, 0.0)
+                        } else {
+                            let lr = (c / qm).ln();
+                            (((1.0 / av - 1.0) * lr).exp(), -(m / (av * av)) * sg * (lr / av).exp() * lr)
+                        };
+                        let ddx = big_r * ((av - 1.0) * lu).exp();
+                        let dda = term_f + (m / av) * sg * big_r * (av * lu).exp() * lu;
+                        (ddx, dda)
+                    };
+                    let g_out = dyr[e].load().to_f64();
+                    dxr[e] = T::store(T::Acc::from_f64(g_out * ddx));
+                    da_row += g_out * dda;
+                }
+            }
+            if let Some(d) = dar.as_deref_mut() {
+                d[i] = da_row as f32;
+            }
+        }
+    });
+}
+
+/// # Safety
+/// See [`super::codebook`].
+pub unsafe fn codebook(bits: u32, rows: usize, a: u64, out: u64) {
+    let nl = 1usize << bits;
+    let (ar, o) = (slice::<f32>(a, rows), rows_of_mut::<f32>(out, nl, 0, rows));
+    // Only qmax + 1 magnitudes per row: (k/qmax)^(1/a) = exp(ln(k/qmax)/a), logarithms shared.
+    let qm = qmax(bits);
+    let ln: Vec<f64> = (0..=qm).map(|k| (k as f64 / qm as f64).ln()).collect();
+    let mut mag = vec![0f64; nl / 2 + 1];
+    for (r, &av) in ar.iter().enumerate() {
+        let inv_a = 1.0 / av as f64;
+        for (k, v) in mag.iter_mut().enumerate() {
+            *v = if k == 0 { 0.0 } else if k as i32 <= qm { (ln[k] * inv_a).exp() } else { (k as f64 / qm as f64).powf(inv_a) };
+        }
+        for (f, d) in o[r * nl..(r + 1) * nl].iter_mut().enumerate() {
+            let q = super::field_to_code(f as u8, bits);
+            let v = mag[q.unsigned_abs() as usize];
+            *d = (if q < 0 { -v } else { v }) as f32;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// linear: y = x @ Ŵᵀ + b, and dx = dy @ Ŵ
+// ---------------------------------------------------------------------------------------------
+
+/// Inputs of a linear call, loaded to float32 once.
+struct Lin<'a> {
+    l: &'a LinearArgs,
+    /// x as float32 [tokens, k]; for the AVX2 4-bit path each 16-block is reordered to its 8 even
+    /// elements then its 8 odd elements (the order of low and high nibbles of 8 code bytes).
+    xf: Vec<f32>,
+    codes: u64,
+    scales: u64,
+    /// The rows' codebooks, float32 [out, 2^b].
+    table: u64,
+    bias: u64,
+    y: u64,
+}
+
+/// # Safety
+/// See [`super::linear`].
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn linear(dtype: DType, l: &LinearArgs, x: u64, codes: u64, scales: u64, table: u64, bias: u64, y: u64) {
+    match dtype {
+        DType::F32 => linear_t::<f32>(l, x, codes, scales, table, bias, y),
+        DType::F64 => linear_t::<f64>(l, x, codes, scales, table, bias, y),
+        DType::F16 => linear_t::<f16>(l, x, codes, scales, table, bias, y),
+        DType::BF16 => linear_t::<bf16>(l, x, codes, scales, table, bias, y),
+    }
+}
+
+fn fast_path(q: &QuantArgs) -> bool {
+    cfg!(target_arch = "x86_64") && q.bits == 4 && q.n % 32 == 0 && q.group % 32 == 0 && crate::cpu::has_avx2()
+}
+
+unsafe fn linear_t<T: QElem>(l: &LinearArgs, x: u64, codes: u64, scales: u64, table: u64, bias: u64, y: u64)
+{
+    let (k, nout, tokens) = (l.q.n, l.q.rows, l.tokens);
+    let xin = slice::<T>(x, tokens * k);
+    let fast = fast_path(&l.q);
+    let mut xf = vec![0f32; tokens * k];
+    if fast {
+        // The order in which the AVX2 kernel produces the weights of 32 codes (see linear_tile_avx2).
+        for (dst, src) in xf.chunks_exact_mut(32).zip(xin.chunks_exact(32)) {
+            for j in 0..4 {
+                for i in 0..4 {
+                    dst[8 * j + i] = src[8 * j + 2 * i].load().to_f64() as f32;
+                    dst[8 * j + 4 + i] = src[8 * j + 2 * i + 1].load().to_f64() as f32;
+                }
+            }
+        }
+    } else {
+        for (d, s) in xf.iter_mut().zip(xin) {
+            *d = s.load().to_f64() as f32;
+        }
+    }
+    let lin = Lin { l, xf, codes, scales, table, bias, y };
+    // Tiles of output rows: each reads its rows' codes once per pair of tokens.
+    const TILE: usize = 16;
+    let work = nout * k * tokens.max(1);
+    parallel::for_each_task(nout.div_ceil(TILE), work, |ti| {
+        let (o0, o1) = (ti * TILE, ((ti + 1) * TILE).min(nout));
+        if fast {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: fast_path checked AVX2+FMA, 4 bits, k and the group size multiples of 32.
+            unsafe {
+                linear_tile_avx2::<T>(&lin, o0, o1)
+            }
+        } else {
+            linear_tile::<T>(&lin, o0, o1)
+        }
+    });
+}
+
+multiversion!(fn linear_tile<T: QElem>(lin: &Lin, o0: usize, o1: usize) => linear_tile_body);
+
+/// Generic path: dequantize a row into float32 (table × scale), then one dot per token.
+#[inline(always)]
+fn linear_tile_body<T: QElem>(lin: &Lin, o0: usize, o1: usize)
+{
+    let q = &lin.l.q;
+    let (k, nout, rb, ng, g) = (q.n, q.rows, q.row_bytes(), q.groups(), q.group);
+    // SAFETY: read-only inputs; y elements (t, o) for o in [o0, o1) belong to this task alone.
+    let nl = 1usize << q.bits;
+    let (cr, sr, tr) = unsafe {
+        (rows_of::<u8>(lin.codes, rb, o0, o1), rows_of::<f32>(lin.scales, ng, o0, o1), rows_of::<f32>(lin.table, nl, o0, o1))
+    };
+    let bias = (lin.bias != 0).then(|| unsafe { slice::<f32>(lin.bias, nout) });
+    let mut f = vec![0u8; k];
+    let mut w = vec![0f32; k];
+    for i in 0..o1 - o0 {
+        let o = o0 + i;
+        let lut = &tr[i * nl..(i + 1) * nl];
+        unpack_fields(&cr[i * rb..(i + 1) * rb], q.bits, 0, &mut f);
+        for gi in 0..ng {
+            let m = sr[i * ng + gi];
+            for (wv, &fv) in w[gi * g..(gi + 1) * g].iter_mut().zip(&f[gi * g..(gi + 1) * g]) {
+                *wv = m * lut[fv as usize];
+            }
+        }
+        let b = bias.map_or(0.0, |b| b[o]);
+        for t in 0..lin.l.tokens {
+            let v = dot16(&w, &lin.xf[t * k..(t + 1) * k]) + b;
+            // SAFETY: (t, o) is inside y ([tokens, nout]) and written by this task only.
+            unsafe { (lin.y as *mut T).add(t * nout + o).write(T::store(T::Acc::from_f64(v as f64))) };
+        }
+    }
+}
+
+#[inline(always)]
+fn dot16(a: &[f32], b: &[f32]) -> f32 {
+    const L: usize = 16;
+    let mut acc = [0f32; L];
+    let (ac, bc) = (a.chunks_exact(L), b.chunks_exact(L));
+    let (at, bt) = (ac.remainder(), bc.remainder());
+    for (x, y) in ac.zip(bc) {
+        for i in 0..L {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    for (i, (x, y)) in at.iter().zip(bt).enumerate() {
+        acc[i] += x * y;
+    }
+    let mut w = L / 2;
+    while w > 0 {
+        for i in 0..w {
+            acc[i] += acc[i + w];
+        }
+        w /= 2;
+    }
+    acc[0]
+}
+
+/// AVX2 4-bit path. Per 16 code bytes (32 weights): the low and high nibbles become 32 byte
+/// indices (even elements in the low 128-bit lane, odd ones in the high lane), four `vpshufb` look
+/// up the four bytes of each element's float32 table entry (the row's 16-entry codebook split into
+/// byte planes), and two rounds of unpacks reassemble them into four vectors of 8 floats, FMA'd
+/// with the activations (pre-permuted to that order); per group the partial sums are scaled by m.
+/// Two tokens at a time.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA; 4-bit codes; k and the group size are multiples of 32; `lin` holds
+/// valid buffers as [`super::linear`] documents, x permuted as `linear_t` does.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn linear_tile_avx2<T: QElem>(lin: &Lin, o0: usize, o1: usize) {
+    use std::arch::x86_64::*;
+    let q = &lin.l.q;
+    let (k, nout, rb, ng, g) = (q.n, q.rows, q.row_bytes(), q.groups(), q.group);
+    let tokens = lin.l.tokens;
+    let cr = rows_of::<u8>(lin.codes, rb, o0, o1);
+    let sr = rows_of::<f32>(lin.scales, ng, o0, o1);
+    let luts = rows_of::<f32>(lin.table, 16, o0, o1);
+    let bias = (lin.bias != 0).then(|| slice::<f32>(lin.bias, nout));
+    let blocks = g / 32;
+    let nib = _mm_set1_epi8(0x0f);
+    let mut t0 = 0;
+    while t0 < tokens {
+        let nt = (tokens - t0).min(2);
+        let x0 = lin.xf.as_ptr().add(t0 * k);
+        let x1 = lin.xf.as_ptr().add((t0 + nt - 1) * k); // = x0 when nt = 1
+        for i in 0..o1 - o0 {
+            // Byte planes of the row's codebook (plane b = byte b of the 16 entries), in both lanes:
+            // group each 4-float vector's bytes by plane, then transpose the 4×4 dwords.
+            let t = luts.as_ptr().add(16 * i) as *const __m128i;
+            let by_plane = _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+            let v: [__m128i; 4] = std::array::from_fn(|j| _mm_shuffle_epi8(_mm_loadu_si128(t.add(j)), by_plane));
+            let (u0, u1) = (_mm_unpacklo_epi32(v[0], v[1]), _mm_unpackhi_epi32(v[0], v[1]));
+            let (u2, u3) = (_mm_unpacklo_epi32(v[2], v[3]), _mm_unpackhi_epi32(v[2], v[3]));
+            let planes = [_mm_unpacklo_epi64(u0, u2), _mm_unpackhi_epi64(u0, u2), _mm_unpacklo_epi64(u1, u3), _mm_unpackhi_epi64(u1, u3)];
+            let pl = planes.map(|p| _mm256_broadcastsi128_si256(p));
+            let row = cr.as_ptr().add(i * rb);
+            let (mut tot0, mut tot1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            for gi in 0..ng {
+                let mut acc = [_mm256_setzero_ps(); 4];
+                let mut acc1 = [_mm256_setzero_ps(); 4];
+                for b in 0..blocks {
+                    let off = gi * g + b * 32;
+                    let v = _mm_loadu_si128(row.add(off / 2) as *const __m128i);
+                    let lo = _mm_and_si128(v, nib);
+                    let hi = _mm_and_si128(_mm_srli_epi16(v, 4), nib);
+                    let idx = _mm256_set_m128i(hi, lo);
+                    let b0 = _mm256_shuffle_epi8(pl[0], idx);
+                    let b1 = _mm256_shuffle_epi8(pl[1], idx);
+                    let b2 = _mm256_shuffle_epi8(pl[2], idx);
+                    let b3 = _mm256_shuffle_epi8(pl[3], idx);
+                    let (l01, h01) = (_mm256_unpacklo_epi8(b0, b1), _mm256_unpackhi_epi8(b0, b1));
+                    let (l23, h23) = (_mm256_unpacklo_epi8(b2, b3), _mm256_unpackhi_epi8(b2, b3));
+                    let w = [
+                        _mm256_castsi256_ps(_mm256_unpacklo_epi16(l01, l23)),
+                        _mm256_castsi256_ps(_mm256_unpackhi_epi16(l01, l23)),
+                        _mm256_castsi256_ps(_mm256_unpacklo_epi16(h01, h23)),
+                        _mm256_castsi256_ps(_mm256_unpackhi_epi16(h01, h23)),
+                    ];
+                    for j in 0..4 {
+                        acc[j] = _mm256_fmadd_ps(w[j], _mm256_loadu_ps(x0.add(off + 8 * j)), acc[j]);
+                    }
+                    if nt == 2 {
+                        for j in 0..4 {
+                            acc1[j] = _mm256_fmadd_ps(w[j], _mm256_loadu_ps(x1.add(off + 8 * j)), acc1[j]);
+                        }
+                    }
+                }
+                let m = _mm256_set1_ps(sr[i * ng + gi]);
+                let s0 = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+                tot0 = _mm256_fmadd_ps(s0, m, tot0);
+                if nt == 2 {
+                    let s1 = _mm256_add_ps(_mm256_add_ps(acc1[0], acc1[1]), _mm256_add_ps(acc1[2], acc1[3]));
+                    tot1 = _mm256_fmadd_ps(s1, m, tot1);
+                }
+            }
+            let o = o0 + i;
+            let b = bias.map_or(0.0, |b| b[o]);
+            for (tt, tot) in [tot0, tot1].into_iter().enumerate().take(nt) {
+                let mut lanes = [0f32; 8];
+                _mm256_storeu_ps(lanes.as_mut_ptr(), tot);
+                let v = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7])) + b;
+                // (t0 + tt, o) is inside y and written by this task only.
+                (lin.y as *mut T).add((t0 + tt) * nout + o).write(T::store(T::Acc::from_f64(v as f64)));
+            }
+        }
+        t0 += nt;
+    }
+}
+
+struct LinBwd<'a> {
+    l: &'a LinearArgs,
+    /// dy as float32 [tokens, out].
+    dyf: Vec<f32>,
+    /// Every row's codebook, float32 [out, 2^b].
+    table: u64,
+    codes: u64,
+    scales: u64,
+    dx: u64,
+}
+
+/// # Safety
+/// See [`super::linear_backward`].
+pub unsafe fn linear_backward(dtype: DType, l: &LinearArgs, dy: u64, codes: u64, scales: u64, table: u64, dx: u64) {
+    match dtype {
+        DType::F32 => linear_bwd_t::<f32>(l, dy, codes, scales, table, dx),
+        DType::F64 => linear_bwd_t::<f64>(l, dy, codes, scales, table, dx),
+        DType::F16 => linear_bwd_t::<f16>(l, dy, codes, scales, table, dx),
+        DType::BF16 => linear_bwd_t::<bf16>(l, dy, codes, scales, table, dx),
+    }
+}
+
+/// Columns of dx per task: a multiple of 8, so every chunk starts on a byte of every code width.
+const BWD_COLS: usize = 256;
+
+unsafe fn linear_bwd_t<T: QElem>(l: &LinearArgs, dy: u64, codes: u64, scales: u64, table: u64, dx: u64)
+{
+    let (k, nout, tokens) = (l.q.n, l.q.rows, l.tokens);
+    let dyf: Vec<f32> = slice::<T>(dy, tokens * nout).iter().map(|v| v.load().to_f64() as f32).collect();
+    let lb = LinBwd { l, dyf, table, codes, scales, dx };
+    parallel::for_each_task(k.div_ceil(BWD_COLS), nout * k * tokens, |ci| {
+        linear_bwd_cols::<T>(&lb, ci * BWD_COLS, ((ci + 1) * BWD_COLS).min(k))
+    });
+}
+
+multiversion!(fn linear_bwd_cols<T: QElem>(lb: &LinBwd, c0: usize, c1: usize) => linear_bwd_cols_body);
+
+#[inline(always)]
+fn linear_bwd_cols_body<T: QElem>(lb: &LinBwd, c0: usize, c1: usize)
+{
+    let q = &lb.l.q;
+    let (k, nout, rb, ng, g, tokens) = (q.n, q.rows, q.row_bytes(), q.groups(), q.group, lb.l.tokens);
+    let nl = 1usize << q.bits;
+    let w_cols = c1 - c0;
+    // SAFETY: codes and scales are only read.
+    let (codes, scales, table) =
+        unsafe { (slice::<u8>(lb.codes, nout * rb), slice::<f32>(lb.scales, nout * ng), slice::<f32>(lb.table, nout * nl)) };
+    let mut f = vec![0u8; w_cols];
+    let mut w = vec![0f32; w_cols];
+    let mut acc = vec![0f32; tokens * w_cols];
+    for o in 0..nout {
+        unpack_fields(&codes[o * rb..(o + 1) * rb], q.bits, c0, &mut f);
+        let lut = &table[o * nl..(o + 1) * nl];
+        // Weights of columns [c0, c1), group by group.
+        let mut c = c0;
+        while c < c1 {
+            let gi = c / g;
+            let end = ((gi + 1) * g).min(c1);
+            let m = scales[o * ng + gi];
+            for (wv, &fv) in w[c - c0..end - c0].iter_mut().zip(&f[c - c0..end - c0]) {
+                *wv = m * lut[fv as usize];
+            }
+            c = end;
+        }
+        for t in 0..tokens {
+            let d = lb.dyf[t * nout + o];
+            if d != 0.0 {
+                for (av, wv) in acc[t * w_cols..(t + 1) * w_cols].iter_mut().zip(&w) {
+                    *av += d * wv;
+                }
+            }
+        }
+    }
+    for t in 0..tokens {
+        // SAFETY: columns [c0, c1) of dx belong to this task alone.
+        let out = unsafe { std::slice::from_raw_parts_mut((lb.dx as *mut T).add(t * k + c0), w_cols) };
+        for (o, v) in out.iter_mut().zip(&acc[t * w_cols..(t + 1) * w_cols]) {
+            *o = T::store(T::Acc::from_f64(*v as f64));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// exponent search
+// ---------------------------------------------------------------------------------------------
+
+struct Search<'a> {
+    s: &'a SearchArgs,
+    w: u64,
+    z: u64,
+}
+
+/// Scratch of one row's error evaluations.
+struct ErrScratch {
+    scales: Vec<f32>,
+    cnt: Vec<u32>,
+    e: Vec<f32>,
+}
+
+impl<'a> Search<'a> {
+    fn scratch(&self) -> ErrScratch {
+        let q = &self.s.q;
+        ErrScratch { scales: vec![0.0; q.groups()], cnt: vec![0; q.group.max(1)], e: vec![0.0; q.n] }
+    }
+
+    fn row(&self, r: usize) -> &[f32] {
+        // SAFETY: w holds rows·n float32, only read.
+        unsafe { rows_of::<f32>(self.w, self.s.q.n, r, r + 1) }
+    }
+
+    /// Group scales of row r (as quantize stores them) into `sc.scales`; false on NaN/inf.
+    fn prepare(&self, r: usize, sc: &mut ErrScratch) -> bool {
+        let q = &self.s.q;
+        let w = self.row(r);
+        let mut ok = true;
+        for (gi, m) in sc.scales.iter_mut().enumerate() {
+            let (amax, finite) = absmax(&w[gi * q.group..(gi + 1) * q.group]);
+            *m = (q.clip * amax as f64) as f32;
+            ok &= finite && m.is_finite();
+        }
+        ok
+    }
+
+    /// The error of row r quantized with exponent `a` (its scales prepared in `sc`).
+    fn error(&self, r: usize, a: f32, sc: &mut ErrScratch) -> f64 {
+        search_err_mv(self, r, a, sc)
+    }
+}
+
+fn search_err_mv(se: &Search, r: usize, a: f32, sc: &mut ErrScratch) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2(se: &Search, r: usize, a: f32, sc: &mut ErrScratch) -> f64 {
+            search_err(se, r, a, sc)
+        }
+        if crate::cpu::has_avx2() {
+            // SAFETY: the CPU supports AVX2 and FMA (checked at run time).
+            return unsafe { avx2(se, r, a, sc) };
+        }
+    }
+    search_err(se, r, a, sc)
+}
+
+#[inline(always)]
+fn search_err(se: &Search, r: usize, a: f32, sc: &mut ErrScratch) -> f64 {
+    let q = &se.s.q;
+    let (n, g) = (q.n, q.group);
+    let w = se.row(r);
+    let t = boundaries(q.bits, a);
+    // |q| → (|q|/qmax)^(1/a); the sign is applied from w.
+    let lut: Vec<f32> = row_lut(q.bits, a).into_iter().take(qmax(q.bits) as usize + 1).map(|v| v as f32).collect();
+    let mut err = 0f64;
+    for gi in 0..q.groups() {
+        let ws = &w[gi * g..(gi + 1) * g];
+        let m = sc.scales[gi];
+        count_codes(ws, &t, m, &mut sc.cnt);
+        let es = &mut sc.e[gi * g..(gi + 1) * g];
+        for ((e, &wv), &c) in es.iter_mut().zip(ws).zip(&sc.cnt[..g]) {
+            let mag = m * lut[c as usize];
+            *e = wv - if wv < 0.0 { -mag } else { mag };
+        }
+        if se.s.z_rows == 0 {
+            err += dot16(es, es) as f64;
+        }
+    }
+    if se.s.z_rows > 0 {
+        // SAFETY: z holds z_rows·n float32, only read.
+        let z = unsafe { slice::<f32>(se.z, se.s.z_rows * n) };
+        for zr in z.chunks_exact(n) {
+            let v = dot16(zr, &sc.e) as f64;
+            err += v * v;
+        }
+    }
+    err
+}
+
+/// A row prepared for the weight error: `u = |w|/m` sorted, with prefix sums of the weights m²,
+/// m²·u and m²·u² (float64). Since |q| is a step function of u, the error of every code bucket
+/// `[t_(k−1), t_k)` with value `L_k = (k/qmax)^(1/a)` is `Σm²u² − 2·L_k·Σm²u + L_k²·Σm²`, so one
+/// evaluation costs qmax short searches, whatever the row length.
+struct SortedRow {
+    u: Vec<f32>,
+    /// [Σm², Σm²u, Σm²u²] over the first j sorted elements, j = 0..=n.
+    pre: Vec<[f64; 3]>,
+    /// `bucket[b]` = the number of u below b/B (B = bucket.len() − 1 buckets over [0, 1]), so a
+    /// boundary's search runs inside one bucket.
+    bucket: Vec<u32>,
+}
+
+impl SortedRow {
+    fn new(w: &[f32], g: usize, clip: f64) -> Option<SortedRow> {
+        let mut ms: Vec<f32> = Vec::with_capacity(w.len() / g);
+        // (bits of u ≥ 0) << 32 | group: integer order is the order of u.
+        let mut keys: Vec<u64> = Vec::with_capacity(w.len());
+        for (gi, ws) in w.chunks_exact(g).enumerate() {
+            let (amax, finite) = absmax(ws);
+            let m = (clip * amax as f64) as f32;
+            if !finite || !m.is_finite() {
+                return None;
+            }
+            // An all-zero group (m = 0) has no error whatever a: u = 0 and weight 0.
+            ms.push(m);
+            for &v in ws {
+                let u = if m > 0.0 { v.abs() / m } else { 0.0 };
+                keys.push(((u.to_bits() as u64) << 32) | gi as u64);
+            }
+        }
+        keys.sort_unstable();
+        let mut pre = Vec::with_capacity(keys.len() + 1);
+        let mut acc = [0f64; 3];
+        pre.push(acc);
+        for &key in &keys {
+            let (u, m) = (f32::from_bits((key >> 32) as u32) as f64, ms[(key & 0xffff_ffff) as usize] as f64);
+            let m2 = m * m;
+            acc = [acc[0] + m2, acc[1] + m2 * u, acc[2] + m2 * u * u];
+            pre.push(acc);
+        }
+        let u: Vec<f32> = keys.iter().map(|&k| f32::from_bits((k >> 32) as u32)).collect();
+        let nb = u.len().max(16);
+        let mut bucket = vec![0u32; nb + 1];
+        let mut j = 0usize;
+        for (b, st) in bucket.iter_mut().enumerate() {
+            // The same float32 arithmetic as the lookup (t·B truncated), so every u below the
+            // edge of bucket b is counted before it.
+            while j < u.len() && ((u[j] * nb as f32) as usize) < b {
+                j += 1;
+            }
+            *st = j as u32;
+        }
+        Some(SortedRow { u, pre, bucket })
+    }
+
+    /// The error with the boundaries and levels of one exponent (see [`Levels`]).
+    fn error(&self, lv: &Levels) -> f64 {
+        let n = self.u.len();
+        let mut start = 0usize;
+        let mut err = 0.0;
+        for (k, &l) in lv.level.iter().enumerate() {
+            let end = match lv.thr.get(k) {
+                Some(&t) => {
+                    // t < 1 falls in bucket b: its position lies in [bucket[b], bucket[b + 1]].
+                    let nb = self.bucket.len() - 1;
+                    let b = ((t * nb as f32) as usize).min(nb - 1);
+                    let (lo, hi) = (self.bucket[b] as usize, self.bucket[b + 1] as usize);
+                    let p = if hi - lo <= 16 {
+                        lo + self.u[lo..hi].iter().take_while(|&&v| v < t).count()
+                    } else {
+                        lo + self.u[lo..hi].partition_point(|&v| v < t)
+                    };
+                    p.max(start)
+                }
+                None => n,
+            };
+            if end > start {
+                let (p, q) = (&self.pre[start], &self.pre[end]);
+                err += (q[2] - p[2]) - 2.0 * l * (q[1] - p[1]) + l * l * (q[0] - p[0]);
+            }
+            start = end;
+        }
+        err
+    }
+}
+
+/// Boundaries `t_k` (as float32, for the sorted float32 u) and levels `(k/qmax)^(1/a)` of an exponent.
+struct Levels {
+    thr: Vec<f32>,
+    level: Vec<f64>,
+}
+
+impl Levels {
+    fn new(bits: u32, a: f64) -> Levels {
+        let qm = qmax(bits) as f64;
+        let inv_a = 1.0 / a;
+        // x^(1/a) as exp(ln(x)/a): the logarithms do not depend on a.
+        Levels {
+            thr: (0..qmax(bits)).map(|k| (((k as f64 + 0.5) / qm).ln() * inv_a).exp() as f32).collect(),
+            level: (0..=qmax(bits)).map(|k| if k == 0 { 0.0 } else { ((k as f64 / qm).ln() * inv_a).exp() }).collect(),
+        }
+    }
+}
+
+/// The search: a coarse grid of `s.grid` exponents on [lo, 1], then a fine grid of `s.refine`
+/// points on the two coarse cells around each of the `CANDIDATES` best coarse local minima (the
+/// error is only piecewise smooth in a: narrow dips between code changes are common in short or
+/// heavy-tailed rows, so refining one minimum is not enough).
+const CANDIDATES: usize = 4;
+
+fn coarse_point(lo: f64, nc: usize, i: usize) -> f64 {
+    if i + 1 == nc {
+        1.0
+    } else {
+        lo + (1.0 - lo) * i as f64 / (nc - 1) as f64
+    }
+}
+
+fn coarse_points(s: &SearchArgs) -> Vec<f64> {
+    (0..s.grid).map(|i| coarse_point(s.lo, s.grid, i)).collect()
+}
+
+/// Fine points around the best `CANDIDATES` local minima of the coarse errors.
+fn fine_points(s: &SearchArgs, errs: &[f64]) -> Vec<f64> {
+    let n = errs.len();
+    let mut minima: Vec<usize> = (0..n)
+        .filter(|&i| (i == 0 || errs[i] <= errs[i - 1]) && (i + 1 == n || errs[i] <= errs[i + 1]))
+        .collect();
+    // Best first; ties keep the larger exponent (stable sort of indices in descending order).
+    minima.reverse();
+    minima.sort_by(|&x, &y| errs[x].total_cmp(&errs[y]));
+    let h = (1.0 - s.lo) / (s.grid - 1) as f64;
+    let nf = s.refine.max(2);
+    let mut pts = Vec::with_capacity(CANDIDATES * nf);
+    if s.refine == 0 {
+        return pts;
+    }
+    for &i in minima.iter().take(CANDIDATES) {
+        let c = coarse_point(s.lo, s.grid, i);
+        let (a0, a1) = ((c - h).max(s.lo), (c + h).min(1.0));
+        pts.extend((0..nf).map(|j| a0 + (a1 - a0) * j as f64 / (nf - 1) as f64));
+    }
+    pts
+}
+
+/// The point of least error; ties keep the larger exponent (a = 1 for rows without error).
+fn argmin(points: &[f64], errs: &[f64]) -> (f64, f64) {
+    let mut best = (1.0, f64::INFINITY);
+    for (&a, &e) in points.iter().zip(errs) {
+        let a = a as f32 as f64; // the exponent as it will be stored
+        if e < best.1 || (e == best.1 && a > best.0) {
+            best = (a, e);
+        }
+    }
+    best
+}
+
+/// Both stages with `eval` giving the errors at a list of exponents.
+fn two_stage(s: &SearchArgs, coarse: &[f64], coarse_errs: &[f64], mut eval: impl FnMut(&[f64]) -> Vec<f64>) -> f32 {
+    let (a0, e0) = argmin(coarse, coarse_errs);
+    let fine = fine_points(s, coarse_errs);
+    let (a1, e1) = argmin(&fine, &eval(&fine));
+    (if e1 < e0 { a1 } else { a0 }) as f32
+}
+
+/// The weight-error search (no metric).
+unsafe fn search_weight(s: &SearchArgs, w: u64, out: u64) -> Result<()> {
+    let q = &s.q;
+    let (rows, n) = (q.rows, q.n);
+    let bad = AtomicBool::new(false);
+    let coarse = coarse_points(s);
+    let coarse_lv: Vec<Levels> = coarse.iter().map(|&a| Levels::new(q.bits, a)).collect();
+    let row = |r: usize| -> Option<SortedRow> {
+        // SAFETY: w holds rows·n float32, only read.
+        let wr = unsafe { rows_of::<f32>(w, n, r, r + 1) };
+        let sr = SortedRow::new(wr, q.group, q.clip);
+        if sr.is_none() {
+            bad.store(true, Ordering::Relaxed);
+        }
+        sr
+    };
+    if s.per_row {
+        let os = Shared(out as usize);
+        parallel::for_each_task(rows, rows * n * 4, |r| {
+            let a = match (n, row(r)) {
+                (0, _) | (_, None) => 1.0f32,
+                (_, Some(sr)) => {
+                    let errs: Vec<f64> = coarse_lv.iter().map(|lv| sr.error(lv)).collect();
+                    two_stage(s, &coarse, &errs, |pts| pts.iter().map(|&a| sr.error(&Levels::new(q.bits, a))).collect())
+                }
+            };
+            // SAFETY: task r writes out[r] only.
+            unsafe { *(os.0 as *mut f32).add(r) = a };
+        });
+    } else {
+        // Per-row errors at every point, then summed over rows in row order (deterministic).
+        let total = |points: &[f64]| -> Vec<f64> {
+            let k = points.len();
+            let lvs: Vec<Levels> = points.iter().map(|&a| Levels::new(q.bits, a)).collect();
+            let mut per_row = vec![0f64; rows * k];
+            let ps = Shared(per_row.as_mut_ptr() as usize);
+            parallel::for_each_task(rows, rows * n * 4, |r| {
+                if n == 0 {
+                    return;
+                }
+                if let Some(sr) = row(r) {
+                    // SAFETY: task r writes per_row[r·k .. (r+1)·k] only; per_row outlives the tasks.
+                    let dst = unsafe { std::slice::from_raw_parts_mut((ps.0 as *mut f64).add(r * k), k) };
+                    for (d, lv) in dst.iter_mut().zip(&lvs) {
+                        *d = sr.error(lv);
+                    }
+                }
+            });
+            let mut tot = vec![0f64; k];
+            for r in 0..rows {
+                for (t, e) in tot.iter_mut().zip(&per_row[r * k..(r + 1) * k]) {
+                    *t += e;
+                }
+            }
+            tot
+        };
+        let coarse_errs = total(&coarse);
+        *(out as *mut f32) = two_stage(s, &coarse, &coarse_errs, total);
+    }
+    if bad.load(Ordering::Relaxed) {
+        return Err(Error::value("w: expected finite values (NaN or inf found, or clip·max|w| overflows float32)"));
+    }
+    Ok(())
+}
+
+/// # Safety
+/// See [`super::search_exponent`].
+pub unsafe fn search_exponent(s: &SearchArgs, w: u64, z: u64, out: u64) -> Result<()> {
+    if s.z_rows == 0 {
+        return search_weight(s, w, out);
+    }
+    let q = &s.q;
+    let se = Search { s, w, z };
+    let bad = AtomicBool::new(false);
+    if s.per_row {
+        let os = Shared(out as usize);
+        parallel::for_each_task(q.rows, q.rows * q.n * s.grid, |r| {
+            // SAFETY: task r writes out[r] only.
+            let o = unsafe { &mut *(os.0 as *mut f32).add(r) };
+            if q.n == 0 {
+                *o = 1.0;
+                return;
+            }
+            let mut sc = se.scratch();
+            if !se.prepare(r, &mut sc) {
+                bad.store(true, Ordering::Relaxed);
+                *o = 1.0;
+                return;
+            }
+            let coarse = coarse_points(s);
+            let mut eval = |pts: &[f64]| -> Vec<f64> { pts.iter().map(|&a| se.error(r, a as f32, &mut sc)).collect() };
+            let errs = eval(&coarse);
+            *o = two_stage(s, &coarse, &errs, eval);
+        });
+    } else {
+        let mut errs = vec![0f64; q.rows];
+        let total = |a: f32, errs: &mut Vec<f64>| -> f64 {
+            let es = Shared(errs.as_mut_ptr() as usize);
+            parallel::for_each_task(q.rows, q.rows * q.n, |r| {
+                let mut sc = se.scratch();
+                let ok = q.n == 0 || se.prepare(r, &mut sc);
+                if !ok {
+                    bad.store(true, Ordering::Relaxed);
+                }
+                let e = if q.n == 0 || !ok { 0.0 } else { se.error(r, a, &mut sc) };
+                // SAFETY: task r writes errs[r] only; errs outlives the call.
+                unsafe { *(es.0 as *mut f64).add(r) = e };
+            });
+            errs.iter().sum() // in row order: deterministic
+        };
+        let coarse = coarse_points(s);
+        let mut eval = |pts: &[f64]| -> Vec<f64> { pts.iter().map(|&a| total(a as f32, &mut errs)).collect() };
+        let cerrs = eval(&coarse);
+        *(out as *mut f32) = two_stage(s, &coarse, &cerrs, eval);
+    }
+    if bad.load(Ordering::Relaxed) {
+        return Err(Error::value("w: expected finite values (NaN or inf found, or clip·max|w| overflows float32)"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thr_up_is_the_exact_comparison() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..100_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let t = f64::from_bits((x >> 12) | 0x3fe0_0000_0000_0000) * 1e-3; // in [1e-3, 2e-3)
+            let up = f32::thr_up(t);
+            assert!(up as f64 >= t && (up.next_down() as f64) < t);
+        }
+        assert_eq!(f32::thr_up(f64::from_bits(1)), f32::from_bits(1));
+    }
+
+    #[test]
+    fn counts_match_rounding_of_the_power() {
+        // Away from boundaries the counts equal round(qmax·u^a).
+        for bits in [2u32, 3, 4, 8] {
+            let qm = qmax(bits) as f64;
+            for a in [1.0f32, 0.75, 0.5, 0.3] {
+                let t = boundaries(bits, a);
+                let xs: Vec<f32> = (0..1000).map(|i| (i as f32 / 999.0) * 2.0 - 1.0).collect();
+                let mut cnt = vec![0u32; xs.len()];
+                count_codes(&xs, &t, 1.0, &mut cnt);
+                for (x, c) in xs.iter().zip(&cnt) {
+                    let v = qm * (x.abs() as f64).powf(a as f64);
+                    if (v - v.floor() - 0.5).abs() > 1e-6 {
+                        assert_eq!(*c as f64, (v + 0.5).floor().min(qm), "bits {bits} a {a} x {x}");
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,491 @@
+//! Power-exponent quantization: PowerQuant (ICLR 2023) and NUPES (Yvinec et al.); PAPERS.md §2.
+//!
+//! # The operator
+//! b bits (b ∈ {2, 3, 4, 8}), `qmax = 2^(b−1) − 1`, exponent `0 < a ≤ 1` (one per row), groups of
+//! `g` contiguous elements of a row (g divides the row length n), per group `m = clip · max|x|`:
+//!   `q = clamp(round(qmax · sign(x) · (|x|/m)^a), −qmax, qmax)`   (round half away from zero)
+//!   `x̂ = m · sign(q) · (|q|/qmax)^(1/a)`                         (m = 0 gives x̂ = 0)
+//! a = 1 is plain symmetric absmax integer quantization.
+//!
+//! The quantizer never raises to a power per element: for a given a, `|q| = k` exactly when
+//! `t_(k−1) ≤ |x|/m < t_k` with the fixed boundaries `t_k = ((k + 0.5)/qmax)^(1/a)`, k = 0..qmax−1.
+//! Per group the kernels compare |x| with `T_k = t_k · m`, computed in float64 and rounded UP to the
+//! comparison type (float32 for float32/bfloat16/float16 input, float64 for float64 input), so
+//! `|x| ≥ T_k` in that type is exactly `|x|/m ≥ t_k` up to the float64 rounding of `t_k · m`. The
+//! dequantizer is a table of `2^b` values `sign(q)·(|q|/qmax)^(1/a)` per row, times m per group.
+//!
+//! # Packed layout (shared with the rotation quantizer, PAPERS.md §3)
+//! For a tensor of shape [..., n], `rows` = product of the leading dims.
+//! - **codes**: uint8 `[rows, row_bytes(n, b)]`, `row_bytes = ceil(n·b/8)`. The code of element j of a
+//!   row is the b-bit two's-complement field of q (`q & (2^b − 1)`); a row's fields form a
+//!   little-endian bit stream, LSB first: field j occupies bits `[j·b, (j+1)·b)` of the row, bit i of
+//!   the stream being bit `i % 8` of byte `i / 8`. So 8-bit codes are plain int8, 4-bit codes are two
+//!   per byte (element 2i in the low nibble of byte i, 2i+1 in the high nibble), 2-bit codes four per
+//!   byte (element 4i+s in bits 2s..2s+1), and 3-bit codes eight per three bytes (as a 24-bit
+//!   little-endian word, element 8i+s in bits 3s..3s+2; a field may straddle two bytes). Each row
+//!   starts on a byte boundary; unused high bits of a row's last byte are 0.
+//! - The field value f (0..2^b−1) means `q = f − 2^b` if `f ≥ 2^(b−1)` else `f` (sign extension).
+//!   The most negative field, `−2^(b−1)`, never occurs in codes made here (|q| ≤ qmax); should it
+//!   appear, it dequantizes by the same formula with |q| = 2^(b−1).
+//! - **scales**: float32 `[rows, n/g]`, `m` of each group (group i of a row covers elements
+//!   `[i·g, (i+1)·g)`), rounded to float32 from `clip · max|x|`; the codes are made against this
+//!   stored float32 value.
+//! - **exponents**: float32 `[rows]`, one a per row (a scalar exponent is stored expanded).
+//!
+//! Dequantizing element j of row r: `x̂ = scales[r, j / g] · lut_r[field(r, j)]` with
+//! `lut_r[f] = sign(q_f) · (|q_f|/qmax)^(1/a_r)` (computed in float64, used in float32).
+use crate::error::{Error, Result};
+use crate::tensor::{require_aligned, require_ptr, DType, Device, Ptr};
+
+pub mod cpu;
+
+/// The bit widths the kernels support.
+pub const BITS: [u32; 4] = [2, 3, 4, 8];
+
+/// Bytes of one packed row of `n` b-bit codes.
+pub fn row_bytes(n: usize, bits: u32) -> usize {
+    (n * bits as usize).div_ceil(8)
+}
+
+/// `2^(b−1) − 1`, the largest |q|.
+pub fn qmax(bits: u32) -> i32 {
+    (1 << (bits - 1)) - 1
+}
+
+/// The signed code a b-bit field stands for (sign extension of its two's complement).
+pub fn field_to_code(field: u8, bits: u32) -> i32 {
+    let f = field as i32 & ((1 << bits) - 1);
+    if f >= 1 << (bits - 1) {
+        f - (1 << bits)
+    } else {
+        f
+    }
+}
+
+/// Pack signed codes (|q| < 2^(b−1)) into one row of the layout above; `out` has
+/// `row_bytes(codes.len(), bits)` bytes and is fully written.
+pub fn pack_row(codes: &[i8], bits: u32, out: &mut [u8]) {
+    debug_assert_eq!(out.len(), row_bytes(codes.len(), bits));
+    match bits {
+        8 => {
+            for (o, &c) in out.iter_mut().zip(codes) {
+                *o = c as u8;
+            }
+        }
+        4 => {
+            let pairs = codes.chunks_exact(2);
+            let tail = pairs.remainder();
+            for (o, p) in out.iter_mut().zip(pairs) {
+                *o = (p[0] as u8 & 0xf) | ((p[1] as u8) << 4);
+            }
+            if let [c] = tail {
+                out[codes.len() / 2] = *c as u8 & 0xf;
+            }
+        }
+        _ => {
+            let mask = (1u32 << bits) - 1;
+            let (mut acc, mut nb, mut o) = (0u32, 0u32, 0usize);
+            for &c in codes {
+                acc |= (c as u8 as u32 & mask) << nb;
+                nb += bits;
+                while nb >= 8 {
+                    out[o] = acc as u8;
+                    o += 1;
+                    acc >>= 8;
+                    nb -= 8;
+                }
+            }
+            if nb > 0 {
+                out[o] = acc as u8;
+            }
+        }
+    }
+}
+
+/// Unpack the fields (raw b-bit values, 0..2^b−1) of elements `[start, start + out.len())` of a row.
+pub fn unpack_fields(row: &[u8], bits: u32, start: usize, out: &mut [u8]) {
+    match bits {
+        8 => out.copy_from_slice(&row[start..start + out.len()]),
+        4 if start % 2 == 0 => {
+            let bytes = &row[start / 2..];
+            let pairs = out.chunks_exact_mut(2);
+            for (p, &b) in pairs.zip(bytes) {
+                p[0] = b & 0xf;
+                p[1] = b >> 4;
+            }
+            if out.len() % 2 == 1 {
+                let last = out.len() - 1;
+                out[last] = bytes[last / 2] & 0xf;
+            }
+        }
+        _ => {
+            let mask = (1u32 << bits) - 1;
+            for (i, o) in out.iter_mut().enumerate() {
+                let bit = (start + i) * bits as usize;
+                let (byte, shift) = (bit / 8, bit % 8);
+                let lo = row[byte] as u32;
+                let hi = if shift as u32 + bits > 8 { (row[byte + 1] as u32) << 8 } else { 0 };
+                *o = (((lo | hi) >> shift) & mask) as u8;
+            }
+        }
+    }
+}
+
+/// The dequantization table of one row: `lut[f] = sign(q_f)·(|q_f|/qmax)^(1/a)` for every field f.
+pub fn row_lut(bits: u32, a: f32) -> Vec<f64> {
+    let qm = qmax(bits) as f64;
+    let inv_a = 1.0 / a as f64;
+    (0..1u32 << bits)
+        .map(|f| {
+            let q = field_to_code(f as u8, bits);
+            let v = (q.unsigned_abs() as f64 / qm).powf(inv_a);
+            if q < 0 {
+                -v
+            } else {
+                v
+            }
+        })
+        .collect()
+}
+
+/// The code boundaries of |x|/m for exponent a: `t_k = ((k + 0.5)/qmax)^(1/a)`, k = 0..qmax−1.
+pub fn boundaries(bits: u32, a: f32) -> Vec<f64> {
+    let qm = qmax(bits) as f64;
+    let inv_a = 1.0 / a as f64;
+    (0..qmax(bits)).map(|k| ((k as f64 + 0.5) / qm).powf(inv_a)).collect()
+}
+
+/// Sizes and options of a quantized tensor: `rows` rows of `n` elements, groups of `group`.
+#[derive(Debug, Clone, Copy)]
+pub struct QuantArgs {
+    pub bits: u32,
+    pub rows: usize,
+    pub n: usize,
+    pub group: usize,
+    /// m = clip · max|x| (quantize only).
+    pub clip: f64,
+}
+
+impl QuantArgs {
+    pub fn groups(&self) -> usize {
+        if self.group == 0 {
+            0
+        } else {
+            self.n / self.group
+        }
+    }
+
+    pub fn row_bytes(&self) -> usize {
+        row_bytes(self.n, self.bits)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if !BITS.contains(&self.bits) {
+            return Err(Error::value(format!("bits: expected one of 2, 3, 4, 8; got {}", self.bits)));
+        }
+        if self.n > i32::MAX as usize {
+            return Err(Error::value(format!("x: last dimension {} exceeds the supported 2^31-1", self.n)));
+        }
+        if self.n > 0 && (self.group == 0 || self.n % self.group != 0) {
+            return Err(Error::value(format!(
+                "group_size: expected a positive divisor of the last dimension {}; got {}",
+                self.n, self.group
+            )));
+        }
+        if !(self.clip > 0.0 && self.clip.is_finite()) {
+            return Err(Error::value(format!("clip: expected a finite value > 0; got {}", self.clip)));
+        }
+        Ok(())
+    }
+}
+
+/// Check every exponent: finite and in (0, 1].
+pub fn validate_exponents(a: &[f32]) -> Result<()> {
+    for (i, &v) in a.iter().enumerate() {
+        if !(v > 0.0 && v <= 1.0) {
+            return Err(Error::value(format!("a: expected exponents in (0, 1]; got {v} (row {i})")));
+        }
+    }
+    Ok(())
+}
+
+fn check_ptrs(list: &[(Ptr, &str, usize)]) -> Result<()> {
+    for &(p, name, align) in list {
+        require_ptr(p, name)?;
+        require_aligned(p, align, name)?;
+    }
+    Ok(())
+}
+
+/// The device dispatch of this family: CPU kernels only for now. A `cuda.rs` (launching
+/// `cuda/quant.cu`) slots in here as in `norm`, reading and writing the layout documented above.
+fn cpu_only(device: Device) -> Result<()> {
+    match device {
+        Device::Cpu => Ok(()),
+        Device::Cuda { .. } => Err(Error::dtype("CUDA kernels for power quantization are not built yet: use CPU tensors")),
+    }
+}
+
+/// Quantize `x` (rows·n elements of `dtype`) with exponents `a` (float32 [rows]) into `codes`
+/// (uint8 [rows, row_bytes]) and `scales` (float32 [rows, n/group]).
+/// Errors (ValueError kind) on an exponent outside (0, 1], or on NaN/inf in x (or a scale that
+/// overflows float32); outputs are then unspecified.
+///
+/// # Safety
+/// Every address is valid for the sizes above (inputs readable, outputs writable, no overlap).
+pub unsafe fn quantize(device: Device, dtype: DType, q: &QuantArgs, x: Ptr, a: Ptr, codes: Ptr, scales: Ptr) -> Result<()> {
+    q.validate()?;
+    cpu_only(device)?;
+    if q.rows == 0 {
+        return Ok(());
+    }
+    check_ptrs(&[(a, "a", 4)])?;
+    validate_exponents(crate::cpu::slice(a, q.rows))?;
+    if q.n == 0 {
+        return Ok(());
+    }
+    check_ptrs(&[(x, "x", dtype.size()), (codes, "codes", 1), (scales, "scales", 4)])?;
+    cpu::quantize(dtype, q, x, a, codes, scales)
+}
+
+/// Dequantize `codes`/`scales`/`a` (as [`quantize`] writes them) into `out`: rows·n elements of `dtype`.
+///
+/// # Safety
+/// As [`quantize`].
+pub unsafe fn dequantize(device: Device, dtype: DType, q: &QuantArgs, codes: Ptr, scales: Ptr, a: Ptr, out: Ptr) -> Result<()> {
+    q.validate()?;
+    cpu_only(device)?;
+    if q.rows == 0 {
+        return Ok(());
+    }
+    check_ptrs(&[(a, "a", 4)])?;
+    validate_exponents(crate::cpu::slice(a, q.rows))?;
+    if q.n == 0 {
+        return Ok(());
+    }
+    check_ptrs(&[(codes, "codes", 1), (scales, "scales", 4), (out, "out", dtype.size())])?;
+    cpu::dequantize(dtype, q, codes, scales, a, out);
+    Ok(())
+}
+
+/// Fake quantization `y = x̂` (rows·n of `dtype`), writing the scales it used (float32 [rows, n/group]).
+///
+/// # Safety
+/// As [`quantize`].
+pub unsafe fn fake_quantize(device: Device, dtype: DType, q: &QuantArgs, x: Ptr, a: Ptr, y: Ptr, scales: Ptr) -> Result<()> {
+    q.validate()?;
+    cpu_only(device)?;
+    if q.rows == 0 {
+        return Ok(());
+    }
+    check_ptrs(&[(a, "a", 4)])?;
+    validate_exponents(crate::cpu::slice(a, q.rows))?;
+    if q.n == 0 {
+        return Ok(());
+    }
+    check_ptrs(&[(x, "x", dtype.size()), (y, "y", dtype.size()), (scales, "scales", 4)])?;
+    cpu::fake_quantize(dtype, q, x, a, y, scales)
+}
+
+/// Added to u = |x|/m inside the logarithms of the fake-quantizer's gradients (PAPERS.md §2).
+pub const FAKE_GRAD_EPS: f64 = 1e-12;
+
+/// Straight-through gradients of [`fake_quantize`], m held constant. With `u = |x|/m`, `s = sign(x)`,
+/// `lu = ln(u + ε)` (ε = [`FAKE_GRAD_EPS`]), `q` the code, `r = |q|/qmax`, and `R = r^(1/a − 1)`
+/// (for q = 0: 1 if a = 1 else 0):
+///   `∂x̂/∂x = R · exp((a − 1)·lu)`
+///   `∂x̂/∂a = −(m/a²)·s·r^(1/a)·ln r  +  (m/a)·s·R·exp(a·lu)·lu`   (first term 0 for q = 0)
+/// both 0 where x = 0, m = 0 or |x| > m (clamped). `dx = dy·∂x̂/∂x` (rows·n of `dtype`);
+/// `da[r] = Σ_row dy·∂x̂/∂a` (float32 [rows], 0: not wanted), summed in a fixed order in float64.
+///
+/// # Safety
+/// As [`quantize`]; `scales` as [`fake_quantize`] wrote them.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn fake_quantize_backward(
+    device: Device, dtype: DType, q: &QuantArgs, dy: Ptr, x: Ptr, scales: Ptr, a: Ptr, dx: Ptr, da: Ptr,
+) -> Result<()> {
+    q.validate()?;
+    cpu_only(device)?;
+    if q.rows == 0 {
+        return Ok(());
+    }
+    check_ptrs(&[(a, "a", 4)])?;
+    validate_exponents(crate::cpu::slice(a, q.rows))?;
+    if da != 0 {
+        require_aligned(da, 4, "da")?;
+    }
+    if q.n > 0 {
+        let es = dtype.size();
+        check_ptrs(&[(dy, "dy", es), (x, "x", es), (scales, "scales", 4), (dx, "dx", es)])?;
+    }
+    cpu::fake_quantize_backward(dtype, q, dy, x, scales, a, dx, da);
+    Ok(())
+}
+
+/// A quantized linear layer `y = x @ Ŵᵀ + b`: Ŵ has `out_features` rows of `in_features` (quantized
+/// as above, `QuantArgs { rows: out_features, n: in_features }`); x has `tokens` rows.
+#[derive(Debug, Clone, Copy)]
+pub struct LinearArgs {
+    pub q: QuantArgs,
+    pub tokens: usize,
+}
+
+/// The codebooks of rows with exponents `a` (float32 [rows]) into `out` (float32 [rows, 2^b]):
+/// `out[r, f] = sign(q_f)·(|q_f|/qmax)^(1/a_r)`, what [`linear`] and [`linear_backward`] read.
+///
+/// # Safety
+/// `a` and `out` valid for those sizes.
+pub unsafe fn codebook(bits: u32, rows: usize, a: Ptr, out: Ptr) -> Result<()> {
+    if !BITS.contains(&bits) {
+        return Err(Error::value(format!("bits: expected one of 2, 3, 4, 8; got {bits}")));
+    }
+    if rows == 0 {
+        return Ok(());
+    }
+    check_ptrs(&[(a, "a", 4), (out, "out", 4)])?;
+    validate_exponents(crate::cpu::slice(a, rows))?;
+    cpu::codebook(bits, rows, a, out);
+    Ok(())
+}
+
+/// `y = x @ Ŵᵀ + bias` with x `[tokens, in]` and y `[tokens, out]` of `dtype`, bias float32 [out]
+/// (0: none), `table` the rows' codebooks (float32 [out, 2^b], see [`codebook`]). Ŵ is never formed:
+/// each row's codebook times its group scales meets x directly (AVX2 for 4 bits with in and the
+/// group size multiples of 32: per 32 weights four `vpshufb` over the codebook's byte planes and
+/// unpacks to float32, FMA into float32 accumulators; a scalar table path otherwise).
+///
+/// # Safety
+/// As [`quantize`].
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn linear(
+    device: Device, dtype: DType, l: &LinearArgs, x: Ptr, codes: Ptr, scales: Ptr, table: Ptr, bias: Ptr, y: Ptr,
+) -> Result<()> {
+    l.q.validate()?;
+    cpu_only(device)?;
+    if l.tokens == 0 || l.q.rows == 0 {
+        return Ok(());
+    }
+    check_ptrs(&[(y, "y", dtype.size()), (table, "table", 4)])?;
+    if bias != 0 {
+        require_aligned(bias, 4, "bias")?;
+    }
+    if l.q.n > 0 {
+        check_ptrs(&[(x, "x", dtype.size()), (codes, "codes", 1), (scales, "scales", 4)])?;
+    }
+    cpu::linear(dtype, l, x, codes, scales, table, bias, y);
+    Ok(())
+}
+
+/// `dx = dy @ Ŵ` with dy `[tokens, out]` and dx `[tokens, in]` of `dtype` (the input gradient of
+/// [`linear`]), through the same codebooks, columns split across tasks, rows summed in order.
+///
+/// # Safety
+/// As [`quantize`].
+pub unsafe fn linear_backward(
+    device: Device, dtype: DType, l: &LinearArgs, dy: Ptr, codes: Ptr, scales: Ptr, table: Ptr, dx: Ptr,
+) -> Result<()> {
+    l.q.validate()?;
+    cpu_only(device)?;
+    if l.tokens == 0 || l.q.n == 0 {
+        return Ok(());
+    }
+    check_ptrs(&[(dx, "dx", dtype.size())])?;
+    if l.q.rows > 0 {
+        check_ptrs(&[(dy, "dy", dtype.size()), (codes, "codes", 1), (scales, "scales", 4), (table, "table", 4)])?;
+    }
+    cpu::linear_backward(dtype, l, dy, codes, scales, table, dx);
+    Ok(())
+}
+
+/// Options of [`search_exponent`]: a coarse grid of `grid` evenly spaced exponents on `[lo, 1]`,
+/// then a fine grid of `refine` points on the two coarse cells around each of the 4 best coarse
+/// local minima; the best exponent evaluated is returned (ties: the larger). Without a metric, a
+/// row's error at any exponent is read off its sorted |w|/m and prefix sums (qmax searches per
+/// evaluation), so fine grids are cheap; with a metric each evaluation costs z_rows·n per row.
+#[derive(Debug, Clone, Copy)]
+pub struct SearchArgs {
+    pub q: QuantArgs,
+    pub per_row: bool,
+    /// Rows of the metric z (0: the weight error itself).
+    pub z_rows: usize,
+    pub lo: f64,
+    pub grid: usize,
+    pub refine: usize,
+}
+
+/// The exponent(s) minimizing the quantization error of `w` (float32 [rows, n]): per row
+/// `Σ (w − ŵ_a)²`, or with a metric `z` (float32 [z_rows, n]) `‖z·(w − ŵ_a)‖²` (z = the calibration
+/// activations X, or any R with RᵀR = XᵀX). `out`: float32 [rows] (`per_row`) or [1] (one exponent
+/// minimizing the sum over rows).
+///
+/// # Safety
+/// As [`quantize`].
+pub unsafe fn search_exponent(device: Device, s: &SearchArgs, w: Ptr, z: Ptr, out: Ptr) -> Result<()> {
+    s.q.validate()?;
+    cpu_only(device)?;
+    if !(s.lo > 0.0 && s.lo <= 1.0) || s.grid < 2 {
+        return Err(Error::value(format!("search: expected 0 < lo <= 1 and grid >= 2; got lo={} grid={}", s.lo, s.grid)));
+    }
+    let outs = if s.per_row { s.q.rows } else { 1 };
+    if outs == 0 {
+        return Ok(());
+    }
+    check_ptrs(&[(out, "out", 4)])?;
+    if s.q.rows > 0 && s.q.n > 0 {
+        check_ptrs(&[(w, "w", 4)])?;
+        if s.z_rows > 0 {
+            check_ptrs(&[(z, "x", 4)])?;
+        }
+    }
+    cpu::search_exponent(s, w, z, out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pack_unpack_round_trip_every_width_and_length() {
+        for bits in BITS {
+            let qm = qmax(bits);
+            for n in [0usize, 1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 33, 100] {
+                let codes: Vec<i8> = (0..n).map(|i| ((i as i32 * 7 + 3) % (2 * qm + 1) - qm) as i8).collect();
+                let mut packed = vec![0xAAu8; row_bytes(n, bits)];
+                pack_row(&codes, bits, &mut packed);
+                for start in 0..n.min(9) {
+                    let mut f = vec![0u8; n - start];
+                    unpack_fields(&packed, bits, start, &mut f);
+                    for (i, &v) in f.iter().enumerate() {
+                        assert_eq!(field_to_code(v, bits), codes[start + i] as i32, "bits {bits} n {n} start {start} i {i}");
+                    }
+                }
+                // Unused high bits of the last byte are zero.
+                if (n * bits as usize) % 8 != 0 {
+                    let used = (n * bits as usize) % 8;
+                    assert_eq!(packed[packed.len() - 1] >> used, 0);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn documented_bit_positions() {
+        // 4-bit: low nibble first. q = -1 is field 0xF, q = 3 is 0x3.
+        let mut p = [0u8; 1];
+        pack_row(&[-1, 3], 4, &mut p);
+        assert_eq!(p, [0x3F]);
+        // 2-bit: four per byte, element 0 in bits 0..1.
+        pack_row(&[1, -1, 0, 1], 2, &mut p);
+        assert_eq!(p, [0b01_00_11_01]);
+        // 3-bit: eight codes in three bytes as a 24-bit little-endian word.
+        let codes = [1i8, -1, 2, -3, 0, 3, -2, 1];
+        let mut p3 = [0u8; 3];
+        pack_row(&codes, 3, &mut p3);
+        let word: u32 = codes.iter().enumerate().map(|(i, &c)| ((c as u8 as u32) & 7) << (3 * i)).sum();
+        assert_eq!(p3, [word as u8, (word >> 8) as u8, (word >> 16) as u8]);
+        // 8-bit: int8.
+        let mut p8 = [0u8; 2];
+        pack_row(&[-127, 5], 8, &mut p8);
+        assert_eq!(p8, [0x81, 5]);
+    }
+}

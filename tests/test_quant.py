@@ -1,0 +1,630 @@
+"""Tests of lmkern's power-exponent quantization against the float64 references in tests/reference/quant.py.
+
+Codes must equal the reference's except at elements the reference flags as lying within float
+rounding of a code boundary (``near_boundary``: qmax·u^a within a relative 1e-9 of a half-integer);
+those are few and checked to differ by at most one step. Dequantized values are compared with the
+reference dequantization of the kernel's own codes element by element (float32 rounding), and
+against the reference codes in the ‖out − ref‖/‖ref‖ metric. Inputs are fresh random values from a
+hypothesis-drawn seed.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+import lmkern
+from lmkern import _core
+from lmkern.nn import PowerQuantLinear
+from lmkern.quant import PowerQuantized, power_dequantize, power_fake_quantize, power_quantize, search_exponent, unpack_codes
+
+from reference.quant import (
+    absmax_int_ref, brute_force_errors, dequantize_ref, errors_ref, fake_quantize_grads_ref, linear_ref, pack_ref,
+    quantize_ref, unpack_ref,
+)
+
+F64, F32, BF16, F16 = torch.float64, torch.float32, torch.bfloat16, torch.float16
+DTYPES = [F32, F64, BF16, F16]
+# Element-wise bound of |x̂ − ref| / |ref| for a dequantized value stored in each dtype: the output
+# rounding plus float32's m·table product (float64 for float64).
+DEQ_RTOL = {F32: 3e-7, F64: 1e-15, BF16: 2 ** -8 + 3e-7, F16: 2 ** -11 + 3e-7}
+# plus half of float16's subnormal spacing (outputs below 2^-14 lose relative precision).
+DEQ_ATOL = {F32: 1e-300, F64: 1e-300, BF16: 1e-300, F16: 2 ** -25}
+TOL = {F32: 1e-5, F64: 1e-12, BF16: 1e-2, F16: 1e-2}
+CODES = {F32: 0, F64: 1, F16: 2, BF16: 3}
+
+
+def randn(shape, dtype, seed, mag=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=F64) * mag).to(dtype)
+
+
+def rel_err(out, ref) -> float:
+    o, r = out.detach().to(F64), ref.detach().to(F64)
+    assert o.shape == r.shape, f"{tuple(o.shape)} vs {tuple(r.shape)}"
+    if not torch.isfinite(o).all():
+        return math.inf
+    d, n = (o - r).norm().item(), r.norm().item()
+    return d if n == 0 else d / n
+
+
+def rel_err_floor(out, ref, floor: float) -> float:
+    """‖out − ref‖ / max(‖ref‖, floor) in float64; inf if out is not finite."""
+    o, r = out.detach().to(F64), ref.detach().to(F64)
+    if not torch.isfinite(o).all():
+        return math.inf
+    d = max(r.norm().item(), floor)
+    return (o - r).norm().item() / d if d > 0 else (o - r).norm().item()
+
+
+def check_codes(q: PowerQuantized, x, a, bits, g, clip=1.0, max_near_frac=None):
+    """Kernel codes and scales against the reference; returns the reference (q, m, near)."""
+    q_ref, m_ref, near = quantize_ref(x, a, bits, g, clip)
+    rows, n = q_ref.shape
+    assert q.codes.dtype == torch.uint8 and tuple(q.codes.shape) == (rows, (n * bits + 7) // 8)
+    assert q.scales.dtype == F32 and tuple(q.scales.shape) == (rows, n // g if n else 0)
+    assert torch.equal(q.scales, m_ref), "scales differ from float32(clip·max|x|)"
+    got = unpack_ref(q.codes, bits, n)
+    assert got.abs().max().item() <= 2 ** (bits - 1) - 1 if got.numel() else True
+    diff = got != q_ref
+    assert not (diff & ~near).any(), (
+        f"{int((diff & ~near).sum())} codes differ away from a boundary, e.g. got "
+        f"{got[diff & ~near][:5].tolist()} want {q_ref[diff & ~near][:5].tolist()}"
+    )
+    assert ((got - q_ref).abs() <= 1).all()
+    if max_near_frac is not None and near.numel():  # the exemption must not hollow the check out
+        assert near.float().mean().item() <= max_near_frac
+    # Unused bits of a row's last byte are zero: the bytes are exactly the reference packing.
+    assert torch.equal(q.codes, pack_ref(got, bits))
+    return got, m_ref, near
+
+
+# ------------------------------------------------------------------------------------------------
+# quantize / dequantize against the reference
+# ------------------------------------------------------------------------------------------------
+
+
+@st.composite
+def quant_cases(draw, max_elems=20_000):
+    dtype = draw(st.sampled_from(DTYPES))
+    bits = draw(st.sampled_from([2, 3, 4, 8]))
+    n = draw(st.one_of(st.integers(1, 40), st.sampled_from([64, 96, 127, 128, 256, 384, 1000, 4096])))
+    divisors = [d for d in range(1, n + 1) if n % d == 0]
+    g = draw(st.one_of(st.none(), st.sampled_from(divisors)))
+    lead = draw(st.sampled_from([(), (1,), (3,), (2, 3), (0,), (5, 1)]))
+    if math.prod(lead) * n > max_elems:
+        lead = (max(1, max_elems // n),)
+    rows = math.prod(lead) if lead else 1
+    per_row = draw(st.booleans()) and rows > 0
+    if per_row:
+        a = torch.tensor(draw(st.lists(st.floats(0.05, 1.0), min_size=rows, max_size=rows)), dtype=F32)
+    else:
+        a = draw(st.one_of(st.just(1.0), st.floats(0.05, 1.0)))
+    clip = draw(st.sampled_from([1.0, 1.0, 0.9, 0.5, 1.5]))
+    mag = draw(st.sampled_from([1.0, 1e-3, 50.0]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    return dtype, bits, lead + (n,), g, a, clip, mag, seed
+
+
+@given(quant_cases())
+def test_quantize_dequantize_match_reference(case):
+    dtype, bits, shape, g, a, clip, mag, seed = case
+    x = randn(shape, dtype, seed, mag)
+    if x.numel() > 4:  # exact zeros and an all-zero group too
+        x.view(-1)[seed % x.numel()] = 0
+    n = shape[-1]
+    gs = n if g is None else g
+    q = power_quantize(x, a, bits, g, clip)
+    assert isinstance(q, PowerQuantized) and q.bits == bits and q.group_size == gs
+    assert q.shape == x.shape and q.dtype == dtype
+    assert q.exponent.dtype == F32 and tuple(q.exponent.shape) == (math.prod(shape[:-1]),)
+    codes, m, near = check_codes(q, x, a, bits, gs, clip)
+    xh = power_dequantize(q)
+    assert xh.dtype == dtype and xh.shape == x.shape
+    # Element-wise: the kernel's codes dequantized by the formula, within float rounding.
+    ref_own = dequantize_ref(codes, m, q.exponent.to(F64), bits, gs).reshape(shape)
+    err = (xh.to(F64) - ref_own).abs()
+    assert (err <= DEQ_RTOL[dtype] * ref_own.abs() + DEQ_ATOL[dtype]).all(), f"max element error {err.max().item():.3e}"
+    # Against the reference codes (differing only at flagged boundary elements).
+    q_ref, _, _ = quantize_ref(x, a, bits, gs, clip)
+    ref = dequantize_ref(q_ref, m, q.exponent.to(F64), bits, gs).reshape(shape)
+    if not near.any():
+        assert rel_err(xh, ref) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_large_rows_match_reference(bits, dtype):
+    x = randn((64, 4096), dtype, bits)
+    a = torch.linspace(0.2, 1.0, 64)
+    q = power_quantize(x, a, bits, 128)
+    codes, m, near = check_codes(q, x, a, bits, 128, max_near_frac=1e-4 if dtype == F32 else 0.05)
+    ref = dequantize_ref(codes, m, a, bits, 128)
+    assert rel_err(power_dequantize(q).reshape(64, 4096), ref) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_equal_one_is_absmax_integer_quantization(bits, dtype):
+    x = randn((6, 96), dtype, 11)
+    q = power_quantize(x, 1.0, bits, 32)
+    q_int, xh_int = absmax_int_ref(x, bits, 32)
+    t = x.to(F64).reshape(6, 3, 32)
+    tie = ((t / t.abs().amax(-1, keepdim=True) * (2 ** (bits - 1) - 1)).abs() % 1 - 0.5).abs() < 1e-9
+    got = unpack_ref(q.codes, bits, 96)
+    ok = ~tie.reshape(6, 96)  # exact ties k + 0.5 may go either way (within rounding of a boundary)
+    assert torch.equal(got[ok], q_int[ok])
+    assert rel_err(power_dequantize(q)[ok], xh_int.reshape(6, 96)[ok]) <= TOL[dtype]
+    # 8-bit codes are plain int8.
+    if bits == 8:
+        assert torch.equal(q.codes.view(torch.int8).to(torch.int64), got)
+
+
+def test_boundaries_are_exact_on_constructed_ties():
+    """Values placed exactly on and one float32 step around the boundaries t_k·m: the kernel's code
+    changes where the float64 formula's does (half away from zero at the boundary itself is a tie,
+    which the reference flags; the neighbours are not)."""
+    bits, a = 4, 0.5
+    qm = 7
+    ks = torch.arange(qm, dtype=F64)
+    t = ((ks + 0.5) / qm) ** (1 / a)  # boundaries of u, with m = 1 (x holds 1.0 as its max)
+    vals = []
+    for tv in t.tolist():
+        f = torch.tensor(tv, dtype=F32)
+        vals += [torch.nextafter(f, torch.tensor(0.0)).item(), torch.nextafter(f, torch.tensor(2.0)).item()]
+    x = torch.tensor([1.0] + vals + [-v for v in vals], dtype=F32).reshape(1, -1)
+    q = power_quantize(x, a, bits)
+    check_codes(q, x, a, bits, x.shape[1])
+    got = unpack_ref(q.codes, bits, x.shape[1])[0, 1:1 + len(vals)]
+    # below boundary k: code k; above it: k + 1.
+    assert got.tolist() == [v for k in range(qm) for v in (k, k + 1)]
+
+
+def test_all_zero_groups_and_exact_zeros():
+    x = torch.zeros(3, 16)
+    x[1, 8:] = torch.arange(8) - 3.0
+    for a in (1.0, 0.3):
+        q = power_quantize(x, a, 4, 8)
+        assert q.scales[0].tolist() == [0.0, 0.0] and q.scales[1, 0].item() == 0.0
+        xh = power_dequantize(q)
+        assert torch.isfinite(xh).all() and (xh[0] == 0).all() and (xh[1, :8] == 0).all()
+        assert xh[1, 11].item() == 0.0  # x = 0 inside a non-zero group
+        codes, _, _ = check_codes(q, x, a, 4, 8)
+        assert codes[1, 11].item() == 0 and codes[1, 15].item() == 7 and codes[1, 8].item() < 0
+
+
+def test_pack_unpack_round_trip():
+    g = torch.Generator().manual_seed(3)
+    for bits in (2, 3, 4, 8):
+        qm = 2 ** (bits - 1) - 1
+        for n in (1, 2, 3, 5, 8, 9, 17, 64, 100):
+            q = torch.randint(-qm, qm + 1, (4, n), generator=g)
+            packed = pack_ref(q, bits)
+            assert torch.equal(unpack_ref(packed, bits, n), q)
+            assert torch.equal(unpack_codes(packed, bits, n).to(torch.int64), q)
+            # and lmkern's own packing of these codes (a = 1, m = qmax: x = q quantizes to q exactly)
+            x = q.to(F32)
+            x[:, 0] = qm  # every row's max is qmax, so m = qmax and u·qmax = |q|
+            qq = power_quantize(x, 1.0, bits)
+            assert torch.equal(qq.codes, pack_ref(x.to(torch.int64), bits))
+
+
+def test_documented_bit_layout():
+    # 4-bit: low nibble first; q = -1 is 0xF. 3-bit: eight codes in a 24-bit little-endian word.
+    q = power_quantize(torch.tensor([[-1.0, 3.0, 7.0]]), 1.0, 4)
+    assert q.codes.tolist() == [[0x3F, 0x07]]  # q = (-1, 3, 7): 0xF | 3 << 4, then 7 in the low nibble
+    q3 = power_quantize(torch.tensor([[1.0, -1.0, 2.0, -3.0, 0.0, 3.0, -2.0, 1.0]]), 1.0, 3)
+    word = sum(((c & 7) << (3 * i)) for i, c in enumerate([1, -1, 2, -3, 0, 3, -2, 1]))
+    assert q3.codes.tolist() == [[word & 0xFF, (word >> 8) & 0xFF, word >> 16]]
+    q2 = power_quantize(torch.tensor([[1.0, -1.0, 0.0, 1.0, 1.0]]), 1.0, 2)
+    assert q2.codes.tolist() == [[0b01_00_11_01, 0b01]]
+
+
+def test_kernel_writes_every_byte():
+    """The same call into outputs poisoned two ways gives the same bytes: nothing left unwritten."""
+    x = randn((7, 96), F32, 5)
+    a = torch.full((7,), 0.6)
+    outs = []
+    for fill in (0x00, 0xFF):
+        codes = torch.full((7, 48), fill, dtype=torch.uint8)
+        scales = torch.full((7, 3), math.nan)
+        _core.quant_quantize(0, -1, 0, 4, 7, 96, 32, 1.0, x.data_ptr(), a.data_ptr(), codes.data_ptr(), scales.data_ptr())
+        outs.append((codes, scales))
+        out = torch.full((7, 96), math.nan)
+        _core.quant_dequantize(0, -1, 0, 4, 7, 96, 32, codes.data_ptr(), scales.data_ptr(), a.data_ptr(), out.data_ptr())
+        assert torch.isfinite(out).all()
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+def test_empty_and_non_contiguous():
+    for shape in ((0, 16), (3, 0), (0,), (2, 0, 8)):
+        x = torch.randn(shape)
+        q = power_quantize(x, 0.5, 4, None)
+        xh = power_dequantize(q)
+        assert xh.shape == x.shape
+    x = randn((16, 32), F32, 1).t()  # non-contiguous [32, 16]
+    q = power_quantize(x, 0.7, 4, 8)
+    check_codes(q, x.contiguous(), 0.7, 4, 8)
+
+
+def test_deterministic_across_threads(num_threads):
+    x = randn((300, 512), F32, 2)
+    a = torch.rand(300) * 0.9 + 0.1
+    res = []
+    for t in (1, 2, 3):
+        lmkern.set_num_threads(t)
+        q = power_quantize(x, a, 4, 64)
+        res.append((q.codes, q.scales, power_dequantize(q), power_fake_quantize(x, a, 4, 64)))
+    for r in res[1:]:
+        for u, v in zip(r, res[0]):
+            assert torch.equal(u, v)
+
+
+# ------------------------------------------------------------------------------------------------
+# fake quantization and its straight-through gradients
+# ------------------------------------------------------------------------------------------------
+
+
+@st.composite
+def fake_cases(draw):
+    dtype = draw(st.sampled_from([F64, F32, BF16, F16]))
+    bits = draw(st.sampled_from([2, 3, 4, 8]))
+    n = draw(st.sampled_from([1, 5, 16, 48, 128, 300]))
+    g = draw(st.sampled_from([d for d in (1, 4, 8, 16, 64, n) if n % d == 0]))
+    rows = draw(st.integers(1, 6))
+    per_row = draw(st.booleans())
+    clip = draw(st.sampled_from([1.0, 0.8]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    return dtype, bits, rows, n, g, per_row, clip, seed
+
+
+@given(fake_cases())
+def test_fake_quantize_forward_and_grads_match_reference(case):
+    dtype, bits, rows, n, g, per_row, clip, seed = case
+    x = randn((rows, n), dtype, seed)
+    x.view(-1)[seed % x.numel()] = 0
+    gen = torch.Generator().manual_seed(seed + 1)
+    a0 = (torch.rand(rows if per_row else (), generator=gen) * 0.9 + 0.1).to(F32)
+    a = a0.clone().requires_grad_(True)
+    xx = x.clone().requires_grad_(True)
+    y = power_fake_quantize(xx, a, bits, g, clip)
+    # Forward: bit for bit the dequantized quantization.
+    assert torch.equal(y.detach(), power_dequantize(power_quantize(x, a0, bits, g, clip)))
+    _, _, near = quantize_ref(x, a0.to(F64), bits, g, clip)
+    dy = randn((rows, n), dtype, seed + 2)
+    dy[near] = 0  # elements on a code boundary may take the other code: leave them out of the check
+    dx, da = torch.autograd.grad(y, (xx, a), dy)
+    _, dx_ref, da_ref = fake_quantize_grads_ref(x, a0.to(F64), dy, bits, g, clip)
+    assert dx.dtype == dtype and da.shape == a.shape and da.dtype == F32
+    assert rel_err(dx, dx_ref) <= TOL[dtype]
+    da_ref = da_ref if per_row else da_ref.sum()
+    # da is summed in float64 from float64 per-element terms and stored as float32.
+    assert rel_err(da, da_ref) <= (1e-5 if dtype == F64 else TOL[dtype]) or (da - da_ref).abs().max().item() < 1e-6 * dy.to(F64).abs().sum().item()
+
+
+def test_fake_quantize_grads_finite_at_zero_small_a_and_zero_groups():
+    x = torch.zeros(4, 32)
+    x[1] = torch.linspace(-1, 1, 32)  # contains ±1 (u = 1) and values near 0
+    x[2, :16] = torch.randn(16)       # second group of row 2 all zero
+    x[3] = torch.randn(32) * 1e-30    # tiny values
+    for a_val in (1.0, 0.5, 1e-2, 1e-4):
+        a = torch.full((4,), a_val, requires_grad=True)
+        xx = x.clone().requires_grad_(True)
+        y = power_fake_quantize(xx, a, 4, 16)
+        dx, da = torch.autograd.grad(y, (xx, a), torch.randn(4, 32))
+        assert torch.isfinite(y).all() and torch.isfinite(dx).all() and torch.isfinite(da).all(), a_val
+        assert (dx[0] == 0).all() and (dx[2, 16:] == 0).all()  # all-zero groups
+        assert dx[1, 15:17].abs().sum() >= 0  # values near 0: finite (checked above)
+    # a = 1: plain straight-through estimator: dx = dy where not clamped.
+    xx = x.clone().requires_grad_(True)
+    dy = torch.randn(4, 32)
+    (dx,) = torch.autograd.grad(power_fake_quantize(xx, 1.0, 4, 16), xx, dy)
+    nz = x != 0
+    assert torch.equal(dx[nz], dy[nz])
+
+
+def test_fake_quantize_clipped_elements_get_no_gradient():
+    x = torch.tensor([[0.1, -0.5, 0.95, -1.0, 0.3, 2.0]])
+    a = torch.tensor(0.7, requires_grad=True)
+    xx = x.clone().requires_grad_(True)
+    y = power_fake_quantize(xx, a, 4, None, clip=0.5)  # m = 1.0: |x| > 1 is clamped
+    dx, da = torch.autograd.grad(y, (xx, a), torch.ones_like(x))
+    assert dx[0, 5].item() == 0.0 and dx[0, 2].item() != 0.0
+    _, dx_ref, da_ref = fake_quantize_grads_ref(x, 0.7, torch.ones_like(x), 4, 6, clip=0.5)
+    assert rel_err(dx, dx_ref) <= 1e-5 and abs(da.item() - da_ref.sum().item()) <= 1e-5 * abs(da_ref.sum().item())
+
+
+# ------------------------------------------------------------------------------------------------
+# exponent search
+# ------------------------------------------------------------------------------------------------
+
+FINE = torch.linspace(lmkern.quant.SEARCH_LO, 1.0, 951, dtype=F64)
+
+
+@pytest.mark.parametrize("bits,g,dist", [(4, 128, "normal"), (3, 64, "laplace"), (4, None, "t"), (2, 32, "normal"), (8, 128, "t")])
+def test_search_exponent_within_one_percent_of_brute_force(bits, g, dist):
+    gen = torch.Generator().manual_seed(bits)
+    rows, n = 12, 256
+    if dist == "normal":
+        w = torch.randn(rows, n, generator=gen)
+    elif dist == "laplace":
+        w = torch.distributions.Laplace(0.0, 1.0).sample((rows, n))
+    else:
+        w = torch.distributions.StudentT(3.0).sample((rows, n))
+    gs = n if g is None else g
+    a = search_exponent(w, bits, g)
+    assert a.dtype == F32 and a.shape == (rows,) and ((a >= lmkern.quant.SEARCH_LO) & (a <= 1)).all()
+    ours = errors_ref(w, a.to(F64), bits, gs)
+    brute = brute_force_errors(w, bits, gs, FINE)
+    # the broadcast brute force is the reference formula
+    assert torch.allclose(brute[::190], torch.stack([errors_ref(w, float(v), bits, gs) for v in FINE[::190]]), rtol=1e-9)
+    best = brute.min(0).values
+    assert (ours <= best * 1.01 + 1e-12).all(), f"worst ratio {(ours / best).max().item():.4f}"
+    # one exponent for the whole tensor
+    a1 = search_exponent(w, bits, g, per_row=False)
+    assert a1.shape == () and a1.dtype == F32
+    tot = brute.sum(1)
+    assert errors_ref(w, float(a1), bits, gs).sum() <= tot.min() * 1.01
+
+
+@pytest.mark.parametrize("tokens", [16, 400])
+def test_search_exponent_on_output_error(tokens):
+    gen = torch.Generator().manual_seed(tokens)
+    rows, n = 6, 128
+    w = torch.randn(rows, n, generator=gen)
+    x = torch.randn(tokens, n, generator=gen) * torch.linspace(0.1, 3.0, n)  # anisotropic activations
+    a = search_exponent(w, 4, 32, x=x)
+    ours = errors_ref(w, a.to(F64), 4, 32, x=x)
+    brute = brute_force_errors(w, 4, 32, FINE, x=x)
+    assert torch.allclose(brute[::300], torch.stack([errors_ref(w, float(v), 4, 32, x=x) for v in FINE[::300]]), rtol=1e-9)
+    best = brute.min(0).values
+    assert (ours <= best * 1.01 + 1e-9).all(), f"worst ratio {(ours / best).max().item():.4f}"
+    assert search_exponent(w, 4, 32, x=x.reshape(2, tokens // 2, n)).allclose(a)
+
+
+def test_search_exponent_zero_rows_and_bad_input():
+    w = torch.zeros(3, 64)
+    w[1] = torch.randn(64)
+    a = search_exponent(w, 4, 32)
+    assert a[0].item() == 1.0 and a[2].item() == 1.0 and 0 < a[1].item() <= 1
+    w[1, 3] = math.nan
+    with pytest.raises(ValueError, match="finite"):
+        search_exponent(w, 4, 32)
+    with pytest.raises(ValueError, match="last dimension"):
+        search_exponent(torch.randn(3, 64), 4, 32, x=torch.randn(5, 63))
+
+
+# ------------------------------------------------------------------------------------------------
+# PowerQuantLinear
+# ------------------------------------------------------------------------------------------------
+
+
+def _linear(in_f, out_f, bias, seed):
+    torch.manual_seed(seed)
+    return torch.nn.Linear(in_f, out_f, bias=bias)
+
+
+@st.composite
+def linear_cases(draw):
+    dtype = draw(st.sampled_from([F32, BF16, F16, F64]))
+    bits = draw(st.sampled_from([4, 4, 2, 3, 8]))
+    in_f = draw(st.sampled_from([16, 32, 48, 128, 256, 7, 100]))
+    g = draw(st.sampled_from([d for d in (16, 32, 128, in_f) if in_f % d == 0]))
+    out_f = draw(st.sampled_from([1, 5, 16, 33]))
+    lead = draw(st.sampled_from([(1,), (2,), (3,), (5,), (2, 3), (0,), ()]))
+    bias = draw(st.booleans())
+    seed = draw(st.integers(0, 2**31 - 1))
+    return dtype, bits, in_f, g, out_f, lead, bias, seed
+
+
+@given(linear_cases())
+def test_power_quant_linear_matches_dequantized_matmul(case):
+    dtype, bits, in_f, g, out_f, lead, bias, seed = case
+    lin = _linear(in_f, out_f, bias, seed % 1000)
+    a = torch.rand(out_f, generator=torch.Generator().manual_seed(seed)) * 0.8 + 0.2
+    mod = PowerQuantLinear.from_linear(lin, bits, g, a)
+    w_hat = power_dequantize(mod.quantized).to(F64)
+    x = randn(lead + (in_f,), dtype, seed).requires_grad_(True)
+    y = mod(x)
+    assert y.dtype == dtype and y.shape == lead + (out_f,)
+    ref = linear_ref(x, w_hat, lin.bias)
+    # Accumulation is float32 (float64 activations too): a dot product's rounding error scales with
+    # Σ|x·w|, so the error is measured relative to max(‖ref‖, ‖|x|·|Ŵ|ᵀ‖) (cancelling sums).
+    tol = 1e-5 if dtype == F64 else TOL[dtype]
+    x64 = x.detach().to(F64)
+    assert rel_err_floor(y, ref, (x64.abs() @ w_hat.abs().T).norm().item()) <= tol
+    dy = randn(y.shape, dtype, seed + 1)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    assert dx.dtype == dtype and dx.shape == x.shape
+    dy64 = dy.to(F64)
+    assert rel_err_floor(dx, dy64 @ w_hat, (dy64.abs() @ w_hat.abs()).norm().item()) <= tol
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 3, 64])
+def test_power_quant_linear_fast_path_large(tokens):
+    """The AVX2 4-bit path (in and group multiples of 16) at a realistic width, odd token counts."""
+    lin = _linear(1024, 96, True, 0)
+    mod = PowerQuantLinear.from_linear(lin, 4, 128)
+    w_hat = mod.dequantized_weight().to(F64)
+    x = randn((tokens, 1024), F32, tokens)
+    assert rel_err(mod(x), linear_ref(x, w_hat, lin.bias)) <= 1e-5
+    assert rel_err(mod(x.to(BF16)), linear_ref(x.to(BF16), w_hat, lin.bias)) <= 1e-2
+
+
+def test_power_quant_linear_state_dict_round_trip():
+    lin = _linear(256, 40, True, 1)
+    mod = PowerQuantLinear.from_linear(lin, 4, 64)  # exponents searched
+    assert not torch.all(mod.exponent == 1.0)
+    sd = mod.state_dict()
+    assert set(sd) == {"codes", "scales", "exponent", "bias"}
+    fresh = PowerQuantLinear(256, 40, bias=True, bits=4, group_size=64)
+    fresh.load_state_dict(sd)
+    x = torch.randn(3, 256)
+    assert torch.equal(fresh(x), mod(x))
+    assert "bits=4" in repr(fresh) and list(mod.parameters()) == []
+    assert torch.equal(fresh.codebook, mod.codebook)
+
+
+def test_codebook_matches_formula():
+    for bits in (2, 3, 4, 8):
+        a = torch.tensor([1.0, 0.5, 0.13, 0.77])
+        cb = torch.ops.lmkern.power_codebook(a, bits)
+        qm = 2 ** (bits - 1) - 1
+        f = torch.arange(2 ** bits)
+        q = torch.where(f >= 2 ** (bits - 1), f - 2 ** bits, f).to(F64)
+        ref = torch.sign(q) * (q.abs() / qm) ** (1 / a.to(F64).unsqueeze(1))
+        assert (cb.to(F64) - ref).abs().max() <= 2 ** -24 * ref.abs().max()
+    with pytest.raises(ValueError, match="a: expected exponents in"):
+        torch.ops.lmkern.power_codebook(torch.tensor([0.5, 0.0]), 4)
+
+
+def test_power_quant_linear_from_linear_options():
+    lin = _linear(128, 8, False, 2)
+    x_cal = torch.randn(32, 128)
+    mod = PowerQuantLinear.from_linear(lin, 3, None, x=x_cal)
+    assert mod.group_size == 128 and mod.bias is None
+    assert torch.allclose(mod.exponent, search_exponent(lin.weight, 3, None, x=x_cal))
+    mod2 = PowerQuantLinear.from_linear(lin, 8, 32, a=0.8)
+    assert (mod2.exponent == 0.8).all()
+    with pytest.raises(ValueError, match="group_size"):
+        PowerQuantLinear.from_linear(lin, 4, 100)
+    with pytest.raises(TypeError, match="nn.Linear"):
+        PowerQuantLinear.from_linear(torch.nn.Conv1d(2, 2, 1))
+
+
+def test_power_quant_linear_deterministic_and_inference_mode(num_threads):
+    lin = _linear(512, 300, True, 3)
+    mod = PowerQuantLinear.from_linear(lin, 4, 128, a=0.6)
+    x = torch.randn(5, 512)
+    outs = []
+    for t in (1, 2, 3):
+        lmkern.set_num_threads(t)
+        with torch.inference_mode():
+            outs.append(mod(x))
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+# ------------------------------------------------------------------------------------------------
+# custom ops: opcheck, compile
+# ------------------------------------------------------------------------------------------------
+
+
+def _opcheck_cases():
+    x = randn((3, 32), F32, 0)
+    a = torch.full((3,), 0.6)
+    q = power_quantize(x, a, 4, 16)
+    lin = PowerQuantLinear.from_linear(_linear(32, 5, True, 0), 4, 16, a=0.7)
+    xg = randn((2, 32), F32, 1).requires_grad_(True)
+    return [
+        (torch.ops.lmkern.power_quantize, (x, a, 4, 16, 1.0)),
+        (torch.ops.lmkern.power_quantize, (randn((2, 3, 24), BF16, 1), torch.full((6,), 0.5), 3, 8, 0.9)),
+        (torch.ops.lmkern.power_dequantize, (q.codes, q.scales, q.exponent, 4, 16, 32, torch.bfloat16)),
+        (torch.ops.lmkern.power_fake_quantize, (x.clone().requires_grad_(True), a.clone().requires_grad_(True), 4, 16, 1.0)),
+        (torch.ops.lmkern.power_fake_quantize_backward, (torch.randn(3, 32), x, q.scales, a, 4, 16, True)),
+        (torch.ops.lmkern.power_quant_linear, (xg, lin.codes, lin.scales, lin.codebook, lin.bias, 4, 16, 32)),
+        (torch.ops.lmkern.power_quant_linear, (randn((2, 2, 32), BF16, 2), lin.codes, lin.scales, lin.codebook, None, 4, 16, 32)),
+        (torch.ops.lmkern.power_quant_linear_backward, (torch.randn(2, 5), lin.codes, lin.scales, lin.codebook, 4, 16, 32)),
+        (torch.ops.lmkern.power_codebook, (torch.rand(7) * 0.9 + 0.1, 3)),
+        (torch.ops.lmkern.power_search_exponent, (torch.randn(4, 32), None, 4, 16, 1.0, True)),
+        (torch.ops.lmkern.power_search_exponent, (torch.randn(4, 32), torch.randn(8, 32), 4, 16, 1.0, False)),
+    ]
+
+
+@pytest.mark.parametrize("i", range(11))
+def test_opcheck(i):
+    op, args = _opcheck_cases()[i]
+    torch.library.opcheck(op, args)
+
+
+def test_compile_fullgraph():
+    torch._dynamo.reset()
+    lin = PowerQuantLinear.from_linear(_linear(64, 24, True, 4), 4, 32, a=0.75)
+
+    def f(x, a):
+        return lin(power_fake_quantize(x, a, 4, 16)).sum(-1)
+
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
+    for rows in (3, 5):
+        x = torch.randn(rows, 64, requires_grad=True)
+        a = torch.tensor(0.6, requires_grad=True)
+        outs = []
+        for fun in (f, cf):
+            y = fun(x, a)
+            outs.append((y,) + torch.autograd.grad(y.sum(), (x, a)))
+        for got, want in zip(outs[1], outs[0]):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# bad input
+# ------------------------------------------------------------------------------------------------
+
+
+def test_bad_input():
+    x = torch.randn(4, 32)
+    with pytest.raises(ValueError, match="bits"):
+        power_quantize(x, 0.5, 5)
+    with pytest.raises(ValueError, match="bits"):
+        power_quantize(x, 0.5, True)
+    for a in (0.0, -0.5, 1.5, math.nan):
+        with pytest.raises(ValueError, match="a: expected"):
+            power_quantize(x, a)
+    for a in (torch.tensor([0.5, 0.5, 0.0, 0.5]), torch.tensor([0.5, math.nan, 0.5, 0.5]), torch.tensor(1.01)):
+        with pytest.raises(ValueError, match="a: expected exponents in"):
+            power_quantize(x, a)
+        with pytest.raises(ValueError, match="a: expected exponents in"):
+            power_fake_quantize(x, a)
+    with pytest.raises(ValueError, match="one per row"):
+        power_quantize(x, torch.full((3,), 0.5))
+    with pytest.raises(TypeError, match="floating"):
+        power_quantize(x, torch.tensor([1, 1, 1, 1]))
+    with pytest.raises(ValueError, match="group_size"):
+        power_quantize(x, 0.5, 4, 5)
+    with pytest.raises(ValueError, match="group_size"):
+        power_quantize(x, 0.5, 4, 0)
+    with pytest.raises(TypeError, match="x: expected dtype"):
+        power_quantize(torch.ones(4, 32, dtype=torch.int32), 0.5)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        power_quantize([1.0, 2.0], 0.5)
+    with pytest.raises(ValueError, match="scalar"):
+        power_quantize(torch.tensor(1.0), 0.5)
+    with pytest.raises(ValueError, match="clip"):
+        power_quantize(x, 0.5, clip=0.0)
+    for bad in (math.inf, math.nan):
+        y = x.clone()
+        y[2, 3] = bad
+        with pytest.raises(ValueError, match="finite"):
+            power_quantize(y, 0.5)
+        with pytest.raises(ValueError, match="finite"):
+            power_fake_quantize(y, 0.5)
+    with pytest.raises(TypeError, match="PowerQuantized"):
+        power_dequantize(x)
+    mod = PowerQuantLinear(32, 4, group_size=16)
+    with pytest.raises(ValueError, match="in_features"):
+        mod(torch.randn(2, 31))
+    with pytest.raises(TypeError, match="dtype"):
+        mod(torch.ones(2, 32, dtype=torch.int64))
+
+
+def test_cuda_is_refused_clearly():
+    """The Rust core refuses CUDA buffers for these ops until the kernels exist (no GPU needed:
+    the device is checked before any buffer is touched)."""
+    x = torch.randn(2, 8)
+    a = torch.full((2,), 0.5)
+    codes, scales = torch.empty(2, 4, dtype=torch.uint8), torch.empty(2, 1)
+    with pytest.raises(TypeError, match="not built yet"):
+        _core.quant_quantize(0, 0, 0, 4, 2, 8, 8, 1.0, x.data_ptr(), a.data_ptr(), codes.data_ptr(), scales.data_ptr())
+    table = torch.empty(2, 16)
+    with pytest.raises(TypeError, match="not built yet"):
+        _core.quant_linear(0, 0, 0, 4, 2, 8, 8, 1, x.data_ptr(), codes.data_ptr(), scales.data_ptr(), table.data_ptr(), 0, x.data_ptr())
+
+
+@pytest.mark.cuda
+def test_cuda_tensors_raise(cuda_device):
+    x = torch.randn(2, 8, device=cuda_device)
+    with pytest.raises(TypeError, match="not built yet"):
+        power_quantize(x, 0.5)
+    with pytest.raises(TypeError, match="not built yet"):
+        power_fake_quantize(x, 0.5)
