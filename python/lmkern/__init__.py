@@ -10,6 +10,7 @@ import torch
 from . import _core
 from . import ops  # noqa: F401  (registers torch.ops.lmkern.*)
 from . import nn
+from . import ncd  # gzip-NCD / ZIP-FIT scoring: lmkern.ncd.* (data selection: lmkern.data)
 from .ops.norm import crms_norm, rms_norm
 
 __all__ = ["rms_norm", "crms_norm", "nn", "cuda_available", "cuda_status", "set_num_threads", "get_num_threads"]
