@@ -336,3 +336,47 @@ def test_public_api():
     assert lmkern.ncd is N
     for name in ("compressed_size", "ncd", "ncd_matrix", "zipfit_scores", "zipfit_select"):
         assert callable(getattr(N, name))
+
+
+# ------------------------------------------------------------------------------------------------
+# `lmkern bench` entries: checked against the formula, and able to fail
+# ------------------------------------------------------------------------------------------------
+def test_bench_entries(tmp_path):
+    import json
+
+    from lmkern import cli
+
+    path = tmp_path / "b.json"
+    assert cli.main(["bench", "--quick", "--device", "cpu", "--op", "ncd", "--no-progress", "--json", str(path)]) == 0
+    res = json.loads(path.read_text())["results"]
+    assert {r["op"] for r in res} == {"ncd zipfit_scores", "ncd ncd_matrix"}
+    assert all(r["ok"] and r["rel_error"] == 0.0 and r["peer_rel_error"] == 0.0 for r in res)
+
+
+def test_bench_fails_on_a_wrong_score(monkeypatch, tmp_path):
+    import json
+
+    from lmkern import cli
+
+    real = N.zipfit_scores
+    monkeypatch.setattr(N, "zipfit_scores", lambda *a, **k: real(*a, **k) * (1 + 1e-9))
+    path = tmp_path / "b.json"
+    assert cli.main(["bench", "--quick", "--device", "cpu", "--op", "zipfit", "--no-progress", "--json", str(path)]) == 1
+    assert not json.loads(path.read_text())["results"][0]["ok"]
+
+
+def test_benchmark_corpus_and_peer():
+    """The benchmark's real-text corpus is deterministic ~1 KB pieces; its Python peer (the published
+    method and the cached variant) gives the reference's scores, and so lmkern's."""
+    from lmkern.data import baseline, corpus
+
+    src, tgt = corpus.sources_and_targets(12, 3, seed=5)
+    assert (src, tgt) == corpus.sources_and_targets(12, 3, seed=5)
+    assert all(500 <= len(t.encode()) <= 1100 for t in src + tgt)
+    assert len(set(src + tgt)) == 15
+    ref = alignments_ref(src, tgt, 6, gzip_size)
+    assert baseline.published_scores(src, tgt, 6).tolist() == ref
+    assert baseline.cached_scores(src, tgt, 6).tolist() == ref
+    assert baseline.raw_zlib_pairs(src, tgt, 6) > 0
+    if HOST_STOCK:
+        assert_bit_identical(N.zipfit_scores(src, tgt, 6), ref)
