@@ -167,13 +167,15 @@ def corpus(seed: int, n: int, max_words: int = 120, empty_every: int = 0) -> lis
     seed=st.integers(0, 2**32 - 1),
     n_src=st.sampled_from([0, 1, 2, 7, 13]),
     n_tgt=st.sampled_from([1, 2, 5, 11]),
-    level=st.sampled_from(LEVELS),
+    level=st.integers(0, 9),
 )
 def test_ncd_matrix_and_alignment_bit_identical(seed, n_src, n_tgt, level):
     xs = corpus(seed, n_src, empty_every=5)
     ys = corpus(seed + 1, n_tgt, empty_every=4)
-    m = N.ncd_matrix(xs, ys, level)
-    a = N.zipfit_scores(xs, ys, level)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", N.Level0Warning)  # level 0: exact too, though content-blind
+        m = N.ncd_matrix(xs, ys, level)
+        a = N.zipfit_scores(xs, ys, level)
     assert m.shape == (n_src, n_tgt) and m.dtype == np.float64
     assert a.shape == (n_src,) and a.dtype == np.float64
     for fn in size_fns():

@@ -94,8 +94,10 @@ class Selection:
 class Progress:
     """A one-line progress report on a stream (default stderr): sources, pairs, pairs/s, file i/N."""
 
-    def __init__(self, n_targets: int, n_files: int, stream: TextIO | None = None, every_s: float = 0.5):
+    def __init__(self, n_targets: int, n_files: int, stream: TextIO | None = None, every_s: float = 0.5,
+                 fraction: Callable[[], float] | None = None):
         self.n_targets, self.n_files = n_targets, n_files
+        self.fraction = fraction
         self.stream = stream or sys.stderr
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.every_s = every_s if self.tty else max(every_s, 10.0)
@@ -106,7 +108,13 @@ class Progress:
     def line(self, file_index: int) -> str:
         dt = max(time.perf_counter() - self.t0, 1e-9)
         pairs = self.sources * self.n_targets
-        return (f"zipfit: {self.sources:,} sources x {self.n_targets:,} targets = {pairs:,} pairs, "
+        bar = ""
+        if self.fraction is not None:
+            f = self.fraction()
+            fill = int(round(20 * f))
+            eta = f", ~{dt * (1 - f) / f:.0f} s left" if 0 < f < 1 else ""
+            bar = f"[{'#' * fill}{'.' * (20 - fill)}] {100 * f:3.0f}%{eta}, "
+        return (f"zipfit: {bar}{self.sources:,} sources x {self.n_targets:,} targets = {pairs:,} pairs, "
                 f"{pairs / dt:,.0f} pairs/s, {dt:.1f} s, file {min(file_index + 1, self.n_files)}/{self.n_files}")
 
     def update(self, n_sources: int, file_index: int, force: bool = False) -> None:
@@ -114,10 +122,13 @@ class Progress:
         now = time.perf_counter()
         if force or now - self._last >= self.every_s:
             self._last = now
+            self._shown = self.sources
             self.stream.write(("\r" if self.tty else "") + self.line(file_index) + ("" if self.tty else "\n"))
             self.stream.flush()
 
     def close(self, file_index: int) -> None:
+        if not self.tty and getattr(self, "_shown", None) == self.sources:
+            return  # that line is already there
         self.stream.write(("\r" if self.tty else "") + self.line(file_index) + "\n")
         self.stream.flush()
 
@@ -144,7 +155,7 @@ def select_local(
         raise ValueError("target: expected at least one target text (the alignment is a mean over targets); got none")
     reader = Reader(list_files(source, "source"), text_field, bad_records)
     if progress is True:
-        progress = Progress(scorer.n_targets, len(reader.files))
+        progress = Progress(scorer.n_targets, len(reader.files), fraction=reader.fraction)
     top = TopK(k)
     n = 0
     t0 = time.perf_counter()

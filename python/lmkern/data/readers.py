@@ -111,6 +111,13 @@ def list_files(paths: PathLike | Sequence[PathLike], name: str = "source") -> li
     return files
 
 
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
 def _open_binary(path: str):
     try:
         f = open(path, "rb")
@@ -163,6 +170,17 @@ class Reader:
         self.skipped = 0
         self.first_skipped: str | None = None
         self.file_index = -1  # the file being read (progress)
+        self._sizes = [_size(f) for f in self.files]
+        self._done_bytes = 0  # bytes of the files already read
+        self._here = lambda: 0.0  # fraction of the current file read
+
+    def fraction(self) -> float:
+        """About how much of the input has been read, from 0 to 1 (by file sizes on disk)."""
+        total = sum(self._sizes)
+        if total <= 0:
+            return 1.0 if self.file_index >= len(self.files) - 1 else 0.0
+        cur = self._sizes[self.file_index] if 0 <= self.file_index < len(self.files) else 0
+        return min(1.0, (self._done_bytes + cur * min(1.0, self._here())) / total)
 
     def _bad(self, location: str, why: str):
         if not self.skip:
@@ -174,6 +192,7 @@ class Reader:
     def __iter__(self) -> Iterator[Record]:
         for i, path in enumerate(self.files):
             self.file_index = i
+            self._here = lambda: 0.0
             kind = _kind(path)
             try:
                 if kind == "parquet":
@@ -186,9 +205,13 @@ class Reader:
                 raise
             except (OSError, EOFError, gzip.BadGzipFile) as e:
                 raise DataError(f"{path}: cannot read: {e}") from e
+            self._done_bytes += self._sizes[i]
 
     def _lines(self, path: str) -> Iterator[tuple[int, bytes]]:
         with _open_binary(path) as f:
+            raw = getattr(f, "fileobj", f)  # a .gz: the compressed file's position
+            size = max(1, _size(path))
+            self._here = lambda: raw.tell() / size if not raw.closed else 1.0
             for lineno, line in enumerate(f, 1):
                 yield lineno, line
 
@@ -270,6 +293,8 @@ class Reader:
             raise DataError(f"{path}: no column {self.text_field!r} (columns: {', '.join(map(repr, names))}); "
                             "choose one with --text-field / text_field=")
         row = 0
+        n_rows = max(1, pf.metadata.num_rows)
+        self._here = lambda: row / n_rows
         try:
             for batch in pf.iter_batches(batch_size=self.parquet_batch):
                 for obj in batch.to_pylist():
