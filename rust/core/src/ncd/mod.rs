@@ -5,18 +5,53 @@
 //! with x (the source) first, and the ZIP-FIT alignment of a source to n targets
 //! `1 − mean_j NCD(x, y_j)`.
 //!
-//! [`oracle`] drives the bundled stock zlib (the test oracle).
+//! [`oracle`] drives the bundled stock zlib (the test oracle); [`engine`] is lmkern's length-only
+//! deflate that reproduces its lengths exactly at levels 1..=9 and shares a source's work across
+//! targets (priming). Level 0 (stored blocks, content-blind) goes to zlib itself, which only copies.
 use crate::error::{Error, Result};
 use crate::parallel;
+use std::cell::RefCell;
 use std::sync::Mutex;
 
+pub mod engine;
 pub mod oracle;
+mod trees;
+
+pub use engine::{Deflater, SMALL_MAX};
 
 pub use oracle::{zlib_gzip_size, zlib_version, GZIP_OVERHEAD};
 
 /// `len(gzip.compress(data, compresslevel=level))`, level 0..=9.
 pub fn gzip_size(data: &[u8], level: i32) -> Result<i64> {
-    zlib_gzip_size(data, level)
+    gzip_size_pair(data, &[], level)
+}
+
+/// `len(gzip.compress(a + b, compresslevel=level))` without building `a + b`.
+pub fn gzip_size_pair(a: &[u8], b: &[u8], level: i32) -> Result<i64> {
+    oracle::check_level(level)?;
+    if a.len() + b.len() > u32::MAX as usize {
+        return Err(Error::value(format!("data: expected at most {} bytes, got {}", u32::MAX, a.len() + b.len())));
+    }
+    if level == 0 {
+        return if b.is_empty() { zlib_gzip_size(a, 0) } else { zlib_gzip_size(&[a, b].concat(), 0) };
+    }
+    Ok(with_engine(0, level, |e| GZIP_OVERHEAD + e.deflate_len(a, b) as i64))
+}
+
+thread_local! {
+    /// Two engines per thread (one primed with a source, one for whole inputs), reused across calls.
+    static ENGINES: [RefCell<Option<Deflater>>; 2] = const { [RefCell::new(None), RefCell::new(None)] };
+}
+
+/// Run `f` on this thread's engine `slot` (0 or 1) set to `level` (1..=9).
+fn with_engine<R>(slot: usize, level: i32, f: impl FnOnce(&mut Deflater) -> R) -> R {
+    ENGINES.with(|engines| {
+        let mut cell = engines[slot].borrow_mut();
+        if cell.as_ref().map(|e| e.level()) != Some(level) {
+            *cell = Some(Deflater::new(level));
+        }
+        f(cell.as_mut().expect("engine set above"))
+    })
 }
 
 /// [`gzip_size`] of every text, in parallel on lmkern's pool.
@@ -85,14 +120,25 @@ impl NcdScorer {
 
     /// One source's NCD row against every target, written into `row` (length n_targets).
     fn ncd_row(&self, source: &[u8], row: &mut [f64]) -> Result<()> {
-        let cx = gzip_size(source, self.level)?;
-        let mut xy = Vec::with_capacity(source.len() + 1024);
-        for (j, (y, &cy)) in self.targets.iter().zip(&self.sizes).enumerate() {
-            xy.clear();
-            xy.extend_from_slice(source);
-            xy.extend_from_slice(y);
-            row[j] = ncd_value(cx, cy, gzip_size(&xy, self.level)?);
+        let level = self.level;
+        let cx = gzip_size(source, level)?;
+        if level == 0 {
+            for (j, (y, &cy)) in self.targets.iter().zip(&self.sizes).enumerate() {
+                row[j] = ncd_value(cx, cy, gzip_size_pair(source, y, 0)?);
+            }
+            return Ok(());
         }
+        // Engine 0 holds the primed source; pairs too long for priming run whole on engine 1.
+        with_engine(0, level, |primed| {
+            primed.prime(source);
+            for (j, (y, &cy)) in self.targets.iter().zip(&self.sizes).enumerate() {
+                let cxy = match primed.primed_len(y) {
+                    Some(len) => GZIP_OVERHEAD + len as i64,
+                    None => with_engine(1, level, |whole| GZIP_OVERHEAD + whole.deflate_len(source, y) as i64),
+                };
+                row[j] = ncd_value(cx, cy, cxy);
+            }
+        });
         Ok(())
     }
 
