@@ -50,6 +50,8 @@ fn main() {
     let zlib_pairs: usize = arg(&args, "--zlib-pairs", 20000);
     let reps: usize = arg(&args, "--reps", 3);
     let levels: String = arg(&args, "--levels", "1,9".to_string());
+    // --only zlib|whole|primed: time one path alone (for perf stat), print nothing else.
+    let only: String = arg(&args, "--only", String::new());
     let texts = corpus(&dir, piece, n_src + n_tgt);
     let (sources, targets) = texts.split_at(n_src);
     let threads = lmkern_core::parallel::num_threads();
@@ -61,6 +63,31 @@ fn main() {
         ncd::zlib_version()
     );
     for level in levels.split(',').map(|l| l.trim().parse::<i32>().expect("--levels: integers")) {
+        if !only.is_empty() {
+            let t = Instant::now();
+            let mut acc = 0u64;
+            let mut e = Deflater::new(level);
+            let mut xy = Vec::new();
+            for x in sources {
+                if only == "primed" {
+                    e.prime(x);
+                }
+                for y in targets {
+                    acc += match only.as_str() {
+                        "zlib" => {
+                            xy.clear();
+                            xy.extend_from_slice(x);
+                            xy.extend_from_slice(y);
+                            ncd::zlib_gzip_size(&xy, level).unwrap() as u64
+                        }
+                        "whole" => e.deflate_len(x, y),
+                        _ => e.primed_len(y).unwrap(),
+                    };
+                }
+            }
+            println!("{only} level {level}: {:.2} us/pair (checksum {acc})", t.elapsed().as_secs_f64() * 1e6 / (n_src * n_tgt) as f64);
+            continue;
+        }
         // 1. stock zlib compressing x ⊕ y per pair (the naive method's floor), one core.
         let pairs: Vec<(usize, usize)> = (0..zlib_pairs).map(|k| (k % n_src, (k * 7919) % n_tgt)).collect();
         let t_zlib = median(

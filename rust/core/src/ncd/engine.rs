@@ -36,6 +36,12 @@ const WIN_INIT: usize = MAX_MATCH;
 const TOO_FAR: u32 = 4096;
 const LIT_BUFSIZE: usize = 1 << (8 + 6); // memLevel 8
 const SYM_END: usize = LIT_BUFSIZE - 1;
+const WINDOW_PAD: usize = 512;
+
+/// A zeroed boxed array, built on the heap (no large stack temporary).
+fn boxed<T: Copy + Default, const N: usize>() -> Box<[T; N]> {
+    vec![T::default(); N].into_boxed_slice().try_into().unwrap_or_else(|_| unreachable!())
+}
 
 /// Largest x.len() + y.len() for which zlib reads the input in one piece and never slides the window
 /// (a slide needs strstart ≥ WSIZE + MAX_DIST = 65274, and strstart ≤ input length): the primed path.
@@ -134,9 +140,11 @@ struct Primed {
 pub struct Deflater {
     cfg: Config,
     level: i32,
-    window: Vec<u8>,
-    head: Vec<u16>,
-    prev: Vec<u16>,
+    /// zlib's window (WINDOW_SIZE bytes) plus WINDOW_PAD bytes that are never read or written: fixed
+    /// sizes let the compiler drop bounds checks on `pos & 0xffff` and `h & HASH_MASK` indices.
+    window: Box<[u8; WINDOW_SIZE + WINDOW_PAD]>,
+    head: Box<[u16; HASH_SIZE]>,
+    prev: Box<[u16; WSIZE]>,
     high_water: usize,
     s: State,
     lfreq: [u32; L_CODES],
@@ -158,9 +166,9 @@ impl Deflater {
         Deflater {
             cfg: CONFIG[level as usize],
             level,
-            window: vec![0; WINDOW_SIZE],
-            head: vec![0; HASH_SIZE],
-            prev: vec![0; WSIZE],
+            window: boxed(),
+            head: boxed(),
+            prev: boxed(),
             high_water: 0,
             s: State::init(),
             lfreq: [0; L_CODES],
@@ -314,7 +322,7 @@ impl Deflater {
     /// updates since the last non-consecutive reset, equals this direct hash of the 3 bytes at pos.
     #[inline(always)]
     fn insert_string(&mut self, pos: usize) -> usize {
-        let w = &self.window[pos..pos + 3];
+        let w: &[u8; 3] = self.window[pos & 0xffff..][..3].try_into().unwrap();
         let h = (((w[0] as usize) << 10) ^ ((w[1] as usize) << 5) ^ (w[2] as usize)) & HASH_MASK;
         let old = self.head[h];
         if self.logging {
@@ -362,9 +370,10 @@ impl Deflater {
         let mut best_len = self.s.prev_length;
         let mut nice_match = self.cfg.nice;
         let limit = if strstart > MAX_DIST { strstart - MAX_DIST } else { 0 };
-        let window = &self.window[..];
-        // strstart ≤ window_size − MIN_LOOKAHEAD, so the 259 bytes from strstart are in the window.
-        let scan: &[u8; MAX_MATCH + 1] = window[strstart..strstart + MAX_MATCH + 1].try_into().unwrap();
+        let window = &self.window;
+        // strstart ≤ window_size − MIN_LOOKAHEAD, so the 259 bytes from strstart are in the window
+        // (positions are < 64 Ki; the mask only tells the compiler so).
+        let scan: &[u8; MAX_MATCH + 1] = window[strstart & 0xffff..][..MAX_MATCH + 1].try_into().unwrap();
         let mut scan_end1 = scan[best_len - 1];
         let mut scan_end = scan[best_len];
         if self.s.prev_length >= self.cfg.good {
@@ -375,7 +384,7 @@ impl Deflater {
         }
         let mut match_start = self.s.match_start;
         loop {
-            let m: &[u8; MAX_MATCH + 1] = window[cur_match..cur_match + MAX_MATCH + 1].try_into().unwrap();
+            let m: &[u8; MAX_MATCH + 1] = window[cur_match & 0xffff..][..MAX_MATCH + 1].try_into().unwrap();
             if m[best_len] == scan_end && m[best_len - 1] == scan_end1 && m[0] == scan[0] && m[1] == scan[1] {
                 // Bytes 3..=257 decide (byte 2 is implied by the hash; a mismatch at 258 still gives
                 // 258): the length is the first mismatch index, at most 258.

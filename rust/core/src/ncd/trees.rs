@@ -244,11 +244,11 @@ impl Trees {
         while j <= heap_len {
             let mut hj = heap[j];
             if j < heap_len {
+                // Branch-free choice of the smaller son (the right one on equal keys).
                 let hj1 = heap[j + 1];
-                if hj1 >> 32 <= hj >> 32 {
-                    j += 1;
-                    hj = hj1;
-                }
+                let right = hj1 >> 32 <= hj >> 32;
+                j += right as usize;
+                hj = if right { hj1 } else { hj };
             }
             if vk <= hj >> 32 {
                 break;
