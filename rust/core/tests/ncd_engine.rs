@@ -151,3 +151,32 @@ fn bytes_past_the_end_decide_between_candidates() {
         assert_eq!(Deflater::new(level).deflate_len(&data, &[]), zlib_raw(&data, level), "slide case {case}");
     }
 }
+
+#[test]
+fn thousands_of_small_inputs_per_level() {
+    // Where NCD lives: 0..3000 bytes. 1500 inputs per level, each checked whole and as a primed pair
+    // (the source primed once for four targets).
+    let mut rng = Rng::new(6);
+    for level in 1..=9 {
+        let mut whole = Deflater::new(level);
+        let mut primed = Deflater::new(level);
+        let mut checked = 0;
+        while checked < 1500 {
+            let x = short_input(&mut rng, 3000);
+            assert!(primed.prime(&x));
+            for _ in 0..4 {
+                let y = if rng.chance(0.5) && !x.is_empty() {
+                    let from = rng.below(x.len());
+                    x[from..(from + rng.below(2000)).min(x.len())].to_vec()
+                } else {
+                    short_input(&mut rng, 3000)
+                };
+                let xy = [&x[..], &y[..]].concat();
+                let want = zlib_raw(&xy, level);
+                assert_eq!(whole.deflate_len(&xy, &[]), want, "level {level} whole len {}", xy.len());
+                assert_eq!(primed.primed_len(&y), Some(want), "level {level} primed x {} y {}", x.len(), y.len());
+                checked += 1;
+            }
+        }
+    }
+}
