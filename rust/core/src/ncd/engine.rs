@@ -374,8 +374,11 @@ impl Deflater {
         // strstart ≤ window_size − MIN_LOOKAHEAD, so the 259 bytes from strstart are in the window
         // (positions are < 64 Ki; the mask only tells the compiler so).
         let scan: &[u8; MAX_MATCH + 1] = window[strstart & 0xffff..][..MAX_MATCH + 1].try_into().unwrap();
-        let mut scan_end1 = scan[best_len - 1];
-        let mut scan_end = scan[best_len];
+        // Bytes best_len − 1 and best_len, and bytes 0 and 1, compared two at a time (the
+        // UNALIGNED_OK form of the same test).
+        let pair = |a: &[u8; MAX_MATCH + 1], i: usize| u16::from_le_bytes([a[i], a[i + 1]]);
+        let scan_start = pair(scan, 0);
+        let mut scan_end = pair(scan, best_len - 1);
         if self.s.prev_length >= self.cfg.good {
             chain_length >>= 2;
         }
@@ -385,7 +388,7 @@ impl Deflater {
         let mut match_start = self.s.match_start;
         loop {
             let m: &[u8; MAX_MATCH + 1] = window[cur_match & 0xffff..][..MAX_MATCH + 1].try_into().unwrap();
-            if m[best_len] == scan_end && m[best_len - 1] == scan_end1 && m[0] == scan[0] && m[1] == scan[1] {
+            if pair(m, best_len - 1) == scan_end && pair(m, 0) == scan_start {
                 // Bytes 3..=257 decide (byte 2 is implied by the hash; a mismatch at 258 still gives
                 // 258): the length is the first mismatch index, at most 258.
                 let len = MIN_MATCH + common_prefix(&scan[3..MAX_MATCH], &m[3..MAX_MATCH]);
@@ -395,8 +398,7 @@ impl Deflater {
                     if len >= nice_match {
                         break;
                     }
-                    scan_end1 = scan[best_len - 1];
-                    scan_end = scan[best_len];
+                    scan_end = pair(scan, best_len - 1);
                 }
             }
             cur_match = self.prev[cur_match & WMASK] as usize;
