@@ -66,7 +66,7 @@ fn main() {
         if !only.is_empty() {
             let t = Instant::now();
             let mut acc = 0u64;
-            let mut e = Deflater::new(level);
+            let mut e = Deflater::new(level).unwrap();
             let mut xy = Vec::new();
             for x in sources {
                 if only == "primed" {
@@ -108,7 +108,7 @@ fn main() {
                 .collect(),
         );
         // 2. the engine on x ⊕ y whole, one core.
-        let mut e = Deflater::new(level.max(1));
+        let mut e = Deflater::new(level.max(1)).unwrap();
         let t_whole = median(
             (0..reps)
                 .map(|_| {

@@ -76,7 +76,7 @@ fn main() {
     let groups = n_inputs.div_ceil(4);
     let done = AtomicU64::new(0);
     (0..groups).into_par_iter().for_each_init(
-        || (std::array::from_fn::<Deflater, 9, _>(|l| Deflater::new(l as i32 + 1)), std::array::from_fn::<Deflater, 9, _>(|l| Deflater::new(l as i32 + 1))),
+        || (std::array::from_fn::<Deflater, 9, _>(|l| Deflater::new(l as i32 + 1).unwrap()), std::array::from_fn::<Deflater, 9, _>(|l| Deflater::new(l as i32 + 1).unwrap())),
         |(engines, wholes), g| {
             if done.load(Ordering::Relaxed) >= n_inputs {
                 return;

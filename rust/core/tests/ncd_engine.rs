@@ -12,7 +12,7 @@ fn zlib_raw(data: &[u8], level: i32) -> u64 {
 #[test]
 fn empty_and_tiny_inputs() {
     for level in 1..=9 {
-        let mut e = Deflater::new(level);
+        let mut e = Deflater::new(level).unwrap();
         for data in [&b""[..], b"a", b"ab", b"abc", b"aaaa", b"abcabcabc", &[0u8; 300][..]] {
             assert_eq!(e.deflate_len(data, &[]), zlib_raw(data, level), "level {level} data {data:?}");
         }
@@ -25,7 +25,7 @@ fn single_inputs_match_zlib() {
     for case in 0..300 {
         let data = any_input(&mut rng, 140_000);
         for level in 1..=9 {
-            let mut e = Deflater::new(level);
+            let mut e = Deflater::new(level).unwrap();
             assert_eq!(e.deflate_len(&data, &[]), zlib_raw(&data, level), "case {case} level {level} len {}", data.len());
         }
     }
@@ -38,7 +38,7 @@ fn split_inputs_match_zlib() {
     for case in 0..100 {
         let (x, y) = pair(&mut rng, 70_000);
         let level = 1 + rng.below(9) as i32;
-        let mut e = Deflater::new(level);
+        let mut e = Deflater::new(level).unwrap();
         assert_eq!(e.deflate_len(&x, &y), zlib_raw(&[&x[..], &y[..]].concat(), level), "case {case} level {level}");
     }
 }
@@ -49,7 +49,7 @@ fn primed_pairs_match_zlib() {
     for case in 0..120 {
         let level = 1 + (case % 9) as i32;
         let x = any_input(&mut rng, 66_000);
-        let mut e = Deflater::new(level);
+        let mut e = Deflater::new(level).unwrap();
         if !e.prime(&x) {
             assert!(x.len() > ncd::SMALL_MAX);
             continue;
@@ -108,6 +108,7 @@ fn scorer_errors() {
     let s = ncd::NcdScorer::new(vec![b"a".to_vec(), b"b".to_vec()], 9).unwrap();
     assert!(s.ncd_into(&[b"x".to_vec()], &mut out).is_err()); // out too short
     assert!(ncd::compressed_sizes(&[b"x".to_vec()], 11).is_err());
+    assert!(Deflater::new(0).is_err() && Deflater::new(10).is_err());
 }
 
 #[test]
@@ -126,7 +127,7 @@ fn bytes_past_the_end_decide_between_candidates() {
             x.extend(std::iter::repeat_n(0u8, 1 + rng.below(300)));
             x.push(rng.next() as u8);
         }
-        let mut e = Deflater::new(level);
+        let mut e = Deflater::new(level).unwrap();
         assert!(e.prime(&x));
         for _ in 0..8 {
             // long noisy target first, then short ones ending in a zero run
@@ -138,7 +139,7 @@ fn bytes_past_the_end_decide_between_candidates() {
             let xy = [&x[..], &y[..]].concat();
             let want = zlib_raw(&xy, level);
             assert_eq!(e.primed_len(&y), Some(want), "case {case} level {level}");
-            assert_eq!(Deflater::new(level).deflate_len(&xy, &[]), want, "case {case} level {level} whole");
+            assert_eq!(Deflater::new(level).unwrap().deflate_len(&xy, &[]), want, "case {case} level {level} whole");
         }
     }
     // The same past a window slide (stale window bytes instead of zeros).
@@ -148,7 +149,7 @@ fn bytes_past_the_end_decide_between_candidates() {
         let mut data: Vec<u8> = (0..len).map(|_| if rng.chance(0.3) { 0 } else { b"ab"[rng.below(2)] }).collect();
         let z = rng.below(300);
         data[len - z..].fill(0);
-        assert_eq!(Deflater::new(level).deflate_len(&data, &[]), zlib_raw(&data, level), "slide case {case}");
+        assert_eq!(Deflater::new(level).unwrap().deflate_len(&data, &[]), zlib_raw(&data, level), "slide case {case}");
     }
 }
 
@@ -158,8 +159,8 @@ fn thousands_of_small_inputs_per_level() {
     // (the source primed once for four targets).
     let mut rng = Rng::new(6);
     for level in 1..=9 {
-        let mut whole = Deflater::new(level);
-        let mut primed = Deflater::new(level);
+        let mut whole = Deflater::new(level).unwrap();
+        let mut primed = Deflater::new(level).unwrap();
         let mut checked = 0;
         while checked < 1500 {
             let x = short_input(&mut rng, 3000);

@@ -22,6 +22,8 @@
 //! which are undo-logged too) and finishes.
 use super::trees::{d_code, Trees, END_BLOCK, D_CODES, LENGTH_CODE, LITERALS, L_CODES};
 
+use crate::error::{Error, Result};
+
 const WSIZE: usize = 1 << 15;
 const WMASK: usize = WSIZE - 1;
 const WINDOW_SIZE: usize = 2 * WSIZE;
@@ -160,10 +162,12 @@ pub struct Deflater {
 }
 
 impl Deflater {
-    /// An engine for level 1..=9 (the caller checks the level; level 0 is zlib's stored path).
-    pub fn new(level: i32) -> Self {
-        assert!((1..=9).contains(&level), "Deflater level must be 1..=9");
-        Deflater {
+    /// An engine for level 1..=9 (level 0 is zlib's stored path, not modelled here: use the oracle).
+    pub fn new(level: i32) -> Result<Self> {
+        if !(1..=9).contains(&level) {
+            return Err(Error::value(format!("level: expected 1..=9 for the deflate engine, got {level}")));
+        }
+        Ok(Deflater {
             cfg: CONFIG[level as usize],
             level,
             window: boxed(),
@@ -178,7 +182,7 @@ impl Deflater {
             undo_prev: Vec::new(),
             logging: false,
             primed: None,
-        }
+        })
     }
 
     pub fn level(&self) -> i32 {

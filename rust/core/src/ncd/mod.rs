@@ -48,7 +48,7 @@ fn with_engine<R>(slot: usize, level: i32, f: impl FnOnce(&mut Deflater) -> R) -
     ENGINES.with(|engines| {
         let mut cell = engines[slot].borrow_mut();
         if cell.as_ref().map(|e| e.level()) != Some(level) {
-            *cell = Some(Deflater::new(level));
+            *cell = Some(Deflater::new(level).expect("level checked by the caller"));
         }
         f(cell.as_mut().expect("engine set above"))
     })
