@@ -78,3 +78,13 @@ def test_ray_bad_input_is_reported_on_the_driver(local_ray, corpus):
         D.select_ray(tmp / "missing", targets, 3)
     with pytest.raises(ValueError, match="num_actors"):
         D.select_ray(tmp / "src", targets, 3, num_actors=0)
+
+
+def test_ray_bad_record_in_a_worker_is_the_readers_error(local_ray, corpus, tmp_path):
+    """A bad record met inside a Ray task surfaces as the reader's DataError (file:line), unwrapped."""
+    _, targets = corpus
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"body": "no text field"}\n')
+    with pytest.raises(D.DataError, match=r"^.*bad\.jsonl:2: no field 'text'") as e:
+        D.select_ray(bad, targets, 1, num_actors=1, actor_cpus=0.5)
+    assert "ray::" not in str(e.value)

@@ -77,6 +77,20 @@ class _ZipFitActor:
         }
 
 
+def _user_error(e: BaseException) -> BaseException | None:
+    """The lmkern error (DataError, ValueError, TypeError, OSError) that a Ray task raised, unwrapped
+    from Ray's exceptions, or None when the failure is Ray's own."""
+    import ray.exceptions
+
+    seen = 0
+    while e is not None and seen < 20:
+        seen += 1
+        if not isinstance(e, ray.exceptions.RayError) and isinstance(e, (ValueError, TypeError, OSError)):
+            return e
+        e = getattr(e, "cause", None) or e.__cause__
+    return None
+
+
 def select_ray(
     source: PathLike | Sequence[PathLike],
     targets: Iterable[_ncd.Text],
@@ -139,14 +153,20 @@ def select_ray(
             progress = Progress(len(target_bytes), len(files))
         top = TopK(k)
         n_sources = 0
-        for out in scored.iter_batches(batch_format="numpy", batch_size=None):
-            count = out["key"] < 0
-            n = int(out["n"][count].sum())
-            n_sources += n
-            real = ~count
-            top.push_many(out["score"][real], out["key"][real])
-            if progress and n:
-                progress.update(n, len(files) - 1)
+        try:
+            for out in scored.iter_batches(batch_format="numpy", batch_size=None):
+                count = out["key"] < 0
+                n = int(out["n"][count].sum())
+                n_sources += n
+                real = ~count
+                top.push_many(out["score"][real], out["key"][real])
+                if progress and n:
+                    progress.update(n, len(files) - 1)
+        except Exception as e:
+            cause = _user_error(e)
+            if cause is None:
+                raise
+            raise cause from None  # the reader's own message (file:line), not Ray's wrapping of it
         if progress:
             progress.close(len(files) - 1)
         items = top.items()
