@@ -293,6 +293,13 @@ def test_lone_surrogate_is_a_clear_error():
     assert N.compressed_size(["bad \ud800".encode("utf-8", "surrogatepass")])[0] > 20
 
 
+def test_ncd_pair_bad_input():
+    with pytest.raises(TypeError, match="x: expected str or bytes; got list"):
+        N.ncd(["a"], "b")
+    with pytest.raises(ValueError, match="y: a str with no UTF-8 form"):
+        N.ncd("a", "\ud83d")
+
+
 def test_undecodable_bytes_are_fine():
     """bytes need no decoding: invalid UTF-8 is compressed as it is."""
     b = b"\xff\xfe\x80 not utf-8 \xc3"

@@ -71,20 +71,22 @@ def _check_level(level) -> int:
     return level
 
 
-def _encode(t, name: str, i: int) -> bytes:
+def _encode(t, name: str, i: int | None) -> bytes:
+    if i is not None:
+        name = f"{name}[{i}]"
     if isinstance(t, str):
         try:
             return t.encode("utf-8")
         except UnicodeEncodeError as e:
             raise ValueError(
-                f"{name}[{i}]: a str with no UTF-8 form ({e.reason}: {t[e.start:e.end]!r} at index {e.start}); "
+                f"{name}: a str with no UTF-8 form ({e.reason}: {t[e.start:e.end]!r} at index {e.start}); "
                 "pass bytes, or clean the text (e.g. s.encode('utf-8', 'replace'))"
             ) from None
     if isinstance(t, bytes):
         return t
     if isinstance(t, (bytearray, memoryview)):
         return bytes(t)
-    raise TypeError(f"{name}[{i}]: expected str or bytes; got {type(t).__name__}")
+    raise TypeError(f"{name}: expected str or bytes; got {type(t).__name__}")
 
 
 def encode_texts(texts: Iterable[Text], name: str = "texts") -> list[bytes]:
@@ -153,6 +155,7 @@ def ncd_matrix(xs: Iterable[Text], ys: Iterable[Text], level: int = 9) -> np.nda
 
 def ncd(x: Text, y: Text, level: int = 9) -> float:
     """NCD(x, y) = (C(x ⊕ y) − min(C(x), C(y))) / max(C(x), C(y)) as a float (not symmetric: x first)."""
+    x, y = _encode(x, "x", None), _encode(y, "y", None)
     return float(Scorer([y], level).ncd([x])[0, 0])
 
 
