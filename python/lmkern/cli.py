@@ -115,7 +115,7 @@ def _zipfit(args) -> int:
         t0 = time.perf_counter()
         sel = D.select(args.source, targets, args.k, engine=args.engine, **kw)
         fmt = D.write_records(args.out, sel.rows())
-    except (D.DataError, FileNotFoundError, ValueError, TypeError) as e:
+    except (D.DataError, FileNotFoundError, ValueError, TypeError, ImportError) as e:
         return fail(str(e))
     dt = time.perf_counter() - t0
     best = f", best {sel.scores[0]:.6f}, worst kept {sel.scores[-1]:.6f}" if len(sel.scores) else ""
