@@ -400,7 +400,7 @@ for _op, _lm, _peer, _peer_name, _crms in (
 def ncd_cases(device: str, quick: bool) -> list[Case]:
     if device != "cpu":
         return []
-    return [((32, 8), F64)] if quick else [((200, 20), F64)]
+    return [((32, 8), F64)] if quick else [((128, 16), F64)]
 
 
 def _make_ncd(shape, dtype, device, gen):
