@@ -77,6 +77,17 @@ class ZipFitScores:
     def time_raw_zlib(self, level):
         B.raw_zlib_pairs(self.src, self.tgt, level, pool=self.pool)
 
+    def track_lmkern_pairs_per_s_per_core(self, level):
+        """lmkern's pairs per second per thread (median of 3 runs)."""
+        ts = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            N.zipfit_scores(self.src, self.tgt, level)
+            ts.append(time.perf_counter() - t0)
+        return round(ASV_SOURCES * ASV_TARGETS / statistics.median(ts) / lmkern.get_num_threads())
+
+    track_lmkern_pairs_per_s_per_core.unit = "pairs/s"
+
     def _ratio(self, level, peer) -> float:
         t_lm, t_peer = [], []
         for _ in range(3):  # interleaved
