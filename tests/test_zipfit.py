@@ -331,3 +331,16 @@ def test_python_api_errors(corpus):
         D.select(corpus["dir"], ["x"], 3, engine="spark")
     with pytest.raises(D.DataError, match="at least one file"):
         D.select_local([], ["x"], 3)
+
+
+def test_write_records_formats(tmp_path):
+    rows = [{"text": "a", "id": 1, "blob": b"\xff"}, {"text": "b", "extra": [1, 2]}]
+    assert D.write_records(tmp_path / "o.jsonl", rows) == "jsonl"
+    back = read_out(str(tmp_path / "o.jsonl"))
+    assert back[0] == {"text": "a", "id": 1, "blob": "\ufffd"} and back[1] == {"text": "b", "extra": [1, 2]}
+    assert D.write_records(tmp_path / "o.parquet", rows) == "parquet"
+    assert pq.read_table(tmp_path / "o.parquet").column_names == ["text", "id", "blob", "extra"]
+    # one column of two types has no Parquet schema: a clear error, and no partial file left behind
+    with pytest.raises(D.DataError, match="do not fit one Parquet schema.*write .jsonl instead"):
+        D.write_records(tmp_path / "bad.parquet", [{"id": 1}, {"id": "x"}])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.jsonl", "o.parquet"]
