@@ -111,7 +111,8 @@ def select_ray(
     Uses the running Ray instance, or connects to `address`, or starts a local one (shut down
     again at the end). `num_actors` scoring actors (default: the cluster's CPUs less one for the
     readers, at least 1), each asking for `actor_cpus` CPUs. With fetch=False only keys and scores
-    come back (records=None). Same result as :func:`lmkern.data.select_local`.
+    come back (records=None). Same result as :func:`lmkern.data.select_local`. With
+    bad_records="skip" the read tasks skip bad records but do not report how many (skipped = 0).
     """
     import ray
 
