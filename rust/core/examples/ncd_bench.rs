@@ -63,6 +63,17 @@ fn main() {
         ncd::zlib_version()
     );
     for level in levels.split(',').map(|l| l.trim().parse::<i32>().expect("--levels: integers")) {
+        if only == "scorer" {
+            // The scorer alone, on --threads threads (default: all).
+            lmkern_core::parallel::set_num_threads(arg(&args, "--threads", threads));
+            let scorer = NcdScorer::new(targets.to_vec(), level).unwrap();
+            let mut out = vec![0.0f64; n_src];
+            let t = Instant::now();
+            scorer.alignment_into(sources, &mut out).unwrap();
+            let dt = t.elapsed().as_secs_f64();
+            println!("scorer level {level} on {} threads: {:.0} pairs/s", lmkern_core::parallel::num_threads(), (n_src * n_tgt) as f64 / dt);
+            continue;
+        }
         if !only.is_empty() {
             let t = Instant::now();
             let mut acc = 0u64;
@@ -71,6 +82,9 @@ fn main() {
             for x in sources {
                 if only == "primed" {
                     e.prime(x);
+                }
+                if only == "deep" {
+                    e.prime_for(x, 262);
                 }
                 for y in targets {
                     acc += match only.as_str() {
@@ -81,9 +95,19 @@ fn main() {
                             ncd::zlib_gzip_size(&xy, level).unwrap() as u64
                         }
                         "whole" => e.deflate_len(x, y),
+                        "deep" => e.primed_len(y).unwrap_or_else(|| e.deflate_len(x, y)),
                         _ => e.primed_len(y).unwrap(),
                     };
                 }
+            }
+            if only == "deep" || only == "primed" {
+                let mut gap = 0usize;
+                for x in sources {
+                    e.prime_for(x, if only == "deep" { 262 } else { 0 });
+                    let (xl, at) = e.primed_at().unwrap();
+                    gap += xl - at;
+                }
+                println!("mean bytes of x left to each target: {:.1}", gap as f64 / n_src as f64);
             }
             println!("{only} level {level}: {:.2} us/pair (checksum {acc})", t.elapsed().as_secs_f64() * 1e6 / (n_src * n_tgt) as f64);
             continue;

@@ -8,7 +8,8 @@
 //! weighted to the 16383-symbol, 32 K, 64 K and slide boundaries, up to --max. Each (x, y) is one input, at one level (cycling
 //! 1..=9, so every level gets the same count), and is checked in three modes against one zlib run
 //! of x ⊕ y: `single` (the engine on x ⊕ y as one buffer), `split` (x then y as two input pieces)
-//! and `primed` (x primed once per group, then y; skipped when x ⊕ y is too long to prime). The
+//! `primed` (x primed once per group, then y; skipped when x ⊕ y is too long to prime) and `deep`
+//! (x primed speculatively for targets of ≥ 262 bytes, see Deflater::prime_for; only such y). The
 //! first source of each group is also checked alone. Exit status 1 on any mismatch.
 use lmkern_core::ncd::{self, Deflater, GZIP_OVERHEAD, SMALL_MAX};
 use rayon::prelude::*;
@@ -59,6 +60,7 @@ struct Counts {
     single: [AtomicU64; 10],
     split: [AtomicU64; 10],
     primed: [AtomicU64; 10],
+    deep: [AtomicU64; 10],
     bytes: AtomicU64,
     mismatches: AtomicU64,
 }
@@ -69,15 +71,18 @@ fn main() {
     let seed: u64 = arg(&args, "--seed", 1);
     let max: usize = arg(&args, "--max", 300_000);
     let z = || std::array::from_fn::<AtomicU64, 10, _>(|_| AtomicU64::new(0));
-    let c = Counts { inputs: z(), single: z(), split: z(), primed: z(), bytes: AtomicU64::new(0), mismatches: AtomicU64::new(0) };
+    let c = Counts { inputs: z(), single: z(), split: z(), primed: z(), deep: z(), bytes: AtomicU64::new(0), mismatches: AtomicU64::new(0) };
     let t0 = Instant::now();
     // Groups are independent and seeded by (seed, group index): the run is reproducible whatever the
     // thread count. A group holds up to 8 inputs; groups are generated until n_inputs are done.
     let groups = n_inputs.div_ceil(4);
     let done = AtomicU64::new(0);
     (0..groups).into_par_iter().for_each_init(
-        || (std::array::from_fn::<Deflater, 9, _>(|l| Deflater::new(l as i32 + 1).unwrap()), std::array::from_fn::<Deflater, 9, _>(|l| Deflater::new(l as i32 + 1).unwrap())),
-        |(engines, wholes), g| {
+        || {
+            let set = || std::array::from_fn::<Deflater, 9, _>(|l| Deflater::new(l as i32 + 1).unwrap());
+            (set(), set(), set())
+        },
+        |(engines, wholes, deeps), g| {
             if done.load(Ordering::Relaxed) >= n_inputs {
                 return;
             }
@@ -96,6 +101,8 @@ fn main() {
             }
             let e = &mut engines[li - 1];
             let primed = e.prime(&x);
+            let d = &mut deeps[li - 1];
+            let deep = d.prime_for(&x, 262);
             let targets = 1 + rng.below(8);
             for t in 0..targets {
                 let y = if t % 2 == 1 && !x.is_empty() {
@@ -123,6 +130,12 @@ fn main() {
                     }
                     c.primed[li].fetch_add(1, Ordering::Relaxed);
                 }
+                if deep && xy.len() <= SMALL_MAX && y.len() >= 262 {
+                    if d.primed_len(&y) != Some(want) {
+                        bad.push("deep");
+                    }
+                    c.deep[li].fetch_add(1, Ordering::Relaxed);
+                }
                 if !bad.is_empty() {
                     c.mismatches.fetch_add(1, Ordering::Relaxed);
                     eprintln!(
@@ -142,22 +155,24 @@ fn main() {
     );
     let sum = |a: &[AtomicU64; 10]| a.iter().map(|v| v.load(Ordering::Relaxed)).sum::<u64>();
     println!("ncd_fuzz: seed {seed}, max {max} bytes, zlib {} (bundled, libz-sys), {:.0} s", ncd::zlib_version(), t0.elapsed().as_secs_f64());
-    println!("level  inputs(x+y)  single  split  primed");
+    println!("level  inputs(x+y)   single    split   primed     deep");
     for l in 1..=9 {
         println!(
-            "{l:>5}  {:>11}  {:>6}  {:>5}  {:>6}",
+            "{l:>5}  {:>11}  {:>7}  {:>7}  {:>7}  {:>7}",
             c.inputs[l].load(Ordering::Relaxed),
             c.single[l].load(Ordering::Relaxed),
             c.split[l].load(Ordering::Relaxed),
-            c.primed[l].load(Ordering::Relaxed)
+            c.primed[l].load(Ordering::Relaxed),
+            c.deep[l].load(Ordering::Relaxed)
         );
     }
     println!(
-        "total  {:>11}  {:>6}  {:>5}  {:>6}   ({} groups' sources also checked alone; {:.1} MB of x+y)",
+        "total  {:>11}  {:>7}  {:>7}  {:>7}  {:>7}   ({} groups' sources also checked alone; {:.1} MB of x+y)",
         sum(&c.inputs),
         sum(&c.single),
         sum(&c.split),
         sum(&c.primed),
+        sum(&c.deep),
         groups,
         c.bytes.load(Ordering::Relaxed) as f64 / 1e6
     );

@@ -181,3 +181,32 @@ fn thousands_of_small_inputs_per_level() {
         }
     }
 }
+
+#[test]
+fn deep_primed_pairs_match_zlib() {
+    // prime_for(x, 262) runs the parse on past len(x) - 262 while no step reads beyond x; targets of
+    // at least 262 bytes continue from there, shorter ones are refused (None).
+    let mut rng = Rng::new(7);
+    for case in 0..900 {
+        let level = 1 + (case % 9) as i32;
+        let x = if case % 3 == 0 { any_input(&mut rng, 40_000) } else { short_input(&mut rng, 3000) };
+        let mut e = Deflater::new(level).unwrap();
+        assert!(e.prime_for(&x, 262));
+        for t in 0..4 {
+            let mut y = if t % 2 == 0 && !x.is_empty() {
+                let from = rng.below(x.len());
+                x[from..(from + 262 + rng.below(2000)).min(x.len())].to_vec()
+            } else {
+                short_input(&mut rng, 3000)
+            };
+            if y.len() < 262 && rng.chance(0.7) {
+                y.extend(std::iter::repeat_n(b'e', 262 - y.len())); // most targets long enough
+            }
+            let want = zlib_raw(&[&x[..], &y[..]].concat(), level);
+            match e.primed_len(&y) {
+                Some(got) => assert_eq!(got, want, "case {case} target {t} level {level} x {} y {}", x.len(), y.len()),
+                None => assert!(y.len() < 262 || x.len() + y.len() > ncd::SMALL_MAX),
+            }
+        }
+    }
+}

@@ -129,13 +129,18 @@ impl Input<'_> {
     }
 }
 
-/// Snapshot of a primed source.
+/// Snapshot of a primed source (or of the speculative run at a loop top).
 #[derive(Clone)]
 struct Primed {
     xlen: usize,
     state: State,
     lfreq: [u32; L_CODES],
     dfreq: [u32; D_CODES],
+    /// Undo-log lengths at the snapshot: the entries below belong to the snapshot's own state.
+    undo_len: usize,
+    undo_prev_len: usize,
+    /// Targets shorter than this cannot continue from this snapshot.
+    min_y: usize,
 }
 
 /// The engine. About 200 KB; reuse one per thread.
@@ -159,6 +164,11 @@ pub struct Deflater {
     undo_prev: Vec<(u16, u16)>,
     logging: bool,
     primed: Option<Primed>,
+    /// Speculative priming (see prime_for): bytes at or past spec_end are unknown; a step that
+    /// reads one sets `tainted` and is rolled back to `spec_snap`. usize::MAX when not speculating.
+    spec_end: usize,
+    tainted: bool,
+    spec_snap: Option<Box<Primed>>,
 }
 
 impl Deflater {
@@ -182,6 +192,9 @@ impl Deflater {
             undo_prev: Vec::new(),
             logging: false,
             primed: None,
+            spec_end: usize::MAX,
+            tainted: false,
+            spec_snap: None,
         })
     }
 
@@ -199,6 +212,8 @@ impl Deflater {
         self.undo_prev.clear();
         self.logging = false;
         self.primed = None;
+        self.spec_end = usize::MAX;
+        self.tainted = false;
     }
 
     fn init_block(&mut self) {
@@ -219,6 +234,16 @@ impl Deflater {
     /// Prepare for many [`primed_len`](Self::primed_len) calls with source `x`. Needs
     /// x.len() ≤ SMALL_MAX; returns false (and primes nothing) otherwise.
     pub fn prime(&mut self, x: &[u8]) -> bool {
+        self.prime_for(x, 0)
+    }
+
+    /// [`prime`](Self::prime) for targets of at least `min_y` bytes. With min_y ≥ MIN_LOOKAHEAD
+    /// (262) the lookahead stays ≥ MIN_LOOKAHEAD up to the end of x for every such target, so the
+    /// parse may run on past x.len() − MIN_LOOKAHEAD for as long as no step reads a byte at or after
+    /// x.len(): each step speculates, and the first one that reads such a byte (a hash of the last two
+    /// positions, a match that reaches the end of x) is rolled back and priming stops there. Shorter
+    /// targets then get None from primed_len.
+    pub fn prime_for(&mut self, x: &[u8], min_y: usize) -> bool {
         self.reset();
         if x.len() > SMALL_MAX {
             return false;
@@ -231,32 +256,100 @@ impl Deflater {
         self.s.lookahead = xlen;
         let mut none = Input { parts: [&[], &[]] };
         self.run(&mut none, xlen);
-        self.primed = Some(Primed { xlen, state: self.s, lfreq: self.lfreq, dfreq: self.dfreq });
         self.logging = true;
+        let min_y = if min_y >= MIN_LOOKAHEAD {
+            // As if y had exactly MIN_LOOKAHEAD bytes: every lookahead test (insertion, nice_match
+            // and result caps, max_insert, fill_window) then goes the same way as for any longer y.
+            self.s.lookahead = xlen - self.s.strstart + MIN_LOOKAHEAD;
+            self.spec_end = xlen;
+            self.tainted = false;
+            self.run(&mut none, usize::MAX);
+            self.spec_end = usize::MAX;
+            self.spec_snap = None;
+            MIN_LOOKAHEAD
+        } else {
+            0
+        };
+        self.primed = Some(Primed {
+            xlen,
+            state: self.s,
+            lfreq: self.lfreq,
+            dfreq: self.dfreq,
+            undo_len: self.undo.len(),
+            undo_prev_len: self.undo_prev.len(),
+            min_y,
+        });
         true
     }
 
-    /// Raw deflate length of x ⊕ y for the primed x, or None when x.len() + y.len() > SMALL_MAX or
-    /// nothing is primed.
-    pub fn primed_len(&mut self, y: &[u8]) -> Option<u64> {
-        let p = self.primed.as_ref()?;
-        let xlen = p.xlen;
-        let total = xlen + y.len();
-        if total > SMALL_MAX {
-            return None;
+    /// (x.len(), the position where the primed parse stops) of the primed source, if any.
+    pub fn primed_at(&self) -> Option<(usize, usize)> {
+        self.primed.as_ref().map(|p| (p.xlen, p.state.strstart))
+    }
+
+    /// At a loop top while speculating: roll back a tainted step and stop, stop before a step that
+    /// would hash bytes past x, else remember this point.
+    #[cold]
+    fn spec_checkpoint(&mut self) -> bool {
+        if self.tainted {
+            let snap = self.spec_snap.take().expect("a tainted step follows a checkpoint");
+            self.rollback_to(&snap);
+            self.tainted = false;
+            return true;
         }
-        // Undo the previous target's hash-head changes, newest first.
-        for &(h, old) in self.undo.iter().rev() {
+        if self.s.strstart + 2 >= self.spec_end {
+            return true;
+        }
+        let snap = Primed {
+            xlen: self.spec_end,
+            state: self.s,
+            lfreq: self.lfreq,
+            dfreq: self.dfreq,
+            undo_len: self.undo.len(),
+            undo_prev_len: self.undo_prev.len(),
+            min_y: 0,
+        };
+        match self.spec_snap.as_mut() {
+            Some(b) => **b = snap,
+            None => self.spec_snap = Some(Box::new(snap)),
+        }
+        false
+    }
+
+    /// Restore the hash heads (and aliased prev slots) logged after `snap`, newest first, and its
+    /// scalar state and symbol counts.
+    fn rollback_to(&mut self, snap: &Primed) {
+        for &(h, old) in self.undo[snap.undo_len..].iter().rev() {
             self.head[h as usize] = old;
         }
-        self.undo.clear();
-        for &(i, old) in self.undo_prev.iter().rev() {
+        self.undo.truncate(snap.undo_len);
+        for &(i, old) in self.undo_prev[snap.undo_prev_len..].iter().rev() {
             self.prev[i as usize] = old;
         }
-        self.undo_prev.clear();
-        self.s = p.state;
-        self.lfreq = p.lfreq;
-        self.dfreq = p.dfreq;
+        self.undo_prev.truncate(snap.undo_prev_len);
+        self.s = snap.state;
+        self.lfreq = snap.lfreq;
+        self.dfreq = snap.dfreq;
+    }
+
+    #[inline(always)]
+    fn spec_stop(&mut self) -> bool {
+        self.spec_end != usize::MAX && self.spec_checkpoint()
+    }
+
+    /// Raw deflate length of x ⊕ y for the primed x, or None when x.len() + y.len() > SMALL_MAX,
+    /// y is shorter than the prime allows, or nothing is primed.
+    pub fn primed_len(&mut self, y: &[u8]) -> Option<u64> {
+        let p = self.primed.take()?;
+        let xlen = p.xlen;
+        let total = xlen + y.len();
+        if total > SMALL_MAX || y.len() < p.min_y {
+            self.primed = Some(p);
+            return None;
+        }
+        // Undo the previous target's hash-head changes, newest first, and restore the snapshot.
+        self.rollback_to(&p);
+        self.primed = Some(p);
         self.window[xlen..total].copy_from_slice(y);
         // fill_window's first call zeroes WIN_INIT bytes after the data (total + 258 < window size).
         self.window[total..total + WIN_INIT].fill(0);
@@ -326,6 +419,9 @@ impl Deflater {
     /// updates since the last non-consecutive reset, equals this direct hash of the 3 bytes at pos.
     #[inline(always)]
     fn insert_string(&mut self, pos: usize) -> usize {
+        if pos + 2 >= self.spec_end {
+            self.tainted = true;
+        }
         let w: &[u8; 3] = self.window[pos & 0xffff..][..3].try_into().unwrap();
         let h = (((w[0] as usize) << 10) ^ ((w[1] as usize) << 5) ^ (w[2] as usize)) & HASH_MASK;
         let old = self.head[h];
@@ -390,12 +486,16 @@ impl Deflater {
             nice_match = self.s.lookahead;
         }
         let mut match_start = self.s.match_start;
+        // While speculating, bytes from spec_end on are unknown: flag any test that reads one.
+        let spec_end = self.spec_end;
+        let mut tainted = strstart + best_len >= spec_end;
         loop {
             let m: &[u8; MAX_MATCH + 1] = window[cur_match & 0xffff..][..MAX_MATCH + 1].try_into().unwrap();
             if pair(m, best_len - 1) == scan_end && pair(m, 0) == scan_start {
                 // Bytes 3..=257 decide (byte 2 is implied by the hash; a mismatch at 258 still gives
                 // 258): the length is the first mismatch index, at most 258.
                 let len = MIN_MATCH + common_prefix(&scan[3..MAX_MATCH], &m[3..MAX_MATCH]);
+                tainted |= strstart + len >= spec_end;
                 if len > best_len {
                     match_start = cur_match as u32;
                     best_len = len;
@@ -415,6 +515,7 @@ impl Deflater {
             }
         }
         self.s.match_start = match_start;
+        self.tainted |= tainted;
         if best_len <= self.s.lookahead {
             best_len
         } else {
@@ -425,7 +526,7 @@ impl Deflater {
     /// zlib's deflate_fast (levels 1–3) with flush = Z_FINISH.
     fn deflate_fast(&mut self, input: &mut Input, stop: usize) {
         loop {
-            if self.s.strstart + MIN_LOOKAHEAD > stop {
+            if self.s.strstart + MIN_LOOKAHEAD > stop || self.spec_stop() {
                 return;
             }
             if self.s.lookahead < MIN_LOOKAHEAD {
@@ -476,7 +577,7 @@ impl Deflater {
     /// zlib's deflate_slow (levels 4–9) with flush = Z_FINISH.
     fn deflate_slow(&mut self, input: &mut Input, stop: usize) {
         loop {
-            if self.s.strstart + MIN_LOOKAHEAD > stop {
+            if self.s.strstart + MIN_LOOKAHEAD > stop || self.spec_stop() {
                 return;
             }
             if self.s.lookahead < MIN_LOOKAHEAD {

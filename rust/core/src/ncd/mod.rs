@@ -94,6 +94,7 @@ pub struct NcdScorer {
     targets: Vec<Vec<u8>>,
     sizes: Vec<i64>,
     level: i32,
+    min_target_len: usize,
 }
 
 impl NcdScorer {
@@ -102,7 +103,8 @@ impl NcdScorer {
     pub fn new(targets: Vec<Vec<u8>>, level: i32) -> Result<Self> {
         oracle::check_level(level)?;
         let sizes = compressed_sizes(&targets, level)?;
-        Ok(NcdScorer { targets, sizes, level })
+        let min_target_len = targets.iter().map(|t| t.len()).min().unwrap_or(0);
+        Ok(NcdScorer { targets, sizes, level, min_target_len })
     }
 
     pub fn n_targets(&self) -> usize {
@@ -130,7 +132,8 @@ impl NcdScorer {
         }
         // Engine 0 holds the primed source; pairs too long for priming run whole on engine 1.
         with_engine(0, level, |primed| {
-            primed.prime(source);
+            // Every target long enough lets the prime run on speculatively to the end of x.
+            primed.prime_for(source, self.min_target_len);
             for (j, (y, &cy)) in self.targets.iter().zip(&self.sizes).enumerate() {
                 let cxy = match primed.primed_len(y) {
                     Some(len) => GZIP_OVERHEAD + len as i64,
