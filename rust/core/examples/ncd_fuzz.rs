@@ -147,7 +147,7 @@ fn main() {
                 c.inputs[li].fetch_add(1, Ordering::Relaxed);
                 c.bytes.fetch_add(xy.len() as u64, Ordering::Relaxed);
                 let d = done.fetch_add(1, Ordering::Relaxed) + 1;
-                if d % 500_000 == 0 {
+                if d.is_multiple_of(500_000) {
                     eprintln!("  {d} inputs, {:.0} s", t0.elapsed().as_secs_f64());
                 }
             }

@@ -47,7 +47,7 @@ fn split_inputs_match_zlib() {
 fn primed_pairs_match_zlib() {
     let mut rng = Rng::new(3);
     for case in 0..120 {
-        let level = 1 + (case % 9) as i32;
+        let level = 1 + case % 9;
         let x = any_input(&mut rng, 66_000);
         let mut e = Deflater::new(level).unwrap();
         if !e.prime(&x) {
@@ -120,7 +120,7 @@ fn bytes_past_the_end_decide_between_candidates() {
     // there unless it zeroes them like fill_window does.
     let mut rng = Rng::new(5);
     for case in 0..60 {
-        let level = 1 + (case % 9) as i32;
+        let level = 1 + case % 9;
         let mut x = Vec::new();
         for _ in 0..1 + rng.below(6) {
             x.extend((0..rng.below(200)).map(|_| b"abc"[rng.below(3)]));
@@ -144,7 +144,7 @@ fn bytes_past_the_end_decide_between_candidates() {
     }
     // The same past a window slide (stale window bytes instead of zeros).
     for case in 0..20 {
-        let level = 1 + (case % 9) as i32;
+        let level = 1 + case % 9;
         let len = 70_000 + rng.below(70_000);
         let mut data: Vec<u8> = (0..len).map(|_| if rng.chance(0.3) { 0 } else { b"ab"[rng.below(2)] }).collect();
         let z = rng.below(300);
@@ -188,7 +188,7 @@ fn deep_primed_pairs_match_zlib() {
     // at least 262 bytes continue from there, shorter ones are refused (None).
     let mut rng = Rng::new(7);
     for case in 0..900 {
-        let level = 1 + (case % 9) as i32;
+        let level = 1 + case % 9;
         let x = if case % 3 == 0 { any_input(&mut rng, 40_000) } else { short_input(&mut rng, 3000) };
         let mut e = Deflater::new(level).unwrap();
         assert!(e.prime_for(&x, 262));

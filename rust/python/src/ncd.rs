@@ -35,7 +35,7 @@ fn out_slice<'a>(out_addr: u64, len: usize) -> PyResult<&'a mut [f64]> {
     if len == 0 {
         return Ok(&mut []);
     }
-    if out_addr == 0 || out_addr % std::mem::align_of::<f64>() as u64 != 0 {
+    if out_addr == 0 || !out_addr.is_multiple_of(std::mem::align_of::<f64>() as u64) {
         return Err(PyValueError::new_err(format!(
             "out_addr: expected the non-null, 8-byte aligned address of a float64 array, got {out_addr:#x}"
         )));

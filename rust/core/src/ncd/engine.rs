@@ -2,15 +2,17 @@
 //! (windowBits 15, memLevel 8, default strategy, levels 1..=9, all input given at once with
 //! Z_FINISH — what `gzip.compress` does).
 //!
-//! It follows zlib's deflate.c (1.2.12 – 1.3.2) step for step on the same data structures: the 64 KiB
-//! window with fill_window's sliding and high-water zeroing (longest_match reads up to 258 bytes past
-//! the data, and those bytes — zeros, or stale data after a slide — can decide between candidates),
-//! the 15-bit hash with head/prev chains indexed `pos & wmask`, deflate_fast (levels 1–3, insertion
-//! skipped for matches longer than max_insert_length) and deflate_slow (4–9, lazy matching,
-//! TOO_FAR), longest_match with its chain length, good_match reduction, nice_match capped by the
-//! lookahead, MAX_DIST limit and scan_end test, and block flushes when the symbol buffer holds
-//! lit_bufsize − 1 = 16383 symbols. Per block it keeps only the symbol frequencies; the Huffman work
-//! and the stored/fixed/dynamic choice are in [`super::trees`]. No output byte is produced.
+//! It follows zlib's deflate.c step for step on the same data structures (written from the bundled
+//! 1.3.2 source; fuzzed against it, and spot-checked against the host's 1.2.13 through Python): the
+//! 64 KiB window with fill_window's sliding and high-water zeroing (longest_match reads up to 258
+//! bytes past the data — zeros, or stale data after a slide; zlib caps its results at the lookahead
+//! so they should not matter, and the engine reproduces them anyway), the 15-bit hash with head/prev
+//! chains indexed `pos & wmask`, deflate_fast (levels 1–3, insertion skipped for matches longer than
+//! max_insert_length) and deflate_slow (4–9, lazy matching, TOO_FAR), longest_match with its chain
+//! length, good_match reduction, nice_match capped by the lookahead, MAX_DIST limit and scan_end
+//! test, and block flushes when the symbol buffer holds lit_bufsize − 1 = 16383 symbols. Per block it
+//! keeps only the symbol frequencies; the Huffman work and the stored/fixed/dynamic choice are in
+//! [`super::trees`]. No output byte is produced.
 //!
 //! Priming ([`Deflater::prime`] / [`Deflater::primed_len`]): for x ⊕ y short enough that zlib reads it
 //! in one piece and never slides (x.len() + y.len() ≤ [`SMALL_MAX`]), every step at a position p with
@@ -20,6 +22,12 @@
 //! hash heads through an undo log; prev[] entries of positions after the prime point are always
 //! written before they are read, except the slots that positions ≥ WSIZE share with primed positions,
 //! which are undo-logged too) and finishes.
+//!
+//! Deep priming ([`Deflater::prime_for`] with targets of ≥ MIN_LOOKAHEAD bytes): the lookahead then
+//! stays ≥ MIN_LOOKAHEAD until the end of x for every target, so the parse can go on past
+//! x.len() − MIN_LOOKAHEAD while no step reads a byte of y. Each step there is speculative: a step that
+//! hashes or compares a byte at or after x.len() is rolled back (state, counts, undo log) and priming
+//! stops before it; on real text that leaves about 5 bytes of x, instead of ~255, to redo per target.
 use super::trees::{d_code, Trees, END_BLOCK, D_CODES, LENGTH_CODE, LITERALS, L_CODES};
 
 use crate::error::{Error, Result};
@@ -469,7 +477,7 @@ impl Deflater {
         let strstart = self.s.strstart;
         let mut best_len = self.s.prev_length;
         let mut nice_match = self.cfg.nice;
-        let limit = if strstart > MAX_DIST { strstart - MAX_DIST } else { 0 };
+        let limit = strstart.saturating_sub(MAX_DIST); // NIL (0) when strstart ≤ MAX_DIST
         let window = &self.window;
         // strstart ≤ window_size − MIN_LOOKAHEAD, so the 259 bytes from strstart are in the window
         // (positions are < 64 Ki; the mask only tells the compiler so).
