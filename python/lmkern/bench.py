@@ -528,6 +528,75 @@ register(BenchOp("power_quant_linear", "4bit g128", "dense F.linear", _make_qlin
                  _ref_qlinear, quant_linear_cases))
 
 
+# ---- ncd family (gzip-NCD, ZIP-FIT; PAPERS.md §7) -----------------------------------------------
+# Inputs are ~1 KB pieces of real text (lmkern.data.corpus); shape = (sources, targets), float64.
+# Outputs are [sources, targets] NCDs or [sources, 1] alignments; the reference is the formula over
+# host gzip.compress lengths in float64 (exact equality expected: error 0); the peer is ZIP-FIT's
+# published method (three gzip.compress per pair) in this one process.
+
+
+def ncd_cases(device: str, quick: bool) -> list[Case]:
+    if device != "cpu":
+        return []
+    return [((32, 8), F64)] if quick else [((128, 16), F64)]
+
+
+def _make_ncd(shape, dtype, device, gen):
+    from lmkern.data.corpus import sources_and_targets
+
+    src, tgt = sources_and_targets(shape[0], shape[1], seed=int(torch.randint(1 << 30, (1,), generator=gen)))
+    return {"src": [t.encode() for t in src], "tgt": [t.encode() for t in tgt], "level": 9}
+
+
+def ref_ncd_rows(d, rows: slice) -> torch.Tensor:
+    """NCD(x, y) = (C(x ⊕ y) − min(C(x), C(y))) / max(C(x), C(y)), C = len(gzip.compress(·, level))."""
+    import gzip
+
+    lv = d["level"]
+    cy = [len(gzip.compress(y, compresslevel=lv)) for y in d["tgt"]]
+    out = []
+    for x in d["src"][rows]:
+        cx = len(gzip.compress(x, compresslevel=lv))
+        out.append([(len(gzip.compress(x + y, compresslevel=lv)) - min(cx, c)) / max(cx, c) for y, c in zip(d["tgt"], cy)])
+    return torch.tensor(out, dtype=F64).reshape(-1, len(d["tgt"]))
+
+
+def ref_alignment_rows(d, rows: slice) -> torch.Tensor:
+    """1 − mean_j NCD(x, y_j), the mean summed in target order."""
+    out = []
+    for r in ref_ncd_rows(d, rows).tolist():
+        acc = 0.0
+        for v in r:
+            acc += v
+        out.append(1 - acc / len(r))
+    return torch.tensor(out, dtype=F64).reshape(-1, 1)
+
+
+def _published(matrix: bool):
+    def run(d):
+        from lmkern.data import baseline
+
+        lv = d["level"]
+        if matrix:
+            vals = [[baseline.published_ncd(x, y, lv) for y in d["tgt"]] for x in d["src"]]
+            return (torch.tensor(vals, dtype=F64),)
+        return (torch.tensor([baseline.published_alignment(x, d["tgt"], lv) for x in d["src"]], dtype=F64).reshape(-1, 1),)
+
+    return run
+
+
+register(BenchOp(
+    "ncd", "zipfit_scores", "ZIP-FIT published, 1 process", _make_ncd,
+    lambda d: (torch.from_numpy(lmkern.ncd.zipfit_scores(d["src"], d["tgt"], d["level"])).reshape(-1, 1),),
+    _published(False), lambda d, rows: (ref_alignment_rows(d, rows),), ncd_cases,
+))
+register(BenchOp(
+    "ncd", "ncd_matrix", "gzip.compress x3 per pair", _make_ncd,
+    lambda d: (torch.from_numpy(lmkern.ncd.ncd_matrix(d["src"], d["tgt"], d["level"])),),
+    _published(True), lambda d, rows: (ref_ncd_rows(d, rows),), ncd_cases,
+))
+
+
 # --------------------------------------------------------------------------------------------------
 # Running
 # --------------------------------------------------------------------------------------------------
