@@ -38,6 +38,8 @@ use crate::error::{Error, Result};
 use crate::tensor::{require_aligned, require_ptr, DType, Device, Ptr};
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 
 /// The bit widths the kernels support.
 pub const BITS: [u32; 4] = [2, 3, 4, 8];
@@ -217,11 +219,33 @@ fn check_ptrs(list: &[(Ptr, &str, usize)]) -> Result<()> {
     Ok(())
 }
 
-fn cpu_only(device: Device) -> Result<()> {
+fn cpu_only(device: Device, what: &str) -> Result<()> {
     match device {
         Device::Cpu => Ok(()),
-        Device::Cuda { .. } => Err(Error::dtype("CUDA kernels for power quantization are not built yet: use CPU tensors")),
+        Device::Cuda { .. } => Err(Error::dtype(format!("{what}: CPU only in lmkern-core"))),
     }
+}
+
+/// The exponents are read on the host for CPU tensors only; CUDA kernels never fail on them (a row
+/// outside (0, 1] gets NaN tables) and lmkern.ops.quant checks them on the device.
+unsafe fn host_exponents(device: Device, a: Ptr, rows: usize) -> Result<()> {
+    match device {
+        Device::Cpu => validate_exponents(crate::cpu::slice(a, rows)),
+        Device::Cuda { .. } => Ok(()),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_dtype(dtype: DType) -> Result<()> {
+    if dtype == DType::F64 {
+        return Err(Error::dtype("x: float64 is supported on CPU only; use float32, bfloat16 or float16 on CUDA"));
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_dtype(_: DType) -> Result<()> {
+    Err(Error::cuda("lmkern was built without CUDA support"))
 }
 
 /// Quantize `x` (rows·n elements of `dtype`) with exponents `a` (float32 [rows]) into `codes`
@@ -233,17 +257,25 @@ fn cpu_only(device: Device) -> Result<()> {
 /// Every address is valid for the sizes above (inputs readable, outputs writable, no overlap).
 pub unsafe fn quantize(device: Device, dtype: DType, q: &QuantArgs, x: Ptr, a: Ptr, codes: Ptr, scales: Ptr) -> Result<()> {
     q.validate()?;
-    cpu_only(device)?;
+    if let Device::Cuda { .. } = device {
+        cuda_dtype(dtype)?;
+    }
     if q.rows == 0 {
         return Ok(());
     }
     check_ptrs(&[(a, "a", 4)])?;
-    validate_exponents(crate::cpu::slice(a, q.rows))?;
+    host_exponents(device, a, q.rows)?;
     if q.n == 0 {
         return Ok(());
     }
     check_ptrs(&[(x, "x", dtype.size()), (codes, "codes", 1), (scales, "scales", 4)])?;
-    cpu::quantize(dtype, q, x, a, codes, scales)
+    match device {
+        Device::Cpu => cpu::quantize(dtype, q, x, a, codes, scales),
+        #[cfg(feature = "cuda")]
+        Device::Cuda { ordinal, stream } => cuda::forward(ordinal, stream, dtype, q, x, a, codes, 0, scales),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda { .. } => unreachable!("cuda_dtype refused"),
+    }
 }
 
 /// Dequantize `codes`/`scales`/`a` (as [`quantize`] writes them) into `out`: rows·n elements of `dtype`.
@@ -252,18 +284,28 @@ pub unsafe fn quantize(device: Device, dtype: DType, q: &QuantArgs, x: Ptr, a: P
 /// As [`quantize`].
 pub unsafe fn dequantize(device: Device, dtype: DType, q: &QuantArgs, codes: Ptr, scales: Ptr, a: Ptr, out: Ptr) -> Result<()> {
     q.validate()?;
-    cpu_only(device)?;
+    if let Device::Cuda { .. } = device {
+        cuda_dtype(dtype)?;
+    }
     if q.rows == 0 {
         return Ok(());
     }
     check_ptrs(&[(a, "a", 4)])?;
-    validate_exponents(crate::cpu::slice(a, q.rows))?;
+    host_exponents(device, a, q.rows)?;
     if q.n == 0 {
         return Ok(());
     }
     check_ptrs(&[(codes, "codes", 1), (scales, "scales", 4), (out, "out", dtype.size())])?;
-    cpu::dequantize(dtype, q, codes, scales, a, out);
-    Ok(())
+    match device {
+        Device::Cpu => {
+            cpu::dequantize(dtype, q, codes, scales, a, out);
+            Ok(())
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda { ordinal, stream } => cuda::dequantize(ordinal, stream, dtype, q, codes, scales, a, out),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda { .. } => unreachable!("cuda_dtype refused"),
+    }
 }
 
 /// Fake quantization `y = x̂` (rows·n of `dtype`), writing the scales it used (float32 [rows, n/group]).
@@ -272,17 +314,25 @@ pub unsafe fn dequantize(device: Device, dtype: DType, q: &QuantArgs, codes: Ptr
 /// As [`quantize`].
 pub unsafe fn fake_quantize(device: Device, dtype: DType, q: &QuantArgs, x: Ptr, a: Ptr, y: Ptr, scales: Ptr) -> Result<()> {
     q.validate()?;
-    cpu_only(device)?;
+    if let Device::Cuda { .. } = device {
+        cuda_dtype(dtype)?;
+    }
     if q.rows == 0 {
         return Ok(());
     }
     check_ptrs(&[(a, "a", 4)])?;
-    validate_exponents(crate::cpu::slice(a, q.rows))?;
+    host_exponents(device, a, q.rows)?;
     if q.n == 0 {
         return Ok(());
     }
     check_ptrs(&[(x, "x", dtype.size()), (y, "y", dtype.size()), (scales, "scales", 4)])?;
-    cpu::fake_quantize(dtype, q, x, a, y, scales)
+    match device {
+        Device::Cpu => cpu::fake_quantize(dtype, q, x, a, y, scales),
+        #[cfg(feature = "cuda")]
+        Device::Cuda { ordinal, stream } => cuda::forward(ordinal, stream, dtype, q, x, a, 0, y, scales),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda { .. } => unreachable!("cuda_dtype refused"),
+    }
 }
 
 /// Added to u = |x|/m inside the logarithms of the fake-quantizer's gradients (PAPERS.md §2).
@@ -303,12 +353,14 @@ pub unsafe fn fake_quantize_backward(
     device: Device, dtype: DType, q: &QuantArgs, dy: Ptr, x: Ptr, scales: Ptr, a: Ptr, dx: Ptr, da: Ptr,
 ) -> Result<()> {
     q.validate()?;
-    cpu_only(device)?;
+    if let Device::Cuda { .. } = device {
+        cuda_dtype(dtype)?;
+    }
     if q.rows == 0 {
         return Ok(());
     }
     check_ptrs(&[(a, "a", 4)])?;
-    validate_exponents(crate::cpu::slice(a, q.rows))?;
+    host_exponents(device, a, q.rows)?;
     if da != 0 {
         require_aligned(da, 4, "da")?;
     }
@@ -316,7 +368,14 @@ pub unsafe fn fake_quantize_backward(
         let es = dtype.size();
         check_ptrs(&[(dy, "dy", es), (x, "x", es), (scales, "scales", 4), (dx, "dx", es)])?;
     }
-    cpu::fake_quantize_backward(dtype, q, dy, x, scales, a, dx, da);
+    match device {
+        Device::Cpu => cpu::fake_quantize_backward(dtype, q, dy, x, scales, a, dx, da),
+        #[cfg(feature = "cuda")]
+        // Also with n = 0: the kernel then only writes da = 0.
+        Device::Cuda { ordinal, stream } => return cuda::fake_backward(ordinal, stream, dtype, q, dy, x, scales, a, dx, da),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda { .. } => unreachable!("cuda_dtype refused"),
+    }
     Ok(())
 }
 
@@ -338,10 +397,12 @@ pub unsafe fn linear(
     device: Device, dtype: DType, l: &LinearArgs, x: Ptr, codes: Ptr, scales: Ptr, a: Ptr, bias: Ptr, y: Ptr,
 ) -> Result<()> {
     l.q.validate()?;
-    cpu_only(device)?;
+    if let Device::Cuda { .. } = device {
+        cuda_dtype(dtype)?;
+    }
     if l.q.rows > 0 {
         check_ptrs(&[(a, "a", 4)])?;
-        validate_exponents(crate::cpu::slice(a, l.q.rows))?;
+        host_exponents(device, a, l.q.rows)?;
     }
     if l.tokens == 0 || l.q.rows == 0 {
         return Ok(());
@@ -353,7 +414,13 @@ pub unsafe fn linear(
     if l.q.n > 0 {
         check_ptrs(&[(x, "x", dtype.size()), (codes, "codes", 1), (scales, "scales", 4)])?;
     }
-    cpu::linear(dtype, l, x, codes, scales, a, bias, y);
+    match device {
+        Device::Cpu => cpu::linear(dtype, l, x, codes, scales, a, bias, y),
+        #[cfg(feature = "cuda")]
+        Device::Cuda { ordinal, stream } => return cuda::linear(ordinal, stream, dtype, l, x, codes, scales, a, bias, y),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda { .. } => unreachable!("cuda_dtype refused"),
+    }
     Ok(())
 }
 
@@ -364,7 +431,7 @@ pub unsafe fn linear(
 /// As [`quantize`].
 pub unsafe fn linear_backward(device: Device, dtype: DType, l: &LinearArgs, dy: Ptr, codes: Ptr, scales: Ptr, a: Ptr, dx: Ptr) -> Result<()> {
     l.q.validate()?;
-    cpu_only(device)?;
+    cpu_only(device, "power_quant_linear_backward (on CUDA, lmkern.ops.quant computes dy @ dequantize(W) with torch)")?;
     if l.q.rows > 0 {
         check_ptrs(&[(a, "a", 4)])?;
         validate_exponents(crate::cpu::slice(a, l.q.rows))?;
@@ -405,7 +472,7 @@ pub struct SearchArgs {
 /// As [`quantize`].
 pub unsafe fn search_exponent(device: Device, s: &SearchArgs, w: Ptr, z: Ptr, out: Ptr) -> Result<()> {
     s.q.validate()?;
-    cpu_only(device)?;
+    cpu_only(device, "search_exponent (on CUDA, lmkern.ops.quant copies w and x to the host)")?;
     if !(s.lo > 0.0 && s.lo <= 1.0) || s.grid < 2 {
         return Err(Error::value(format!("search: expected 0 < lo <= 1 and grid >= 2; got lo={} grid={}", s.lo, s.grid)));
     }
