@@ -91,7 +91,7 @@ def make_x(shape, dtype, seed, mag):
 
 
 @given(cases())
-@settings(deadline=None)
+@settings(deadline=None, max_examples=30)  # the GPU check's time limit: CPU references dominate
 def test_quantize_matches_cpu_bit_for_bit(case):
     dtype, bits, shape, g, a, clip, mag, seed = case
     x = make_x(shape, dtype, seed, mag)
@@ -127,7 +127,7 @@ def test_large_rows_match_cpu(bits, dtype):
 
 
 @given(cases(max_elems=5000))
-@settings(deadline=None)
+@settings(deadline=None, max_examples=30)
 def test_fake_quantize_gradients_match_reference(case):
     dtype, bits, shape, g, a, clip, mag, seed = case
     x = make_x(shape, dtype, seed, mag)
@@ -173,7 +173,7 @@ def _linear(in_f, out_f, bias, seed):
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("tokens", [1, 2, 3, 8, 9, 40])
+@pytest.mark.parametrize("tokens", [1, 3, 8, 16])  # GEMV tiles 1, 4, 8; 16: dequantize + cuBLAS
 @pytest.mark.parametrize("shape", [(256, 96, 32), (96, 37, 3), (512, 40, 128)])
 def test_linear_matches_cpu_and_reference(shape, tokens, dtype, bits):
     in_f, out_f, g = shape

@@ -19,7 +19,19 @@
      fwd+bwd    the sum of the two (forward saving rstd)
    and % of the measured copy bandwidth. Error: ||out - ref|| / ||ref|| against the float64
    formula (lmkern.bench's references), lmkern's and eager torch's. Inputs: torch.randn, never zeros.
-3. A compact table on stdout; JSON to $OUT/gpu_timings.json when OUT is set, else
+3. Power quantization (cuda/quant.cu; skip with --no-quant, alone with --quant-only), bf16, a
+   4096x4096 weight (rows of 4096, g = 128, a = 0.7 per row):
+     linear b<T>  torch.ops.lmkern.power_quant_linear, 4-bit, T = 1, 4, 8 tokens (the fused GEMV) and
+                  16 (dequantize + cuBLAS); 3-bit T = 1; 4-bit 4096 -> 14336 T = 1
+                  vs F.linear with the dense bf16 weight (target at T = 1, 4096 -> 4096: >= 2.5x)
+                  bytes: codes + scales + exponents + x + y (the dense peer moves 16 bits per weight)
+     quantize     lmkern.quant.power_quantize (codes + scales; one sync for its checks)
+                  vs the formula as torch ops (fake quantize without packing: a lower bound)
+     dequantize   lmkern.quant.power_dequantize vs unpack + table gather as torch ops
+     fake         lmkern.quant.power_fake_quantize (forward) vs the formula as torch ops
+   Error: ||out - ref||/||ref|| against the float64 formula of the same codes (tests/reference/quant.py
+   formulas, inlined).
+4. A compact table on stdout; JSON to $OUT/gpu_timings.json when OUT is set, else
    benches/results/gpu_timings.json (gpu_timings_peers.json with --impls torch,compiled).
 
 Compiles (dynamic=False, one per case and form) are the slow part: past --budget seconds the
@@ -287,6 +299,116 @@ def run_case(dtype, rows, n, device, cuda, reps, compiled: Compiled, forms, copy
     return out
 
 
+# ---- power quantization --------------------------------------------------------------------------
+
+
+def _quant_inputs(device, rows, n, seed):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    w = torch.randn(rows, n, device=device, generator=gen) * 0.02
+    a = torch.full((rows,), 0.7, device=device)
+    return w, a
+
+
+def _deq64(q):
+    """x̂ of a PowerQuantized in float64 (codes unpacked with torch ops; the documented formula)."""
+    from lmkern.quant import unpack_codes
+    codes = unpack_codes(q.codes, q.bits, q.n).to(torch.float64)
+    qm = 2 ** (q.bits - 1) - 1
+    m = q.scales.to(torch.float64).repeat_interleave(q.group_size, dim=1)
+    inv_a = (1.0 / q.exponent.to(torch.float64)).unsqueeze(1)
+    return m * torch.sign(codes) * (codes.abs() / qm) ** inv_a
+
+
+def torch_fake_quant(x, a, bits, g):
+    """The quantizer as torch ops (float32 math, round-half-even): the peer of quantize / fake."""
+    rows, n = x.shape
+    qm = 2 ** (bits - 1) - 1
+    X = x.float().view(rows, n // g, g)
+    m = X.abs().amax(-1, keepdim=True)
+    u = X.abs() / m.clamp_min(1e-30)
+    A = a.view(rows, 1, 1)
+    q = torch.round(qm * u ** A).clamp(max=qm)
+    return (m * torch.sign(X) * (q / qm) ** (1.0 / A)).to(x.dtype).view(rows, n)
+
+
+def torch_dequant4(codes, scales, a, g, dtype):
+    """4-bit packed codes to values as torch ops: nibbles, sign extension, per-row table gather."""
+    rows = codes.shape[0]
+    f = torch.stack([codes & 0xF, codes >> 4], dim=-1).view(rows, -1).long()
+    q = torch.where(f >= 8, f - 16, f).float()
+    lut = (q.abs() / 7) ** (1.0 / a.view(rows, 1))
+    m = scales.repeat_interleave(g, dim=1)
+    return (m * torch.sign(q) * lut).to(dtype)
+
+
+def run_quant(device, cuda, reps, copy_gbps):
+    from lmkern.quant import power_dequantize, power_fake_quantize, power_quantize
+    rows_out = []
+    g, n = 128, 4096
+
+    def row(case, form, fns, nbytes, lm_out, ref64, peer_out=None, tol=1e-2):
+        t = time_interleaved(fns, reps, 5, cuda)
+        med = {k: statistics.median(v) for k, v in t.items()}
+        r = {"case": case, "form": form, "lmkern_us": med["lmkern"], "bytes": nbytes,
+             "lmkern_GBps": nbytes / med["lmkern"] / 1e3}
+        r["lmkern_pct_copy"] = 100 * r["lmkern_GBps"] / copy_gbps
+        r["lmkern_err"] = lb.rel_error(lm_out, ref64)
+        if "torch" in med:
+            r["torch_us"] = med["torch"]
+            r["speedup_vs_torch"] = med["torch"] / med["lmkern"]
+            if peer_out is not None:
+                r["torch_err"] = lb.rel_error(peer_out, ref64)
+        r["ok"] = r["lmkern_err"] <= tol
+        return r
+
+    specs = [(4, n, n, 1), (4, n, n, 4), (4, n, n, 8), (4, n, n, 16), (3, n, n, 1), (4, 14336, n, 1)]
+    for bits, out_f, in_f, tokens in specs:
+        case = f"bf16 W{out_f}x{in_f} {bits}b g{g}"
+        try:
+            w, a = _quant_inputs(device, out_f, in_f, out_f + bits)
+            q = power_quantize(w, a, bits, g)
+            w_dense = q.dequantize().to(B16)  # the peer's weight: the same values, dense bf16
+            x = torch.randn(tokens, in_f, device=device).to(B16)
+            op = torch.ops.lmkern.power_quant_linear
+            lm = lambda: op(x, q.codes, q.scales, q.exponent, None, bits, g, in_f)  # noqa: E731
+            ref = x.double() @ _deq64(q).T
+            nbytes = q.codes.numel() + 4 * (q.scales.numel() + out_f) + 2 * tokens * (in_f + out_f)
+            rows_out.append(row(case, f"linear b{tokens}", {"lmkern": lm, "torch": lambda: F.linear(x, w_dense)},
+                                nbytes, lm(), ref, F.linear(x, w_dense)))
+            del w_dense
+        except Exception as e:  # noqa: BLE001
+            rows_out.append({"case": case, "form": f"linear b{tokens}", "failure": lb.one_line(e)})
+            traceback.print_exc()
+            if cuda and lb.cuda_broken():
+                rows_out[-1]["cuda_context_broken"] = True
+                return rows_out
+
+    case = f"bf16 {n}x{n} 4b g{g}"
+    try:
+        w, a = _quant_inputs(device, n, n, 7)
+        x = w.to(B16)
+        q = power_quantize(x, a, 4, g)
+        ref = _deq64(q)
+        e = 2 * n * n
+        rows_out.append(row(case, "quantize", {"lmkern": lambda: power_quantize(x, a, 4, g),
+                                               "torch": lambda: torch_fake_quant(x, a, 4, g)},
+                            e + n * n // 2 + 4 * n * n // g, power_quantize(x, a, 4, g).dequantize(), ref,
+                            torch_fake_quant(x, a, 4, g)))
+        rows_out.append(row(case, "dequantize", {"lmkern": lambda: power_dequantize(q),
+                                                 "torch": lambda: torch_dequant4(q.codes, q.scales, a, g, B16)},
+                            n * n // 2 + 4 * n * n // g + e, power_dequantize(q), ref,
+                            torch_dequant4(q.codes, q.scales, a, g, B16)))
+        rows_out.append(row(case, "fake", {"lmkern": lambda: power_fake_quantize(x, a, 4, g),
+                                           "torch": lambda: torch_fake_quant(x, a, 4, g)},
+                            2 * e + 4 * n * n // g, power_fake_quantize(x, a, 4, g), ref, torch_fake_quant(x, a, 4, g)))
+    except Exception as e:  # noqa: BLE001
+        rows_out.append({"case": case, "form": "quant", "failure": lb.one_line(e)})
+        traceback.print_exc()
+        if cuda and lb.cuda_broken():
+            rows_out[-1]["cuda_context_broken"] = True
+    return rows_out
+
+
 # ---- output --------------------------------------------------------------------------------------
 
 
@@ -331,6 +453,8 @@ def main(argv=None) -> int:
                         "the copy bandwidth alone, when lmkern's CUDA path is broken)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile peers (= no 'compiled' in --impls)")
     p.add_argument("--forms", default=",".join(FORMS), help=f"comma-separated subset of {','.join(FORMS)}")
+    p.add_argument("--no-quant", action="store_true", help="skip the power-quantization cases")
+    p.add_argument("--quant-only", action="store_true", help="only the power-quantization cases")
     p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # cpu: smoke test of this script only
     p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # tiny cases, few reps
     args = p.parse_args(argv)
@@ -374,7 +498,12 @@ def main(argv=None) -> int:
     compiled = Compiled("compiled" in use)
     rows = []
     broken = False
-    for dtype, nrows, n in cases(args.smoke):
+    if "lmkern" in use and not args.no_quant and not args.smoke:
+        qrows = run_quant(device, cuda, reps, copy["copy_GBps"])
+        rows += qrows
+        print(table(qrows).split("\n", 2)[2] if qrows else "", flush=True)
+        broken = any(r.get("cuda_context_broken") for r in qrows)
+    for dtype, nrows, n in ([] if args.quant_only else cases(args.smoke)):
         if broken:
             break
         elapsed = time.perf_counter() - t_start
