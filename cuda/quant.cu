@@ -401,28 +401,45 @@ __device__ __forceinline__ void linear(const LinearParams& p) {
             int nt = (int)min64(NT, p.tokens - t0);
             if (active) {
                 if constexpr (FAST4) {
-                    // 32 codes (16 bytes) per lane and step, all in one group (g % 32 == 0).
+                    // 32 codes (16 bytes) per lane and chunk, all in one group (g % 32 == 0). U chunks'
+                    // loads are issued back to back before any is used, so a warp has U·512 bytes in
+                    // flight (a 4096-wide row is one such step); a lane still adds its chunks in
+                    // increasing order.
                     constexpr int VW = 16 / sizeof(T);
+                    constexpr int U = 4;
                     const int chunks = n / 32;
-                    for (int c = lane; c < chunks; c += 32) {
-                        const Pack<uint32_t, 4> cw = load_pack<uint32_t, 4>(reinterpret_cast<const uint32_t*>(cr), c);
-                        float w[32];
+                    for (int cb = lane; cb < chunks; cb += 32 * U) {
+                        Pack<uint32_t, 4> cw[U] = {};
+                        float mk[U] = {};
 #pragma unroll
-                        for (int j = 0; j < 32; ++j) w[j] = lut[warp][(cw.w[j / 8] >> (4 * (j % 8))) & 0xf];
-                        const float m = sr[(c * 32) / g];
+                        for (int i = 0; i < U; ++i) {
+                            const int c = cb + 32 * i;
+                            if (c < chunks) {
+                                cw[i] = load_pack<uint32_t, 4>(reinterpret_cast<const uint32_t*>(cr), c);
+                                mk[i] = sr[(c * 32) / g];
+                            }
+                        }
 #pragma unroll
-                        for (int t = 0; t < NT; ++t) {
-                            if (t < nt) {
-                                const T* xr = x + (t0 + t) * n + (int64_t)c * 32;
-                                float s = 0.0f;
+                        for (int i = 0; i < U; ++i) {
+                            const int c = cb + 32 * i;
+                            if (c >= chunks) continue;
+                            float w[32];
 #pragma unroll
-                                for (int v = 0; v < 32 / VW; ++v) {
-                                    float xf[VW];
-                                    unpack(load_pack<T, VW>(xr, v), xf);
+                            for (int j = 0; j < 32; ++j) w[j] = lut[warp][(cw[i].w[j / 8] >> (4 * (j % 8))) & 0xf];
 #pragma unroll
-                                    for (int e = 0; e < VW; ++e) s = fmaf(w[v * VW + e], xf[e], s);
+                            for (int t = 0; t < NT; ++t) {
+                                if (t < nt) {
+                                    const T* xr = x + (t0 + t) * n + (int64_t)c * 32;
+                                    float s = 0.0f;
+#pragma unroll
+                                    for (int v = 0; v < 32 / VW; ++v) {
+                                        float xf[VW];
+                                        unpack(load_pack<T, VW>(xr, v), xf);
+#pragma unroll
+                                        for (int e = 0; e < VW; ++e) s = fmaf(w[v * VW + e], xf[e], s);
+                                    }
+                                    acc[t] = fmaf(mk[i], s, acc[t]);
                                 }
-                                acc[t] = fmaf(m, s, acc[t]);
                             }
                         }
                     }

@@ -510,6 +510,10 @@ static void suite(const Kernels& K) {
     run_linear<T>(K, 40, 256, 64, 4, 2, true, true, 0);   // misaligned x: the generic kernel
     run_linear<T>(K, 40, 256, 64, 4, 5, false, false, 2);  // grid-stride over output rows
     run_linear<T>(K, 1, 32, 32, 4, 1, true, false, 0);
+    // Rows of more than 32·U chunks of 32 codes: every slot of the 4-bit kernel's batched loads,
+    // several batches per lane, and a partial last batch (257 chunks).
+    run_linear<T>(K, 3, 8224, 32, 4, 1, true, false, 0);
+    run_linear<T>(K, 2, 8224, 8224, 4, 3, false, false, 0);
 }
 
 // n = 0 (empty rows): the backward writes da = 0, the linear writes y = bias; nothing else is read.
