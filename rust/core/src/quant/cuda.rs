@@ -163,7 +163,7 @@ pub(crate) fn token_tile(tokens: usize) -> usize {
 
 /// Whether the 4-bit linear kernel applies.
 pub(crate) fn fast4(q: &QuantArgs, x: Ptr, codes: Ptr) -> bool {
-    q.bits == 4 && q.n % 32 == 0 && q.group % 32 == 0 && x % 16 == 0 && codes % 16 == 0
+    q.bits == 4 && q.n.is_multiple_of(32) && q.group.is_multiple_of(32) && x.is_multiple_of(16) && codes.is_multiple_of(16)
 }
 
 pub(crate) fn plan_linear(dtype: DType, l: &LinearArgs, fast: bool) -> Result<Plan> {
@@ -180,7 +180,7 @@ pub(crate) fn plan_linear(dtype: DType, l: &LinearArgs, fast: bool) -> Result<Pl
 /// 8-element packs: n a multiple of 8 and every given row buffer aligned to 8 elements.
 fn vec8(dtype: DType, n: usize, ptrs: &[Ptr]) -> i32 {
     let align = 8 * dtype.size() as u64;
-    (n % 8 == 0 && ptrs.iter().all(|&p| p % align == 0)) as i32
+    (n.is_multiple_of(8) && ptrs.iter().all(|&p| p.is_multiple_of(align))) as i32
 }
 
 unsafe fn launch_with<P>(ordinal: usize, stream: u64, plan: &Plan, params: &mut P) -> Result<()> {
