@@ -146,6 +146,20 @@ class RMSNormResidual(_Norm):
         self._peer()
 
 
+class RMSNormResidualInPlace(_Norm):
+    """In-place fused residual (inference): lmkern.rms_norm_(x, w, residual=r) writes h over r and y
+    over x; the peer is torch's in-place composite r += x; F.rms_norm(r) (its y is a fresh tensor)."""
+
+    entry = "rms_norm residual in place"
+
+    def time_composite(self, device, shape, dtype):
+        self._peer()
+
+    @skip_for_params(_NO_PEAKMEM)
+    def peakmem_composite(self, device, shape, dtype):
+        self._peer()
+
+
 class CRMSNormForward(_Norm):
     """lmkern.crms_norm vs a torch composite of the CRMS formula, forward."""
 
@@ -176,6 +190,19 @@ class CRMSNormResidual(_Norm):
     """Fused residual: lmkern.crms_norm(x, w, residual=r) vs h = x + r; composite CRMSNorm of h."""
 
     entry = "crms_norm residual"
+
+    def time_composite(self, device, shape, dtype):
+        self._peer()
+
+    @skip_for_params(_NO_PEAKMEM)
+    def peakmem_composite(self, device, shape, dtype):
+        self._peer()
+
+
+class CRMSNormResidualInPlace(_Norm):
+    """In-place fused residual: lmkern.crms_norm_(x, w, residual=r) vs r += x; composite CRMSNorm of r."""
+
+    entry = "crms_norm residual in place"
 
     def time_composite(self, device, shape, dtype):
         self._peer()

@@ -1,6 +1,6 @@
 // Power-exponent quantization (PowerQuant / NUPES, PAPERS.md §2): quantize, dequantize, fake
 // quantize forward and backward, and the lookup-table dequantize-GEMV of PowerQuantLinear. The
-// operator and the packed layout (codes, scales, exponents) are specified in
+// operator and the packed layout (codes, scales, exponents, codebooks) are specified in
 // rust/core/src/quant/mod.rs; rust/core/src/quant/cpu.rs is the CPU twin these kernels mirror, and
 // rust/core/src/quant/cuda.rs the launcher.
 //
@@ -28,12 +28,16 @@
 //
 // Error reporting: kernels never fail. A group holding NaN/inf gets a NaN scale (the Python layer
 // checks the scales for finiteness); a row whose exponent is outside (0, 1] gets a NaN table, so
-// its dequantized values and linear outputs are NaN rather than silently wrong.
+// its dequantized values are NaN rather than silently wrong. The linear kernels read the rows'
+// codebooks (`table`, float32 [out, 2^bits], from power_codebook) as given.
 //
-// Linear: one warp per output row (8 warps per block), the row's table in shared memory; each lane
+// Linear: one warp per output row (8 warps per block), the row's codebook copied from `table` into
+// shared memory; each lane
 // walks its own code units in a fixed order and the warp sums with a butterfly, so results depend on
 // the shape only. Tokens go NT at a time (each tile re-reads the codes: meant for tokens ≤ 8; the
 // Python layer dequantizes and calls cuBLAS for more).
+#include <stddef.h>
+
 #include "common.cuh"
 
 namespace lmkern {
@@ -90,7 +94,7 @@ struct LinearParams {
     const void* x;         // [tokens, in] T
     const uint8_t* codes;  // [out, row_bytes]
     const float* scales;   // [out, in/group]
-    const float* a;        // [out]
+    const float* table;    // [out, 2^bits]: the rows' codebooks (power_codebook), row stride 2^bits
     const float* bias;     // [out] or null
     void* y;               // [tokens, out] T
     int64_t tokens;
@@ -102,6 +106,8 @@ struct LinearParams {
     int32_t pad_;
 };
 static_assert(sizeof(LinearParams) == 80, "LinearParams layout must match the Rust mirror");
+static_assert(offsetof(LinearParams, table) == 24 && offsetof(LinearParams, tokens) == 48,
+              "LinearParams layout must match the Rust mirror");
 
 constexpr int MAX_SLOTS = 8;     // row slots per block (RY)
 constexpr int MAX_LEVELS = 256;  // 2^8 table entries
@@ -387,8 +393,8 @@ __device__ __forceinline__ void linear(const LinearParams& p) {
         const int64_t o = base + warp;
         const bool active = o < nout;
         if (active) {
-            const float av = p.a[o];
-            for (int f = lane; f < nl; f += 32) lut[warp][f] = lut_entry(bits, av, f);
+            const float* tr = p.table + o * nl;
+            for (int f = lane; f < nl; f += 32) lut[warp][f] = tr[f];
         }
         __syncthreads();
         const uint8_t* cr = p.codes + o * p.row_bytes;

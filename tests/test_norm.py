@@ -558,6 +558,111 @@ def test_set_num_threads_rejects_zero(num_threads):
 
 
 # ------------------------------------------------------------------------------------------------
+# in place (rms_norm_ / crms_norm_): inference-only fused add-norm writing into x and residual
+# ------------------------------------------------------------------------------------------------
+INPLACE = {False: lmkern.rms_norm_, True: lmkern.crms_norm_}
+
+
+@KINDS
+@given(case=norm_cases(max_elems=40_000))
+def test_inplace_matches_reference_and_out_of_place(crms, case):
+    x, w, r, _, _ = make_case(
+        case["shape"], case["dtype"], case["seed"], weight=case["weight"], residual=case["residual"],
+        mag=case["mag"], mean=case["mean"], requires_grad=False,
+    )
+    fn, ref = NORMS[crms]
+    eps, offset, scale = case["eps"], case["offset"], case["scale"]
+    want = fn(x, w, eps, residual=r, offset=offset, scale=scale)
+    y_ref = ref(x, w, eps, r, offset, scale)
+    xi, ri = x.clone(), None if r is None else r.clone()
+    out = INPLACE[crms](xi, w, eps, residual=ri, offset=offset, scale=scale)
+    if r is None:
+        assert out is xi
+        _assert_same_bits(xi, want, "y")
+        check(xi, y_ref, FWD_TOL[x.dtype], "y")
+    else:
+        assert out[0] is xi and out[1] is ri
+        _assert_same_bits(xi, want[0], "y")
+        _assert_same_bits(ri, want[1], "h")
+        assert torch.equal(ri, x + r)
+        check(xi, y_ref[0], FWD_TOL[x.dtype], "y")
+
+
+@KINDS
+def test_inplace_large_streaming_rows(crms):
+    # Large enough that the out-of-place kernel streams its outputs; in place must give the same bits.
+    x, w, r, _, _ = make_case((600, 4096), F32, 77, residual=True, requires_grad=False)
+    fn, _ = NORMS[crms]
+    y, h = fn(x, w, residual=r)
+    xi, ri = x.clone(), r.clone()
+    INPLACE[crms](xi, w, residual=ri)
+    _assert_same_bits(xi, y, "y")
+    _assert_same_bits(ri, h, "h")
+
+
+@KINDS
+def test_inplace_refuses_grad_noncontiguous_and_overlap(crms):
+    fn = INPLACE[crms]
+    x = randn((4, 8), F32, 1).requires_grad_(True)
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        fn(x)
+    with torch.no_grad():
+        fn(x.detach().clone())  # fine without grad mode
+    with pytest.raises(ValueError, match="x: .*contiguous"):
+        fn(randn((8, 4), F32, 2).t())
+    with pytest.raises(ValueError, match="residual: .*contiguous"):
+        fn(randn((4, 8), F32, 2), residual=randn((8, 4), F32, 3).t())
+    buf = randn((2, 4, 8), F32, 4)
+    with pytest.raises(ValueError, match="overlap"):
+        fn(buf[0], residual=buf[0])
+    with pytest.raises(ValueError, match="residual: expected shape"):
+        fn(randn((4, 8), F32, 2), residual=randn((4, 9), F32, 3))
+    with pytest.raises(TypeError, match="residual"):
+        fn(randn((4, 8), F32, 2), residual=[1.0])
+
+
+@KINDS
+def test_inplace_bumps_version_so_saved_tensors_are_checked(crms):
+    # x saved by another op for its backward, then overwritten in place: autograd must notice.
+    w = torch.randn(8, requires_grad=True)
+    x = torch.randn(4, 8)
+    loss = (x * w).sum()
+    INPLACE[crms](x)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+@KINDS
+def test_inplace_op_through_dispatcher(crms):
+    name = "crms_norm_inplace" if crms else "rms_norm_inplace"
+    op = getattr(torch.ops.lmkern, name)
+    x, w, r, _, _ = make_case((5, 33), F32, 9, residual=True, requires_grad=False)
+    y, h = NORMS[crms][0](x, w, 1e-5, residual=r)
+    xi, ri = x.clone(), r.clone()
+    op(xi, ri, w, 1e-5, 0.0, 1.0)
+    _assert_same_bits(xi, y, "y")
+    _assert_same_bits(ri, h, "h")
+    samples = [
+        (randn((4, 33), F32, 1), randn((4, 33), F32, 2), randn((33,), F32, 3), 1e-5, 0.0, 1.0),
+        (randn((2, 3, 17), BF16, 4), None, None, 1e-6, 1.0, 0.5),
+    ]
+    for args in samples:
+        result = torch.library.opcheck(op.default, args)
+        assert all(v == "SUCCESS" for v in result.values()), result
+
+    def f(x, r):
+        x2, r2 = x * 2, r + 1
+        op(x2, r2, None, 1e-6, 0.0, 1.0)
+        return x2, r2
+
+    xa, ra = randn((4, 33), F32, 5), randn((4, 33), F32, 6)
+    got = torch.compile(f, fullgraph=True)(xa, ra)
+    want = f(xa, ra)
+    _assert_same_bits(got[0], want[0], "y")
+    _assert_same_bits(got[1], want[1], "h")
+
+
+# ------------------------------------------------------------------------------------------------
 # torch.library.opcheck, gradcheck, torch.compile
 # ------------------------------------------------------------------------------------------------
 def _fwd_samples():
@@ -1105,3 +1210,20 @@ def test_cuda_bad_input(crms):
         fn(x, torch.randn(8))
     with pytest.raises(ValueError, match="residual"):
         fn(x, residual=torch.randn(4, 8))
+
+
+@pytest.mark.cuda
+@KINDS
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=str)
+def test_cuda_inplace_equals_out_of_place(crms, dtype):
+    fn, ref = NORMS[crms]
+    x, w, r, _, _ = _cuda_case((37, 1031), dtype, 51, weight=True, residual=True)
+    x, w, r = x.detach(), w.detach(), r.detach()
+    y, h = fn(x, w, 1e-5, residual=r, offset=0.5)
+    xi, ri = x.clone(), r.clone()
+    out = INPLACE[crms](xi, w, 1e-5, residual=ri, offset=0.5)
+    assert out[0] is xi and out[1] is ri
+    assert torch.equal(xi, y) and torch.equal(ri, h)
+    xi = x.clone()
+    INPLACE[crms](xi, w, 1e-5, offset=0.5)
+    check(xi, ref(x, w, 1e-5, None, 0.5, 1.0), FWD_TOL[dtype], "y in place")

@@ -206,11 +206,13 @@ def test_linear_gemv_target_shape_and_determinism():
     a = torch.full((4096,), 0.7)
     q = power_quantize(w.cuda(), a.cuda(), 4, 128)
     x = randn((1, 4096), BF16, 2, device="cuda")
-    y = torch.ops.lmkern.power_quant_linear(x, q.codes, q.scales, q.exponent, None, 4, 128, 4096)
+    table = torch.ops.lmkern.power_codebook(q.exponent, 4)
+    assert table.is_cuda and torch.equal(table.cpu(), torch.ops.lmkern.power_codebook(q.exponent.cpu(), 4))
+    y = torch.ops.lmkern.power_quant_linear(x, q.codes, q.scales, table, None, 4, 128, 4096)
     ref = linear_ref(x.cpu(), power_dequantize(q).cpu().to(F64))
     assert rel_err(y, ref) <= TOL[BF16]
     for _ in range(3):
-        assert torch.equal(y, torch.ops.lmkern.power_quant_linear(x, q.codes, q.scales, q.exponent, None, 4, 128, 4096))
+        assert torch.equal(y, torch.ops.lmkern.power_quant_linear(x, q.codes, q.scales, table, None, 4, 128, 4096))
 
 
 def test_linear_misaligned_inputs_use_the_generic_kernel():
@@ -266,8 +268,10 @@ def test_power_quant_linear_moves_to_cuda_and_builds_there():
             same_codes(other, buf, lin.weight.detach().cpu(), mod.exponent, 4, 32)
         else:
             assert torch.equal(other.cpu(), buf), name
+    assert cmod.codebook.is_cuda and torch.equal(cmod.codebook.cpu(), mod.codebook)
     fresh = PowerQuantLinear(128, 24, bits=4, group_size=32, device="cuda")
     fresh.load_state_dict(mod.state_dict())
+    assert fresh.codebook.is_cuda and torch.equal(fresh.codebook.cpu(), mod.codebook)
     x = randn((3, 128), F32, 1)
     assert rel_err(fresh(x.cuda()), mod(x)) <= TOL[F32]
 
@@ -331,10 +335,20 @@ def test_bad_input_raises_clearly():
         cmod(x.cpu())
     with pytest.raises(TypeError, match="float64 is supported on CPU only"):
         cmod(x.double())
-    # An exponent outside (0, 1] reaches the GEMV unchecked (no synchronization): NaN outputs.
+    with pytest.raises(ValueError, match="table: expected a tensor on"):
+        torch.ops.lmkern.power_quant_linear(x, cmod.codes, cmod.scales, cmod.codebook.cpu(), None, 4, 16, 32)
+    with pytest.raises(ValueError, match="table: expected float32 of shape"):
+        torch.ops.lmkern.power_quant_linear(x, cmod.codes, cmod.scales, cmod.codebook[:, :8], None, 4, 16, 32)
+    # The codebooks are built on the host from the exponents: an exponent outside (0, 1] is refused there.
     cmod.exponent[3] = 2.0
-    y = cmod(x)
-    assert torch.isnan(y[:, 3]).all() and torch.isfinite(y[:, :3]).all() and torch.isfinite(y[:, 4:]).all()
+    with pytest.raises(ValueError, match=r"expected exponents in \(0, 1\]"):
+        cmod.refresh_codebook()
+    # The GEMV reads the codebooks unchecked (no synchronization): a NaN codebook row gives NaN outputs,
+    # in the fused GEMV and in the dequantize + cuBLAS path alike.
+    cmod.codebook[3] = float("nan")
+    for xs in (x, randn((12, 32), F32, 2, device="cuda")):
+        y = cmod(xs)
+        assert torch.isnan(y[:, 3]).all() and torch.isfinite(y[:, :3]).all() and torch.isfinite(y[:, 4:]).all()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -355,15 +369,16 @@ def _opcheck_cases():
         (torch.ops.lmkern.power_dequantize, (q.codes, q.scales, q.exponent, 4, 16, 32, torch.bfloat16)),
         (torch.ops.lmkern.power_fake_quantize, (x.clone().requires_grad_(True), a.clone().requires_grad_(True), 4, 16, 1.0)),
         (torch.ops.lmkern.power_fake_quantize_backward, (torch.randn(3, 32, device=dev), x, q.scales, a, 4, 16, True)),
-        (torch.ops.lmkern.power_quant_linear, (xg, lin.codes, lin.scales, lin.exponent, lin.bias, 4, 16, 32)),
-        (torch.ops.lmkern.power_quant_linear, (randn((2, 2, 32), F16, 2, device=dev), lin.codes, lin.scales, lin.exponent, None, 4, 16, 32)),
-        (torch.ops.lmkern.power_quant_linear, (randn((12, 32), BF16, 2, device=dev), lin.codes, lin.scales, lin.exponent, lin.bias, 4, 16, 32)),
-        (torch.ops.lmkern.power_quant_linear_backward, (torch.randn(2, 5, device=dev), lin.codes, lin.scales, lin.exponent, 4, 16, 32)),
+        (torch.ops.lmkern.power_quant_linear, (xg, lin.codes, lin.scales, lin.codebook, lin.bias, 4, 16, 32)),
+        (torch.ops.lmkern.power_quant_linear, (randn((2, 2, 32), F16, 2, device=dev), lin.codes, lin.scales, lin.codebook, None, 4, 16, 32)),
+        (torch.ops.lmkern.power_quant_linear, (randn((12, 32), BF16, 2, device=dev), lin.codes, lin.scales, lin.codebook, lin.bias, 4, 16, 32)),
+        (torch.ops.lmkern.power_quant_linear_backward, (torch.randn(2, 5, device=dev), lin.codes, lin.scales, lin.codebook, 4, 16, 32)),
+        (torch.ops.lmkern.power_codebook, (torch.rand(7, device=dev) * 0.9 + 0.1, 3)),
         (torch.ops.lmkern.power_search_exponent, (torch.randn(4, 32, device=dev), None, 4, 16, 1.0, True)),
     ]
 
 
-@pytest.mark.parametrize("i", range(10))
+@pytest.mark.parametrize("i", range(11))
 def test_opcheck(i):
     op, args = _opcheck_cases()[i]
     torch.library.opcheck(op, args)

@@ -22,9 +22,9 @@
 3. Power quantization (cuda/quant.cu; skip with --no-quant, alone with --quant-only), bf16, a
    4096x4096 weight (rows of 4096, g = 128, a = 0.7 per row):
      linear b<T>  torch.ops.lmkern.power_quant_linear, 4-bit, T = 1, 4, 8 tokens (the fused GEMV) and
-                  16 (dequantize + cuBLAS); 3-bit T = 1; 4-bit 4096 -> 14336 T = 1
+                  16 (dequantize through the codebooks + cuBLAS); 3-bit T = 1; 4-bit 4096 -> 14336 T = 1
                   vs F.linear with the dense bf16 weight (target at T = 1, 4096 -> 4096: >= 2.5x)
-                  bytes: codes + scales + exponents + x + y (the dense peer moves 16 bits per weight)
+                  bytes: codes + scales + codebooks + x + y (the dense peer moves 16 bits per weight)
      quantize     lmkern.quant.power_quantize (codes + scales; one sync for its checks)
                   vs the formula as torch ops (fake quantize without packing: a lower bound)
      dequantize   lmkern.quant.power_dequantize vs unpack + table gather as torch ops
@@ -395,13 +395,14 @@ def run_quant(device, cuda, reps, copy_gbps):
             w_dense = q.dequantize().to(B16)  # the peer's weight: the same values, dense bf16
             x = torch.randn(tokens, in_f, device=device).to(B16)
             op = torch.ops.lmkern.power_quant_linear
-            lm = lambda: op(x, q.codes, q.scales, q.exponent, None, bits, g, in_f)  # noqa: E731
+            table = torch.ops.lmkern.power_codebook(q.exponent, bits)  # the rows' codebooks (host-built)
+            lm = lambda: op(x, q.codes, q.scales, table, None, bits, g, in_f)  # noqa: E731
             ref = x.double() @ _deq64(q).T
-            nbytes = q.codes.numel() + 4 * (q.scales.numel() + out_f) + 2 * tokens * (in_f + out_f)
+            nbytes = q.codes.numel() + 4 * (q.scales.numel() + table.numel()) + 2 * tokens * (in_f + out_f)
             # Copies of both weights, cycled so that every call reads from HBM (see graph_calls).
             nq = max(2, LINEAR_ROTATION_BYTES // nbytes) if cuda else 2
             nd = max(2, LINEAR_ROTATION_BYTES // (2 * out_f * in_f)) if cuda else 2
-            qs = [(q.codes.clone(), q.scales.clone(), q.exponent.clone()) for _ in range(nq)]
+            qs = [(q.codes.clone(), q.scales.clone(), table.clone()) for _ in range(nq)]
             ds = [w_dense.clone() for _ in range(nd)]
             lm_run, lm_calls = graph_calls(
                 [lambda c=c: op(x, c[0], c[1], c[2], None, bits, g, in_f) for c in qs], cuda)

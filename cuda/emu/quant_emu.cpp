@@ -5,7 +5,8 @@
 //   - dequantize and fake quantize forward: bit for bit against T(m·float(lut64)), and within float
 //     rounding of the float64 formula m·sign(q)·(|q|/qmax)^(1/a);
 //   - fake quantize backward: dx and da against the float64 formulas of quant/mod.rs;
-//   - linear (generic and 4-bit kernels, every token tile): against Σ x·m·lut64 + bias in float64.
+//   - linear (generic and 4-bit kernels, every token tile, codebooks given as float32 tables built
+//     like power_codebook's): against Σ x·m·float(lut64) + bias in float64.
 // For every bits value, dtype, odd n, group sizes from 1 to n, n not a multiple of 8, all-zero
 // groups, exact zeros, NaN/inf inputs (NaN scale) and exponents outside (0, 1] (NaN tables), with
 // launch shapes as rust/core/src/quant/cuda.rs plans them and other ones (grid-stride loops, idle
@@ -405,7 +406,9 @@ static void run_linear(const Kernels& K, size_t nout, size_t n, size_t g, int bi
                        bool misalign, unsigned grid_override) {
     const size_t rb = (n * bits + 7) / 8, ng = n / g;
     const size_t mis = misalign ? sizeof(T) : 0;
+    const size_t nl = (size_t)1 << bits;
     Buf x(tokens * n * sizeof(T), mis), codes(nout * rb, 0), scales(nout * ng * 4, 0), a(nout * 4, 0);
+    Buf table(nout * nl * 4, 0);
     Buf b(bias ? nout * 4 : 0, 0), y(tokens * nout * sizeof(T), mis);
     std::vector<int> q(nout * n);
     for (size_t i = 0; i < tokens * n; ++i) x.as<T>()[i] = from_f<T>((float)normal());
@@ -415,13 +418,21 @@ static void run_linear(const Kernels& K, size_t nout, size_t n, size_t g, int bi
     memcpy(codes.ptr() ? codes.ptr() : (void*)p.data(), p.data(), nout * rb);
     for (size_t i = 0; i < nout * ng; ++i) scales.as<float>()[i] = i % 13 == 4 ? 0.0f : (float)uniform(0.01, 2.0);
     for (size_t o = 0; o < nout; ++o) a.as<float>()[o] = o % 4 == 0 ? 1.0f : (float)uniform(0.1, 1.0);
-    if (nout > 5) a.as<float>()[5] = -0.5f;  // invalid: row 5 of y is NaN
+    if (nout > 5) a.as<float>()[5] = -0.5f;  // invalid: row 5's codebook is NaN, and so is row 5 of y
+    // The codebooks as power_codebook writes them (row_lut in float64 rounded to float32); NaN for an
+    // exponent outside (0, 1] (the op refuses those; a NaN codebook must still give NaN outputs).
+    for (size_t o = 0; o < nout; ++o) {
+        const float ao = a.as<float>()[o];
+        const bool good = ao > 0 && ao <= 1;
+        const std::vector<double> l64 = row_lut(bits, good ? ao : 1.0f);
+        for (size_t f = 0; f < nl; ++f) table.as<float>()[o * nl + f] = good ? (float)l64[f] : NAN;
+    }
     for (size_t o = 0; bias && o < nout; ++o) b.as<float>()[o] = (float)uniform(-1, 1);
 
     const bool fast = bits == 4 && n % 32 == 0 && g % 32 == 0 && !misalign;
     const int nt = nt_for(tokens);
     LinearParams lp{};
-    lp.x = x.ptr(), lp.codes = codes.as<uint8_t>(), lp.scales = scales.as<float>(), lp.a = a.as<float>();
+    lp.x = x.ptr(), lp.codes = codes.as<uint8_t>(), lp.scales = scales.as<float>(), lp.table = table.as<float>();
     lp.bias = bias ? b.as<float>() : nullptr, lp.y = y.ptr(), lp.tokens = (int64_t)tokens, lp.out_features = (int32_t)nout;
     lp.in_features = (int32_t)n, lp.group = (int32_t)g, lp.bits = bits, lp.row_bytes = (int32_t)rb;
     const unsigned grid = grid_override ? grid_override : (unsigned)((nout + 7) / 8);
@@ -456,7 +467,7 @@ static void run_linear(const Kernels& K, size_t nout, size_t n, size_t g, int bi
         }
     }
     expect(ok, std::string(label) + ": y differs from Σ x·m·lut + b (worst " + std::to_string(worst) + ")");
-    expect(nan_row, std::string(label) + ": a row with an exponent outside (0, 1] is not NaN");
+    expect(nan_row, std::string(label) + ": a row with a NaN codebook is not NaN");
 }
 
 template <typename T>
@@ -520,7 +531,7 @@ static void suite(const Kernels& K) {
 template <typename T>
 static void empty_rows(const Kernels& K) {
     const size_t rows = 5, tokens = 3;
-    Buf a(rows * 4, 0), da(rows * 4, 0), b(rows * 4, 0), y(tokens * rows * sizeof(T), 0);
+    Buf a(rows * 4, 0), da(rows * 4, 0), b(rows * 4, 0), y(tokens * rows * sizeof(T), 0), table(rows * 16 * 4, 0);
     for (size_t r = 0; r < rows; ++r) a.as<float>()[r] = 0.5f, b.as<float>()[r] = 0.25f * (float)r - 0.5f;
     FakeBwdParams bp{};
     bp.a = a.as<float>(), bp.da = da.as<float>(), bp.rows = (int64_t)rows, bp.n = 0, bp.group = 1, bp.bits = 4;
@@ -530,7 +541,7 @@ static void empty_rows(const Kernels& K) {
     for (size_t r = 0; r < rows; ++r) zero &= da.as<float>()[r] == 0.0f;
     expect(zero, std::string(K.name) + " n=0: da is not zero");
     LinearParams lp{};
-    lp.a = a.as<float>(), lp.bias = b.as<float>(), lp.y = y.ptr(), lp.tokens = (int64_t)tokens, lp.out_features = (int32_t)rows;
+    lp.table = table.as<float>(), lp.bias = b.as<float>(), lp.y = y.ptr(), lp.tokens = (int64_t)tokens, lp.out_features = (int32_t)rows;
     lp.in_features = 0, lp.group = 1, lp.bits = 4, lp.row_bytes = 0;
     emu::launch(dim3(1), dim3(256), 0, [&] { K.lin[0][4](lp); });
     bool bias_only = y.guards_ok();

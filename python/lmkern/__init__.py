@@ -10,10 +10,15 @@ import torch
 from . import _core
 from . import ops  # noqa: F401  (registers torch.ops.lmkern.*)
 from . import nn
+from . import convert, models  # Pre-LN -> Pre-(C)RMSNorm conversion, lmkern's own small Transformer
+from . import ncd  # gzip-NCD / ZIP-FIT scoring: lmkern.ncd.* (data selection: lmkern.data)
 from . import quant
-from .ops.norm import crms_norm, rms_norm
+from .ops.norm import crms_norm, crms_norm_, rms_norm, rms_norm_
 
-__all__ = ["rms_norm", "crms_norm", "nn", "quant", "cuda_available", "cuda_status", "set_num_threads", "get_num_threads"]
+__all__ = [
+    "rms_norm", "crms_norm", "rms_norm_", "crms_norm_", "nn", "convert", "models", "ncd", "quant",
+    "cuda_available", "cuda_status", "set_num_threads", "get_num_threads",
+]
 
 try:
     from importlib.metadata import version as _version

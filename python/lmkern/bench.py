@@ -359,6 +359,29 @@ def _composite_residual(fn):
     return run
 
 
+def _make_inplace(shape, dtype, device, gen):
+    """Originals x, r (for the reference) and a working copy of each for lmkern ("lx", "lr") and for
+    the peer ("px", "pr"): both sides update their own copies in place call after call (r grows by a
+    unit-RMS row per call, harmless for timing); the check uses the first call, made on fresh copies."""
+    d = _make_residual(shape, dtype, device, gen)
+    for side in ("l", "p"):
+        d[side + "x"], d[side + "r"] = d["x"].clone(), d["r"].clone()
+    return d
+
+
+def _lm_inplace(fn):
+    return lambda d: fn(d["lx"], d["w"], EPS, residual=d["lr"])
+
+
+def _composite_inplace(fn):
+    """The peer's in-place residual form: r += x, then the norm of r into a fresh y."""
+    def run(d):
+        h = d["pr"].add_(d["px"])
+        return fn(h, d["w"], EPS), h
+
+    return run
+
+
 def _rows_of(t: torch.Tensor, rows: slice) -> torch.Tensor:
     return t.detach().reshape(-1, t.shape[-1])[rows]
 
@@ -375,9 +398,9 @@ def _ref_residual(crms):
     return lambda d, rows: ref_residual(_rows_of(d["x"], rows), _rows_of(d["r"], rows), d["w"], EPS, crms=crms)
 
 
-for _op, _lm, _peer, _peer_name, _crms in (
-    ("rms_norm", lmkern.rms_norm, torch_rms_norm, "F.rms_norm", False),
-    ("crms_norm", lmkern.crms_norm, torch_crms_norm, "torch composite", True),
+for _op, _lm, _lm_inplace_fn, _peer, _peer_name, _crms in (
+    ("rms_norm", lmkern.rms_norm, lmkern.rms_norm_, torch_rms_norm, "F.rms_norm", False),
+    ("crms_norm", lmkern.crms_norm, lmkern.crms_norm_, torch_crms_norm, "torch composite", True),
 ):
     register(BenchOp(_op, "fwd", _peer_name, _make_fwd, _fwd(_lm), _fwd(_peer), _ref_fwd(_crms), norm_cases))
     register(BenchOp(
@@ -388,6 +411,190 @@ for _op, _lm, _peer, _peer_name, _crms in (
         _op, "residual", f"x + r; {_peer_name}", _make_residual, _lm_residual(_lm), _composite_residual(_peer),
         _ref_residual(_crms), norm_cases,
     ))
+    register(BenchOp(
+        _op, "residual in place", f"r += x; {_peer_name}", _make_inplace, _lm_inplace(_lm_inplace_fn),
+        _composite_inplace(_peer), _ref_residual(_crms), norm_cases,
+    ))
+
+
+# ---- model conversion (lmkern.convert): a converted model's forward vs its Pre-LN original ---------
+
+from . import convert as _convert  # noqa: E402
+
+for _entry in _convert.bench_entries(BenchOp):
+    register(_entry)
+
+
+# ---- power quantization (PowerQuant / NUPES) ------------------------------------------------------
+
+QUANT_A = 0.7  # the exponent of the timed cases (any a in (0, 1] costs the same)
+
+
+def quant_cases(device: str, quick: bool) -> list[Case]:
+    """The target weight [4096, 4096] float32 (4-bit, groups of 128); CPU only for now."""
+    if device != "cpu":
+        return []
+    return [((1024, 4096), F32)] if quick else [((4096, 4096), F32), ((1024, 4096), B16)]
+
+
+def _make_quant(shape, dtype, device, gen):
+    return {"x": _randn(shape, dtype, device, gen)}
+
+
+def ref_power_quantize(x: torch.Tensor, a: float, bits: int = 4, g: int = 128):
+    """(packed codes as float64, scales) of PAPERS.md §2 in float64: m = float32(max|x|) per group,
+    q = sign(x)·min(floor(qmax·(|x|/m)^a + 0.5), qmax), 4-bit codes packed two per byte, low first."""
+    rows, n = x.shape
+    qm = 2 ** (bits - 1) - 1
+    X = x.detach().to(F64).reshape(rows, n // g, g)
+    m = X.abs().amax(-1, keepdim=True).to(torch.float32).to(F64)
+    q = torch.sign(X) * torch.floor(qm * (X.abs() / m) ** a + 0.5).clamp(max=qm)
+    f = torch.remainder(q.reshape(rows, n), 2 ** bits)  # two's-complement field
+    return (f[:, 0::2] + 16 * f[:, 1::2]), m.reshape(rows, n // g)
+
+
+def torch_power_quantize(x: torch.Tensor, a: float, bits: int = 4, g: int = 128):
+    """The same formula as a user would write it in torch (abs, div, pow, round, clamp, nibble packing)."""
+    rows, n = x.shape
+    qm = 2 ** (bits - 1) - 1
+    X = x.float().reshape(rows, n // g, g)
+    m = X.abs().amax(-1, keepdim=True)
+    q = torch.sign(X) * torch.clamp(torch.round(qm * (X.abs() / m).pow(a)), max=qm)
+    q = q.to(torch.int8).reshape(rows, n)
+    codes = ((q[:, 0::2] & 0xF) | ((q[:, 1::2] & 0xF) << 4)).view(torch.uint8)
+    return codes, m.reshape(rows, n // g)
+
+
+def _lm_quantize(d):
+    q = lmkern.quant.power_quantize(d["x"], QUANT_A, 4, 128)
+    return q.codes, q.scales
+
+
+def _peer_quantize(d):
+    return torch_power_quantize(d["x"], QUANT_A)
+
+
+def _ref_quantize(d, rows):
+    return ref_power_quantize(_rows_of(d["x"], rows), QUANT_A)
+
+
+register(BenchOp("power_quantize", "4bit g128", "torch composite", _make_quant, _lm_quantize, _peer_quantize,
+                 _ref_quantize, quant_cases))
+
+
+def quant_linear_cases(device: str, quick: bool) -> list[Case]:
+    """GEMV (batch 1) and a small batch through a 4096 → 4096 4-bit g128 layer."""
+    if device != "cpu":
+        return []
+    return [((1, 4096), F32)] if quick else [((1, 4096), F32), ((1, 4096), B16), ((8, 4096), F32)]
+
+
+_QLINEAR: dict = {}
+
+
+def _quant_layer(n: int, device) -> tuple:
+    """(PowerQuantLinear, its dense float32 Ŵ) for an n → n layer, built once per process."""
+    key = (n, str(device))
+    if key not in _QLINEAR:
+        gen = torch.Generator(device=device).manual_seed(1)
+        lin = torch.nn.Linear(n, n, bias=False, device=device)
+        with torch.no_grad():
+            lin.weight.copy_(torch.randn((n, n), generator=gen, device=device) / math.sqrt(n))
+        mod = lmkern.nn.PowerQuantLinear.from_linear(lin, 4, 128, a=QUANT_A)
+        _QLINEAR[key] = (mod, mod.dequantized_weight())
+    return _QLINEAR[key]
+
+
+def _make_qlinear(shape, dtype, device, gen):
+    mod, w_hat = _quant_layer(shape[-1], device)
+    return {"x": _randn(shape, dtype, device, gen), "mod": mod, "w": w_hat.to(dtype)}
+
+
+def _lm_qlinear(d):
+    with torch.no_grad():
+        return (d["mod"](d["x"]),)
+
+
+def _peer_qlinear(d):
+    return (F.linear(d["x"], d["w"]),)
+
+
+def _ref_qlinear(d, rows):
+    w64 = d["mod"].dequantized_weight().to(F64)  # the codebook × scales, exactly as stored
+    return (_f64(_rows_of(d["x"], rows)) @ w64.T,)
+
+
+register(BenchOp("power_quant_linear", "4bit g128", "dense F.linear", _make_qlinear, _lm_qlinear, _peer_qlinear,
+                 _ref_qlinear, quant_linear_cases))
+
+
+# ---- ncd family (gzip-NCD, ZIP-FIT; PAPERS.md §7) -----------------------------------------------
+# Inputs are ~1 KB pieces of real text (lmkern.data.corpus); shape = (sources, targets), float64.
+# Outputs are [sources, targets] NCDs or [sources, 1] alignments; the reference is the formula over
+# host gzip.compress lengths in float64 (exact equality expected: error 0); the peer is ZIP-FIT's
+# published method (three gzip.compress per pair) in this one process.
+
+
+def ncd_cases(device: str, quick: bool) -> list[Case]:
+    if device != "cpu":
+        return []
+    return [((32, 8), F64)] if quick else [((128, 16), F64)]
+
+
+def _make_ncd(shape, dtype, device, gen):
+    from lmkern.data.corpus import sources_and_targets
+
+    src, tgt = sources_and_targets(shape[0], shape[1], seed=int(torch.randint(1 << 30, (1,), generator=gen)))
+    return {"src": [t.encode() for t in src], "tgt": [t.encode() for t in tgt], "level": 9}
+
+
+def ref_ncd_rows(d, rows: slice) -> torch.Tensor:
+    """NCD(x, y) = (C(x ⊕ y) − min(C(x), C(y))) / max(C(x), C(y)), C = len(gzip.compress(·, level))."""
+    import gzip
+
+    lv = d["level"]
+    cy = [len(gzip.compress(y, compresslevel=lv)) for y in d["tgt"]]
+    out = []
+    for x in d["src"][rows]:
+        cx = len(gzip.compress(x, compresslevel=lv))
+        out.append([(len(gzip.compress(x + y, compresslevel=lv)) - min(cx, c)) / max(cx, c) for y, c in zip(d["tgt"], cy)])
+    return torch.tensor(out, dtype=F64).reshape(-1, len(d["tgt"]))
+
+
+def ref_alignment_rows(d, rows: slice) -> torch.Tensor:
+    """1 − mean_j NCD(x, y_j), the mean summed in target order."""
+    out = []
+    for r in ref_ncd_rows(d, rows).tolist():
+        acc = 0.0
+        for v in r:
+            acc += v
+        out.append(1 - acc / len(r))
+    return torch.tensor(out, dtype=F64).reshape(-1, 1)
+
+
+def _published(matrix: bool):
+    def run(d):
+        from lmkern.data import baseline
+
+        lv = d["level"]
+        if matrix:
+            vals = [[baseline.published_ncd(x, y, lv) for y in d["tgt"]] for x in d["src"]]
+            return (torch.tensor(vals, dtype=F64),)
+        return (torch.tensor([baseline.published_alignment(x, d["tgt"], lv) for x in d["src"]], dtype=F64).reshape(-1, 1),)
+
+    return run
+
+
+register(BenchOp(
+    "ncd", "zipfit_scores", "ZIP-FIT published, 1 process", _make_ncd,
+    lambda d: (torch.from_numpy(lmkern.ncd.zipfit_scores(d["src"], d["tgt"], d["level"])).reshape(-1, 1),),
+    _published(False), lambda d, rows: (ref_alignment_rows(d, rows),), ncd_cases,
+))
+register(BenchOp(
+    "ncd", "ncd_matrix", "gzip.compress x3 per pair", _make_ncd,
+    lambda d: (torch.from_numpy(lmkern.ncd.ncd_matrix(d["src"], d["tgt"], d["level"])),),
+    _published(True), lambda d, rows: (ref_ncd_rows(d, rows),), ncd_cases,
+))
 
 
 # --------------------------------------------------------------------------------------------------

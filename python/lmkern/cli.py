@@ -3,10 +3,15 @@
   lmkern --version
   lmkern info                                   version, torch, CUDA status, threads
   lmkern bench [--device cpu|cuda|all] [--quick] [--op NAME] [--threads N] [--json PATH]
+  lmkern convert SRC DST --to rms|crms [--recenter-writers] [--dtype D] [--no-check]
+  lmkern zipfit --source S [S ...] --target T [T ...] -k K --out O [--level L] [--text-field F]
+                [--engine local|ray] [--batch-size N] [--bad-records error|skip] [--threads N]
 
 `bench` checks every op against its float64 reference and times it against its peer (see
 lmkern.bench); it exits 1 when an op fails or exceeds its tolerance, 2 when --device cuda is asked
-for and lmkern's CUDA path is unavailable.
+for and lmkern's CUDA path is unavailable. `convert` (lmkern.convert) reads a saved model directory
+(save_pretrained), writes the converted one, and checks its logits against the original's on random
+tokens; it exits 1 when they differ by more than the dtype's tolerance, 2 when the model is unsupported.
 """
 from __future__ import annotations
 
@@ -89,6 +94,46 @@ def _bench(args) -> int:
     return 0 if all(r.ok for r in results) else 1
 
 
+def _convert(args) -> int:
+    from . import convert
+
+    return convert.cli_main(args)
+
+
+def _zipfit(args) -> int:
+    import time
+
+    from lmkern import data as D
+
+    def fail(msg: str) -> int:
+        print(f"lmkern zipfit: error: {msg}", file=sys.stderr)
+        return 2
+
+    if args.threads:
+        import lmkern
+
+        lmkern.set_num_threads(args.threads)
+    try:
+        targets = D.read_texts(args.target, args.text_field, args.bad_records, name="target")
+        if not targets:
+            return fail(f"target: no records in {', '.join(args.target)}")
+        kw = dict(level=args.level, text_field=args.text_field, batch_size=args.batch_size,
+                  bad_records=args.bad_records, progress=not args.no_progress)
+        if args.engine == "ray":
+            kw.update(num_actors=args.num_actors, address=args.ray_address)
+        t0 = time.perf_counter()
+        sel = D.select(args.source, targets, args.k, engine=args.engine, **kw)
+        fmt = D.write_records(args.out, sel.rows())
+    except (D.DataError, FileNotFoundError, ValueError, TypeError, ImportError) as e:
+        return fail(str(e))
+    dt = time.perf_counter() - t0
+    best = f", best {sel.scores[0]:.6f}, worst kept {sel.scores[-1]:.6f}" if len(sel.scores) else ""
+    skipped = f", {sel.skipped} bad records skipped" if sel.skipped else ""
+    print(f"lmkern zipfit: {len(sel.keys)} of {sel.n_sources:,} sources selected against {sel.n_targets:,} targets "
+          f"({sel.pairs:,} pairs, {sel.pairs / max(dt, 1e-9):,.0f} pairs/s, {dt:.1f} s{best}{skipped}) -> {args.out} ({fmt})")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lmkern", description="lmkern: fused numeric kernels as torch custom ops")
     p.add_argument("--version", action="version", version=f"lmkern {_version()}")
@@ -104,6 +149,37 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     b.add_argument("--no-progress", action="store_true", help="print only the final table")
     b.set_defaults(func=_bench)
+    c = sub.add_parser("convert", help="convert a saved Pre-LN model to Pre-RMSNorm or Pre-CRMSNorm")
+    c.add_argument("src", help="a directory written by save_pretrained (GPT-2, GPT-NeoX, lmkern.models.Transformer)")
+    c.add_argument("dst", help="the directory to write the converted model into")
+    c.add_argument("--to", choices=("rms", "crms"), required=True, help="Pre-RMSNorm or Pre-CRMSNorm")
+    c.add_argument("--recenter-writers", action="store_true", help="rms: re-center stream writers on every forward (for training)")
+    c.add_argument("--dtype", choices=("float32", "float64", "bfloat16", "float16"), help="dtype to load and save (default: as saved)")
+    c.add_argument("--no-check", action="store_true", help="skip comparing the converted model's outputs to the original's")
+    c.set_defaults(func=_convert)
+
+    z = sub.add_parser(
+        "zipfit", help="select the K source records best aligned to a target set (gzip-NCD, ZIP-FIT)",
+        description="ZIP-FIT: score every source record by 1 - mean NCD to the target records and write the K "
+                    "best, best first, with their scores (zipfit_score, zipfit_rank, zipfit_source). Files: JSON "
+                    "Lines (.jsonl/.ndjson/.json), Parquet (.parquet/.pq), plain text (.txt/.text: one line per "
+                    "record, blank lines skipped), .gz of the line formats, and directories of them. Sources are "
+                    "streamed (memory: K records + a batch).")
+    z.add_argument("--source", nargs="+", required=True, metavar="S", help="source files or directories")
+    z.add_argument("--target", nargs="+", required=True, metavar="T", help="target files or directories")
+    z.add_argument("-k", type=int, required=True, metavar="K", help="how many records to select")
+    z.add_argument("--out", required=True, metavar="O", help="output file: .parquet/.pq -> Parquet, else JSON Lines")
+    z.add_argument("--level", type=int, default=9, choices=range(10), metavar="L", help="gzip level 0-9 (default 9)")
+    z.add_argument("--text-field", default="text", metavar="F", help="JSON field / Parquet column of the text (default text)")
+    z.add_argument("--engine", choices=("local", "ray"), default="local", help="local (default) or ray (Ray Data)")
+    z.add_argument("--batch-size", type=int, default=1024, metavar="N", help="sources per scorer call (default 1024)")
+    z.add_argument("--bad-records", choices=("error", "skip"), default="error",
+                   help="a record that cannot be read: stop with an error (default) or skip it and count it")
+    z.add_argument("--threads", type=int, metavar="N", help="lmkern CPU threads (local engine)")
+    z.add_argument("--num-actors", type=int, metavar="N", help="ray: scoring actors (default: cluster CPUs - 1)")
+    z.add_argument("--ray-address", metavar="ADDR", help="ray: cluster address (default: the running one or a new local one)")
+    z.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+    z.set_defaults(func=_zipfit)
     return p
 
 

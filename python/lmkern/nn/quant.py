@@ -16,14 +16,18 @@ class PowerQuantLinear(nn.Module):
     them and a fresh module built with the same configuration loads it.
 
     Buffers: ``codes`` uint8 [out, ceil(in·bits/8)], ``scales`` float32 [out, in/group_size],
-    ``exponent`` float32 [out], ``bias`` float32 [out] (when bias=True); layout as in
+    ``exponent`` float32 [out], ``bias`` float32 [out] (when bias=True), and, not saved in the state
+    dict, ``codebook`` float32 [out, 2^bits], the rows' tables computed from ``exponent`` when the
+    module is built or loaded (call :meth:`refresh_codebook` after changing ``exponent`` in place);
+    layout as in
     :mod:`lmkern.quant`. Activations: float32, bfloat16, float16 on CPU (float64 is accepted and
     computed in float32); accumulation in float32; the output has the activations' dtype. CUDA
     (``.to("cuda")`` of a module built on CPU works): float32, bfloat16, float16 activations; up to 8
     tokens a fused lookup-table GEMV that reads the 4-bit stream and the scales once (the 4-bit
     weight moves ~4.25 bits per weight instead of 16 for bf16), beyond that the weight dequantized
-    by the CUDA kernel into a scratch and cuBLAS; the backward is dy @ Ŵ with a float32 Ŵ. An
-    exponent outside (0, 1] gives NaN outputs on CUDA (no host check, no synchronization).
+    through the codebooks into a scratch and cuBLAS; the backward is dy @ Ŵ with a float32 Ŵ. The
+    codebook of CUDA exponents is built on the host (an exponent outside (0, 1] raises there); the
+    GEMV reads ``codebook`` as it is (no check, no synchronization).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 4,
@@ -37,6 +41,10 @@ class PowerQuantLinear(nn.Module):
         self.register_buffer("scales", torch.zeros((self.out_features, self.in_features // self.group_size),
                                                    dtype=torch.float32, device=device))
         self.register_buffer("exponent", torch.ones((self.out_features,), dtype=torch.float32, device=device))
+        self.register_buffer("codebook", torch.empty((self.out_features, 2 ** self.bits), dtype=torch.float32,
+                                                     device=device), persistent=False)
+        self.refresh_codebook()
+        self.register_load_state_dict_post_hook(lambda module, _keys: module.refresh_codebook())
         if bias:
             self.register_buffer("bias", torch.zeros((self.out_features,), dtype=torch.float32, device=device))
         else:
@@ -72,6 +80,14 @@ class PowerQuantLinear(nn.Module):
         self.codes.copy_(q.codes)
         self.scales.copy_(q.scales)
         self.exponent.copy_(_exponents(q.exponent, self.out_features, q.exponent))
+        self.refresh_codebook()
+
+    @torch.no_grad()
+    def refresh_codebook(self) -> None:
+        """Recompute ``codebook`` from ``exponent`` (done on construction, load_quantized and load_state_dict)."""
+        if self.exponent.is_meta:
+            return
+        self.codebook.copy_(torch.ops.lmkern.power_codebook(self.exponent, self.bits))
 
     @property
     def quantized(self) -> PowerQuantized:
@@ -83,7 +99,7 @@ class PowerQuantLinear(nn.Module):
         return self.quantized.dequantize()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.lmkern.power_quant_linear(x, self.codes, self.scales, self.exponent, self.bias,
+        return torch.ops.lmkern.power_quant_linear(x, self.codes, self.scales, self.codebook, self.bias,
                                                    self.bits, self.group_size, self.in_features)
 
     def extra_repr(self) -> str:

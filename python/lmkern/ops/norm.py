@@ -5,6 +5,7 @@ Ops (torch.ops.lmkern.*), for <norm> in rms_norm, crms_norm:
   <norm>(x, weight?, eps, offset, scale) -> (y, rstd)
   <norm>_residual(x, residual, weight?, eps, offset, scale) -> (y, h, rstd)     h = x + residual
   <norm>_backward(dy, x, weight?, rstd, dh?, offset, scale, weight_grad) -> (dx, dw)
+  <norm>_inplace(x!, residual!?, weight?, eps, offset, scale) -> ()   (inference; see rms_norm_)
 The backward op is the gradient of both forward forms (for the residual form x is h and dh the
 gradient of the returned h). rstd is float32 (float64 for float64 input), one per row.
 """
@@ -73,6 +74,37 @@ def _forward(crms, x, residual, weight, eps, offset, scale, save_rstd=True):
     return y, h, rstd
 
 
+def _check_inplace(x, residual, weight, *, real: bool = True) -> None:
+    _check_fwd(x, residual, weight)
+    for name, t in (("x", x), ("residual", residual)):
+        if t is not None and not t.is_contiguous():
+            raise ValueError(f"{name}: the in-place norm writes into {name}, which must be contiguous; got strides {t.stride()}")
+    if real and residual is not None and x.numel():  # fake tensors have no addresses
+        es = x.element_size()
+        a0, b0 = x.data_ptr(), residual.data_ptr()
+        if a0 < b0 + residual.numel() * es and b0 < a0 + x.numel() * es:
+            raise ValueError("residual: the in-place norm needs x and residual in separate memory; they overlap")
+
+
+def _forward_inplace(crms, x, residual, weight, eps, offset, scale) -> None:
+    """residual ← x + residual (if given), x ← norm(residual or x), written in place."""
+    _check_inplace(x, residual, weight)
+    if not x.is_cpu:
+        # The CUDA kernels are not yet checked for aliasing: same result through fresh outputs.
+        y, h, _ = _forward(crms, x, residual, weight, eps, offset, scale, save_rstd=False)
+        if h is not None:
+            residual.copy_(h)
+        x.copy_(y)
+        return
+    weight = None if weight is None else weight.contiguous()
+    rows, n = _rows(x)
+    dev, stream = device_args(x)
+    _core.norm_forward(
+        crms, DTYPE_CODES[x.dtype], dev, stream, rows, n, eps, offset, scale,
+        ptr(x), ptr(residual), ptr(weight), ptr(x), ptr(residual), 0,
+    )
+
+
 def _backward(crms, dy, x, weight, rstd, dh, offset, scale, weight_grad):
     _check_x(x)
     _check_like("dy", dy, x, x.shape)
@@ -119,6 +151,9 @@ def _define(name: str, crms: bool) -> None:
         f"{name}_backward(Tensor dy, Tensor x, Tensor? weight, Tensor rstd, Tensor? dh, float offset,"
         " float scale, bool weight_grad) -> (Tensor, Tensor)"
     )
+    LIB.define(
+        f"{name}_inplace(Tensor(a!) x, Tensor(b!)? residual, Tensor? weight, float eps, float offset, float scale) -> ()"
+    )
 
     def fwd(x, weight, eps, offset, scale):
         y, _, rstd = _forward(crms, x, None, weight, eps, offset, scale)
@@ -130,7 +165,11 @@ def _define(name: str, crms: bool) -> None:
     def bwd(dy, x, weight, rstd, dh, offset, scale, weight_grad):
         return _backward(crms, dy, x, weight, rstd, dh, offset, scale, weight_grad)
 
+    def fwd_inplace(x, residual, weight, eps, offset, scale):
+        _forward_inplace(crms, x, residual, weight, eps, offset, scale)
+
     for key in ("CPU", "CUDA"):
+        LIB.impl(f"{name}_inplace", fwd_inplace, key)
         LIB.impl(name, fwd, key)
         LIB.impl(f"{name}_residual", fwd_residual, key)
         LIB.impl(f"{name}_backward", bwd, key)
@@ -155,6 +194,9 @@ def _define(name: str, crms: bool) -> None:
     torch.library.register_fake(f"lmkern::{name}", fwd_fake, lib=LIB)
     torch.library.register_fake(f"lmkern::{name}_residual", fwd_residual_fake, lib=LIB)
     torch.library.register_fake(f"lmkern::{name}_backward", bwd_fake, lib=LIB)
+    torch.library.register_fake(
+        f"lmkern::{name}_inplace", lambda x, residual, weight, eps, offset, scale: _check_inplace(x, residual, weight, real=False), lib=LIB
+    )
 
     backward_op = getattr(torch.ops.lmkern, f"{name}_backward").default
 
@@ -291,3 +333,45 @@ def crms_norm(x, weight=None, eps=1e-6, *, residual=None, offset=0.0, scale=1.0)
     Options, outputs, dtypes and gradients as :func:`rms_norm`.
     """
     return _public(True, torch.ops.lmkern.crms_norm, torch.ops.lmkern.crms_norm_residual, x, weight, eps, residual, offset, scale)
+
+
+def _public_inplace(crms, op, x, weight, eps, residual, offset, scale):
+    fn = "crms_norm_" if crms else "rms_norm_"
+    for name, t in (("x", x), ("weight", weight), ("residual", residual)):
+        if not isinstance(t, torch.Tensor) and (t is not None or name == "x"):
+            raise TypeError(f"{name}: expected a torch.Tensor{'' if name == 'x' else ' or None'}; got {type(t).__name__}")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual, weight)):
+        raise RuntimeError(
+            f"lmkern.{fn}: writes in place and is not differentiable (an input requires grad); "
+            f"use lmkern.{fn[:-1]}, or call it under torch.no_grad() / torch.inference_mode()"
+        )
+    if weight is not None and weight.dtype != x.dtype and weight.is_floating_point():
+        weight = weight.to(x.dtype)
+    eps, offset, scale = float(eps), float(offset), float(scale)
+    if _eager_ok(x, residual, weight):
+        _forward_inplace(crms, x, residual, weight, eps, offset, scale)
+        # Tell autograd the tensors changed (a graph may have saved them), as torch's in-place ops do.
+        for t in (x, residual):
+            if t is not None and not t.is_inference():  # inference tensors have no version counter
+                torch.autograd.graph.increment_version(t)
+    else:
+        op(x, residual, weight, eps, offset, scale)
+    return x if residual is None else (x, residual)
+
+
+def rms_norm_(x, weight=None, eps=1e-6, *, residual=None, offset=0.0, scale=1.0):
+    """In-place :func:`rms_norm` for inference (the fused add-norm of vLLM's ``fused_add_rms_norm``).
+
+    With ``residual``: ``residual ← x + residual``, then ``x ← rms_norm(residual)``; returns
+    ``(x, residual)``. Without: ``x ← rms_norm(x)``; returns ``x``. No output is allocated, so large
+    calls skip the page faults of fresh buffers. x and residual must be contiguous and must not overlap.
+    Not differentiable: raises if grad mode is on and an input requires grad. CPU runs one fused
+    in-place kernel; on CUDA the same values are computed into fresh buffers and copied back (the
+    CUDA kernels have not been checked for aliased in/out pointers yet). dtypes as :func:`rms_norm`.
+    """
+    return _public_inplace(False, torch.ops.lmkern.rms_norm_inplace, x, weight, eps, residual, offset, scale)
+
+
+def crms_norm_(x, weight=None, eps=1e-6, *, residual=None, offset=0.0, scale=1.0):
+    """In-place :func:`crms_norm` for inference; in every other respect as :func:`rms_norm_`."""
+    return _public_inplace(True, torch.ops.lmkern.crms_norm_inplace, x, weight, eps, residual, offset, scale)

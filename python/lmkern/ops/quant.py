@@ -6,8 +6,10 @@ Ops (torch.ops.lmkern.*); x is [..., n] with rows = the product of its leading d
   power_dequantize(codes, scales, a, bits, group_size, n, dtype) -> x̂ [rows, n] of dtype
   power_fake_quantize(x, a, bits, group_size, clip) -> (x̂ like x, scales)        differentiable in x and a
   power_fake_quantize_backward(dy, x, scales, a, bits, group_size, a_grad) -> (dx like x, da f32 [rows] or [0])
-  power_quant_linear(x, codes, scales, a, bias?, bits, group_size, in_features) -> x @ Ŵᵀ + bias   differentiable in x
-  power_quant_linear_backward(dy, codes, scales, a, bits, group_size, in_features) -> dy @ Ŵ
+  power_codebook(a, bits) -> f32 [rows, 2^bits]: sign(q_f)·(|q_f|/qmax)^(1/a) for every field f
+  power_quant_linear(x, codes, scales, table, bias?, bits, group_size, in_features) -> x @ Ŵᵀ + bias   differentiable in x
+  power_quant_linear_backward(dy, codes, scales, table, bits, group_size, in_features) -> dy @ Ŵ
+(table: the weight rows' codebooks, from power_codebook.)
   power_search_exponent(w, z?, bits, group_size, clip, per_row) -> f32 [rows] or [1]
 CPU: float32, float64, bfloat16, float16. CUDA (cuda/quant.cu): float32, bfloat16, float16 (float64
 raises TypeError), with these differences, all for the sake of never reading device memory inside
@@ -15,12 +17,12 @@ the kernels' launch path:
   - power_quantize / power_fake_quantize check the exponents and the finiteness of the scales on
     the device after the launch (one synchronization), power_dequantize and
     power_fake_quantize_backward the exponents before it: same errors as on CPU.
-  - power_quant_linear does not synchronize: a row whose exponent is outside (0, 1] gives NaN
-    outputs (its table is NaN) instead of a ValueError. Up to GEMV_MAX_TOKENS tokens it runs the
-    fused lookup-table GEMV; beyond, it dequantizes W into a scratch of the activations' dtype with
-    the CUDA kernel and calls cuBLAS (torch.addmm).
-  - power_quant_linear_backward is dy @ dequantize(W) with W dequantized to float32 and a float32
-    torch matmul (cuBLAS), the result rounded to dy's dtype.
+  - power_codebook runs on the CPU: a is copied to the host (and checked there), the table back.
+  - power_quant_linear does not synchronize; the GEMV reads the codebooks in `table` as given. Up to
+    GEMV_MAX_TOKENS tokens it runs the fused lookup-table GEMV; beyond, it dequantizes W through the
+    codebooks (torch ops) into a scratch of the activations' dtype and calls cuBLAS (torch.addmm).
+  - power_quant_linear_backward is dy @ Ŵ with Ŵ dequantized through the codebooks to float32 and a
+    float32 torch matmul (cuBLAS), the result rounded to dy's dtype.
   - power_search_exponent runs on the CPU: w (and x) are copied to the host, the result back.
 """
 from __future__ import annotations
@@ -152,12 +154,13 @@ LIB.define(
     "power_fake_quantize_backward(Tensor dy, Tensor x, Tensor scales, Tensor a, int bits, int group_size, bool a_grad)"
     " -> (Tensor, Tensor)"
 )
+LIB.define("power_codebook(Tensor a, int bits) -> Tensor")
 LIB.define(
-    "power_quant_linear(Tensor x, Tensor codes, Tensor scales, Tensor a, Tensor? bias, int bits, int group_size,"
+    "power_quant_linear(Tensor x, Tensor codes, Tensor scales, Tensor table, Tensor? bias, int bits, int group_size,"
     " int in_features) -> Tensor"
 )
 LIB.define(
-    "power_quant_linear_backward(Tensor dy, Tensor codes, Tensor scales, Tensor a, int bits, int group_size,"
+    "power_quant_linear_backward(Tensor dy, Tensor codes, Tensor scales, Tensor table, int bits, int group_size,"
     " int in_features) -> Tensor"
 )
 LIB.define("power_search_exponent(Tensor w, Tensor? z, int bits, int group_size, float clip, bool per_row) -> Tensor")
@@ -263,14 +266,68 @@ def _fake_bwd_fake(dy, x, scales, a, bits, group_size, a_grad):
 # ------------------------------------------------------------------------------------------------
 
 
-def _check_linear(x, codes, scales, a, bias, bits, group_size, in_features, x_name="x"):
-    _check_x(x_name, x)
+def _check_weight(codes, scales, table, bits, group_size, in_features):
     check_bits(bits)
     check_group(group_size, in_features)
+    out_features = codes.shape[0] if codes.dim() == 2 else -1
+    for name, t in (("codes", codes), ("scales", scales), ("table", table)):
+        check_cpu(name, t)
+    _same_device("scales", scales, codes, "codes")
+    _same_device("table", table, codes, "codes")
+    nb, ng = row_bytes(in_features, bits), in_features // group_size
+    if codes.dtype != torch.uint8 or tuple(codes.shape) != (out_features, nb):
+        raise ValueError(f"codes: expected uint8 of shape (out_features, {nb}); got {codes.dtype} of shape {tuple(codes.shape)}")
+    if scales.dtype != torch.float32 or tuple(scales.shape) != (out_features, ng):
+        raise ValueError(f"scales: expected float32 of shape ({out_features}, {ng}); got {scales.dtype} of shape {tuple(scales.shape)}")
+    if table.dtype != torch.float32 or tuple(table.shape) != (out_features, 2 ** bits):
+        raise ValueError(f"table: expected float32 of shape ({out_features}, {2 ** bits}); got {table.dtype} of shape {tuple(table.shape)}")
+    return out_features
+
+
+def _codebook(a, bits):
+    check_bits(bits)
+    check_cpu("a", a)
+    if a.dtype != torch.float32 or a.dim() != 1:
+        raise ValueError(f"a: expected float32 of shape (rows,); got {a.dtype} of shape {tuple(a.shape)}")
+    if a.is_cuda:  # a host kernel: the exponents go to the host (checked there), the codebooks back
+        return _codebook(a.cpu(), bits).to(a.device)
+    a = a.contiguous()
+    out = torch.empty((a.shape[0], 2 ** bits), dtype=torch.float32, device=a.device)
+    _core.quant_codebook(bits, a.shape[0], ptr(a), ptr(out))
+    return out
+
+
+def _unpack_fields(codes, bits, n):
+    """The b-bit fields (int64 [rows, n]) of packed rows (LSB-first bit stream per row), in torch."""
+    rows = codes.shape[0]
+    shifts = torch.arange(8, device=codes.device, dtype=torch.uint8)
+    stream = ((codes.unsqueeze(-1) >> shifts) & 1).reshape(rows, -1)[:, : n * bits]
+    weights = torch.tensor([1 << i for i in range(bits)], device=codes.device, dtype=torch.int64)
+    return (stream.reshape(rows, n, bits).to(torch.int64) * weights).sum(-1)
+
+
+def _dequantize_table(codes, scales, table, bits, group_size, n, dtype):
+    """Ŵ [out, n] of dtype from codes, scales and the rows' codebooks, with torch ops (the CUDA
+    fallbacks of power_quant_linear and its backward): dtype(m·table[field]) with the product in
+    float32, as the kernels round it."""
+    rows = codes.shape[0]
+    if rows == 0 or n == 0:
+        return torch.zeros((rows, n), dtype=dtype, device=codes.device)
+    fields = _unpack_fields(codes, bits, n)
+    w = torch.gather(table.to(torch.float32), 1, fields) * scales.repeat_interleave(group_size, dim=1)
+    return w.to(dtype)
+
+
+def _codebook_fake(a, bits):
+    check_bits(bits)
+    return a.new_empty((a.shape[0], 2 ** bits), dtype=torch.float32)
+
+
+def _check_linear(x, codes, scales, table, bias, bits, group_size, in_features, x_name="x"):
+    _check_x(x_name, x)
     if x.shape[-1] != in_features:
         raise ValueError(f"{x_name}: expected last dimension {in_features} (in_features); got {tuple(x.shape)}")
-    out_features = codes.shape[0] if codes.dim() == 2 else -1
-    _check_packed(codes, scales, a, bits, group_size, out_features, in_features)
+    out_features = _check_weight(codes, scales, table, bits, group_size, in_features)
     _same_device("codes", codes, x, x_name)
     if bias is not None:
         check_cpu("bias", bias)
@@ -280,55 +337,53 @@ def _check_linear(x, codes, scales, a, bias, bits, group_size, in_features, x_na
     return out_features
 
 
-def _linear(x, codes, scales, a, bias, bits, group_size, in_features):
-    out_features = _check_linear(x, codes, scales, a, bias, bits, group_size, in_features)
+def _linear(x, codes, scales, table, bias, bits, group_size, in_features):
+    out_features = _check_linear(x, codes, scales, table, bias, bits, group_size, in_features)
     x2 = x.reshape(-1, in_features).contiguous()
     tokens = x2.shape[0]
     if x.is_cuda and tokens > GEMV_MAX_TOKENS and out_features > 0:
-        # Many tokens: the GEMV would re-read the codes per tile of 8; dequantize once (the CUDA
-        # kernel, into a scratch of x's dtype) and let cuBLAS do the matmul.
-        w = _dequantize_raw(codes, scales, a, bits, group_size, in_features, x.dtype)
+        # Many tokens: the GEMV would re-read the codes per tile of 8; dequantize once (through the
+        # codebooks, into a scratch of x's dtype) and let cuBLAS do the matmul.
+        w = _dequantize_table(codes, scales, table, bits, group_size, in_features, x.dtype)
         y = x2 @ w.t() if bias is None else torch.addmm(bias.to(x.dtype), x2, w.t())
         return y.reshape(*x.shape[:-1], out_features)
     y = torch.empty((tokens, out_features), dtype=x.dtype, device=x.device)
-    codes, scales, a = codes.contiguous(), scales.contiguous(), a.contiguous()
+    codes, scales, table = codes.contiguous(), scales.contiguous(), table.contiguous()
     bias = None if bias is None else bias.contiguous()
     dev, stream = device_args(x)
     _core.quant_linear(DTYPE_CODES[x.dtype], dev, stream, bits, out_features, in_features, group_size, tokens,
-                       ptr(x2), ptr(codes), ptr(scales), ptr(a), ptr(bias), ptr(y))
+                       ptr(x2), ptr(codes), ptr(scales), ptr(table), ptr(bias), ptr(y))
     return y.reshape(*x.shape[:-1], out_features)
 
 
-def _linear_fake(x, codes, scales, a, bias, bits, group_size, in_features):
-    out_features = _check_linear(x, codes, scales, a, bias, bits, group_size, in_features)
+def _linear_fake(x, codes, scales, table, bias, bits, group_size, in_features):
+    out_features = _check_linear(x, codes, scales, table, bias, bits, group_size, in_features)
     return x.new_empty((*x.shape[:-1], out_features))
 
 
-def _linear_bwd(dy, codes, scales, a, bits, group_size, in_features):
+def _linear_bwd(dy, codes, scales, table, bits, group_size, in_features):
     out_features = codes.shape[0]
     _check_x("dy", dy)
     if dy.shape[-1] != out_features:
         raise ValueError(f"dy: expected last dimension {out_features} (out_features); got {tuple(dy.shape)}")
-    check_bits(bits)
-    check_group(group_size, in_features)
-    _check_packed(codes, scales, a, bits, group_size, out_features, in_features)
+    _check_weight(codes, scales, table, bits, group_size, in_features)
     _same_device("codes", codes, dy, "dy")
     dy2 = dy.reshape(-1, out_features).contiguous()
     tokens = dy2.shape[0]
     if dy.is_cuda:
         # dy @ Ŵ through a float32 Ŵ and cuBLAS (no CUDA kernel of its own; see the module doc).
-        w = _dequantize_raw(codes, scales, a, bits, group_size, in_features, torch.float32)
+        w = _dequantize_table(codes, scales, table, bits, group_size, in_features, torch.float32)
         dx = (dy2.to(torch.float32) @ w).to(dy.dtype)
         return dx.reshape(*dy.shape[:-1], in_features)
     dx = torch.empty((tokens, in_features), dtype=dy.dtype, device=dy.device)
-    codes, scales, a = codes.contiguous(), scales.contiguous(), a.contiguous()
+    codes, scales, table = codes.contiguous(), scales.contiguous(), table.contiguous()
     dev, stream = device_args(dy)
     _core.quant_linear_backward(DTYPE_CODES[dy.dtype], dev, stream, bits, out_features, in_features, group_size,
-                                tokens, ptr(dy2), ptr(codes), ptr(scales), ptr(a), ptr(dx))
+                                tokens, ptr(dy2), ptr(codes), ptr(scales), ptr(table), ptr(dx))
     return dx.reshape(*dy.shape[:-1], in_features)
 
 
-def _linear_bwd_fake(dy, codes, scales, a, bits, group_size, in_features):
+def _linear_bwd_fake(dy, codes, scales, table, bits, group_size, in_features):
     return dy.new_empty((*dy.shape[:-1], in_features))
 
 
@@ -371,6 +426,7 @@ for _name, _impl, _fake_impl in (
     ("power_dequantize", _dequantize, _dequantize_fake),
     ("power_fake_quantize", _fake, _fake_fake),
     ("power_fake_quantize_backward", _fake_bwd, _fake_bwd_fake),
+    ("power_codebook", _codebook, _codebook_fake),
     ("power_quant_linear", _linear, _linear_fake),
     ("power_quant_linear_backward", _linear_bwd, _linear_bwd_fake),
     ("power_search_exponent", _search, _search_fake),
@@ -399,16 +455,16 @@ def _fake_grad(ctx, dy, _dscales):
 
 
 def _linear_setup(ctx, inputs, output):
-    _x, codes, scales, a, _bias, bits, group_size, in_features = inputs
-    ctx.save_for_backward(codes, scales, a)
+    _x, codes, scales, table, _bias, bits, group_size, in_features = inputs
+    ctx.save_for_backward(codes, scales, table)
     ctx.bits, ctx.group_size, ctx.in_features = bits, group_size, in_features
 
 
 def _linear_grad(ctx, dy):
-    codes, scales, a = ctx.saved_tensors
+    codes, scales, table = ctx.saved_tensors
     dx = None
     if ctx.needs_input_grad[0]:
-        dx = torch.ops.lmkern.power_quant_linear_backward(dy, codes, scales, a, ctx.bits, ctx.group_size, ctx.in_features)
+        dx = torch.ops.lmkern.power_quant_linear_backward(dy, codes, scales, table, ctx.bits, ctx.group_size, ctx.in_features)
     if any(ctx.needs_input_grad[1:5]):
         raise NotImplementedError("power_quant_linear: the quantized weight, its scales, exponents and bias are frozen (no gradient)")
     return dx, None, None, None, None, None, None, None

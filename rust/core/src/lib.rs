@@ -4,6 +4,7 @@
 //! [`error::Error`] back on bad input, never a panic.
 pub(crate) mod cpu;
 pub mod error;
+pub mod ncd;
 pub mod norm;
 pub mod parallel;
 pub mod quant;

@@ -226,3 +226,51 @@ fn results_do_not_depend_on_thread_count() {
     let three = run(3);
     assert!(one == two && two == three);
 }
+
+/// The in-place forward (y over x, h over residual) gives bit for bit what the out-of-place one
+/// gives, with and without residual and weight, for rows small and large enough to stream.
+#[test]
+fn in_place_forward_equals_out_of_place() {
+    let mut rng = Rng(13);
+    for kind in [NormKind::Rms, NormKind::Crms] {
+        for (rows, n) in [(1, 1), (3, 17), (7, 1000), (600, 4096)] {
+            for (with_res, with_w) in [(false, false), (true, false), (false, true), (true, true)] {
+                let x: Vec<f32> = rng.vec(rows * n).iter().map(|&v| v as f32 * 2.0).collect();
+                let res: Vec<f32> = rng.vec(rows * n).iter().map(|&v| v as f32).collect();
+                let w: Vec<f32> = rng.vec(n).iter().map(|&v| v as f32).collect();
+                let a = args(kind, DType::F32, rows, n);
+                let (mut y, mut h, mut rstd) = (vec![f32::NAN; rows * n], vec![f32::NAN; rows * n], vec![f32::NAN; rows]);
+                let p = NormFwd {
+                    x: addr(&x),
+                    residual: if with_res { addr(&res) } else { 0 },
+                    weight: if with_w { addr(&w) } else { 0 },
+                    y: out(&mut y),
+                    h: if with_res { out(&mut h) } else { 0 },
+                    rstd: out(&mut rstd),
+                };
+                unsafe { norm::forward(Device::Cpu, &a, &p) }.unwrap();
+                let (mut xi, mut ri, mut rstd_i) = (x.clone(), res.clone(), vec![f32::NAN; rows]);
+                let xp = out(&mut xi);
+                let rp = if with_res { out(&mut ri) } else { 0 };
+                let q = NormFwd { x: xp, residual: rp, weight: p.weight, y: xp, h: rp, rstd: out(&mut rstd_i) };
+                unsafe { norm::forward(Device::Cpu, &a, &q) }.unwrap();
+                let same = |u: &[f32], v: &[f32]| u.iter().zip(v).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same(&xi, &y), "{kind:?} [{rows},{n}] res={with_res} w={with_w}: y");
+                assert!(same(&rstd_i, &rstd));
+                if with_res {
+                    assert!(same(&ri, &h), "{kind:?} [{rows},{n}]: h");
+                } else {
+                    assert!(same(&ri, &res), "residual untouched without a residual");
+                }
+            }
+        }
+    }
+    // Half in place is refused.
+    let mut x = vec![1f32; 8];
+    let r = vec![1f32; 8];
+    let mut h = vec![0f32; 8];
+    let xp = out(&mut x);
+    let p = NormFwd { x: xp, y: xp, residual: addr(&r), h: out(&mut h), ..Default::default() };
+    let e = unsafe { norm::forward(Device::Cpu, &args(NormKind::Rms, DType::F32, 2, 4), &p) }.unwrap_err();
+    assert!(e.message.contains("in place"), "{}", e.message);
+}

@@ -7,6 +7,7 @@ use lmkern_core::{DType, Device, Error, ErrorKind};
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
+mod ncd;
 mod norm;
 mod quant;
 
@@ -54,5 +55,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     norm::register(m)?;
     quant::register(m)?;
+    ncd::register(m)?;
     Ok(())
 }

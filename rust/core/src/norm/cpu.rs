@@ -123,9 +123,76 @@ unsafe fn forward_t<T: Elem>(a: &NormArgs, p: &NormFwd) {
         stream: rows * n * std::mem::size_of::<T>() >= STREAM_BYTES,
     };
     let rpt = rows_per_task(n);
+    let in_place = super::is_in_place(p);
     parallel::for_each_task(rows.div_ceil(rpt), rows * n, |t| {
-        forward_rows::<T>(&f, t * rpt, ((t + 1) * rpt).min(rows))
+        let (r0, r1) = (t * rpt, ((t + 1) * rpt).min(rows));
+        if in_place {
+            forward_rows_in_place::<T>(&f, r0, r1)
+        } else {
+            forward_rows::<T>(&f, r0, r1)
+        }
     });
+}
+
+multiversion!(fn forward_rows_in_place<T: Elem>(f: &Fwd<T>, r0: usize, r1: usize) => forward_rows_in_place_body);
+
+/// The in-place forward: h = x + residual written over residual, y over x. Each buffer is reached
+/// through one slice, read before it is overwritten within a row. No streaming stores: the rows were
+/// just read, so they are in cache and written back without a read-for-ownership.
+#[inline(always)]
+fn forward_rows_in_place_body<T: Elem>(f: &Fwd<T>, r0: usize, r1: usize) {
+    let (n, p) = (f.n, f.p);
+    // SAFETY: tasks cover disjoint row ranges [r0, r1); in place, y is x and h is residual, and the
+    // two do not overlap each other (see `super::forward`), so these are the only live references.
+    let xy = unsafe { rows_of_mut::<T>(p.x, n, r0, r1) };
+    let mut rh = (p.residual != 0).then(|| unsafe { rows_of_mut::<T>(p.residual, n, r0, r1) });
+    let mut rstd = (p.rstd != 0).then(|| unsafe { rows_of_mut::<T::Acc>(p.rstd, 1, r0, r1) });
+    for i in 0..r1 - r0 {
+        let xr = &mut xy[i * n..(i + 1) * n];
+        let hr: &[T] = match rh.as_deref_mut() {
+            Some(rh) => {
+                let hh = &mut rh[i * n..(i + 1) * n];
+                for j in 0..n {
+                    hh[j] = T::store(xr[j].load() + hh[j].load());
+                }
+                &*hh
+            }
+            None => &*xr,
+        };
+        let (sq, s) = sums(hr, f.crms);
+        let ms = if f.crms { (sq + s * s) * f.inv_div } else { sq * f.inv_div };
+        let r = (ms + f.eps).rsqrt();
+        if let Some(rs) = rstd.as_deref_mut() {
+            rs[i] = r;
+        }
+        // Without a residual, hr is xr itself: scale it in place.
+        match (&f.factor, rh.is_some()) {
+            (Some(fac), true) => {
+                let hr = &rh.as_deref().unwrap()[i * n..(i + 1) * n];
+                for j in 0..n {
+                    xr[j] = T::store(hr[j].load() * r * fac[j]);
+                }
+            }
+            (None, true) => {
+                let hr = &rh.as_deref().unwrap()[i * n..(i + 1) * n];
+                let rs = r * f.scale;
+                for j in 0..n {
+                    xr[j] = T::store(hr[j].load() * rs);
+                }
+            }
+            (Some(fac), false) => {
+                for j in 0..n {
+                    xr[j] = T::store(xr[j].load() * r * fac[j]);
+                }
+            }
+            (None, false) => {
+                let rs = r * f.scale;
+                for j in 0..n {
+                    xr[j] = T::store(xr[j].load() * rs);
+                }
+            }
+        }
+    }
 }
 
 multiversion!(fn forward_rows<T: Elem>(f: &Fwd<T>, r0: usize, r1: usize) => forward_rows_body);

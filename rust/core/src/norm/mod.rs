@@ -112,13 +112,27 @@ pub fn dw_parts(rows: usize, n: usize) -> usize {
     by_rows.min(MAX_PARTS).min(by_size).max(1)
 }
 
+/// Whether `p` asks for the in-place forward (CPU only): y written over x and h over residual
+/// (`y == x`, and `h == residual` when there is a residual).
+pub fn is_in_place(p: &NormFwd) -> bool {
+    p.x != 0 && p.y == p.x
+}
+
 /// # Safety
 /// Every non-zero address in `p` is valid for the element count documented on [`NormFwd`], readable
-/// (inputs) or writable (outputs) on `device`, and no output overlaps any other buffer.
+/// (inputs) or writable (outputs) on `device`, and no output overlaps any other buffer — except in
+/// place ([`is_in_place`]), where `y` is exactly `x` and `h` exactly `residual`, and `x`, `residual`
+/// still overlap nothing else.
 pub unsafe fn forward(device: Device, a: &NormArgs, p: &NormFwd) -> Result<()> {
     a.validate()?;
     if (p.residual == 0) != (p.h == 0) {
         return Err(Error::value("residual and h must be given together"));
+    }
+    if p.residual != 0 && is_in_place(p) != (p.h == p.residual) {
+        return Err(Error::value("in place, y must be x and h must be residual (both or neither)"));
+    }
+    if is_in_place(p) && !matches!(device, Device::Cpu) {
+        return Err(Error::value("x: the in-place norm runs on CPU only"));
     }
     if a.rows == 0 {
         return Ok(());

@@ -457,6 +457,28 @@ unsafe fn fake_bwd_t<T: QElem>(q: &QuantArgs, dy: u64, x: u64, scales: u64, a: u
     });
 }
 
+/// # Safety
+/// See [`super::codebook`].
+pub unsafe fn codebook(bits: u32, rows: usize, a: u64, out: u64) {
+    let nl = 1usize << bits;
+    let (ar, o) = (slice::<f32>(a, rows), rows_of_mut::<f32>(out, nl, 0, rows));
+    // Only qmax + 1 magnitudes per row: (k/qmax)^(1/a) = exp(ln(k/qmax)/a), logarithms shared.
+    let qm = qmax(bits);
+    let ln: Vec<f64> = (0..=qm).map(|k| (k as f64 / qm as f64).ln()).collect();
+    let mut mag = vec![0f64; nl / 2 + 1];
+    for (r, &av) in ar.iter().enumerate() {
+        let inv_a = 1.0 / av as f64;
+        for (k, v) in mag.iter_mut().enumerate() {
+            *v = if k == 0 { 0.0 } else if k as i32 <= qm { (ln[k] * inv_a).exp() } else { (k as f64 / qm as f64).powf(inv_a) };
+        }
+        for (f, d) in o[r * nl..(r + 1) * nl].iter_mut().enumerate() {
+            let q = super::field_to_code(f as u8, bits);
+            let v = mag[q.unsigned_abs() as usize];
+            *d = (if q < 0 { -v } else { v }) as f32;
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // linear: y = x @ Ŵᵀ + b, and dx = dy @ Ŵ
 // ---------------------------------------------------------------------------------------------
@@ -469,7 +491,8 @@ struct Lin<'a> {
     xf: Vec<f32>,
     codes: u64,
     scales: u64,
-    a: u64,
+    /// The rows' codebooks, float32 [out, 2^b].
+    table: u64,
     bias: u64,
     y: u64,
 }
@@ -477,30 +500,33 @@ struct Lin<'a> {
 /// # Safety
 /// See [`super::linear`].
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn linear(dtype: DType, l: &LinearArgs, x: u64, codes: u64, scales: u64, a: u64, bias: u64, y: u64) {
+pub unsafe fn linear(dtype: DType, l: &LinearArgs, x: u64, codes: u64, scales: u64, table: u64, bias: u64, y: u64) {
     match dtype {
-        DType::F32 => linear_t::<f32>(l, x, codes, scales, a, bias, y),
-        DType::F64 => linear_t::<f64>(l, x, codes, scales, a, bias, y),
-        DType::F16 => linear_t::<f16>(l, x, codes, scales, a, bias, y),
-        DType::BF16 => linear_t::<bf16>(l, x, codes, scales, a, bias, y),
+        DType::F32 => linear_t::<f32>(l, x, codes, scales, table, bias, y),
+        DType::F64 => linear_t::<f64>(l, x, codes, scales, table, bias, y),
+        DType::F16 => linear_t::<f16>(l, x, codes, scales, table, bias, y),
+        DType::BF16 => linear_t::<bf16>(l, x, codes, scales, table, bias, y),
     }
 }
 
 fn fast_path(q: &QuantArgs) -> bool {
-    cfg!(target_arch = "x86_64") && q.bits == 4 && q.n % 16 == 0 && q.group % 16 == 0 && crate::cpu::has_avx2()
+    cfg!(target_arch = "x86_64") && q.bits == 4 && q.n % 32 == 0 && q.group % 32 == 0 && crate::cpu::has_avx2()
 }
 
-unsafe fn linear_t<T: QElem>(l: &LinearArgs, x: u64, codes: u64, scales: u64, a: u64, bias: u64, y: u64)
+unsafe fn linear_t<T: QElem>(l: &LinearArgs, x: u64, codes: u64, scales: u64, table: u64, bias: u64, y: u64)
 {
     let (k, nout, tokens) = (l.q.n, l.q.rows, l.tokens);
     let xin = slice::<T>(x, tokens * k);
     let fast = fast_path(&l.q);
     let mut xf = vec![0f32; tokens * k];
     if fast {
-        for (dst, src) in xf.chunks_exact_mut(16).zip(xin.chunks_exact(16)) {
-            for i in 0..8 {
-                dst[i] = src[2 * i].load().to_f64() as f32;
-                dst[8 + i] = src[2 * i + 1].load().to_f64() as f32;
+        // The order in which the AVX2 kernel produces the weights of 32 codes (see linear_tile_avx2).
+        for (dst, src) in xf.chunks_exact_mut(32).zip(xin.chunks_exact(32)) {
+            for j in 0..4 {
+                for i in 0..4 {
+                    dst[8 * j + i] = src[8 * j + 2 * i].load().to_f64() as f32;
+                    dst[8 * j + 4 + i] = src[8 * j + 2 * i + 1].load().to_f64() as f32;
+                }
             }
         }
     } else {
@@ -508,7 +534,7 @@ unsafe fn linear_t<T: QElem>(l: &LinearArgs, x: u64, codes: u64, scales: u64, a:
             *d = s.load().to_f64() as f32;
         }
     }
-    let lin = Lin { l, xf, codes, scales, a, bias, y };
+    let lin = Lin { l, xf, codes, scales, table, bias, y };
     // Tiles of output rows: each reads its rows' codes once per pair of tokens.
     const TILE: usize = 16;
     let work = nout * k * tokens.max(1);
@@ -516,7 +542,7 @@ unsafe fn linear_t<T: QElem>(l: &LinearArgs, x: u64, codes: u64, scales: u64, a:
         let (o0, o1) = (ti * TILE, ((ti + 1) * TILE).min(nout));
         if fast {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: fast_path checked AVX2+FMA, 4 bits, k and the group size multiples of 16.
+            // SAFETY: fast_path checked AVX2+FMA, 4 bits, k and the group size multiples of 32.
             unsafe {
                 linear_tile_avx2::<T>(&lin, o0, o1)
             }
@@ -535,15 +561,16 @@ fn linear_tile_body<T: QElem>(lin: &Lin, o0: usize, o1: usize)
     let q = &lin.l.q;
     let (k, nout, rb, ng, g) = (q.n, q.rows, q.row_bytes(), q.groups(), q.group);
     // SAFETY: read-only inputs; y elements (t, o) for o in [o0, o1) belong to this task alone.
-    let (cr, sr, ar) = unsafe {
-        (rows_of::<u8>(lin.codes, rb, o0, o1), rows_of::<f32>(lin.scales, ng, o0, o1), rows_of::<f32>(lin.a, 1, o0, o1))
+    let nl = 1usize << q.bits;
+    let (cr, sr, tr) = unsafe {
+        (rows_of::<u8>(lin.codes, rb, o0, o1), rows_of::<f32>(lin.scales, ng, o0, o1), rows_of::<f32>(lin.table, nl, o0, o1))
     };
     let bias = (lin.bias != 0).then(|| unsafe { slice::<f32>(lin.bias, nout) });
     let mut f = vec![0u8; k];
     let mut w = vec![0f32; k];
     for i in 0..o1 - o0 {
         let o = o0 + i;
-        let lut: Vec<f32> = row_lut(q.bits, ar[i]).into_iter().map(|v| v as f32).collect();
+        let lut = &tr[i * nl..(i + 1) * nl];
         unpack_fields(&cr[i * rb..(i + 1) * rb], q.bits, 0, &mut f);
         for gi in 0..ng {
             let m = sr[i * ng + gi];
@@ -584,67 +611,75 @@ fn dot16(a: &[f32], b: &[f32]) -> f32 {
     acc[0]
 }
 
-/// AVX2 4-bit path: per 8 code bytes (16 weights) one zero-extending load, the low and high nibbles
-/// looked up in the row's 16-entry table with two `vpermps` and a blend on bit 3, and FMAs with the
-/// (reordered) activations; per group the partial sums are scaled by m. Two tokens at a time.
+/// AVX2 4-bit path. Per 16 code bytes (32 weights): the low and high nibbles become 32 byte
+/// indices (even elements in the low 128-bit lane, odd ones in the high lane), four `vpshufb` look
+/// up the four bytes of each element's float32 table entry (the row's 16-entry codebook split into
+/// byte planes), and two rounds of unpacks reassemble them into four vectors of 8 floats, FMA'd
+/// with the activations (pre-permuted to that order); per group the partial sums are scaled by m.
+/// Two tokens at a time.
 ///
 /// # Safety
-/// The CPU has AVX2 and FMA; 4-bit codes; k and the group size are multiples of 16; `lin` holds
-/// valid buffers as [`super::linear`] documents.
+/// The CPU has AVX2 and FMA; 4-bit codes; k and the group size are multiples of 32; `lin` holds
+/// valid buffers as [`super::linear`] documents, x permuted as `linear_t` does.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn linear_tile_avx2<T: QElem>(lin: &Lin, o0: usize, o1: usize)
-{
+unsafe fn linear_tile_avx2<T: QElem>(lin: &Lin, o0: usize, o1: usize) {
     use std::arch::x86_64::*;
     let q = &lin.l.q;
     let (k, nout, rb, ng, g) = (q.n, q.rows, q.row_bytes(), q.groups(), q.group);
     let tokens = lin.l.tokens;
     let cr = rows_of::<u8>(lin.codes, rb, o0, o1);
     let sr = rows_of::<f32>(lin.scales, ng, o0, o1);
-    let ar = rows_of::<f32>(lin.a, 1, o0, o1);
+    let luts = rows_of::<f32>(lin.table, 16, o0, o1);
     let bias = (lin.bias != 0).then(|| slice::<f32>(lin.bias, nout));
-    let luts: Vec<[f32; 16]> = (0..o1 - o0)
-        .map(|i| {
-            let mut t = [0f32; 16];
-            for (d, v) in t.iter_mut().zip(row_lut(4, ar[i])) {
-                *d = v as f32;
-            }
-            t
-        })
-        .collect();
-    let blocks = g / 16;
+    let blocks = g / 32;
+    let nib = _mm_set1_epi8(0x0f);
     let mut t0 = 0;
     while t0 < tokens {
         let nt = (tokens - t0).min(2);
         let x0 = lin.xf.as_ptr().add(t0 * k);
         let x1 = lin.xf.as_ptr().add((t0 + nt - 1) * k); // = x0 when nt = 1
         for i in 0..o1 - o0 {
-            let lut_lo = _mm256_loadu_ps(luts[i].as_ptr());
-            let lut_hi = _mm256_loadu_ps(luts[i].as_ptr().add(8));
+            // Byte planes of the row's codebook (plane b = byte b of the 16 entries), in both lanes:
+            // group each 4-float vector's bytes by plane, then transpose the 4×4 dwords.
+            let t = luts.as_ptr().add(16 * i) as *const __m128i;
+            let by_plane = _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+            let v: [__m128i; 4] = std::array::from_fn(|j| _mm_shuffle_epi8(_mm_loadu_si128(t.add(j)), by_plane));
+            let (u0, u1) = (_mm_unpacklo_epi32(v[0], v[1]), _mm_unpackhi_epi32(v[0], v[1]));
+            let (u2, u3) = (_mm_unpacklo_epi32(v[2], v[3]), _mm_unpackhi_epi32(v[2], v[3]));
+            let planes = [_mm_unpacklo_epi64(u0, u2), _mm_unpackhi_epi64(u0, u2), _mm_unpacklo_epi64(u1, u3), _mm_unpackhi_epi64(u1, u3)];
+            let pl = planes.map(|p| _mm256_broadcastsi128_si256(p));
             let row = cr.as_ptr().add(i * rb);
-            let nib = _mm256_set1_epi32(0xf);
             let (mut tot0, mut tot1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
             for gi in 0..ng {
                 let mut acc = [_mm256_setzero_ps(); 4];
                 let mut acc1 = [_mm256_setzero_ps(); 4];
-                let base = gi * g;
-                let mut b = 0;
-                while b < blocks {
-                    // Two blocks per step into separate accumulators: independent FMA chains.
-                    let two = b + 1 < blocks;
-                    for u in 0..(1 + two as usize) {
-                        let off = base + (b + u) * 16;
-                        let v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(row.add(off / 2) as *const __m128i));
-                        let we = look16(lut_lo, lut_hi, _mm256_and_si256(v, nib));
-                        let wo = look16(lut_lo, lut_hi, _mm256_srli_epi32(v, 4));
-                        acc[2 * u] = _mm256_fmadd_ps(we, _mm256_loadu_ps(x0.add(off)), acc[2 * u]);
-                        acc[2 * u + 1] = _mm256_fmadd_ps(wo, _mm256_loadu_ps(x0.add(off + 8)), acc[2 * u + 1]);
-                        if nt == 2 {
-                            acc1[2 * u] = _mm256_fmadd_ps(we, _mm256_loadu_ps(x1.add(off)), acc1[2 * u]);
-                            acc1[2 * u + 1] = _mm256_fmadd_ps(wo, _mm256_loadu_ps(x1.add(off + 8)), acc1[2 * u + 1]);
+                for b in 0..blocks {
+                    let off = gi * g + b * 32;
+                    let v = _mm_loadu_si128(row.add(off / 2) as *const __m128i);
+                    let lo = _mm_and_si128(v, nib);
+                    let hi = _mm_and_si128(_mm_srli_epi16(v, 4), nib);
+                    let idx = _mm256_set_m128i(hi, lo);
+                    let b0 = _mm256_shuffle_epi8(pl[0], idx);
+                    let b1 = _mm256_shuffle_epi8(pl[1], idx);
+                    let b2 = _mm256_shuffle_epi8(pl[2], idx);
+                    let b3 = _mm256_shuffle_epi8(pl[3], idx);
+                    let (l01, h01) = (_mm256_unpacklo_epi8(b0, b1), _mm256_unpackhi_epi8(b0, b1));
+                    let (l23, h23) = (_mm256_unpacklo_epi8(b2, b3), _mm256_unpackhi_epi8(b2, b3));
+                    let w = [
+                        _mm256_castsi256_ps(_mm256_unpacklo_epi16(l01, l23)),
+                        _mm256_castsi256_ps(_mm256_unpackhi_epi16(l01, l23)),
+                        _mm256_castsi256_ps(_mm256_unpacklo_epi16(h01, h23)),
+                        _mm256_castsi256_ps(_mm256_unpackhi_epi16(h01, h23)),
+                    ];
+                    for j in 0..4 {
+                        acc[j] = _mm256_fmadd_ps(w[j], _mm256_loadu_ps(x0.add(off + 8 * j)), acc[j]);
+                    }
+                    if nt == 2 {
+                        for j in 0..4 {
+                            acc1[j] = _mm256_fmadd_ps(w[j], _mm256_loadu_ps(x1.add(off + 8 * j)), acc1[j]);
                         }
                     }
-                    b += 2;
                 }
                 let m = _mm256_set1_ps(sr[i * ng + gi]);
                 let s0 = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
@@ -668,28 +703,12 @@ unsafe fn linear_tile_avx2<T: QElem>(lin: &Lin, o0: usize, o1: usize)
     }
 }
 
-/// The 16-entry table lookup of 8 indices (0..15): `vpermps` in each half of the table, and a
-/// blend on bit 3 of the index (moved into the sign bit).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-unsafe fn look16(
-    lut_lo: std::arch::x86_64::__m256,
-    lut_hi: std::arch::x86_64::__m256,
-    idx: std::arch::x86_64::__m256i,
-) -> std::arch::x86_64::__m256 {
-    use std::arch::x86_64::*;
-    let lo = _mm256_permutevar8x32_ps(lut_lo, idx);
-    let hi = _mm256_permutevar8x32_ps(lut_hi, idx);
-    _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)))
-}
-
 struct LinBwd<'a> {
     l: &'a LinearArgs,
     /// dy as float32 [tokens, out].
     dyf: Vec<f32>,
-    /// Every row's table, [out, 2^b].
-    luts: Vec<f32>,
+    /// Every row's codebook, float32 [out, 2^b].
+    table: u64,
     codes: u64,
     scales: u64,
     dx: u64,
@@ -697,25 +716,23 @@ struct LinBwd<'a> {
 
 /// # Safety
 /// See [`super::linear_backward`].
-pub unsafe fn linear_backward(dtype: DType, l: &LinearArgs, dy: u64, codes: u64, scales: u64, a: u64, dx: u64) {
+pub unsafe fn linear_backward(dtype: DType, l: &LinearArgs, dy: u64, codes: u64, scales: u64, table: u64, dx: u64) {
     match dtype {
-        DType::F32 => linear_bwd_t::<f32>(l, dy, codes, scales, a, dx),
-        DType::F64 => linear_bwd_t::<f64>(l, dy, codes, scales, a, dx),
-        DType::F16 => linear_bwd_t::<f16>(l, dy, codes, scales, a, dx),
-        DType::BF16 => linear_bwd_t::<bf16>(l, dy, codes, scales, a, dx),
+        DType::F32 => linear_bwd_t::<f32>(l, dy, codes, scales, table, dx),
+        DType::F64 => linear_bwd_t::<f64>(l, dy, codes, scales, table, dx),
+        DType::F16 => linear_bwd_t::<f16>(l, dy, codes, scales, table, dx),
+        DType::BF16 => linear_bwd_t::<bf16>(l, dy, codes, scales, table, dx),
     }
 }
 
 /// Columns of dx per task: a multiple of 8, so every chunk starts on a byte of every code width.
 const BWD_COLS: usize = 256;
 
-unsafe fn linear_bwd_t<T: QElem>(l: &LinearArgs, dy: u64, codes: u64, scales: u64, a: u64, dx: u64)
+unsafe fn linear_bwd_t<T: QElem>(l: &LinearArgs, dy: u64, codes: u64, scales: u64, table: u64, dx: u64)
 {
     let (k, nout, tokens) = (l.q.n, l.q.rows, l.tokens);
     let dyf: Vec<f32> = slice::<T>(dy, tokens * nout).iter().map(|v| v.load().to_f64() as f32).collect();
-    let ar = slice::<f32>(a, nout);
-    let luts: Vec<f32> = ar.iter().flat_map(|&av| row_lut(l.q.bits, av).into_iter().map(|v| v as f32)).collect();
-    let lb = LinBwd { l, dyf, luts, codes, scales, dx };
+    let lb = LinBwd { l, dyf, table, codes, scales, dx };
     parallel::for_each_task(k.div_ceil(BWD_COLS), nout * k * tokens, |ci| {
         linear_bwd_cols::<T>(&lb, ci * BWD_COLS, ((ci + 1) * BWD_COLS).min(k))
     });
@@ -731,13 +748,14 @@ fn linear_bwd_cols_body<T: QElem>(lb: &LinBwd, c0: usize, c1: usize)
     let nl = 1usize << q.bits;
     let w_cols = c1 - c0;
     // SAFETY: codes and scales are only read.
-    let (codes, scales) = unsafe { (slice::<u8>(lb.codes, nout * rb), slice::<f32>(lb.scales, nout * ng)) };
+    let (codes, scales, table) =
+        unsafe { (slice::<u8>(lb.codes, nout * rb), slice::<f32>(lb.scales, nout * ng), slice::<f32>(lb.table, nout * nl)) };
     let mut f = vec![0u8; w_cols];
     let mut w = vec![0f32; w_cols];
     let mut acc = vec![0f32; tokens * w_cols];
     for o in 0..nout {
         unpack_fields(&codes[o * rb..(o + 1) * rb], q.bits, c0, &mut f);
-        let lut = &lb.luts[o * nl..(o + 1) * nl];
+        let lut = &table[o * nl..(o + 1) * nl];
         // Weights of columns [c0, c1), group by group.
         let mut c = c0;
         while c < c1 {
@@ -877,28 +895,33 @@ struct SortedRow {
 
 impl SortedRow {
     fn new(w: &[f32], g: usize, clip: f64) -> Option<SortedRow> {
-        let mut pairs: Vec<(f32, f32)> = Vec::with_capacity(w.len());
-        for ws in w.chunks_exact(g) {
+        let mut ms: Vec<f32> = Vec::with_capacity(w.len() / g);
+        // (bits of u ≥ 0) << 32 | group: integer order is the order of u.
+        let mut keys: Vec<u64> = Vec::with_capacity(w.len());
+        for (gi, ws) in w.chunks_exact(g).enumerate() {
             let (amax, finite) = absmax(ws);
             let m = (clip * amax as f64) as f32;
             if !finite || !m.is_finite() {
                 return None;
             }
+            // An all-zero group (m = 0) has no error whatever a: u = 0 and weight 0.
+            ms.push(m);
             for &v in ws {
-                // An all-zero group (m = 0) has no error whatever a: weight 0.
-                pairs.push(if m > 0.0 { (v.abs() / m, m) } else { (0.0, 0.0) });
+                let u = if m > 0.0 { v.abs() / m } else { 0.0 };
+                keys.push(((u.to_bits() as u64) << 32) | gi as u64);
             }
         }
-        pairs.sort_unstable_by(|x, y| x.0.total_cmp(&y.0));
-        let mut pre = Vec::with_capacity(pairs.len() + 1);
+        keys.sort_unstable();
+        let mut pre = Vec::with_capacity(keys.len() + 1);
         let mut acc = [0f64; 3];
         pre.push(acc);
-        for &(u, m) in &pairs {
-            let (u, m2) = (u as f64, m as f64 * m as f64);
+        for &key in &keys {
+            let (u, m) = (f32::from_bits((key >> 32) as u32) as f64, ms[(key & 0xffff_ffff) as usize] as f64);
+            let m2 = m * m;
             acc = [acc[0] + m2, acc[1] + m2 * u, acc[2] + m2 * u * u];
             pre.push(acc);
         }
-        let u: Vec<f32> = pairs.into_iter().map(|p| p.0).collect();
+        let u: Vec<f32> = keys.iter().map(|&k| f32::from_bits((k >> 32) as u32)).collect();
         let nb = u.len().max(16);
         let mut bucket = vec![0u32; nb + 1];
         let mut j = 0usize;

@@ -10,7 +10,8 @@
 //!   when bits = 4, n and the group size are multiples of 32 and codes and x are 16-byte aligned.
 //!
 //! Nothing here reads device memory on the host: exponents outside (0, 1] give NaN tables (NaN
-//! outputs), NaN/inf inputs NaN scales; the Python layer checks what it must (lmkern.ops.quant).
+//! outputs; linear reads the codebooks it is given), NaN/inf inputs NaN scales; the Python layer
+//! checks what it must (lmkern.ops.quant).
 use std::ffi::c_void;
 
 use super::{LinearArgs, QuantArgs};
@@ -75,7 +76,8 @@ struct LinearParams {
     x: u64,
     codes: u64,
     scales: u64,
-    a: u64,
+    /// float32 [out, 2^bits]: the rows' codebooks, row stride 2^bits.
+    table: u64,
     bias: u64,
     y: u64,
     tokens: i64,
@@ -101,6 +103,7 @@ const _: () = {
     assert!(offset_of!(FakeBwdParams, rows) == 48);
     assert!(offset_of!(FakeBwdParams, bits) == 64);
     assert!(size_of::<LinearParams>() == 80);
+    assert!(offset_of!(LinearParams, table) == 24);
     assert!(offset_of!(LinearParams, tokens) == 48);
     assert!(offset_of!(LinearParams, out_features) == 56);
     assert!(offset_of!(LinearParams, row_bytes) == 72);
@@ -248,7 +251,7 @@ pub unsafe fn fake_backward(
 /// See [`super::linear`]; tokens > 0, out > 0 (in may be 0: y = bias).
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn linear(
-    ordinal: usize, stream: u64, dtype: DType, l: &LinearArgs, x: Ptr, codes: Ptr, scales: Ptr, a: Ptr, bias: Ptr, y: Ptr,
+    ordinal: usize, stream: u64, dtype: DType, l: &LinearArgs, x: Ptr, codes: Ptr, scales: Ptr, table: Ptr, bias: Ptr, y: Ptr,
 ) -> Result<()> {
     let q = &l.q;
     if q.rows > i32::MAX as usize {
@@ -259,7 +262,7 @@ pub unsafe fn linear(
         x,
         codes,
         scales,
-        a,
+        table,
         bias,
         y,
         tokens: l.tokens as i64,

@@ -387,27 +387,48 @@ pub struct LinearArgs {
     pub tokens: usize,
 }
 
+/// The codebooks of rows with exponents `a` (float32 [rows]) into `out` (float32 [rows, 2^b]):
+/// `out[r, f] = sign(q_f)·(|q_f|/qmax)^(1/a_r)`, what [`linear`] and [`linear_backward`] read.
+///
+/// Host memory only (lmkern.ops.quant builds the codebooks of CUDA exponents on the CPU).
+///
+/// # Safety
+/// `a` and `out` valid for those sizes.
+pub unsafe fn codebook(bits: u32, rows: usize, a: Ptr, out: Ptr) -> Result<()> {
+    if !BITS.contains(&bits) {
+        return Err(Error::value(format!("bits: expected one of 2, 3, 4, 8; got {bits}")));
+    }
+    if rows == 0 {
+        return Ok(());
+    }
+    check_ptrs(&[(a, "a", 4), (out, "out", 4)])?;
+    validate_exponents(crate::cpu::slice(a, rows))?;
+    cpu::codebook(bits, rows, a, out);
+    Ok(())
+}
+
 /// `y = x @ Ŵᵀ + bias` with x `[tokens, in]` and y `[tokens, out]` of `dtype`, bias float32 [out]
-/// (0: none). Ŵ is never formed: each row's 2^b-entry table times its group scales meets x directly.
+/// (0: none), `table` the rows' codebooks (float32 [out, 2^b], see [`codebook`]). Ŵ is never formed:
+/// each row's codebook times its group scales meets x directly (AVX2 for 4 bits with in and the
+/// group size multiples of 32: per 32 weights four `vpshufb` over the codebook's byte planes and
+/// unpacks to float32, FMA into float32 accumulators; a scalar table path otherwise). On CUDA
+/// (`cuda.rs`, float32/bfloat16/float16) the GEMV kernels copy each row's codebook from `table`
+/// into shared memory, unchecked: a NaN codebook row gives NaN outputs.
 ///
 /// # Safety
 /// As [`quantize`].
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn linear(
-    device: Device, dtype: DType, l: &LinearArgs, x: Ptr, codes: Ptr, scales: Ptr, a: Ptr, bias: Ptr, y: Ptr,
+    device: Device, dtype: DType, l: &LinearArgs, x: Ptr, codes: Ptr, scales: Ptr, table: Ptr, bias: Ptr, y: Ptr,
 ) -> Result<()> {
     l.q.validate()?;
     if let Device::Cuda { .. } = device {
         cuda_dtype(dtype)?;
     }
-    if l.q.rows > 0 {
-        check_ptrs(&[(a, "a", 4)])?;
-        host_exponents(device, a, l.q.rows)?;
-    }
     if l.tokens == 0 || l.q.rows == 0 {
         return Ok(());
     }
-    check_ptrs(&[(y, "y", dtype.size())])?;
+    check_ptrs(&[(y, "y", dtype.size()), (table, "table", 4)])?;
     if bias != 0 {
         require_aligned(bias, 4, "bias")?;
     }
@@ -415,9 +436,9 @@ pub unsafe fn linear(
         check_ptrs(&[(x, "x", dtype.size()), (codes, "codes", 1), (scales, "scales", 4)])?;
     }
     match device {
-        Device::Cpu => cpu::linear(dtype, l, x, codes, scales, a, bias, y),
+        Device::Cpu => cpu::linear(dtype, l, x, codes, scales, table, bias, y),
         #[cfg(feature = "cuda")]
-        Device::Cuda { ordinal, stream } => return cuda::linear(ordinal, stream, dtype, l, x, codes, scales, a, bias, y),
+        Device::Cuda { ordinal, stream } => return cuda::linear(ordinal, stream, dtype, l, x, codes, scales, table, bias, y),
         #[cfg(not(feature = "cuda"))]
         Device::Cuda { .. } => unreachable!("cuda_dtype refused"),
     }
@@ -425,25 +446,23 @@ pub unsafe fn linear(
 }
 
 /// `dx = dy @ Ŵ` with dy `[tokens, out]` and dx `[tokens, in]` of `dtype` (the input gradient of
-/// [`linear`]), through the same tables, columns split across tasks, rows summed in order.
+/// [`linear`]), through the same codebooks, columns split across tasks, rows summed in order.
 ///
 /// # Safety
 /// As [`quantize`].
-pub unsafe fn linear_backward(device: Device, dtype: DType, l: &LinearArgs, dy: Ptr, codes: Ptr, scales: Ptr, a: Ptr, dx: Ptr) -> Result<()> {
+pub unsafe fn linear_backward(
+    device: Device, dtype: DType, l: &LinearArgs, dy: Ptr, codes: Ptr, scales: Ptr, table: Ptr, dx: Ptr,
+) -> Result<()> {
     l.q.validate()?;
     cpu_only(device, "power_quant_linear_backward (on CUDA, lmkern.ops.quant computes dy @ dequantize(W) with torch)")?;
-    if l.q.rows > 0 {
-        check_ptrs(&[(a, "a", 4)])?;
-        validate_exponents(crate::cpu::slice(a, l.q.rows))?;
-    }
     if l.tokens == 0 || l.q.n == 0 {
         return Ok(());
     }
     check_ptrs(&[(dx, "dx", dtype.size())])?;
     if l.q.rows > 0 {
-        check_ptrs(&[(dy, "dy", dtype.size()), (codes, "codes", 1), (scales, "scales", 4)])?;
+        check_ptrs(&[(dy, "dy", dtype.size()), (codes, "codes", 1), (scales, "scales", 4), (table, "table", 4)])?;
     }
-    cpu::linear_backward(dtype, l, dy, codes, scales, a, dx);
+    cpu::linear_backward(dtype, l, dy, codes, scales, table, dx);
     Ok(())
 }
 

@@ -1,0 +1,674 @@
+//! A length-only deflate engine that reproduces stock zlib's raw-deflate output length exactly
+//! (windowBits 15, memLevel 8, default strategy, levels 1..=9, all input given at once with
+//! Z_FINISH — what `gzip.compress` does).
+//!
+//! It follows zlib's deflate.c step for step on the same data structures (written from the bundled
+//! 1.3.2 source; fuzzed against it, and spot-checked against the host's 1.2.13 through Python): the
+//! 64 KiB window with fill_window's sliding and high-water zeroing (longest_match reads up to 258
+//! bytes past the data — zeros, or stale data after a slide; zlib caps its results at the lookahead
+//! so they should not matter, and the engine reproduces them anyway), the 15-bit hash with head/prev
+//! chains indexed `pos & wmask`, deflate_fast (levels 1–3, insertion skipped for matches longer than
+//! max_insert_length) and deflate_slow (4–9, lazy matching, TOO_FAR), longest_match with its chain
+//! length, good_match reduction, nice_match capped by the lookahead, MAX_DIST limit and scan_end
+//! test, and block flushes when the symbol buffer holds lit_bufsize − 1 = 16383 symbols. Per block it
+//! keeps only the symbol frequencies; the Huffman work and the stored/fixed/dynamic choice are in
+//! [`super::trees`]. No output byte is produced.
+//!
+//! Priming ([`Deflater::prime`] / [`Deflater::primed_len`]): for x ⊕ y short enough that zlib reads it
+//! in one piece and never slides (x.len() + y.len() ≤ [`SMALL_MAX`]), every step at a position p with
+//! p + MIN_LOOKAHEAD ≤ x.len() reads only bytes of x and sees a lookahead ≥ MIN_LOOKAHEAD whatever y is,
+//! so the state there is y-independent. The engine runs x up to that point once, then for each y
+//! copies y behind x in the window, restores the snapshot (a few words and the block's symbol counts;
+//! hash heads through an undo log; prev[] entries of positions after the prime point are always
+//! written before they are read, except the slots that positions ≥ WSIZE share with primed positions,
+//! which are undo-logged too) and finishes.
+//!
+//! Deep priming ([`Deflater::prime_for`] with targets of ≥ MIN_LOOKAHEAD bytes): the lookahead then
+//! stays ≥ MIN_LOOKAHEAD until the end of x for every target, so the parse can go on past
+//! x.len() − MIN_LOOKAHEAD while no step reads a byte of y. Each step there is speculative: a step that
+//! hashes or compares a byte at or after x.len() is rolled back (state, counts, undo log) and priming
+//! stops before it; on real text that leaves about 5 bytes of x, instead of ~255, to redo per target.
+use super::trees::{d_code, Trees, END_BLOCK, D_CODES, LENGTH_CODE, LITERALS, L_CODES};
+
+use crate::error::{Error, Result};
+
+const WSIZE: usize = 1 << 15;
+const WMASK: usize = WSIZE - 1;
+const WINDOW_SIZE: usize = 2 * WSIZE;
+const HASH_BITS: usize = 15; // memLevel 8 + 7
+const HASH_SIZE: usize = 1 << HASH_BITS;
+const HASH_MASK: usize = HASH_SIZE - 1;
+const MIN_MATCH: usize = 3;
+const MAX_MATCH: usize = 258;
+const MIN_LOOKAHEAD: usize = MAX_MATCH + MIN_MATCH + 1;
+const MAX_DIST: usize = WSIZE - MIN_LOOKAHEAD;
+const WIN_INIT: usize = MAX_MATCH;
+const TOO_FAR: u32 = 4096;
+const LIT_BUFSIZE: usize = 1 << (8 + 6); // memLevel 8
+const SYM_END: usize = LIT_BUFSIZE - 1;
+const WINDOW_PAD: usize = 512;
+
+/// A zeroed boxed array, built on the heap (no large stack temporary).
+fn boxed<T: Copy + Default, const N: usize>() -> Box<[T; N]> {
+    vec![T::default(); N].into_boxed_slice().try_into().unwrap_or_else(|_| unreachable!())
+}
+
+/// Largest x.len() + y.len() for which zlib reads the input in one piece and never slides the window
+/// (a slide needs strstart ≥ WSIZE + MAX_DIST = 65274, and strstart ≤ input length): the primed path.
+pub const SMALL_MAX: usize = WSIZE + MAX_DIST - 1;
+
+/// zlib's configuration_table: good_length, max_lazy, nice_length, max_chain, deflate_fast or slow.
+#[derive(Clone, Copy, Debug)]
+struct Config {
+    good: usize,
+    lazy: usize,
+    nice: usize,
+    chain: usize,
+    fast: bool,
+}
+
+const CONFIG: [Config; 10] = [
+    Config { good: 0, lazy: 0, nice: 0, chain: 0, fast: true }, // level 0: stored, not handled here
+    Config { good: 4, lazy: 4, nice: 8, chain: 4, fast: true },
+    Config { good: 4, lazy: 5, nice: 16, chain: 8, fast: true },
+    Config { good: 4, lazy: 6, nice: 32, chain: 32, fast: true },
+    Config { good: 4, lazy: 4, nice: 16, chain: 16, fast: false },
+    Config { good: 8, lazy: 16, nice: 32, chain: 32, fast: false },
+    Config { good: 8, lazy: 16, nice: 128, chain: 128, fast: false },
+    Config { good: 8, lazy: 32, nice: 128, chain: 256, fast: false },
+    Config { good: 32, lazy: 128, nice: 258, chain: 1024, fast: false },
+    Config { good: 32, lazy: 258, nice: 258, chain: 4096, fast: false },
+];
+
+/// The scalar part of zlib's deflate_state that the parse and the block accounting use.
+#[derive(Clone, Copy, Debug)]
+struct State {
+    strstart: usize,
+    block_start: isize,
+    lookahead: usize,
+    match_length: usize,
+    prev_length: usize,
+    /// uInt in zlib, and it can wrap on a slide (then it is stale and only TOO_FAR looks at it).
+    match_start: u32,
+    prev_match: u32,
+    match_available: bool,
+    /// Symbols in the current block.
+    sym_next: usize,
+    /// Bits of output so far.
+    bits: u64,
+}
+
+impl State {
+    fn init() -> Self {
+        State {
+            strstart: 0,
+            block_start: 0,
+            lookahead: 0,
+            match_length: MIN_MATCH - 1,
+            prev_length: MIN_MATCH - 1,
+            match_start: 0,
+            prev_match: 0,
+            match_available: false,
+            sym_next: 0,
+            bits: 0,
+        }
+    }
+}
+
+/// The input not yet read into the window: up to two pieces read one after the other (x then y).
+struct Input<'a> {
+    parts: [&'a [u8]; 2],
+}
+
+impl Input<'_> {
+    fn avail(&self) -> usize {
+        self.parts[0].len() + self.parts[1].len()
+    }
+    /// zlib's read_buf: copy min(avail, dst.len()) bytes.
+    fn read(&mut self, dst: &mut [u8]) -> usize {
+        let mut done = 0;
+        for part in self.parts.iter_mut() {
+            let n = part.len().min(dst.len() - done);
+            dst[done..done + n].copy_from_slice(&part[..n]);
+            *part = &part[n..];
+            done += n;
+        }
+        done
+    }
+}
+
+/// Snapshot of a primed source (or of the speculative run at a loop top).
+#[derive(Clone)]
+struct Primed {
+    xlen: usize,
+    state: State,
+    lfreq: [u32; L_CODES],
+    dfreq: [u32; D_CODES],
+    /// Undo-log lengths at the snapshot: the entries below belong to the snapshot's own state.
+    undo_len: usize,
+    undo_prev_len: usize,
+    /// Targets shorter than this cannot continue from this snapshot.
+    min_y: usize,
+}
+
+/// The engine. About 200 KB; reuse one per thread.
+pub struct Deflater {
+    cfg: Config,
+    level: i32,
+    /// zlib's window (WINDOW_SIZE bytes) plus WINDOW_PAD bytes that are never read or written: fixed
+    /// sizes let the compiler drop bounds checks on `pos & 0xffff` and `h & HASH_MASK` indices.
+    window: Box<[u8; WINDOW_SIZE + WINDOW_PAD]>,
+    head: Box<[u16; HASH_SIZE]>,
+    prev: Box<[u16; WSIZE]>,
+    high_water: usize,
+    s: State,
+    lfreq: [u32; L_CODES],
+    dfreq: [u32; D_CODES],
+    trees: Box<Trees>,
+    /// (hash, old head) of every insertion since the prime, undone before the next target.
+    undo: Vec<(u16, u16)>,
+    /// (pos & wmask, old prev) of insertions at pos ≥ WSIZE since the prime: such a pos shares its
+    /// prev[] slot with pos − WSIZE, which may be a primed position a later target still walks to.
+    undo_prev: Vec<(u16, u16)>,
+    logging: bool,
+    primed: Option<Primed>,
+    /// Speculative priming (see prime_for): bytes at or past spec_end are unknown; a step that
+    /// reads one sets `tainted` and is rolled back to `spec_snap`. usize::MAX when not speculating.
+    spec_end: usize,
+    tainted: bool,
+    spec_snap: Option<Box<Primed>>,
+}
+
+impl Deflater {
+    /// An engine for level 1..=9 (level 0 is zlib's stored path, not modelled here: use the oracle).
+    pub fn new(level: i32) -> Result<Self> {
+        if !(1..=9).contains(&level) {
+            return Err(Error::value(format!("level: expected 1..=9 for the deflate engine, got {level}")));
+        }
+        Ok(Deflater {
+            cfg: CONFIG[level as usize],
+            level,
+            window: boxed(),
+            head: boxed(),
+            prev: boxed(),
+            high_water: 0,
+            s: State::init(),
+            lfreq: [0; L_CODES],
+            dfreq: [0; D_CODES],
+            trees: Trees::new(),
+            undo: Vec::new(),
+            undo_prev: Vec::new(),
+            logging: false,
+            primed: None,
+            spec_end: usize::MAX,
+            tainted: false,
+            spec_snap: None,
+        })
+    }
+
+    pub fn level(&self) -> i32 {
+        self.level
+    }
+
+    /// deflateReset + lm_init + init_block.
+    fn reset(&mut self) {
+        self.head.fill(0);
+        self.high_water = 0;
+        self.s = State::init();
+        self.init_block();
+        self.undo.clear();
+        self.undo_prev.clear();
+        self.logging = false;
+        self.primed = None;
+        self.spec_end = usize::MAX;
+        self.tainted = false;
+    }
+
+    fn init_block(&mut self) {
+        self.lfreq = [0; L_CODES];
+        self.dfreq = [0; D_CODES];
+        self.lfreq[END_BLOCK] = 1;
+        self.s.sym_next = 0;
+    }
+
+    /// Raw deflate length in bytes of `a ⊕ b` (compressed in one call, as zlib.compress does).
+    pub fn deflate_len(&mut self, a: &[u8], b: &[u8]) -> u64 {
+        self.reset();
+        let mut input = Input { parts: [a, b] };
+        self.run(&mut input, usize::MAX);
+        self.s.bits / 8
+    }
+
+    /// Prepare for many [`primed_len`](Self::primed_len) calls with source `x`. Needs
+    /// x.len() ≤ SMALL_MAX; returns false (and primes nothing) otherwise.
+    pub fn prime(&mut self, x: &[u8]) -> bool {
+        self.prime_for(x, 0)
+    }
+
+    /// [`prime`](Self::prime) for targets of at least `min_y` bytes. With min_y ≥ MIN_LOOKAHEAD
+    /// (262) the lookahead stays ≥ MIN_LOOKAHEAD up to the end of x for every such target, so the
+    /// parse may run on past x.len() − MIN_LOOKAHEAD for as long as no step reads a byte at or after
+    /// x.len(): each step speculates, and the first one that reads such a byte (a hash of the last two
+    /// positions, a match that reaches the end of x) is rolled back and priming stops there. Shorter
+    /// targets then get None from primed_len.
+    pub fn prime_for(&mut self, x: &[u8], min_y: usize) -> bool {
+        self.reset();
+        if x.len() > SMALL_MAX {
+            return false;
+        }
+        let xlen = x.len();
+        self.window[..xlen].copy_from_slice(x);
+        // As if fill_window had read x ⊕ y whole: every step taken below sees lookahead ≥
+        // MIN_LOOKAHEAD, so the true lookahead (which includes y) never matters, and fill_window is
+        // not called.
+        self.s.lookahead = xlen;
+        let mut none = Input { parts: [&[], &[]] };
+        self.run(&mut none, xlen);
+        self.logging = true;
+        let min_y = if min_y >= MIN_LOOKAHEAD {
+            // As if y had exactly MIN_LOOKAHEAD bytes: every lookahead test (insertion, nice_match
+            // and result caps, max_insert, fill_window) then goes the same way as for any longer y.
+            self.s.lookahead = xlen - self.s.strstart + MIN_LOOKAHEAD;
+            self.spec_end = xlen;
+            self.tainted = false;
+            self.run(&mut none, usize::MAX);
+            self.spec_end = usize::MAX;
+            self.spec_snap = None;
+            MIN_LOOKAHEAD
+        } else {
+            0
+        };
+        self.primed = Some(Primed {
+            xlen,
+            state: self.s,
+            lfreq: self.lfreq,
+            dfreq: self.dfreq,
+            undo_len: self.undo.len(),
+            undo_prev_len: self.undo_prev.len(),
+            min_y,
+        });
+        true
+    }
+
+    /// (x.len(), the position where the primed parse stops) of the primed source, if any.
+    pub fn primed_at(&self) -> Option<(usize, usize)> {
+        self.primed.as_ref().map(|p| (p.xlen, p.state.strstart))
+    }
+
+    /// At a loop top while speculating: roll back a tainted step and stop, stop before a step that
+    /// would hash bytes past x, else remember this point.
+    #[cold]
+    fn spec_checkpoint(&mut self) -> bool {
+        if self.tainted {
+            let snap = self.spec_snap.take().expect("a tainted step follows a checkpoint");
+            self.rollback_to(&snap);
+            self.tainted = false;
+            return true;
+        }
+        if self.s.strstart + 2 >= self.spec_end {
+            return true;
+        }
+        let snap = Primed {
+            xlen: self.spec_end,
+            state: self.s,
+            lfreq: self.lfreq,
+            dfreq: self.dfreq,
+            undo_len: self.undo.len(),
+            undo_prev_len: self.undo_prev.len(),
+            min_y: 0,
+        };
+        match self.spec_snap.as_mut() {
+            Some(b) => **b = snap,
+            None => self.spec_snap = Some(Box::new(snap)),
+        }
+        false
+    }
+
+    /// Restore the hash heads (and aliased prev slots) logged after `snap`, newest first, and its
+    /// scalar state and symbol counts.
+    fn rollback_to(&mut self, snap: &Primed) {
+        for &(h, old) in self.undo[snap.undo_len..].iter().rev() {
+            self.head[h as usize] = old;
+        }
+        self.undo.truncate(snap.undo_len);
+        for &(i, old) in self.undo_prev[snap.undo_prev_len..].iter().rev() {
+            self.prev[i as usize] = old;
+        }
+        self.undo_prev.truncate(snap.undo_prev_len);
+        self.s = snap.state;
+        self.lfreq = snap.lfreq;
+        self.dfreq = snap.dfreq;
+    }
+
+    #[inline(always)]
+    fn spec_stop(&mut self) -> bool {
+        self.spec_end != usize::MAX && self.spec_checkpoint()
+    }
+
+    /// Raw deflate length of x ⊕ y for the primed x, or None when x.len() + y.len() > SMALL_MAX,
+    /// y is shorter than the prime allows, or nothing is primed.
+    pub fn primed_len(&mut self, y: &[u8]) -> Option<u64> {
+        let p = self.primed.take()?;
+        let xlen = p.xlen;
+        let total = xlen + y.len();
+        if total > SMALL_MAX || y.len() < p.min_y {
+            self.primed = Some(p);
+            return None;
+        }
+        // Undo the previous target's hash-head changes, newest first, and restore the snapshot.
+        self.rollback_to(&p);
+        self.primed = Some(p);
+        self.window[xlen..total].copy_from_slice(y);
+        // fill_window's first call zeroes WIN_INIT bytes after the data (total + 258 < window size).
+        self.window[total..total + WIN_INIT].fill(0);
+        self.high_water = total + WIN_INIT;
+        self.s.lookahead = total - self.s.strstart;
+        let mut none = Input { parts: [&[], &[]] };
+        self.run(&mut none, usize::MAX);
+        Some(self.s.bits / 8)
+    }
+
+    /// deflate_fast or deflate_slow until the input is done (then the final block is flushed), or
+    /// until the loop top sees strstart + MIN_LOOKAHEAD > stop (priming: nothing is flushed).
+    fn run(&mut self, input: &mut Input, stop: usize) {
+        if self.cfg.fast {
+            self.deflate_fast(input, stop)
+        } else {
+            self.deflate_slow(input, stop)
+        }
+    }
+
+    /// zlib's fill_window (deflate.c), with the read pieces of `input`.
+    fn fill_window(&mut self, input: &mut Input) {
+        loop {
+            let mut more = WINDOW_SIZE - self.s.lookahead - self.s.strstart;
+            if self.s.strstart >= WSIZE + MAX_DIST {
+                self.window.copy_within(WSIZE..WSIZE + WSIZE - more, 0);
+                self.s.match_start = self.s.match_start.wrapping_sub(WSIZE as u32);
+                self.s.strstart -= WSIZE;
+                self.s.block_start -= WSIZE as isize;
+                self.slide_hash();
+                more += WSIZE;
+            }
+            if input.avail() == 0 {
+                break;
+            }
+            let at = self.s.strstart + self.s.lookahead;
+            let n = input.read(&mut self.window[at..at + more]);
+            self.s.lookahead += n;
+            // zlib initialises its rolling hash here; this engine hashes each position directly
+            // from its three bytes, which is the same value (see insert_string).
+            if !(self.s.lookahead < MIN_LOOKAHEAD && input.avail() != 0) {
+                break;
+            }
+        }
+        if self.high_water < WINDOW_SIZE {
+            let curr = self.s.strstart + self.s.lookahead;
+            if self.high_water < curr {
+                let init = (WINDOW_SIZE - curr).min(WIN_INIT);
+                self.window[curr..curr + init].fill(0);
+                self.high_water = curr + init;
+            } else if self.high_water < curr + WIN_INIT {
+                let init = (curr + WIN_INIT - self.high_water).min(WINDOW_SIZE - self.high_water);
+                self.window[self.high_water..self.high_water + init].fill(0);
+                self.high_water += init;
+            }
+        }
+    }
+
+    fn slide_hash(&mut self) {
+        for p in self.head.iter_mut().chain(self.prev.iter_mut()) {
+            let m = *p as usize;
+            *p = if m >= WSIZE { (m - WSIZE) as u16 } else { 0 };
+        }
+    }
+
+    /// INSERT_STRING: zlib's rolling hash UPDATE_HASH with shift 5 and mask 0x7fff, after the three
+    /// updates since the last non-consecutive reset, equals this direct hash of the 3 bytes at pos.
+    #[inline(always)]
+    fn insert_string(&mut self, pos: usize) -> usize {
+        if pos + 2 >= self.spec_end {
+            self.tainted = true;
+        }
+        let w: &[u8; 3] = self.window[pos & 0xffff..][..3].try_into().unwrap();
+        let h = (((w[0] as usize) << 10) ^ ((w[1] as usize) << 5) ^ (w[2] as usize)) & HASH_MASK;
+        let old = self.head[h];
+        if self.logging {
+            self.undo.push((h as u16, old));
+            if pos >= WSIZE {
+                self.undo_prev.push(((pos & WMASK) as u16, self.prev[pos & WMASK]));
+            }
+        }
+        self.prev[pos & WMASK] = old;
+        self.head[h] = pos as u16;
+        old as usize
+    }
+
+    #[inline(always)]
+    fn tally_lit(&mut self, c: u8) -> bool {
+        self.lfreq[c as usize] += 1;
+        self.s.sym_next += 1;
+        self.s.sym_next == SYM_END
+    }
+
+    #[inline(always)]
+    fn tally_dist(&mut self, dist: usize, lc: usize) -> bool {
+        self.lfreq[LENGTH_CODE[lc] as usize + LITERALS + 1] += 1;
+        self.dfreq[d_code(dist - 1)] += 1;
+        self.s.sym_next += 1;
+        self.s.sym_next == SYM_END
+    }
+
+    /// FLUSH_BLOCK_ONLY: _tr_flush_block over window[block_start..strstart], then init_block.
+    fn flush_block(&mut self, last: bool) {
+        let stored_len = (self.s.strstart as isize - self.s.block_start) as u64;
+        let stored_ok = self.s.block_start >= 0;
+        let (bits, _) = self.trees.flush_block(self.s.bits, &self.lfreq, &self.dfreq, stored_len, stored_ok, last);
+        self.s.bits = bits;
+        self.s.block_start = self.s.strstart as isize;
+        self.init_block();
+    }
+
+    /// zlib's longest_match (the portable, byte-compare variant; the UNALIGNED_OK variant computes
+    /// the same lengths). Sets match_start; returns min(best_len, lookahead).
+    #[inline(always)]
+    fn longest_match(&mut self, mut cur_match: usize) -> usize {
+        let mut chain_length = self.cfg.chain;
+        let strstart = self.s.strstart;
+        let mut best_len = self.s.prev_length;
+        let mut nice_match = self.cfg.nice;
+        let limit = strstart.saturating_sub(MAX_DIST); // NIL (0) when strstart ≤ MAX_DIST
+        let window = &self.window;
+        // strstart ≤ window_size − MIN_LOOKAHEAD, so the 259 bytes from strstart are in the window
+        // (positions are < 64 Ki; the mask only tells the compiler so).
+        let scan: &[u8; MAX_MATCH + 1] = window[strstart & 0xffff..][..MAX_MATCH + 1].try_into().unwrap();
+        // Bytes best_len − 1 and best_len, and bytes 0 and 1, compared two at a time (the
+        // UNALIGNED_OK form of the same test).
+        let pair = |a: &[u8; MAX_MATCH + 1], i: usize| u16::from_le_bytes([a[i], a[i + 1]]);
+        let scan_start = pair(scan, 0);
+        let mut scan_end = pair(scan, best_len - 1);
+        if self.s.prev_length >= self.cfg.good {
+            chain_length >>= 2;
+        }
+        if nice_match > self.s.lookahead {
+            nice_match = self.s.lookahead;
+        }
+        let mut match_start = self.s.match_start;
+        // While speculating, bytes from spec_end on are unknown: flag any test that reads one.
+        let spec_end = self.spec_end;
+        let mut tainted = strstart + best_len >= spec_end;
+        loop {
+            let m: &[u8; MAX_MATCH + 1] = window[cur_match & 0xffff..][..MAX_MATCH + 1].try_into().unwrap();
+            if pair(m, best_len - 1) == scan_end && pair(m, 0) == scan_start {
+                // Bytes 3..=257 decide (byte 2 is implied by the hash; a mismatch at 258 still gives
+                // 258): the length is the first mismatch index, at most 258.
+                let len = MIN_MATCH + common_prefix(&scan[3..MAX_MATCH], &m[3..MAX_MATCH]);
+                tainted |= strstart + len >= spec_end;
+                if len > best_len {
+                    match_start = cur_match as u32;
+                    best_len = len;
+                    if len >= nice_match {
+                        break;
+                    }
+                    scan_end = pair(scan, best_len - 1);
+                }
+            }
+            cur_match = self.prev[cur_match & WMASK] as usize;
+            if cur_match <= limit {
+                break;
+            }
+            chain_length -= 1;
+            if chain_length == 0 {
+                break;
+            }
+        }
+        self.s.match_start = match_start;
+        self.tainted |= tainted;
+        if best_len <= self.s.lookahead {
+            best_len
+        } else {
+            self.s.lookahead
+        }
+    }
+
+    /// zlib's deflate_fast (levels 1–3) with flush = Z_FINISH.
+    fn deflate_fast(&mut self, input: &mut Input, stop: usize) {
+        loop {
+            if self.s.strstart + MIN_LOOKAHEAD > stop || self.spec_stop() {
+                return;
+            }
+            if self.s.lookahead < MIN_LOOKAHEAD {
+                self.fill_window(input);
+                if self.s.lookahead == 0 {
+                    break;
+                }
+            }
+            let mut hash_head = 0;
+            if self.s.lookahead >= MIN_MATCH {
+                hash_head = self.insert_string(self.s.strstart);
+            }
+            if hash_head != 0 && self.s.strstart - hash_head <= MAX_DIST {
+                self.s.match_length = self.longest_match(hash_head);
+            }
+            let bflush;
+            if self.s.match_length >= MIN_MATCH {
+                bflush = self.tally_dist(self.s.strstart - self.s.match_start as usize, self.s.match_length - MIN_MATCH);
+                self.s.lookahead -= self.s.match_length;
+                if self.s.match_length <= self.cfg.lazy && self.s.lookahead >= MIN_MATCH {
+                    // max_insert_length == max_lazy_match
+                    self.s.match_length -= 1;
+                    loop {
+                        self.s.strstart += 1;
+                        self.insert_string(self.s.strstart);
+                        self.s.match_length -= 1;
+                        if self.s.match_length == 0 {
+                            break;
+                        }
+                    }
+                    self.s.strstart += 1;
+                } else {
+                    self.s.strstart += self.s.match_length;
+                    self.s.match_length = 0;
+                }
+            } else {
+                bflush = self.tally_lit(self.window[self.s.strstart]);
+                self.s.lookahead -= 1;
+                self.s.strstart += 1;
+            }
+            if bflush {
+                self.flush_block(false);
+            }
+        }
+        self.flush_block(true);
+    }
+
+    /// zlib's deflate_slow (levels 4–9) with flush = Z_FINISH.
+    fn deflate_slow(&mut self, input: &mut Input, stop: usize) {
+        loop {
+            if self.s.strstart + MIN_LOOKAHEAD > stop || self.spec_stop() {
+                return;
+            }
+            if self.s.lookahead < MIN_LOOKAHEAD {
+                self.fill_window(input);
+                if self.s.lookahead == 0 {
+                    break;
+                }
+            }
+            let mut hash_head = 0;
+            if self.s.lookahead >= MIN_MATCH {
+                hash_head = self.insert_string(self.s.strstart);
+            }
+            self.s.prev_length = self.s.match_length;
+            self.s.prev_match = self.s.match_start;
+            self.s.match_length = MIN_MATCH - 1;
+            if hash_head != 0 && self.s.prev_length < self.cfg.lazy && self.s.strstart - hash_head <= MAX_DIST {
+                self.s.match_length = self.longest_match(hash_head);
+                if self.s.match_length <= 5
+                    && self.s.match_length == MIN_MATCH
+                    && (self.s.strstart as u32).wrapping_sub(self.s.match_start) > TOO_FAR
+                {
+                    self.s.match_length = MIN_MATCH - 1;
+                }
+            }
+            if self.s.prev_length >= MIN_MATCH && self.s.match_length <= self.s.prev_length {
+                let max_insert = self.s.strstart + self.s.lookahead - MIN_MATCH;
+                let bflush = self.tally_dist(
+                    self.s.strstart - 1 - self.s.prev_match as usize,
+                    self.s.prev_length - MIN_MATCH,
+                );
+                self.s.lookahead -= self.s.prev_length - 1;
+                self.s.prev_length -= 2;
+                loop {
+                    self.s.strstart += 1;
+                    if self.s.strstart <= max_insert {
+                        self.insert_string(self.s.strstart);
+                    }
+                    self.s.prev_length -= 1;
+                    if self.s.prev_length == 0 {
+                        break;
+                    }
+                }
+                self.s.match_available = false;
+                self.s.match_length = MIN_MATCH - 1;
+                self.s.strstart += 1;
+                if bflush {
+                    self.flush_block(false);
+                }
+            } else if self.s.match_available {
+                let bflush = self.tally_lit(self.window[self.s.strstart - 1]);
+                if bflush {
+                    self.flush_block(false);
+                }
+                self.s.strstart += 1;
+                self.s.lookahead -= 1;
+            } else {
+                self.s.match_available = true;
+                self.s.strstart += 1;
+                self.s.lookahead -= 1;
+            }
+        }
+        if self.s.match_available {
+            self.tally_lit(self.window[self.s.strstart - 1]);
+            self.s.match_available = false;
+        }
+        self.flush_block(true);
+    }
+}
+
+/// Length of the common prefix of two equal-length slices, 8 bytes at a time.
+#[inline(always)]
+fn common_prefix(a: &[u8], b: &[u8]) -> usize {
+    let n = a.len().min(b.len());
+    let mut i = 0;
+    while i + 8 <= n {
+        let x = u64::from_le_bytes(a[i..i + 8].try_into().unwrap()) ^ u64::from_le_bytes(b[i..i + 8].try_into().unwrap());
+        if x != 0 {
+            return i + (x.trailing_zeros() / 8) as usize;
+        }
+        i += 8;
+    }
+    while i < n && a[i] == b[i] {
+        i += 1;
+    }
+    i
+}

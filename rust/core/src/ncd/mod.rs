@@ -1,0 +1,222 @@
+//! gzip-NCD and ZIP-FIT alignment (PAPERS.md §7).
+//!
+//! `C(s) = len(gzip.compress(s, compresslevel=level))` exactly as stock zlib computes it (18 bytes of
+//! gzip framing + the raw deflate stream), `NCD(x, y) = (C(x⊕y) − min(C(x), C(y))) / max(C(x), C(y))`
+//! with x (the source) first, and the ZIP-FIT alignment of a source to n targets
+//! `1 − mean_j NCD(x, y_j)`.
+//!
+//! [`oracle`] drives the bundled stock zlib (the test oracle); [`engine`] is lmkern's length-only
+//! deflate that reproduces its lengths exactly at levels 1..=9 and shares a source's work across
+//! targets (priming). Level 0 (stored blocks, content-blind) goes to zlib itself, which only copies.
+use crate::error::{Error, Result};
+use crate::parallel;
+use std::cell::RefCell;
+use std::sync::Mutex;
+
+pub mod engine;
+pub mod oracle;
+mod trees;
+
+pub use engine::{Deflater, SMALL_MAX};
+
+pub use oracle::{zlib_gzip_size, zlib_version, GZIP_OVERHEAD};
+
+/// `len(gzip.compress(data, compresslevel=level))`, level 0..=9.
+pub fn gzip_size(data: &[u8], level: i32) -> Result<i64> {
+    gzip_size_pair(data, &[], level)
+}
+
+/// `len(gzip.compress(a + b, compresslevel=level))` without building `a + b`.
+pub fn gzip_size_pair(a: &[u8], b: &[u8], level: i32) -> Result<i64> {
+    oracle::check_level(level)?;
+    if a.len() + b.len() > u32::MAX as usize {
+        return Err(Error::value(format!("data: expected at most {} bytes, got {}", u32::MAX, a.len() + b.len())));
+    }
+    if level == 0 {
+        return if b.is_empty() { zlib_gzip_size(a, 0) } else { zlib_gzip_size(&[a, b].concat(), 0) };
+    }
+    Ok(with_engine(0, level, |e| GZIP_OVERHEAD + e.deflate_len(a, b) as i64))
+}
+
+thread_local! {
+    /// Two engines per thread (one primed with a source, one for whole inputs), reused across calls.
+    static ENGINES: [RefCell<Option<Deflater>>; 2] = const { [RefCell::new(None), RefCell::new(None)] };
+}
+
+/// Run `f` on this thread's engine `slot` (0 or 1) set to `level` (1..=9).
+fn with_engine<R>(slot: usize, level: i32, f: impl FnOnce(&mut Deflater) -> R) -> R {
+    ENGINES.with(|engines| {
+        let mut cell = engines[slot].borrow_mut();
+        if cell.as_ref().map(|e| e.level()) != Some(level) {
+            *cell = Some(Deflater::new(level).expect("level checked by the caller"));
+        }
+        f(cell.as_mut().expect("engine set above"))
+    })
+}
+
+/// [`gzip_size`] of every text, in parallel on lmkern's pool.
+pub fn compressed_sizes<T: AsRef<[u8]> + Sync>(texts: &[T], level: i32) -> Result<Vec<i64>> {
+    oracle::check_level(level)?;
+    let out: Vec<Mutex<i64>> = (0..texts.len()).map(|_| Mutex::new(0)).collect();
+    let bytes: usize = texts.iter().map(|t| t.as_ref().len()).sum();
+    parallel::for_each_task(texts.len(), bytes, |i| {
+        // Level is checked above and inputs above 4 GiB are the only other failure.
+        let c = gzip_size(texts[i].as_ref(), level).unwrap_or(-1);
+        *out[i].lock().unwrap_or_else(|e| e.into_inner()) = c;
+    });
+    let sizes: Vec<i64> = out.into_iter().map(|m| m.into_inner().unwrap_or_else(|e| e.into_inner())).collect();
+    if let Some(i) = sizes.iter().position(|&c| c < 0) {
+        return Err(Error::value(format!("texts[{i}]: expected at most 4 GiB, got {} bytes", texts[i].as_ref().len())));
+    }
+    Ok(sizes)
+}
+
+/// `(cxy - min(cx, cy)) / max(cx, cy)` with exact integers turned into f64 before one division,
+/// bit-identical to the same Python expression.
+#[inline]
+pub fn ncd_value(cx: i64, cy: i64, cxy: i64) -> f64 {
+    (cxy - cx.min(cy)) as f64 / cx.max(cy) as f64
+}
+
+/// `1 - acc / n` with `acc` summed left to right in plain f64, as `acc = 0.0; for v in ncds: acc += v`.
+#[inline]
+pub fn alignment_value(ncds: &[f64]) -> f64 {
+    let mut acc = 0.0f64;
+    for &v in ncds {
+        acc += v;
+    }
+    1.0 - acc / ncds.len() as f64
+}
+
+/// Scores sources against a fixed set of targets: the targets' sizes are computed once, and each
+/// source's compression work is shared across all targets.
+pub struct NcdScorer {
+    targets: Vec<Vec<u8>>,
+    sizes: Vec<i64>,
+    level: i32,
+    min_target_len: usize,
+}
+
+impl NcdScorer {
+    /// Targets are byte strings (UTF-8 text already encoded); level 0..=9. An empty target set is
+    /// allowed (NCD rows are empty) but has no alignment.
+    pub fn new(targets: Vec<Vec<u8>>, level: i32) -> Result<Self> {
+        oracle::check_level(level)?;
+        let sizes = compressed_sizes(&targets, level)?;
+        let min_target_len = targets.iter().map(|t| t.len()).min().unwrap_or(0);
+        Ok(NcdScorer { targets, sizes, level, min_target_len })
+    }
+
+    pub fn n_targets(&self) -> usize {
+        self.targets.len()
+    }
+
+    pub fn level(&self) -> i32 {
+        self.level
+    }
+
+    /// `C(y_j)` for every target.
+    pub fn target_sizes(&self) -> &[i64] {
+        &self.sizes
+    }
+
+    /// One source's NCD row against every target, written into `row` (length n_targets).
+    fn ncd_row(&self, source: &[u8], row: &mut [f64]) -> Result<()> {
+        let level = self.level;
+        let cx = gzip_size(source, level)?;
+        if level == 0 {
+            for (j, (y, &cy)) in self.targets.iter().zip(&self.sizes).enumerate() {
+                row[j] = ncd_value(cx, cy, gzip_size_pair(source, y, 0)?);
+            }
+            return Ok(());
+        }
+        // Engine 0 holds the primed source; pairs too long for priming run whole on engine 1.
+        with_engine(0, level, |primed| {
+            // Every target long enough lets the prime run on speculatively to the end of x.
+            primed.prime_for(source, self.min_target_len);
+            for (j, (y, &cy)) in self.targets.iter().zip(&self.sizes).enumerate() {
+                let cxy = match primed.primed_len(y) {
+                    Some(len) => GZIP_OVERHEAD + len as i64,
+                    None => with_engine(1, level, |whole| GZIP_OVERHEAD + whole.deflate_len(source, y) as i64),
+                };
+                row[j] = ncd_value(cx, cy, cxy);
+            }
+        });
+        Ok(())
+    }
+
+    fn check_sources<T: AsRef<[u8]>>(&self, sources: &[T]) -> Result<()> {
+        let limit = u32::MAX as usize - self.targets.iter().map(|t| t.len()).max().unwrap_or(0);
+        if let Some((i, s)) = sources.iter().enumerate().find(|(_, s)| s.as_ref().len() > limit) {
+            return Err(Error::value(format!(
+                "sources[{i}]: expected at most {limit} bytes (source + target under 4 GiB), got {}",
+                s.as_ref().len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// NCD of every (source, target) pair, row-major `[sources.len(), n_targets]` into `out`.
+    pub fn ncd_into<T: AsRef<[u8]> + Sync>(&self, sources: &[T], out: &mut [f64]) -> Result<()> {
+        let nt = self.n_targets();
+        if out.len() != sources.len() * nt {
+            return Err(Error::value(format!(
+                "out: expected {} float64 ({} sources x {nt} targets), got {}",
+                sources.len() * nt,
+                sources.len(),
+                out.len()
+            )));
+        }
+        self.check_sources(sources)?;
+        if nt == 0 {
+            return Ok(());
+        }
+        let rows: Vec<Mutex<&mut [f64]>> = out.chunks_mut(nt).map(Mutex::new).collect();
+        let work = self.work(sources);
+        let err: Mutex<Option<Error>> = Mutex::new(None);
+        parallel::for_each_task(sources.len(), work, |i| {
+            let mut row = rows[i].lock().unwrap_or_else(|e| e.into_inner());
+            if let Err(e) = self.ncd_row(sources[i].as_ref(), &mut row) {
+                *err.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+            }
+        });
+        match err.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// ZIP-FIT alignment `1 − mean_j NCD(source_i, y_j)` of every source into `out` (length
+    /// sources.len()). Error when there are no targets (the mean is undefined).
+    pub fn alignment_into<T: AsRef<[u8]> + Sync>(&self, sources: &[T], out: &mut [f64]) -> Result<()> {
+        let nt = self.n_targets();
+        if nt == 0 {
+            return Err(Error::value("targets: expected at least one target for an alignment, got none"));
+        }
+        if out.len() != sources.len() {
+            return Err(Error::value(format!("out: expected {} float64 (one per source), got {}", sources.len(), out.len())));
+        }
+        self.check_sources(sources)?;
+        let cells: Vec<Mutex<&mut f64>> = out.iter_mut().map(Mutex::new).collect();
+        let work = self.work(sources);
+        let err: Mutex<Option<Error>> = Mutex::new(None);
+        parallel::for_each_task(sources.len(), work, |i| {
+            // One row of pairs per task, never the whole matrix.
+            let mut row = vec![0.0f64; nt];
+            match self.ncd_row(sources[i].as_ref(), &mut row) {
+                Ok(()) => **cells[i].lock().unwrap_or_else(|e| e.into_inner()) = alignment_value(&row),
+                Err(e) => *err.lock().unwrap_or_else(|e| e.into_inner()) = Some(e),
+            }
+        });
+        match err.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Bytes the pairs touch, for the serial/parallel decision.
+    fn work<T: AsRef<[u8]>>(&self, sources: &[T]) -> usize {
+        let tbytes: usize = self.targets.iter().map(|t| t.len()).sum();
+        sources.iter().map(|s| s.as_ref().len() * self.targets.len() + tbytes).sum()
+    }
+}

@@ -1,0 +1,157 @@
+//! The CPU power-quantization kernels against a float64 evaluation of the formulas (PAPERS.md §2),
+//! and their error paths. No Python: buffers are Rust vectors passed by address.
+use lmkern_core::quant::{self, field_to_code, qmax, row_bytes, unpack_fields, LinearArgs, QuantArgs, SearchArgs};
+use lmkern_core::{DType, Device, ErrorKind};
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> f64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
+    }
+}
+
+fn addr<T>(v: &[T]) -> u64 {
+    v.as_ptr() as u64
+}
+
+fn out<T>(v: &mut [T]) -> u64 {
+    v.as_mut_ptr() as u64
+}
+
+/// (codes, scales) of one row in float64: m = f32(max|x|) per group, round half away from zero.
+fn reference_row(x: &[f32], a: f64, bits: u32, g: usize) -> (Vec<i32>, Vec<f32>, Vec<bool>) {
+    let qm = qmax(bits) as f64;
+    let (mut q, mut ms, mut near) = (vec![], vec![], vec![]);
+    for grp in x.chunks(g) {
+        let m = grp.iter().fold(0f32, |m, v| m.max(v.abs()));
+        ms.push(m);
+        for &v in grp {
+            let u = if m > 0.0 { v.abs() as f64 / m as f64 } else { 0.0 };
+            let t = qm * u.powf(a);
+            let k = (t + 0.5).floor().min(qm);
+            near.push(((t - t.floor()) - 0.5).abs() < 1e-9);
+            q.push(if v < 0.0 { -(k as i32) } else { k as i32 });
+        }
+    }
+    (q, ms, near)
+}
+
+#[test]
+fn quantize_dequantize_match_the_formula() {
+    let mut rng = Rng(3);
+    for bits in [2u32, 3, 4, 8] {
+        for (rows, n, g) in [(1usize, 1usize, 1usize), (3, 17, 17), (4, 96, 32), (2, 256, 128), (5, 40, 8)] {
+            let x: Vec<f32> = (0..rows * n).map(|_| rng.next() as f32 * 2.0).collect();
+            let a: Vec<f32> = (0..rows).map(|r| 0.3 + 0.7 * r as f32 / rows as f32).collect();
+            let q = QuantArgs { bits, rows, n, group: g, clip: 1.0 };
+            let rb = row_bytes(n, bits);
+            let mut codes = vec![0u8; rows * rb];
+            let mut scales = vec![0f32; rows * (n / g)];
+            let mut deq = vec![f32::NAN; rows * n];
+            unsafe {
+                quant::quantize(Device::Cpu, DType::F32, &q, addr(&x), addr(&a), out(&mut codes), out(&mut scales)).unwrap();
+                quant::dequantize(Device::Cpu, DType::F32, &q, addr(&codes), addr(&scales), addr(&a), out(&mut deq)).unwrap();
+            }
+            for r in 0..rows {
+                let (qr, ms, near) = reference_row(&x[r * n..(r + 1) * n], a[r] as f64, bits, g);
+                assert_eq!(&scales[r * (n / g)..(r + 1) * (n / g)], &ms[..]);
+                let mut f = vec![0u8; n];
+                unpack_fields(&codes[r * rb..(r + 1) * rb], bits, 0, &mut f);
+                for j in 0..n {
+                    let got = field_to_code(f[j], bits);
+                    assert!(got == qr[j] || near[j], "bits {bits} row {r} elem {j}: {got} vs {}", qr[j]);
+                    let m = ms[j / g] as f64;
+                    let want = m * (got.signum() as f64) * (got.abs() as f64 / qmax(bits) as f64).powf(1.0 / a[r] as f64);
+                    let d = deq[r * n + j] as f64;
+                    assert!((d - want).abs() <= 3e-7 * want.abs(), "dequantized {d} vs {want}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn linear_matches_dense_dequantized_matmul_on_both_paths() {
+    let mut rng = Rng(5);
+    // n = 256, g = 128: the AVX2 path (where available); n = 48, g = 16: the generic path.
+    for (n_in, g, bits) in [(256usize, 128usize, 4u32), (48, 16, 4), (64, 32, 3), (40, 8, 8)] {
+        let (n_out, tokens) = (19usize, 3usize);
+        let w: Vec<f32> = (0..n_out * n_in).map(|_| rng.next() as f32).collect();
+        let x: Vec<f32> = (0..tokens * n_in).map(|_| rng.next() as f32).collect();
+        let bias: Vec<f32> = (0..n_out).map(|_| rng.next() as f32).collect();
+        let a = vec![0.6f32; n_out];
+        let q = QuantArgs { bits, rows: n_out, n: n_in, group: g, clip: 1.0 };
+        let mut codes = vec![0u8; n_out * row_bytes(n_in, bits)];
+        let mut scales = vec![0f32; n_out * (n_in / g)];
+        let mut table = vec![0f32; n_out << bits];
+        let mut wh = vec![0f32; n_out * n_in];
+        let mut y = vec![f32::NAN; tokens * n_out];
+        let mut dx = vec![f32::NAN; tokens * n_in];
+        let l = LinearArgs { q, tokens };
+        unsafe {
+            quant::quantize(Device::Cpu, DType::F32, &q, addr(&w), addr(&a), out(&mut codes), out(&mut scales)).unwrap();
+            quant::dequantize(Device::Cpu, DType::F32, &q, addr(&codes), addr(&scales), addr(&a), out(&mut wh)).unwrap();
+            quant::codebook(bits, n_out, addr(&a), out(&mut table)).unwrap();
+            quant::linear(Device::Cpu, DType::F32, &l, addr(&x), addr(&codes), addr(&scales), addr(&table), addr(&bias), out(&mut y)).unwrap();
+            quant::linear_backward(Device::Cpu, DType::F32, &l, addr(&y), addr(&codes), addr(&scales), addr(&table), out(&mut dx)).unwrap();
+        }
+        for t in 0..tokens {
+            for o in 0..n_out {
+                let want: f64 = (0..n_in).map(|k| x[t * n_in + k] as f64 * wh[o * n_in + k] as f64).sum::<f64>() + bias[o] as f64;
+                let scale: f64 = (0..n_in).map(|k| (x[t * n_in + k] as f64 * wh[o * n_in + k] as f64).abs()).sum::<f64>();
+                assert!((y[t * n_out + o] as f64 - want).abs() <= 1e-6 * scale + 1e-6, "y[{t},{o}]");
+            }
+            for k in 0..n_in {
+                let want: f64 = (0..n_out).map(|o| y[t * n_out + o] as f64 * wh[o * n_in + k] as f64).sum();
+                let scale: f64 = (0..n_out).map(|o| (y[t * n_out + o] as f64 * wh[o * n_in + k] as f64).abs()).sum();
+                assert!((dx[t * n_in + k] as f64 - want).abs() <= 1e-6 * scale + 1e-6, "dx[{t},{k}]");
+            }
+        }
+    }
+}
+
+#[test]
+fn search_returns_exponents_in_range_and_a_one_for_zero_rows() {
+    let mut rng = Rng(9);
+    let (rows, n) = (4usize, 128usize);
+    let mut w: Vec<f32> = (0..rows * n).map(|_| rng.next() as f32).collect();
+    w[..n].iter_mut().for_each(|v| *v = 0.0);
+    let mut a = vec![f32::NAN; rows];
+    let s = SearchArgs { q: QuantArgs { bits: 4, rows, n, group: 32, clip: 1.0 }, per_row: true, z_rows: 0, lo: 0.05, grid: 64, refine: 8 };
+    unsafe { quant::search_exponent(Device::Cpu, &s, addr(&w), 0, out(&mut a)).unwrap() };
+    assert_eq!(a[0], 1.0);
+    assert!(a[1..].iter().all(|&v| (0.05..=1.0).contains(&v)));
+}
+
+#[test]
+fn bad_input_is_an_error_not_a_panic() {
+    let x = vec![1f32; 8];
+    let a = vec![0.5f32; 1];
+    let mut codes = vec![0u8; 4];
+    let mut scales = vec![0f32; 1];
+    let run = |q: QuantArgs, a: &[f32], x: &[f32], codes: &mut [u8], scales: &mut [f32]| unsafe {
+        quant::quantize(Device::Cpu, DType::F32, &q, addr(x), addr(a), out(codes), out(scales))
+    };
+    let q = QuantArgs { bits: 4, rows: 1, n: 8, group: 8, clip: 1.0 };
+    for bad in [QuantArgs { bits: 5, ..q }, QuantArgs { group: 3, ..q }, QuantArgs { clip: 0.0, ..q }] {
+        assert_eq!(run(bad, &a, &x, &mut codes, &mut scales).unwrap_err().kind, ErrorKind::Value);
+    }
+    for av in [0.0f32, 1.5, f32::NAN, -0.1] {
+        assert_eq!(run(q, &[av], &x, &mut codes, &mut scales).unwrap_err().kind, ErrorKind::Value);
+    }
+    let mut xn = x.clone();
+    xn[3] = f32::NAN;
+    assert!(run(q, &a, &xn, &mut codes, &mut scales).unwrap_err().message.contains("finite"));
+    // The CPU-only ops refuse CUDA devices before any buffer is touched (the CUDA kernels' own
+    // refusals are tested in quant/cuda.rs).
+    let cuda = Device::Cuda { ordinal: 0, stream: 0 };
+    let l = LinearArgs { q, tokens: 1 };
+    let table = vec![0f32; 16];
+    let mut dx = vec![0f32; 8];
+    let e = unsafe { quant::linear_backward(cuda, DType::F32, &l, addr(&x), addr(&codes), addr(&scales), addr(&table), out(&mut dx)) }
+        .unwrap_err();
+    assert!(e.kind == ErrorKind::Type && e.message.contains("CPU only"), "{e}");
+}

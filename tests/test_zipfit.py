@@ -1,0 +1,346 @@
+"""ZIP-FIT over corpora (lmkern.data, `lmkern zipfit`): readers, the streaming local engine, the CLI.
+
+Expected selections are computed independently: the files are parsed here with plain json/pyarrow/
+str code, scored with the reference formula (tests/reference/ncd.py) on sizes from the bundled stock
+zlib oracle, and ordered by the reference rule (score desc, then source order).
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import random
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import given, strategies as st
+
+from lmkern import _core, cli
+from lmkern import data as D
+from lmkern.data.local import TopK
+
+from reference.ncd import alignments_ref, select_ref
+
+WORDS = ("proof lemma theorem induction the of and a is data model train loss def return class import "
+         "self None for in range print λ ∀ 数据 naïve").split()
+
+
+def oracle(data: bytes, level: int) -> int:
+    return _core.zlib_gzip_size(data, level)
+
+
+def text(rng: random.Random, lo=1, hi=60) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """Sources in every format (and a nested directory), targets, and the texts in source order."""
+    rng = random.Random(1234)
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    texts: list[str] = []
+
+    jl = [text(rng) for _ in range(23)] + ["proof lemma theorem"] * 2  # duplicates: exact ties
+    with open(src / "a.jsonl", "w", encoding="utf-8") as f:
+        for i, t in enumerate(jl):
+            f.write(json.dumps({"id": i, "text": t, "meta": {"lang": "en"}}, ensure_ascii=i % 2 == 0) + "\n")
+            if i == 3:
+                f.write("\n   \n")  # blank lines are not records
+    texts += jl
+
+    pt = [text(rng) for _ in range(17)] + [""]  # an empty text is a record
+    pq.write_table(pa.table({"text": pt, "n": list(range(len(pt)))}), src / "b.parquet", row_group_size=5)
+    texts += pt
+
+    tx = [text(rng) for _ in range(11)]
+    with open(src / "sub" / "c.txt", "wb") as f:
+        for i, t in enumerate(tx):
+            f.write(t.encode() + (b"\r\n" if i % 3 == 0 else b"\n"))
+            if i == 5:
+                f.write(b"\n")
+    texts += tx
+
+    gz = [text(rng) for _ in range(6)]
+    with gzip.open(src / "sub" / "d.jsonl.gz", "wt", encoding="utf-8") as f:
+        for t in gz:
+            f.write(json.dumps({"text": t}) + "\n")
+    texts += gz
+    (src / "sub" / "notes.md").write_text("not a corpus file: ignored inside a directory")
+
+    targets = [text(rng, 20, 80) for _ in range(5)]
+    tgt = tmp_path / "targets.jsonl"
+    tgt.write_text("".join(json.dumps({"text": t}) + "\n" for t in targets), encoding="utf-8")
+    files = [src / "a.jsonl", src / "b.parquet", src / "sub" / "c.txt", src / "sub" / "d.jsonl.gz"]
+    return {"dir": src, "files": [str(f) for f in files], "texts": texts, "targets": targets, "target_file": str(tgt)}
+
+
+def expected(texts, targets, k, level=9):
+    scores = alignments_ref(texts, targets, level, oracle)
+    order = select_ref(scores, k)
+    return [texts[i] for i in order], [scores[i] for i in order]
+
+
+# ------------------------------------------------------------------------------------------------
+# readers
+# ------------------------------------------------------------------------------------------------
+def test_directory_lists_supported_files_in_order(corpus):
+    assert D.list_files(corpus["dir"]) == corpus["files"]
+    recs = list(D.iter_records(corpus["dir"]))
+    assert [r.text.decode() for r in recs] == corpus["texts"]
+    keys = [r.key for r in recs]
+    assert keys == sorted(keys) and len(set(keys)) == len(keys)
+    assert recs[0].data == {"id": 0, "text": corpus["texts"][0], "meta": {"lang": "en"}}
+    assert recs[0].location.endswith("a.jsonl:1")
+    assert recs[25].data == {"text": corpus["texts"][25], "n": 0} and recs[25].location.endswith("b.parquet:row 0")
+    c = [r for r in recs if "c.txt" in r.location]
+    assert c[0].location.endswith("c.txt:1") and c[6].location.endswith("c.txt:8")  # the blank line 7 is skipped
+
+
+def test_json_array_file(tmp_path):
+    p = tmp_path / "arr.json"
+    p.write_text(json.dumps([{"text": "a b"}, {"text": "c"}]))
+    assert [r.text for r in D.iter_records(p)] == [b"a b", b"c"]
+
+
+# ------------------------------------------------------------------------------------------------
+# the local engine
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("k", [0, 1, 7, 1000])
+@pytest.mark.parametrize("batch_size", [1, 6, 1024])
+def test_select_local_matches_reference(corpus, k, batch_size):
+    sel = D.select_local(corpus["dir"], corpus["targets"], k, batch_size=batch_size)
+    want_texts, want_scores = expected(corpus["texts"], corpus["targets"], k)
+    assert [r.text.decode() for r in sel.records] == want_texts
+    assert sel.scores.tolist() == want_scores  # float64 equality: bit-identical
+    assert sel.keys.tolist() == [r.key for r in sel.records]
+    assert sel.n_sources == len(corpus["texts"]) and sel.n_targets == 5
+    assert len(sel.keys) == min(k, len(corpus["texts"]))
+
+
+@pytest.mark.parametrize("level", [1, 6])
+def test_select_local_levels(corpus, level):
+    sel = D.select_local(corpus["files"], corpus["targets"], 9, level=level, batch_size=8)
+    want_texts, want_scores = expected(corpus["texts"], corpus["targets"], 9, level)
+    assert [r.text.decode() for r in sel.records] == want_texts and sel.scores.tolist() == want_scores
+
+
+def test_fetch_records_finds_the_same_records(corpus):
+    sel = D.select_local(corpus["dir"], corpus["targets"], 12)
+    again = D.fetch_records(sel.files, sel.keys.tolist())
+    assert [r.data for r in again] == [r.data for r in sel.records]
+
+
+@given(
+    scores=st.lists(st.sampled_from([0.0, 0.25, 0.5, -0.0, 1.0, 0.125]), max_size=60),
+    k=st.integers(0, 70),
+    chunk=st.integers(1, 9),
+)
+def test_topk_is_the_sorted_prefix(scores, k, chunk):
+    """The bounded heap (fed in chunks, as the engines do) keeps exactly the reference's top k."""
+    top = TopK(k)
+    for i in range(0, len(scores), chunk):
+        top.push_many(np.array(scores[i:i + chunk]), list(range(i, min(i + chunk, len(scores)))))
+    assert [key for _, key, _ in top.items()] == select_ref(scores, k)
+
+
+def test_streaming_holds_only_a_bounded_set(tmp_path, monkeypatch):
+    """Sources are never all in memory: at most a few batches of records exist at any time."""
+    import weakref
+
+    from lmkern.data import readers
+
+    p = tmp_path / "big.txt"
+    rng = random.Random(9)
+    p.write_text("\n".join(text(rng, 1, 8) for _ in range(3000)) + "\n")
+    live, peak = [0], [0]
+    real = readers.Record
+
+    def dead():
+        live[0] -= 1
+
+    def make(*a, **kw):
+        r = real(*a, **kw)
+        weakref.finalize(r, dead)
+        live[0] += 1
+        peak[0] = max(peak[0], live[0])
+        return r
+
+    monkeypatch.setattr(readers, "Record", make)
+    sel = D.select_local(p, ["proof lemma"], 5, batch_size=100)
+    assert sel.n_sources == 3000
+    assert 100 <= peak[0] <= 4 * 100 + 5, peak[0]  # a batch is alive; never all 3000
+
+
+# ------------------------------------------------------------------------------------------------
+# the CLI end to end
+# ------------------------------------------------------------------------------------------------
+def read_out(path: str) -> list[dict]:
+    if path.endswith(".parquet"):
+        return pq.read_table(path).to_pylist()
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("src_name, out_name", [
+    ("a.jsonl", "sel.jsonl"), ("b.parquet", "sel.parquet"), ("sub/c.txt", "sel.jsonl"),
+    ("sub/d.jsonl.gz", "sel.out"), (".", "nested/dir/sel.parquet"),
+])
+def test_cli_each_format(corpus, tmp_path, capsys, src_name, out_name):
+    src = os.path.normpath(os.path.join(corpus["dir"], src_name))
+    out = str(tmp_path / out_name)
+    texts = [r.text.decode() for r in D.iter_records(src)]
+    rc = cli.main(["zipfit", "--source", src, "--target", corpus["target_file"], "-k", "4", "--out", out,
+                   "--level", "9", "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    assert "4 of" in capsys.readouterr().out
+    rows = read_out(out)
+    want_texts, want_scores = expected(texts, corpus["targets"], 4)
+    assert [r["text"] for r in rows] == want_texts
+    assert [r["zipfit_score"] for r in rows] == want_scores
+    assert [r["zipfit_rank"] for r in rows] == [1, 2, 3, 4]
+    assert all(r["zipfit_source"] for r in rows)
+    if src_name == "a.jsonl":
+        assert all(r["meta"] == {"lang": "en"} and isinstance(r["id"], int) for r in rows)
+
+
+def test_cli_progress_and_text_field(tmp_path, capsys):
+    src = tmp_path / "s.jsonl"
+    src.write_text("".join(json.dumps({"body": f"item {i} proof"}) + "\n" for i in range(50)))
+    tgt = tmp_path / "t.txt"
+    tgt.write_text("proof\nitem 4 proof\n")
+    out = tmp_path / "o.jsonl"
+    rc = cli.main(["zipfit", "--source", str(src), "--target", str(tgt), "-k", "3", "--out", str(out),
+                   "--text-field", "body", "--level", "1", "--batch-size", "7"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "pairs/s" in err and "50 sources x 2 targets = 100 pairs" in err
+    rows = read_out(str(out))
+    assert len(rows) == 3 and "body" in rows[0]
+    # targets are read with the same text field: a .txt target is one target per line
+    want_texts, _ = expected([f"item {i} proof" for i in range(50)], ["proof", "item 4 proof"], 3, 1)
+    assert [r["body"] for r in rows] == want_texts
+
+
+# ------------------------------------------------------------------------------------------------
+# bad input: a clear error (exit 2, one line naming the file and line) or a documented result
+# ------------------------------------------------------------------------------------------------
+def run_cli(capsys, *args) -> tuple[int, str]:
+    rc = cli.main(["zipfit", "--no-progress", *map(str, args)])
+    return rc, capsys.readouterr().err
+
+
+@pytest.fixture
+def small(tmp_path):
+    tgt = tmp_path / "t.jsonl"
+    tgt.write_text(json.dumps({"text": "proof lemma"}) + "\n")
+    return tmp_path, tgt
+
+
+@pytest.mark.parametrize("content, match", [
+    (b'{"text": "ok"}\n{"title": "no text"}\n', r"s\.jsonl:2: no field 'text' \(fields: 'title'\)"),
+    (b'{"text": "ok"}\n{"text": 3}\n', r"s\.jsonl:2: field 'text' is int"),
+    (b'{"text": null}\n', r"s\.jsonl:1: field 'text' is null"),
+    (b'{"text": "bad \\ud800 surrogate"}\n', r"s\.jsonl:1: field 'text' holds a lone surrogate"),
+    (b'{"text": "ok"}\n{"text": "\xff\xfe"}\n', r"s\.jsonl:2: not valid UTF-8"),
+    (b'{"text": "ok"\n', r"s\.jsonl:1: invalid JSON"),
+    (b'["a list"]\n', r"s\.jsonl:1: expected a JSON object; got list"),
+])
+def test_bad_jsonl_records(capsys, small, content, match):
+    tmp, tgt = small
+    src = tmp / "s.jsonl"
+    src.write_bytes(content)
+    rc, err = run_cli(capsys, "--source", src, "--target", tgt, "-k", 1, "--out", tmp / "o.jsonl")
+    assert rc == 2
+    assert err.startswith("lmkern zipfit: error: ") and err.count("\n") == 1
+    import re
+
+    assert re.search(match, err), err
+    assert not (tmp / "o.jsonl").exists()
+
+
+def test_bad_records_skip(capsys, small):
+    tmp, tgt = small
+    src = tmp / "s.txt"
+    src.write_bytes(b"good proof\nbad \xff byte\nlemma\n")
+    rc, err = run_cli(capsys, "--source", src, "--target", tgt, "-k", 5, "--out", tmp / "o.jsonl")
+    assert rc == 2 and re_search(r"s\.txt:2: not valid UTF-8", err)
+    rc = cli.main(["zipfit", "--no-progress", "--source", str(src), "--target", str(tgt), "-k", "5",
+                   "--out", str(tmp / "o.jsonl"), "--bad-records", "skip"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "1 bad records skipped" in out
+    assert sorted(r["text"] for r in read_out(str(tmp / "o.jsonl"))) == ["good proof", "lemma"]
+
+
+def re_search(pattern, s):
+    import re
+
+    return re.search(pattern, s) is not None
+
+
+def test_files_that_cannot_be_read(capsys, small):
+    tmp, tgt = small
+    out = tmp / "o.jsonl"
+    (tmp / "broken.parquet").write_bytes(b"PAR1 not really")
+    (tmp / "broken.jsonl.gz").write_bytes(b"not gzip at all")
+    (tmp / "data.csv").write_text("text\nx\n")
+    (tmp / "empty").mkdir()
+    pq.write_table(pa.table({"body": ["x"]}), tmp / "nocol.parquet")
+    cases = [
+        (tmp / "missing.jsonl", r"no such file or directory: .*missing\.jsonl"),
+        (tmp / "broken.parquet", r"broken\.parquet: cannot read as Parquet"),
+        (tmp / "broken.jsonl.gz", r"broken\.jsonl\.gz: cannot read"),
+        (tmp / "data.csv", r"data\.csv: unknown file kind"),
+        (tmp / "empty", r"directory .*empty holds no"),
+        (tmp / "nocol.parquet", r"nocol\.parquet: no column 'text' \(columns: 'body'\)"),
+    ]
+    for src, match in cases:
+        rc, err = run_cli(capsys, "--source", src, "--target", tgt, "-k", 1, "--out", out)
+        assert rc == 2 and re_search(match, err), (src, err)
+    assert not out.exists()
+
+
+def test_targets_and_k(capsys, small):
+    tmp, tgt = small
+    src = tmp / "s.txt"
+    src.write_text("a\nb\nproof\n")
+    empty = tmp / "none.txt"
+    empty.write_text("\n\n")
+    rc, err = run_cli(capsys, "--source", src, "--target", empty, "-k", 1, "--out", tmp / "o.jsonl")
+    assert rc == 2 and "target: no records" in err
+    rc, err = run_cli(capsys, "--source", src, "--target", tgt, "-k", -1, "--out", tmp / "o.jsonl")
+    assert rc == 2 and "k: expected a non-negative int; got -1" in err
+    # k larger than the source set: every record, best first (documented)
+    rc, _ = run_cli(capsys, "--source", src, "--target", tgt, "-k", 10, "--out", tmp / "o.jsonl")
+    assert rc == 0 and len(read_out(str(tmp / "o.jsonl"))) == 3
+    # k = 0: an empty output file
+    rc, _ = run_cli(capsys, "--source", src, "--target", tgt, "-k", 0, "--out", tmp / "z.parquet")
+    assert rc == 0 and read_out(str(tmp / "z.parquet")) == []
+
+
+def test_python_api_errors(corpus):
+    with pytest.raises(ValueError, match="target: expected at least one target"):
+        D.select_local(corpus["dir"], [], 3)
+    with pytest.raises(ValueError, match="batch_size"):
+        D.select_local(corpus["dir"], ["x"], 3, batch_size=0)
+    with pytest.raises(ValueError, match="bad_records"):
+        D.select_local(corpus["dir"], ["x"], 3, bad_records="ignore")
+    with pytest.raises(ValueError, match="engine"):
+        D.select(corpus["dir"], ["x"], 3, engine="spark")
+    with pytest.raises(D.DataError, match="at least one file"):
+        D.select_local([], ["x"], 3)
+
+
+def test_write_records_formats(tmp_path):
+    rows = [{"text": "a", "id": 1, "blob": b"\xff"}, {"text": "b", "extra": [1, 2]}]
+    assert D.write_records(tmp_path / "o.jsonl", rows) == "jsonl"
+    back = read_out(str(tmp_path / "o.jsonl"))
+    assert back[0] == {"text": "a", "id": 1, "blob": "\ufffd"} and back[1] == {"text": "b", "extra": [1, 2]}
+    assert D.write_records(tmp_path / "o.parquet", rows) == "parquet"
+    assert pq.read_table(tmp_path / "o.parquet").column_names == ["text", "id", "blob", "extra"]
+    # one column of two types has no Parquet schema: a clear error, and no partial file left behind
+    with pytest.raises(D.DataError, match="do not fit one Parquet schema.*write .jsonl instead"):
+        D.write_records(tmp_path / "bad.parquet", [{"id": 1}, {"id": "x"}])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.jsonl", "o.parquet"]
