@@ -608,23 +608,14 @@ def test_bad_input():
         mod(torch.ones(2, 32, dtype=torch.int64))
 
 
-def test_cuda_is_refused_clearly():
-    """The Rust core refuses CUDA buffers for these ops until the kernels exist (no GPU needed:
-    the device is checked before any buffer is touched)."""
-    x = torch.randn(2, 8)
+def test_cuda_refusals_come_before_any_buffer_is_touched():
+    """float64 and the CPU-only core ops are refused for CUDA devices before any launch (no GPU
+    needed; the CUDA tests themselves are in test_quant_cuda.py)."""
+    x = torch.randn(2, 8, dtype=F64)
     a = torch.full((2,), 0.5)
     codes, scales = torch.empty(2, 4, dtype=torch.uint8), torch.empty(2, 1)
-    with pytest.raises(TypeError, match="not built yet"):
-        _core.quant_quantize(0, 0, 0, 4, 2, 8, 8, 1.0, x.data_ptr(), a.data_ptr(), codes.data_ptr(), scales.data_ptr())
-    table = torch.empty(2, 16)
-    with pytest.raises(TypeError, match="not built yet"):
-        _core.quant_linear(0, 0, 0, 4, 2, 8, 8, 1, x.data_ptr(), codes.data_ptr(), scales.data_ptr(), table.data_ptr(), 0, x.data_ptr())
-
-
-@pytest.mark.cuda
-def test_cuda_tensors_raise(cuda_device):
-    x = torch.randn(2, 8, device=cuda_device)
-    with pytest.raises(TypeError, match="not built yet"):
-        power_quantize(x, 0.5)
-    with pytest.raises(TypeError, match="not built yet"):
-        power_fake_quantize(x, 0.5)
+    with pytest.raises(TypeError, match="float64 is supported on CPU only"):
+        _core.quant_quantize(1, 0, 0, 4, 2, 8, 8, 1.0, x.data_ptr(), a.data_ptr(), codes.data_ptr(), scales.data_ptr())
+    with pytest.raises(TypeError, match="CPU only"):
+        _core.quant_linear_backward(0, 0, 0, 4, 2, 8, 8, 1, x.data_ptr(), codes.data_ptr(), scales.data_ptr(),
+                                    a.data_ptr(), x.data_ptr())

@@ -19,7 +19,19 @@
      fwd+bwd    the sum of the two (forward saving rstd)
    and % of the measured copy bandwidth. Error: ||out - ref|| / ||ref|| against the float64
    formula (lmkern.bench's references), lmkern's and eager torch's. Inputs: torch.randn, never zeros.
-3. A compact table on stdout; JSON to $OUT/gpu_timings.json when OUT is set, else
+3. Power quantization (cuda/quant.cu; skip with --no-quant, alone with --quant-only), bf16, a
+   4096x4096 weight (rows of 4096, g = 128, a = 0.7 per row):
+     linear b<T>  torch.ops.lmkern.power_quant_linear, 4-bit, T = 1, 4, 8 tokens (the fused GEMV) and
+                  16 (dequantize through the codebooks + cuBLAS); 3-bit T = 1; 4-bit 4096 -> 14336 T = 1
+                  vs F.linear with the dense bf16 weight (target at T = 1, 4096 -> 4096: >= 2.5x)
+                  bytes: codes + scales + codebooks + x + y (the dense peer moves 16 bits per weight)
+     quantize     lmkern.quant.power_quantize (codes + scales; one sync for its checks)
+                  vs the formula as torch ops (fake quantize without packing: a lower bound)
+     dequantize   lmkern.quant.power_dequantize vs unpack + table gather as torch ops
+     fake         lmkern.quant.power_fake_quantize (forward) vs the formula as torch ops
+   Error: ||out - ref||/||ref|| against the float64 formula of the same codes (tests/reference/quant.py
+   formulas, inlined).
+4. A compact table on stdout; JSON to $OUT/gpu_timings.json when OUT is set, else
    benches/results/gpu_timings.json (gpu_timings_peers.json with --impls torch,compiled).
 
 Compiles (dynamic=False, one per case and form) are the slow part: past --budget seconds the
@@ -287,6 +299,160 @@ def run_case(dtype, rows, n, device, cuda, reps, compiled: Compiled, forms, copy
     return out
 
 
+# ---- power quantization --------------------------------------------------------------------------
+
+
+def _quant_inputs(device, rows, n, seed):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    w = torch.randn(rows, n, device=device, generator=gen) * 0.02
+    a = torch.full((rows,), 0.7, device=device)
+    return w, a
+
+
+def _deq64(q):
+    """x̂ of a PowerQuantized in float64 (codes unpacked with torch ops; the documented formula)."""
+    from lmkern.quant import unpack_codes
+    codes = unpack_codes(q.codes, q.bits, q.n).to(torch.float64)
+    qm = 2 ** (q.bits - 1) - 1
+    m = q.scales.to(torch.float64).repeat_interleave(q.group_size, dim=1)
+    inv_a = (1.0 / q.exponent.to(torch.float64)).unsqueeze(1)
+    return m * torch.sign(codes) * (codes.abs() / qm) ** inv_a
+
+
+def torch_fake_quant(x, a, bits, g):
+    """The quantizer as torch ops (float32 math, round-half-even): the peer of quantize / fake."""
+    rows, n = x.shape
+    qm = 2 ** (bits - 1) - 1
+    X = x.float().view(rows, n // g, g)
+    m = X.abs().amax(-1, keepdim=True)
+    u = X.abs() / m.clamp_min(1e-30)
+    A = a.view(rows, 1, 1)
+    q = torch.round(qm * u ** A).clamp(max=qm)
+    return (m * torch.sign(X) * (q / qm) ** (1.0 / A)).to(x.dtype).view(rows, n)
+
+
+def torch_dequant4(codes, scales, a, g, dtype):
+    """4-bit packed codes to values as torch ops: nibbles, sign extension, per-row table gather."""
+    rows = codes.shape[0]
+    f = torch.stack([codes & 0xF, codes >> 4], dim=-1).view(rows, -1).long()
+    q = torch.where(f >= 8, f - 16, f).float()
+    lut = (q.abs() / 7) ** (1.0 / a.view(rows, 1))
+    m = scales.repeat_interleave(g, dim=1)
+    return (m * torch.sign(q) * lut).to(dtype)
+
+
+def graph_calls(fns: list, cuda: bool):
+    """One callable running every fn of `fns` once, in order: a CUDA graph of the calls on CUDA (so
+    the timing is GPU time, not Python's launch overhead, as in a graph-captured decoder), the plain
+    loop on CPU. Returns (callable, number of calls)."""
+    def loop():
+        for f in fns:
+            f()
+    if not cuda:
+        return loop, len(fns)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        loop()  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        loop()
+    return g.replay, len(fns)
+
+
+# Weight bytes cycled through per timed linear call: well past the 50 MB L2 of an H100/H200, so
+# each call reads its weight from HBM as a decoder layer would.
+LINEAR_ROTATION_BYTES = 256 << 20
+
+
+def run_quant(device, cuda, reps, copy_gbps):
+    from lmkern.quant import power_dequantize, power_fake_quantize, power_quantize
+    rows_out = []
+    g, n = 128, 4096
+
+    def row(case, form, fns, nbytes, lm_out, ref64, peer_out=None, tol=1e-2):
+        t = time_interleaved(fns, reps, 5, cuda)
+        med = {k: statistics.median(v) for k, v in t.items()}
+        r = {"case": case, "form": form, "lmkern_us": med["lmkern"], "bytes": nbytes,
+             "lmkern_GBps": nbytes / med["lmkern"] / 1e3}
+        r["lmkern_pct_copy"] = 100 * r["lmkern_GBps"] / copy_gbps
+        r["lmkern_err"] = lb.rel_error(lm_out, ref64)
+        if "torch" in med:
+            r["torch_us"] = med["torch"]
+            r["speedup_vs_torch"] = med["torch"] / med["lmkern"]
+            if peer_out is not None:
+                r["torch_err"] = lb.rel_error(peer_out, ref64)
+        r["ok"] = r["lmkern_err"] <= tol
+        return r
+
+    specs = [(4, n, n, 1), (4, n, n, 4), (4, n, n, 8), (4, n, n, 16), (3, n, n, 1), (4, 14336, n, 1)]
+    for bits, out_f, in_f, tokens in specs:
+        case = f"bf16 W{out_f}x{in_f} {bits}b g{g}"
+        try:
+            w, a = _quant_inputs(device, out_f, in_f, out_f + bits)
+            q = power_quantize(w, a, bits, g)
+            w_dense = q.dequantize().to(B16)  # the peer's weight: the same values, dense bf16
+            x = torch.randn(tokens, in_f, device=device).to(B16)
+            op = torch.ops.lmkern.power_quant_linear
+            table = torch.ops.lmkern.power_codebook(q.exponent, bits)  # the rows' codebooks (host-built)
+            lm = lambda: op(x, q.codes, q.scales, table, None, bits, g, in_f)  # noqa: E731
+            ref = x.double() @ _deq64(q).T
+            nbytes = q.codes.numel() + 4 * (q.scales.numel() + table.numel()) + 2 * tokens * (in_f + out_f)
+            # Copies of both weights, cycled so that every call reads from HBM (see graph_calls).
+            nq = max(2, LINEAR_ROTATION_BYTES // nbytes) if cuda else 2
+            nd = max(2, LINEAR_ROTATION_BYTES // (2 * out_f * in_f)) if cuda else 2
+            qs = [(q.codes.clone(), q.scales.clone(), table.clone()) for _ in range(nq)]
+            ds = [w_dense.clone() for _ in range(nd)]
+            lm_run, lm_calls = graph_calls(
+                [lambda c=c: op(x, c[0], c[1], c[2], None, bits, g, in_f) for c in qs], cuda)
+            pt_run, pt_calls = graph_calls([lambda d=d: F.linear(x, d) for d in ds], cuda)
+            r = row(case, f"linear b{tokens}", {"lmkern": lm_run, "torch": pt_run}, nbytes * lm_calls, lm(), ref,
+                    F.linear(x, w_dense))
+            # Per call: the timed callables ran lm_calls / pt_calls linears.
+            r["lmkern_us"] /= lm_calls
+            r["torch_us"] /= pt_calls
+            r["speedup_vs_torch"] = r["torch_us"] / r["lmkern_us"]
+            r["bytes"] = nbytes
+            r["timing"] = f"{'CUDA graph of ' if cuda else ''}{lm_calls} / {pt_calls} calls on rotating weight copies"
+            eager = time_interleaved({"lmkern": lm, "torch": lambda: F.linear(x, w_dense)}, reps, 5, cuda)
+            r["lmkern_eager_us"] = statistics.median(eager["lmkern"])
+            r["torch_eager_us"] = statistics.median(eager["torch"])
+            rows_out.append(r)
+            del w_dense, qs, ds, lm_run, pt_run
+        except Exception as e:  # noqa: BLE001
+            rows_out.append({"case": case, "form": f"linear b{tokens}", "failure": lb.one_line(e)})
+            traceback.print_exc()
+            if cuda and lb.cuda_broken():
+                rows_out[-1]["cuda_context_broken"] = True
+                return rows_out
+
+    case = f"bf16 {n}x{n} 4b g{g}"
+    try:
+        w, a = _quant_inputs(device, n, n, 7)
+        x = w.to(B16)
+        q = power_quantize(x, a, 4, g)
+        ref = _deq64(q)
+        e = 2 * n * n
+        rows_out.append(row(case, "quantize", {"lmkern": lambda: power_quantize(x, a, 4, g),
+                                               "torch": lambda: torch_fake_quant(x, a, 4, g)},
+                            e + n * n // 2 + 4 * n * n // g, power_quantize(x, a, 4, g).dequantize(), ref,
+                            torch_fake_quant(x, a, 4, g)))
+        rows_out.append(row(case, "dequantize", {"lmkern": lambda: power_dequantize(q),
+                                                 "torch": lambda: torch_dequant4(q.codes, q.scales, a, g, B16)},
+                            n * n // 2 + 4 * n * n // g + e, power_dequantize(q), ref,
+                            torch_dequant4(q.codes, q.scales, a, g, B16)))
+        rows_out.append(row(case, "fake", {"lmkern": lambda: power_fake_quantize(x, a, 4, g),
+                                           "torch": lambda: torch_fake_quant(x, a, 4, g)},
+                            2 * e + 4 * n * n // g, power_fake_quantize(x, a, 4, g), ref, torch_fake_quant(x, a, 4, g)))
+    except Exception as e:  # noqa: BLE001
+        rows_out.append({"case": case, "form": "quant", "failure": lb.one_line(e)})
+        traceback.print_exc()
+        if cuda and lb.cuda_broken():
+            rows_out[-1]["cuda_context_broken"] = True
+    return rows_out
+
+
 # ---- output --------------------------------------------------------------------------------------
 
 
@@ -331,6 +497,8 @@ def main(argv=None) -> int:
                         "the copy bandwidth alone, when lmkern's CUDA path is broken)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile peers (= no 'compiled' in --impls)")
     p.add_argument("--forms", default=",".join(FORMS), help=f"comma-separated subset of {','.join(FORMS)}")
+    p.add_argument("--no-quant", action="store_true", help="skip the power-quantization cases")
+    p.add_argument("--quant-only", action="store_true", help="only the power-quantization cases")
     p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # cpu: smoke test of this script only
     p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # tiny cases, few reps
     args = p.parse_args(argv)
@@ -374,7 +542,16 @@ def main(argv=None) -> int:
     compiled = Compiled("compiled" in use)
     rows = []
     broken = False
-    for dtype, nrows, n in cases(args.smoke):
+    if "lmkern" in use and not args.no_quant and not args.smoke:
+        qrows = run_quant(device, cuda, reps, copy["copy_GBps"])
+        rows += qrows
+        print(table(qrows).split("\n", 2)[2] if qrows else "", flush=True)
+        for r in qrows:
+            if "lmkern_eager_us" in r:
+                print(f"  {r['case']} {r['form']}: {r['timing']}; eager calls (Python overhead included): "
+                      f"lmkern {r['lmkern_eager_us']:.1f} us, torch {r['torch_eager_us']:.1f} us", flush=True)
+        broken = any(r.get("cuda_context_broken") for r in qrows)
+    for dtype, nrows, n in ([] if args.quant_only else cases(args.smoke)):
         if broken:
             break
         elapsed = time.perf_counter() - t_start

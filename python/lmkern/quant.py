@@ -43,7 +43,11 @@ gradient through the absmax): with ``u = |x|/m``, ``r = |q|/qmax``, ``lu = ln(u 
 ``r^(1/a−1)`` taken as 1 for q = 0 when a = 1 (0 when a < 1) and the first term 0 for q = 0; both are
 0 where x = 0, m = 0 or |x| > m (clamped). They are finite for every x and every a in (0, 1].
 
-CPU kernels only for now (float32, float64, bfloat16, float16); CUDA tensors raise TypeError.
+Devices: CPU (float32, float64, bfloat16, float16) and CUDA (float32, bfloat16, float16; float64
+raises TypeError); the CUDA codes are the CPU's bit for bit. On CUDA, quantize and fake quantize
+synchronize once to check the exponents and the scales' finiteness (same errors as on CPU), and
+:func:`search_exponent` runs on the CPU (w and x are copied to the host, the result back). See
+:mod:`lmkern.ops.quant` for the details.
 """
 from __future__ import annotations
 
@@ -165,7 +169,7 @@ def _prepare(x, a, bits, group_size, clip):
 
 
 def power_quantize(x, a, bits: int = 4, group_size: int | None = None, clip: float = 1.0) -> PowerQuantized:
-    """Quantize x ([..., n]; float32, float64, bfloat16 or float16; CPU) with exponent(s) a.
+    """Quantize x ([..., n]; float32, float64, bfloat16 or float16 on CPU; not float64 on CUDA) with exponent(s) a.
 
     ``a``: a float, a 0-d tensor, or a 1-D tensor with one exponent per row (rows = product of the
     leading dims), each in (0, 1]. ``group_size``: contiguous elements per scale along the last dim

@@ -11,7 +11,19 @@ Ops (torch.ops.lmkern.*); x is [..., n] with rows = the product of its leading d
   power_quant_linear_backward(dy, codes, scales, table, bits, group_size, in_features) -> dy @ Ŵ
 (table: the weight rows' codebooks, from power_codebook.)
   power_search_exponent(w, z?, bits, group_size, clip, per_row) -> f32 [rows] or [1]
-CPU only for now: CUDA tensors raise TypeError.
+CPU: float32, float64, bfloat16, float16. CUDA (cuda/quant.cu): float32, bfloat16, float16 (float64
+raises TypeError), with these differences, all for the sake of never reading device memory inside
+the kernels' launch path:
+  - power_quantize / power_fake_quantize check the exponents and the finiteness of the scales on
+    the device after the launch (one synchronization), power_dequantize and
+    power_fake_quantize_backward the exponents before it: same errors as on CPU.
+  - power_codebook runs on the CPU: a is copied to the host (and checked there), the table back.
+  - power_quant_linear does not synchronize; the GEMV reads the codebooks in `table` as given. Up to
+    GEMV_MAX_TOKENS tokens it runs the fused lookup-table GEMV; beyond, it dequantizes W through the
+    codebooks (torch ops) into a scratch of the activations' dtype and calls cuBLAS (torch.addmm).
+  - power_quant_linear_backward is dy @ Ŵ with Ŵ dequantized through the codebooks to float32 and a
+    float32 torch matmul (cuBLAS), the result rounded to dy's dtype.
+  - power_search_exponent runs on the CPU: w (and x) are copied to the host, the result back.
 """
 from __future__ import annotations
 
@@ -24,7 +36,8 @@ from .._lib import DTYPE_CODES, LIB, check_cpu_or_cuda, check_floating, device_a
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 BITS = (2, 3, 4, 8)
-NO_CUDA = "CUDA kernels for power quantization are not built yet: use CPU tensors"
+#: power_quant_linear on CUDA: the fused GEMV up to this many tokens, dequantize + cuBLAS beyond.
+GEMV_MAX_TOKENS = 8
 
 # Exponent search (rust/core/src/quant/mod.rs SearchArgs): a coarse grid of SEARCH_GRID exponents
 # on [SEARCH_LO, 1], then SEARCH_REFINE points around each of the 4 best coarse local minima.
@@ -34,9 +47,47 @@ SEARCH_REFINE = 16
 
 
 def check_cpu(name: str, t: torch.Tensor) -> None:
+    """A CPU or CUDA tensor (the name is historical: CUDA kernels came later)."""
     check_cpu_or_cuda(name, t)
-    if t.is_cuda:
-        raise TypeError(f"{name}: {NO_CUDA}; got a tensor on {t.device}")
+
+
+def _same_device(name: str, t: torch.Tensor, ref: torch.Tensor, ref_name: str) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{name}: expected a tensor on {ref.device} (the device of {ref_name}); got {t.device}")
+
+
+def _no_cuda_f64(name: str, dtype: torch.dtype, t: torch.Tensor) -> None:
+    if t.is_cuda and dtype == torch.float64:
+        raise TypeError(f"{name}: float64 is supported on CPU only; use float32, bfloat16 or float16 on CUDA")
+
+
+def _bad_exponents(a: torch.Tensor) -> torch.Tensor:
+    """A device bool: some exponent outside (0, 1] (NaN included)."""
+    return ~((a > 0) & (a <= 1)).all()
+
+
+def _exponent_error(a: torch.Tensor) -> ValueError:
+    bad = a[~((a > 0) & (a <= 1))]
+    i = int(torch.nonzero(~((a > 0) & (a <= 1)))[0])
+    return ValueError(f"a: expected exponents in (0, 1]; got {bad[0].item()} (row {i})")
+
+
+def _cuda_check_exponents(a: torch.Tensor) -> None:
+    """On CUDA, the CPU kernels' exponent check, on the device (one synchronization)."""
+    if a.is_cuda and a.numel() and bool(_bad_exponents(a)):
+        raise _exponent_error(a)
+
+
+def _cuda_check_quantized(a: torch.Tensor, scales: torch.Tensor) -> None:
+    """After a CUDA quantize: exponents in (0, 1] and finite scales (the kernels give a group with
+    NaN/inf a NaN scale), both read back in one synchronization."""
+    if not a.is_cuda or a.numel() == 0:
+        return
+    bad = torch.stack([_bad_exponents(a), ~torch.isfinite(scales).all()]).tolist()
+    if bad[0]:
+        raise _exponent_error(a)
+    if bad[1]:
+        raise ValueError("x: expected finite values (NaN or inf found, or clip·max|x| overflows float32)")
 
 
 def check_bits(bits) -> int:
@@ -68,6 +119,7 @@ def _rows(x: torch.Tensor) -> tuple[int, int]:
 def _check_x(name: str, x: torch.Tensor) -> None:
     check_cpu(name, x)
     check_floating(name, x, FLOAT_DTYPES)
+    _no_cuda_f64(name, x.dtype, x)
     if x.dim() == 0:
         raise ValueError(f"{name}: expected a tensor with at least one dimension; got a scalar")
 
@@ -82,6 +134,7 @@ def _check_a(a: torch.Tensor, rows: int, ref: torch.Tensor) -> None:
 def _check_packed(codes, scales, a, bits, group_size, rows, n) -> None:
     for name, t in (("codes", codes), ("scales", scales), ("a", a)):
         check_cpu(name, t)
+    _same_device("scales", scales, codes, "codes")
     nb, ng = row_bytes(n, bits), (n // group_size if group_size else 0)
     if codes.dtype != torch.uint8 or tuple(codes.shape) != (rows, nb):
         raise ValueError(f"codes: expected uint8 of shape ({rows}, {nb}); got {codes.dtype} of shape {tuple(codes.shape)}")
@@ -130,6 +183,7 @@ def _quantize(x, a, bits, group_size, clip):
     dev, stream = device_args(x)
     _core.quant_quantize(DTYPE_CODES[x.dtype], dev, stream, bits, rows, n, group_size, clip,
                          ptr(x), ptr(a), ptr(codes), ptr(scales))
+    _cuda_check_quantized(a, scales)
     return codes, scales
 
 
@@ -146,6 +200,14 @@ def _dequantize(codes, scales, a, bits, group_size, n, dtype):
     _check_packed(codes, scales, a, bits, group_size, rows, n)
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"dtype: expected float32, float64, bfloat16 or float16; got {dtype}")
+    _no_cuda_f64("dtype", dtype, codes)
+    _cuda_check_exponents(a)
+    return _dequantize_raw(codes, scales, a, bits, group_size, n, dtype)
+
+
+def _dequantize_raw(codes, scales, a, bits, group_size, n, dtype):
+    """The kernel call of power_dequantize, checks done (on CUDA: no exponent check, NaN rows)."""
+    rows = codes.shape[0]
     codes, scales, a = codes.contiguous(), scales.contiguous(), a.contiguous()
     out = torch.empty((rows, n), dtype=dtype, device=codes.device)
     dev, stream = device_args(codes)
@@ -168,6 +230,7 @@ def _fake(x, a, bits, group_size, clip):
     dev, stream = device_args(x)
     _core.quant_fake(DTYPE_CODES[x.dtype], dev, stream, bits, rows, n, group_size, clip,
                      ptr(x), ptr(a), ptr(y), ptr(scales))
+    _cuda_check_quantized(a, scales)
     return y, scales
 
 
@@ -182,6 +245,8 @@ def _fake_bwd(dy, x, scales, a, bits, group_size, a_grad):
         raise ValueError(f"dy: expected {x.dtype} of shape {tuple(x.shape)} on {x.device}; got {dy.dtype} {tuple(dy.shape)} on {dy.device}")
     if scales.dtype != torch.float32 or tuple(scales.shape) != (rows, n // group_size):
         raise ValueError(f"scales: expected float32 of shape ({rows}, {n // group_size}); got {scales.dtype} {tuple(scales.shape)}")
+    _same_device("scales", scales, x, "x")
+    _cuda_check_exponents(a)
     dy, x, scales, a = dy.contiguous(), x.contiguous(), scales.contiguous(), a.contiguous()
     dx = torch.empty_like(x)
     da = torch.empty((rows if a_grad else 0,), dtype=torch.float32, device=x.device)
@@ -207,6 +272,8 @@ def _check_weight(codes, scales, table, bits, group_size, in_features):
     out_features = codes.shape[0] if codes.dim() == 2 else -1
     for name, t in (("codes", codes), ("scales", scales), ("table", table)):
         check_cpu(name, t)
+    _same_device("scales", scales, codes, "codes")
+    _same_device("table", table, codes, "codes")
     nb, ng = row_bytes(in_features, bits), in_features // group_size
     if codes.dtype != torch.uint8 or tuple(codes.shape) != (out_features, nb):
         raise ValueError(f"codes: expected uint8 of shape (out_features, {nb}); got {codes.dtype} of shape {tuple(codes.shape)}")
@@ -222,10 +289,33 @@ def _codebook(a, bits):
     check_cpu("a", a)
     if a.dtype != torch.float32 or a.dim() != 1:
         raise ValueError(f"a: expected float32 of shape (rows,); got {a.dtype} of shape {tuple(a.shape)}")
+    if a.is_cuda:  # a host kernel: the exponents go to the host (checked there), the codebooks back
+        return _codebook(a.cpu(), bits).to(a.device)
     a = a.contiguous()
     out = torch.empty((a.shape[0], 2 ** bits), dtype=torch.float32, device=a.device)
     _core.quant_codebook(bits, a.shape[0], ptr(a), ptr(out))
     return out
+
+
+def _unpack_fields(codes, bits, n):
+    """The b-bit fields (int64 [rows, n]) of packed rows (LSB-first bit stream per row), in torch."""
+    rows = codes.shape[0]
+    shifts = torch.arange(8, device=codes.device, dtype=torch.uint8)
+    stream = ((codes.unsqueeze(-1) >> shifts) & 1).reshape(rows, -1)[:, : n * bits]
+    weights = torch.tensor([1 << i for i in range(bits)], device=codes.device, dtype=torch.int64)
+    return (stream.reshape(rows, n, bits).to(torch.int64) * weights).sum(-1)
+
+
+def _dequantize_table(codes, scales, table, bits, group_size, n, dtype):
+    """Ŵ [out, n] of dtype from codes, scales and the rows' codebooks, with torch ops (the CUDA
+    fallbacks of power_quant_linear and its backward): dtype(m·table[field]) with the product in
+    float32, as the kernels round it."""
+    rows = codes.shape[0]
+    if rows == 0 or n == 0:
+        return torch.zeros((rows, n), dtype=dtype, device=codes.device)
+    fields = _unpack_fields(codes, bits, n)
+    w = torch.gather(table.to(torch.float32), 1, fields) * scales.repeat_interleave(group_size, dim=1)
+    return w.to(dtype)
 
 
 def _codebook_fake(a, bits):
@@ -238,8 +328,10 @@ def _check_linear(x, codes, scales, table, bias, bits, group_size, in_features, 
     if x.shape[-1] != in_features:
         raise ValueError(f"{x_name}: expected last dimension {in_features} (in_features); got {tuple(x.shape)}")
     out_features = _check_weight(codes, scales, table, bits, group_size, in_features)
+    _same_device("codes", codes, x, x_name)
     if bias is not None:
         check_cpu("bias", bias)
+        _same_device("bias", bias, x, x_name)
         if bias.dtype != torch.float32 or tuple(bias.shape) != (out_features,):
             raise ValueError(f"bias: expected float32 of shape ({out_features},); got {bias.dtype} {tuple(bias.shape)}")
     return out_features
@@ -249,6 +341,12 @@ def _linear(x, codes, scales, table, bias, bits, group_size, in_features):
     out_features = _check_linear(x, codes, scales, table, bias, bits, group_size, in_features)
     x2 = x.reshape(-1, in_features).contiguous()
     tokens = x2.shape[0]
+    if x.is_cuda and tokens > GEMV_MAX_TOKENS and out_features > 0:
+        # Many tokens: the GEMV would re-read the codes per tile of 8; dequantize once (through the
+        # codebooks, into a scratch of x's dtype) and let cuBLAS do the matmul.
+        w = _dequantize_table(codes, scales, table, bits, group_size, in_features, x.dtype)
+        y = x2 @ w.t() if bias is None else torch.addmm(bias.to(x.dtype), x2, w.t())
+        return y.reshape(*x.shape[:-1], out_features)
     y = torch.empty((tokens, out_features), dtype=x.dtype, device=x.device)
     codes, scales, table = codes.contiguous(), scales.contiguous(), table.contiguous()
     bias = None if bias is None else bias.contiguous()
@@ -269,8 +367,14 @@ def _linear_bwd(dy, codes, scales, table, bits, group_size, in_features):
     if dy.shape[-1] != out_features:
         raise ValueError(f"dy: expected last dimension {out_features} (out_features); got {tuple(dy.shape)}")
     _check_weight(codes, scales, table, bits, group_size, in_features)
+    _same_device("codes", codes, dy, "dy")
     dy2 = dy.reshape(-1, out_features).contiguous()
     tokens = dy2.shape[0]
+    if dy.is_cuda:
+        # dy @ Ŵ through a float32 Ŵ and cuBLAS (no CUDA kernel of its own; see the module doc).
+        w = _dequantize_table(codes, scales, table, bits, group_size, in_features, torch.float32)
+        dx = (dy2.to(torch.float32) @ w).to(dy.dtype)
+        return dx.reshape(*dy.shape[:-1], in_features)
     dx = torch.empty((tokens, in_features), dtype=dy.dtype, device=dy.device)
     codes, scales, table = codes.contiguous(), scales.contiguous(), table.contiguous()
     dev, stream = device_args(dy)
@@ -290,6 +394,11 @@ def _linear_bwd_fake(dy, codes, scales, table, bits, group_size, in_features):
 
 def _search(w, z, bits, group_size, clip, per_row):
     check_cpu("w", w)
+    if w.is_cuda:  # the search runs on the CPU (see the module doc)
+        if z is not None:
+            _same_device("x", z, w, "w")
+        out = _search(w.cpu(), None if z is None else z.cpu(), bits, group_size, clip, per_row)
+        return out.to(w.device)
     check_bits(bits)
     if w.dtype != torch.float32 or w.dim() < 1:
         raise ValueError(f"w: expected float32 with at least one dimension; got {w.dtype} {tuple(w.shape)}")
@@ -322,7 +431,7 @@ for _name, _impl, _fake_impl in (
     ("power_quant_linear_backward", _linear_bwd, _linear_bwd_fake),
     ("power_search_exponent", _search, _search_fake),
 ):
-    for _key in ("CPU", "CUDA"):  # CUDA: the same checks raise the "not built yet" TypeError
+    for _key in ("CPU", "CUDA"):
         LIB.impl(_name, _impl, _key)
     torch.library.register_fake(f"lmkern::{_name}", _fake_impl, lib=LIB)
 

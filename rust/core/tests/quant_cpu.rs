@@ -145,7 +145,13 @@ fn bad_input_is_an_error_not_a_panic() {
     let mut xn = x.clone();
     xn[3] = f32::NAN;
     assert!(run(q, &a, &xn, &mut codes, &mut scales).unwrap_err().message.contains("finite"));
+    // The CPU-only ops refuse CUDA devices before any buffer is touched (the CUDA kernels' own
+    // refusals are tested in quant/cuda.rs).
     let cuda = Device::Cuda { ordinal: 0, stream: 0 };
-    let e = unsafe { quant::quantize(cuda, DType::F32, &q, addr(&x), addr(&a), out(&mut codes), out(&mut scales)) }.unwrap_err();
-    assert!(e.kind == ErrorKind::Type && e.message.contains("not built yet"));
+    let l = LinearArgs { q, tokens: 1 };
+    let table = vec![0f32; 16];
+    let mut dx = vec![0f32; 8];
+    let e = unsafe { quant::linear_backward(cuda, DType::F32, &l, addr(&x), addr(&codes), addr(&scales), addr(&table), out(&mut dx)) }
+        .unwrap_err();
+    assert!(e.kind == ErrorKind::Type && e.message.contains("CPU only"), "{e}");
 }

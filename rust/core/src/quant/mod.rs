@@ -38,6 +38,8 @@ use crate::error::{Error, Result};
 use crate::tensor::{require_aligned, require_ptr, DType, Device, Ptr};
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 
 /// The bit widths the kernels support.
 pub const BITS: [u32; 4] = [2, 3, 4, 8];
@@ -217,13 +219,33 @@ fn check_ptrs(list: &[(Ptr, &str, usize)]) -> Result<()> {
     Ok(())
 }
 
-/// The device dispatch of this family: CPU kernels only for now. A `cuda.rs` (launching
-/// `cuda/quant.cu`) slots in here as in `norm`, reading and writing the layout documented above.
-fn cpu_only(device: Device) -> Result<()> {
+fn cpu_only(device: Device, what: &str) -> Result<()> {
     match device {
         Device::Cpu => Ok(()),
-        Device::Cuda { .. } => Err(Error::dtype("CUDA kernels for power quantization are not built yet: use CPU tensors")),
+        Device::Cuda { .. } => Err(Error::dtype(format!("{what}: CPU only in lmkern-core"))),
     }
+}
+
+/// The exponents are read on the host for CPU tensors only; CUDA kernels never fail on them (a row
+/// outside (0, 1] gets NaN tables) and lmkern.ops.quant checks them on the device.
+unsafe fn host_exponents(device: Device, a: Ptr, rows: usize) -> Result<()> {
+    match device {
+        Device::Cpu => validate_exponents(crate::cpu::slice(a, rows)),
+        Device::Cuda { .. } => Ok(()),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_dtype(dtype: DType) -> Result<()> {
+    if dtype == DType::F64 {
+        return Err(Error::dtype("x: float64 is supported on CPU only; use float32, bfloat16 or float16 on CUDA"));
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_dtype(_: DType) -> Result<()> {
+    Err(Error::cuda("lmkern was built without CUDA support"))
 }
 
 /// Quantize `x` (rows·n elements of `dtype`) with exponents `a` (float32 [rows]) into `codes`
@@ -235,17 +257,25 @@ fn cpu_only(device: Device) -> Result<()> {
 /// Every address is valid for the sizes above (inputs readable, outputs writable, no overlap).
 pub unsafe fn quantize(device: Device, dtype: DType, q: &QuantArgs, x: Ptr, a: Ptr, codes: Ptr, scales: Ptr) -> Result<()> {
     q.validate()?;
-    cpu_only(device)?;
+    if let Device::Cuda { .. } = device {
+        cuda_dtype(dtype)?;
+    }
     if q.rows == 0 {
         return Ok(());
     }
     check_ptrs(&[(a, "a", 4)])?;
-    validate_exponents(crate::cpu::slice(a, q.rows))?;
+    host_exponents(device, a, q.rows)?;
     if q.n == 0 {
         return Ok(());
     }
     check_ptrs(&[(x, "x", dtype.size()), (codes, "codes", 1), (scales, "scales", 4)])?;
-    cpu::quantize(dtype, q, x, a, codes, scales)
+    match device {
+        Device::Cpu => cpu::quantize(dtype, q, x, a, codes, scales),
+        #[cfg(feature = "cuda")]
+        Device::Cuda { ordinal, stream } => cuda::forward(ordinal, stream, dtype, q, x, a, codes, 0, scales),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda { .. } => unreachable!("cuda_dtype refused"),
+    }
 }
 
 /// Dequantize `codes`/`scales`/`a` (as [`quantize`] writes them) into `out`: rows·n elements of `dtype`.
@@ -254,18 +284,28 @@ pub unsafe fn quantize(device: Device, dtype: DType, q: &QuantArgs, x: Ptr, a: P
 /// As [`quantize`].
 pub unsafe fn dequantize(device: Device, dtype: DType, q: &QuantArgs, codes: Ptr, scales: Ptr, a: Ptr, out: Ptr) -> Result<()> {
     q.validate()?;
-    cpu_only(device)?;
+    if let Device::Cuda { .. } = device {
+        cuda_dtype(dtype)?;
+    }
     if q.rows == 0 {
         return Ok(());
     }
     check_ptrs(&[(a, "a", 4)])?;
-    validate_exponents(crate::cpu::slice(a, q.rows))?;
+    host_exponents(device, a, q.rows)?;
     if q.n == 0 {
         return Ok(());
     }
     check_ptrs(&[(codes, "codes", 1), (scales, "scales", 4), (out, "out", dtype.size())])?;
-    cpu::dequantize(dtype, q, codes, scales, a, out);
-    Ok(())
+    match device {
+        Device::Cpu => {
+            cpu::dequantize(dtype, q, codes, scales, a, out);
+            Ok(())
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda { ordinal, stream } => cuda::dequantize(ordinal, stream, dtype, q, codes, scales, a, out),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda { .. } => unreachable!("cuda_dtype refused"),
+    }
 }
 
 /// Fake quantization `y = x̂` (rows·n of `dtype`), writing the scales it used (float32 [rows, n/group]).
@@ -274,17 +314,25 @@ pub unsafe fn dequantize(device: Device, dtype: DType, q: &QuantArgs, codes: Ptr
 /// As [`quantize`].
 pub unsafe fn fake_quantize(device: Device, dtype: DType, q: &QuantArgs, x: Ptr, a: Ptr, y: Ptr, scales: Ptr) -> Result<()> {
     q.validate()?;
-    cpu_only(device)?;
+    if let Device::Cuda { .. } = device {
+        cuda_dtype(dtype)?;
+    }
     if q.rows == 0 {
         return Ok(());
     }
     check_ptrs(&[(a, "a", 4)])?;
-    validate_exponents(crate::cpu::slice(a, q.rows))?;
+    host_exponents(device, a, q.rows)?;
     if q.n == 0 {
         return Ok(());
     }
     check_ptrs(&[(x, "x", dtype.size()), (y, "y", dtype.size()), (scales, "scales", 4)])?;
-    cpu::fake_quantize(dtype, q, x, a, y, scales)
+    match device {
+        Device::Cpu => cpu::fake_quantize(dtype, q, x, a, y, scales),
+        #[cfg(feature = "cuda")]
+        Device::Cuda { ordinal, stream } => cuda::forward(ordinal, stream, dtype, q, x, a, 0, y, scales),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda { .. } => unreachable!("cuda_dtype refused"),
+    }
 }
 
 /// Added to u = |x|/m inside the logarithms of the fake-quantizer's gradients (PAPERS.md §2).
@@ -305,12 +353,14 @@ pub unsafe fn fake_quantize_backward(
     device: Device, dtype: DType, q: &QuantArgs, dy: Ptr, x: Ptr, scales: Ptr, a: Ptr, dx: Ptr, da: Ptr,
 ) -> Result<()> {
     q.validate()?;
-    cpu_only(device)?;
+    if let Device::Cuda { .. } = device {
+        cuda_dtype(dtype)?;
+    }
     if q.rows == 0 {
         return Ok(());
     }
     check_ptrs(&[(a, "a", 4)])?;
-    validate_exponents(crate::cpu::slice(a, q.rows))?;
+    host_exponents(device, a, q.rows)?;
     if da != 0 {
         require_aligned(da, 4, "da")?;
     }
@@ -318,7 +368,14 @@ pub unsafe fn fake_quantize_backward(
         let es = dtype.size();
         check_ptrs(&[(dy, "dy", es), (x, "x", es), (scales, "scales", 4), (dx, "dx", es)])?;
     }
-    cpu::fake_quantize_backward(dtype, q, dy, x, scales, a, dx, da);
+    match device {
+        Device::Cpu => cpu::fake_quantize_backward(dtype, q, dy, x, scales, a, dx, da),
+        #[cfg(feature = "cuda")]
+        // Also with n = 0: the kernel then only writes da = 0.
+        Device::Cuda { ordinal, stream } => return cuda::fake_backward(ordinal, stream, dtype, q, dy, x, scales, a, dx, da),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda { .. } => unreachable!("cuda_dtype refused"),
+    }
     Ok(())
 }
 
@@ -332,6 +389,8 @@ pub struct LinearArgs {
 
 /// The codebooks of rows with exponents `a` (float32 [rows]) into `out` (float32 [rows, 2^b]):
 /// `out[r, f] = sign(q_f)·(|q_f|/qmax)^(1/a_r)`, what [`linear`] and [`linear_backward`] read.
+///
+/// Host memory only (lmkern.ops.quant builds the codebooks of CUDA exponents on the CPU).
 ///
 /// # Safety
 /// `a` and `out` valid for those sizes.
@@ -352,7 +411,9 @@ pub unsafe fn codebook(bits: u32, rows: usize, a: Ptr, out: Ptr) -> Result<()> {
 /// (0: none), `table` the rows' codebooks (float32 [out, 2^b], see [`codebook`]). Ŵ is never formed:
 /// each row's codebook times its group scales meets x directly (AVX2 for 4 bits with in and the
 /// group size multiples of 32: per 32 weights four `vpshufb` over the codebook's byte planes and
-/// unpacks to float32, FMA into float32 accumulators; a scalar table path otherwise).
+/// unpacks to float32, FMA into float32 accumulators; a scalar table path otherwise). On CUDA
+/// (`cuda.rs`, float32/bfloat16/float16) the GEMV kernels copy each row's codebook from `table`
+/// into shared memory, unchecked: a NaN codebook row gives NaN outputs.
 ///
 /// # Safety
 /// As [`quantize`].
@@ -361,7 +422,9 @@ pub unsafe fn linear(
     device: Device, dtype: DType, l: &LinearArgs, x: Ptr, codes: Ptr, scales: Ptr, table: Ptr, bias: Ptr, y: Ptr,
 ) -> Result<()> {
     l.q.validate()?;
-    cpu_only(device)?;
+    if let Device::Cuda { .. } = device {
+        cuda_dtype(dtype)?;
+    }
     if l.tokens == 0 || l.q.rows == 0 {
         return Ok(());
     }
@@ -372,7 +435,13 @@ pub unsafe fn linear(
     if l.q.n > 0 {
         check_ptrs(&[(x, "x", dtype.size()), (codes, "codes", 1), (scales, "scales", 4)])?;
     }
-    cpu::linear(dtype, l, x, codes, scales, table, bias, y);
+    match device {
+        Device::Cpu => cpu::linear(dtype, l, x, codes, scales, table, bias, y),
+        #[cfg(feature = "cuda")]
+        Device::Cuda { ordinal, stream } => return cuda::linear(ordinal, stream, dtype, l, x, codes, scales, table, bias, y),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda { .. } => unreachable!("cuda_dtype refused"),
+    }
     Ok(())
 }
 
@@ -385,7 +454,7 @@ pub unsafe fn linear_backward(
     device: Device, dtype: DType, l: &LinearArgs, dy: Ptr, codes: Ptr, scales: Ptr, table: Ptr, dx: Ptr,
 ) -> Result<()> {
     l.q.validate()?;
-    cpu_only(device)?;
+    cpu_only(device, "power_quant_linear_backward (on CUDA, lmkern.ops.quant computes dy @ dequantize(W) with torch)")?;
     if l.tokens == 0 || l.q.n == 0 {
         return Ok(());
     }
@@ -422,7 +491,7 @@ pub struct SearchArgs {
 /// As [`quantize`].
 pub unsafe fn search_exponent(device: Device, s: &SearchArgs, w: Ptr, z: Ptr, out: Ptr) -> Result<()> {
     s.q.validate()?;
-    cpu_only(device)?;
+    cpu_only(device, "search_exponent (on CUDA, lmkern.ops.quant copies w and x to the host)")?;
     if !(s.lo > 0.0 && s.lo <= 1.0) || s.grid < 2 {
         return Err(Error::value(format!("search: expected 0 < lo <= 1 and grid >= 2; got lo={} grid={}", s.lo, s.grid)));
     }

@@ -1,0 +1,511 @@
+// Power-exponent quantization (PowerQuant / NUPES, PAPERS.md §2): quantize, dequantize, fake
+// quantize forward and backward, and the lookup-table dequantize-GEMV of PowerQuantLinear. The
+// operator and the packed layout (codes, scales, exponents, codebooks) are specified in
+// rust/core/src/quant/mod.rs; rust/core/src/quant/cpu.rs is the CPU twin these kernels mirror, and
+// rust/core/src/quant/cuda.rs the launcher.
+//
+// Entry points, for <t> in {f32, bf16, f16}:
+//   quant_fwd_<t>            codes (quantize) or y (fake quantize), and the group scales
+//   quant_deq_<t>            x̂ = scales · lut[field]
+//   quant_fake_bwd_<t>       dx and da (per-row sum in a fixed order, no atomics)
+//   quant_linear_<t>_n<NT>   y = x @ Ŵᵀ + b, any bits / group / alignment (NT = 1, 2, 4, 8)
+//   quant_linear4_<t>_n<NT>  the same for 4 bits, n and the group size multiples of 32, 16-byte
+//                            aligned codes and x: 16-byte code loads (32 codes per lane and step)
+//
+// Row kernels (fwd, deq, fake_bwd): block (TX, RY), TX a multiple of 32 (at most 256), RY ≤ 8 row
+// slots; grid-stride over groups of RY rows. Thread tx of a slot owns "units" u = tx, tx+TX, ... of
+// 8 consecutive elements [8u, 8u+8) of the row, which are exactly the b bytes [b·u, b·u+b) of the
+// packed row for every b (8 codes · b bits), so no two threads share a code byte (3-bit fields
+// straddling bytes included); the last unit may be short (n % 8) and then writes only the row's
+// remaining ceil bytes, whose unused high bits are 0.
+//
+// Codes are IDENTICAL to the CPU kernel's: per row the boundaries t_k = ((k+0.5)/qmax)^(1/a) are
+// computed in float64, and |q| = #{k : |x| ≥ max(t_k·m, 2^-1074)} with the product in float64.
+// The CPU compares float32 |x| with thr_up(t_k·m) (that product rounded up to float32), which is the
+// same predicate for every float32 |x|. Only pow itself may differ (CUDA's double pow vs the host
+// libm, each within 2 ulp of the exact value), which can flip a code only when |x| lies within
+// ~1e-16 relative of a boundary.
+//
+// Error reporting: kernels never fail. A group holding NaN/inf gets a NaN scale (the Python layer
+// checks the scales for finiteness); a row whose exponent is outside (0, 1] gets a NaN table, so
+// its dequantized values are NaN rather than silently wrong. The linear kernels read the rows'
+// codebooks (`table`, float32 [out, 2^bits], from power_codebook) as given.
+//
+// Linear: one warp per output row (8 warps per block), the row's codebook copied from `table` into
+// shared memory; each lane
+// walks its own code units in a fixed order and the warp sums with a butterfly, so results depend on
+// the shape only. Tokens go NT at a time (each tile re-reads the codes: meant for tokens ≤ 8; the
+// Python layer dequantizes and calls cuBLAS for more).
+#include <stddef.h>
+
+#include "common.cuh"
+
+namespace lmkern {
+namespace quant {
+
+struct QuantParams {
+    const void* x;       // [rows, n] T
+    const float* a;      // [rows]
+    uint8_t* codes;      // [rows, row_bytes] or null (fake quantize)
+    void* y;             // [rows, n] T (fake quantize) or null
+    float* scales;       // [rows, n/group]
+    double clip;
+    int64_t rows;
+    int32_t n;
+    int32_t group;
+    int32_t bits;
+    int32_t row_bytes;
+    int32_t vec;         // 1: n % 8 == 0 and x (and y) aligned to 8 elements: 8-element packs
+    int32_t pad_;
+};
+static_assert(sizeof(QuantParams) == 80, "QuantParams layout must match the Rust mirror");
+
+struct DeqParams {
+    const uint8_t* codes;  // [rows, row_bytes]
+    const float* scales;   // [rows, n/group]
+    const float* a;        // [rows]
+    void* out;             // [rows, n] T
+    int64_t rows;
+    int32_t n;
+    int32_t group;
+    int32_t bits;
+    int32_t row_bytes;
+    int32_t vec;
+    int32_t pad_;
+};
+static_assert(sizeof(DeqParams) == 64, "DeqParams layout must match the Rust mirror");
+
+struct FakeBwdParams {
+    const void* dy;        // [rows, n] T
+    const void* x;         // [rows, n] T
+    const float* scales;   // [rows, n/group]
+    const float* a;        // [rows]
+    void* dx;              // [rows, n] T
+    float* da;             // [rows] or null (not wanted)
+    int64_t rows;
+    int32_t n;
+    int32_t group;
+    int32_t bits;
+    int32_t pad_;
+};
+static_assert(sizeof(FakeBwdParams) == 72, "FakeBwdParams layout must match the Rust mirror");
+
+struct LinearParams {
+    const void* x;         // [tokens, in] T
+    const uint8_t* codes;  // [out, row_bytes]
+    const float* scales;   // [out, in/group]
+    const float* table;    // [out, 2^bits]: the rows' codebooks (power_codebook), row stride 2^bits
+    const float* bias;     // [out] or null
+    void* y;               // [tokens, out] T
+    int64_t tokens;
+    int32_t out_features;
+    int32_t in_features;
+    int32_t group;
+    int32_t bits;
+    int32_t row_bytes;
+    int32_t pad_;
+};
+static_assert(sizeof(LinearParams) == 80, "LinearParams layout must match the Rust mirror");
+static_assert(offsetof(LinearParams, table) == 24 && offsetof(LinearParams, tokens) == 48,
+              "LinearParams layout must match the Rust mirror");
+
+constexpr int MAX_SLOTS = 8;     // row slots per block (RY)
+constexpr int MAX_LEVELS = 256;  // 2^8 table entries
+constexpr int MAX_BOUNDS = 128;  // 2^(8-1): qmax boundaries padded with +inf
+constexpr double MIN_THR = 4.9406564584124654e-324;  // the CPU's floor of t_k·m (never 0)
+
+__device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+__device__ __forceinline__ float nan_f() { return __uint_as_float(0x7fc00000u); }
+__device__ __forceinline__ bool valid_exponent(float a) { return a > 0.0f && a <= 1.0f; }
+
+// The signed code of a b-bit field (sign extension).
+__device__ __forceinline__ int field_code(int f, int bits) { return f >= (1 << (bits - 1)) ? f - (1 << bits) : f; }
+
+// lut[f] = sign(q_f)·(|q_f|/qmax)^(1/a) in float64, rounded to float (row_lut in quant/mod.rs); NaN
+// for an exponent outside (0, 1].
+__device__ __forceinline__ float lut_entry(int bits, float a, int f) {
+    if (!valid_exponent(a)) return nan_f();
+    const int q = field_code(f, bits);
+    const double qm = (double)((1 << (bits - 1)) - 1);
+    const double v = pow((double)(q < 0 ? -q : q) / qm, 1.0 / (double)a);
+    return (float)(q < 0 ? -v : v);
+}
+
+// Boundary k (0..P-1, P = 2^(b-1)): t_k = ((k+0.5)/qmax)^(1/a) for k < qmax, +inf for k = qmax.
+__device__ __forceinline__ double boundary(int bits, float a, int k) {
+    const int qm = (1 << (bits - 1)) - 1;
+    if (k >= qm) return __builtin_huge_val();
+    return pow(((double)k + 0.5) / (double)qm, 1.0 / (double)a);
+}
+
+// |q| for |x| = v under scale m > 0: the number of boundaries with max(t_k·m, 2^-1074) ≤ v; a
+// branchless binary search over the P padded boundaries (log2 P steps).
+__device__ __forceinline__ int count_code(const double* tb, int P, double m, double v) {
+    int pos = 0;
+    for (int step = P >> 1; step > 0; step >>= 1) {
+        const double t = fmax(tb[pos + step - 1] * m, MIN_THR);
+        pos += t <= v ? step : 0;
+    }
+    return pos;
+}
+
+// Load the 8 elements [e0, e0+cnt) of a row as floats (zeros past cnt).
+template <typename T>
+__device__ __forceinline__ void load8(const T* __restrict__ row, int64_t e0, int cnt, bool vec, float (&f)[8]) {
+    if (vec && cnt == 8) {
+        unpack(load_pack<T, 8>(row + e0, 0), f);
+    } else {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) f[j] = j < cnt ? to_float(row[e0 + j]) : 0.0f;
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ void store8(T* __restrict__ row, int64_t e0, int cnt, bool vec, const float (&f)[8]) {
+    if (vec && cnt == 8) {
+        store_pack<T, 8>(row + e0, 0, pack_floats<T, 8>(f));
+    } else {
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+            if (j < cnt) row[e0 + j] = from_float<T>(f[j]);
+    }
+}
+
+// The 64-bit little-endian word of unit u (8 fields) of a packed row: bytes [b·u, b·u+b) ∩ row.
+__device__ __forceinline__ uint64_t load_unit(const uint8_t* __restrict__ row, int bits, int64_t u, int row_bytes) {
+    const int64_t b0 = (int64_t)bits * u;
+    const int nb = (int)min64(bits, row_bytes - b0);
+    uint64_t w = 0;
+    for (int i = 0; i < nb; ++i) w |= (uint64_t)row[b0 + i] << (8 * i);
+    return w;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Quantize / fake quantize forward.
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+__device__ __forceinline__ void fwd(const QuantParams& p) {
+    __shared__ double tb[MAX_SLOTS][MAX_BOUNDS];
+    __shared__ float lut[MAX_SLOTS][MAX_LEVELS];
+    const T* __restrict__ x = static_cast<const T*>(p.x);
+    T* __restrict__ y = static_cast<T*>(p.y);
+    const int n = p.n, g = p.group, bits = p.bits, ng = n / g;
+    const int P = 1 << (bits - 1), nl = 1 << bits, mask = nl - 1;
+    const int tx = threadIdx.x, ty = threadIdx.y, TX = blockDim.x;
+    const int lane = tx & 31, warp = tx >> 5, nwarps = TX >> 5;
+    // Phase 1: S lanes per group (a power of two ≤ 32), 32/S groups per warp step.
+    int S = 1;
+    while (S < g && S < 32) S <<= 1;
+    const int gpw = 32 / S, sub = lane / S, sl = lane % S;
+    const int64_t nunits = (n + 7) / 8;
+    const int64_t step = (int64_t)gridDim.x * blockDim.y;
+
+    for (int64_t base = (int64_t)blockIdx.x * blockDim.y; base < p.rows; base += step) {
+        const int64_t row = base + ty;
+        const bool active = row < p.rows;
+        const float av = active ? p.a[row] : 1.0f;
+        if (active) {
+            for (int k = tx; k < P; k += TX) tb[ty][k] = valid_exponent(av) ? boundary(bits, av, k) : __builtin_huge_val();
+            if (y != nullptr)
+                for (int f = tx; f < nl; f += TX) lut[ty][f] = lut_entry(bits, av, f);
+        }
+        const T* xr = x + row * n;
+        float* sr = p.scales + row * ng;
+
+        // Phase 1: group scales m = float(clip·max|x|), NaN when the group holds NaN/inf.
+        for (int g0 = warp * gpw; g0 < ng; g0 += nwarps * gpw) {  // warp-uniform bounds
+            const int gi = g0 + sub;
+            const bool valid = active && gi < ng;
+            float amax = 0.0f, z = 0.0f;
+            if (valid) {
+                for (int e = sl; e < g; e += S) {
+                    const float v = to_float(xr[(int64_t)gi * g + e]);
+                    amax = fmaxf(amax, fabsf(v));
+                    z += v * 0.0f;  // 0 unless some v is NaN or ±inf
+                }
+            }
+            for (int o = S >> 1; o > 0; o >>= 1) {
+                amax = fmaxf(amax, __shfl_xor_sync(FULL_MASK, amax, o));
+                z += __shfl_xor_sync(FULL_MASK, z, o);
+            }
+            if (valid && sl == 0) sr[gi] = z == 0.0f ? (float)(p.clip * (double)amax) : nan_f();
+        }
+        __syncthreads();  // scales (global, this block's rows) and tables visible to the block
+
+        // Phase 2: codes of 8 elements per unit.
+        if (active) {
+            for (int64_t u = tx; u < nunits; u += TX) {
+                const int64_t e0 = 8 * u;
+                const int cnt = (int)min64(8, n - e0);
+                float f[8], out[8];
+                load8<T>(xr, e0, cnt, p.vec != 0, f);
+                uint64_t word = 0;
+#pragma unroll
+                for (int j = 0; j < 8; ++j) {
+                    out[j] = 0.0f;
+                    if (j < cnt) {
+                        const float m = sr[(e0 + j) / g];
+                        int c = 0;
+                        if (m != 0.0f) c = count_code(tb[ty], P, (double)m, (double)fabsf(f[j]));
+                        const int q = f[j] < 0.0f ? -c : c;
+                        const int field = q & mask;
+                        word |= (uint64_t)field << (bits * j);
+                        if (y != nullptr) out[j] = m * lut[ty][field];
+                    }
+                }
+                if (p.codes != nullptr) {
+                    uint8_t* cr = p.codes + row * p.row_bytes;
+                    const int64_t b0 = (int64_t)bits * u;
+                    const int nb = (int)min64(bits, p.row_bytes - b0);
+                    for (int i = 0; i < nb; ++i) cr[b0 + i] = (uint8_t)(word >> (8 * i));
+                }
+                if (y != nullptr) store8<T>(y + row * n, e0, cnt, p.vec != 0, out);
+            }
+        }
+        __syncthreads();  // tables are rewritten for the next rows
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dequantize.
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+__device__ __forceinline__ void deq(const DeqParams& p) {
+    __shared__ float lut[MAX_SLOTS][MAX_LEVELS];
+    T* __restrict__ out = static_cast<T*>(p.out);
+    const int n = p.n, g = p.group, bits = p.bits, ng = n / g;
+    const int nl = 1 << bits, mask = nl - 1;
+    const int tx = threadIdx.x, ty = threadIdx.y, TX = blockDim.x;
+    const int64_t nunits = (n + 7) / 8;
+    const int64_t step = (int64_t)gridDim.x * blockDim.y;
+    for (int64_t base = (int64_t)blockIdx.x * blockDim.y; base < p.rows; base += step) {
+        const int64_t row = base + ty;
+        const bool active = row < p.rows;
+        if (active) {
+            const float av = p.a[row];
+            for (int f = tx; f < nl; f += TX) lut[ty][f] = lut_entry(bits, av, f);
+        }
+        __syncthreads();
+        if (active) {
+            const uint8_t* cr = p.codes + row * p.row_bytes;
+            const float* sr = p.scales + row * ng;
+            for (int64_t u = tx; u < nunits; u += TX) {
+                const int64_t e0 = 8 * u;
+                const int cnt = (int)min64(8, n - e0);
+                const uint64_t word = load_unit(cr, bits, u, p.row_bytes);
+                float v[8];
+#pragma unroll
+                for (int j = 0; j < 8; ++j)
+                    v[j] = j < cnt ? sr[(e0 + j) / g] * lut[ty][(int)(word >> (bits * j)) & mask] : 0.0f;
+                store8<T>(out + row * n, e0, cnt, p.vec != 0, v);
+            }
+        }
+        __syncthreads();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fake quantize backward (straight-through, m held constant; formulas in quant/mod.rs), in float64
+// as the CPU computes them. da[row] = Σ dy·∂x̂/∂a: each thread sums its units in order, then the
+// slot's first thread adds the TX partials in thread order (a fixed order; no atomics).
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+__device__ __forceinline__ void fake_bwd(const FakeBwdParams& p) {
+    __shared__ double tb[MAX_SLOTS][MAX_BOUNDS];
+    __shared__ double red[MAX_SLOTS * 256];
+    const T* __restrict__ dy = static_cast<const T*>(p.dy);
+    const T* __restrict__ x = static_cast<const T*>(p.x);
+    T* __restrict__ dx = static_cast<T*>(p.dx);
+    const int n = p.n, g = p.group, bits = p.bits, ng = n / g;
+    const int P = 1 << (bits - 1);
+    const double qm = (double)(P - 1);
+    const int tx = threadIdx.x, ty = threadIdx.y, TX = blockDim.x;
+    const int64_t nunits = (n + 7) / 8;
+    const int64_t step = (int64_t)gridDim.x * blockDim.y;
+    for (int64_t base = (int64_t)blockIdx.x * blockDim.y; base < p.rows; base += step) {
+        const int64_t row = base + ty;
+        const bool active = row < p.rows;
+        const float a32 = active ? p.a[row] : 1.0f;
+        if (active)
+            for (int k = tx; k < P; k += TX) tb[ty][k] = valid_exponent(a32) ? boundary(bits, a32, k) : __builtin_huge_val();
+        __syncthreads();
+        double da_part = 0.0;
+        if (active) {
+            const double av = (double)a32;
+            const float* sr = p.scales + row * ng;
+            for (int64_t u = tx; u < nunits; u += TX) {
+                const int64_t e0 = 8 * u;
+                const int cnt = (int)min64(8, n - e0);
+                for (int j = 0; j < cnt; ++j) {
+                    const int64_t e = row * n + e0 + j;
+                    const float m32 = sr[(e0 + j) / g];
+                    const double xv = (double)to_float(x[e]);
+                    const double m = (double)m32;
+                    double ddx = 0.0, dda = 0.0;
+                    if (!(xv == 0.0 || m == 0.0 || fabs(xv) > m)) {
+                        const double sg = xv > 0.0 ? 1.0 : -1.0;
+                        const double lu = log(fabs(xv) / m + 1e-12);
+                        const int c = count_code(tb[ty], P, m, fabs(xv));
+                        double big_r, term_f;
+                        if (c == 0) {
+                            big_r = av == 1.0 ? 1.0 : 0.0;
+                            term_f = 0.0;
+                        } else {
+                            const double lr = log((double)c / qm);
+                            big_r = exp((1.0 / av - 1.0) * lr);
+                            term_f = -(m / (av * av)) * sg * exp(lr / av) * lr;
+                        }
+                        ddx = big_r * exp((av - 1.0) * lu);
+                        dda = term_f + (m / av) * sg * big_r * exp(av * lu) * lu;
+                    }
+                    const double go = (double)to_float(dy[e]);
+                    dx[e] = from_float<T>((float)(go * ddx));
+                    da_part += go * dda;
+                }
+            }
+        }
+        if (p.da != nullptr) {
+            red[ty * TX + tx] = da_part;
+            __syncthreads();
+            if (active && tx == 0) {
+                double s = 0.0;
+                for (int i = 0; i < TX; ++i) s += red[ty * TX + i];
+                p.da[row] = (float)s;
+            }
+        }
+        __syncthreads();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Linear: y[t, o] = Σ_k x[t, k]·m[o, k/g]·lut_o[field(o, k)] + bias[o].
+// ---------------------------------------------------------------------------------------------
+template <typename T, int NT, bool FAST4>
+__device__ __forceinline__ void linear(const LinearParams& p) {
+    __shared__ float lut[8][MAX_LEVELS];  // one table per warp (blockDim.x ≤ 256)
+    const T* __restrict__ x = static_cast<const T*>(p.x);
+    T* __restrict__ y = static_cast<T*>(p.y);
+    const int n = p.in_features, g = p.group, bits = p.bits, ng = n / g, nout = p.out_features;
+    const int nl = 1 << bits, mask = nl - 1;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    const int64_t step = (int64_t)gridDim.x * nwarps;
+    for (int64_t base = (int64_t)blockIdx.x * nwarps; base < nout; base += step) {
+        const int64_t o = base + warp;
+        const bool active = o < nout;
+        if (active) {
+            const float* tr = p.table + o * nl;
+            for (int f = lane; f < nl; f += 32) lut[warp][f] = tr[f];
+        }
+        __syncthreads();
+        const uint8_t* cr = p.codes + o * p.row_bytes;
+        const float* sr = p.scales + o * ng;
+        const float b = (active && p.bias != nullptr) ? p.bias[o] : 0.0f;
+        for (int64_t t0 = 0; t0 < p.tokens; t0 += NT) {  // uniform across the block
+            float acc[NT];
+#pragma unroll
+            for (int t = 0; t < NT; ++t) acc[t] = 0.0f;
+            int nt = (int)min64(NT, p.tokens - t0);
+            if (active) {
+                if constexpr (FAST4) {
+                    // 32 codes (16 bytes) per lane and chunk, all in one group (g % 32 == 0). U chunks'
+                    // loads are issued back to back before any is used, so a warp has U·512 bytes in
+                    // flight (a 4096-wide row is one such step); a lane still adds its chunks in
+                    // increasing order.
+                    constexpr int VW = 16 / sizeof(T);
+                    constexpr int U = 4;
+                    const int chunks = n / 32;
+                    for (int cb = lane; cb < chunks; cb += 32 * U) {
+                        Pack<uint32_t, 4> cw[U] = {};
+                        float mk[U] = {};
+#pragma unroll
+                        for (int i = 0; i < U; ++i) {
+                            const int c = cb + 32 * i;
+                            if (c < chunks) {
+                                cw[i] = load_pack<uint32_t, 4>(reinterpret_cast<const uint32_t*>(cr), c);
+                                mk[i] = sr[(c * 32) / g];
+                            }
+                        }
+#pragma unroll
+                        for (int i = 0; i < U; ++i) {
+                            const int c = cb + 32 * i;
+                            if (c >= chunks) continue;
+                            float w[32];
+#pragma unroll
+                            for (int j = 0; j < 32; ++j) w[j] = lut[warp][(cw[i].w[j / 8] >> (4 * (j % 8))) & 0xf];
+#pragma unroll
+                            for (int t = 0; t < NT; ++t) {
+                                if (t < nt) {
+                                    const T* xr = x + (t0 + t) * n + (int64_t)c * 32;
+                                    float s = 0.0f;
+#pragma unroll
+                                    for (int v = 0; v < 32 / VW; ++v) {
+                                        float xf[VW];
+                                        unpack(load_pack<T, VW>(xr, v), xf);
+#pragma unroll
+                                        for (int e = 0; e < VW; ++e) s = fmaf(w[v * VW + e], xf[e], s);
+                                    }
+                                    acc[t] = fmaf(mk[i], s, acc[t]);
+                                }
+                            }
+                        }
+                    }
+                } else {
+                    const int64_t nunits = (n + 7) / 8;
+                    for (int64_t u = lane; u < nunits; u += 32) {
+                        const int64_t e0 = 8 * u;
+                        const int cnt = (int)min64(8, n - e0);
+                        const uint64_t word = load_unit(cr, bits, u, p.row_bytes);
+                        for (int j = 0; j < cnt; ++j) {
+                            const float w = sr[(e0 + j) / g] * lut[warp][(int)(word >> (bits * j)) & mask];
+#pragma unroll
+                            for (int t = 0; t < NT; ++t)
+                                if (t < nt) acc[t] = fmaf(w, to_float(x[(t0 + t) * n + e0 + j]), acc[t]);
+                        }
+                    }
+                }
+            }
+#pragma unroll
+            for (int t = 0; t < NT; ++t) acc[t] = warp_sum(acc[t]);
+            if (active && lane == 0) {
+                for (int t = 0; t < nt; ++t) y[(t0 + t) * nout + o] = from_float<T>(acc[t] + b);
+            }
+        }
+        __syncthreads();  // the tables are rewritten for the next rows
+    }
+}
+
+}  // namespace quant
+}  // namespace lmkern
+
+// ---------------------------------------------------------------------------------------------
+// extern "C" entry points (blocks of at most 256 threads).
+// ---------------------------------------------------------------------------------------------
+#define LMKERN_QUANT_LINEAR(T, TN, NT)                                                         \
+    extern "C" __global__ void __launch_bounds__(256)                                        \
+        quant_linear_##TN##_n##NT(const __grid_constant__ lmkern::quant::LinearParams p) {   \
+        lmkern::quant::linear<T, NT, false>(p);                                              \
+    }                                                                                        \
+    extern "C" __global__ void __launch_bounds__(256)                                        \
+        quant_linear4_##TN##_n##NT(const __grid_constant__ lmkern::quant::LinearParams p) {  \
+        lmkern::quant::linear<T, NT, true>(p);                                               \
+    }
+
+#define LMKERN_QUANT_ENTRIES(T, TN)                                                                              \
+    extern "C" __global__ void __launch_bounds__(256) quant_fwd_##TN(const __grid_constant__ lmkern::quant::QuantParams p) { \
+        lmkern::quant::fwd<T>(p);                                                                                \
+    }                                                                                                            \
+    extern "C" __global__ void __launch_bounds__(256) quant_deq_##TN(const __grid_constant__ lmkern::quant::DeqParams p) { \
+        lmkern::quant::deq<T>(p);                                                                                \
+    }                                                                                                            \
+    extern "C" __global__ void __launch_bounds__(256)                                                            \
+        quant_fake_bwd_##TN(const __grid_constant__ lmkern::quant::FakeBwdParams p) {                            \
+        lmkern::quant::fake_bwd<T>(p);                                                                           \
+    }                                                                                                            \
+    LMKERN_QUANT_LINEAR(T, TN, 1)                                                                                \
+    LMKERN_QUANT_LINEAR(T, TN, 2)                                                                                \
+    LMKERN_QUANT_LINEAR(T, TN, 4)                                                                                \
+    LMKERN_QUANT_LINEAR(T, TN, 8)
+
+LMKERN_QUANT_ENTRIES(float, f32)
+LMKERN_QUANT_ENTRIES(__nv_bfloat16, bf16)
+LMKERN_QUANT_ENTRIES(__half, f16)

@@ -1,0 +1,402 @@
+//! CUDA launch code for the power-quantization kernels in cuda/quant.cu.
+//!
+//! Launch shapes depend on the shape, dtype and buffer alignment only, so results are reproducible
+//! run to run:
+//! - row kernels (quantize, fake quantize forward/backward, dequantize): blockDim.x = TX threads per
+//!   row, the row's units of 8 elements over TX rounded up to a warp multiple, within [32, 256];
+//!   blockDim.y = RY = min(256/TX, 8, rows) rows per block; grid over row groups;
+//! - linear: 256 threads (one warp per output row, 8 rows per block), tokens in tiles of NT ∈ {1,
+//!   2, 4, 8}; the 4-bit kernel (`quant_linear4_*`: 16-byte code loads, 32 codes per lane and step)
+//!   when bits = 4, n and the group size are multiples of 32 and codes and x are 16-byte aligned.
+//!
+//! Nothing here reads device memory on the host: exponents outside (0, 1] give NaN tables (NaN
+//! outputs; linear reads the codebooks it is given), NaN/inf inputs NaN scales; the Python layer
+//! checks what it must (lmkern.ops.quant).
+use std::ffi::c_void;
+
+use super::{LinearArgs, QuantArgs};
+use crate::cuda::{self, LaunchConfig};
+use crate::error::{Error, Result};
+use crate::tensor::{DType, Ptr};
+
+// Kernel parameter blocks: field for field the structs of cuda/quant.cu (sizes asserted there too).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct QuantParams {
+    x: u64,
+    a: u64,
+    codes: u64,
+    y: u64,
+    scales: u64,
+    clip: f64,
+    rows: i64,
+    n: i32,
+    group: i32,
+    bits: i32,
+    row_bytes: i32,
+    vec: i32,
+    pad: i32,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct DeqParams {
+    codes: u64,
+    scales: u64,
+    a: u64,
+    out: u64,
+    rows: i64,
+    n: i32,
+    group: i32,
+    bits: i32,
+    row_bytes: i32,
+    vec: i32,
+    pad: i32,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct FakeBwdParams {
+    dy: u64,
+    x: u64,
+    scales: u64,
+    a: u64,
+    dx: u64,
+    da: u64,
+    rows: i64,
+    n: i32,
+    group: i32,
+    bits: i32,
+    pad: i32,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct LinearParams {
+    x: u64,
+    codes: u64,
+    scales: u64,
+    /// float32 [out, 2^bits]: the rows' codebooks, row stride 2^bits.
+    table: u64,
+    bias: u64,
+    y: u64,
+    tokens: i64,
+    out_features: i32,
+    in_features: i32,
+    group: i32,
+    bits: i32,
+    row_bytes: i32,
+    pad: i32,
+}
+
+const _: () = {
+    use std::mem::{offset_of, size_of};
+    assert!(size_of::<QuantParams>() == 80);
+    assert!(offset_of!(QuantParams, clip) == 40);
+    assert!(offset_of!(QuantParams, rows) == 48);
+    assert!(offset_of!(QuantParams, n) == 56);
+    assert!(offset_of!(QuantParams, vec) == 72);
+    assert!(size_of::<DeqParams>() == 64);
+    assert!(offset_of!(DeqParams, rows) == 32);
+    assert!(offset_of!(DeqParams, vec) == 56);
+    assert!(size_of::<FakeBwdParams>() == 72);
+    assert!(offset_of!(FakeBwdParams, rows) == 48);
+    assert!(offset_of!(FakeBwdParams, bits) == 64);
+    assert!(size_of::<LinearParams>() == 80);
+    assert!(offset_of!(LinearParams, table) == 24);
+    assert!(offset_of!(LinearParams, tokens) == 48);
+    assert!(offset_of!(LinearParams, out_features) == 56);
+    assert!(offset_of!(LinearParams, row_bytes) == 72);
+};
+
+/// Threads of a block (row kernels: at most; linear: exactly).
+const BLOCK: usize = 256;
+/// Row slots per block of the row kernels (the kernels' shared tables hold 8).
+const MAX_SLOTS: usize = 8;
+/// Largest token tile of the linear kernels.
+pub const MAX_TILE: usize = 8;
+
+/// One kernel launch: which kernel, and its shape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Plan {
+    pub name: String,
+    pub grid: u32,
+    pub block: (u32, u32),
+}
+
+impl Plan {
+    fn config(&self) -> LaunchConfig {
+        LaunchConfig { grid: (self.grid, 1, 1), block: (self.block.0, self.block.1, 1), shared_mem: 0 }
+    }
+}
+
+fn type_suffix(dtype: DType) -> Result<&'static str> {
+    match dtype {
+        DType::F32 => Ok("f32"),
+        DType::BF16 => Ok("bf16"),
+        DType::F16 => Ok("f16"),
+        DType::F64 => {
+            Err(Error::dtype("x: float64 is supported on CPU only; use float32, bfloat16 or float16 on CUDA"))
+        }
+    }
+}
+
+fn clamp_grid(blocks: usize) -> u32 {
+    blocks.clamp(1, i32::MAX as usize) as u32
+}
+
+/// Shape of a row kernel for `rows` rows of `n` elements.
+pub(crate) fn plan_rows(kernel: &str, dtype: DType, rows: usize, n: usize) -> Result<Plan> {
+    let t = type_suffix(dtype)?;
+    let units = n.div_ceil(8);
+    let tx = units.div_ceil(32).saturating_mul(32).clamp(32, BLOCK);
+    let ry = (BLOCK / tx).clamp(1, MAX_SLOTS).min(rows.max(1));
+    Ok(Plan { name: format!("quant_{kernel}_{t}"), grid: clamp_grid(rows.div_ceil(ry)), block: (tx as u32, ry as u32) })
+}
+
+/// Token tile of the linear kernels.
+pub(crate) fn token_tile(tokens: usize) -> usize {
+    match tokens {
+        0 | 1 => 1,
+        2 => 2,
+        3 | 4 => 4,
+        _ => MAX_TILE,
+    }
+}
+
+/// Whether the 4-bit linear kernel applies.
+pub(crate) fn fast4(q: &QuantArgs, x: Ptr, codes: Ptr) -> bool {
+    q.bits == 4 && q.n.is_multiple_of(32) && q.group.is_multiple_of(32) && x.is_multiple_of(16) && codes.is_multiple_of(16)
+}
+
+pub(crate) fn plan_linear(dtype: DType, l: &LinearArgs, fast: bool) -> Result<Plan> {
+    let t = type_suffix(dtype)?;
+    let k = if fast { "linear4" } else { "linear" };
+    let nt = token_tile(l.tokens);
+    Ok(Plan {
+        name: format!("quant_{k}_{t}_n{nt}"),
+        grid: clamp_grid(l.q.rows.div_ceil(BLOCK / 32)),
+        block: (BLOCK as u32, 1),
+    })
+}
+
+/// 8-element packs: n a multiple of 8 and every given row buffer aligned to 8 elements.
+fn vec8(dtype: DType, n: usize, ptrs: &[Ptr]) -> i32 {
+    let align = 8 * dtype.size() as u64;
+    (n.is_multiple_of(8) && ptrs.iter().all(|&p| p.is_multiple_of(align))) as i32
+}
+
+unsafe fn launch_with<P>(ordinal: usize, stream: u64, plan: &Plan, params: &mut P) -> Result<()> {
+    let mut args: [*mut c_void; 1] = [params as *mut P as *mut c_void];
+    cuda::launch(ordinal, stream, &plan.name, plan.config(), &mut args)
+}
+
+fn dims(q: &QuantArgs) -> (i64, i32, i32, i32, i32) {
+    (q.rows as i64, q.n as i32, q.group as i32, q.bits as i32, q.row_bytes() as i32)
+}
+
+/// Quantize (`codes` given, `y` = 0) or fake quantize (`y` given, `codes` = 0).
+///
+/// # Safety
+/// See [`super::quantize`] / [`super::fake_quantize`]: device pointers valid on `ordinal`; rows > 0, n > 0.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn forward(
+    ordinal: usize, stream: u64, dtype: DType, q: &QuantArgs, x: Ptr, a: Ptr, codes: Ptr, y: Ptr, scales: Ptr,
+) -> Result<()> {
+    let plan = plan_rows("fwd", dtype, q.rows, q.n)?;
+    let (rows, n, group, bits, row_bytes) = dims(q);
+    let mut p = QuantParams {
+        x,
+        a,
+        codes,
+        y,
+        scales,
+        clip: q.clip,
+        rows,
+        n,
+        group,
+        bits,
+        row_bytes,
+        vec: vec8(dtype, q.n, &[x, y]),
+        pad: 0,
+    };
+    launch_with(ordinal, stream, &plan, &mut p)
+}
+
+/// # Safety
+/// See [`super::dequantize`]; rows > 0, n > 0.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn dequantize(
+    ordinal: usize, stream: u64, dtype: DType, q: &QuantArgs, codes: Ptr, scales: Ptr, a: Ptr, out: Ptr,
+) -> Result<()> {
+    let plan = plan_rows("deq", dtype, q.rows, q.n)?;
+    let (rows, n, group, bits, row_bytes) = dims(q);
+    let mut p = DeqParams { codes, scales, a, out, rows, n, group, bits, row_bytes, vec: vec8(dtype, q.n, &[out]), pad: 0 };
+    launch_with(ordinal, stream, &plan, &mut p)
+}
+
+/// # Safety
+/// See [`super::fake_quantize_backward`]; rows > 0 (n may be 0: then only da = 0 is written).
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn fake_backward(
+    ordinal: usize, stream: u64, dtype: DType, q: &QuantArgs, dy: Ptr, x: Ptr, scales: Ptr, a: Ptr, dx: Ptr, da: Ptr,
+) -> Result<()> {
+    let plan = plan_rows("fake_bwd", dtype, q.rows, q.n)?;
+    let (rows, n, group, bits, _) = dims(q);
+    let mut p = FakeBwdParams { dy, x, scales, a, dx, da, rows, n, group, bits, pad: 0 };
+    launch_with(ordinal, stream, &plan, &mut p)
+}
+
+/// # Safety
+/// See [`super::linear`]; tokens > 0, out > 0 (in may be 0: y = bias).
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn linear(
+    ordinal: usize, stream: u64, dtype: DType, l: &LinearArgs, x: Ptr, codes: Ptr, scales: Ptr, table: Ptr, bias: Ptr, y: Ptr,
+) -> Result<()> {
+    let q = &l.q;
+    if q.rows > i32::MAX as usize {
+        return Err(Error::value(format!("codes: {} output rows exceed the 2^31-1 the CUDA kernels support", q.rows)));
+    }
+    let plan = plan_linear(dtype, l, fast4(q, x, codes))?;
+    let mut p = LinearParams {
+        x,
+        codes,
+        scales,
+        table,
+        bias,
+        y,
+        tokens: l.tokens as i64,
+        out_features: q.rows as i32,
+        in_features: q.n as i32,
+        group: q.group as i32,
+        bits: q.bits as i32,
+        row_bytes: q.row_bytes() as i32,
+        pad: 0,
+    };
+    launch_with(ordinal, stream, &plan, &mut p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all_kernel_names() -> Vec<String> {
+        let mut v = Vec::new();
+        for t in ["f32", "bf16", "f16"] {
+            for k in ["fwd", "deq", "fake_bwd"] {
+                v.push(format!("quant_{k}_{t}"));
+            }
+            for nt in [1, 2, 4, 8] {
+                v.push(format!("quant_linear_{t}_n{nt}"));
+                v.push(format!("quant_linear4_{t}_n{nt}"));
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn row_plans_cover_every_shape() {
+        let names = all_kernel_names();
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            for n in (1..=300).chain([1000, 2048, 2049, 4096, 65536, 1 << 20]) {
+                for rows in [1usize, 2, 7, 8, 9, 1000, 3_000_000] {
+                    for k in ["fwd", "deq", "fake_bwd"] {
+                        let p = plan_rows(k, dtype, rows, n).unwrap();
+                        assert!(names.contains(&p.name), "{p:?}");
+                        let (tx, ry) = (p.block.0 as usize, p.block.1 as usize);
+                        assert!(tx % 32 == 0 && (32..=256).contains(&tx) && tx * ry <= 256, "{p:?}");
+                        assert!((1..=MAX_SLOTS).contains(&ry) && ry <= rows, "{p:?}");
+                        assert!(p.grid as usize * ry >= rows, "{p:?}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn linear_plans() {
+        let q = QuantArgs { bits: 4, rows: 4096, n: 4096, group: 128, clip: 1.0 };
+        let l = LinearArgs { q, tokens: 1 };
+        assert!(fast4(&q, 256, 512));
+        assert!(!fast4(&q, 258, 512));
+        assert!(!fast4(&QuantArgs { group: 48, n: 4080, ..q }, 256, 512));
+        assert!(!fast4(&QuantArgs { bits: 3, ..q }, 256, 512));
+        let p = plan_linear(DType::BF16, &l, true).unwrap();
+        assert_eq!((p.name.as_str(), p.grid, p.block), ("quant_linear4_bf16_n1", 512, (256, 1)));
+        let names = all_kernel_names();
+        for tokens in 0..40 {
+            for fast in [false, true] {
+                let p = plan_linear(DType::F16, &LinearArgs { q, tokens }, fast).unwrap();
+                assert!(names.contains(&p.name), "{p:?}");
+            }
+        }
+        assert_eq!(token_tile(3), 4);
+        assert_eq!(token_tile(9), 8);
+    }
+
+    #[test]
+    fn vec8_needs_alignment_and_divisibility() {
+        assert_eq!(vec8(DType::BF16, 64, &[256, 512]), 1);
+        assert_eq!(vec8(DType::BF16, 64, &[256, 520]), 0);
+        assert_eq!(vec8(DType::F32, 64, &[256, 0]), 1);
+        assert_eq!(vec8(DType::F32, 60, &[256]), 0);
+    }
+
+    #[test]
+    fn float64_is_a_type_error() {
+        assert_eq!(plan_rows("fwd", DType::F64, 1, 8).unwrap_err().kind, crate::error::ErrorKind::Type);
+    }
+
+    /// Without a driver (this build machine), CUDA calls are errors, never panics; float64 and the
+    /// CPU-only ops are type errors before any launch.
+    #[test]
+    fn cuda_calls_without_a_gpu_are_errors() {
+        use crate::error::ErrorKind;
+        use crate::quant::{self, SearchArgs};
+        use crate::tensor::Device;
+        let dev = Device::Cuda { ordinal: 0, stream: 0 };
+        let q = QuantArgs { bits: 4, rows: 4, n: 64, group: 32, clip: 1.0 };
+        let l = LinearArgs { q, tokens: 2 };
+        let (x, a, c, s, y) = (4096u64, 8192u64, 12288u64, 16384u64, 20480u64);
+        unsafe {
+            let e = quant::quantize(dev, DType::F64, &q, x, a, c, s).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::Type, "{e}");
+            let e = quant::linear_backward(dev, DType::F32, &l, x, c, s, a, y).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::Type, "{e}");
+            let sa = SearchArgs { q, per_row: true, z_rows: 0, lo: 0.1, grid: 8, refine: 2 };
+            assert_eq!(quant::search_exponent(dev, &sa, x, 0, y).unwrap_err().kind, ErrorKind::Type);
+            if crate::cuda_status().is_ok() {
+                return;
+            }
+            let errs = [
+                quant::quantize(dev, DType::BF16, &q, x, a, c, s),
+                quant::dequantize(dev, DType::F32, &q, c, s, a, y),
+                quant::fake_quantize(dev, DType::F16, &q, x, a, y, s),
+                quant::fake_quantize_backward(dev, DType::F32, &q, x, x, s, a, y, a),
+                quant::linear(dev, DType::BF16, &l, x, c, s, a, 0, y),
+            ];
+            for e in errs {
+                assert_eq!(e.unwrap_err().kind, ErrorKind::Cuda);
+            }
+        }
+    }
+
+    #[test]
+    fn kernels_named_by_plans_are_in_the_image() {
+        if !crate::cuda::kernels_built() {
+            return;
+        }
+        let image = crate::cuda::image_bytes();
+        let has = |name: &str| {
+            let mut needle = name.as_bytes().to_vec();
+            needle.push(0);
+            image.windows(needle.len()).any(|w| w == needle.as_slice())
+        };
+        if !has("quant_fwd_f32") {
+            return; // a compressed image: nothing to look at
+        }
+        for name in all_kernel_names() {
+            assert!(has(&name), "{name} missing from the CUDA image");
+        }
+    }
+}

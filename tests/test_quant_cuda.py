@@ -1,0 +1,384 @@
+"""CUDA power quantization (cuda/quant.cu) against the CPU ops and the float64 references.
+
+Every test carries the `cuda` marker (conftest skips them unless lmkern's CUDA path works here).
+Codes must be bit-identical to the CPU kernel's (the only allowed difference: elements the float64
+reference flags as within 1e-9 relative of a code boundary, where CUDA's double pow and the host's
+may round the boundary differently; their count is reported and bounded); dequantized and
+fake-quantized values within float rounding; gradients and linear outputs within the tolerances of
+DESIGN.md against the float64 references.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from lmkern.nn import PowerQuantLinear
+from lmkern.quant import power_dequantize, power_fake_quantize, power_quantize, search_exponent
+
+from reference.quant import dequantize_ref, fake_quantize_grads_ref, linear_ref, quantize_ref, unpack_ref
+
+pytestmark = pytest.mark.cuda
+
+F64, F32, BF16, F16 = torch.float64, torch.float32, torch.bfloat16, torch.float16
+DTYPES = [F32, BF16, F16]
+# |x̂ − ref| ≤ RTOL·|ref| + ATOL element-wise, for a value stored in each dtype (as test_quant.py).
+DEQ_RTOL = {F32: 3e-7, BF16: 2 ** -8 + 3e-7, F16: 2 ** -11 + 3e-7}
+DEQ_ATOL = {F32: 1e-300, BF16: 1e-300, F16: 2 ** -25}
+TOL = {F32: 1e-5, BF16: 1e-2, F16: 1e-2}
+
+
+def randn(shape, dtype, seed, mag=1.0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=F64) * mag).to(dtype).to(device)
+
+
+def rel_err(out, ref) -> float:
+    o, r = out.detach().to("cpu", F64), ref.detach().to("cpu", F64)
+    assert o.shape == r.shape, f"{tuple(o.shape)} vs {tuple(r.shape)}"
+    if not torch.isfinite(o).all():
+        return math.inf
+    d, n = (o - r).norm().item(), r.norm().item()
+    return d if n == 0 else d / n
+
+
+def same_codes(cuda_codes, cpu_codes, x, a, bits, g, clip=1.0):
+    """Packed CUDA codes equal the CPU's byte for byte, or differ only at flagged boundary elements."""
+    cuda_codes = cuda_codes.cpu()
+    if torch.equal(cuda_codes, cpu_codes):
+        return
+    n = x.shape[-1]
+    _, _, near = quantize_ref(x.cpu(), a.cpu() if isinstance(a, torch.Tensor) else a, bits, g, clip)
+    got, want = unpack_ref(cuda_codes, bits, n), unpack_ref(cpu_codes, bits, n)
+    diff = got != want
+    assert not (diff & ~near).any(), f"{int((diff & ~near).sum())} codes differ from the CPU's away from a boundary"
+    assert int(diff.sum()) <= max(2, diff.numel() // 10**6)
+
+
+@st.composite
+def cases(draw, max_elems=20_000):
+    dtype = draw(st.sampled_from(DTYPES))
+    bits = draw(st.sampled_from([2, 3, 4, 8]))
+    n = draw(st.one_of(st.integers(1, 40), st.sampled_from([64, 96, 127, 128, 256, 1000, 4096])))
+    divisors = [d for d in range(1, n + 1) if n % d == 0]
+    g = draw(st.sampled_from(divisors))
+    lead = draw(st.sampled_from([(1,), (3,), (2, 3), (0,), (9, 1), (17,)]))
+    if math.prod(lead) * n > max_elems:
+        lead = (max(1, max_elems // n),)
+    rows = math.prod(lead)
+    a = torch.tensor(draw(st.lists(st.floats(0.05, 1.0), min_size=rows, max_size=rows)), dtype=F32)
+    if rows:
+        a[0] = 1.0
+    clip = draw(st.sampled_from([1.0, 0.9, 1.5]))
+    mag = draw(st.sampled_from([1.0, 1e-3, 50.0]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    return dtype, bits, lead + (n,), g, a, clip, mag, seed
+
+
+def make_x(shape, dtype, seed, mag):
+    x = randn(shape, dtype, seed, mag)
+    if x.numel() > 4:  # exact zeros and an all-zero group
+        x.view(-1)[seed % x.numel()] = 0
+        x.view(-1)[: min(3, x.shape[-1])] = 0
+    return x
+
+
+# ------------------------------------------------------------------------------------------------
+# quantize / dequantize / fake quantize against the CPU ops
+# ------------------------------------------------------------------------------------------------
+
+
+@given(cases())
+@settings(deadline=None, max_examples=30)  # the GPU check's time limit: CPU references dominate
+def test_quantize_matches_cpu_bit_for_bit(case):
+    dtype, bits, shape, g, a, clip, mag, seed = case
+    x = make_x(shape, dtype, seed, mag)
+    q_cpu = power_quantize(x, a, bits, g, clip)
+    q = power_quantize(x.cuda(), a.cuda(), bits, g, clip)
+    assert q.codes.is_cuda and q.scales.is_cuda and q.exponent.is_cuda
+    assert q.codes.shape == q_cpu.codes.shape and q.scales.shape == q_cpu.scales.shape
+    assert torch.equal(q.scales.cpu(), q_cpu.scales), "scales differ from the CPU's"
+    same_codes(q.codes, q_cpu.codes, x, a, bits, g, clip)
+    # Dequantize: the CPU's dequantization of the same codes, within float rounding.
+    xh = power_dequantize(q)
+    assert xh.is_cuda and xh.dtype == dtype and xh.shape == x.shape
+    codes = unpack_ref(q.codes.cpu(), bits, shape[-1])
+    ref = dequantize_ref(codes, q.scales.cpu(), a, bits, g).reshape(shape)
+    err = (xh.cpu().to(F64) - ref).abs()
+    assert (err <= DEQ_RTOL[dtype] * ref.abs() + DEQ_ATOL[dtype]).all(), f"max element error {err.max().item():.3e}"
+    # Fake quantize: the same values and scales.
+    y, scales = torch.ops.lmkern.power_fake_quantize(x.cuda(), a.cuda(), bits, g, clip)
+    assert torch.equal(scales.cpu(), q_cpu.scales)
+    assert torch.equal(y.cpu(), xh.cpu().reshape(y.shape)), "fake quantize differs from dequantize(quantize(x))"
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_large_rows_match_cpu(bits, dtype):
+    x = randn((256, 4096), dtype, bits)
+    a = torch.linspace(0.2, 1.0, 256)
+    q_cpu = power_quantize(x, a, bits, 128)
+    q = power_quantize(x.cuda(), a.cuda(), bits, 128)
+    assert torch.equal(q.scales.cpu(), q_cpu.scales)
+    same_codes(q.codes, q_cpu.codes, x, a, bits, 128)
+    assert rel_err(power_dequantize(q), power_dequantize(q_cpu)) <= 1e-6
+
+
+@given(cases(max_elems=5000))
+@settings(deadline=None, max_examples=30)
+def test_fake_quantize_gradients_match_reference(case):
+    dtype, bits, shape, g, a, clip, mag, seed = case
+    x = make_x(shape, dtype, seed, mag)
+    dy = randn(shape, dtype, seed + 1)
+    _, _, near = quantize_ref(x, a, bits, g, clip)
+    dy.view(-1, shape[-1])[near] = 0  # elements on a code boundary may take the other code: left out
+    xc = x.cuda().requires_grad_(True)
+    ac = a.cuda().requires_grad_(True)
+    y = power_fake_quantize(xc, ac, bits, g, clip)
+    dx, da = torch.autograd.grad(y, (xc, ac), dy.cuda())
+    assert dx.is_cuda and dx.dtype == dtype and da.dtype == F32
+    # Against the CPU op (same formulas in float64, different summation order of da).
+    xp, ap = x.clone().requires_grad_(True), a.clone().requires_grad_(True)
+    dx_cpu, da_cpu = torch.autograd.grad(power_fake_quantize(xp, ap, bits, g, clip), (xp, ap), dy)
+    assert rel_err(dx, dx_cpu) <= TOL[dtype] / 10
+    assert rel_err(da, da_cpu) <= 1e-5 or (da.cpu() - da_cpu).abs().max().item() < 1e-6 * dy.to(F64).abs().sum().item()
+    # And against the float64 reference (as test_quant.py checks the CPU op).
+    _, dx_ref, da_ref = fake_quantize_grads_ref(x, a.to(F64), dy, bits, g, clip)
+    assert rel_err(dx, dx_ref.reshape(shape)) <= TOL[dtype]
+    assert rel_err(da, da_ref) <= TOL[dtype] or (da.cpu().to(F64) - da_ref).abs().max().item() < 1e-6 * dy.to(F64).abs().sum().item()
+
+
+def test_fake_quantize_backward_is_deterministic():
+    x = randn((300, 1536), BF16, 5, device="cuda")
+    a = torch.linspace(0.3, 1.0, 300, device="cuda")
+    dy = randn((300, 1536), BF16, 6, device="cuda")
+    _, scales = torch.ops.lmkern.power_fake_quantize(x, a, 4, 64, 1.0)
+    first = torch.ops.lmkern.power_fake_quantize_backward(dy, x, scales, a, 4, 64, True)
+    for _ in range(3):
+        again = torch.ops.lmkern.power_fake_quantize_backward(dy, x, scales, a, 4, 64, True)
+        assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+
+
+# ------------------------------------------------------------------------------------------------
+# linear
+# ------------------------------------------------------------------------------------------------
+
+
+def _linear(in_f, out_f, bias, seed):
+    torch.manual_seed(seed)
+    return torch.nn.Linear(in_f, out_f, bias=bias)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", [1, 3, 8, 16])  # GEMV tiles 1, 4, 8; 16: dequantize + cuBLAS
+@pytest.mark.parametrize("shape", [(256, 96, 32), (96, 37, 3), (512, 40, 128)])
+def test_linear_matches_cpu_and_reference(shape, tokens, dtype, bits):
+    in_f, out_f, g = shape
+    mod = PowerQuantLinear.from_linear(_linear(in_f, out_f, True, tokens), bits, g, a=torch.linspace(0.4, 1.0, out_f))
+    x = randn((tokens, in_f), dtype, tokens + bits)
+    y_cpu = mod(x)
+    cmod = mod.to("cuda")
+    y = cmod(x.cuda())
+    assert y.is_cuda and y.dtype == dtype and y.shape == (tokens, out_f)
+    ref = linear_ref(x, cmod.dequantized_weight().cpu().to(F64), cmod.bias.cpu())
+    assert rel_err(y, ref) <= TOL[dtype]
+    assert rel_err(y, y_cpu) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_gradient(dtype):
+    mod = PowerQuantLinear.from_linear(_linear(256, 48, True, 3), 4, 64, a=0.8).to("cuda")
+    for tokens in (1, 5, 20):
+        x = randn((2, tokens, 256), dtype, tokens, device="cuda").requires_grad_(True)
+        dy = randn((2, tokens, 48), dtype, tokens + 1, device="cuda")
+        (dx,) = torch.autograd.grad(mod(x), (x,), dy)
+        assert dx.dtype == dtype and dx.shape == x.shape
+        w = mod.dequantized_weight().cpu().to(F64)
+        assert rel_err(dx, dy.cpu().to(F64) @ w) <= TOL[dtype]
+
+
+def test_linear_gemv_target_shape_and_determinism():
+    """Batch 1, 4096 → 4096, 4-bit g128 (the benchmark shape): the 4-bit kernel, deterministic."""
+    w = randn((4096, 4096), F32, 1, 0.02)
+    a = torch.full((4096,), 0.7)
+    q = power_quantize(w.cuda(), a.cuda(), 4, 128)
+    x = randn((1, 4096), BF16, 2, device="cuda")
+    table = torch.ops.lmkern.power_codebook(q.exponent, 4)
+    assert table.is_cuda and torch.equal(table.cpu(), torch.ops.lmkern.power_codebook(q.exponent.cpu(), 4))
+    y = torch.ops.lmkern.power_quant_linear(x, q.codes, q.scales, table, None, 4, 128, 4096)
+    ref = linear_ref(x.cpu(), power_dequantize(q).cpu().to(F64))
+    assert rel_err(y, ref) <= TOL[BF16]
+    for _ in range(3):
+        assert torch.equal(y, torch.ops.lmkern.power_quant_linear(x, q.codes, q.scales, table, None, 4, 128, 4096))
+
+
+def test_linear_misaligned_inputs_use_the_generic_kernel():
+    mod = PowerQuantLinear.from_linear(_linear(128, 16, False, 9), 4, 32, a=0.6).to("cuda")
+    flat = randn((2 * 128 + 1,), BF16, 3, device="cuda")
+    x = flat[1:].view(2, 128)  # 2-byte offset: not 16-byte aligned
+    y = mod(x)
+    ref = linear_ref(x.cpu(), mod.dequantized_weight().cpu().to(F64))
+    assert rel_err(y, ref) <= TOL[BF16]
+
+
+def test_linear_cuda_graph_capture():
+    """The GEMV path never synchronizes: it can be captured in a CUDA graph."""
+    mod = PowerQuantLinear.from_linear(_linear(512, 256, True, 1), 4, 128, a=0.75).to("cuda")
+    x = randn((1, 512), BF16, 4, device="cuda")
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        mod(x)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = mod(x)
+    x.copy_(randn((1, 512), BF16, 5, device="cuda"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, mod(x))
+
+
+# ------------------------------------------------------------------------------------------------
+# search, module, empty shapes
+# ------------------------------------------------------------------------------------------------
+
+
+def test_search_exponent_runs_on_the_host_for_cuda_tensors():
+    w = randn((6, 64), F32, 7)
+    x = randn((10, 64), F32, 8)
+    for per_row in (True, False):
+        for calib in (None, x):
+            got = search_exponent(w.cuda(), 4, 16, x=None if calib is None else calib.cuda(), per_row=per_row)
+            assert got.is_cuda
+            assert torch.equal(got.cpu(), search_exponent(w, 4, 16, x=calib, per_row=per_row))
+
+
+def test_power_quant_linear_moves_to_cuda_and_builds_there():
+    lin = _linear(128, 24, True, 2)
+    mod = PowerQuantLinear.from_linear(lin, 4, 32)
+    cmod = PowerQuantLinear.from_linear(lin.to("cuda"), 4, 32)  # searched on the host, quantized on CUDA
+    for name, buf in mod.state_dict().items():
+        other = cmod.state_dict()[name]
+        assert other.is_cuda
+        if name == "codes":
+            same_codes(other, buf, lin.weight.detach().cpu(), mod.exponent, 4, 32)
+        else:
+            assert torch.equal(other.cpu(), buf), name
+    assert cmod.codebook.is_cuda and torch.equal(cmod.codebook.cpu(), mod.codebook)
+    fresh = PowerQuantLinear(128, 24, bits=4, group_size=32, device="cuda")
+    fresh.load_state_dict(mod.state_dict())
+    assert fresh.codebook.is_cuda and torch.equal(fresh.codebook.cpu(), mod.codebook)
+    x = randn((3, 128), F32, 1)
+    assert rel_err(fresh(x.cuda()), mod(x)) <= TOL[F32]
+
+
+def test_empty_shapes():
+    dev = "cuda"
+    for shape in [(0, 16), (3, 0)]:
+        x = torch.zeros(shape, device=dev)
+        a = torch.full((shape[0],), 0.5, device=dev)
+        q = power_quantize(x, a, 4, None)
+        assert q.codes.shape == (shape[0], (shape[1] * 4 + 7) // 8) and power_dequantize(q).shape == shape
+        y = power_fake_quantize(x.clone().requires_grad_(True), a, 4, None)
+        assert y.shape == shape
+    dy = torch.zeros(3, 0, device=dev)
+    dx, da = torch.ops.lmkern.power_fake_quantize_backward(dy, dy, torch.zeros(3, 0, device=dev),
+                                                           torch.full((3,), 0.5, device=dev), 4, 1, True)
+    assert dx.shape == (3, 0) and torch.equal(da.cpu(), torch.zeros(3))
+    mod = PowerQuantLinear(32, 8, bits=4, group_size=16, device=dev)
+    assert mod(torch.zeros(0, 32, device=dev)).shape == (0, 8)
+    mod0 = PowerQuantLinear(16, 0, bits=4, group_size=16, device=dev)
+    assert mod0(torch.zeros(4, 16, device=dev)).shape == (4, 0)
+    torch.cuda.synchronize()
+
+
+# ------------------------------------------------------------------------------------------------
+# bad input
+# ------------------------------------------------------------------------------------------------
+
+
+def test_bad_input_raises_clearly():
+    x = randn((4, 32), F32, 1, device="cuda")
+    a = torch.full((4,), 0.5, device="cuda")
+    with pytest.raises(TypeError, match="float64 is supported on CPU only"):
+        power_quantize(x.double(), 0.5)
+    with pytest.raises(ValueError, match="a: expected a tensor on"):
+        power_quantize(x, torch.full((4,), 0.5))  # exponents on the CPU
+    with pytest.raises(ValueError, match=r"expected exponents in \(0, 1\]"):
+        power_quantize(x, torch.tensor([0.5, 0.5, 1.5, 0.5], device="cuda"))
+    with pytest.raises(ValueError, match=r"expected exponents in \(0, 1\]"):
+        power_fake_quantize(x, torch.tensor([0.5, 0.0, 0.5, 0.5], device="cuda"))
+    bad = x.clone()
+    bad[2, 5] = float("nan")
+    with pytest.raises(ValueError, match="finite"):
+        power_quantize(bad, a)
+    bad[2, 5] = float("inf")
+    with pytest.raises(ValueError, match="finite"):
+        power_fake_quantize(bad, a)
+    q = power_quantize(x, a, 4, 16)
+    with pytest.raises(ValueError, match=r"expected exponents in \(0, 1\]"):
+        torch.ops.lmkern.power_dequantize(q.codes, q.scales, torch.tensor([0.5, -1.0, 0.5, 0.5], device="cuda"),
+                                          4, 16, 32, F32)
+    with pytest.raises(TypeError, match="float64 is supported on CPU only"):
+        torch.ops.lmkern.power_dequantize(q.codes, q.scales, q.exponent, 4, 16, 32, F64)
+    with pytest.raises(ValueError, match="scales: expected a tensor on"):
+        torch.ops.lmkern.power_dequantize(q.codes, q.scales.cpu(), q.exponent, 4, 16, 32, F32)
+    mod = PowerQuantLinear.from_linear(_linear(32, 8, True, 0), 4, 16, a=0.7)
+    with pytest.raises(ValueError, match="codes: expected a tensor on"):
+        mod(x)  # module on the CPU, activations on CUDA
+    cmod = mod.to("cuda")
+    with pytest.raises(ValueError, match="codes: expected a tensor on cpu"):
+        cmod(x.cpu())
+    with pytest.raises(TypeError, match="float64 is supported on CPU only"):
+        cmod(x.double())
+    with pytest.raises(ValueError, match="table: expected a tensor on"):
+        torch.ops.lmkern.power_quant_linear(x, cmod.codes, cmod.scales, cmod.codebook.cpu(), None, 4, 16, 32)
+    with pytest.raises(ValueError, match="table: expected float32 of shape"):
+        torch.ops.lmkern.power_quant_linear(x, cmod.codes, cmod.scales, cmod.codebook[:, :8], None, 4, 16, 32)
+    # The codebooks are built on the host from the exponents: an exponent outside (0, 1] is refused there.
+    cmod.exponent[3] = 2.0
+    with pytest.raises(ValueError, match=r"expected exponents in \(0, 1\]"):
+        cmod.refresh_codebook()
+    # The GEMV reads the codebooks unchecked (no synchronization): a NaN codebook row gives NaN outputs,
+    # in the fused GEMV and in the dequantize + cuBLAS path alike.
+    cmod.codebook[3] = float("nan")
+    for xs in (x, randn((12, 32), F32, 2, device="cuda")):
+        y = cmod(xs)
+        assert torch.isnan(y[:, 3]).all() and torch.isfinite(y[:, :3]).all() and torch.isfinite(y[:, 4:]).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# opcheck
+# ------------------------------------------------------------------------------------------------
+
+
+def _opcheck_cases():
+    dev = "cuda"
+    x = randn((3, 32), F32, 0, device=dev)
+    a = torch.full((3,), 0.6, device=dev)
+    q = power_quantize(x, a, 4, 16)
+    lin = PowerQuantLinear.from_linear(_linear(32, 5, True, 0), 4, 16, a=0.7).to(dev)
+    xg = randn((2, 32), F32, 1, device=dev).requires_grad_(True)
+    return [
+        (torch.ops.lmkern.power_quantize, (x, a, 4, 16, 1.0)),
+        (torch.ops.lmkern.power_quantize, (randn((2, 3, 24), BF16, 1, device=dev), torch.full((6,), 0.5, device=dev), 3, 8, 0.9)),
+        (torch.ops.lmkern.power_dequantize, (q.codes, q.scales, q.exponent, 4, 16, 32, torch.bfloat16)),
+        (torch.ops.lmkern.power_fake_quantize, (x.clone().requires_grad_(True), a.clone().requires_grad_(True), 4, 16, 1.0)),
+        (torch.ops.lmkern.power_fake_quantize_backward, (torch.randn(3, 32, device=dev), x, q.scales, a, 4, 16, True)),
+        (torch.ops.lmkern.power_quant_linear, (xg, lin.codes, lin.scales, lin.codebook, lin.bias, 4, 16, 32)),
+        (torch.ops.lmkern.power_quant_linear, (randn((2, 2, 32), F16, 2, device=dev), lin.codes, lin.scales, lin.codebook, None, 4, 16, 32)),
+        (torch.ops.lmkern.power_quant_linear, (randn((12, 32), BF16, 2, device=dev), lin.codes, lin.scales, lin.codebook, lin.bias, 4, 16, 32)),
+        (torch.ops.lmkern.power_quant_linear_backward, (torch.randn(2, 5, device=dev), lin.codes, lin.scales, lin.codebook, 4, 16, 32)),
+        (torch.ops.lmkern.power_codebook, (torch.rand(7, device=dev) * 0.9 + 0.1, 3)),
+        (torch.ops.lmkern.power_search_exponent, (torch.randn(4, 32, device=dev), None, 4, 16, 1.0, True)),
+    ]
+
+
+@pytest.mark.parametrize("i", range(11))
+def test_opcheck(i):
+    op, args = _opcheck_cases()[i]
+    torch.library.opcheck(op, args)
