@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 import random
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 ray = pytest.importorskip("ray", reason="the Ray engine needs ray[data] (in the test extra)")
+pa = pytest.importorskip("pyarrow", reason="Parquet needs pyarrow (in the test extra)")
+import pyarrow.parquet as pq  # noqa: E402
 pytest.importorskip("ray.data")
 
 from lmkern import cli  # noqa: E402
