@@ -411,6 +411,7 @@ unsafe fn fake_bwd_t<T: QElem>(q: &QuantArgs, dy: u64, x: u64, scales: u64, a: u
                 rows_of_mut::<T>(dxs.0 as u64, n, r0, r1),
             )
         };
+        // SAFETY: da has one float per row; rows [r0, r1) belong to this task alone.
         let mut dar = (das.0 != 0).then(|| unsafe { rows_of_mut::<f32>(das.0 as u64, 1, r0, r1) });
         let mut s = RowScratch::<T::Acc>::new(n, g);
         for i in 0..r1 - r0 {
@@ -565,6 +566,7 @@ fn linear_tile_body<T: QElem>(lin: &Lin, o0: usize, o1: usize)
     let (cr, sr, tr) = unsafe {
         (rows_of::<u8>(lin.codes, rb, o0, o1), rows_of::<f32>(lin.scales, ng, o0, o1), rows_of::<f32>(lin.table, nl, o0, o1))
     };
+    // SAFETY: bias is a read-only float32 [out] when given (see `super::linear`).
     let bias = (lin.bias != 0).then(|| unsafe { slice::<f32>(lin.bias, nout) });
     let mut f = vec![0u8; k];
     let mut w = vec![0f32; k];

@@ -358,6 +358,8 @@ mod tests {
         let q = QuantArgs { bits: 4, rows: 4, n: 64, group: 32, clip: 1.0 };
         let l = LinearArgs { q, tokens: 2 };
         let (x, a, c, s, y) = (4096u64, 8192u64, 12288u64, 16384u64, 20480u64);
+        // SAFETY: every call below is refused (dtype, op or device) before any of these fake
+        // addresses is read or written.
         unsafe {
             let e = quant::quantize(dev, DType::F64, &q, x, a, c, s).unwrap_err();
             assert_eq!(e.kind, ErrorKind::Type, "{e}");
