@@ -4,7 +4,9 @@
 #   bash benches/gpu/check.sh [path/to/lmkern-*.whl]
 #
 # 1. install  the prebuilt abi3 wheel (default: the newest dist/lmkern-*.whl) with
-#             pip install --no-deps --no-index --force-reinstall
+#             pip install --no-deps --no-index --force-reinstall, and, when dist/wheels/ holds them,
+#             the test-only wheels (transformers and its dependencies) that benches/gpu/prepare.sh
+#             downloaded, so that the Hugging Face tests run instead of skipping
 # 2. info     nvidia-smi, torch, lmkern (`lmkern info`) and lmkern.cuda_status()
 # 3. tests    python -m pytest -m cuda -q -x tests                     (under `timeout`)
 # 4. timings  python benches/gpu/timings.py                             (under `timeout`)
@@ -68,7 +70,15 @@ install_wheel() {
     echo "wheel: $whl"
     timeout -k 5 "$T_INSTALL" "$PY" -m pip install --no-deps --no-index --force-reinstall --no-cache-dir "$whl" \
         || timeout -k 5 "$T_INSTALL" "$PY" -m pip install --no-deps --no-index --force-reinstall --no-cache-dir \
-            --break-system-packages "$whl"
+            --break-system-packages "$whl" || return 1
+    if ls "$ROOT"/dist/wheels/transformers-*.whl >/dev/null 2>&1; then
+        # Test-only; a failure here only makes the Hugging Face tests skip, as without the wheels.
+        echo "test wheels: transformers from dist/wheels"
+        timeout -k 5 "$T_INSTALL" "$PY" -m pip install --no-index --find-links "$ROOT/dist/wheels" -q transformers \
+            || timeout -k 5 "$T_INSTALL" "$PY" -m pip install --no-index --find-links "$ROOT/dist/wheels" -q \
+                --break-system-packages transformers \
+            || echo "test wheels: install failed (the Hugging Face tests will skip)"
+    fi
 }
 
 info() {

@@ -9,9 +9,10 @@
 //! 1..=9, so every level gets the same count), and is checked in three modes against one zlib run
 //! of x ⊕ y: `single` (the engine on x ⊕ y as one buffer), `split` (x then y as two input pieces)
 //! `primed` (x primed once per group, then y; skipped when x ⊕ y is too long to prime) and `deep`
-//! (x primed speculatively for targets of ≥ 262 bytes, see Deflater::prime_for; only such y). The
+//! (x primed speculatively for targets of ≥ 262 bytes, see Deflater::prime_for; only such y), and at
+//! levels 4–9 `walked`: both primed modes again with y's TargetWalks (Deflater::primed_len_with). The
 //! first source of each group is also checked alone. Exit status 1 on any mismatch.
-use lmkern_core::ncd::{self, Deflater, GZIP_OVERHEAD, SMALL_MAX};
+use lmkern_core::ncd::{self, Deflater, TargetWalks, GZIP_OVERHEAD, SMALL_MAX};
 use rayon::prelude::*;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -61,6 +62,7 @@ struct Counts {
     split: [AtomicU64; 10],
     primed: [AtomicU64; 10],
     deep: [AtomicU64; 10],
+    walked: [AtomicU64; 10],
     bytes: AtomicU64,
     mismatches: AtomicU64,
 }
@@ -71,7 +73,7 @@ fn main() {
     let seed: u64 = arg(&args, "--seed", 1);
     let max: usize = arg(&args, "--max", 300_000);
     let z = || std::array::from_fn::<AtomicU64, 10, _>(|_| AtomicU64::new(0));
-    let c = Counts { inputs: z(), single: z(), split: z(), primed: z(), deep: z(), bytes: AtomicU64::new(0), mismatches: AtomicU64::new(0) };
+    let c = Counts { inputs: z(), single: z(), split: z(), primed: z(), deep: z(), walked: z(), bytes: AtomicU64::new(0), mismatches: AtomicU64::new(0) };
     let t0 = Instant::now();
     // Groups are independent and seeded by (seed, group index): the run is reproducible whatever the
     // thread count. A group holds up to 8 inputs; groups are generated until n_inputs are done.
@@ -79,7 +81,8 @@ fn main() {
     let done = AtomicU64::new(0);
     (0..groups).into_par_iter().for_each_init(
         || {
-            let set = || std::array::from_fn::<Deflater, 9, _>(|l| Deflater::new(l as i32 + 1).unwrap());
+            // On the heap: rayon nests init calls on its 2 MiB worker stacks.
+            let set = || (1..=9).map(|l| Deflater::new(l).unwrap()).collect::<Vec<_>>();
             (set(), set(), set())
         },
         |(engines, wholes, deeps), g| {
@@ -124,17 +127,31 @@ fn main() {
                     bad.push("split");
                 }
                 c.split[li].fetch_add(1, Ordering::Relaxed);
+                // Levels 4–9: the primed modes again with the target's precomputed walks.
+                let walks = TargetWalks::new(&y, level);
                 if primed && xy.len() <= SMALL_MAX {
                     if e.primed_len(&y) != Some(want) {
                         bad.push("primed");
                     }
                     c.primed[li].fetch_add(1, Ordering::Relaxed);
+                    if walks.is_some() {
+                        if e.primed_len_with(&y, walks.as_ref()) != Some(want) {
+                            bad.push("primed+walks");
+                        }
+                        c.walked[li].fetch_add(1, Ordering::Relaxed);
+                    }
                 }
                 if deep && xy.len() <= SMALL_MAX && y.len() >= 262 {
                     if d.primed_len(&y) != Some(want) {
                         bad.push("deep");
                     }
                     c.deep[li].fetch_add(1, Ordering::Relaxed);
+                    if walks.is_some() {
+                        if d.primed_len_with(&y, walks.as_ref()) != Some(want) {
+                            bad.push("deep+walks");
+                        }
+                        c.walked[li].fetch_add(1, Ordering::Relaxed);
+                    }
                 }
                 if !bad.is_empty() {
                     c.mismatches.fetch_add(1, Ordering::Relaxed);
@@ -155,24 +172,26 @@ fn main() {
     );
     let sum = |a: &[AtomicU64; 10]| a.iter().map(|v| v.load(Ordering::Relaxed)).sum::<u64>();
     println!("ncd_fuzz: seed {seed}, max {max} bytes, zlib {} (bundled, libz-sys), {:.0} s", ncd::zlib_version(), t0.elapsed().as_secs_f64());
-    println!("level  inputs(x+y)   single    split   primed     deep");
+    println!("level  inputs(x+y)   single    split   primed     deep   walked");
     for l in 1..=9 {
         println!(
-            "{l:>5}  {:>11}  {:>7}  {:>7}  {:>7}  {:>7}",
+            "{l:>5}  {:>11}  {:>7}  {:>7}  {:>7}  {:>7}  {:>7}",
             c.inputs[l].load(Ordering::Relaxed),
             c.single[l].load(Ordering::Relaxed),
             c.split[l].load(Ordering::Relaxed),
             c.primed[l].load(Ordering::Relaxed),
-            c.deep[l].load(Ordering::Relaxed)
+            c.deep[l].load(Ordering::Relaxed),
+            c.walked[l].load(Ordering::Relaxed)
         );
     }
     println!(
-        "total  {:>11}  {:>7}  {:>7}  {:>7}  {:>7}   ({} groups' sources also checked alone; {:.1} MB of x+y)",
+        "total  {:>11}  {:>7}  {:>7}  {:>7}  {:>7}  {:>7}   ({} groups' sources also checked alone; {:.1} MB of x+y)",
         sum(&c.inputs),
         sum(&c.single),
         sum(&c.split),
         sum(&c.primed),
         sum(&c.deep),
+        sum(&c.walked),
         groups,
         c.bytes.load(Ordering::Relaxed) as f64 / 1e6
     );

@@ -1,6 +1,6 @@
 //! The length-only deflate engine against the bundled stock zlib, on generated inputs (single
 //! inputs and primed pairs, all levels). The long run is examples/ncd_fuzz.rs.
-use lmkern_core::ncd::{self, Deflater, GZIP_OVERHEAD};
+use lmkern_core::ncd::{self, Deflater, TargetWalks, GZIP_OVERHEAD};
 
 mod ncd_common;
 use ncd_common::{any_input, length, pair, short_input, Rng};
@@ -209,4 +209,50 @@ fn deep_primed_pairs_match_zlib() {
             }
         }
     }
+}
+
+#[test]
+fn target_walks_give_the_same_lengths() {
+    // primed_len_with a target's precomputed walks: the same lengths as zlib, for plain and deep
+    // primes, on targets with long internal chains (runs, periods, small alphabets: the chain budget
+    // and its quarter run out inside the target), short targets, an empty source (no walks used at
+    // position 0), and walks offered for another target or level (ignored).
+    let mut rng = Rng::new(8);
+    let mut walked = 0;
+    for case in 0..600 {
+        let level = 4 + (case % 6) as i32;
+        let x = if case % 5 == 0 { Vec::new() } else { short_input(&mut rng, 3000) };
+        let mut plain = Deflater::new(level).unwrap();
+        let mut deep = Deflater::new(level).unwrap();
+        assert!(plain.prime(&x) && deep.prime_for(&x, 262));
+        for t in 0..4 {
+            let y = match t {
+                0 if !x.is_empty() => {
+                    let from = rng.below(x.len());
+                    x[from..(from + rng.below(3000)).min(x.len())].to_vec()
+                }
+                1 => (0..300 + rng.below(6000)).map(|i| b"ab "[(i / (1 + case % 4)) % 3]).collect(),
+                _ => short_input(&mut rng, 6000),
+            };
+            let walks = TargetWalks::new(&y, level).expect("levels 4-9, short target");
+            let want = zlib_raw(&[&x[..], &y[..]].concat(), level);
+            assert_eq!(plain.primed_len_with(&y, Some(&walks)), Some(want), "case {case} level {level} x {} y {}", x.len(), y.len());
+            if y.len() >= 262 {
+                assert_eq!(deep.primed_len_with(&y, Some(&walks)), Some(want), "deep case {case} level {level}");
+            }
+            // Walks of another target (same length, one byte changed) or level are ignored.
+            if !y.is_empty() {
+                let mut z = y.clone();
+                z[rng.below(y.len())] ^= 1;
+                let other = TargetWalks::new(&z, level).unwrap();
+                assert_eq!(plain.primed_len_with(&y, Some(&other)), Some(want), "other target's walks, case {case}");
+            }
+            let other_level = TargetWalks::new(&y, if level == 9 { 8 } else { 9 }).unwrap();
+            assert_eq!(plain.primed_len_with(&y, Some(&other_level)), Some(want), "other level's walks, case {case}");
+            walked += 1;
+        }
+    }
+    assert!(walked > 2000);
+    assert!(TargetWalks::new(b"abcabcabc", 3).is_none(), "levels 1-3 insert by the parse: no walks");
+    assert!(TargetWalks::new(&vec![b'a'; TargetWalks::MAX_LEN + 1], 9).is_none());
 }

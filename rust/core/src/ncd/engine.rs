@@ -28,6 +28,9 @@
 //! x.len() − MIN_LOOKAHEAD while no step reads a byte of y. Each step there is speculative: a step that
 //! hashes or compares a byte at or after x.len() is rolled back (state, counts, undo log) and priming
 //! stops before it; on real text that leaves about 5 bytes of x, instead of ~255, to redo per target.
+//!
+//! Target walks ([`TargetWalks`], levels 4–9): the part of every match search that stays inside the
+//! target is computed once per target and looked up for each source it is paired with.
 use super::trees::{d_code, Trees, END_BLOCK, D_CODES, LENGTH_CODE, LITERALS, L_CODES};
 
 use crate::error::{Error, Result};
@@ -177,6 +180,9 @@ pub struct Deflater {
     spec_end: usize,
     tainted: bool,
     spec_snap: Option<Box<Primed>>,
+    /// Where the target starts in the window while [`Deflater::primed_len_with`] runs with a
+    /// [`TargetWalks`]; usize::MAX otherwise.
+    ybase: usize,
 }
 
 impl Deflater {
@@ -203,6 +209,7 @@ impl Deflater {
             spec_end: usize::MAX,
             tainted: false,
             spec_snap: None,
+            ybase: usize::MAX,
         })
     }
 
@@ -341,13 +348,21 @@ impl Deflater {
     }
 
     #[inline(always)]
-    fn spec_stop(&mut self) -> bool {
-        self.spec_end != usize::MAX && self.spec_checkpoint()
+    fn spec_stop<const SPEC: bool>(&mut self) -> bool {
+        SPEC && self.spec_checkpoint()
     }
 
     /// Raw deflate length of x ⊕ y for the primed x, or None when x.len() + y.len() > SMALL_MAX,
     /// y is shorter than the prime allows, or nothing is primed.
     pub fn primed_len(&mut self, y: &[u8]) -> Option<u64> {
+        self.primed_len_with(y, None)
+    }
+
+    /// [`primed_len`](Self::primed_len) with the target's [`TargetWalks`] (built for this `y` at this
+    /// level; walks of another target or level are ignored): the same length, without re-walking the
+    /// target's own chains.
+    pub fn primed_len_with(&mut self, y: &[u8], walks: Option<&TargetWalks>) -> Option<u64> {
+        let walks = walks.filter(|w| w.level == self.level && w.target == y);
         let p = self.primed.take()?;
         let xlen = p.xlen;
         let total = xlen + y.len();
@@ -364,22 +379,36 @@ impl Deflater {
         self.high_water = total + WIN_INIT;
         self.s.lookahead = total - self.s.strstart;
         let mut none = Input { parts: [&[], &[]] };
-        self.run(&mut none, usize::MAX);
+        self.ybase = xlen;
+        self.run_with(&mut none, usize::MAX, walks);
+        self.ybase = usize::MAX;
         Some(self.s.bits / 8)
     }
 
     /// deflate_fast or deflate_slow until the input is done (then the final block is flushed), or
     /// until the loop top sees strstart + MIN_LOOKAHEAD > stop (priming: nothing is flushed).
     fn run(&mut self, input: &mut Input, stop: usize) {
-        if self.cfg.fast {
-            self.deflate_fast(input, stop)
-        } else {
-            self.deflate_slow(input, stop)
+        self.run_with(input, stop, None)
+    }
+
+    /// [`run`](Self::run), with the current target's precomputed walks (slow levels only).
+    fn run_with(&mut self, input: &mut Input, stop: usize, walks: Option<&TargetWalks>) {
+        // The speculation checks are compiled out of the ordinary runs (every pair's).
+        match (self.cfg.fast, self.spec_end != usize::MAX) {
+            (true, false) => self.deflate_fast::<false>(input, stop),
+            (true, true) => self.deflate_fast::<true>(input, stop),
+            (false, false) => self.deflate_slow::<false>(input, stop, walks),
+            (false, true) => self.deflate_slow::<true>(input, stop, walks),
         }
     }
 
     /// zlib's fill_window (deflate.c), with the read pieces of `input`.
     fn fill_window(&mut self, input: &mut Input) {
+        // Nothing to read, slide or zero (the common case near the end of every pair): return early.
+        let curr = self.s.strstart + self.s.lookahead;
+        if input.avail() == 0 && self.s.strstart < WSIZE + MAX_DIST && self.high_water >= (curr + WIN_INIT).min(WINDOW_SIZE) {
+            return;
+        }
         loop {
             let mut more = WINDOW_SIZE - self.s.lookahead - self.s.strstart;
             if self.s.strstart >= WSIZE + MAX_DIST {
@@ -426,8 +455,8 @@ impl Deflater {
     /// INSERT_STRING: zlib's rolling hash UPDATE_HASH with shift 5 and mask 0x7fff, after the three
     /// updates since the last non-consecutive reset, equals this direct hash of the 3 bytes at pos.
     #[inline(always)]
-    fn insert_string(&mut self, pos: usize) -> usize {
-        if pos + 2 >= self.spec_end {
+    fn insert_string<const SPEC: bool>(&mut self, pos: usize) -> usize {
+        if SPEC && pos + 2 >= self.spec_end {
             self.tainted = true;
         }
         let w: &[u8; 3] = self.window[pos & 0xffff..][..3].try_into().unwrap();
@@ -471,8 +500,13 @@ impl Deflater {
 
     /// zlib's longest_match (the portable, byte-compare variant; the UNALIGNED_OK variant computes
     /// the same lengths). Sets match_start; returns min(best_len, lookahead).
+    ///
+    /// With `walks` (the current target's, see [`TargetWalks`]) and strstart inside the target, the
+    /// chain's first part — the target's own earlier positions — is not walked: its outcome for this
+    /// start length and budget is looked up, and the walk goes on from the first position before the
+    /// target.
     #[inline(always)]
-    fn longest_match(&mut self, mut cur_match: usize) -> usize {
+    fn longest_match<const SPEC: bool>(&mut self, mut cur_match: usize, walks: Option<&TargetWalks>) -> usize {
         let mut chain_length = self.cfg.chain;
         let strstart = self.s.strstart;
         let mut best_len = self.s.prev_length;
@@ -496,14 +530,43 @@ impl Deflater {
         let mut match_start = self.s.match_start;
         // While speculating, bytes from spec_end on are unknown: flag any test that reads one.
         let spec_end = self.spec_end;
-        let mut tainted = strstart + best_len >= spec_end;
+        let mut tainted = SPEC && strstart + best_len >= spec_end;
+        if let Some(w) = walks {
+            // The lookup holds for a chain that starts inside the target (a target-internal part
+            // exists), a start length below nice_match (so the first record ≥ nice is where the walk
+            // stops), and a real target start (position 0 would read as NIL).
+            let ybase = self.ybase;
+            if cur_match >= ybase && best_len < nice_match && ybase > 0 {
+                let e = &w.walks[strstart - ybase];
+                debug_assert_eq!(cur_match - ybase, e.first as usize, "chain head inside the target");
+                let part = if chain_length == self.cfg.chain { e.full } else { e.quarter };
+                if part.best as usize > best_len {
+                    best_len = part.best as usize;
+                    match_start = (ybase + part.at as usize) as u32;
+                }
+                let visited = part.visited as usize;
+                // The walk ended inside the target: at nice_match, or with the budget spent.
+                let mut done = part.stopped || visited >= chain_length;
+                if !done {
+                    // Every target position on the chain was visited: go on from the one before them.
+                    cur_match = self.prev[(ybase + e.last as usize) & WMASK] as usize;
+                    chain_length -= visited;
+                    done = cur_match <= limit;
+                }
+                if done {
+                    self.s.match_start = match_start;
+                    return best_len.min(self.s.lookahead);
+                }
+                scan_end = pair(scan, best_len - 1);
+            }
+        }
         loop {
             let m: &[u8; MAX_MATCH + 1] = window[cur_match & 0xffff..][..MAX_MATCH + 1].try_into().unwrap();
             if pair(m, best_len - 1) == scan_end && pair(m, 0) == scan_start {
                 // Bytes 3..=257 decide (byte 2 is implied by the hash; a mismatch at 258 still gives
                 // 258): the length is the first mismatch index, at most 258.
                 let len = MIN_MATCH + common_prefix(&scan[3..MAX_MATCH], &m[3..MAX_MATCH]);
-                tainted |= strstart + len >= spec_end;
+                tainted |= SPEC && strstart + len >= spec_end;
                 if len > best_len {
                     match_start = cur_match as u32;
                     best_len = len;
@@ -523,7 +586,9 @@ impl Deflater {
             }
         }
         self.s.match_start = match_start;
-        self.tainted |= tainted;
+        if SPEC {
+            self.tainted |= tainted;
+        }
         if best_len <= self.s.lookahead {
             best_len
         } else {
@@ -532,9 +597,9 @@ impl Deflater {
     }
 
     /// zlib's deflate_fast (levels 1–3) with flush = Z_FINISH.
-    fn deflate_fast(&mut self, input: &mut Input, stop: usize) {
+    fn deflate_fast<const SPEC: bool>(&mut self, input: &mut Input, stop: usize) {
         loop {
-            if self.s.strstart + MIN_LOOKAHEAD > stop || self.spec_stop() {
+            if self.s.strstart + MIN_LOOKAHEAD > stop || self.spec_stop::<SPEC>() {
                 return;
             }
             if self.s.lookahead < MIN_LOOKAHEAD {
@@ -545,10 +610,10 @@ impl Deflater {
             }
             let mut hash_head = 0;
             if self.s.lookahead >= MIN_MATCH {
-                hash_head = self.insert_string(self.s.strstart);
+                hash_head = self.insert_string::<SPEC>(self.s.strstart);
             }
             if hash_head != 0 && self.s.strstart - hash_head <= MAX_DIST {
-                self.s.match_length = self.longest_match(hash_head);
+                self.s.match_length = self.longest_match::<SPEC>(hash_head, None);
             }
             let bflush;
             if self.s.match_length >= MIN_MATCH {
@@ -559,7 +624,7 @@ impl Deflater {
                     self.s.match_length -= 1;
                     loop {
                         self.s.strstart += 1;
-                        self.insert_string(self.s.strstart);
+                        self.insert_string::<SPEC>(self.s.strstart);
                         self.s.match_length -= 1;
                         if self.s.match_length == 0 {
                             break;
@@ -583,9 +648,9 @@ impl Deflater {
     }
 
     /// zlib's deflate_slow (levels 4–9) with flush = Z_FINISH.
-    fn deflate_slow(&mut self, input: &mut Input, stop: usize) {
+    fn deflate_slow<const SPEC: bool>(&mut self, input: &mut Input, stop: usize, walks: Option<&TargetWalks>) {
         loop {
-            if self.s.strstart + MIN_LOOKAHEAD > stop || self.spec_stop() {
+            if self.s.strstart + MIN_LOOKAHEAD > stop || self.spec_stop::<SPEC>() {
                 return;
             }
             if self.s.lookahead < MIN_LOOKAHEAD {
@@ -596,13 +661,13 @@ impl Deflater {
             }
             let mut hash_head = 0;
             if self.s.lookahead >= MIN_MATCH {
-                hash_head = self.insert_string(self.s.strstart);
+                hash_head = self.insert_string::<SPEC>(self.s.strstart);
             }
             self.s.prev_length = self.s.match_length;
             self.s.prev_match = self.s.match_start;
             self.s.match_length = MIN_MATCH - 1;
             if hash_head != 0 && self.s.prev_length < self.cfg.lazy && self.s.strstart - hash_head <= MAX_DIST {
-                self.s.match_length = self.longest_match(hash_head);
+                self.s.match_length = self.longest_match::<SPEC>(hash_head, walks);
                 if self.s.match_length <= 5
                     && self.s.match_length == MIN_MATCH
                     && (self.s.strstart as u32).wrapping_sub(self.s.match_start) > TOO_FAR
@@ -621,7 +686,7 @@ impl Deflater {
                 loop {
                     self.s.strstart += 1;
                     if self.s.strstart <= max_insert {
-                        self.insert_string(self.s.strstart);
+                        self.insert_string::<SPEC>(self.s.strstart);
                     }
                     self.s.prev_length -= 1;
                     if self.s.prev_length == 0 {
@@ -652,6 +717,129 @@ impl Deflater {
             self.s.match_available = false;
         }
         self.flush_block(true);
+    }
+}
+
+/// What a target-internal chain walk finds within one chain budget.
+#[derive(Clone, Copy, Debug, Default)]
+struct WalkPart {
+    /// The longest match found (0: none), and where, relative to the target start: the first
+    /// candidate reaching that length. The engine takes it only if it beats its start length.
+    best: u16,
+    at: u16,
+    /// Candidates visited (≤ the budget).
+    visited: u16,
+    /// The walk stopped at a match ≥ nice_match.
+    stopped: bool,
+}
+
+/// The target-internal part of the chain walk from one target position.
+#[derive(Clone, Copy, Debug, Default)]
+struct Walk {
+    /// With the level's full chain budget, and with the quarter budget used after a good match.
+    full: WalkPart,
+    quarter: WalkPart,
+    /// The first and the last (oldest) target position on the chain.
+    first: u16,
+    last: u16,
+}
+
+/// Per-target precomputation for the slow levels (4–9), reused for every source the target is
+/// paired with (see [`Deflater::primed_len_with`]).
+///
+/// At a position p of y in x ⊕ y, longest_match walks p's hash chain newest first: first y's own
+/// earlier positions with that hash, then x's. Levels 4–9 insert every position whatever the parse,
+/// so the y part of the chain, and the match length against each of its candidates (bytes of y and
+/// the zeros after it), depend on y alone. The walk keeps the first candidate that beats the running
+/// best, so from a start length b its y part ends at the last prefix maximum within the budget if
+/// that beats b — or stops at the first prefix maximum ≥ nice_match when b < nice_match. The budget
+/// is the level's chain length or a quarter of it; nice_match is min(nice, y.len() − j). This stores,
+/// per position j, that outcome for both budgets (about 20 bytes per target byte). The parse-dependent
+/// start length and the x part of the chain stay with the engine.
+pub struct TargetWalks {
+    level: i32,
+    /// The target itself: walks are applied only to the target they were built for.
+    target: Vec<u8>,
+    walks: Vec<Walk>,
+}
+
+impl TargetWalks {
+    /// Largest target handled: its internal match distances stay below MAX_DIST, so the engine's
+    /// distance limit never cuts the y part of a chain.
+    pub const MAX_LEN: usize = MAX_DIST;
+
+    /// The walks of target `y` at `level`; None for levels 1–3 (their insertions depend on the
+    /// parse) and for targets longer than [`Self::MAX_LEN`].
+    pub fn new(y: &[u8], level: i32) -> Option<Self> {
+        if !(4..=9).contains(&level) || y.len() > Self::MAX_LEN {
+            return None;
+        }
+        let cfg = CONFIG[level as usize];
+        let n = y.len();
+        // y and then the zeros primed_len writes after it: a compare reads up to 258 bytes past p.
+        let mut buf = Vec::with_capacity(n + MAX_MATCH + 1);
+        buf.extend_from_slice(y);
+        buf.resize(n + MAX_MATCH + 1, 0);
+        const NONE: u16 = u16::MAX; // n ≤ MAX_DIST, so never a position
+        let mut head = vec![NONE; HASH_SIZE];
+        let mut prev = vec![NONE; n];
+        let mut walks = vec![Walk::default(); n];
+        let quarter_budget = cfg.chain >> 2;
+        // Positions j ≤ n − 3 are inserted (their 3 bytes are in y) and may start a walk.
+        for j in 0..n.saturating_sub(MIN_MATCH - 1) {
+            let h = (((buf[j] as usize) << 10) ^ ((buf[j + 1] as usize) << 5) ^ (buf[j + 2] as usize)) & HASH_MASK;
+            prev[j] = head[h];
+            head[h] = j as u16;
+            if prev[j] == NONE {
+                continue;
+            }
+            let nice = cfg.nice.min(n - j);
+            let scan = &buf[j..j + MAX_MATCH];
+            let (mut best, mut at, mut visited, mut stopped) = (0usize, 0usize, 0usize, false);
+            let mut quarter = None;
+            let mut c = prev[j];
+            let mut last = c;
+            while c != NONE && visited < cfg.chain {
+                if visited == quarter_budget {
+                    quarter = Some(WalkPart { best: best as u16, at: at as u16, visited: visited as u16, stopped: false });
+                }
+                let ci = c as usize;
+                let len = common_prefix(scan, &buf[ci..ci + MAX_MATCH]);
+                visited += 1;
+                last = c;
+                if len > best {
+                    (best, at) = (len, ci);
+                    if len >= nice {
+                        stopped = true;
+                        break;
+                    }
+                }
+                c = prev[ci];
+            }
+            let full = WalkPart { best: best as u16, at: at as u16, visited: visited as u16, stopped };
+            walks[j] = Walk { full, quarter: quarter.unwrap_or(full), first: prev[j], last };
+        }
+        Some(TargetWalks { level, target: y.to_vec(), walks })
+    }
+
+    /// Ask for the table in L2 ahead of its pair: a scorer cycles through many targets' tables, and
+    /// the lookups are too sparse for the hardware prefetcher.
+    #[inline]
+    pub fn prefetch(&self) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let bytes = self.walks.len() * std::mem::size_of::<Walk>();
+            let base = self.walks.as_ptr() as *const i8;
+            for off in (0..bytes).step_by(64) {
+                // SAFETY: off < bytes, inside the allocation; a prefetch reads nothing architecturally.
+                unsafe { std::arch::x86_64::_mm_prefetch(base.add(off), std::arch::x86_64::_MM_HINT_T1) };
+            }
+        }
+    }
+
+    /// Bytes held.
+    pub fn size_bytes(&self) -> usize {
+        self.walks.len() * std::mem::size_of::<Walk>() + self.target.len()
     }
 }
 

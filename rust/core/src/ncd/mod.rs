@@ -17,7 +17,7 @@ pub mod engine;
 pub mod oracle;
 mod trees;
 
-pub use engine::{Deflater, SMALL_MAX};
+pub use engine::{Deflater, TargetWalks, SMALL_MAX};
 
 pub use oracle::{zlib_gzip_size, zlib_version, GZIP_OVERHEAD};
 
@@ -71,6 +71,29 @@ pub fn compressed_sizes<T: AsRef<[u8]> + Sync>(texts: &[T], level: i32) -> Resul
     Ok(sizes)
 }
 
+/// [`TargetWalks`] of every target that fits (in target order) within [`WALKS_BUDGET`], in parallel.
+fn target_walks(targets: &[Vec<u8>], level: i32) -> Vec<Option<TargetWalks>> {
+    let mut budget = WALKS_BUDGET;
+    let chosen: Vec<bool> = targets
+        .iter()
+        .map(|t| {
+            let fits = (4..=9).contains(&level) && t.len() <= TargetWalks::MAX_LEN && 24 * t.len() <= budget;
+            if fits {
+                budget -= 24 * t.len();
+            }
+            fits
+        })
+        .collect();
+    let slots: Vec<Mutex<Option<TargetWalks>>> = (0..targets.len()).map(|_| Mutex::new(None)).collect();
+    let bytes: usize = targets.iter().map(|t| t.len()).sum();
+    parallel::for_each_task(targets.len(), bytes * 64, |i| {
+        if chosen[i] {
+            *slots[i].lock().unwrap_or_else(|e| e.into_inner()) = TargetWalks::new(&targets[i], level);
+        }
+    });
+    slots.into_iter().map(|m| m.into_inner().unwrap_or_else(|e| e.into_inner())).collect()
+}
+
 /// `(cxy - min(cx, cy)) / max(cx, cy)` with exact integers turned into f64 before one division,
 /// bit-identical to the same Python expression.
 #[inline]
@@ -93,9 +116,16 @@ pub fn alignment_value(ncds: &[f64]) -> f64 {
 pub struct NcdScorer {
     targets: Vec<Vec<u8>>,
     sizes: Vec<i64>,
+    /// Each target's precomputed own-chain walks (levels 4–9, targets up to TargetWalks::MAX_LEN,
+    /// within WALKS_BUDGET bytes in all).
+    walks: Vec<Option<TargetWalks>>,
     level: i32,
     min_target_len: usize,
 }
+
+/// Memory the scorer may spend on [`TargetWalks`] (about 21 bytes per target byte); targets past it
+/// are scored without (same results, slower).
+const WALKS_BUDGET: usize = 256 << 20;
 
 impl NcdScorer {
     /// Targets are byte strings (UTF-8 text already encoded); level 0..=9. An empty target set is
@@ -104,7 +134,8 @@ impl NcdScorer {
         oracle::check_level(level)?;
         let sizes = compressed_sizes(&targets, level)?;
         let min_target_len = targets.iter().map(|t| t.len()).min().unwrap_or(0);
-        Ok(NcdScorer { targets, sizes, level, min_target_len })
+        let walks = target_walks(&targets, level);
+        Ok(NcdScorer { targets, sizes, walks, level, min_target_len })
     }
 
     pub fn n_targets(&self) -> usize {
@@ -135,7 +166,11 @@ impl NcdScorer {
             // Every target long enough lets the prime run on speculatively to the end of x.
             primed.prime_for(source, self.min_target_len);
             for (j, (y, &cy)) in self.targets.iter().zip(&self.sizes).enumerate() {
-                let cxy = match primed.primed_len(y) {
+                // The next pair's table is fetched while this pair runs.
+                if let Some(Some(w)) = self.walks.get(j + 1) {
+                    w.prefetch();
+                }
+                let cxy = match primed.primed_len_with(y, self.walks[j].as_ref()) {
                     Some(len) => GZIP_OVERHEAD + len as i64,
                     None => with_engine(1, level, |whole| GZIP_OVERHEAD + whole.deflate_len(source, y) as i64),
                 };
