@@ -103,35 +103,28 @@ class Pool:
         self.close()
 
 
-def published_scores(sources, targets, level: int = 9, processes: int = 1, pool: Pool | None = None) -> np.ndarray:
-    """ZIP-FIT's published method: three gzip.compress calls per pair, over `processes` processes."""
+def _map(fn, sources, targets, level: int, processes: int, pool: Pool | None) -> list:
+    """fn over the sources on `pool`, or on a pool of `processes` started (and closed) for the call."""
     own = pool is None
     pool = pool or Pool(targets, level, processes)
     try:
-        return np.array(pool.map(_published_one, _enc(sources)), dtype=np.float64)
+        return pool.map(fn, _enc(sources))
     finally:
         if own:
             pool.close()
+
+
+def published_scores(sources, targets, level: int = 9, processes: int = 1, pool: Pool | None = None) -> np.ndarray:
+    """ZIP-FIT's published method: three gzip.compress calls per pair, over `processes` processes."""
+    return np.array(_map(_published_one, sources, targets, level, processes, pool), dtype=np.float64)
 
 
 def cached_scores(sources, targets, level: int = 9, processes: int = 1, pool: Pool | None = None) -> np.ndarray:
     """The same scores with C(x) and C(y) cached: one gzip.compress(x ⊕ y) per pair."""
-    own = pool is None
-    pool = pool or Pool(targets, level, processes)
-    try:
-        return np.array(pool.map(_cached_one, _enc(sources)), dtype=np.float64)
-    finally:
-        if own:
-            pool.close()
+    return np.array(_map(_cached_one, sources, targets, level, processes, pool), dtype=np.float64)
 
 
 def raw_zlib_pairs(sources, targets, level: int = 9, processes: int = 1, pool: Pool | None = None) -> int:
     """Compress every x ⊕ y with zlib.compress(x + y, level, -15) (raw deflate, stock zlib): the
     floor of compressing each pair from scratch. Returns the total compressed bytes."""
-    own = pool is None
-    pool = pool or Pool(targets, level, processes)
-    try:
-        return int(sum(pool.map(_raw_one, _enc(sources))))
-    finally:
-        if own:
-            pool.close()
+    return int(sum(_map(_raw_one, sources, targets, level, processes, pool)))
