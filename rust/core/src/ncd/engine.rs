@@ -822,21 +822,6 @@ impl TargetWalks {
         Some(TargetWalks { level, target: y.to_vec(), walks })
     }
 
-    /// Ask for the table in L2 ahead of its pair: a scorer cycles through many targets' tables, and
-    /// the lookups are too sparse for the hardware prefetcher.
-    #[inline]
-    pub fn prefetch(&self) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            let bytes = self.walks.len() * std::mem::size_of::<Walk>();
-            let base = self.walks.as_ptr() as *const i8;
-            for off in (0..bytes).step_by(64) {
-                // SAFETY: off < bytes, inside the allocation; a prefetch reads nothing architecturally.
-                unsafe { std::arch::x86_64::_mm_prefetch(base.add(off), std::arch::x86_64::_MM_HINT_T1) };
-            }
-        }
-    }
-
     /// Bytes held.
     pub fn size_bytes(&self) -> usize {
         self.walks.len() * std::mem::size_of::<Walk>() + self.target.len()

@@ -39,8 +39,27 @@ pub fn gzip_size_pair(a: &[u8], b: &[u8], level: i32) -> Result<i64> {
 }
 
 thread_local! {
-    /// Two engines per thread (one primed with a source, one for whole inputs), reused across calls.
+    /// Two engines per thread (one for single inputs, one for pairs too long to prime), reused
+    /// across calls.
     static ENGINES: [RefCell<Option<Deflater>>; 2] = const { [RefCell::new(None), RefCell::new(None)] };
+    /// Up to SOURCE_BLOCK engines per thread, each primed with one source of a block.
+    static PRIMED: RefCell<Vec<Deflater>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Sources scored together by one task: each target's bytes and walks are then used this many
+/// times in a row while they are in cache, instead of once per pass over all targets.
+const SOURCE_BLOCK: usize = 4;
+
+/// Run `f` on `n` (≤ SOURCE_BLOCK) engines of this thread set to `level` (1..=9).
+fn with_primed_engines<R>(n: usize, level: i32, f: impl FnOnce(&mut [Deflater]) -> R) -> R {
+    PRIMED.with(|engines| {
+        let mut engines = engines.borrow_mut();
+        engines.retain(|e| e.level() == level);
+        while engines.len() < n {
+            engines.push(Deflater::new(level).expect("level checked by the caller"));
+        }
+        f(&mut engines[..n])
+    })
 }
 
 /// Run `f` on this thread's engine `slot` (0 or 1) set to `level` (1..=9).
@@ -151,33 +170,59 @@ impl NcdScorer {
         &self.sizes
     }
 
-    /// One source's NCD row against every target, written into `row` (length n_targets).
-    fn ncd_row(&self, source: &[u8], row: &mut [f64]) -> Result<()> {
+    /// NCD rows of a block of sources (≤ SOURCE_BLOCK) against every target, into `rows` (each of
+    /// length n_targets). Targets in the outer loop, the block's primed sources in the inner one.
+    fn ncd_rows(&self, sources: &[&[u8]], rows: &mut [&mut [f64]]) -> Result<()> {
         let level = self.level;
-        let cx = gzip_size(source, level)?;
+        let cxs = sources.iter().map(|s| gzip_size(s, level)).collect::<Result<Vec<i64>>>()?;
         if level == 0 {
-            for (j, (y, &cy)) in self.targets.iter().zip(&self.sizes).enumerate() {
-                row[j] = ncd_value(cx, cy, gzip_size_pair(source, y, 0)?);
+            for ((source, row), &cx) in sources.iter().zip(rows.iter_mut()).zip(&cxs) {
+                for (j, (y, &cy)) in self.targets.iter().zip(&self.sizes).enumerate() {
+                    row[j] = ncd_value(cx, cy, gzip_size_pair(source, y, 0)?);
+                }
             }
             return Ok(());
         }
-        // Engine 0 holds the primed source; pairs too long for priming run whole on engine 1.
-        with_engine(0, level, |primed| {
-            // Every target long enough lets the prime run on speculatively to the end of x.
-            primed.prime_for(source, self.min_target_len);
+        with_primed_engines(sources.len(), level, |primed| {
+            for (e, source) in primed.iter_mut().zip(sources) {
+                // Every target long enough lets the prime run on speculatively to the end of x.
+                e.prime_for(source, self.min_target_len);
+            }
             for (j, (y, &cy)) in self.targets.iter().zip(&self.sizes).enumerate() {
-                // The next pair's table is fetched while this pair runs.
-                if let Some(Some(w)) = self.walks.get(j + 1) {
-                    w.prefetch();
+                let walks = self.walks[j].as_ref();
+                for (b, e) in primed.iter_mut().enumerate() {
+                    let cxy = match e.primed_len_with(y, walks) {
+                        Some(len) => GZIP_OVERHEAD + len as i64,
+                        // Too long to prime: whole, on engine 1.
+                        None => with_engine(1, level, |whole| GZIP_OVERHEAD + whole.deflate_len(sources[b], y) as i64),
+                    };
+                    rows[b][j] = ncd_value(cxs[b], cy, cxy);
                 }
-                let cxy = match primed.primed_len_with(y, self.walks[j].as_ref()) {
-                    Some(len) => GZIP_OVERHEAD + len as i64,
-                    None => with_engine(1, level, |whole| GZIP_OVERHEAD + whole.deflate_len(source, y) as i64),
-                };
-                row[j] = ncd_value(cx, cy, cxy);
             }
         });
         Ok(())
+    }
+
+    /// Every source's NCD row, block by block (SOURCE_BLOCK sources per task) on lmkern's pool:
+    /// `emit(i, row)` receives source i's row. Needs n_targets > 0. The first error is returned.
+    fn score_blocks<T: AsRef<[u8]> + Sync>(&self, sources: &[T], emit: impl Fn(usize, &[f64]) + Sync) -> Result<()> {
+        let nt = self.n_targets();
+        debug_assert!(nt > 0);
+        let err: Mutex<Option<Error>> = Mutex::new(None);
+        parallel::for_each_task(sources.len().div_ceil(SOURCE_BLOCK), self.work(sources), |bi| {
+            let block = &sources[bi * SOURCE_BLOCK..((bi + 1) * SOURCE_BLOCK).min(sources.len())];
+            let block: Vec<&[u8]> = block.iter().map(|s| s.as_ref()).collect();
+            let mut buf = vec![0.0f64; block.len() * nt];
+            let mut rows: Vec<&mut [f64]> = buf.chunks_mut(nt).collect();
+            match self.ncd_rows(&block, &mut rows) {
+                Ok(()) => buf.chunks(nt).enumerate().for_each(|(b, row)| emit(bi * SOURCE_BLOCK + b, row)),
+                Err(e) => *err.lock().unwrap_or_else(|e| e.into_inner()) = Some(e),
+            }
+        });
+        match err.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
     fn check_sources<T: AsRef<[u8]>>(&self, sources: &[T]) -> Result<()> {
@@ -207,18 +252,7 @@ impl NcdScorer {
             return Ok(());
         }
         let rows: Vec<Mutex<&mut [f64]>> = out.chunks_mut(nt).map(Mutex::new).collect();
-        let work = self.work(sources);
-        let err: Mutex<Option<Error>> = Mutex::new(None);
-        parallel::for_each_task(sources.len(), work, |i| {
-            let mut row = rows[i].lock().unwrap_or_else(|e| e.into_inner());
-            if let Err(e) = self.ncd_row(sources[i].as_ref(), &mut row) {
-                *err.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
-            }
-        });
-        match err.into_inner().unwrap_or_else(|e| e.into_inner()) {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+        self.score_blocks(sources, |i, row| rows[i].lock().unwrap_or_else(|e| e.into_inner()).copy_from_slice(row))
     }
 
     /// ZIP-FIT alignment `1 − mean_j NCD(source_i, y_j)` of every source into `out` (length
@@ -233,20 +267,8 @@ impl NcdScorer {
         }
         self.check_sources(sources)?;
         let cells: Vec<Mutex<&mut f64>> = out.iter_mut().map(Mutex::new).collect();
-        let work = self.work(sources);
-        let err: Mutex<Option<Error>> = Mutex::new(None);
-        parallel::for_each_task(sources.len(), work, |i| {
-            // One row of pairs per task, never the whole matrix.
-            let mut row = vec![0.0f64; nt];
-            match self.ncd_row(sources[i].as_ref(), &mut row) {
-                Ok(()) => **cells[i].lock().unwrap_or_else(|e| e.into_inner()) = alignment_value(&row),
-                Err(e) => *err.lock().unwrap_or_else(|e| e.into_inner()) = Some(e),
-            }
-        });
-        match err.into_inner().unwrap_or_else(|e| e.into_inner()) {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+        // One block of rows per task, never the whole matrix.
+        self.score_blocks(sources, |i, row| **cells[i].lock().unwrap_or_else(|e| e.into_inner()) = alignment_value(row))
     }
 
     /// Bytes the pairs touch, for the serial/parallel decision.
