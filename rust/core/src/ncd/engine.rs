@@ -403,12 +403,18 @@ impl Deflater {
     }
 
     /// zlib's fill_window (deflate.c), with the read pieces of `input`.
+    #[inline(always)]
     fn fill_window(&mut self, input: &mut Input) {
         // Nothing to read, slide or zero (the common case near the end of every pair): return early.
         let curr = self.s.strstart + self.s.lookahead;
         if input.avail() == 0 && self.s.strstart < WSIZE + MAX_DIST && self.high_water >= (curr + WIN_INIT).min(WINDOW_SIZE) {
             return;
         }
+        self.fill_window_work(input)
+    }
+
+    #[inline(never)]
+    fn fill_window_work(&mut self, input: &mut Input) {
         loop {
             let mut more = WINDOW_SIZE - self.s.lookahead - self.s.strstart;
             if self.s.strstart >= WSIZE + MAX_DIST {
