@@ -774,6 +774,9 @@ impl TargetWalks {
     /// distance limit never cuts the y part of a chain.
     pub const MAX_LEN: usize = MAX_DIST;
 
+    /// Memory held per target byte: one walk entry and the target's copy.
+    pub const BYTES_PER_TARGET_BYTE: usize = std::mem::size_of::<Walk>() + 1;
+
     /// The walks of target `y` at `level`; None for levels 1–3 (their insertions depend on the
     /// parse) and for targets longer than [`Self::MAX_LEN`].
     pub fn new(y: &[u8], level: i32) -> Option<Self> {

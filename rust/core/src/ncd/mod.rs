@@ -96,9 +96,10 @@ fn target_walks(targets: &[Vec<u8>], level: i32) -> Vec<Option<TargetWalks>> {
     let chosen: Vec<bool> = targets
         .iter()
         .map(|t| {
-            let fits = (4..=9).contains(&level) && t.len() <= TargetWalks::MAX_LEN && 24 * t.len() <= budget;
+            let bytes = TargetWalks::BYTES_PER_TARGET_BYTE * t.len();
+            let fits = (4..=9).contains(&level) && t.len() <= TargetWalks::MAX_LEN && bytes <= budget;
             if fits {
-                budget -= 24 * t.len();
+                budget -= bytes;
             }
             fits
         })
@@ -142,7 +143,7 @@ pub struct NcdScorer {
     min_target_len: usize,
 }
 
-/// Memory the scorer may spend on [`TargetWalks`] (about 21 bytes per target byte); targets past it
+/// Memory the scorer may spend on [`TargetWalks`] (21 bytes per target byte); targets past it
 /// are scored without (same results, slower).
 const WALKS_BUDGET: usize = 256 << 20;
 
