@@ -10,7 +10,7 @@
 //! of x ⊕ y: `single` (the engine on x ⊕ y as one buffer), `split` (x then y as two input pieces)
 //! `primed` (x primed once per group, then y; skipped when x ⊕ y is too long to prime) and `deep`
 //! (x primed speculatively for targets of ≥ 262 bytes, see Deflater::prime_for; only such y), and at
-//! levels 4–9 `walked`: both primed modes again with y's TargetWalks (Deflater::primed_len_with). The
+//! levels 4–9 `walked`: both primed modes again with y's TargetWalks (Deflater::primed_len_walked). The
 //! first source of each group is also checked alone. Exit status 1 on any mismatch.
 use lmkern_core::ncd::{self, Deflater, TargetWalks, GZIP_OVERHEAD, SMALL_MAX};
 use rayon::prelude::*;
@@ -134,8 +134,8 @@ fn main() {
                         bad.push("primed");
                     }
                     c.primed[li].fetch_add(1, Ordering::Relaxed);
-                    if walks.is_some() {
-                        if e.primed_len_with(&y, walks.as_ref()) != Some(want) {
+                    if let Some(w) = &walks {
+                        if e.primed_len_walked(w) != Some(want) {
                             bad.push("primed+walks");
                         }
                         c.walked[li].fetch_add(1, Ordering::Relaxed);
@@ -146,8 +146,8 @@ fn main() {
                         bad.push("deep");
                     }
                     c.deep[li].fetch_add(1, Ordering::Relaxed);
-                    if walks.is_some() {
-                        if d.primed_len_with(&y, walks.as_ref()) != Some(want) {
+                    if let Some(w) = &walks {
+                        if d.primed_len_walked(w) != Some(want) {
                             bad.push("deep+walks");
                         }
                         c.walked[li].fetch_add(1, Ordering::Relaxed);

@@ -180,7 +180,7 @@ pub struct Deflater {
     spec_end: usize,
     tainted: bool,
     spec_snap: Option<Box<Primed>>,
-    /// Where the target starts in the window while [`Deflater::primed_len_with`] runs with a
+    /// Where the target starts in the window while [`Deflater::primed_len_walked`] runs with a
     /// [`TargetWalks`]; usize::MAX otherwise.
     ybase: usize,
 }
@@ -355,14 +355,17 @@ impl Deflater {
     /// Raw deflate length of x ⊕ y for the primed x, or None when x.len() + y.len() > SMALL_MAX,
     /// y is shorter than the prime allows, or nothing is primed.
     pub fn primed_len(&mut self, y: &[u8]) -> Option<u64> {
-        self.primed_len_with(y, None)
+        self.primed_len_impl(y, None)
     }
 
-    /// [`primed_len`](Self::primed_len) with the target's [`TargetWalks`] (built for this `y` at this
-    /// level; walks of another target or level are ignored): the same length, without re-walking the
-    /// target's own chains.
-    pub fn primed_len_with(&mut self, y: &[u8], walks: Option<&TargetWalks>) -> Option<u64> {
-        let walks = walks.filter(|w| w.level == self.level && w.target == y);
+    /// [`primed_len`](Self::primed_len) of the target `t` holds, using its walks (when built at this
+    /// engine's level; else without): the same length, without re-walking the target's own chains.
+    pub fn primed_len_walked(&mut self, t: &TargetWalks) -> Option<u64> {
+        let walks = (t.level == self.level).then_some(t);
+        self.primed_len_impl(&t.target, walks)
+    }
+
+    fn primed_len_impl(&mut self, y: &[u8], walks: Option<&TargetWalks>) -> Option<u64> {
         let p = self.primed.take()?;
         let xlen = p.xlen;
         let total = xlen + y.len();
@@ -751,7 +754,7 @@ struct Walk {
 }
 
 /// Per-target precomputation for the slow levels (4–9), reused for every source the target is
-/// paired with (see [`Deflater::primed_len_with`]).
+/// paired with (see [`Deflater::primed_len_walked`]).
 ///
 /// At a position p of y in x ⊕ y, longest_match walks p's hash chain newest first: first y's own
 /// earlier positions with that hash, then x's. Levels 4–9 insert every position whatever the parse,
@@ -764,7 +767,7 @@ struct Walk {
 /// start length and the x part of the chain stay with the engine.
 pub struct TargetWalks {
     level: i32,
-    /// The target itself: walks are applied only to the target they were built for.
+    /// The target itself, so that walks can only be applied to the target they were built for.
     target: Vec<u8>,
     walks: Vec<Walk>,
 }
@@ -773,6 +776,11 @@ impl TargetWalks {
     /// Largest target handled: its internal match distances stay below MAX_DIST, so the engine's
     /// distance limit never cuts the y part of a chain.
     pub const MAX_LEN: usize = MAX_DIST;
+
+    /// The target these walks were built for.
+    pub fn target(&self) -> &[u8] {
+        &self.target
+    }
 
     /// Memory held per target byte: one walk entry and the target's copy.
     pub const BYTES_PER_TARGET_BYTE: usize = std::mem::size_of::<Walk>() + 1;

@@ -192,7 +192,11 @@ impl NcdScorer {
             for (j, (y, &cy)) in self.targets.iter().zip(&self.sizes).enumerate() {
                 let walks = self.walks[j].as_ref();
                 for (b, e) in primed.iter_mut().enumerate() {
-                    let cxy = match e.primed_len_with(y, walks) {
+                    let len = match walks {
+                        Some(w) => e.primed_len_walked(w),
+                        None => e.primed_len(y),
+                    };
+                    let cxy = match len {
                         Some(len) => GZIP_OVERHEAD + len as i64,
                         // Too long to prime: whole, on engine 1.
                         None => with_engine(1, level, |whole| GZIP_OVERHEAD + whole.deflate_len(sources[b], y) as i64),
