@@ -30,7 +30,8 @@
 //! stops before it; on real text that leaves about 5 bytes of x, instead of ~255, to redo per target.
 //!
 //! Target walks ([`TargetWalks`], levels 4–9): the part of every match search that stays inside the
-//! target is computed once per target and looked up for each source it is paired with.
+//! target, and the target's own hash chains, are computed once per target and looked up for each
+//! source it is paired with.
 use super::trees::{d_code, Trees, END_BLOCK, D_CODES, LENGTH_CODE, LITERALS, L_CODES};
 
 use crate::error::{Error, Result};
@@ -482,6 +483,36 @@ impl Deflater {
         old as usize
     }
 
+    /// insert_string at a target position with the target's walks: the previous position of the same
+    /// hash is the walks' `first` when it is in the target, else the head — which no target position
+    /// writes, so it still holds the last position before the target. The head is neither read
+    /// (mostly) nor written here, so the target's positions leave nothing to undo.
+    #[inline(always)]
+    fn insert_walked(&mut self, pos: usize, w: &TargetWalks) -> usize {
+        let first = w.walks[pos - self.ybase].first;
+        let old = if first != NONE {
+            (self.ybase + first as usize) as u16
+        } else {
+            let b: &[u8; 3] = self.window[pos & 0xffff..][..3].try_into().unwrap();
+            self.head[(((b[0] as usize) << 10) ^ ((b[1] as usize) << 5) ^ (b[2] as usize)) & HASH_MASK]
+        };
+        if pos >= WSIZE {
+            // pos shares its prev[] slot with pos − WSIZE, a position before the target.
+            self.undo_prev.push(((pos & WMASK) as u16, self.prev[pos & WMASK]));
+        }
+        self.prev[pos & WMASK] = old;
+        old as usize
+    }
+
+    /// insert_string, or insert_walked at target positions when the target's walks are given.
+    #[inline(always)]
+    fn insert<const SPEC: bool>(&mut self, pos: usize, walks: Option<&TargetWalks>) -> usize {
+        match walks {
+            Some(w) if pos >= self.ybase => self.insert_walked(pos, w),
+            _ => self.insert_string::<SPEC>(pos),
+        }
+    }
+
     #[inline(always)]
     fn tally_lit(&mut self, c: u8) -> bool {
         self.lfreq[c as usize] += 1;
@@ -670,7 +701,7 @@ impl Deflater {
             }
             let mut hash_head = 0;
             if self.s.lookahead >= MIN_MATCH {
-                hash_head = self.insert_string::<SPEC>(self.s.strstart);
+                hash_head = self.insert::<SPEC>(self.s.strstart, walks);
             }
             self.s.prev_length = self.s.match_length;
             self.s.prev_match = self.s.match_start;
@@ -695,7 +726,7 @@ impl Deflater {
                 loop {
                     self.s.strstart += 1;
                     if self.s.strstart <= max_insert {
-                        self.insert_string::<SPEC>(self.s.strstart);
+                        self.insert::<SPEC>(self.s.strstart, walks);
                     }
                     self.s.prev_length -= 1;
                     if self.s.prev_length == 0 {
@@ -748,10 +779,13 @@ struct Walk {
     /// With the level's full chain budget, and with the quarter budget used after a good match.
     full: WalkPart,
     quarter: WalkPart,
-    /// The first and the last (oldest) target position on the chain.
+    /// The first (NONE: none) and the last (oldest) target position on the chain.
     first: u16,
     last: u16,
 }
+
+/// No target position (targets are at most MAX_DIST bytes).
+const NONE: u16 = u16::MAX;
 
 /// Per-target precomputation for the slow levels (4–9), reused for every source the target is
 /// paired with (see [`Deflater::primed_len_walked`]).
@@ -763,8 +797,12 @@ struct Walk {
 /// best, so from a start length b its y part ends at the last prefix maximum within the budget if
 /// that beats b — or stops at the first prefix maximum ≥ nice_match when b < nice_match. The budget
 /// is the level's chain length or a quarter of it; nice_match is min(nice, y.len() − j). This stores,
-/// per position j, that outcome for both budgets (about 20 bytes per target byte). The parse-dependent
+/// per position j, that outcome for both budgets (20 bytes per target byte). The parse-dependent
 /// start length and the x part of the chain stay with the engine.
+///
+/// The same tables give each position's predecessor on its chain inside y, so with walks the
+/// engine does not keep the hash heads for y's positions at all (see `insert_walked`): at a position
+/// whose hash has no earlier occurrence in y, the head still holds the last one before y.
 pub struct TargetWalks {
     level: i32,
     /// The target itself, so that walks can only be applied to the target they were built for.
@@ -797,10 +835,9 @@ impl TargetWalks {
         let mut buf = Vec::with_capacity(n + MAX_MATCH + 1);
         buf.extend_from_slice(y);
         buf.resize(n + MAX_MATCH + 1, 0);
-        const NONE: u16 = u16::MAX; // n ≤ MAX_DIST, so never a position
         let mut head = vec![NONE; HASH_SIZE];
         let mut prev = vec![NONE; n];
-        let mut walks = vec![Walk::default(); n];
+        let mut walks = vec![Walk { first: NONE, ..Walk::default() }; n];
         let quarter_budget = cfg.chain >> 2;
         // Positions j ≤ n − 3 are inserted (their 3 bytes are in y) and may start a walk.
         for j in 0..n.saturating_sub(MIN_MATCH - 1) {
