@@ -150,10 +150,9 @@ pub(crate) struct Trees {
     l: Tree,
     d: Tree,
     bl: Tree,
-    /// The live heap (indices 1..=heap_len; u64::MAX sentinels from heap_len + 1 to 2·heap_len + 1,
-    /// see pqdownheap): `(freq << 8 | depth) << 32 | node`, so zlib's
+    /// The live heap (indices 1..=heap_len): `(freq << 8 | depth) << 32 | node`, so zlib's
     /// `smaller(n, m)` (freq, then depth ≤ as tie-break) is one compare of the upper halves.
-    heap: [u64; 2 * HEAP_SIZE],
+    heap: [u64; HEAP_SIZE],
     /// zlib keeps the removed nodes in the same array above heap_max; kept apart here.
     order: [u16; HEAP_SIZE],
     depth: [u8; HEAP_SIZE],
@@ -178,7 +177,7 @@ impl Trees {
             l: Tree::new(),
             d: Tree::new(),
             bl: Tree::new(),
-            heap: [0; 2 * HEAP_SIZE],
+            heap: [0; HEAP_SIZE],
             order: [0; HEAP_SIZE],
             depth: [0; HEAP_SIZE],
             bl_count: [0; MAX_BITS + 1],
@@ -237,26 +236,26 @@ impl Trees {
 
     /// zlib's pqdownheap on packed entries: with equal keys the right son is taken and v stays
     /// above, exactly as `smaller` (≤ on depth) decides.
-    ///
-    /// Branch-free over a fixed number of levels (every level below k), so no exit is mispredicted:
-    /// sons past heap_len read u64::MAX sentinels and are never taken, and once v has settled the
-    /// remaining levels rewrite v where it is.
     #[inline(always)]
-    fn pqdownheap(heap: &mut [u64; 2 * HEAP_SIZE], heap_len: usize, mut k: usize) {
-        debug_assert!(k >= 1 && k <= heap_len.max(1));
+    fn pqdownheap(heap: &mut [u64; HEAP_SIZE], heap_len: usize, mut k: usize) {
         let v = heap[k];
         let vk = v >> 32;
-        let levels = k.leading_zeros().saturating_sub(heap_len.leading_zeros());
-        for _ in 0..levels {
-            // k ≤ heap_len, so both sons are ≤ 2·heap_len + 1: live entries or sentinels.
-            // Selects by arithmetic, not by branches the compiler might keep.
-            let j = k << 1;
-            let cj = j + (heap[j + 1] >> 32 <= heap[j] >> 32) as usize;
-            let c = heap[cj];
-            let down = (c >> 32 < vk) as usize;
-            let mask = 0u64.wrapping_sub(down as u64);
-            heap[k] = (c & mask) | (v & !mask);
-            k += (cj - k) * down;
+        let mut j = k << 1;
+        while j <= heap_len {
+            let mut hj = heap[j];
+            if j < heap_len {
+                // Branch-free choice of the smaller son (the right one on equal keys).
+                let hj1 = heap[j + 1];
+                let right = hj1 >> 32 <= hj >> 32;
+                j += right as usize;
+                hj = if right { hj1 } else { hj };
+            }
+            if vk <= hj >> 32 {
+                break;
+            }
+            heap[k] = hj;
+            k = j;
+            j <<= 1;
         }
         heap[k] = v;
     }
@@ -301,7 +300,6 @@ impl Trees {
                     self.static_len = self.static_len.wrapping_sub(sl);
                 }
             }
-            self.heap[heap_len + 1..=2 * heap_len + 1].fill(u64::MAX);
             for n in (1..=heap_len / 2).rev() {
                 Self::pqdownheap(&mut self.heap, heap_len, n);
             }
@@ -310,7 +308,6 @@ impl Trees {
                 // pqremove
                 let en = self.heap[1];
                 self.heap[1] = self.heap[heap_len];
-                self.heap[heap_len] = u64::MAX; // the sentinels now start there
                 heap_len -= 1;
                 Self::pqdownheap(&mut self.heap, heap_len, 1);
                 let em = self.heap[1];
