@@ -536,10 +536,19 @@ unsafe fn linear_t<T: QElem>(l: &LinearArgs, x: u64, codes: u64, scales: u64, ta
         }
     }
     let lin = Lin { l, xf, codes, scales, table, bias, y };
-    // Tiles of output rows: each reads its rows' codes once per pair of tokens.
+    // Tiles of output rows: each reads its rows' codes once per pair of tokens. One task per thread,
+    // each taking the next tile until none is left: a thread the OS preempts (2 vCPUs shared with
+    // other work) holds up one tile, never a share of the rows fixed in advance. Every row is still
+    // computed by one tile in a fixed order (deterministic whatever the thread count).
     const TILE: usize = 16;
     let work = nout * k * tokens.max(1);
-    parallel::for_each_task(nout.div_ceil(TILE), work, |ti| {
+    let tiles = nout.div_ceil(TILE);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    parallel::for_each_task(parallel::num_threads().min(tiles), work, |_| loop {
+        let ti = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if ti >= tiles {
+            break;
+        }
         let (o0, o1) = (ti * TILE, ((ti + 1) * TILE).min(nout));
         if fast {
             let mut t0 = 0;
