@@ -695,6 +695,8 @@ unsafe fn linear_tile_avx2<T: QElem, const NT: usize>(lin: &Lin, o0: usize, o1: 
                 _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(gi * g / 2 + l + PREFETCH) as *const i8);
                 l += 64;
             }
+            // Four independent FMA chains (two per token for a pair): with two, one token's chains
+            // (2 FMAs × 4 cycles per block) were the bound, not the shuffles.
             let (mut a0, mut a1, mut c0, mut c1) = (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
             for b in 0..blocks {
                 let off = gi * g + b * 32;
@@ -713,9 +715,12 @@ unsafe fn linear_tile_avx2<T: QElem, const NT: usize>(lin: &Lin, o0: usize, o1: 
                 let xp = x0.add(off);
                 a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp), a0);
                 a1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp.add(8)), a1);
-                a0 = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xp.add(16)), a0);
-                a1 = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xp.add(24)), a1);
-                if NT == 2 {
+                if NT == 1 {
+                    c0 = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xp.add(16)), c0);
+                    c1 = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xp.add(24)), c1);
+                } else {
+                    a0 = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xp.add(16)), a0);
+                    a1 = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xp.add(24)), a1);
                     let xp = x1.add(off);
                     c0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp), c0);
                     c1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp.add(8)), c1);
@@ -724,6 +729,9 @@ unsafe fn linear_tile_avx2<T: QElem, const NT: usize>(lin: &Lin, o0: usize, o1: 
                 }
             }
             let m = _mm256_set1_ps(*scales.add(o * ng + gi));
+            if NT == 1 {
+                (a0, a1) = (_mm256_add_ps(a0, c0), _mm256_add_ps(a1, c1));
+            }
             tot0 = _mm256_fmadd_ps(_mm256_add_ps(a0, a1), m, tot0);
             if NT == 2 {
                 tot1 = _mm256_fmadd_ps(_mm256_add_ps(c0, c1), m, tot1);
