@@ -453,6 +453,61 @@ def test_power_quant_linear_fast_path_large(tokens):
     assert rel_err(mod(x.to(BF16)), linear_ref(x.to(BF16), w_hat, lin.bias)) <= 1e-2
 
 
+@pytest.mark.parametrize("in_f, g, out_f, tokens", [
+    (32, 32, 1, 1), (64, 32, 17, 3), (256, 64, 33, 5), (4096, 128, 19, 2), (384, 384, 16, 1), (160, 32, 31, 4),
+])
+def test_power_quant_linear_fast_path_edges(in_f, g, out_f, tokens):
+    """The AVX2 kernel at its edges: one block per group, 64- and 384-wide groups (two and six
+    prefetched lines), rows not a multiple of the 16-row tile (the prefetches run past the buffers),
+    odd and even token counts (pairs and a single last token); float32 and bfloat16 activations."""
+    lin = _linear(in_f, out_f, True, in_f + out_f)
+    a = torch.rand(out_f, generator=torch.Generator().manual_seed(out_f)) * 0.8 + 0.2
+    mod = PowerQuantLinear.from_linear(lin, 4, g, a)
+    w_hat = mod.dequantized_weight().to(F64)
+    x = randn((tokens, in_f), F32, in_f + tokens)
+    with torch.no_grad():
+        assert rel_err(mod(x), linear_ref(x, w_hat, lin.bias)) <= 1e-5
+        assert rel_err(mod(x.to(BF16)), linear_ref(x.to(BF16), w_hat, lin.bias)) <= 1e-2
+
+
+def test_power_quant_linear_eager_path_matches_op(monkeypatch):
+    """Eager calls that need no gradient skip the dispatcher (lmkern.ops.quant.quant_linear); they
+    must give the op's exact result, and every other call must still go through the op."""
+    from lmkern.ops import quant as quant_ops
+
+    lin = _linear(256, 40, True, 5)
+    mod = PowerQuantLinear.from_linear(lin, 4, 64, a=0.6)
+    calls = []
+    direct = quant_ops._linear
+
+    def spy(*args):
+        calls.append(args[0].shape)
+        return direct(*args)
+
+    monkeypatch.setattr(quant_ops, "_linear", spy)  # the op keeps the implementation it registered
+    for x in (randn((3, 256), F32, 0), randn((2, 3, 256), BF16, 1), randn((256, 3), F16, 2).t(), randn((1, 256), F64, 3)):
+        want = torch.ops.lmkern.power_quant_linear(x, mod.codes, mod.scales, mod.codebook, mod.bias, 4, 64, 256)
+        calls.clear()
+        with torch.no_grad():
+            got = mod(x)
+        assert calls == [x.shape], "an eager no-grad call should skip the dispatcher"
+        assert got.dtype == x.dtype and torch.equal(got, want)
+    xg = randn((2, 256), F32, 4).requires_grad_(True)
+    calls.clear()
+    y = mod(xg)
+    assert calls == [] and y.grad_fn is not None, "a call that needs a gradient goes through the op"
+    calls.clear()
+    with torch.inference_mode():
+        assert torch.equal(mod(xg.detach()), y.detach()) and calls == [xg.shape]
+    # A non-contiguous x and bad input take the full checks on the eager path too.
+    with pytest.raises(ValueError, match="in_features"):
+        with torch.no_grad():
+            mod(torch.randn(2, 255))
+    with pytest.raises(ValueError, match="scales"):
+        with torch.no_grad():
+            quant_ops.quant_linear(xg.detach(), mod.codes, mod.scales[:, :2], mod.codebook, None, 4, 64, 256)
+
+
 def test_power_quant_linear_state_dict_round_trip():
     lin = _linear(256, 40, True, 1)
     mod = PowerQuantLinear.from_linear(lin, 4, 64)  # exponents searched

@@ -99,8 +99,8 @@ class PowerQuantLinear(nn.Module):
         return self.quantized.dequantize()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.lmkern.power_quant_linear(x, self.codes, self.scales, self.codebook, self.bias,
-                                                   self.bits, self.group_size, self.in_features)
+        return _ops.quant_linear(x, self.codes, self.scales, self.codebook, self.bias, self.bits, self.group_size,
+                                 self.in_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

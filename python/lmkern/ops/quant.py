@@ -337,7 +337,34 @@ def _check_linear(x, codes, scales, table, bias, bits, group_size, in_features, 
     return out_features
 
 
+def _cpu_ready(x, codes, scales, table, bias, bits, group_size, in_features) -> bool:
+    """The common CPU call in one test: contiguous CPU tensors of the dtypes and shapes the kernel
+    reads. After the dense work a GEMV sits next to, torch's and Python's code is out of cache and
+    every step of the full checks (_check_linear, reshape, contiguous) costs ~10x its warm time:
+    ~0.1 ms per call, 5-10 % of a 4096x4096 GEMV. Never true where _check_linear would raise."""
+    if (type(bits) is not int or bits not in BITS or type(group_size) is not int or type(in_features) is not int
+            or in_features < 1 or group_size < 1 or in_features % group_size or x.dim() < 1 or codes.dim() != 2):
+        return False
+    out = codes.shape[0]
+    return (
+        x.is_cpu and x.dtype in DTYPE_CODES and x.shape[-1] == in_features and x.is_contiguous()
+        and codes.is_cpu and codes.dtype == torch.uint8 and codes.shape[1] == row_bytes(in_features, bits)
+        and codes.is_contiguous()
+        and scales.is_cpu and scales.dtype == torch.float32 and scales.shape == (out, in_features // group_size)
+        and scales.is_contiguous()
+        and table.is_cpu and table.dtype == torch.float32 and table.shape == (out, 1 << bits) and table.is_contiguous()
+        and (bias is None or (bias.is_cpu and bias.dtype == torch.float32 and bias.shape == (out,) and bias.is_contiguous()))
+    )
+
+
 def _linear(x, codes, scales, table, bias, bits, group_size, in_features):
+    if _cpu_ready(x, codes, scales, table, bias, bits, group_size, in_features):
+        out_features = codes.shape[0]
+        y = x.new_empty((*x.shape[:-1], out_features))
+        _core.quant_linear(DTYPE_CODES[x.dtype], -1, 0, bits, out_features, in_features, group_size,
+                           x.numel() // in_features, x.data_ptr(), codes.data_ptr(), scales.data_ptr(),
+                           table.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr())
+        return y
     out_features = _check_linear(x, codes, scales, table, bias, bits, group_size, in_features)
     x2 = x.reshape(-1, in_features).contiguous()
     tokens = x2.shape[0]
@@ -354,6 +381,34 @@ def _linear(x, codes, scales, table, bias, bits, group_size, in_features):
     _core.quant_linear(DTYPE_CODES[x.dtype], dev, stream, bits, out_features, in_features, group_size, tokens,
                        ptr(x2), ptr(codes), ptr(scales), ptr(table), ptr(bias), ptr(y))
     return y.reshape(*x.shape[:-1], out_features)
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _eager_ok(*tensors) -> bool:
+    """Whether a call may skip torch's dispatcher (as lmkern.ops.norm does): plain tensors, and
+    nothing tracing or intercepting ops (torch.compile, jit tracing, dispatch or function modes,
+    functorch transforms)."""
+    if (
+        torch.compiler.is_compiling()
+        or torch._C._get_tracing_state()
+        or torch._C._len_torch_dispatch_stack()
+        or torch._C._is_torch_function_mode_enabled()
+        or torch._C._are_functorch_transforms_active()
+    ):
+        return False
+    return all(t is None or type(t) in _PLAIN for t in tensors)
+
+
+def quant_linear(x, codes, scales, table, bias, bits: int, group_size: int, in_features: int) -> torch.Tensor:
+    """torch.ops.lmkern.power_quant_linear; an eager call on CPU that needs no gradient runs the op's
+    implementation directly (the dispatcher and torch.library's autograd wrapper cost ~0.15 ms when
+    their code is out of cache, as it is after a large matmul); all else goes through the op."""
+    if (x.is_cpu and not (x.requires_grad and torch.is_grad_enabled())
+            and _eager_ok(x, codes, scales, table, bias)):
+        return _linear(x, codes, scales, table, bias, bits, group_size, in_features)
+    return torch.ops.lmkern.power_quant_linear(x, codes, scales, table, bias, bits, group_size, in_features)
 
 
 def _linear_fake(x, codes, scales, table, bias, bits, group_size, in_features):

@@ -1,12 +1,35 @@
 //! Times the CPU 4-bit LUT GEMV (4096 → 4096, group 128) and the quantizer on this machine:
-//! `cargo run --release -p lmkern-core --example quant_gemv [threads]`. Min and median of repeats.
+//! `cargo run --release -p lmkern-core --example quant_gemv [threads] [gemv]` (`gemv`: the GEMV
+//! only; `REPS=n` repeats, default 30). Min and median of the repeats, wall clock and, since the
+//! machine is shared, CPU time (of the calling thread with 1 thread, of the process otherwise).
 use lmkern_core::quant::{self, LinearArgs, QuantArgs};
 use lmkern_core::{DType, Device};
 use std::time::Instant;
 
+#[repr(C)]
+struct Timespec {
+    sec: i64,
+    nsec: i64,
+}
+
+extern "C" {
+    fn clock_gettime(clock: i32, ts: *mut Timespec) -> i32;
+}
+
+/// CPU seconds of this thread (clock 3) or this process (clock 2).
+fn cpu_time(clock: i32) -> f64 {
+    let mut ts = Timespec { sec: 0, nsec: 0 };
+    // SAFETY: ts is a valid timespec (x86-64 Linux layout) for the call to fill.
+    unsafe { clock_gettime(clock, &mut ts) };
+    ts.sec as f64 + ts.nsec as f64 * 1e-9
+}
+
 fn main() {
     let threads: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(1);
+    let gemv_only = std::env::args().nth(2).is_some_and(|a| a == "gemv");
+    let reps: usize = std::env::var("REPS").ok().and_then(|v| v.parse().ok()).unwrap_or(30).max(1);
     lmkern_core::parallel::set_num_threads(threads);
+    let clock = if threads == 1 { 3 } else { 2 };
     let (n, k, g) = (4096usize, 4096usize, 128usize);
     let mut s = 0x1234_5678_9abc_def0u64;
     let mut rnd = || {
@@ -23,42 +46,55 @@ fn main() {
     let mut scales = vec![0f32; n * k / g];
     let mut table = vec![0f32; n * 16];
     let mut y = vec![0f32; n];
-    let time = |name: &str, f: &mut dyn FnMut()| {
-        let mut ts = Vec::new();
-        for _ in 0..30 {
-            let t = Instant::now();
+    // 64 MiB read between calls in the "flushed" runs, as the dense GEMV it is compared with reads
+    // 64 MB: the codes then come from DRAM.
+    let junk = vec![1u8; 64 << 20];
+    let mut sink = 0u8;
+    let mut time = |name: &str, flush: bool, f: &mut dyn FnMut()| {
+        let (mut wall, mut cpu) = (Vec::new(), Vec::new());
+        for _ in 0..reps {
+            if flush {
+                sink ^= junk.iter().step_by(64).fold(0u8, |a, b| a ^ b);
+            }
+            let (t, c) = (Instant::now(), cpu_time(clock));
             f();
-            ts.push(t.elapsed().as_secs_f64() * 1e3);
+            cpu.push((cpu_time(clock) - c) * 1e3);
+            wall.push(t.elapsed().as_secs_f64() * 1e3);
         }
-        ts.sort_by(|a, b| a.total_cmp(b));
-        println!("{name}: min {:.3} ms, median {:.3} ms ({threads} threads)", ts[0], ts[ts.len() / 2]);
+        wall.sort_by(|a, b| a.total_cmp(b));
+        cpu.sort_by(|a, b| a.total_cmp(b));
+        let m = reps / 2;
+        println!(
+            "{name}: min {:.3} ms, median {:.3} ms; cpu min {:.3} ms, median {:.3} ms ({threads} threads)",
+            wall[0], wall[m], cpu[0], cpu[m]
+        );
     };
     unsafe {
-        time("quantize [4096, 4096] 4-bit g128", &mut || {
-            quant::quantize(Device::Cpu, DType::F32, &q, w.as_ptr() as u64, a.as_ptr() as u64, codes.as_mut_ptr() as u64, scales.as_mut_ptr() as u64).unwrap()
-        });
+        let mut quantize = || {
+            quant::quantize(Device::Cpu, DType::F32, &q, w.as_ptr() as u64, a.as_ptr() as u64, codes.as_mut_ptr() as u64, scales.as_mut_ptr() as u64)
+                .unwrap()
+        };
+        if gemv_only {
+            quantize();
+        } else {
+            time("quantize [4096, 4096] 4-bit g128", false, &mut || quantize());
+        }
         quant::codebook(4, n, a.as_ptr() as u64, table.as_mut_ptr() as u64).unwrap();
         let l = LinearArgs { q, tokens: 1 };
-        time("linear GEMV 4096 -> 4096 4-bit g128", &mut || {
-            quant::linear(Device::Cpu, DType::F32, &l, x.as_ptr() as u64, codes.as_ptr() as u64, scales.as_ptr() as u64, table.as_ptr() as u64, 0, y.as_mut_ptr() as u64).unwrap()
-        });
-        // The same with the caches flushed before each call (64 MiB written in between), as when the
-        // GEMV is interleaved with other work: the codes then come from DRAM.
-        let mut junk = vec![0u8; 64 << 20];
-        let mut ts = Vec::new();
-        for it in 0..30 {
-            junk.iter_mut().step_by(64).for_each(|b| *b = b.wrapping_add(it as u8));
-            let t = Instant::now();
-            quant::linear(Device::Cpu, DType::F32, &l, x.as_ptr() as u64, codes.as_ptr() as u64, scales.as_ptr() as u64, table.as_ptr() as u64, 0, y.as_mut_ptr() as u64).unwrap();
-            ts.push(t.elapsed().as_secs_f64() * 1e3);
+        let mut gemv = || {
+            quant::linear(Device::Cpu, DType::F32, &l, x.as_ptr() as u64, codes.as_ptr() as u64, scales.as_ptr() as u64, table.as_ptr() as u64, 0, y.as_mut_ptr() as u64)
+                .unwrap()
+        };
+        time("linear GEMV 4096 -> 4096 4-bit g128", false, &mut gemv);
+        time("linear GEMV, caches flushed", true, &mut gemv);
+        if !gemv_only {
+            let mut yd = vec![0f32; n];
+            time("dense f32 GEMV (naive Rust dot, reference only)", false, &mut || {
+                for (o, yo) in yd.iter_mut().enumerate() {
+                    *yo = w[o * k..(o + 1) * k].iter().zip(&x).map(|(a, b)| a * b).sum();
+                }
+            });
         }
-        ts.sort_by(|a, b| a.total_cmp(b));
-        println!("linear GEMV, caches flushed: min {:.3} ms, median {:.3} ms ({threads} threads)", ts[0], ts[15]);
-        let mut yd = vec![0f32; n];
-        time("dense f32 GEMV (naive Rust dot, reference only)", &mut || {
-            for (o, yo) in yd.iter_mut().enumerate() {
-                *yo = w[o * k..(o + 1) * k].iter().zip(&x).map(|(a, b)| a * b).sum();
-            }
-        });
     }
+    std::hint::black_box(sink);
 }

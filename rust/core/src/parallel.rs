@@ -52,3 +52,22 @@ pub fn for_each_task(tasks: usize, elems: usize, f: impl Fn(usize) + Sync + Send
         _ => (0..tasks).for_each(f),
     }
 }
+
+/// Run `f` on the calling thread and on `helpers` jobs of lmkern's pool at once (all of them when
+/// `elems` is large enough), returning when every copy has returned. For work that the copies
+/// share out themselves (an atomic counter): the caller starts at once instead of sleeping until
+/// a pool thread has woken, which on a VM costs ~0.1–0.2 ms per call.
+pub fn run_with_caller(helpers: usize, elems: usize, f: impl Fn() + Sync + Send) {
+    match pool() {
+        Some(pool) if helpers > 0 && elems >= SERIAL_BELOW && pool.current_num_threads() > 1 => {
+            let f = &f;
+            pool.in_place_scope(|s| {
+                for _ in 0..helpers.min(pool.current_num_threads() - 1) {
+                    s.spawn(move |_| f());
+                }
+                f();
+            });
+        }
+        _ => f(),
+    }
+}
