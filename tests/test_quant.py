@@ -499,6 +499,12 @@ def test_power_quant_linear_eager_path_matches_op(monkeypatch):
     calls.clear()
     with torch.inference_mode():
         assert torch.equal(mod(xg.detach()), y.detach()) and calls == [xg.shape]
+    # A bias that wants a gradient goes through the op too, which refuses it rather than dropping it.
+    calls.clear()
+    with pytest.raises(NotImplementedError, match="frozen"):
+        quant_ops.quant_linear(xg.detach(), mod.codes, mod.scales, mod.codebook, mod.bias.clone().requires_grad_(True),
+                               4, 64, 256).sum().backward()
+    assert calls == []
     # A non-contiguous x and bad input take the full checks on the eager path too.
     with pytest.raises(ValueError, match="in_features"):
         with torch.no_grad():

@@ -45,3 +45,22 @@ def check_device(name: str, t: torch.Tensor, ref: torch.Tensor, ref_name: str = 
 def check_cpu_or_cuda(name: str, t: torch.Tensor) -> None:
     if not (t.is_cpu or t.is_cuda or t.is_meta):
         raise ValueError(f"{name}: lmkern runs on cpu and cuda tensors; got a {t.device.type} tensor")
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def eager_ok(*tensors) -> bool:
+    """Whether an eager call may skip torch's dispatcher and run an op's implementation directly:
+    plain tensors (or None), and nothing tracing or intercepting ops (torch.compile, jit tracing,
+    dispatch or function modes, functorch transforms). The dispatcher and torch.library's autograd
+    wrapper cost more than small kernels, and ~0.15 ms when their code is out of cache."""
+    if (
+        torch.compiler.is_compiling()
+        or torch._C._get_tracing_state()
+        or torch._C._len_torch_dispatch_stack()
+        or torch._C._is_torch_function_mode_enabled()
+        or torch._C._are_functorch_transforms_active()
+    ):
+        return False
+    return all(t is None or type(t) in _PLAIN for t in tensors)

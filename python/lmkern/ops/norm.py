@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from .. import _core
-from .._lib import DTYPE_CODES, LIB, check_cpu_or_cuda, check_device, check_floating, device_args, ptr
+from .._lib import DTYPE_CODES, LIB, check_cpu_or_cuda, check_device, check_floating, device_args, eager_ok, ptr
 
 _CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _CUDA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -245,26 +245,11 @@ _define("rms_norm", crms=False)
 _define("crms_norm", crms=True)
 
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
-
-
 def _eager_ok(x, residual, weight) -> bool:
-    """Whether a call may skip torch's dispatcher: plain cpu/cuda tensors, and nothing tracing or
-    intercepting ops (torch.compile, dispatch or function modes, functorch transforms). For small
-    tensors the dispatcher and torch.library's autograd wrapper cost more than the kernel, so eager
-    calls run the kernels directly (through _NormFunction when a gradient is wanted); every other
+    """Eager calls on plain cpu/cuda tensors run the kernels directly (through _NormFunction when a
+    gradient is wanted): for small tensors the dispatcher costs more than the kernel. Every other
     case goes through the custom op."""
-    if (
-        torch.compiler.is_compiling()
-        or torch._C._len_torch_dispatch_stack()
-        or torch._C._is_torch_function_mode_enabled()
-        or torch._C._are_functorch_transforms_active()
-    ):
-        return False
-    for t in (x, residual, weight):
-        if t is not None and type(t) not in _PLAIN:
-            return False
-    return x.is_cpu or x.is_cuda
+    return eager_ok(x, residual, weight) and (x.is_cpu or x.is_cuda)
 
 
 class _NormFunction(torch.autograd.Function):

@@ -32,7 +32,7 @@ import math
 import torch
 
 from .. import _core
-from .._lib import DTYPE_CODES, LIB, check_cpu_or_cuda, check_floating, device_args, ptr
+from .._lib import DTYPE_CODES, LIB, check_cpu_or_cuda, check_floating, device_args, eager_ok, ptr
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 BITS = (2, 3, 4, 8)
@@ -383,30 +383,13 @@ def _linear(x, codes, scales, table, bias, bits, group_size, in_features):
     return y.reshape(*x.shape[:-1], out_features)
 
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
-
-
-def _eager_ok(*tensors) -> bool:
-    """Whether a call may skip torch's dispatcher (as lmkern.ops.norm does): plain tensors, and
-    nothing tracing or intercepting ops (torch.compile, jit tracing, dispatch or function modes,
-    functorch transforms)."""
-    if (
-        torch.compiler.is_compiling()
-        or torch._C._get_tracing_state()
-        or torch._C._len_torch_dispatch_stack()
-        or torch._C._is_torch_function_mode_enabled()
-        or torch._C._are_functorch_transforms_active()
-    ):
-        return False
-    return all(t is None or type(t) in _PLAIN for t in tensors)
-
-
 def quant_linear(x, codes, scales, table, bias, bits: int, group_size: int, in_features: int) -> torch.Tensor:
     """torch.ops.lmkern.power_quant_linear; an eager call on CPU that needs no gradient runs the op's
     implementation directly (the dispatcher and torch.library's autograd wrapper cost ~0.15 ms when
     their code is out of cache, as it is after a large matmul); all else goes through the op."""
-    if (x.is_cpu and not (x.requires_grad and torch.is_grad_enabled())
-            and _eager_ok(x, codes, scales, table, bias)):
+    tensors = (x, codes, scales, table, bias)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if x.is_cpu and not needs_grad and eager_ok(*tensors):
         return _linear(x, codes, scales, table, bias, bits, group_size, in_features)
     return torch.ops.lmkern.power_quant_linear(x, codes, scales, table, bias, bits, group_size, in_features)
 
