@@ -211,6 +211,25 @@ def test_pack_unpack_round_trip():
             assert torch.equal(qq.codes, pack_ref(x.to(torch.int64), bits))
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_torch_dequantize_from_codebooks_matches_the_kernel(bits):
+    # The CUDA fallbacks of power_quant_linear (many tokens, backward) dequantize with torch ops
+    # from the codebooks; here on CPU, bit for bit against the power_dequantize kernel.
+    from lmkern.ops import quant as quant_ops
+
+    for rows, n, gs, seed in ((5, 96, 32, 0), (3, 40, 8, 1), (1, 7, 7, 2), (4, 0, 1, 3)):
+        x = randn((rows, n), F32, seed)
+        if n:
+            x[0, : min(gs, n)] = 0.0  # an all-zero group
+        a = torch.rand(rows, generator=torch.Generator().manual_seed(seed)) * 0.9 + 0.1
+        q = power_quantize(x, a, bits, gs)
+        table = torch.ops.lmkern.power_codebook(q.exponent, bits)
+        for dtype in (F32, BF16):
+            want = torch.ops.lmkern.power_dequantize(q.codes, q.scales, q.exponent, bits, gs, n, dtype)
+            got = quant_ops._dequantize_table(q.codes, q.scales, table, bits, gs, n, dtype)
+            assert got.dtype == dtype and torch.equal(got, want), (bits, rows, n, gs, dtype)
+
+
 def test_documented_bit_layout():
     # 4-bit: low nibble first; q = -1 is 0xF. 3-bit: eight codes in a 24-bit little-endian word.
     q = power_quantize(torch.tensor([[-1.0, 3.0, 7.0]]), 1.0, 4)

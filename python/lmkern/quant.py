@@ -112,18 +112,8 @@ class PowerQuantized(QuantizedTensor):
 
 def unpack_codes(codes: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Signed int8 codes [rows, n] from packed ``codes`` (the documented bit stream), in torch ops."""
-    rows = codes.shape[0]
-    if bits == 8:
-        return codes.view(torch.int8)[:, :n].clone()
-    bitpos = torch.arange(n, device=codes.device) * bits
-    byte, shift = bitpos // 8, bitpos % 8
-    c = codes.to(torch.int32)
-    lo = c[:, byte]
-    nxt = torch.clamp(byte + 1, max=max(codes.shape[1] - 1, 0))
-    hi = torch.where((shift + bits > 8), c[:, nxt], torch.zeros_like(lo)) if codes.shape[1] else lo
-    f = ((lo | (hi << 8)) >> shift) & ((1 << bits) - 1)
-    q = torch.where(f >= 2 ** (bits - 1), f - 2 ** bits, f)
-    return q.to(torch.int8).reshape(rows, n)
+    f = _ops.unpack_fields(codes, bits, n)
+    return torch.where(f >= 2 ** (bits - 1), f - 2 ** bits, f).to(torch.int8)
 
 
 def _as_tensor(name: str, x) -> torch.Tensor:

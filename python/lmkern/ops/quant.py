@@ -297,13 +297,22 @@ def _codebook(a, bits):
     return out
 
 
-def _unpack_fields(codes, bits, n):
-    """The b-bit fields (int64 [rows, n]) of packed rows (LSB-first bit stream per row), in torch."""
-    rows = codes.shape[0]
-    shifts = torch.arange(8, device=codes.device, dtype=torch.uint8)
-    stream = ((codes.unsqueeze(-1) >> shifts) & 1).reshape(rows, -1)[:, : n * bits]
-    weights = torch.tensor([1 << i for i in range(bits)], device=codes.device, dtype=torch.int64)
-    return (stream.reshape(rows, n, bits).to(torch.int64) * weights).sum(-1)
+def unpack_fields(codes, bits, n):
+    """The raw b-bit fields (int32 [rows, n], 0 .. 2^bits − 1) of packed rows (the LSB-first bit
+    stream of each row), in torch ops: one int32 per element (the CUDA fallbacks unpack whole
+    weights with it)."""
+    if bits == 8:
+        return codes[:, :n].to(torch.int32)
+    if n == 0:
+        return torch.zeros((codes.shape[0], 0), dtype=torch.int32, device=codes.device)
+    bitpos = torch.arange(n, device=codes.device) * bits
+    byte, shift = bitpos // 8, bitpos % 8
+    c = codes.to(torch.int32)
+    f = c[:, byte]
+    if 8 % bits:  # 3 bits: a field may straddle two bytes
+        nxt = torch.clamp(byte + 1, max=codes.shape[1] - 1)
+        f = f | torch.where(shift + bits > 8, c[:, nxt], 0) << 8
+    return (f >> shift) & ((1 << bits) - 1)
 
 
 def _dequantize_table(codes, scales, table, bits, group_size, n, dtype):
@@ -313,7 +322,7 @@ def _dequantize_table(codes, scales, table, bits, group_size, n, dtype):
     rows = codes.shape[0]
     if rows == 0 or n == 0:
         return torch.zeros((rows, n), dtype=dtype, device=codes.device)
-    fields = _unpack_fields(codes, bits, n)
+    fields = unpack_fields(codes, bits, n).long()
     w = torch.gather(table.to(torch.float32), 1, fields) * scales.repeat_interleave(group_size, dim=1)
     return w.to(dtype)
 
