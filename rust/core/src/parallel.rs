@@ -42,15 +42,17 @@ fn pool() -> Option<Arc<rayon::ThreadPool>> {
 pub const SERIAL_BELOW: usize = 1 << 15;
 
 /// Run `f(t)` for every task `t` in `0..tasks`: on the calling thread when `elems` (the work, in
-/// elements) is small, else in lmkern's pool. Tasks must be independent.
+/// elements) is small, else on the calling thread and lmkern's pool together, each taking the next
+/// task from a shared counter (see [`run_with_caller`]). Tasks must be independent.
 pub fn for_each_task(tasks: usize, elems: usize, f: impl Fn(usize) + Sync + Send) {
-    match pool() {
-        Some(pool) if tasks > 1 && elems >= SERIAL_BELOW && pool.current_num_threads() > 1 => {
-            use rayon::prelude::*;
-            pool.install(|| (0..tasks).into_par_iter().for_each(f));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    run_with_caller(tasks.saturating_sub(1), elems, || loop {
+        let t = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if t >= tasks {
+            break;
         }
-        _ => (0..tasks).for_each(f),
-    }
+        f(t);
+    });
 }
 
 /// Run `f` on the calling thread and on `helpers` jobs of lmkern's pool at once (all of them when
