@@ -256,16 +256,7 @@ fn cuda_dtype(_: DType) -> Result<()> {
 /// # Safety
 /// Every address is valid for the sizes above (inputs readable, outputs writable, no overlap).
 pub unsafe fn quantize(device: Device, dtype: DType, q: &QuantArgs, x: Ptr, a: Ptr, codes: Ptr, scales: Ptr) -> Result<()> {
-    q.validate()?;
-    if let Device::Cuda { .. } = device {
-        cuda_dtype(dtype)?;
-    }
-    if q.rows == 0 {
-        return Ok(());
-    }
-    check_ptrs(&[(a, "a", 4)])?;
-    host_exponents(device, a, q.rows)?;
-    if q.n == 0 {
+    if !exponent_checks(device, dtype, q, a)? || q.n == 0 {
         return Ok(());
     }
     check_ptrs(&[(x, "x", dtype.size()), (codes, "codes", 1), (scales, "scales", 4)])?;
@@ -278,21 +269,30 @@ pub unsafe fn quantize(device: Device, dtype: DType, q: &QuantArgs, x: Ptr, a: P
     }
 }
 
-/// Dequantize `codes`/`scales`/`a` (as [`quantize`] writes them) into `out`: rows·n elements of `dtype`.
+/// The checks the ops over `q` and per-row exponents `a` start with: the arguments, the dtype on
+/// CUDA, and the exponents (read on the host). Ok(false) when there are no rows (nothing to do).
 ///
 /// # Safety
-/// As [`quantize`].
-pub unsafe fn dequantize(device: Device, dtype: DType, q: &QuantArgs, codes: Ptr, scales: Ptr, a: Ptr, out: Ptr) -> Result<()> {
+/// `a` is valid for q.rows float32 on `device` when q.rows > 0.
+unsafe fn exponent_checks(device: Device, dtype: DType, q: &QuantArgs, a: Ptr) -> Result<bool> {
     q.validate()?;
     if let Device::Cuda { .. } = device {
         cuda_dtype(dtype)?;
     }
     if q.rows == 0 {
-        return Ok(());
+        return Ok(false);
     }
     check_ptrs(&[(a, "a", 4)])?;
     host_exponents(device, a, q.rows)?;
-    if q.n == 0 {
+    Ok(true)
+}
+
+/// Dequantize `codes`/`scales`/`a` (as [`quantize`] writes them) into `out`: rows·n elements of `dtype`.
+///
+/// # Safety
+/// As [`quantize`].
+pub unsafe fn dequantize(device: Device, dtype: DType, q: &QuantArgs, codes: Ptr, scales: Ptr, a: Ptr, out: Ptr) -> Result<()> {
+    if !exponent_checks(device, dtype, q, a)? || q.n == 0 {
         return Ok(());
     }
     check_ptrs(&[(codes, "codes", 1), (scales, "scales", 4), (out, "out", dtype.size())])?;
@@ -313,16 +313,7 @@ pub unsafe fn dequantize(device: Device, dtype: DType, q: &QuantArgs, codes: Ptr
 /// # Safety
 /// As [`quantize`].
 pub unsafe fn fake_quantize(device: Device, dtype: DType, q: &QuantArgs, x: Ptr, a: Ptr, y: Ptr, scales: Ptr) -> Result<()> {
-    q.validate()?;
-    if let Device::Cuda { .. } = device {
-        cuda_dtype(dtype)?;
-    }
-    if q.rows == 0 {
-        return Ok(());
-    }
-    check_ptrs(&[(a, "a", 4)])?;
-    host_exponents(device, a, q.rows)?;
-    if q.n == 0 {
+    if !exponent_checks(device, dtype, q, a)? || q.n == 0 {
         return Ok(());
     }
     check_ptrs(&[(x, "x", dtype.size()), (y, "y", dtype.size()), (scales, "scales", 4)])?;
@@ -352,15 +343,9 @@ pub const FAKE_GRAD_EPS: f64 = 1e-12;
 pub unsafe fn fake_quantize_backward(
     device: Device, dtype: DType, q: &QuantArgs, dy: Ptr, x: Ptr, scales: Ptr, a: Ptr, dx: Ptr, da: Ptr,
 ) -> Result<()> {
-    q.validate()?;
-    if let Device::Cuda { .. } = device {
-        cuda_dtype(dtype)?;
-    }
-    if q.rows == 0 {
+    if !exponent_checks(device, dtype, q, a)? {
         return Ok(());
     }
-    check_ptrs(&[(a, "a", 4)])?;
-    host_exponents(device, a, q.rows)?;
     if da != 0 {
         require_aligned(da, 4, "da")?;
     }
