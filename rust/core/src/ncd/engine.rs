@@ -875,11 +875,6 @@ impl TargetWalks {
         }
         Some(TargetWalks { level, target: y.to_vec(), walks })
     }
-
-    /// Bytes held.
-    pub fn size_bytes(&self) -> usize {
-        self.walks.len() * std::mem::size_of::<Walk>() + self.target.len()
-    }
 }
 
 /// Length of the common prefix of two equal-length slices, 8 bytes at a time.
