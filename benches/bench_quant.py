@@ -10,17 +10,25 @@ Side by side with their peers, on the inputs of `lmkern bench` (lmkern.bench's r
   Target ≤ 2 s; track_seconds reports the median of a few calls.
 - FakeQuantize: lmkern.quant.power_fake_quantize forward + backward (x and a) vs the torch composite
   of the straight-through fake quantizer under autograd.
+- PowerQuantLinearTokens: the same layer at 1, 8, 64 and 512 tokens, forward (no grad) and forward +
+  backward (dx), vs dense float32 F.linear: the fused GEMV up to 40 tokens, beyond and in every
+  backward Ŵ formed 8 MiB of rows at a time for torch's matmul (lmkern.ops.quant).
 
 track_speedup = peer time / lmkern time, medians of interleaved rounds in one process.
 
   asv machine --yes && asv run --python=same --quick --show-stderr --bench quant
+
+Script mode prints the PowerQuantLinearTokens table:  python benches/bench_quant.py [--tokens 1 8 64 512]
 """
 from __future__ import annotations
 
+import argparse
+import math
 import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 
 import lmkern
 from lmkern import bench as lb
@@ -147,3 +155,83 @@ class FakeQuantize:
         return round(t["peer"].median / t["lmkern"].median, 3)
 
     track_speedup.unit = "x"
+
+
+class PowerQuantLinearTokens:
+    """PowerQuantLinear (4096 → 4096, 4-bit g128) vs dense float32 F.linear by token count, forward
+    (no grad) and forward + backward (dx)."""
+
+    params = [[1, 8, 64, 512]]
+    param_names = ["tokens"]
+    timeout = 600
+
+    def setup(self, tokens):
+        gen = torch.Generator().manual_seed(0)
+        lin = torch.nn.Linear(4096, 4096, bias=False)
+        with torch.no_grad():
+            lin.weight.copy_(torch.randn((4096, 4096), generator=gen) / math.sqrt(4096))
+        self.mod = lmkern.nn.PowerQuantLinear.from_linear(lin, 4, 128, a=lb.QUANT_A)
+        self.w = self.mod.dequantized_weight()
+        self.x = torch.randn(tokens, 4096, generator=gen).requires_grad_(True)
+        self.dy = torch.randn(tokens, 4096, generator=gen)
+
+    def _fwd(self, f):
+        with torch.no_grad():
+            return f(self.x)
+
+    def _fwd_bwd(self, f):
+        return torch.autograd.grad(f(self.x), self.x, self.dy)
+
+    def _lmkern(self, x):
+        return self.mod(x)
+
+    def _dense(self, x):
+        return F.linear(x, self.w)
+
+    def time_forward_lmkern(self, tokens):
+        self._fwd(self._lmkern)
+
+    def time_forward_dense(self, tokens):
+        self._fwd(self._dense)
+
+    def time_forward_backward_lmkern(self, tokens):
+        self._fwd_bwd(self._lmkern)
+
+    def time_forward_backward_dense(self, tokens):
+        self._fwd_bwd(self._dense)
+
+    def _ratio(self, run):
+        t = lb.interleaved({"lmkern": lambda: run(self._lmkern), "peer": lambda: run(self._dense)}, "cpu",
+                           min_rounds=5, budget_s=3.0, warmup=1)
+        return t["lmkern"].median, t["peer"].median
+
+    def track_speedup_forward(self, tokens):
+        lm, peer = self._ratio(self._fwd)
+        return round(peer / lm, 3)
+
+    def track_speedup_forward_backward(self, tokens):
+        lm, peer = self._ratio(self._fwd_bwd)
+        return round(peer / lm, 3)
+
+    track_speedup_forward.unit = "x"
+    track_speedup_forward_backward.unit = "x"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=PowerQuantLinearTokens.__doc__)
+    ap.add_argument("--tokens", type=int, nargs="+", default=PowerQuantLinearTokens.params[0])
+    args = ap.parse_args()
+    print(f"lmkern threads {lmkern.get_num_threads()}, torch threads {torch.get_num_threads()}; medians of "
+          "interleaved rounds")
+    print(f"{'tokens':>6}  {'fwd lmkern':>10}  {'fwd dense':>9}  {'ratio':>5}  {'f+b lmkern':>10}  {'f+b dense':>9}  {'ratio':>5}")
+    for tokens in args.tokens:
+        b = PowerQuantLinearTokens()
+        b.setup(tokens)
+        f_lm, f_d = b._ratio(b._fwd)
+        fb_lm, fb_d = b._ratio(b._fwd_bwd)
+        print(f"{tokens:>6}  {f_lm * 1e3:8.2f}ms  {f_d * 1e3:7.2f}ms  {f_d / f_lm:5.2f}  {fb_lm * 1e3:8.2f}ms  "
+              f"{fb_d * 1e3:7.2f}ms  {fb_d / fb_lm:5.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

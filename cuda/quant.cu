@@ -6,7 +6,7 @@
 //
 // Entry points, for <t> in {f32, bf16, f16}:
 //   quant_fwd_<t>            codes (quantize) or y (fake quantize), and the group scales
-//   quant_deq_<t>            x̂ = scales · lut[field]
+//   quant_deq_<t>            x̂ = scales · lut[field], lut from the exponents or the given codebooks
 //   quant_fake_bwd_<t>       dx and da (per-row sum in a fixed order, no atomics)
 //   quant_linear_<t>_n<NT>   y = x @ Ŵᵀ + b, any bits / group / alignment (NT = 1, 2, 4, 8)
 //   quant_linear4_<t>_n<NT>  the same for 4 bits, n and the group size multiples of 32, 16-byte
@@ -63,7 +63,8 @@ static_assert(sizeof(QuantParams) == 80, "QuantParams layout must match the Rust
 struct DeqParams {
     const uint8_t* codes;  // [rows, row_bytes]
     const float* scales;   // [rows, n/group]
-    const float* a;        // [rows]
+    const float* a;        // [rows]: the tables from the exponents, when `table` is null
+    const float* table;    // [rows, 2^bits] or null: the rows' codebooks, read as given
     void* out;             // [rows, n] T
     int64_t rows;
     int32_t n;
@@ -73,7 +74,7 @@ struct DeqParams {
     int32_t vec;
     int32_t pad_;
 };
-static_assert(sizeof(DeqParams) == 64, "DeqParams layout must match the Rust mirror");
+static_assert(sizeof(DeqParams) == 72, "DeqParams layout must match the Rust mirror");
 
 struct FakeBwdParams {
     const void* dy;        // [rows, n] T
@@ -282,8 +283,12 @@ __device__ __forceinline__ void deq(const DeqParams& p) {
         const int64_t row = base + ty;
         const bool active = row < p.rows;
         if (active) {
-            const float av = p.a[row];
-            for (int f = tx; f < nl; f += TX) lut[ty][f] = lut_entry(bits, av, f);
+            if (p.table != nullptr) {
+                for (int f = tx; f < nl; f += TX) lut[ty][f] = p.table[row * nl + f];
+            } else {
+                const float av = p.a[row];
+                for (int f = tx; f < nl; f += TX) lut[ty][f] = lut_entry(bits, av, f);
+            }
         }
         __syncthreads();
         if (active) {

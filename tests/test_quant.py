@@ -212,22 +212,40 @@ def test_pack_unpack_round_trip():
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_torch_dequantize_from_codebooks_matches_the_kernel(bits):
-    # The CUDA fallbacks of power_quant_linear (many tokens, backward) dequantize with torch ops
-    # from the codebooks; here on CPU, bit for bit against the power_dequantize kernel.
+def test_dequantize_through_codebooks(bits):
+    # The weight power_quant_linear multiplies by, formed for many tokens: dtype(m·table[field]) with
+    # the product in float32 (float64 for float64), for any table (read as given, NaN included);
+    # through the rows' own codebooks it is power_dequantize, bit for bit (float64: within float32).
     from lmkern.ops import quant as quant_ops
 
-    for rows, n, gs, seed in ((5, 96, 32, 0), (3, 40, 8, 1), (1, 7, 7, 2), (4, 0, 1, 3)):
+    shapes = ((5, 96, 32, 0), (3, 40, 8, 1), (1, 7, 7, 2), (4, 0, 1, 3), (0, 64, 32, 4), (67, 4096, 128, 5),
+              (9, 160, 160, 6), (2, 64, 64, 7))
+    for rows, n, gs, seed in shapes:
         x = randn((rows, n), F32, seed)
-        if n:
+        if rows and n:
             x[0, : min(gs, n)] = 0.0  # an all-zero group
-        a = torch.rand(rows, generator=torch.Generator().manual_seed(seed)) * 0.9 + 0.1
+        gen = torch.Generator().manual_seed(seed)
+        a = torch.rand(rows, generator=gen) * 0.9 + 0.1
         q = power_quantize(x, a, bits, gs)
-        table = torch.ops.lmkern.power_codebook(q.exponent, bits)
-        for dtype in (F32, BF16):
+        codebook = torch.ops.lmkern.power_codebook(q.exponent, bits)
+        other = torch.randn((rows, 2 ** bits), generator=gen) * 3
+        if rows:
+            other[0, 1] = float("nan")
+        fields = unpack_ref(q.codes, bits, n) % (2 ** bits)  # the raw b-bit fields
+        for dtype in DTYPES:
             want = torch.ops.lmkern.power_dequantize(q.codes, q.scales, q.exponent, bits, gs, n, dtype)
-            got = quant_ops._dequantize_table(q.codes, q.scales, table, bits, gs, n, dtype)
-            assert got.dtype == dtype and torch.equal(got, want), (bits, rows, n, gs, dtype)
+            got = quant_ops._dequantize_codebooks(q.codes, q.scales, codebook, bits, gs, n, dtype)
+            assert got.dtype == dtype and got.shape == (rows, n), (bits, rows, n, gs, dtype)
+            if dtype == F64:  # power_dequantize's float64 table is not rounded to float32
+                torch.testing.assert_close(got, want, rtol=1e-7, atol=0)
+            else:
+                assert torch.equal(got, want), (bits, rows, n, gs, dtype)
+            prod_dtype = F64 if dtype == F64 else F32
+            m = q.scales.to(prod_dtype).repeat_interleave(gs, dim=1) if n else torch.zeros((rows, 0), dtype=prod_dtype)
+            ref = (m * torch.gather(other.to(prod_dtype), 1, fields)).to(dtype)
+            got = quant_ops._dequantize_codebooks(q.codes, q.scales, other, bits, gs, n, dtype)
+            assert torch.equal(got.isnan(), ref.isnan()), (bits, rows, n, gs, dtype)
+            assert torch.equal(got.nan_to_num(), ref.nan_to_num()), (bits, rows, n, gs, dtype)
 
 
 def test_documented_bit_layout():
@@ -432,7 +450,7 @@ def linear_cases(draw):
     in_f = draw(st.sampled_from([16, 32, 48, 128, 256, 7, 100]))
     g = draw(st.sampled_from([d for d in (16, 32, 128, in_f) if in_f % d == 0]))
     out_f = draw(st.sampled_from([1, 5, 16, 33]))
-    lead = draw(st.sampled_from([(1,), (2,), (3,), (5,), (2, 3), (0,), ()]))
+    lead = draw(st.sampled_from([(1,), (2,), (3,), (5,), (2, 3), (0,), (), (41,), (3, 17)]))  # > 40: dequantize + matmul
     bias = draw(st.booleans())
     seed = draw(st.integers(0, 2**31 - 1))
     return dtype, bits, in_f, g, out_f, lead, bias, seed
@@ -487,6 +505,40 @@ def test_power_quant_linear_fast_path_edges(in_f, g, out_f, tokens):
     with torch.no_grad():
         assert rel_err(mod(x), linear_ref(x, w_hat, lin.bias)) <= 1e-5
         assert rel_err(mod(x.to(BF16)), linear_ref(x.to(BF16), w_hat, lin.bias)) <= 1e-2
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16, F64])
+@pytest.mark.parametrize("in_f, g, out_f, bits", [(256, 64, 37, 4), (96, 32, 10, 3), (40, 8, 9, 8)])
+def test_power_quant_linear_many_tokens_in_chunks(monkeypatch, dtype, in_f, g, out_f, bits):
+    """Past CPU_GEMV_MAX_TOKENS tokens, and always in the backward, Ŵ is formed a chunk of rows at a
+    time: with chunks of 4 rows (a short last one), y and dx still match the float64 reference, and
+    the forward agrees with the GEMV on both sides of the threshold."""
+    from lmkern.ops import quant as quant_ops
+
+    monkeypatch.setattr(quant_ops, "CPU_CHUNK_BYTES", 4 * in_f * (8 if dtype == F64 else 4))
+    lin = _linear(in_f, out_f, True, in_f)
+    a = torch.rand(out_f, generator=torch.Generator().manual_seed(out_f)) * 0.8 + 0.2
+    mod = PowerQuantLinear.from_linear(lin, bits, g, a)
+    w_hat = mod.dequantized_weight().to(F64)
+    tol = 1e-5 if dtype == F64 else TOL[dtype]
+    limit = quant_ops.CPU_GEMV_MAX_TOKENS
+    for tokens in (limit, limit + 1, 300):
+        x = randn((tokens, in_f), dtype, tokens).requires_grad_(True)
+        y = mod(x)
+        x64 = x.detach().to(F64)
+        assert y.dtype == dtype
+        assert rel_err_floor(y, linear_ref(x, w_hat, lin.bias), (x64.abs() @ w_hat.abs().T).norm().item()) <= tol
+        dy = randn(y.shape, dtype, tokens + 1)
+        (dx,) = torch.autograd.grad(y, x, dy)
+        dy64 = dy.to(F64)
+        assert dx.dtype == dtype
+        assert rel_err_floor(dx, dy64 @ w_hat, (dy64.abs() @ w_hat.abs()).norm().item()) <= tol
+    # Both forward paths on the same tokens.
+    x = randn((limit + 1, in_f), dtype, 7)
+    with torch.no_grad():
+        y_mm = mod(x)
+        y_gemv = torch.cat([mod(x[:limit]), mod(x[limit:])])
+    assert rel_err(y_mm.to(F64), y_gemv.to(F64)) <= tol
 
 
 def test_power_quant_linear_eager_path_matches_op(monkeypatch):
@@ -689,13 +741,13 @@ def test_bad_input():
 
 
 def test_cuda_refusals_come_before_any_buffer_is_touched():
-    """float64 and the CPU-only core ops are refused for CUDA devices before any launch (no GPU
-    needed; the CUDA tests themselves are in test_quant_cuda.py)."""
+    """float64 is refused for CUDA devices before any launch (no GPU needed; the CUDA tests
+    themselves are in test_quant_cuda.py)."""
     x = torch.randn(2, 8, dtype=F64)
     a = torch.full((2,), 0.5)
     codes, scales = torch.empty(2, 4, dtype=torch.uint8), torch.empty(2, 1)
     with pytest.raises(TypeError, match="float64 is supported on CPU only"):
         _core.quant_quantize(1, 0, 0, 4, 2, 8, 8, 1.0, x.data_ptr(), a.data_ptr(), codes.data_ptr(), scales.data_ptr())
-    with pytest.raises(TypeError, match="CPU only"):
-        _core.quant_linear_backward(0, 0, 0, 4, 2, 8, 8, 1, x.data_ptr(), codes.data_ptr(), scales.data_ptr(),
-                                    a.data_ptr(), x.data_ptr())
+    with pytest.raises(TypeError, match="float64 is supported on CPU only"):
+        _core.quant_dequantize_codebooks(1, 0, 0, 4, 2, 8, 8, codes.data_ptr(), scales.data_ptr(), a.data_ptr(),
+                                         x.data_ptr())

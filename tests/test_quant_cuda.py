@@ -126,6 +126,24 @@ def test_large_rows_match_cpu(bits, dtype):
     assert rel_err(power_dequantize(q), power_dequantize(q_cpu)) <= 1e-6
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("shape, g", [((67, 4096), 128), ((5, 100), 25), ((3, 7), 7)])
+def test_dequantize_through_codebooks_matches_cpu(bits, shape, g):
+    """The dequantize_codebooks kernel (power_quant_linear's many-token and backward paths): any
+    table, NaN included, bit for bit the CPU's dtype(m·table[field])."""
+    from lmkern.ops import quant as quant_ops
+
+    x = randn(shape, F32, bits)
+    q = power_quantize(x, torch.linspace(0.3, 1.0, shape[0]), bits, g)
+    table = torch.randn((shape[0], 2 ** bits), generator=torch.Generator().manual_seed(bits)) * 3
+    table[0, 1] = math.nan
+    for dtype in DTYPES:
+        want = quant_ops._dequantize_codebooks(q.codes, q.scales, table, bits, g, shape[1], dtype)
+        got = quant_ops._dequantize_codebooks(q.codes.cuda(), q.scales.cuda(), table.cuda(), bits, g, shape[1], dtype)
+        assert got.is_cuda and got.dtype == dtype
+        assert torch.equal(got.cpu().isnan(), want.isnan()) and torch.equal(got.cpu().nan_to_num(), want.nan_to_num())
+
+
 @given(cases(max_elems=5000))
 @settings(deadline=None, max_examples=30)
 def test_fake_quantize_gradients_match_reference(case):

@@ -3,7 +3,8 @@
 //     (rust/core/src/quant/cpu.rs: float32 |x| ≥ thr_up(t_k·m), pack_row), and the codes against
 //     round(qmax·(|x|/m)^a) in float64 away from boundaries;
 //   - dequantize and fake quantize forward: bit for bit against T(m·float(lut64)), and within float
-//     rounding of the float64 formula m·sign(q)·(|q|/qmax)^(1/a);
+//     rounding of the float64 formula m·sign(q)·(|q|/qmax)^(1/a); dequantize through given
+//     codebooks (arbitrary tables, `a` null): bit for bit against T(m·table[field]);
 //   - fake quantize backward: dx and da against the float64 formulas of quant/mod.rs;
 //   - linear (generic and 4-bit kernels, every token tile, codebooks given as float32 tables built
 //     like power_codebook's): against Σ x·m·float(lut64) + bias in float64.
@@ -337,6 +338,27 @@ static void run_case(const Kernels& K, const Case& c, const Shape* override_shap
         expect(exact, lb + ": dequantize differs from T(m·float(lut))");
         expect(close, lb + ": dequantize differs from the float64 formula");
         expect(nan_rows, lb + ": a row with an exponent outside (0, 1] does not dequantize to NaN");
+    }
+
+    // --- dequantize through given codebooks: arbitrary float32 tables (not derived from a, a NaN
+    // entry in row 0), a null `a` (it must not be read), every row valid whatever its exponent.
+    {
+        const size_t nl = (size_t)1 << bits;
+        Buf table(rows * nl * 4, 0), tout(N * sizeof(T), mis);
+        for (size_t i = 0; i < rows * nl; ++i) table.as<float>()[i] = (float)(normal() * 3.0);
+        if (rows > 0 && c.bad_exponent) table.as<float>()[1] = NAN;
+        DeqParams tp = dp;
+        tp.a = nullptr, tp.table = table.as<float>(), tp.out = tout.ptr();
+        emu::launch(dim3(sh.grid), dim3(sh.tx, sh.ry), 0, [&] { K.deq(tp); });
+        expect(tout.guards_ok(), lb + ": dequantize (codebooks) wrote outside out");
+        bool exact = true;
+        for (size_t r = 0; r < rows && !c.nonfinite; ++r)
+            for (size_t j = 0; j < n; ++j) {
+                const float got = to_f(tout.as<T>()[r * n + j]);
+                const float want = to_f(from_f<T>(sref[r * ng + j / g] * table.as<float>()[r * nl + field_at(pref.data() + r * rb, bits, j)]));
+                exact &= (got == want) || (std::isnan(got) && std::isnan(want));
+            }
+        expect(exact, lb + ": dequantize (codebooks) differs from T(m·table[field])");
     }
 
     // --- fake quantize forward

@@ -31,6 +31,10 @@ def quant_dequantize(
     dtype_code: int, device_index: int, stream: int, bits: int, rows: int, n: int, group: int,
     codes: int, scales: int, a: int, out: int,
 ) -> None: ...
+def quant_dequantize_codebooks(
+    dtype_code: int, device_index: int, stream: int, bits: int, rows: int, n: int, group: int,
+    codes: int, scales: int, table: int, out: int,
+) -> None: ...
 def quant_fake(
     dtype_code: int, device_index: int, stream: int, bits: int, rows: int, n: int, group: int, clip: float,
     x: int, a: int, y: int, scales: int,
@@ -43,10 +47,6 @@ def quant_codebook(bits: int, rows: int, a: int, out: int) -> None: ...
 def quant_linear(
     dtype_code: int, device_index: int, stream: int, bits: int, out_features: int, in_features: int, group: int,
     tokens: int, x: int, codes: int, scales: int, table: int, bias: int, y: int,
-) -> None: ...
-def quant_linear_backward(
-    dtype_code: int, device_index: int, stream: int, bits: int, out_features: int, in_features: int, group: int,
-    tokens: int, dy: int, codes: int, scales: int, table: int, dx: int,
 ) -> None: ...
 def quant_search(
     bits: int, rows: int, n: int, group: int, clip: float, per_row: bool, z_rows: int, lo: float, grid: int,

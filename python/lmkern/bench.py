@@ -483,10 +483,11 @@ register(BenchOp("power_quantize", "4bit g128", "torch composite", _make_quant, 
 
 
 def quant_linear_cases(device: str, quick: bool) -> list[Case]:
-    """GEMV (batch 1) and a small batch through a 4096 → 4096 4-bit g128 layer."""
+    """GEMV (batch 1), a small batch (fused GEMV) and a prompt of 512 tokens (Ŵ formed in chunks
+    for torch's matmul) through a 4096 → 4096 4-bit g128 layer."""
     if device != "cpu":
         return []
-    return [((1, 4096), F32)] if quick else [((1, 4096), F32), ((1, 4096), B16), ((8, 4096), F32)]
+    return [((1, 4096), F32)] if quick else [((1, 4096), F32), ((1, 4096), B16), ((8, 4096), F32), ((512, 4096), F32)]
 
 
 _QLINEAR: dict = {}

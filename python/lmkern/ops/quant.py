@@ -20,14 +20,20 @@ the kernels' launch path:
   - power_codebook runs on the CPU: a is copied to the host (and checked there), the table back.
   - power_quant_linear does not synchronize; the GEMV reads the codebooks in `table` as given. Up to
     GEMV_MAX_TOKENS tokens it runs the fused lookup-table GEMV; beyond, it dequantizes W through the
-    codebooks (torch ops) into a scratch of the activations' dtype and calls cuBLAS (torch.addmm).
+    codebooks (the dequantize_codebooks kernel) into a scratch of the activations' dtype and calls
+    cuBLAS (torch.addmm).
   - power_quant_linear_backward is dy @ Ŵ with Ŵ dequantized through the codebooks to float32 and a
     float32 torch matmul (cuBLAS), the result rounded to dy's dtype.
   - power_search_exponent runs on the CPU: w (and x) are copied to the host, the result back.
+On CPU, power_quant_linear runs the fused GEMV up to CPU_GEMV_MAX_TOKENS tokens; beyond, and always
+for power_quant_linear_backward, Ŵ is formed CPU_CHUNK_BYTES of rows at a time (float32, float64 for
+float64) in a per-thread scratch and each chunk goes through torch's matmul: the dense weight is
+never formed whole.
 """
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 
@@ -36,8 +42,15 @@ from .._lib import DTYPE_CODES, LIB, check_cpu_or_cuda, check_floating, device_a
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 BITS = (2, 3, 4, 8)
-#: power_quant_linear on CUDA: the fused GEMV up to this many tokens, dequantize + cuBLAS beyond.
+#: power_quant_linear: the fused GEMV up to this many tokens, beyond it Ŵ dequantized + a matmul.
+#: CUDA: the GEMV re-reads the codes per tile of 8 tokens; cuBLAS is the better matmul past one tile.
 GEMV_MAX_TOKENS = 8
+#: CPU: the GEMV decodes each row once per pair of tokens; past ~40 tokens that decoding costs more
+#: than forming Ŵ a chunk at a time for torch's matmul (BENCHMARKS.md, "many tokens").
+CPU_GEMV_MAX_TOKENS = 40
+#: The CPU many-token paths form Ŵ this many bytes of rows at a time, in a buffer kept per thread:
+#: a fresh buffer of a whole weight costs more in first-touch page faults than the dequantization.
+CPU_CHUNK_BYTES = 8 << 20
 
 # Exponent search (rust/core/src/quant/mod.rs SearchArgs): a coarse grid of SEARCH_GRID exponents
 # on [SEARCH_LO, 1], then SEARCH_REFINE points around each of the 4 best coarse local minima.
@@ -315,16 +328,60 @@ def unpack_fields(codes, bits, n):
     return (f >> shift) & ((1 << bits) - 1)
 
 
-def _dequantize_table(codes, scales, table, bits, group_size, n, dtype):
-    """Ŵ [out, n] of dtype from codes, scales and the rows' codebooks, with torch ops (the CUDA
-    fallbacks of power_quant_linear and its backward): dtype(m·table[field]) with the product in
-    float32, as the kernels round it."""
+def _dequantize_codebooks(codes, scales, table, bits, group_size, n, dtype, out=None):
+    """Ŵ [out, n] of dtype through the rows' codebooks, dtype(m·table[field]) with the product in
+    float32 (the kernel dequantize_codebooks; the caller has checked the weight): what
+    power_quant_linear multiplies by, formed for matmuls with many tokens. `out`: a contiguous
+    [rows, n] tensor of dtype to write into."""
     rows = codes.shape[0]
-    if rows == 0 or n == 0:
-        return torch.zeros((rows, n), dtype=dtype, device=codes.device)
-    fields = unpack_fields(codes, bits, n).long()
-    w = torch.gather(table.to(torch.float32), 1, fields) * scales.repeat_interleave(group_size, dim=1)
-    return w.to(dtype)
+    codes, scales, table = codes.contiguous(), scales.contiguous(), table.contiguous()
+    if out is None:
+        out = torch.empty((rows, n), dtype=dtype, device=codes.device)
+    dev, stream = device_args(codes)
+    _core.quant_dequantize_codebooks(DTYPE_CODES[dtype], dev, stream, bits, rows, n, group_size,
+                                     ptr(codes), ptr(scales), ptr(table), ptr(out))
+    return out
+
+
+_scratch = threading.local()
+
+
+def _weight_chunks(codes, scales, table, bits, group_size, n, dtype):
+    """(o0, o1, Ŵ[o0:o1]) for consecutive row chunks of CPU_CHUNK_BYTES, each formed in this
+    thread's scratch buffer (valid until the next chunk)."""
+    rows = codes.shape[0]
+    step = max(1, CPU_CHUNK_BYTES // max(1, n * dtype.itemsize))
+    need = min(step, rows) * n
+    buf = getattr(_scratch, "buf", {}).get(dtype)
+    if buf is None or buf.numel() < need:
+        buf = torch.empty(max(need, 1), dtype=dtype)
+        _scratch.buf = {**getattr(_scratch, "buf", {}), dtype: buf}
+    for o0 in range(0, rows, step):
+        o1 = min(rows, o0 + step)
+        w = buf[: (o1 - o0) * n].view(o1 - o0, n)
+        yield o0, o1, _dequantize_codebooks(codes[o0:o1], scales[o0:o1], table[o0:o1], bits, group_size, n, dtype, w)
+
+
+def _compute_dtype(dtype):
+    """The CPU many-token paths' matmul dtype: float64 for float64, else float32 (as the GEMV)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _linear_many_tokens(x2, codes, scales, table, bias, bits, group_size, in_features):
+    """y = x2 @ Ŵᵀ + bias for many tokens [tokens, in]: on CUDA Ŵ is formed whole in x's dtype for
+    cuBLAS; on CPU a chunk of rows at a time, each chunk's columns of y by torch's matmul."""
+    out_features = codes.shape[0]
+    if x2.is_cuda:
+        w = _dequantize_codebooks(codes, scales, table, bits, group_size, in_features, x2.dtype)
+        return x2 @ w.t() if bias is None else torch.addmm(bias.to(x2.dtype), x2, w.t())
+    cd = _compute_dtype(x2.dtype)
+    xc = x2.to(cd)
+    y = torch.empty((x2.shape[0], out_features), dtype=cd)
+    for o0, o1, w in _weight_chunks(codes, scales, table, bits, group_size, in_features, cd):
+        torch.mm(xc, w.t(), out=y[:, o0:o1])
+    if bias is not None:
+        y += bias
+    return y.to(x2.dtype)
 
 
 def _codebook_fake(a, bits):
@@ -367,7 +424,8 @@ def _cpu_ready(x, codes, scales, table, bias, bits, group_size, in_features) -> 
 
 
 def _linear(x, codes, scales, table, bias, bits, group_size, in_features):
-    if _cpu_ready(x, codes, scales, table, bias, bits, group_size, in_features):
+    if (_cpu_ready(x, codes, scales, table, bias, bits, group_size, in_features)
+            and x.numel() <= CPU_GEMV_MAX_TOKENS * in_features):
         out_features = codes.shape[0]
         y = x.new_empty((*x.shape[:-1], out_features))
         _core.quant_linear(DTYPE_CODES[x.dtype], -1, 0, bits, out_features, in_features, group_size,
@@ -377,11 +435,8 @@ def _linear(x, codes, scales, table, bias, bits, group_size, in_features):
     out_features = _check_linear(x, codes, scales, table, bias, bits, group_size, in_features)
     x2 = x.reshape(-1, in_features).contiguous()
     tokens = x2.shape[0]
-    if x.is_cuda and tokens > GEMV_MAX_TOKENS and out_features > 0:
-        # Many tokens: the GEMV would re-read the codes per tile of 8; dequantize once (through the
-        # codebooks, into a scratch of x's dtype) and let cuBLAS do the matmul.
-        w = _dequantize_table(codes, scales, table, bits, group_size, in_features, x.dtype)
-        y = x2 @ w.t() if bias is None else torch.addmm(bias.to(x.dtype), x2, w.t())
+    if tokens > (GEMV_MAX_TOKENS if x.is_cuda else CPU_GEMV_MAX_TOKENS) and out_features > 0:
+        y = _linear_many_tokens(x2, codes, scales, table, bias, bits, group_size, in_features)
         return y.reshape(*x.shape[:-1], out_features)
     y = torch.empty((tokens, out_features), dtype=x.dtype, device=x.device)
     codes, scales, table = codes.contiguous(), scales.contiguous(), table.contiguous()
@@ -415,19 +470,19 @@ def _linear_bwd(dy, codes, scales, table, bits, group_size, in_features):
         raise ValueError(f"dy: expected last dimension {out_features} (out_features); got {tuple(dy.shape)}")
     _check_weight(codes, scales, table, bits, group_size, in_features)
     _same_device("codes", codes, dy, "dy")
-    dy2 = dy.reshape(-1, out_features).contiguous()
-    tokens = dy2.shape[0]
+    dy2 = dy.reshape(-1, out_features)
     if dy.is_cuda:
-        # dy @ Ŵ through a float32 Ŵ and cuBLAS (no CUDA kernel of its own; see the module doc).
-        w = _dequantize_table(codes, scales, table, bits, group_size, in_features, torch.float32)
-        dx = (dy2.to(torch.float32) @ w).to(dy.dtype)
-        return dx.reshape(*dy.shape[:-1], in_features)
-    dx = torch.empty((tokens, in_features), dtype=dy.dtype, device=dy.device)
-    codes, scales, table = codes.contiguous(), scales.contiguous(), table.contiguous()
-    dev, stream = device_args(dy)
-    _core.quant_linear_backward(DTYPE_CODES[dy.dtype], dev, stream, bits, out_features, in_features, group_size,
-                                tokens, ptr(dy2), ptr(codes), ptr(scales), ptr(table), ptr(dx))
-    return dx.reshape(*dy.shape[:-1], in_features)
+        # dy @ Ŵ through a float32 Ŵ and cuBLAS.
+        w = _dequantize_codebooks(codes, scales, table, bits, group_size, in_features, torch.float32)
+        dx = dy2.to(torch.float32) @ w
+    else:
+        # Σ over chunks of Ŵ's rows, in order.
+        cd = _compute_dtype(dy.dtype)
+        dyc = dy2.to(cd)
+        dx = torch.zeros((dy2.shape[0], in_features), dtype=cd)
+        for o0, o1, w in _weight_chunks(codes, scales, table, bits, group_size, in_features, cd):
+            dx.addmm_(dyc[:, o0:o1], w)
+    return dx.to(dy.dtype).reshape(*dy.shape[:-1], in_features)
 
 
 def _linear_bwd_fake(dy, codes, scales, table, bits, group_size, in_features):

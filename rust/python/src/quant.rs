@@ -36,6 +36,18 @@ fn quant_dequantize(
     py.detach(|| unsafe { quant::dequantize(dev, dt, &q, codes, scales, a, out) }).map_err(to_py)
 }
 
+/// See lmkern_core::quant::dequantize_codebooks.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn quant_dequantize_codebooks(
+    py: Python<'_>, dtype_code: i32, device_index: i64, stream: u64, bits: u32, rows: usize, n: usize, group: usize,
+    codes: u64, scales: u64, table: u64, out: u64,
+) -> PyResult<()> {
+    let (dt, dev, q) = (dtype(dtype_code)?, device(device_index, stream)?, qargs(bits, rows, n, group, 1.0));
+    // SAFETY: as in quant_quantize.
+    py.detach(|| unsafe { quant::dequantize_codebooks(dev, dt, &q, codes, scales, table, out) }).map_err(to_py)
+}
+
 /// See lmkern_core::quant::fake_quantize.
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
@@ -73,20 +85,6 @@ fn quant_linear(
     py.detach(|| unsafe { quant::linear(dev, dt, &l, x, codes, scales, table, bias, y) }).map_err(to_py)
 }
 
-/// See lmkern_core::quant::linear_backward.
-#[pyfunction]
-#[allow(clippy::too_many_arguments)]
-fn quant_linear_backward(
-    py: Python<'_>, dtype_code: i32, device_index: i64, stream: u64, bits: u32, out_features: usize,
-    in_features: usize, group: usize, tokens: usize, dy: u64, codes: u64, scales: u64, table: u64, dx: u64,
-) -> PyResult<()> {
-    let (dt, dev) = (dtype(dtype_code)?, device(device_index, stream)?);
-    let l = LinearArgs { q: qargs(bits, out_features, in_features, group, 1.0), tokens };
-    // SAFETY: as in quant_quantize.
-    py.detach(|| unsafe { quant::linear_backward(dev, dt, &l, dy, codes, scales, table, dx) }).map_err(to_py)
-}
-
-/// See lmkern_core::quant::codebook (CPU).
 #[pyfunction]
 fn quant_codebook(py: Python<'_>, bits: u32, rows: usize, a: u64, out: u64) -> PyResult<()> {
     // SAFETY: as in quant_quantize.
@@ -109,11 +107,11 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(quant_row_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(quant_quantize, m)?)?;
     m.add_function(wrap_pyfunction!(quant_dequantize, m)?)?;
+    m.add_function(wrap_pyfunction!(quant_dequantize_codebooks, m)?)?;
     m.add_function(wrap_pyfunction!(quant_fake, m)?)?;
     m.add_function(wrap_pyfunction!(quant_fake_backward, m)?)?;
     m.add_function(wrap_pyfunction!(quant_codebook, m)?)?;
     m.add_function(wrap_pyfunction!(quant_linear, m)?)?;
-    m.add_function(wrap_pyfunction!(quant_linear_backward, m)?)?;
     m.add_function(wrap_pyfunction!(quant_search, m)?)?;
     Ok(())
 }

@@ -1,7 +1,7 @@
 //! CPU power-quantization kernels: rows split across lmkern's pool, every row computed in a fixed
 //! order (results do not depend on the thread count). See the module docs of [`super`] for the
 //! operator and the packed layout.
-use super::{boundaries, pack_row, qmax, row_lut, unpack_fields, LinearArgs, QuantArgs, SearchArgs, FAKE_GRAD_EPS};
+use super::{boundaries, pack_row, qmax, row_lut, unpack_fields, LinearArgs, QuantArgs, SearchArgs, Tables, FAKE_GRAD_EPS};
 use crate::cpu::{multiversion, rows_of, rows_of_mut, slice, Acc, Elem};
 use crate::error::{Error, Result};
 use crate::parallel;
@@ -62,8 +62,13 @@ impl Real for f64 {
 }
 
 /// An element type whose accumulation type is [`Real`] (every lmkern dtype).
-pub trait QElem: Elem<Acc: Real> {}
-impl QElem for f32 {}
+pub trait QElem: Elem<Acc: Real> {
+    /// The element is float32 (the AVX2 dequantizer writes float32 only).
+    const IS_F32: bool = false;
+}
+impl QElem for f32 {
+    const IS_F32: bool = true;
+}
 impl QElem for f64 {}
 impl QElem for f16 {}
 impl QElem for bf16 {}
@@ -270,13 +275,13 @@ fn quant_row_mv<T: QElem>(xr: &[T], t: &[f64], q: &QuantArgs, scales: &mut [f32]
 }
 
 /// # Safety
-/// See [`super::dequantize`].
-pub unsafe fn dequantize(dtype: DType, q: &QuantArgs, codes: u64, scales: u64, a: u64, out: u64) {
+/// See [`super::dequantize`] and [`super::dequantize_codebooks`].
+pub unsafe fn dequantize(dtype: DType, q: &QuantArgs, codes: u64, scales: u64, tables: Tables, out: u64) {
     match dtype {
-        DType::F32 => dequantize_t::<f32>(q, codes, scales, a, out),
-        DType::F64 => dequantize_t::<f64>(q, codes, scales, a, out),
-        DType::F16 => dequantize_t::<f16>(q, codes, scales, a, out),
-        DType::BF16 => dequantize_t::<bf16>(q, codes, scales, a, out),
+        DType::F32 => dequantize_t::<f32>(q, codes, scales, tables, out),
+        DType::F64 => dequantize_t::<f64>(q, codes, scales, tables, out),
+        DType::F16 => dequantize_t::<f16>(q, codes, scales, tables, out),
+        DType::BF16 => dequantize_t::<bf16>(q, codes, scales, tables, out),
     }
 }
 
@@ -284,13 +289,13 @@ struct Deq<'a> {
     q: &'a QuantArgs,
     codes: u64,
     scales: u64,
-    a: u64,
+    tables: Tables,
     out: u64,
 }
 
-unsafe fn dequantize_t<T: QElem>(q: &QuantArgs, codes: u64, scales: u64, a: u64, out: u64)
+unsafe fn dequantize_t<T: QElem>(q: &QuantArgs, codes: u64, scales: u64, tables: Tables, out: u64)
 {
-    let d = Deq { q, codes, scales, a, out };
+    let d = Deq { q, codes, scales, tables, out };
     let rpt = rows_per_task(q.n);
     parallel::for_each_task(q.rows.div_ceil(rpt), q.rows * q.n, |ti| {
         deq_rows::<T>(&d, ti * rpt, ((ti + 1) * rpt).min(q.rows))
@@ -299,28 +304,50 @@ unsafe fn dequantize_t<T: QElem>(q: &QuantArgs, codes: u64, scales: u64, a: u64,
 
 multiversion!(fn deq_rows<T: QElem>(d: &Deq, r0: usize, r1: usize) => deq_rows_body);
 
+/// The table of row r: from its exponent (float64, rounded to the accumulation type) or its
+/// codebook (float32, as given).
+///
+/// # Safety
+/// r < q.rows; the exponents or codebooks are valid buffers as [`super::dequantize`] and
+/// [`super::dequantize_codebooks`] document.
+unsafe fn row_table<A: Real>(tables: Tables, bits: u32, r: usize) -> Vec<A> {
+    match tables {
+        Tables::Exponents(a) => lut_of(bits, *(a as *const f32).add(r)),
+        Tables::Codebooks(t) => {
+            let nl = 1usize << bits;
+            slice::<f32>(t + (4 * r * nl) as u64, nl).iter().map(|&v| A::from_f64(v as f64)).collect()
+        }
+    }
+}
+
 #[inline(always)]
 fn deq_rows_body<T: QElem>(d: &Deq, r0: usize, r1: usize)
 {
     let q = d.q;
     let (n, rb, ng, g) = (q.n, q.row_bytes(), q.groups(), q.group);
     // SAFETY: tasks write disjoint row ranges of out; the rest is only read.
-    let (cr, sr, ar, o) = unsafe {
-        (
-            rows_of::<u8>(d.codes, rb, r0, r1),
-            rows_of::<f32>(d.scales, ng, r0, r1),
-            rows_of::<f32>(d.a, 1, r0, r1),
-            rows_of_mut::<T>(d.out, n, r0, r1),
-        )
+    let (cr, sr, o) = unsafe {
+        (rows_of::<u8>(d.codes, rb, r0, r1), rows_of::<f32>(d.scales, ng, r0, r1), rows_of_mut::<T>(d.out, n, r0, r1))
     };
     let mut f = vec![0u8; n];
     for i in 0..r1 - r0 {
-        let lut = lut_of::<T::Acc>(q.bits, ar[i]);
+        // SAFETY: r0 + i < q.rows.
+        let lut = unsafe { row_table::<T::Acc>(d.tables, q.bits, r0 + i) };
+        let orow = &mut o[i * n..(i + 1) * n];
+        if T::IS_F32 && fast_path(q) {
+            // SAFETY: fast_path checked AVX2+FMA, 4 bits, n and g multiples of 32; T is f32, so
+            // orow is n float32 and the table 16 float32.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                deq_row_avx2(&cr[i * rb..(i + 1) * rb], &sr[i * ng..(i + 1) * ng], lut.as_ptr() as *const f32, g,
+                             orow.as_mut_ptr() as *mut f32, n)
+            };
+            continue;
+        }
         unpack_fields(&cr[i * rb..(i + 1) * rb], q.bits, 0, &mut f);
         for gi in 0..ng {
             let m = T::Acc::from_f64(sr[i * ng + gi] as f64);
-            let orow = &mut o[i * n + gi * g..i * n + (gi + 1) * g];
-            for (y, &fv) in orow.iter_mut().zip(&f[gi * g..(gi + 1) * g]) {
+            for (y, &fv) in orow[gi * g..(gi + 1) * g].iter_mut().zip(&f[gi * g..(gi + 1) * g]) {
                 *y = T::store(m * lut[fv as usize]);
             }
         }
@@ -521,7 +548,7 @@ unsafe fn linear_t<T: QElem>(l: &LinearArgs, x: u64, codes: u64, scales: u64, ta
     let fast = fast_path(&l.q);
     let mut xf = vec![0f32; tokens * k];
     if fast {
-        // The order in which the AVX2 kernel produces the weights of 32 codes (see linear_tile_avx2).
+        // The order in which decode32 produces the weights of 32 codes.
         for (dst, src) in xf.chunks_exact_mut(32).zip(xin.chunks_exact(32)) {
             for j in 0..4 {
                 for i in 0..4 {
@@ -639,14 +666,92 @@ fn dot16(a: &[f32], b: &[f32]) -> f32 {
 /// the bandwidth when a larger operation has evicted them (the dense GEMV next to this one does).
 const PREFETCH: usize = 4096;
 
+/// A row's 16-entry float32 codebook split into byte planes (plane b holds byte b of every
+/// entry), in both 128-bit lanes: the tables [`decode32`] looks code nibbles up in. Group each
+/// 4-float vector's bytes by plane, then transpose the 4×4 dwords.
+///
+/// # Safety
+/// AVX2; `table` is valid for 16 float32.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn byte_planes(table: *const f32) -> [std::arch::x86_64::__m256i; 4] {
+    use std::arch::x86_64::*;
+    let by_plane = _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    let t = table as *const __m128i;
+    let v0 = _mm_shuffle_epi8(_mm_loadu_si128(t), by_plane);
+    let v1 = _mm_shuffle_epi8(_mm_loadu_si128(t.add(1)), by_plane);
+    let v2 = _mm_shuffle_epi8(_mm_loadu_si128(t.add(2)), by_plane);
+    let v3 = _mm_shuffle_epi8(_mm_loadu_si128(t.add(3)), by_plane);
+    let (u0, u1) = (_mm_unpacklo_epi32(v0, v1), _mm_unpackhi_epi32(v0, v1));
+    let (u2, u3) = (_mm_unpacklo_epi32(v2, v3), _mm_unpackhi_epi32(v2, v3));
+    [
+        _mm256_broadcastsi128_si256(_mm_unpacklo_epi64(u0, u2)),
+        _mm256_broadcastsi128_si256(_mm_unpackhi_epi64(u0, u2)),
+        _mm256_broadcastsi128_si256(_mm_unpacklo_epi64(u1, u3)),
+        _mm256_broadcastsi128_si256(_mm_unpackhi_epi64(u1, u3)),
+    ]
+}
+
+/// The codebook entries of the 32 4-bit fields in the 16 bytes at `codes`, as four vectors of 8
+/// float32 holding elements [8j, 8j+2, 8j+4, 8j+6, 8j+1, 8j+3, 8j+5, 8j+7] for j = 0..3. One
+/// broadcast load puts the bytes in both 128-bit lanes, a per-lane shift and a mask give 32 byte
+/// indices (low nibbles = even elements in the low lane, high nibbles = odd elements in the high
+/// lane), four `vpshufb` look up the four bytes of each entry in `planes` ([`byte_planes`]), and two
+/// rounds of unpacks reassemble them into floats: 12 shuffles per 32 weights.
+///
+/// # Safety
+/// AVX2; `codes` is valid for 16 bytes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn decode32(planes: &[std::arch::x86_64::__m256i; 4], codes: *const u8) -> [std::arch::x86_64::__m256; 4] {
+    use std::arch::x86_64::*;
+    let nib = _mm256_set1_epi8(0x0f);
+    let lane_shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
+    let v = _mm256_broadcastsi128_si256(_mm_loadu_si128(codes as *const __m128i));
+    let idx = _mm256_and_si256(_mm256_srlv_epi32(v, lane_shift), nib);
+    let b0 = _mm256_shuffle_epi8(planes[0], idx);
+    let b1 = _mm256_shuffle_epi8(planes[1], idx);
+    let b2 = _mm256_shuffle_epi8(planes[2], idx);
+    let b3 = _mm256_shuffle_epi8(planes[3], idx);
+    let (l01, h01) = (_mm256_unpacklo_epi8(b0, b1), _mm256_unpackhi_epi8(b0, b1));
+    let (l23, h23) = (_mm256_unpacklo_epi8(b2, b3), _mm256_unpackhi_epi8(b2, b3));
+    [
+        _mm256_castsi256_ps(_mm256_unpacklo_epi16(l01, l23)),
+        _mm256_castsi256_ps(_mm256_unpackhi_epi16(l01, l23)),
+        _mm256_castsi256_ps(_mm256_unpacklo_epi16(h01, h23)),
+        _mm256_castsi256_ps(_mm256_unpackhi_epi16(h01, h23)),
+    ]
+}
+
+/// One row of the 4-bit dequantizer: `out[j] = scales[j / g] · table[field j]` (float32 product),
+/// 32 elements per [`decode32`], put back in element order with one permute per 8.
+///
+/// # Safety
+/// AVX2 and FMA; n and g multiples of 32; `codes` holds n/2 bytes, `scales` n/g values, `table`
+/// 16 float32, `out` n writable float32.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn deq_row_avx2(codes: &[u8], scales: &[f32], table: *const f32, g: usize, out: *mut f32, n: usize) {
+    use std::arch::x86_64::*;
+    let planes = byte_planes(table);
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    let mut off = 0;
+    while off < n {
+        let m = _mm256_set1_ps(*scales.get_unchecked(off / g));
+        let w = decode32(&planes, codes.as_ptr().add(off / 2));
+        for (j, wj) in w.into_iter().enumerate() {
+            _mm256_storeu_ps(out.add(off + 8 * j), _mm256_permutevar8x32_ps(_mm256_mul_ps(wj, m), order));
+        }
+        off += 32;
+    }
+}
+
 /// AVX2 4-bit path for tokens `t0 .. t0 + NT` and rows `o0 .. o1`. Per 16 code bytes (32
-/// weights): one broadcast load puts the bytes in both 128-bit lanes, a per-lane shift and a mask
-/// give 32 byte indices (low nibbles = even elements in the low lane, high nibbles = odd elements in
-/// the high lane), four `vpshufb` look up the four bytes of each element's float32 table entry (the
-/// row's 16-entry codebook split into byte planes), and two rounds of unpacks reassemble them into
-/// four vectors of 8 floats, FMA'd with the activations (pre-permuted to that order) into two
-/// accumulators per token; per group the partial sums are scaled by m. That is 12 shuffles per 32
-/// weights, the bound of this loop. The code stream is prefetched [`PREFETCH`] bytes ahead (rows are
+/// weights) [`decode32`] gives four vectors of 8 floats, FMA'd with the activations (pre-permuted to
+/// that order) into two accumulators per token; per group the partial sums are scaled by m. Its 12
+/// shuffles per 32 weights are the bound of this loop. The code stream is prefetched [`PREFETCH`] bytes ahead (rows are
 /// contiguous), the scales and codebook of the row it reaches likewise.
 ///
 /// # Safety
@@ -661,27 +766,12 @@ unsafe fn linear_tile_avx2<T: QElem, const NT: usize>(lin: &Lin, o0: usize, o1: 
     let (codes, scales, table) = (lin.codes as *const u8, lin.scales as *const f32, lin.table as *const f32);
     let blocks = g / 32;
     let ahead_rows = PREFETCH.div_ceil(rb);
-    let nib = _mm256_set1_epi8(0x0f);
-    let lane_shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
-    let by_plane = _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
     // Plain locals and no iterator adapters in this function: without LTO the adapters stay calls
     // and the accumulators go through the stack (2.5x slower).
     let x0 = lin.xf.as_ptr().add(t0 * k);
     let x1 = lin.xf.as_ptr().add((t0 + NT - 1) * k); // = x0 when NT = 1
     for o in o0..o1 {
-        // Byte planes of the row's codebook (plane b = byte b of the 16 entries), in both lanes:
-        // group each 4-float vector's bytes by plane, then transpose the 4×4 dwords.
-        let t = table.add(16 * o) as *const __m128i;
-        let v0 = _mm_shuffle_epi8(_mm_loadu_si128(t), by_plane);
-        let v1 = _mm_shuffle_epi8(_mm_loadu_si128(t.add(1)), by_plane);
-        let v2 = _mm_shuffle_epi8(_mm_loadu_si128(t.add(2)), by_plane);
-        let v3 = _mm_shuffle_epi8(_mm_loadu_si128(t.add(3)), by_plane);
-        let (u0, u1) = (_mm_unpacklo_epi32(v0, v1), _mm_unpackhi_epi32(v0, v1));
-        let (u2, u3) = (_mm_unpacklo_epi32(v2, v3), _mm_unpackhi_epi32(v2, v3));
-        let p0 = _mm256_broadcastsi128_si256(_mm_unpacklo_epi64(u0, u2));
-        let p1 = _mm256_broadcastsi128_si256(_mm_unpackhi_epi64(u0, u2));
-        let p2 = _mm256_broadcastsi128_si256(_mm_unpacklo_epi64(u1, u3));
-        let p3 = _mm256_broadcastsi128_si256(_mm_unpackhi_epi64(u1, u3));
+        let planes = byte_planes(table.add(16 * o));
         // Prefetches never fault, so addresses past the buffers are harmless (wrapping arithmetic).
         let sp = scales.wrapping_add((o + ahead_rows) * ng) as *const i8;
         let mut l = 0;
@@ -703,18 +793,7 @@ unsafe fn linear_tile_avx2<T: QElem, const NT: usize>(lin: &Lin, o0: usize, o1: 
             let (mut a0, mut a1, mut c0, mut c1) = (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
             for b in 0..blocks {
                 let off = gi * g + b * 32;
-                let v = _mm256_broadcastsi128_si256(_mm_loadu_si128(row.add(off / 2) as *const __m128i));
-                let idx = _mm256_and_si256(_mm256_srlv_epi32(v, lane_shift), nib);
-                let b0 = _mm256_shuffle_epi8(p0, idx);
-                let b1 = _mm256_shuffle_epi8(p1, idx);
-                let b2 = _mm256_shuffle_epi8(p2, idx);
-                let b3 = _mm256_shuffle_epi8(p3, idx);
-                let (l01, h01) = (_mm256_unpacklo_epi8(b0, b1), _mm256_unpackhi_epi8(b0, b1));
-                let (l23, h23) = (_mm256_unpacklo_epi8(b2, b3), _mm256_unpackhi_epi8(b2, b3));
-                let w0 = _mm256_castsi256_ps(_mm256_unpacklo_epi16(l01, l23));
-                let w1 = _mm256_castsi256_ps(_mm256_unpackhi_epi16(l01, l23));
-                let w2 = _mm256_castsi256_ps(_mm256_unpacklo_epi16(h01, h23));
-                let w3 = _mm256_castsi256_ps(_mm256_unpackhi_epi16(h01, h23));
+                let [w0, w1, w2, w3] = decode32(&planes, row.add(off / 2));
                 let xp = x0.add(off);
                 a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp), a0);
                 a1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp.add(8)), a1);
@@ -747,88 +826,6 @@ unsafe fn linear_tile_avx2<T: QElem, const NT: usize>(lin: &Lin, o0: usize, o1: 
             let v = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7])) + b;
             // (t0 + t, o) is inside y and written by this task only.
             (lin.y as *mut T).add((t0 + t) * nout + o).write(T::store(T::Acc::from_f64(v as f64)));
-        }
-    }
-}
-
-struct LinBwd<'a> {
-    l: &'a LinearArgs,
-    /// dy as float32 [tokens, out].
-    dyf: Vec<f32>,
-    /// Every row's codebook, float32 [out, 2^b].
-    table: u64,
-    codes: u64,
-    scales: u64,
-    dx: u64,
-}
-
-/// # Safety
-/// See [`super::linear_backward`].
-pub unsafe fn linear_backward(dtype: DType, l: &LinearArgs, dy: u64, codes: u64, scales: u64, table: u64, dx: u64) {
-    match dtype {
-        DType::F32 => linear_bwd_t::<f32>(l, dy, codes, scales, table, dx),
-        DType::F64 => linear_bwd_t::<f64>(l, dy, codes, scales, table, dx),
-        DType::F16 => linear_bwd_t::<f16>(l, dy, codes, scales, table, dx),
-        DType::BF16 => linear_bwd_t::<bf16>(l, dy, codes, scales, table, dx),
-    }
-}
-
-/// Columns of dx per task: a multiple of 8, so every chunk starts on a byte of every code width.
-const BWD_COLS: usize = 256;
-
-unsafe fn linear_bwd_t<T: QElem>(l: &LinearArgs, dy: u64, codes: u64, scales: u64, table: u64, dx: u64)
-{
-    let (k, nout, tokens) = (l.q.n, l.q.rows, l.tokens);
-    let dyf: Vec<f32> = slice::<T>(dy, tokens * nout).iter().map(|v| v.load().to_f64() as f32).collect();
-    let lb = LinBwd { l, dyf, table, codes, scales, dx };
-    parallel::for_each_task(k.div_ceil(BWD_COLS), nout * k * tokens, |ci| {
-        linear_bwd_cols::<T>(&lb, ci * BWD_COLS, ((ci + 1) * BWD_COLS).min(k))
-    });
-}
-
-multiversion!(fn linear_bwd_cols<T: QElem>(lb: &LinBwd, c0: usize, c1: usize) => linear_bwd_cols_body);
-
-#[inline(always)]
-fn linear_bwd_cols_body<T: QElem>(lb: &LinBwd, c0: usize, c1: usize)
-{
-    let q = &lb.l.q;
-    let (k, nout, rb, ng, g, tokens) = (q.n, q.rows, q.row_bytes(), q.groups(), q.group, lb.l.tokens);
-    let nl = 1usize << q.bits;
-    let w_cols = c1 - c0;
-    // SAFETY: codes and scales are only read.
-    let (codes, scales, table) =
-        unsafe { (slice::<u8>(lb.codes, nout * rb), slice::<f32>(lb.scales, nout * ng), slice::<f32>(lb.table, nout * nl)) };
-    let mut f = vec![0u8; w_cols];
-    let mut w = vec![0f32; w_cols];
-    let mut acc = vec![0f32; tokens * w_cols];
-    for o in 0..nout {
-        unpack_fields(&codes[o * rb..(o + 1) * rb], q.bits, c0, &mut f);
-        let lut = &table[o * nl..(o + 1) * nl];
-        // Weights of columns [c0, c1), group by group.
-        let mut c = c0;
-        while c < c1 {
-            let gi = c / g;
-            let end = ((gi + 1) * g).min(c1);
-            let m = scales[o * ng + gi];
-            for (wv, &fv) in w[c - c0..end - c0].iter_mut().zip(&f[c - c0..end - c0]) {
-                *wv = m * lut[fv as usize];
-            }
-            c = end;
-        }
-        for t in 0..tokens {
-            let d = lb.dyf[t * nout + o];
-            if d != 0.0 {
-                for (av, wv) in acc[t * w_cols..(t + 1) * w_cols].iter_mut().zip(&w) {
-                    *av += d * wv;
-                }
-            }
-        }
-    }
-    for t in 0..tokens {
-        // SAFETY: columns [c0, c1) of dx belong to this task alone.
-        let out = unsafe { std::slice::from_raw_parts_mut((lb.dx as *mut T).add(t * k + c0), w_cols) };
-        for (o, v) in out.iter_mut().zip(&acc[t * w_cols..(t + 1) * w_cols]) {
-            *o = T::store(T::Acc::from_f64(*v as f64));
         }
     }
 }

@@ -14,7 +14,7 @@
 //! checks what it must (lmkern.ops.quant).
 use std::ffi::c_void;
 
-use super::{LinearArgs, QuantArgs};
+use super::{LinearArgs, QuantArgs, Tables};
 use crate::cuda::{self, LaunchConfig};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Ptr};
@@ -44,6 +44,7 @@ struct DeqParams {
     codes: u64,
     scales: u64,
     a: u64,
+    table: u64,
     out: u64,
     rows: i64,
     n: i32,
@@ -96,9 +97,9 @@ const _: () = {
     assert!(offset_of!(QuantParams, rows) == 48);
     assert!(offset_of!(QuantParams, n) == 56);
     assert!(offset_of!(QuantParams, vec) == 72);
-    assert!(size_of::<DeqParams>() == 64);
-    assert!(offset_of!(DeqParams, rows) == 32);
-    assert!(offset_of!(DeqParams, vec) == 56);
+    assert!(size_of::<DeqParams>() == 72);
+    assert!(offset_of!(DeqParams, rows) == 40);
+    assert!(offset_of!(DeqParams, vec) == 64);
     assert!(size_of::<FakeBwdParams>() == 72);
     assert!(offset_of!(FakeBwdParams, rows) == 48);
     assert!(offset_of!(FakeBwdParams, bits) == 64);
@@ -227,11 +228,17 @@ pub unsafe fn forward(
 /// See [`super::dequantize`]; rows > 0, n > 0.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn dequantize(
-    ordinal: usize, stream: u64, dtype: DType, q: &QuantArgs, codes: Ptr, scales: Ptr, a: Ptr, out: Ptr,
+    ordinal: usize, stream: u64, dtype: DType, q: &QuantArgs, codes: Ptr, scales: Ptr, tables: Tables, out: Ptr,
 ) -> Result<()> {
     let plan = plan_rows("deq", dtype, q.rows, q.n)?;
     let (rows, n, group, bits, row_bytes) = dims(q);
-    let mut p = DeqParams { codes, scales, a, out, rows, n, group, bits, row_bytes, vec: vec8(dtype, q.n, &[out]), pad: 0 };
+    // The kernel reads the codebook when `table` is set, else computes the table from `a`.
+    let (a, table) = match tables {
+        Tables::Exponents(a) => (a, 0),
+        Tables::Codebooks(t) => (0, t),
+    };
+    let vec = vec8(dtype, q.n, &[out]);
+    let mut p = DeqParams { codes, scales, a, table, out, rows, n, group, bits, row_bytes, vec, pad: 0 };
     launch_with(ordinal, stream, &plan, &mut p)
 }
 
@@ -363,7 +370,7 @@ mod tests {
         unsafe {
             let e = quant::quantize(dev, DType::F64, &q, x, a, c, s).unwrap_err();
             assert_eq!(e.kind, ErrorKind::Type, "{e}");
-            let e = quant::linear_backward(dev, DType::F32, &l, x, c, s, a, y).unwrap_err();
+            let e = quant::dequantize_codebooks(dev, DType::F64, &q, c, s, a, y).unwrap_err();
             assert_eq!(e.kind, ErrorKind::Type, "{e}");
             let sa = SearchArgs { q, per_row: true, z_rows: 0, lo: 0.1, grid: 8, refine: 2 };
             assert_eq!(quant::search_exponent(dev, &sa, x, 0, y).unwrap_err().kind, ErrorKind::Type);
@@ -373,6 +380,7 @@ mod tests {
             let errs = [
                 quant::quantize(dev, DType::BF16, &q, x, a, c, s),
                 quant::dequantize(dev, DType::F32, &q, c, s, a, y),
+                quant::dequantize_codebooks(dev, DType::F16, &q, c, s, a, y),
                 quant::fake_quantize(dev, DType::F16, &q, x, a, y, s),
                 quant::fake_quantize_backward(dev, DType::F32, &q, x, x, s, a, y, a),
                 quant::linear(dev, DType::BF16, &l, x, c, s, a, 0, y),

@@ -287,6 +287,15 @@ unsafe fn exponent_checks(device: Device, dtype: DType, q: &QuantArgs, a: Ptr) -
     Ok(true)
 }
 
+/// Where the dequantizers take each row's table `lut_r` from.
+#[derive(Debug, Clone, Copy)]
+pub enum Tables {
+    /// Computed from the row's exponent: float32 [rows].
+    Exponents(Ptr),
+    /// Read from the row's codebook as given: float32 [rows, 2^b] (see [`codebook`]).
+    Codebooks(Ptr),
+}
+
 /// Dequantize `codes`/`scales`/`a` (as [`quantize`] writes them) into `out`: rows·n elements of `dtype`.
 ///
 /// # Safety
@@ -295,14 +304,42 @@ pub unsafe fn dequantize(device: Device, dtype: DType, q: &QuantArgs, codes: Ptr
     if !exponent_checks(device, dtype, q, a)? || q.n == 0 {
         return Ok(());
     }
+    dequantize_rows(device, dtype, q, codes, scales, Tables::Exponents(a), out)
+}
+
+/// Dequantize through the rows' codebooks (float32 [rows, 2^b], as [`codebook`] makes them and
+/// [`linear`] reads them, unchecked: a NaN entry gives NaN outputs): `out = scales[r, j/g] ·
+/// table[r, field(r, j)]`, the product in float32 (float64 for float64 out). This is the Ŵ that
+/// [`linear`] multiplies by without forming it; the Python layer forms it for matmuls with many tokens.
+///
+/// # Safety
+/// As [`quantize`]; `table` is valid for rows·2^b float32.
+pub unsafe fn dequantize_codebooks(
+    device: Device, dtype: DType, q: &QuantArgs, codes: Ptr, scales: Ptr, table: Ptr, out: Ptr,
+) -> Result<()> {
+    q.validate()?;
+    if let Device::Cuda { .. } = device {
+        cuda_dtype(dtype)?;
+    }
+    if q.rows == 0 || q.n == 0 {
+        return Ok(());
+    }
+    check_ptrs(&[(table, "table", 4)])?;
+    dequantize_rows(device, dtype, q, codes, scales, Tables::Codebooks(table), out)
+}
+
+/// The part of [`dequantize`] and [`dequantize_codebooks`] after their own checks; rows, n > 0.
+unsafe fn dequantize_rows(
+    device: Device, dtype: DType, q: &QuantArgs, codes: Ptr, scales: Ptr, tables: Tables, out: Ptr,
+) -> Result<()> {
     check_ptrs(&[(codes, "codes", 1), (scales, "scales", 4), (out, "out", dtype.size())])?;
     match device {
         Device::Cpu => {
-            cpu::dequantize(dtype, q, codes, scales, a, out);
+            cpu::dequantize(dtype, q, codes, scales, tables, out);
             Ok(())
         }
         #[cfg(feature = "cuda")]
-        Device::Cuda { ordinal, stream } => cuda::dequantize(ordinal, stream, dtype, q, codes, scales, a, out),
+        Device::Cuda { ordinal, stream } => cuda::dequantize(ordinal, stream, dtype, q, codes, scales, tables, out),
         #[cfg(not(feature = "cuda"))]
         Device::Cuda { .. } => unreachable!("cuda_dtype refused"),
     }
@@ -373,7 +410,7 @@ pub struct LinearArgs {
 }
 
 /// The codebooks of rows with exponents `a` (float32 [rows]) into `out` (float32 [rows, 2^b]):
-/// `out[r, f] = sign(q_f)·(|q_f|/qmax)^(1/a_r)`, what [`linear`] and [`linear_backward`] read.
+/// `out[r, f] = sign(q_f)·(|q_f|/qmax)^(1/a_r)`, what [`linear`] and [`dequantize_codebooks`] read.
 ///
 /// Host memory only (lmkern.ops.quant builds the codebooks of CUDA exponents on the CPU).
 ///
@@ -427,27 +464,6 @@ pub unsafe fn linear(
         #[cfg(not(feature = "cuda"))]
         Device::Cuda { .. } => unreachable!("cuda_dtype refused"),
     }
-    Ok(())
-}
-
-/// `dx = dy @ Ŵ` with dy `[tokens, out]` and dx `[tokens, in]` of `dtype` (the input gradient of
-/// [`linear`]), through the same codebooks, columns split across tasks, rows summed in order.
-///
-/// # Safety
-/// As [`quantize`].
-pub unsafe fn linear_backward(
-    device: Device, dtype: DType, l: &LinearArgs, dy: Ptr, codes: Ptr, scales: Ptr, table: Ptr, dx: Ptr,
-) -> Result<()> {
-    l.q.validate()?;
-    cpu_only(device, "power_quant_linear_backward (on CUDA, lmkern.ops.quant computes dy @ dequantize(W) with torch)")?;
-    if l.tokens == 0 || l.q.n == 0 {
-        return Ok(());
-    }
-    check_ptrs(&[(dx, "dx", dtype.size())])?;
-    if l.q.rows > 0 {
-        check_ptrs(&[(dy, "dy", dtype.size()), (codes, "codes", 1), (scales, "scales", 4), (table, "table", 4)])?;
-    }
-    cpu::linear_backward(dtype, l, dy, codes, scales, table, dx);
     Ok(())
 }
 
