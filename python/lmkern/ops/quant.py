@@ -215,17 +215,19 @@ def _dequantize(codes, scales, a, bits, group_size, n, dtype):
         raise TypeError(f"dtype: expected float32, float64, bfloat16 or float16; got {dtype}")
     _no_cuda_f64("dtype", dtype, codes)
     _cuda_check_exponents(a)
-    return _dequantize_raw(codes, scales, a, bits, group_size, n, dtype)
+    return _dequantize_rows(_core.quant_dequantize, codes, scales, a, bits, group_size, n, dtype)
 
 
-def _dequantize_raw(codes, scales, a, bits, group_size, n, dtype):
-    """The kernel call of power_dequantize, checks done (on CUDA: no exponent check, NaN rows)."""
+def _dequantize_rows(kernel, codes, scales, tables, bits, group_size, n, dtype, out=None):
+    """The dequantizer's kernel call, checks done: `kernel` is _core.quant_dequantize (tables = the
+    exponents a; on CUDA no exponent check, NaN rows) or _core.quant_dequantize_codebooks (tables =
+    the rows' codebooks, read as given). `out`: a contiguous [rows, n] tensor of dtype to fill."""
     rows = codes.shape[0]
-    codes, scales, a = codes.contiguous(), scales.contiguous(), a.contiguous()
-    out = torch.empty((rows, n), dtype=dtype, device=codes.device)
+    codes, scales, tables = codes.contiguous(), scales.contiguous(), tables.contiguous()
+    if out is None:
+        out = torch.empty((rows, n), dtype=dtype, device=codes.device)
     dev, stream = device_args(codes)
-    _core.quant_dequantize(DTYPE_CODES[dtype], dev, stream, bits, rows, n, group_size,
-                           ptr(codes), ptr(scales), ptr(a), ptr(out))
+    kernel(DTYPE_CODES[dtype], dev, stream, bits, rows, n, group_size, ptr(codes), ptr(scales), ptr(tables), ptr(out))
     return out
 
 
@@ -330,17 +332,9 @@ def unpack_fields(codes, bits, n):
 
 def _dequantize_codebooks(codes, scales, table, bits, group_size, n, dtype, out=None):
     """Ŵ [out, n] of dtype through the rows' codebooks, dtype(m·table[field]) with the product in
-    float32 (the kernel dequantize_codebooks; the caller has checked the weight): what
-    power_quant_linear multiplies by, formed for matmuls with many tokens. `out`: a contiguous
-    [rows, n] tensor of dtype to write into."""
-    rows = codes.shape[0]
-    codes, scales, table = codes.contiguous(), scales.contiguous(), table.contiguous()
-    if out is None:
-        out = torch.empty((rows, n), dtype=dtype, device=codes.device)
-    dev, stream = device_args(codes)
-    _core.quant_dequantize_codebooks(DTYPE_CODES[dtype], dev, stream, bits, rows, n, group_size,
-                                     ptr(codes), ptr(scales), ptr(table), ptr(out))
-    return out
+    float32 (the caller has checked the weight): what power_quant_linear multiplies by, formed for
+    matmuls with many tokens."""
+    return _dequantize_rows(_core.quant_dequantize_codebooks, codes, scales, table, bits, group_size, n, dtype, out)
 
 
 _scratch = threading.local()

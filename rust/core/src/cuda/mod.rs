@@ -302,6 +302,37 @@ pub unsafe fn launch(
     })
 }
 
+/// The kernel-name suffix of an element type (`<kernel>_f32`, `_bf16`, `_f16`); float64 has no
+/// CUDA kernels (a type error, before any launch).
+pub(crate) fn type_suffix(dtype: crate::tensor::DType) -> Result<&'static str> {
+    use crate::tensor::DType;
+    match dtype {
+        DType::F32 => Ok("f32"),
+        DType::BF16 => Ok("bf16"),
+        DType::F16 => Ok("f16"),
+        DType::F64 => {
+            Err(Error::dtype("x: float64 is supported on CPU only; use float32, bfloat16 or float16 on CUDA"))
+        }
+    }
+}
+
+/// A grid size for `blocks` blocks: at least 1 (empty launches are skipped before), at most the
+/// 2^31 − 1 of grid.x (the kernels grid-stride over the rest).
+pub(crate) fn clamp_grid(blocks: usize) -> u32 {
+    blocks.clamp(1, i32::MAX as usize) as u32
+}
+
+/// [`launch`] of a kernel whose one parameter is the struct `params` (lmkern's kernels take their
+/// arguments as one `__grid_constant__` struct).
+///
+/// # Safety
+/// As [`launch`]: `P` is, field for field, the kernel's parameter struct.
+pub(crate) unsafe fn launch_struct<P>(ordinal: usize, stream: u64, name: &str, cfg: LaunchConfig, params: &mut P) -> Result<()> {
+    let mut args: [*mut c_void; 1] = [params as *mut P as *mut c_void];
+    // SAFETY: forwarded from the caller's contract.
+    unsafe { launch(ordinal, stream, name, cfg, &mut args) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

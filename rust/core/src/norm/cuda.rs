@@ -11,12 +11,11 @@
 //!
 //! Forward: grid over row groups. Backward: one block per weight-gradient part (see
 //! [`super::dw_parts`]), then `norm_dw_reduce_<t>` sums the parts when dw is wanted.
-use std::ffi::c_void;
 use std::sync::OnceLock;
 
 use super::{dw_parts, NormArgs, NormBwd, NormFwd, NormKind};
-use crate::cuda::{self, LaunchConfig, MAX_DEFAULT_SHARED_MEM};
-use crate::error::{Error, Result};
+use crate::cuda::{self, clamp_grid, type_suffix, LaunchConfig, MAX_DEFAULT_SHARED_MEM};
+use crate::error::Result;
 use crate::tensor::DType;
 
 // Kernel parameter blocks: field for field the structs of cuda/norm.cu (sizes asserted there too).
@@ -169,17 +168,6 @@ impl Plan {
     }
 }
 
-fn type_suffix(dtype: DType) -> Result<&'static str> {
-    match dtype {
-        DType::F32 => Ok("f32"),
-        DType::BF16 => Ok("bf16"),
-        DType::F16 => Ok("f16"),
-        DType::F64 => {
-            Err(Error::dtype("x: float64 is supported on CPU only; use float32, bfloat16 or float16 on CUDA"))
-        }
-    }
-}
-
 /// Elements per pack: 16 bytes' worth when n allows it and every given row buffer is 16-byte
 /// aligned (0 = not given), else 1.
 pub(crate) fn pack_width(dtype: DType, n: usize, ptrs: &[u64]) -> usize {
@@ -202,10 +190,6 @@ fn row_threads(nv: usize, goal: usize) -> (usize, usize) {
         _ => 4,
     };
     (tx, vpt)
-}
-
-fn clamp_grid(blocks: usize) -> u32 {
-    blocks.clamp(1, i32::MAX as usize) as u32
 }
 
 pub(crate) fn plan_fwd(dtype: DType, rows: usize, n: usize, vw: usize, tune: Tune) -> Result<Plan> {
@@ -289,8 +273,7 @@ pub(crate) fn plan_reduce(dtype: DType, n: usize) -> Result<Plan> {
 }
 
 unsafe fn launch_with<P>(ordinal: usize, stream: u64, plan: &Plan, params: &mut P) -> Result<()> {
-    let mut args: [*mut c_void; 1] = [params as *mut P as *mut c_void];
-    cuda::launch(ordinal, stream, &plan.name, plan.config(), &mut args)
+    cuda::launch_struct(ordinal, stream, &plan.name, plan.config(), params)
 }
 
 fn crms_flag(a: &NormArgs) -> i32 {

@@ -12,10 +12,9 @@
 //! Nothing here reads device memory on the host: exponents outside (0, 1] give NaN tables (NaN
 //! outputs; linear reads the codebooks it is given), NaN/inf inputs NaN scales; the Python layer
 //! checks what it must (lmkern.ops.quant).
-use std::ffi::c_void;
 
 use super::{LinearArgs, QuantArgs, Tables};
-use crate::cuda::{self, LaunchConfig};
+use crate::cuda::{self, clamp_grid, type_suffix, LaunchConfig};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Ptr};
 
@@ -131,21 +130,6 @@ impl Plan {
     }
 }
 
-fn type_suffix(dtype: DType) -> Result<&'static str> {
-    match dtype {
-        DType::F32 => Ok("f32"),
-        DType::BF16 => Ok("bf16"),
-        DType::F16 => Ok("f16"),
-        DType::F64 => {
-            Err(Error::dtype("x: float64 is supported on CPU only; use float32, bfloat16 or float16 on CUDA"))
-        }
-    }
-}
-
-fn clamp_grid(blocks: usize) -> u32 {
-    blocks.clamp(1, i32::MAX as usize) as u32
-}
-
 /// Shape of a row kernel for `rows` rows of `n` elements.
 pub(crate) fn plan_rows(kernel: &str, dtype: DType, rows: usize, n: usize) -> Result<Plan> {
     let t = type_suffix(dtype)?;
@@ -188,8 +172,7 @@ fn vec8(dtype: DType, n: usize, ptrs: &[Ptr]) -> i32 {
 }
 
 unsafe fn launch_with<P>(ordinal: usize, stream: u64, plan: &Plan, params: &mut P) -> Result<()> {
-    let mut args: [*mut c_void; 1] = [params as *mut P as *mut c_void];
-    cuda::launch(ordinal, stream, &plan.name, plan.config(), &mut args)
+    cuda::launch_struct(ordinal, stream, &plan.name, plan.config(), params)
 }
 
 fn dims(q: &QuantArgs) -> (i64, i32, i32, i32, i32) {
