@@ -11,7 +11,7 @@ Side by side with their peers, on the inputs of `lmkern bench` (lmkern.bench's r
 - FakeQuantize: lmkern.quant.power_fake_quantize forward + backward (x and a) vs the torch composite
   of the straight-through fake quantizer under autograd.
 - PowerQuantLinearTokens: the same layer at 1, 8, 64 and 512 tokens, forward (no grad) and forward +
-  backward (dx), vs dense float32 F.linear: the fused GEMV up to 40 tokens, beyond and in every
+  backward (dx), vs dense float32 F.linear: the fused GEMV up to 48 tokens, beyond and in every
   backward Ŵ formed 8 MiB of rows at a time for torch's matmul (lmkern.ops.quant).
 
 track_speedup = peer time / lmkern time, medians of interleaved rounds in one process.

@@ -450,7 +450,7 @@ def linear_cases(draw):
     in_f = draw(st.sampled_from([16, 32, 48, 128, 256, 7, 100]))
     g = draw(st.sampled_from([d for d in (16, 32, 128, in_f) if in_f % d == 0]))
     out_f = draw(st.sampled_from([1, 5, 16, 33]))
-    lead = draw(st.sampled_from([(1,), (2,), (3,), (5,), (2, 3), (0,), (), (41,), (3, 17)]))  # > 40: dequantize + matmul
+    lead = draw(st.sampled_from([(1,), (2,), (3,), (5,), (2, 3), (0,), (), (41,), (3, 17)]))  # 41: 8-token tiles + 1; 51: Ŵ in chunks
     bias = draw(st.booleans())
     seed = draw(st.integers(0, 2**31 - 1))
     return dtype, bits, in_f, g, out_f, lead, bias, seed
@@ -479,9 +479,11 @@ def test_power_quant_linear_matches_dequantized_matmul(case):
     assert rel_err_floor(dx, dy64 @ w_hat, (dy64.abs() @ w_hat.abs()).norm().item()) <= tol
 
 
-@pytest.mark.parametrize("tokens", [1, 2, 3, 64])
+@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 7, 8, 13, 15, 40, 64])
 def test_power_quant_linear_fast_path_large(tokens):
-    """The AVX2 4-bit path (in and group multiples of 16) at a realistic width, odd token counts."""
+    """The AVX2 4-bit path (in and group multiples of 32) at a realistic width, every token tile
+    (8, 4, 2, 1 and their mixes: 13 = 8 + 4 + 1, 15 = 8 + 4 + 2 + 1), and 64 tokens (dequantize +
+    matmul)."""
     lin = _linear(1024, 96, True, 0)
     mod = PowerQuantLinear.from_linear(lin, 4, 128)
     w_hat = mod.dequantized_weight().to(F64)
@@ -492,11 +494,12 @@ def test_power_quant_linear_fast_path_large(tokens):
 
 @pytest.mark.parametrize("in_f, g, out_f, tokens", [
     (32, 32, 1, 1), (64, 32, 17, 3), (256, 64, 33, 5), (4096, 128, 19, 2), (384, 384, 16, 1), (160, 32, 31, 4),
+    (64, 64, 3, 12), (4096, 128, 17, 9), (384, 384, 5, 8),
 ])
 def test_power_quant_linear_fast_path_edges(in_f, g, out_f, tokens):
     """The AVX2 kernel at its edges: one block per group, 64- and 384-wide groups (two and six
     prefetched lines), rows not a multiple of the 16-row tile (the prefetches run past the buffers),
-    odd and even token counts (pairs and a single last token); float32 and bfloat16 activations."""
+    token tiles of 8, 4, 2 and 1 (and a single last token); float32 and bfloat16 activations."""
     lin = _linear(in_f, out_f, True, in_f + out_f)
     a = torch.rand(out_f, generator=torch.Generator().manual_seed(out_f)) * 0.8 + 0.2
     mod = PowerQuantLinear.from_linear(lin, 4, g, a)

@@ -45,9 +45,9 @@ BITS = (2, 3, 4, 8)
 #: power_quant_linear: the fused GEMV up to this many tokens, beyond it Ŵ dequantized + a matmul.
 #: CUDA: the GEMV re-reads the codes per tile of 8 tokens; cuBLAS is the better matmul past one tile.
 GEMV_MAX_TOKENS = 8
-#: CPU: the GEMV decodes each row once per pair of tokens; past ~40 tokens that decoding costs more
+#: CPU: the GEMV decodes each row once per 8 tokens; past ~48 tokens that decoding costs more
 #: than forming Ŵ a chunk at a time for torch's matmul (BENCHMARKS.md, "many tokens").
-CPU_GEMV_MAX_TOKENS = 40
+CPU_GEMV_MAX_TOKENS = 48
 #: The CPU many-token paths form Ŵ this many bytes of rows at a time, in a buffer kept per thread:
 #: a fresh buffer of a whole weight costs more in first-touch page faults than the dequantization.
 CPU_CHUNK_BYTES = 8 << 20

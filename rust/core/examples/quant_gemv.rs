@@ -1,6 +1,6 @@
 //! Times the CPU 4-bit LUT GEMV (4096 → 4096, group 128) and the quantizer on this machine:
 //! `cargo run --release -p lmkern-core --example quant_gemv [threads] [gemv]` (`gemv`: the GEMV
-//! only; `REPS=n` repeats, default 30). Min and median of the repeats, wall clock and, since the
+//! only; `REPS=n` repeats, default 30; `TOKENS=t` activation rows, default 1). Min and median of the repeats, wall clock and, since the
 //! machine is shared, CPU time (of the calling thread with 1 thread, of the process otherwise).
 use lmkern_core::quant::{self, LinearArgs, QuantArgs};
 use lmkern_core::{DType, Device};
@@ -28,6 +28,7 @@ fn main() {
     let threads: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(1);
     let gemv_only = std::env::args().nth(2).is_some_and(|a| a == "gemv");
     let reps: usize = std::env::var("REPS").ok().and_then(|v| v.parse().ok()).unwrap_or(30).max(1);
+    let tokens: usize = std::env::var("TOKENS").ok().and_then(|v| v.parse().ok()).unwrap_or(1).max(1);
     lmkern_core::parallel::set_num_threads(threads);
     let clock = if threads == 1 { 3 } else { 2 };
     let (n, k, g) = (4096usize, 4096usize, 128usize);
@@ -39,13 +40,13 @@ fn main() {
         (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
     };
     let w: Vec<f32> = (0..n * k).map(|_| rnd()).collect();
-    let x: Vec<f32> = (0..k).map(|_| rnd()).collect();
+    let x: Vec<f32> = (0..tokens * k).map(|_| rnd()).collect();
     let a = vec![0.7f32; n];
     let q = QuantArgs { bits: 4, rows: n, n: k, group: g, clip: 1.0 };
     let mut codes = vec![0u8; n * k / 2];
     let mut scales = vec![0f32; n * k / g];
     let mut table = vec![0f32; n * 16];
-    let mut y = vec![0f32; n];
+    let mut y = vec![0f32; tokens * n];
     // 64 MiB read between calls in the "flushed" runs, as the dense GEMV it is compared with reads
     // 64 MB: the codes then come from DRAM.
     let junk = vec![1u8; 64 << 20];
@@ -80,12 +81,12 @@ fn main() {
             time("quantize [4096, 4096] 4-bit g128", false, &mut || quantize());
         }
         quant::codebook(4, n, a.as_ptr() as u64, table.as_mut_ptr() as u64).unwrap();
-        let l = LinearArgs { q, tokens: 1 };
+        let l = LinearArgs { q, tokens };
         let mut gemv = || {
             quant::linear(Device::Cpu, DType::F32, &l, x.as_ptr() as u64, codes.as_ptr() as u64, scales.as_ptr() as u64, table.as_ptr() as u64, 0, y.as_mut_ptr() as u64)
                 .unwrap()
         };
-        time("linear GEMV 4096 -> 4096 4-bit g128", false, &mut gemv);
+        time(&format!("linear GEMV 4096 -> 4096 4-bit g128, {tokens} tokens"), false, &mut gemv);
         time("linear GEMV, caches flushed", true, &mut gemv);
         if !gemv_only {
             let mut yd = vec![0f32; n];

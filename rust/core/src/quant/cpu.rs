@@ -515,7 +515,7 @@ pub unsafe fn codebook(bits: u32, rows: usize, a: u64, out: u64) {
 struct Lin<'a> {
     l: &'a LinearArgs,
     /// x as float32 [tokens, k]; for the AVX2 4-bit path each 8-block is reordered to its 4 even
-    /// elements then its 4 odd elements (the order in which the unpacks deliver the weights).
+    /// elements then its 4 odd elements (the order of [`decode32`]).
     xf: Vec<f32>,
     codes: u64,
     scales: u64,
@@ -563,13 +563,12 @@ unsafe fn linear_t<T: QElem>(l: &LinearArgs, x: u64, codes: u64, scales: u64, ta
         }
     }
     let lin = Lin { l, xf, codes, scales, table, bias, y };
-    // Tiles of output rows: each reads its rows' codes once per pair of tokens. The calling thread
+    // Tiles of output rows: each reads its rows' codes once per 8 tokens (then 4, 2, 1). The calling thread
     // and the pool's threads each take the next tile until none is left: the caller starts at once
     // (rather than sleeping until a pool thread wakes: 2.0-2.3 -> 1.3-1.4 ms side by side with the
     // dense GEMV on this VM), and a thread the OS preempts holds up one tile, never a share of the
     // rows fixed in advance. Every row is still computed by one tile in a fixed order
     // (deterministic whatever the thread count).
-    const TILE: usize = 16;
     let work = nout * k * tokens.max(1);
     let tiles = nout.div_ceil(TILE);
     let next = std::sync::atomic::AtomicUsize::new(0);
@@ -584,15 +583,16 @@ unsafe fn linear_t<T: QElem>(l: &LinearArgs, x: u64, codes: u64, scales: u64, ta
             while t0 < tokens {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: fast_path checked AVX2+FMA, 4 bits, k and the group size multiples of 32;
-                // tokens t0 (and t0 + 1 for the pair) exist.
-                unsafe {
-                    if tokens - t0 >= 2 {
-                        linear_tile_avx2::<T, 2>(&lin, o0, o1, t0)
-                    } else {
-                        linear_tile_avx2::<T, 1>(&lin, o0, o1, t0)
+                // tokens t0 .. t0 + nt exist.
+                let nt = unsafe {
+                    match tokens - t0 {
+                        r if r >= 8 => linear_tile_avx2_wide::<T, 8>(&lin, o0, o1, t0),
+                        r if r >= 4 => linear_tile_avx2_wide::<T, 4>(&lin, o0, o1, t0),
+                        r if r >= 2 => linear_tile_avx2::<T, 2>(&lin, o0, o1, t0),
+                        _ => linear_tile_avx2::<T, 1>(&lin, o0, o1, t0),
                     }
-                }
-                t0 += 2;
+                };
+                t0 += nt;
             }
         } else {
             linear_tile::<T>(&lin, o0, o1)
@@ -660,6 +660,12 @@ fn dot16(a: &[f32], b: &[f32]) -> f32 {
     }
     acc[0]
 }
+
+/// Output rows per task of the GEMV.
+const TILE: usize = 16;
+
+/// Activation floats a chunk of [`linear_tile_avx2_wide`] keeps in L1 (16 KB, half of Zen 3's L1d).
+const L1_ACTIVATION_FLOATS: usize = 4096;
 
 /// Bytes of the code stream prefetched ahead of the decoder: two rows of a 4096-wide layer. The
 /// hardware prefetchers stop at 4 KiB pages; without this the codes stream from DRAM at a third of
@@ -759,7 +765,7 @@ unsafe fn deq_row_avx2(codes: &[u8], scales: &[f32], table: *const f32, g: usize
 /// valid buffers as [`super::linear`] documents, x permuted as `linear_t` does; t0 + NT <= tokens.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn linear_tile_avx2<T: QElem, const NT: usize>(lin: &Lin, o0: usize, o1: usize, t0: usize) {
+unsafe fn linear_tile_avx2<T: QElem, const NT: usize>(lin: &Lin, o0: usize, o1: usize, t0: usize) -> usize {
     use std::arch::x86_64::*;
     let q = &lin.l.q;
     let (k, nout, rb, ng, g) = (q.n, q.rows, q.row_bytes(), q.groups(), q.group);
@@ -828,6 +834,78 @@ unsafe fn linear_tile_avx2<T: QElem, const NT: usize>(lin: &Lin, o0: usize, o1: 
             (lin.y as *mut T).add((t0 + t) * nout + o).write(T::store(T::Acc::from_f64(v as f64)));
         }
     }
+    NT
+}
+
+/// [`linear_tile_avx2`] for NT = 4 or 8 tokens: each 32-weight block is decoded once and meets
+/// the NT tokens' activations, so the decode (12 shuffles) is spread over 4·NT FMAs; one FMA chain
+/// per token (the NT chains interleave; a second chain per token measured no faster at NT = 4 and
+/// does not fit the registers at NT = 8); per group each token's partial sum is scaled by m. The NT activation rows (NT × 16 KB at k = 4096)
+/// would stream from L2 for every weight row, so the tile's rows are walked a chunk of whole
+/// groups at a time (about 16 KB of activations per chunk, in L1), every row's running sums kept
+/// in `tot`; each row still sums its groups in order. Returns NT.
+///
+/// # Safety
+/// As [`linear_tile_avx2`]; o1 - o0 <= TILE.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::needless_range_loop)] // indexed loops over the accumulators keep them in registers
+unsafe fn linear_tile_avx2_wide<T: QElem, const NT: usize>(lin: &Lin, o0: usize, o1: usize, t0: usize) -> usize {
+    use std::arch::x86_64::*;
+    let q = &lin.l.q;
+    let (k, nout, rb, ng, g) = (q.n, q.rows, q.row_bytes(), q.groups(), q.group);
+    let (codes, scales, table) = (lin.codes as *const u8, lin.scales as *const f32, lin.table as *const f32);
+    let blocks = g / 32;
+    let chunk_groups = (L1_ACTIVATION_FLOATS / NT / g).max(1);
+    let x0 = lin.xf.as_ptr().add(t0 * k);
+    let mut tot = [[_mm256_setzero_ps(); NT]; TILE];
+    let mut c0 = 0;
+    while c0 < ng {
+        let c1 = (c0 + chunk_groups).min(ng);
+        for o in o0..o1 {
+            let planes = byte_planes(table.add(16 * o));
+            let row = codes.add(o * rb);
+            // The same columns two rows on (prefetches never fault: addresses past the buffers are
+            // harmless, hence the wrapping arithmetic).
+            let ahead = row.wrapping_add(2 * rb + c0 * g / 2);
+            let mut l = 0;
+            while l < (c1 - c0) * g / 2 {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(l) as *const i8);
+                l += 64;
+            }
+            let tot_o = &mut tot[o - o0];
+            for gi in c0..c1 {
+                let mut a = [_mm256_setzero_ps(); NT];
+                for b in 0..blocks {
+                    let off = gi * g + b * 32;
+                    let [w0, w1, w2, w3] = decode32(&planes, row.add(off / 2));
+                    for t in 0..NT {
+                        let xp = x0.add(t * k + off);
+                        a[t] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp), a[t]);
+                        a[t] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp.add(8)), a[t]);
+                        a[t] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xp.add(16)), a[t]);
+                        a[t] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xp.add(24)), a[t]);
+                    }
+                }
+                let m = _mm256_set1_ps(*scales.add(o * ng + gi));
+                for t in 0..NT {
+                    tot_o[t] = _mm256_fmadd_ps(a[t], m, tot_o[t]);
+                }
+            }
+        }
+        c0 = c1;
+    }
+    for o in o0..o1 {
+        let b = if lin.bias != 0 { *(lin.bias as *const f32).add(o) } else { 0.0 };
+        for (t, v) in tot[o - o0].iter().enumerate() {
+            let mut lanes = [0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), *v);
+            let v = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7])) + b;
+            // (t0 + t, o) is inside y and written by this task only.
+            (lin.y as *mut T).add((t0 + t) * nout + o).write(T::store(T::Acc::from_f64(v as f64)));
+        }
+    }
+    NT
 }
 
 // ---------------------------------------------------------------------------------------------
