@@ -9,6 +9,7 @@
 //   g++ -std=c++17 -O2 -DLMKERN_EMU -I<cuda include> -Icuda cuda/emu/norm_emu.cpp -o norm_emu && ./norm_emu
 #include "emu.h"
 #include "../norm.cu"
+#include "harness.h"
 
 #include <algorithm>
 #include <cinttypes>
@@ -44,47 +45,7 @@ struct Kernels {
             norm_dw_reduce_##TN                                                                              \
     }
 
-// ---------------------------------------------------------------------------------------------
-// Element types on the host.
-// ---------------------------------------------------------------------------------------------
-template <typename T> float to_f(T v) { return lmkern::to_float(v); }
-template <typename T> T from_f(float v) { return lmkern::from_float<T>(v); }
-
-// A buffer with guard bytes on both sides; data starts `misalign` bytes after a 256-byte boundary.
-struct Buf {
-    std::vector<unsigned char> mem;
-    size_t start = 0, bytes = 0;
-    static constexpr size_t GUARD = 512;
-    Buf() = default;
-    Buf(size_t nbytes, size_t misalign) : bytes(nbytes) {
-        mem.assign(nbytes + 2 * GUARD + 512, 0xCD);
-        uintptr_t base = reinterpret_cast<uintptr_t>(mem.data()) + GUARD;
-        uintptr_t aligned = (base + 255) & ~uintptr_t(255);
-        start = aligned - reinterpret_cast<uintptr_t>(mem.data()) + misalign;
-        memset(mem.data() + start, 0xFF, nbytes);  // NaN poison for float types
-    }
-    void* ptr() { return bytes ? mem.data() + start : nullptr; }
-    template <typename T> T* as() { return reinterpret_cast<T*>(ptr()); }
-    bool guards_ok() const {
-        for (size_t i = 0; i < start; ++i)
-            if (mem[i] != 0xCD) return false;
-        for (size_t i = start + bytes; i < mem.size(); ++i)
-            if (mem[i] != 0xCD) return false;
-        return true;
-    }
-};
-
-static int failures = 0;
-static int checks = 0;
 static double worst_y = 0, worst_dx = 0, worst_dw = 0;  // largest errors of the current dtype
-
-static void expect(bool ok, const std::string& what) {
-    ++checks;
-    if (!ok) {
-        ++failures;
-        if (failures <= 30) fprintf(stderr, "FAIL: %s\n", what.c_str());
-    }
-}
 
 // ‖a − b‖ / ‖b‖ (with NaN anywhere -> infinity).
 static double rel_err(const std::vector<double>& a, const std::vector<double>& b) {
@@ -441,6 +402,5 @@ int main() {
     empty_rows<float>(f32);
     empty_rows<__nv_bfloat16>(bf16);
     empty_rows<__half>(f16);
-    printf("norm_emu: %d checks, %d failures\n", checks, failures);
-    return failures == 0 ? 0 : 1;
+    return finish("norm_emu");
 }

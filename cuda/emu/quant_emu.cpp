@@ -17,6 +17,7 @@
 //   g++ -std=c++17 -O2 -DLMKERN_EMU -I<cuda include> -Icuda cuda/emu/quant_emu.cpp -o quant_emu && ./quant_emu
 #include "emu.h"
 #include "../quant.cu"
+#include "harness.h"
 
 #include <algorithm>
 #include <random>
@@ -48,41 +49,6 @@ struct Kernels {
              {nullptr, quant_linear4_##TN##_n1, quant_linear4_##TN##_n2, nullptr, quant_linear4_##TN##_n4, \
               nullptr, nullptr, nullptr, quant_linear4_##TN##_n8}}                                      \
     }
-
-template <typename T> float to_f(T v) { return lmkern::to_float(v); }
-template <typename T> T from_f(float v) { return lmkern::from_float<T>(v); }
-
-// A buffer with guard bytes on both sides; data starts `misalign` bytes after a 256-byte boundary.
-struct Buf {
-    std::vector<unsigned char> mem;
-    size_t start = 0, bytes = 0;
-    static constexpr size_t GUARD = 512;
-    Buf(size_t nbytes, size_t misalign, unsigned char poison = 0xFF) : bytes(nbytes) {
-        mem.assign(nbytes + 2 * GUARD + 512, 0xCD);
-        uintptr_t base = reinterpret_cast<uintptr_t>(mem.data()) + GUARD;
-        uintptr_t aligned = (base + 255) & ~uintptr_t(255);
-        start = aligned - reinterpret_cast<uintptr_t>(mem.data()) + misalign;
-        memset(mem.data() + start, poison, nbytes);
-    }
-    void* ptr() { return bytes ? mem.data() + start : nullptr; }
-    template <typename T> T* as() { return reinterpret_cast<T*>(ptr()); }
-    bool guards_ok() const {
-        for (size_t i = 0; i < start; ++i)
-            if (mem[i] != 0xCD) return false;
-        for (size_t i = start + bytes; i < mem.size(); ++i)
-            if (mem[i] != 0xCD) return false;
-        return true;
-    }
-};
-
-static int failures = 0, checks = 0;
-static void expect(bool ok, const std::string& what) {
-    ++checks;
-    if (!ok) {
-        ++failures;
-        if (failures <= 30) fprintf(stderr, "FAIL: %s\n", what.c_str());
-    }
-}
 
 static std::mt19937_64 rng(2026);
 static double uniform(double lo, double hi) { return std::uniform_real_distribution<double>(lo, hi)(rng); }
@@ -580,6 +546,5 @@ int main() {
     empty_rows<float>(f32);
     empty_rows<__nv_bfloat16>(bf16);
     empty_rows<__half>(f16);
-    printf("quant_emu: %d checks, %d failures\n", checks, failures);
-    return failures == 0 ? 0 : 1;
+    return finish("quant_emu");
 }

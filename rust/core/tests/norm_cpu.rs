@@ -3,28 +3,8 @@ use half::bf16;
 use lmkern_core::norm::{self, dw_parts, NormArgs, NormBwd, NormFwd, NormKind};
 use lmkern_core::{DType, Device, ErrorKind};
 
-/// A small deterministic generator (xorshift) so the tests need no extra crates.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> f64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
-    }
-    fn vec(&mut self, len: usize) -> Vec<f64> {
-        (0..len).map(|_| self.next()).collect()
-    }
-}
-
-fn addr<T>(v: &[T]) -> u64 {
-    v.as_ptr() as u64
-}
-
-/// Outputs are written through their address: take it from a unique borrow.
-fn out<T>(v: &mut [T]) -> u64 {
-    v.as_mut_ptr() as u64
-}
+mod kernel_common;
+use kernel_common::{addr, out, Rng};
 
 /// y and rstd of one row, in float64 straight from the formulas.
 fn reference_row(kind: NormKind, h: &[f64], w: Option<&[f64]>, eps: f64, offset: f64, scale: f64) -> (Vec<f64>, f64) {

@@ -3,23 +3,8 @@
 use lmkern_core::quant::{self, field_to_code, qmax, row_bytes, unpack_fields, LinearArgs, QuantArgs, SearchArgs};
 use lmkern_core::{DType, Device, ErrorKind};
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> f64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
-    }
-}
-
-fn addr<T>(v: &[T]) -> u64 {
-    v.as_ptr() as u64
-}
-
-fn out<T>(v: &mut [T]) -> u64 {
-    v.as_mut_ptr() as u64
-}
+mod kernel_common;
+use kernel_common::{addr, out, Rng};
 
 /// (codes, scales) of one row in float64: m = f32(max|x|) per group, round half away from zero.
 fn reference_row(x: &[f32], a: f64, bits: u32, g: usize) -> (Vec<i32>, Vec<f32>, Vec<bool>) {
