@@ -22,8 +22,8 @@ the kernels' launch path:
     GEMV_MAX_TOKENS tokens it runs the fused lookup-table GEMV; beyond, it dequantizes W through the
     codebooks (the dequantize_codebooks kernel) into a scratch of the activations' dtype and calls
     cuBLAS (torch.addmm).
-  - power_quant_linear_backward is dy @ Ŵ with Ŵ dequantized through the codebooks to float32 and a
-    float32 torch matmul (cuBLAS), the result rounded to dy's dtype.
+  - power_quant_linear_backward is dy @ Ŵ with Ŵ dequantized through the codebooks into dy's dtype
+    and a cuBLAS matmul (torch), as the many-token forward does.
   - power_search_exponent runs on the CPU: w (and x) are copied to the host, the result back.
 On CPU, power_quant_linear runs the fused GEMV up to CPU_GEMV_MAX_TOKENS tokens; beyond, and always
 for power_quant_linear_backward, Ŵ is formed CPU_CHUNK_BYTES of rows at a time (float32, float64 for
@@ -466,9 +466,8 @@ def _linear_bwd(dy, codes, scales, table, bits, group_size, in_features):
     _same_device("codes", codes, dy, "dy")
     dy2 = dy.reshape(-1, out_features)
     if dy.is_cuda:
-        # dy @ Ŵ through a float32 Ŵ and cuBLAS.
-        w = _dequantize_codebooks(codes, scales, table, bits, group_size, in_features, torch.float32)
-        dx = dy2.to(torch.float32) @ w
+        # dy @ Ŵ by cuBLAS, Ŵ in dy's dtype (as the many-token forward forms it).
+        dx = dy2 @ _dequantize_codebooks(codes, scales, table, bits, group_size, in_features, dy.dtype)
     else:
         # Σ over chunks of Ŵ's rows, in order.
         cd = _compute_dtype(dy.dtype)
