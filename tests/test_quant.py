@@ -513,9 +513,10 @@ def test_power_quant_linear_fast_path_edges(in_f, g, out_f, tokens):
 @pytest.mark.parametrize("dtype", [F32, BF16, F64])
 @pytest.mark.parametrize("in_f, g, out_f, bits", [(256, 64, 37, 4), (96, 32, 10, 3), (40, 8, 9, 8)])
 def test_power_quant_linear_many_tokens_in_chunks(monkeypatch, dtype, in_f, g, out_f, bits):
-    """Past CPU_GEMV_MAX_TOKENS tokens, and always in the backward, Ŵ is formed a chunk of rows at a
-    time: with chunks of 4 rows (a short last one), y and dx still match the float64 reference, and
-    the forward agrees with the GEMV on both sides of the threshold."""
+    """Past CPU_GEMV_MAX_TOKENS tokens (the backward: CPU_BWD_GEMV_MAX_TOKENS, or any count for
+    shapes without an AVX2 kernel) Ŵ is formed a chunk of rows at a time: with chunks of 4 rows (a
+    short last one), y and dx match the float64 reference on both sides of each threshold, and the
+    forward agrees with the GEMV."""
     from lmkern.ops import quant as quant_ops
 
     monkeypatch.setattr(quant_ops, "CPU_CHUNK_BYTES", 4 * in_f * (8 if dtype == F64 else 4))
@@ -524,8 +525,8 @@ def test_power_quant_linear_many_tokens_in_chunks(monkeypatch, dtype, in_f, g, o
     mod = PowerQuantLinear.from_linear(lin, bits, g, a)
     w_hat = mod.dequantized_weight().to(F64)
     tol = 1e-5 if dtype == F64 else TOL[dtype]
-    limit = quant_ops.CPU_GEMV_MAX_TOKENS
-    for tokens in (limit, limit + 1, 300):
+    limit, bwd_limit = quant_ops.CPU_GEMV_MAX_TOKENS, quant_ops.CPU_BWD_GEMV_MAX_TOKENS
+    for tokens in sorted({bwd_limit, bwd_limit + 1, limit, limit + 1, 300}):
         x = randn((tokens, in_f), dtype, tokens).requires_grad_(True)
         y = mod(x)
         x64 = x.detach().to(F64)

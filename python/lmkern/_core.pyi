@@ -48,6 +48,10 @@ def quant_linear(
     dtype_code: int, device_index: int, stream: int, bits: int, out_features: int, in_features: int, group: int,
     tokens: int, x: int, codes: int, scales: int, table: int, bias: int, y: int,
 ) -> None: ...
+def quant_linear_backward(
+    dtype_code: int, device_index: int, stream: int, bits: int, out_features: int, in_features: int, group: int,
+    tokens: int, dy: int, codes: int, scales: int, table: int, dx: int,
+) -> None: ...
 def quant_search(
     bits: int, rows: int, n: int, group: int, clip: float, per_row: bool, z_rows: int, lo: float, grid: int,
     refine: int, w: int, z: int, out: int,

@@ -25,10 +25,11 @@ the kernels' launch path:
   - power_quant_linear_backward is dy @ Ŵ with Ŵ dequantized through the codebooks into dy's dtype
     and a cuBLAS matmul (torch), as the many-token forward does.
   - power_search_exponent runs on the CPU: w (and x) are copied to the host, the result back.
-On CPU, power_quant_linear runs the fused GEMV up to CPU_GEMV_MAX_TOKENS tokens; beyond, and always
-for power_quant_linear_backward, Ŵ is formed CPU_CHUNK_BYTES of rows at a time (float32, float64 for
-float64) in a per-thread scratch and each chunk goes through torch's matmul: the dense weight is
-never formed whole.
+On CPU, power_quant_linear runs the fused GEMV up to CPU_GEMV_MAX_TOKENS tokens, and
+power_quant_linear_backward its transposed twin up to CPU_BWD_GEMV_MAX_TOKENS (4-bit shapes of the
+AVX2 kernels); beyond, Ŵ is formed CPU_CHUNK_BYTES of rows at a time (float32, float64 for float64)
+in a per-thread scratch and each chunk goes through torch's matmul: the dense weight is never
+formed whole.
 """
 from __future__ import annotations
 
@@ -48,6 +49,9 @@ GEMV_MAX_TOKENS = 8
 #: CPU: the GEMV decodes each row once per 8 tokens; past ~48 tokens that decoding costs more
 #: than forming Ŵ a chunk at a time for torch's matmul (BENCHMARKS.md, "many tokens").
 CPU_GEMV_MAX_TOKENS = 48
+#: CPU input gradient: the fused transposed GEMV (4-bit, in_features and group multiples of 32:
+#: its AVX2 form) up to this many tokens, Ŵ in chunks beyond and for other shapes.
+CPU_BWD_GEMV_MAX_TOKENS = 24
 #: The CPU many-token paths form Ŵ this many bytes of rows at a time, in a buffer kept per thread:
 #: a fresh buffer of a whole weight costs more in first-touch page faults than the dequantization.
 CPU_CHUNK_BYTES = 8 << 20
@@ -468,6 +472,12 @@ def _linear_bwd(dy, codes, scales, table, bits, group_size, in_features):
     if dy.is_cuda:
         # dy @ Ŵ by cuBLAS, Ŵ in dy's dtype (as the many-token forward forms it).
         dx = dy2 @ _dequantize_codebooks(codes, scales, table, bits, group_size, in_features, dy.dtype)
+    elif dy2.shape[0] <= CPU_BWD_GEMV_MAX_TOKENS and bits == 4 and group_size % 32 == 0 and in_features % 32 == 0:
+        dy2 = dy2.contiguous()
+        dx = torch.empty((dy2.shape[0], in_features), dtype=dy.dtype)
+        codes, scales, table = codes.contiguous(), scales.contiguous(), table.contiguous()
+        _core.quant_linear_backward(DTYPE_CODES[dy.dtype], -1, 0, bits, out_features, in_features, group_size,
+                                    dy2.shape[0], ptr(dy2), ptr(codes), ptr(scales), ptr(table), ptr(dx))
     else:
         # Σ over chunks of Ŵ's rows, in order.
         cd = _compute_dtype(dy.dtype)

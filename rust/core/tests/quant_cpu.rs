@@ -61,8 +61,9 @@ fn quantize_dequantize_match_the_formula() {
 #[test]
 fn linear_matches_dense_dequantized_matmul_on_both_paths() {
     let mut rng = Rng(5);
-    // n = 256, g = 128: the AVX2 path (where available); n = 48, g = 16: the generic path.
-    for (n_in, g, bits) in [(256usize, 128usize, 4u32), (48, 16, 4), (64, 32, 3), (40, 8, 8)] {
+    // n = 256, g = 128 and n = 544, g = 32: the AVX2 paths (where available; 544 = two 256-column
+    // chunks of the backward and a short one); n = 48, g = 16 and other widths: the generic paths.
+    for (n_in, g, bits) in [(256usize, 128usize, 4u32), (544, 32, 4), (48, 16, 4), (64, 32, 3), (40, 8, 8)] {
         let (n_out, tokens) = (19usize, 3usize);
         let w: Vec<f32> = (0..n_out * n_in).map(|_| rng.next() as f32).collect();
         let x: Vec<f32> = (0..tokens * n_in).map(|_| rng.next() as f32).collect();
@@ -75,6 +76,7 @@ fn linear_matches_dense_dequantized_matmul_on_both_paths() {
         let mut wh = vec![0f32; n_out * n_in];
         let mut wt = vec![f32::NAN; n_out * n_in];
         let mut y = vec![f32::NAN; tokens * n_out];
+        let mut dx = vec![f32::NAN; tokens * n_in];
         let l = LinearArgs { q, tokens };
         unsafe {
             quant::quantize(Device::Cpu, DType::F32, &q, addr(&w), addr(&a), out(&mut codes), out(&mut scales)).unwrap();
@@ -82,6 +84,7 @@ fn linear_matches_dense_dequantized_matmul_on_both_paths() {
             quant::codebook(bits, n_out, addr(&a), out(&mut table)).unwrap();
             quant::linear(Device::Cpu, DType::F32, &l, addr(&x), addr(&codes), addr(&scales), addr(&table), addr(&bias), out(&mut y)).unwrap();
             quant::dequantize_codebooks(Device::Cpu, DType::F32, &q, addr(&codes), addr(&scales), addr(&table), out(&mut wt)).unwrap();
+            quant::linear_backward(Device::Cpu, DType::F32, &l, addr(&y), addr(&codes), addr(&scales), addr(&table), out(&mut dx)).unwrap();
         }
         // Through the rows' own codebooks, the dequantizer gives the same float32 weight.
         assert!(wt.iter().zip(&wh).all(|(a, b)| a.to_bits() == b.to_bits()));
@@ -90,6 +93,11 @@ fn linear_matches_dense_dequantized_matmul_on_both_paths() {
                 let want: f64 = (0..n_in).map(|k| x[t * n_in + k] as f64 * wh[o * n_in + k] as f64).sum::<f64>() + bias[o] as f64;
                 let scale: f64 = (0..n_in).map(|k| (x[t * n_in + k] as f64 * wh[o * n_in + k] as f64).abs()).sum::<f64>();
                 assert!((y[t * n_out + o] as f64 - want).abs() <= 1e-6 * scale + 1e-6, "y[{t},{o}]");
+            }
+            for k in 0..n_in {
+                let want: f64 = (0..n_out).map(|o| y[t * n_out + o] as f64 * wh[o * n_in + k] as f64).sum();
+                let scale: f64 = (0..n_out).map(|o| (y[t * n_out + o] as f64 * wh[o * n_in + k] as f64).abs()).sum();
+                assert!((dx[t * n_in + k] as f64 - want).abs() <= 1e-6 * scale + 1e-6, "dx[{t},{k}]");
             }
         }
     }
@@ -127,9 +135,15 @@ fn bad_input_is_an_error_not_a_panic() {
     let mut xn = x.clone();
     xn[3] = f32::NAN;
     assert!(run(q, &a, &xn, &mut codes, &mut scales).unwrap_err().message.contains("finite"));
-    // The CPU-only op refuses CUDA devices before any buffer is touched (the CUDA kernels' own
+    // The CPU-only ops refuse CUDA devices before any buffer is touched (the CUDA kernels' own
     // refusals are tested in quant/cuda.rs).
     let cuda = Device::Cuda { ordinal: 0, stream: 0 };
+    let l = LinearArgs { q, tokens: 1 };
+    let table = vec![0f32; 16];
+    let mut dx = vec![0f32; 8];
+    let e = unsafe { quant::linear_backward(cuda, DType::F32, &l, addr(&x), addr(&codes), addr(&scales), addr(&table), out(&mut dx)) }
+        .unwrap_err();
+    assert!(e.kind == ErrorKind::Type && e.message.contains("CPU only"), "{e}");
     let s = SearchArgs { q, per_row: true, z_rows: 0, lo: 0.1, grid: 8, refine: 2 };
     let mut out_a = vec![0f32; 1];
     let e = unsafe { quant::search_exponent(cuda, &s, addr(&x), 0, out(&mut out_a)) }.unwrap_err();

@@ -91,6 +91,20 @@ fn quant_codebook(py: Python<'_>, bits: u32, rows: usize, a: u64, out: u64) -> P
     py.detach(|| unsafe { quant::codebook(bits, rows, a, out) }).map_err(to_py)
 }
 
+/// See lmkern_core::quant::linear_backward.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn quant_linear_backward(
+    py: Python<'_>, dtype_code: i32, device_index: i64, stream: u64, bits: u32, out_features: usize,
+    in_features: usize, group: usize, tokens: usize, dy: u64, codes: u64, scales: u64, table: u64, dx: u64,
+) -> PyResult<()> {
+    let (dt, dev) = (dtype(dtype_code)?, device(device_index, stream)?);
+    let l = LinearArgs { q: qargs(bits, out_features, in_features, group, 1.0), tokens };
+    // SAFETY: as in quant_quantize.
+    py.detach(|| unsafe { quant::linear_backward(dev, dt, &l, dy, codes, scales, table, dx) }).map_err(to_py)
+}
+
+/// See lmkern_core::quant::codebook (CPU).
 /// See lmkern_core::quant::search_exponent (CPU, float32 w and z).
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
@@ -112,6 +126,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(quant_fake_backward, m)?)?;
     m.add_function(wrap_pyfunction!(quant_codebook, m)?)?;
     m.add_function(wrap_pyfunction!(quant_linear, m)?)?;
+    m.add_function(wrap_pyfunction!(quant_linear_backward, m)?)?;
     m.add_function(wrap_pyfunction!(quant_search, m)?)?;
     Ok(())
 }

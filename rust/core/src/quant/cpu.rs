@@ -731,8 +731,20 @@ unsafe fn decode32(planes: &[std::arch::x86_64::__m256i; 4], codes: *const u8) -
     ]
 }
 
+/// 8 floats in [`decode32`]'s element order [0 2 4 6 1 3 5 7] put back in column order.
+///
+/// # Safety
+/// AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn column_order(v: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    _mm256_permutevar8x32_ps(v, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7))
+}
+
 /// One row of the 4-bit dequantizer: `out[j] = scales[j / g] · table[field j]` (float32 product),
-/// 32 elements per [`decode32`], put back in element order with one permute per 8.
+/// 32 elements per [`decode32`], put back in column order ([`column_order`]).
 ///
 /// # Safety
 /// AVX2 and FMA; n and g multiples of 32; `codes` holds n/2 bytes, `scales` n/g values, `table`
@@ -742,13 +754,12 @@ unsafe fn decode32(planes: &[std::arch::x86_64::__m256i; 4], codes: *const u8) -
 unsafe fn deq_row_avx2(codes: &[u8], scales: &[f32], table: *const f32, g: usize, out: *mut f32, n: usize) {
     use std::arch::x86_64::*;
     let planes = byte_planes(table);
-    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     let mut off = 0;
     while off < n {
         let m = _mm256_set1_ps(*scales.get_unchecked(off / g));
         let w = decode32(&planes, codes.as_ptr().add(off / 2));
         for (j, wj) in w.into_iter().enumerate() {
-            _mm256_storeu_ps(out.add(off + 8 * j), _mm256_permutevar8x32_ps(_mm256_mul_ps(wj, m), order));
+            _mm256_storeu_ps(out.add(off + 8 * j), column_order(_mm256_mul_ps(wj, m)));
         }
         off += 32;
     }
@@ -906,6 +917,158 @@ unsafe fn linear_tile_avx2_wide<T: QElem, const NT: usize>(lin: &Lin, o0: usize,
         }
     }
     NT
+}
+
+struct LinBwd<'a> {
+    l: &'a LinearArgs,
+    /// dy as float32 [tokens, out].
+    dyf: Vec<f32>,
+    /// Every row's codebook, float32 [out, 2^b].
+    table: u64,
+    codes: u64,
+    scales: u64,
+    dx: u64,
+}
+
+/// # Safety
+/// See [`super::linear_backward`].
+pub unsafe fn linear_backward(dtype: DType, l: &LinearArgs, dy: u64, codes: u64, scales: u64, table: u64, dx: u64) {
+    match dtype {
+        DType::F32 => linear_bwd_t::<f32>(l, dy, codes, scales, table, dx),
+        DType::F64 => linear_bwd_t::<f64>(l, dy, codes, scales, table, dx),
+        DType::F16 => linear_bwd_t::<f16>(l, dy, codes, scales, table, dx),
+        DType::BF16 => linear_bwd_t::<bf16>(l, dy, codes, scales, table, dx),
+    }
+}
+
+/// Columns of dx per task: a multiple of 8, so every chunk starts on a byte of every code width.
+const BWD_COLS: usize = 256;
+
+unsafe fn linear_bwd_t<T: QElem>(l: &LinearArgs, dy: u64, codes: u64, scales: u64, table: u64, dx: u64)
+{
+    let (k, nout, tokens) = (l.q.n, l.q.rows, l.tokens);
+    let dyf: Vec<f32> = slice::<T>(dy, tokens * nout).iter().map(|v| v.load().to_f64() as f32).collect();
+    let lb = LinBwd { l, dyf, table, codes, scales, dx };
+    parallel::for_each_task(k.div_ceil(BWD_COLS), nout * k * tokens, |ci| {
+        linear_bwd_cols::<T>(&lb, ci * BWD_COLS, ((ci + 1) * BWD_COLS).min(k))
+    });
+}
+
+multiversion!(fn linear_bwd_cols<T: QElem>(lb: &LinBwd, c0: usize, c1: usize) => linear_bwd_cols_body);
+
+#[inline(always)]
+fn linear_bwd_cols_body<T: QElem>(lb: &LinBwd, c0: usize, c1: usize)
+{
+    let q = &lb.l.q;
+    let (k, tokens, w_cols) = (q.n, lb.l.tokens, c1 - c0);
+    let mut acc = vec![0f32; tokens * w_cols];
+    if fast_path(q) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: fast_path checked AVX2+FMA, 4 bits, k and g multiples of 32, so c0 (a multiple
+        // of BWD_COLS) and c1 (that or k) are multiples of 32; acc is tokens × w_cols.
+        unsafe {
+            linear_bwd_cols_avx2(lb, c0, c1, &mut acc)
+        };
+    } else {
+        linear_bwd_cols_generic(lb, c0, c1, &mut acc);
+    }
+    for t in 0..tokens {
+        // SAFETY: columns [c0, c1) of dx belong to this task alone.
+        let out = unsafe { std::slice::from_raw_parts_mut((lb.dx as *mut T).add(t * k + c0), w_cols) };
+        for (o, v) in out.iter_mut().zip(&acc[t * w_cols..(t + 1) * w_cols]) {
+            *o = T::store(T::Acc::from_f64(*v as f64));
+        }
+    }
+}
+
+/// Columns [c0, c1) of dy @ Ŵ into acc (float32 [tokens, c1 − c0]) for any code width: each row's
+/// weights of those columns unpacked and scaled, then added to every token's sums, rows in order.
+#[inline(always)]
+fn linear_bwd_cols_generic(lb: &LinBwd, c0: usize, c1: usize, acc: &mut [f32]) {
+    let q = &lb.l.q;
+    let (nout, rb, ng, g, tokens) = (q.rows, q.row_bytes(), q.groups(), q.group, lb.l.tokens);
+    let nl = 1usize << q.bits;
+    let w_cols = c1 - c0;
+    // SAFETY: codes, scales and the codebooks are only read.
+    let (codes, scales, table) =
+        unsafe { (slice::<u8>(lb.codes, nout * rb), slice::<f32>(lb.scales, nout * ng), slice::<f32>(lb.table, nout * nl)) };
+    let mut f = vec![0u8; w_cols];
+    let mut w = vec![0f32; w_cols];
+    for o in 0..nout {
+        unpack_fields(&codes[o * rb..(o + 1) * rb], q.bits, c0, &mut f);
+        let lut = &table[o * nl..(o + 1) * nl];
+        // Weights of columns [c0, c1), group by group.
+        let mut c = c0;
+        while c < c1 {
+            let gi = c / g;
+            let end = ((gi + 1) * g).min(c1);
+            let m = scales[o * ng + gi];
+            for (wv, &fv) in w[c - c0..end - c0].iter_mut().zip(&f[c - c0..end - c0]) {
+                *wv = m * lut[fv as usize];
+            }
+            c = end;
+        }
+        for t in 0..tokens {
+            let d = lb.dyf[t * nout + o];
+            if d != 0.0 {
+                for (av, wv) in acc[t * w_cols..(t + 1) * w_cols].iter_mut().zip(&w) {
+                    *av += d * wv;
+                }
+            }
+        }
+    }
+}
+
+/// [`linear_bwd_cols_generic`] for 4-bit codes with AVX2: per row and 32 columns one
+/// [`decode32`], then per token one FMA of (dy·m) into its sums, kept in decode32's element order
+/// and put back in column order at the end.
+///
+/// # Safety
+/// AVX2 and FMA; 4-bit codes; c0, c1 and the group size multiples of 32; `lb` valid as
+/// [`super::linear_backward`] documents; acc is tokens × (c1 − c0).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn linear_bwd_cols_avx2(lb: &LinBwd, c0: usize, c1: usize, acc: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let q = &lb.l.q;
+    let (nout, rb, ng, g, tokens) = (q.rows, q.row_bytes(), q.groups(), q.group, lb.l.tokens);
+    let (codes, scales, table) = (lb.codes as *const u8, lb.scales as *const f32, lb.table as *const f32);
+    let w_cols = c1 - c0;
+    let ap = acc.as_mut_ptr();
+    for o in 0..nout {
+        // The same columns a few rows on (the row stride defeats the hardware prefetcher's reach;
+        // prefetches never fault, hence the wrapping arithmetic).
+        let ahead = codes.wrapping_add((o + 4) * rb + c0 / 2);
+        let mut l = 0;
+        while l < w_cols / 2 {
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(l) as *const i8);
+            l += 64;
+        }
+        let planes = byte_planes(table.add(16 * o));
+        let row = codes.add(o * rb);
+        let mut c = c0;
+        while c < c1 {
+            let m = *scales.add(o * ng + c / g);
+            let w = decode32(&planes, row.add(c / 2));
+            for t in 0..tokens {
+                let d = *lb.dyf.get_unchecked(t * nout + o);
+                if d == 0.0 {
+                    continue;
+                }
+                let coef = _mm256_set1_ps(d * m);
+                let a = ap.add(t * w_cols + (c - c0));
+                for (j, wj) in w.iter().enumerate() {
+                    _mm256_storeu_ps(a.add(8 * j), _mm256_fmadd_ps(coef, *wj, _mm256_loadu_ps(a.add(8 * j))));
+                }
+            }
+            c += 32;
+        }
+    }
+    let mut i = 0;
+    while i < tokens * w_cols {
+        _mm256_storeu_ps(ap.add(i), column_order(_mm256_loadu_ps(ap.add(i))));
+        i += 8;
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -467,6 +467,30 @@ pub unsafe fn linear(
     Ok(())
 }
 
+/// `dx = dy @ Ŵ` with dy `[tokens, out]` and dx `[tokens, in]` of `dtype` (the input gradient of
+/// [`linear`]), through the same codebooks: tasks own 256 columns of dx and sum the rows in order
+/// (AVX2 for 4 bits with in and the group size multiples of 32: one `decode32` per row and 32
+/// columns, then one FMA per token; a scalar table path otherwise). Meant for few tokens: the
+/// Python layer forms Ŵ in chunks for a matmul past a few dozen.
+///
+/// # Safety
+/// As [`quantize`].
+pub unsafe fn linear_backward(
+    device: Device, dtype: DType, l: &LinearArgs, dy: Ptr, codes: Ptr, scales: Ptr, table: Ptr, dx: Ptr,
+) -> Result<()> {
+    l.q.validate()?;
+    cpu_only(device, "power_quant_linear_backward (on CUDA, lmkern.ops.quant computes dy @ dequantize(W) with torch)")?;
+    if l.tokens == 0 || l.q.n == 0 {
+        return Ok(());
+    }
+    check_ptrs(&[(dx, "dx", dtype.size())])?;
+    if l.q.rows > 0 {
+        check_ptrs(&[(dy, "dy", dtype.size()), (codes, "codes", 1), (scales, "scales", 4), (table, "table", 4)])?;
+    }
+    cpu::linear_backward(dtype, l, dy, codes, scales, table, dx);
+    Ok(())
+}
+
 /// Options of [`search_exponent`]: a coarse grid of `grid` evenly spaced exponents on `[lo, 1]`,
 /// then a fine grid of `refine` points on the two coarse cells around each of the 4 best coarse
 /// local minima; the best exponent evaluated is returned (ties: the larger). Without a metric, a
