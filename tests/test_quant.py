@@ -545,6 +545,26 @@ def test_power_quant_linear_many_tokens_in_chunks(monkeypatch, dtype, in_f, g, o
     assert rel_err(y_mm.to(F64), y_gemv.to(F64)) <= tol
 
 
+@pytest.mark.parametrize("bits, in_f, g", [(4, 256, 64), (3, 96, 32)])
+def test_power_quant_linear_nan_codebook_row_propagates_on_every_path(bits, in_f, g):
+    """The layer reads its codebooks unchecked: a NaN codebook row gives NaN in that output column
+    and, in the input gradient, NaN everywhere (NaN·0 is NaN), whichever path the token count takes
+    (GEMV or chunks forward; transposed GEMV or chunks backward)."""
+    from lmkern.ops import quant as quant_ops
+
+    mod = PowerQuantLinear.from_linear(_linear(in_f, 12, False, bits), bits, g, a=0.7)
+    table = mod.codebook.clone()
+    table[5] = math.nan
+    for tokens in (2, quant_ops.CPU_BWD_GEMV_MAX_TOKENS + 1, quant_ops.CPU_GEMV_MAX_TOKENS + 1):
+        x = randn((tokens, in_f), F32, tokens)
+        y = quant_ops.quant_linear(x, mod.codes, mod.scales, table, None, bits, g, in_f)
+        assert y[:, 5].isnan().all() and not y[:, [0, 1, 2, 3, 4, 6, 7, 8, 9, 10, 11]].isnan().any(), tokens
+        dy = torch.zeros((tokens, 12))
+        dy[:, 0] = 1.0
+        dx = torch.ops.lmkern.power_quant_linear_backward(dy, mod.codes, mod.scales, table, bits, g, in_f)
+        assert dx.isnan().all(), tokens
+
+
 def test_power_quant_linear_eager_path_matches_op(monkeypatch):
     """Eager calls that need no gradient skip the dispatcher (lmkern.ops.quant.quant_linear); they
     must give the op's exact result, and every other call must still go through the op."""

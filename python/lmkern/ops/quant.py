@@ -52,8 +52,9 @@ CPU_GEMV_MAX_TOKENS = 48
 #: CPU input gradient: the fused transposed GEMV (4-bit, in_features and group multiples of 32:
 #: its AVX2 form) up to this many tokens, Ŵ in chunks beyond and for other shapes.
 CPU_BWD_GEMV_MAX_TOKENS = 24
-#: The CPU many-token paths form Ŵ this many bytes of rows at a time, in a buffer kept per thread:
-#: a fresh buffer of a whole weight costs more in first-touch page faults than the dequantization.
+#: The CPU many-token paths form Ŵ this many bytes of rows at a time, in a buffer kept per thread
+#: and dtype (held for the thread's life): a fresh buffer of a whole weight costs more in first-touch
+#: page faults than the dequantization.
 CPU_CHUNK_BYTES = 8 << 20
 
 # Exponent search (rust/core/src/quant/mod.rs SearchArgs): a coarse grid of SEARCH_GRID exponents

@@ -1008,12 +1008,11 @@ fn linear_bwd_cols_generic(lb: &LinBwd, c0: usize, c1: usize, acc: &mut [f32]) {
             }
             c = end;
         }
+        // Zeros of dy are not skipped: a NaN weight gives NaN, as in the matmul paths.
         for t in 0..tokens {
             let d = lb.dyf[t * nout + o];
-            if d != 0.0 {
-                for (av, wv) in acc[t * w_cols..(t + 1) * w_cols].iter_mut().zip(&w) {
-                    *av += d * wv;
-                }
+            for (av, wv) in acc[t * w_cols..(t + 1) * w_cols].iter_mut().zip(&w) {
+                *av += d * wv;
             }
         }
     }
@@ -1051,11 +1050,7 @@ unsafe fn linear_bwd_cols_avx2(lb: &LinBwd, c0: usize, c1: usize, acc: &mut [f32
             let m = *scales.add(o * ng + c / g);
             let w = decode32(&planes, row.add(c / 2));
             for t in 0..tokens {
-                let d = *lb.dyf.get_unchecked(t * nout + o);
-                if d == 0.0 {
-                    continue;
-                }
-                let coef = _mm256_set1_ps(d * m);
+                let coef = _mm256_set1_ps(*lb.dyf.get_unchecked(t * nout + o) * m);
                 let a = ap.add(t * w_cols + (c - c0));
                 for (j, wj) in w.iter().enumerate() {
                     _mm256_storeu_ps(a.add(8 * j), _mm256_fmadd_ps(coef, *wj, _mm256_loadu_ps(a.add(8 * j))));
