@@ -248,6 +248,26 @@ def test_dequantize_through_codebooks(bits):
             assert torch.equal(got.nan_to_num(), ref.nan_to_num()), (bits, rows, n, gs, dtype)
 
 
+@given(st.sampled_from([2, 3, 4, 8]), st.integers(0, 9), st.sampled_from([1, 7, 32, 96, 160, 1024]),
+       st.sampled_from([F32, BF16, F16, F64]), st.integers(0, 2**31 - 1))
+def test_dequantize_through_codebooks_any_shape(bits, rows, n, dtype, seed):
+    """Drawn shapes, group sizes (every divisor kind: 1, odd, multiples of 32 for the AVX2 rows) and
+    tables: the kernel equals dtype(m·table[field]) computed with torch from the unpacked fields."""
+    from lmkern.ops import quant as quant_ops
+
+    gen = torch.Generator().manual_seed(seed)
+    divisors = [d for d in (1, 7, 32, 96, 160, n) if d <= n and n % d == 0]
+    g = divisors[seed % len(divisors)] if n else 1
+    x = torch.randn((rows, n), generator=gen) * torch.rand((rows, 1), generator=gen) * 10
+    q = power_quantize(x, torch.rand(rows, generator=gen) * 0.9 + 0.1, bits, g)
+    table = torch.randn((rows, 2 ** bits), generator=gen)
+    got = quant_ops._dequantize_codebooks(q.codes, q.scales, table, bits, g, n, dtype)
+    prod = F64 if dtype == F64 else F32
+    fields = unpack_ref(q.codes, bits, n) % (2 ** bits)
+    m = q.scales.to(prod).repeat_interleave(g, dim=1) if n else torch.zeros((rows, 0), dtype=prod)
+    assert torch.equal(got, (m * torch.gather(table.to(prod), 1, fields)).to(dtype))
+
+
 def test_documented_bit_layout():
     # 4-bit: low nibble first; q = -1 is 0xF. 3-bit: eight codes in a 24-bit little-endian word.
     q = power_quantize(torch.tensor([[-1.0, 3.0, 7.0]]), 1.0, 4)
