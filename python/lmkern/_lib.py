@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import torch
 
-from . import _core
-
 #: Every lmkern op is defined in this one library: torch.ops.lmkern.<name>.
 LIB = torch.library.Library("lmkern", "DEF")
 
