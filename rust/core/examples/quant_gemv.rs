@@ -1,6 +1,6 @@
-//! Times the CPU 4-bit LUT GEMV (4096 → 4096, group 128) and the quantizer on this machine:
+//! Times the CPU LUT GEMV (4096 → 4096, group 128; 4-bit unless BITS says) and the quantizer on this machine:
 //! `cargo run --release -p lmkern-core --example quant_gemv [threads] [gemv]` (`gemv`: the GEMV
-//! only; `REPS=n` repeats, default 30; `TOKENS=t` activation rows, default 1). Min and median of the repeats, wall clock and, since the
+//! only; `REPS=n` repeats, default 30; `TOKENS=t` activation rows, default 1; `BITS=b`, default 4). Min and median of the repeats, wall clock and, since the
 //! machine is shared, CPU time (of the calling thread with 1 thread, of the process otherwise).
 use lmkern_core::quant::{self, LinearArgs, QuantArgs};
 use lmkern_core::{DType, Device};
@@ -29,6 +29,7 @@ fn main() {
     let gemv_only = std::env::args().nth(2).is_some_and(|a| a == "gemv");
     let reps: usize = std::env::var("REPS").ok().and_then(|v| v.parse().ok()).unwrap_or(30).max(1);
     let tokens: usize = std::env::var("TOKENS").ok().and_then(|v| v.parse().ok()).unwrap_or(1).max(1);
+    let bits: u32 = std::env::var("BITS").ok().and_then(|v| v.parse().ok()).unwrap_or(4);
     lmkern_core::parallel::set_num_threads(threads);
     let clock = if threads == 1 { 3 } else { 2 };
     let (n, k, g) = (4096usize, 4096usize, 128usize);
@@ -42,10 +43,10 @@ fn main() {
     let w: Vec<f32> = (0..n * k).map(|_| rnd()).collect();
     let x: Vec<f32> = (0..tokens * k).map(|_| rnd()).collect();
     let a = vec![0.7f32; n];
-    let q = QuantArgs { bits: 4, rows: n, n: k, group: g, clip: 1.0 };
-    let mut codes = vec![0u8; n * k / 2];
+    let q = QuantArgs { bits, rows: n, n: k, group: g, clip: 1.0 };
+    let mut codes = vec![0u8; n * quant::row_bytes(k, bits)];
     let mut scales = vec![0f32; n * k / g];
-    let mut table = vec![0f32; n * 16];
+    let mut table = vec![0f32; n << bits];
     let mut y = vec![0f32; tokens * n];
     // 64 MiB read between calls in the "flushed" runs, as the dense GEMV it is compared with reads
     // 64 MB: the codes then come from DRAM.
@@ -78,15 +79,15 @@ fn main() {
         if gemv_only {
             quantize();
         } else {
-            time("quantize [4096, 4096] 4-bit g128", false, &mut || quantize());
+            time(&format!("quantize [4096, 4096] {bits}-bit g128"), false, &mut || quantize());
         }
-        quant::codebook(4, n, a.as_ptr() as u64, table.as_mut_ptr() as u64).unwrap();
+        quant::codebook(bits, n, a.as_ptr() as u64, table.as_mut_ptr() as u64).unwrap();
         let l = LinearArgs { q, tokens };
         let mut gemv = || {
             quant::linear(Device::Cpu, DType::F32, &l, x.as_ptr() as u64, codes.as_ptr() as u64, scales.as_ptr() as u64, table.as_ptr() as u64, 0, y.as_mut_ptr() as u64)
                 .unwrap()
         };
-        time(&format!("linear GEMV 4096 -> 4096 4-bit g128, {tokens} tokens"), false, &mut gemv);
+        time(&format!("linear GEMV 4096 -> 4096 {bits}-bit g128, {tokens} tokens"), false, &mut gemv);
         time("linear GEMV, caches flushed", true, &mut gemv);
         if !gemv_only {
             let mut yd = vec![0f32; n];
