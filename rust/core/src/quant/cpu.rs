@@ -579,26 +579,35 @@ unsafe fn linear_t<T: QElem>(l: &LinearArgs, x: u64, codes: u64, scales: u64, ta
         }
         let (o0, o1) = (ti * TILE, ((ti + 1) * TILE).min(nout));
         if fast {
-            let mut t0 = 0;
-            while t0 < tokens {
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: fast_path checked AVX2+FMA, 4 bits, k and the group size multiples of 32;
-                // tokens t0 .. t0 + nt exist.
-                let nt = unsafe {
-                    match tokens - t0 {
-                        r if r >= 8 => linear_tile_avx2_wide::<T, 8>(&lin, o0, o1, t0),
-                        r if r >= 4 => linear_tile_avx2_wide::<T, 4>(&lin, o0, o1, t0),
-                        r if r >= 2 => linear_tile_avx2::<T, 2>(&lin, o0, o1, t0),
-                        _ => linear_tile_avx2::<T, 1>(&lin, o0, o1, t0),
-                    }
-                };
-                t0 += nt;
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: fast_path checked AVX2+FMA, 4 bits, k and the group size multiples of 32.
+            unsafe {
+                linear_tiles_avx2::<T>(&lin, o0, o1)
             }
         } else {
             linear_tile::<T>(&lin, o0, o1)
         }
     };
     parallel::run_with_caller(tiles - 1, work, body);
+}
+
+/// Rows o0..o1 of the AVX2 4-bit path, every token: tiles of 8 tokens, then 4, 2, 1.
+///
+/// # Safety
+/// As [`linear_tile_avx2`] (without t0).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn linear_tiles_avx2<T: QElem>(lin: &Lin, o0: usize, o1: usize) {
+    let tokens = lin.l.tokens;
+    let mut t0 = 0;
+    while t0 < tokens {
+        t0 += match tokens - t0 {
+            r if r >= 8 => linear_tile_avx2_wide::<T, 8>(lin, o0, o1, t0),
+            r if r >= 4 => linear_tile_avx2_wide::<T, 4>(lin, o0, o1, t0),
+            r if r >= 2 => linear_tile_avx2::<T, 2>(lin, o0, o1, t0),
+            _ => linear_tile_avx2::<T, 1>(lin, o0, o1, t0),
+        };
+    }
 }
 
 multiversion!(fn linear_tile<T: QElem>(lin: &Lin, o0: usize, o1: usize) => linear_tile_body);
@@ -665,11 +674,13 @@ fn dot16(a: &[f32], b: &[f32]) -> f32 {
 const TILE: usize = 16;
 
 /// Activation floats a chunk of [`linear_tile_avx2_wide`] keeps in L1 (16 KB, half of Zen 3's L1d).
+#[cfg(target_arch = "x86_64")]
 const L1_ACTIVATION_FLOATS: usize = 4096;
 
 /// Bytes of the code stream prefetched ahead of the decoder: two rows of a 4096-wide layer. The
 /// hardware prefetchers stop at 4 KiB pages; without this the codes stream from DRAM at a third of
 /// the bandwidth when a larger operation has evicted them (the dense GEMV next to this one does).
+#[cfg(target_arch = "x86_64")]
 const PREFETCH: usize = 4096;
 
 /// A row's 16-entry float32 codebook split into byte planes (plane b holds byte b of every
