@@ -512,6 +512,19 @@ def test_power_quant_linear_fast_path_large(tokens):
     assert rel_err(mod(x.to(BF16)), linear_ref(x.to(BF16), w_hat, lin.bias)) <= 1e-2
 
 
+@pytest.mark.parametrize("tokens", [1, 3, 4, 9])
+@pytest.mark.parametrize("in_f, g", [(1024, 128), (48, 16), (4096, 4096)])
+def test_power_quant_linear_8bit_fast_path(in_f, g, tokens):
+    """The AVX2 8-bit GEMV (group multiple of 16): token tiles of 4 and 1, one group per row."""
+    lin = _linear(in_f, 37, True, tokens)
+    mod = PowerQuantLinear.from_linear(lin, 8, g, a=torch.linspace(0.3, 1.0, 37))
+    w_hat = mod.dequantized_weight().to(F64)
+    x = randn((tokens, in_f), F32, tokens + in_f)
+    with torch.no_grad():
+        assert rel_err(mod(x), linear_ref(x, w_hat, lin.bias)) <= 1e-5
+        assert rel_err(mod(x.to(BF16)), linear_ref(x.to(BF16), w_hat, lin.bias)) <= 1e-2
+
+
 @pytest.mark.parametrize("in_f, g, out_f, tokens", [
     (32, 32, 1, 1), (64, 32, 17, 3), (256, 64, 33, 5), (4096, 128, 19, 2), (384, 384, 16, 1), (160, 32, 31, 4),
     (64, 64, 3, 12), (4096, 128, 17, 9), (384, 384, 5, 8),

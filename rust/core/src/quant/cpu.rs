@@ -541,11 +541,17 @@ fn fast_path(q: &QuantArgs) -> bool {
     cfg!(target_arch = "x86_64") && q.bits == 4 && q.n.is_multiple_of(32) && q.group.is_multiple_of(32) && crate::cpu::has_avx2()
 }
 
+/// The AVX2 8-bit GEMV applies: 8-bit codes, the group size (so the row) a multiple of 16.
+fn fast8_path(q: &QuantArgs) -> bool {
+    cfg!(target_arch = "x86_64") && q.bits == 8 && q.group.is_multiple_of(16) && crate::cpu::has_avx2()
+}
+
 unsafe fn linear_t<T: QElem>(l: &LinearArgs, x: u64, codes: u64, scales: u64, table: u64, bias: u64, y: u64)
 {
     let (k, nout, tokens) = (l.q.n, l.q.rows, l.tokens);
     let xin = slice::<T>(x, tokens * k);
     let fast = fast_path(&l.q);
+    let fast8 = fast8_path(&l.q);
     let mut xf = vec![0f32; tokens * k];
     if fast {
         // The order in which decode32 produces the weights of 32 codes.
@@ -584,6 +590,12 @@ unsafe fn linear_t<T: QElem>(l: &LinearArgs, x: u64, codes: u64, scales: u64, ta
             unsafe {
                 linear_tiles_avx2::<T>(&lin, o0, o1)
             }
+        } else if fast8 {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: fast8_path checked AVX2+FMA, 8 bits, k and the group size multiples of 16.
+            unsafe {
+                linear_tiles_avx2_8bit::<T>(&lin, o0, o1)
+            }
         } else {
             linear_tile::<T>(&lin, o0, o1)
         }
@@ -608,6 +620,82 @@ unsafe fn linear_tiles_avx2<T: QElem>(lin: &Lin, o0: usize, o1: usize) {
             _ => linear_tile_avx2::<T, 1>(lin, o0, o1, t0),
         };
     }
+}
+
+/// Rows o0..o1 of the AVX2 8-bit path, every token: tiles of 4 tokens, then single ones.
+///
+/// # Safety
+/// AVX2 and FMA; 8-bit codes; k and the group size multiples of 16; `lin` valid as
+/// [`super::linear`] documents (x in column order).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn linear_tiles_avx2_8bit<T: QElem>(lin: &Lin, o0: usize, o1: usize) {
+    let tokens = lin.l.tokens;
+    let mut t0 = 0;
+    while t0 < tokens {
+        t0 += if tokens - t0 >= 4 {
+            linear_tile_avx2_8bit::<T, 4>(lin, o0, o1, t0)
+        } else {
+            linear_tile_avx2_8bit::<T, 1>(lin, o0, o1, t0)
+        };
+    }
+}
+
+/// 8-bit codes with AVX2, tokens t0 .. t0 + NT: per 8 codes one zero-extension and one gather from
+/// the row's 256-entry codebook, FMA'd with each token's activations (two chains per token,
+/// alternating units); per group the sums are scaled by m. Returns NT.
+///
+/// # Safety
+/// As [`linear_tiles_avx2_8bit`]; t0 + NT <= tokens.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::needless_range_loop)] // indexed loops over the accumulators keep them in registers
+unsafe fn linear_tile_avx2_8bit<T: QElem, const NT: usize>(lin: &Lin, o0: usize, o1: usize, t0: usize) -> usize {
+    use std::arch::x86_64::*;
+    let q = &lin.l.q;
+    let (k, nout, ng, g) = (q.n, q.rows, q.groups(), q.group);
+    let (codes, scales, table) = (lin.codes as *const u8, lin.scales as *const f32, lin.table as *const f32);
+    let x0 = lin.xf.as_ptr().add(t0 * k);
+    for o in o0..o1 {
+        let tab = table.add(256 * o);
+        let row = codes.add(o * k);
+        let mut tot = [_mm256_setzero_ps(); NT];
+        for gi in 0..ng {
+            let mut l = 0;
+            while l < g {
+                // Prefetches never fault: addresses past the buffers are harmless.
+                _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(gi * g + l + PREFETCH) as *const i8);
+                l += 64;
+            }
+            let (mut a, mut c) = ([_mm256_setzero_ps(); NT], [_mm256_setzero_ps(); NT]);
+            let mut u = gi * g;
+            while u < (gi + 1) * g {
+                let i0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(row.add(u) as *const __m128i));
+                let i1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(row.add(u + 8) as *const __m128i));
+                let w0 = _mm256_i32gather_ps::<4>(tab, i0);
+                let w1 = _mm256_i32gather_ps::<4>(tab, i1);
+                for t in 0..NT {
+                    let xp = x0.add(t * k + u);
+                    a[t] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp), a[t]);
+                    c[t] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp.add(8)), c[t]);
+                }
+                u += 16;
+            }
+            let m = _mm256_set1_ps(*scales.add(o * ng + gi));
+            for t in 0..NT {
+                tot[t] = _mm256_fmadd_ps(_mm256_add_ps(a[t], c[t]), m, tot[t]);
+            }
+        }
+        let b = if lin.bias != 0 { *(lin.bias as *const f32).add(o) } else { 0.0 };
+        for (t, v) in tot.iter().enumerate() {
+            let mut lanes = [0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), *v);
+            let v = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7])) + b;
+            // (t0 + t, o) is inside y and written by this task only.
+            (lin.y as *mut T).add((t0 + t) * nout + o).write(T::store(T::Acc::from_f64(v as f64)));
+        }
+    }
+    NT
 }
 
 multiversion!(fn linear_tile<T: QElem>(lin: &Lin, o0: usize, o1: usize) => linear_tile_body);
