@@ -569,7 +569,8 @@ unsafe fn linear_t<T: QElem>(l: &LinearArgs, x: u64, codes: u64, scales: u64, ta
         }
     }
     let lin = Lin { l, xf, codes, scales, table, bias, y };
-    // Tiles of output rows: each reads its rows' codes once per 8 tokens (then 4, 2, 1). The calling thread
+    // Tiles of output rows: each reads its rows' codes once per tile of tokens (4-bit: 8, then 4, 2,
+    // 1; 8-bit: 4, then 1). The calling thread
     // and the pool's threads each take the next tile until none is left: the caller starts at once
     // (rather than sleeping until a pool thread wakes: 2.0-2.3 -> 1.3-1.4 ms side by side with the
     // dense GEMV on this VM), and a thread the OS preempts holds up one tile, never a share of the

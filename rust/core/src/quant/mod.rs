@@ -433,7 +433,9 @@ pub unsafe fn codebook(bits: u32, rows: usize, a: Ptr, out: Ptr) -> Result<()> {
 /// (0: none), `table` the rows' codebooks (float32 [out, 2^b], see [`codebook`]). Ŵ is never formed:
 /// each row's codebook times its group scales meets x directly (AVX2 for 4 bits with in and the
 /// group size multiples of 32: per 32 weights four `vpshufb` over the codebook's byte planes and
-/// unpacks to float32, FMA into float32 accumulators; a scalar table path otherwise). On CUDA
+/// unpacks to float32, FMA into float32 accumulators, up to 8 tokens per decoded block; AVX2 for 8
+/// bits with the group size a multiple of 16: one gather per 8 codes; a scalar table path
+/// otherwise). On CUDA
 /// (`cuda.rs`, float32/bfloat16/float16) the GEMV kernels copy each row's codebook from `table`
 /// into shared memory, unchecked: a NaN codebook row gives NaN outputs.
 ///
