@@ -470,7 +470,8 @@ def linear_cases(draw):
     in_f = draw(st.sampled_from([16, 32, 48, 128, 256, 7, 100]))
     g = draw(st.sampled_from([d for d in (16, 32, 128, in_f) if in_f % d == 0]))
     out_f = draw(st.sampled_from([1, 5, 16, 33]))
-    lead = draw(st.sampled_from([(1,), (2,), (3,), (5,), (2, 3), (0,), (), (41,), (3, 17)]))  # 41: 8-token tiles + 1; 51: Ŵ in chunks
+    # 41 tokens: 8-token tiles + 1 (GEMV); 3 × 17 = 51: Ŵ in chunks.
+    lead = draw(st.sampled_from([(1,), (2,), (3,), (5,), (2, 3), (0,), (), (41,), (3, 17)]))
     bias = draw(st.booleans())
     seed = draw(st.integers(0, 2**31 - 1))
     return dtype, bits, in_f, g, out_f, lead, bias, seed
