@@ -514,11 +514,13 @@ def test_power_quant_linear_fast_path_large(tokens):
 
 
 @pytest.mark.parametrize("tokens", [1, 3, 4, 9])
-@pytest.mark.parametrize("in_f, g", [(1024, 128), (48, 16), (4096, 4096)])
-def test_power_quant_linear_8bit_fast_path(in_f, g, tokens):
-    """The AVX2 8-bit GEMV (group multiple of 16): token tiles of 4 and 1, one group per row."""
+@pytest.mark.parametrize("bits, in_f, g", [(8, 1024, 128), (8, 48, 16), (8, 4096, 4096), (3, 1024, 128), (3, 24, 8),
+                                           (3, 4096, 4096), (2, 1024, 128), (2, 40, 8), (2, 16, 16)])
+def test_power_quant_linear_8bit_and_small_fast_paths(bits, in_f, g, tokens):
+    """The AVX2 8-bit GEMV (group multiple of 16) and 2-/3-bit GEMV (group multiple of 8): token
+    tiles of 4 and 1, one group per row, rows whose last unit is assembled byte by byte."""
     lin = _linear(in_f, 37, True, tokens)
-    mod = PowerQuantLinear.from_linear(lin, 8, g, a=torch.linspace(0.3, 1.0, 37))
+    mod = PowerQuantLinear.from_linear(lin, bits, g, a=torch.linspace(0.3, 1.0, 37))
     w_hat = mod.dequantized_weight().to(F64)
     x = randn((tokens, in_f), F32, tokens + in_f)
     with torch.no_grad():

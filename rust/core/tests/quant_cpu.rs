@@ -63,8 +63,10 @@ fn linear_matches_dense_dequantized_matmul_on_both_paths() {
     let mut rng = Rng(5);
     // n = 256, g = 128 and n = 544, g = 32: the AVX2 4-bit paths (where available; 544 = two
     // 256-column chunks of the backward and a short one); 8 bits with g = 16: the AVX2 8-bit GEMV;
-    // n = 48, g = 16 and the other widths: the generic paths.
-    for (n_in, g, bits) in [(256usize, 128usize, 4u32), (544, 32, 4), (96, 16, 8), (48, 16, 4), (64, 32, 3), (40, 8, 8)] {
+    // 2 and 3 bits with g a multiple of 8: the AVX2 2-/3-bit GEMV; n = 48, g = 16 at 4 bits, 8 bits
+    // with g = 8 and 3 bits with g = 12: the generic paths.
+    let cases = [(256usize, 128usize, 4u32), (544, 32, 4), (96, 16, 8), (64, 32, 3), (80, 8, 2), (48, 16, 4), (40, 8, 8), (36, 12, 3)];
+    for (n_in, g, bits) in cases {
         let (n_out, tokens) = (19usize, 3usize);
         let w: Vec<f32> = (0..n_out * n_in).map(|_| rng.next() as f32).collect();
         let x: Vec<f32> = (0..tokens * n_in).map(|_| rng.next() as f32).collect();

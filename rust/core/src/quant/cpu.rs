@@ -546,12 +546,18 @@ fn fast8_path(q: &QuantArgs) -> bool {
     cfg!(target_arch = "x86_64") && q.bits == 8 && q.group.is_multiple_of(16) && crate::cpu::has_avx2()
 }
 
+/// The AVX2 2-/3-bit GEMV applies: 2 or 3 bits, the group size (so the row) a multiple of 8.
+fn fast23_path(q: &QuantArgs) -> bool {
+    cfg!(target_arch = "x86_64") && (q.bits == 2 || q.bits == 3) && q.group.is_multiple_of(8) && crate::cpu::has_avx2()
+}
+
 unsafe fn linear_t<T: QElem>(l: &LinearArgs, x: u64, codes: u64, scales: u64, table: u64, bias: u64, y: u64)
 {
     let (k, nout, tokens) = (l.q.n, l.q.rows, l.tokens);
     let xin = slice::<T>(x, tokens * k);
     let fast = fast_path(&l.q);
     let fast8 = fast8_path(&l.q);
+    let fast23 = fast23_path(&l.q);
     let mut xf = vec![0f32; tokens * k];
     if fast {
         // The order in which decode32 produces the weights of 32 codes.
@@ -570,7 +576,7 @@ unsafe fn linear_t<T: QElem>(l: &LinearArgs, x: u64, codes: u64, scales: u64, ta
     }
     let lin = Lin { l, xf, codes, scales, table, bias, y };
     // Tiles of output rows: each reads its rows' codes once per tile of tokens (4-bit: 8, then 4, 2,
-    // 1; 8-bit: 4, then 1). The calling thread
+    // 1; 2-, 3- and 8-bit: 4, then 1). The calling thread
     // and the pool's threads each take the next tile until none is left: the caller starts at once
     // (rather than sleeping until a pool thread wakes: 2.0-2.3 -> 1.3-1.4 ms side by side with the
     // dense GEMV on this VM), and a thread the OS preempts holds up one tile, never a share of the
@@ -596,6 +602,16 @@ unsafe fn linear_t<T: QElem>(l: &LinearArgs, x: u64, codes: u64, scales: u64, ta
             // SAFETY: fast8_path checked AVX2+FMA, 8 bits, k and the group size multiples of 16.
             unsafe {
                 linear_tiles_avx2_8bit::<T>(&lin, o0, o1)
+            }
+        } else if fast23 {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: fast23_path checked AVX2+FMA, 2 or 3 bits, k and the group size multiples of 8.
+            unsafe {
+                if l.q.bits == 2 {
+                    linear_tiles_avx2_small::<T, 2>(&lin, o0, o1)
+                } else {
+                    linear_tiles_avx2_small::<T, 3>(&lin, o0, o1)
+                }
             }
         } else {
             linear_tile::<T>(&lin, o0, o1)
@@ -681,6 +697,106 @@ unsafe fn linear_tile_avx2_8bit<T: QElem, const NT: usize>(lin: &Lin, o0: usize,
                     c[t] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp.add(8)), c[t]);
                 }
                 u += 16;
+            }
+            let m = _mm256_set1_ps(*scales.add(o * ng + gi));
+            for t in 0..NT {
+                tot[t] = _mm256_fmadd_ps(_mm256_add_ps(a[t], c[t]), m, tot[t]);
+            }
+        }
+        let b = if lin.bias != 0 { *(lin.bias as *const f32).add(o) } else { 0.0 };
+        for (t, v) in tot.iter().enumerate() {
+            let mut lanes = [0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), *v);
+            let v = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7])) + b;
+            // (t0 + t, o) is inside y and written by this task only.
+            (lin.y as *mut T).add((t0 + t) * nout + o).write(T::store(T::Acc::from_f64(v as f64)));
+        }
+    }
+    NT
+}
+
+/// Rows o0..o1 of the AVX2 B-bit path (B = 2, 3), every token: tiles of 4 tokens, then single ones.
+///
+/// # Safety
+/// AVX2 and FMA; B-bit codes; k and the group size multiples of 8; `lin` valid as
+/// [`super::linear`] documents (x in column order).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn linear_tiles_avx2_small<T: QElem, const B: usize>(lin: &Lin, o0: usize, o1: usize) {
+    let tokens = lin.l.tokens;
+    let mut t0 = 0;
+    while t0 < tokens {
+        t0 += if tokens - t0 >= 4 {
+            linear_tile_avx2_small::<T, B, 4>(lin, o0, o1, t0)
+        } else {
+            linear_tile_avx2_small::<T, B, 1>(lin, o0, o1, t0)
+        };
+    }
+}
+
+/// 2- or 3-bit codes with AVX2, tokens t0 .. t0 + NT. A unit of 8 codes is B bytes; its word is
+/// broadcast to the 8 lanes, shifted right by B·lane and masked, and `vpermps` looks the 8 fields
+/// up in the row's codebook (2^B ≤ 8 entries, one register) in column order: four operations per 8
+/// weights, FMA'd with each token's activations (two chains per token for one token); per group
+/// the sums are scaled by m. Returns NT.
+///
+/// # Safety
+/// As [`linear_tiles_avx2_small`]; t0 + NT <= tokens.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::needless_range_loop)] // indexed loops over the accumulators keep them in registers
+unsafe fn linear_tile_avx2_small<T: QElem, const B: usize, const NT: usize>(lin: &Lin, o0: usize, o1: usize, t0: usize) -> usize {
+    use std::arch::x86_64::*;
+    let q = &lin.l.q;
+    let (k, nout, rb, ng, g) = (q.n, q.rows, q.row_bytes(), q.groups(), q.group);
+    let (codes, scales, table) = (lin.codes as *const u8, lin.scales as *const f32, lin.table as *const f32);
+    let nl = 1usize << B;
+    let shifts = _mm256_setr_epi32(0, B as i32, 2 * B as i32, 3 * B as i32, 4 * B as i32, 5 * B as i32, 6 * B as i32, 7 * B as i32);
+    let mask = _mm256_set1_epi32((nl - 1) as i32);
+    let units = k / 8;
+    let x0 = lin.xf.as_ptr().add(t0 * k);
+    for o in o0..o1 {
+        // The codebook in one register (2 bits: its 4 entries twice; vpermps reads indices 0..7).
+        let mut tab = [0f32; 8];
+        for (i, v) in tab.iter_mut().enumerate() {
+            *v = *table.add(nl * o + i % nl);
+        }
+        let tab = _mm256_loadu_ps(tab.as_ptr());
+        let row = codes.add(o * rb);
+        let mut l = 0;
+        while l < rb {
+            _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(l + PREFETCH) as *const i8);
+            l += 64;
+        }
+        // The word of unit u: a 4-byte load reads 4 − B bytes past the unit, so the row's last unit
+        // is assembled from its own B bytes (the next row, or nothing, may follow).
+        let word = |u: usize| -> i32 {
+            if u + 1 < units {
+                (row.add(B * u) as *const u32).read_unaligned() as i32
+            } else {
+                let mut w = 0u32;
+                for b in 0..B {
+                    w |= (*row.add(B * u + b) as u32) << (8 * b);
+                }
+                w as i32
+            }
+        };
+        let mut tot = [_mm256_setzero_ps(); NT];
+        for gi in 0..ng {
+            let (mut a, mut c) = ([_mm256_setzero_ps(); NT], [_mm256_setzero_ps(); NT]);
+            let mut u = gi * g / 8;
+            while u < (gi + 1) * g / 8 {
+                let idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(word(u)), shifts), mask);
+                let w = _mm256_permutevar8x32_ps(tab, idx);
+                for t in 0..NT {
+                    let xv = _mm256_loadu_ps(x0.add(t * k + 8 * u));
+                    if NT == 1 && u % 2 == 1 {
+                        c[t] = _mm256_fmadd_ps(w, xv, c[t]);
+                    } else {
+                        a[t] = _mm256_fmadd_ps(w, xv, a[t]);
+                    }
+                }
+                u += 1;
             }
             let m = _mm256_set1_ps(*scales.add(o * ng + gi));
             for t in 0..NT {

@@ -434,7 +434,8 @@ pub unsafe fn codebook(bits: u32, rows: usize, a: Ptr, out: Ptr) -> Result<()> {
 /// each row's codebook times its group scales meets x directly (AVX2 for 4 bits with in and the
 /// group size multiples of 32: per 32 weights four `vpshufb` over the codebook's byte planes and
 /// unpacks to float32, FMA into float32 accumulators, up to 8 tokens per decoded block; AVX2 for 8
-/// bits with the group size a multiple of 16: one gather per 8 codes; a scalar table path
+/// bits with the group size a multiple of 16: one gather per 8 codes; AVX2 for 2 and 3 bits with
+/// the group size a multiple of 8: shifts and one `vpermps` per 8 codes; a scalar table path
 /// otherwise). On CUDA
 /// (`cuda.rs`, float32/bfloat16/float16) the GEMV kernels copy each row's codebook from `table`
 /// into shared memory, unchecked: a NaN codebook row gives NaN outputs.
