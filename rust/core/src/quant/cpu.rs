@@ -334,13 +334,20 @@ fn deq_rows_body<T: QElem>(d: &Deq, r0: usize, r1: usize)
         // SAFETY: r0 + i < q.rows.
         let lut = unsafe { row_table::<T::Acc>(d.tables, q.bits, r0 + i) };
         let orow = &mut o[i * n..(i + 1) * n];
-        if T::IS_F32 && fast_path(q) {
-            // SAFETY: fast_path checked AVX2+FMA, 4 bits, n and g multiples of 32; T is f32, so
-            // orow is n float32 and the table 16 float32.
+        if T::IS_F32 && (fast_path(q) || fast8_path(q) || fast23_path(q)) {
+            // SAFETY: the *_path checks gave AVX2+FMA, the code width, and n and g multiples of 32
+            // (4 bits), 16 (8 bits) or 8 (2, 3 bits); T is f32, so orow is n float32 and the table
+            // 2^bits float32.
             #[cfg(target_arch = "x86_64")]
             unsafe {
-                deq_row_avx2(&cr[i * rb..(i + 1) * rb], &sr[i * ng..(i + 1) * ng], lut.as_ptr() as *const f32, g,
-                             orow.as_mut_ptr() as *mut f32, n)
+                let (codes, scales, table, out) =
+                    (&cr[i * rb..(i + 1) * rb], &sr[i * ng..(i + 1) * ng], lut.as_ptr() as *const f32, orow.as_mut_ptr() as *mut f32);
+                match q.bits {
+                    4 => deq_row_avx2(codes, scales, table, g, out, n),
+                    8 => deq_row_avx2_8bit(codes, scales, table, g, out, n),
+                    2 => deq_row_avx2_small::<2>(codes, scales, table, g, out, n),
+                    _ => deq_row_avx2_small::<3>(codes, scales, table, g, out, n),
+                }
             };
             continue;
         }
@@ -978,6 +985,53 @@ unsafe fn deq_row_avx2(codes: &[u8], scales: &[f32], table: *const f32, g: usize
             _mm256_storeu_ps(out.add(off + 8 * j), column_order(_mm256_mul_ps(wj, m)));
         }
         off += 32;
+    }
+}
+
+/// One row of the 8-bit dequantizer: per 8 codes one gather from the codebook, times m (float32).
+///
+/// # Safety
+/// AVX2; n and g multiples of 8; `codes` n bytes, `scales` n/g values, `table` 256 float32, `out`
+/// n writable float32.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn deq_row_avx2_8bit(codes: &[u8], scales: &[f32], table: *const f32, g: usize, out: *mut f32, n: usize) {
+    use std::arch::x86_64::*;
+    let mut u = 0;
+    while u < n {
+        let idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(codes.as_ptr().add(u) as *const __m128i));
+        let w = _mm256_i32gather_ps::<4>(table, idx);
+        _mm256_storeu_ps(out.add(u), _mm256_mul_ps(w, _mm256_set1_ps(*scales.get_unchecked(u / g))));
+        u += 8;
+    }
+}
+
+/// One row of the B-bit dequantizer (B = 2, 3): per unit of 8 codes the word broadcast, shifted per
+/// lane, masked and looked up with `vpermps` (as [`linear_tile_avx2_small`]), times m (float32).
+///
+/// # Safety
+/// AVX2; n and g multiples of 8; `codes` n·B/8 bytes, `scales` n/g values, `table` 2^B float32,
+/// `out` n writable float32.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn deq_row_avx2_small<const B: usize>(codes: &[u8], scales: &[f32], table: *const f32, g: usize, out: *mut f32, n: usize) {
+    use std::arch::x86_64::*;
+    let nl = 1usize << B;
+    let mut tab = [0f32; 8];
+    for (i, v) in tab.iter_mut().enumerate() {
+        *v = *table.add(i % nl);
+    }
+    let tab = _mm256_loadu_ps(tab.as_ptr());
+    let shifts = _mm256_setr_epi32(0, B as i32, 2 * B as i32, 3 * B as i32, 4 * B as i32, 5 * B as i32, 6 * B as i32, 7 * B as i32);
+    let mask = _mm256_set1_epi32((nl - 1) as i32);
+    for u in 0..n / 8 {
+        let mut word = 0u32;
+        for b in 0..B {
+            word |= (*codes.get_unchecked(B * u + b) as u32) << (8 * b);
+        }
+        let idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(word as i32), shifts), mask);
+        let w = _mm256_mul_ps(_mm256_permutevar8x32_ps(tab, idx), _mm256_set1_ps(*scales.get_unchecked(8 * u / g)));
+        _mm256_storeu_ps(out.add(8 * u), w);
     }
 }
 
