@@ -677,7 +677,7 @@ unsafe fn linear_tiles_avx2_8bit<T: QElem>(lin: &Lin, o0: usize, o1: usize) {
 unsafe fn linear_tile_avx2_8bit<T: QElem, const NT: usize>(lin: &Lin, o0: usize, o1: usize, t0: usize) -> usize {
     use std::arch::x86_64::*;
     let q = &lin.l.q;
-    let (k, nout, ng, g) = (q.n, q.rows, q.groups(), q.group);
+    let (k, ng, g) = (q.n, q.groups(), q.group);
     let (codes, scales, table) = (lin.codes as *const u8, lin.scales as *const f32, lin.table as *const f32);
     let x0 = lin.xf.as_ptr().add(t0 * k);
     for o in o0..o1 {
@@ -710,14 +710,7 @@ unsafe fn linear_tile_avx2_8bit<T: QElem, const NT: usize>(lin: &Lin, o0: usize,
                 tot[t] = _mm256_fmadd_ps(_mm256_add_ps(a[t], c[t]), m, tot[t]);
             }
         }
-        let b = if lin.bias != 0 { *(lin.bias as *const f32).add(o) } else { 0.0 };
-        for (t, v) in tot.iter().enumerate() {
-            let mut lanes = [0f32; 8];
-            _mm256_storeu_ps(lanes.as_mut_ptr(), *v);
-            let v = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7])) + b;
-            // (t0 + t, o) is inside y and written by this task only.
-            (lin.y as *mut T).add((t0 + t) * nout + o).write(T::store(T::Acc::from_f64(v as f64)));
-        }
+        write_row_sums::<T>(lin, o, t0, &tot);
     }
     NT
 }
@@ -755,20 +748,12 @@ unsafe fn linear_tiles_avx2_small<T: QElem, const B: usize>(lin: &Lin, o0: usize
 unsafe fn linear_tile_avx2_small<T: QElem, const B: usize, const NT: usize>(lin: &Lin, o0: usize, o1: usize, t0: usize) -> usize {
     use std::arch::x86_64::*;
     let q = &lin.l.q;
-    let (k, nout, rb, ng, g) = (q.n, q.rows, q.row_bytes(), q.groups(), q.group);
+    let (k, rb, ng, g) = (q.n, q.row_bytes(), q.groups(), q.group);
     let (codes, scales, table) = (lin.codes as *const u8, lin.scales as *const f32, lin.table as *const f32);
-    let nl = 1usize << B;
-    let shifts = _mm256_setr_epi32(0, B as i32, 2 * B as i32, 3 * B as i32, 4 * B as i32, 5 * B as i32, 6 * B as i32, 7 * B as i32);
-    let mask = _mm256_set1_epi32((nl - 1) as i32);
     let units = k / 8;
     let x0 = lin.xf.as_ptr().add(t0 * k);
     for o in o0..o1 {
-        // The codebook in one register (2 bits: its 4 entries twice; vpermps reads indices 0..7).
-        let mut tab = [0f32; 8];
-        for (i, v) in tab.iter_mut().enumerate() {
-            *v = *table.add(nl * o + i % nl);
-        }
-        let tab = _mm256_loadu_ps(tab.as_ptr());
+        let tab = small_codebook::<B>(table.add(o << B));
         let row = codes.add(o * rb);
         let mut l = 0;
         while l < rb {
@@ -793,8 +778,7 @@ unsafe fn linear_tile_avx2_small<T: QElem, const B: usize, const NT: usize>(lin:
             let (mut a, mut c) = ([_mm256_setzero_ps(); NT], [_mm256_setzero_ps(); NT]);
             let mut u = gi * g / 8;
             while u < (gi + 1) * g / 8 {
-                let idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(word(u)), shifts), mask);
-                let w = _mm256_permutevar8x32_ps(tab, idx);
+                let w = decode8_small::<B>(tab, word(u));
                 for t in 0..NT {
                     let xv = _mm256_loadu_ps(x0.add(t * k + 8 * u));
                     if NT == 1 && u % 2 == 1 {
@@ -810,14 +794,7 @@ unsafe fn linear_tile_avx2_small<T: QElem, const B: usize, const NT: usize>(lin:
                 tot[t] = _mm256_fmadd_ps(_mm256_add_ps(a[t], c[t]), m, tot[t]);
             }
         }
-        let b = if lin.bias != 0 { *(lin.bias as *const f32).add(o) } else { 0.0 };
-        for (t, v) in tot.iter().enumerate() {
-            let mut lanes = [0f32; 8];
-            _mm256_storeu_ps(lanes.as_mut_ptr(), *v);
-            let v = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7])) + b;
-            // (t0 + t, o) is inside y and written by this task only.
-            (lin.y as *mut T).add((t0 + t) * nout + o).write(T::store(T::Acc::from_f64(v as f64)));
-        }
+        write_row_sums::<T>(lin, o, t0, &tot);
     }
     NT
 }
@@ -966,6 +943,56 @@ unsafe fn column_order(v: std::arch::x86_64::__m256) -> std::arch::x86_64::__m25
     _mm256_permutevar8x32_ps(v, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7))
 }
 
+/// A row's B-bit codebook (2^B ≤ 8 float32 entries) in one register, for [`decode8_small`]; with
+/// 2 bits its 4 entries twice (`vpermps` reads indices 0..7).
+///
+/// # Safety
+/// AVX2; `table` is valid for 2^B float32.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn small_codebook<const B: usize>(table: *const f32) -> std::arch::x86_64::__m256 {
+    let mut tab = [0f32; 8];
+    for (i, v) in tab.iter_mut().enumerate() {
+        *v = *table.add(i % (1 << B));
+    }
+    std::arch::x86_64::_mm256_loadu_ps(tab.as_ptr())
+}
+
+/// The codebook entries of the 8 B-bit fields (B = 2, 3) in the low 8·B bits of `word`, in column
+/// order: the word broadcast to 8 lanes, shifted right by B·lane, masked, looked up by `vpermps`.
+///
+/// # Safety
+/// AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn decode8_small<const B: usize>(tab: std::arch::x86_64::__m256, word: i32) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    let b = B as i32;
+    let shifts = _mm256_setr_epi32(0, b, 2 * b, 3 * b, 4 * b, 5 * b, 6 * b, 7 * b);
+    let idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(word), shifts), _mm256_set1_epi32((1 << B) - 1));
+    _mm256_permutevar8x32_ps(tab, idx)
+}
+
+/// Writes y[t0 + t, o] = the lane sum of `sums[t]` + bias[o] for each token t of a GEMV tile (the
+/// lanes added pairwise in a fixed order).
+///
+/// # Safety
+/// AVX2; `lin` valid as [`super::linear`] documents; (t0 + t, o) inside y and written by this task only.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn write_row_sums<T: QElem>(lin: &Lin, o: usize, t0: usize, sums: &[std::arch::x86_64::__m256]) {
+    let b = if lin.bias != 0 { *(lin.bias as *const f32).add(o) } else { 0.0 };
+    for (t, v) in sums.iter().enumerate() {
+        let mut lanes = [0f32; 8];
+        std::arch::x86_64::_mm256_storeu_ps(lanes.as_mut_ptr(), *v);
+        let v = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7])) + b;
+        (lin.y as *mut T).add((t0 + t) * lin.l.q.rows + o).write(T::store(T::Acc::from_f64(v as f64)));
+    }
+}
+
 /// One row of the 4-bit dequantizer: `out[j] = scales[j / g] · table[field j]` (float32 product),
 /// 32 elements per [`decode32`], put back in column order ([`column_order`]).
 ///
@@ -1016,21 +1043,13 @@ unsafe fn deq_row_avx2_8bit(codes: &[u8], scales: &[f32], table: *const f32, g: 
 #[target_feature(enable = "avx2,fma")]
 unsafe fn deq_row_avx2_small<const B: usize>(codes: &[u8], scales: &[f32], table: *const f32, g: usize, out: *mut f32, n: usize) {
     use std::arch::x86_64::*;
-    let nl = 1usize << B;
-    let mut tab = [0f32; 8];
-    for (i, v) in tab.iter_mut().enumerate() {
-        *v = *table.add(i % nl);
-    }
-    let tab = _mm256_loadu_ps(tab.as_ptr());
-    let shifts = _mm256_setr_epi32(0, B as i32, 2 * B as i32, 3 * B as i32, 4 * B as i32, 5 * B as i32, 6 * B as i32, 7 * B as i32);
-    let mask = _mm256_set1_epi32((nl - 1) as i32);
+    let tab = small_codebook::<B>(table);
     for u in 0..n / 8 {
         let mut word = 0u32;
         for b in 0..B {
             word |= (*codes.get_unchecked(B * u + b) as u32) << (8 * b);
         }
-        let idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(word as i32), shifts), mask);
-        let w = _mm256_mul_ps(_mm256_permutevar8x32_ps(tab, idx), _mm256_set1_ps(*scales.get_unchecked(8 * u / g)));
+        let w = _mm256_mul_ps(decode8_small::<B>(tab, word as i32), _mm256_set1_ps(*scales.get_unchecked(8 * u / g)));
         _mm256_storeu_ps(out.add(8 * u), w);
     }
 }
@@ -1049,7 +1068,7 @@ unsafe fn deq_row_avx2_small<const B: usize>(codes: &[u8], scales: &[f32], table
 unsafe fn linear_tile_avx2<T: QElem, const NT: usize>(lin: &Lin, o0: usize, o1: usize, t0: usize) -> usize {
     use std::arch::x86_64::*;
     let q = &lin.l.q;
-    let (k, nout, rb, ng, g) = (q.n, q.rows, q.row_bytes(), q.groups(), q.group);
+    let (k, rb, ng, g) = (q.n, q.row_bytes(), q.groups(), q.group);
     let (codes, scales, table) = (lin.codes as *const u8, lin.scales as *const f32, lin.table as *const f32);
     let blocks = g / 32;
     let ahead_rows = PREFETCH.div_ceil(rb);
@@ -1106,14 +1125,7 @@ unsafe fn linear_tile_avx2<T: QElem, const NT: usize>(lin: &Lin, o0: usize, o1: 
                 tot1 = _mm256_fmadd_ps(_mm256_add_ps(c0, c1), m, tot1);
             }
         }
-        let b = if lin.bias != 0 { *(lin.bias as *const f32).add(o) } else { 0.0 };
-        for (t, tot) in [tot0, tot1].into_iter().enumerate().take(NT) {
-            let mut lanes = [0f32; 8];
-            _mm256_storeu_ps(lanes.as_mut_ptr(), tot);
-            let v = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7])) + b;
-            // (t0 + t, o) is inside y and written by this task only.
-            (lin.y as *mut T).add((t0 + t) * nout + o).write(T::store(T::Acc::from_f64(v as f64)));
-        }
+        write_row_sums::<T>(lin, o, t0, &[tot0, tot1][..NT]);
     }
     NT
 }
@@ -1134,7 +1146,7 @@ unsafe fn linear_tile_avx2<T: QElem, const NT: usize>(lin: &Lin, o0: usize, o1: 
 unsafe fn linear_tile_avx2_wide<T: QElem, const NT: usize>(lin: &Lin, o0: usize, o1: usize, t0: usize) -> usize {
     use std::arch::x86_64::*;
     let q = &lin.l.q;
-    let (k, nout, rb, ng, g) = (q.n, q.rows, q.row_bytes(), q.groups(), q.group);
+    let (k, rb, ng, g) = (q.n, q.row_bytes(), q.groups(), q.group);
     let (codes, scales, table) = (lin.codes as *const u8, lin.scales as *const f32, lin.table as *const f32);
     let blocks = g / 32;
     let chunk_groups = (L1_ACTIVATION_FLOATS / NT / g).max(1);
@@ -1177,14 +1189,7 @@ unsafe fn linear_tile_avx2_wide<T: QElem, const NT: usize>(lin: &Lin, o0: usize,
         c0 = c1;
     }
     for o in o0..o1 {
-        let b = if lin.bias != 0 { *(lin.bias as *const f32).add(o) } else { 0.0 };
-        for (t, v) in tot[o - o0].iter().enumerate() {
-            let mut lanes = [0f32; 8];
-            _mm256_storeu_ps(lanes.as_mut_ptr(), *v);
-            let v = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7])) + b;
-            // (t0 + t, o) is inside y and written by this task only.
-            (lin.y as *mut T).add((t0 + t) * nout + o).write(T::store(T::Acc::from_f64(v as f64)));
-        }
+        write_row_sums::<T>(lin, o, t0, &tot[o - o0]);
     }
     NT
 }
