@@ -502,3 +502,14 @@ def test_cuda_own_model(cuda_device, kind):
     model = make_own(dtype=F32).to(cuda_device)
     ids = tokens().to(cuda_device)
     assert rel_max(out_of(TARGETS[kind](model), ids), out_of(model, ids)) <= TOL[F32]
+
+
+@pytest.mark.cuda
+def test_cuda_bench_entries(cuda_device, tmp_path):
+    """`lmkern bench --device cuda --op convert`: the float64 CPU reference meets the CUDA output."""
+    from lmkern import cli
+
+    path = tmp_path / "bench.json"
+    assert cli.main(["bench", "--quick", "--device", "cuda", "--op", "convert", "--no-progress",
+                     "--json", str(path)]) == 0
+    assert path.read_text().count("convert") >= 2

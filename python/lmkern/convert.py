@@ -716,7 +716,7 @@ def bench_entries(BenchOp) -> list:
         if "ref" not in d:  # the Pre-LN original in float64 on the CPU, once
             m64 = copy.deepcopy(d["model"]).to(device="cpu", dtype=torch.float64)
             with torch.no_grad():
-                d["ref"] = m64(d["ids"].cpu())[0]
+                d["ref"] = m64(d["ids"].cpu())[0].to(d["ids"].device)  # compared on the run's device
         return (d["ref"][rows],)
 
     return [BenchOp(f"convert {kind}", "fwd", "Pre-LN model", make_for(kind), run("new"), run("model"), reference, cases)
