@@ -9,8 +9,7 @@
 //   quant_deq_<t>            x̂ = scales · lut[field], lut from the exponents or the given codebooks
 //   quant_fake_bwd_<t>       dx and da (per-row sum in a fixed order, no atomics)
 //   quant_linear_<t>_n<NT>   y = x @ Ŵᵀ + b, any bits / group / alignment (NT = 1, 2, 4, 8)
-//   quant_linear4_<t>_n<NT>  the same for 4 bits, n and the group size multiples of 32, 16-byte
-//                            aligned codes and x: 16-byte code loads (32 codes per lane and step)
+//   quant_lintile<B>_<t>_n<NT>  the same for B-bit codes and aligned shapes (linear_tiled below)
 //
 // Row kernels (fwd, deq, fake_bwd): block (TX, RY), TX a multiple of 32 (at most 256), RY ≤ 8 row
 // slots; grid-stride over groups of RY rows. Thread tx of a slot owns "units" u = tx, tx+TX, ... of
@@ -31,11 +30,11 @@
 // its dequantized values are NaN rather than silently wrong. The linear kernels read the rows'
 // codebooks (`table`, float32 [out, 2^bits], from power_codebook) as given.
 //
-// Linear: one warp per output row (8 warps per block), the row's codebook copied from `table` into
-// shared memory; each lane
-// walks its own code units in a fixed order and the warp sums with a butterfly, so results depend on
-// the shape only. Tokens go NT at a time (each tile re-reads the codes: meant for tokens ≤ 8; the
-// Python layer dequantizes and calls cuBLAS for more).
+// Linear (generic): one warp per output row (8 warps per block), the row's codebook copied from
+// `table` into shared memory; each lane walks its own code units in a fixed order and the warp sums
+// with a butterfly, so results depend on the shape only. Tokens go NT at a time (each tile re-reads
+// the codes: meant for tokens ≤ 8; the Python layer dequantizes and calls cuBLAS for more). The
+// tiled kernel (linear_tiled) is the fast path; its order of summation is fixed too.
 #include <stddef.h>
 
 #include "common.cuh"
@@ -385,7 +384,7 @@ __device__ __forceinline__ void fake_bwd(const FakeBwdParams& p) {
 // ---------------------------------------------------------------------------------------------
 // Linear: y[t, o] = Σ_k x[t, k]·m[o, k/g]·lut_o[field(o, k)] + bias[o].
 // ---------------------------------------------------------------------------------------------
-template <typename T, int NT, bool FAST4>
+template <typename T, int NT>
 __device__ __forceinline__ void linear(const LinearParams& p) {
     __shared__ float lut[8][MAX_LEVELS];  // one table per warp (blockDim.x ≤ 256)
     const T* __restrict__ x = static_cast<const T*>(p.x);
@@ -411,61 +410,16 @@ __device__ __forceinline__ void linear(const LinearParams& p) {
             for (int t = 0; t < NT; ++t) acc[t] = 0.0f;
             int nt = (int)min64(NT, p.tokens - t0);
             if (active) {
-                if constexpr (FAST4) {
-                    // 32 codes (16 bytes) per lane and chunk, all in one group (g % 32 == 0). U chunks'
-                    // loads are issued back to back before any is used, so a warp has U·512 bytes in
-                    // flight (a 4096-wide row is one such step); a lane still adds its chunks in
-                    // increasing order.
-                    constexpr int VW = 16 / sizeof(T);
-                    constexpr int U = 4;
-                    const int chunks = n / 32;
-                    for (int cb = lane; cb < chunks; cb += 32 * U) {
-                        Pack<uint32_t, 4> cw[U] = {};
-                        float mk[U] = {};
+                const int64_t nunits = (n + 7) / 8;
+                for (int64_t u = lane; u < nunits; u += 32) {
+                    const int64_t e0 = 8 * u;
+                    const int cnt = (int)min64(8, n - e0);
+                    const uint64_t word = load_unit(cr, bits, u, p.row_bytes);
+                    for (int j = 0; j < cnt; ++j) {
+                        const float w = sr[(e0 + j) / g] * lut[warp][(int)(word >> (bits * j)) & mask];
 #pragma unroll
-                        for (int i = 0; i < U; ++i) {
-                            const int c = cb + 32 * i;
-                            if (c < chunks) {
-                                cw[i] = load_pack<uint32_t, 4>(reinterpret_cast<const uint32_t*>(cr), c);
-                                mk[i] = sr[(c * 32) / g];
-                            }
-                        }
-#pragma unroll
-                        for (int i = 0; i < U; ++i) {
-                            const int c = cb + 32 * i;
-                            if (c >= chunks) continue;
-                            float w[32];
-#pragma unroll
-                            for (int j = 0; j < 32; ++j) w[j] = lut[warp][(cw[i].w[j / 8] >> (4 * (j % 8))) & 0xf];
-#pragma unroll
-                            for (int t = 0; t < NT; ++t) {
-                                if (t < nt) {
-                                    const T* xr = x + (t0 + t) * n + (int64_t)c * 32;
-                                    float s = 0.0f;
-#pragma unroll
-                                    for (int v = 0; v < 32 / VW; ++v) {
-                                        float xf[VW];
-                                        unpack(load_pack<T, VW>(xr, v), xf);
-#pragma unroll
-                                        for (int e = 0; e < VW; ++e) s = fmaf(w[v * VW + e], xf[e], s);
-                                    }
-                                    acc[t] = fmaf(mk[i], s, acc[t]);
-                                }
-                            }
-                        }
-                    }
-                } else {
-                    const int64_t nunits = (n + 7) / 8;
-                    for (int64_t u = lane; u < nunits; u += 32) {
-                        const int64_t e0 = 8 * u;
-                        const int cnt = (int)min64(8, n - e0);
-                        const uint64_t word = load_unit(cr, bits, u, p.row_bytes);
-                        for (int j = 0; j < cnt; ++j) {
-                            const float w = sr[(e0 + j) / g] * lut[warp][(int)(word >> (bits * j)) & mask];
-#pragma unroll
-                            for (int t = 0; t < NT; ++t)
-                                if (t < nt) acc[t] = fmaf(w, to_float(x[(t0 + t) * n + e0 + j]), acc[t]);
-                        }
+                        for (int t = 0; t < NT; ++t)
+                            if (t < nt) acc[t] = fmaf(w, to_float(x[(t0 + t) * n + e0 + j]), acc[t]);
                     }
                 }
             }
@@ -479,21 +433,261 @@ __device__ __forceinline__ void linear(const LinearParams& p) {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Linear, tiled: the kernel for aligned shapes (n and the group size multiples of CPL; x 16-byte
+// aligned; the codes aligned to the slice's load width, see rust/core/src/quant/cuda.rs).
+//
+// A block of TILE_THREADS threads takes R output rows at a time, and splits the input dimension
+// between its threads: thread i owns the slices s = i, i + 256, ... of CPL consecutive columns
+// (CPL·BITS/8 code bytes; one group, as g % CPL == 0). Per slice it loads x (NT tokens × CPL,
+// converted to float once and reused by the R rows: the GEMV's x traffic is paid once per R rows)
+// and the R rows' codes and scales, then adds m·Σ_j lut_r[field_j]·x[t][j] to acc[r][t]. The first
+// slice is loaded before the tables' barrier, so the code and table loads are in flight together.
+// The block then sums acc over its threads in a fixed order: a transposing butterfly within each
+// warp, and the 8 warps' partials in shared memory.
+// ---------------------------------------------------------------------------------------------
+constexpr int TILE_THREADS = 256;
+constexpr int TILE_WARPS = TILE_THREADS / 32;
+
+// Load the SB code bytes at `p` (aligned to SB's largest power-of-two divisor, at most 16) into
+// little-endian words.
+template <int SB>
+__device__ __forceinline__ void load_codes(const uint8_t* __restrict__ p, uint32_t (&w)[(SB + 3) / 4]) {
+    if constexpr (SB % 16 == 0) {
+#pragma unroll
+        for (int i = 0; i < SB / 16; ++i) {
+            const uint4 v = reinterpret_cast<const uint4*>(p)[i];
+            w[4 * i] = v.x, w[4 * i + 1] = v.y, w[4 * i + 2] = v.z, w[4 * i + 3] = v.w;
+        }
+    } else if constexpr (SB % 8 == 0) {
+#pragma unroll
+        for (int i = 0; i < SB / 8; ++i) {
+            const uint2 v = reinterpret_cast<const uint2*>(p)[i];
+            w[2 * i] = v.x, w[2 * i + 1] = v.y;
+        }
+    } else if constexpr (SB % 4 == 0) {
+#pragma unroll
+        for (int i = 0; i < SB / 4; ++i) w[i] = reinterpret_cast<const uint32_t*>(p)[i];
+    } else if constexpr (SB % 2 == 0) {
+#pragma unroll
+        for (int i = 0; i < (SB + 3) / 4; ++i) w[i] = 0;
+#pragma unroll
+        for (int i = 0; i < SB / 2; ++i) w[i / 2] |= (uint32_t)reinterpret_cast<const uint16_t*>(p)[i] << (16 * (i % 2));
+    } else {
+#pragma unroll
+        for (int i = 0; i < (SB + 3) / 4; ++i) w[i] = 0;
+#pragma unroll
+        for (int i = 0; i < SB; ++i) w[i / 4] |= (uint32_t)p[i] << (8 * (i % 4));
+    }
+}
+
+// Field j of a slice's words (BITS·j a compile-time constant once unrolled; 3-bit fields may
+// straddle two words).
+template <int BITS, int NWORDS>
+__device__ __forceinline__ int slice_field(const uint32_t (&w)[NWORDS], int j) {
+    const int b = BITS * j, i = b >> 5, sh = b & 31;
+    uint32_t v = w[i] >> sh;
+    if (sh + BITS > 32 && i + 1 < NWORDS) v |= w[i + 1] << (32 - sh);
+    return (int)(v & ((1u << BITS) - 1));
+}
+
+// The table entry at byte offset `off` (4·field) of a row's table in shared memory.
+__device__ __forceinline__ float table_at(const float* row, uint32_t off) {
+    return *reinterpret_cast<const float*>(reinterpret_cast<const char*>(row) + off);
+}
+
+// One step of the transposing butterfly: lanes whose bit `o` is set keep the upper half of v[0, 2H),
+// the others the lower half, each adding its partner's copy of the half it keeps.
+template <int H>
+__device__ __forceinline__ void transpose_step(float* v, int lane, int o) {
+    const bool up = (lane & o) != 0;
+#pragma unroll
+    for (int i = 0; i < H; ++i) {
+        const float send = up ? v[i] : v[i + H];
+        const float keep = up ? v[i + H] : v[i];
+        v[i] = keep + __shfl_xor_sync(FULL_MASK, send, o);
+    }
+    if constexpr (H > 1) transpose_step<H / 2>(v, lane, 2 * o);
+}
+
+// Σ over the warp of V ≤ 32 values per lane with V − 1 + log2(32/V) shuffles (not 5·V): lane l
+// returns the sum for value transposed_index<V>(l); lanes 0..V-1 cover every value once.
+template <int V>
+__device__ __forceinline__ float warp_sum_transposed(float (&v)[V], int lane) {
+    static_assert(V >= 1 && V <= 32 && (V & (V - 1)) == 0, "V is a power of two, at most 32");
+    if constexpr (V > 1) transpose_step<V / 2>(v, lane, 1);
+    float s = v[0];
+#pragma unroll
+    for (int o = V; o < 32; o *= 2) s += __shfl_xor_sync(FULL_MASK, s, o);
+    return s;
+}
+
+template <int V>
+__device__ __forceinline__ int transposed_index(int lane) {
+    int idx = 0;
+#pragma unroll
+    for (int k = 0, h = V / 2; h >= 1; ++k, h /= 2) idx += ((lane >> k) & 1) * h;
+    return idx;
+}
+
+template <typename T, int NT, int BITS, int CPL, int R>
+__device__ __forceinline__ void linear_tiled(const LinearParams& p) {
+    constexpr int NL = 1 << BITS;
+    constexpr int SB = CPL * BITS / 8;       // code bytes per slice
+    constexpr int NWORDS = (SB + 3) / 4;
+    constexpr int V = R * NT;                // partial sums per thread
+    constexpr int VW = 16 / sizeof(T);       // x elements per 16-byte load
+    static_assert(CPL % 8 == 0 && CPL % VW == 0, "a slice is whole bytes of codes and whole 16-byte x loads");
+    __shared__ float lut[R][NL];
+    __shared__ float red[TILE_WARPS][V];
+    const T* __restrict__ x = static_cast<const T*>(p.x);
+    T* __restrict__ y = static_cast<T*>(p.y);
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int n = p.in_features, g = p.group, ng = n / g, nout = p.out_features, slices = n / CPL;
+    const int64_t tokens = p.tokens;
+
+    for (int64_t o0 = (int64_t)blockIdx.x * R; o0 < nout; o0 += (int64_t)gridDim.x * R) {
+        for (int64_t t0 = 0; t0 < tokens; t0 += NT) {  // uniform across the block
+            const int nt = (int)min64(NT, tokens - t0);
+            float xs[NT][CPL];
+            uint32_t cw[R][NWORDS];
+            float m[R];
+            // One slice's x, codes and scales into registers (zeros past the tokens and the rows).
+            const int rows_here = (int)min64(R, nout - o0);
+            auto load_slice = [&](int s) {
+                const int64_t c0 = (int64_t)s * CPL;
+#pragma unroll
+                for (int t = 0; t < NT; ++t) {
+#pragma unroll
+                    for (int v = 0; v < CPL / VW; ++v) {
+                        float f[VW];
+                        if (t < nt) {
+                            unpack(load_pack<T, VW>(x + (t0 + t) * n + c0, v), f);
+                        } else {
+#pragma unroll
+                            for (int e = 0; e < VW; ++e) f[e] = 0.0f;
+                        }
+#pragma unroll
+                        for (int e = 0; e < VW; ++e) xs[t][v * VW + e] = f[e];
+                    }
+                }
+                // Row r's slice is at cp + r·row_bytes, its scale at sp[r·ng] (one division per slice).
+                const uint8_t* cp = p.codes + o0 * p.row_bytes + (int64_t)s * SB;
+                const float* sp = p.scales + o0 * ng + (int)(c0 / g);
+#pragma unroll
+                for (int r = 0; r < R; ++r) {
+                    if (r < rows_here) {
+                        load_codes<SB>(cp + r * p.row_bytes, cw[r]);
+                        m[r] = sp[r * ng];
+                    } else {
+#pragma unroll
+                        for (int i = 0; i < NWORDS; ++i) cw[r][i] = 0;
+                        m[r] = 0.0f;
+                    }
+                }
+            };
+            int s = tid;
+            if (s < slices) load_slice(s);
+
+            // The rows' codebooks (zeros for rows past the end).
+            constexpr int TPT = (R * NL + TILE_THREADS - 1) / TILE_THREADS;  // table entries per thread
+            float tv[TPT];
+#pragma unroll
+            for (int i = 0; i < TPT; ++i) {
+                const int e = tid + i * TILE_THREADS;
+                const int64_t o = o0 + e / NL;
+                tv[i] = (e < R * NL && o < nout) ? p.table[o * NL + e % NL] : 0.0f;
+            }
+            __syncthreads();  // the previous tile's readers of lut and red are done
+#pragma unroll
+            for (int i = 0; i < TPT; ++i) {
+                const int e = tid + i * TILE_THREADS;
+                if (e < R * NL) lut[e / NL][e % NL] = tv[i];
+            }
+            __syncthreads();
+
+            float acc[V];
+#pragma unroll
+            for (int i = 0; i < V; ++i) acc[i] = 0.0f;
+            while (s < slices) {
+#pragma unroll
+                for (int r = 0; r < R; ++r) {
+                    float part[NT];
+#pragma unroll
+                    for (int t = 0; t < NT; ++t) part[t] = 0.0f;
+                    if constexpr (BITS == 4) {
+                        // Per word, the byte offsets into the row's table of the even fields (×4, one
+                        // per byte of `ev`) and of the odd ones (`od`): two operations per 8 fields,
+                        // then one byte extract (PRMT) per field before its shared-memory load.
+#pragma unroll
+                        for (int i = 0; i < NWORDS; ++i) {
+                            const uint32_t ev = (cw[r][i] << 2) & 0x3c3c3c3cu, od = (cw[r][i] >> 2) & 0x3c3c3c3cu;
+#pragma unroll
+                            for (int k = 0; k < 4; ++k) {
+                                const float w0 = table_at(lut[r], __byte_perm(ev, 0u, 0x4440u | k));
+                                const float w1 = table_at(lut[r], __byte_perm(od, 0u, 0x4440u | k));
+#pragma unroll
+                                for (int t = 0; t < NT; ++t)
+                                    part[t] = fmaf(w1, xs[t][8 * i + 2 * k + 1], fmaf(w0, xs[t][8 * i + 2 * k], part[t]));
+                            }
+                        }
+                    } else {
+#pragma unroll
+                        for (int j = 0; j < CPL; ++j) {
+                            const float w = lut[r][slice_field<BITS, NWORDS>(cw[r], j)];
+#pragma unroll
+                            for (int t = 0; t < NT; ++t) part[t] = fmaf(w, xs[t][j], part[t]);
+                        }
+                    }
+#pragma unroll
+                    for (int t = 0; t < NT; ++t) acc[r * NT + t] = fmaf(m[r], part[t], acc[r * NT + t]);
+                }
+                s += TILE_THREADS;
+                if (s < slices) load_slice(s);
+            }
+
+            const float total = warp_sum_transposed<V>(acc, lane);
+            if (lane < V) red[warp][transposed_index<V>(lane)] = total;
+            __syncthreads();
+            if (tid < V) {
+                const int r = tid / NT, t = tid % NT;
+                const int64_t o = o0 + r;
+                if (o < nout && t < nt) {
+                    float sum = 0.0f;
+#pragma unroll
+                    for (int w = 0; w < TILE_WARPS; ++w) sum += red[w][tid];
+                    y[(t0 + t) * nout + o] = from_float<T>(sum + (p.bias != nullptr ? p.bias[o] : 0.0f));
+                }
+            }
+        }
+    }
+}
+
 }  // namespace quant
 }  // namespace lmkern
 
 // ---------------------------------------------------------------------------------------------
 // extern "C" entry points (blocks of at most 256 threads).
 // ---------------------------------------------------------------------------------------------
-#define LMKERN_QUANT_LINEAR(T, TN, NT)                                                         \
-    extern "C" __global__ void __launch_bounds__(256)                                        \
-        quant_linear_##TN##_n##NT(const __grid_constant__ lmkern::quant::LinearParams p) {   \
-        lmkern::quant::linear<T, NT, false>(p);                                              \
-    }                                                                                        \
-    extern "C" __global__ void __launch_bounds__(256)                                        \
-        quant_linear4_##TN##_n##NT(const __grid_constant__ lmkern::quant::LinearParams p) {  \
-        lmkern::quant::linear<T, NT, true>(p);                                               \
+// quant_linear_<t>_n<NT>: the generic kernel. quant_lintile<BITS>_<t>_n<NT>: the tiled kernel, with
+// CPL columns per slice and R rows per block (the Rust planner's tile_shape must agree).
+#define LMKERN_QUANT_LINEAR(T, TN, NT)                                                       \
+    extern "C" __global__ void __launch_bounds__(256)                                      \
+        quant_linear_##TN##_n##NT(const __grid_constant__ lmkern::quant::LinearParams p) { \
+        lmkern::quant::linear<T, NT>(p);                                                   \
     }
+
+#define LMKERN_QUANT_LINTILE(T, TN, BITS, NT, CPL, R, MINB)                                              \
+    extern "C" __global__ void __launch_bounds__(lmkern::quant::TILE_THREADS, MINB)                    \
+        quant_lintile##BITS##_##TN##_n##NT(const __grid_constant__ lmkern::quant::LinearParams p) {    \
+        lmkern::quant::linear_tiled<T, NT, BITS, CPL, R>(p);                                           \
+    }
+
+#define LMKERN_QUANT_LINTILES(T, TN, BITS)   \
+    LMKERN_QUANT_LINTILE(T, TN, BITS, 1, 16, 16, 2) \
+    LMKERN_QUANT_LINTILE(T, TN, BITS, 2, 16, 8, 3)  \
+    LMKERN_QUANT_LINTILE(T, TN, BITS, 4, 16, 4, 2)  \
+    LMKERN_QUANT_LINTILE(T, TN, BITS, 8, 8, 4, 2)
 
 #define LMKERN_QUANT_ENTRIES(T, TN)                                                                              \
     extern "C" __global__ void __launch_bounds__(256) quant_fwd_##TN(const __grid_constant__ lmkern::quant::QuantParams p) { \
@@ -509,7 +703,30 @@ __device__ __forceinline__ void linear(const LinearParams& p) {
     LMKERN_QUANT_LINEAR(T, TN, 1)                                                                                \
     LMKERN_QUANT_LINEAR(T, TN, 2)                                                                                \
     LMKERN_QUANT_LINEAR(T, TN, 4)                                                                                \
-    LMKERN_QUANT_LINEAR(T, TN, 8)
+    LMKERN_QUANT_LINEAR(T, TN, 8)                                                                                \
+    LMKERN_QUANT_LINTILES(T, TN, 2)                                                                              \
+    LMKERN_QUANT_LINTILES(T, TN, 3)                                                                              \
+    LMKERN_QUANT_LINTILES(T, TN, 4)                                                                              \
+    LMKERN_QUANT_LINTILES(T, TN, 8)
+
+// Launch-shape variants of the bf16 4-bit tiled kernel, for tuning only (benches/gpu/tune_quant.py
+// with LMKERN_CUDA_QUANT_TUNE=variant=<k>; rust/core/src/quant/cuda.rs, TILE_VARIANTS, must agree):
+// (NT, CPL, R, min blocks per SM).
+#define LMKERN_QUANT_LINTILE_VARIANT(K, NT, CPL, R, MINB)                                                \
+    extern "C" __global__ void __launch_bounds__(lmkern::quant::TILE_THREADS, MINB)                    \
+        quant_lintile4_bf16_n##NT##_v##K(const __grid_constant__ lmkern::quant::LinearParams p) {      \
+        lmkern::quant::linear_tiled<__nv_bfloat16, NT, 4, CPL, R>(p);                                  \
+    }
+LMKERN_QUANT_LINTILE_VARIANT(1, 1, 16, 8, 4)
+LMKERN_QUANT_LINTILE_VARIANT(2, 1, 16, 32, 1)
+LMKERN_QUANT_LINTILE_VARIANT(3, 1, 32, 16, 2)
+LMKERN_QUANT_LINTILE_VARIANT(4, 1, 16, 16, 1)
+LMKERN_QUANT_LINTILE_VARIANT(5, 1, 8, 16, 2)
+LMKERN_QUANT_LINTILE_VARIANT(6, 4, 16, 8, 1)
+LMKERN_QUANT_LINTILE_VARIANT(7, 8, 16, 4, 1)
+LMKERN_QUANT_LINTILE_VARIANT(8, 8, 8, 4, 1)
+LMKERN_QUANT_LINTILE_VARIANT(9, 4, 8, 8, 2)
+LMKERN_QUANT_LINTILE_VARIANT(10, 2, 16, 16, 2)
 
 LMKERN_QUANT_ENTRIES(float, f32)
 LMKERN_QUANT_ENTRIES(__nv_bfloat16, bf16)

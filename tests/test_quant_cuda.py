@@ -191,8 +191,10 @@ def _linear(in_f, out_f, bias, seed):
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("tokens", [1, 3, 8, 16])  # GEMV tiles 1, 4, 8; 16: dequantize + cuBLAS
-@pytest.mark.parametrize("shape", [(256, 96, 32), (96, 37, 3), (512, 40, 128)])
+@pytest.mark.parametrize("tokens", [1, 2, 3, 8, 16])  # GEMV tiles 1, 2, 4, 8; 16: dequantize + cuBLAS
+# (in, out, group): the tiled kernel, one pass; the generic kernel (group 3); the tiled kernel with
+# two passes of its threads over the row (4352 = 272 slices of 16, 544 of 8) and a partial row block.
+@pytest.mark.parametrize("shape", [(256, 96, 32), (96, 37, 3), (512, 40, 128), (4352, 21, 64)])
 def test_linear_matches_cpu_and_reference(shape, tokens, dtype, bits):
     in_f, out_f, g = shape
     mod = PowerQuantLinear.from_linear(_linear(in_f, out_f, True, tokens), bits, g, a=torch.linspace(0.4, 1.0, out_f))
@@ -219,7 +221,7 @@ def test_linear_gradient(dtype):
 
 
 def test_linear_gemv_target_shape_and_determinism():
-    """Batch 1, 4096 → 4096, 4-bit g128 (the benchmark shape): the 4-bit kernel, deterministic."""
+    """Batch 1, 4096 → 4096, 4-bit g128 (the benchmark shape): the tiled kernel, deterministic."""
     w = randn((4096, 4096), F32, 1, 0.02)
     a = torch.full((4096,), 0.7)
     q = power_quantize(w.cuda(), a.cuda(), 4, 128)

@@ -54,6 +54,15 @@ inline uint32_t __float_as_uint(float f) {
     return u;
 }
 
+// Byte n of the result is byte (s >> 4n) & 7 of the 8 bytes y:x (x the low word), as CUDA's
+// __byte_perm without the sign-replicate mode.
+inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
+    const uint64_t v = (uint64_t)x | ((uint64_t)y << 32);
+    unsigned r = 0;
+    for (int n = 0; n < 4; ++n) r |= (unsigned)((v >> (8 * ((s >> (4 * n)) & 7))) & 0xff) << (8 * n);
+    return r;
+}
+
 namespace emu {
 
 enum State { Runnable, AtBarrier, AtShuffle, Done };

@@ -6,8 +6,9 @@
 //     rounding of the float64 formula m·sign(q)·(|q|/qmax)^(1/a); dequantize through given
 //     codebooks (arbitrary tables, `a` null): bit for bit against T(m·table[field]);
 //   - fake quantize backward: dx and da against the float64 formulas of quant/mod.rs;
-//   - linear (generic and 4-bit kernels, every token tile, codebooks given as float32 tables built
-//     like power_codebook's): against Σ x·m·float(lut64) + bias in float64.
+//   - linear (the generic and the tiled kernels for every bits value and token tile, and the tuning
+//     variants; codebooks given as float32 tables built like power_codebook's): against
+//     Σ x·m·float(lut64) + bias in float64.
 // For every bits value, dtype, odd n, group sizes from 1 to n, n not a multiple of 8, all-zero
 // groups, exact zeros, NaN/inf inputs (NaN scale) and exponents outside (0, 1] (NaN tables), with
 // launch shapes as rust/core/src/quant/cuda.rs plans them and other ones (grid-stride loops, idle
@@ -38,16 +39,20 @@ struct Kernels {
     FwdFn fwd;
     DeqFn deq;
     BwdFn bwd;
-    LinFn lin[2][9];  // [fast 4-bit][NT]
+    LinFn lin[9];        // the generic kernel, [NT]
+    LinFn tile[9][9];    // the tiled kernels, [bits][NT]
 };
+
+#define TILES(TN, B) \
+    {nullptr, quant_lintile##B##_##TN##_n1, quant_lintile##B##_##TN##_n2, nullptr, quant_lintile##B##_##TN##_n4, \
+     nullptr, nullptr, nullptr, quant_lintile##B##_##TN##_n8}
 
 #define TABLE(TN)                                                                                       \
     Kernels {                                                                                           \
         #TN, quant_fwd_##TN, quant_deq_##TN, quant_fake_bwd_##TN,                                      \
-            {{nullptr, quant_linear_##TN##_n1, quant_linear_##TN##_n2, nullptr, quant_linear_##TN##_n4, \
-              nullptr, nullptr, nullptr, quant_linear_##TN##_n8},                                       \
-             {nullptr, quant_linear4_##TN##_n1, quant_linear4_##TN##_n2, nullptr, quant_linear4_##TN##_n4, \
-              nullptr, nullptr, nullptr, quant_linear4_##TN##_n8}}                                      \
+            {nullptr, quant_linear_##TN##_n1, quant_linear_##TN##_n2, nullptr, quant_linear_##TN##_n4,  \
+             nullptr, nullptr, nullptr, quant_linear_##TN##_n8},                                        \
+            {{}, {}, TILES(TN, 2), TILES(TN, 3), TILES(TN, 4), {}, {}, {}, TILES(TN, 8)}               \
     }
 
 static std::mt19937_64 rng(2026);
@@ -391,7 +396,8 @@ static void run_case(const Kernels& K, const Case& c, const Shape* override_shap
 // ---------------------------------------------------------------------------------------------
 template <typename T>
 static void run_linear(const Kernels& K, size_t nout, size_t n, size_t g, int bits, size_t tokens, bool bias,
-                       bool misalign, unsigned grid_override) {
+                       bool misalign, unsigned grid_override, bool generic_too = true, bool force_generic = false,
+                       LinFn variant = nullptr, size_t variant_rows = 0) {
     const size_t rb = (n * bits + 7) / 8, ng = n / g;
     const size_t mis = misalign ? sizeof(T) : 0;
     const size_t nl = (size_t)1 << bits;
@@ -417,18 +423,23 @@ static void run_linear(const Kernels& K, size_t nout, size_t n, size_t g, int bi
     }
     for (size_t o = 0; bias && o < nout; ++o) b.as<float>()[o] = (float)uniform(-1, 1);
 
-    const bool fast = bits == 4 && n % 32 == 0 && g % 32 == 0 && !misalign;
     const int nt = nt_for(tokens);
+    // The tiled kernel's shape, as rust/core/src/quant/cuda.rs (tile_shape) plans it.
+    const size_t cpl = nt <= 4 ? 16 : 8, rows_per_block = nt == 1 ? 16 : nt == 2 ? 8 : 4;
+    const bool tiled = n % cpl == 0 && g % cpl == 0 && !misalign;
+    if (generic_too && tiled) run_linear<T>(K, nout, n, g, bits, tokens, bias, misalign, grid_override, false, true);
+    const bool use_tile = tiled && !force_generic;
     LinearParams lp{};
     lp.x = x.ptr(), lp.codes = codes.as<uint8_t>(), lp.scales = scales.as<float>(), lp.table = table.as<float>();
     lp.bias = bias ? b.as<float>() : nullptr, lp.y = y.ptr(), lp.tokens = (int64_t)tokens, lp.out_features = (int32_t)nout;
     lp.in_features = (int32_t)n, lp.group = (int32_t)g, lp.bits = bits, lp.row_bytes = (int32_t)rb;
-    const unsigned grid = grid_override ? grid_override : (unsigned)((nout + 7) / 8);
-    LinFn f = K.lin[fast][nt];
+    const size_t rpb = variant ? variant_rows : use_tile ? rows_per_block : 8;
+    const unsigned grid = grid_override ? grid_override : (unsigned)((nout + rpb - 1) / rpb);
+    LinFn f = variant ? variant : use_tile ? K.tile[bits][nt] : K.lin[nt];
     emu::launch(dim3(grid), dim3(256), 0, [&] { f(lp); });
     char label[200];
-    snprintf(label, sizeof label, "%s linear out=%zu in=%zu g=%zu bits=%d tokens=%zu bias=%d mis=%d fast=%d nt=%d grid=%u",
-             K.name, nout, n, g, bits, tokens, bias, misalign, fast, nt, grid);
+    snprintf(label, sizeof label, "%s linear out=%zu in=%zu g=%zu bits=%d tokens=%zu bias=%d mis=%d tiled=%d nt=%d grid=%u",
+             K.name, nout, n, g, bits, tokens, bias, misalign, use_tile, nt, grid);
     expect(y.guards_ok(), std::string(label) + ": wrote outside y");
     bool ok = true, nan_row = true;
     double worst = 0;
@@ -492,7 +503,7 @@ static void suite(const Kernels& K) {
             for (Shape s : {Shape{32, 1, 3}, Shape{64, 4, 2}, Shape{256, 1, 1}, Shape{32, 8, 1}}) run_case<T>(K, c, &s);
         }
     }
-    // Linear: every token tile, generic and 4-bit kernels.
+    // Linear: every token tile, the generic kernel and (where the shape allows) the tiled one.
     for (int bits : {2, 3, 4, 8}) {
         for (auto shape : {std::make_pair<size_t, size_t>(19, 256), std::make_pair<size_t, size_t>(9, 96),
                            std::make_pair<size_t, size_t>(5, 37), std::make_pair<size_t, size_t>(33, 1024)}) {
@@ -509,10 +520,12 @@ static void suite(const Kernels& K) {
     run_linear<T>(K, 40, 256, 64, 4, 2, true, true, 0);   // misaligned x: the generic kernel
     run_linear<T>(K, 40, 256, 64, 4, 5, false, false, 2);  // grid-stride over output rows
     run_linear<T>(K, 1, 32, 32, 4, 1, true, false, 0);
-    // Rows of more than 32·U chunks of 32 codes: every slot of the 4-bit kernel's batched loads,
-    // several batches per lane, and a partial last batch (257 chunks).
-    run_linear<T>(K, 3, 8224, 32, 4, 1, true, false, 0);
+    // Rows of more slices than a block has threads: several passes per thread and a partial last
+    // one (8224 = 514 slices of 16, 1028 of 8), for every code width.
+    for (int bits : {2, 3, 4, 8}) run_linear<T>(K, 3, 8224, 32, bits, 1, true, false, 0);
     run_linear<T>(K, 2, 8224, 8224, 4, 3, false, false, 0);
+    run_linear<T>(K, 6, 4224, 128, 8, 2, false, false, 0);
+    run_linear<T>(K, 9, 2048, 2048, 3, 8, true, false, 3);  // grid-stride, tiled with 4 rows per block
 }
 
 // n = 0 (empty rows): the backward writes da = 0, the linear writes y = bias; nothing else is read.
@@ -531,15 +544,30 @@ static void empty_rows(const Kernels& K) {
     LinearParams lp{};
     lp.table = table.as<float>(), lp.bias = b.as<float>(), lp.y = y.ptr(), lp.tokens = (int64_t)tokens, lp.out_features = (int32_t)rows;
     lp.in_features = 0, lp.group = 1, lp.bits = 4, lp.row_bytes = 0;
-    emu::launch(dim3(1), dim3(256), 0, [&] { K.lin[0][4](lp); });
-    bool bias_only = y.guards_ok();
-    for (size_t t = 0; t < tokens; ++t)
-        for (size_t o = 0; o < rows; ++o) bias_only &= to_f(y.as<T>()[t * rows + o]) == to_f(from_f<T>(b.as<float>()[o]));
-    expect(bias_only, std::string(K.name) + " in_features=0: y is not the bias");
+    for (LinFn f : {K.lin[4], K.tile[4][4]}) {
+        memset(y.ptr(), 0xFF, y.bytes);
+        emu::launch(dim3(1), dim3(256), 0, [&] { f(lp); });
+        bool bias_only = y.guards_ok();
+        for (size_t t = 0; t < tokens; ++t)
+            for (size_t o = 0; o < rows; ++o) bias_only &= to_f(y.as<T>()[t * rows + o]) == to_f(from_f<T>(b.as<float>()[o]));
+        expect(bias_only, std::string(K.name) + " in_features=0: y is not the bias" + (f == K.lin[4] ? "" : " (tiled)"));
+    }
+}
+
+// The tuning variants of the bf16 4-bit tiled kernel (quant.cu, LMKERN_QUANT_LINTILE_VARIANT): two
+// passes per thread for every slice width, a partial row block, and a grid-stride loop.
+static void tile_variants(const Kernels& K) {
+    struct V { LinFn f; size_t tokens, rows; };
+    const V vs[] = {{quant_lintile4_bf16_n1_v1, 1, 8}, {quant_lintile4_bf16_n1_v2, 1, 32}, {quant_lintile4_bf16_n1_v3, 1, 16}, {quant_lintile4_bf16_n1_v4, 1, 16}, {quant_lintile4_bf16_n1_v5, 1, 16}, {quant_lintile4_bf16_n4_v6, 4, 8}, {quant_lintile4_bf16_n8_v7, 7, 4}, {quant_lintile4_bf16_n8_v8, 8, 4}, {quant_lintile4_bf16_n4_v9, 3, 8}, {quant_lintile4_bf16_n2_v10, 2, 16}};
+    for (const V& v : vs) {
+        run_linear<__nv_bfloat16>(K, 19, 8448, 128, 4, v.tokens, true, false, 0, false, false, v.f, v.rows);
+        run_linear<__nv_bfloat16>(K, 19, 256, 128, 4, v.tokens, false, false, 2, false, false, v.f, v.rows);
+    }
 }
 
 int main() {
     const Kernels f32 = TABLE(f32), bf16 = TABLE(bf16), f16 = TABLE(f16);
+    tile_variants(bf16);
     suite<float>(f32);
     suite<__nv_bfloat16>(bf16);
     suite<__half>(f16);

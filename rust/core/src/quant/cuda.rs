@@ -5,9 +5,11 @@
 //! - row kernels (quantize, fake quantize forward/backward, dequantize): blockDim.x = TX threads per
 //!   row, the row's units of 8 elements over TX rounded up to a warp multiple, within [32, 256];
 //!   blockDim.y = RY = min(256/TX, 8, rows) rows per block; grid over row groups;
-//! - linear: 256 threads (one warp per output row, 8 rows per block), tokens in tiles of NT ∈ {1,
-//!   2, 4, 8}; the 4-bit kernel (`quant_linear4_*`: 16-byte code loads, 32 codes per lane and step)
-//!   when bits = 4, n and the group size are multiples of 32 and codes and x are 16-byte aligned.
+//! - linear: 256 threads, tokens in tiles of NT ∈ {1, 2, 4, 8}. The tiled kernel
+//!   (`quant_lintile<bits>_*`: R output rows per block, the input dimension split over the block's
+//!   threads in slices of CPL columns, see [`tile_shape`]) when n and the group size are multiples of
+//!   CPL, x is 16-byte aligned and the codes are aligned to a slice's load width; else the generic
+//!   kernel (`quant_linear_*`: one warp per output row, 8 rows per block, any shape and alignment).
 //!
 //! Nothing here reads device memory on the host: exponents outside (0, 1] give NaN tables (NaN
 //! outputs; linear reads the codebooks it is given), NaN/inf inputs NaN scales; the Python layer
@@ -16,6 +18,7 @@
 use super::{LinearArgs, QuantArgs, Tables};
 use crate::cuda::{self, clamp_grid, type_suffix, LaunchConfig};
 use crate::error::{Error, Result};
+use std::sync::OnceLock;
 use crate::tensor::{DType, Ptr};
 
 // Kernel parameter blocks: field for field the structs of cuda/quant.cu (sizes asserted there too).
@@ -149,20 +152,72 @@ pub(crate) fn token_tile(tokens: usize) -> usize {
     }
 }
 
-/// Whether the 4-bit linear kernel applies.
-pub(crate) fn fast4(q: &QuantArgs, x: Ptr, codes: Ptr) -> bool {
-    q.bits == 4 && q.n.is_multiple_of(32) && q.group.is_multiple_of(32) && x.is_multiple_of(16) && codes.is_multiple_of(16)
+/// The tiled linear kernel's (columns per slice CPL, output rows per block R) for a token tile;
+/// must match LMKERN_QUANT_LINTILES in cuda/quant.cu. x takes NT·CPL registers and the sums R·NT;
+/// the shapes are the fastest of the sweeps in benches/results/2026-11-26-h200-*-quant-*.
+pub(crate) fn tile_shape(nt: usize) -> (usize, usize) {
+    match nt {
+        1 => (16, 16),
+        2 => (16, 8),
+        4 => (16, 4),
+        _ => (8, 4),
+    }
 }
 
-pub(crate) fn plan_linear(dtype: DType, l: &LinearArgs, fast: bool) -> Result<Plan> {
-    let t = type_suffix(dtype)?;
-    let k = if fast { "linear4" } else { "linear" };
-    let nt = token_tile(l.tokens);
-    Ok(Plan {
-        name: format!("quant_{k}_{t}_n{nt}"),
-        grid: clamp_grid(l.q.rows.div_ceil(BLOCK / 32)),
-        block: (BLOCK as u32, 1),
+/// Whether the tiled kernel applies: every slice whole and in one group, x 16-byte aligned, and the
+/// codes aligned to the width the kernel loads a slice's CPL·bits/8 bytes with (its largest
+/// power-of-two divisor, at most 16; rows are whole slices, so every row start is aligned too).
+pub(crate) fn tiled(q: &QuantArgs, tokens: usize, x: Ptr, codes: Ptr) -> bool {
+    let (cpl, _) = tile_shape(token_tile(tokens));
+    let slice_bytes = cpl * q.bits as usize / 8;
+    let width = 1u64 << slice_bytes.trailing_zeros().min(4);
+    q.n.is_multiple_of(cpl) && q.group.is_multiple_of(cpl) && x.is_multiple_of(16) && codes.is_multiple_of(width)
+}
+
+/// Launch-shape variants of the bf16 4-bit tiled kernel, for tuning only: (variant, NT, CPL, R), as
+/// LMKERN_QUANT_LINTILE_VARIANT in cuda/quant.cu compiles them.
+const TILE_VARIANTS: [(usize, usize, usize, usize); 10] = [
+    (1, 1, 16, 8),
+    (2, 1, 16, 32),
+    (3, 1, 32, 16),
+    (4, 1, 16, 16),
+    (5, 1, 8, 16),
+    (6, 4, 16, 8),
+    (7, 8, 16, 4),
+    (8, 8, 8, 4),
+    (9, 4, 8, 8),
+    (10, 2, 16, 16),
+];
+
+/// The variant LMKERN_CUDA_QUANT_TUNE="variant=<k>" asks for (read once per process), if any.
+fn tune_variant() -> Option<(usize, usize, usize, usize)> {
+    static TUNE: OnceLock<Option<(usize, usize, usize, usize)>> = OnceLock::new();
+    *TUNE.get_or_init(|| {
+        let text = std::env::var("LMKERN_CUDA_QUANT_TUNE").ok()?;
+        let k: usize = text.trim().strip_prefix("variant=")?.trim().parse().ok()?;
+        TILE_VARIANTS.iter().copied().find(|v| v.0 == k)
     })
+}
+
+/// The tuning variant that replaces the default tiled kernel for this call, if one is asked for
+/// and fits (bf16, 4 bits, its token tile, its slice width).
+fn variant_for(dtype: DType, l: &LinearArgs, x: Ptr, codes: Ptr) -> Option<(usize, usize, usize, usize)> {
+    let v = tune_variant()?;
+    let (_, nt, cpl, _) = v;
+    let fits = dtype == DType::BF16 && l.q.bits == 4 && token_tile(l.tokens) == nt && l.q.n.is_multiple_of(cpl)
+        && l.q.group.is_multiple_of(cpl) && x.is_multiple_of(16) && codes.is_multiple_of(16);
+    fits.then_some(v)
+}
+
+pub(crate) fn plan_linear(dtype: DType, l: &LinearArgs, tiled: bool) -> Result<Plan> {
+    let t = type_suffix(dtype)?;
+    let nt = token_tile(l.tokens);
+    let (name, rows_per_block) = if tiled {
+        (format!("quant_lintile{}_{t}_n{nt}", l.q.bits), tile_shape(nt).1)
+    } else {
+        (format!("quant_linear_{t}_n{nt}"), BLOCK / 32)
+    };
+    Ok(Plan { name, grid: clamp_grid(l.q.rows.div_ceil(rows_per_block)), block: (BLOCK as u32, 1) })
 }
 
 /// 8-element packs: n a multiple of 8 and every given row buffer aligned to 8 elements.
@@ -247,7 +302,11 @@ pub unsafe fn linear(
     if q.rows > i32::MAX as usize {
         return Err(Error::value(format!("codes: {} output rows exceed the 2^31-1 the CUDA kernels support", q.rows)));
     }
-    let plan = plan_linear(dtype, l, fast4(q, x, codes))?;
+    let mut plan = plan_linear(dtype, l, tiled(q, l.tokens, x, codes))?;
+    if let Some((k, _, _, r)) = variant_for(dtype, l, x, codes) {
+        plan.name = format!("quant_lintile4_bf16_n{}_v{k}", token_tile(l.tokens));
+        plan.grid = clamp_grid(q.rows.div_ceil(r));
+    }
     let mut p = LinearParams {
         x,
         codes,
@@ -278,7 +337,9 @@ mod tests {
             }
             for nt in [1, 2, 4, 8] {
                 v.push(format!("quant_linear_{t}_n{nt}"));
-                v.push(format!("quant_linear4_{t}_n{nt}"));
+                for bits in [2, 3, 4, 8] {
+                    v.push(format!("quant_lintile{bits}_{t}_n{nt}"));
+                }
             }
         }
         v
@@ -307,17 +368,30 @@ mod tests {
     fn linear_plans() {
         let q = QuantArgs { bits: 4, rows: 4096, n: 4096, group: 128, clip: 1.0 };
         let l = LinearArgs { q, tokens: 1 };
-        assert!(fast4(&q, 256, 512));
-        assert!(!fast4(&q, 258, 512));
-        assert!(!fast4(&QuantArgs { group: 48, n: 4080, ..q }, 256, 512));
-        assert!(!fast4(&QuantArgs { bits: 3, ..q }, 256, 512));
+        assert!(tiled(&q, 1, 256, 512));
+        assert!(!tiled(&q, 1, 258, 512)); // x not 16-byte aligned
+        assert!(!tiled(&q, 1, 256, 516)); // 4-bit, 16 columns: 8-byte code loads
+        assert!(tiled(&q, 8, 256, 516)); // 4-bit, 8 columns: 4-byte code loads
+        assert!(!tiled(&QuantArgs { group: 40, n: 4080, ..q }, 1, 256, 512));
+        assert!(tiled(&QuantArgs { group: 40, n: 4080, ..q }, 8, 256, 512));
+        assert!(tiled(&QuantArgs { bits: 3, ..q }, 1, 256, 514)); // 6 bytes: 2-byte loads
+        assert!(!tiled(&QuantArgs { bits: 3, ..q }, 1, 256, 513));
+        assert!(tiled(&QuantArgs { bits: 3, ..q }, 8, 256, 513)); // 3 bytes: byte loads
+        assert!(!tiled(&QuantArgs { bits: 3, ..q }, 4, 256, 513));
+        assert!(!tiled(&QuantArgs { bits: 8, ..q }, 1, 256, 520)); // 16 bytes: 16-byte loads
         let p = plan_linear(DType::BF16, &l, true).unwrap();
-        assert_eq!((p.name.as_str(), p.grid, p.block), ("quant_linear4_bf16_n1", 512, (256, 1)));
+        assert_eq!((p.name.as_str(), p.grid, p.block), ("quant_lintile4_bf16_n1", 256, (256, 1)));
+        let p = plan_linear(DType::F32, &LinearArgs { q, tokens: 5 }, true).unwrap();
+        assert_eq!((p.name.as_str(), p.grid), ("quant_lintile4_f32_n8", 1024));
+        let p = plan_linear(DType::BF16, &l, false).unwrap();
+        assert_eq!((p.name.as_str(), p.grid), ("quant_linear_bf16_n1", 512));
         let names = all_kernel_names();
-        for tokens in 0..40 {
-            for fast in [false, true] {
-                let p = plan_linear(DType::F16, &LinearArgs { q, tokens }, fast).unwrap();
-                assert!(names.contains(&p.name), "{p:?}");
+        for bits in [2, 3, 4, 8] {
+            for tokens in 0..40 {
+                for fast in [false, true] {
+                    let p = plan_linear(DType::F16, &LinearArgs { q: QuantArgs { bits, ..q }, tokens }, fast).unwrap();
+                    assert!(names.contains(&p.name), "{p:?}");
+                }
             }
         }
         assert_eq!(token_tile(3), 4);

@@ -1,0 +1,99 @@
+"""Kernel timings of PowerQuantLinear's CUDA GEMV under one launch-shape variant, for tuning.
+
+  LMKERN_CUDA_QUANT_TUNE="variant=<k>" python benches/gpu/tune_quant.py [--peer]
+
+bf16 activations, 4-bit g128 codes, a = 0.7. Per case: torch.ops.lmkern.power_quant_linear in a
+CUDA graph of calls over rotating copies of the codes (256 MiB in all, so every call reads its
+weight from HBM, as timings.py times it), median of 30 replays divided by the calls per replay;
+with --peer, F.linear on the dense bf16 weight the same way. The variants (rust/core/src/quant/cuda.rs,
+TILE_VARIANTS) replace the default kernel only for their own token tile; the others run the default.
+Also checks every output against the float64 product (relative error printed; > 1e-2 is FAIL).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(__file__))
+from timings import LINEAR_ROTATION_BYTES, _deq64, _quant_inputs, graph_calls  # noqa: E402
+
+import lmkern  # noqa: E402,F401
+from lmkern.quant import power_quantize  # noqa: E402
+
+CASES = [(4096, 4096, 1), (4096, 4096, 2), (4096, 4096, 4), (4096, 4096, 8), (14336, 4096, 1), (4096, 14336, 1), (4096, 4096, 16)]
+
+
+def replay_us(run, calls, reps=30):
+    for _ in range(3):
+        run()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        run()
+        b.record()
+        ts.append((a, b))
+    torch.cuda.synchronize()
+    return statistics.median(a.elapsed_time(b) * 1e3 for a, b in ts) / calls
+
+
+def kernel_us(run, calls):
+    """Mean device time of the quant_* kernels per call (CUPTI through torch.profiler): the kernel
+    alone, without the gaps between a graph's kernels."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            run()
+        torch.cuda.synchronize()
+    total = 0.0
+    for ev in prof.key_averages():
+        if ev.key.startswith("quant_"):
+            total += getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0.0)
+    return total / (3 * calls)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--peer", action="store_true")
+    args = ap.parse_args()
+    tune = os.environ.get("LMKERN_CUDA_QUANT_TUNE") or "default"
+    dev, g, bits = "cuda", 128, 4
+    op = torch.ops.lmkern.power_quant_linear
+    for out_f, in_f, tokens in CASES:
+        w, a = _quant_inputs(dev, out_f, in_f, 3)
+        q = power_quantize(w, a, bits, g)
+        table = torch.ops.lmkern.power_codebook(q.exponent, bits)
+        x = torch.randn(tokens, in_f, device=dev).to(torch.bfloat16)
+        y = op(x, q.codes, q.scales, table, None, bits, g, in_f)
+        ref = x.double() @ _deq64(q).T
+        err = ((y.double() - ref).norm() / ref.norm()).item()
+        nbytes = q.codes.numel() + 4 * (q.scales.numel() + table.numel())
+        copies = [(q.codes.clone(), q.scales.clone(), table.clone()) for _ in range(max(2, LINEAR_ROTATION_BYTES // nbytes))]
+        run, calls = graph_calls([lambda c=c: op(x, c[0], c[1], c[2], None, bits, g, in_f) for c in copies], True)
+        us = replay_us(run, calls)
+        try:
+            kus = f"{kernel_us(run, calls):6.2f}"
+        except Exception as e:  # noqa: BLE001  (the profiler is a nice-to-have here)
+            kus = f"? ({type(e).__name__})"
+        line = (f"{tune:12s} W{out_f}x{in_f} b{tokens:<2d}  lmkern {us:7.2f} us (kernel {kus})  {nbytes / us / 1e3:6.0f} GB/s"
+                f"  err {err:.1e}{'' if err <= 1e-2 else '  FAIL'}")
+        del copies, run
+        if args.peer:
+            wd = _deq64(q).to(torch.bfloat16)
+            dense = [wd.clone() for _ in range(max(2, LINEAR_ROTATION_BYTES // (2 * out_f * in_f)))]
+            prun, pcalls = graph_calls([lambda d=d: F.linear(x, d) for d in dense], True)
+            pus = replay_us(prun, pcalls)
+            line += f"  | dense bf16 {pus:7.2f} us  x{pus / us:5.2f}"
+            del dense, prun
+        print(line, flush=True)
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
