@@ -685,8 +685,8 @@ __device__ __forceinline__ void linear_tiled(const LinearParams& p) {
 
 #define LMKERN_QUANT_LINTILES(T, TN, BITS)   \
     LMKERN_QUANT_LINTILE(T, TN, BITS, 1, 16, 16, 2) \
-    LMKERN_QUANT_LINTILE(T, TN, BITS, 2, 16, 8, 3)  \
-    LMKERN_QUANT_LINTILE(T, TN, BITS, 4, 16, 4, 2)  \
+    LMKERN_QUANT_LINTILE(T, TN, BITS, 2, 16, 16, 2) \
+    LMKERN_QUANT_LINTILE(T, TN, BITS, 4, 8, 8, 2)   \
     LMKERN_QUANT_LINTILE(T, TN, BITS, 8, 8, 4, 2)
 
 #define LMKERN_QUANT_ENTRIES(T, TN)                                                                              \

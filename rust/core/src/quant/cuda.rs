@@ -158,8 +158,8 @@ pub(crate) fn token_tile(tokens: usize) -> usize {
 pub(crate) fn tile_shape(nt: usize) -> (usize, usize) {
     match nt {
         1 => (16, 16),
-        2 => (16, 8),
-        4 => (16, 4),
+        2 => (16, 16),
+        4 => (8, 8),
         _ => (8, 4),
     }
 }
@@ -377,7 +377,7 @@ mod tests {
         assert!(tiled(&QuantArgs { bits: 3, ..q }, 1, 256, 514)); // 6 bytes: 2-byte loads
         assert!(!tiled(&QuantArgs { bits: 3, ..q }, 1, 256, 513));
         assert!(tiled(&QuantArgs { bits: 3, ..q }, 8, 256, 513)); // 3 bytes: byte loads
-        assert!(!tiled(&QuantArgs { bits: 3, ..q }, 4, 256, 513));
+        assert!(!tiled(&QuantArgs { bits: 3, ..q }, 2, 256, 513));
         assert!(!tiled(&QuantArgs { bits: 8, ..q }, 1, 256, 520)); // 16 bytes: 16-byte loads
         let p = plan_linear(DType::BF16, &l, true).unwrap();
         assert_eq!((p.name.as_str(), p.grid, p.block), ("quant_lintile4_bf16_n1", 256, (256, 1)));
