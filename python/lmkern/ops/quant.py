@@ -44,7 +44,9 @@ from .._lib import DTYPE_CODES, LIB, check_cpu_or_cuda, check_floating, device_a
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 BITS = (2, 3, 4, 8)
 #: power_quant_linear: the fused GEMV up to this many tokens, beyond it Ŵ dequantized + a matmul.
-#: CUDA: the GEMV re-reads the codes per tile of 8 tokens; cuBLAS is the better matmul past one tile.
+#: CUDA: the GEMV re-reads the codes per tile of 8 tokens. On the H200 one 8-token tile took 25 µs and
+#: 16 tokens through the dequantizer + cuBLAS 67 µs (BENCHMARKS.md), so two tiles may win at 16; not
+#: measured yet, so the limit stays at one tile.
 GEMV_MAX_TOKENS = 8
 #: CPU: the GEMV decodes each row once per 8 tokens; past ~48 tokens that decoding costs more
 #: than forming Ŵ a chunk at a time for torch's matmul (BENCHMARKS.md, "many tokens").
