@@ -530,7 +530,7 @@ __device__ __forceinline__ int transposed_index(int lane) {
     return idx;
 }
 
-template <typename T, int NT, int BITS, int CPL, int R>
+template <typename T, int NT, int BITS, int CPL, int R, bool TABLE_FIRST = true>
 __device__ __forceinline__ void linear_tiled(const LinearParams& p) {
     constexpr int NL = 1 << BITS;
     constexpr int SB = CPL * BITS / 8;       // code bytes per slice
@@ -586,18 +586,23 @@ __device__ __forceinline__ void linear_tiled(const LinearParams& p) {
                     }
                 }
             };
-            int s = tid;
-            if (s < slices) load_slice(s);
-
-            // The rows' codebooks (zeros for rows past the end).
+            // The rows' codebooks (zeros for rows past the end). Loaded before the first slice when
+            // TABLE_FIRST: the barrier below waits for the table, and a table load queued behind
+            // the slice's code loads would hold every lookup until all codes had arrived.
             constexpr int TPT = (R * NL + TILE_THREADS - 1) / TILE_THREADS;  // table entries per thread
             float tv[TPT];
+            auto load_table = [&] {
 #pragma unroll
-            for (int i = 0; i < TPT; ++i) {
-                const int e = tid + i * TILE_THREADS;
-                const int64_t o = o0 + e / NL;
-                tv[i] = (e < R * NL && o < nout) ? p.table[o * NL + e % NL] : 0.0f;
-            }
+                for (int i = 0; i < TPT; ++i) {
+                    const int e = tid + i * TILE_THREADS;
+                    const int64_t o = o0 + e / NL;
+                    tv[i] = (e < R * NL && o < nout) ? p.table[o * NL + e % NL] : 0.0f;
+                }
+            };
+            int s = tid;
+            if constexpr (TABLE_FIRST) load_table();
+            if (s < slices) load_slice(s);
+            if constexpr (!TABLE_FIRST) load_table();
             __syncthreads();  // the previous tile's readers of lut and red are done
 #pragma unroll
             for (int i = 0; i < TPT; ++i) {
@@ -711,22 +716,23 @@ __device__ __forceinline__ void linear_tiled(const LinearParams& p) {
 
 // Launch-shape variants of the bf16 4-bit tiled kernel, for tuning only (benches/gpu/tune_quant.py
 // with LMKERN_CUDA_QUANT_TUNE=variant=<k>; rust/core/src/quant/cuda.rs, TILE_VARIANTS, must agree):
-// (NT, CPL, R, min blocks per SM).
-#define LMKERN_QUANT_LINTILE_VARIANT(K, NT, CPL, R, MINB)                                                \
+// (NT, CPL, R, min blocks per SM, table loaded before the first slice).
+#define LMKERN_QUANT_LINTILE_VARIANT(K, NT, CPL, R, MINB, TF)                                            \
     extern "C" __global__ void __launch_bounds__(lmkern::quant::TILE_THREADS, MINB)                    \
         quant_lintile4_bf16_n##NT##_v##K(const __grid_constant__ lmkern::quant::LinearParams p) {      \
-        lmkern::quant::linear_tiled<__nv_bfloat16, NT, 4, CPL, R>(p);                                  \
+        lmkern::quant::linear_tiled<__nv_bfloat16, NT, 4, CPL, R, TF>(p);                              \
     }
-LMKERN_QUANT_LINTILE_VARIANT(1, 1, 16, 8, 4)
-LMKERN_QUANT_LINTILE_VARIANT(2, 1, 16, 32, 1)
-LMKERN_QUANT_LINTILE_VARIANT(3, 1, 32, 16, 2)
-LMKERN_QUANT_LINTILE_VARIANT(4, 1, 16, 16, 1)
-LMKERN_QUANT_LINTILE_VARIANT(5, 1, 8, 16, 2)
-LMKERN_QUANT_LINTILE_VARIANT(6, 4, 16, 8, 1)
-LMKERN_QUANT_LINTILE_VARIANT(7, 8, 16, 4, 1)
-LMKERN_QUANT_LINTILE_VARIANT(8, 8, 8, 4, 1)
-LMKERN_QUANT_LINTILE_VARIANT(9, 4, 8, 8, 2)
-LMKERN_QUANT_LINTILE_VARIANT(10, 2, 16, 16, 2)
+// 1: the default of commit 1ff6cf8 for one token (table after the slice), against the new order.
+LMKERN_QUANT_LINTILE_VARIANT(1, 1, 16, 16, 2, false)
+LMKERN_QUANT_LINTILE_VARIANT(2, 1, 16, 32, 1, true)
+LMKERN_QUANT_LINTILE_VARIANT(3, 1, 32, 16, 2, true)
+LMKERN_QUANT_LINTILE_VARIANT(4, 1, 16, 16, 1, true)
+LMKERN_QUANT_LINTILE_VARIANT(5, 1, 8, 16, 2, true)
+LMKERN_QUANT_LINTILE_VARIANT(6, 4, 16, 8, 1, true)
+LMKERN_QUANT_LINTILE_VARIANT(7, 8, 16, 4, 1, true)
+LMKERN_QUANT_LINTILE_VARIANT(8, 8, 8, 4, 1, true)
+LMKERN_QUANT_LINTILE_VARIANT(9, 1, 16, 8, 4, true)
+LMKERN_QUANT_LINTILE_VARIANT(10, 1, 16, 4, 4, true)
 
 LMKERN_QUANT_ENTRIES(float, f32)
 LMKERN_QUANT_ENTRIES(__nv_bfloat16, bf16)

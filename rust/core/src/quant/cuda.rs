@@ -177,7 +177,7 @@ pub(crate) fn tiled(q: &QuantArgs, tokens: usize, x: Ptr, codes: Ptr) -> bool {
 /// Launch-shape variants of the bf16 4-bit tiled kernel, for tuning only: (variant, NT, CPL, R), as
 /// LMKERN_QUANT_LINTILE_VARIANT in cuda/quant.cu compiles them.
 const TILE_VARIANTS: [(usize, usize, usize, usize); 10] = [
-    (1, 1, 16, 8),
+    (1, 1, 16, 16),
     (2, 1, 16, 32),
     (3, 1, 32, 16),
     (4, 1, 16, 16),
@@ -185,8 +185,8 @@ const TILE_VARIANTS: [(usize, usize, usize, usize); 10] = [
     (6, 4, 16, 8),
     (7, 8, 16, 4),
     (8, 8, 8, 4),
-    (9, 4, 8, 8),
-    (10, 2, 16, 16),
+    (9, 1, 16, 8),
+    (10, 1, 16, 4),
 ];
 
 /// The variant LMKERN_CUDA_QUANT_TUNE="variant=<k>" asks for (read once per process), if any.
