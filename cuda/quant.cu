@@ -7,6 +7,8 @@
 // Entry points, for <t> in {f32, bf16, f16}:
 //   quant_fwd_<t>            codes (quantize) or y (fake quantize), and the group scales
 //   quant_deq_<t>            x̂ = scales · lut[field], lut from the exponents or the given codebooks
+//   quant_deqtile<B>_<t>     the same for B-bit codes and aligned shapes (deq_tiled below; planned
+//                            only with LMKERN_CUDA_QUANT_TUNE=deq=tiled until measured on a GPU)
 //   quant_fake_bwd_<t>       dx and da (per-row sum in a fixed order, no atomics)
 //   quant_linear_<t>_n<NT>   y = x @ Ŵᵀ + b, any bits / group / alignment (NT = 1, 2, 4, 8)
 //   quant_lintile<B>_<t>_n<NT>  the same for B-bit codes and aligned shapes (linear_tiled below)
@@ -668,6 +670,62 @@ __device__ __forceinline__ void linear_tiled(const LinearParams& p) {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Dequantize, tiled: the kernel for aligned shapes (n and the group size multiples of 16, out 16-byte
+// aligned, the codes aligned to a slice's load width; rust/core/src/quant/cuda.rs). As the tiled
+// linear: DEQ_ROWS rows per block, the row split over the block's threads in slices of 16 columns,
+// one division per slice for its scale, 16-byte stores. Values are those of deq, bit for bit.
+// ---------------------------------------------------------------------------------------------
+constexpr int DEQ_ROWS = 8;
+constexpr int DEQ_CPL = 16;
+
+template <typename T, int BITS>
+__device__ __forceinline__ void deq_tiled(const DeqParams& p) {
+    constexpr int NL = 1 << BITS, R = DEQ_ROWS, CPL = DEQ_CPL;
+    constexpr int SB = CPL * BITS / 8, NWORDS = (SB + 3) / 4, VW = 16 / sizeof(T);
+    __shared__ float lut[R][NL];
+    T* __restrict__ out = static_cast<T*>(p.out);
+    const int tid = threadIdx.x, n = p.n, g = p.group, ng = n / g, slices = n / CPL;
+    for (int64_t o0 = (int64_t)blockIdx.x * R; o0 < p.rows; o0 += (int64_t)gridDim.x * R) {
+        const int rows_here = (int)min64(R, p.rows - o0);
+        __syncthreads();  // the previous rows' readers of lut are done
+        for (int e = tid; e < R * NL; e += TILE_THREADS) {
+            const int r = e / NL, f = e % NL;
+            float v = 0.0f;
+            if (r < rows_here) v = p.table != nullptr ? p.table[(o0 + r) * NL + f] : lut_entry(BITS, p.a[o0 + r], f);
+            lut[r][f] = v;
+        }
+        __syncthreads();
+        for (int s = tid; s < slices; s += TILE_THREADS) {
+            const int64_t c0 = (int64_t)s * CPL;
+            const uint8_t* cp = p.codes + o0 * p.row_bytes + (int64_t)s * SB;
+            const float* sp = p.scales + o0 * ng + (int)(c0 / g);
+            uint32_t cw[R][NWORDS];
+            float m[R];
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                if (r < rows_here) {
+                    load_codes<SB>(cp + r * p.row_bytes, cw[r]);
+                    m[r] = sp[r * ng];
+                }
+            }
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                if (r < rows_here) {
+                    T* orow = out + (o0 + r) * n + c0;
+#pragma unroll
+                    for (int q = 0; q < CPL / VW; ++q) {
+                        float v[VW];
+#pragma unroll
+                        for (int e = 0; e < VW; ++e) v[e] = m[r] * lut[r][slice_field<BITS, NWORDS>(cw[r], q * VW + e)];
+                        store_pack<T, VW>(orow, q, pack_floats<T, VW>(v));
+                    }
+                }
+            }
+        }
+    }
+}
+
 }  // namespace quant
 }  // namespace lmkern
 
@@ -694,6 +752,12 @@ __device__ __forceinline__ void linear_tiled(const LinearParams& p) {
     LMKERN_QUANT_LINTILE(T, TN, BITS, 4, 8, 8, 2)   \
     LMKERN_QUANT_LINTILE(T, TN, BITS, 8, 8, 4, 2)
 
+#define LMKERN_QUANT_DEQTILE(T, TN, BITS)                                                               \
+    extern "C" __global__ void __launch_bounds__(lmkern::quant::TILE_THREADS)                         \
+        quant_deqtile##BITS##_##TN(const __grid_constant__ lmkern::quant::DeqParams p) {              \
+        lmkern::quant::deq_tiled<T, BITS>(p);                                                         \
+    }
+
 #define LMKERN_QUANT_ENTRIES(T, TN)                                                                              \
     extern "C" __global__ void __launch_bounds__(256) quant_fwd_##TN(const __grid_constant__ lmkern::quant::QuantParams p) { \
         lmkern::quant::fwd<T>(p);                                                                                \
@@ -712,7 +776,11 @@ __device__ __forceinline__ void linear_tiled(const LinearParams& p) {
     LMKERN_QUANT_LINTILES(T, TN, 2)                                                                              \
     LMKERN_QUANT_LINTILES(T, TN, 3)                                                                              \
     LMKERN_QUANT_LINTILES(T, TN, 4)                                                                              \
-    LMKERN_QUANT_LINTILES(T, TN, 8)
+    LMKERN_QUANT_LINTILES(T, TN, 8)                                                                              \
+    LMKERN_QUANT_DEQTILE(T, TN, 2)                                                                               \
+    LMKERN_QUANT_DEQTILE(T, TN, 3)                                                                               \
+    LMKERN_QUANT_DEQTILE(T, TN, 4)                                                                               \
+    LMKERN_QUANT_DEQTILE(T, TN, 8)
 
 // Launch-shape variants of the bf16 4-bit tiled kernel, for tuning only (benches/gpu/tune_quant.py
 // with LMKERN_CUDA_QUANT_TUNE=variant=<k>; rust/core/src/quant/cuda.rs, TILE_VARIANTS, must agree):

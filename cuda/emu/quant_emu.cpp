@@ -41,6 +41,7 @@ struct Kernels {
     BwdFn bwd;
     LinFn lin[9];        // the generic kernel, [NT]
     LinFn tile[9][9];    // the tiled kernels, [bits][NT]
+    DeqFn deqtile[9];    // the tiled dequantizers, [bits]
 };
 
 #define TILES(TN, B) \
@@ -52,7 +53,9 @@ struct Kernels {
         #TN, quant_fwd_##TN, quant_deq_##TN, quant_fake_bwd_##TN,                                      \
             {nullptr, quant_linear_##TN##_n1, quant_linear_##TN##_n2, nullptr, quant_linear_##TN##_n4,  \
              nullptr, nullptr, nullptr, quant_linear_##TN##_n8},                                        \
-            {{}, {}, TILES(TN, 2), TILES(TN, 3), TILES(TN, 4), {}, {}, {}, TILES(TN, 8)}               \
+            {{}, {}, TILES(TN, 2), TILES(TN, 3), TILES(TN, 4), {}, {}, {}, TILES(TN, 8)},              \
+            {nullptr, nullptr, quant_deqtile2_##TN, quant_deqtile3_##TN, quant_deqtile4_##TN, nullptr,   \
+             nullptr, nullptr, quant_deqtile8_##TN}                                                     \
     }
 
 static std::mt19937_64 rng(2026);
@@ -287,6 +290,25 @@ static void run_case(const Kernels& K, const Case& c, const Shape* override_shap
     dp.rows = (int64_t)rows, dp.n = (int32_t)n, dp.group = (int32_t)g, dp.bits = bits, dp.row_bytes = (int32_t)rb, dp.vec = vec;
     emu::launch(dim3(sh.grid), dim3(sh.tx, sh.ry), 0, [&] { K.deq(dp); });
     expect(out.guards_ok(), lb + ": dequantize wrote outside out");
+    // The tiled dequantizer where rust/core/src/quant/cuda.rs (deq_tiled) would plan it: the same
+    // values as the row kernel, bit for bit (NaN for NaN), from the exponents and from codebooks.
+    const bool deq_tile = n % 16 == 0 && g % 16 == 0 && !c.misalign;
+    auto same_as_tiled = [&](const DeqParams& base, Buf& ref, const char* what) {
+        if (!deq_tile) return;
+        Buf tout2(N * sizeof(T), 0);
+        DeqParams tp2 = base;
+        tp2.out = tout2.ptr();
+        // (One block for every row in some cases: the grid-stride loop over row blocks.)
+        const unsigned grid = c.zero_group && rows > 8 ? 1 : (unsigned)((rows + 7) / 8);
+        emu::launch(dim3(grid), dim3(256), 0, [&] { K.deqtile[bits](tp2); });
+        bool same = tout2.guards_ok();
+        for (size_t i = 0; i < N; ++i) {
+            const float u = to_f(tout2.as<T>()[i]), v = to_f(ref.as<T>()[i]);
+            same &= (u == v) || (std::isnan(u) && std::isnan(v));
+        }
+        expect(same, lb + ": tiled dequantize" + what + " differs from the row kernel");
+    };
+    same_as_tiled(dp, out, "");
     const double tol = tol_of(sizeof(T));
     if (!c.nonfinite) {  // (with NaN/inf the scales are not finite: nothing to compare)
         bool exact = true, close = true, nan_rows = true;
@@ -322,6 +344,7 @@ static void run_case(const Kernels& K, const Case& c, const Shape* override_shap
         tp.a = nullptr, tp.table = table.as<float>(), tp.out = tout.ptr();
         emu::launch(dim3(sh.grid), dim3(sh.tx, sh.ry), 0, [&] { K.deq(tp); });
         expect(tout.guards_ok(), lb + ": dequantize (codebooks) wrote outside out");
+        same_as_tiled(tp, tout, " (codebooks)");
         bool exact = true;
         for (size_t r = 0; r < rows && !c.nonfinite; ++r)
             for (size_t j = 0; j < n; ++j) {

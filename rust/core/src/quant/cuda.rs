@@ -10,6 +10,8 @@
 //!   threads in slices of CPL columns, see [`tile_shape`]) when n and the group size are multiples of
 //!   CPL, x is 16-byte aligned and the codes are aligned to a slice's load width; else the generic
 //!   kernel (`quant_linear_*`: one warp per output row, 8 rows per block, any shape and alignment).
+//! - dequantize: the row kernel; the tiled one (`quant_deqtile<bits>_*`, [`deq_tiled`]) only with
+//!   LMKERN_CUDA_QUANT_TUNE=deq=tiled until a GPU run has checked and timed it.
 //!
 //! Nothing here reads device memory on the host: exponents outside (0, 1] give NaN tables (NaN
 //! outputs; linear reads the codebooks it is given), NaN/inf inputs NaN scales; the Python layer
@@ -189,14 +191,38 @@ const TILE_VARIANTS: [(usize, usize, usize, usize); 10] = [
     (10, 1, 16, 4),
 ];
 
-/// The variant LMKERN_CUDA_QUANT_TUNE="variant=<k>" asks for (read once per process), if any.
+/// Tuning switches from LMKERN_CUDA_QUANT_TUNE (comma-separated, read once per process):
+/// `variant=<k>` (a [`TILE_VARIANTS`] entry for the linear) and `deq=tiled` (the tiled dequantizer,
+/// not planned by default until measured on a GPU).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct Tune {
+    variant: Option<(usize, usize, usize, usize)>,
+    deq_tiled: bool,
+}
+
+impl Tune {
+    fn parse(text: &str) -> Tune {
+        let mut t = Tune::default();
+        for item in text.split(',') {
+            match item.split_once('=').map(|(k, v)| (k.trim(), v.trim())) {
+                Some(("variant", v)) => {
+                    t.variant = v.parse::<usize>().ok().and_then(|k| TILE_VARIANTS.iter().copied().find(|e| e.0 == k))
+                }
+                Some(("deq", "tiled")) => t.deq_tiled = true,
+                _ => {}
+            }
+        }
+        t
+    }
+
+    fn get() -> Tune {
+        static TUNE: OnceLock<Tune> = OnceLock::new();
+        *TUNE.get_or_init(|| std::env::var("LMKERN_CUDA_QUANT_TUNE").map(|s| Tune::parse(&s)).unwrap_or_default())
+    }
+}
+
 fn tune_variant() -> Option<(usize, usize, usize, usize)> {
-    static TUNE: OnceLock<Option<(usize, usize, usize, usize)>> = OnceLock::new();
-    *TUNE.get_or_init(|| {
-        let text = std::env::var("LMKERN_CUDA_QUANT_TUNE").ok()?;
-        let k: usize = text.trim().strip_prefix("variant=")?.trim().parse().ok()?;
-        TILE_VARIANTS.iter().copied().find(|v| v.0 == k)
-    })
+    Tune::get().variant
 }
 
 /// The tuning variant that replaces the default tiled kernel for this call, if one is asked for
@@ -218,6 +244,18 @@ pub(crate) fn plan_linear(dtype: DType, l: &LinearArgs, tiled: bool) -> Result<P
         (format!("quant_linear_{t}_n{nt}"), BLOCK / 32)
     };
     Ok(Plan { name, grid: clamp_grid(l.q.rows.div_ceil(rows_per_block)), block: (BLOCK as u32, 1) })
+}
+
+/// Rows per block and columns per slice of the tiled dequantizer (DEQ_ROWS, DEQ_CPL in cuda/quant.cu).
+const DEQ_ROWS: usize = 8;
+const DEQ_CPL: usize = 16;
+
+/// Whether the tiled dequantizer applies: whole slices of 16 columns in one group, `out` 16-byte
+/// aligned (16-byte stores), the codes aligned to the slice's load width (as [`tiled`]).
+pub(crate) fn deq_tiled(q: &QuantArgs, codes: Ptr, out: Ptr) -> bool {
+    let slice_bytes = DEQ_CPL * q.bits as usize / 8;
+    let width = 1u64 << slice_bytes.trailing_zeros().min(4);
+    q.n.is_multiple_of(DEQ_CPL) && q.group.is_multiple_of(DEQ_CPL) && out.is_multiple_of(16) && codes.is_multiple_of(width)
 }
 
 /// 8-element packs: n a multiple of 8 and every given row buffer aligned to 8 elements.
@@ -268,7 +306,12 @@ pub unsafe fn forward(
 pub unsafe fn dequantize(
     ordinal: usize, stream: u64, dtype: DType, q: &QuantArgs, codes: Ptr, scales: Ptr, tables: Tables, out: Ptr,
 ) -> Result<()> {
-    let plan = plan_rows("deq", dtype, q.rows, q.n)?;
+    let plan = if Tune::get().deq_tiled && deq_tiled(q, codes, out) {
+        let t = type_suffix(dtype)?;
+        Plan { name: format!("quant_deqtile{}_{t}", q.bits), grid: clamp_grid(q.rows.div_ceil(DEQ_ROWS)), block: (BLOCK as u32, 1) }
+    } else {
+        plan_rows("deq", dtype, q.rows, q.n)?
+    };
     let (rows, n, group, bits, row_bytes) = dims(q);
     // The kernel reads the codebook when `table` is set, else computes the table from `a`.
     let (a, table) = match tables {
@@ -335,6 +378,9 @@ mod tests {
             for k in ["fwd", "deq", "fake_bwd"] {
                 v.push(format!("quant_{k}_{t}"));
             }
+            for bits in [2, 3, 4, 8] {
+                v.push(format!("quant_deqtile{bits}_{t}"));
+            }
             for nt in [1, 2, 4, 8] {
                 v.push(format!("quant_linear_{t}_n{nt}"));
                 for bits in [2, 3, 4, 8] {
@@ -396,6 +442,26 @@ mod tests {
         }
         assert_eq!(token_tile(3), 4);
         assert_eq!(token_tile(9), 8);
+    }
+
+    #[test]
+    fn deq_tiled_needs_alignment_and_whole_slices() {
+        let q = QuantArgs { bits: 4, rows: 3, n: 4096, group: 128, clip: 1.0 };
+        assert!(deq_tiled(&q, 512, 256));
+        assert!(!deq_tiled(&q, 516, 256)); // 8-byte code loads
+        assert!(!deq_tiled(&q, 512, 264)); // 16-byte stores
+        assert!(!deq_tiled(&QuantArgs { n: 4088, group: 8, ..q }, 512, 256));
+        assert!(deq_tiled(&QuantArgs { bits: 3, ..q }, 514, 256)); // 6 bytes: 2-byte loads
+        assert!(!deq_tiled(&QuantArgs { bits: 8, ..q }, 520, 256)); // 16-byte loads
+    }
+
+    #[test]
+    fn tune_parses_switches() {
+        assert_eq!(Tune::parse(""), Tune::default());
+        let t = Tune::parse("variant=4, deq=tiled");
+        assert_eq!(t.variant, Some((4, 1, 16, 16)));
+        assert!(t.deq_tiled);
+        assert_eq!(Tune::parse("variant=99,deq=rows,junk"), Tune::default());
     }
 
     #[test]
