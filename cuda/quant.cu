@@ -443,8 +443,9 @@ __device__ __forceinline__ void linear(const LinearParams& p) {
 // between its threads: thread i owns the slices s = i, i + 256, ... of CPL consecutive columns
 // (CPL·BITS/8 code bytes; one group, as g % CPL == 0). Per slice it loads x (NT tokens × CPL,
 // converted to float once and reused by the R rows: the GEMV's x traffic is paid once per R rows)
-// and the R rows' codes and scales, then adds m·Σ_j lut_r[field_j]·x[t][j] to acc[r][t]. The first
-// slice is loaded before the tables' barrier, so the code and table loads are in flight together.
+// and the R rows' codes and scales, then adds m·Σ_j lut_r[field_j]·x[t][j] to acc[r][t]. The rows'
+// codebooks are loaded first and the first slice right after, before the tables' barrier, so that
+// the lookups can start as soon as the table and a row's codes are in.
 // The block then sums acc over its threads in a fixed order: a transposing butterfly within each
 // warp, and the 8 warps' partials in shared memory.
 // ---------------------------------------------------------------------------------------------
@@ -579,8 +580,8 @@ __device__ __forceinline__ void linear_tiled(const LinearParams& p) {
 #pragma unroll
                 for (int r = 0; r < R; ++r) {
                     if (r < rows_here) {
-                        load_codes<SB>(cp + r * p.row_bytes, cw[r]);
-                        m[r] = sp[r * ng];
+                        load_codes<SB>(cp + (int64_t)r * p.row_bytes, cw[r]);
+                        m[r] = sp[(int64_t)r * ng];
                     } else {
 #pragma unroll
                         for (int i = 0; i < NWORDS; ++i) cw[r][i] = 0;
@@ -705,8 +706,8 @@ __device__ __forceinline__ void deq_tiled(const DeqParams& p) {
 #pragma unroll
             for (int r = 0; r < R; ++r) {
                 if (r < rows_here) {
-                    load_codes<SB>(cp + r * p.row_bytes, cw[r]);
-                    m[r] = sp[r * ng];
+                    load_codes<SB>(cp + (int64_t)r * p.row_bytes, cw[r]);
+                    m[r] = sp[(int64_t)r * ng];
                 }
             }
 #pragma unroll
