@@ -20,8 +20,8 @@
 use super::{LinearArgs, QuantArgs, Tables};
 use crate::cuda::{self, clamp_grid, type_suffix, LaunchConfig};
 use crate::error::{Error, Result};
-use std::sync::OnceLock;
 use crate::tensor::{DType, Ptr};
+use std::sync::OnceLock;
 
 // Kernel parameter blocks: field for field the structs of cuda/quant.cu (sizes asserted there too).
 #[repr(C)]
@@ -171,9 +171,16 @@ pub(crate) fn tile_shape(nt: usize) -> (usize, usize) {
 /// power-of-two divisor, at most 16; rows are whole slices, so every row start is aligned too).
 pub(crate) fn tiled(q: &QuantArgs, tokens: usize, x: Ptr, codes: Ptr) -> bool {
     let (cpl, _) = tile_shape(token_tile(tokens));
-    let slice_bytes = cpl * q.bits as usize / 8;
-    let width = 1u64 << slice_bytes.trailing_zeros().min(4);
-    q.n.is_multiple_of(cpl) && q.group.is_multiple_of(cpl) && x.is_multiple_of(16) && codes.is_multiple_of(width)
+    q.n.is_multiple_of(cpl)
+        && q.group.is_multiple_of(cpl)
+        && x.is_multiple_of(16)
+        && codes.is_multiple_of(slice_load_width(cpl, q.bits as usize))
+}
+
+/// The width load_codes in cuda/quant.cu reads a slice of `cpl` codes of `bits` bits with: the
+/// largest power of two dividing its cpl·bits/8 bytes, at most 16.
+fn slice_load_width(cpl: usize, bits: usize) -> u64 {
+    1u64 << (cpl * bits / 8).trailing_zeros().min(4)
 }
 
 /// Launch-shape variants of the bf16 4-bit tiled kernel, for tuning only: (variant, NT, CPL, R), as
@@ -221,14 +228,10 @@ impl Tune {
     }
 }
 
-fn tune_variant() -> Option<(usize, usize, usize, usize)> {
-    Tune::get().variant
-}
-
 /// The tuning variant that replaces the default tiled kernel for this call, if one is asked for
 /// and fits (bf16, 4 bits, its token tile, its slice width).
 fn variant_for(dtype: DType, l: &LinearArgs, x: Ptr, codes: Ptr) -> Option<(usize, usize, usize, usize)> {
-    let v = tune_variant()?;
+    let v = Tune::get().variant?;
     let (_, nt, cpl, _) = v;
     let fits = dtype == DType::BF16 && l.q.bits == 4 && token_tile(l.tokens) == nt && l.q.n.is_multiple_of(cpl)
         && l.q.group.is_multiple_of(cpl) && x.is_multiple_of(16) && codes.is_multiple_of(16);
@@ -253,9 +256,10 @@ const DEQ_CPL: usize = 16;
 /// Whether the tiled dequantizer applies: whole slices of 16 columns in one group, `out` 16-byte
 /// aligned (16-byte stores), the codes aligned to the slice's load width (as [`tiled`]).
 pub(crate) fn deq_tiled(q: &QuantArgs, codes: Ptr, out: Ptr) -> bool {
-    let slice_bytes = DEQ_CPL * q.bits as usize / 8;
-    let width = 1u64 << slice_bytes.trailing_zeros().min(4);
-    q.n.is_multiple_of(DEQ_CPL) && q.group.is_multiple_of(DEQ_CPL) && out.is_multiple_of(16) && codes.is_multiple_of(width)
+    q.n.is_multiple_of(DEQ_CPL)
+        && q.group.is_multiple_of(DEQ_CPL)
+        && out.is_multiple_of(16)
+        && codes.is_multiple_of(slice_load_width(DEQ_CPL, q.bits as usize))
 }
 
 /// 8-element packs: n a multiple of 8 and every given row buffer aligned to 8 elements.
