@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 
 import torch
@@ -21,26 +20,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
 from timings import LINEAR_ROTATION_BYTES, _deq64, _quant_inputs, graph_calls  # noqa: E402
+from tune_norm import time_us  # noqa: E402
 
 import lmkern  # noqa: E402,F401
 from lmkern.quant import power_quantize  # noqa: E402
 
 CASES = [(4096, 4096, 1), (4096, 4096, 2), (4096, 4096, 4), (4096, 4096, 8), (14336, 4096, 1), (4096, 14336, 1), (4096, 4096, 16)]
-
-
-def replay_us(run, calls, reps=30):
-    for _ in range(3):
-        run()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        run()
-        b.record()
-        ts.append((a, b))
-    torch.cuda.synchronize()
-    return statistics.median(a.elapsed_time(b) * 1e3 for a, b in ts) / calls
 
 
 def kernel_us(run, calls):
@@ -76,7 +61,7 @@ def main():
         nbytes = q.codes.numel() + 4 * (q.scales.numel() + table.numel())
         copies = [(q.codes.clone(), q.scales.clone(), table.clone()) for _ in range(max(2, LINEAR_ROTATION_BYTES // nbytes))]
         run, calls = graph_calls([lambda c=c: op(x, c[0], c[1], c[2], None, bits, g, in_f) for c in copies], True)
-        us = replay_us(run, calls)
+        us = time_us(run, reps=30, warmup=3) / calls  # one replay runs `calls` linears
         try:
             kus = f"{kernel_us(run, calls):6.2f}"
         except Exception as e:  # noqa: BLE001  (the profiler is a nice-to-have here)
@@ -88,7 +73,7 @@ def main():
             wd = _deq64(q).to(torch.bfloat16)
             dense = [wd.clone() for _ in range(max(2, LINEAR_ROTATION_BYTES // (2 * out_f * in_f)))]
             prun, pcalls = graph_calls([lambda d=d: F.linear(x, d) for d in dense], True)
-            pus = replay_us(prun, pcalls)
+            pus = time_us(prun, reps=30, warmup=3) / pcalls
             line += f"  | dense bf16 {pus:7.2f} us  x{pus / us:5.2f}"
             del dense, prun
         print(line, flush=True)
