@@ -533,141 +533,272 @@ __device__ __forceinline__ int transposed_index(int lane) {
     return idx;
 }
 
+// One slice's x (NT tokens × CPL columns from column c0, converted to float; zeros past the `nt`
+// tokens present) into registers.
+template <typename T, int NT, int CPL>
+__device__ __forceinline__ void load_x_slice(const T* __restrict__ x, int64_t n, int64_t t0, int nt, int64_t c0,
+                                             float (&xs)[NT][CPL]) {
+    constexpr int VW = 16 / sizeof(T);  // x elements per 16-byte load
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+#pragma unroll
+        for (int v = 0; v < CPL / VW; ++v) {
+            float f[VW];
+            if (t < nt) {
+                unpack(load_pack<T, VW>(x + (t0 + t) * n + c0, v), f);
+            } else {
+#pragma unroll
+                for (int e = 0; e < VW; ++e) f[e] = 0.0f;
+            }
+#pragma unroll
+            for (int e = 0; e < VW; ++e) xs[t][v * VW + e] = f[e];
+        }
+    }
+}
+
+// Slice s of the R rows from o0 (`rows_here` of them present; zeros for the others): the code words
+// and the scale of the slice's group. Row r's slice is at cp + r·row_bytes, its scale at sp[r·ng]
+// (one division per slice).
+template <int BITS, int CPL, int R>
+__device__ __forceinline__ void load_rows_slice(const LinearParams& p, int ng, int64_t o0, int rows_here, int s,
+                                                uint32_t (&cw)[R][(CPL * BITS / 8 + 3) / 4], float (&m)[R]) {
+    constexpr int SB = CPL * BITS / 8, NWORDS = (SB + 3) / 4;
+    const int64_t c0 = (int64_t)s * CPL;
+    const uint8_t* cp = p.codes + o0 * p.row_bytes + (int64_t)s * SB;
+    const float* sp = p.scales + o0 * ng + (int)(c0 / p.group);
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        if (r < rows_here) {
+            load_codes<SB>(cp + (int64_t)r * p.row_bytes, cw[r]);
+            m[r] = sp[(int64_t)r * ng];
+        } else {
+#pragma unroll
+            for (int i = 0; i < NWORDS; ++i) cw[r][i] = 0;
+            m[r] = 0.0f;
+        }
+    }
+}
+
+// acc[r·NT + t] += m[r]·Σ_j lut[r][field_j(r)]·xs[t][j] over one slice.
+template <int NT, int BITS, int CPL, int R>
+__device__ __forceinline__ void slice_dot(const uint32_t (&cw)[R][(CPL * BITS / 8 + 3) / 4], const float (&m)[R],
+                                          const float (&xs)[NT][CPL], const float (*lut)[1 << BITS], float (&acc)[R * NT]) {
+    constexpr int NWORDS = (CPL * BITS / 8 + 3) / 4;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        float part[NT];
+#pragma unroll
+        for (int t = 0; t < NT; ++t) part[t] = 0.0f;
+        if constexpr (BITS == 4) {
+            // Per word, the byte offsets into the row's table of the even fields (×4, one per byte of
+            // `ev`) and of the odd ones (`od`): two operations per 8 fields, then one byte extract
+            // (PRMT) per field before its shared-memory load.
+#pragma unroll
+            for (int i = 0; i < NWORDS; ++i) {
+                const uint32_t ev = (cw[r][i] << 2) & 0x3c3c3c3cu, od = (cw[r][i] >> 2) & 0x3c3c3c3cu;
+#pragma unroll
+                for (int k = 0; k < 4; ++k) {
+                    const float w0 = table_at(lut[r], __byte_perm(ev, 0u, 0x4440u | k));
+                    const float w1 = table_at(lut[r], __byte_perm(od, 0u, 0x4440u | k));
+#pragma unroll
+                    for (int t = 0; t < NT; ++t)
+                        part[t] = fmaf(w1, xs[t][8 * i + 2 * k + 1], fmaf(w0, xs[t][8 * i + 2 * k], part[t]));
+                }
+            }
+        } else {
+#pragma unroll
+            for (int j = 0; j < CPL; ++j) {
+                const float w = lut[r][slice_field<BITS, NWORDS>(cw[r], j)];
+#pragma unroll
+                for (int t = 0; t < NT; ++t) part[t] = fmaf(w, xs[t][j], part[t]);
+            }
+        }
+#pragma unroll
+        for (int t = 0; t < NT; ++t) acc[r * NT + t] = fmaf(m[r], part[t], acc[r * NT + t]);
+    }
+}
+
+// The R rows' codebooks from o0 as this thread's share of R·2^BITS entries (zeros past the rows).
+template <int BITS, int R>
+constexpr int TABLE_SHARE = (R * (1 << BITS) + TILE_THREADS - 1) / TILE_THREADS;
+
+template <int BITS, int R>
+__device__ __forceinline__ void load_table_share(const LinearParams& p, int64_t o0, float (&tv)[TABLE_SHARE<BITS, R>]) {
+    constexpr int NL = 1 << BITS;
+#pragma unroll
+    for (int i = 0; i < TABLE_SHARE<BITS, R>; ++i) {
+        const int e = threadIdx.x + i * TILE_THREADS;
+        const int64_t o = o0 + e / NL;
+        tv[i] = (e < R * NL && o < p.out_features) ? p.table[o * NL + e % NL] : 0.0f;
+    }
+}
+
+template <int BITS, int R>
+__device__ __forceinline__ void store_table_share(float (*lut)[1 << BITS], const float (&tv)[TABLE_SHARE<BITS, R>]) {
+    constexpr int NL = 1 << BITS;
+#pragma unroll
+    for (int i = 0; i < TABLE_SHARE<BITS, R>; ++i) {
+        const int e = threadIdx.x + i * TILE_THREADS;
+        if (e < R * NL) lut[e / NL][e % NL] = tv[i];
+    }
+}
+
+// The block's sums of acc (R rows × NT tokens, one set per thread) into y for rows o0.. and tokens
+// t0.. (nt of them): a transposing butterfly within each warp, the 8 warps' partials through `red`.
+// The caller puts a barrier between the partials' stores and the final sums (`finish`).
+template <int V>
+__device__ __forceinline__ void stash_partials(float (&acc)[V], float (*red)[V]) {
+    const int lane = threadIdx.x & 31;
+    const float total = warp_sum_transposed<V>(acc, lane);
+    if (lane < V) red[threadIdx.x >> 5][transposed_index<V>(lane)] = total;
+}
+
+template <typename T, int NT, int R>
+__device__ __forceinline__ void finish_partials(const LinearParams& p, const float (*red)[R * NT], int64_t o0, int64_t t0, int nt) {
+    const int tid = threadIdx.x;
+    if (tid < R * NT) {
+        const int r = tid / NT, t = tid % NT;
+        const int64_t o = o0 + r;
+        if (o < p.out_features && t < nt) {
+            float sum = 0.0f;
+#pragma unroll
+            for (int w = 0; w < TILE_WARPS; ++w) sum += red[w][tid];
+            static_cast<T*>(p.y)[(t0 + t) * p.out_features + o] = from_float<T>(sum + (p.bias != nullptr ? p.bias[o] : 0.0f));
+        }
+    }
+}
+
 template <typename T, int NT, int BITS, int CPL, int R, bool TABLE_FIRST = true>
 __device__ __forceinline__ void linear_tiled(const LinearParams& p) {
-    constexpr int NL = 1 << BITS;
-    constexpr int SB = CPL * BITS / 8;       // code bytes per slice
-    constexpr int NWORDS = (SB + 3) / 4;
-    constexpr int V = R * NT;                // partial sums per thread
-    constexpr int VW = 16 / sizeof(T);       // x elements per 16-byte load
-    static_assert(CPL % 8 == 0 && CPL % VW == 0, "a slice is whole bytes of codes and whole 16-byte x loads");
-    __shared__ float lut[R][NL];
+    constexpr int NWORDS = (CPL * BITS / 8 + 3) / 4;
+    constexpr int V = R * NT;  // partial sums per thread
+    static_assert(CPL % 8 == 0 && CPL % (16 / sizeof(T)) == 0, "a slice is whole bytes of codes and whole 16-byte x loads");
+    __shared__ float lut[R][1 << BITS];
     __shared__ float red[TILE_WARPS][V];
     const T* __restrict__ x = static_cast<const T*>(p.x);
-    T* __restrict__ y = static_cast<T*>(p.y);
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int n = p.in_features, g = p.group, ng = n / g, nout = p.out_features, slices = n / CPL;
+    const int tid = threadIdx.x;
+    const int n = p.in_features, ng = n / p.group, nout = p.out_features, slices = n / CPL;
     const int64_t tokens = p.tokens;
 
     for (int64_t o0 = (int64_t)blockIdx.x * R; o0 < nout; o0 += (int64_t)gridDim.x * R) {
+        const int rows_here = (int)min64(R, nout - o0);
         for (int64_t t0 = 0; t0 < tokens; t0 += NT) {  // uniform across the block
             const int nt = (int)min64(NT, tokens - t0);
             float xs[NT][CPL];
             uint32_t cw[R][NWORDS];
             float m[R];
-            // One slice's x, codes and scales into registers (zeros past the tokens and the rows).
-            const int rows_here = (int)min64(R, nout - o0);
-            auto load_slice = [&](int s) {
-                const int64_t c0 = (int64_t)s * CPL;
-#pragma unroll
-                for (int t = 0; t < NT; ++t) {
-#pragma unroll
-                    for (int v = 0; v < CPL / VW; ++v) {
-                        float f[VW];
-                        if (t < nt) {
-                            unpack(load_pack<T, VW>(x + (t0 + t) * n + c0, v), f);
-                        } else {
-#pragma unroll
-                            for (int e = 0; e < VW; ++e) f[e] = 0.0f;
-                        }
-#pragma unroll
-                        for (int e = 0; e < VW; ++e) xs[t][v * VW + e] = f[e];
-                    }
-                }
-                // Row r's slice is at cp + r·row_bytes, its scale at sp[r·ng] (one division per slice).
-                const uint8_t* cp = p.codes + o0 * p.row_bytes + (int64_t)s * SB;
-                const float* sp = p.scales + o0 * ng + (int)(c0 / g);
-#pragma unroll
-                for (int r = 0; r < R; ++r) {
-                    if (r < rows_here) {
-                        load_codes<SB>(cp + (int64_t)r * p.row_bytes, cw[r]);
-                        m[r] = sp[(int64_t)r * ng];
-                    } else {
-#pragma unroll
-                        for (int i = 0; i < NWORDS; ++i) cw[r][i] = 0;
-                        m[r] = 0.0f;
-                    }
-                }
-            };
-            // The rows' codebooks (zeros for rows past the end). Loaded before the first slice when
-            // TABLE_FIRST: the barrier below waits for the table, and a table load queued behind
-            // the slice's code loads would hold every lookup until all codes had arrived.
-            constexpr int TPT = (R * NL + TILE_THREADS - 1) / TILE_THREADS;  // table entries per thread
-            float tv[TPT];
-            auto load_table = [&] {
-#pragma unroll
-                for (int i = 0; i < TPT; ++i) {
-                    const int e = tid + i * TILE_THREADS;
-                    const int64_t o = o0 + e / NL;
-                    tv[i] = (e < R * NL && o < nout) ? p.table[o * NL + e % NL] : 0.0f;
-                }
-            };
+            // The rows' codebooks are loaded before the first slice when TABLE_FIRST: the barrier
+            // below waits for the table, and a table load queued behind the slice's code loads would
+            // hold every lookup until all codes had arrived.
+            float tv[TABLE_SHARE<BITS, R>];
             int s = tid;
-            if constexpr (TABLE_FIRST) load_table();
-            if (s < slices) load_slice(s);
-            if constexpr (!TABLE_FIRST) load_table();
-            __syncthreads();  // the previous tile's readers of lut and red are done
-#pragma unroll
-            for (int i = 0; i < TPT; ++i) {
-                const int e = tid + i * TILE_THREADS;
-                if (e < R * NL) lut[e / NL][e % NL] = tv[i];
+            if constexpr (TABLE_FIRST) load_table_share<BITS, R>(p, o0, tv);
+            if (s < slices) {
+                load_x_slice<T, NT, CPL>(x, n, t0, nt, (int64_t)s * CPL, xs);
+                load_rows_slice<BITS, CPL, R>(p, ng, o0, rows_here, s, cw, m);
             }
+            if constexpr (!TABLE_FIRST) load_table_share<BITS, R>(p, o0, tv);
+            __syncthreads();  // the previous tile's readers of lut and red are done
+            store_table_share<BITS, R>(lut, tv);
             __syncthreads();
 
             float acc[V];
 #pragma unroll
             for (int i = 0; i < V; ++i) acc[i] = 0.0f;
             while (s < slices) {
+                slice_dot<NT, BITS, CPL, R>(cw, m, xs, lut, acc);
+                s += TILE_THREADS;
+                if (s < slices) {
+                    load_x_slice<T, NT, CPL>(x, n, t0, nt, (int64_t)s * CPL, xs);
+                    load_rows_slice<BITS, CPL, R>(p, ng, o0, rows_here, s, cw, m);
+                }
+            }
+            stash_partials<V>(acc, red);
+            __syncthreads();
+            finish_partials<T, NT, R>(p, red, o0, t0, nt);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Linear, streamed (a tuning variant until measured on a GPU): the tiled kernel's work in a
+// persistent grid, each block taking the row tiles o0 = (blockIdx.x + k·gridDim.x)·R, and every
+// thread loading its next item (the next slice of this tile, or the first of the next tile) into a
+// second set of registers before the lookups of the current one. In the tiled kernel a block loads
+// its one tile and then looks it up, so HBM and the lookups take turns; here the next codes are in
+// flight while the block computes. The codebooks and the warps' partials are double-buffered in
+// shared memory: one barrier per tile. The Rust planner sizes the grid to the resident blocks.
+// ---------------------------------------------------------------------------------------------
+template <typename T, int NT, int BITS, int CPL, int R>
+__device__ __forceinline__ void linear_stream(const LinearParams& p) {
+    constexpr int NWORDS = (CPL * BITS / 8 + 3) / 4;
+    constexpr int V = R * NT;
+    static_assert(CPL % 8 == 0 && CPL % (16 / sizeof(T)) == 0, "a slice is whole bytes of codes and whole 16-byte x loads");
+    __shared__ float lut[2][R][1 << BITS];
+    __shared__ float red[2][TILE_WARPS][V];
+    const T* __restrict__ x = static_cast<const T*>(p.x);
+    const int tid = threadIdx.x;
+    const int n = p.in_features, ng = n / p.group, nout = p.out_features, slices = n / CPL;
+    const int64_t tokens = p.tokens, step = (int64_t)gridDim.x * R;
+
+    int64_t o0 = (int64_t)blockIdx.x * R, t0 = 0;  // this tile: rows o0.., tokens t0..
+    if (o0 >= nout) return;                        // the whole block: no barrier is skipped by part of it
+    float tv[TABLE_SHARE<BITS, R>];
+    load_table_share<BITS, R>(p, o0, tv);
+    // The current item (xc, cc, mc) and the next one (xn, cn, mn).
+    float xc[NT][CPL], xn[NT][CPL];
+    uint32_t cc[R][NWORDS], cn[R][NWORDS];
+    float mc[R], mn[R];
+    int s = tid;
+    if (s < slices) {
+        load_x_slice<T, NT, CPL>(x, n, t0, (int)min64(NT, tokens), (int64_t)s * CPL, xc);
+        load_rows_slice<BITS, CPL, R>(p, ng, o0, (int)min64(R, nout - o0), s, cc, mc);
+    }
+    store_table_share<BITS, R>(lut[0], tv);
+    __syncthreads();
+    for (int buf = 0;; buf ^= 1) {  // one row tile per pass, uniform across the block
+        const int nt = (int)min64(NT, tokens - t0);
+        int64_t no0 = o0, nt0 = t0 + NT;  // the next tile
+        if (nt0 >= tokens) nt0 = 0, no0 = o0 + step;
+        const bool more = no0 < nout;
+        if (more) load_table_share<BITS, R>(p, no0, tv);
+        float acc[V];
+#pragma unroll
+        for (int i = 0; i < V; ++i) acc[i] = 0.0f;
+        while (s < slices) {
+            int s2 = s + TILE_THREADS;
+            int64_t io0 = o0, it0 = t0;
+            const bool last = s2 >= slices;  // of this tile: the next item starts the next tile
+            if (last) s2 = tid, io0 = no0, it0 = nt0;
+            const bool load = !last || more, new_x = s2 != s || it0 != t0;
+            if (load) {
+                if (new_x) load_x_slice<T, NT, CPL>(x, n, it0, (int)min64(NT, tokens - it0), (int64_t)s2 * CPL, xn);
+                load_rows_slice<BITS, CPL, R>(p, ng, io0, (int)min64(R, nout - io0), s2, cn, mn);
+            }
+            slice_dot<NT, BITS, CPL, R>(cc, mc, xc, lut[buf], acc);
+            if (load) {
 #pragma unroll
                 for (int r = 0; r < R; ++r) {
-                    float part[NT];
+                    mc[r] = mn[r];
 #pragma unroll
-                    for (int t = 0; t < NT; ++t) part[t] = 0.0f;
-                    if constexpr (BITS == 4) {
-                        // Per word, the byte offsets into the row's table of the even fields (×4, one
-                        // per byte of `ev`) and of the odd ones (`od`): two operations per 8 fields,
-                        // then one byte extract (PRMT) per field before its shared-memory load.
-#pragma unroll
-                        for (int i = 0; i < NWORDS; ++i) {
-                            const uint32_t ev = (cw[r][i] << 2) & 0x3c3c3c3cu, od = (cw[r][i] >> 2) & 0x3c3c3c3cu;
-#pragma unroll
-                            for (int k = 0; k < 4; ++k) {
-                                const float w0 = table_at(lut[r], __byte_perm(ev, 0u, 0x4440u | k));
-                                const float w1 = table_at(lut[r], __byte_perm(od, 0u, 0x4440u | k));
-#pragma unroll
-                                for (int t = 0; t < NT; ++t)
-                                    part[t] = fmaf(w1, xs[t][8 * i + 2 * k + 1], fmaf(w0, xs[t][8 * i + 2 * k], part[t]));
-                            }
-                        }
-                    } else {
-#pragma unroll
-                        for (int j = 0; j < CPL; ++j) {
-                            const float w = lut[r][slice_field<BITS, NWORDS>(cw[r], j)];
-#pragma unroll
-                            for (int t = 0; t < NT; ++t) part[t] = fmaf(w, xs[t][j], part[t]);
-                        }
-                    }
-#pragma unroll
-                    for (int t = 0; t < NT; ++t) acc[r * NT + t] = fmaf(m[r], part[t], acc[r * NT + t]);
+                    for (int i = 0; i < NWORDS; ++i) cc[r][i] = cn[r][i];
                 }
-                s += TILE_THREADS;
-                if (s < slices) load_slice(s);
-            }
-
-            const float total = warp_sum_transposed<V>(acc, lane);
-            if (lane < V) red[warp][transposed_index<V>(lane)] = total;
-            __syncthreads();
-            if (tid < V) {
-                const int r = tid / NT, t = tid % NT;
-                const int64_t o = o0 + r;
-                if (o < nout && t < nt) {
-                    float sum = 0.0f;
+                if (new_x) {
 #pragma unroll
-                    for (int w = 0; w < TILE_WARPS; ++w) sum += red[w][tid];
-                    y[(t0 + t) * nout + o] = from_float<T>(sum + (p.bias != nullptr ? p.bias[o] : 0.0f));
+                    for (int t = 0; t < NT; ++t)
+#pragma unroll
+                        for (int j = 0; j < CPL; ++j) xc[t][j] = xn[t][j];
                 }
             }
+            s = s2;  // tid when `last`: the next tile's first slice
+            if (last) break;
         }
+        stash_partials<V>(acc, red[buf]);
+        if (more) store_table_share<BITS, R>(lut[buf ^ 1], tv);
+        __syncthreads();  // partials and the next table stored; this tile's lookups done
+        finish_partials<T, NT, R>(p, red[buf], o0, t0, nt);
+        if (!more) break;
+        o0 = no0, t0 = nt0;
     }
 }
 
@@ -802,6 +933,16 @@ LMKERN_QUANT_LINTILE_VARIANT(7, 8, 16, 4, 1, true)
 LMKERN_QUANT_LINTILE_VARIANT(8, 8, 8, 4, 1, true)
 LMKERN_QUANT_LINTILE_VARIANT(9, 1, 16, 8, 4, true)
 LMKERN_QUANT_LINTILE_VARIANT(10, 1, 16, 4, 4, true)
+// Streamed (linear_stream) variants: (NT, CPL, R, min blocks per SM).
+#define LMKERN_QUANT_LINSTREAM_VARIANT(K, NT, CPL, R, MINB)                                              \
+    extern "C" __global__ void __launch_bounds__(lmkern::quant::TILE_THREADS, MINB)                    \
+        quant_lintile4_bf16_n##NT##_v##K(const __grid_constant__ lmkern::quant::LinearParams p) {      \
+        lmkern::quant::linear_stream<__nv_bfloat16, NT, 4, CPL, R>(p);                                 \
+    }
+LMKERN_QUANT_LINSTREAM_VARIANT(11, 1, 16, 8, 2)
+LMKERN_QUANT_LINSTREAM_VARIANT(12, 1, 8, 4, 3)
+LMKERN_QUANT_LINSTREAM_VARIANT(13, 1, 8, 8, 2)
+LMKERN_QUANT_LINSTREAM_VARIANT(14, 2, 8, 4, 2)
 
 LMKERN_QUANT_ENTRIES(float, f32)
 LMKERN_QUANT_ENTRIES(__nv_bfloat16, bf16)

@@ -1,11 +1,14 @@
 """Kernel timings of PowerQuantLinear's CUDA GEMV under one launch-shape variant, for tuning.
 
-  LMKERN_CUDA_QUANT_TUNE="variant=<k>[,deq=tiled]" python benches/gpu/tune_quant.py [--peer]
+  LMKERN_CUDA_QUANT_TUNE="variant=<k>[,deq=tiled]" python benches/gpu/tune_quant.py [--peer] [--tokens 1,2]
 
 bf16 activations, 4-bit g128 codes, a = 0.7. Per case: torch.ops.lmkern.power_quant_linear in a
 CUDA graph of calls over rotating copies of the codes (256 MiB in all, so every call reads its
 weight from HBM, as timings.py times it), median of 30 replays divided by the calls per replay;
-with --peer, F.linear on the dense bf16 weight the same way. The variants (rust/core/src/quant/cuda.rs,
+with --peer, F.linear on the dense bf16 weight the same way, and the floor of the memory traffic:
+torch.sum over the same rotating codes (viewed as float32) and over the dense weights, the time this
+card takes to read those bytes in a graph with a tuned reduction (no lookups, no dot products).
+--tokens keeps the cases of those token counts. The variants (rust/core/src/quant/cuda.rs,
 TILE_VARIANTS) replace the default kernel only for their own token tile; the others run the default.
 Also checks every output against the float64 product (relative error printed; > 1e-2 is FAIL).
 """
@@ -46,11 +49,15 @@ def kernel_us(run, calls):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--peer", action="store_true")
+    ap.add_argument("--tokens", default="", help="comma-separated token counts: only these cases")
     args = ap.parse_args()
+    keep = {int(t) for t in args.tokens.split(",") if t.strip()}
     tune = os.environ.get("LMKERN_CUDA_QUANT_TUNE") or "default"
     dev, g, bits = "cuda", 128, 4
     op = torch.ops.lmkern.power_quant_linear
     for out_f, in_f, tokens in CASES:
+        if keep and tokens not in keep:
+            continue
         w, a = _quant_inputs(dev, out_f, in_f, 3)
         q = power_quantize(w, a, bits, g)
         table = torch.ops.lmkern.power_codebook(q.exponent, bits)
@@ -62,20 +69,27 @@ def main():
         copies = [(q.codes.clone(), q.scales.clone(), table.clone()) for _ in range(max(2, LINEAR_ROTATION_BYTES // nbytes))]
         run, calls = graph_calls([lambda c=c: op(x, c[0], c[1], c[2], None, bits, g, in_f) for c in copies], True)
         us = time_us(run, reps=30, warmup=3) / calls  # one replay runs `calls` linears
+        floor = ""
+        if args.peer:
+            srun, scalls = graph_calls([lambda c=c: torch.sum(c[0].view(torch.float32)) for c in copies], True)
+            floor = f"  (sum(codes) {time_us(srun, reps=30, warmup=3) / scalls:6.2f} us)"
+            del srun
         try:
             kus = f"{kernel_us(run, calls):6.2f}"
         except Exception as e:  # noqa: BLE001  (the profiler is a nice-to-have here)
             kus = f"? ({type(e).__name__})"
         line = (f"{tune:12s} W{out_f}x{in_f} b{tokens:<2d}  lmkern {us:7.2f} us (kernel {kus})  {nbytes / us / 1e3:6.0f} GB/s"
-                f"  err {err:.1e}{'' if err <= 1e-2 else '  FAIL'}")
+                f"  err {err:.1e}{'' if err <= 1e-2 else '  FAIL'}{floor}")
         del copies, run
         if args.peer:
             wd = _deq64(q).to(torch.bfloat16)
             dense = [wd.clone() for _ in range(max(2, LINEAR_ROTATION_BYTES // (2 * out_f * in_f)))]
             prun, pcalls = graph_calls([lambda d=d: F.linear(x, d) for d in dense], True)
             pus = time_us(prun, reps=30, warmup=3) / pcalls
-            line += f"  | dense bf16 {pus:7.2f} us  x{pus / us:5.2f}"
-            del dense, prun
+            srun, scalls = graph_calls([lambda d=d: torch.sum(d) for d in dense], True)
+            sus = time_us(srun, reps=30, warmup=3) / scalls
+            line += f"  | dense bf16 {pus:7.2f} us  x{pus / us:5.2f}  (sum(W) {sus:6.2f} us)"
+            del dense, prun, srun
         print(line, flush=True)
         torch.cuda.empty_cache()
 

@@ -586,6 +586,19 @@ static void tile_variants(const Kernels& K) {
         run_linear<__nv_bfloat16>(K, 19, 8448, 128, 4, v.tokens, true, false, 0, false, false, v.f, v.rows);
         run_linear<__nv_bfloat16>(K, 19, 256, 128, 4, v.tokens, false, false, 2, false, false, v.f, v.rows);
     }
+    // The streamed variants (linear_stream; persistent grids): several row tiles per block with a
+    // partial last one, blocks without a tile, several token tiles, rows of more slices than threads
+    // and of fewer.
+    const V ss[] = {{quant_lintile4_bf16_n1_v11, 1, 8}, {quant_lintile4_bf16_n1_v12, 1, 4}, {quant_lintile4_bf16_n1_v13, 1, 8},
+                    {quant_lintile4_bf16_n2_v14, 2, 4}};
+    for (const V& v : ss) {
+        for (unsigned grid : {1u, 2u, 3u, 9u}) {
+            run_linear<__nv_bfloat16>(K, 19, 8448, 128, 4, v.tokens, grid % 2 == 1, false, grid, false, false, v.f, v.rows);
+            run_linear<__nv_bfloat16>(K, 19, 256, 64, 4, v.tokens, grid == 2, false, grid, false, false, v.f, v.rows);
+        }
+        run_linear<__nv_bfloat16>(K, 13, 4096, 128, 4, v.tokens == 1 ? 1 : 2 * v.tokens + 1, true, false, 2, false, false, v.f, v.rows);
+        run_linear<__nv_bfloat16>(K, 7, 512, 512, 4, 3 * v.tokens, false, false, 1, false, false, v.f, v.rows);
+    }
 }
 
 int main() {

@@ -302,6 +302,32 @@ pub unsafe fn launch(
     })
 }
 
+/// How many blocks of `threads` threads of kernel `name` the device `ordinal` holds at once (SMs ×
+/// resident blocks per SM, with no dynamic shared memory): the grid of a persistent kernel.
+/// Cached per (device, kernel).
+pub(crate) fn resident_blocks(ordinal: usize, name: &str, threads: u32) -> Result<usize> {
+    static CACHE: Mutex<Vec<((usize, String, u32), usize)>> = Mutex::new(Vec::new());
+    let key = (ordinal, name.to_string(), threads);
+    if let Some((_, n)) = CACHE.lock().unwrap_or_else(|e| e.into_inner()).iter().find(|(k, _)| *k == key) {
+        return Ok(*n);
+    }
+    let dev = device(ordinal)?;
+    let n = fenced(name, || {
+        let _bound = CurrentContext::bind(dev.ctx.cu_ctx(), name)?;
+        let f = dev.function(name)?;
+        let sms = dev
+            .ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(|e| Error::cuda(format!("CUDA device {ordinal}: cannot read its SM count: {e}")))?;
+        // SAFETY: f is a kernel of the loaded module.
+        let per_sm = unsafe { result::occupancy::max_active_block_per_multiprocessor(f.0, threads as i32, 0) }
+            .map_err(|e| Error::cuda(format!("{name}: cannot read its occupancy on CUDA device {ordinal}: {e}")))?;
+        Ok((sms.max(1) as usize) * (per_sm.max(1) as usize))
+    })?;
+    CACHE.lock().unwrap_or_else(|e| e.into_inner()).push((key, n));
+    Ok(n)
+}
+
 /// The kernel-name suffix of an element type (`<kernel>_f32`, `_bf16`, `_f16`); float64 has no
 /// CUDA kernels (a type error, before any launch).
 pub(crate) fn type_suffix(dtype: crate::tensor::DType) -> Result<&'static str> {

@@ -183,19 +183,38 @@ fn slice_load_width(cpl: usize, bits: usize) -> u64 {
     1u64 << (cpl * bits / 8).trailing_zeros().min(4)
 }
 
-/// Launch-shape variants of the bf16 4-bit tiled kernel, for tuning only: (variant, NT, CPL, R), as
-/// LMKERN_QUANT_LINTILE_VARIANT in cuda/quant.cu compiles them.
-const TILE_VARIANTS: [(usize, usize, usize, usize); 10] = [
-    (1, 1, 16, 16),
-    (2, 1, 16, 32),
-    (3, 1, 32, 16),
-    (4, 1, 16, 16),
-    (5, 1, 8, 16),
-    (6, 4, 16, 8),
-    (7, 8, 16, 4),
-    (8, 8, 8, 4),
-    (9, 1, 16, 8),
-    (10, 1, 16, 4),
+/// A launch-shape variant of the bf16 4-bit linear, for tuning only: as cuda/quant.cu compiles it
+/// (LMKERN_QUANT_LINTILE_VARIANT, or LMKERN_QUANT_LINSTREAM_VARIANT when `stream`), with token tile
+/// `nt`, `cpl` columns per slice and `rows` output rows per block (per row tile when streamed).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Variant {
+    k: usize,
+    nt: usize,
+    cpl: usize,
+    rows: usize,
+    /// linear_stream: a persistent grid, as many blocks as the GPU holds at once.
+    stream: bool,
+}
+
+const fn tile_variant(k: usize, nt: usize, cpl: usize, rows: usize, stream: bool) -> Variant {
+    Variant { k, nt, cpl, rows, stream }
+}
+
+const TILE_VARIANTS: [Variant; 14] = [
+    tile_variant(1, 1, 16, 16, false),
+    tile_variant(2, 1, 16, 32, false),
+    tile_variant(3, 1, 32, 16, false),
+    tile_variant(4, 1, 16, 16, false),
+    tile_variant(5, 1, 8, 16, false),
+    tile_variant(6, 4, 16, 8, false),
+    tile_variant(7, 8, 16, 4, false),
+    tile_variant(8, 8, 8, 4, false),
+    tile_variant(9, 1, 16, 8, false),
+    tile_variant(10, 1, 16, 4, false),
+    tile_variant(11, 1, 16, 8, true),
+    tile_variant(12, 1, 8, 4, true),
+    tile_variant(13, 1, 8, 8, true),
+    tile_variant(14, 2, 8, 4, true),
 ];
 
 /// Tuning switches from LMKERN_CUDA_QUANT_TUNE (comma-separated, read once per process):
@@ -203,7 +222,7 @@ const TILE_VARIANTS: [(usize, usize, usize, usize); 10] = [
 /// not planned by default until measured on a GPU).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 struct Tune {
-    variant: Option<(usize, usize, usize, usize)>,
+    variant: Option<Variant>,
     deq_tiled: bool,
 }
 
@@ -213,7 +232,7 @@ impl Tune {
         for item in text.split(',') {
             match item.split_once('=').map(|(k, v)| (k.trim(), v.trim())) {
                 Some(("variant", v)) => {
-                    t.variant = v.parse::<usize>().ok().and_then(|k| TILE_VARIANTS.iter().copied().find(|e| e.0 == k))
+                    t.variant = v.parse::<usize>().ok().and_then(|k| TILE_VARIANTS.iter().copied().find(|e| e.k == k))
                 }
                 Some(("deq", "tiled")) => t.deq_tiled = true,
                 _ => {}
@@ -230,11 +249,10 @@ impl Tune {
 
 /// The tuning variant that replaces the default tiled kernel for this call, if one is asked for
 /// and fits (bf16, 4 bits, its token tile, its slice width).
-fn variant_for(dtype: DType, l: &LinearArgs, x: Ptr, codes: Ptr) -> Option<(usize, usize, usize, usize)> {
+fn variant_for(dtype: DType, l: &LinearArgs, x: Ptr, codes: Ptr) -> Option<Variant> {
     let v = Tune::get().variant?;
-    let (_, nt, cpl, _) = v;
-    let fits = dtype == DType::BF16 && l.q.bits == 4 && token_tile(l.tokens) == nt && l.q.n.is_multiple_of(cpl)
-        && l.q.group.is_multiple_of(cpl) && x.is_multiple_of(16) && codes.is_multiple_of(16);
+    let fits = dtype == DType::BF16 && l.q.bits == 4 && token_tile(l.tokens) == v.nt && l.q.n.is_multiple_of(v.cpl)
+        && l.q.group.is_multiple_of(v.cpl) && x.is_multiple_of(16) && codes.is_multiple_of(16);
     fits.then_some(v)
 }
 
@@ -350,9 +368,11 @@ pub unsafe fn linear(
         return Err(Error::value(format!("codes: {} output rows exceed the 2^31-1 the CUDA kernels support", q.rows)));
     }
     let mut plan = plan_linear(dtype, l, tiled(q, l.tokens, x, codes))?;
-    if let Some((k, _, _, r)) = variant_for(dtype, l, x, codes) {
-        plan.name = format!("quant_lintile4_bf16_n{}_v{k}", token_tile(l.tokens));
-        plan.grid = clamp_grid(q.rows.div_ceil(r));
+    if let Some(v) = variant_for(dtype, l, x, codes) {
+        plan.name = format!("quant_lintile4_bf16_n{}_v{}", v.nt, v.k);
+        let tiles = q.rows.div_ceil(v.rows);
+        let blocks = if v.stream { tiles.min(cuda::resident_blocks(ordinal, &plan.name, BLOCK as u32)?) } else { tiles };
+        plan.grid = clamp_grid(blocks);
     }
     let mut p = LinearParams {
         x,
@@ -463,7 +483,8 @@ mod tests {
     fn tune_parses_switches() {
         assert_eq!(Tune::parse(""), Tune::default());
         let t = Tune::parse("variant=4, deq=tiled");
-        assert_eq!(t.variant, Some((4, 1, 16, 16)));
+        assert_eq!(t.variant, Some(tile_variant(4, 1, 16, 16, false)));
+        assert_eq!(Tune::parse("variant=12").variant, Some(tile_variant(12, 1, 8, 4, true)));
         assert!(t.deq_tiled);
         assert_eq!(Tune::parse("variant=99,deq=rows,junk"), Tune::default());
     }
@@ -534,6 +555,10 @@ mod tests {
         }
         for name in all_kernel_names() {
             assert!(has(&name), "{name} missing from the CUDA image");
+        }
+        for v in TILE_VARIANTS {
+            let name = format!("quant_lintile4_bf16_n{}_v{}", v.nt, v.k);
+            assert!(has(&name), "tuning variant {name} missing from the CUDA image");
         }
     }
 }
