@@ -878,9 +878,11 @@ __device__ __forceinline__ void deq_tiled(const DeqParams& p) {
         lmkern::quant::linear_tiled<T, NT, BITS, CPL, R>(p);                                           \
     }
 
+// (NT, CPL, R, min blocks per SM) per token tile: rust/core/src/quant/cuda.rs, tile_shape. 8-bit
+// codes take 8 rows at 1 and 2 tokens (16 rows of 16 code bytes do not fit in 128 registers).
 #define LMKERN_QUANT_LINTILES(T, TN, BITS)   \
-    LMKERN_QUANT_LINTILE(T, TN, BITS, 1, 16, 16, 2) \
-    LMKERN_QUANT_LINTILE(T, TN, BITS, 2, 16, 16, 2) \
+    LMKERN_QUANT_LINTILE(T, TN, BITS, 1, 16, (BITS == 8 ? 8 : 16), 2) \
+    LMKERN_QUANT_LINTILE(T, TN, BITS, 2, 16, (BITS == 8 ? 8 : 16), 2) \
     LMKERN_QUANT_LINTILE(T, TN, BITS, 4, 8, 8, 2)   \
     LMKERN_QUANT_LINTILE(T, TN, BITS, 8, 8, 4, 2)
 

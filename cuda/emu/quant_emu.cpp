@@ -448,7 +448,7 @@ static void run_linear(const Kernels& K, size_t nout, size_t n, size_t g, int bi
 
     const int nt = nt_for(tokens);
     // The tiled kernel's shape, as rust/core/src/quant/cuda.rs (tile_shape) plans it.
-    const size_t cpl = nt <= 2 ? 16 : 8, rows_per_block = nt <= 2 ? 16 : nt == 4 ? 8 : 4;
+    const size_t cpl = nt <= 2 ? 16 : 8, rows_per_block = nt <= 2 ? (bits == 8 ? 8 : 16) : nt == 4 ? 8 : 4;
     const bool tiled = n % cpl == 0 && g % cpl == 0 && !misalign;
     if (generic_too && tiled) run_linear<T>(K, nout, n, g, bits, tokens, bias, misalign, grid_override, false, true);
     const bool use_tile = tiled && !force_generic;

@@ -154,13 +154,14 @@ pub(crate) fn token_tile(tokens: usize) -> usize {
     }
 }
 
-/// The tiled linear kernel's (columns per slice CPL, output rows per block R) for a token tile;
-/// must match LMKERN_QUANT_LINTILES in cuda/quant.cu. x takes NT·CPL registers and the sums R·NT;
-/// the shapes are the fastest of the sweeps in benches/results/2026-11-26-h200-*-quant-*.
-pub(crate) fn tile_shape(nt: usize) -> (usize, usize) {
+/// The tiled linear kernel's (columns per slice CPL, output rows per block R) for a token tile and
+/// code width; must match LMKERN_QUANT_LINTILES in cuda/quant.cu. x takes NT·CPL registers, the
+/// sums R·NT and the codes R·CPL·bits/32; the shapes are the fastest of the sweeps in
+/// benches/results/2026-11-26-h200-*-quant-* (4-bit). 8-bit codes take 8 rows at 1 and 2 tokens:
+/// 16 rows of 16 code bytes spilled (ptxas: 644 bytes at 2 tokens).
+pub(crate) fn tile_shape(nt: usize, bits: u32) -> (usize, usize) {
     match nt {
-        1 => (16, 16),
-        2 => (16, 16),
+        1 | 2 => (16, if bits == 8 { 8 } else { 16 }),
         4 => (8, 8),
         _ => (8, 4),
     }
@@ -170,7 +171,7 @@ pub(crate) fn tile_shape(nt: usize) -> (usize, usize) {
 /// codes aligned to the width the kernel loads a slice's CPL·bits/8 bytes with (its largest
 /// power-of-two divisor, at most 16; rows are whole slices, so every row start is aligned too).
 pub(crate) fn tiled(q: &QuantArgs, tokens: usize, x: Ptr, codes: Ptr) -> bool {
-    let (cpl, _) = tile_shape(token_tile(tokens));
+    let (cpl, _) = tile_shape(token_tile(tokens), q.bits);
     q.n.is_multiple_of(cpl)
         && q.group.is_multiple_of(cpl)
         && x.is_multiple_of(16)
@@ -260,7 +261,7 @@ pub(crate) fn plan_linear(dtype: DType, l: &LinearArgs, tiled: bool) -> Result<P
     let t = type_suffix(dtype)?;
     let nt = token_tile(l.tokens);
     let (name, rows_per_block) = if tiled {
-        (format!("quant_lintile{}_{t}_n{nt}", l.q.bits), tile_shape(nt).1)
+        (format!("quant_lintile{}_{t}_n{nt}", l.q.bits), tile_shape(nt, l.q.bits).1)
     } else {
         (format!("quant_linear_{t}_n{nt}"), BLOCK / 32)
     };
@@ -453,6 +454,8 @@ mod tests {
         assert_eq!((p.name.as_str(), p.grid, p.block), ("quant_lintile4_bf16_n1", 256, (256, 1)));
         let p = plan_linear(DType::F32, &LinearArgs { q, tokens: 5 }, true).unwrap();
         assert_eq!((p.name.as_str(), p.grid), ("quant_lintile4_f32_n8", 1024));
+        let p = plan_linear(DType::BF16, &LinearArgs { q: QuantArgs { bits: 8, ..q }, tokens: 2 }, true).unwrap();
+        assert_eq!((p.name.as_str(), p.grid), ("quant_lintile8_bf16_n2", 512)); // 8 rows per block
         let p = plan_linear(DType::BF16, &l, false).unwrap();
         assert_eq!((p.name.as_str(), p.grid), ("quant_linear_bf16_n1", 512));
         let names = all_kernel_names();
