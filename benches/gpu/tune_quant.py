@@ -31,6 +31,12 @@ from lmkern.quant import power_quantize  # noqa: E402
 CASES = [(4096, 4096, 1), (4096, 4096, 2), (4096, 4096, 4), (4096, 4096, 8), (14336, 4096, 1), (4096, 14336, 1), (4096, 4096, 16)]
 
 
+def graph_us(fns):
+    """(µs per call, replay, calls) of a CUDA graph running every fn of `fns` once."""
+    run, calls = graph_calls(fns, True)
+    return time_us(run, reps=30, warmup=3) / calls, run, calls
+
+
 def kernel_us(run, calls):
     """Mean device time of the quant_* kernels per call (CUPTI through torch.profiler): the kernel
     alone, without the gaps between a graph's kernels."""
@@ -67,13 +73,10 @@ def main():
         err = ((y.double() - ref).norm() / ref.norm()).item()
         nbytes = q.codes.numel() + 4 * (q.scales.numel() + table.numel())
         copies = [(q.codes.clone(), q.scales.clone(), table.clone()) for _ in range(max(2, LINEAR_ROTATION_BYTES // nbytes))]
-        run, calls = graph_calls([lambda c=c: op(x, c[0], c[1], c[2], None, bits, g, in_f) for c in copies], True)
-        us = time_us(run, reps=30, warmup=3) / calls  # one replay runs `calls` linears
+        us, run, calls = graph_us([lambda c=c: op(x, c[0], c[1], c[2], None, bits, g, in_f) for c in copies])
         floor = ""
         if args.peer:
-            srun, scalls = graph_calls([lambda c=c: torch.sum(c[0].view(torch.float32)) for c in copies], True)
-            floor = f"  (sum(codes) {time_us(srun, reps=30, warmup=3) / scalls:6.2f} us)"
-            del srun
+            floor = f"  (sum(codes) {graph_us([lambda c=c: torch.sum(c[0].view(torch.float32)) for c in copies])[0]:6.2f} us)"
         try:
             kus = f"{kernel_us(run, calls):6.2f}"
         except Exception as e:  # noqa: BLE001  (the profiler is a nice-to-have here)
@@ -84,12 +87,10 @@ def main():
         if args.peer:
             wd = _deq64(q).to(torch.bfloat16)
             dense = [wd.clone() for _ in range(max(2, LINEAR_ROTATION_BYTES // (2 * out_f * in_f)))]
-            prun, pcalls = graph_calls([lambda d=d: F.linear(x, d) for d in dense], True)
-            pus = time_us(prun, reps=30, warmup=3) / pcalls
-            srun, scalls = graph_calls([lambda d=d: torch.sum(d) for d in dense], True)
-            sus = time_us(srun, reps=30, warmup=3) / scalls
+            pus = graph_us([lambda d=d: F.linear(x, d) for d in dense])[0]
+            sus = graph_us([lambda d=d: torch.sum(d) for d in dense])[0]
             line += f"  | dense bf16 {pus:7.2f} us  x{pus / us:5.2f}  (sum(W) {sus:6.2f} us)"
-            del dense, prun, srun
+            del dense
         print(line, flush=True)
         torch.cuda.empty_cache()
 
