@@ -533,6 +533,42 @@ __device__ __forceinline__ int transposed_index(int lane) {
     return idx;
 }
 
+// One slice's x (NT tokens × CPL columns from column c0) as loaded, in 16-byte packs (zeros past the
+// `nt` tokens present): half the registers of the floats for 2-byte types; x_floats converts.
+template <typename T>
+constexpr int XVW = 16 / sizeof(T);  // x elements per 16-byte load
+
+template <typename T, int NT, int CPL>
+__device__ __forceinline__ void load_x_packs(const T* __restrict__ x, int64_t n, int64_t t0, int nt, int64_t c0,
+                                             Pack<T, XVW<T>> (&xp)[NT][CPL / XVW<T>]) {
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+#pragma unroll
+        for (int v = 0; v < CPL / XVW<T>; ++v) {
+            if (t < nt) {
+                xp[t][v] = load_pack<T, XVW<T>>(x + (t0 + t) * n + c0, v);
+            } else {
+#pragma unroll
+                for (int w = 0; w < Pack<T, XVW<T>>::NW; ++w) xp[t][v].w[w] = 0;
+            }
+        }
+    }
+}
+
+template <typename T, int NT, int CPL>
+__device__ __forceinline__ void x_floats(const Pack<T, XVW<T>> (&xp)[NT][CPL / XVW<T>], float (&xs)[NT][CPL]) {
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+#pragma unroll
+        for (int v = 0; v < CPL / XVW<T>; ++v) {
+            float f[XVW<T>];
+            unpack(xp[t][v], f);
+#pragma unroll
+            for (int e = 0; e < XVW<T>; ++e) xs[t][v * XVW<T> + e] = f[e];
+        }
+    }
+}
+
 // One slice's x (NT tokens × CPL columns from column c0, converted to float; zeros past the `nt`
 // tokens present) into registers.
 template <typename T, int NT, int CPL>
@@ -803,6 +839,132 @@ __device__ __forceinline__ void linear_stream(const LinearParams& p) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Linear, asynchronous (a tuning variant until measured on a GPU): the streamed kernel's persistent
+// grid, with the codes, scales and codebooks brought into shared memory by cp.async through S
+// stages, so S − 1 items are in flight while the block looks one up, without holding them in
+// registers. An item is R rows × one chunk of KC = TILE_THREADS·CPL columns (thread i owns slice i
+// of the chunk, as in the tiled kernel) × NT tokens; a block takes the row tiles blockIdx.x +
+// k·gridDim.x, and for each its token tiles and chunks in order, summing the chunks in registers.
+// The block copies an item's R row chunks of codes in 16-byte pieces (rows must be whole 16-byte
+// pieces: row_bytes % 16 == 0) and the rows' codebooks; each thread copies its own slice's scales.
+// Rows past out_features are zero-filled (zero scales and codebooks: they add nothing), and their
+// sums are not stored. One barrier per item: it makes the item's copies visible, frees the stage
+// the next copies go to, and publishes the previous tile's partials (written to `red` double
+// buffered), which are then stored one item late.
+// ---------------------------------------------------------------------------------------------
+template <typename T, int NT, int BITS, int CPL, int R, int S>
+__device__ __forceinline__ void linear_async(const LinearParams& p) {
+    constexpr int NL = 1 << BITS, SB = CPL * BITS / 8, NWORDS = (SB + 3) / 4, V = R * NT;
+    constexpr int KC = TILE_THREADS * CPL, KCB = KC * BITS / 8;  // a chunk's columns and code bytes
+    static_assert(CPL % 8 == 0 && CPL % (16 / sizeof(T)) == 0, "a slice is whole bytes of codes and whole 16-byte x loads");
+    static_assert(S >= 2 && (NL * 4) % 16 == 0, "two stages at least; codebooks of whole 16-byte pieces");
+    static_assert(S * R * (KCB + 4 * TILE_THREADS + 4 * NL) + 2 * TILE_WARPS * V * 4 <= 48 * 1024, "static shared memory");
+    __shared__ __align__(16) uint8_t code_s[S][R][KCB];
+    __shared__ __align__(16) float table_s[S][R][NL];
+    __shared__ float scale_s[S][R][TILE_THREADS];  // [.][r][i]: thread i's slice's scale
+    __shared__ float red[2][TILE_WARPS][V];
+    const T* __restrict__ x = static_cast<const T*>(p.x);
+    const int tid = threadIdx.x;
+    const int n = p.in_features, ng = n / p.group, nout = p.out_features;
+    const int chunks = n > 0 ? (n + KC - 1) / KC : 1;  // n = 0: one empty chunk, y = bias
+    const int64_t tokens = p.tokens, step = (int64_t)gridDim.x * R;
+    if ((int64_t)blockIdx.x * R >= nout) return;  // the whole block: no barrier is skipped by part of it
+
+    // An item: rows o0.., tokens t0.., chunk c (columns c·KC..); a block's items in order, by
+    // advancing a cursor (no divisions); past the block's last one, o0 ≥ nout.
+    struct Item { int64_t o0, t0; int c; };
+    auto advance = [&](Item& it) {
+        if (++it.c == chunks) {
+            it.c = 0, it.t0 += NT;
+            if (it.t0 >= tokens) it.t0 = 0, it.o0 += step;
+        }
+    };
+    // Item `it`'s copies into stage st, then a commit (an empty group past the last item, so that
+    // the group count, and with it cp_async_wait's meaning, is the same at every iteration).
+    auto issue = [&](const Item& it, int st) {
+        if (it.o0 < nout) {
+            const int c0 = it.c * KC;
+            const int pieces = (int)min64(KC, n - c0) * BITS / 8 / 16;  // per row; KCB / 16 but in the last chunk
+#pragma unroll 1
+            for (int e = tid; e < R * (KCB / 16); e += TILE_THREADS) {
+                const int r = e / (KCB / 16), k = e % (KCB / 16);
+                const bool ok = it.o0 + r < nout;
+                if (k < pieces)
+                    cp_async16(&code_s[st][r][16 * k], ok ? p.codes + (it.o0 + r) * p.row_bytes + c0 / 8 * BITS + 16 * k : p.codes, ok);
+            }
+            for (int e = tid; e < R * NL / 4; e += TILE_THREADS) {
+                const int r = e / (NL / 4), k = e % (NL / 4);
+                const bool ok = it.o0 + r < nout;
+                cp_async16(&table_s[st][r][4 * k], ok ? p.table + (it.o0 + r) * NL + 4 * k : p.table, ok);
+            }
+            const int col = c0 + tid * CPL;
+            if (col < n) {
+                const int grp = col / p.group;
+#pragma unroll
+                for (int r = 0; r < R; ++r) {
+                    const bool ok = it.o0 + r < nout;
+                    cp_async4(&scale_s[st][r][tid], ok ? p.scales + (it.o0 + r) * ng + grp : p.scales, ok);
+                }
+            }
+        }
+        cp_async_commit();
+    };
+
+    Item cur{(int64_t)blockIdx.x * R, 0, 0}, ahead = cur;  // computed now; copied next
+#pragma unroll
+    for (int st = 0; st < S - 1; ++st) issue(ahead, st), advance(ahead);
+    // x of the current item (xc) and of the next (xn), reloaded only when the chunk or tokens change.
+    Pack<T, XVW<T>> xc[NT][CPL / XVW<T>], xn[NT][CPL / XVW<T>];
+    if (tid * CPL < n) load_x_packs<T, NT, CPL>(x, n, 0, (int)min64(NT, tokens), tid * CPL, xc);
+    float acc[V];
+#pragma unroll
+    for (int i = 0; i < V; ++i) acc[i] = 0.0f;
+    int64_t done_o0 = -1, done_t0 = 0;  // the tile whose partials wait in red[buf ^ 1], if done_o0 ≥ 0
+    int buf = 0;
+    for (int st = 0; cur.o0 < nout; st = st + 1 == S ? 0 : st + 1) {  // st: the stage of cur
+        cp_async_wait<S - 2>();  // this thread's copies of cur are in
+        __syncthreads();         // everyone's are; the previous stage and red[buf ^ 1] are free to reuse / read
+        issue(ahead, st == 0 ? S - 1 : st - 1);
+        advance(ahead);
+        if (done_o0 >= 0) finish_partials<T, NT, R>(p, red[buf ^ 1], done_o0, done_t0, (int)min64(NT, tokens - done_t0));
+        done_o0 = -1;
+        Item nx = cur;
+        advance(nx);
+        const bool last = nx.c == 0;  // cur is the last chunk of its tile
+        const bool new_x = nx.o0 < nout && (nx.c != cur.c || nx.t0 != cur.t0);
+        const int col = cur.c * KC + tid * CPL, ncol = nx.c * KC + tid * CPL;
+        if (new_x && ncol < n) load_x_packs<T, NT, CPL>(x, n, nx.t0, (int)min64(NT, tokens - nx.t0), ncol, xn);
+        if (col < n) {
+            uint32_t cw[R][NWORDS];
+            float m[R];
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                load_codes<SB>(&code_s[st][r][tid * SB], cw[r]);
+                m[r] = scale_s[st][r][tid];
+            }
+            float xs[NT][CPL];
+            x_floats<T, NT, CPL>(xc, xs);
+            slice_dot<NT, BITS, CPL, R>(cw, m, xs, table_s[st], acc);
+        }
+        if (last) {
+            stash_partials<V>(acc, red[buf]);
+#pragma unroll
+            for (int i = 0; i < V; ++i) acc[i] = 0.0f;
+            done_o0 = cur.o0, done_t0 = cur.t0, buf ^= 1;
+        }
+        if (new_x) {
+#pragma unroll
+            for (int t = 0; t < NT; ++t)
+#pragma unroll
+                for (int v = 0; v < CPL / XVW<T>; ++v) xc[t][v] = xn[t][v];
+        }
+        cur = nx;
+    }
+    __syncthreads();
+    if (done_o0 >= 0) finish_partials<T, NT, R>(p, red[buf ^ 1], done_o0, done_t0, (int)min64(NT, tokens - done_t0));
+}
+
+// ---------------------------------------------------------------------------------------------
 // Dequantize, tiled: the kernel for aligned shapes (n and the group size multiples of 16, out 16-byte
 // aligned, the codes aligned to a slice's load width; rust/core/src/quant/cuda.rs). As the tiled
 // linear: DEQ_ROWS rows per block, the row split over the block's threads in slices of 16 columns,
@@ -886,6 +1048,18 @@ __device__ __forceinline__ void deq_tiled(const DeqParams& p) {
     LMKERN_QUANT_LINTILE(T, TN, BITS, 4, 8, 8, 2)   \
     LMKERN_QUANT_LINTILE(T, TN, BITS, 8, 8, 4, 2)
 
+// quant_linasync<BITS>_<t>_n<NT>: linear_async for 1 and 2 tokens (planned with
+// LMKERN_CUDA_QUANT_TUNE=lin=async until measured on a GPU): slices of 16, 3 stages, 4 rows per item
+// (2 for 8-bit codes: their 1 KB codebooks); rust/core/src/quant/cuda.rs, async_rows, must agree.
+#define LMKERN_QUANT_LINASYNC(T, TN, BITS, NT, MINB)                                                   \
+    extern "C" __global__ void __launch_bounds__(lmkern::quant::TILE_THREADS, MINB)                    \
+        quant_linasync##BITS##_##TN##_n##NT(const __grid_constant__ lmkern::quant::LinearParams p) {   \
+        lmkern::quant::linear_async<T, NT, BITS, 16, (BITS == 8 ? 2 : 4), 3>(p);                       \
+    }
+#define LMKERN_QUANT_LINASYNCS(T, TN, BITS) \
+    LMKERN_QUANT_LINASYNC(T, TN, BITS, 1, 3) \
+    LMKERN_QUANT_LINASYNC(T, TN, BITS, 2, 2)
+
 #define LMKERN_QUANT_DEQTILE(T, TN, BITS)                                                               \
     extern "C" __global__ void __launch_bounds__(lmkern::quant::TILE_THREADS)                         \
         quant_deqtile##BITS##_##TN(const __grid_constant__ lmkern::quant::DeqParams p) {              \
@@ -911,6 +1085,10 @@ __device__ __forceinline__ void deq_tiled(const DeqParams& p) {
     LMKERN_QUANT_LINTILES(T, TN, 3)                                                                              \
     LMKERN_QUANT_LINTILES(T, TN, 4)                                                                              \
     LMKERN_QUANT_LINTILES(T, TN, 8)                                                                              \
+    LMKERN_QUANT_LINASYNCS(T, TN, 2)                                                                             \
+    LMKERN_QUANT_LINASYNCS(T, TN, 3)                                                                             \
+    LMKERN_QUANT_LINASYNCS(T, TN, 4)                                                                             \
+    LMKERN_QUANT_LINASYNCS(T, TN, 8)                                                                             \
     LMKERN_QUANT_DEQTILE(T, TN, 2)                                                                               \
     LMKERN_QUANT_DEQTILE(T, TN, 3)                                                                               \
     LMKERN_QUANT_DEQTILE(T, TN, 4)                                                                               \
@@ -945,6 +1123,15 @@ LMKERN_QUANT_LINSTREAM_VARIANT(11, 1, 16, 8, 2)
 LMKERN_QUANT_LINSTREAM_VARIANT(12, 1, 8, 4, 3)
 LMKERN_QUANT_LINSTREAM_VARIANT(13, 1, 8, 8, 2)
 LMKERN_QUANT_LINSTREAM_VARIANT(14, 2, 8, 4, 2)
+// Asynchronous (linear_async) variants: (NT, CPL, R, stages, min blocks per SM).
+#define LMKERN_QUANT_LINASYNC_VARIANT(K, NT, CPL, R, S, MINB)                                           \
+    extern "C" __global__ void __launch_bounds__(lmkern::quant::TILE_THREADS, MINB)                    \
+        quant_lintile4_bf16_n##NT##_v##K(const __grid_constant__ lmkern::quant::LinearParams p) {      \
+        lmkern::quant::linear_async<__nv_bfloat16, NT, 4, CPL, R, S>(p);                               \
+    }
+// (lin=async itself is 4 rows of slices of 16 through 3 stages: quant_linasync4_bf16_n1, n2.)
+LMKERN_QUANT_LINASYNC_VARIANT(16, 1, 16, 2, 4, 3)
+LMKERN_QUANT_LINASYNC_VARIANT(17, 1, 8, 4, 4, 4)
 
 LMKERN_QUANT_ENTRIES(float, f32)
 LMKERN_QUANT_ENTRIES(__nv_bfloat16, bf16)

@@ -2,11 +2,13 @@
 # PowerQuantLinear on a GPU machine, in one short call (after benches/gpu/prepare.sh built dist/):
 #   run(command="bash benches/gpu/quant_sweep.sh", carry=["dist"])
 # installs the newest dist/lmkern-*.whl, runs the quantization tests under the `cuda` marker, then
-# benches/gpu/tune_quant.py for the default kernels (with the dense bf16 peer and the read floors)
-# and for the tuning variants of rust/core/src/quant/cuda.rs (TILE_VARIANTS) not yet settled, each
-# on the cases of its own token tile (1: table-last A/B; 9, 10: fewer rows per block; 11-14: the
-# streamed kernel, linear_stream), then the quant tests and timings once more
-# with the tiled dequantizer (LMKERN_CUDA_QUANT_TUNE=deq=tiled). About 2.5 minutes. Output:
+# benches/gpu/tune_quant.py for the default kernels (with the dense bf16 peer and the read floors);
+# the quant tests and timings with the cp.async linear (LMKERN_CUDA_QUANT_TUNE=lin=async: every
+# dtype and code width, 1 and 2 tokens); the tuning variants of rust/core/src/quant/cuda.rs
+# (TILE_VARIANTS) not yet settled, each on the cases of its own token tile (11-14: the streamed
+# kernel, linear_stream; 16-17: other shapes of the cp.async kernel; 1: table-last A/B) and the
+# linear tests under variant 11; then the quant tests and timings with the tiled dequantizer
+# (deq=tiled). Most wanted first, in case the call runs out of time. About 3.5 minutes. Output:
 # $OUT/quant_sweep.log (or benches/results/quant_sweep.log).
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/../.." || exit 1
@@ -20,12 +22,18 @@ PY=${PYTHON:-python3}
     "$PY" -m pip install -q --no-deps --no-index --force-reinstall --no-cache-dir "$whl" || echo "install failed"
     timeout -k 5 120 "$PY" -m pytest -m cuda -q -x -p no:cacheprovider tests/test_quant_cuda.py 2>&1 | tail -15
     timeout -k 5 60 "$PY" benches/gpu/tune_quant.py --peer || echo "default: rc=$?"
-    for v in 1 9 10 11 12 13; do
+    # The cp.async linear (off by default until this run has checked it): the quant tests with it,
+    # then the timings of every case (1 and 2 tokens take it).
+    echo "== LMKERN_CUDA_QUANT_TUNE=lin=async"
+    LMKERN_CUDA_QUANT_TUNE="lin=async" timeout -k 5 120 "$PY" -m pytest -m cuda -q -x -p no:cacheprovider \
+        tests/test_quant_cuda.py 2>&1 | tail -15
+    LMKERN_CUDA_QUANT_TUNE="lin=async" timeout -k 5 40 "$PY" benches/gpu/tune_quant.py || echo "lin=async: rc=$?"
+    for v in 11 12 13 16 17 1; do
         LMKERN_CUDA_QUANT_TUNE="variant=$v" timeout -k 5 40 "$PY" benches/gpu/tune_quant.py --tokens 1 || echo "variant $v: rc=$?"
     done
     LMKERN_CUDA_QUANT_TUNE="variant=14" timeout -k 5 40 "$PY" benches/gpu/tune_quant.py --tokens 2 || echo "variant 14: rc=$?"
-    # The streamed kernel's first run on hardware: the linear tests under two of its variants.
-    for v in 11 12; do
+    # The streamed kernel's first run on hardware: the linear tests under one of its variants.
+    for v in 11; do
         echo "== LMKERN_CUDA_QUANT_TUNE=variant=$v: linear tests"
         LMKERN_CUDA_QUANT_TUNE="variant=$v" timeout -k 5 60 "$PY" -m pytest -m cuda -q -x -p no:cacheprovider \
             -k "linear" tests/test_quant_cuda.py 2>&1 | tail -5

@@ -10,6 +10,10 @@
 //!   threads in slices of CPL columns, see [`tile_shape`]) when n and the group size are multiples of
 //!   CPL, x is 16-byte aligned and the codes are aligned to a slice's load width; else the generic
 //!   kernel (`quant_linear_*`: one warp per output row, 8 rows per block, any shape and alignment).
+//! - with LMKERN_CUDA_QUANT_TUNE=lin=async (until a GPU run has checked and timed it), 1 or 2
+//!   tokens and rows of whole 16-byte pieces take the cp.async kernel instead
+//!   (`quant_linasync<bits>_*`, [`linear_async_fits`]): a persistent grid of at most the resident
+//!   blocks, each taking [`async_rows`] rows by chunks of 4096 columns through 3 shared-memory stages.
 //! - dequantize: the row kernel; the tiled one (`quant_deqtile<bits>_*`, [`deq_tiled`]) only with
 //!   LMKERN_CUDA_QUANT_TUNE=deq=tiled until a GPU run has checked and timed it.
 //!
@@ -185,46 +189,62 @@ fn slice_load_width(cpl: usize, bits: usize) -> u64 {
 }
 
 /// A launch-shape variant of the bf16 4-bit linear, for tuning only: as cuda/quant.cu compiles it
-/// (LMKERN_QUANT_LINTILE_VARIANT, or LMKERN_QUANT_LINSTREAM_VARIANT when `stream`), with token tile
-/// `nt`, `cpl` columns per slice and `rows` output rows per block (per row tile when streamed).
+/// (LMKERN_QUANT_LINTILE_VARIANT, LMKERN_QUANT_LINSTREAM_VARIANT or LMKERN_QUANT_LINASYNC_VARIANT,
+/// after `kernel`), with token tile `nt`, `cpl` columns per slice and `rows` output rows per block
+/// (per row tile when the grid is persistent).
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Variant {
     k: usize,
     nt: usize,
     cpl: usize,
     rows: usize,
+    kernel: VariantKernel,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum VariantKernel {
+    /// linear_tiled: one block per row tile.
+    Tiled,
     /// linear_stream: a persistent grid, as many blocks as the GPU holds at once.
-    stream: bool,
+    Stream,
+    /// linear_async: a persistent grid fed by cp.async; whole 16-byte pieces of code rows and of
+    /// codebook rows (row_bytes and the pointers multiples of 16).
+    Async,
 }
 
-const fn tile_variant(k: usize, nt: usize, cpl: usize, rows: usize, stream: bool) -> Variant {
-    Variant { k, nt, cpl, rows, stream }
+const fn tile_variant(k: usize, nt: usize, cpl: usize, rows: usize, kernel: VariantKernel) -> Variant {
+    Variant { k, nt, cpl, rows, kernel }
 }
 
-const TILE_VARIANTS: [Variant; 14] = [
-    tile_variant(1, 1, 16, 16, false),
-    tile_variant(2, 1, 16, 32, false),
-    tile_variant(3, 1, 32, 16, false),
-    tile_variant(4, 1, 16, 16, false),
-    tile_variant(5, 1, 8, 16, false),
-    tile_variant(6, 4, 16, 8, false),
-    tile_variant(7, 8, 16, 4, false),
-    tile_variant(8, 8, 8, 4, false),
-    tile_variant(9, 1, 16, 8, false),
-    tile_variant(10, 1, 16, 4, false),
-    tile_variant(11, 1, 16, 8, true),
-    tile_variant(12, 1, 8, 4, true),
-    tile_variant(13, 1, 8, 8, true),
-    tile_variant(14, 2, 8, 4, true),
+use VariantKernel::{Async, Stream, Tiled};
+
+const TILE_VARIANTS: [Variant; 16] = [
+    tile_variant(1, 1, 16, 16, Tiled),
+    tile_variant(2, 1, 16, 32, Tiled),
+    tile_variant(3, 1, 32, 16, Tiled),
+    tile_variant(4, 1, 16, 16, Tiled),
+    tile_variant(5, 1, 8, 16, Tiled),
+    tile_variant(6, 4, 16, 8, Tiled),
+    tile_variant(7, 8, 16, 4, Tiled),
+    tile_variant(8, 8, 8, 4, Tiled),
+    tile_variant(9, 1, 16, 8, Tiled),
+    tile_variant(10, 1, 16, 4, Tiled),
+    tile_variant(11, 1, 16, 8, Stream),
+    tile_variant(12, 1, 8, 4, Stream),
+    tile_variant(13, 1, 8, 8, Stream),
+    tile_variant(14, 2, 8, 4, Stream),
+    tile_variant(16, 1, 16, 2, Async),
+    tile_variant(17, 1, 8, 4, Async),
 ];
 
 /// Tuning switches from LMKERN_CUDA_QUANT_TUNE (comma-separated, read once per process):
-/// `variant=<k>` (a [`TILE_VARIANTS`] entry for the linear) and `deq=tiled` (the tiled dequantizer,
-/// not planned by default until measured on a GPU).
+/// `variant=<k>` (a [`TILE_VARIANTS`] entry for the linear), `deq=tiled` (the tiled dequantizer)
+/// and `lin=async` (the cp.async linear), the last two not planned by default until measured on a GPU.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 struct Tune {
     variant: Option<Variant>,
     deq_tiled: bool,
+    lin_async: bool,
 }
 
 impl Tune {
@@ -236,6 +256,7 @@ impl Tune {
                     t.variant = v.parse::<usize>().ok().and_then(|k| TILE_VARIANTS.iter().copied().find(|e| e.k == k))
                 }
                 Some(("deq", "tiled")) => t.deq_tiled = true,
+                Some(("lin", "async")) => t.lin_async = true,
                 _ => {}
             }
         }
@@ -250,20 +271,69 @@ impl Tune {
 
 /// The tuning variant that replaces the default tiled kernel for this call, if one is asked for
 /// and fits (bf16, 4 bits, its token tile, its slice width).
-fn variant_for(dtype: DType, l: &LinearArgs, x: Ptr, codes: Ptr) -> Option<Variant> {
+fn variant_for(dtype: DType, l: &LinearArgs, x: Ptr, codes: Ptr, table: Ptr) -> Option<Variant> {
     let v = Tune::get().variant?;
     let fits = dtype == DType::BF16 && l.q.bits == 4 && token_tile(l.tokens) == v.nt && l.q.n.is_multiple_of(v.cpl)
-        && l.q.group.is_multiple_of(v.cpl) && x.is_multiple_of(16) && codes.is_multiple_of(16);
+        && l.q.group.is_multiple_of(v.cpl) && x.is_multiple_of(16) && codes.is_multiple_of(16)
+        && (v.kernel != Async || (l.q.row_bytes().is_multiple_of(16) && table.is_multiple_of(16)));
     fits.then_some(v)
 }
 
-pub(crate) fn plan_linear(dtype: DType, l: &LinearArgs, tiled: bool) -> Result<Plan> {
-    let t = type_suffix(dtype)?;
-    let nt = token_tile(l.tokens);
-    let (name, rows_per_block) = if tiled {
-        (format!("quant_lintile{}_{t}_n{nt}", l.q.bits), tile_shape(nt, l.q.bits).1)
+/// The linear kernels (cuda/quant.cu).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum LinearKernel {
+    /// `quant_linear_*`: any shape and alignment.
+    Generic,
+    /// `quant_lintile<bits>_*`: see [`tiled`].
+    Tiled,
+    /// `quant_linasync<bits>_*`: see [`linear_async_fits`]; its grid is at most the resident blocks
+    /// (the launcher clamps it).
+    Async,
+}
+
+/// The kernel a linear call takes.
+fn linear_kernel(q: &QuantArgs, tokens: usize, x: Ptr, codes: Ptr, table: Ptr) -> LinearKernel {
+    if Tune::get().lin_async && linear_async_fits(q, tokens, x, codes, table) {
+        LinearKernel::Async
+    } else if tiled(q, tokens, x, codes) {
+        LinearKernel::Tiled
     } else {
-        (format!("quant_linear_{t}_n{nt}"), BLOCK / 32)
+        LinearKernel::Generic
+    }
+}
+
+/// Columns per slice of linear_async (16: a chunk of 4096 columns per 256 threads).
+const ASYNC_CPL: usize = 16;
+
+/// Rows per item of linear_async (LMKERN_QUANT_LINASYNC in cuda/quant.cu): 4, or 2 for 8-bit codes,
+/// whose 1 KB codebooks would not fit three stages of 4 rows in 48 KB of shared memory.
+pub(crate) fn async_rows(bits: u32) -> usize {
+    if bits == 8 { 2 } else { 4 }
+}
+
+/// Whether linear_async applies: 1 or 2 tokens; n > 0 and the group size multiples of 16 (whole
+/// slices in one group); x 16-byte aligned; code rows, the codes and the codebooks in whole 16-byte
+/// pieces (cp.async copies 16 bytes at a time).
+pub(crate) fn linear_async_fits(q: &QuantArgs, tokens: usize, x: Ptr, codes: Ptr, table: Ptr) -> bool {
+    token_tile(tokens) <= 2
+        && q.n > 0
+        && q.n.is_multiple_of(ASYNC_CPL)
+        && q.group.is_multiple_of(ASYNC_CPL)
+        && q.row_bytes().is_multiple_of(16)
+        && x.is_multiple_of(16)
+        && codes.is_multiple_of(16)
+        && table.is_multiple_of(16)
+}
+
+/// The launch of `kernel`; for [`LinearKernel::Async`] the grid is one block per row tile, which
+/// the launcher clamps to the blocks the GPU holds at once.
+pub(crate) fn plan_linear(dtype: DType, l: &LinearArgs, kernel: LinearKernel) -> Result<Plan> {
+    let t = type_suffix(dtype)?;
+    let (nt, bits) = (token_tile(l.tokens), l.q.bits);
+    let (name, rows_per_block) = match kernel {
+        LinearKernel::Generic => (format!("quant_linear_{t}_n{nt}"), BLOCK / 32),
+        LinearKernel::Tiled => (format!("quant_lintile{bits}_{t}_n{nt}"), tile_shape(nt, bits).1),
+        LinearKernel::Async => (format!("quant_linasync{bits}_{t}_n{nt}"), async_rows(bits)),
     };
     Ok(Plan { name, grid: clamp_grid(l.q.rows.div_ceil(rows_per_block)), block: (BLOCK as u32, 1) })
 }
@@ -368,11 +438,15 @@ pub unsafe fn linear(
     if q.rows > i32::MAX as usize {
         return Err(Error::value(format!("codes: {} output rows exceed the 2^31-1 the CUDA kernels support", q.rows)));
     }
-    let mut plan = plan_linear(dtype, l, tiled(q, l.tokens, x, codes))?;
-    if let Some(v) = variant_for(dtype, l, x, codes) {
+    let kernel = linear_kernel(q, l.tokens, x, codes, table);
+    let mut plan = plan_linear(dtype, l, kernel)?;
+    if kernel == LinearKernel::Async {
+        plan.grid = plan.grid.min(clamp_grid(cuda::resident_blocks(ordinal, &plan.name, BLOCK as u32)?));
+    }
+    if let Some(v) = variant_for(dtype, l, x, codes, table) {
         plan.name = format!("quant_lintile4_bf16_n{}_v{}", v.nt, v.k);
         let tiles = q.rows.div_ceil(v.rows);
-        let blocks = if v.stream { tiles.min(cuda::resident_blocks(ordinal, &plan.name, BLOCK as u32)?) } else { tiles };
+        let blocks = if v.kernel != Tiled { tiles.min(cuda::resident_blocks(ordinal, &plan.name, BLOCK as u32)?) } else { tiles };
         plan.grid = clamp_grid(blocks);
     }
     let mut p = LinearParams {
@@ -410,6 +484,9 @@ mod tests {
                 v.push(format!("quant_linear_{t}_n{nt}"));
                 for bits in [2, 3, 4, 8] {
                     v.push(format!("quant_lintile{bits}_{t}_n{nt}"));
+                    if nt <= 2 {
+                        v.push(format!("quant_linasync{bits}_{t}_n{nt}"));
+                    }
                 }
             }
         }
@@ -450,25 +527,51 @@ mod tests {
         assert!(tiled(&QuantArgs { bits: 3, ..q }, 8, 256, 513)); // 3 bytes: byte loads
         assert!(!tiled(&QuantArgs { bits: 3, ..q }, 2, 256, 513));
         assert!(!tiled(&QuantArgs { bits: 8, ..q }, 1, 256, 520)); // 16 bytes: 16-byte loads
-        let p = plan_linear(DType::BF16, &l, true).unwrap();
+        use LinearKernel::{Async, Generic, Tiled};
+        let p = plan_linear(DType::BF16, &l, Tiled).unwrap();
         assert_eq!((p.name.as_str(), p.grid, p.block), ("quant_lintile4_bf16_n1", 256, (256, 1)));
-        let p = plan_linear(DType::F32, &LinearArgs { q, tokens: 5 }, true).unwrap();
+        let p = plan_linear(DType::F32, &LinearArgs { q, tokens: 5 }, Tiled).unwrap();
         assert_eq!((p.name.as_str(), p.grid), ("quant_lintile4_f32_n8", 1024));
-        let p = plan_linear(DType::BF16, &LinearArgs { q: QuantArgs { bits: 8, ..q }, tokens: 2 }, true).unwrap();
+        let p = plan_linear(DType::BF16, &LinearArgs { q: QuantArgs { bits: 8, ..q }, tokens: 2 }, Tiled).unwrap();
         assert_eq!((p.name.as_str(), p.grid), ("quant_lintile8_bf16_n2", 512)); // 8 rows per block
-        let p = plan_linear(DType::BF16, &l, false).unwrap();
+        let p = plan_linear(DType::BF16, &l, Generic).unwrap();
         assert_eq!((p.name.as_str(), p.grid), ("quant_linear_bf16_n1", 512));
+        let p = plan_linear(DType::BF16, &l, Async).unwrap();
+        assert_eq!((p.name.as_str(), p.grid), ("quant_linasync4_bf16_n1", 1024)); // before the resident clamp
+        let p = plan_linear(DType::F16, &LinearArgs { q: QuantArgs { bits: 8, ..q }, tokens: 2 }, Async).unwrap();
+        assert_eq!((p.name.as_str(), p.grid), ("quant_linasync8_f16_n2", 2048));
         let names = all_kernel_names();
         for bits in [2, 3, 4, 8] {
             for tokens in 0..40 {
-                for fast in [false, true] {
-                    let p = plan_linear(DType::F16, &LinearArgs { q: QuantArgs { bits, ..q }, tokens }, fast).unwrap();
+                for kernel in [Generic, Tiled, Async] {
+                    if kernel == Async && token_tile(tokens) > 2 {
+                        continue;
+                    }
+                    let p = plan_linear(DType::F16, &LinearArgs { q: QuantArgs { bits, ..q }, tokens }, kernel).unwrap();
                     assert!(names.contains(&p.name), "{p:?}");
                 }
             }
         }
         assert_eq!(token_tile(3), 4);
         assert_eq!(token_tile(9), 8);
+    }
+
+    #[test]
+    fn linear_async_needs_whole_pieces() {
+        let q = QuantArgs { bits: 4, rows: 7, n: 4096, group: 128, clip: 1.0 };
+        assert!(linear_async_fits(&q, 1, 256, 512, 1024));
+        assert!(linear_async_fits(&q, 2, 256, 512, 1024));
+        assert!(!linear_async_fits(&q, 3, 256, 512, 1024)); // token tile 4
+        assert!(!linear_async_fits(&q, 1, 264, 512, 1024)); // x
+        assert!(!linear_async_fits(&q, 1, 256, 520, 1024)); // codes
+        assert!(!linear_async_fits(&q, 1, 256, 512, 1032)); // codebooks
+        assert!(!linear_async_fits(&QuantArgs { n: 4080, group: 16, ..q }, 1, 256, 512, 1024)); // 2040-byte rows
+        assert!(linear_async_fits(&QuantArgs { n: 4064, group: 32, ..q }, 1, 256, 512, 1024)); // 2032-byte rows
+        assert!(!linear_async_fits(&QuantArgs { n: 4096, group: 8, ..q }, 1, 256, 512, 1024)); // slices span groups
+        assert!(!linear_async_fits(&QuantArgs { n: 0, group: 1, ..q }, 1, 256, 512, 1024));
+        assert!(linear_async_fits(&QuantArgs { bits: 3, n: 4096, ..q }, 1, 256, 512, 1024)); // 1536-byte rows
+        assert!(!linear_async_fits(&QuantArgs { bits: 3, n: 4080, group: 16, ..q }, 1, 256, 512, 1024)); // 1530
+        assert_eq!((async_rows(4), async_rows(8)), (4, 2));
     }
 
     #[test]
@@ -486,8 +589,11 @@ mod tests {
     fn tune_parses_switches() {
         assert_eq!(Tune::parse(""), Tune::default());
         let t = Tune::parse("variant=4, deq=tiled");
-        assert_eq!(t.variant, Some(tile_variant(4, 1, 16, 16, false)));
-        assert_eq!(Tune::parse("variant=12").variant, Some(tile_variant(12, 1, 8, 4, true)));
+        assert_eq!(t.variant, Some(tile_variant(4, 1, 16, 16, Tiled)));
+        assert_eq!(Tune::parse("variant=12").variant, Some(tile_variant(12, 1, 8, 4, Stream)));
+        assert_eq!(Tune::parse("variant=17").variant, Some(tile_variant(17, 1, 8, 4, VariantKernel::Async)));
+        assert_eq!(Tune::parse("variant=15").variant, None); // lin=async's own shape, not a variant
+        assert!(Tune::parse("deq=tiled, lin=async").lin_async && !Tune::parse("lin=tiled").lin_async);
         assert!(t.deq_tiled);
         assert_eq!(Tune::parse("variant=99,deq=rows,junk"), Tune::default());
     }
