@@ -235,6 +235,55 @@ def test_linear_gemv_target_shape_and_determinism():
         assert torch.equal(y, torch.ops.lmkern.power_quant_linear(x, q.codes, q.scales, table, None, 4, 128, 4096))
 
 
+ASYNC_SCRIPT = r"""
+import math, sys
+import torch
+from torch.profiler import ProfilerActivity, profile
+from lmkern.nn import PowerQuantLinear
+
+F64 = torch.float64
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+bad = []
+# (in, out, group): one chunk of 4096 columns and fewer slices than threads; two chunks, the second
+# of 256 columns, and a partial row tile; three chunks (8448 = 4096 + 4096 + 256), group = row.
+for in_f, out_f, g in [(256, 96, 32), (4352, 21, 64), (8448, 6, 8448)]:
+    for bits in (2, 3, 4, 8):
+        torch.manual_seed(bits)
+        lin = torch.nn.Linear(in_f, out_f)
+        mod = PowerQuantLinear.from_linear(lin, bits, g, a=torch.linspace(0.4, 1.0, out_f)).to("cuda")
+        w = mod.dequantized_weight().cpu().to(F64)
+        for dtype in TOL:
+            for tokens in (1, 2, 5):  # 5: the tiled kernel (token tile 8), as a control
+                x = torch.randn(tokens, in_f, dtype=F64).to(dtype)
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    y = mod(x.cuda())
+                    torch.cuda.synchronize()
+                names = {e.key for e in prof.key_averages()}
+                used = any(k.startswith(f"quant_linasync{bits}_") for k in names)
+                if used != (tokens <= 2):
+                    bad.append(f"{in_f}x{out_f} g{g} {bits}-bit {dtype} tokens={tokens}: linasync used={used}")
+                ref = x.to(F64) @ w.T + mod.bias.detach().cpu().to(F64)
+                err = ((y.cpu().to(F64) - ref).norm() / ref.norm()).item()
+                if not err <= TOL[dtype]:
+                    bad.append(f"{in_f}x{out_f} g{g} {bits}-bit {dtype} tokens={tokens}: rel err {err:.3g}")
+print("\n".join(bad) or "ok")
+sys.exit(1 if bad else 0)
+"""
+
+
+def test_linear_async_kernel():
+    """The cp.async linear (linear_async), planned only with LMKERN_CUDA_QUANT_TUNE=lin=async until a
+    GPU has timed it; the switch is read once per process, hence the subprocess. Every code width and
+    dtype at 1 and 2 tokens takes it (the profiler shows its kernel) and matches the float64 product."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, LMKERN_CUDA_QUANT_TUNE="lin=async")
+    r = subprocess.run([sys.executable, "-c", ASYNC_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+
+
 def test_linear_misaligned_inputs_use_the_generic_kernel():
     mod = PowerQuantLinear.from_linear(_linear(128, 16, False, 9), 4, 32, a=0.6).to("cuda")
     flat = randn((2 * 128 + 1,), BF16, 3, device="cuda")
