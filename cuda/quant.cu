@@ -105,11 +105,14 @@ struct LinearParams {
     int32_t group;
     int32_t bits;
     int32_t row_bytes;
-    int32_t pad_;
+    int32_t flags;  // LINEAR_PDL or 0
 };
 static_assert(sizeof(LinearParams) == 80, "LinearParams layout must match the Rust mirror");
 static_assert(offsetof(LinearParams, table) == 24 && offsetof(LinearParams, tokens) == 48,
               "LinearParams layout must match the Rust mirror");
+
+// LinearParams.flags: launched with programmatic dependent launch (rust/core/src/quant/cuda.rs).
+constexpr int LINEAR_PDL = 1;
 
 constexpr int MAX_SLOTS = 8;     // row slots per block (RY)
 constexpr int MAX_LEVELS = 256;  // 2^8 table entries
@@ -839,8 +842,8 @@ __device__ __forceinline__ void linear_stream(const LinearParams& p) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Linear, asynchronous (a tuning variant until measured on a GPU): the streamed kernel's persistent
-// grid, with the codes, scales and codebooks brought into shared memory by cp.async through S
+// Linear, asynchronous (planned only with LMKERN_CUDA_QUANT_TUNE=lin=async until measured on a
+// GPU; rust/core/src/quant/cuda.rs): the streamed kernel's persistent grid, with the codes, scales and codebooks brought into shared memory by cp.async through S
 // stages, so S − 1 items are in flight while the block looks one up, without holding them in
 // registers. An item is R rows × one chunk of KC = TILE_THREADS·CPL columns (thread i owns slice i
 // of the chunk, as in the tiled kernel) × NT tokens; a block takes the row tiles blockIdx.x +
@@ -850,7 +853,9 @@ __device__ __forceinline__ void linear_stream(const LinearParams& p) {
 // Rows past out_features are zero-filled (zero scales and codebooks: they add nothing), and their
 // sums are not stored. One barrier per item: it makes the item's copies visible, frees the stage
 // the next copies go to, and publishes the previous tile's partials (written to `red` double
-// buffered), which are then stored one item late.
+// buffered), which are then stored one item late. Launched with programmatic dependent launch
+// (flags & LINEAR_PDL, sm_90+), it may start before the previous kernel ends: it then only
+// prefetches its first codes into L2 until griddep_wait.
 // ---------------------------------------------------------------------------------------------
 template <typename T, int NT, int BITS, int CPL, int R, int S>
 __device__ __forceinline__ void linear_async(const LinearParams& p) {
@@ -868,6 +873,7 @@ __device__ __forceinline__ void linear_async(const LinearParams& p) {
     const int n = p.in_features, ng = n / p.group, nout = p.out_features;
     const int chunks = n > 0 ? (n + KC - 1) / KC : 1;  // n = 0: one empty chunk, y = bias
     const int64_t tokens = p.tokens, step = (int64_t)gridDim.x * R;
+    griddep_launch_dependents();  // with PDL, the next kernel may start its prologue as our blocks retire
     if ((int64_t)blockIdx.x * R >= nout) return;  // the whole block: no barrier is skipped by part of it
 
     // An item: rows o0.., tokens t0.., chunk c (columns c·KC..); a block's items in order, by
@@ -911,6 +917,19 @@ __device__ __forceinline__ void linear_async(const LinearParams& p) {
     };
 
     Item cur{(int64_t)blockIdx.x * R, 0, 0}, ahead = cur;  // computed now; copied next
+    if (p.flags & LINEAR_PDL) {
+        // Launched before the previous kernel has finished: meanwhile, the first items' codes into
+        // L2. Only a prefetch (they may be that kernel's output); nothing is read before the wait.
+        Item it = cur;
+        for (int j = 0; j < S - 1 && it.o0 < nout; ++j, advance(it)) {
+            const int c0 = it.c * KC, lines = ((int)min64(KC, n - c0) * BITS / 8 + 127) / 128;  // per row
+            for (int e = tid; e < R * lines; e += TILE_THREADS) {
+                const int r = e / lines;
+                if (it.o0 + r < nout) prefetch_l2(p.codes + (it.o0 + r) * p.row_bytes + c0 / 8 * BITS + 128 * (e % lines));
+            }
+        }
+    }
+    griddep_wait();  // the previous kernel's writes (x, maybe the codes) are visible, its reads of y done
 #pragma unroll
     for (int st = 0; st < S - 1; ++st) issue(ahead, st), advance(ahead);
     // x of the current item (xc) and of the next (xn), reloaded only when the chunk or tokens change.

@@ -266,20 +266,64 @@ for in_f, out_f, g in [(256, 96, 32), (4352, 21, 64), (8448, 6, 8448)]:
                 err = ((y.cpu().to(F64) - ref).norm() / ref.norm()).item()
                 if not err <= TOL[dtype]:
                     bad.append(f"{in_f}x{out_f} g{g} {bits}-bit {dtype} tokens={tokens}: rel err {err:.3g}")
+# Kernels that depend on the one before (with pdl=1 each may start before it ends): a chain of
+# linears, each reading the previous one's output, eagerly and replayed from a CUDA graph; and a
+# linear right after the quantization that writes its codes.
+torch.manual_seed(7)
+mods = [PowerQuantLinear.from_linear(torch.nn.Linear(512, 512), 4, 128, a=0.7).to("cuda") for _ in range(4)]
+x0 = torch.randn(1, 512).to(torch.bfloat16).cuda()
+def chain(x):
+    for m in mods:
+        x = m(x)
+    return x
+want = x0.cpu().to(F64)
+for m in mods:
+    want = (want @ m.dequantized_weight().cpu().to(F64).T + m.bias.detach().cpu().to(F64)).to(torch.bfloat16).to(F64)
+for how in ("eager", "graph"):
+    if how == "eager":
+        got = chain(x0)
+    else:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            chain(x0)
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            got = chain(x0)
+        graph.replay()
+    torch.cuda.synchronize()
+    err = ((got.cpu().to(F64) - want).norm() / want.norm()).item()
+    if not err <= 2e-2:
+        bad.append(f"chain of 4 linears ({how}): rel err {err:.3g}")
+from lmkern.quant import power_dequantize, power_quantize
+for seed in range(3):
+    w = torch.randn(384, 4096, device="cuda") * (seed + 1)
+    q = power_quantize(w, 0.6, 4, 128)
+    table = torch.ops.lmkern.power_codebook(q.exponent, 4)
+    x = torch.randn(1, 4096, device="cuda").to(torch.bfloat16)
+    y = torch.ops.lmkern.power_quant_linear(x, q.codes, q.scales, table, None, 4, 128, 4096)
+    ref = x.cpu().to(F64) @ power_dequantize(q).cpu().to(F64).T
+    err = ((y.cpu().to(F64) - ref).norm() / ref.norm()).item()
+    if not err <= 1e-2:
+        bad.append(f"linear right after quantize (seed {seed}): rel err {err:.3g}")
 print("\n".join(bad) or "ok")
 sys.exit(1 if bad else 0)
 """
 
 
-def test_linear_async_kernel():
+@pytest.mark.parametrize("tune", ["lin=async", "lin=async,pdl=1"])
+def test_linear_async_kernel(tune):
     """The cp.async linear (linear_async), planned only with LMKERN_CUDA_QUANT_TUNE=lin=async until a
-    GPU has timed it; the switch is read once per process, hence the subprocess. Every code width and
-    dtype at 1 and 2 tokens takes it (the profiler shows its kernel) and matches the float64 product."""
+    GPU has timed it, and with pdl=1 launched with programmatic dependent launch; the switches are read
+    once per process, hence the subprocess. Every code width and dtype at 1 and 2 tokens takes it (the
+    profiler shows its kernel) and matches the float64 product; so do kernels that read what the one
+    before them wrote (a chain of linears, eager and in a CUDA graph; a linear after a quantize)."""
     import os
     import subprocess
     import sys
 
-    env = dict(os.environ, LMKERN_CUDA_QUANT_TUNE="lin=async")
+    env = dict(os.environ, LMKERN_CUDA_QUANT_TUNE=tune)
     r = subprocess.run([sys.executable, "-c", ASYNC_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
 

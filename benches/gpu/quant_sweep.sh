@@ -4,7 +4,8 @@
 # installs the newest dist/lmkern-*.whl, runs the quantization tests under the `cuda` marker, then
 # benches/gpu/tune_quant.py for the default kernels (with the dense bf16 peer and the read floors);
 # the quant tests and timings with the cp.async linear (LMKERN_CUDA_QUANT_TUNE=lin=async: every
-# dtype and code width, 1 and 2 tokens); the tuning variants of rust/core/src/quant/cuda.rs
+# dtype and code width, 1 and 2 tokens), and its 1- and 2-token timings once more launched with PDL
+# (pdl=1); the tuning variants of rust/core/src/quant/cuda.rs
 # (TILE_VARIANTS) not yet settled, each on the cases of its own token tile (11-14: the streamed
 # kernel, linear_stream; 16-17: other shapes of the cp.async kernel; 1: table-last A/B) and the
 # linear tests under variant 11; then the quant tests and timings with the tiled dequantizer
@@ -28,6 +29,9 @@ PY=${PYTHON:-python3}
     LMKERN_CUDA_QUANT_TUNE="lin=async" timeout -k 5 120 "$PY" -m pytest -m cuda -q -x -p no:cacheprovider \
         tests/test_quant_cuda.py 2>&1 | tail -15
     LMKERN_CUDA_QUANT_TUNE="lin=async" timeout -k 5 40 "$PY" benches/gpu/tune_quant.py || echo "lin=async: rc=$?"
+    # The same launched with programmatic dependent launch (each call's first codes into L2 while
+    # the call before it finishes; its correctness test ran in the tests above).
+    LMKERN_CUDA_QUANT_TUNE="lin=async,pdl=1" timeout -k 5 40 "$PY" benches/gpu/tune_quant.py --peer --tokens 1,2 || echo "pdl: rc=$?"
     for v in 11 12 13 16 17 1; do
         LMKERN_CUDA_QUANT_TUNE="variant=$v" timeout -k 5 40 "$PY" benches/gpu/tune_quant.py --tokens 1 || echo "variant $v: rc=$?"
     done

@@ -261,6 +261,12 @@ inline void cp_async_wait() {
     }
 }
 
+// One kernel at a time: programmatic dependent launch has nothing to wait for. prefetch_l2 reads
+// the byte, so that a wild address at least faults here.
+inline void griddep_wait() {}
+inline void griddep_launch_dependents() {}
+inline void prefetch_l2(const void* p) { (void)*static_cast<const volatile unsigned char*>(p); }
+
 template <typename T>
 inline T* dynamic_smem() {
     return reinterpret_cast<T*>(::emu::block().dynamic_smem.data());

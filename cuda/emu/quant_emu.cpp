@@ -424,7 +424,7 @@ static void run_case(const Kernels& K, const Case& c, const Shape* override_shap
 template <typename T>
 static void run_linear(const Kernels& K, size_t nout, size_t n, size_t g, int bits, size_t tokens, bool bias,
                        bool misalign, unsigned grid_override, bool generic_too = true, bool force_generic = false,
-                       LinFn variant = nullptr, size_t variant_rows = 0) {
+                       LinFn variant = nullptr, size_t variant_rows = 0, int flags = 0) {
     const size_t rb = (n * bits + 7) / 8, ng = n / g;
     const size_t mis = misalign ? sizeof(T) : 0;
     const size_t nl = (size_t)1 << bits;
@@ -459,7 +459,7 @@ static void run_linear(const Kernels& K, size_t nout, size_t n, size_t g, int bi
     LinearParams lp{};
     lp.x = x.ptr(), lp.codes = codes.as<uint8_t>(), lp.scales = scales.as<float>(), lp.table = table.as<float>();
     lp.bias = bias ? b.as<float>() : nullptr, lp.y = y.ptr(), lp.tokens = (int64_t)tokens, lp.out_features = (int32_t)nout;
-    lp.in_features = (int32_t)n, lp.group = (int32_t)g, lp.bits = bits, lp.row_bytes = (int32_t)rb;
+    lp.in_features = (int32_t)n, lp.group = (int32_t)g, lp.bits = bits, lp.row_bytes = (int32_t)rb, lp.flags = flags;
     const size_t rpb = variant ? variant_rows : use_tile ? rows_per_block : 8;
     const unsigned grid = grid_override ? grid_override : (unsigned)((nout + rpb - 1) / rpb);
     LinFn f = variant ? variant : use_tile ? K.tile[bits][nt] : K.lin[nt];
@@ -502,11 +502,12 @@ static bool async_fits(size_t n, size_t g, int bits) { return n % 16 == 0 && g %
 
 // linear_async with `tokens` tokens on a grid of `grid` blocks (the launcher's is the row tiles or
 // the resident blocks, whichever is fewer): 1 and 2 tokens take the kernel of that token tile, more
-// take the 2-token one over several token tiles.
+// take the 2-token one over several token tiles. Odd grids as if launched with PDL (the L2 prefetch
+// of the first items, whose addresses the emulator touches).
 template <typename T>
 static void run_async(const Kernels& K, size_t nout, size_t n, size_t g, int bits, size_t tokens, unsigned grid) {
     run_linear<T>(K, nout, n, g, bits, tokens, tokens % 2 == 1, false, grid, false, false, K.lasync[bits][tokens == 1 ? 1 : 2],
-                  bits == 8 ? 2 : 4);
+                  bits == 8 ? 2 : 4, grid % 2 == 1 ? lmkern::quant::LINEAR_PDL : 0);
 }
 
 template <typename T>

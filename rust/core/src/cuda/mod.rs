@@ -302,6 +302,65 @@ pub unsafe fn launch(
     })
 }
 
+/// As [`launch_struct`], with programmatic dependent launch (PDL) allowed: the kernel may start
+/// while the previous kernel in the stream is still running, so it must call griddep_wait
+/// (cuda/common.cuh) before it touches memory that kernel may use, and only prefetch into L2 before
+/// that. Needs compute capability 9.0 ([`supports_pdl`]).
+///
+/// # Safety
+/// As [`launch_struct`]; and the kernel keeps the rule above.
+pub(crate) unsafe fn launch_struct_pdl<P>(ordinal: usize, stream: u64, name: &str, cfg: LaunchConfig, params: &mut P) -> Result<()> {
+    let (g, b) = (cfg.grid, cfg.block);
+    if g.0 == 0 || g.1 == 0 || g.2 == 0 || b.0 == 0 || b.1 == 0 || b.2 == 0 || b.0 * b.1 * b.2 > 1024 || cfg.shared_mem > MAX_DEFAULT_SHARED_MEM {
+        return Err(Error::cuda(format!("{name}: invalid launch configuration grid {g:?} block {b:?}, {} bytes shared", cfg.shared_mem)));
+    }
+    let dev = device(ordinal)?;
+    let mut args: [*mut c_void; 1] = [params as *mut P as *mut c_void];
+    fenced(name, || {
+        let _bound = CurrentContext::bind(dev.ctx.cu_ctx(), name)?;
+        let f = dev.function(name)?;
+        // SAFETY: an all-zero CUlaunchAttribute is valid C data (id 0, value bytes 0); the id and
+        // the union member for it are set next.
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let config = sys::CUlaunchConfig {
+            gridDimX: g.0,
+            gridDimY: g.1,
+            gridDimZ: g.2,
+            blockDimX: b.0,
+            blockDimY: b.1,
+            blockDimZ: b.2,
+            sharedMemBytes: cfg.shared_mem,
+            hStream: stream as usize as sys::CUstream,
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        // SAFETY: `config` and `attr` outlive the call (the driver copies them); f is a kernel of
+        // the loaded module; `args` holds one pointer to the kernel's single parameter struct, as
+        // the caller promises it matches; the rest is the caller's contract.
+        unsafe { sys::cuLaunchKernelEx(&config, f.0, args.as_mut_ptr(), std::ptr::null_mut()) }.result().map_err(|e| {
+            Error::cuda(format!("{name}: launch (PDL) on CUDA device {ordinal} failed (grid {g:?}, block {b:?}): {e}"))
+        })
+    })
+}
+
+/// Whether device `ordinal` takes programmatic dependent launches (compute capability 9.0 or
+/// later). Cached per device.
+pub(crate) fn supports_pdl(ordinal: usize) -> Result<bool> {
+    static CACHE: Mutex<Vec<(usize, bool)>> = Mutex::new(Vec::new());
+    if let Some((_, v)) = CACHE.lock().unwrap_or_else(|e| e.into_inner()).iter().find(|(o, _)| *o == ordinal) {
+        return Ok(*v);
+    }
+    let dev = device(ordinal)?;
+    let major = dev
+        .ctx
+        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
+        .map_err(|e| Error::cuda(format!("CUDA device {ordinal}: cannot read its compute capability: {e}")))?;
+    CACHE.lock().unwrap_or_else(|e| e.into_inner()).push((ordinal, major >= 9));
+    Ok(major >= 9)
+}
+
 /// How many blocks of `threads` threads of kernel `name` the device `ordinal` holds at once (SMs ×
 /// resident blocks per SM, with no dynamic shared memory): the grid of a persistent kernel.
 /// Cached per (device, kernel).

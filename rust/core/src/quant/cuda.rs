@@ -95,8 +95,14 @@ struct LinearParams {
     group: i32,
     bits: i32,
     row_bytes: i32,
-    pad: i32,
+    /// LINEAR_PDL or 0.
+    flags: i32,
 }
+
+/// LinearParams.flags: launched with programmatic dependent launch (LINEAR_PDL in cuda/quant.cu):
+/// linear_async then prefetches its first items' codes into L2 before it waits for the previous
+/// kernel.
+const LINEAR_PDL: i32 = 1;
 
 const _: () = {
     use std::mem::{offset_of, size_of};
@@ -238,13 +244,15 @@ const TILE_VARIANTS: [Variant; 16] = [
 ];
 
 /// Tuning switches from LMKERN_CUDA_QUANT_TUNE (comma-separated, read once per process):
-/// `variant=<k>` (a [`TILE_VARIANTS`] entry for the linear), `deq=tiled` (the tiled dequantizer)
-/// and `lin=async` (the cp.async linear), the last two not planned by default until measured on a GPU.
+/// `variant=<k>` (a [`TILE_VARIANTS`] entry for the linear), `deq=tiled` (the tiled dequantizer),
+/// `lin=async` (the cp.async linear) and `pdl=1` (launch it with programmatic dependent launch on
+/// sm_90+, see [`cuda::launch_struct_pdl`]), none planned by default until measured on a GPU.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 struct Tune {
     variant: Option<Variant>,
     deq_tiled: bool,
     lin_async: bool,
+    pdl: bool,
 }
 
 impl Tune {
@@ -257,6 +265,7 @@ impl Tune {
                 }
                 Some(("deq", "tiled")) => t.deq_tiled = true,
                 Some(("lin", "async")) => t.lin_async = true,
+                Some(("pdl", "1")) => t.pdl = true,
                 _ => {}
             }
         }
@@ -443,12 +452,15 @@ pub unsafe fn linear(
     if kernel == LinearKernel::Async {
         plan.grid = plan.grid.min(clamp_grid(cuda::resident_blocks(ordinal, &plan.name, BLOCK as u32)?));
     }
+    let mut is_async = kernel == LinearKernel::Async;
     if let Some(v) = variant_for(dtype, l, x, codes, table) {
         plan.name = format!("quant_lintile4_bf16_n{}_v{}", v.nt, v.k);
         let tiles = q.rows.div_ceil(v.rows);
         let blocks = if v.kernel != Tiled { tiles.min(cuda::resident_blocks(ordinal, &plan.name, BLOCK as u32)?) } else { tiles };
         plan.grid = clamp_grid(blocks);
+        is_async = v.kernel == VariantKernel::Async;
     }
+    let pdl = is_async && Tune::get().pdl && cuda::supports_pdl(ordinal)?;
     let mut p = LinearParams {
         x,
         codes,
@@ -462,9 +474,13 @@ pub unsafe fn linear(
         group: q.group as i32,
         bits: q.bits as i32,
         row_bytes: q.row_bytes() as i32,
-        pad: 0,
+        flags: if pdl { LINEAR_PDL } else { 0 },
     };
-    launch_with(ordinal, stream, &plan, &mut p)
+    if pdl {
+        cuda::launch_struct_pdl(ordinal, stream, &plan.name, plan.config(), &mut p)
+    } else {
+        launch_with(ordinal, stream, &plan, &mut p)
+    }
 }
 
 #[cfg(test)]
@@ -595,6 +611,8 @@ mod tests {
         assert_eq!(Tune::parse("variant=15").variant, None); // lin=async's own shape, not a variant
         assert!(Tune::parse("deq=tiled, lin=async").lin_async && !Tune::parse("lin=tiled").lin_async);
         assert!(t.deq_tiled);
+        let a = Tune::parse("lin=async,pdl=1");
+        assert!(a.lin_async && a.pdl && !a.deq_tiled && !Tune::parse("pdl=0").pdl);
         assert_eq!(Tune::parse("variant=99,deq=rows,junk"), Tune::default());
     }
 
