@@ -10,7 +10,7 @@
 //!   threads in slices of CPL columns, see [`tile_shape`]) when n and the group size are multiples of
 //!   CPL, x is 16-byte aligned and the codes are aligned to a slice's load width; else the generic
 //!   kernel (`quant_linear_*`: one warp per output row, 8 rows per block, any shape and alignment).
-//! - with LMKERN_CUDA_QUANT_TUNE=lin=async (until a GPU run has checked and timed it), 1 or 2
+//! - with LMKERN_CUDA_QUANT_TUNE=lin=async ([`ASYNC_BY_DEFAULT`] until a GPU run has timed it), 1 or 2
 //!   tokens and rows of whole 16-byte pieces take the cp.async kernel instead
 //!   (`quant_linasync<bits>_*`, [`linear_async_fits`]): a persistent grid of at most the resident
 //!   blocks, each taking [`async_rows`] rows by chunks of 4096 columns through 3 shared-memory stages.
@@ -243,16 +243,24 @@ const TILE_VARIANTS: [Variant; 16] = [
     tile_variant(17, 1, 8, 4, Async),
 ];
 
+/// Whether 1- and 2-token linears take the cp.async kernel where it fits ([`linear_async_fits`]),
+/// and launch it with programmatic dependent launch on sm_90+ ([`cuda::launch_struct_pdl`]), when
+/// LMKERN_CUDA_QUANT_TUNE does not say: off until a GPU run has timed them against the tiled kernel
+/// (benches/gpu/quant_sweep.sh).
+const ASYNC_BY_DEFAULT: bool = false;
+const PDL_BY_DEFAULT: bool = false;
+
 /// Tuning switches from LMKERN_CUDA_QUANT_TUNE (comma-separated, read once per process):
-/// `variant=<k>` (a [`TILE_VARIANTS`] entry for the linear), `deq=tiled` (the tiled dequantizer),
-/// `lin=async` (the cp.async linear) and `pdl=1` (launch it with programmatic dependent launch on
-/// sm_90+, see [`cuda::launch_struct_pdl`]), none planned by default until measured on a GPU.
+/// `variant=<k>` (a [`TILE_VARIANTS`] entry for the linear), `deq=tiled` (the tiled dequantizer,
+/// not planned by default until measured on a GPU), `lin=async` / `lin=tiled` (the cp.async linear
+/// or not) and `pdl=1` / `pdl=0` (with programmatic dependent launch or not), the last two
+/// overriding [`ASYNC_BY_DEFAULT`] and [`PDL_BY_DEFAULT`].
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 struct Tune {
     variant: Option<Variant>,
     deq_tiled: bool,
-    lin_async: bool,
-    pdl: bool,
+    lin_async: Option<bool>,
+    pdl: Option<bool>,
 }
 
 impl Tune {
@@ -264,8 +272,10 @@ impl Tune {
                     t.variant = v.parse::<usize>().ok().and_then(|k| TILE_VARIANTS.iter().copied().find(|e| e.k == k))
                 }
                 Some(("deq", "tiled")) => t.deq_tiled = true,
-                Some(("lin", "async")) => t.lin_async = true,
-                Some(("pdl", "1")) => t.pdl = true,
+                Some(("lin", "async")) => t.lin_async = Some(true),
+                Some(("lin", "tiled")) => t.lin_async = Some(false),
+                Some(("pdl", "1")) => t.pdl = Some(true),
+                Some(("pdl", "0")) => t.pdl = Some(false),
                 _ => {}
             }
         }
@@ -302,7 +312,7 @@ pub(crate) enum LinearKernel {
 
 /// The kernel a linear call takes.
 fn linear_kernel(q: &QuantArgs, tokens: usize, x: Ptr, codes: Ptr, table: Ptr) -> LinearKernel {
-    if Tune::get().lin_async && linear_async_fits(q, tokens, x, codes, table) {
+    if Tune::get().lin_async.unwrap_or(ASYNC_BY_DEFAULT) && linear_async_fits(q, tokens, x, codes, table) {
         LinearKernel::Async
     } else if tiled(q, tokens, x, codes) {
         LinearKernel::Tiled
@@ -460,7 +470,7 @@ pub unsafe fn linear(
         plan.grid = clamp_grid(blocks);
         is_async = v.kernel == VariantKernel::Async;
     }
-    let pdl = is_async && Tune::get().pdl && cuda::supports_pdl(ordinal)?;
+    let pdl = is_async && Tune::get().pdl.unwrap_or(PDL_BY_DEFAULT) && cuda::supports_pdl(ordinal)?;
     let mut p = LinearParams {
         x,
         codes,
@@ -609,10 +619,12 @@ mod tests {
         assert_eq!(Tune::parse("variant=12").variant, Some(tile_variant(12, 1, 8, 4, Stream)));
         assert_eq!(Tune::parse("variant=17").variant, Some(tile_variant(17, 1, 8, 4, VariantKernel::Async)));
         assert_eq!(Tune::parse("variant=15").variant, None); // lin=async's own shape, not a variant
-        assert!(Tune::parse("deq=tiled, lin=async").lin_async && !Tune::parse("lin=tiled").lin_async);
+        assert_eq!(Tune::parse("deq=tiled, lin=async").lin_async, Some(true));
+        assert_eq!(Tune::parse("lin=tiled").lin_async, Some(false));
         assert!(t.deq_tiled);
         let a = Tune::parse("lin=async,pdl=1");
-        assert!(a.lin_async && a.pdl && !a.deq_tiled && !Tune::parse("pdl=0").pdl);
+        assert_eq!((a.lin_async, a.pdl, a.deq_tiled), (Some(true), Some(true), false));
+        assert_eq!(Tune::parse("pdl=0").pdl, Some(false));
         assert_eq!(Tune::parse("variant=99,deq=rows,junk"), Tune::default());
     }
 
