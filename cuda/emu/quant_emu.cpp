@@ -605,11 +605,11 @@ static void empty_rows(const Kernels& K) {
     }
 }
 
-// The tuning variants of the bf16 4-bit tiled kernel (quant.cu, LMKERN_QUANT_LINTILE_VARIANT): two
+// The tuning variant of the bf16 4-bit tiled kernel (quant.cu, LMKERN_QUANT_LINTILE_VARIANT): two
 // passes per thread for every slice width, a partial row block, and a grid-stride loop.
 static void tile_variants(const Kernels& K) {
     struct V { LinFn f; size_t tokens, rows; };
-    const V vs[] = {{quant_lintile4_bf16_n1_v1, 1, 16}, {quant_lintile4_bf16_n1_v2, 1, 32}, {quant_lintile4_bf16_n1_v3, 1, 16}, {quant_lintile4_bf16_n1_v4, 1, 16}, {quant_lintile4_bf16_n1_v5, 1, 16}, {quant_lintile4_bf16_n4_v6, 4, 8}, {quant_lintile4_bf16_n8_v7, 7, 4}, {quant_lintile4_bf16_n8_v8, 8, 4}, {quant_lintile4_bf16_n1_v9, 1, 8}, {quant_lintile4_bf16_n1_v10, 1, 4}};
+    const V vs[] = {{quant_lintile4_bf16_n1_v1, 1, 16}};
     for (const V& v : vs) {
         run_linear<__nv_bfloat16>(K, 19, 8448, 128, 4, v.tokens, true, false, 0, false, false, v.f, v.rows);
         run_linear<__nv_bfloat16>(K, 19, 256, 128, 4, v.tokens, false, false, 2, false, false, v.f, v.rows);
