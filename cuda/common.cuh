@@ -159,6 +159,12 @@ __device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid
     const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 4 : 0) : "memory");
 }
+// Close the group of this thread's copies issued since the last commit (possibly empty).
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+// Wait until at most N of this thread's committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
+
 // Programmatic dependent launch (sm_90+; no-ops on older GPUs, and when the launch did not ask for
 // it): griddep_wait returns once the kernels this one depends on have completed and their memory
 // is visible; griddep_launch_dependents lets the next kernel in the stream, if launched with PDL,
@@ -175,12 +181,6 @@ __device__ __forceinline__ void griddep_launch_dependents() {
 #endif
 }
 __device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p)); }
-
-// Close the group of this thread's copies issued since the last commit (possibly empty).
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-// Wait until at most N of this thread's committed groups are still in flight.
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
 #endif
 
 // ---------------------------------------------------------------------------------------------
