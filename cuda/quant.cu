@@ -885,25 +885,26 @@ __device__ __forceinline__ void linear_async(const LinearParams& p) {
             if (it.t0 >= tokens) it.t0 = 0, it.o0 += step;
         }
     };
+    // Row r of item `it`: its chunk's first code byte and, per row, its chunk's code bytes.
+    auto code_chunk = [&](const Item& it, int r) { return p.codes + (it.o0 + r) * p.row_bytes + it.c * KC / 8 * BITS; };
+    auto chunk_bytes = [&](const Item& it) { return (int)min64(KC, n - it.c * KC) * BITS / 8; };
     // Item `it`'s copies into stage st, then a commit (an empty group past the last item, so that
     // the group count, and with it cp_async_wait's meaning, is the same at every iteration).
     auto issue = [&](const Item& it, int st) {
         if (it.o0 < nout) {
-            const int c0 = it.c * KC;
-            const int pieces = (int)min64(KC, n - c0) * BITS / 8 / 16;  // per row; KCB / 16 but in the last chunk
+            const int pieces = chunk_bytes(it) / 16;  // per row; KCB / 16 but in the last chunk
 #pragma unroll 1
             for (int e = tid; e < R * (KCB / 16); e += TILE_THREADS) {
                 const int r = e / (KCB / 16), k = e % (KCB / 16);
                 const bool ok = it.o0 + r < nout;
-                if (k < pieces)
-                    cp_async16(&code_s[st][r][16 * k], ok ? p.codes + (it.o0 + r) * p.row_bytes + c0 / 8 * BITS + 16 * k : p.codes, ok);
+                if (k < pieces) cp_async16(&code_s[st][r][16 * k], ok ? code_chunk(it, r) + 16 * k : p.codes, ok);
             }
             for (int e = tid; e < R * NL / 4; e += TILE_THREADS) {
                 const int r = e / (NL / 4), k = e % (NL / 4);
                 const bool ok = it.o0 + r < nout;
                 cp_async16(&table_s[st][r][4 * k], ok ? p.table + (it.o0 + r) * NL + 4 * k : p.table, ok);
             }
-            const int col = c0 + tid * CPL;
+            const int col = it.c * KC + tid * CPL;
             if (col < n) {
                 const int grp = col / p.group;
 #pragma unroll
@@ -922,10 +923,10 @@ __device__ __forceinline__ void linear_async(const LinearParams& p) {
         // L2. Only a prefetch (they may be that kernel's output); nothing is read before the wait.
         Item it = cur;
         for (int j = 0; j < S - 1 && it.o0 < nout; ++j, advance(it)) {
-            const int c0 = it.c * KC, lines = ((int)min64(KC, n - c0) * BITS / 8 + 127) / 128;  // per row
+            const int lines = (chunk_bytes(it) + 127) / 128;  // per row
             for (int e = tid; e < R * lines; e += TILE_THREADS) {
                 const int r = e / lines;
-                if (it.o0 + r < nout) prefetch_l2(p.codes + (it.o0 + r) * p.row_bytes + c0 / 8 * BITS + 128 * (e % lines));
+                if (it.o0 + r < nout) prefetch_l2(code_chunk(it, r) + 128 * (e % lines));
             }
         }
     }

@@ -44,6 +44,20 @@ def rel_err(out, ref) -> float:
     return d if n == 0 else d / n
 
 
+def capture_graph(fn):
+    """fn() captured in a CUDA graph after one warm-up call on a side stream, as torch asks:
+    (the graph, what the captured call returned)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 def same_codes(cuda_codes, cpu_codes, x, a, bits, g, clip=1.0):
     """Packed CUDA codes equal the CPU's byte for byte, or differ only at flagged boundary elements."""
     cuda_codes = cuda_codes.cpu()
@@ -279,18 +293,12 @@ def chain(x):
 want = x0.cpu().to(F64)
 for m in mods:
     want = (want @ m.dequantized_weight().cpu().to(F64).T + m.bias.detach().cpu().to(F64)).to(torch.bfloat16).to(F64)
+from test_quant_cuda import capture_graph
 for how in ("eager", "graph"):
     if how == "eager":
         got = chain(x0)
     else:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            chain(x0)
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            got = chain(x0)
+        graph, got = capture_graph(lambda: chain(x0))
         graph.replay()
     torch.cuda.synchronize()
     err = ((got.cpu().to(F64) - want).norm() / want.norm()).item()
@@ -323,7 +331,9 @@ def test_linear_async_kernel(tune):
     import subprocess
     import sys
 
-    env = dict(os.environ, LMKERN_CUDA_QUANT_TUNE=tune)
+    here = os.path.dirname(os.path.abspath(__file__))  # for `from test_quant_cuda import capture_graph`
+    path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, LMKERN_CUDA_QUANT_TUNE=tune, PYTHONPATH=path)
     r = subprocess.run([sys.executable, "-c", ASYNC_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
 
@@ -341,14 +351,7 @@ def test_linear_cuda_graph_capture():
     """The GEMV path never synchronizes: it can be captured in a CUDA graph."""
     mod = PowerQuantLinear.from_linear(_linear(512, 256, True, 1), 4, 128, a=0.75).to("cuda")
     x = randn((1, 512), BF16, 4, device="cuda")
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        mod(x)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = mod(x)
+    graph, y = capture_graph(lambda: mod(x))
     x.copy_(randn((1, 512), BF16, 5, device="cuda"))
     graph.replay()
     torch.cuda.synchronize()

@@ -276,16 +276,8 @@ pub unsafe fn launch(
     cfg: LaunchConfig,
     params: &mut [*mut c_void],
 ) -> Result<()> {
+    check_config(name, &cfg)?;
     let (g, b) = (cfg.grid, cfg.block);
-    if g.0 == 0 || g.1 == 0 || g.2 == 0 || b.0 == 0 || b.1 == 0 || b.2 == 0 || b.0 * b.1 * b.2 > 1024 {
-        return Err(Error::cuda(format!("{name}: invalid launch configuration grid {g:?} block {b:?}")));
-    }
-    if cfg.shared_mem > MAX_DEFAULT_SHARED_MEM {
-        return Err(Error::cuda(format!(
-            "{name}: {} bytes of shared memory asked, at most {MAX_DEFAULT_SHARED_MEM}",
-            cfg.shared_mem
-        )));
-    }
     let dev = device(ordinal)?;
     fenced(name, || {
         let _bound = CurrentContext::bind(dev.ctx.cu_ctx(), name)?;
@@ -302,6 +294,31 @@ pub unsafe fn launch(
     })
 }
 
+/// A launch configuration the driver would refuse, as an error naming the kernel (before the driver).
+fn check_config(name: &str, cfg: &LaunchConfig) -> Result<()> {
+    let (g, b) = (cfg.grid, cfg.block);
+    if g.0 == 0 || g.1 == 0 || g.2 == 0 || b.0 == 0 || b.1 == 0 || b.2 == 0 || b.0 * b.1 * b.2 > 1024 {
+        return Err(Error::cuda(format!("{name}: invalid launch configuration grid {g:?} block {b:?}")));
+    }
+    if cfg.shared_mem > MAX_DEFAULT_SHARED_MEM {
+        return Err(Error::cuda(format!(
+            "{name}: {} bytes of shared memory asked, at most {MAX_DEFAULT_SHARED_MEM}",
+            cfg.shared_mem
+        )));
+    }
+    Ok(())
+}
+
+/// The value cached for `key`, computed (and cached) on the first call; errors are not cached.
+fn cached<K: PartialEq, V: Copy>(cache: &Mutex<Vec<(K, V)>>, key: K, compute: impl FnOnce() -> Result<V>) -> Result<V> {
+    if let Some((_, v)) = cache.lock().unwrap_or_else(|e| e.into_inner()).iter().find(|(k, _)| *k == key) {
+        return Ok(*v);
+    }
+    let v = compute()?;
+    cache.lock().unwrap_or_else(|e| e.into_inner()).push((key, v));
+    Ok(v)
+}
+
 /// As [`launch_struct`], with programmatic dependent launch (PDL) allowed: the kernel may start
 /// while the previous kernel in the stream is still running, so it must call griddep_wait
 /// (cuda/common.cuh) before it touches memory that kernel may use, and only prefetch into L2 before
@@ -310,10 +327,8 @@ pub unsafe fn launch(
 /// # Safety
 /// As [`launch_struct`]; and the kernel keeps the rule above.
 pub(crate) unsafe fn launch_struct_pdl<P>(ordinal: usize, stream: u64, name: &str, cfg: LaunchConfig, params: &mut P) -> Result<()> {
+    check_config(name, &cfg)?;
     let (g, b) = (cfg.grid, cfg.block);
-    if g.0 == 0 || g.1 == 0 || g.2 == 0 || b.0 == 0 || b.1 == 0 || b.2 == 0 || b.0 * b.1 * b.2 > 1024 || cfg.shared_mem > MAX_DEFAULT_SHARED_MEM {
-        return Err(Error::cuda(format!("{name}: invalid launch configuration grid {g:?} block {b:?}, {} bytes shared", cfg.shared_mem)));
-    }
     let dev = device(ordinal)?;
     let mut args: [*mut c_void; 1] = [params as *mut P as *mut c_void];
     fenced(name, || {
@@ -349,42 +364,36 @@ pub(crate) unsafe fn launch_struct_pdl<P>(ordinal: usize, stream: u64, name: &st
 /// later). Cached per device.
 pub(crate) fn supports_pdl(ordinal: usize) -> Result<bool> {
     static CACHE: Mutex<Vec<(usize, bool)>> = Mutex::new(Vec::new());
-    if let Some((_, v)) = CACHE.lock().unwrap_or_else(|e| e.into_inner()).iter().find(|(o, _)| *o == ordinal) {
-        return Ok(*v);
-    }
-    let dev = device(ordinal)?;
-    let major = dev
-        .ctx
-        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
-        .map_err(|e| Error::cuda(format!("CUDA device {ordinal}: cannot read its compute capability: {e}")))?;
-    CACHE.lock().unwrap_or_else(|e| e.into_inner()).push((ordinal, major >= 9));
-    Ok(major >= 9)
+    cached(&CACHE, ordinal, || {
+        let major = device(ordinal)?
+            .ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
+            .map_err(|e| Error::cuda(format!("CUDA device {ordinal}: cannot read its compute capability: {e}")))?;
+        Ok(major >= 9)
+    })
 }
 
 /// How many blocks of `threads` threads of kernel `name` the device `ordinal` holds at once (SMs ×
 /// resident blocks per SM, with no dynamic shared memory): the grid of a persistent kernel.
 /// Cached per (device, kernel).
 pub(crate) fn resident_blocks(ordinal: usize, name: &str, threads: u32) -> Result<usize> {
-    static CACHE: Mutex<Vec<((usize, String, u32), usize)>> = Mutex::new(Vec::new());
-    let key = (ordinal, name.to_string(), threads);
-    if let Some((_, n)) = CACHE.lock().unwrap_or_else(|e| e.into_inner()).iter().find(|(k, _)| *k == key) {
-        return Ok(*n);
-    }
-    let dev = device(ordinal)?;
-    let n = fenced(name, || {
-        let _bound = CurrentContext::bind(dev.ctx.cu_ctx(), name)?;
-        let f = dev.function(name)?;
-        let sms = dev
-            .ctx
-            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-            .map_err(|e| Error::cuda(format!("CUDA device {ordinal}: cannot read its SM count: {e}")))?;
-        // SAFETY: f is a kernel of the loaded module.
-        let per_sm = unsafe { result::occupancy::max_active_block_per_multiprocessor(f.0, threads as i32, 0) }
-            .map_err(|e| Error::cuda(format!("{name}: cannot read its occupancy on CUDA device {ordinal}: {e}")))?;
-        Ok((sms.max(1) as usize) * (per_sm.max(1) as usize))
-    })?;
-    CACHE.lock().unwrap_or_else(|e| e.into_inner()).push((key, n));
-    Ok(n)
+    type Key = (usize, String, u32);
+    static CACHE: Mutex<Vec<(Key, usize)>> = Mutex::new(Vec::new());
+    cached(&CACHE, (ordinal, name.to_string(), threads), || {
+        let dev = device(ordinal)?;
+        fenced(name, || {
+            let _bound = CurrentContext::bind(dev.ctx.cu_ctx(), name)?;
+            let f = dev.function(name)?;
+            let sms = dev
+                .ctx
+                .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+                .map_err(|e| Error::cuda(format!("CUDA device {ordinal}: cannot read its SM count: {e}")))?;
+            // SAFETY: f is a kernel of the loaded module.
+            let per_sm = unsafe { result::occupancy::max_active_block_per_multiprocessor(f.0, threads as i32, 0) }
+                .map_err(|e| Error::cuda(format!("{name}: cannot read its occupancy on CUDA device {ordinal}: {e}")))?;
+            Ok((sms.max(1) as usize) * (per_sm.max(1) as usize))
+        })
+    })
 }
 
 /// The kernel-name suffix of an element type (`<kernel>_f32`, `_bf16`, `_f16`); float64 has no
