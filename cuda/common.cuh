@@ -143,27 +143,6 @@ __device__ __forceinline__ T* dynamic_smem() {
     extern __shared__ __align__(16) unsigned char lmkern_dynamic_smem[];
     return reinterpret_cast<T*>(lmkern_dynamic_smem);
 }
-#endif
-
-#ifndef LMKERN_EMU
-// Asynchronous global → shared copies (cp.async, sm_80+): `bytes` (16 for the .cg form, which
-// skips L1; 4 for .ca) from `src` to `dst`, or zeros when `valid` is false (src-size 0: nothing is
-// read, but `src` must still be a valid address). A thread's copies land only once it has waited
-// for their group (cp_async_wait), and other threads see them only after a barrier that follows that
-// wait. cuda/emu/emu.h models exactly this: the bytes move at the wait, not before.
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
-    const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 16 : 0) : "memory");
-}
-__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) {
-    const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 4 : 0) : "memory");
-}
-// Close the group of this thread's copies issued since the last commit (possibly empty).
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-// Wait until at most N of this thread's committed groups are still in flight.
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
 
 // Programmatic dependent launch (sm_90+; no-ops on older GPUs, and when the launch did not ask for
 // it): griddep_wait returns once the kernels this one depends on have completed and their memory

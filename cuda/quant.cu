@@ -595,26 +595,21 @@ __device__ __forceinline__ void load_x_slice(const T* __restrict__ x, int64_t n,
     }
 }
 
-// Slice s of the R rows from o0 (`rows_here` of them present; zeros for the others): the code words
-// and the scale of the slice's group. Row r's slice is at cp + r·row_bytes, its scale at sp[r·ng]
-// (one division per slice).
+// Slice s of the R rows from o0 (`rows_here` ≥ 1 of them present): the code words and the scale of
+// the slice's group. Rows past the last one present repeat it (valid memory, no branch per row);
+// their sums are computed and dropped (finish_partials stores rows below out_features only). Row
+// r's slice is at cp + r·row_bytes, its scale at sp[r·ng] (one division per slice).
 template <int BITS, int CPL, int R>
 __device__ __forceinline__ void load_rows_slice(const LinearParams& p, int ng, int64_t o0, int rows_here, int s,
                                                 uint32_t (&cw)[R][(CPL * BITS / 8 + 3) / 4], float (&m)[R]) {
-    constexpr int SB = CPL * BITS / 8, NWORDS = (SB + 3) / 4;
-    const int64_t c0 = (int64_t)s * CPL;
+    constexpr int SB = CPL * BITS / 8;
     const uint8_t* cp = p.codes + o0 * p.row_bytes + (int64_t)s * SB;
-    const float* sp = p.scales + o0 * ng + (int)(c0 / p.group);
+    const float* sp = p.scales + o0 * ng + s * CPL / p.group;  // s·CPL < n: an int
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-        if (r < rows_here) {
-            load_codes<SB>(cp + (int64_t)r * p.row_bytes, cw[r]);
-            m[r] = sp[(int64_t)r * ng];
-        } else {
-#pragma unroll
-            for (int i = 0; i < NWORDS; ++i) cw[r][i] = 0;
-            m[r] = 0.0f;
-        }
+        const int rr = r < rows_here ? r : rows_here - 1;
+        load_codes<SB>(cp + (int64_t)rr * p.row_bytes, cw[r]);
+        m[r] = sp[(uint32_t)rr * (uint32_t)ng];  // < 16·2^28: n < 2^31 and groups of 8 at least
     }
 }
 
@@ -707,7 +702,7 @@ __device__ __forceinline__ void finish_partials(const LinearParams& p, const flo
     }
 }
 
-template <typename T, int NT, int BITS, int CPL, int R, bool TABLE_FIRST = true>
+template <typename T, int NT, int BITS, int CPL, int R>
 __device__ __forceinline__ void linear_tiled(const LinearParams& p) {
     constexpr int NWORDS = (CPL * BITS / 8 + 3) / 4;
     constexpr int V = R * NT;  // partial sums per thread
@@ -719,6 +714,18 @@ __device__ __forceinline__ void linear_tiled(const LinearParams& p) {
     const int n = p.in_features, ng = n / p.group, nout = p.out_features, slices = n / CPL;
     const int64_t tokens = p.tokens;
 
+    griddep_launch_dependents();  // with PDL, the next kernel may start its prologue as our blocks retire
+    if ((p.flags & LINEAR_PDL) && (int64_t)blockIdx.x * R < nout) {
+        // Launched before the previous kernel has finished: meanwhile, the first tile's codes (its
+        // rows are contiguous) into L2. Only a prefetch (they may be that kernel's output); nothing
+        // is read before the wait.
+        const int64_t o0 = (int64_t)blockIdx.x * R;
+        const uint8_t* tile = p.codes + o0 * p.row_bytes;
+        const int64_t lines = (min64(R, nout - o0) * p.row_bytes + 127) / 128;
+        for (int64_t e = tid; e < lines; e += TILE_THREADS) prefetch_l2(tile + 128 * e);
+    }
+    griddep_wait();  // the previous kernel's writes (x, maybe the codes) are visible, its reads of y done
+
     for (int64_t o0 = (int64_t)blockIdx.x * R; o0 < nout; o0 += (int64_t)gridDim.x * R) {
         const int rows_here = (int)min64(R, nout - o0);
         for (int64_t t0 = 0; t0 < tokens; t0 += NT) {  // uniform across the block
@@ -726,17 +733,16 @@ __device__ __forceinline__ void linear_tiled(const LinearParams& p) {
             float xs[NT][CPL];
             uint32_t cw[R][NWORDS];
             float m[R];
-            // The rows' codebooks are loaded before the first slice when TABLE_FIRST: the barrier
-            // below waits for the table, and a table load queued behind the slice's code loads would
-            // hold every lookup until all codes had arrived.
+            // The rows' codebooks are loaded before the first slice: the barrier below waits for
+            // the table, and a table load queued behind the slice's code loads would hold every
+            // lookup until all codes had arrived.
             float tv[TABLE_SHARE<BITS, R>];
             int s = tid;
-            if constexpr (TABLE_FIRST) load_table_share<BITS, R>(p, o0, tv);
+            load_table_share<BITS, R>(p, o0, tv);
             if (s < slices) {
                 load_x_slice<T, NT, CPL>(x, n, t0, nt, (int64_t)s * CPL, xs);
                 load_rows_slice<BITS, CPL, R>(p, ng, o0, rows_here, s, cw, m);
             }
-            if constexpr (!TABLE_FIRST) load_table_share<BITS, R>(p, o0, tv);
             __syncthreads();  // the previous tile's readers of lut and red are done
             store_table_share<BITS, R>(lut, tv);
             __syncthreads();
@@ -757,231 +763,6 @@ __device__ __forceinline__ void linear_tiled(const LinearParams& p) {
             finish_partials<T, NT, R>(p, red, o0, t0, nt);
         }
     }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Linear, streamed (a tuning variant until measured on a GPU): the tiled kernel's work in a
-// persistent grid, each block taking the row tiles o0 = (blockIdx.x + k·gridDim.x)·R, and every
-// thread loading its next item (the next slice of this tile, or the first of the next tile) into a
-// second set of registers before the lookups of the current one. In the tiled kernel a block loads
-// its one tile and then looks it up, so HBM and the lookups take turns; here the next codes are in
-// flight while the block computes. The codebooks and the warps' partials are double-buffered in
-// shared memory: one barrier per tile. The Rust planner sizes the grid to the resident blocks.
-// ---------------------------------------------------------------------------------------------
-template <typename T, int NT, int BITS, int CPL, int R>
-__device__ __forceinline__ void linear_stream(const LinearParams& p) {
-    constexpr int NWORDS = (CPL * BITS / 8 + 3) / 4;
-    constexpr int V = R * NT;
-    static_assert(CPL % 8 == 0 && CPL % (16 / sizeof(T)) == 0, "a slice is whole bytes of codes and whole 16-byte x loads");
-    __shared__ float lut[2][R][1 << BITS];
-    __shared__ float red[2][TILE_WARPS][V];
-    const T* __restrict__ x = static_cast<const T*>(p.x);
-    const int tid = threadIdx.x;
-    const int n = p.in_features, ng = n / p.group, nout = p.out_features, slices = n / CPL;
-    const int64_t tokens = p.tokens, step = (int64_t)gridDim.x * R;
-
-    int64_t o0 = (int64_t)blockIdx.x * R, t0 = 0;  // this tile: rows o0.., tokens t0..
-    if (o0 >= nout) return;                        // the whole block: no barrier is skipped by part of it
-    float tv[TABLE_SHARE<BITS, R>];
-    load_table_share<BITS, R>(p, o0, tv);
-    // The current item (xc, cc, mc) and the next one (xn, cn, mn).
-    float xc[NT][CPL], xn[NT][CPL];
-    uint32_t cc[R][NWORDS], cn[R][NWORDS];
-    float mc[R], mn[R];
-    int s = tid;
-    if (s < slices) {
-        load_x_slice<T, NT, CPL>(x, n, t0, (int)min64(NT, tokens), (int64_t)s * CPL, xc);
-        load_rows_slice<BITS, CPL, R>(p, ng, o0, (int)min64(R, nout - o0), s, cc, mc);
-    }
-    store_table_share<BITS, R>(lut[0], tv);
-    __syncthreads();
-    for (int buf = 0;; buf ^= 1) {  // one row tile per pass, uniform across the block
-        const int nt = (int)min64(NT, tokens - t0);
-        int64_t no0 = o0, nt0 = t0 + NT;  // the next tile
-        if (nt0 >= tokens) nt0 = 0, no0 = o0 + step;
-        const bool more = no0 < nout;
-        if (more) load_table_share<BITS, R>(p, no0, tv);
-        float acc[V];
-#pragma unroll
-        for (int i = 0; i < V; ++i) acc[i] = 0.0f;
-        while (s < slices) {
-            int s2 = s + TILE_THREADS;
-            int64_t io0 = o0, it0 = t0;
-            const bool last = s2 >= slices;  // of this tile: the next item starts the next tile
-            if (last) s2 = tid, io0 = no0, it0 = nt0;
-            const bool load = !last || more, new_x = s2 != s || it0 != t0;
-            if (load) {
-                if (new_x) load_x_slice<T, NT, CPL>(x, n, it0, (int)min64(NT, tokens - it0), (int64_t)s2 * CPL, xn);
-                load_rows_slice<BITS, CPL, R>(p, ng, io0, (int)min64(R, nout - io0), s2, cn, mn);
-            }
-            slice_dot<NT, BITS, CPL, R>(cc, mc, xc, lut[buf], acc);
-            if (load) {
-#pragma unroll
-                for (int r = 0; r < R; ++r) {
-                    mc[r] = mn[r];
-#pragma unroll
-                    for (int i = 0; i < NWORDS; ++i) cc[r][i] = cn[r][i];
-                }
-                if (new_x) {
-#pragma unroll
-                    for (int t = 0; t < NT; ++t)
-#pragma unroll
-                        for (int j = 0; j < CPL; ++j) xc[t][j] = xn[t][j];
-                }
-            }
-            s = s2;  // tid when `last`: the next tile's first slice
-            if (last) break;
-        }
-        stash_partials<V>(acc, red[buf]);
-        if (more) store_table_share<BITS, R>(lut[buf ^ 1], tv);
-        __syncthreads();  // partials and the next table stored; this tile's lookups done
-        finish_partials<T, NT, R>(p, red[buf], o0, t0, nt);
-        if (!more) break;
-        o0 = no0, t0 = nt0;
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Linear, asynchronous (planned only with LMKERN_CUDA_QUANT_TUNE=lin=async until measured on a
-// GPU; rust/core/src/quant/cuda.rs): the streamed kernel's persistent grid, with the codes, scales and codebooks brought into shared memory by cp.async through S
-// stages, so S − 1 items are in flight while the block looks one up, without holding them in
-// registers. An item is R rows × one chunk of KC = TILE_THREADS·CPL columns (thread i owns slice i
-// of the chunk, as in the tiled kernel) × NT tokens; a block takes the row tiles blockIdx.x +
-// k·gridDim.x, and for each its token tiles and chunks in order, summing the chunks in registers.
-// The block copies an item's R row chunks of codes in 16-byte pieces (rows must be whole 16-byte
-// pieces: row_bytes % 16 == 0) and the rows' codebooks; each thread copies its own slice's scales.
-// Rows past out_features are zero-filled (zero scales and codebooks: they add nothing), and their
-// sums are not stored. One barrier per item: it makes the item's copies visible, frees the stage
-// the next copies go to, and publishes the previous tile's partials (written to `red` double
-// buffered), which are then stored one item late. Launched with programmatic dependent launch
-// (flags & LINEAR_PDL, sm_90+), it may start before the previous kernel ends: it then only
-// prefetches its first codes into L2 until griddep_wait.
-// ---------------------------------------------------------------------------------------------
-template <typename T, int NT, int BITS, int CPL, int R, int S>
-__device__ __forceinline__ void linear_async(const LinearParams& p) {
-    constexpr int NL = 1 << BITS, SB = CPL * BITS / 8, NWORDS = (SB + 3) / 4, V = R * NT;
-    constexpr int KC = TILE_THREADS * CPL, KCB = KC * BITS / 8;  // a chunk's columns and code bytes
-    static_assert(CPL % 8 == 0 && CPL % (16 / sizeof(T)) == 0, "a slice is whole bytes of codes and whole 16-byte x loads");
-    static_assert(S >= 2 && (NL * 4) % 16 == 0, "two stages at least; codebooks of whole 16-byte pieces");
-    static_assert(S * R * (KCB + 4 * TILE_THREADS + 4 * NL) + 2 * TILE_WARPS * V * 4 <= 48 * 1024, "static shared memory");
-    __shared__ __align__(16) uint8_t code_s[S][R][KCB];
-    __shared__ __align__(16) float table_s[S][R][NL];
-    __shared__ float scale_s[S][R][TILE_THREADS];  // [.][r][i]: thread i's slice's scale
-    __shared__ float red[2][TILE_WARPS][V];
-    const T* __restrict__ x = static_cast<const T*>(p.x);
-    const int tid = threadIdx.x;
-    const int n = p.in_features, ng = n / p.group, nout = p.out_features;
-    const int chunks = n > 0 ? (n + KC - 1) / KC : 1;  // n = 0: one empty chunk, y = bias
-    const int64_t tokens = p.tokens, step = (int64_t)gridDim.x * R;
-    griddep_launch_dependents();  // with PDL, the next kernel may start its prologue as our blocks retire
-    if ((int64_t)blockIdx.x * R >= nout) return;  // the whole block: no barrier is skipped by part of it
-
-    // An item: rows o0.., tokens t0.., chunk c (columns c·KC..); a block's items in order, by
-    // advancing a cursor (no divisions); past the block's last one, o0 ≥ nout.
-    struct Item { int64_t o0, t0; int c; };
-    auto advance = [&](Item& it) {
-        if (++it.c == chunks) {
-            it.c = 0, it.t0 += NT;
-            if (it.t0 >= tokens) it.t0 = 0, it.o0 += step;
-        }
-    };
-    // Row r of item `it`: its chunk's first code byte and, per row, its chunk's code bytes.
-    auto code_chunk = [&](const Item& it, int r) { return p.codes + (it.o0 + r) * p.row_bytes + it.c * KC / 8 * BITS; };
-    auto chunk_bytes = [&](const Item& it) { return (int)min64(KC, n - it.c * KC) * BITS / 8; };
-    // Item `it`'s copies into stage st, then a commit (an empty group past the last item, so that
-    // the group count, and with it cp_async_wait's meaning, is the same at every iteration).
-    auto issue = [&](const Item& it, int st) {
-        if (it.o0 < nout) {
-            const int pieces = chunk_bytes(it) / 16;  // per row; KCB / 16 but in the last chunk
-#pragma unroll 1
-            for (int e = tid; e < R * (KCB / 16); e += TILE_THREADS) {
-                const int r = e / (KCB / 16), k = e % (KCB / 16);
-                const bool ok = it.o0 + r < nout;
-                if (k < pieces) cp_async16(&code_s[st][r][16 * k], ok ? code_chunk(it, r) + 16 * k : p.codes, ok);
-            }
-            for (int e = tid; e < R * NL / 4; e += TILE_THREADS) {
-                const int r = e / (NL / 4), k = e % (NL / 4);
-                const bool ok = it.o0 + r < nout;
-                cp_async16(&table_s[st][r][4 * k], ok ? p.table + (it.o0 + r) * NL + 4 * k : p.table, ok);
-            }
-            const int col = it.c * KC + tid * CPL;
-            if (col < n) {
-                const int grp = col / p.group;
-#pragma unroll
-                for (int r = 0; r < R; ++r) {
-                    const bool ok = it.o0 + r < nout;
-                    cp_async4(&scale_s[st][r][tid], ok ? p.scales + (it.o0 + r) * ng + grp : p.scales, ok);
-                }
-            }
-        }
-        cp_async_commit();
-    };
-
-    Item cur{(int64_t)blockIdx.x * R, 0, 0}, ahead = cur;  // computed now; copied next
-    if (p.flags & LINEAR_PDL) {
-        // Launched before the previous kernel has finished: meanwhile, the first items' codes into
-        // L2. Only a prefetch (they may be that kernel's output); nothing is read before the wait.
-        Item it = cur;
-        for (int j = 0; j < S - 1 && it.o0 < nout; ++j, advance(it)) {
-            const int lines = (chunk_bytes(it) + 127) / 128;  // per row
-            for (int e = tid; e < R * lines; e += TILE_THREADS) {
-                const int r = e / lines;
-                if (it.o0 + r < nout) prefetch_l2(code_chunk(it, r) + 128 * (e % lines));
-            }
-        }
-    }
-    griddep_wait();  // the previous kernel's writes (x, maybe the codes) are visible, its reads of y done
-#pragma unroll
-    for (int st = 0; st < S - 1; ++st) issue(ahead, st), advance(ahead);
-    // x of the current item (xc) and of the next (xn), reloaded only when the chunk or tokens change.
-    Pack<T, XVW<T>> xc[NT][CPL / XVW<T>], xn[NT][CPL / XVW<T>];
-    if (tid * CPL < n) load_x_packs<T, NT, CPL>(x, n, 0, (int)min64(NT, tokens), tid * CPL, xc);
-    float acc[V];
-#pragma unroll
-    for (int i = 0; i < V; ++i) acc[i] = 0.0f;
-    int64_t done_o0 = -1, done_t0 = 0;  // the tile whose partials wait in red[buf ^ 1], if done_o0 ≥ 0
-    int buf = 0;
-    for (int st = 0; cur.o0 < nout; st = st + 1 == S ? 0 : st + 1) {  // st: the stage of cur
-        cp_async_wait<S - 2>();  // this thread's copies of cur are in
-        __syncthreads();         // everyone's are; the previous stage and red[buf ^ 1] are free to reuse / read
-        issue(ahead, st == 0 ? S - 1 : st - 1);
-        advance(ahead);
-        if (done_o0 >= 0) finish_partials<T, NT, R>(p, red[buf ^ 1], done_o0, done_t0, (int)min64(NT, tokens - done_t0));
-        done_o0 = -1;
-        Item nx = cur;
-        advance(nx);
-        const bool last = nx.c == 0;  // cur is the last chunk of its tile
-        const bool new_x = nx.o0 < nout && (nx.c != cur.c || nx.t0 != cur.t0);
-        const int col = cur.c * KC + tid * CPL, ncol = nx.c * KC + tid * CPL;
-        if (new_x && ncol < n) load_x_packs<T, NT, CPL>(x, n, nx.t0, (int)min64(NT, tokens - nx.t0), ncol, xn);
-        if (col < n) {
-            uint32_t cw[R][NWORDS];
-            float m[R];
-#pragma unroll
-            for (int r = 0; r < R; ++r) {
-                load_codes<SB>(&code_s[st][r][tid * SB], cw[r]);
-                m[r] = scale_s[st][r][tid];
-            }
-            float xs[NT][CPL];
-            x_floats<T, NT, CPL>(xc, xs);
-            slice_dot<NT, BITS, CPL, R>(cw, m, xs, table_s[st], acc);
-        }
-        if (last) {
-            stash_partials<V>(acc, red[buf]);
-#pragma unroll
-            for (int i = 0; i < V; ++i) acc[i] = 0.0f;
-            done_o0 = cur.o0, done_t0 = cur.t0, buf ^= 1;
-        }
-        if (new_x) {
-#pragma unroll
-            for (int t = 0; t < NT; ++t)
-#pragma unroll
-                for (int v = 0; v < CPL / XVW<T>; ++v) xc[t][v] = xn[t][v];
-        }
-        cur = nx;
-    }
-    __syncthreads();
-    if (done_o0 >= 0) finish_partials<T, NT, R>(p, red[buf ^ 1], done_o0, done_t0, (int)min64(NT, tokens - done_t0));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1068,18 +849,6 @@ __device__ __forceinline__ void deq_tiled(const DeqParams& p) {
     LMKERN_QUANT_LINTILE(T, TN, BITS, 4, 8, 8, 2)   \
     LMKERN_QUANT_LINTILE(T, TN, BITS, 8, 8, 4, 2)
 
-// quant_linasync<BITS>_<t>_n<NT>: linear_async for 1 and 2 tokens (planned with
-// LMKERN_CUDA_QUANT_TUNE=lin=async until measured on a GPU): slices of 16, 3 stages, 4 rows per item
-// (2 for 8-bit codes: their 1 KB codebooks); rust/core/src/quant/cuda.rs, async_rows, must agree.
-#define LMKERN_QUANT_LINASYNC(T, TN, BITS, NT, MINB)                                                   \
-    extern "C" __global__ void __launch_bounds__(lmkern::quant::TILE_THREADS, MINB)                    \
-        quant_linasync##BITS##_##TN##_n##NT(const __grid_constant__ lmkern::quant::LinearParams p) {   \
-        lmkern::quant::linear_async<T, NT, BITS, 16, (BITS == 8 ? 2 : 4), 3>(p);                       \
-    }
-#define LMKERN_QUANT_LINASYNCS(T, TN, BITS) \
-    LMKERN_QUANT_LINASYNC(T, TN, BITS, 1, 3) \
-    LMKERN_QUANT_LINASYNC(T, TN, BITS, 2, 2)
-
 #define LMKERN_QUANT_DEQTILE(T, TN, BITS)                                                               \
     extern "C" __global__ void __launch_bounds__(lmkern::quant::TILE_THREADS)                         \
         quant_deqtile##BITS##_##TN(const __grid_constant__ lmkern::quant::DeqParams p) {              \
@@ -1105,10 +874,6 @@ __device__ __forceinline__ void deq_tiled(const DeqParams& p) {
     LMKERN_QUANT_LINTILES(T, TN, 3)                                                                              \
     LMKERN_QUANT_LINTILES(T, TN, 4)                                                                              \
     LMKERN_QUANT_LINTILES(T, TN, 8)                                                                              \
-    LMKERN_QUANT_LINASYNCS(T, TN, 2)                                                                             \
-    LMKERN_QUANT_LINASYNCS(T, TN, 3)                                                                             \
-    LMKERN_QUANT_LINASYNCS(T, TN, 4)                                                                             \
-    LMKERN_QUANT_LINASYNCS(T, TN, 8)                                                                             \
     LMKERN_QUANT_DEQTILE(T, TN, 2)                                                                               \
     LMKERN_QUANT_DEQTILE(T, TN, 3)                                                                               \
     LMKERN_QUANT_DEQTILE(T, TN, 4)                                                                               \
@@ -1116,35 +881,18 @@ __device__ __forceinline__ void deq_tiled(const DeqParams& p) {
 
 // Launch-shape variants of the bf16 4-bit tiled kernel, for tuning only (benches/gpu/tune_quant.py
 // with LMKERN_CUDA_QUANT_TUNE=variant=<k>; rust/core/src/quant/cuda.rs, TILE_VARIANTS, must agree):
-// (NT, CPL, R, min blocks per SM, table loaded before the first slice).
-#define LMKERN_QUANT_LINTILE_VARIANT(K, NT, CPL, R, MINB, TF)                                            \
+// (NT, CPL, R, min blocks per SM). Shapes 1-17 were settled by the sweeps in
+// benches/results/2026-11-26-h200-6-quant-tiled-sweep and 2026-11-27-h200-7-quant-async-sweep.
+#define LMKERN_QUANT_LINTILE_VARIANT(K, NT, CPL, R, MINB)                                                \
     extern "C" __global__ void __launch_bounds__(lmkern::quant::TILE_THREADS, MINB)                    \
         quant_lintile4_bf16_n##NT##_v##K(const __grid_constant__ lmkern::quant::LinearParams p) {      \
-        lmkern::quant::linear_tiled<__nv_bfloat16, NT, 4, CPL, R, TF>(p);                              \
+        lmkern::quant::linear_tiled<__nv_bfloat16, NT, 4, CPL, R>(p);                                  \
     }
-// 1: the default of commit 1ff6cf8 for one token (table after the slice), against the new order.
-// (2-10, other tile shapes, lost or tied in benches/results/2026-11-26-h200-6-quant-tiled-sweep and
-// are gone.)
-LMKERN_QUANT_LINTILE_VARIANT(1, 1, 16, 16, 2, false)
-// Streamed (linear_stream) variants: (NT, CPL, R, min blocks per SM).
-#define LMKERN_QUANT_LINSTREAM_VARIANT(K, NT, CPL, R, MINB)                                              \
-    extern "C" __global__ void __launch_bounds__(lmkern::quant::TILE_THREADS, MINB)                    \
-        quant_lintile4_bf16_n##NT##_v##K(const __grid_constant__ lmkern::quant::LinearParams p) {      \
-        lmkern::quant::linear_stream<__nv_bfloat16, NT, 4, CPL, R>(p);                                 \
-    }
-LMKERN_QUANT_LINSTREAM_VARIANT(11, 1, 16, 8, 2)
-LMKERN_QUANT_LINSTREAM_VARIANT(12, 1, 8, 4, 3)
-LMKERN_QUANT_LINSTREAM_VARIANT(13, 1, 8, 8, 2)
-LMKERN_QUANT_LINSTREAM_VARIANT(14, 2, 8, 4, 2)
-// Asynchronous (linear_async) variants: (NT, CPL, R, stages, min blocks per SM).
-#define LMKERN_QUANT_LINASYNC_VARIANT(K, NT, CPL, R, S, MINB)                                           \
-    extern "C" __global__ void __launch_bounds__(lmkern::quant::TILE_THREADS, MINB)                    \
-        quant_lintile4_bf16_n##NT##_v##K(const __grid_constant__ lmkern::quant::LinearParams p) {      \
-        lmkern::quant::linear_async<__nv_bfloat16, NT, 4, CPL, R, S>(p);                               \
-    }
-// (lin=async itself is 4 rows of slices of 16 through 3 stages: quant_linasync4_bf16_n1, n2.)
-LMKERN_QUANT_LINASYNC_VARIANT(16, 1, 16, 2, 4, 3)
-LMKERN_QUANT_LINASYNC_VARIANT(17, 1, 8, 4, 4, 4)
+// Fewer rows, more blocks per SM: more warps to hide latency, now that a row's loads cost no more
+// than their addresses.
+LMKERN_QUANT_LINTILE_VARIANT(18, 1, 16, 8, 4)
+LMKERN_QUANT_LINTILE_VARIANT(19, 1, 16, 8, 3)
+LMKERN_QUANT_LINTILE_VARIANT(20, 2, 16, 8, 3)
 
 LMKERN_QUANT_ENTRIES(float, f32)
 LMKERN_QUANT_ENTRIES(__nv_bfloat16, bf16)

@@ -249,8 +249,8 @@ def test_linear_gemv_target_shape_and_determinism():
         assert torch.equal(y, torch.ops.lmkern.power_quant_linear(x, q.codes, q.scales, table, None, 4, 128, 4096))
 
 
-ASYNC_SCRIPT = r"""
-import math, sys
+TUNED_SCRIPT = r"""
+import math, os, sys
 import torch
 from torch.profiler import ProfilerActivity, profile
 from lmkern.nn import PowerQuantLinear
@@ -258,8 +258,10 @@ from lmkern.nn import PowerQuantLinear
 F64 = torch.float64
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 bad = []
-# (in, out, group): one chunk of 4096 columns and fewer slices than threads; two chunks, the second
-# of 256 columns, and a partial row tile; three chunks (8448 = 4096 + 4096 + 256), group = row.
+variant = os.environ["WANT_VARIANT"]  # "k,nt": the variant bf16 4-bit calls of token tile nt take
+k, nt = (int(v) for v in variant.split(",")) if variant else (0, 0)
+# (in, out, group): fewer slices than threads and partial row tiles; more slices than threads, the
+# last pass partial (4352 = 256 + 16 slices of 16); one group per row (8448 = 528 slices).
 for in_f, out_f, g in [(256, 96, 32), (4352, 21, 64), (8448, 6, 8448)]:
     for bits in (2, 3, 4, 8):
         torch.manual_seed(bits)
@@ -267,15 +269,18 @@ for in_f, out_f, g in [(256, 96, 32), (4352, 21, 64), (8448, 6, 8448)]:
         mod = PowerQuantLinear.from_linear(lin, bits, g, a=torch.linspace(0.4, 1.0, out_f)).to("cuda")
         w = mod.dequantized_weight().cpu().to(F64)
         for dtype in TOL:
-            for tokens in (1, 2, 5):  # 5: the tiled kernel (token tile 8), as a control
+            for tokens in (1, 2, 5):
                 x = torch.randn(tokens, in_f, dtype=F64).to(dtype)
                 with profile(activities=[ProfilerActivity.CUDA]) as prof:
                     y = mod(x.cuda())
                     torch.cuda.synchronize()
                 names = {e.key for e in prof.key_averages()}
-                used = any(k.startswith(f"quant_linasync{bits}_") for k in names)
-                if used != (tokens <= 2):
-                    bad.append(f"{in_f}x{out_f} g{g} {bits}-bit {dtype} tokens={tokens}: linasync used={used}")
+                tile = 1 if tokens == 1 else 2 if tokens == 2 else 8
+                want = f"quant_lintile{bits}_{str(dtype)[6:].replace('float', 'f').replace('bfloat', 'bf')}_n{tile}"
+                if k and bits == 4 and dtype == torch.bfloat16 and tile == nt:
+                    want += f"_v{k}"
+                if want not in names:
+                    bad.append(f"{in_f}x{out_f} g{g} {bits}-bit {dtype} tokens={tokens}: {want} not in {sorted(names)}")
                 ref = x.to(F64) @ w.T + mod.bias.detach().cpu().to(F64)
                 err = ((y.cpu().to(F64) - ref).norm() / ref.norm()).item()
                 if not err <= TOL[dtype]:
@@ -320,21 +325,23 @@ sys.exit(1 if bad else 0)
 """
 
 
-@pytest.mark.parametrize("tune", ["lin=async", "lin=async,pdl=1"])
-def test_linear_async_kernel(tune):
-    """The cp.async linear (linear_async), planned only with LMKERN_CUDA_QUANT_TUNE=lin=async until a
-    GPU has timed it, and with pdl=1 launched with programmatic dependent launch; the switches are read
-    once per process, hence the subprocess. Every code width and dtype at 1 and 2 tokens takes it (the
-    profiler shows its kernel) and matches the float64 product; so do kernels that read what the one
-    before them wrote (a chain of linears, eager and in a CUDA graph; a linear after a quantize)."""
+@pytest.mark.parametrize("tune", ["pdl=1", "variant=18", "variant=19", "variant=20,pdl=1"])
+def test_linear_tuned_launch(tune):
+    """The tiled linear launched with programmatic dependent launch (pdl=1: each call may start before
+    the one before it ends, and waits in griddepcontrol.wait before it reads), and its tuning variants
+    (variant=<k>), set by LMKERN_CUDA_QUANT_TUNE, which is read once per process, hence the
+    subprocess. Every code width and dtype at 1, 2 and 5 tokens takes the kernel planned (the profiler
+    shows it) and matches the float64 product; so do kernels that read what the one before them wrote
+    (a chain of linears, eager and in a CUDA graph; a linear after a quantize)."""
     import os
     import subprocess
     import sys
 
     here = os.path.dirname(os.path.abspath(__file__))  # for `from test_quant_cuda import capture_graph`
     path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
-    env = dict(os.environ, LMKERN_CUDA_QUANT_TUNE=tune, PYTHONPATH=path)
-    r = subprocess.run([sys.executable, "-c", ASYNC_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    variant = {"variant=18": "18,1", "variant=19": "19,1", "variant=20,pdl=1": "20,2"}.get(tune, "")
+    env = dict(os.environ, LMKERN_CUDA_QUANT_TUNE=tune, PYTHONPATH=path, WANT_VARIANT=variant)
+    r = subprocess.run([sys.executable, "-c", TUNED_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
 
 

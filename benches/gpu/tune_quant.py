@@ -1,13 +1,13 @@
 """Kernel timings of PowerQuantLinear's CUDA GEMV under one launch-shape variant, for tuning.
 
-  LMKERN_CUDA_QUANT_TUNE="variant=<k>|lin=async[,deq=tiled]" python benches/gpu/tune_quant.py [--peer] [--tokens 1,2]
+  LMKERN_CUDA_QUANT_TUNE="[variant=<k>][,pdl=1]" python benches/gpu/tune_quant.py [--peer] [--tokens 1,2]
 
 bf16 activations, 4-bit g128 codes, a = 0.7. Per case: torch.ops.lmkern.power_quant_linear in a
 CUDA graph of calls over rotating copies of the codes (256 MiB in all, so every call reads its
 weight from HBM, as timings.py times it), median of 30 replays divided by the calls per replay;
-with --peer, F.linear on the dense bf16 weight the same way, and the floor of the memory traffic:
-torch.sum over the same rotating codes (viewed as float32) and over the dense weights, the time this
-card takes to read those bytes in a graph with a tuned reduction (no lookups, no dot products).
+with --peer, F.linear on the dense bf16 weight the same way, and cuBLAS on the bytes of the codes:
+F.linear over the rotating codes viewed as a bf16 weight of in·bits/16 columns, the dense GEMV that
+moves what the quantized one must read (bar its scales and codebooks), with no lookups.
 --tokens keeps the cases of those token counts. The variants (rust/core/src/quant/cuda.rs,
 TILE_VARIANTS) replace the default kernel only for their own token tile; the others run the default.
 Also checks every output against the float64 product (relative error printed; > 1e-2 is FAIL).
@@ -76,7 +76,9 @@ def main():
         us, run, calls = graph_us([lambda c=c: op(x, c[0], c[1], c[2], None, bits, g, in_f) for c in copies])
         floor = ""
         if args.peer:
-            floor = f"  (sum(codes) {graph_us([lambda c=c: torch.sum(c[0].view(torch.float32)) for c in copies])[0]:6.2f} us)"
+            xb = torch.randn(tokens, in_f * bits // 16, device=dev).to(torch.bfloat16)
+            fus = graph_us([lambda c=c: F.linear(xb, c[0].view(torch.bfloat16)) for c in copies])[0]
+            floor = f"  (cuBLAS, same bytes {fus:6.2f} us)"
         try:
             kus = f"{kernel_us(run, calls):6.2f}"
         except Exception as e:  # noqa: BLE001  (the profiler is a nice-to-have here)
@@ -88,8 +90,7 @@ def main():
             wd = _deq64(q).to(torch.bfloat16)
             dense = [wd.clone() for _ in range(max(2, LINEAR_ROTATION_BYTES // (2 * out_f * in_f)))]
             pus = graph_us([lambda d=d: F.linear(x, d) for d in dense])[0]
-            sus = graph_us([lambda d=d: torch.sum(d) for d in dense])[0]
-            line += f"  | dense bf16 {pus:7.2f} us  x{pus / us:5.2f}  (sum(W) {sus:6.2f} us)"
+            line += f"  | dense bf16 {pus:7.2f} us  x{pus / us:5.2f}"
             del dense
         print(line, flush=True)
         torch.cuda.empty_cache()

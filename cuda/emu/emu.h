@@ -77,10 +77,6 @@ struct Thread {
     int shfl_offset = 0;
     unsigned shfl_mask = 0;
     float shfl_result = 0.0f;
-    // cp.async: copies issued since the last commit, then the committed groups, oldest first.
-    struct Copy { void* dst; const void* src; size_t bytes; bool valid; };
-    std::vector<Copy> open_group;
-    std::vector<std::vector<Copy>> groups;
 };
 
 struct Block {
@@ -238,29 +234,6 @@ inline float __shfl_xor_sync(unsigned mask, float v, int offset) {
 }
 
 namespace lmkern {
-// cp.async as the hardware guarantees it and no more: the bytes move when the issuing thread waits
-// for their group, so a kernel that reads a stage before its wait (or another thread's copies
-// without a barrier after that thread's wait) reads stale shared memory and fails its checks.
-inline void cp_async16(void* dst, const void* src, bool valid) { ::emu::self().open_group.push_back({dst, src, 16, valid}); }
-inline void cp_async4(void* dst, const void* src, bool valid) { ::emu::self().open_group.push_back({dst, src, 4, valid}); }
-inline void cp_async_commit() {
-    ::emu::Thread& t = ::emu::self();
-    t.groups.push_back(std::move(t.open_group));
-    t.open_group.clear();
-}
-template <int N>
-inline void cp_async_wait() {
-    ::emu::Thread& t = ::emu::self();
-    if (!t.open_group.empty()) ::emu::fail("cp_async_wait with uncommitted copies (they would not be waited for)");
-    while (t.groups.size() > (size_t)N) {
-        for (const ::emu::Thread::Copy& c : t.groups.front()) {
-            if (c.valid) memcpy(c.dst, c.src, c.bytes);
-            else memset(c.dst, 0, c.bytes);
-        }
-        t.groups.erase(t.groups.begin());
-    }
-}
-
 // One kernel at a time: programmatic dependent launch has nothing to wait for. prefetch_l2 reads
 // the byte, so that a wild address at least faults here.
 inline void griddep_wait() {}

@@ -42,14 +42,11 @@ struct Kernels {
     LinFn lin[9];        // the generic kernel, [NT]
     LinFn tile[9][9];    // the tiled kernels, [bits][NT]
     DeqFn deqtile[9];    // the tiled dequantizers, [bits]
-    LinFn lasync[9][3];  // linear_async, [bits][NT]
 };
 
 #define TILES(TN, B) \
     {nullptr, quant_lintile##B##_##TN##_n1, quant_lintile##B##_##TN##_n2, nullptr, quant_lintile##B##_##TN##_n4, \
      nullptr, nullptr, nullptr, quant_lintile##B##_##TN##_n8}
-
-#define ASYNCS(TN, B) {nullptr, quant_linasync##B##_##TN##_n1, quant_linasync##B##_##TN##_n2}
 
 #define TABLE(TN)                                                                                       \
     Kernels {                                                                                           \
@@ -58,8 +55,7 @@ struct Kernels {
              nullptr, nullptr, nullptr, quant_linear_##TN##_n8},                                        \
             {{}, {}, TILES(TN, 2), TILES(TN, 3), TILES(TN, 4), {}, {}, {}, TILES(TN, 8)},              \
             {nullptr, nullptr, quant_deqtile2_##TN, quant_deqtile3_##TN, quant_deqtile4_##TN, nullptr,   \
-             nullptr, nullptr, quant_deqtile8_##TN},                                                    \
-            {{}, {}, ASYNCS(TN, 2), ASYNCS(TN, 3), ASYNCS(TN, 4), {}, {}, {}, ASYNCS(TN, 8)}            \
+             nullptr, nullptr, quant_deqtile8_##TN}                                                     \
     }
 
 static std::mt19937_64 rng(2026);
@@ -466,7 +462,7 @@ static void run_linear(const Kernels& K, size_t nout, size_t n, size_t g, int bi
     emu::launch(dim3(grid), dim3(256), 0, [&] { f(lp); });
     char label[200];
     snprintf(label, sizeof label, "%s linear out=%zu in=%zu g=%zu bits=%d tokens=%zu bias=%d mis=%d tiled=%d nt=%d grid=%u%s",
-             K.name, nout, n, g, bits, tokens, bias, misalign, use_tile, nt, grid, variant ? " (variant or async)" : "");
+             K.name, nout, n, g, bits, tokens, bias, misalign, use_tile, nt, grid, variant ? " (variant)" : flags ? " (PDL)" : "");
     expect(y.guards_ok(), std::string(label) + ": wrote outside y");
     bool ok = true, nan_row = true;
     double worst = 0;
@@ -494,20 +490,6 @@ static void run_linear(const Kernels& K, size_t nout, size_t n, size_t g, int bi
     }
     expect(ok, std::string(label) + ": y differs from Σ x·m·lut + b (worst " + std::to_string(worst) + ")");
     expect(nan_row, std::string(label) + ": a row with a NaN codebook is not NaN");
-}
-
-// Where the launcher plans linear_async (rust/core/src/quant/cuda.rs, linear_async_fits): slices of
-// 16 in one group, rows of whole 16-byte pieces (x and the buffers here are aligned).
-static bool async_fits(size_t n, size_t g, int bits) { return n % 16 == 0 && g % 16 == 0 && n * bits / 8 % 16 == 0; }
-
-// linear_async with `tokens` tokens on a grid of `grid` blocks (the launcher's is the row tiles or
-// the resident blocks, whichever is fewer): 1 and 2 tokens take the kernel of that token tile, more
-// take the 2-token one over several token tiles. Odd grids as if launched with PDL (the L2 prefetch
-// of the first items, whose addresses the emulator touches).
-template <typename T>
-static void run_async(const Kernels& K, size_t nout, size_t n, size_t g, int bits, size_t tokens, unsigned grid) {
-    run_linear<T>(K, nout, n, g, bits, tokens, tokens % 2 == 1, false, grid, false, false, K.lasync[bits][tokens == 1 ? 1 : 2],
-                  bits == 8 ? 2 : 4, grid % 2 == 1 ? lmkern::quant::LINEAR_PDL : 0);
 }
 
 template <typename T>
@@ -554,7 +536,6 @@ static void suite(const Kernels& K) {
                 for (size_t tokens : {1, 2, 3, 8, 11}) {
                     if (n == 1024 && tokens > 3) continue;
                     run_linear<T>(K, nout, n, g, bits, tokens, tokens % 2 == 1, false, 0);
-                    if (tokens <= 2 && async_fits(n, g, bits)) run_async<T>(K, nout, n, g, bits, tokens, tokens == 1 ? 2 : 3);
                 }
             }
         }
@@ -568,14 +549,11 @@ static void suite(const Kernels& K) {
     run_linear<T>(K, 2, 8224, 8224, 4, 3, false, false, 0);
     run_linear<T>(K, 6, 4224, 128, 8, 2, false, false, 0);
     run_linear<T>(K, 9, 2048, 2048, 3, 8, true, false, 3);  // grid-stride, tiled with 4 rows per block
-    // linear_async: chunks of 4096 columns (three, the last partial), a block per row tile or
-    // several tiles per block, 1 and 2 tokens with one and several token tiles.
+    // As launched with PDL (the L2 prefetch of each block's first tile, whose addresses the
+    // emulator touches): full and partial row tiles, grid-stride, several token tiles.
     for (int bits : {2, 3, 4, 8}) {
-        for (unsigned grid : {1u, 4u, 64u}) {
-            run_async<T>(K, 7, 8448, 64, bits, 1, grid);
-            run_async<T>(K, 6, 8448, 8448, bits, grid == 4 ? 5 : 2, grid);
-        }
-        run_async<T>(K, 11, 4096, 128, bits, 1, 3);
+        run_linear<T>(K, 19, 256, 64, bits, 1, true, false, 0, false, false, nullptr, 0, lmkern::quant::LINEAR_PDL);
+        run_linear<T>(K, 21, 8224, 32, bits, 5, false, false, 2, false, false, nullptr, 0, lmkern::quant::LINEAR_PDL);
     }
 }
 
@@ -595,7 +573,7 @@ static void empty_rows(const Kernels& K) {
     LinearParams lp{};
     lp.table = table.as<float>(), lp.bias = b.as<float>(), lp.y = y.ptr(), lp.tokens = (int64_t)tokens, lp.out_features = (int32_t)rows;
     lp.in_features = 0, lp.group = 1, lp.bits = 4, lp.row_bytes = 0;
-    for (LinFn f : {K.lin[4], K.tile[4][4], K.lasync[4][1]}) {
+    for (LinFn f : {K.lin[4], K.tile[4][4], K.tile[4][1]}) {
         memset(y.ptr(), 0xFF, y.bytes);
         emu::launch(dim3(1), dim3(256), 0, [&] { f(lp); });
         bool bias_only = y.guards_ok();
@@ -605,27 +583,15 @@ static void empty_rows(const Kernels& K) {
     }
 }
 
-// The tuning variant of the bf16 4-bit tiled kernel (quant.cu, LMKERN_QUANT_LINTILE_VARIANT): two
-// passes per thread for every slice width, a partial row block, and a grid-stride loop.
+// The tuning variants of the bf16 4-bit tiled kernel (quant.cu, LMKERN_QUANT_LINTILE_VARIANT):
+// two passes per thread and a partial row block, a grid-stride loop, several token tiles.
 static void tile_variants(const Kernels& K) {
     struct V { LinFn f; size_t tokens, rows; };
-    const V vs[] = {{quant_lintile4_bf16_n1_v1, 1, 16}};
+    const V vs[] = {{quant_lintile4_bf16_n1_v18, 1, 8}, {quant_lintile4_bf16_n1_v19, 1, 8}, {quant_lintile4_bf16_n2_v20, 2, 8}};
     for (const V& v : vs) {
         run_linear<__nv_bfloat16>(K, 19, 8448, 128, 4, v.tokens, true, false, 0, false, false, v.f, v.rows);
         run_linear<__nv_bfloat16>(K, 19, 256, 128, 4, v.tokens, false, false, 2, false, false, v.f, v.rows);
-    }
-    // The persistent-grid variants (linear_stream, 11-14; linear_async, 16-17): several row tiles
-    // per block with a partial last one, blocks without a tile, several token tiles, rows of more
-    // slices than threads (and for linear_async several chunks, the last one partial) and of fewer.
-    const V ss[] = {{quant_lintile4_bf16_n1_v11, 1, 8}, {quant_lintile4_bf16_n1_v12, 1, 4}, {quant_lintile4_bf16_n1_v13, 1, 8},
-                    {quant_lintile4_bf16_n2_v14, 2, 4}, {quant_lintile4_bf16_n1_v16, 1, 2}, {quant_lintile4_bf16_n1_v17, 1, 4}};
-    for (const V& v : ss) {
-        for (unsigned grid : {1u, 2u, 3u, 9u}) {
-            run_linear<__nv_bfloat16>(K, 19, 8448, 128, 4, v.tokens, grid % 2 == 1, false, grid, false, false, v.f, v.rows);
-            run_linear<__nv_bfloat16>(K, 19, 256, 64, 4, v.tokens, grid == 2, false, grid, false, false, v.f, v.rows);
-        }
-        run_linear<__nv_bfloat16>(K, 13, 4096, 128, 4, v.tokens == 1 ? 1 : 2 * v.tokens + 1, true, false, 2, false, false, v.f, v.rows);
-        run_linear<__nv_bfloat16>(K, 7, 512, 512, 4, 3 * v.tokens, false, false, 1, false, false, v.f, v.rows);
+        run_linear<__nv_bfloat16>(K, 13, 512, 512, 4, 3 * v.tokens, true, false, 1, false, false, v.f, v.rows);
     }
 }
 

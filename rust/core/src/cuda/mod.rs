@@ -373,29 +373,6 @@ pub(crate) fn supports_pdl(ordinal: usize) -> Result<bool> {
     })
 }
 
-/// How many blocks of `threads` threads of kernel `name` the device `ordinal` holds at once (SMs ×
-/// resident blocks per SM, with no dynamic shared memory): the grid of a persistent kernel.
-/// Cached per (device, kernel).
-pub(crate) fn resident_blocks(ordinal: usize, name: &str, threads: u32) -> Result<usize> {
-    type Key = (usize, String, u32);
-    static CACHE: Mutex<Vec<(Key, usize)>> = Mutex::new(Vec::new());
-    cached(&CACHE, (ordinal, name.to_string(), threads), || {
-        let dev = device(ordinal)?;
-        fenced(name, || {
-            let _bound = CurrentContext::bind(dev.ctx.cu_ctx(), name)?;
-            let f = dev.function(name)?;
-            let sms = dev
-                .ctx
-                .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-                .map_err(|e| Error::cuda(format!("CUDA device {ordinal}: cannot read its SM count: {e}")))?;
-            // SAFETY: f is a kernel of the loaded module.
-            let per_sm = unsafe { result::occupancy::max_active_block_per_multiprocessor(f.0, threads as i32, 0) }
-                .map_err(|e| Error::cuda(format!("{name}: cannot read its occupancy on CUDA device {ordinal}: {e}")))?;
-            Ok((sms.max(1) as usize) * (per_sm.max(1) as usize))
-        })
-    })
-}
-
 /// The kernel-name suffix of an element type (`<kernel>_f32`, `_bf16`, `_f16`); float64 has no
 /// CUDA kernels (a type error, before any launch).
 pub(crate) fn type_suffix(dtype: crate::tensor::DType) -> Result<&'static str> {

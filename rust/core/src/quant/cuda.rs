@@ -194,64 +194,36 @@ fn slice_load_width(cpl: usize, bits: usize) -> u64 {
     1u64 << (cpl * bits / 8).trailing_zeros().min(4)
 }
 
-/// A launch-shape variant of the bf16 4-bit linear, for tuning only: as cuda/quant.cu compiles it
-/// (LMKERN_QUANT_LINTILE_VARIANT, LMKERN_QUANT_LINSTREAM_VARIANT or LMKERN_QUANT_LINASYNC_VARIANT,
-/// after `kernel`), with token tile `nt`, `cpl` columns per slice and `rows` output rows per block
-/// (per row tile when the grid is persistent).
+/// A launch-shape variant of the bf16 4-bit tiled linear, for tuning only: as cuda/quant.cu
+/// compiles it (LMKERN_QUANT_LINTILE_VARIANT), with token tile `nt`, `cpl` columns per slice and
+/// `rows` output rows per block.
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Variant {
     k: usize,
     nt: usize,
     cpl: usize,
     rows: usize,
-    kernel: VariantKernel,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum VariantKernel {
-    /// linear_tiled: one block per row tile.
-    Tiled,
-    /// linear_stream: a persistent grid, as many blocks as the GPU holds at once.
-    Stream,
-    /// linear_async: a persistent grid fed by cp.async; whole 16-byte pieces of code rows and of
-    /// codebook rows (row_bytes and the pointers multiples of 16).
-    Async,
+const fn tile_variant(k: usize, nt: usize, cpl: usize, rows: usize) -> Variant {
+    Variant { k, nt, cpl, rows }
 }
 
-const fn tile_variant(k: usize, nt: usize, cpl: usize, rows: usize, kernel: VariantKernel) -> Variant {
-    Variant { k, nt, cpl, rows, kernel }
-}
+/// 1-17 (other tiled shapes, a streamed and a cp.async kernel) lost or tied in
+/// benches/results/2026-11-26-h200-6-quant-tiled-sweep and 2026-11-27-h200-7-quant-async-sweep.
+const TILE_VARIANTS: [Variant; 3] = [tile_variant(18, 1, 16, 8), tile_variant(19, 1, 16, 8), tile_variant(20, 2, 16, 8)];
 
-use VariantKernel::{Async, Stream, Tiled};
-
-/// 2-10 (other tiled shapes) lost or tied in benches/results/2026-11-26-h200-6-quant-tiled-sweep.
-const TILE_VARIANTS: [Variant; 7] = [
-    tile_variant(1, 1, 16, 16, Tiled),
-    tile_variant(11, 1, 16, 8, Stream),
-    tile_variant(12, 1, 8, 4, Stream),
-    tile_variant(13, 1, 8, 8, Stream),
-    tile_variant(14, 2, 8, 4, Stream),
-    tile_variant(16, 1, 16, 2, Async),
-    tile_variant(17, 1, 8, 4, Async),
-];
-
-/// Whether 1- and 2-token linears take the cp.async kernel where it fits ([`linear_async_fits`]),
-/// and launch it with programmatic dependent launch on sm_90+ ([`cuda::launch_struct_pdl`]), when
-/// LMKERN_CUDA_QUANT_TUNE does not say: off until a GPU run has timed them against the tiled kernel
-/// (benches/gpu/quant_sweep.sh).
-const ASYNC_BY_DEFAULT: bool = false;
+/// Whether the tiled linear is launched with programmatic dependent launch on sm_90+
+/// ([`cuda::launch_struct_pdl`]) when LMKERN_CUDA_QUANT_TUNE does not say: off until a GPU run has
+/// timed it (benches/gpu/quant_sweep.sh).
 const PDL_BY_DEFAULT: bool = false;
 
 /// Tuning switches from LMKERN_CUDA_QUANT_TUNE (comma-separated, read once per process):
-/// `variant=<k>` (a [`TILE_VARIANTS`] entry for the linear), `deq=tiled` (the tiled dequantizer,
-/// not planned by default until measured on a GPU), `lin=async` / `lin=tiled` (the cp.async linear
-/// or not) and `pdl=1` / `pdl=0` (with programmatic dependent launch or not), the last two
-/// overriding [`ASYNC_BY_DEFAULT`] and [`PDL_BY_DEFAULT`].
+/// `variant=<k>` (a [`TILE_VARIANTS`] entry for the linear) and `pdl=1` / `pdl=0` (with
+/// programmatic dependent launch or not, overriding [`PDL_BY_DEFAULT`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 struct Tune {
     variant: Option<Variant>,
-    deq_tiled: bool,
-    lin_async: Option<bool>,
     pdl: Option<bool>,
 }
 
@@ -263,9 +235,6 @@ impl Tune {
                 Some(("variant", v)) => {
                     t.variant = v.parse::<usize>().ok().and_then(|k| TILE_VARIANTS.iter().copied().find(|e| e.k == k))
                 }
-                Some(("deq", "tiled")) => t.deq_tiled = true,
-                Some(("lin", "async")) => t.lin_async = Some(true),
-                Some(("lin", "tiled")) => t.lin_async = Some(false),
                 Some(("pdl", "1")) => t.pdl = Some(true),
                 Some(("pdl", "0")) => t.pdl = Some(false),
                 _ => {}
@@ -282,11 +251,10 @@ impl Tune {
 
 /// The tuning variant that replaces the default tiled kernel for this call, if one is asked for
 /// and fits (bf16, 4 bits, its token tile, its slice width).
-fn variant_for(dtype: DType, l: &LinearArgs, x: Ptr, codes: Ptr, table: Ptr) -> Option<Variant> {
+fn variant_for(dtype: DType, l: &LinearArgs, x: Ptr, codes: Ptr) -> Option<Variant> {
     let v = Tune::get().variant?;
     let fits = dtype == DType::BF16 && l.q.bits == 4 && token_tile(l.tokens) == v.nt && l.q.n.is_multiple_of(v.cpl)
-        && l.q.group.is_multiple_of(v.cpl) && x.is_multiple_of(16) && codes.is_multiple_of(16)
-        && (v.kernel != Async || (l.q.row_bytes().is_multiple_of(16) && table.is_multiple_of(16)));
+        && l.q.group.is_multiple_of(v.cpl) && x.is_multiple_of(16) && codes.is_multiple_of(16);
     fits.then_some(v)
 }
 
@@ -297,54 +265,20 @@ pub(crate) enum LinearKernel {
     Generic,
     /// `quant_lintile<bits>_*`: see [`tiled`].
     Tiled,
-    /// `quant_linasync<bits>_*`: see [`linear_async_fits`]; its grid is at most the resident blocks
-    /// (the launcher clamps it).
-    Async,
 }
 
 /// The kernel a linear call takes.
-fn linear_kernel(q: &QuantArgs, tokens: usize, x: Ptr, codes: Ptr, table: Ptr) -> LinearKernel {
-    if Tune::get().lin_async.unwrap_or(ASYNC_BY_DEFAULT) && linear_async_fits(q, tokens, x, codes, table) {
-        LinearKernel::Async
-    } else if tiled(q, tokens, x, codes) {
-        LinearKernel::Tiled
-    } else {
-        LinearKernel::Generic
-    }
+fn linear_kernel(q: &QuantArgs, tokens: usize, x: Ptr, codes: Ptr) -> LinearKernel {
+    if tiled(q, tokens, x, codes) { LinearKernel::Tiled } else { LinearKernel::Generic }
 }
 
-/// Columns per slice of linear_async (16: a chunk of 4096 columns per 256 threads).
-const ASYNC_CPL: usize = 16;
-
-/// Rows per item of linear_async (LMKERN_QUANT_LINASYNC in cuda/quant.cu): 4, or 2 for 8-bit codes,
-/// whose 1 KB codebooks would not fit three stages of 4 rows in 48 KB of shared memory.
-pub(crate) fn async_rows(bits: u32) -> usize {
-    if bits == 8 { 2 } else { 4 }
-}
-
-/// Whether linear_async applies: 1 or 2 tokens; n > 0 and the group size multiples of 16 (whole
-/// slices in one group); x 16-byte aligned; code rows, the codes and the codebooks in whole 16-byte
-/// pieces (cp.async copies 16 bytes at a time).
-pub(crate) fn linear_async_fits(q: &QuantArgs, tokens: usize, x: Ptr, codes: Ptr, table: Ptr) -> bool {
-    token_tile(tokens) <= 2
-        && q.n > 0
-        && q.n.is_multiple_of(ASYNC_CPL)
-        && q.group.is_multiple_of(ASYNC_CPL)
-        && q.row_bytes().is_multiple_of(16)
-        && x.is_multiple_of(16)
-        && codes.is_multiple_of(16)
-        && table.is_multiple_of(16)
-}
-
-/// The launch of `kernel`; for [`LinearKernel::Async`] the grid is one block per row tile, which
-/// the launcher clamps to the blocks the GPU holds at once.
+/// The launch of `kernel`: one block per row tile.
 pub(crate) fn plan_linear(dtype: DType, l: &LinearArgs, kernel: LinearKernel) -> Result<Plan> {
     let t = type_suffix(dtype)?;
     let (nt, bits) = (token_tile(l.tokens), l.q.bits);
     let (name, rows_per_block) = match kernel {
         LinearKernel::Generic => (format!("quant_linear_{t}_n{nt}"), BLOCK / 32),
         LinearKernel::Tiled => (format!("quant_lintile{bits}_{t}_n{nt}"), tile_shape(nt, bits).1),
-        LinearKernel::Async => (format!("quant_linasync{bits}_{t}_n{nt}"), async_rows(bits)),
     };
     Ok(Plan { name, grid: clamp_grid(l.q.rows.div_ceil(rows_per_block)), block: (BLOCK as u32, 1) })
 }
@@ -410,7 +344,7 @@ pub unsafe fn forward(
 pub unsafe fn dequantize(
     ordinal: usize, stream: u64, dtype: DType, q: &QuantArgs, codes: Ptr, scales: Ptr, tables: Tables, out: Ptr,
 ) -> Result<()> {
-    let plan = if Tune::get().deq_tiled && deq_tiled(q, codes, out) {
+    let plan = if deq_tiled(q, codes, out) {
         let t = type_suffix(dtype)?;
         Plan { name: format!("quant_deqtile{}_{t}", q.bits), grid: clamp_grid(q.rows.div_ceil(DEQ_ROWS)), block: (BLOCK as u32, 1) }
     } else {
@@ -449,20 +383,14 @@ pub unsafe fn linear(
     if q.rows > i32::MAX as usize {
         return Err(Error::value(format!("codes: {} output rows exceed the 2^31-1 the CUDA kernels support", q.rows)));
     }
-    let kernel = linear_kernel(q, l.tokens, x, codes, table);
+    let kernel = linear_kernel(q, l.tokens, x, codes);
     let mut plan = plan_linear(dtype, l, kernel)?;
-    if kernel == LinearKernel::Async {
-        plan.grid = plan.grid.min(clamp_grid(cuda::resident_blocks(ordinal, &plan.name, BLOCK as u32)?));
-    }
-    let mut is_async = kernel == LinearKernel::Async;
-    if let Some(v) = variant_for(dtype, l, x, codes, table) {
+    if let Some(v) = variant_for(dtype, l, x, codes) {
         plan.name = format!("quant_lintile4_bf16_n{}_v{}", v.nt, v.k);
-        let tiles = q.rows.div_ceil(v.rows);
-        let blocks = if v.kernel != Tiled { tiles.min(cuda::resident_blocks(ordinal, &plan.name, BLOCK as u32)?) } else { tiles };
-        plan.grid = clamp_grid(blocks);
-        is_async = v.kernel == VariantKernel::Async;
+        plan.grid = clamp_grid(q.rows.div_ceil(v.rows));
     }
-    let pdl = is_async && Tune::get().pdl.unwrap_or(PDL_BY_DEFAULT) && cuda::supports_pdl(ordinal)?;
+    // Only the tiled kernel waits for the previous one (griddepcontrol.wait) before it reads.
+    let pdl = kernel == LinearKernel::Tiled && Tune::get().pdl.unwrap_or(PDL_BY_DEFAULT) && cuda::supports_pdl(ordinal)?;
     let mut p = LinearParams {
         x,
         codes,
@@ -502,9 +430,6 @@ mod tests {
                 v.push(format!("quant_linear_{t}_n{nt}"));
                 for bits in [2, 3, 4, 8] {
                     v.push(format!("quant_lintile{bits}_{t}_n{nt}"));
-                    if nt <= 2 {
-                        v.push(format!("quant_linasync{bits}_{t}_n{nt}"));
-                    }
                 }
             }
         }
@@ -545,7 +470,7 @@ mod tests {
         assert!(tiled(&QuantArgs { bits: 3, ..q }, 8, 256, 513)); // 3 bytes: byte loads
         assert!(!tiled(&QuantArgs { bits: 3, ..q }, 2, 256, 513));
         assert!(!tiled(&QuantArgs { bits: 8, ..q }, 1, 256, 520)); // 16 bytes: 16-byte loads
-        use LinearKernel::{Async, Generic, Tiled};
+        use LinearKernel::{Generic, Tiled};
         let p = plan_linear(DType::BF16, &l, Tiled).unwrap();
         assert_eq!((p.name.as_str(), p.grid, p.block), ("quant_lintile4_bf16_n1", 256, (256, 1)));
         let p = plan_linear(DType::F32, &LinearArgs { q, tokens: 5 }, Tiled).unwrap();
@@ -554,17 +479,10 @@ mod tests {
         assert_eq!((p.name.as_str(), p.grid), ("quant_lintile8_bf16_n2", 512)); // 8 rows per block
         let p = plan_linear(DType::BF16, &l, Generic).unwrap();
         assert_eq!((p.name.as_str(), p.grid), ("quant_linear_bf16_n1", 512));
-        let p = plan_linear(DType::BF16, &l, Async).unwrap();
-        assert_eq!((p.name.as_str(), p.grid), ("quant_linasync4_bf16_n1", 1024)); // before the resident clamp
-        let p = plan_linear(DType::F16, &LinearArgs { q: QuantArgs { bits: 8, ..q }, tokens: 2 }, Async).unwrap();
-        assert_eq!((p.name.as_str(), p.grid), ("quant_linasync8_f16_n2", 2048));
         let names = all_kernel_names();
         for bits in [2, 3, 4, 8] {
             for tokens in 0..40 {
-                for kernel in [Generic, Tiled, Async] {
-                    if kernel == Async && token_tile(tokens) > 2 {
-                        continue;
-                    }
+                for kernel in [Generic, Tiled] {
                     let p = plan_linear(DType::F16, &LinearArgs { q: QuantArgs { bits, ..q }, tokens }, kernel).unwrap();
                     assert!(names.contains(&p.name), "{p:?}");
                 }
@@ -572,24 +490,6 @@ mod tests {
         }
         assert_eq!(token_tile(3), 4);
         assert_eq!(token_tile(9), 8);
-    }
-
-    #[test]
-    fn linear_async_needs_whole_pieces() {
-        let q = QuantArgs { bits: 4, rows: 7, n: 4096, group: 128, clip: 1.0 };
-        assert!(linear_async_fits(&q, 1, 256, 512, 1024));
-        assert!(linear_async_fits(&q, 2, 256, 512, 1024));
-        assert!(!linear_async_fits(&q, 3, 256, 512, 1024)); // token tile 4
-        assert!(!linear_async_fits(&q, 1, 264, 512, 1024)); // x
-        assert!(!linear_async_fits(&q, 1, 256, 520, 1024)); // codes
-        assert!(!linear_async_fits(&q, 1, 256, 512, 1032)); // codebooks
-        assert!(!linear_async_fits(&QuantArgs { n: 4080, group: 16, ..q }, 1, 256, 512, 1024)); // 2040-byte rows
-        assert!(linear_async_fits(&QuantArgs { n: 4064, group: 32, ..q }, 1, 256, 512, 1024)); // 2032-byte rows
-        assert!(!linear_async_fits(&QuantArgs { n: 4096, group: 8, ..q }, 1, 256, 512, 1024)); // slices span groups
-        assert!(!linear_async_fits(&QuantArgs { n: 0, group: 1, ..q }, 1, 256, 512, 1024));
-        assert!(linear_async_fits(&QuantArgs { bits: 3, n: 4096, ..q }, 1, 256, 512, 1024)); // 1536-byte rows
-        assert!(!linear_async_fits(&QuantArgs { bits: 3, n: 4080, group: 16, ..q }, 1, 256, 512, 1024)); // 1530
-        assert_eq!((async_rows(4), async_rows(8)), (4, 2));
     }
 
     #[test]
@@ -606,19 +506,12 @@ mod tests {
     #[test]
     fn tune_parses_switches() {
         assert_eq!(Tune::parse(""), Tune::default());
-        let t = Tune::parse("variant=1, deq=tiled");
-        assert_eq!(t.variant, Some(tile_variant(1, 1, 16, 16, Tiled)));
-        assert_eq!(Tune::parse("variant=4").variant, None); // settled and removed
-        assert_eq!(Tune::parse("variant=12").variant, Some(tile_variant(12, 1, 8, 4, Stream)));
-        assert_eq!(Tune::parse("variant=17").variant, Some(tile_variant(17, 1, 8, 4, VariantKernel::Async)));
-        assert_eq!(Tune::parse("variant=15").variant, None); // lin=async's own shape, not a variant
-        assert_eq!(Tune::parse("deq=tiled, lin=async").lin_async, Some(true));
-        assert_eq!(Tune::parse("lin=tiled").lin_async, Some(false));
-        assert!(t.deq_tiled);
-        let a = Tune::parse("lin=async,pdl=1");
-        assert_eq!((a.lin_async, a.pdl, a.deq_tiled), (Some(true), Some(true), false));
+        let t = Tune::parse("variant=18, pdl=1");
+        assert_eq!((t.variant, t.pdl), (Some(tile_variant(18, 1, 16, 8)), Some(true)));
+        assert_eq!(Tune::parse("variant=20").variant, Some(tile_variant(20, 2, 16, 8)));
+        assert_eq!(Tune::parse("variant=1").variant, None); // settled and removed
         assert_eq!(Tune::parse("pdl=0").pdl, Some(false));
-        assert_eq!(Tune::parse("variant=99,deq=rows,junk"), Tune::default());
+        assert_eq!(Tune::parse("variant=99,deq=tiled,lin=async,junk"), Tune::default());
     }
 
     #[test]
