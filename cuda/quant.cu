@@ -7,8 +7,7 @@
 // Entry points, for <t> in {f32, bf16, f16}:
 //   quant_fwd_<t>            codes (quantize) or y (fake quantize), and the group scales
 //   quant_deq_<t>            x̂ = scales · lut[field], lut from the exponents or the given codebooks
-//   quant_deqtile<B>_<t>     the same for B-bit codes and aligned shapes (deq_tiled below; planned
-//                            only with LMKERN_CUDA_QUANT_TUNE=deq=tiled until measured on a GPU)
+//   quant_deqtile<B>_<t>     the same for B-bit codes and aligned shapes (deq_tiled below)
 //   quant_fake_bwd_<t>       dx and da (per-row sum in a fixed order, no atomics)
 //   quant_linear_<t>_n<NT>   y = x @ Ŵᵀ + b, any bits / group / alignment (NT = 1, 2, 4, 8)
 //   quant_lintile<B>_<t>_n<NT>  the same for B-bit codes and aligned shapes (linear_tiled below)
@@ -448,9 +447,13 @@ __device__ __forceinline__ void linear(const LinearParams& p) {
 // converted to float once and reused by the R rows: the GEMV's x traffic is paid once per R rows)
 // and the R rows' codes and scales, then adds m·Σ_j lut_r[field_j]·x[t][j] to acc[r][t]. The rows'
 // codebooks are loaded first and the first slice right after, before the tables' barrier, so that
-// the lookups can start as soon as the table and a row's codes are in.
+// the lookups can start as soon as the table and a row's codes are in. A partial last row tile
+// repeats its last row (no branch per row); those sums are dropped.
 // The block then sums acc over its threads in a fixed order: a transposing butterfly within each
 // warp, and the 8 warps' partials in shared memory.
+// Launched with programmatic dependent launch (flags & LINEAR_PDL, sm_90+), a block may start
+// before the previous kernel ends: it prefetches its first row tile's codes into L2 and reads
+// nothing before griddep_wait. Either way it lets the next kernel start as its blocks retire.
 // ---------------------------------------------------------------------------------------------
 constexpr int TILE_THREADS = 256;
 constexpr int TILE_WARPS = TILE_THREADS / 32;

@@ -325,10 +325,11 @@ sys.exit(1 if bad else 0)
 """
 
 
-@pytest.mark.parametrize("tune", ["pdl=1", "variant=18", "variant=19", "variant=20,pdl=1"])
+@pytest.mark.parametrize("tune", ["pdl=0", "pdl=1", "variant=18", "variant=19", "variant=20,pdl=1"])
 def test_linear_tuned_launch(tune):
-    """The tiled linear launched with programmatic dependent launch (pdl=1: each call may start before
-    the one before it ends, and waits in griddepcontrol.wait before it reads), and its tuning variants
+    """The tiled linear launched with programmatic dependent launch (pdl=1, the default on sm_90+ where
+    a row is one pass: each call may start before the one before it ends, and waits in
+    griddepcontrol.wait before it reads) and without (pdl=0), and its tuning variants
     (variant=<k>), set by LMKERN_CUDA_QUANT_TUNE, which is read once per process, hence the
     subprocess. Every code width and dtype at 1, 2 and 5 tokens takes the kernel planned (the profiler
     shows it) and matches the float64 product; so do kernels that read what the one before them wrote

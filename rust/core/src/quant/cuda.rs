@@ -10,12 +10,11 @@
 //!   threads in slices of CPL columns, see [`tile_shape`]) when n and the group size are multiples of
 //!   CPL, x is 16-byte aligned and the codes are aligned to a slice's load width; else the generic
 //!   kernel (`quant_linear_*`: one warp per output row, 8 rows per block, any shape and alignment).
-//! - with LMKERN_CUDA_QUANT_TUNE=lin=async ([`ASYNC_BY_DEFAULT`] until a GPU run has timed it), 1 or 2
-//!   tokens and rows of whole 16-byte pieces take the cp.async kernel instead
-//!   (`quant_linasync<bits>_*`, [`linear_async_fits`]): a persistent grid of at most the resident
-//!   blocks, each taking [`async_rows`] rows by chunks of 4096 columns through 3 shared-memory stages.
-//! - dequantize: the row kernel; the tiled one (`quant_deqtile<bits>_*`, [`deq_tiled`]) only with
-//!   LMKERN_CUDA_QUANT_TUNE=deq=tiled until a GPU run has checked and timed it.
+//!   On sm_90+ the tiled kernel is launched with programmatic dependent launch where a row is one
+//!   pass of the block's slices ([`pdl_by_default`]): it may start while the kernel before it ends,
+//!   prefetches its codes into L2 meanwhile, and waits for that kernel before it reads anything.
+//! - dequantize: the tiled kernel (`quant_deqtile<bits>_*`, [`deq_tiled`]) where it fits, else the
+//!   row kernel.
 //!
 //! Nothing here reads device memory on the host: exponents outside (0, 1] give NaN tables (NaN
 //! outputs; linear reads the codebooks it is given), NaN/inf inputs NaN scales; the Python layer
@@ -100,8 +99,8 @@ struct LinearParams {
 }
 
 /// LinearParams.flags: launched with programmatic dependent launch (LINEAR_PDL in cuda/quant.cu):
-/// linear_async then prefetches its first items' codes into L2 before it waits for the previous
-/// kernel.
+/// the tiled kernel then prefetches its first row tile's codes into L2 before it waits for the
+/// previous kernel.
 const LINEAR_PDL: i32 = 1;
 
 const _: () = {
@@ -210,17 +209,22 @@ const fn tile_variant(k: usize, nt: usize, cpl: usize, rows: usize) -> Variant {
 }
 
 /// 1-17 (other tiled shapes, a streamed and a cp.async kernel) lost or tied in
-/// benches/results/2026-11-26-h200-6-quant-tiled-sweep and 2026-11-27-h200-7-quant-async-sweep.
+/// benches/results/2026-11-26-h200-6-quant-tiled-sweep and 2026-11-27-h200-7-quant-async-sweep;
+/// 18-20 lost in 2026-11-27-h200-8-quant-pdl (kept for the next sweep of the tiled kernel).
 const TILE_VARIANTS: [Variant; 3] = [tile_variant(18, 1, 16, 8), tile_variant(19, 1, 16, 8), tile_variant(20, 2, 16, 8)];
 
 /// Whether the tiled linear is launched with programmatic dependent launch on sm_90+
-/// ([`cuda::launch_struct_pdl`]) when LMKERN_CUDA_QUANT_TUNE does not say: off until a GPU run has
-/// timed it (benches/gpu/quant_sweep.sh).
-const PDL_BY_DEFAULT: bool = false;
+/// ([`cuda::launch_struct_pdl`]) when LMKERN_CUDA_QUANT_TUNE does not say: where a row is at most
+/// one pass of the block's slices (n ≤ 256·CPL). On the H200 (benches/results/2026-11-27-h200-8-
+/// quant-pdl, bf16 4-bit g128) it took 4096 → 4096 from 6.97 to 5.78 µs at 1 token, 9.06 to 7.93
+/// at 2, and 4096 → 14336 from 18.88 to 18.40; but 14336 → 4096 (3.5 passes) from 16.66 to 17.88.
+fn pdl_by_default(q: &QuantArgs, tokens: usize) -> bool {
+    q.n <= BLOCK * tile_shape(token_tile(tokens), q.bits).0
+}
 
 /// Tuning switches from LMKERN_CUDA_QUANT_TUNE (comma-separated, read once per process):
 /// `variant=<k>` (a [`TILE_VARIANTS`] entry for the linear) and `pdl=1` / `pdl=0` (with
-/// programmatic dependent launch or not, overriding [`PDL_BY_DEFAULT`]).
+/// programmatic dependent launch or not, overriding [`pdl_by_default`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 struct Tune {
     variant: Option<Variant>,
@@ -390,7 +394,9 @@ pub unsafe fn linear(
         plan.grid = clamp_grid(q.rows.div_ceil(v.rows));
     }
     // Only the tiled kernel waits for the previous one (griddepcontrol.wait) before it reads.
-    let pdl = kernel == LinearKernel::Tiled && Tune::get().pdl.unwrap_or(PDL_BY_DEFAULT) && cuda::supports_pdl(ordinal)?;
+    let pdl = kernel == LinearKernel::Tiled
+        && Tune::get().pdl.unwrap_or_else(|| pdl_by_default(q, l.tokens))
+        && cuda::supports_pdl(ordinal)?;
     let mut p = LinearParams {
         x,
         codes,
@@ -501,6 +507,17 @@ mod tests {
         assert!(!deq_tiled(&QuantArgs { n: 4088, group: 8, ..q }, 512, 256));
         assert!(deq_tiled(&QuantArgs { bits: 3, ..q }, 514, 256)); // 6 bytes: 2-byte loads
         assert!(!deq_tiled(&QuantArgs { bits: 8, ..q }, 520, 256)); // 16-byte loads
+    }
+
+    #[test]
+    fn pdl_where_a_row_is_one_pass() {
+        let q = QuantArgs { bits: 4, rows: 4096, n: 4096, group: 128, clip: 1.0 };
+        assert!(pdl_by_default(&q, 1) && pdl_by_default(&q, 2)); // 256 slices of 16
+        assert!(!pdl_by_default(&QuantArgs { n: 14336, ..q }, 1));
+        assert!(!pdl_by_default(&QuantArgs { n: 4112, ..q }, 1));
+        assert!(!pdl_by_default(&q, 3)); // slices of 8: 512
+        assert!(pdl_by_default(&QuantArgs { n: 2048, ..q }, 8));
+        assert!(pdl_by_default(&QuantArgs { bits: 8, ..q }, 1));
     }
 
     #[test]
