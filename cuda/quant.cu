@@ -705,7 +705,7 @@ __device__ __forceinline__ void finish_partials(const LinearParams& p, const flo
     }
 }
 
-template <typename T, int NT, int BITS, int CPL, int R>
+template <typename T, int NT, int BITS, int CPL, int R, bool PREFETCH_ALL = false>
 __device__ __forceinline__ void linear_tiled(const LinearParams& p) {
     constexpr int NWORDS = (CPL * BITS / 8 + 3) / 4;
     constexpr int V = R * NT;  // partial sums per thread
@@ -724,8 +724,13 @@ __device__ __forceinline__ void linear_tiled(const LinearParams& p) {
         // is read before the wait.
         const int64_t o0 = (int64_t)blockIdx.x * R;
         const uint8_t* tile = p.codes + o0 * p.row_bytes;
-        const int64_t lines = (min64(R, nout - o0) * p.row_bytes + 127) / 128;
+        const int64_t rows = min64(R, nout - o0), lines = (rows * p.row_bytes + 127) / 128;
         for (int64_t e = tid; e < lines; e += TILE_THREADS) prefetch_l2(tile + 128 * e);
+        if constexpr (PREFETCH_ALL) {  // and its scales and codebooks (contiguous too): 8 % more at g128
+            const int64_t slines = (rows * ng * 4 + 127) / 128, tlines = (rows * (4 << BITS) + 127) / 128;
+            for (int64_t e = tid; e < slines + tlines; e += TILE_THREADS)
+                prefetch_l2(e < slines ? (const void*)(p.scales + o0 * ng + 32 * e) : (const void*)(p.table + (o0 << BITS) + 32 * (e - slines)));
+        }
     }
     griddep_wait();  // the previous kernel's writes (x, maybe the codes) are visible, its reads of y done
 
@@ -884,18 +889,17 @@ __device__ __forceinline__ void deq_tiled(const DeqParams& p) {
 
 // Launch-shape variants of the bf16 4-bit tiled kernel, for tuning only (benches/gpu/tune_quant.py
 // with LMKERN_CUDA_QUANT_TUNE=variant=<k>; rust/core/src/quant/cuda.rs, TILE_VARIANTS, must agree):
-// (NT, CPL, R, min blocks per SM). Shapes 1-17 were settled by the sweeps in
-// benches/results/2026-11-26-h200-6-quant-tiled-sweep and 2026-11-27-h200-7-quant-async-sweep.
-#define LMKERN_QUANT_LINTILE_VARIANT(K, NT, CPL, R, MINB)                                                \
+// (NT, CPL, R, min blocks per SM, PDL prefetch of scales and codebooks too). 1-20 were settled by
+// the sweeps in benches/results/2026-11-26-h200-6-quant-tiled-sweep, 2026-11-27-h200-7-quant-async-
+// sweep (streamed and cp.async kernels) and 2026-11-27-h200-8-quant-pdl (8 rows, 3-4 blocks per SM).
+#define LMKERN_QUANT_LINTILE_VARIANT(K, NT, CPL, R, MINB, PREFETCH_ALL)                                  \
     extern "C" __global__ void __launch_bounds__(lmkern::quant::TILE_THREADS, MINB)                    \
         quant_lintile4_bf16_n##NT##_v##K(const __grid_constant__ lmkern::quant::LinearParams p) {      \
-        lmkern::quant::linear_tiled<__nv_bfloat16, NT, 4, CPL, R>(p);                                  \
+        lmkern::quant::linear_tiled<__nv_bfloat16, NT, 4, CPL, R, PREFETCH_ALL>(p);                    \
     }
-// Fewer rows, more blocks per SM: more warps to hide latency, now that a row's loads cost no more
-// than their addresses.
-LMKERN_QUANT_LINTILE_VARIANT(18, 1, 16, 8, 4)
-LMKERN_QUANT_LINTILE_VARIANT(19, 1, 16, 8, 3)
-LMKERN_QUANT_LINTILE_VARIANT(20, 2, 16, 8, 3)
+// The default 1-token shape, whose PDL prefetch takes the row tile's scales and codebooks as well
+// as its codes (unmeasured: with pdl=1 against the default).
+LMKERN_QUANT_LINTILE_VARIANT(21, 1, 16, 16, 2, true)
 
 LMKERN_QUANT_ENTRIES(float, f32)
 LMKERN_QUANT_ENTRIES(__nv_bfloat16, bf16)

@@ -215,6 +215,13 @@ inline void launch(dim3 grid, dim3 blockdim, size_t smem_bytes, const std::funct
             }
 }
 
+// The byte ranges a test declares prefetchable (the kernel's own buffers): prefetch_l2 fails the
+// run on an address outside them, since on the GPU a stray prefetch is silent. Empty: no check.
+inline std::vector<std::pair<const unsigned char*, size_t>>& prefetch_ranges() {
+    static std::vector<std::pair<const unsigned char*, size_t>> r;
+    return r;
+}
+
 }  // namespace emu
 
 #define threadIdx (::emu::self().tid)
@@ -234,11 +241,17 @@ inline float __shfl_xor_sync(unsigned mask, float v, int offset) {
 }
 
 namespace lmkern {
-// One kernel at a time: programmatic dependent launch has nothing to wait for. prefetch_l2 reads
-// the byte, so that a wild address at least faults here.
+// One kernel at a time: programmatic dependent launch has nothing to wait for. prefetch_l2 checks
+// the address against emu::prefetch_ranges() and reads the byte.
 inline void griddep_wait() {}
 inline void griddep_launch_dependents() {}
-inline void prefetch_l2(const void* p) { (void)*static_cast<const volatile unsigned char*>(p); }
+inline void prefetch_l2(const void* p) {
+    const unsigned char* b = static_cast<const unsigned char*>(p);
+    bool ok = ::emu::prefetch_ranges().empty();
+    for (const auto& r : ::emu::prefetch_ranges()) ok |= b >= r.first && b < r.first + r.second;
+    if (!ok) ::emu::fail("prefetch_l2 outside the kernel's buffers");
+    (void)*static_cast<const volatile unsigned char*>(p);
+}
 
 template <typename T>
 inline T* dynamic_smem() {

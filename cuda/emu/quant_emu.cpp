@@ -459,7 +459,10 @@ static void run_linear(const Kernels& K, size_t nout, size_t n, size_t g, int bi
     const size_t rpb = variant ? variant_rows : use_tile ? rows_per_block : 8;
     const unsigned grid = grid_override ? grid_override : (unsigned)((nout + rpb - 1) / rpb);
     LinFn f = variant ? variant : use_tile ? K.tile[bits][nt] : K.lin[nt];
+    emu::prefetch_ranges() = {{codes.as<unsigned char>(), codes.bytes}, {scales.as<unsigned char>(), scales.bytes},
+                              {table.as<unsigned char>(), table.bytes}};
     emu::launch(dim3(grid), dim3(256), 0, [&] { f(lp); });
+    emu::prefetch_ranges().clear();
     char label[200];
     snprintf(label, sizeof label, "%s linear out=%zu in=%zu g=%zu bits=%d tokens=%zu bias=%d mis=%d tiled=%d nt=%d grid=%u%s",
              K.name, nout, n, g, bits, tokens, bias, misalign, use_tile, nt, grid, variant ? " (variant)" : flags ? " (PDL)" : "");
@@ -583,15 +586,16 @@ static void empty_rows(const Kernels& K) {
     }
 }
 
-// The tuning variants of the bf16 4-bit tiled kernel (quant.cu, LMKERN_QUANT_LINTILE_VARIANT):
-// two passes per thread and a partial row block, a grid-stride loop, several token tiles.
+// The tuning variants of the bf16 4-bit tiled kernel (quant.cu, LMKERN_QUANT_LINTILE_VARIANT), as
+// the launcher plans them: two passes per thread and a partial row block, a grid-stride loop,
+// several token tiles.
 static void tile_variants(const Kernels& K) {
-    struct V { LinFn f; size_t tokens, rows; };
-    const V vs[] = {{quant_lintile4_bf16_n1_v18, 1, 8}, {quant_lintile4_bf16_n1_v19, 1, 8}, {quant_lintile4_bf16_n2_v20, 2, 8}};
+    struct V { LinFn f; size_t tokens, rows; int flags; };
+    const V vs[] = {{quant_lintile4_bf16_n1_v21, 1, 16, lmkern::quant::LINEAR_PDL}};
     for (const V& v : vs) {
-        run_linear<__nv_bfloat16>(K, 19, 8448, 128, 4, v.tokens, true, false, 0, false, false, v.f, v.rows);
-        run_linear<__nv_bfloat16>(K, 19, 256, 128, 4, v.tokens, false, false, 2, false, false, v.f, v.rows);
-        run_linear<__nv_bfloat16>(K, 13, 512, 512, 4, 3 * v.tokens, true, false, 1, false, false, v.f, v.rows);
+        run_linear<__nv_bfloat16>(K, 19, 8448, 128, 4, v.tokens, true, false, 0, false, false, v.f, v.rows, v.flags);
+        run_linear<__nv_bfloat16>(K, 19, 256, 128, 4, v.tokens, false, false, 2, false, false, v.f, v.rows, v.flags);
+        run_linear<__nv_bfloat16>(K, 13, 512, 512, 4, 3 * v.tokens, true, false, 1, false, false, v.f, v.rows, v.flags);
     }
 }
 

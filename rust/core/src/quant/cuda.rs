@@ -208,10 +208,11 @@ const fn tile_variant(k: usize, nt: usize, cpl: usize, rows: usize) -> Variant {
     Variant { k, nt, cpl, rows }
 }
 
-/// 1-17 (other tiled shapes, a streamed and a cp.async kernel) lost or tied in
-/// benches/results/2026-11-26-h200-6-quant-tiled-sweep and 2026-11-27-h200-7-quant-async-sweep;
-/// 18-20 lost in 2026-11-27-h200-8-quant-pdl (kept for the next sweep of the tiled kernel).
-const TILE_VARIANTS: [Variant; 3] = [tile_variant(18, 1, 16, 8), tile_variant(19, 1, 16, 8), tile_variant(20, 2, 16, 8)];
+/// 1-20 (other tiled shapes, a streamed and a cp.async kernel) lost or tied in
+/// benches/results/2026-11-26-h200-6-quant-tiled-sweep, 2026-11-27-h200-7-quant-async-sweep and
+/// 2026-11-27-h200-8-quant-pdl. 21: the default 1-token shape whose PDL prefetch takes the scales
+/// and codebooks too (with pdl=1; unmeasured).
+const TILE_VARIANTS: [Variant; 1] = [tile_variant(21, 1, 16, 16)];
 
 /// Whether the tiled linear is launched with programmatic dependent launch on sm_90+
 /// ([`cuda::launch_struct_pdl`]) when LMKERN_CUDA_QUANT_TUNE does not say: where a row is at most
@@ -523,10 +524,9 @@ mod tests {
     #[test]
     fn tune_parses_switches() {
         assert_eq!(Tune::parse(""), Tune::default());
-        let t = Tune::parse("variant=18, pdl=1");
-        assert_eq!((t.variant, t.pdl), (Some(tile_variant(18, 1, 16, 8)), Some(true)));
-        assert_eq!(Tune::parse("variant=20").variant, Some(tile_variant(20, 2, 16, 8)));
-        assert_eq!(Tune::parse("variant=1").variant, None); // settled and removed
+        let t = Tune::parse("variant=21, pdl=1");
+        assert_eq!((t.variant, t.pdl), (Some(tile_variant(21, 1, 16, 16)), Some(true)));
+        assert_eq!(Tune::parse("variant=18").variant, None); // settled and removed
         assert_eq!(Tune::parse("pdl=0").pdl, Some(false));
         assert_eq!(Tune::parse("variant=99,deq=tiled,lin=async,junk"), Tune::default());
     }
