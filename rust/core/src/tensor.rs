@@ -71,7 +71,7 @@ pub(crate) fn require_ptr(ptr: Ptr, name: &str) -> Result<()> {
 }
 
 pub(crate) fn require_aligned(ptr: Ptr, align: usize, name: &str) -> Result<()> {
-    if ptr % align as u64 != 0 {
+    if !ptr.is_multiple_of(align as u64) {
         Err(Error::value(format!("{name}: address {ptr:#x} is not aligned to its element size {align}")))
     } else {
         Ok(())

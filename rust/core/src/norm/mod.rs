@@ -53,7 +53,7 @@ impl NormArgs {
         if self.n > i32::MAX as usize {
             return Err(Error::value(format!("x: last dimension {} exceeds the supported 2^31-1", self.n)));
         }
-        if !(self.eps >= 0.0) || !self.eps.is_finite() {
+        if !self.eps.is_finite() || self.eps < 0.0 {
             return Err(Error::value(format!("eps: expected a finite value >= 0, got {}", self.eps)));
         }
         if !self.offset.is_finite() || !self.scale.is_finite() {

@@ -108,7 +108,7 @@ pub fn pack_row(codes: &[i8], bits: u32, out: &mut [u8]) {
 pub fn unpack_fields(row: &[u8], bits: u32, start: usize, out: &mut [u8]) {
     match bits {
         8 => out.copy_from_slice(&row[start..start + out.len()]),
-        4 if start % 2 == 0 => {
+        4 if start.is_multiple_of(2) => {
             let bytes = &row[start / 2..];
             let pairs = out.chunks_exact_mut(2);
             for (p, &b) in pairs.zip(bytes) {
@@ -170,11 +170,7 @@ pub struct QuantArgs {
 
 impl QuantArgs {
     pub fn groups(&self) -> usize {
-        if self.group == 0 {
-            0
-        } else {
-            self.n / self.group
-        }
+        self.n.checked_div(self.group).unwrap_or(0)
     }
 
     pub fn row_bytes(&self) -> usize {
@@ -188,7 +184,7 @@ impl QuantArgs {
         if self.n > i32::MAX as usize {
             return Err(Error::value(format!("x: last dimension {} exceeds the supported 2^31-1", self.n)));
         }
-        if self.n > 0 && (self.group == 0 || self.n % self.group != 0) {
+        if self.n > 0 && (self.group == 0 || !self.n.is_multiple_of(self.group)) {
             return Err(Error::value(format!(
                 "group_size: expected a positive divisor of the last dimension {}; got {}",
                 self.n, self.group
@@ -478,6 +474,7 @@ pub unsafe fn linear(
 ///
 /// # Safety
 /// As [`quantize`].
+#[allow(clippy::too_many_arguments)]
 pub unsafe fn linear_backward(
     device: Device, dtype: DType, l: &LinearArgs, dy: Ptr, codes: Ptr, scales: Ptr, table: Ptr, dx: Ptr,
 ) -> Result<()> {
