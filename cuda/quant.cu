@@ -705,7 +705,13 @@ __device__ __forceinline__ void finish_partials(const LinearParams& p, const flo
     }
 }
 
-template <typename T, int NT, int BITS, int CPL, int R, bool PREFETCH_ALL = false>
+// What a block prefetches into L2 when launched with PDL, before its griddep_wait: its first row
+// tile's codes (the default); nothing; those and the tile's scales and codebooks; or only the codes
+// of the tile's first pass of slices (the same as the default when a row is one pass). The last
+// three are tuning variants until measured.
+enum class Prefetch { Codes, None, All, FirstPass };
+
+template <typename T, int NT, int BITS, int CPL, int R, Prefetch PF = Prefetch::Codes>
 __device__ __forceinline__ void linear_tiled(const LinearParams& p) {
     constexpr int NWORDS = (CPL * BITS / 8 + 3) / 4;
     constexpr int V = R * NT;  // partial sums per thread
@@ -718,15 +724,22 @@ __device__ __forceinline__ void linear_tiled(const LinearParams& p) {
     const int64_t tokens = p.tokens;
 
     griddep_launch_dependents();  // with PDL, the next kernel may start its prologue as our blocks retire
-    if ((p.flags & LINEAR_PDL) && (int64_t)blockIdx.x * R < nout) {
+    if (PF != Prefetch::None && (p.flags & LINEAR_PDL) && (int64_t)blockIdx.x * R < nout) {
         // Launched before the previous kernel has finished: meanwhile, the first tile's codes (its
         // rows are contiguous) into L2. Only a prefetch (they may be that kernel's output); nothing
         // is read before the wait.
         const int64_t o0 = (int64_t)blockIdx.x * R;
         const uint8_t* tile = p.codes + o0 * p.row_bytes;
-        const int64_t rows = min64(R, nout - o0), lines = (rows * p.row_bytes + 127) / 128;
-        for (int64_t e = tid; e < lines; e += TILE_THREADS) prefetch_l2(tile + 128 * e);
-        if constexpr (PREFETCH_ALL) {  // and its scales and codebooks (contiguous too): 8 % more at g128
+        const int64_t rows = min64(R, nout - o0);
+        constexpr int PASS = TILE_THREADS * CPL * BITS / 8, PASS_LINES = (PASS + 127) / 128;  // per row
+        if (PF == Prefetch::FirstPass && p.row_bytes > PASS) {
+            for (int e = tid; e < rows * PASS_LINES; e += TILE_THREADS)
+                prefetch_l2(tile + (int64_t)(e / PASS_LINES) * p.row_bytes + 128 * (e % PASS_LINES));
+        } else {
+            const int64_t lines = (rows * p.row_bytes + 127) / 128;
+            for (int64_t e = tid; e < lines; e += TILE_THREADS) prefetch_l2(tile + 128 * e);
+        }
+        if constexpr (PF == Prefetch::All) {  // and its scales and codebooks (contiguous too): 8 % more at g128
             const int64_t slines = (rows * ng * 4 + 127) / 128, tlines = (rows * (4 << BITS) + 127) / 128;
             for (int64_t e = tid; e < slines + tlines; e += TILE_THREADS)
                 prefetch_l2(e < slines ? (const void*)(p.scales + o0 * ng + 32 * e) : (const void*)(p.table + (o0 << BITS) + 32 * (e - slines)));
@@ -889,17 +902,21 @@ __device__ __forceinline__ void deq_tiled(const DeqParams& p) {
 
 // Launch-shape variants of the bf16 4-bit tiled kernel, for tuning only (benches/gpu/tune_quant.py
 // with LMKERN_CUDA_QUANT_TUNE=variant=<k>; rust/core/src/quant/cuda.rs, TILE_VARIANTS, must agree):
-// (NT, CPL, R, min blocks per SM, PDL prefetch of scales and codebooks too). 1-20 were settled by
+// (NT, CPL, R, min blocks per SM, what the PDL prologue prefetches). 1-20 were settled by
 // the sweeps in benches/results/2026-11-26-h200-6-quant-tiled-sweep, 2026-11-27-h200-7-quant-async-
 // sweep (streamed and cp.async kernels) and 2026-11-27-h200-8-quant-pdl (8 rows, 3-4 blocks per SM).
-#define LMKERN_QUANT_LINTILE_VARIANT(K, NT, CPL, R, MINB, PREFETCH_ALL)                                  \
+#define LMKERN_QUANT_LINTILE_VARIANT(K, NT, CPL, R, MINB, PF)                                            \
     extern "C" __global__ void __launch_bounds__(lmkern::quant::TILE_THREADS, MINB)                    \
         quant_lintile4_bf16_n##NT##_v##K(const __grid_constant__ lmkern::quant::LinearParams p) {      \
-        lmkern::quant::linear_tiled<__nv_bfloat16, NT, 4, CPL, R, PREFETCH_ALL>(p);                    \
+        lmkern::quant::linear_tiled<__nv_bfloat16, NT, 4, CPL, R, lmkern::quant::Prefetch::PF>(p);     \
     }
-// The default 1-token shape, whose PDL prefetch takes the row tile's scales and codebooks as well
-// as its codes (unmeasured: with pdl=1 against the default).
-LMKERN_QUANT_LINTILE_VARIANT(21, 1, 16, 16, 2, true)
+// The default 1-token shape with another PDL prefetch (unmeasured; with pdl=1 against the default):
+// the row tile's scales and codebooks as well as its codes (21); nothing, to tell the prefetch's
+// share of PDL's gain from the launch overlap's (22); only the first pass of slices, for rows of
+// several passes, where the whole tile's codes made PDL lose (23).
+LMKERN_QUANT_LINTILE_VARIANT(21, 1, 16, 16, 2, All)
+LMKERN_QUANT_LINTILE_VARIANT(22, 1, 16, 16, 2, None)
+LMKERN_QUANT_LINTILE_VARIANT(23, 1, 16, 16, 2, FirstPass)
 
 LMKERN_QUANT_ENTRIES(float, f32)
 LMKERN_QUANT_ENTRIES(__nv_bfloat16, bf16)

@@ -325,7 +325,7 @@ sys.exit(1 if bad else 0)
 """
 
 
-@pytest.mark.parametrize("tune", ["pdl=0", "pdl=1", "variant=21,pdl=1"])
+@pytest.mark.parametrize("tune", ["pdl=0", "pdl=1", "variant=21,pdl=1", "variant=22,pdl=1", "variant=23,pdl=1"])
 def test_linear_tuned_launch(tune):
     """The tiled linear launched with programmatic dependent launch (pdl=1, the default on sm_90+ where
     a row is one pass: each call may start before the one before it ends, and waits in
@@ -340,7 +340,7 @@ def test_linear_tuned_launch(tune):
 
     here = os.path.dirname(os.path.abspath(__file__))  # for `from test_quant_cuda import capture_graph`
     path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
-    variant = {"variant=21,pdl=1": "21,1"}.get(tune, "")
+    variant = {f"variant={k},pdl=1": f"{k},1" for k in (21, 22, 23)}.get(tune, "")
     env = dict(os.environ, LMKERN_CUDA_QUANT_TUNE=tune, PYTHONPATH=path, WANT_VARIANT=variant)
     r = subprocess.run([sys.executable, "-c", TUNED_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]

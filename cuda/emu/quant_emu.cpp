@@ -591,7 +591,9 @@ static void empty_rows(const Kernels& K) {
 // several token tiles.
 static void tile_variants(const Kernels& K) {
     struct V { LinFn f; size_t tokens, rows; int flags; };
-    const V vs[] = {{quant_lintile4_bf16_n1_v21, 1, 16, lmkern::quant::LINEAR_PDL}};
+    const int pdl = lmkern::quant::LINEAR_PDL;
+    const V vs[] = {{quant_lintile4_bf16_n1_v21, 1, 16, pdl}, {quant_lintile4_bf16_n1_v22, 1, 16, pdl},
+                    {quant_lintile4_bf16_n1_v23, 1, 16, pdl}};
     for (const V& v : vs) {
         run_linear<__nv_bfloat16>(K, 19, 8448, 128, 4, v.tokens, true, false, 0, false, false, v.f, v.rows, v.flags);
         run_linear<__nv_bfloat16>(K, 19, 256, 128, 4, v.tokens, false, false, 2, false, false, v.f, v.rows, v.flags);

@@ -210,9 +210,9 @@ const fn tile_variant(k: usize, nt: usize, cpl: usize, rows: usize) -> Variant {
 
 /// 1-20 (other tiled shapes, a streamed and a cp.async kernel) lost or tied in
 /// benches/results/2026-11-26-h200-6-quant-tiled-sweep, 2026-11-27-h200-7-quant-async-sweep and
-/// 2026-11-27-h200-8-quant-pdl. 21: the default 1-token shape whose PDL prefetch takes the scales
-/// and codebooks too (with pdl=1; unmeasured).
-const TILE_VARIANTS: [Variant; 1] = [tile_variant(21, 1, 16, 16)];
+/// 2026-11-27-h200-8-quant-pdl. 21-23: the default 1-token shape with another PDL prefetch (all of
+/// the tile's bytes; none; the first pass of slices), for pdl=1 (unmeasured).
+const TILE_VARIANTS: [Variant; 3] = [tile_variant(21, 1, 16, 16), tile_variant(22, 1, 16, 16), tile_variant(23, 1, 16, 16)];
 
 /// Whether the tiled linear is launched with programmatic dependent launch on sm_90+
 /// ([`cuda::launch_struct_pdl`]) when LMKERN_CUDA_QUANT_TUNE does not say: where a row is at most
