@@ -250,13 +250,14 @@ def test_linear_gemv_target_shape_and_determinism():
 
 
 TUNED_SCRIPT = r"""
-import math, os, sys
+import os, sys
 import torch
 from torch.profiler import ProfilerActivity, profile
 from lmkern.nn import PowerQuantLinear
 
 F64 = torch.float64
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}  # kernel names
 bad = []
 variant = os.environ["WANT_VARIANT"]  # "k,nt": the variant bf16 4-bit calls of token tile nt take
 k, nt = (int(v) for v in variant.split(",")) if variant else (0, 0)
@@ -276,7 +277,7 @@ for in_f, out_f, g in [(256, 96, 32), (4352, 21, 64), (8448, 6, 8448)]:
                     torch.cuda.synchronize()
                 names = {e.key for e in prof.key_averages()}
                 tile = 1 if tokens == 1 else 2 if tokens == 2 else 8
-                want = f"quant_lintile{bits}_{str(dtype)[6:].replace('float', 'f').replace('bfloat', 'bf')}_n{tile}"
+                want = f"quant_lintile{bits}_{SUFFIX[dtype]}_n{tile}"
                 if k and bits == 4 and dtype == torch.bfloat16 and tile == nt:
                     want += f"_v{k}"
                 if want not in names:

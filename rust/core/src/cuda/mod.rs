@@ -309,16 +309,6 @@ fn check_config(name: &str, cfg: &LaunchConfig) -> Result<()> {
     Ok(())
 }
 
-/// The value cached for `key`, computed (and cached) on the first call; errors are not cached.
-fn cached<K: PartialEq, V: Copy>(cache: &Mutex<Vec<(K, V)>>, key: K, compute: impl FnOnce() -> Result<V>) -> Result<V> {
-    if let Some((_, v)) = cache.lock().unwrap_or_else(|e| e.into_inner()).iter().find(|(k, _)| *k == key) {
-        return Ok(*v);
-    }
-    let v = compute()?;
-    cache.lock().unwrap_or_else(|e| e.into_inner()).push((key, v));
-    Ok(v)
-}
-
 /// As [`launch_struct`], with programmatic dependent launch (PDL) allowed: the kernel may start
 /// while the previous kernel in the stream is still running, so it must call griddep_wait
 /// (cuda/common.cuh) before it touches memory that kernel may use, and only prefetch into L2 before
@@ -364,13 +354,15 @@ pub(crate) unsafe fn launch_struct_pdl<P>(ordinal: usize, stream: u64, name: &st
 /// later). Cached per device.
 pub(crate) fn supports_pdl(ordinal: usize) -> Result<bool> {
     static CACHE: Mutex<Vec<(usize, bool)>> = Mutex::new(Vec::new());
-    cached(&CACHE, ordinal, || {
-        let major = device(ordinal)?
-            .ctx
-            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
-            .map_err(|e| Error::cuda(format!("CUDA device {ordinal}: cannot read its compute capability: {e}")))?;
-        Ok(major >= 9)
-    })
+    if let Some(&(_, yes)) = CACHE.lock().unwrap_or_else(|e| e.into_inner()).iter().find(|(o, _)| *o == ordinal) {
+        return Ok(yes);
+    }
+    let major = device(ordinal)?
+        .ctx
+        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
+        .map_err(|e| Error::cuda(format!("CUDA device {ordinal}: cannot read its compute capability: {e}")))?;
+    CACHE.lock().unwrap_or_else(|e| e.into_inner()).push((ordinal, major >= 9));
+    Ok(major >= 9)
 }
 
 /// The kernel-name suffix of an element type (`<kernel>_f32`, `_bf16`, `_f16`); float64 has no
