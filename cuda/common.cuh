@@ -160,6 +160,15 @@ __device__ __forceinline__ void griddep_launch_dependents() {
 #endif
 }
 __device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p)); }
+// The `bytes` bytes from `p` into L2 in one request (a bulk prefetch, sm_90+; a no-op before, where
+// nothing launches with PDL). p 16-byte aligned, bytes a multiple of 16.
+__device__ __forceinline__ void prefetch_l2_bulk(const void* p, uint32_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(bytes) : "memory");
+#else
+    (void)p, (void)bytes;
+#endif
+}
 #endif
 
 // ---------------------------------------------------------------------------------------------

@@ -441,8 +441,9 @@ __device__ __forceinline__ void linear(const LinearParams& p) {
 // Linear, tiled: the kernel for aligned shapes (n and the group size multiples of CPL; x 16-byte
 // aligned; the codes aligned to the slice's load width, see rust/core/src/quant/cuda.rs).
 //
-// A block of TILE_THREADS threads takes R output rows at a time, and splits the input dimension
-// between its threads: thread i owns the slices s = i, i + 256, ... of CPL consecutive columns
+// A block of TT threads (TILE_THREADS but in tuning variants) takes R output rows at a time, and
+// splits the input dimension between its threads: thread i owns the slices s = i, i + TT, ... of CPL
+// consecutive columns
 // (CPL·BITS/8 code bytes; one group, as g % CPL == 0). Per slice it loads x (NT tokens × CPL,
 // converted to float once and reused by the R rows: the GEMV's x traffic is paid once per R rows)
 // and the R rows' codes and scales, then adds m·Σ_j lut_r[field_j]·x[t][j] to acc[r][t]. The rows'
@@ -450,13 +451,12 @@ __device__ __forceinline__ void linear(const LinearParams& p) {
 // the lookups can start as soon as the table and a row's codes are in. A partial last row tile
 // repeats its last row (no branch per row); those sums are dropped.
 // The block then sums acc over its threads in a fixed order: a transposing butterfly within each
-// warp, and the 8 warps' partials in shared memory.
+// warp, and the warps' partials in shared memory.
 // Launched with programmatic dependent launch (flags & LINEAR_PDL, sm_90+), a block may start
-// before the previous kernel ends: it prefetches its first row tile's codes into L2 and reads
-// nothing before griddep_wait. Either way it lets the next kernel start as its blocks retire.
+// before the previous kernel ends: it prefetches its row tiles' codes into L2 and reads nothing
+// before griddep_wait. Either way it lets the next kernel start as its blocks retire.
 // ---------------------------------------------------------------------------------------------
 constexpr int TILE_THREADS = 256;
-constexpr int TILE_WARPS = TILE_THREADS / 32;
 
 // Load the SB code bytes at `p` (aligned to SB's largest power-of-two divisor, at most 16) into
 // little-endian words.
@@ -539,42 +539,6 @@ __device__ __forceinline__ int transposed_index(int lane) {
     return idx;
 }
 
-// One slice's x (NT tokens × CPL columns from column c0) as loaded, in 16-byte packs (zeros past the
-// `nt` tokens present): half the registers of the floats for 2-byte types; x_floats converts.
-template <typename T>
-constexpr int XVW = 16 / sizeof(T);  // x elements per 16-byte load
-
-template <typename T, int NT, int CPL>
-__device__ __forceinline__ void load_x_packs(const T* __restrict__ x, int64_t n, int64_t t0, int nt, int64_t c0,
-                                             Pack<T, XVW<T>> (&xp)[NT][CPL / XVW<T>]) {
-#pragma unroll
-    for (int t = 0; t < NT; ++t) {
-#pragma unroll
-        for (int v = 0; v < CPL / XVW<T>; ++v) {
-            if (t < nt) {
-                xp[t][v] = load_pack<T, XVW<T>>(x + (t0 + t) * n + c0, v);
-            } else {
-#pragma unroll
-                for (int w = 0; w < Pack<T, XVW<T>>::NW; ++w) xp[t][v].w[w] = 0;
-            }
-        }
-    }
-}
-
-template <typename T, int NT, int CPL>
-__device__ __forceinline__ void x_floats(const Pack<T, XVW<T>> (&xp)[NT][CPL / XVW<T>], float (&xs)[NT][CPL]) {
-#pragma unroll
-    for (int t = 0; t < NT; ++t) {
-#pragma unroll
-        for (int v = 0; v < CPL / XVW<T>; ++v) {
-            float f[XVW<T>];
-            unpack(xp[t][v], f);
-#pragma unroll
-            for (int e = 0; e < XVW<T>; ++e) xs[t][v * XVW<T> + e] = f[e];
-        }
-    }
-}
-
 // One slice's x (NT tokens × CPL columns from column c0, converted to float; zeros past the `nt`
 // tokens present) into registers.
 template <typename T, int NT, int CPL>
@@ -655,33 +619,34 @@ __device__ __forceinline__ void slice_dot(const uint32_t (&cw)[R][(CPL * BITS / 
     }
 }
 
-// The R rows' codebooks from o0 as this thread's share of R·2^BITS entries (zeros past the rows).
-template <int BITS, int R>
-constexpr int TABLE_SHARE = (R * (1 << BITS) + TILE_THREADS - 1) / TILE_THREADS;
+// The R rows' codebooks from o0 as this thread's share of R·2^BITS entries, in a block of TT
+// threads (zeros past the rows).
+template <int BITS, int R, int TT>
+constexpr int TABLE_SHARE = (R * (1 << BITS) + TT - 1) / TT;
 
-template <int BITS, int R>
-__device__ __forceinline__ void load_table_share(const LinearParams& p, int64_t o0, float (&tv)[TABLE_SHARE<BITS, R>]) {
+template <int BITS, int R, int TT>
+__device__ __forceinline__ void load_table_share(const LinearParams& p, int64_t o0, float (&tv)[TABLE_SHARE<BITS, R, TT>]) {
     constexpr int NL = 1 << BITS;
 #pragma unroll
-    for (int i = 0; i < TABLE_SHARE<BITS, R>; ++i) {
-        const int e = threadIdx.x + i * TILE_THREADS;
+    for (int i = 0; i < TABLE_SHARE<BITS, R, TT>; ++i) {
+        const int e = threadIdx.x + i * TT;
         const int64_t o = o0 + e / NL;
         tv[i] = (e < R * NL && o < p.out_features) ? p.table[o * NL + e % NL] : 0.0f;
     }
 }
 
-template <int BITS, int R>
-__device__ __forceinline__ void store_table_share(float (*lut)[1 << BITS], const float (&tv)[TABLE_SHARE<BITS, R>]) {
+template <int BITS, int R, int TT>
+__device__ __forceinline__ void store_table_share(float (*lut)[1 << BITS], const float (&tv)[TABLE_SHARE<BITS, R, TT>]) {
     constexpr int NL = 1 << BITS;
 #pragma unroll
-    for (int i = 0; i < TABLE_SHARE<BITS, R>; ++i) {
-        const int e = threadIdx.x + i * TILE_THREADS;
+    for (int i = 0; i < TABLE_SHARE<BITS, R, TT>; ++i) {
+        const int e = threadIdx.x + i * TT;
         if (e < R * NL) lut[e / NL][e % NL] = tv[i];
     }
 }
 
 // The block's sums of acc (R rows × NT tokens, one set per thread) into y for rows o0.. and tokens
-// t0.. (nt of them): a transposing butterfly within each warp, the 8 warps' partials through `red`.
+// t0.. (nt of them): a transposing butterfly within each warp, the TT/32 warps' partials through `red`.
 // The caller puts a barrier between the partials' stores and the final sums (`finish`).
 template <int V>
 __device__ __forceinline__ void stash_partials(float (&acc)[V], float (*red)[V]) {
@@ -690,7 +655,7 @@ __device__ __forceinline__ void stash_partials(float (&acc)[V], float (*red)[V])
     if (lane < V) red[threadIdx.x >> 5][transposed_index<V>(lane)] = total;
 }
 
-template <typename T, int NT, int R>
+template <typename T, int NT, int R, int TT>
 __device__ __forceinline__ void finish_partials(const LinearParams& p, const float (*red)[R * NT], int64_t o0, int64_t t0, int nt) {
     const int tid = threadIdx.x;
     if (tid < R * NT) {
@@ -699,51 +664,68 @@ __device__ __forceinline__ void finish_partials(const LinearParams& p, const flo
         if (o < p.out_features && t < nt) {
             float sum = 0.0f;
 #pragma unroll
-            for (int w = 0; w < TILE_WARPS; ++w) sum += red[w][tid];
+            for (int w = 0; w < TT / 32; ++w) sum += red[w][tid];
             static_cast<T*>(p.y)[(t0 + t) * p.out_features + o] = from_float<T>(sum + (p.bias != nullptr ? p.bias[o] : 0.0f));
         }
     }
 }
 
-// What a block prefetches into L2 when launched with PDL, before its griddep_wait: its first row
-// tile's codes (the default); nothing; those and the tile's scales and codebooks; or only the codes
-// of the tile's first pass of slices (the same as the default when a row is one pass). The last
-// three are tuning variants until measured.
-enum class Prefetch { Codes, None, All, FirstPass };
+// What a block prefetches into L2 when launched with PDL, before its griddep_wait, for each row
+// tile it will take (one, unless the grid is smaller than the tiles): the tile's codes, a prefetch
+// per 128-byte line (the default); nothing; those and the tile's scales and codebooks; only the
+// codes of the tile's first pass of slices (the same as the default when a row is one pass); or
+// the tile's codes in bulk, 16-KiB ranges (cp.async.bulk.prefetch, sm_90; needs 16-byte aligned
+// codes). All but the default are tuning variants until measured.
+enum class Prefetch { Codes, None, All, FirstPass, Bulk };
 
-template <typename T, int NT, int BITS, int CPL, int R, Prefetch PF = Prefetch::Codes>
+template <int BITS, int CPL, int R, int TT, Prefetch PF>
+__device__ __forceinline__ void prefetch_tile(const LinearParams& p, int64_t o0) {
+    const int tid = threadIdx.x, ng = p.in_features / p.group;
+    const uint8_t* tile = p.codes + o0 * p.row_bytes;  // rows o0.. are contiguous
+    const int64_t rows = min64(R, p.out_features - o0), bytes = rows * p.row_bytes;
+    constexpr int PASS = TT * CPL * BITS / 8, PASS_LINES = (PASS + 127) / 128;  // per row
+    if constexpr (PF == Prefetch::Bulk) {
+        // [lo, hi): the tile's bytes from the 16-byte boundary at or below its start (the buffer
+        // is 16-byte aligned, so still in it) to the one at or below its end (its last < 16 bytes
+        // are left out rather than read past the buffer).
+        constexpr int64_t CHUNK = 16384;
+        const uintptr_t lo = reinterpret_cast<uintptr_t>(tile) & ~uintptr_t(15);
+        const int64_t span = (int64_t)((reinterpret_cast<uintptr_t>(tile + bytes) & ~uintptr_t(15)) - lo);
+        for (int64_t e = tid; e * CHUNK < span; e += TT)
+            prefetch_l2_bulk(reinterpret_cast<const void*>(lo + e * CHUNK), (uint32_t)min64(CHUNK, span - e * CHUNK));
+    } else if (PF == Prefetch::FirstPass && p.row_bytes > PASS) {
+        for (int e = tid; e < rows * PASS_LINES; e += TT)
+            prefetch_l2(tile + (int64_t)(e / PASS_LINES) * p.row_bytes + 128 * (e % PASS_LINES));
+    } else {
+        for (int64_t e = tid; e < (bytes + 127) / 128; e += TT) prefetch_l2(tile + 128 * e);
+    }
+    if constexpr (PF == Prefetch::All) {  // and its scales and codebooks (contiguous too): 8 % more at g128
+        const int64_t slines = (rows * ng * 4 + 127) / 128, tlines = (rows * (4 << BITS) + 127) / 128;
+        for (int64_t e = tid; e < slines + tlines; e += TT)
+            prefetch_l2(e < slines ? (const void*)(p.scales + o0 * ng + 32 * e) : (const void*)(p.table + (o0 << BITS) + 32 * (e - slines)));
+    }
+}
+
+// TT threads per block (a multiple of 32; the default kernels take TILE_THREADS).
+template <typename T, int NT, int BITS, int CPL, int R, Prefetch PF = Prefetch::Codes, int TT = TILE_THREADS>
 __device__ __forceinline__ void linear_tiled(const LinearParams& p) {
     constexpr int NWORDS = (CPL * BITS / 8 + 3) / 4;
     constexpr int V = R * NT;  // partial sums per thread
     static_assert(CPL % 8 == 0 && CPL % (16 / sizeof(T)) == 0, "a slice is whole bytes of codes and whole 16-byte x loads");
+    static_assert(TT % 32 == 0 && TT <= 1024 && V <= TT, "whole warps; a thread per row and token for the final sums");
     __shared__ float lut[R][1 << BITS];
-    __shared__ float red[TILE_WARPS][V];
+    __shared__ float red[TT / 32][V];
     const T* __restrict__ x = static_cast<const T*>(p.x);
     const int tid = threadIdx.x;
     const int n = p.in_features, ng = n / p.group, nout = p.out_features, slices = n / CPL;
     const int64_t tokens = p.tokens;
 
     griddep_launch_dependents();  // with PDL, the next kernel may start its prologue as our blocks retire
-    if (PF != Prefetch::None && (p.flags & LINEAR_PDL) && (int64_t)blockIdx.x * R < nout) {
-        // Launched before the previous kernel has finished: meanwhile, the first tile's codes (its
-        // rows are contiguous) into L2. Only a prefetch (they may be that kernel's output); nothing
-        // is read before the wait.
-        const int64_t o0 = (int64_t)blockIdx.x * R;
-        const uint8_t* tile = p.codes + o0 * p.row_bytes;
-        const int64_t rows = min64(R, nout - o0);
-        constexpr int PASS = TILE_THREADS * CPL * BITS / 8, PASS_LINES = (PASS + 127) / 128;  // per row
-        if (PF == Prefetch::FirstPass && p.row_bytes > PASS) {
-            for (int e = tid; e < rows * PASS_LINES; e += TILE_THREADS)
-                prefetch_l2(tile + (int64_t)(e / PASS_LINES) * p.row_bytes + 128 * (e % PASS_LINES));
-        } else {
-            const int64_t lines = (rows * p.row_bytes + 127) / 128;
-            for (int64_t e = tid; e < lines; e += TILE_THREADS) prefetch_l2(tile + 128 * e);
-        }
-        if constexpr (PF == Prefetch::All) {  // and its scales and codebooks (contiguous too): 8 % more at g128
-            const int64_t slines = (rows * ng * 4 + 127) / 128, tlines = (rows * (4 << BITS) + 127) / 128;
-            for (int64_t e = tid; e < slines + tlines; e += TILE_THREADS)
-                prefetch_l2(e < slines ? (const void*)(p.scales + o0 * ng + 32 * e) : (const void*)(p.table + (o0 << BITS) + 32 * (e - slines)));
-        }
+    if (PF != Prefetch::None && (p.flags & LINEAR_PDL)) {
+        // Launched before the previous kernel has finished: meanwhile, the codes of our row tiles
+        // into L2. Only a prefetch (they may be that kernel's output); nothing is read before the wait.
+        for (int64_t o0 = (int64_t)blockIdx.x * R; o0 < nout; o0 += (int64_t)gridDim.x * R)
+            prefetch_tile<BITS, CPL, R, TT, PF>(p, o0);
     }
     griddep_wait();  // the previous kernel's writes (x, maybe the codes) are visible, its reads of y done
 
@@ -757,15 +739,15 @@ __device__ __forceinline__ void linear_tiled(const LinearParams& p) {
             // The rows' codebooks are loaded before the first slice: the barrier below waits for
             // the table, and a table load queued behind the slice's code loads would hold every
             // lookup until all codes had arrived.
-            float tv[TABLE_SHARE<BITS, R>];
+            float tv[TABLE_SHARE<BITS, R, TT>];
             int s = tid;
-            load_table_share<BITS, R>(p, o0, tv);
+            load_table_share<BITS, R, TT>(p, o0, tv);
             if (s < slices) {
                 load_x_slice<T, NT, CPL>(x, n, t0, nt, (int64_t)s * CPL, xs);
                 load_rows_slice<BITS, CPL, R>(p, ng, o0, rows_here, s, cw, m);
             }
             __syncthreads();  // the previous tile's readers of lut and red are done
-            store_table_share<BITS, R>(lut, tv);
+            store_table_share<BITS, R, TT>(lut, tv);
             __syncthreads();
 
             float acc[V];
@@ -773,7 +755,7 @@ __device__ __forceinline__ void linear_tiled(const LinearParams& p) {
             for (int i = 0; i < V; ++i) acc[i] = 0.0f;
             while (s < slices) {
                 slice_dot<NT, BITS, CPL, R>(cw, m, xs, lut, acc);
-                s += TILE_THREADS;
+                s += TT;
                 if (s < slices) {
                     load_x_slice<T, NT, CPL>(x, n, t0, nt, (int64_t)s * CPL, xs);
                     load_rows_slice<BITS, CPL, R>(p, ng, o0, rows_here, s, cw, m);
@@ -781,7 +763,7 @@ __device__ __forceinline__ void linear_tiled(const LinearParams& p) {
             }
             stash_partials<V>(acc, red);
             __syncthreads();
-            finish_partials<T, NT, R>(p, red, o0, t0, nt);
+            finish_partials<T, NT, R, TT>(p, red, o0, t0, nt);
         }
     }
 }
@@ -902,21 +884,32 @@ __device__ __forceinline__ void deq_tiled(const DeqParams& p) {
 
 // Launch-shape variants of the bf16 4-bit tiled kernel, for tuning only (benches/gpu/tune_quant.py
 // with LMKERN_CUDA_QUANT_TUNE=variant=<k>; rust/core/src/quant/cuda.rs, TILE_VARIANTS, must agree):
-// (NT, CPL, R, min blocks per SM, what the PDL prologue prefetches). 1-20 were settled by
+// (NT, CPL, R, threads per block, min blocks per SM, what the PDL prologue prefetches). 1-20 were settled by
 // the sweeps in benches/results/2026-11-26-h200-6-quant-tiled-sweep, 2026-11-27-h200-7-quant-async-
 // sweep (streamed and cp.async kernels) and 2026-11-27-h200-8-quant-pdl (8 rows, 3-4 blocks per SM).
-#define LMKERN_QUANT_LINTILE_VARIANT(K, NT, CPL, R, MINB, PF)                                            \
-    extern "C" __global__ void __launch_bounds__(lmkern::quant::TILE_THREADS, MINB)                    \
+#define LMKERN_QUANT_LINTILE_VARIANT(K, NT, CPL, R, TT, MINB, PF)                                        \
+    extern "C" __global__ void __launch_bounds__(TT, MINB)                                             \
         quant_lintile4_bf16_n##NT##_v##K(const __grid_constant__ lmkern::quant::LinearParams p) {      \
-        lmkern::quant::linear_tiled<__nv_bfloat16, NT, 4, CPL, R, lmkern::quant::Prefetch::PF>(p);     \
+        lmkern::quant::linear_tiled<__nv_bfloat16, NT, 4, CPL, R, lmkern::quant::Prefetch::PF, TT>(p); \
     }
 // The default 1-token shape with another PDL prefetch (unmeasured; with pdl=1 against the default):
 // the row tile's scales and codebooks as well as its codes (21); nothing, to tell the prefetch's
 // share of PDL's gain from the launch overlap's (22); only the first pass of slices, for rows of
 // several passes, where the whole tile's codes made PDL lose (23).
-LMKERN_QUANT_LINTILE_VARIANT(21, 1, 16, 16, 2, All)
-LMKERN_QUANT_LINTILE_VARIANT(22, 1, 16, 16, 2, None)
-LMKERN_QUANT_LINTILE_VARIANT(23, 1, 16, 16, 2, FirstPass)
+LMKERN_QUANT_LINTILE_VARIANT(21, 1, 16, 16, 256, 2, All)
+LMKERN_QUANT_LINTILE_VARIANT(22, 1, 16, 16, 256, 2, None)
+LMKERN_QUANT_LINTILE_VARIANT(23, 1, 16, 16, 256, 2, FirstPass)
+// Room for the next kernel (unmeasured): one kernel's blocks fill every SM (16 warps each at
+// 4096 → 4096), so a PDL-launched successor can only start as they retire. Blocks of 128 threads,
+// 4 per SM (the same 128 registers a thread), leave half of each SM free at 4096 → 4096: the next
+// kernel's blocks can be resident from the start and prefetch all their codes while this one
+// computes (24 with a prefetch per line, 25 in bulk; 26 at 2 tokens). 27: the default shape with
+// the bulk prefetch. LMKERN_CUDA_QUANT_TUNE=blocks_per_sm=1 does the same for the default kernel
+// by a smaller grid (each block then takes several row tiles).
+LMKERN_QUANT_LINTILE_VARIANT(24, 1, 16, 16, 128, 4, Codes)
+LMKERN_QUANT_LINTILE_VARIANT(25, 1, 16, 16, 128, 4, Bulk)
+LMKERN_QUANT_LINTILE_VARIANT(26, 2, 16, 16, 128, 4, Codes)
+LMKERN_QUANT_LINTILE_VARIANT(27, 1, 16, 16, 256, 2, Bulk)
 
 LMKERN_QUANT_ENTRIES(float, f32)
 LMKERN_QUANT_ENTRIES(__nv_bfloat16, bf16)

@@ -262,8 +262,9 @@ bad = []
 variant = os.environ["WANT_VARIANT"]  # "k,nt": the variant bf16 4-bit calls of token tile nt take
 k, nt = (int(v) for v in variant.split(",")) if variant else (0, 0)
 # (in, out, group): fewer slices than threads and partial row tiles; more slices than threads, the
-# last pass partial (4352 = 256 + 16 slices of 16); one group per row (8448 = 528 slices).
-for in_f, out_f, g in [(256, 96, 32), (4352, 21, 64), (8448, 6, 8448)]:
+# last pass partial (4352 = 256 + 16 slices of 16); one group per row (8448 = 528 slices); more row
+# tiles than a GPU has SMs (4500 rows: blocks_per_sm=1 makes blocks take several, the last partial).
+for in_f, out_f, g in [(256, 96, 32), (4352, 21, 64), (8448, 6, 8448), (256, 4500, 32)]:
     for bits in (2, 3, 4, 8):
         torch.manual_seed(bits)
         lin = torch.nn.Linear(in_f, out_f)
@@ -326,12 +327,21 @@ sys.exit(1 if bad else 0)
 """
 
 
-@pytest.mark.parametrize("tune", ["pdl=0", "pdl=1", "variant=21,pdl=1", "variant=22,pdl=1", "variant=23,pdl=1"])
+# Token tile of each tuning variant (rust/core/src/quant/cuda.rs, TILE_VARIANTS).
+VARIANT_TOKEN_TILE = {21: 1, 22: 1, 23: 1, 24: 1, 25: 1, 26: 2, 27: 1}
+
+
+@pytest.mark.parametrize(
+    "tune",
+    ["pdl=0", "pdl=1", "blocks_per_sm=1,pdl=1", "blocks_per_sm=1,pdl=0", "variant=25,blocks_per_sm=1,pdl=1"]
+    + [f"variant={k},pdl=1" for k in VARIANT_TOKEN_TILE],
+)
 def test_linear_tuned_launch(tune):
     """The tiled linear launched with programmatic dependent launch (pdl=1, the default on sm_90+ where
     a row is one pass: each call may start before the one before it ends, and waits in
     griddepcontrol.wait before it reads) and without (pdl=0), and its tuning variants
-    (variant=<k>), set by LMKERN_CUDA_QUANT_TUNE, which is read once per process, hence the
+    (variant=<k>) and a grid of one block per SM (blocks_per_sm=1: each block takes several row
+    tiles), set by LMKERN_CUDA_QUANT_TUNE, which is read once per process, hence the
     subprocess. Every code width and dtype at 1, 2 and 5 tokens takes the kernel planned (the profiler
     shows it) and matches the float64 product; so do kernels that read what the one before them wrote
     (a chain of linears, eager and in a CUDA graph; a linear after a quantize)."""
@@ -341,7 +351,8 @@ def test_linear_tuned_launch(tune):
 
     here = os.path.dirname(os.path.abspath(__file__))  # for `from test_quant_cuda import capture_graph`
     path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
-    variant = {f"variant={k},pdl=1": f"{k},1" for k in (21, 22, 23)}.get(tune, "")
+    k = next((int(item[8:]) for item in tune.split(",") if item.startswith("variant=")), None)
+    variant = f"{k},{VARIANT_TOKEN_TILE[k]}" if k else ""
     env = dict(os.environ, LMKERN_CUDA_QUANT_TUNE=tune, PYTHONPATH=path, WANT_VARIANT=variant)
     r = subprocess.run([sys.executable, "-c", TUNED_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]

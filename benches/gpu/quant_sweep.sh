@@ -1,30 +1,37 @@
 #!/usr/bin/env bash
 # PowerQuantLinear on a GPU machine, in one short call (after benches/gpu/prepare.sh built dist/):
-#   run(command="bash benches/gpu/quant_sweep.sh", carry=["dist"])
-# installs the newest dist/lmkern-*.whl, runs the quantization tests under the `cuda` marker (among
-# them the tiled linear with and without PDL and under each tuning variant,
-# test_linear_tuned_launch), then benches/gpu/tune_quant.py: the default kernels (PDL where a row is
-# one pass, rust/core/src/quant/cuda.rs, pdl_by_default) with the dense bf16 peer and cuBLAS on the
-# codes' bytes; never with PDL (pdl=0) and always (pdl=1), at 1 and 2 tokens; the tuning variants
-# of rust/core/src/quant/cuda.rs (TILE_VARIANTS: other PDL prefetches) with PDL. Most wanted first,
-# in case the call runs out of time. About 2.5 minutes. Output: $OUT/quant_sweep.log (or
-# benches/results/quant_sweep.log).
+#   run(command="bash benches/gpu/quant_sweep.sh", carry=["dist"], timeout_s=360)
+# installs the newest dist/lmkern-*.whl, then benches/gpu/tune_quant.py (which checks every output
+# against the float64 product): the default kernels (PDL where a row is one pass,
+# rust/core/src/quant/cuda.rs, pdl_by_default) with the dense bf16 peer and cuBLAS on the codes'
+# bytes; then, with PDL, the launches that leave room on every SM for the next kernel's blocks
+# (blocks of 128 threads: variants 24-26; a grid of one block per SM: blocks_per_sm=1), the bulk
+# prefetch (25, 27) and the other prefetches (21-23). Most wanted first, in case the call runs out
+# of time. Last, the quantization tests under the `cuda` marker (among them the tiled linear under
+# each of these tunings, test_linear_tuned_launch). About 4 minutes. Output: $OUT/quant_sweep.log
+# (or benches/results/quant_sweep.log).
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/../.." || exit 1
 RESULTS=${OUT:-benches/results}
 mkdir -p "$RESULTS"
 PY=${PYTHON:-python3}
+tune() { # tune SETTINGS TOKENS: tune_quant.py under LMKERN_CUDA_QUANT_TUNE=SETTINGS
+    LMKERN_CUDA_QUANT_TUNE="$1" timeout -k 5 40 "$PY" benches/gpu/tune_quant.py --tokens "$2" || echo "$1: rc=$?"
+}
 {
-    echo "lmkern quant sweep: $(date -u '+%Y-%m-%d %H:%M:%S UTC'); git $(git rev-parse --short HEAD 2>/dev/null)"
+    echo "lmkern quant sweep: $(date -u '+%Y-%m-%d %H:%M:%S UTC'); wheel $(ls -t dist/lmkern-*.whl | head -n 1)"
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
     whl=$(ls -t dist/lmkern-*.whl | head -n 1)
     "$PY" -m pip install -q --no-deps --no-index --force-reinstall --no-cache-dir "$whl" || echo "install failed"
-    timeout -k 5 120 "$PY" -m pytest -m cuda -q -x -p no:cacheprovider tests/test_quant_cuda.py 2>&1 | tail -15
     timeout -k 5 60 "$PY" benches/gpu/tune_quant.py --peer || echo "default: rc=$?"
-    for pdl in 0 1; do
-        LMKERN_CUDA_QUANT_TUNE="pdl=$pdl" timeout -k 5 40 "$PY" benches/gpu/tune_quant.py --tokens 1,2 || echo "pdl=$pdl: rc=$?"
-    done
-    for v in 21 22 23; do
-        LMKERN_CUDA_QUANT_TUNE="variant=$v,pdl=1" timeout -k 5 30 "$PY" benches/gpu/tune_quant.py --tokens 1 || echo "variant $v, pdl: rc=$?"
-    done
+    tune "variant=24,pdl=1" 1
+    tune "blocks_per_sm=1,pdl=1" 1
+    tune "variant=25,pdl=1" 1
+    tune "variant=27,blocks_per_sm=1,pdl=1" 1
+    tune "variant=27,pdl=1" 1
+    tune "variant=26,pdl=1" 2
+    tune "variant=22,pdl=1" 1
+    tune "variant=21,pdl=1" 1
+    tune "variant=23,pdl=1" 1
+    timeout -k 5 150 "$PY" -m pytest -m cuda -q -x -p no:cacheprovider tests/test_quant_cuda.py 2>&1 | tail -15
 } 2>&1 | tee "$RESULTS/quant_sweep.log"

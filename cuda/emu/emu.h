@@ -242,7 +242,7 @@ inline float __shfl_xor_sync(unsigned mask, float v, int offset) {
 
 namespace lmkern {
 // One kernel at a time: programmatic dependent launch has nothing to wait for. prefetch_l2 checks
-// the address against emu::prefetch_ranges() and reads the byte.
+// the address against emu::prefetch_ranges() and reads the byte; prefetch_l2_bulk the range.
 inline void griddep_wait() {}
 inline void griddep_launch_dependents() {}
 inline void prefetch_l2(const void* p) {
@@ -251,6 +251,16 @@ inline void prefetch_l2(const void* p) {
     for (const auto& r : ::emu::prefetch_ranges()) ok |= b >= r.first && b < r.first + r.second;
     if (!ok) ::emu::fail("prefetch_l2 outside the kernel's buffers");
     (void)*static_cast<const volatile unsigned char*>(p);
+}
+// prefetch_l2_bulk: the range must be 16-byte aligned and lie in one of the buffers.
+inline void prefetch_l2_bulk(const void* p, uint32_t bytes) {
+    const unsigned char* b = static_cast<const unsigned char*>(p);
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0 || bytes % 16 != 0 || bytes == 0) ::emu::fail("prefetch_l2_bulk: not 16-byte aligned");
+    bool ok = ::emu::prefetch_ranges().empty();
+    for (const auto& r : ::emu::prefetch_ranges()) ok |= b >= r.first && b + bytes <= r.first + r.second;
+    if (!ok) ::emu::fail("prefetch_l2_bulk outside the kernel's buffers");
+    (void)*static_cast<const volatile unsigned char*>(p);
+    (void)*static_cast<const volatile unsigned char*>(b + bytes - 1);
 }
 
 template <typename T>

@@ -420,7 +420,7 @@ static void run_case(const Kernels& K, const Case& c, const Shape* override_shap
 template <typename T>
 static void run_linear(const Kernels& K, size_t nout, size_t n, size_t g, int bits, size_t tokens, bool bias,
                        bool misalign, unsigned grid_override, bool generic_too = true, bool force_generic = false,
-                       LinFn variant = nullptr, size_t variant_rows = 0, int flags = 0) {
+                       LinFn variant = nullptr, size_t variant_rows = 0, int flags = 0, unsigned threads = 256) {
     const size_t rb = (n * bits + 7) / 8, ng = n / g;
     const size_t mis = misalign ? sizeof(T) : 0;
     const size_t nl = (size_t)1 << bits;
@@ -461,11 +461,11 @@ static void run_linear(const Kernels& K, size_t nout, size_t n, size_t g, int bi
     LinFn f = variant ? variant : use_tile ? K.tile[bits][nt] : K.lin[nt];
     emu::prefetch_ranges() = {{codes.as<unsigned char>(), codes.bytes}, {scales.as<unsigned char>(), scales.bytes},
                               {table.as<unsigned char>(), table.bytes}};
-    emu::launch(dim3(grid), dim3(256), 0, [&] { f(lp); });
+    emu::launch(dim3(grid), dim3(threads), 0, [&] { f(lp); });
     emu::prefetch_ranges().clear();
     char label[200];
-    snprintf(label, sizeof label, "%s linear out=%zu in=%zu g=%zu bits=%d tokens=%zu bias=%d mis=%d tiled=%d nt=%d grid=%u%s",
-             K.name, nout, n, g, bits, tokens, bias, misalign, use_tile, nt, grid, variant ? " (variant)" : flags ? " (PDL)" : "");
+    snprintf(label, sizeof label, "%s linear out=%zu in=%zu g=%zu bits=%d tokens=%zu bias=%d mis=%d tiled=%d nt=%d grid=%u block=%u%s%s",
+             K.name, nout, n, g, bits, tokens, bias, misalign, use_tile, nt, grid, threads, variant ? " (variant)" : "", flags ? " (PDL)" : "");
     expect(y.guards_ok(), std::string(label) + ": wrote outside y");
     bool ok = true, nan_row = true;
     double worst = 0;
@@ -587,17 +587,22 @@ static void empty_rows(const Kernels& K) {
 }
 
 // The tuning variants of the bf16 4-bit tiled kernel (quant.cu, LMKERN_QUANT_LINTILE_VARIANT), as
-// the launcher plans them: two passes per thread and a partial row block, a grid-stride loop,
-// several token tiles.
+// the launcher plans them, with and without PDL: several passes per thread and a partial row block,
+// a grid-stride loop (the prefetch of every tile a block takes), several token tiles, a row length
+// that is no multiple of 16 bytes (a bulk prefetch leaves the tile's last bytes out).
 static void tile_variants(const Kernels& K) {
-    struct V { LinFn f; size_t tokens, rows; int flags; };
-    const int pdl = lmkern::quant::LINEAR_PDL;
-    const V vs[] = {{quant_lintile4_bf16_n1_v21, 1, 16, pdl}, {quant_lintile4_bf16_n1_v22, 1, 16, pdl},
-                    {quant_lintile4_bf16_n1_v23, 1, 16, pdl}};
+    struct V { LinFn f; size_t tokens, rows; unsigned threads; };
+    const V vs[] = {{quant_lintile4_bf16_n1_v21, 1, 16, 256}, {quant_lintile4_bf16_n1_v22, 1, 16, 256},
+                    {quant_lintile4_bf16_n1_v23, 1, 16, 256}, {quant_lintile4_bf16_n1_v24, 1, 16, 128},
+                    {quant_lintile4_bf16_n1_v25, 1, 16, 128}, {quant_lintile4_bf16_n2_v26, 2, 16, 128},
+                    {quant_lintile4_bf16_n1_v27, 1, 16, 256}};
     for (const V& v : vs) {
-        run_linear<__nv_bfloat16>(K, 19, 8448, 128, 4, v.tokens, true, false, 0, false, false, v.f, v.rows, v.flags);
-        run_linear<__nv_bfloat16>(K, 19, 256, 128, 4, v.tokens, false, false, 2, false, false, v.f, v.rows, v.flags);
-        run_linear<__nv_bfloat16>(K, 13, 512, 512, 4, 3 * v.tokens, true, false, 1, false, false, v.f, v.rows, v.flags);
+        for (int flags : {0, lmkern::quant::LINEAR_PDL}) {
+            run_linear<__nv_bfloat16>(K, 19, 8448, 128, 4, v.tokens, true, false, 0, false, false, v.f, v.rows, flags, v.threads);
+            run_linear<__nv_bfloat16>(K, 40, 256, 128, 4, v.tokens, false, false, 2, false, false, v.f, v.rows, flags, v.threads);
+            run_linear<__nv_bfloat16>(K, 13, 512, 512, 4, 3 * v.tokens, true, false, 1, false, false, v.f, v.rows, flags, v.threads);
+            run_linear<__nv_bfloat16>(K, 21, 4112, 16, 4, v.tokens, false, false, 0, false, false, v.f, v.rows, flags, v.threads);
+        }
     }
 }
 

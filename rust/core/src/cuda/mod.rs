@@ -351,18 +351,32 @@ pub(crate) unsafe fn launch_struct_pdl<P>(ordinal: usize, stream: u64, name: &st
 }
 
 /// Whether device `ordinal` takes programmatic dependent launches (compute capability 9.0 or
-/// later). Cached per device.
+/// later).
 pub(crate) fn supports_pdl(ordinal: usize) -> Result<bool> {
-    static CACHE: Mutex<Vec<(usize, bool)>> = Mutex::new(Vec::new());
-    if let Some(&(_, yes)) = CACHE.lock().unwrap_or_else(|e| e.into_inner()).iter().find(|(o, _)| *o == ordinal) {
-        return Ok(yes);
-    }
-    let major = device(ordinal)?
-        .ctx
-        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
-        .map_err(|e| Error::cuda(format!("CUDA device {ordinal}: cannot read its compute capability: {e}")))?;
-    CACHE.lock().unwrap_or_else(|e| e.into_inner()).push((ordinal, major >= 9));
+    let major = device_attribute(ordinal, sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, "compute capability")?;
     Ok(major >= 9)
+}
+
+/// The number of multiprocessors of device `ordinal`.
+pub(crate) fn sm_count(ordinal: usize) -> Result<usize> {
+    let n = device_attribute(ordinal, sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, "multiprocessor count")?;
+    Ok(n.max(1) as usize)
+}
+
+/// A device attribute (`what` names it in the error), cached per device and attribute: they do not
+/// change while the process runs.
+fn device_attribute(ordinal: usize, attr: sys::CUdevice_attribute, what: &str) -> Result<i32> {
+    static CACHE: Mutex<Vec<(usize, u32, i32)>> = Mutex::new(Vec::new());
+    let key = (ordinal, attr as u32);
+    if let Some(&(_, _, v)) = CACHE.lock().unwrap_or_else(|e| e.into_inner()).iter().find(|(o, a, _)| (*o, *a) == key) {
+        return Ok(v);
+    }
+    let v = device(ordinal)?
+        .ctx
+        .attribute(attr)
+        .map_err(|e| Error::cuda(format!("CUDA device {ordinal}: cannot read its {what}: {e}")))?;
+    CACHE.lock().unwrap_or_else(|e| e.into_inner()).push((key.0, key.1, v));
+    Ok(v)
 }
 
 /// The kernel-name suffix of an element type (`<kernel>_f32`, `_bf16`, `_f16`); float64 has no

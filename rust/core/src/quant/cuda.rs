@@ -194,25 +194,36 @@ fn slice_load_width(cpl: usize, bits: usize) -> u64 {
 }
 
 /// A launch-shape variant of the bf16 4-bit tiled linear, for tuning only: as cuda/quant.cu
-/// compiles it (LMKERN_QUANT_LINTILE_VARIANT), with token tile `nt`, `cpl` columns per slice and
-/// `rows` output rows per block.
+/// compiles it (LMKERN_QUANT_LINTILE_VARIANT), with token tile `nt`, `cpl` columns per slice,
+/// `rows` output rows and `threads` threads per block.
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Variant {
     k: usize,
     nt: usize,
     cpl: usize,
     rows: usize,
+    threads: usize,
 }
 
-const fn tile_variant(k: usize, nt: usize, cpl: usize, rows: usize) -> Variant {
-    Variant { k, nt, cpl, rows }
+const fn tile_variant(k: usize, nt: usize, cpl: usize, rows: usize, threads: usize) -> Variant {
+    Variant { k, nt, cpl, rows, threads }
 }
 
 /// 1-20 (other tiled shapes, a streamed and a cp.async kernel) lost or tied in
 /// benches/results/2026-11-26-h200-6-quant-tiled-sweep, 2026-11-27-h200-7-quant-async-sweep and
-/// 2026-11-27-h200-8-quant-pdl. 21-23: the default 1-token shape with another PDL prefetch (all of
-/// the tile's bytes; none; the first pass of slices), for pdl=1 (unmeasured).
-const TILE_VARIANTS: [Variant; 3] = [tile_variant(21, 1, 16, 16), tile_variant(22, 1, 16, 16), tile_variant(23, 1, 16, 16)];
+/// 2026-11-27-h200-8-quant-pdl. Unmeasured, for pdl=1: 21-23, the default 1-token shape with another
+/// PDL prefetch (all of the tile's bytes; none; the first pass of slices); 24-26, blocks of 128
+/// threads, 4 per SM, so that the next kernel's blocks fit beside this one's (1 token, a prefetch
+/// per line or in bulk; 2 tokens); 27, the default shape with the bulk prefetch.
+const TILE_VARIANTS: [Variant; 7] = [
+    tile_variant(21, 1, 16, 16, BLOCK),
+    tile_variant(22, 1, 16, 16, BLOCK),
+    tile_variant(23, 1, 16, 16, BLOCK),
+    tile_variant(24, 1, 16, 16, 128),
+    tile_variant(25, 1, 16, 16, 128),
+    tile_variant(26, 2, 16, 16, 128),
+    tile_variant(27, 1, 16, 16, BLOCK),
+];
 
 /// Whether the tiled linear is launched with programmatic dependent launch on sm_90+
 /// ([`cuda::launch_struct_pdl`]) when LMKERN_CUDA_QUANT_TUNE does not say: where a row is at most
@@ -224,12 +235,15 @@ fn pdl_by_default(q: &QuantArgs, tokens: usize) -> bool {
 }
 
 /// Tuning switches from LMKERN_CUDA_QUANT_TUNE (comma-separated, read once per process):
-/// `variant=<k>` (a [`TILE_VARIANTS`] entry for the linear) and `pdl=1` / `pdl=0` (with
-/// programmatic dependent launch or not, overriding [`pdl_by_default`]).
+/// `variant=<k>` (a [`TILE_VARIANTS`] entry for the linear), `pdl=1` / `pdl=0` (with
+/// programmatic dependent launch or not, overriding [`pdl_by_default`]) and `blocks_per_sm=<b>`
+/// (the tiled linear's grid at most b blocks per multiprocessor; each block then takes several row
+/// tiles, leaving room on every SM for the next kernel's blocks).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 struct Tune {
     variant: Option<Variant>,
     pdl: Option<bool>,
+    blocks_per_sm: Option<usize>,
 }
 
 impl Tune {
@@ -242,6 +256,7 @@ impl Tune {
                 }
                 Some(("pdl", "1")) => t.pdl = Some(true),
                 Some(("pdl", "0")) => t.pdl = Some(false),
+                Some(("blocks_per_sm", v)) => t.blocks_per_sm = v.parse::<usize>().ok().filter(|&b| b > 0),
                 _ => {}
             }
         }
@@ -393,6 +408,10 @@ pub unsafe fn linear(
     if let Some(v) = variant_for(dtype, l, x, codes) {
         plan.name = format!("quant_lintile4_bf16_n{}_v{}", v.nt, v.k);
         plan.grid = clamp_grid(q.rows.div_ceil(v.rows));
+        plan.block = (v.threads as u32, 1);
+    }
+    if let (LinearKernel::Tiled, Some(b)) = (kernel, Tune::get().blocks_per_sm) {
+        plan.grid = plan.grid.min(clamp_grid(b.saturating_mul(cuda::sm_count(ordinal)?)));
     }
     // Only the tiled kernel waits for the previous one (griddepcontrol.wait) before it reads.
     let pdl = kernel == LinearKernel::Tiled
@@ -525,9 +544,12 @@ mod tests {
     fn tune_parses_switches() {
         assert_eq!(Tune::parse(""), Tune::default());
         let t = Tune::parse("variant=21, pdl=1");
-        assert_eq!((t.variant, t.pdl), (Some(tile_variant(21, 1, 16, 16)), Some(true)));
+        assert_eq!((t.variant, t.pdl, t.blocks_per_sm), (Some(tile_variant(21, 1, 16, 16, 256)), Some(true), None));
         assert_eq!(Tune::parse("variant=18").variant, None); // settled and removed
         assert_eq!(Tune::parse("pdl=0").pdl, Some(false));
+        assert_eq!(Tune::parse("variant=26,blocks_per_sm=1").variant.map(|v| (v.nt, v.threads)), Some((2, 128)));
+        assert_eq!(Tune::parse("blocks_per_sm=1").blocks_per_sm, Some(1));
+        assert_eq!(Tune::parse("blocks_per_sm=0").blocks_per_sm, None);
         assert_eq!(Tune::parse("variant=99,deq=tiled,lin=async,junk"), Tune::default());
     }
 
