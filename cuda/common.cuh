@@ -144,6 +144,17 @@ __device__ __forceinline__ T* dynamic_smem() {
     return reinterpret_cast<T*>(lmkern_dynamic_smem);
 }
 
+// An asynchronous 4-byte global → shared copy (cp.async.ca, sm_80+). It lands only once the issuing
+// thread has waited for it (cp_async_wait_all), and other threads see it only after a barrier that
+// follows that wait; cuda/emu/emu.h models exactly this (the bytes move at the wait). Unlike a load
+// into a register and a store, it occupies no register scoreboard: waiting for it does not wait for
+// the thread's other loads in flight.
+__device__ __forceinline__ void cp_async4(void* dst, const void* src) {
+    const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(d), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+
 // Programmatic dependent launch (sm_90+; no-ops on older GPUs, and when the launch did not ask for
 // it): griddep_wait returns once the kernels this one depends on have completed and their memory
 // is visible; griddep_launch_dependents lets the next kernel in the stream, if launched with PDL,

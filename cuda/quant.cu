@@ -645,6 +645,21 @@ __device__ __forceinline__ void store_table_share(float (*lut)[1 << BITS], const
     }
 }
 
+// The R rows' codebooks from o0 straight into `lut` with cp.async (rows past the `rows_here` present
+// repeat the last one, as load_rows_slice does): the barrier after the copies then waits for the
+// table alone, not for every code load in flight too (a load into registers shares a scoreboard
+// with the code loads issued after it, and the store of it to shared memory waits for them all).
+template <int BITS, int R, int TT>
+__device__ __forceinline__ void copy_table_async(const LinearParams& p, int64_t o0, int rows_here, float (*lut)[1 << BITS]) {
+    constexpr int NL = 1 << BITS;
+#pragma unroll
+    for (int i = 0; i < TABLE_SHARE<BITS, R, TT>; ++i) {
+        const int e = threadIdx.x + i * TT;
+        const int r = e / NL < rows_here ? e / NL : rows_here - 1;
+        if (e < R * NL) cp_async4(&lut[e / NL][e % NL], p.table + (o0 + r) * NL + e % NL);
+    }
+}
+
 // The block's sums of acc (R rows × NT tokens, one set per thread) into y for rows o0.. and tokens
 // t0.. (nt of them): a transposing butterfly within each warp, the TT/32 warps' partials through `red`.
 // The caller puts a barrier between the partials' stores and the final sums (`finish`).
@@ -707,7 +722,7 @@ __device__ __forceinline__ void prefetch_tile(const LinearParams& p, int64_t o0)
 }
 
 // TT threads per block (a multiple of 32; the default kernels take TILE_THREADS).
-template <typename T, int NT, int BITS, int CPL, int R, Prefetch PF = Prefetch::Codes, int TT = TILE_THREADS>
+template <typename T, int NT, int BITS, int CPL, int R, Prefetch PF = Prefetch::Codes, int TT = TILE_THREADS, bool AsyncTable = false>
 __device__ __forceinline__ void linear_tiled(const LinearParams& p) {
     constexpr int NWORDS = (CPL * BITS / 8 + 3) / 4;
     constexpr int V = R * NT;  // partial sums per thread
@@ -739,16 +754,27 @@ __device__ __forceinline__ void linear_tiled(const LinearParams& p) {
             // The rows' codebooks are loaded before the first slice: the barrier below waits for
             // the table, and a table load queued behind the slice's code loads would hold every
             // lookup until all codes had arrived.
-            float tv[TABLE_SHARE<BITS, R, TT>];
             int s = tid;
-            load_table_share<BITS, R, TT>(p, o0, tv);
-            if (s < slices) {
-                load_x_slice<T, NT, CPL>(x, n, t0, nt, (int64_t)s * CPL, xs);
-                load_rows_slice<BITS, CPL, R>(p, ng, o0, rows_here, s, cw, m);
+            if constexpr (AsyncTable) {
+                __syncthreads();  // the previous tile's readers of lut and red are done
+                copy_table_async<BITS, R, TT>(p, o0, rows_here, lut);
+                if (s < slices) {
+                    load_x_slice<T, NT, CPL>(x, n, t0, nt, (int64_t)s * CPL, xs);
+                    load_rows_slice<BITS, CPL, R>(p, ng, o0, rows_here, s, cw, m);
+                }
+                cp_async_wait_all();
+                __syncthreads();
+            } else {
+                float tv[TABLE_SHARE<BITS, R, TT>];
+                load_table_share<BITS, R, TT>(p, o0, tv);
+                if (s < slices) {
+                    load_x_slice<T, NT, CPL>(x, n, t0, nt, (int64_t)s * CPL, xs);
+                    load_rows_slice<BITS, CPL, R>(p, ng, o0, rows_here, s, cw, m);
+                }
+                __syncthreads();  // the previous tile's readers of lut and red are done
+                store_table_share<BITS, R, TT>(lut, tv);
+                __syncthreads();
             }
-            __syncthreads();  // the previous tile's readers of lut and red are done
-            store_table_share<BITS, R, TT>(lut, tv);
-            __syncthreads();
 
             float acc[V];
 #pragma unroll
@@ -884,21 +910,22 @@ __device__ __forceinline__ void deq_tiled(const DeqParams& p) {
 
 // Launch-shape variants of the bf16 4-bit tiled kernel, for tuning only (benches/gpu/tune_quant.py
 // with LMKERN_CUDA_QUANT_TUNE=variant=<k>; rust/core/src/quant/cuda.rs, TILE_VARIANTS, must agree):
-// (NT, CPL, R, threads per block, min blocks per SM, what the PDL prologue prefetches). 1-20 were settled by
+// (NT, CPL, R, threads per block, min blocks per SM, what the PDL prologue prefetches, codebooks by
+// cp.async). 1-20 were settled by
 // the sweeps in benches/results/2026-11-26-h200-6-quant-tiled-sweep, 2026-11-27-h200-7-quant-async-
 // sweep (streamed and cp.async kernels) and 2026-11-27-h200-8-quant-pdl (8 rows, 3-4 blocks per SM).
-#define LMKERN_QUANT_LINTILE_VARIANT(K, NT, CPL, R, TT, MINB, PF)                                        \
-    extern "C" __global__ void __launch_bounds__(TT, MINB)                                             \
-        quant_lintile4_bf16_n##NT##_v##K(const __grid_constant__ lmkern::quant::LinearParams p) {      \
-        lmkern::quant::linear_tiled<__nv_bfloat16, NT, 4, CPL, R, lmkern::quant::Prefetch::PF, TT>(p); \
+#define LMKERN_QUANT_LINTILE_VARIANT(K, NT, CPL, R, TT, MINB, PF, AT)                                        \
+    extern "C" __global__ void __launch_bounds__(TT, MINB)                                                 \
+        quant_lintile4_bf16_n##NT##_v##K(const __grid_constant__ lmkern::quant::LinearParams p) {          \
+        lmkern::quant::linear_tiled<__nv_bfloat16, NT, 4, CPL, R, lmkern::quant::Prefetch::PF, TT, AT>(p); \
     }
 // The default 1-token shape with another PDL prefetch (unmeasured; with pdl=1 against the default):
 // the row tile's scales and codebooks as well as its codes (21); nothing, to tell the prefetch's
 // share of PDL's gain from the launch overlap's (22); only the first pass of slices, for rows of
 // several passes, where the whole tile's codes made PDL lose (23).
-LMKERN_QUANT_LINTILE_VARIANT(21, 1, 16, 16, 256, 2, All)
-LMKERN_QUANT_LINTILE_VARIANT(22, 1, 16, 16, 256, 2, None)
-LMKERN_QUANT_LINTILE_VARIANT(23, 1, 16, 16, 256, 2, FirstPass)
+LMKERN_QUANT_LINTILE_VARIANT(21, 1, 16, 16, 256, 2, All, false)
+LMKERN_QUANT_LINTILE_VARIANT(22, 1, 16, 16, 256, 2, None, false)
+LMKERN_QUANT_LINTILE_VARIANT(23, 1, 16, 16, 256, 2, FirstPass, false)
 // Room for the next kernel (unmeasured): one kernel's blocks fill every SM (16 warps each at
 // 4096 → 4096), so a PDL-launched successor can only start as they retire. Blocks of 128 threads,
 // 4 per SM (the same 128 registers a thread), leave half of each SM free at 4096 → 4096: the next
@@ -906,10 +933,15 @@ LMKERN_QUANT_LINTILE_VARIANT(23, 1, 16, 16, 256, 2, FirstPass)
 // computes (24 with a prefetch per line, 25 in bulk; 26 at 2 tokens). 27: the default shape with
 // the bulk prefetch. LMKERN_CUDA_QUANT_TUNE=blocks_per_sm=1 does the same for the default kernel
 // by a smaller grid (each block then takes several row tiles).
-LMKERN_QUANT_LINTILE_VARIANT(24, 1, 16, 16, 128, 4, Codes)
-LMKERN_QUANT_LINTILE_VARIANT(25, 1, 16, 16, 128, 4, Bulk)
-LMKERN_QUANT_LINTILE_VARIANT(26, 2, 16, 16, 128, 4, Codes)
-LMKERN_QUANT_LINTILE_VARIANT(27, 1, 16, 16, 256, 2, Bulk)
+LMKERN_QUANT_LINTILE_VARIANT(24, 1, 16, 16, 128, 4, Codes, false)
+LMKERN_QUANT_LINTILE_VARIANT(25, 1, 16, 16, 128, 4, Bulk, false)
+LMKERN_QUANT_LINTILE_VARIANT(26, 2, 16, 16, 128, 4, Codes, false)
+LMKERN_QUANT_LINTILE_VARIANT(27, 1, 16, 16, 256, 2, Bulk, false)
+// The codebooks copied with cp.async (unmeasured): the barrier before the lookups waits for the
+// table alone, and each warp starts as soon as its own codes are in, not when the block's last
+// warp has its codes (28: the default shape; 29: as 24).
+LMKERN_QUANT_LINTILE_VARIANT(28, 1, 16, 16, 256, 2, Codes, true)
+LMKERN_QUANT_LINTILE_VARIANT(29, 1, 16, 16, 128, 4, Codes, true)
 
 LMKERN_QUANT_ENTRIES(float, f32)
 LMKERN_QUANT_ENTRIES(__nv_bfloat16, bf16)

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # PowerQuantLinear on a GPU machine, in one short call (after benches/gpu/prepare.sh built dist/):
-#   run(command="bash benches/gpu/quant_sweep.sh", carry=["dist"], timeout_s=360)
+#   run(command="bash benches/gpu/quant_sweep.sh", carry=["dist"], timeout_s=420)
 # installs the newest dist/lmkern-*.whl, then benches/gpu/tune_quant.py (which checks every output
 # against the float64 product): the default kernels (PDL where a row is one pass,
 # rust/core/src/quant/cuda.rs, pdl_by_default) with the dense bf16 peer and cuBLAS on the codes'
 # bytes; then, with PDL, the launches that leave room on every SM for the next kernel's blocks
-# (blocks of 128 threads: variants 24-26; a grid of one block per SM: blocks_per_sm=1), the bulk
-# prefetch (25, 27) and the other prefetches (21-23). Most wanted first, in case the call runs out
+# (blocks of 128 threads: variants 24-26; a grid of one block per SM: blocks_per_sm=1), the
+# codebooks by cp.async (28 with and without PDL, 29), the bulk prefetch (25, 27) and the other
+# prefetches (21-23). Most wanted first, in case the call runs out
 # of time. Last, the quantization tests under the `cuda` marker (among them the tiled linear under
-# each of these tunings, test_linear_tuned_launch). About 4 minutes. Output: $OUT/quant_sweep.log
+# each of these tunings, test_linear_tuned_launch). About 5 minutes. Output: $OUT/quant_sweep.log
 # (or benches/results/quant_sweep.log).
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/../.." || exit 1
@@ -25,6 +26,9 @@ tune() { # tune SETTINGS TOKENS: tune_quant.py under LMKERN_CUDA_QUANT_TUNE=SETT
     "$PY" -m pip install -q --no-deps --no-index --force-reinstall --no-cache-dir "$whl" || echo "install failed"
     timeout -k 5 60 "$PY" benches/gpu/tune_quant.py --peer || echo "default: rc=$?"
     tune "variant=24,pdl=1" 1
+    tune "variant=28,pdl=1" 1
+    tune "variant=28,pdl=0" 1
+    tune "variant=29,pdl=1" 1
     tune "blocks_per_sm=1,pdl=1" 1
     tune "variant=25,pdl=1" 1
     tune "variant=27,blocks_per_sm=1,pdl=1" 1

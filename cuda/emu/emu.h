@@ -77,6 +77,9 @@ struct Thread {
     int shfl_offset = 0;
     unsigned shfl_mask = 0;
     float shfl_result = 0.0f;
+    // cp.async copies issued and not yet waited for (they land at cp_async_wait_all).
+    struct Copy { void* dst; const void* src; size_t bytes; };
+    std::vector<Copy> async_copies;
 };
 
 struct Block {
@@ -112,6 +115,7 @@ inline void yield(State s) {
 
 inline void entry() {
     (*block().body)();
+    if (!self().async_copies.empty()) fail("cp.async copies never waited for");
     self().state = Done;
     _longjmp(block().scheduler_jb, 1);  // never returns to uc_link
 }
@@ -261,6 +265,16 @@ inline void prefetch_l2_bulk(const void* p, uint32_t bytes) {
     if (!ok) ::emu::fail("prefetch_l2_bulk outside the kernel's buffers");
     (void)*static_cast<const volatile unsigned char*>(p);
     (void)*static_cast<const volatile unsigned char*>(b + bytes - 1);
+}
+
+// cp.async as the hardware guarantees it and no more: the bytes move when the issuing thread waits,
+// so a kernel that reads the table before its wait (or another thread's copies without a barrier
+// after that thread's wait) reads stale shared memory and fails its checks.
+inline void cp_async4(void* dst, const void* src) { ::emu::self().async_copies.push_back({dst, src, 4}); }
+inline void cp_async_wait_all() {
+    ::emu::Thread& t = ::emu::self();
+    for (const ::emu::Thread::Copy& c : t.async_copies) memcpy(c.dst, c.src, c.bytes);
+    t.async_copies.clear();
 }
 
 template <typename T>

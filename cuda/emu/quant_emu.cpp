@@ -595,7 +595,8 @@ static void tile_variants(const Kernels& K) {
     const V vs[] = {{quant_lintile4_bf16_n1_v21, 1, 16, 256}, {quant_lintile4_bf16_n1_v22, 1, 16, 256},
                     {quant_lintile4_bf16_n1_v23, 1, 16, 256}, {quant_lintile4_bf16_n1_v24, 1, 16, 128},
                     {quant_lintile4_bf16_n1_v25, 1, 16, 128}, {quant_lintile4_bf16_n2_v26, 2, 16, 128},
-                    {quant_lintile4_bf16_n1_v27, 1, 16, 256}};
+                    {quant_lintile4_bf16_n1_v27, 1, 16, 256}, {quant_lintile4_bf16_n1_v28, 1, 16, 256},
+                    {quant_lintile4_bf16_n1_v29, 1, 16, 128}};
     for (const V& v : vs) {
         for (int flags : {0, lmkern::quant::LINEAR_PDL}) {
             run_linear<__nv_bfloat16>(K, 19, 8448, 128, 4, v.tokens, true, false, 0, false, false, v.f, v.rows, flags, v.threads);

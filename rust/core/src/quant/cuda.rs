@@ -214,8 +214,10 @@ const fn tile_variant(k: usize, nt: usize, cpl: usize, rows: usize, threads: usi
 /// 2026-11-27-h200-8-quant-pdl. Unmeasured, for pdl=1: 21-23, the default 1-token shape with another
 /// PDL prefetch (all of the tile's bytes; none; the first pass of slices); 24-26, blocks of 128
 /// threads, 4 per SM, so that the next kernel's blocks fit beside this one's (1 token, a prefetch
-/// per line or in bulk; 2 tokens); 27, the default shape with the bulk prefetch.
-const TILE_VARIANTS: [Variant; 7] = [
+/// per line or in bulk; 2 tokens); 27, the default shape with the bulk prefetch; 28-29, the
+/// codebooks by cp.async (the default shape; as 24), so that a warp need not wait for the block's
+/// other warps' codes before its lookups.
+const TILE_VARIANTS: [Variant; 9] = [
     tile_variant(21, 1, 16, 16, BLOCK),
     tile_variant(22, 1, 16, 16, BLOCK),
     tile_variant(23, 1, 16, 16, BLOCK),
@@ -223,6 +225,8 @@ const TILE_VARIANTS: [Variant; 7] = [
     tile_variant(25, 1, 16, 16, 128),
     tile_variant(26, 2, 16, 16, 128),
     tile_variant(27, 1, 16, 16, BLOCK),
+    tile_variant(28, 1, 16, 16, BLOCK),
+    tile_variant(29, 1, 16, 16, 128),
 ];
 
 /// Whether the tiled linear is launched with programmatic dependent launch on sm_90+
