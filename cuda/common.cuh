@@ -144,6 +144,23 @@ __device__ __forceinline__ T* dynamic_smem() {
     return reinterpret_cast<T*>(lmkern_dynamic_smem);
 }
 
+// d += a·b on the tensor cores (sm_80+): mma.sync m16n8k16, bf16 or f16 inputs (T), float
+// accumulation; a, b and d are this lane's fragments as the PTX ISA lays them out (cuda/emu/emu.h,
+// mma_16816_warp, spells the layout out). Every lane of the warp takes part.
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    } else {
+        static_assert(std::is_same<T, __half>::value, "mma_16816 takes bf16 or f16");
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    }
+}
+
 // An asynchronous 4-byte global → shared copy (cp.async.ca, sm_80+). It lands only once the issuing
 // thread has waited for it (cp_async_wait_all), and other threads see it only after a barrier that
 // follows that wait; cuda/emu/emu.h models exactly this (the bytes move at the wait). Unlike a load

@@ -751,9 +751,11 @@ __device__ __forceinline__ void linear_tiled(const LinearParams& p) {
             float xs[NT][CPL];
             uint32_t cw[R][NWORDS];
             float m[R];
-            // The rows' codebooks are loaded before the first slice: the barrier below waits for
-            // the table, and a table load queued behind the slice's code loads would hold every
-            // lookup until all codes had arrived.
+            // The rows' codebooks are loaded before the first slice. ptxas (sm_90) puts that load
+            // on the scoreboard of the slice's code loads, so storing it to shared memory waits for
+            // every code load of the thread and the barrier for every warp's: a block starts its
+            // lookups when its last codes are in. AsyncTable (variants 28-29) copies the table with
+            // cp.async instead, whose wait is its own.
             int s = tid;
             if constexpr (AsyncTable) {
                 __syncthreads();  // the previous tile's readers of lut and red are done
@@ -790,6 +792,165 @@ __device__ __forceinline__ void linear_tiled(const LinearParams& p) {
             stash_partials<V>(acc, red);
             __syncthreads();
             finish_partials<T, NT, R, TT>(p, red, o0, t0, nt);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Linear on the tensor cores: bf16/f16 activations, 4-bit codes, n and the group size multiples of
+// 128, x and the codes 16-byte aligned (rust/core/src/quant/cuda.rs, mma_fits), up to 8·NTB tokens
+// per tile. A block takes MMA_ROWS = 16 output rows (one m16 tile) and its 8 warps split the input
+// dimension in chunks of 128 columns (one group or part of one). Per chunk, lane (g, c) (g = lane/4,
+// c = lane%4) loads 16 code bytes of rows g and g+8 (columns 32c .. 32c+31 of the chunk) and the
+// same 32 columns of x for token g of each 8-token block, then runs 8 mma steps: step t takes the
+// lane's columns 32c + 4t .. 32c + 4t + 3 as the mma's k = 2c, 2c+1, 2c+8, 2c+9 (a bijection of the
+// chunk's 128 columns that A and B share, so the product is unchanged). An A register is two
+// consecutive codes, one code byte, looked up in the row's pair table: byte b → (lut[b & 15],
+// lut[b >> 4]) in T (256 entries per row in shared memory, built from the float32 codebooks). A
+// chunk's 8 steps sum into a fresh accumulator that is then scaled by the rows' group scales, in
+// float. The warps' sums meet in shared memory (fixed order). Codebook entries are rounded to T
+// (the many-token path's dequantized weight is too); x is used as given.
+// Unmeasured: only LMKERN_CUDA_QUANT_TUNE=mma=1 selects it.
+// ---------------------------------------------------------------------------------------------
+constexpr int MMA_ROWS = 16;
+constexpr int MMA_CHUNK = 128;
+
+// One warp step's operands, as lane (g, c) holds them: 16 code bytes of rows g and g+8, their
+// group scales, and x for token g of each 8-token block (zeros past the tile's tokens).
+template <int NTB>
+struct MmaChunk {
+    uint32_t qa[4], qb[4];
+    float ma, mb;
+    uint32_t xw[NTB][16];
+};
+
+template <typename T, int NTB>
+__device__ __forceinline__ void mma_load_chunk(const LinearParams& p, const uint8_t* ca, const uint8_t* cb, const float* sa,
+                                               const float* sb, const T* __restrict__ xg, int nt, int j, MmaChunk<NTB>& k) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+    const uint4 qa = *reinterpret_cast<const uint4*>(ca + (int64_t)j * (MMA_CHUNK / 2));
+    const uint4 qb = *reinterpret_cast<const uint4*>(cb + (int64_t)j * (MMA_CHUNK / 2));
+    k.qa[0] = qa.x, k.qa[1] = qa.y, k.qa[2] = qa.z, k.qa[3] = qa.w;
+    k.qb[0] = qb.x, k.qb[1] = qb.y, k.qb[2] = qb.z, k.qb[3] = qb.w;
+    const int grp = j * MMA_CHUNK / p.group;  // the chunk lies in one group
+    k.ma = sa[grp], k.mb = sb[grp];
+#pragma unroll
+    for (int nb = 0; nb < NTB; ++nb) {
+        const int tk = nb * 8 + g;
+        const uint4* xp = reinterpret_cast<const uint4*>(xg + (int64_t)(tk < nt ? tk : 0) * p.in_features + (int64_t)j * MMA_CHUNK + 32 * c);
+#pragma unroll
+        for (int v = 0; v < 4; ++v) {
+            const uint4 w = tk < nt ? xp[v] : make_uint4(0, 0, 0, 0);
+            k.xw[nb][4 * v] = w.x, k.xw[nb][4 * v + 1] = w.y, k.xw[nb][4 * v + 2] = w.z, k.xw[nb][4 * v + 3] = w.w;
+        }
+    }
+}
+
+// acc += the chunk's 8 mma steps (into a fresh accumulator) scaled by the rows' group scales.
+template <typename T, int NTB>
+__device__ __forceinline__ void mma_chunk(const MmaChunk<NTB>& k, const uint32_t (*pairs)[256], float (&acc)[NTB][4]) {
+    const int g = (threadIdx.x & 31) >> 2;
+    float cc[NTB][4];
+#pragma unroll
+    for (int nb = 0; nb < NTB; ++nb)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) cc[nb][i] = 0.0f;
+#pragma unroll
+    for (int t = 0; t < 8; ++t) {
+        // Bytes 2t and 2t+1 of the lane's 16: codes 4t .. 4t+3 of its 32 columns.
+        const int sh = 16 * (t & 1);
+        const uint32_t a[4] = {pairs[g][(k.qa[t >> 1] >> sh) & 0xff], pairs[g + 8][(k.qb[t >> 1] >> sh) & 0xff],
+                               pairs[g][(k.qa[t >> 1] >> (sh + 8)) & 0xff], pairs[g + 8][(k.qb[t >> 1] >> (sh + 8)) & 0xff]};
+#pragma unroll
+        for (int nb = 0; nb < NTB; ++nb) {
+            const uint32_t b[2] = {k.xw[nb][2 * t], k.xw[nb][2 * t + 1]};
+            mma_16816<T>(cc[nb], a, b);
+        }
+    }
+#pragma unroll
+    for (int nb = 0; nb < NTB; ++nb) {
+        acc[nb][0] = fmaf(k.ma, cc[nb][0], acc[nb][0]);
+        acc[nb][1] = fmaf(k.ma, cc[nb][1], acc[nb][1]);
+        acc[nb][2] = fmaf(k.mb, cc[nb][2], acc[nb][2]);
+        acc[nb][3] = fmaf(k.mb, cc[nb][3], acc[nb][3]);
+    }
+}
+
+template <typename T, int NTB>
+__device__ __forceinline__ void linear_mma(const LinearParams& p) {
+    constexpr int WARPS = TILE_THREADS / 32, NTOK = 8 * NTB, NL = 16;
+    static_assert(TILE_THREADS == MMA_ROWS * NL, "one codebook entry per thread");
+    static_assert(MMA_ROWS * NTOK <= TILE_THREADS, "a thread per output of the tile for the final sums");
+    __shared__ float lut[MMA_ROWS][NL];
+    __shared__ uint32_t pairs[MMA_ROWS][256];
+    __shared__ float red[WARPS][MMA_ROWS * NTOK];
+    const T* __restrict__ x = static_cast<const T*>(p.x);
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, c = lane & 3;
+    const int n = p.in_features, ng = n / p.group, nout = p.out_features, chunks = n / MMA_CHUNK;
+    const int64_t tokens = p.tokens;
+    griddep_launch_dependents();
+    griddep_wait();
+    for (int64_t o0 = (int64_t)blockIdx.x * MMA_ROWS; o0 < nout; o0 += (int64_t)gridDim.x * MMA_ROWS) {
+        const int rows_here = (int)min64(MMA_ROWS, nout - o0);
+        // Rows past the last one present repeat it (valid memory; their sums are dropped).
+        const int ra = g < rows_here ? g : rows_here - 1, rb = g + 8 < rows_here ? g + 8 : rows_here - 1;
+        const uint8_t* ca = p.codes + (o0 + ra) * p.row_bytes + 16 * c;
+        const uint8_t* cb = p.codes + (o0 + rb) * p.row_bytes + 16 * c;
+        const float* sa = p.scales + (o0 + ra) * ng;
+        const float* sb = p.scales + (o0 + rb) * ng;
+        for (int64_t t0 = 0; t0 < tokens; t0 += NTOK) {  // uniform across the block
+            const int nt = (int)min64(NTOK, tokens - t0);
+            const T* xg = x + t0 * n;
+            // The warp's first two chunks are in flight while the codebooks are set up (copied with
+            // cp.async, so that waiting for them does not wait for these loads).
+            MmaChunk<NTB> k0, k1;
+            if (warp < chunks) mma_load_chunk<T, NTB>(p, ca, cb, sa, sb, xg, nt, warp, k0);
+            if (warp + WARPS < chunks) mma_load_chunk<T, NTB>(p, ca, cb, sa, sb, xg, nt, warp + WARPS, k1);
+            if (t0 == 0) {
+                __syncthreads();  // the previous row tile's readers of lut and pairs are done
+                {
+                    const int r = tid / NL, f = tid % NL;
+                    cp_async4(&lut[r][f], p.table + (o0 + (r < rows_here ? r : rows_here - 1)) * NL + f);
+                    cp_async_wait_all();
+                }
+                __syncthreads();
+                for (int e = tid; e < MMA_ROWS * 256; e += TILE_THREADS) {
+                    const int r = e >> 8, b = e & 255;
+                    const float pair[2] = {lut[r][b & 15], lut[r][b >> 4]};
+                    pairs[r][b] = pack_floats<T, 2>(pair).w[0];
+                }
+                __syncthreads();
+            }
+            float acc[NTB][4];
+#pragma unroll
+            for (int nb = 0; nb < NTB; ++nb)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) acc[nb][i] = 0.0f;
+            // Two chunks in turn: while one is summed, the next one's loads are in flight.
+            for (int j = warp; j < chunks; j += 2 * WARPS) {
+                mma_chunk<T, NTB>(k0, pairs, acc);
+                if (j + 2 * WARPS < chunks) mma_load_chunk<T, NTB>(p, ca, cb, sa, sb, xg, nt, j + 2 * WARPS, k0);
+                if (j + WARPS >= chunks) break;
+                mma_chunk<T, NTB>(k1, pairs, acc);
+                if (j + 3 * WARPS < chunks) mma_load_chunk<T, NTB>(p, ca, cb, sa, sb, xg, nt, j + 3 * WARPS, k1);
+            }
+            // acc[nb][i] is row g + 8·(i/2), token nb·8 + 2c + i%2 of the tile.
+#pragma unroll
+            for (int nb = 0; nb < NTB; ++nb)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) red[warp][(g + 8 * (i >> 1)) * NTOK + nb * 8 + 2 * c + (i & 1)] = acc[nb][i];
+            __syncthreads();
+            if (tid < MMA_ROWS * NTOK) {
+                const int r = tid / NTOK, tk = tid % NTOK;
+                if (r < rows_here && tk < nt) {
+                    float sum = 0.0f;
+#pragma unroll
+                    for (int w = 0; w < WARPS; ++w) sum += red[w][tid];
+                    const int64_t o = o0 + r;
+                    static_cast<T*>(p.y)[(t0 + tk) * nout + o] = from_float<T>(sum + (p.bias != nullptr ? p.bias[o] : 0.0f));
+                }
+            }
+            __syncthreads();  // red is rewritten by the next token tile
         }
     }
 }
@@ -946,3 +1107,15 @@ LMKERN_QUANT_LINTILE_VARIANT(29, 1, 16, 16, 128, 4, Codes, true)
 LMKERN_QUANT_ENTRIES(float, f32)
 LMKERN_QUANT_ENTRIES(__nv_bfloat16, bf16)
 LMKERN_QUANT_ENTRIES(__half, f16)
+
+// quant_linmma4_<t>_n<NT>: linear_mma with tiles of NT tokens (bf16 and f16 only); two blocks per
+// SM (at most 128 registers a thread), so that 4096 rows, 256 blocks, are one wave on 132 SMs.
+#define LMKERN_QUANT_LINMMA(T, TN, NT)                                                                  \
+    extern "C" __global__ void __launch_bounds__(lmkern::quant::TILE_THREADS, 2)                       \
+        quant_linmma4_##TN##_n##NT(const __grid_constant__ lmkern::quant::LinearParams p) {            \
+        lmkern::quant::linear_mma<T, NT / 8>(p);                                                       \
+    }
+LMKERN_QUANT_LINMMA(__nv_bfloat16, bf16, 8)
+LMKERN_QUANT_LINMMA(__nv_bfloat16, bf16, 16)
+LMKERN_QUANT_LINMMA(__half, f16, 8)
+LMKERN_QUANT_LINMMA(__half, f16, 16)

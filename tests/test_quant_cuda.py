@@ -261,10 +261,12 @@ SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}  #
 bad = []
 variant = os.environ["WANT_VARIANT"]  # "k,nt": the variant bf16 4-bit calls of token tile nt take
 k, nt = (int(v) for v in variant.split(",")) if variant else (0, 0)
+mma = "mma=1" in os.environ["LMKERN_CUDA_QUANT_TUNE"].split(",")  # the tensor-core kernel where it fits
 # (in, out, group): fewer slices than threads and partial row tiles; more slices than threads, the
 # last pass partial (4352 = 256 + 16 slices of 16); one group per row (8448 = 528 slices); more row
-# tiles than a GPU has SMs (4500 rows: blocks_per_sm=1 makes blocks take several, the last partial).
-for in_f, out_f, g in [(256, 96, 32), (4352, 21, 64), (8448, 6, 8448), (256, 4500, 32)]:
+# tiles than a GPU has SMs (4500 rows: blocks_per_sm=1 makes blocks take several, the last partial);
+# groups of 128 (the tensor-core kernel's shapes; 8448 too) with a partial row tile.
+for in_f, out_f, g in [(256, 96, 32), (4352, 21, 64), (8448, 6, 8448), (256, 4500, 32), (384, 40, 128)]:
     for bits in (2, 3, 4, 8):
         torch.manual_seed(bits)
         lin = torch.nn.Linear(in_f, out_f)
@@ -281,6 +283,8 @@ for in_f, out_f, g in [(256, 96, 32), (4352, 21, 64), (8448, 6, 8448), (256, 450
                 want = f"quant_lintile{bits}_{SUFFIX[dtype]}_n{tile}"
                 if k and bits == 4 and dtype == torch.bfloat16 and tile == nt:
                     want += f"_v{k}"
+                if mma and bits == 4 and dtype != torch.float32 and in_f % 128 == 0 and g % 128 == 0:
+                    want = f"quant_linmma4_{SUFFIX[dtype]}_n8"
                 if want not in names:
                     bad.append(f"{in_f}x{out_f} g{g} {bits}-bit {dtype} tokens={tokens}: {want} not in {sorted(names)}")
                 ref = x.to(F64) @ w.T + mod.bias.detach().cpu().to(F64)
@@ -322,6 +326,25 @@ for seed in range(3):
     err = ((y.cpu().to(F64) - ref).norm() / ref.norm()).item()
     if not err <= 1e-2:
         bad.append(f"linear right after quantize (seed {seed}): rel err {err:.3g}")
+# Past GEMV_MAX_TOKENS the op takes the dequantize + cuBLAS path; the kernels' own token tiles (the
+# tensor-core kernel's 16-token one among them) are reached through lmkern._core directly.
+from lmkern import _core
+from lmkern._lib import DTYPE_CODES, device_args
+torch.manual_seed(11)
+lin = torch.nn.Linear(512, 56)
+mod = PowerQuantLinear.from_linear(lin, 4, 128, a=torch.linspace(0.5, 1.0, 56)).to("cuda")
+w = mod.dequantized_weight().cpu().to(F64)
+for dtype in (torch.bfloat16, torch.float16):
+    for tokens in (9, 16, 23):
+        x = torch.randn(tokens, 512, dtype=F64).to(dtype).cuda()
+        y = torch.empty(tokens, 56, dtype=dtype, device="cuda")
+        dev, stream = device_args(x)
+        _core.quant_linear(DTYPE_CODES[dtype], dev, stream, 4, 56, 512, 128, tokens, x.data_ptr(), mod.codes.data_ptr(),
+                           mod.scales.data_ptr(), mod.codebook.data_ptr(), mod.bias.data_ptr(), y.data_ptr())
+        ref = x.cpu().to(F64) @ w.T + mod.bias.detach().cpu().to(F64)
+        err = ((y.cpu().to(F64) - ref).norm() / ref.norm()).item()
+        if not err <= TOL[dtype]:
+            bad.append(f"512x56 g128 {dtype} tokens={tokens} (direct): rel err {err:.3g}")
 print("\n".join(bad) or "ok")
 sys.exit(1 if bad else 0)
 """
@@ -333,7 +356,8 @@ VARIANT_TOKEN_TILE = {21: 1, 22: 1, 23: 1, 24: 1, 25: 1, 26: 2, 27: 1, 28: 1, 29
 
 @pytest.mark.parametrize(
     "tune",
-    ["pdl=0", "pdl=1", "blocks_per_sm=1,pdl=1", "blocks_per_sm=1,pdl=0", "variant=25,blocks_per_sm=1,pdl=1"]
+    ["pdl=0", "pdl=1", "blocks_per_sm=1,pdl=1", "blocks_per_sm=1,pdl=0", "variant=25,blocks_per_sm=1,pdl=1", "mma=1",
+     "mma=1,pdl=1"]
     + [f"variant={k},pdl=1" for k in VARIANT_TOKEN_TILE],
 )
 def test_linear_tuned_launch(tune):

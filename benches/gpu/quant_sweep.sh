@@ -1,23 +1,25 @@
 #!/usr/bin/env bash
 # PowerQuantLinear on a GPU machine, in one short call (after benches/gpu/prepare.sh built dist/):
-#   run(command="bash benches/gpu/quant_sweep.sh", carry=["dist"], timeout_s=420)
+#   run(command="bash benches/gpu/quant_sweep.sh", carry=["dist"], timeout_s=480)
 # installs the newest dist/lmkern-*.whl, then benches/gpu/tune_quant.py (which checks every output
 # against the float64 product): the default kernels (PDL where a row is one pass,
 # rust/core/src/quant/cuda.rs, pdl_by_default) with the dense bf16 peer and cuBLAS on the codes'
-# bytes; then, with PDL, the launches that leave room on every SM for the next kernel's blocks
+# bytes; the tensor-core kernel (mma=1, 1-16 tokens through lmkern._core, with and without PDL;
+# and the default kernel's two 8-token tiles at 16 tokens for comparison); then, with PDL, the
+# launches that leave room on every SM for the next kernel's blocks
 # (blocks of 128 threads: variants 24-26; a grid of one block per SM: blocks_per_sm=1), the
 # codebooks by cp.async (28 with and without PDL, 29), the bulk prefetch (25, 27) and the other
 # prefetches (21-23). Most wanted first, in case the call runs out
 # of time. Last, the quantization tests under the `cuda` marker (among them the tiled linear under
-# each of these tunings, test_linear_tuned_launch). About 5 minutes. Output: $OUT/quant_sweep.log
+# each of these tunings, test_linear_tuned_launch). About 6 minutes. Output: $OUT/quant_sweep.log
 # (or benches/results/quant_sweep.log).
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/../.." || exit 1
 RESULTS=${OUT:-benches/results}
 mkdir -p "$RESULTS"
 PY=${PYTHON:-python3}
-tune() { # tune SETTINGS TOKENS: tune_quant.py under LMKERN_CUDA_QUANT_TUNE=SETTINGS
-    LMKERN_CUDA_QUANT_TUNE="$1" timeout -k 5 40 "$PY" benches/gpu/tune_quant.py --tokens "$2" || echo "$1: rc=$?"
+tune() { # tune SETTINGS TOKENS [FLAGS]: tune_quant.py under LMKERN_CUDA_QUANT_TUNE=SETTINGS
+    LMKERN_CUDA_QUANT_TUNE="$1" timeout -k 5 60 "$PY" benches/gpu/tune_quant.py --tokens "$2" ${3:-} || echo "$1: rc=$?"
 }
 {
     echo "lmkern quant sweep: $(date -u '+%Y-%m-%d %H:%M:%S UTC'); wheel $(ls -t dist/lmkern-*.whl | head -n 1)"
@@ -25,6 +27,9 @@ tune() { # tune SETTINGS TOKENS: tune_quant.py under LMKERN_CUDA_QUANT_TUNE=SETT
     whl=$(ls -t dist/lmkern-*.whl | head -n 1)
     "$PY" -m pip install -q --no-deps --no-index --force-reinstall --no-cache-dir "$whl" || echo "install failed"
     timeout -k 5 60 "$PY" benches/gpu/tune_quant.py --peer || echo "default: rc=$?"
+    tune "mma=1" 1,2,4,8,16 --direct
+    tune "mma=1,pdl=1" 1,2 --direct
+    tune "pdl=0" 16 --direct
     tune "variant=24,pdl=1" 1
     tune "variant=28,pdl=1" 1
     tune "variant=28,pdl=0" 1

@@ -27,6 +27,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
+#include <type_traits>
 #include <vector>
 
 // The CUDA headers define these for host compilers; give them emulator meanings.
@@ -65,7 +66,7 @@ inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
 
 namespace emu {
 
-enum State { Runnable, AtBarrier, AtShuffle, Done };
+enum State { Runnable, AtBarrier, AtShuffle, AtMma, Done };
 
 struct Thread {
     ucontext_t ctx;
@@ -77,6 +78,10 @@ struct Thread {
     int shfl_offset = 0;
     unsigned shfl_mask = 0;
     float shfl_result = 0.0f;
+    // mma_16816: this lane's fragments (A, B and C in, D out) and the element type (1 bf16, 2 f16).
+    uint32_t mma_a[4] = {}, mma_b[2] = {};
+    float mma_c[4] = {};
+    int mma_kind = 0;
     // cp.async copies issued and not yet waited for (they land at cp_async_wait_all).
     struct Copy { void* dst; const void* src; size_t bytes; };
     std::vector<Copy> async_copies;
@@ -131,6 +136,55 @@ inline void resume(size_t i) {
             swapcontext(&b.scheduler, &t.ctx);
         } else {
             _longjmp(t.jb, 1);
+        }
+    }
+}
+
+// One element of a bf16x2 / f16x2 register as float (half h: 0 the low 16 bits).
+inline float mma_elem(uint32_t reg, int h, int kind) {
+    const uint16_t bits = (uint16_t)(reg >> (16 * h));
+    if (kind == 1) {
+        const uint32_t f = (uint32_t)bits << 16;
+        float v;
+        memcpy(&v, &f, 4);
+        return v;
+    }
+    __half_raw r;
+    r.x = bits;
+    return __half2float(__half(r));
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32 over a warp's fragments, laid out
+// as the PTX ISA gives them (lane = 4·groupID + threadID_in_group, g and t below):
+//   A (16×16): a0,a1 = A[g][2t, 2t+1], a2,a3 = A[g+8][2t, 2t+1], a4,a5 = A[g][2t+8, 2t+9],
+//              a6,a7 = A[g+8][2t+8, 2t+9]; register i holds a(2i) low, a(2i+1) high;
+//   B (16×8, k × n): b0,b1 = B[2t, 2t+1][g], b2,b3 = B[2t+8, 2t+9][g];
+//   C, D (16×8): c0,c1 = C[g][2t, 2t+1], c2,c3 = C[g+8][2t, 2t+1].
+// D = A·B + C, summed in double and rounded once (the hardware's fp32 order is unspecified).
+inline void mma_16816_warp(Thread* lanes) {
+    const int kind = lanes[0].mma_kind;
+    double A[16][16], B[16][8], C[16][8];
+    for (int l = 0; l < 32; ++l) {
+        const int g = l >> 2, t = l & 3;
+        const Thread& th = lanes[l];
+        for (int h = 0; h < 2; ++h) {
+            A[g][2 * t + h] = mma_elem(th.mma_a[0], h, kind);
+            A[g + 8][2 * t + h] = mma_elem(th.mma_a[1], h, kind);
+            A[g][2 * t + 8 + h] = mma_elem(th.mma_a[2], h, kind);
+            A[g + 8][2 * t + 8 + h] = mma_elem(th.mma_a[3], h, kind);
+            B[2 * t + h][g] = mma_elem(th.mma_b[0], h, kind);
+            B[2 * t + 8 + h][g] = mma_elem(th.mma_b[1], h, kind);
+            C[g][2 * t + h] = th.mma_c[h];
+            C[g + 8][2 * t + h] = th.mma_c[2 + h];
+        }
+    }
+    for (int l = 0; l < 32; ++l) {
+        const int g = l >> 2, t = l & 3;
+        for (int i = 0; i < 4; ++i) {
+            const int row = g + 8 * (i >> 1), col = 2 * t + (i & 1);
+            double s = C[row][col];
+            for (int k = 0; k < 16; ++k) s += A[row][k] * B[k][col];
+            lanes[l].mma_c[i] = (float)s;
         }
     }
 }
@@ -202,6 +256,24 @@ inline void launch(dim3 grid, dim3 blockdim, size_t smem_bytes, const std::funct
                         for (size_t l = 0; l < 32; ++l) lanes[l].state = Runnable;
                         progressed = true;
                     }
+                    // Tensor-core MMA: a warp whose lanes all wait at mma_16816 multiplies.
+                    for (size_t w = 0; w * 32 < nthreads; ++w) {
+                        Thread* lanes = &b.threads[w * 32];
+                        const size_t nl = nthreads - w * 32 < 32 ? nthreads - w * 32 : 32;
+                        bool any = false, all = true;
+                        for (size_t l = 0; l < nl; ++l) {
+                            any |= lanes[l].state == AtMma;
+                            all &= lanes[l].state == AtMma && lanes[l].mma_kind == lanes[0].mma_kind;
+                        }
+                        if (!any) continue;
+                        if (!all || nl != 32) {
+                            b.current = w * 32;
+                            fail("mma_16816 without all 32 lanes of the warp (or with mixed types)");
+                        }
+                        mma_16816_warp(lanes);
+                        for (size_t l = 0; l < 32; ++l) lanes[l].state = Runnable;
+                        progressed = true;
+                    }
                     if (progressed) continue;
                     // Block barrier: every thread must be there (none finished, none elsewhere).
                     if (any_barrier) {
@@ -265,6 +337,17 @@ inline void prefetch_l2_bulk(const void* p, uint32_t bytes) {
     if (!ok) ::emu::fail("prefetch_l2_bulk outside the kernel's buffers");
     (void)*static_cast<const volatile unsigned char*>(p);
     (void)*static_cast<const volatile unsigned char*>(b + bytes - 1);
+}
+
+// d += a·b on the tensor cores (see emu::mma_16816_warp): a warp-collective call.
+template <typename T>
+inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    ::emu::Thread& t = ::emu::self();
+    for (int i = 0; i < 4; ++i) t.mma_a[i] = a[i], t.mma_c[i] = d[i];
+    t.mma_b[0] = b[0], t.mma_b[1] = b[1];
+    t.mma_kind = std::is_same<T, __nv_bfloat16>::value ? 1 : 2;
+    ::emu::yield(::emu::AtMma);
+    for (int i = 0; i < 4; ++i) d[i] = ::emu::self().mma_c[i];
 }
 
 // cp.async as the hardware guarantees it and no more: the bytes move when the issuing thread waits,

@@ -420,7 +420,8 @@ static void run_case(const Kernels& K, const Case& c, const Shape* override_shap
 template <typename T>
 static void run_linear(const Kernels& K, size_t nout, size_t n, size_t g, int bits, size_t tokens, bool bias,
                        bool misalign, unsigned grid_override, bool generic_too = true, bool force_generic = false,
-                       LinFn variant = nullptr, size_t variant_rows = 0, int flags = 0, unsigned threads = 256) {
+                       LinFn variant = nullptr, size_t variant_rows = 0, int flags = 0, unsigned threads = 256,
+                       bool lut_in_t = false) {
     const size_t rb = (n * bits + 7) / 8, ng = n / g;
     const size_t mis = misalign ? sizeof(T) : 0;
     const size_t nl = (size_t)1 << bits;
@@ -430,7 +431,7 @@ static void run_linear(const Kernels& K, size_t nout, size_t n, size_t g, int bi
     std::vector<int> q(nout * n);
     for (size_t i = 0; i < tokens * n; ++i) x.as<T>()[i] = from_f<T>((float)normal());
     for (size_t i = 0; i < nout * n; ++i) q[i] = (int)(rng() % (2 * qmax_of(bits) + 1)) - qmax_of(bits);
-    if (nout > 2) q[2 * n] = -(1 << (bits - 1));  // the most negative field, never made by quantize
+    if (nout > 2 && n > 0) q[2 * n] = -(1 << (bits - 1));  // the most negative field, never made by quantize
     std::vector<uint8_t> p = pack(q, nout, n, bits);
     memcpy(codes.ptr() ? codes.ptr() : (void*)p.data(), p.data(), nout * rb);
     for (size_t i = 0; i < nout * ng; ++i) scales.as<float>()[i] = i % 13 == 4 ? 0.0f : (float)uniform(0.01, 2.0);
@@ -477,7 +478,9 @@ static void run_linear(const Kernels& K, size_t nout, size_t n, size_t g, int bi
             double s = bias ? b.as<float>()[o] : 0.0, sabs = std::fabs(s);
             for (size_t k = 0; k < n; ++k) {
                 const int fld = (unsigned)q[o * n + k] & ((1u << bits) - 1);
-                const double term = to_f(x.as<T>()[t * n + k]) * (double)scales.as<float>()[o * ng + k / g] * (double)(float)l64[fld];
+                // The tensor-core kernel rounds the codebook entries to T (lut_in_t).
+                const double lv = lut_in_t ? to_f(from_f<T>((float)l64[fld])) : (double)(float)l64[fld];
+                const double term = to_f(x.as<T>()[t * n + k]) * (double)scales.as<float>()[o * ng + k / g] * lv;
                 s += term;
                 sabs += std::fabs(term);
             }
@@ -607,8 +610,27 @@ static void tile_variants(const Kernels& K) {
     }
 }
 
+// The tensor-core linear (quant.cu, linear_mma; rust/core/src/quant/cuda.rs plans it for bf16/f16,
+// 4 bits, n and the group multiples of 128): partial row tiles, a grid-stride loop, groups of one
+// and of several chunks, 1-8 tokens on the 8-token kernel, 9-16 and a second token tile on the
+// 16-token one, bias or not; against the product with the codebooks rounded to T.
+template <typename T>
+static void mma_linears(const Kernels& K, LinFn n8, LinFn n16) {
+    for (size_t tokens : {1, 2, 3, 5, 8}) {
+        run_linear<T>(K, 19, 256, 128, 4, tokens, tokens % 2 == 1, false, 0, false, false, n8, 16, 0, 256, true);
+        run_linear<T>(K, 40, 512, 256, 4, tokens, false, false, 2, false, false, n8, 16, 0, 256, true);
+    }
+    run_linear<T>(K, 7, 1024, 1024, 4, 11, true, false, 0, false, false, n8, 16, 0, 256, true);  // two token tiles
+    for (size_t tokens : {9, 16, 21}) run_linear<T>(K, 21, 384, 128, 4, tokens, tokens == 9, false, 0, false, false, n16, 16, 0, 256, true);
+    run_linear<T>(K, 33, 128, 128, 4, 16, true, false, 1, false, false, n16, 16, 0, 256, true);
+    run_linear<T>(K, 9, 4992, 128, 4, 4, false, false, 0, false, false, n8, 16, 0, 256, true);  // 39 chunks: 4 or 5 per warp
+    run_linear<T>(K, 5, 0, 128, 4, 3, true, false, 0, false, false, n8, 16, 0, 256, true);     // in_features = 0: y = bias
+}
+
 int main() {
     const Kernels f32 = TABLE(f32), bf16 = TABLE(bf16), f16 = TABLE(f16);
+    mma_linears<__nv_bfloat16>(bf16, quant_linmma4_bf16_n8, quant_linmma4_bf16_n16);
+    mma_linears<__half>(f16, quant_linmma4_f16_n8, quant_linmma4_f16_n16);
     tile_variants(bf16);
     suite<float>(f32);
     suite<__nv_bfloat16>(bf16);

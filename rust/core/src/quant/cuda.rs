@@ -240,14 +240,16 @@ fn pdl_by_default(q: &QuantArgs, tokens: usize) -> bool {
 
 /// Tuning switches from LMKERN_CUDA_QUANT_TUNE (comma-separated, read once per process):
 /// `variant=<k>` (a [`TILE_VARIANTS`] entry for the linear), `pdl=1` / `pdl=0` (with
-/// programmatic dependent launch or not, overriding [`pdl_by_default`]) and `blocks_per_sm=<b>`
+/// programmatic dependent launch or not, overriding [`pdl_by_default`]), `blocks_per_sm=<b>`
 /// (the tiled linear's grid at most b blocks per multiprocessor; each block then takes several row
-/// tiles, leaving room on every SM for the next kernel's blocks).
+/// tiles, leaving room on every SM for the next kernel's blocks) and `mma=1` (the tensor-core
+/// linear where it fits, [`mma_fits`]; with PDL only under pdl=1).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 struct Tune {
     variant: Option<Variant>,
     pdl: Option<bool>,
     blocks_per_sm: Option<usize>,
+    mma: bool,
 }
 
 impl Tune {
@@ -261,6 +263,7 @@ impl Tune {
                 Some(("pdl", "1")) => t.pdl = Some(true),
                 Some(("pdl", "0")) => t.pdl = Some(false),
                 Some(("blocks_per_sm", v)) => t.blocks_per_sm = v.parse::<usize>().ok().filter(|&b| b > 0),
+                Some(("mma", "1")) => t.mma = true,
                 _ => {}
             }
         }
@@ -282,6 +285,23 @@ fn variant_for(dtype: DType, l: &LinearArgs, x: Ptr, codes: Ptr) -> Option<Varia
     fits.then_some(v)
 }
 
+/// Output rows per block and input columns per warp step of the tensor-core linear (MMA_ROWS,
+/// MMA_CHUNK in cuda/quant.cu).
+const MMA_ROWS: usize = 16;
+const MMA_CHUNK: usize = 128;
+
+/// Whether the tensor-core linear (`quant_linmma4_*`) applies: bf16 or f16 activations, 4-bit
+/// codes, n and the group size multiples of 128 (a warp step is 128 columns of one group), x and
+/// the codes 16-byte aligned (16-byte loads).
+pub(crate) fn mma_fits(dtype: DType, q: &QuantArgs, x: Ptr, codes: Ptr) -> bool {
+    matches!(dtype, DType::BF16 | DType::F16)
+        && q.bits == 4
+        && q.n.is_multiple_of(MMA_CHUNK)
+        && q.group.is_multiple_of(MMA_CHUNK)
+        && x.is_multiple_of(16)
+        && codes.is_multiple_of(16)
+}
+
 /// The linear kernels (cuda/quant.cu).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) enum LinearKernel {
@@ -289,11 +309,20 @@ pub(crate) enum LinearKernel {
     Generic,
     /// `quant_lintile<bits>_*`: see [`tiled`].
     Tiled,
+    /// `quant_linmma4_*`: see [`mma_fits`]; only under LMKERN_CUDA_QUANT_TUNE=mma=1 until a GPU
+    /// has timed it.
+    Mma,
 }
 
 /// The kernel a linear call takes.
-fn linear_kernel(q: &QuantArgs, tokens: usize, x: Ptr, codes: Ptr) -> LinearKernel {
-    if tiled(q, tokens, x, codes) { LinearKernel::Tiled } else { LinearKernel::Generic }
+fn linear_kernel(dtype: DType, q: &QuantArgs, tokens: usize, x: Ptr, codes: Ptr) -> LinearKernel {
+    if Tune::get().mma && mma_fits(dtype, q, x, codes) {
+        LinearKernel::Mma
+    } else if tiled(q, tokens, x, codes) {
+        LinearKernel::Tiled
+    } else {
+        LinearKernel::Generic
+    }
 }
 
 /// The launch of `kernel`: one block per row tile.
@@ -303,6 +332,7 @@ pub(crate) fn plan_linear(dtype: DType, l: &LinearArgs, kernel: LinearKernel) ->
     let (name, rows_per_block) = match kernel {
         LinearKernel::Generic => (format!("quant_linear_{t}_n{nt}"), BLOCK / 32),
         LinearKernel::Tiled => (format!("quant_lintile{bits}_{t}_n{nt}"), tile_shape(nt, bits).1),
+        LinearKernel::Mma => (format!("quant_linmma4_{t}_n{}", if l.tokens <= 8 { 8 } else { 16 }), MMA_ROWS),
     };
     Ok(Plan { name, grid: clamp_grid(l.q.rows.div_ceil(rows_per_block)), block: (BLOCK as u32, 1) })
 }
@@ -407,9 +437,9 @@ pub unsafe fn linear(
     if q.rows > i32::MAX as usize {
         return Err(Error::value(format!("codes: {} output rows exceed the 2^31-1 the CUDA kernels support", q.rows)));
     }
-    let kernel = linear_kernel(q, l.tokens, x, codes);
+    let kernel = linear_kernel(dtype, q, l.tokens, x, codes);
     let mut plan = plan_linear(dtype, l, kernel)?;
-    if let Some(v) = variant_for(dtype, l, x, codes) {
+    if let Some(v) = variant_for(dtype, l, x, codes).filter(|_| kernel == LinearKernel::Tiled) {
         plan.name = format!("quant_lintile4_bf16_n{}_v{}", v.nt, v.k);
         plan.grid = clamp_grid(q.rows.div_ceil(v.rows));
         plan.block = (v.threads as u32, 1);
@@ -417,10 +447,13 @@ pub unsafe fn linear(
     if let (LinearKernel::Tiled, Some(b)) = (kernel, Tune::get().blocks_per_sm) {
         plan.grid = plan.grid.min(clamp_grid(b.saturating_mul(cuda::sm_count(ordinal)?)));
     }
-    // Only the tiled kernel waits for the previous one (griddepcontrol.wait) before it reads.
-    let pdl = kernel == LinearKernel::Tiled
-        && Tune::get().pdl.unwrap_or_else(|| pdl_by_default(q, l.tokens))
-        && cuda::supports_pdl(ordinal)?;
+    // Only the tiled and tensor-core kernels wait for the previous one (griddepcontrol.wait)
+    // before they read.
+    let pdl = match kernel {
+        LinearKernel::Tiled => Tune::get().pdl.unwrap_or_else(|| pdl_by_default(q, l.tokens)),
+        LinearKernel::Mma => Tune::get().pdl.unwrap_or(false),
+        LinearKernel::Generic => false,
+    } && cuda::supports_pdl(ordinal)?;
     let mut p = LinearParams {
         x,
         codes,
@@ -461,6 +494,10 @@ mod tests {
                 for bits in [2, 3, 4, 8] {
                     v.push(format!("quant_lintile{bits}_{t}_n{nt}"));
                 }
+            }
+            if t != "f32" {
+                v.push(format!("quant_linmma4_{t}_n8"));
+                v.push(format!("quant_linmma4_{t}_n16"));
             }
         }
         v
@@ -509,10 +546,16 @@ mod tests {
         assert_eq!((p.name.as_str(), p.grid), ("quant_lintile8_bf16_n2", 512)); // 8 rows per block
         let p = plan_linear(DType::BF16, &l, Generic).unwrap();
         assert_eq!((p.name.as_str(), p.grid), ("quant_linear_bf16_n1", 512));
+        let p = plan_linear(DType::F16, &LinearArgs { q, tokens: 9 }, LinearKernel::Mma).unwrap();
+        assert_eq!((p.name.as_str(), p.grid, p.block), ("quant_linmma4_f16_n16", 256, (256, 1)));
+        assert_eq!(plan_linear(DType::BF16, &l, LinearKernel::Mma).unwrap().name, "quant_linmma4_bf16_n8");
         let names = all_kernel_names();
         for bits in [2, 3, 4, 8] {
             for tokens in 0..40 {
-                for kernel in [Generic, Tiled] {
+                for kernel in [Generic, Tiled, LinearKernel::Mma] {
+                    if kernel == LinearKernel::Mma && bits != 4 {
+                        continue; // mma_fits: 4-bit codes only
+                    }
                     let p = plan_linear(DType::F16, &LinearArgs { q: QuantArgs { bits, ..q }, tokens }, kernel).unwrap();
                     assert!(names.contains(&p.name), "{p:?}");
                 }
@@ -520,6 +563,18 @@ mod tests {
         }
         assert_eq!(token_tile(3), 4);
         assert_eq!(token_tile(9), 8);
+    }
+
+    #[test]
+    fn mma_fits_bf16_f16_4_bit_in_chunks_of_128() {
+        let q = QuantArgs { bits: 4, rows: 4096, n: 4096, group: 128, clip: 1.0 };
+        assert!(mma_fits(DType::BF16, &q, 256, 512) && mma_fits(DType::F16, &q, 256, 512));
+        assert!(!mma_fits(DType::F32, &q, 256, 512));
+        assert!(!mma_fits(DType::BF16, &QuantArgs { bits: 3, ..q }, 256, 512));
+        assert!(!mma_fits(DType::BF16, &QuantArgs { group: 64, ..q }, 256, 512));
+        assert!(!mma_fits(DType::BF16, &QuantArgs { n: 4160, group: 4160, ..q }, 256, 512));
+        assert!(mma_fits(DType::BF16, &QuantArgs { group: 4096, ..q }, 256, 512));
+        assert!(!mma_fits(DType::BF16, &q, 264, 512) && !mma_fits(DType::BF16, &q, 256, 520));
     }
 
     #[test]
@@ -554,6 +609,7 @@ mod tests {
         assert_eq!(Tune::parse("variant=26,blocks_per_sm=1").variant.map(|v| (v.nt, v.threads)), Some((2, 128)));
         assert_eq!(Tune::parse("blocks_per_sm=1").blocks_per_sm, Some(1));
         assert_eq!(Tune::parse("blocks_per_sm=0").blocks_per_sm, None);
+        assert!(Tune::parse("mma=1,pdl=1").mma && !Tune::parse("mma=0").mma);
         assert_eq!(Tune::parse("variant=99,deq=tiled,lin=async,junk"), Tune::default());
     }
 
