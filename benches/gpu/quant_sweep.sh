@@ -9,10 +9,11 @@
 # launches that leave room on every SM for the next kernel's blocks
 # (blocks of 128 threads: variants 24-26; a grid of one block per SM: blocks_per_sm=1), the
 # codebooks by cp.async (28 with and without PDL, 29), the bulk prefetch (25, 27) and the other
-# prefetches (21-23). Most wanted first, in case the call runs out
-# of time. Last, the quantization tests under the `cuda` marker (among them the tiled linear under
-# each of these tunings, test_linear_tuned_launch). About 6 minutes. Output: $OUT/quant_sweep.log
-# (or benches/results/quant_sweep.log).
+# prefetches (21-23). Most wanted first, in case the call runs out of time: the quantization tests
+# under the `cuda` marker (among them the linear under each of these tunings,
+# test_linear_tuned_launch) come after the first six variants, before the rest. About 6 minutes;
+# everything before the tests about 3.5. Output: $OUT/quant_sweep.log (or
+# benches/results/quant_sweep.log), written as it goes.
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/../.." || exit 1
 RESULTS=${OUT:-benches/results}
@@ -32,15 +33,15 @@ tune() { # tune SETTINGS TOKENS [FLAGS]: tune_quant.py under LMKERN_CUDA_QUANT_T
     tune "pdl=0" 16 --direct
     tune "variant=24,pdl=1" 1
     tune "variant=28,pdl=1" 1
-    tune "variant=28,pdl=0" 1
     tune "variant=29,pdl=1" 1
     tune "blocks_per_sm=1,pdl=1" 1
     tune "variant=25,pdl=1" 1
+    tune "variant=22,pdl=1" 1
+    timeout -k 5 150 "$PY" -m pytest -m cuda -q -x -p no:cacheprovider tests/test_quant_cuda.py 2>&1 | tail -15
+    tune "variant=28,pdl=0" 1
     tune "variant=27,blocks_per_sm=1,pdl=1" 1
     tune "variant=27,pdl=1" 1
     tune "variant=26,pdl=1" 2
-    tune "variant=22,pdl=1" 1
     tune "variant=21,pdl=1" 1
     tune "variant=23,pdl=1" 1
-    timeout -k 5 150 "$PY" -m pytest -m cuda -q -x -p no:cacheprovider tests/test_quant_cuda.py 2>&1 | tail -15
 } 2>&1 | tee "$RESULTS/quant_sweep.log"

@@ -191,6 +191,26 @@ inline void mma_16816_warp(Thread* lanes) {
 
 constexpr size_t STACK = 64 * 1024;
 
+// The lanes of warp w when its lanes wait at the warp-collective `at` (nullptr when none does).
+// Called when nothing is runnable: a warp where only some lanes wait there has the others waiting
+// elsewhere or done, so the run fails with `what`.
+inline Thread* warp_at(size_t w, State at, const char* what) {
+    Block& b = block();
+    Thread* lanes = &b.threads[w * 32];
+    const size_t nl = b.threads.size() - w * 32 < 32 ? b.threads.size() - w * 32 : 32;
+    bool any = false, all = true;
+    for (size_t l = 0; l < nl; ++l) {
+        any |= lanes[l].state == at;
+        all &= lanes[l].state == at;
+    }
+    if (!any) return nullptr;
+    if (!all || nl != 32) {
+        b.current = w * 32;
+        fail(what);
+    }
+    return lanes;
+}
+
 // Run `kernel` (a call of the extern "C" kernel with its arguments) over the whole grid.
 inline void launch(dim3 grid, dim3 blockdim, size_t smem_bytes, const std::function<void()>& kernel) {
     Block& b = block();
@@ -233,19 +253,8 @@ inline void launch(dim3 grid, dim3 blockdim, size_t smem_bytes, const std::funct
                     if (all_done) break;
                     // Warp shuffles: a warp whose lanes all wait at a shuffle exchanges values.
                     for (size_t w = 0; w * 32 < nthreads; ++w) {
-                        Thread* lanes = &b.threads[w * 32];
-                        const size_t nl = nthreads - w * 32 < 32 ? nthreads - w * 32 : 32;
-                        bool any = false, all = true;
-                        for (size_t l = 0; l < nl; ++l) {
-                            any |= lanes[l].state == AtShuffle;
-                            all &= lanes[l].state == AtShuffle;
-                        }
-                        if (!any) continue;
-                        if (!all || nl != 32) {
-                            // Nothing is runnable now, so the missing lanes wait elsewhere or are done.
-                            b.current = w * 32;
-                            fail("__shfl_xor_sync without all 32 lanes of the warp");
-                        }
+                        Thread* lanes = warp_at(w, AtShuffle, "__shfl_xor_sync without all 32 lanes of the warp");
+                        if (lanes == nullptr) continue;
                         for (size_t l = 0; l < 32; ++l) {
                             if (lanes[l].shfl_mask != 0xffffffffu || lanes[l].shfl_offset != lanes[0].shfl_offset) {
                                 b.current = w * 32 + l;
@@ -258,17 +267,13 @@ inline void launch(dim3 grid, dim3 blockdim, size_t smem_bytes, const std::funct
                     }
                     // Tensor-core MMA: a warp whose lanes all wait at mma_16816 multiplies.
                     for (size_t w = 0; w * 32 < nthreads; ++w) {
-                        Thread* lanes = &b.threads[w * 32];
-                        const size_t nl = nthreads - w * 32 < 32 ? nthreads - w * 32 : 32;
-                        bool any = false, all = true;
-                        for (size_t l = 0; l < nl; ++l) {
-                            any |= lanes[l].state == AtMma;
-                            all &= lanes[l].state == AtMma && lanes[l].mma_kind == lanes[0].mma_kind;
-                        }
-                        if (!any) continue;
-                        if (!all || nl != 32) {
-                            b.current = w * 32;
-                            fail("mma_16816 without all 32 lanes of the warp (or with mixed types)");
+                        Thread* lanes = warp_at(w, AtMma, "mma_16816 without all 32 lanes of the warp");
+                        if (lanes == nullptr) continue;
+                        for (size_t l = 0; l < 32; ++l) {
+                            if (lanes[l].mma_kind != lanes[0].mma_kind) {
+                                b.current = w * 32 + l;
+                                fail("mma_16816 with mixed element types");
+                            }
                         }
                         mma_16816_warp(lanes);
                         for (size_t l = 0; l < 32; ++l) lanes[l].state = Runnable;
