@@ -809,7 +809,8 @@ __device__ __forceinline__ void linear_tiled(const LinearParams& p) {
 // lut[b >> 4]) in T (256 entries per row in shared memory, built from the float32 codebooks). A
 // chunk's 8 steps sum into a fresh accumulator that is then scaled by the rows' group scales, in
 // float. The warps' sums meet in shared memory (fixed order). Codebook entries are rounded to T
-// (the many-token path's dequantized weight is too); x is used as given.
+// (the many-token path's dequantized weight is too); x is used as given. Launched with PDL it
+// prefetches its row tiles' codes into L2 before griddep_wait, as linear_tiled does.
 // Unmeasured: only LMKERN_CUDA_QUANT_TUNE=mma=1 selects it.
 // ---------------------------------------------------------------------------------------------
 constexpr int MMA_ROWS = 16;
@@ -889,6 +890,10 @@ __device__ __forceinline__ void linear_mma(const LinearParams& p) {
     const int n = p.in_features, ng = n / p.group, nout = p.out_features, chunks = n / MMA_CHUNK;
     const int64_t tokens = p.tokens;
     griddep_launch_dependents();
+    if (p.flags & LINEAR_PDL) {  // as linear_tiled: the codes of our row tiles into L2, nothing read
+        for (int64_t o0 = (int64_t)blockIdx.x * MMA_ROWS; o0 < nout; o0 += (int64_t)gridDim.x * MMA_ROWS)
+            prefetch_tile<4, 16, MMA_ROWS, TILE_THREADS, Prefetch::Codes>(p, o0);
+    }
     griddep_wait();
     for (int64_t o0 = (int64_t)blockIdx.x * MMA_ROWS; o0 < nout; o0 += (int64_t)gridDim.x * MMA_ROWS) {
         const int rows_here = (int)min64(MMA_ROWS, nout - o0);

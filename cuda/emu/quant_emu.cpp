@@ -625,6 +625,10 @@ static void mma_linears(const Kernels& K, LinFn n8, LinFn n16) {
     run_linear<T>(K, 33, 128, 128, 4, 16, true, false, 1, false, false, n16, 16, 0, 256, true);
     run_linear<T>(K, 9, 4992, 128, 4, 4, false, false, 0, false, false, n8, 16, 0, 256, true);  // 39 chunks: 4 or 5 per warp
     run_linear<T>(K, 5, 0, 128, 4, 3, true, false, 0, false, false, n8, 16, 0, 256, true);     // in_features = 0: y = bias
+    // As launched with PDL (the L2 prefetch of every row tile a block takes).
+    const int pdl = lmkern::quant::LINEAR_PDL;
+    run_linear<T>(K, 40, 512, 256, 4, 2, true, false, 2, false, false, n8, 16, pdl, 256, true);
+    run_linear<T>(K, 21, 384, 128, 4, 16, false, false, 0, false, false, n16, 16, pdl, 256, true);
 }
 
 int main() {
