@@ -13,6 +13,9 @@
 //!   On sm_90+ the tiled kernel is launched with programmatic dependent launch where a row is one
 //!   pass of the block's slices ([`pdl_by_default`]): it may start while the kernel before it ends,
 //!   prefetches its codes into L2 meanwhile, and waits for that kernel before it reads anything.
+//!   Under LMKERN_CUDA_QUANT_TUNE=mma=1 (a tuning switch until a GPU has timed it), the tensor-core
+//!   kernel (`quant_linmma4_*`: 16 output rows per block, token tiles of 8 or 16) where it fits
+//!   ([`mma_fits`]).
 //! - dequantize: the tiled kernel (`quant_deqtile<bits>_*`, [`deq_tiled`]) where it fits, else the
 //!   row kernel.
 //!
