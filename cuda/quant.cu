@@ -445,13 +445,12 @@ __device__ __forceinline__ void linear(const LinearParams& p) {
 //
 // A block of TT threads (TILE_THREADS but in tuning variants) takes R output rows at a time, and
 // splits the input dimension between its threads: thread i owns the slices s = i, i + TT, ... of CPL
-// consecutive columns
-// (CPL·BITS/8 code bytes; one group, as g % CPL == 0). Per slice it loads x (NT tokens × CPL,
-// converted to float once and reused by the R rows: the GEMV's x traffic is paid once per R rows)
-// and the R rows' codes and scales, then adds m·Σ_j lut_r[field_j]·x[t][j] to acc[r][t]. The rows'
-// codebooks are loaded first and the first slice right after, before the tables' barrier, so that
-// the lookups can start as soon as the table and a row's codes are in. A partial last row tile
-// repeats its last row (no branch per row); those sums are dropped.
+// consecutive columns (CPL·BITS/8 code bytes; one group, as g % CPL == 0). Per slice it loads x
+// (NT tokens × CPL, converted to float once and reused by the R rows: the GEMV's x traffic is paid
+// once per R rows) and the R rows' codes and scales, then adds m·Σ_j lut_r[field_j]·x[t][j] to
+// acc[r][t]. The rows' codebooks are loaded first and the first slice right after, before the
+// tables' barrier (which, as compiled, waits for the slice's codes too; see the kernel). A partial
+// last row tile repeats its last row (no branch per row); those sums are dropped.
 // The block then sums acc over its threads in a fixed order: a transposing butterfly within each
 // warp, and the warps' partials in shared memory.
 // Launched with programmatic dependent launch (flags & LINEAR_PDL, sm_90+), a block may start
