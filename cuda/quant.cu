@@ -834,7 +834,8 @@ __device__ __forceinline__ void mma_load_chunk(const LinearParams& p, const uint
     const uint4 qb = *reinterpret_cast<const uint4*>(cb + (int64_t)j * (MMA_CHUNK / 2));
     k.qa[0] = qa.x, k.qa[1] = qa.y, k.qa[2] = qa.z, k.qa[3] = qa.w;
     k.qb[0] = qb.x, k.qb[1] = qb.y, k.qb[2] = qb.z, k.qb[3] = qb.w;
-    const int grp = j * MMA_CHUNK / p.group;  // the chunk lies in one group
+    // The chunk lies in one group: j itself at g128 (no division in the common case).
+    const int grp = p.group == MMA_CHUNK ? j : j * MMA_CHUNK / p.group;
     k.ma = sa[grp], k.mb = sb[grp];
 #pragma unroll
     for (int nb = 0; nb < NTB; ++nb) {
