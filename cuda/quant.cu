@@ -758,26 +758,24 @@ __device__ __forceinline__ void linear_tiled(const LinearParams& p) {
             // lookups when its last codes are in. AsyncTable (variants 28-29) copies the table with
             // cp.async instead, whose wait is its own.
             int s = tid;
+            float tv[TABLE_SHARE<BITS, R, TT>];  // the load-and-store path's share of the table
             if constexpr (AsyncTable) {
                 __syncthreads();  // the previous tile's readers of lut and red are done
                 copy_table_async<BITS, R, TT>(p, o0, rows_here, lut);
-                if (s < slices) {
-                    load_x_slice<T, NT, CPL>(x, n, t0, nt, (int64_t)s * CPL, xs);
-                    load_rows_slice<BITS, CPL, R>(p, ng, o0, rows_here, s, cw, m);
-                }
-                cp_async_wait_all();
-                __syncthreads();
             } else {
-                float tv[TABLE_SHARE<BITS, R, TT>];
                 load_table_share<BITS, R, TT>(p, o0, tv);
-                if (s < slices) {
-                    load_x_slice<T, NT, CPL>(x, n, t0, nt, (int64_t)s * CPL, xs);
-                    load_rows_slice<BITS, CPL, R>(p, ng, o0, rows_here, s, cw, m);
-                }
+            }
+            if (s < slices) {
+                load_x_slice<T, NT, CPL>(x, n, t0, nt, (int64_t)s * CPL, xs);
+                load_rows_slice<BITS, CPL, R>(p, ng, o0, rows_here, s, cw, m);
+            }
+            if constexpr (AsyncTable) {
+                cp_async_wait_all();
+            } else {
                 __syncthreads();  // the previous tile's readers of lut and red are done
                 store_table_share<BITS, R, TT>(lut, tv);
-                __syncthreads();
             }
+            __syncthreads();
 
             float acc[V];
 #pragma unroll
@@ -830,10 +828,8 @@ template <typename T, int NTB>
 __device__ __forceinline__ void mma_load_chunk(const LinearParams& p, const uint8_t* ca, const uint8_t* cb, const float* sa,
                                                const float* sb, const T* __restrict__ xg, int nt, int j, MmaChunk<NTB>& k) {
     const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
-    const uint4 qa = *reinterpret_cast<const uint4*>(ca + (int64_t)j * (MMA_CHUNK / 2));
-    const uint4 qb = *reinterpret_cast<const uint4*>(cb + (int64_t)j * (MMA_CHUNK / 2));
-    k.qa[0] = qa.x, k.qa[1] = qa.y, k.qa[2] = qa.z, k.qa[3] = qa.w;
-    k.qb[0] = qb.x, k.qb[1] = qb.y, k.qb[2] = qb.z, k.qb[3] = qb.w;
+    load_codes<16>(ca + (int64_t)j * (MMA_CHUNK / 2), k.qa);
+    load_codes<16>(cb + (int64_t)j * (MMA_CHUNK / 2), k.qb);
     // The chunk lies in one group: j itself at g128 (no division in the common case).
     const int grp = p.group == MMA_CHUNK ? j : j * MMA_CHUNK / p.group;
     k.ma = sa[grp], k.mb = sb[grp];

@@ -327,9 +327,8 @@ for seed in range(3):
     if not err <= 1e-2:
         bad.append(f"linear right after quantize (seed {seed}): rel err {err:.3g}")
 # Past GEMV_MAX_TOKENS the op takes the dequantize + cuBLAS path; the kernels' own token tiles (the
-# tensor-core kernel's 16-token one among them) are reached through lmkern._core directly.
-from lmkern import _core
-from lmkern._lib import DTYPE_CODES, device_args
+# tensor-core kernel's 16-token one among them) are reached through _fused_gemv directly.
+from lmkern.ops.quant import _fused_gemv
 torch.manual_seed(11)
 lin = torch.nn.Linear(512, 56)
 mod = PowerQuantLinear.from_linear(lin, 4, 128, a=torch.linspace(0.5, 1.0, 56)).to("cuda")
@@ -337,10 +336,7 @@ w = mod.dequantized_weight().cpu().to(F64)
 for dtype in (torch.bfloat16, torch.float16):
     for tokens in (9, 16, 23):
         x = torch.randn(tokens, 512, dtype=F64).to(dtype).cuda()
-        y = torch.empty(tokens, 56, dtype=dtype, device="cuda")
-        dev, stream = device_args(x)
-        _core.quant_linear(DTYPE_CODES[dtype], dev, stream, 4, 56, 512, 128, tokens, x.data_ptr(), mod.codes.data_ptr(),
-                           mod.scales.data_ptr(), mod.codebook.data_ptr(), mod.bias.data_ptr(), y.data_ptr())
+        y = _fused_gemv(x, mod.codes, mod.scales, mod.codebook, mod.bias, 4, 128, 512)
         ref = x.cpu().to(F64) @ w.T + mod.bias.detach().cpu().to(F64)
         err = ((y.cpu().to(F64) - ref).norm() / ref.norm()).item()
         if not err <= TOL[dtype]:

@@ -4,7 +4,7 @@
 # installs the newest dist/lmkern-*.whl, then benches/gpu/tune_quant.py (which checks every output
 # against the float64 product): the default kernels (PDL where a row is one pass,
 # rust/core/src/quant/cuda.rs, pdl_by_default) with the dense bf16 peer and cuBLAS on the codes'
-# bytes; the tensor-core kernel (mma=1, 1-16 tokens through lmkern._core, with and without PDL;
+# bytes; the tensor-core kernel (mma=1, 1-16 tokens through _fused_gemv, with and without PDL;
 # and the default kernel's two 8-token tiles at 16 tokens for comparison); then, with PDL, the
 # launches that leave room on every SM for the next kernel's blocks
 # (blocks of 128 threads: variants 24-26; a grid of one block per SM: blocks_per_sm=1), the

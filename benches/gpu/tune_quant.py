@@ -8,9 +8,10 @@ weight from HBM, as timings.py times it), median of 30 replays divided by the ca
 with --peer, F.linear on the dense bf16 weight the same way, and cuBLAS on the bytes of the codes:
 F.linear over the rotating codes viewed as a bf16 weight of in·bits/16 columns, the dense GEMV that
 moves what the quantized one must read (bar its scales and codebooks), with no lookups.
---tokens keeps the cases of those token counts. --direct calls the Rust GEMV (lmkern._core) for every
-token count, where the op would take the dequantize + cuBLAS path past GEMV_MAX_TOKENS. The variants (rust/core/src/quant/cuda.rs,
-TILE_VARIANTS) replace the default kernel only for their own token tile; the others run the default.
+--tokens keeps the cases of those token counts. --direct calls the fused GEMV
+(lmkern.ops.quant._fused_gemv) at every token count, where the op would take the dequantize +
+cuBLAS path past GEMV_MAX_TOKENS. The variants (rust/core/src/quant/cuda.rs, TILE_VARIANTS)
+replace the default kernel only for their own token tile; the others run the default.
 Also checks every output against the float64 product (relative error printed; > 1e-2 is FAIL).
 """
 from __future__ import annotations
@@ -27,8 +28,7 @@ from timings import LINEAR_ROTATION_BYTES, _deq64, _quant_inputs, graph_calls  #
 from tune_norm import time_us  # noqa: E402
 
 import lmkern  # noqa: E402,F401
-from lmkern import _core  # noqa: E402
-from lmkern._lib import DTYPE_CODES, device_args  # noqa: E402
+from lmkern.ops.quant import _fused_gemv  # noqa: E402
 from lmkern.quant import power_quantize  # noqa: E402
 
 CASES = [(4096, 4096, 1), (4096, 4096, 2), (4096, 4096, 4), (4096, 4096, 8), (14336, 4096, 1), (4096, 14336, 1), (4096, 4096, 16)]
@@ -55,26 +55,16 @@ def kernel_us(run, calls):
     return total / (3 * calls)
 
 
-def direct_linear(x, codes, scales, table, bias, bits, group, in_f):
-    """The fused GEMV through lmkern._core for any token count (the op's own routing aside)."""
-    out_f = codes.shape[0]
-    y = torch.empty(x.shape[0], out_f, dtype=x.dtype, device=x.device)
-    dev, stream = device_args(x)
-    _core.quant_linear(DTYPE_CODES[x.dtype], dev, stream, bits, out_f, in_f, group, x.shape[0], x.data_ptr(), codes.data_ptr(),
-                       scales.data_ptr(), table.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr())
-    return y
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--peer", action="store_true")
     ap.add_argument("--tokens", default="", help="comma-separated token counts: only these cases")
-    ap.add_argument("--direct", action="store_true", help="the Rust GEMV at every token count")
+    ap.add_argument("--direct", action="store_true", help="the fused GEMV at every token count")
     args = ap.parse_args()
     keep = {int(t) for t in args.tokens.split(",") if t.strip()}
     tune = os.environ.get("LMKERN_CUDA_QUANT_TUNE") or "default"
     dev, g, bits = "cuda", 128, 4
-    op = direct_linear if args.direct else torch.ops.lmkern.power_quant_linear
+    op = _fused_gemv if args.direct else torch.ops.lmkern.power_quant_linear
     for out_f, in_f, tokens in CASES:
         if keep and tokens not in keep:
             continue

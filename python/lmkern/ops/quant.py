@@ -439,13 +439,23 @@ def _linear(x, codes, scales, table, bias, bits, group_size, in_features):
     if tokens > (GEMV_MAX_TOKENS if x.is_cuda else CPU_GEMV_MAX_TOKENS) and out_features > 0:
         y = _linear_many_tokens(x2, codes, scales, table, bias, bits, group_size, in_features)
         return y.reshape(*x.shape[:-1], out_features)
-    y = torch.empty((tokens, out_features), dtype=x.dtype, device=x.device)
     codes, scales, table = codes.contiguous(), scales.contiguous(), table.contiguous()
     bias = None if bias is None else bias.contiguous()
-    dev, stream = device_args(x)
-    _core.quant_linear(DTYPE_CODES[x.dtype], dev, stream, bits, out_features, in_features, group_size, tokens,
-                       ptr(x2), ptr(codes), ptr(scales), ptr(table), ptr(bias), ptr(y))
+    y = _fused_gemv(x2, codes, scales, table, bias, bits, group_size, in_features)
     return y.reshape(*x.shape[:-1], out_features)
+
+
+def _fused_gemv(x2, codes, scales, table, bias, bits, group_size, in_features):
+    """The fused lookup-table GEMV (lmkern._core) for x2 [tokens, in_features] at any token count,
+    on x2's device and stream: y [tokens, out] in x2's dtype. The inputs are contiguous and checked
+    (power_quant_linear does both and picks this or the many-token path; the GPU benches and tests
+    call it directly to reach the kernels' own token tiles)."""
+    out_features, tokens = codes.shape[0], x2.shape[0]
+    y = torch.empty((tokens, out_features), dtype=x2.dtype, device=x2.device)
+    dev, stream = device_args(x2)
+    _core.quant_linear(DTYPE_CODES[x2.dtype], dev, stream, bits, out_features, in_features, group_size, tokens,
+                       ptr(x2), ptr(codes), ptr(scales), ptr(table), ptr(bias), ptr(y))
+    return y
 
 
 def quant_linear(x, codes, scales, table, bias, bits: int, group_size: int, in_features: int) -> torch.Tensor:

@@ -102,8 +102,8 @@ struct LinearParams {
 }
 
 /// LinearParams.flags: launched with programmatic dependent launch (LINEAR_PDL in cuda/quant.cu):
-/// the tiled kernel then prefetches its first row tile's codes into L2 before it waits for the
-/// previous kernel.
+/// the tiled and tensor-core kernels then prefetch their row tiles' codes into L2 before they wait
+/// for the previous kernel.
 const LINEAR_PDL: i32 = 1;
 
 const _: () = {
@@ -447,14 +447,15 @@ pub unsafe fn linear(
         plan.grid = clamp_grid(q.rows.div_ceil(v.rows));
         plan.block = (v.threads as u32, 1);
     }
-    if let (LinearKernel::Tiled, Some(b)) = (kernel, Tune::get().blocks_per_sm) {
+    let tune = Tune::get();
+    if let (LinearKernel::Tiled, Some(b)) = (kernel, tune.blocks_per_sm) {
         plan.grid = plan.grid.min(clamp_grid(b.saturating_mul(cuda::sm_count(ordinal)?)));
     }
     // Only the tiled and tensor-core kernels wait for the previous one (griddepcontrol.wait)
     // before they read.
     let pdl = match kernel {
-        LinearKernel::Tiled => Tune::get().pdl.unwrap_or_else(|| pdl_by_default(q, l.tokens)),
-        LinearKernel::Mma => Tune::get().pdl.unwrap_or(false),
+        LinearKernel::Tiled => tune.pdl.unwrap_or_else(|| pdl_by_default(q, l.tokens)),
+        LinearKernel::Mma => tune.pdl.unwrap_or(false),
         LinearKernel::Generic => false,
     } && cuda::supports_pdl(ordinal)?;
     let mut p = LinearParams {
