@@ -161,14 +161,27 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
     }
 }
 
-// An asynchronous 4-byte global → shared copy (cp.async.ca, sm_80+). It lands only once the issuing
-// thread has waited for it (cp_async_wait_all), and other threads see it only after a barrier that
+// An asynchronous global → shared copy of 4, 8 or 16 bytes (cp.async, sm_80+; 16 bytes bypass L1),
+// both addresses aligned to its size. It lands only once the issuing thread has waited for it
+// (cp_async_wait_all, or cp_async_wait_group<N> for the groups older than its N newest, a group
+// being the copies before a cp_async_commit), and other threads see it only after a barrier that
 // follows that wait; cuda/emu/emu.h models exactly this (the bytes move at the wait). Unlike a load
-// into a register and a store, it occupies no register scoreboard: waiting for it does not wait for
-// the thread's other loads in flight.
-__device__ __forceinline__ void cp_async4(void* dst, const void* src) {
+// into a register, it occupies no register scoreboard: waiting for it does not wait for the
+// thread's other loads in flight, and the groups complete in order, so a wait can be partial.
+template <int BYTES>
+__device__ __forceinline__ void cp_async(void* dst, const void* src) {
+    static_assert(BYTES == 4 || BYTES == 8 || BYTES == 16, "cp.async copies 4, 8 or 16 bytes");
     const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(d), "l"(src) : "memory");
+    if constexpr (BYTES == 16) {
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src) : "memory");
+    } else {
+        asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(d), "l"(src), "n"(BYTES) : "memory");
+    }
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait_group() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
 
@@ -198,6 +211,17 @@ __device__ __forceinline__ void prefetch_l2_bulk(const void* p, uint32_t bytes) 
 #endif
 }
 #endif
+
+// cp_async_wait_group<n> for an n given at run time (a constant once a loop is unrolled; past 3 it
+// waits as for 3, more than asked).
+__device__ __forceinline__ void cp_async_wait_newest(int n) {
+    switch (n) {
+        case 0: cp_async_wait_group<0>(); break;
+        case 1: cp_async_wait_group<1>(); break;
+        case 2: cp_async_wait_group<2>(); break;
+        default: cp_async_wait_group<3>(); break;
+    }
+}
 
 // ---------------------------------------------------------------------------------------------
 // Reductions.

@@ -657,7 +657,7 @@ __device__ __forceinline__ void copy_table_async(const LinearParams& p, int64_t 
     for (int i = 0; i < TABLE_SHARE<BITS, R, TT>; ++i) {
         const int e = threadIdx.x + i * TT;
         const int r = e / NL < rows_here ? e / NL : rows_here - 1;
-        if (e < R * NL) cp_async4(&lut[e / NL][e % NL], p.table + (o0 + r) * NL + e % NL);
+        if (e < R * NL) cp_async<4>(&lut[e / NL][e % NL], p.table + (o0 + r) * NL + e % NL);
     }
 }
 
@@ -795,6 +795,109 @@ __device__ __forceinline__ void linear_tiled(const LinearParams& p) {
     }
 }
 
+// Row r's slice s of the row tile from o0, as this thread copies it to shared memory: RG rows a
+// cp.async commit group, G = R/RG groups, always G commits (an empty group where s is past the row),
+// so that every thread's group count is the same for its waits. Rows past the `rows_here` present
+// repeat the last one (their sums are dropped, as load_rows_slice's).
+template <int BITS, int CPL, int R, int RG, int TT>
+__device__ __forceinline__ void copy_rows_slice_async(const LinearParams& p, int64_t o0, int rows_here, int s, int slices,
+                                                      uint32_t (*staged)[TT][CPL * BITS / 32]) {
+    constexpr int SB = CPL * BITS / 8;
+    const uint8_t* cp = p.codes + o0 * p.row_bytes + (int64_t)s * SB;
+#pragma unroll
+    for (int g = 0; g < R / RG; ++g) {
+        if (s < slices) {
+#pragma unroll
+            for (int r = g * RG; r < (g + 1) * RG; ++r)
+                cp_async<SB>(staged[r][threadIdx.x], cp + (int64_t)(r < rows_here ? r : rows_here - 1) * p.row_bytes);
+        }
+        cp_async_commit();
+    }
+}
+
+// The staged tiled kernel (tuning variants 30-33, unmeasured): linear_tiled's shape and order of
+// summation, but a thread's codes reach it through shared memory, copied with cp.async, RG rows a
+// group, and it computes a group's rows as soon as that group has landed while the later ones are
+// still in flight. In linear_tiled every code load of a thread shares one register scoreboard, so
+// its first lookup waits for its last row's codes; at 4096 → 4096 all blocks are one wave that
+// loads, then computes, and no SM overlaps the two. Here the first groups' lookups overlap the last
+// groups' loads. A thread reads only bytes it copied itself (at [r][tid], adjacent across a warp's
+// lanes): no barrier between its copies and its reads. x, the scales and the codebooks as before
+// (the codebooks by cp.async, their own group, so the barrier waits for them alone).
+template <typename T, int NT, int BITS, int CPL, int R, int RG, int TT>
+__device__ __forceinline__ void linear_staged(const LinearParams& p) {
+    constexpr int NWORDS = CPL * BITS / 32, G = R / RG, V = R * NT;
+    static_assert(CPL * BITS / 8 == 4 || CPL * BITS / 8 == 8 || CPL * BITS / 8 == 16, "a row's slice is one cp.async");
+    static_assert(R % RG == 0 && G <= 4, "whole row groups, at most 4 in flight (and the codebooks')");
+    static_assert(CPL % (16 / sizeof(T)) == 0 && TT % 32 == 0 && V <= TT, "whole x loads, whole warps, a thread per final sum");
+    __shared__ float lut[R][1 << BITS];
+    __shared__ float red[TT / 32][V];
+    __shared__ __align__(16) uint32_t staged[R][TT][NWORDS];
+    const T* __restrict__ x = static_cast<const T*>(p.x);
+    const int tid = threadIdx.x;
+    const int n = p.in_features, ng = n / p.group, nout = p.out_features, slices = n / CPL;
+
+    griddep_launch_dependents();
+    if (p.flags & LINEAR_PDL) {
+        for (int64_t o0 = (int64_t)blockIdx.x * R; o0 < nout; o0 += (int64_t)gridDim.x * R)
+            prefetch_tile<BITS, CPL, R, TT, Prefetch::Codes>(p, o0);
+    }
+    griddep_wait();
+
+    for (int64_t o0 = (int64_t)blockIdx.x * R; o0 < nout; o0 += (int64_t)gridDim.x * R) {
+        const int rows_here = (int)min64(R, nout - o0);
+        for (int64_t t0 = 0; t0 < p.tokens; t0 += NT) {  // uniform across the block
+            const int nt = (int)min64(NT, p.tokens - t0);
+            __syncthreads();  // the previous tile's readers of lut and red are done
+            copy_table_async<BITS, R, TT>(p, o0, rows_here, lut);
+            cp_async_commit();
+            float xs[NT][CPL], m[R];
+            int s = tid;
+            auto load_pass = [&]() {  // x and the scales into registers, the codes' copies issued
+                if (s < slices) {
+                    load_x_slice<T, NT, CPL>(x, n, t0, nt, (int64_t)s * CPL, xs);
+                    const float* sp = p.scales + o0 * ng + s * CPL / p.group;
+#pragma unroll
+                    for (int r = 0; r < R; ++r) m[r] = sp[(uint32_t)(r < rows_here ? r : rows_here - 1) * (uint32_t)ng];
+                }
+                copy_rows_slice_async<BITS, CPL, R, RG, TT>(p, o0, rows_here, s, slices, staged);
+            };
+            load_pass();
+            cp_async_wait_group<G>();  // this thread's share of the codebooks (its codes may be in flight)
+            __syncthreads();           // and every thread's
+
+            float acc[V];
+#pragma unroll
+            for (int i = 0; i < V; ++i) acc[i] = 0.0f;
+            while (s < slices) {
+#pragma unroll
+                for (int g = 0; g < G; ++g) {
+                    cp_async_wait_newest(G - 1 - g);  // group g has landed, the later ones may not have
+                    uint32_t cw[RG][NWORDS];
+                    float mg[RG], ag[RG * NT];
+#pragma unroll
+                    for (int r = 0; r < RG; ++r) {
+                        mg[r] = m[g * RG + r];
+#pragma unroll
+                        for (int w = 0; w < NWORDS; ++w) cw[r][w] = staged[g * RG + r][tid][w];
+#pragma unroll
+                        for (int t = 0; t < NT; ++t) ag[r * NT + t] = acc[(g * RG + r) * NT + t];
+                    }
+                    slice_dot<NT, BITS, CPL, RG>(cw, mg, xs, lut + g * RG, ag);
+#pragma unroll
+                    for (int i = 0; i < RG * NT; ++i) acc[g * RG * NT + i] = ag[i];
+                }
+                s += TT;
+                load_pass();  // s past the row: empty groups only
+            }
+            cp_async_wait_group<0>();  // the empty groups of a thread with no slice left
+            stash_partials<V>(acc, red);
+            __syncthreads();
+            finish_partials<T, NT, R, TT>(p, red, o0, t0, nt);
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Linear on the tensor cores: bf16/f16 activations, 4-bit codes, n and the group size multiples of
 // 128, x and the codes 16-byte aligned (rust/core/src/quant/cuda.rs, mma_fits), up to 8·NTB tokens
@@ -913,7 +1016,7 @@ __device__ __forceinline__ void linear_mma(const LinearParams& p) {
                 __syncthreads();  // the previous row tile's readers of lut and pairs are done
                 {
                     const int r = tid / NL, f = tid % NL;
-                    cp_async4(&lut[r][f], p.table + (o0 + (r < rows_here ? r : rows_here - 1)) * NL + f);
+                    cp_async<4>(&lut[r][f], p.table + (o0 + (r < rows_here ? r : rows_here - 1)) * NL + f);
                     cp_async_wait_all();
                 }
                 __syncthreads();
@@ -1106,6 +1209,20 @@ LMKERN_QUANT_LINTILE_VARIANT(27, 1, 16, 16, 256, 2, Bulk, false)
 // warp has its codes (28: the default shape; 29: as 24).
 LMKERN_QUANT_LINTILE_VARIANT(28, 1, 16, 16, 256, 2, Codes, true)
 LMKERN_QUANT_LINTILE_VARIANT(29, 1, 16, 16, 128, 4, Codes, true)
+
+// The staged kernel (linear_staged; unmeasured): codes through shared memory by cp.async, RG rows
+// a group, each group's lookups as soon as it has landed. 30: the default 1-token shape, groups of
+// 4 rows; 31: blocks of 128 threads with 32-column slices (16-byte copies; one pass at n = 4096),
+// 4 per SM; 32: groups of 8 rows; 33: the default 2-token shape.
+#define LMKERN_QUANT_LINSTAGED_VARIANT(K, NT, CPL, R, RG, TT, MINB)                                 \
+    extern "C" __global__ void __launch_bounds__(TT, MINB)                                        \
+        quant_lintile4_bf16_n##NT##_v##K(const __grid_constant__ lmkern::quant::LinearParams p) { \
+        lmkern::quant::linear_staged<__nv_bfloat16, NT, 4, CPL, R, RG, TT>(p);                    \
+    }
+LMKERN_QUANT_LINSTAGED_VARIANT(30, 1, 16, 16, 4, 256, 2)
+LMKERN_QUANT_LINSTAGED_VARIANT(31, 1, 32, 16, 4, 128, 4)
+LMKERN_QUANT_LINSTAGED_VARIANT(32, 1, 16, 16, 8, 256, 2)
+LMKERN_QUANT_LINSTAGED_VARIANT(33, 2, 16, 16, 4, 256, 2)
 
 LMKERN_QUANT_ENTRIES(float, f32)
 LMKERN_QUANT_ENTRIES(__nv_bfloat16, bf16)

@@ -347,7 +347,7 @@ sys.exit(1 if bad else 0)
 
 
 # Token tile of each tuning variant (rust/core/src/quant/cuda.rs, TILE_VARIANTS).
-VARIANT_TOKEN_TILE = {21: 1, 22: 1, 23: 1, 24: 1, 25: 1, 26: 2, 27: 1, 28: 1, 29: 1}
+VARIANT_TOKEN_TILE = {21: 1, 22: 1, 23: 1, 24: 1, 25: 1, 26: 2, 27: 1, 28: 1, 29: 1, 30: 1, 31: 1, 32: 1, 33: 2}
 
 
 @pytest.mark.parametrize(

@@ -589,23 +589,31 @@ static void empty_rows(const Kernels& K) {
     }
 }
 
-// The tuning variants of the bf16 4-bit tiled kernel (quant.cu, LMKERN_QUANT_LINTILE_VARIANT), as
-// the launcher plans them, with and without PDL: several passes per thread and a partial row block,
-// a grid-stride loop (the prefetch of every tile a block takes), several token tiles, a row length
-// that is no multiple of 16 bytes (a bulk prefetch leaves the tile's last bytes out).
+// The tuning variants of the bf16 4-bit tiled kernel (quant.cu, LMKERN_QUANT_LINTILE_VARIANT and
+// LMKERN_QUANT_LINSTAGED_VARIANT), as the launcher plans them, with and without PDL, on the shapes
+// their slice width fits: several passes per thread and a partial row block, a grid-stride loop
+// (the prefetch of every tile a block takes), several token tiles, one pass of exactly the block's
+// slices, a row length that is no multiple of 16 bytes (a bulk prefetch leaves the tile's last
+// bytes out), no input columns (y = bias).
 static void tile_variants(const Kernels& K) {
-    struct V { LinFn f; size_t tokens, rows; unsigned threads; };
-    const V vs[] = {{quant_lintile4_bf16_n1_v21, 1, 16, 256}, {quant_lintile4_bf16_n1_v22, 1, 16, 256},
-                    {quant_lintile4_bf16_n1_v23, 1, 16, 256}, {quant_lintile4_bf16_n1_v24, 1, 16, 128},
-                    {quant_lintile4_bf16_n1_v25, 1, 16, 128}, {quant_lintile4_bf16_n2_v26, 2, 16, 128},
-                    {quant_lintile4_bf16_n1_v27, 1, 16, 256}, {quant_lintile4_bf16_n1_v28, 1, 16, 256},
-                    {quant_lintile4_bf16_n1_v29, 1, 16, 128}};
+    struct V { LinFn f; size_t tokens, rows; unsigned threads; size_t cpl; };
+    const V vs[] = {{quant_lintile4_bf16_n1_v21, 1, 16, 256, 16}, {quant_lintile4_bf16_n1_v22, 1, 16, 256, 16},
+                    {quant_lintile4_bf16_n1_v23, 1, 16, 256, 16}, {quant_lintile4_bf16_n1_v24, 1, 16, 128, 16},
+                    {quant_lintile4_bf16_n1_v25, 1, 16, 128, 16}, {quant_lintile4_bf16_n2_v26, 2, 16, 128, 16},
+                    {quant_lintile4_bf16_n1_v27, 1, 16, 256, 16}, {quant_lintile4_bf16_n1_v28, 1, 16, 256, 16},
+                    {quant_lintile4_bf16_n1_v29, 1, 16, 128, 16}, {quant_lintile4_bf16_n1_v30, 1, 16, 256, 16},
+                    {quant_lintile4_bf16_n1_v31, 1, 16, 128, 32}, {quant_lintile4_bf16_n1_v32, 1, 16, 256, 16},
+                    {quant_lintile4_bf16_n2_v33, 2, 16, 256, 16}};
+    struct S { size_t nout, n, g, tokens; bool bias; unsigned grid; };
+    const S shapes[] = {{19, 8448, 128, 1, true, 0}, {40, 256, 128, 1, false, 2}, {13, 512, 512, 3, true, 1},
+                        {18, 4096, 128, 1, false, 0}, {21, 4112, 16, 1, false, 0}, {5, 0, 128, 1, true, 0}};
     for (const V& v : vs) {
         for (int flags : {0, lmkern::quant::LINEAR_PDL}) {
-            run_linear<__nv_bfloat16>(K, 19, 8448, 128, 4, v.tokens, true, false, 0, false, false, v.f, v.rows, flags, v.threads);
-            run_linear<__nv_bfloat16>(K, 40, 256, 128, 4, v.tokens, false, false, 2, false, false, v.f, v.rows, flags, v.threads);
-            run_linear<__nv_bfloat16>(K, 13, 512, 512, 4, 3 * v.tokens, true, false, 1, false, false, v.f, v.rows, flags, v.threads);
-            run_linear<__nv_bfloat16>(K, 21, 4112, 16, 4, v.tokens, false, false, 0, false, false, v.f, v.rows, flags, v.threads);
+            for (const S& e : shapes) {
+                if (e.n % v.cpl != 0 || e.g % v.cpl != 0) continue;
+                run_linear<__nv_bfloat16>(K, e.nout, e.n, e.g, 4, e.tokens * v.tokens, e.bias, false, e.grid, false, false, v.f, v.rows,
+                                          flags, v.threads);
+            }
         }
     }
 }

@@ -219,8 +219,11 @@ const fn tile_variant(k: usize, nt: usize, cpl: usize, rows: usize, threads: usi
 /// threads, 4 per SM, so that the next kernel's blocks fit beside this one's (1 token, a prefetch
 /// per line or in bulk; 2 tokens); 27, the default shape with the bulk prefetch; 28-29, the
 /// codebooks by cp.async (the default shape; as 24), so that a warp need not wait for the block's
-/// other warps' codes before its lookups.
-const TILE_VARIANTS: [Variant; 9] = [
+/// other warps' codes before its lookups; 30-33, the staged kernel (linear_staged: a thread's
+/// codes by cp.async in groups of rows, each group's lookups as soon as it has landed; the default
+/// shape in groups of 4 rows, blocks of 128 threads with 32-column slices, groups of 8 rows, and
+/// the default 2-token shape).
+const TILE_VARIANTS: [Variant; 13] = [
     tile_variant(21, 1, 16, 16, BLOCK),
     tile_variant(22, 1, 16, 16, BLOCK),
     tile_variant(23, 1, 16, 16, BLOCK),
@@ -230,6 +233,10 @@ const TILE_VARIANTS: [Variant; 9] = [
     tile_variant(27, 1, 16, 16, BLOCK),
     tile_variant(28, 1, 16, 16, BLOCK),
     tile_variant(29, 1, 16, 16, 128),
+    tile_variant(30, 1, 16, 16, BLOCK),
+    tile_variant(31, 1, 32, 16, 128),
+    tile_variant(32, 1, 16, 16, BLOCK),
+    tile_variant(33, 2, 16, 16, BLOCK),
 ];
 
 /// Whether the tiled linear is launched with programmatic dependent launch on sm_90+
@@ -611,6 +618,7 @@ mod tests {
         assert_eq!(Tune::parse("variant=18").variant, None); // settled and removed
         assert_eq!(Tune::parse("pdl=0").pdl, Some(false));
         assert_eq!(Tune::parse("variant=26,blocks_per_sm=1").variant.map(|v| (v.nt, v.threads)), Some((2, 128)));
+        assert_eq!(Tune::parse("variant=31").variant, Some(tile_variant(31, 1, 32, 16, 128))); // staged, 32-column slices
         assert_eq!(Tune::parse("blocks_per_sm=1").blocks_per_sm, Some(1));
         assert_eq!(Tune::parse("blocks_per_sm=0").blocks_per_sm, None);
         assert!(Tune::parse("mma=1,pdl=1").mma && !Tune::parse("mma=0").mma);
