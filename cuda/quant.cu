@@ -11,6 +11,8 @@
 //   quant_fake_bwd_<t>       dx and da (per-row sum in a fixed order, no atomics)
 //   quant_linear_<t>_n<NT>   y = x @ Ŵᵀ + b, any bits / group / alignment (NT = 1, 2, 4, 8)
 //   quant_lintile<B>_<t>_n<NT>  the same for B-bit codes and aligned shapes (linear_tiled below)
+//   quant_linstaged<B>_<t>_n<NT>  the same for 2-, 4- and 8-bit codes, NT = 1, 2, the codes through
+//                            shared memory by cp.async (linear_staged below; tuning only)
 //   quant_linmma4_<t>_n<NT>  the same on the tensor cores, t in {bf16, f16}, 4-bit codes, n and
 //                            group multiples of 128, NT = 8, 16 (linear_mma below; tuning only)
 //
@@ -815,15 +817,16 @@ __device__ __forceinline__ void copy_rows_slice_async(const LinearParams& p, int
     }
 }
 
-// The staged tiled kernel (tuning variants 30-33, unmeasured): linear_tiled's shape and order of
-// summation, but a thread's codes reach it through shared memory, copied with cp.async, RG rows a
-// group, and it computes a group's rows as soon as that group has landed while the later ones are
-// still in flight. In linear_tiled every code load of a thread shares one register scoreboard, so
-// its first lookup waits for its last row's codes; at 4096 → 4096 all blocks are one wave that
-// loads, then computes, and no SM overlaps the two. Here the first groups' lookups overlap the last
-// groups' loads. A thread reads only bytes it copied itself (at [r][tid], adjacent across a warp's
-// lanes): no barrier between its copies and its reads. x, the scales and the codebooks as before
-// (the codebooks by cp.async, their own group, so the barrier waits for them alone).
+// The staged tiled kernel (unmeasured: quant_linstaged*, tuning variants 31-32): linear_tiled's
+// shape and order of summation, but a thread's codes reach it through shared memory, copied with
+// cp.async, RG rows a group, and it computes a group's rows as soon as that group has landed while
+// the later ones are still in flight. In linear_tiled every code load of a thread shares one
+// register scoreboard, so its first lookup waits for its last row's codes; at 4096 → 4096 all
+// blocks are one wave that loads, then computes, and no SM overlaps the two. Here the first
+// groups' lookups overlap the last groups' loads. A thread reads only bytes it copied itself (at
+// [r][tid], adjacent across a warp's lanes): no barrier between its copies and its reads. x and
+// the scales as before; the codebooks by cp.async, their own group, so the barrier waits for them
+// alone. Rows of several passes load a pass after computing the one before (as linear_tiled).
 template <typename T, int NT, int BITS, int CPL, int R, int RG, int TT>
 __device__ __forceinline__ void linear_staged(const LinearParams& p) {
     constexpr int NWORDS = CPL * BITS / 32, G = R / RG, V = R * NT;
@@ -1145,6 +1148,18 @@ __device__ __forceinline__ void deq_tiled(const DeqParams& p) {
     LMKERN_QUANT_LINTILE(T, TN, BITS, 4, 8, 8, 2)   \
     LMKERN_QUANT_LINTILE(T, TN, BITS, 8, 8, 4, 2)
 
+// quant_linstaged<BITS>_<t>_n<NT>: linear_staged in the tiled kernel's 1- and 2-token shapes, 4 rows
+// a cp.async group (2-, 4- and 8-bit codes: a row's slice is one copy of 4, 8 or 16 bytes); only
+// under LMKERN_CUDA_QUANT_TUNE=staged=1 until a GPU has timed it.
+#define LMKERN_QUANT_LINSTAGED(T, TN, BITS, NT, R)                                                      \
+    extern "C" __global__ void __launch_bounds__(lmkern::quant::TILE_THREADS, 2)                      \
+        quant_linstaged##BITS##_##TN##_n##NT(const __grid_constant__ lmkern::quant::LinearParams p) { \
+        lmkern::quant::linear_staged<T, NT, BITS, 16, R, 4, lmkern::quant::TILE_THREADS>(p);          \
+    }
+#define LMKERN_QUANT_LINSTAGEDS(T, TN, BITS)                          \
+    LMKERN_QUANT_LINSTAGED(T, TN, BITS, 1, (BITS == 8 ? 8 : 16)) \
+    LMKERN_QUANT_LINSTAGED(T, TN, BITS, 2, (BITS == 8 ? 8 : 16))
+
 #define LMKERN_QUANT_DEQTILE(T, TN, BITS)                                                               \
     extern "C" __global__ void __launch_bounds__(lmkern::quant::TILE_THREADS)                         \
         quant_deqtile##BITS##_##TN(const __grid_constant__ lmkern::quant::DeqParams p) {              \
@@ -1170,6 +1185,9 @@ __device__ __forceinline__ void deq_tiled(const DeqParams& p) {
     LMKERN_QUANT_LINTILES(T, TN, 3)                                                                              \
     LMKERN_QUANT_LINTILES(T, TN, 4)                                                                              \
     LMKERN_QUANT_LINTILES(T, TN, 8)                                                                              \
+    LMKERN_QUANT_LINSTAGEDS(T, TN, 2)                                                                            \
+    LMKERN_QUANT_LINSTAGEDS(T, TN, 4)                                                                            \
+    LMKERN_QUANT_LINSTAGEDS(T, TN, 8)                                                                            \
     LMKERN_QUANT_DEQTILE(T, TN, 2)                                                                               \
     LMKERN_QUANT_DEQTILE(T, TN, 3)                                                                               \
     LMKERN_QUANT_DEQTILE(T, TN, 4)                                                                               \
@@ -1210,19 +1228,16 @@ LMKERN_QUANT_LINTILE_VARIANT(27, 1, 16, 16, 256, 2, Bulk, false)
 LMKERN_QUANT_LINTILE_VARIANT(28, 1, 16, 16, 256, 2, Codes, true)
 LMKERN_QUANT_LINTILE_VARIANT(29, 1, 16, 16, 128, 4, Codes, true)
 
-// The staged kernel (linear_staged; unmeasured): codes through shared memory by cp.async, RG rows
-// a group, each group's lookups as soon as it has landed. 30: the default 1-token shape, groups of
-// 4 rows; 31: blocks of 128 threads with 32-column slices (16-byte copies; one pass at n = 4096),
-// 4 per SM; 32: groups of 8 rows; 33: the default 2-token shape.
+// The staged kernel in other shapes (linear_staged; unmeasured; LMKERN_CUDA_QUANT_TUNE=staged=1
+// takes it in the default shapes): 31, blocks of 128 threads with 32-column slices (16-byte copies;
+// one pass at n = 4096), 4 per SM; 32, groups of 8 rows.
 #define LMKERN_QUANT_LINSTAGED_VARIANT(K, NT, CPL, R, RG, TT, MINB)                                 \
     extern "C" __global__ void __launch_bounds__(TT, MINB)                                        \
         quant_lintile4_bf16_n##NT##_v##K(const __grid_constant__ lmkern::quant::LinearParams p) { \
         lmkern::quant::linear_staged<__nv_bfloat16, NT, 4, CPL, R, RG, TT>(p);                    \
     }
-LMKERN_QUANT_LINSTAGED_VARIANT(30, 1, 16, 16, 4, 256, 2)
 LMKERN_QUANT_LINSTAGED_VARIANT(31, 1, 32, 16, 4, 128, 4)
 LMKERN_QUANT_LINSTAGED_VARIANT(32, 1, 16, 16, 8, 256, 2)
-LMKERN_QUANT_LINSTAGED_VARIANT(33, 2, 16, 16, 4, 256, 2)
 
 LMKERN_QUANT_ENTRIES(float, f32)
 LMKERN_QUANT_ENTRIES(__nv_bfloat16, bf16)

@@ -261,7 +261,9 @@ SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}  #
 bad = []
 variant = os.environ["WANT_VARIANT"]  # "k,nt": the variant bf16 4-bit calls of token tile nt take
 k, nt = (int(v) for v in variant.split(",")) if variant else (0, 0)
-mma = "mma=1" in os.environ["LMKERN_CUDA_QUANT_TUNE"].split(",")  # the tensor-core kernel where it fits
+tune = os.environ["LMKERN_CUDA_QUANT_TUNE"].split(",")
+mma = "mma=1" in tune  # the tensor-core kernel where it fits
+staged = "staged=1" in tune  # the staged tiled kernel where it fits: 1-2 tokens, 2-, 4- and 8-bit codes
 # (in, out, group): fewer slices than threads and partial row tiles; more slices than threads, the
 # last pass partial (4352 = 256 + 16 slices of 16); one group per row (8448 = 528 slices); more row
 # tiles than a GPU has SMs (4500 rows: blocks_per_sm=1 makes blocks take several, the last partial);
@@ -281,6 +283,8 @@ for in_f, out_f, g in [(256, 96, 32), (4352, 21, 64), (8448, 6, 8448), (256, 450
                 names = {e.key for e in prof.key_averages()}
                 tile = 1 if tokens == 1 else 2 if tokens == 2 else 8
                 want = f"quant_lintile{bits}_{SUFFIX[dtype]}_n{tile}"
+                if staged and bits != 3 and tile <= 2:
+                    want = f"quant_linstaged{bits}_{SUFFIX[dtype]}_n{tile}"
                 if k and bits == 4 and dtype == torch.bfloat16 and tile == nt:
                     want += f"_v{k}"
                 if mma and bits == 4 and dtype != torch.float32 and in_f % 128 == 0 and g % 128 == 0:
@@ -347,20 +351,20 @@ sys.exit(1 if bad else 0)
 
 
 # Token tile of each tuning variant (rust/core/src/quant/cuda.rs, TILE_VARIANTS).
-VARIANT_TOKEN_TILE = {21: 1, 22: 1, 23: 1, 24: 1, 25: 1, 26: 2, 27: 1, 28: 1, 29: 1, 30: 1, 31: 1, 32: 1, 33: 2}
+VARIANT_TOKEN_TILE = {21: 1, 22: 1, 23: 1, 24: 1, 25: 1, 26: 2, 27: 1, 28: 1, 29: 1, 31: 1, 32: 1}
 
 
 @pytest.mark.parametrize(
     "tune",
     ["pdl=0", "pdl=1", "blocks_per_sm=1,pdl=1", "blocks_per_sm=1,pdl=0", "variant=25,blocks_per_sm=1,pdl=1", "mma=1",
-     "mma=1,pdl=1"]
+     "mma=1,pdl=1", "staged=1", "staged=1,pdl=0", "staged=1,blocks_per_sm=1"]
     + [f"variant={k},pdl=1" for k in VARIANT_TOKEN_TILE],
 )
 def test_linear_tuned_launch(tune):
     """The tiled linear launched with programmatic dependent launch (pdl=1, the default on sm_90+ where
     a row is one pass: each call may start before the one before it ends, and waits in
-    griddepcontrol.wait before it reads) and without (pdl=0), and its tuning variants
-    (variant=<k>) and a grid of one block per SM (blocks_per_sm=1: each block takes several row
+    griddepcontrol.wait before it reads) and without (pdl=0), its tuning variants (variant=<k>),
+    the tensor-core kernel (mma=1), the staged kernel (staged=1) and a grid of one block per SM (blocks_per_sm=1: each block takes several row
     tiles), set by LMKERN_CUDA_QUANT_TUNE, which is read once per process, hence the
     subprocess. Every code width and dtype at 1, 2 and 5 tokens takes the kernel planned (the profiler
     shows it) and matches the float64 product; so do kernels that read what the one before them wrote

@@ -5,8 +5,8 @@
 # against the float64 product): the default kernels (PDL where a row is one pass,
 # rust/core/src/quant/cuda.rs, pdl_by_default) with the dense bf16 peer and cuBLAS on the codes'
 # bytes; the tensor-core kernel (mma=1, 1-16 tokens through _fused_gemv); the staged kernel
-# (variants 30-33: codes by cp.async in groups of rows, each group's lookups as soon as it has
-# landed; with and without PDL); the tensor-core kernel with PDL, and the default kernel's two
+# (staged=1, variants 31-32: codes by cp.async in groups of rows, each group's lookups as soon as
+# it has landed; with and without PDL); the tensor-core kernel with PDL, and the default kernel's two
 # 8-token tiles at 16 tokens for comparison; then, with PDL, the launches that leave room on every
 # SM for the next kernel's blocks (blocks of 128 threads: variants 24-26; a grid of one block per
 # SM: blocks_per_sm=1), the codebooks by cp.async (28, 29), the bulk prefetch (25, 27) and the
@@ -31,11 +31,10 @@ tune() { # tune SETTINGS TOKENS [FLAGS]: tune_quant.py under LMKERN_CUDA_QUANT_T
     "$PY" -m pip install -q --no-deps --no-index --force-reinstall --no-cache-dir "$whl" || echo "install failed"
     timeout -k 5 60 "$PY" benches/gpu/tune_quant.py --peer || echo "default: rc=$?"
     tune "mma=1" 1,2,4,8,16 --direct
-    tune "variant=30,pdl=1" 1
-    tune "variant=30,pdl=0" 1
+    tune "staged=1" 1,2
+    tune "staged=1,pdl=0" 1,2
     tune "variant=31,pdl=1" 1
     tune "variant=32,pdl=1" 1
-    tune "variant=33,pdl=1" 2
     tune "mma=1,pdl=1" 1,2 --direct
     tune "pdl=0" 16 --direct
     tune "variant=24,pdl=1" 1

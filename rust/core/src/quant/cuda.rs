@@ -219,11 +219,9 @@ const fn tile_variant(k: usize, nt: usize, cpl: usize, rows: usize, threads: usi
 /// threads, 4 per SM, so that the next kernel's blocks fit beside this one's (1 token, a prefetch
 /// per line or in bulk; 2 tokens); 27, the default shape with the bulk prefetch; 28-29, the
 /// codebooks by cp.async (the default shape; as 24), so that a warp need not wait for the block's
-/// other warps' codes before its lookups; 30-33, the staged kernel (linear_staged: a thread's
-/// codes by cp.async in groups of rows, each group's lookups as soon as it has landed; the default
-/// shape in groups of 4 rows, blocks of 128 threads with 32-column slices, groups of 8 rows, and
-/// the default 2-token shape).
-const TILE_VARIANTS: [Variant; 13] = [
+/// other warps' codes before its lookups; 31-32, the staged kernel ([`LinearKernel::Staged`]) in
+/// blocks of 128 threads with 32-column slices, and in groups of 8 rows.
+const TILE_VARIANTS: [Variant; 11] = [
     tile_variant(21, 1, 16, 16, BLOCK),
     tile_variant(22, 1, 16, 16, BLOCK),
     tile_variant(23, 1, 16, 16, BLOCK),
@@ -233,10 +231,8 @@ const TILE_VARIANTS: [Variant; 13] = [
     tile_variant(27, 1, 16, 16, BLOCK),
     tile_variant(28, 1, 16, 16, BLOCK),
     tile_variant(29, 1, 16, 16, 128),
-    tile_variant(30, 1, 16, 16, BLOCK),
     tile_variant(31, 1, 32, 16, 128),
     tile_variant(32, 1, 16, 16, BLOCK),
-    tile_variant(33, 2, 16, 16, BLOCK),
 ];
 
 /// Whether the tiled linear is launched with programmatic dependent launch on sm_90+
@@ -252,14 +248,16 @@ fn pdl_by_default(q: &QuantArgs, tokens: usize) -> bool {
 /// `variant=<k>` (a [`TILE_VARIANTS`] entry for the linear), `pdl=1` / `pdl=0` (with
 /// programmatic dependent launch or not, overriding [`pdl_by_default`]), `blocks_per_sm=<b>`
 /// (the tiled linear's grid at most b blocks per multiprocessor; each block then takes several row
-/// tiles, leaving room on every SM for the next kernel's blocks) and `mma=1` (the tensor-core
-/// linear where it fits, [`mma_fits`]; with PDL only under pdl=1).
+/// tiles, leaving room on every SM for the next kernel's blocks), `mma=1` (the tensor-core
+/// linear where it fits, [`mma_fits`]; with PDL only under pdl=1) and `staged=1` (the staged
+/// tiled kernel where it fits, [`staged_fits`]; PDL as the tiled kernel).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 struct Tune {
     variant: Option<Variant>,
     pdl: Option<bool>,
     blocks_per_sm: Option<usize>,
     mma: bool,
+    staged: bool,
 }
 
 impl Tune {
@@ -274,6 +272,7 @@ impl Tune {
                 Some(("pdl", "0")) => t.pdl = Some(false),
                 Some(("blocks_per_sm", v)) => t.blocks_per_sm = v.parse::<usize>().ok().filter(|&b| b > 0),
                 Some(("mma", "1")) => t.mma = true,
+                Some(("staged", "1")) => t.staged = true,
                 _ => {}
             }
         }
@@ -322,12 +321,26 @@ pub(crate) enum LinearKernel {
     /// `quant_linmma4_*`: see [`mma_fits`]; only under LMKERN_CUDA_QUANT_TUNE=mma=1 until a GPU
     /// has timed it.
     Mma,
+    /// `quant_linstaged<bits>_*`: the tiled kernel's shape with its codes copied to shared memory
+    /// by cp.async (see [`staged_fits`]); only under LMKERN_CUDA_QUANT_TUNE=staged=1 until a GPU
+    /// has timed it.
+    Staged,
+}
+
+/// Whether the staged tiled kernel applies: where the tiled one does ([`tiled`]), at 1 or 2
+/// tokens, 2-, 4- or 8-bit codes (a row's slice of 16 codes is one cp.async of 4, 8 or 16 bytes,
+/// aligned as [`tiled`] checks).
+pub(crate) fn staged_fits(q: &QuantArgs, tokens: usize, x: Ptr, codes: Ptr) -> bool {
+    token_tile(tokens) <= 2 && matches!(q.bits, 2 | 4 | 8) && tiled(q, tokens, x, codes)
 }
 
 /// The kernel a linear call takes.
 fn linear_kernel(dtype: DType, q: &QuantArgs, tokens: usize, x: Ptr, codes: Ptr) -> LinearKernel {
-    if Tune::get().mma && mma_fits(dtype, q, x, codes) {
+    let tune = Tune::get();
+    if tune.mma && mma_fits(dtype, q, x, codes) {
         LinearKernel::Mma
+    } else if tune.staged && staged_fits(q, tokens, x, codes) {
+        LinearKernel::Staged
     } else if tiled(q, tokens, x, codes) {
         LinearKernel::Tiled
     } else {
@@ -342,6 +355,7 @@ pub(crate) fn plan_linear(dtype: DType, l: &LinearArgs, kernel: LinearKernel) ->
     let (name, rows_per_block) = match kernel {
         LinearKernel::Generic => (format!("quant_linear_{t}_n{nt}"), BLOCK / 32),
         LinearKernel::Tiled => (format!("quant_lintile{bits}_{t}_n{nt}"), tile_shape(nt, bits).1),
+        LinearKernel::Staged => (format!("quant_linstaged{bits}_{t}_n{nt}"), tile_shape(nt, bits).1),
         LinearKernel::Mma => (format!("quant_linmma4_{t}_n{}", if l.tokens <= 8 { 8 } else { 16 }), MMA_ROWS),
     };
     Ok(Plan { name, grid: clamp_grid(l.q.rows.div_ceil(rows_per_block)), block: (BLOCK as u32, 1) })
@@ -455,13 +469,13 @@ pub unsafe fn linear(
         plan.block = (v.threads as u32, 1);
     }
     let tune = Tune::get();
-    if let (LinearKernel::Tiled, Some(b)) = (kernel, tune.blocks_per_sm) {
+    if let (LinearKernel::Tiled | LinearKernel::Staged, Some(b)) = (kernel, tune.blocks_per_sm) {
         plan.grid = plan.grid.min(clamp_grid(b.saturating_mul(cuda::sm_count(ordinal)?)));
     }
-    // Only the tiled and tensor-core kernels wait for the previous one (griddepcontrol.wait)
+    // Only the tiled, staged and tensor-core kernels wait for the previous one (griddepcontrol.wait)
     // before they read.
     let pdl = match kernel {
-        LinearKernel::Tiled => tune.pdl.unwrap_or_else(|| pdl_by_default(q, l.tokens)),
+        LinearKernel::Tiled | LinearKernel::Staged => tune.pdl.unwrap_or_else(|| pdl_by_default(q, l.tokens)),
         LinearKernel::Mma => tune.pdl.unwrap_or(false),
         LinearKernel::Generic => false,
     } && cuda::supports_pdl(ordinal)?;
@@ -504,6 +518,11 @@ mod tests {
                 v.push(format!("quant_linear_{t}_n{nt}"));
                 for bits in [2, 3, 4, 8] {
                     v.push(format!("quant_lintile{bits}_{t}_n{nt}"));
+                }
+            }
+            for nt in [1, 2] {
+                for bits in [2, 4, 8] {
+                    v.push(format!("quant_linstaged{bits}_{t}_n{nt}"));
                 }
             }
             if t != "f32" {
@@ -560,20 +579,42 @@ mod tests {
         let p = plan_linear(DType::F16, &LinearArgs { q, tokens: 9 }, LinearKernel::Mma).unwrap();
         assert_eq!((p.name.as_str(), p.grid, p.block), ("quant_linmma4_f16_n16", 256, (256, 1)));
         assert_eq!(plan_linear(DType::BF16, &l, LinearKernel::Mma).unwrap().name, "quant_linmma4_bf16_n8");
+        let p = plan_linear(DType::F32, &LinearArgs { q: QuantArgs { bits: 8, ..q }, tokens: 2 }, LinearKernel::Staged).unwrap();
+        assert_eq!((p.name.as_str(), p.grid, p.block), ("quant_linstaged8_f32_n2", 512, (256, 1))); // the tiled shape
         let names = all_kernel_names();
         for bits in [2, 3, 4, 8] {
             for tokens in 0..40 {
-                for kernel in [Generic, Tiled, LinearKernel::Mma] {
+                for kernel in [Generic, Tiled, LinearKernel::Mma, LinearKernel::Staged] {
                     if kernel == LinearKernel::Mma && bits != 4 {
                         continue; // mma_fits: 4-bit codes only
                     }
-                    let p = plan_linear(DType::F16, &LinearArgs { q: QuantArgs { bits, ..q }, tokens }, kernel).unwrap();
+                    let qt = QuantArgs { bits, ..q };
+                    if kernel == LinearKernel::Staged && !staged_fits(&qt, tokens, 256, 512) {
+                        continue;
+                    }
+                    let p = plan_linear(DType::F16, &LinearArgs { q: qt, tokens }, kernel).unwrap();
                     assert!(names.contains(&p.name), "{p:?}");
                 }
             }
         }
         assert_eq!(token_tile(3), 4);
         assert_eq!(token_tile(9), 8);
+    }
+
+    #[test]
+    fn staged_fits_where_tiled_does_at_1_and_2_tokens_but_3_bit() {
+        let q = QuantArgs { bits: 4, rows: 4096, n: 4096, group: 128, clip: 1.0 };
+        for bits in [2, 4, 8] {
+            let q = QuantArgs { bits, ..q };
+            assert!(staged_fits(&q, 1, 256, 512) && staged_fits(&q, 2, 256, 512), "{bits}-bit");
+            assert!(!staged_fits(&q, 3, 256, 512) && !staged_fits(&q, 9, 256, 512), "{bits}-bit, 4-8 tokens");
+            assert!(!staged_fits(&q, 1, 258, 512), "{bits}-bit, x misaligned");
+        }
+        assert!(!staged_fits(&QuantArgs { bits: 3, ..q }, 1, 256, 512));
+        assert!(!staged_fits(&q, 1, 256, 516)); // 8-byte copies
+        assert!(!staged_fits(&QuantArgs { bits: 8, ..q }, 1, 256, 520)); // 16-byte copies
+        assert!(staged_fits(&QuantArgs { bits: 2, ..q }, 1, 256, 516)); // 4-byte copies
+        assert!(!staged_fits(&QuantArgs { n: 4104, group: 8, ..q }, 1, 256, 512)); // slices of 16 columns
     }
 
     #[test]
@@ -622,6 +663,7 @@ mod tests {
         assert_eq!(Tune::parse("blocks_per_sm=1").blocks_per_sm, Some(1));
         assert_eq!(Tune::parse("blocks_per_sm=0").blocks_per_sm, None);
         assert!(Tune::parse("mma=1,pdl=1").mma && !Tune::parse("mma=0").mma);
+        assert!(Tune::parse("staged=1,pdl=1").staged && !Tune::parse("staged=0").staged);
         assert_eq!(Tune::parse("variant=99,deq=tiled,lin=async,junk"), Tune::default());
     }
 
