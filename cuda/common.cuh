@@ -212,17 +212,6 @@ __device__ __forceinline__ void prefetch_l2_bulk(const void* p, uint32_t bytes) 
 }
 #endif
 
-// cp_async_wait_group<n> for an n given at run time (a constant once a loop is unrolled; past 3 it
-// waits as for 3, more than asked).
-__device__ __forceinline__ void cp_async_wait_newest(int n) {
-    switch (n) {
-        case 0: cp_async_wait_group<0>(); break;
-        case 1: cp_async_wait_group<1>(); break;
-        case 2: cp_async_wait_group<2>(); break;
-        default: cp_async_wait_group<3>(); break;
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Reductions.
 // ---------------------------------------------------------------------------------------------

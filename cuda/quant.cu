@@ -797,23 +797,62 @@ __device__ __forceinline__ void linear_tiled(const LinearParams& p) {
     }
 }
 
-// Row r's slice s of the row tile from o0, as this thread copies it to shared memory: RG rows a
-// cp.async commit group, G = R/RG groups, always G commits (an empty group where s is past the row),
-// so that every thread's group count is the same for its waits. Rows past the `rows_here` present
-// repeat the last one (their sums are dropped, as load_rows_slice's).
-template <int BITS, int CPL, int R, int RG, int TT>
-__device__ __forceinline__ void copy_rows_slice_async(const LinearParams& p, int64_t o0, int rows_here, int s, int slices,
-                                                      uint32_t (*staged)[TT][CPL * BITS / 32]) {
+// Group g (rows g·RG ..) of the row tile from o0, this thread's slice s of each, copied to
+// shared memory at staged[row][tid] with cp.async, and committed as one group (an empty one where s
+// is past the row, so that every thread's count of groups in flight is the same for its waits).
+// Rows past the `rows_here` present repeat the last one (their sums are dropped, as
+// load_rows_slice's).
+template <int BITS, int CPL, int RG, int TT>
+__device__ __forceinline__ void copy_row_group_async(const LinearParams& p, int64_t o0, int rows_here, int s, int slices, int g,
+                                                     uint32_t (*staged)[TT][CPL * BITS / 32]) {
     constexpr int SB = CPL * BITS / 8;
-    const uint8_t* cp = p.codes + o0 * p.row_bytes + (int64_t)s * SB;
+    if (s < slices) {
+        const uint8_t* cp = p.codes + o0 * p.row_bytes + (int64_t)s * SB;
 #pragma unroll
-    for (int g = 0; g < R / RG; ++g) {
-        if (s < slices) {
+        for (int r = g * RG; r < (g + 1) * RG; ++r)
+            cp_async<SB>(staged[r][threadIdx.x], cp + (int64_t)(r < rows_here ? r : rows_here - 1) * p.row_bytes);
+    }
+    cp_async_commit();
+}
+
+// A thread's slice of x as loaded (NT tokens × CPL columns of T; zeros past the nt tokens
+// present), converted to float only where it is used: loaded a pass ahead, its loads stall nothing.
+template <typename T, int NT, int CPL>
+struct RawXSlice {
+    static constexpr int VW = 16 / sizeof(T);
+    Pack<T, VW> v[NT][CPL / VW];
+};
+
+template <typename T, int NT, int CPL>
+__device__ __forceinline__ void load_x_raw(const T* __restrict__ x, int64_t n, int64_t t0, int nt, int64_t c0,
+                                           RawXSlice<T, NT, CPL>& r) {
+    constexpr int VW = RawXSlice<T, NT, CPL>::VW;
 #pragma unroll
-            for (int r = g * RG; r < (g + 1) * RG; ++r)
-                cp_async<SB>(staged[r][threadIdx.x], cp + (int64_t)(r < rows_here ? r : rows_here - 1) * p.row_bytes);
+    for (int t = 0; t < NT; ++t) {
+#pragma unroll
+        for (int i = 0; i < CPL / VW; ++i) {
+            if (t < nt) {
+                r.v[t][i] = load_pack<T, VW>(x + (t0 + t) * n + c0, i);
+            } else {
+#pragma unroll
+                for (int w = 0; w < Pack<T, VW>::NW; ++w) r.v[t][i].w[w] = 0;
+            }
         }
-        cp_async_commit();
+    }
+}
+
+template <typename T, int NT, int CPL>
+__device__ __forceinline__ void unpack_x(const RawXSlice<T, NT, CPL>& r, float (&xs)[NT][CPL]) {
+    constexpr int VW = RawXSlice<T, NT, CPL>::VW;
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+#pragma unroll
+        for (int i = 0; i < CPL / VW; ++i) {
+            float f[VW];
+            unpack(r.v[t][i], f);
+#pragma unroll
+            for (int e = 0; e < VW; ++e) xs[t][i * VW + e] = f[e];
+        }
     }
 }
 
@@ -824,12 +863,20 @@ __device__ __forceinline__ void copy_rows_slice_async(const LinearParams& p, int
 // register scoreboard, so its first lookup waits for its last row's codes; at 4096 → 4096 all
 // blocks are one wave that loads, then computes, and no SM overlaps the two. Here the first
 // groups' lookups overlap the last groups' loads. A thread reads only bytes it copied itself (at
-// [r][tid], adjacent across a warp's lanes): no barrier between its copies and its reads. x and
-// the scales as before; the codebooks by cp.async, their own group, so the barrier waits for them
-// alone. Rows of several passes load a pass after computing the one before (as linear_tiled).
+// [r][tid], adjacent across a warp's lanes): no barrier between its copies and its reads. The
+// codebooks are copied by cp.async too, their own group, so the barrier before the lookups waits
+// for them alone.
+//
+// Rows of several passes keep G = R/RG groups in flight throughout: once a group's rows are read,
+// the same rows' slice of the next pass is copied into their place, so at the start of every group
+// the oldest of the G in flight is the one it reads (cp.async.wait_group G-1, always). The next
+// pass's x and scales are loaded into registers after the first group of a pass (whose use of the
+// current ones has waited for them) when they fit beside the current ones (XM_AHEAD: x of 16-bit
+// types at 1-2 tokens, of float32 at 1), else at the end of the pass.
 template <typename T, int NT, int BITS, int CPL, int R, int RG, int TT>
 __device__ __forceinline__ void linear_staged(const LinearParams& p) {
     constexpr int NWORDS = CPL * BITS / 32, G = R / RG, V = R * NT;
+    constexpr bool XM_AHEAD = NT * CPL * sizeof(T) <= 64;  // no spills (ptxas, sm_90); 128 spills
     static_assert(CPL * BITS / 8 == 4 || CPL * BITS / 8 == 8 || CPL * BITS / 8 == 16, "a row's slice is one cp.async");
     static_assert(R % RG == 0 && G <= 4, "whole row groups, at most 4 in flight (and the codebooks')");
     static_assert(CPL % (16 / sizeof(T)) == 0 && TT % 32 == 0 && V <= TT, "whole x loads, whole warps, a thread per final sum");
@@ -851,21 +898,24 @@ __device__ __forceinline__ void linear_staged(const LinearParams& p) {
         const int rows_here = (int)min64(R, nout - o0);
         for (int64_t t0 = 0; t0 < p.tokens; t0 += NT) {  // uniform across the block
             const int nt = (int)min64(NT, p.tokens - t0);
+            // x and the scales of slice sx into registers (nothing past the row).
+            auto load_xm = [&](int sx, RawXSlice<T, NT, CPL>& xo, float (&mo)[R]) {
+                if (sx < slices) {
+                    load_x_raw<T, NT, CPL>(x, n, t0, nt, (int64_t)sx * CPL, xo);
+                    const float* sp = p.scales + o0 * ng + sx * CPL / p.group;
+#pragma unroll
+                    for (int r = 0; r < R; ++r) mo[r] = sp[(uint32_t)(r < rows_here ? r : rows_here - 1) * (uint32_t)ng];
+                }
+            };
             __syncthreads();  // the previous tile's readers of lut and red are done
             copy_table_async<BITS, R, TT>(p, o0, rows_here, lut);
             cp_async_commit();
-            float xs[NT][CPL], m[R];
             int s = tid;
-            auto load_pass = [&]() {  // x and the scales into registers, the codes' copies issued
-                if (s < slices) {
-                    load_x_slice<T, NT, CPL>(x, n, t0, nt, (int64_t)s * CPL, xs);
-                    const float* sp = p.scales + o0 * ng + s * CPL / p.group;
+            RawXSlice<T, NT, CPL> xr, xn;
+            float m[R], mn[R];
+            load_xm(s, xr, m);
 #pragma unroll
-                    for (int r = 0; r < R; ++r) m[r] = sp[(uint32_t)(r < rows_here ? r : rows_here - 1) * (uint32_t)ng];
-                }
-                copy_rows_slice_async<BITS, CPL, R, RG, TT>(p, o0, rows_here, s, slices, staged);
-            };
-            load_pass();
+            for (int g = 0; g < G; ++g) copy_row_group_async<BITS, CPL, RG, TT>(p, o0, rows_here, s, slices, g, staged);
             cp_async_wait_group<G>();  // this thread's share of the codebooks (its codes may be in flight)
             __syncthreads();           // and every thread's
 
@@ -873,9 +923,12 @@ __device__ __forceinline__ void linear_staged(const LinearParams& p) {
 #pragma unroll
             for (int i = 0; i < V; ++i) acc[i] = 0.0f;
             while (s < slices) {
+                const int sn = s + TT;
+                float xs[NT][CPL];
+                unpack_x<T, NT, CPL>(xr, xs);
 #pragma unroll
                 for (int g = 0; g < G; ++g) {
-                    cp_async_wait_newest(G - 1 - g);  // group g has landed, the later ones may not have
+                    cp_async_wait_group<G - 1>();  // group g of this pass, the oldest in flight, has landed
                     uint32_t cw[RG][NWORDS];
                     float mg[RG], ag[RG * NT];
 #pragma unroll
@@ -889,11 +942,21 @@ __device__ __forceinline__ void linear_staged(const LinearParams& p) {
                     slice_dot<NT, BITS, CPL, RG>(cw, mg, xs, lut + g * RG, ag);
 #pragma unroll
                     for (int i = 0; i < RG * NT; ++i) acc[g * RG * NT + i] = ag[i];
+                    if (XM_AHEAD && g == 0) load_xm(sn, xn, mn);
+                    // The same rows of the next pass into the slots just read (their loads into
+                    // cw are complete: the sums above used them).
+                    copy_row_group_async<BITS, CPL, RG, TT>(p, o0, rows_here, sn, slices, g, staged);
                 }
-                s += TT;
-                load_pass();  // s past the row: empty groups only
+                if constexpr (XM_AHEAD) {
+                    xr = xn;
+#pragma unroll
+                    for (int r = 0; r < R; ++r) m[r] = mn[r];
+                } else {
+                    load_xm(sn, xr, m);
+                }
+                s = sn;
             }
-            cp_async_wait_group<0>();  // the empty groups of a thread with no slice left
+            cp_async_wait_group<0>();  // the empty groups committed past the row
             stash_partials<V>(acc, red);
             __syncthreads();
             finish_partials<T, NT, R, TT>(p, red, o0, t0, nt);

@@ -358,15 +358,18 @@ inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)
     for (int i = 0; i < 4; ++i) d[i] = ::emu::self().mma_c[i];
 }
 
-// cp.async as the hardware guarantees it and no more: a group's bytes move when the issuing thread
-// waits for that group, so a kernel that reads copied bytes before the wait that covers them (or
-// another thread's copies without a barrier after that thread's wait) reads stale shared memory
-// and fails its checks; a misaligned copy fails the run.
+// cp.async as the hardware guarantees it and no more: the destination holds garbage (NaN bytes)
+// from the copy's issue until the issuing thread waits for its group, when the bytes move. So a
+// kernel that reads copied bytes before the wait that covers them (or another thread's copies
+// without a barrier after that thread's wait), or that copies over bytes it or another thread still
+// has to read, reads poisoned or stale shared memory and fails its checks; a misaligned copy fails
+// the run.
 template <int BYTES>
 inline void cp_async(void* dst, const void* src) {
     static_assert(BYTES == 4 || BYTES == 8 || BYTES == 16, "cp.async copies 4, 8 or 16 bytes");
     if (reinterpret_cast<uintptr_t>(dst) % BYTES != 0 || reinterpret_cast<uintptr_t>(src) % BYTES != 0)
         ::emu::fail("cp.async: an address not aligned to the copy's size");
+    memset(dst, 0xFF, BYTES);
     ::emu::self().async_copies.push_back({dst, src, BYTES});
 }
 inline void cp_async_commit() {

@@ -563,7 +563,10 @@ static void suite(const Kernels& K) {
     run_linear<T>(K, 1, 32, 32, 4, 1, true, false, 0);
     // Rows of more slices than a block has threads: several passes per thread and a partial last
     // one (8224 = 514 slices of 16, 1028 of 8), for every code width.
-    for (int bits : {2, 3, 4, 8}) run_linear<T>(K, 3, 8224, 32, bits, 1, true, false, 0);
+    for (int bits : {2, 3, 4, 8}) {
+        run_linear<T>(K, 3, 8224, 32, bits, 1, true, false, 0);
+        run_linear<T>(K, 3, 8224, 32, bits, 2, false, false, 0);
+    }
     run_linear<T>(K, 2, 8224, 8224, 4, 3, false, false, 0);
     run_linear<T>(K, 6, 4224, 128, 8, 2, false, false, 0);
     run_linear<T>(K, 9, 2048, 2048, 3, 8, true, false, 3);  // grid-stride, tiled with 4 rows per block
