@@ -165,7 +165,8 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
 // both addresses aligned to its size. It lands only once the issuing thread has waited for it
 // (cp_async_wait_all, or cp_async_wait_group<N> for the groups older than its N newest, a group
 // being the copies before a cp_async_commit), and other threads see it only after a barrier that
-// follows that wait; cuda/emu/emu.h models exactly this (the bytes move at the wait). Unlike a load
+// follows that wait; cuda/emu/emu.h models exactly this (the destination is garbage from the issue,
+// the bytes move at the wait). Unlike a load
 // into a register, it occupies no register scoreboard: waiting for it does not wait for the
 // thread's other loads in flight, and the groups complete in order, so a wait can be partial.
 template <int BYTES>
