@@ -264,37 +264,48 @@ k, nt = (int(v) for v in variant.split(",")) if variant else (0, 0)
 tune = os.environ["LMKERN_CUDA_QUANT_TUNE"].split(",")
 mma = "mma=1" in tune  # the tensor-core kernel where it fits
 staged = "staged=1" in tune  # the staged tiled kernel where it fits: 1-2 tokens, 2-, 4- and 8-bit codes
+# A variant replaces the bf16 4-bit kernel of one token tile and the tensor-core kernel only 4-bit
+# ones: the other calls take the default kernels, which the other tunings test.
+every_bits, every_dtype = (2, 3, 4, 8), tuple(TOL)
+bits_here = (4,) if k or mma else every_bits
+dtypes_here = (torch.bfloat16,) if k else every_dtype
 # (in, out, group): fewer slices than threads and partial row tiles; more slices than threads, the
 # last pass partial (4352 = 256 + 16 slices of 16); one group per row (8448 = 528 slices); more row
 # tiles than a GPU has SMs (4500 rows: blocks_per_sm=1 makes blocks take several, the last partial);
-# groups of 128 (the tensor-core kernel's shapes; 8448 too) with a partial row tile.
+# groups of 128 (the tensor-core kernel's shapes; 8448 too) with a partial row tile. One profile per
+# layer: each call's kernel (which differs by dtype and token tile) must be among those it shows,
+# and none of them the generic kernel (every shape here fits the tiled ones).
 for in_f, out_f, g in [(256, 96, 32), (4352, 21, 64), (8448, 6, 8448), (256, 4500, 32), (384, 40, 128)]:
-    for bits in (2, 3, 4, 8):
+    for bits in bits_here:
         torch.manual_seed(bits)
         lin = torch.nn.Linear(in_f, out_f)
         mod = PowerQuantLinear.from_linear(lin, bits, g, a=torch.linspace(0.4, 1.0, out_f)).to("cuda")
         w = mod.dequantized_weight().cpu().to(F64)
-        for dtype in TOL:
-            for tokens in (1, 2, 5):
-                x = torch.randn(tokens, in_f, dtype=F64).to(dtype)
-                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        wants = set()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for dtype in dtypes_here:
+                for tokens in (1, 2, 5):
+                    x = torch.randn(tokens, in_f, dtype=F64).to(dtype)
                     y = mod(x.cuda())
-                    torch.cuda.synchronize()
-                names = {e.key for e in prof.key_averages()}
-                tile = 1 if tokens == 1 else 2 if tokens == 2 else 8
-                want = f"quant_lintile{bits}_{SUFFIX[dtype]}_n{tile}"
-                if staged and bits != 3 and tile <= 2:
-                    want = f"quant_linstaged{bits}_{SUFFIX[dtype]}_n{tile}"
-                if k and bits == 4 and dtype == torch.bfloat16 and tile == nt:
-                    want += f"_v{k}"
-                if mma and bits == 4 and dtype != torch.float32 and in_f % 128 == 0 and g % 128 == 0:
-                    want = f"quant_linmma4_{SUFFIX[dtype]}_n8"
-                if want not in names:
-                    bad.append(f"{in_f}x{out_f} g{g} {bits}-bit {dtype} tokens={tokens}: {want} not in {sorted(names)}")
-                ref = x.to(F64) @ w.T + mod.bias.detach().cpu().to(F64)
-                err = ((y.cpu().to(F64) - ref).norm() / ref.norm()).item()
-                if not err <= TOL[dtype]:
-                    bad.append(f"{in_f}x{out_f} g{g} {bits}-bit {dtype} tokens={tokens}: rel err {err:.3g}")
+                    tile = 1 if tokens == 1 else 2 if tokens == 2 else 8
+                    want = f"quant_lintile{bits}_{SUFFIX[dtype]}_n{tile}"
+                    if staged and bits != 3 and tile <= 2:
+                        want = f"quant_linstaged{bits}_{SUFFIX[dtype]}_n{tile}"
+                    if k and bits == 4 and dtype == torch.bfloat16 and tile == nt:
+                        want += f"_v{k}"
+                    if mma and bits == 4 and dtype != torch.float32 and in_f % 128 == 0 and g % 128 == 0:
+                        want = f"quant_linmma4_{SUFFIX[dtype]}_n8"
+                    wants.add(want)
+                    ref = x.to(F64) @ w.T + mod.bias.detach().cpu().to(F64)
+                    err = ((y.cpu().to(F64) - ref).norm() / ref.norm()).item()
+                    if not err <= TOL[dtype]:
+                        bad.append(f"{in_f}x{out_f} g{g} {bits}-bit {dtype} tokens={tokens}: rel err {err:.3g}")
+            torch.cuda.synchronize()
+        names = {e.key for e in prof.key_averages()}
+        for want in sorted(wants - names):
+            bad.append(f"{in_f}x{out_f} g{g} {bits}-bit: {want} not in {sorted(names)}")
+        if any(name.startswith("quant_linear_") for name in names):
+            bad.append(f"{in_f}x{out_f} g{g} {bits}-bit: the generic kernel ran ({sorted(names)})")
 # Kernels that depend on the one before (with pdl=1 each may start before it ends): a chain of
 # linears, each reading the previous one's output, eagerly and replayed from a CUDA graph; and a
 # linear right after the quantization that writes its codes.
@@ -366,9 +377,10 @@ def test_linear_tuned_launch(tune):
     griddepcontrol.wait before it reads) and without (pdl=0), its tuning variants (variant=<k>),
     the tensor-core kernel (mma=1), the staged kernel (staged=1) and a grid of one block per SM (blocks_per_sm=1: each block takes several row
     tiles), set by LMKERN_CUDA_QUANT_TUNE, which is read once per process, hence the
-    subprocess. Every code width and dtype at 1, 2 and 5 tokens takes the kernel planned (the profiler
-    shows it) and matches the float64 product; so do kernels that read what the one before them wrote
-    (a chain of linears, eager and in a CUDA graph; a linear after a quantize)."""
+    subprocess. Every code width and dtype at 1, 2 and 5 tokens (those a variant or the tensor-core
+    kernel takes, for those) takes the kernel planned (the profiler shows it) and matches the float64
+    product; so do kernels that read what the one before them wrote (a chain of linears, eager and
+    in a CUDA graph; a linear after a quantize)."""
     import os
     import subprocess
     import sys
