@@ -365,33 +365,53 @@ sys.exit(1 if bad else 0)
 VARIANT_TOKEN_TILE = {21: 1, 22: 1, 23: 1, 24: 1, 25: 1, 26: 2, 27: 1, 28: 1, 29: 1, 31: 1, 32: 1}
 
 
-@pytest.mark.parametrize(
-    "tune",
-    ["pdl=0", "pdl=1", "blocks_per_sm=1,pdl=1", "blocks_per_sm=1,pdl=0", "variant=25,blocks_per_sm=1,pdl=1", "mma=1",
-     "mma=1,pdl=1", "staged=1", "staged=1,pdl=0", "staged=1,blocks_per_sm=1"]
-    + [f"variant={k},pdl=1" for k in VARIANT_TOKEN_TILE],
-)
-def test_linear_tuned_launch(tune):
-    """The tiled linear launched with programmatic dependent launch (pdl=1, the default on sm_90+ where
-    a row is one pass: each call may start before the one before it ends, and waits in
-    griddepcontrol.wait before it reads) and without (pdl=0), its tuning variants (variant=<k>),
-    the tensor-core kernel (mma=1), the staged kernel (staged=1) and a grid of one block per SM (blocks_per_sm=1: each block takes several row
-    tiles), set by LMKERN_CUDA_QUANT_TUNE, which is read once per process, hence the
-    subprocess. Every code width and dtype at 1, 2 and 5 tokens (those a variant or the tensor-core
-    kernel takes, for those) takes the kernel planned (the profiler shows it) and matches the float64
-    product; so do kernels that read what the one before them wrote (a chain of linears, eager and
-    in a CUDA graph; a linear after a quantize)."""
+TUNINGS = [
+    "pdl=0", "pdl=1", "blocks_per_sm=1,pdl=1", "blocks_per_sm=1,pdl=0", "variant=25,blocks_per_sm=1,pdl=1", "mma=1",
+    "mma=1,pdl=1", "staged=1", "staged=1,pdl=0", "staged=1,blocks_per_sm=1",
+] + [f"variant={k},pdl=1" for k in VARIANT_TOKEN_TILE]
+
+
+@pytest.fixture(scope="module")
+def tuned_runs(request):
+    """TUNED_SCRIPT in a subprocess per tuning selected for this session, all started at once (each
+    is a process of its own: LMKERN_CUDA_QUANT_TUNE is read once per process), so that they run side
+    by side on the GPU; any still running at the module's end are killed."""
     import os
     import subprocess
     import sys
 
     here = os.path.dirname(os.path.abspath(__file__))  # for `from test_quant_cuda import capture_graph`
     path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
-    k = next((int(item[8:]) for item in tune.split(",") if item.startswith("variant=")), None)
-    variant = f"{k},{VARIANT_TOKEN_TILE[k]}" if k else ""
-    env = dict(os.environ, LMKERN_CUDA_QUANT_TUNE=tune, PYTHONPATH=path, WANT_VARIANT=variant)
-    r = subprocess.run([sys.executable, "-c", TUNED_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    selected = [it.callspec.params["tune"] for it in request.session.items
+                if getattr(it, "originalname", None) == "test_linear_tuned_launch"]
+    procs = {}
+    for tune in dict.fromkeys(selected):
+        k = next((int(item[8:]) for item in tune.split(",") if item.startswith("variant=")), None)
+        variant = f"{k},{VARIANT_TOKEN_TILE[k]}" if k else ""
+        env = dict(os.environ, LMKERN_CUDA_QUANT_TUNE=tune, PYTHONPATH=path, WANT_VARIANT=variant)
+        procs[tune] = subprocess.Popen([sys.executable, "-c", TUNED_SCRIPT], env=env, stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, text=True)
+    yield procs
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
+@pytest.mark.parametrize("tune", TUNINGS)
+def test_linear_tuned_launch(tune, tuned_runs):
+    """The tiled linear launched with programmatic dependent launch (pdl=1, the default on sm_90+ where
+    a row is one pass: each call may start before the one before it ends, and waits in
+    griddepcontrol.wait before it reads) and without (pdl=0), its tuning variants (variant=<k>),
+    the tensor-core kernel (mma=1), the staged kernel (staged=1) and a grid of one block per SM
+    (blocks_per_sm=1: each block takes several row tiles), set by LMKERN_CUDA_QUANT_TUNE (see
+    tuned_runs). Every code width and dtype at 1, 2 and 5 tokens (those a variant or the tensor-core
+    kernel takes, for those) takes the kernel planned (the profiler shows it) and matches the float64
+    product; so do kernels that read what the one before them wrote (a chain of linears, eager and
+    in a CUDA graph; a linear after a quantize)."""
+    proc = tuned_runs[tune]
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-4000:] + err[-4000:]
 
 
 def test_linear_misaligned_inputs_use_the_generic_kernel():
