@@ -12,7 +12,8 @@
 # SM: blocks_per_sm=1), the codebooks by cp.async (28, 29), the bulk prefetch (25, 27) and the
 # other prefetches (21-23). Most wanted first, in case the call runs out of time: the quantization
 # tests under the `cuda` marker (among them the linear under each of these tunings,
-# test_linear_tuned_launch) come after the first ten settings, before the rest. About 7 minutes;
+# test_linear_tuned_launch) come after the first ten settings, before the rest. The tensor-core
+# and staged lines carry the dense peer too (--peer), so their ratios stand on any card. About 7 minutes;
 # everything before the tests about 3.5. Output: $OUT/quant_sweep.log (or
 # benches/results/quant_sweep.log), written as it goes.
 set -u
@@ -30,8 +31,8 @@ tune() { # tune SETTINGS TOKENS [FLAGS]: tune_quant.py under LMKERN_CUDA_QUANT_T
     whl=$(ls -t dist/lmkern-*.whl | head -n 1)
     "$PY" -m pip install -q --no-deps --no-index --force-reinstall --no-cache-dir "$whl" || echo "install failed"
     timeout -k 5 60 "$PY" benches/gpu/tune_quant.py --peer || echo "default: rc=$?"
-    tune "mma=1" 1,2,4,8,16 --direct
-    tune "staged=1" 1,2
+    tune "mma=1" 1,2,4,8,16 "--direct --peer"
+    tune "staged=1" 1,2 --peer
     tune "staged=1,pdl=0" 1,2
     tune "variant=31,pdl=1" 1
     tune "variant=32,pdl=1" 1
