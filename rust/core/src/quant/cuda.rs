@@ -15,7 +15,8 @@
 //!   prefetches its codes into L2 meanwhile, and waits for that kernel before it reads anything.
 //!   Under LMKERN_CUDA_QUANT_TUNE=mma=1 (a tuning switch until a GPU has timed it), the tensor-core
 //!   kernel (`quant_linmma4_*`: 16 output rows per block, token tiles of 8 or 16) where it fits
-//!   ([`mma_fits`]).
+//!   ([`mma_fits`]); under `staged=1`, the staged kernel (`quant_linstaged<bits>_*`: the tiled
+//!   kernel's shapes, the codes through shared memory by cp.async) where it fits ([`staged_fits`]).
 //! - dequantize: the tiled kernel (`quant_deqtile<bits>_*`, [`deq_tiled`]) where it fits, else the
 //!   row kernel.
 //!
