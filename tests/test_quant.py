@@ -645,6 +645,22 @@ def test_power_quant_linear_eager_path_matches_op(monkeypatch):
             quant_ops.quant_linear(xg.detach(), mod.codes, mod.scales[:, :2], mod.codebook, None, 4, 64, 256)
 
 
+def test_cuda_gemv_token_limit_follows_the_tensor_core_shape():
+    """power_quant_linear on CUDA: the fused GEMV up to 32 tokens where the tensor-core kernel fits
+    (bfloat16/float16, 4 bits, in_features and the group size multiples of 128), up to 8 elsewhere
+    (the rule lives in lmkern-core; the CUDA tests check the kernels it picks)."""
+    codes = lmkern._lib.DTYPE_CODES
+    limit = _core.quant_cuda_gemv_max_tokens
+    for dtype in (torch.bfloat16, torch.float16):
+        assert limit(codes[dtype], 4, 4096, 128) == 32
+        assert limit(codes[dtype], 4, 4096, 4096) == 32
+        assert limit(codes[dtype], 4, 4096, 64) == 8
+        assert limit(codes[dtype], 4, 4160, 4160) == 8
+        assert limit(codes[dtype], 8, 4096, 128) == 8
+        assert limit(codes[dtype], 3, 4096, 128) == 8
+    assert limit(codes[torch.float32], 4, 4096, 128) == 8
+
+
 def test_power_quant_linear_state_dict_round_trip():
     lin = _linear(256, 40, True, 1)
     mod = PowerQuantLinear.from_linear(lin, 4, 64)  # exponents searched

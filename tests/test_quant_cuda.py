@@ -205,7 +205,9 @@ def _linear(in_f, out_f, bias, seed):
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("tokens", [1, 2, 3, 8, 16])  # GEMV tiles 1, 2, 4, 8; 16: dequantize + cuBLAS
+# GEMV tiles 1, 2, 4, 8 (3 and 8: the tensor-core kernel where it fits, 4-bit bf16/f16 g128); 16
+# and 32: the tensor-core kernel where it fits, else dequantize + cuBLAS; 33: dequantize + cuBLAS.
+@pytest.mark.parametrize("tokens", [1, 2, 3, 8, 16, 32, 33])
 # (in, out, group): the tiled kernel, one pass; the generic kernel (group 3); the tiled kernel with
 # two passes of its threads over the row (4352 = 272 slices of 16, 544 of 8) and a partial row block.
 @pytest.mark.parametrize("shape", [(256, 96, 32), (96, 37, 3), (512, 40, 128), (4352, 21, 64)])
@@ -262,7 +264,8 @@ bad = []
 variant = os.environ["WANT_VARIANT"]  # "k,nt": the variant bf16 4-bit calls of token tile nt take
 k, nt = (int(v) for v in variant.split(",")) if variant else (0, 0)
 tune = os.environ["LMKERN_CUDA_QUANT_TUNE"].split(",")
-mma = "mma=1" in tune  # the tensor-core kernel where it fits
+mma = "mma=1" in tune  # the tensor-core kernel where it fits, at every token count
+no_mma = "mma=0" in tune  # never the tensor-core kernel (by default: where it fits, from 3 tokens)
 staged = "staged=1" in tune  # the staged tiled kernel where it fits: 1-2 tokens, 2-, 4- and 8-bit codes
 # A variant replaces the bf16 4-bit kernel of one token tile and the tensor-core kernel only 4-bit
 # ones: the other calls take the default kernels, which the other tunings test.
@@ -293,7 +296,8 @@ for in_f, out_f, g in [(256, 96, 32), (4352, 21, 64), (8448, 6, 8448), (256, 450
                         want = f"quant_linstaged{bits}_{SUFFIX[dtype]}_n{tile}"
                     if k and bits == 4 and dtype == torch.bfloat16 and tile == nt:
                         want += f"_v{k}"
-                    if mma and bits == 4 and dtype != torch.float32 and in_f % 128 == 0 and g % 128 == 0:
+                    mma_here = mma or (tokens >= 3 and not no_mma)
+                    if mma_here and bits == 4 and dtype != torch.float32 and in_f % 128 == 0 and g % 128 == 0:
                         want = f"quant_linmma4_{SUFFIX[dtype]}_n8"
                     wants.add(want)
                     ref = x.to(F64) @ w.T + mod.bias.detach().cpu().to(F64)
@@ -341,15 +345,15 @@ for seed in range(3):
     err = ((y.cpu().to(F64) - ref).norm() / ref.norm()).item()
     if not err <= 1e-2:
         bad.append(f"linear right after quantize (seed {seed}): rel err {err:.3g}")
-# Past GEMV_MAX_TOKENS the op takes the dequantize + cuBLAS path; the kernels' own token tiles (the
-# tensor-core kernel's 16-token one among them) are reached through _fused_gemv directly.
+# Past _core.quant_cuda_gemv_max_tokens the op takes the dequantize + cuBLAS path; the kernels' own
+# token tiles past it (the tensor-core kernel's second 16-token tile) are reached through _fused_gemv.
 from lmkern.ops.quant import _fused_gemv
 torch.manual_seed(11)
 lin = torch.nn.Linear(512, 56)
 mod = PowerQuantLinear.from_linear(lin, 4, 128, a=torch.linspace(0.5, 1.0, 56)).to("cuda")
 w = mod.dequantized_weight().cpu().to(F64)
 for dtype in (torch.bfloat16, torch.float16):
-    for tokens in (9, 16, 23):
+    for tokens in (9, 16, 23, 40):
         x = torch.randn(tokens, 512, dtype=F64).to(dtype).cuda()
         y = _fused_gemv(x, mod.codes, mod.scales, mod.codebook, mod.bias, 4, 128, 512)
         ref = x.cpu().to(F64) @ w.T + mod.bias.detach().cpu().to(F64)
@@ -367,7 +371,7 @@ VARIANT_TOKEN_TILE = {21: 1, 22: 1, 23: 1, 24: 1, 25: 1, 26: 2, 27: 1, 28: 1, 29
 
 TUNINGS = [
     "pdl=0", "pdl=1", "blocks_per_sm=1,pdl=1", "blocks_per_sm=1,pdl=0", "variant=25,blocks_per_sm=1,pdl=1", "mma=1",
-    "mma=1,pdl=1", "staged=1", "staged=1,pdl=0", "staged=1,blocks_per_sm=1",
+    "mma=1,pdl=1", "mma=0", "staged=1", "staged=1,pdl=0", "staged=1,blocks_per_sm=1",
 ] + [f"variant={k},pdl=1" for k in VARIANT_TOKEN_TILE]
 
 

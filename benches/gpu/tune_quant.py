@@ -1,6 +1,6 @@
 """Kernel timings of PowerQuantLinear's CUDA GEMV under one launch-shape variant, for tuning.
 
-  LMKERN_CUDA_QUANT_TUNE="[variant=<k>][,pdl=0|1][,mma=1][,staged=1][,blocks_per_sm=<b>]" python benches/gpu/tune_quant.py [--peer] [--tokens 1,2] [--direct]
+  LMKERN_CUDA_QUANT_TUNE="[variant=<k>][,pdl=0|1][,mma=0|1][,staged=1][,blocks_per_sm=<b>]" python benches/gpu/tune_quant.py [--peer] [--tokens 1,2] [--cases 4096x4096x32,...] [--direct]
 
 bf16 activations, 4-bit g128 codes, a = 0.7. Per case: torch.ops.lmkern.power_quant_linear in a
 CUDA graph of calls over rotating copies of the codes (256 MiB in all, so every call reads its
@@ -8,9 +8,9 @@ weight from HBM, as timings.py times it), median of 30 replays divided by the ca
 with --peer, F.linear on the dense bf16 weight the same way, and cuBLAS on the bytes of the codes:
 F.linear over the rotating codes viewed as a bf16 weight of in·bits/16 columns, the dense GEMV that
 moves what the quantized one must read (bar its scales and codebooks), with no lookups.
---tokens keeps the cases of those token counts. --direct calls the fused GEMV
-(lmkern.ops.quant._fused_gemv) at every token count, where the op would take the dequantize +
-cuBLAS path past GEMV_MAX_TOKENS. The variants (rust/core/src/quant/cuda.rs, TILE_VARIANTS)
+--tokens keeps the cases of those token counts; --cases replaces the cases (out x in x tokens).
+--direct calls the fused GEMV (lmkern.ops.quant._fused_gemv) at every token count, where the op
+would take the dequantize + cuBLAS path past lmkern._core.quant_cuda_gemv_max_tokens. The variants (rust/core/src/quant/cuda.rs, TILE_VARIANTS)
 replace the default kernel only for their own token tile; the others run the default.
 Also checks every output against the float64 product (relative error printed; > 1e-2 is FAIL).
 """
@@ -59,13 +59,15 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--peer", action="store_true")
     ap.add_argument("--tokens", default="", help="comma-separated token counts: only these cases")
+    ap.add_argument("--cases", default="", help="comma-separated OUTxINxTOKENS: these cases instead")
     ap.add_argument("--direct", action="store_true", help="the fused GEMV at every token count")
     args = ap.parse_args()
+    cases = [tuple(int(v) for v in c.split("x")) for c in args.cases.split(",") if c.strip()] or CASES
     keep = {int(t) for t in args.tokens.split(",") if t.strip()}
     tune = os.environ.get("LMKERN_CUDA_QUANT_TUNE") or "default"
     dev, g, bits = "cuda", 128, 4
     op = _fused_gemv if args.direct else torch.ops.lmkern.power_quant_linear
-    for out_f, in_f, tokens in CASES:
+    for out_f, in_f, tokens in cases:
         if keep and tokens not in keep:
             continue
         w, a = _quant_inputs(dev, out_f, in_f, 3)

@@ -19,9 +19,10 @@ the kernels' launch path:
     power_fake_quantize_backward the exponents before it: same errors as on CPU.
   - power_codebook runs on the CPU: a is copied to the host (and checked there), the table back.
   - power_quant_linear does not synchronize; the GEMV reads the codebooks in `table` as given. Up to
-    GEMV_MAX_TOKENS tokens it runs the fused lookup-table GEMV; beyond, it dequantizes W through the
-    codebooks (the dequantize_codebooks kernel) into a scratch of the activations' dtype and calls
-    cuBLAS (torch.addmm).
+    _core.quant_cuda_gemv_max_tokens tokens (32 where the tensor-core kernel fits: bfloat16/float16,
+    4 bits, in_features and the group size multiples of 128; else 8) it runs the fused lookup-table
+    GEMV; beyond, it dequantizes W through the codebooks (the dequantize_codebooks kernel) into a
+    scratch of the activations' dtype and calls cuBLAS (torch.addmm).
   - power_quant_linear_backward is dy @ Ŵ with Ŵ dequantized through the codebooks into dy's dtype
     and a cuBLAS matmul (torch), as the many-token forward does.
   - power_search_exponent runs on the CPU: w (and x) are copied to the host, the result back.
@@ -43,11 +44,6 @@ from .._lib import DTYPE_CODES, LIB, check_cpu_or_cuda, check_floating, device_a
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 BITS = (2, 3, 4, 8)
-#: power_quant_linear: the fused GEMV up to this many tokens, beyond it Ŵ dequantized + a matmul.
-#: CUDA: the GEMV re-reads the codes per tile of 8 tokens. On the H200 one 8-token tile took 25 µs and
-#: 16 tokens through the dequantizer + cuBLAS 67 µs (BENCHMARKS.md), so two tiles may win at 16; not
-#: measured yet, so the limit stays at one tile.
-GEMV_MAX_TOKENS = 8
 #: CPU: the GEMV decodes each row once per 8 tokens; past ~48 tokens that decoding costs more
 #: than forming Ŵ a chunk at a time for torch's matmul (BENCHMARKS.md, "many tokens").
 CPU_GEMV_MAX_TOKENS = 48
@@ -436,7 +432,11 @@ def _linear(x, codes, scales, table, bias, bits, group_size, in_features):
     out_features = _check_linear(x, codes, scales, table, bias, bits, group_size, in_features)
     x2 = x.reshape(-1, in_features).contiguous()
     tokens = x2.shape[0]
-    if tokens > (GEMV_MAX_TOKENS if x.is_cuda else CPU_GEMV_MAX_TOKENS) and out_features > 0:
+    if x.is_cuda:
+        max_tokens = _core.quant_cuda_gemv_max_tokens(DTYPE_CODES[x.dtype], bits, in_features, group_size)
+    else:
+        max_tokens = CPU_GEMV_MAX_TOKENS
+    if tokens > max_tokens and out_features > 0:
         y = _linear_many_tokens(x2, codes, scales, table, bias, bits, group_size, in_features)
         return y.reshape(*x.shape[:-1], out_features)
     codes, scales, table = codes.contiguous(), scales.contiguous(), table.contiguous()

@@ -12,6 +12,12 @@ fn quant_row_bytes(n: usize, bits: u32) -> usize {
     quant::row_bytes(n, bits)
 }
 
+/// See lmkern_core::quant::cuda_gemv_max_tokens.
+#[pyfunction]
+fn quant_cuda_gemv_max_tokens(dtype_code: i32, bits: u32, n: usize, group: usize) -> PyResult<usize> {
+    Ok(quant::cuda_gemv_max_tokens(dtype(dtype_code)?, bits, n, group))
+}
+
 /// See lmkern_core::quant::quantize.
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
@@ -119,6 +125,7 @@ fn quant_search(
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(quant_row_bytes, m)?)?;
+    m.add_function(wrap_pyfunction!(quant_cuda_gemv_max_tokens, m)?)?;
     m.add_function(wrap_pyfunction!(quant_quantize, m)?)?;
     m.add_function(wrap_pyfunction!(quant_dequantize, m)?)?;
     m.add_function(wrap_pyfunction!(quant_dequantize_codebooks, m)?)?;

@@ -245,6 +245,15 @@ fn pdl_by_default(q: &QuantArgs, tokens: usize) -> bool {
     q.n <= BLOCK * tile_shape(token_tile(tokens), q.bits).0
 }
 
+/// As [`pdl_by_default`], for the tensor-core linear: where n ≤ 4096 (at most 4 chunks of 128
+/// columns per warp). On the H200 (benches/results/2026-11-27-h200-9-quant-staged-mma, bf16 4-bit
+/// g128) PDL took 4096 → 4096 from 11.0 / 11.4 / 12.4 / 15.5 / 27.2 µs to 9.8 / 10.1 / 11.5 / 15.0 /
+/// 26.7 at 3 / 4 / 8 / 16 / 32 tokens and 4096 → 14336 from 36.8 to 36.3 at 8; 14336 → 4096 from
+/// 33.1 to 34.4 at 8 and 43.2 to 44.7 at 16.
+fn mma_pdl_by_default(q: &QuantArgs) -> bool {
+    q.n <= 4096
+}
+
 /// Tuning switches from LMKERN_CUDA_QUANT_TUNE (comma-separated, read once per process):
 /// `variant=<k>` (a [`TILE_VARIANTS`] entry for the linear), `pdl=1` / `pdl=0` (with
 /// programmatic dependent launch or not, overriding [`pdl_by_default`]), `blocks_per_sm=<b>`
@@ -257,7 +266,7 @@ struct Tune {
     variant: Option<Variant>,
     pdl: Option<bool>,
     blocks_per_sm: Option<usize>,
-    mma: bool,
+    mma: Option<bool>,
     staged: bool,
 }
 
@@ -272,7 +281,8 @@ impl Tune {
                 Some(("pdl", "1")) => t.pdl = Some(true),
                 Some(("pdl", "0")) => t.pdl = Some(false),
                 Some(("blocks_per_sm", v)) => t.blocks_per_sm = v.parse::<usize>().ok().filter(|&b| b > 0),
-                Some(("mma", "1")) => t.mma = true,
+                Some(("mma", "1")) => t.mma = Some(true),
+                Some(("mma", "0")) => t.mma = Some(false),
                 Some(("staged", "1")) => t.staged = true,
                 _ => {}
             }
@@ -295,22 +305,21 @@ fn variant_for(dtype: DType, l: &LinearArgs, x: Ptr, codes: Ptr) -> Option<Varia
     fits.then_some(v)
 }
 
-/// Output rows per block and input columns per warp step of the tensor-core linear (MMA_ROWS,
-/// MMA_CHUNK in cuda/quant.cu).
+/// Output rows per block of the tensor-core linear (MMA_ROWS in cuda/quant.cu; its warp step,
+/// MMA_CHUNK = 128 columns, is [`super::tensor_core_shape`]'s 128).
 const MMA_ROWS: usize = 16;
-const MMA_CHUNK: usize = 128;
 
 /// Whether the tensor-core linear (`quant_linmma4_*`) applies: bf16 or f16 activations, 4-bit
 /// codes, n and the group size multiples of 128 (a warp step is 128 columns of one group), x and
 /// the codes 16-byte aligned (16-byte loads).
 pub(crate) fn mma_fits(dtype: DType, q: &QuantArgs, x: Ptr, codes: Ptr) -> bool {
-    matches!(dtype, DType::BF16 | DType::F16)
-        && q.bits == 4
-        && q.n.is_multiple_of(MMA_CHUNK)
-        && q.group.is_multiple_of(MMA_CHUNK)
-        && x.is_multiple_of(16)
-        && codes.is_multiple_of(16)
+    super::tensor_core_shape(dtype, q.bits, q.n, q.group) && x.is_multiple_of(16) && codes.is_multiple_of(16)
 }
+
+/// The fewest tokens for which the tensor-core linear is the default where it fits: on the H200
+/// (benches/results/2026-11-27-h200-9-quant-staged-mma, 4096², bf16 4-bit g128) it took 10.3 /
+/// 10.5 / 11.1 / 12.4 µs at 1 / 2 / 4 / 8 tokens against the tiled kernel's 5.9 / 7.9 / 13.0 / 24.5.
+const MMA_MIN_TOKENS: usize = 3;
 
 /// The linear kernels (cuda/quant.cu).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -335,10 +344,9 @@ pub(crate) fn staged_fits(q: &QuantArgs, tokens: usize, x: Ptr, codes: Ptr) -> b
     token_tile(tokens) <= 2 && matches!(q.bits, 2 | 4 | 8) && tiled(q, tokens, x, codes)
 }
 
-/// The kernel a linear call takes.
-fn linear_kernel(dtype: DType, q: &QuantArgs, tokens: usize, x: Ptr, codes: Ptr) -> LinearKernel {
-    let tune = Tune::get();
-    if tune.mma && mma_fits(dtype, q, x, codes) {
+/// The kernel a linear call takes (`tune`: LMKERN_CUDA_QUANT_TUNE's switches).
+fn linear_kernel(tune: &Tune, dtype: DType, q: &QuantArgs, tokens: usize, x: Ptr, codes: Ptr) -> LinearKernel {
+    if tune.mma.unwrap_or(tokens >= MMA_MIN_TOKENS) && mma_fits(dtype, q, x, codes) {
         LinearKernel::Mma
     } else if tune.staged && staged_fits(q, tokens, x, codes) {
         LinearKernel::Staged
@@ -462,14 +470,14 @@ pub unsafe fn linear(
     if q.rows > i32::MAX as usize {
         return Err(Error::value(format!("codes: {} output rows exceed the 2^31-1 the CUDA kernels support", q.rows)));
     }
-    let kernel = linear_kernel(dtype, q, l.tokens, x, codes);
+    let tune = Tune::get();
+    let kernel = linear_kernel(&tune, dtype, q, l.tokens, x, codes);
     let mut plan = plan_linear(dtype, l, kernel)?;
     if let Some(v) = variant_for(dtype, l, x, codes).filter(|_| kernel == LinearKernel::Tiled) {
         plan.name = format!("quant_lintile4_bf16_n{}_v{}", v.nt, v.k);
         plan.grid = clamp_grid(q.rows.div_ceil(v.rows));
         plan.block = (v.threads as u32, 1);
     }
-    let tune = Tune::get();
     if let (LinearKernel::Tiled | LinearKernel::Staged, Some(b)) = (kernel, tune.blocks_per_sm) {
         plan.grid = plan.grid.min(clamp_grid(b.saturating_mul(cuda::sm_count(ordinal)?)));
     }
@@ -477,7 +485,7 @@ pub unsafe fn linear(
     // before they read.
     let pdl = match kernel {
         LinearKernel::Tiled | LinearKernel::Staged => tune.pdl.unwrap_or_else(|| pdl_by_default(q, l.tokens)),
-        LinearKernel::Mma => tune.pdl.unwrap_or(false),
+        LinearKernel::Mma => tune.pdl.unwrap_or_else(|| mma_pdl_by_default(q)),
         LinearKernel::Generic => false,
     } && cuda::supports_pdl(ordinal)?;
     let mut p = LinearParams {
@@ -631,6 +639,31 @@ mod tests {
     }
 
     #[test]
+    fn tensor_cores_by_default_from_3_tokens_where_they_fit() {
+        use LinearKernel::{Generic, Mma, Staged, Tiled};
+        let q = QuantArgs { bits: 4, rows: 4096, n: 4096, group: 128, clip: 1.0 };
+        let none = Tune::default();
+        let kernel = |tune: &Tune, dtype, q: &QuantArgs, tokens, x| linear_kernel(tune, dtype, q, tokens, x, 512);
+        for dtype in [DType::BF16, DType::F16] {
+            assert_eq!(kernel(&none, dtype, &q, 1, 256), Tiled);
+            assert_eq!(kernel(&none, dtype, &q, 2, 256), Tiled);
+            for tokens in [3, 4, 8, 16, 40] {
+                assert_eq!(kernel(&none, dtype, &q, tokens, 256), Mma, "{tokens} tokens");
+            }
+        }
+        assert_eq!(kernel(&none, DType::F32, &q, 8, 256), Tiled);
+        assert_eq!(kernel(&none, DType::BF16, &QuantArgs { bits: 8, ..q }, 8, 256), Tiled);
+        assert_eq!(kernel(&none, DType::BF16, &QuantArgs { group: 64, ..q }, 8, 256), Tiled);
+        assert_eq!(kernel(&none, DType::BF16, &q, 8, 248), Generic); // x not 16-byte aligned
+        let mma = |m| Tune { mma: Some(m), ..Tune::default() };
+        assert_eq!(kernel(&mma(true), DType::BF16, &q, 1, 256), Mma);
+        assert_eq!(kernel(&mma(false), DType::BF16, &q, 8, 256), Tiled);
+        let staged = Tune { staged: true, ..Tune::default() };
+        assert_eq!(kernel(&staged, DType::BF16, &q, 1, 256), Staged);
+        assert_eq!(kernel(&staged, DType::BF16, &q, 8, 256), Mma);
+    }
+
+    #[test]
     fn deq_tiled_needs_alignment_and_whole_slices() {
         let q = QuantArgs { bits: 4, rows: 3, n: 4096, group: 128, clip: 1.0 };
         assert!(deq_tiled(&q, 512, 256));
@@ -650,6 +683,8 @@ mod tests {
         assert!(!pdl_by_default(&q, 3)); // slices of 8: 512
         assert!(pdl_by_default(&QuantArgs { n: 2048, ..q }, 8));
         assert!(pdl_by_default(&QuantArgs { bits: 8, ..q }, 1));
+        assert!(mma_pdl_by_default(&q) && mma_pdl_by_default(&QuantArgs { n: 2048, ..q }));
+        assert!(!mma_pdl_by_default(&QuantArgs { n: 4224, ..q }) && !mma_pdl_by_default(&QuantArgs { n: 14336, ..q }));
     }
 
     #[test]
@@ -663,7 +698,7 @@ mod tests {
         assert_eq!(Tune::parse("variant=31").variant, Some(tile_variant(31, 1, 32, 16, 128))); // staged, 32-column slices
         assert_eq!(Tune::parse("blocks_per_sm=1").blocks_per_sm, Some(1));
         assert_eq!(Tune::parse("blocks_per_sm=0").blocks_per_sm, None);
-        assert!(Tune::parse("mma=1,pdl=1").mma && !Tune::parse("mma=0").mma);
+        assert_eq!((Tune::parse("mma=1,pdl=1").mma, Tune::parse("mma=0").mma, Tune::parse("mma=2").mma), (Some(true), Some(false), None));
         assert!(Tune::parse("staged=1,pdl=1").staged && !Tune::parse("staged=0").staged);
         assert_eq!(Tune::parse("variant=99,deq=tiled,lin=async,junk"), Tune::default());
     }

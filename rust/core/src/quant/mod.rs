@@ -425,6 +425,31 @@ pub unsafe fn codebook(bits: u32, rows: usize, a: Ptr, out: Ptr) -> Result<()> {
     Ok(())
 }
 
+/// Whether the CUDA tensor-core linear can take this shape (cuda.rs, `mma_fits`, adds the buffers'
+/// alignment): bfloat16 or float16 activations, 4-bit codes, `n` and the group size multiples of 128
+/// (a warp step is 128 columns of one group).
+pub fn tensor_core_shape(dtype: DType, bits: u32, n: usize, group: usize) -> bool {
+    matches!(dtype, DType::BF16 | DType::F16) && bits == 4 && n.is_multiple_of(128) && group.is_multiple_of(128)
+}
+
+/// The most tokens for which [`linear`] on a CUDA device is worth calling rather than dequantizing
+/// Ŵ and a cuBLAS matmul (lmkern.ops.quant picks the path). On the H200 (benches/results/
+/// 2026-11-27-h200-9-quant-staged-mma, 4096², bf16 4-bit g128) the dequantize + cuBLAS path takes
+/// ~33.5 µs at 16-64 tokens; the FFMA kernels re-read the codes per tile of 8 tokens, one tile
+/// costing 24.5 µs, so they stop at 8; the tensor-core kernel (bf16/f16, 4 bits, n and the group
+/// size multiples of 128) took 15.0 µs at 16 tokens, 26.7 at 32 and 50.2 at 64, so it runs up to 32.
+pub fn cuda_gemv_max_tokens(dtype: DType, bits: u32, n: usize, group: usize) -> usize {
+    if tensor_core_shape(dtype, bits, n, group) {
+        CUDA_MMA_GEMV_MAX_TOKENS
+    } else {
+        CUDA_GEMV_MAX_TOKENS
+    }
+}
+
+/// See [`cuda_gemv_max_tokens`].
+pub const CUDA_GEMV_MAX_TOKENS: usize = 8;
+pub const CUDA_MMA_GEMV_MAX_TOKENS: usize = 32;
+
 /// `y = x @ Ŵᵀ + bias` with x `[tokens, in]` and y `[tokens, out]` of `dtype`, bias float32 [out]
 /// (0: none), `table` the rows' codebooks (float32 [out, 2^b], see [`codebook`]). Ŵ is never formed:
 /// each row's codebook times its group scales meets x directly (AVX2 for 4 bits with in and the
