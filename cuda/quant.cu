@@ -456,8 +456,9 @@ __device__ __forceinline__ void linear(const LinearParams& p) {
 // The block then sums acc over its threads in a fixed order: a transposing butterfly within each
 // warp, and the warps' partials in shared memory.
 // Launched with programmatic dependent launch (flags & LINEAR_PDL, sm_90+), a block may start
-// before the previous kernel ends: it prefetches its row tiles' codes into L2 and reads nothing
-// before griddep_wait. Either way it lets the next kernel start as its blocks retire.
+// before the previous kernel ends: it prefetches the codes of its row tiles' first pass of slices
+// into L2 and reads nothing before griddep_wait. Either way it lets the next kernel start as its
+// blocks retire.
 // ---------------------------------------------------------------------------------------------
 constexpr int TILE_THREADS = 256;
 
@@ -689,11 +690,13 @@ __device__ __forceinline__ void finish_partials(const LinearParams& p, const flo
 }
 
 // What a block prefetches into L2 when launched with PDL, before its griddep_wait, for each row
-// tile it will take (one, unless the grid is smaller than the tiles): the tile's codes, a prefetch
-// per 128-byte line (the default); nothing; those and the tile's scales and codebooks; only the
-// codes of the tile's first pass of slices (the same as the default when a row is one pass); or
-// the tile's codes in bulk, 16-KiB ranges (cp.async.bulk.prefetch, sm_90; needs 16-byte aligned
-// codes). All but the default are tuning variants until measured.
+// tile it will take (one, unless the grid is smaller than the tiles), a prefetch per 128-byte
+// line: the tile's codes; nothing; those and the tile's scales and codebooks; only the codes of
+// the tile's first pass of slices (the same as Codes when a row is one pass); or the tile's codes
+// in bulk, 16-KiB ranges (cp.async.bulk.prefetch, sm_90; needs 16-byte aligned codes). The tiled
+// kernel takes FirstPass: on the H200 (benches/results/2026-11-27-h200-9-quant-staged-mma, bf16
+// 4-bit, 1 token) it took 14336 → 4096 (3.5 passes) to 15.3 µs against 17.9 with Codes and 16.8
+// without PDL, and matched Codes where a row is one pass; the others lost or tied there.
 enum class Prefetch { Codes, None, All, FirstPass, Bulk };
 
 template <int BITS, int CPL, int R, int TT, Prefetch PF>
@@ -725,7 +728,7 @@ __device__ __forceinline__ void prefetch_tile(const LinearParams& p, int64_t o0)
 }
 
 // TT threads per block (a multiple of 32; the default kernels take TILE_THREADS).
-template <typename T, int NT, int BITS, int CPL, int R, Prefetch PF = Prefetch::Codes, int TT = TILE_THREADS, bool AsyncTable = false>
+template <typename T, int NT, int BITS, int CPL, int R, Prefetch PF = Prefetch::FirstPass, int TT = TILE_THREADS, bool AsyncTable = false>
 __device__ __forceinline__ void linear_tiled(const LinearParams& p) {
     constexpr int NWORDS = (CPL * BITS / 8 + 3) / 4;
     constexpr int V = R * NT;  // partial sums per thread
@@ -858,7 +861,9 @@ __device__ __forceinline__ void unpack_x(const RawXSlice<T, NT, CPL>& r, float (
     }
 }
 
-// The staged tiled kernel (unmeasured: quant_linstaged*, tuning variants 31-32): linear_tiled's
+// The staged tiled kernel (quant_linstaged*, tuning variants 31-32; under LMKERN_CUDA_QUANT_TUNE=
+// staged=1 only: on the H200 it lost at 1 token, 6.50 against 5.85 µs at 4096², and won a little at
+// 2, 7.51 against 7.92; rust/core/src/quant/cuda.rs, LinearKernel::Staged): linear_tiled's
 // shape and order of summation, but a thread's codes reach it through shared memory, copied with
 // cp.async, RG rows a group, and it computes a group's rows as soon as that group has landed while
 // the later ones are still in flight. In linear_tiled every code load of a thread shares one
@@ -980,8 +985,10 @@ __device__ __forceinline__ void linear_staged(const LinearParams& p) {
 // chunk's 8 steps sum into a fresh accumulator that is then scaled by the rows' group scales, in
 // float. The warps' sums meet in shared memory (fixed order). Codebook entries are rounded to T
 // (the many-token path's dequantized weight is too); x is used as given. Launched with PDL it
-// prefetches its row tiles' codes into L2 before griddep_wait, as linear_tiled does.
-// Unmeasured: only LMKERN_CUDA_QUANT_TUNE=mma=1 selects it.
+// prefetches its row tiles' codes into L2 before griddep_wait, as linear_tiled does. The default
+// from 3 tokens where it fits (H200, 4096² bf16: 11.0 µs at 3 tokens, 12.4 at 8, 15.5 at 16,
+// against the FFMA kernels' 12.5, 24.5 and the dequantize + cuBLAS path's 33.9; 10.3 at 1 token
+// against 5.85: rust/core/src/quant/cuda.rs, MMA_MIN_TOKENS).
 // ---------------------------------------------------------------------------------------------
 constexpr int MMA_ROWS = 16;
 constexpr int MMA_CHUNK = 128;
@@ -1215,7 +1222,7 @@ __device__ __forceinline__ void deq_tiled(const DeqParams& p) {
 
 // quant_linstaged<BITS>_<t>_n<NT>: linear_staged in the tiled kernel's 1- and 2-token shapes, 4 rows
 // a cp.async group (2-, 4- and 8-bit codes: a row's slice is one copy of 4, 8 or 16 bytes); only
-// under LMKERN_CUDA_QUANT_TUNE=staged=1 until a GPU has timed it.
+// under LMKERN_CUDA_QUANT_TUNE=staged=1 (it lost at 1 token on the H200).
 #define LMKERN_QUANT_LINSTAGED(T, TN, BITS, NT, R)                                                      \
     extern "C" __global__ void __launch_bounds__(lmkern::quant::TILE_THREADS, 2)                      \
         quant_linstaged##BITS##_##TN##_n##NT(const __grid_constant__ lmkern::quant::LinearParams p) { \
@@ -1269,14 +1276,15 @@ __device__ __forceinline__ void deq_tiled(const DeqParams& p) {
         quant_lintile4_bf16_n##NT##_v##K(const __grid_constant__ lmkern::quant::LinearParams p) {          \
         lmkern::quant::linear_tiled<__nv_bfloat16, NT, 4, CPL, R, lmkern::quant::Prefetch::PF, TT, AT>(p); \
     }
-// The default 1-token shape with another PDL prefetch (unmeasured; with pdl=1 against the default):
-// the row tile's scales and codebooks as well as its codes (21); nothing, to tell the prefetch's
-// share of PDL's gain from the launch overlap's (22); only the first pass of slices, for rows of
-// several passes, where the whole tile's codes made PDL lose (23).
+// Variants 21-32 were timed on the H200 with pdl=1 (rust/core/src/quant/cuda.rs, TILE_VARIANTS, has
+// the numbers); only 23's prefetch (now the default's) and 24-25 at 4096 → 14336 won.
+// The default 1-token shape with another PDL prefetch: the row tile's scales and codebooks as well
+// as its codes (21); nothing, to tell the prefetch's share of PDL's gain from the launch overlap's
+// (22); only the first pass of slices (23, the default's since; it made PDL win at 14336 → 4096).
 LMKERN_QUANT_LINTILE_VARIANT(21, 1, 16, 16, 256, 2, All, false)
 LMKERN_QUANT_LINTILE_VARIANT(22, 1, 16, 16, 256, 2, None, false)
 LMKERN_QUANT_LINTILE_VARIANT(23, 1, 16, 16, 256, 2, FirstPass, false)
-// Room for the next kernel (unmeasured): one kernel's blocks fill every SM (16 warps each at
+// Room for the next kernel: one kernel's blocks fill every SM (16 warps each at
 // 4096 → 4096), so a PDL-launched successor can only start as they retire. Blocks of 128 threads,
 // 4 per SM (the same 128 registers a thread), leave half of each SM free at 4096 → 4096: the next
 // kernel's blocks can be resident from the start and prefetch all their codes while this one
@@ -1287,13 +1295,13 @@ LMKERN_QUANT_LINTILE_VARIANT(24, 1, 16, 16, 128, 4, Codes, false)
 LMKERN_QUANT_LINTILE_VARIANT(25, 1, 16, 16, 128, 4, Bulk, false)
 LMKERN_QUANT_LINTILE_VARIANT(26, 2, 16, 16, 128, 4, Codes, false)
 LMKERN_QUANT_LINTILE_VARIANT(27, 1, 16, 16, 256, 2, Bulk, false)
-// The codebooks copied with cp.async (unmeasured): the barrier before the lookups waits for the
+// The codebooks copied with cp.async: the barrier before the lookups waits for the
 // table alone, and each warp starts as soon as its own codes are in, not when the block's last
 // warp has its codes (28: the default shape; 29: as 24).
 LMKERN_QUANT_LINTILE_VARIANT(28, 1, 16, 16, 256, 2, Codes, true)
 LMKERN_QUANT_LINTILE_VARIANT(29, 1, 16, 16, 128, 4, Codes, true)
 
-// The staged kernel in other shapes (linear_staged; unmeasured; LMKERN_CUDA_QUANT_TUNE=staged=1
+// The staged kernel in other shapes (linear_staged; LMKERN_CUDA_QUANT_TUNE=staged=1
 // takes it in the default shapes): 31, blocks of 128 threads with 32-column slices (16-byte copies;
 // one pass at n = 4096), 4 per SM; 32, groups of 8 rows.
 #define LMKERN_QUANT_LINSTAGED_VARIANT(K, NT, CPL, R, RG, TT, MINB)                                 \

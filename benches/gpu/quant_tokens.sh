@@ -3,10 +3,11 @@
 # benches/gpu/prepare.sh built dist/):
 #   run(command="bash benches/gpu/quant_tokens.sh", carry=["dist"], timeout_s=300)
 # installs the newest dist/lmkern-*.whl, then benches/gpu/tune_quant.py (every output checked
-# against the float64 product; bf16 4-bit g128): the default kernels (the tensor-core one from 3
-# tokens) through the op, with the dense bf16 peer, at 3-17 tokens and on the 14336 shapes at 8;
-# the tensor-core kernel with and without PDL at 1-64 tokens (--direct: past the op's GEMV limit);
-# the tiled kernel at 3 tokens (mma=0); the op at 17-64 tokens (dequantize + cuBLAS); then the
+# against the float64 product; bf16 4-bit g128): the default kernels through the op (the tensor-core
+# one from 3 tokens, the fused path up to 32 tokens there), with the dense bf16 peer, at 1-33
+# tokens and on the 14336 shapes at 1, 8 and 16; the same without PDL (pdl=0); the tensor-core
+# kernel at 2 and 64 tokens (--direct: past the op's GEMV limit); the tiled kernel at 3-4 tokens
+# (mma=0); then the
 # quantization tests under the `cuda` marker; last, where Nsight Compute (ncu) is installed, a full
 # profile of the 1-token tiled kernel and the 8-token tensor-core kernel at 4096² (QUANT_NCU=0
 # skips it). About 2.5 minutes.
@@ -28,11 +29,10 @@ S=4096x4096
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
     whl=$(ls -t dist/lmkern-*.whl | head -n 1)
     "$PY" -m pip install -q --no-deps --no-index --force-reinstall --no-cache-dir "$whl" || echo "install failed"
-    tune "" --peer --cases "${S}x1,${S}x3,${S}x4,${S}x8,${S}x16,${S}x17,14336x4096x8,4096x14336x8,14336x4096x16,4096x14336x16"
-    tune "mma=1,pdl=1" --direct --cases "${S}x2,${S}x3,${S}x4,${S}x8,${S}x16,${S}x32,${S}x64,14336x4096x8,4096x14336x8,14336x4096x16,4096x14336x16"
-    tune "mma=1,pdl=0" --direct --cases "${S}x32,${S}x64"
+    tune "" --peer --cases "${S}x1,${S}x2,${S}x3,${S}x4,${S}x8,${S}x16,${S}x32,${S}x33,14336x4096x1,4096x14336x1,14336x4096x8,4096x14336x8,14336x4096x16,4096x14336x16"
+    tune "pdl=0" --cases "${S}x1,${S}x8,${S}x16,4096x14336x1"
+    tune "mma=1,pdl=1" --direct --cases "${S}x2,${S}x64"
     tune "mma=0" --cases "${S}x3,${S}x4"
-    tune "" --peer --cases "${S}x32,${S}x64"
     echo "[$(date -u +%T)] tests"
     timeout -k 5 150 "$PY" -m pytest -m cuda -q -x -p no:cacheprovider tests/test_quant_cuda.py 2>&1 | tail -15
     NCU=""

@@ -10,13 +10,15 @@
 //!   threads in slices of CPL columns, see [`tile_shape`]) when n and the group size are multiples of
 //!   CPL, x is 16-byte aligned and the codes are aligned to a slice's load width; else the generic
 //!   kernel (`quant_linear_*`: one warp per output row, 8 rows per block, any shape and alignment).
-//!   On sm_90+ the tiled kernel is launched with programmatic dependent launch where a row is one
-//!   pass of the block's slices ([`pdl_by_default`]): it may start while the kernel before it ends,
-//!   prefetches its codes into L2 meanwhile, and waits for that kernel before it reads anything.
-//!   Under LMKERN_CUDA_QUANT_TUNE=mma=1 (a tuning switch until a GPU has timed it), the tensor-core
-//!   kernel (`quant_linmma4_*`: 16 output rows per block, token tiles of 8 or 16) where it fits
-//!   ([`mma_fits`]); under `staged=1`, the staged kernel (`quant_linstaged<bits>_*`: the tiled
-//!   kernel's shapes, the codes through shared memory by cp.async) where it fits ([`staged_fits`]).
+//!   From 3 tokens, where it fits ([`mma_fits`]: bf16/f16, 4-bit, n and the group size multiples
+//!   of 128), the tensor-core kernel instead (`quant_linmma4_*`: 16 output rows per block, token
+//!   tiles of 8 or 16; [`MMA_MIN_TOKENS`]). On sm_90+ the tiled kernel is launched with
+//!   programmatic dependent launch at 1 token and where a row is one pass of the block's slices
+//!   ([`pdl_by_default`]), the tensor-core kernel where n ≤ 4096 ([`mma_pdl_by_default`]): it may
+//!   start while the kernel before it ends, prefetches codes into L2 meanwhile, and waits for that
+//!   kernel before it reads anything. Under LMKERN_CUDA_QUANT_TUNE=staged=1 (a tuning switch; it
+//!   lost at 1 token on the H200), the staged kernel (`quant_linstaged<bits>_*`: the tiled kernel's
+//!   shapes, the codes through shared memory by cp.async) where it fits ([`staged_fits`]).
 //! - dequantize: the tiled kernel (`quant_deqtile<bits>_*`, [`deq_tiled`]) where it fits, else the
 //!   row kernel.
 //!
@@ -215,13 +217,17 @@ const fn tile_variant(k: usize, nt: usize, cpl: usize, rows: usize, threads: usi
 
 /// 1-20 (other tiled shapes, a streamed and a cp.async kernel) lost or tied in
 /// benches/results/2026-11-26-h200-6-quant-tiled-sweep, 2026-11-27-h200-7-quant-async-sweep and
-/// 2026-11-27-h200-8-quant-pdl. Unmeasured, for pdl=1: 21-23, the default 1-token shape with another
-/// PDL prefetch (all of the tile's bytes; none; the first pass of slices); 24-26, blocks of 128
-/// threads, 4 per SM, so that the next kernel's blocks fit beside this one's (1 token, a prefetch
-/// per line or in bulk; 2 tokens); 27, the default shape with the bulk prefetch; 28-29, the
-/// codebooks by cp.async (the default shape; as 24), so that a warp need not wait for the block's
-/// other warps' codes before its lookups; 31-32, the staged kernel ([`LinearKernel::Staged`]) in
-/// blocks of 128 threads with 32-column slices, and in groups of 8 rows.
+/// 2026-11-27-h200-8-quant-pdl. 21-32, timed with pdl=1 in 2026-11-27-h200-9-quant-staged-mma (bf16
+/// 4-bit, µs at 4096 → 4096 / 4096 → 14336 / 14336 → 4096 against the default's 5.85 / 18.8 / 16.8):
+/// 21-23, the default 1-token shape with another PDL prefetch (the tile's scales and codebooks
+/// too: 5.78 / 18.6 / 17.9; none: 6.19 / 18.4 / 15.9; the first pass of slices: 5.87 / 18.9 / 15.3,
+/// now the default's); 24-26, blocks of 128 threads, 4 per SM, so that the next kernel's blocks fit
+/// beside this one's (a prefetch per line: 7.96 / 16.2 / 24.0; in bulk: 7.96 / 16.2 / 23.9; 2 tokens
+/// 11.6 against 7.9); 27, the default shape with the bulk prefetch (5.85 / 18.8 / 17.9); 28-29, the
+/// codebooks by cp.async (the default shape: 5.87 / 19.3 / 18.8; as 24: 8.32 / 17.4 / 24.8); 31-32,
+/// the staged kernel ([`LinearKernel::Staged`]) in blocks of 128 threads with 32-column slices
+/// (8.79 / 18.0 / 26.8), and in groups of 8 rows (6.43 / 22.5 / 19.6). Only 24-25's 4096 → 14336
+/// (many row tiles: 3.4 waves of 256-thread blocks) beat the default.
 const TILE_VARIANTS: [Variant; 11] = [
     tile_variant(21, 1, 16, 16, BLOCK),
     tile_variant(22, 1, 16, 16, BLOCK),
@@ -237,12 +243,16 @@ const TILE_VARIANTS: [Variant; 11] = [
 ];
 
 /// Whether the tiled linear is launched with programmatic dependent launch on sm_90+
-/// ([`cuda::launch_struct_pdl`]) when LMKERN_CUDA_QUANT_TUNE does not say: where a row is at most
-/// one pass of the block's slices (n ≤ 256·CPL). On the H200 (benches/results/2026-11-27-h200-8-
-/// quant-pdl, bf16 4-bit g128) it took 4096 → 4096 from 6.97 to 5.78 µs at 1 token, 9.06 to 7.93
-/// at 2, and 4096 → 14336 from 18.88 to 18.40; but 14336 → 4096 (3.5 passes) from 16.66 to 17.88.
+/// ([`cuda::launch_struct_pdl`]) when LMKERN_CUDA_QUANT_TUNE does not say: at 1 token, and at 2
+/// where a row is at most one pass of the block's slices (n ≤ 256·CPL). With PDL a block prefetches
+/// the codes of its tile's first pass into L2 while the kernel before it ends. On the H200 (bf16
+/// 4-bit g128; benches/results/2026-11-27-h200-8-quant-pdl and -9-quant-staged-mma) it took
+/// 4096 → 4096 from 6.97 to 5.8 µs at 1 token, 9.06 to 7.9 at 2, 4096 → 14336 from 18.9 to 18.4-18.8,
+/// and 14336 → 4096 (3.5 passes) from 16.8 to 15.3 at 1 token (17.9 when it prefetched the tile's
+/// every pass); 2 tokens over several passes are not measured.
 fn pdl_by_default(q: &QuantArgs, tokens: usize) -> bool {
-    q.n <= BLOCK * tile_shape(token_tile(tokens), q.bits).0
+    let nt = token_tile(tokens);
+    nt == 1 || q.n <= BLOCK * tile_shape(nt, q.bits).0
 }
 
 /// As [`pdl_by_default`], for the tensor-core linear: where n ≤ 4096 (at most 4 chunks of 128
@@ -328,12 +338,13 @@ pub(crate) enum LinearKernel {
     Generic,
     /// `quant_lintile<bits>_*`: see [`tiled`].
     Tiled,
-    /// `quant_linmma4_*`: see [`mma_fits`]; only under LMKERN_CUDA_QUANT_TUNE=mma=1 until a GPU
-    /// has timed it.
+    /// `quant_linmma4_*`: see [`mma_fits`] and [`MMA_MIN_TOKENS`].
     Mma,
     /// `quant_linstaged<bits>_*`: the tiled kernel's shape with its codes copied to shared memory
-    /// by cp.async (see [`staged_fits`]); only under LMKERN_CUDA_QUANT_TUNE=staged=1 until a GPU
-    /// has timed it.
+    /// by cp.async (see [`staged_fits`]); only under LMKERN_CUDA_QUANT_TUNE=staged=1: on the H200
+    /// (benches/results/2026-11-27-h200-9-quant-staged-mma, bf16 4-bit) it took 6.50 µs at 4096²
+    /// and 1 token against the tiled kernel's 5.85, 7.51 against 7.92 at 2 tokens, and lost at
+    /// 4096 → 14336 and 14336 → 4096 (21.8 and 18.1 against 18.8 and 16.8).
     Staged,
 }
 
@@ -675,11 +686,11 @@ mod tests {
     }
 
     #[test]
-    fn pdl_where_a_row_is_one_pass() {
+    fn pdl_at_one_token_and_where_a_row_is_one_pass() {
         let q = QuantArgs { bits: 4, rows: 4096, n: 4096, group: 128, clip: 1.0 };
         assert!(pdl_by_default(&q, 1) && pdl_by_default(&q, 2)); // 256 slices of 16
-        assert!(!pdl_by_default(&QuantArgs { n: 14336, ..q }, 1));
-        assert!(!pdl_by_default(&QuantArgs { n: 4112, ..q }, 1));
+        assert!(pdl_by_default(&QuantArgs { n: 14336, ..q }, 1)); // every pass at 1 token
+        assert!(!pdl_by_default(&QuantArgs { n: 14336, ..q }, 2) && !pdl_by_default(&QuantArgs { n: 4112, ..q }, 2));
         assert!(!pdl_by_default(&q, 3)); // slices of 8: 512
         assert!(pdl_by_default(&QuantArgs { n: 2048, ..q }, 8));
         assert!(pdl_by_default(&QuantArgs { bits: 8, ..q }, 1));
