@@ -328,7 +328,8 @@ pub(crate) fn mma_fits(dtype: DType, q: &QuantArgs, x: Ptr, codes: Ptr) -> bool 
 
 /// The fewest tokens for which the tensor-core linear is the default where it fits: on the H200
 /// (benches/results/2026-11-27-h200-9-quant-staged-mma, 4096², bf16 4-bit g128) it took 10.3 /
-/// 10.5 / 11.1 / 12.4 µs at 1 / 2 / 4 / 8 tokens against the tiled kernel's 5.9 / 7.9 / 13.0 / 24.5.
+/// 10.5 / 11.1 / 12.4 µs at 1 / 2 / 4 / 8 tokens against the tiled kernel's 5.9 / 7.9 / 13.0 / 24.5, and
+/// 11.0 against 12.5 at 3 (the tiled kernel's 4-token tile).
 const MMA_MIN_TOKENS: usize = 3;
 
 /// The linear kernels (cuda/quant.cu).
