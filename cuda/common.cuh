@@ -163,12 +163,10 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
 
 // An asynchronous global → shared copy of 4, 8 or 16 bytes (cp.async, sm_80+; 16 bytes bypass L1),
 // both addresses aligned to its size. It lands only once the issuing thread has waited for it
-// (cp_async_wait_all, or cp_async_wait_group<N> for the groups older than its N newest, a group
-// being the copies before a cp_async_commit), and other threads see it only after a barrier that
-// follows that wait; cuda/emu/emu.h models exactly this (the destination is garbage from the issue,
-// the bytes move at the wait). Unlike a load
-// into a register, it occupies no register scoreboard: waiting for it does not wait for the
-// thread's other loads in flight, and the groups complete in order, so a wait can be partial.
+// (cp_async_wait_all), and other threads see it only after a barrier that follows that wait;
+// cuda/emu/emu.h models exactly this (the destination is garbage from the issue, the bytes move at
+// the wait). Unlike a load into a register, it occupies no register scoreboard: waiting for it
+// does not wait for the thread's other loads in flight.
 template <int BYTES>
 __device__ __forceinline__ void cp_async(void* dst, const void* src) {
     static_assert(BYTES == 4 || BYTES == 8 || BYTES == 16, "cp.async copies 4, 8 or 16 bytes");
@@ -178,11 +176,6 @@ __device__ __forceinline__ void cp_async(void* dst, const void* src) {
     } else {
         asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(d), "l"(src), "n"(BYTES) : "memory");
     }
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait_group() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
 

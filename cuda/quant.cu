@@ -11,10 +11,8 @@
 //   quant_fake_bwd_<t>       dx and da (per-row sum in a fixed order, no atomics)
 //   quant_linear_<t>_n<NT>   y = x @ Ŵᵀ + b, any bits / group / alignment (NT = 1, 2, 4, 8)
 //   quant_lintile<B>_<t>_n<NT>  the same for B-bit codes and aligned shapes (linear_tiled below)
-//   quant_linstaged<B>_<t>_n<NT>  the same for 2-, 4- and 8-bit codes, NT = 1, 2, the codes through
-//                            shared memory by cp.async (linear_staged below; tuning only)
 //   quant_linmma4_<t>_n<NT>  the same on the tensor cores, t in {bf16, f16}, 4-bit codes, n and
-//                            group multiples of 128, NT = 8, 16 (linear_mma below; tuning only)
+//                            group multiples of 128, NT = 8, 16 (linear_mma below)
 //
 // Row kernels (fwd, deq, fake_bwd): block (TX, RY), TX a multiple of 32 (at most 256), RY ≤ 8 row
 // slots; grid-stride over groups of RY rows. Thread tx of a slot owns "units" u = tx, tx+TX, ... of
@@ -649,21 +647,6 @@ __device__ __forceinline__ void store_table_share(float (*lut)[1 << BITS], const
     }
 }
 
-// The R rows' codebooks from o0 straight into `lut` with cp.async (rows past the `rows_here` present
-// repeat the last one, as load_rows_slice does): the barrier after the copies then waits for the
-// table alone, not for every code load in flight too (a load into registers shares a scoreboard
-// with the code loads issued after it, and the store of it to shared memory waits for them all).
-template <int BITS, int R, int TT>
-__device__ __forceinline__ void copy_table_async(const LinearParams& p, int64_t o0, int rows_here, float (*lut)[1 << BITS]) {
-    constexpr int NL = 1 << BITS;
-#pragma unroll
-    for (int i = 0; i < TABLE_SHARE<BITS, R, TT>; ++i) {
-        const int e = threadIdx.x + i * TT;
-        const int r = e / NL < rows_here ? e / NL : rows_here - 1;
-        if (e < R * NL) cp_async<4>(&lut[e / NL][e % NL], p.table + (o0 + r) * NL + e % NL);
-    }
-}
-
 // The block's sums of acc (R rows × NT tokens, one set per thread) into y for rows o0.. and tokens
 // t0.. (nt of them): a transposing butterfly within each warp, the TT/32 warps' partials through `red`.
 // The caller puts a barrier between the partials' stores and the final sums (`finish`).
@@ -690,18 +673,18 @@ __device__ __forceinline__ void finish_partials(const LinearParams& p, const flo
 }
 
 // What a block prefetches into L2 when launched with PDL, before its griddep_wait, for each row
-// tile it will take (one, unless the grid is smaller than the tiles), a prefetch per 128-byte
-// line: the tile's codes; nothing; those and the tile's scales and codebooks; only the codes of
-// the tile's first pass of slices (the same as Codes when a row is one pass); or the tile's codes
-// in bulk, 16-KiB ranges (cp.async.bulk.prefetch, sm_90; needs 16-byte aligned codes). The tiled
-// kernel takes FirstPass: on the H200 (benches/results/2026-11-27-h200-9-quant-staged-mma, bf16
-// 4-bit, 1 token) it took 14336 → 4096 (3.5 passes) to 15.3 µs against 17.9 with Codes and 16.8
-// without PDL, and matched Codes where a row is one pass; the others lost or tied there.
-enum class Prefetch { Codes, None, All, FirstPass, Bulk };
+// tile it will take (one, unless the grid is smaller than the tiles): the tile's codes, a prefetch
+// per 128-byte line (Codes); only the codes of the tile's first pass of slices (FirstPass, the
+// same as Codes when a row is one pass); or the tile's codes in bulk, 16-KiB ranges (Bulk:
+// cp.async.bulk.prefetch, sm_90; needs 16-byte aligned codes). The tiled kernel takes FirstPass:
+// on the H200 (benches/results/2026-11-27-h200-9-quant-staged-mma, bf16 4-bit, 1 token) it took
+// 14336 → 4096 (3.5 passes) to 15.3 µs against 17.9 with Codes and 16.8 without PDL, and matched
+// Codes where a row is one pass. Prefetching the scales and codebooks too, or nothing, lost or tied.
+enum class Prefetch { Codes, FirstPass, Bulk };
 
 template <int BITS, int CPL, int R, int TT, Prefetch PF>
 __device__ __forceinline__ void prefetch_tile(const LinearParams& p, int64_t o0) {
-    const int tid = threadIdx.x, ng = p.in_features / p.group;
+    const int tid = threadIdx.x;
     const uint8_t* tile = p.codes + o0 * p.row_bytes;  // rows o0.. are contiguous
     const int64_t rows = min64(R, p.out_features - o0), bytes = rows * p.row_bytes;
     constexpr int PASS = TT * CPL * BITS / 8, PASS_LINES = (PASS + 127) / 128;  // per row
@@ -720,15 +703,10 @@ __device__ __forceinline__ void prefetch_tile(const LinearParams& p, int64_t o0)
     } else {
         for (int64_t e = tid; e < (bytes + 127) / 128; e += TT) prefetch_l2(tile + 128 * e);
     }
-    if constexpr (PF == Prefetch::All) {  // and its scales and codebooks (contiguous too): 8 % more at g128
-        const int64_t slines = (rows * ng * 4 + 127) / 128, tlines = (rows * (4 << BITS) + 127) / 128;
-        for (int64_t e = tid; e < slines + tlines; e += TT)
-            prefetch_l2(e < slines ? (const void*)(p.scales + o0 * ng + 32 * e) : (const void*)(p.table + (o0 << BITS) + 32 * (e - slines)));
-    }
 }
 
 // TT threads per block (a multiple of 32; the default kernels take TILE_THREADS).
-template <typename T, int NT, int BITS, int CPL, int R, Prefetch PF = Prefetch::FirstPass, int TT = TILE_THREADS, bool AsyncTable = false>
+template <typename T, int NT, int BITS, int CPL, int R, Prefetch PF = Prefetch::FirstPass, int TT = TILE_THREADS>
 __device__ __forceinline__ void linear_tiled(const LinearParams& p) {
     constexpr int NWORDS = (CPL * BITS / 8 + 3) / 4;
     constexpr int V = R * NT;  // partial sums per thread
@@ -742,7 +720,7 @@ __device__ __forceinline__ void linear_tiled(const LinearParams& p) {
     const int64_t tokens = p.tokens;
 
     griddep_launch_dependents();  // with PDL, the next kernel may start its prologue as our blocks retire
-    if (PF != Prefetch::None && (p.flags & LINEAR_PDL)) {
+    if (p.flags & LINEAR_PDL) {
         // Launched before the previous kernel has finished: meanwhile, the codes of our row tiles
         // into L2. Only a prefetch (they may be that kernel's output); nothing is read before the wait.
         for (int64_t o0 = (int64_t)blockIdx.x * R; o0 < nout; o0 += (int64_t)gridDim.x * R)
@@ -760,26 +738,17 @@ __device__ __forceinline__ void linear_tiled(const LinearParams& p) {
             // The rows' codebooks are loaded before the first slice. ptxas (sm_90) puts that load
             // on the scoreboard of the slice's code loads, so storing it to shared memory waits for
             // every code load of the thread and the barrier for every warp's: a block starts its
-            // lookups when its last codes are in. AsyncTable (variants 28-29) copies the table with
-            // cp.async instead, whose wait is its own.
+            // lookups when its last codes are in. (Copying the table with cp.async instead, whose
+            // wait is its own, tied on the H200: 5.87 against 5.85 µs at 4096², 1 token.)
             int s = tid;
-            float tv[TABLE_SHARE<BITS, R, TT>];  // the load-and-store path's share of the table
-            if constexpr (AsyncTable) {
-                __syncthreads();  // the previous tile's readers of lut and red are done
-                copy_table_async<BITS, R, TT>(p, o0, rows_here, lut);
-            } else {
-                load_table_share<BITS, R, TT>(p, o0, tv);
-            }
+            float tv[TABLE_SHARE<BITS, R, TT>];
+            load_table_share<BITS, R, TT>(p, o0, tv);
             if (s < slices) {
                 load_x_slice<T, NT, CPL>(x, n, t0, nt, (int64_t)s * CPL, xs);
                 load_rows_slice<BITS, CPL, R>(p, ng, o0, rows_here, s, cw, m);
             }
-            if constexpr (AsyncTable) {
-                cp_async_wait_all();
-            } else {
-                __syncthreads();  // the previous tile's readers of lut and red are done
-                store_table_share<BITS, R, TT>(lut, tv);
-            }
+            __syncthreads();  // the previous tile's readers of lut and red are done
+            store_table_share<BITS, R, TT>(lut, tv);
             __syncthreads();
 
             float acc[V];
@@ -793,177 +762,6 @@ __device__ __forceinline__ void linear_tiled(const LinearParams& p) {
                     load_rows_slice<BITS, CPL, R>(p, ng, o0, rows_here, s, cw, m);
                 }
             }
-            stash_partials<V>(acc, red);
-            __syncthreads();
-            finish_partials<T, NT, R, TT>(p, red, o0, t0, nt);
-        }
-    }
-}
-
-// Group g (rows g·RG ..) of the row tile from o0, this thread's slice s of each, copied to
-// shared memory at staged[row][tid] with cp.async, and committed as one group (an empty one where s
-// is past the row, so that every thread's count of groups in flight is the same for its waits).
-// Rows past the `rows_here` present repeat the last one (their sums are dropped, as
-// load_rows_slice's).
-template <int BITS, int CPL, int RG, int TT>
-__device__ __forceinline__ void copy_row_group_async(const LinearParams& p, int64_t o0, int rows_here, int s, int slices, int g,
-                                                     uint32_t (*staged)[TT][CPL * BITS / 32]) {
-    constexpr int SB = CPL * BITS / 8;
-    if (s < slices) {
-        const uint8_t* cp = p.codes + o0 * p.row_bytes + (int64_t)s * SB;
-#pragma unroll
-        for (int r = g * RG; r < (g + 1) * RG; ++r)
-            cp_async<SB>(staged[r][threadIdx.x], cp + (int64_t)(r < rows_here ? r : rows_here - 1) * p.row_bytes);
-    }
-    cp_async_commit();
-}
-
-// A thread's slice of x as loaded (NT tokens × CPL columns of T; zeros past the nt tokens
-// present), converted to float only where it is used: loaded a pass ahead, its loads stall nothing.
-// load_x_slice does both at once and stays apart: written as load_x_raw + unpack_x it made ptxas
-// (sm_90) spill 36-88 bytes in the 8-token tiled kernels of 16-bit types.
-template <typename T, int NT, int CPL>
-struct RawXSlice {
-    static constexpr int VW = 16 / sizeof(T);
-    Pack<T, VW> v[NT][CPL / VW];
-};
-
-template <typename T, int NT, int CPL>
-__device__ __forceinline__ void load_x_raw(const T* __restrict__ x, int64_t n, int64_t t0, int nt, int64_t c0,
-                                           RawXSlice<T, NT, CPL>& r) {
-    constexpr int VW = RawXSlice<T, NT, CPL>::VW;
-#pragma unroll
-    for (int t = 0; t < NT; ++t) {
-#pragma unroll
-        for (int i = 0; i < CPL / VW; ++i) {
-            if (t < nt) {
-                r.v[t][i] = load_pack<T, VW>(x + (t0 + t) * n + c0, i);
-            } else {
-#pragma unroll
-                for (int w = 0; w < Pack<T, VW>::NW; ++w) r.v[t][i].w[w] = 0;
-            }
-        }
-    }
-}
-
-template <typename T, int NT, int CPL>
-__device__ __forceinline__ void unpack_x(const RawXSlice<T, NT, CPL>& r, float (&xs)[NT][CPL]) {
-    constexpr int VW = RawXSlice<T, NT, CPL>::VW;
-#pragma unroll
-    for (int t = 0; t < NT; ++t) {
-#pragma unroll
-        for (int i = 0; i < CPL / VW; ++i) {
-            float f[VW];
-            unpack(r.v[t][i], f);
-#pragma unroll
-            for (int e = 0; e < VW; ++e) xs[t][i * VW + e] = f[e];
-        }
-    }
-}
-
-// The staged tiled kernel (quant_linstaged*, tuning variants 31-32; under LMKERN_CUDA_QUANT_TUNE=
-// staged=1 only: on the H200 it lost at 1 token, 6.50 against 5.85 µs at 4096², and won a little at
-// 2, 7.51 against 7.92; rust/core/src/quant/cuda.rs, LinearKernel::Staged): linear_tiled's
-// shape and order of summation, but a thread's codes reach it through shared memory, copied with
-// cp.async, RG rows a group, and it computes a group's rows as soon as that group has landed while
-// the later ones are still in flight. In linear_tiled every code load of a thread shares one
-// register scoreboard, so its first lookup waits for its last row's codes; at 4096 → 4096 all
-// blocks are one wave that loads, then computes, and no SM overlaps the two. Here the first
-// groups' lookups overlap the last groups' loads. A thread reads only bytes it copied itself (at
-// [r][tid], adjacent across a warp's lanes): no barrier between its copies and its reads. The
-// codebooks are copied by cp.async too, their own group, so the barrier before the lookups waits
-// for them alone.
-//
-// Rows of several passes keep G = R/RG groups in flight throughout: once a group's rows are read,
-// the same rows' slice of the next pass is copied into their place, so at the start of every group
-// the oldest of the G in flight is the one it reads (cp.async.wait_group G-1, always). The next
-// pass's x and scales are loaded into registers after the first group of a pass (whose use of the
-// current ones has waited for them) when they fit beside the current ones (XM_AHEAD: x of 16-bit
-// types at 1-2 tokens, of float32 at 1), else at the end of the pass.
-template <typename T, int NT, int BITS, int CPL, int R, int RG, int TT>
-__device__ __forceinline__ void linear_staged(const LinearParams& p) {
-    constexpr int NWORDS = CPL * BITS / 32, G = R / RG, V = R * NT;
-    constexpr bool XM_AHEAD = NT * CPL * sizeof(T) <= 64;  // no spills (ptxas, sm_90); 128 spills
-    static_assert(CPL * BITS / 8 == 4 || CPL * BITS / 8 == 8 || CPL * BITS / 8 == 16, "a row's slice is one cp.async");
-    static_assert(R % RG == 0 && G <= 4, "whole row groups, at most 4 in flight (and the codebooks')");
-    static_assert(CPL % (16 / sizeof(T)) == 0 && TT % 32 == 0 && V <= TT, "whole x loads, whole warps, a thread per final sum");
-    __shared__ float lut[R][1 << BITS];
-    __shared__ float red[TT / 32][V];
-    __shared__ __align__(16) uint32_t staged[R][TT][NWORDS];
-    const T* __restrict__ x = static_cast<const T*>(p.x);
-    const int tid = threadIdx.x;
-    const int n = p.in_features, ng = n / p.group, nout = p.out_features, slices = n / CPL;
-
-    griddep_launch_dependents();
-    if (p.flags & LINEAR_PDL) {
-        for (int64_t o0 = (int64_t)blockIdx.x * R; o0 < nout; o0 += (int64_t)gridDim.x * R)
-            prefetch_tile<BITS, CPL, R, TT, Prefetch::Codes>(p, o0);
-    }
-    griddep_wait();
-
-    for (int64_t o0 = (int64_t)blockIdx.x * R; o0 < nout; o0 += (int64_t)gridDim.x * R) {
-        const int rows_here = (int)min64(R, nout - o0);
-        for (int64_t t0 = 0; t0 < p.tokens; t0 += NT) {  // uniform across the block
-            const int nt = (int)min64(NT, p.tokens - t0);
-            // x and the scales of slice sx into registers (nothing past the row).
-            auto load_xm = [&](int sx, RawXSlice<T, NT, CPL>& xo, float (&mo)[R]) {
-                if (sx < slices) {
-                    load_x_raw<T, NT, CPL>(x, n, t0, nt, (int64_t)sx * CPL, xo);
-                    const float* sp = p.scales + o0 * ng + sx * CPL / p.group;
-#pragma unroll
-                    for (int r = 0; r < R; ++r) mo[r] = sp[(uint32_t)(r < rows_here ? r : rows_here - 1) * (uint32_t)ng];
-                }
-            };
-            __syncthreads();  // the previous tile's readers of lut and red are done
-            copy_table_async<BITS, R, TT>(p, o0, rows_here, lut);
-            cp_async_commit();
-            int s = tid;
-            RawXSlice<T, NT, CPL> xr, xn;
-            float m[R], mn[R];
-            load_xm(s, xr, m);
-#pragma unroll
-            for (int g = 0; g < G; ++g) copy_row_group_async<BITS, CPL, RG, TT>(p, o0, rows_here, s, slices, g, staged);
-            cp_async_wait_group<G>();  // this thread's share of the codebooks (its codes may be in flight)
-            __syncthreads();           // and every thread's
-
-            float acc[V];
-#pragma unroll
-            for (int i = 0; i < V; ++i) acc[i] = 0.0f;
-            while (s < slices) {
-                const int sn = s + TT;
-                float xs[NT][CPL];
-                unpack_x<T, NT, CPL>(xr, xs);
-#pragma unroll
-                for (int g = 0; g < G; ++g) {
-                    cp_async_wait_group<G - 1>();  // group g of this pass, the oldest in flight, has landed
-                    uint32_t cw[RG][NWORDS];
-                    float mg[RG], ag[RG * NT];
-#pragma unroll
-                    for (int r = 0; r < RG; ++r) {
-                        mg[r] = m[g * RG + r];
-#pragma unroll
-                        for (int w = 0; w < NWORDS; ++w) cw[r][w] = staged[g * RG + r][tid][w];
-#pragma unroll
-                        for (int t = 0; t < NT; ++t) ag[r * NT + t] = acc[(g * RG + r) * NT + t];
-                    }
-                    slice_dot<NT, BITS, CPL, RG>(cw, mg, xs, lut + g * RG, ag);
-#pragma unroll
-                    for (int i = 0; i < RG * NT; ++i) acc[g * RG * NT + i] = ag[i];
-                    if (XM_AHEAD && g == 0) load_xm(sn, xn, mn);
-                    // The same rows of the next pass into the slots just read (their loads into
-                    // cw are complete: the sums above used them).
-                    copy_row_group_async<BITS, CPL, RG, TT>(p, o0, rows_here, sn, slices, g, staged);
-                }
-                if constexpr (XM_AHEAD) {
-                    xr = xn;
-#pragma unroll
-                    for (int r = 0; r < R; ++r) m[r] = mn[r];
-                } else {
-                    load_xm(sn, xr, m);
-                }
-                s = sn;
-            }
-            cp_async_wait_group<0>();  // the empty groups committed past the row
             stash_partials<V>(acc, red);
             __syncthreads();
             finish_partials<T, NT, R, TT>(p, red, o0, t0, nt);
@@ -1220,18 +1018,6 @@ __device__ __forceinline__ void deq_tiled(const DeqParams& p) {
     LMKERN_QUANT_LINTILE(T, TN, BITS, 4, 8, 8, 2)   \
     LMKERN_QUANT_LINTILE(T, TN, BITS, 8, 8, 4, 2)
 
-// quant_linstaged<BITS>_<t>_n<NT>: linear_staged in the tiled kernel's 1- and 2-token shapes, 4 rows
-// a cp.async group (2-, 4- and 8-bit codes: a row's slice is one copy of 4, 8 or 16 bytes); only
-// under LMKERN_CUDA_QUANT_TUNE=staged=1 (it lost at 1 token on the H200).
-#define LMKERN_QUANT_LINSTAGED(T, TN, BITS, NT, R)                                                      \
-    extern "C" __global__ void __launch_bounds__(lmkern::quant::TILE_THREADS, 2)                      \
-        quant_linstaged##BITS##_##TN##_n##NT(const __grid_constant__ lmkern::quant::LinearParams p) { \
-        lmkern::quant::linear_staged<T, NT, BITS, 16, R, 4, lmkern::quant::TILE_THREADS>(p);          \
-    }
-#define LMKERN_QUANT_LINSTAGEDS(T, TN, BITS)                          \
-    LMKERN_QUANT_LINSTAGED(T, TN, BITS, 1, (BITS == 8 ? 8 : 16)) \
-    LMKERN_QUANT_LINSTAGED(T, TN, BITS, 2, (BITS == 8 ? 8 : 16))
-
 #define LMKERN_QUANT_DEQTILE(T, TN, BITS)                                                               \
     extern "C" __global__ void __launch_bounds__(lmkern::quant::TILE_THREADS)                         \
         quant_deqtile##BITS##_##TN(const __grid_constant__ lmkern::quant::DeqParams p) {              \
@@ -1257,9 +1043,6 @@ __device__ __forceinline__ void deq_tiled(const DeqParams& p) {
     LMKERN_QUANT_LINTILES(T, TN, 3)                                                                              \
     LMKERN_QUANT_LINTILES(T, TN, 4)                                                                              \
     LMKERN_QUANT_LINTILES(T, TN, 8)                                                                              \
-    LMKERN_QUANT_LINSTAGEDS(T, TN, 2)                                                                            \
-    LMKERN_QUANT_LINSTAGEDS(T, TN, 4)                                                                            \
-    LMKERN_QUANT_LINSTAGEDS(T, TN, 8)                                                                            \
     LMKERN_QUANT_DEQTILE(T, TN, 2)                                                                               \
     LMKERN_QUANT_DEQTILE(T, TN, 3)                                                                               \
     LMKERN_QUANT_DEQTILE(T, TN, 4)                                                                               \
@@ -1267,50 +1050,19 @@ __device__ __forceinline__ void deq_tiled(const DeqParams& p) {
 
 // Launch-shape variants of the bf16 4-bit tiled kernel, for tuning only (benches/gpu/tune_quant.py
 // with LMKERN_CUDA_QUANT_TUNE=variant=<k>; rust/core/src/quant/cuda.rs, TILE_VARIANTS, must agree):
-// (NT, CPL, R, threads per block, min blocks per SM, what the PDL prologue prefetches, codebooks by
-// cp.async). 1-20 were settled by
-// the sweeps in benches/results/2026-11-26-h200-6-quant-tiled-sweep, 2026-11-27-h200-7-quant-async-
-// sweep (streamed and cp.async kernels) and 2026-11-27-h200-8-quant-pdl (8 rows, 3-4 blocks per SM).
-#define LMKERN_QUANT_LINTILE_VARIANT(K, NT, CPL, R, TT, MINB, PF, AT)                                        \
-    extern "C" __global__ void __launch_bounds__(TT, MINB)                                                 \
-        quant_lintile4_bf16_n##NT##_v##K(const __grid_constant__ lmkern::quant::LinearParams p) {          \
-        lmkern::quant::linear_tiled<__nv_bfloat16, NT, 4, CPL, R, lmkern::quant::Prefetch::PF, TT, AT>(p); \
+// (NT, CPL, R, threads per block, min blocks per SM, what the PDL prologue prefetches). The sweeps
+// in benches/results/ (2026-11-26-h200-6 to 2026-11-27-h200-9) settled 1-32 but these two, kept
+// because they won on one shape: blocks of 128 threads, 4 per SM (the same 128 registers a
+// thread), which leave room on every SM for the next kernel's blocks. They lose at 4096 → 4096
+// (7.96 against 5.85 µs, 1 token, PDL) and win at 4096 → 14336 (16.2 against 18.8: 896 row tiles,
+// 3.4 waves of the default's blocks); 24 prefetches a line at a time, 25 in bulk.
+#define LMKERN_QUANT_LINTILE_VARIANT(K, NT, CPL, R, TT, MINB, PF)                                        \
+    extern "C" __global__ void __launch_bounds__(TT, MINB)                                             \
+        quant_lintile4_bf16_n##NT##_v##K(const __grid_constant__ lmkern::quant::LinearParams p) {      \
+        lmkern::quant::linear_tiled<__nv_bfloat16, NT, 4, CPL, R, lmkern::quant::Prefetch::PF, TT>(p); \
     }
-// Variants 21-32 were timed on the H200 with pdl=1 (rust/core/src/quant/cuda.rs, TILE_VARIANTS, has
-// the numbers); only 23's prefetch (now the default's) and 24-25 at 4096 → 14336 won.
-// The default 1-token shape with another PDL prefetch: the row tile's scales and codebooks as well
-// as its codes (21); nothing, to tell the prefetch's share of PDL's gain from the launch overlap's
-// (22); only the first pass of slices (23, the default's since; it made PDL win at 14336 → 4096).
-LMKERN_QUANT_LINTILE_VARIANT(21, 1, 16, 16, 256, 2, All, false)
-LMKERN_QUANT_LINTILE_VARIANT(22, 1, 16, 16, 256, 2, None, false)
-LMKERN_QUANT_LINTILE_VARIANT(23, 1, 16, 16, 256, 2, FirstPass, false)
-// Room for the next kernel: one kernel's blocks fill every SM (16 warps each at
-// 4096 → 4096), so a PDL-launched successor can only start as they retire. Blocks of 128 threads,
-// 4 per SM (the same 128 registers a thread), leave half of each SM free at 4096 → 4096: the next
-// kernel's blocks can be resident from the start and prefetch all their codes while this one
-// computes (24 with a prefetch per line, 25 in bulk; 26 at 2 tokens). 27: the default shape with
-// the bulk prefetch. LMKERN_CUDA_QUANT_TUNE=blocks_per_sm=1 does the same for the default kernel
-// by a smaller grid (each block then takes several row tiles).
-LMKERN_QUANT_LINTILE_VARIANT(24, 1, 16, 16, 128, 4, Codes, false)
-LMKERN_QUANT_LINTILE_VARIANT(25, 1, 16, 16, 128, 4, Bulk, false)
-LMKERN_QUANT_LINTILE_VARIANT(26, 2, 16, 16, 128, 4, Codes, false)
-LMKERN_QUANT_LINTILE_VARIANT(27, 1, 16, 16, 256, 2, Bulk, false)
-// The codebooks copied with cp.async: the barrier before the lookups waits for the
-// table alone, and each warp starts as soon as its own codes are in, not when the block's last
-// warp has its codes (28: the default shape; 29: as 24).
-LMKERN_QUANT_LINTILE_VARIANT(28, 1, 16, 16, 256, 2, Codes, true)
-LMKERN_QUANT_LINTILE_VARIANT(29, 1, 16, 16, 128, 4, Codes, true)
-
-// The staged kernel in other shapes (linear_staged; LMKERN_CUDA_QUANT_TUNE=staged=1
-// takes it in the default shapes): 31, blocks of 128 threads with 32-column slices (16-byte copies;
-// one pass at n = 4096), 4 per SM; 32, groups of 8 rows.
-#define LMKERN_QUANT_LINSTAGED_VARIANT(K, NT, CPL, R, RG, TT, MINB)                                 \
-    extern "C" __global__ void __launch_bounds__(TT, MINB)                                        \
-        quant_lintile4_bf16_n##NT##_v##K(const __grid_constant__ lmkern::quant::LinearParams p) { \
-        lmkern::quant::linear_staged<__nv_bfloat16, NT, 4, CPL, R, RG, TT>(p);                    \
-    }
-LMKERN_QUANT_LINSTAGED_VARIANT(31, 1, 32, 16, 4, 128, 4)
-LMKERN_QUANT_LINSTAGED_VARIANT(32, 1, 16, 16, 8, 256, 2)
+LMKERN_QUANT_LINTILE_VARIANT(24, 1, 16, 16, 128, 4, Codes)
+LMKERN_QUANT_LINTILE_VARIANT(25, 1, 16, 16, 128, 4, Bulk)
 
 LMKERN_QUANT_ENTRIES(float, f32)
 LMKERN_QUANT_ENTRIES(__nv_bfloat16, bf16)

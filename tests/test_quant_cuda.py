@@ -266,7 +266,6 @@ k, nt = (int(v) for v in variant.split(",")) if variant else (0, 0)
 tune = os.environ["LMKERN_CUDA_QUANT_TUNE"].split(",")
 mma = "mma=1" in tune  # the tensor-core kernel where it fits, at every token count
 no_mma = "mma=0" in tune  # never the tensor-core kernel (by default: where it fits, from 3 tokens)
-staged = "staged=1" in tune  # the staged tiled kernel where it fits: 1-2 tokens, 2-, 4- and 8-bit codes
 # A variant replaces the bf16 4-bit kernel of one token tile and the tensor-core kernel only 4-bit
 # ones: the other calls take the default kernels, which the other tunings test.
 every_bits, every_dtype = (2, 3, 4, 8), tuple(TOL)
@@ -292,8 +291,6 @@ for in_f, out_f, g in [(256, 96, 32), (4352, 21, 64), (8448, 6, 8448), (256, 450
                     y = mod(x.cuda())
                     tile = 1 if tokens == 1 else 2 if tokens == 2 else 8
                     want = f"quant_lintile{bits}_{SUFFIX[dtype]}_n{tile}"
-                    if staged and bits != 3 and tile <= 2:
-                        want = f"quant_linstaged{bits}_{SUFFIX[dtype]}_n{tile}"
                     if k and bits == 4 and dtype == torch.bfloat16 and tile == nt:
                         want += f"_v{k}"
                     mma_here = mma or (tokens >= 3 and not no_mma)
@@ -366,12 +363,12 @@ sys.exit(1 if bad else 0)
 
 
 # Token tile of each tuning variant (rust/core/src/quant/cuda.rs, TILE_VARIANTS).
-VARIANT_TOKEN_TILE = {21: 1, 22: 1, 23: 1, 24: 1, 25: 1, 26: 2, 27: 1, 28: 1, 29: 1, 31: 1, 32: 1}
+VARIANT_TOKEN_TILE = {24: 1, 25: 1}
 
 
 TUNINGS = [
     "pdl=0", "pdl=1", "blocks_per_sm=1,pdl=1", "blocks_per_sm=1,pdl=0", "variant=25,blocks_per_sm=1,pdl=1", "mma=1",
-    "mma=1,pdl=1", "mma=0", "staged=1", "staged=1,pdl=0", "staged=1,blocks_per_sm=1",
+    "mma=1,pdl=1", "mma=0",
 ] + [f"variant={k},pdl=1" for k in VARIANT_TOKEN_TILE]
 
 
@@ -404,12 +401,12 @@ def tuned_runs(request):
 
 @pytest.mark.parametrize("tune", TUNINGS)
 def test_linear_tuned_launch(tune, tuned_runs):
-    """The tiled linear launched with programmatic dependent launch (pdl=1, the default on sm_90+ where
-    a row is one pass: each call may start before the one before it ends, and waits in
-    griddepcontrol.wait before it reads) and without (pdl=0), its tuning variants (variant=<k>),
-    the tensor-core kernel (mma=1), the staged kernel (staged=1) and a grid of one block per SM
-    (blocks_per_sm=1: each block takes several row tiles), set by LMKERN_CUDA_QUANT_TUNE (see
-    tuned_runs). Every code width and dtype at 1, 2 and 5 tokens (those a variant or the tensor-core
+    """The linears launched with programmatic dependent launch (pdl=1, the default on sm_90+ where
+    it was measured to pay: each call may start before the one before it ends, and waits in
+    griddepcontrol.wait before it reads) and without (pdl=0), the tiled kernel's tuning variants
+    (variant=<k>), the tensor-core kernel at every token count (mma=1) and never (mma=0), and a grid
+    of one block per SM (blocks_per_sm=1: each block takes several row tiles), set by
+    LMKERN_CUDA_QUANT_TUNE (see tuned_runs). Every code width and dtype at 1, 2 and 5 tokens (those a variant or the tensor-core
     kernel takes, for those) takes the kernel planned (the profiler shows it) and matches the float64
     product; so do kernels that read what the one before them wrote (a chain of linears, eager and
     in a CUDA graph; a linear after a quantize)."""

@@ -1,6 +1,6 @@
 """Kernel timings of PowerQuantLinear's CUDA GEMV under one launch-shape variant, for tuning.
 
-  LMKERN_CUDA_QUANT_TUNE="[variant=<k>][,pdl=0|1][,mma=0|1][,staged=1][,blocks_per_sm=<b>]" python benches/gpu/tune_quant.py [--peer] [--tokens 1,2] [--cases 4096x4096x32,...] [--direct]
+  LMKERN_CUDA_QUANT_TUNE="[variant=<k>][,pdl=0|1][,mma=0|1][,blocks_per_sm=<b>]" python benches/gpu/tune_quant.py [--peer] [--tokens 1,2] [--cases 4096x4096x32,...] [--direct]
 
 bf16 activations, 4-bit g128 codes, a = 0.7. Per case: torch.ops.lmkern.power_quant_linear in a
 CUDA graph of calls over rotating copies of the codes (256 MiB in all, so every call reads its

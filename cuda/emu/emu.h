@@ -26,7 +26,6 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
-#include <deque>
 #include <functional>
 #include <type_traits>
 #include <vector>
@@ -83,11 +82,9 @@ struct Thread {
     uint32_t mma_a[4] = {}, mma_b[2] = {};
     float mma_c[4] = {};
     int mma_kind = 0;
-    // cp.async copies issued and not yet committed, and the committed groups not yet waited for,
-    // oldest first (they land at cp_async_wait_group / cp_async_wait_all).
+    // cp.async copies issued and not yet waited for (they land at cp_async_wait_all).
     struct Copy { void* dst; const void* src; size_t bytes; };
     std::vector<Copy> async_copies;
-    std::deque<std::vector<Copy>> async_groups;
 };
 
 struct Block {
@@ -123,7 +120,7 @@ inline void yield(State s) {
 
 inline void entry() {
     (*block().body)();
-    if (!self().async_copies.empty() || !self().async_groups.empty()) fail("cp.async copies never waited for");
+    if (!self().async_copies.empty()) fail("cp.async copies never waited for");
     self().state = Done;
     _longjmp(block().scheduler_jb, 1);  // never returns to uc_link
 }
@@ -359,7 +356,7 @@ inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)
 }
 
 // cp.async as the hardware guarantees it and no more: the destination holds garbage (NaN bytes)
-// from the copy's issue until the issuing thread waits for its group, when the bytes move. So a
+// from the copy's issue until the issuing thread waits (cp_async_wait_all), when the bytes move. So a
 // kernel that reads copied bytes before the wait that covers them (or another thread's copies
 // without a barrier after that thread's wait), or that copies over bytes it or another thread still
 // has to read, reads poisoned or stale shared memory and fails its checks; a misaligned copy fails
@@ -372,23 +369,10 @@ inline void cp_async(void* dst, const void* src) {
     memset(dst, 0xFF, BYTES);
     ::emu::self().async_copies.push_back({dst, src, BYTES});
 }
-inline void cp_async_commit() {
-    ::emu::Thread& t = ::emu::self();
-    t.async_groups.push_back(std::move(t.async_copies));
-    t.async_copies.clear();
-}
-// The thread's committed groups but the newest N land (copies not yet committed stay pending).
-template <int N>
-inline void cp_async_wait_group() {
-    ::emu::Thread& t = ::emu::self();
-    while (t.async_groups.size() > (size_t)N) {
-        for (const ::emu::Thread::Copy& c : t.async_groups.front()) memcpy(c.dst, c.src, c.bytes);
-        t.async_groups.pop_front();
-    }
-}
 inline void cp_async_wait_all() {
-    cp_async_commit();
-    cp_async_wait_group<0>();
+    ::emu::Thread& t = ::emu::self();
+    for (const ::emu::Thread::Copy& c : t.async_copies) memcpy(c.dst, c.src, c.bytes);
+    t.async_copies.clear();
 }
 
 template <typename T>

@@ -41,7 +41,6 @@ struct Kernels {
     BwdFn bwd;
     LinFn lin[9];        // the generic kernel, [NT]
     LinFn tile[9][9];    // the tiled kernels, [bits][NT]
-    LinFn staged[9][3];  // the staged kernels, [bits][NT] (2-, 4-, 8-bit; NT = 1, 2)
     DeqFn deqtile[9];    // the tiled dequantizers, [bits]
 };
 
@@ -49,15 +48,12 @@ struct Kernels {
     {nullptr, quant_lintile##B##_##TN##_n1, quant_lintile##B##_##TN##_n2, nullptr, quant_lintile##B##_##TN##_n4, \
      nullptr, nullptr, nullptr, quant_lintile##B##_##TN##_n8}
 
-#define STAGED(TN, B) {nullptr, quant_linstaged##B##_##TN##_n1, quant_linstaged##B##_##TN##_n2}
-
 #define TABLE(TN)                                                                                       \
     Kernels {                                                                                           \
         #TN, quant_fwd_##TN, quant_deq_##TN, quant_fake_bwd_##TN,                                      \
             {nullptr, quant_linear_##TN##_n1, quant_linear_##TN##_n2, nullptr, quant_linear_##TN##_n4,  \
              nullptr, nullptr, nullptr, quant_linear_##TN##_n8},                                        \
             {{}, {}, TILES(TN, 2), TILES(TN, 3), TILES(TN, 4), {}, {}, {}, TILES(TN, 8)},              \
-            {{}, {}, STAGED(TN, 2), {}, STAGED(TN, 4), {}, {}, {}, STAGED(TN, 8)},                     \
             {nullptr, nullptr, quant_deqtile2_##TN, quant_deqtile3_##TN, quant_deqtile4_##TN, nullptr,   \
              nullptr, nullptr, quant_deqtile8_##TN}                                                     \
     }
@@ -425,7 +421,7 @@ template <typename T>
 static void run_linear(const Kernels& K, size_t nout, size_t n, size_t g, int bits, size_t tokens, bool bias,
                        bool misalign, unsigned grid_override, bool generic_too = true, bool force_generic = false,
                        LinFn variant = nullptr, size_t variant_rows = 0, int flags = 0, unsigned threads = 256,
-                       bool lut_in_t = false, bool staged = false) {
+                       bool lut_in_t = false) {
     const size_t rb = (n * bits + 7) / 8, ng = n / g;
     const size_t mis = misalign ? sizeof(T) : 0;
     const size_t nl = (size_t)1 << bits;
@@ -457,17 +453,13 @@ static void run_linear(const Kernels& K, size_t nout, size_t n, size_t g, int bi
     const bool tiled = n % cpl == 0 && g % cpl == 0 && !misalign;
     if (generic_too && tiled) run_linear<T>(K, nout, n, g, bits, tokens, bias, misalign, grid_override, false, true);
     const bool use_tile = tiled && !force_generic;
-    // Where the staged kernel applies (rust/core/src/quant/cuda.rs, staged_fits), it too, on its own inputs.
-    LinFn staged_fn = use_tile && !variant && nt <= 2 ? K.staged[bits][nt] : nullptr;
-    if (staged_fn && !staged)
-        run_linear<T>(K, nout, n, g, bits, tokens, bias, misalign, grid_override, false, false, nullptr, 0, flags, 256, false, true);
     LinearParams lp{};
     lp.x = x.ptr(), lp.codes = codes.as<uint8_t>(), lp.scales = scales.as<float>(), lp.table = table.as<float>();
     lp.bias = bias ? b.as<float>() : nullptr, lp.y = y.ptr(), lp.tokens = (int64_t)tokens, lp.out_features = (int32_t)nout;
     lp.in_features = (int32_t)n, lp.group = (int32_t)g, lp.bits = bits, lp.row_bytes = (int32_t)rb, lp.flags = flags;
     const size_t rpb = variant ? variant_rows : use_tile ? rows_per_block : 8;
     const unsigned grid = grid_override ? grid_override : (unsigned)((nout + rpb - 1) / rpb);
-    LinFn f = variant ? variant : staged ? staged_fn : use_tile ? K.tile[bits][nt] : K.lin[nt];
+    LinFn f = variant ? variant : use_tile ? K.tile[bits][nt] : K.lin[nt];
     if (!f) {
         expect(false, std::string(K.name) + ": no kernel to run");
         return;
@@ -478,7 +470,7 @@ static void run_linear(const Kernels& K, size_t nout, size_t n, size_t g, int bi
     emu::prefetch_ranges().clear();
     char label[200];
     snprintf(label, sizeof label, "%s linear out=%zu in=%zu g=%zu bits=%d tokens=%zu bias=%d mis=%d tiled=%d nt=%d grid=%u block=%u%s%s",
-             K.name, nout, n, g, bits, tokens, bias, misalign, use_tile, nt, grid, threads, variant ? " (variant)" : staged ? " (staged)" : "", flags ? " (PDL)" : "");
+             K.name, nout, n, g, bits, tokens, bias, misalign, use_tile, nt, grid, threads, variant ? " (variant)" : "", flags ? " (PDL)" : "");
     expect(y.guards_ok(), std::string(label) + ": wrote outside y");
     bool ok = true, nan_row = true;
     double worst = 0;
@@ -594,7 +586,7 @@ static void empty_rows(const Kernels& K) {
     LinearParams lp{};
     lp.table = table.as<float>(), lp.bias = b.as<float>(), lp.y = y.ptr(), lp.tokens = (int64_t)tokens, lp.out_features = (int32_t)rows;
     lp.in_features = 0, lp.group = 1, lp.bits = 4, lp.row_bytes = 0;
-    for (LinFn f : {K.lin[4], K.tile[4][4], K.tile[4][1], K.staged[4][1], K.staged[8][2]}) {
+    for (LinFn f : {K.lin[4], K.tile[4][4], K.tile[4][1]}) {
         memset(y.ptr(), 0xFF, y.bytes);
         emu::launch(dim3(1), dim3(256), 0, [&] { f(lp); });
         bool bias_only = y.guards_ok();
@@ -604,27 +596,20 @@ static void empty_rows(const Kernels& K) {
     }
 }
 
-// The tuning variants of the bf16 4-bit tiled kernel (quant.cu, LMKERN_QUANT_LINTILE_VARIANT and
-// LMKERN_QUANT_LINSTAGED_VARIANT), as the launcher plans them, with and without PDL, on the shapes
-// their slice width fits: several passes per thread and a partial row block, a grid-stride loop
-// (the prefetch of every tile a block takes), several token tiles, one pass of exactly the block's
-// slices, a row length that is no multiple of 16 bytes (a bulk prefetch leaves the tile's last
-// bytes out), no input columns (y = bias).
+// The tuning variants of the bf16 4-bit tiled kernel (quant.cu, LMKERN_QUANT_LINTILE_VARIANT), as
+// the launcher plans them, with and without PDL: several passes per thread and a partial row
+// block, a grid-stride loop (the prefetch of every tile a block takes), several token tiles, one
+// pass of exactly the block's slices, a row length that is no multiple of 16 bytes (a bulk
+// prefetch leaves the tile's last bytes out), no input columns (y = bias).
 static void tile_variants(const Kernels& K) {
-    struct V { LinFn f; size_t tokens, rows; unsigned threads; size_t cpl; };
-    const V vs[] = {{quant_lintile4_bf16_n1_v21, 1, 16, 256, 16}, {quant_lintile4_bf16_n1_v22, 1, 16, 256, 16},
-                    {quant_lintile4_bf16_n1_v23, 1, 16, 256, 16}, {quant_lintile4_bf16_n1_v24, 1, 16, 128, 16},
-                    {quant_lintile4_bf16_n1_v25, 1, 16, 128, 16}, {quant_lintile4_bf16_n2_v26, 2, 16, 128, 16},
-                    {quant_lintile4_bf16_n1_v27, 1, 16, 256, 16}, {quant_lintile4_bf16_n1_v28, 1, 16, 256, 16},
-                    {quant_lintile4_bf16_n1_v29, 1, 16, 128, 16}, {quant_lintile4_bf16_n1_v31, 1, 16, 128, 32},
-                    {quant_lintile4_bf16_n1_v32, 1, 16, 256, 16}};
+    struct V { LinFn f; size_t tokens, rows; unsigned threads; };
+    const V vs[] = {{quant_lintile4_bf16_n1_v24, 1, 16, 128}, {quant_lintile4_bf16_n1_v25, 1, 16, 128}};
     struct S { size_t nout, n, g, tokens; bool bias; unsigned grid; };
     const S shapes[] = {{19, 8448, 128, 1, true, 0}, {40, 256, 128, 1, false, 2}, {13, 512, 512, 3, true, 1},
                         {18, 4096, 128, 1, false, 0}, {21, 4112, 16, 1, false, 0}, {5, 0, 128, 1, true, 0}};
     for (const V& v : vs) {
         for (int flags : {0, lmkern::quant::LINEAR_PDL}) {
             for (const S& e : shapes) {
-                if (e.n % v.cpl != 0 || e.g % v.cpl != 0) continue;
                 run_linear<__nv_bfloat16>(K, e.nout, e.n, e.g, 4, e.tokens * v.tokens, e.bias, false, e.grid, false, false, v.f, v.rows,
                                           flags, v.threads);
             }

@@ -16,9 +16,7 @@
 //!   programmatic dependent launch at 1 token and where a row is one pass of the block's slices
 //!   ([`pdl_by_default`]), the tensor-core kernel where n ≤ 4096 ([`mma_pdl_by_default`]): it may
 //!   start while the kernel before it ends, prefetches codes into L2 meanwhile, and waits for that
-//!   kernel before it reads anything. Under LMKERN_CUDA_QUANT_TUNE=staged=1 (a tuning switch; it
-//!   lost at 1 token on the H200), the staged kernel (`quant_linstaged<bits>_*`: the tiled kernel's
-//!   shapes, the codes through shared memory by cp.async) where it fits ([`staged_fits`]).
+//!   kernel before it reads anything. LMKERN_CUDA_QUANT_TUNE overrides these choices ([`Tune`]).
 //! - dequantize: the tiled kernel (`quant_deqtile<bits>_*`, [`deq_tiled`]) where it fits, else the
 //!   row kernel.
 //!
@@ -215,32 +213,15 @@ const fn tile_variant(k: usize, nt: usize, cpl: usize, rows: usize, threads: usi
     Variant { k, nt, cpl, rows, threads }
 }
 
-/// 1-20 (other tiled shapes, a streamed and a cp.async kernel) lost or tied in
-/// benches/results/2026-11-26-h200-6-quant-tiled-sweep, 2026-11-27-h200-7-quant-async-sweep and
-/// 2026-11-27-h200-8-quant-pdl. 21-32, timed with pdl=1 in 2026-11-27-h200-9-quant-staged-mma (bf16
-/// 4-bit, µs at 4096 → 4096 / 4096 → 14336 / 14336 → 4096 against the default's 5.85 / 18.8 / 16.8):
-/// 21-23, the default 1-token shape with another PDL prefetch (the tile's scales and codebooks
-/// too: 5.78 / 18.6 / 17.9; none: 6.19 / 18.4 / 15.9; the first pass of slices: 5.87 / 18.9 / 15.3,
-/// now the default's); 24-26, blocks of 128 threads, 4 per SM, so that the next kernel's blocks fit
-/// beside this one's (a prefetch per line: 7.96 / 16.2 / 24.0; in bulk: 7.96 / 16.2 / 23.9; 2 tokens
-/// 11.6 against 7.9); 27, the default shape with the bulk prefetch (5.85 / 18.8 / 17.9); 28-29, the
-/// codebooks by cp.async (the default shape: 5.87 / 19.3 / 18.8; as 24: 8.32 / 17.4 / 24.8); 31-32,
-/// the staged kernel ([`LinearKernel::Staged`]) in blocks of 128 threads with 32-column slices
-/// (8.79 / 18.0 / 26.8), and in groups of 8 rows (6.43 / 22.5 / 19.6). Only 24-25's 4096 → 14336
-/// (many row tiles: 3.4 waves of 256-thread blocks) beat the default.
-const TILE_VARIANTS: [Variant; 11] = [
-    tile_variant(21, 1, 16, 16, BLOCK),
-    tile_variant(22, 1, 16, 16, BLOCK),
-    tile_variant(23, 1, 16, 16, BLOCK),
-    tile_variant(24, 1, 16, 16, 128),
-    tile_variant(25, 1, 16, 16, 128),
-    tile_variant(26, 2, 16, 16, 128),
-    tile_variant(27, 1, 16, 16, BLOCK),
-    tile_variant(28, 1, 16, 16, BLOCK),
-    tile_variant(29, 1, 16, 16, 128),
-    tile_variant(31, 1, 32, 16, 128),
-    tile_variant(32, 1, 16, 16, BLOCK),
-];
+/// The sweeps in benches/results/ (2026-11-26-h200-6-quant-tiled-sweep to 2026-11-27-h200-9-quant-
+/// staged-mma) settled variants 1-32 (other tiled shapes and prefetches, a streamed, a cp.async and
+/// a staged kernel, the codebooks by cp.async: they lost or tied, and are gone) but these two,
+/// blocks of 128 threads, 4 per SM, which leave room on every SM for the next kernel's blocks: at 1
+/// token with PDL (bf16 4-bit, µs at 4096 → 4096 / 4096 → 14336 / 14336 → 4096 against the default's
+/// 5.85 / 18.8 / 16.8) 24, a prefetch per line: 7.96 / 16.2 / 24.0; 25, in bulk: 7.96 / 16.2 / 23.9.
+/// They win where there are many row tiles (4096 → 14336: 3.4 waves of the default's blocks); one
+/// shape is not enough for a rule.
+const TILE_VARIANTS: [Variant; 2] = [tile_variant(24, 1, 16, 16, 128), tile_variant(25, 1, 16, 16, 128)];
 
 /// Whether the tiled linear is launched with programmatic dependent launch on sm_90+
 /// ([`cuda::launch_struct_pdl`]) when LMKERN_CUDA_QUANT_TUNE does not say: at 1 token, and at 2
@@ -269,15 +250,13 @@ fn mma_pdl_by_default(q: &QuantArgs) -> bool {
 /// programmatic dependent launch or not, overriding [`pdl_by_default`]), `blocks_per_sm=<b>`
 /// (the tiled linear's grid at most b blocks per multiprocessor; each block then takes several row
 /// tiles, leaving room on every SM for the next kernel's blocks), `mma=1` (the tensor-core
-/// linear where it fits, [`mma_fits`]; with PDL only under pdl=1) and `staged=1` (the staged
-/// tiled kernel where it fits, [`staged_fits`]; PDL as the tiled kernel).
+/// linear where it fits, [`mma_fits`], at every token count) and `mma=0` (never).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 struct Tune {
     variant: Option<Variant>,
     pdl: Option<bool>,
     blocks_per_sm: Option<usize>,
     mma: Option<bool>,
-    staged: bool,
 }
 
 impl Tune {
@@ -293,7 +272,6 @@ impl Tune {
                 Some(("blocks_per_sm", v)) => t.blocks_per_sm = v.parse::<usize>().ok().filter(|&b| b > 0),
                 Some(("mma", "1")) => t.mma = Some(true),
                 Some(("mma", "0")) => t.mma = Some(false),
-                Some(("staged", "1")) => t.staged = true,
                 _ => {}
             }
         }
@@ -341,27 +319,12 @@ pub(crate) enum LinearKernel {
     Tiled,
     /// `quant_linmma4_*`: see [`mma_fits`] and [`MMA_MIN_TOKENS`].
     Mma,
-    /// `quant_linstaged<bits>_*`: the tiled kernel's shape with its codes copied to shared memory
-    /// by cp.async (see [`staged_fits`]); only under LMKERN_CUDA_QUANT_TUNE=staged=1: on the H200
-    /// (benches/results/2026-11-27-h200-9-quant-staged-mma, bf16 4-bit) it took 6.50 µs at 4096²
-    /// and 1 token against the tiled kernel's 5.85, 7.51 against 7.92 at 2 tokens, and lost at
-    /// 4096 → 14336 and 14336 → 4096 (21.8 and 18.1 against 18.8 and 16.8).
-    Staged,
-}
-
-/// Whether the staged tiled kernel applies: where the tiled one does ([`tiled`]), at 1 or 2
-/// tokens, 2-, 4- or 8-bit codes (a row's slice of 16 codes is one cp.async of 4, 8 or 16 bytes,
-/// aligned as [`tiled`] checks).
-pub(crate) fn staged_fits(q: &QuantArgs, tokens: usize, x: Ptr, codes: Ptr) -> bool {
-    token_tile(tokens) <= 2 && matches!(q.bits, 2 | 4 | 8) && tiled(q, tokens, x, codes)
 }
 
 /// The kernel a linear call takes (`tune`: LMKERN_CUDA_QUANT_TUNE's switches).
 fn linear_kernel(tune: &Tune, dtype: DType, q: &QuantArgs, tokens: usize, x: Ptr, codes: Ptr) -> LinearKernel {
     if tune.mma.unwrap_or(tokens >= MMA_MIN_TOKENS) && mma_fits(dtype, q, x, codes) {
         LinearKernel::Mma
-    } else if tune.staged && staged_fits(q, tokens, x, codes) {
-        LinearKernel::Staged
     } else if tiled(q, tokens, x, codes) {
         LinearKernel::Tiled
     } else {
@@ -376,7 +339,6 @@ pub(crate) fn plan_linear(dtype: DType, l: &LinearArgs, kernel: LinearKernel) ->
     let (name, rows_per_block) = match kernel {
         LinearKernel::Generic => (format!("quant_linear_{t}_n{nt}"), BLOCK / 32),
         LinearKernel::Tiled => (format!("quant_lintile{bits}_{t}_n{nt}"), tile_shape(nt, bits).1),
-        LinearKernel::Staged => (format!("quant_linstaged{bits}_{t}_n{nt}"), tile_shape(nt, bits).1),
         LinearKernel::Mma => (format!("quant_linmma4_{t}_n{}", if l.tokens <= 8 { 8 } else { 16 }), MMA_ROWS),
     };
     Ok(Plan { name, grid: clamp_grid(l.q.rows.div_ceil(rows_per_block)), block: (BLOCK as u32, 1) })
@@ -490,13 +452,13 @@ pub unsafe fn linear(
         plan.grid = clamp_grid(q.rows.div_ceil(v.rows));
         plan.block = (v.threads as u32, 1);
     }
-    if let (LinearKernel::Tiled | LinearKernel::Staged, Some(b)) = (kernel, tune.blocks_per_sm) {
+    if let (LinearKernel::Tiled, Some(b)) = (kernel, tune.blocks_per_sm) {
         plan.grid = plan.grid.min(clamp_grid(b.saturating_mul(cuda::sm_count(ordinal)?)));
     }
-    // Only the tiled, staged and tensor-core kernels wait for the previous one (griddepcontrol.wait)
+    // Only the tiled and tensor-core kernels wait for the previous one (griddepcontrol.wait)
     // before they read.
     let pdl = match kernel {
-        LinearKernel::Tiled | LinearKernel::Staged => tune.pdl.unwrap_or_else(|| pdl_by_default(q, l.tokens)),
+        LinearKernel::Tiled => tune.pdl.unwrap_or_else(|| pdl_by_default(q, l.tokens)),
         LinearKernel::Mma => tune.pdl.unwrap_or_else(|| mma_pdl_by_default(q)),
         LinearKernel::Generic => false,
     } && cuda::supports_pdl(ordinal)?;
@@ -539,11 +501,6 @@ mod tests {
                 v.push(format!("quant_linear_{t}_n{nt}"));
                 for bits in [2, 3, 4, 8] {
                     v.push(format!("quant_lintile{bits}_{t}_n{nt}"));
-                }
-            }
-            for nt in [1, 2] {
-                for bits in [2, 4, 8] {
-                    v.push(format!("quant_linstaged{bits}_{t}_n{nt}"));
                 }
             }
             if t != "f32" {
@@ -600,19 +557,14 @@ mod tests {
         let p = plan_linear(DType::F16, &LinearArgs { q, tokens: 9 }, LinearKernel::Mma).unwrap();
         assert_eq!((p.name.as_str(), p.grid, p.block), ("quant_linmma4_f16_n16", 256, (256, 1)));
         assert_eq!(plan_linear(DType::BF16, &l, LinearKernel::Mma).unwrap().name, "quant_linmma4_bf16_n8");
-        let p = plan_linear(DType::F32, &LinearArgs { q: QuantArgs { bits: 8, ..q }, tokens: 2 }, LinearKernel::Staged).unwrap();
-        assert_eq!((p.name.as_str(), p.grid, p.block), ("quant_linstaged8_f32_n2", 512, (256, 1))); // the tiled shape
         let names = all_kernel_names();
         for bits in [2, 3, 4, 8] {
             for tokens in 0..40 {
-                for kernel in [Generic, Tiled, LinearKernel::Mma, LinearKernel::Staged] {
+                for kernel in [Generic, Tiled, LinearKernel::Mma] {
                     if kernel == LinearKernel::Mma && bits != 4 {
                         continue; // mma_fits: 4-bit codes only
                     }
                     let qt = QuantArgs { bits, ..q };
-                    if kernel == LinearKernel::Staged && !staged_fits(&qt, tokens, 256, 512) {
-                        continue;
-                    }
                     let p = plan_linear(DType::F16, &LinearArgs { q: qt, tokens }, kernel).unwrap();
                     assert!(names.contains(&p.name), "{p:?}");
                 }
@@ -620,22 +572,6 @@ mod tests {
         }
         assert_eq!(token_tile(3), 4);
         assert_eq!(token_tile(9), 8);
-    }
-
-    #[test]
-    fn staged_fits_where_tiled_does_at_1_and_2_tokens_but_3_bit() {
-        let q = QuantArgs { bits: 4, rows: 4096, n: 4096, group: 128, clip: 1.0 };
-        for bits in [2, 4, 8] {
-            let q = QuantArgs { bits, ..q };
-            assert!(staged_fits(&q, 1, 256, 512) && staged_fits(&q, 2, 256, 512), "{bits}-bit");
-            assert!(!staged_fits(&q, 3, 256, 512) && !staged_fits(&q, 9, 256, 512), "{bits}-bit, 4-8 tokens");
-            assert!(!staged_fits(&q, 1, 258, 512), "{bits}-bit, x misaligned");
-        }
-        assert!(!staged_fits(&QuantArgs { bits: 3, ..q }, 1, 256, 512));
-        assert!(!staged_fits(&q, 1, 256, 516)); // 8-byte copies
-        assert!(!staged_fits(&QuantArgs { bits: 8, ..q }, 1, 256, 520)); // 16-byte copies
-        assert!(staged_fits(&QuantArgs { bits: 2, ..q }, 1, 256, 516)); // 4-byte copies
-        assert!(!staged_fits(&QuantArgs { n: 4104, group: 8, ..q }, 1, 256, 512)); // slices of 16 columns
     }
 
     #[test]
@@ -652,7 +588,7 @@ mod tests {
 
     #[test]
     fn tensor_cores_by_default_from_3_tokens_where_they_fit() {
-        use LinearKernel::{Generic, Mma, Staged, Tiled};
+        use LinearKernel::{Generic, Mma, Tiled};
         let q = QuantArgs { bits: 4, rows: 4096, n: 4096, group: 128, clip: 1.0 };
         let none = Tune::default();
         let kernel = |tune: &Tune, dtype, q: &QuantArgs, tokens, x| linear_kernel(tune, dtype, q, tokens, x, 512);
@@ -670,9 +606,6 @@ mod tests {
         let mma = |m| Tune { mma: Some(m), ..Tune::default() };
         assert_eq!(kernel(&mma(true), DType::BF16, &q, 1, 256), Mma);
         assert_eq!(kernel(&mma(false), DType::BF16, &q, 8, 256), Tiled);
-        let staged = Tune { staged: true, ..Tune::default() };
-        assert_eq!(kernel(&staged, DType::BF16, &q, 1, 256), Staged);
-        assert_eq!(kernel(&staged, DType::BF16, &q, 8, 256), Mma);
     }
 
     #[test]
@@ -702,17 +635,15 @@ mod tests {
     #[test]
     fn tune_parses_switches() {
         assert_eq!(Tune::parse(""), Tune::default());
-        let t = Tune::parse("variant=21, pdl=1");
-        assert_eq!((t.variant, t.pdl, t.blocks_per_sm), (Some(tile_variant(21, 1, 16, 16, 256)), Some(true), None));
-        assert_eq!(Tune::parse("variant=18").variant, None); // settled and removed
+        let t = Tune::parse("variant=24, pdl=1");
+        assert_eq!((t.variant, t.pdl, t.blocks_per_sm), (Some(tile_variant(24, 1, 16, 16, 128)), Some(true), None));
+        assert_eq!(Tune::parse("variant=21").variant, None); // settled and removed
         assert_eq!(Tune::parse("pdl=0").pdl, Some(false));
-        assert_eq!(Tune::parse("variant=26,blocks_per_sm=1").variant.map(|v| (v.nt, v.threads)), Some((2, 128)));
-        assert_eq!(Tune::parse("variant=31").variant, Some(tile_variant(31, 1, 32, 16, 128))); // staged, 32-column slices
+        assert_eq!(Tune::parse("variant=25,blocks_per_sm=1").variant.map(|v| (v.nt, v.threads)), Some((1, 128)));
         assert_eq!(Tune::parse("blocks_per_sm=1").blocks_per_sm, Some(1));
         assert_eq!(Tune::parse("blocks_per_sm=0").blocks_per_sm, None);
         assert_eq!((Tune::parse("mma=1,pdl=1").mma, Tune::parse("mma=0").mma, Tune::parse("mma=2").mma), (Some(true), Some(false), None));
-        assert!(Tune::parse("staged=1,pdl=1").staged && !Tune::parse("staged=0").staged);
-        assert_eq!(Tune::parse("variant=99,deq=tiled,lin=async,junk"), Tune::default());
+        assert_eq!(Tune::parse("variant=99,staged=1,lin=async,junk"), Tune::default());
     }
 
     #[test]

@@ -579,7 +579,7 @@ mod tests {
                     }
                 }
                 // Unused high bits of the last byte are zero.
-                if (n * bits as usize) % 8 != 0 {
+                if !(n * bits as usize).is_multiple_of(8) {
                     let used = (n * bits as usize) % 8;
                     assert_eq!(packed[packed.len() - 1] >> used, 0);
                 }
