@@ -582,6 +582,33 @@ __device__ __forceinline__ void load_rows_slice(const LinearParams& p, int ng, i
     }
 }
 
+// As load_rows_slice, for a row length FN and a group size FG fixed at compile time (the
+// shape-specialized variants): a full row tile's rows then lie at constant offsets from the slice's
+// first (row_bytes and ng are constants), so their loads take immediate offsets instead of each
+// row's 64-bit address arithmetic, and the slice's group is a shift.
+template <int BITS, int CPL, int R, int FN, int FG>
+__device__ __forceinline__ void load_rows_slice_fixed(const LinearParams& p, int64_t o0, int rows_here, int s,
+                                                      uint32_t (&cw)[R][(CPL * BITS / 8 + 3) / 4], float (&m)[R]) {
+    static_assert(FN % FG == 0 && FG % CPL == 0 && FN * BITS % 8 == 0, "whole groups, whole slices, whole bytes");
+    constexpr int SB = CPL * BITS / 8, RB = FN * BITS / 8, NG = FN / FG;
+    const uint8_t* cp = p.codes + o0 * RB + s * SB;
+    const float* sp = p.scales + o0 * NG + s * CPL / FG;
+    if (rows_here == R) {  // uniform
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            load_codes<SB>(cp + r * RB, cw[r]);
+            m[r] = sp[r * NG];
+        }
+    } else {
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const int rr = r < rows_here ? r : rows_here - 1;
+            load_codes<SB>(cp + rr * RB, cw[r]);
+            m[r] = sp[rr * NG];
+        }
+    }
+}
+
 // acc[r·NT + t] += m[r]·Σ_j lut[r][field_j(r)]·xs[t][j] over one slice.
 template <int NT, int BITS, int CPL, int R>
 __device__ __forceinline__ void slice_dot(const uint32_t (&cw)[R][(CPL * BITS / 8 + 3) / 4], const float (&m)[R],
@@ -705,8 +732,14 @@ __device__ __forceinline__ void prefetch_tile(const LinearParams& p, int64_t o0)
     }
 }
 
-// TT threads per block (a multiple of 32; the default kernels take TILE_THREADS).
-template <typename T, int NT, int BITS, int CPL, int R, Prefetch PF = Prefetch::FirstPass, int TT = TILE_THREADS>
+// TT threads per block (a multiple of 32; the default kernels take TILE_THREADS). FN, FG > 0: the
+// in_features and group size this instance is specialized for (variants 40-41, unmeasured; the
+// launcher picks it only for that shape): ~350 of the ~1,550 instructions a thread of the 1-token
+// kernel issues at 4096² are the 16 rows' code and scale addresses and the slice's group
+// (a division), after griddep_wait (H200, benches/results/2026-11-27-h200-9-quant-staged-mma,
+// ncu_lintile4_n1.txt); with the shape fixed most of them fold into immediate offsets.
+template <typename T, int NT, int BITS, int CPL, int R, Prefetch PF = Prefetch::FirstPass, int TT = TILE_THREADS, int FN = 0,
+          int FG = 0>
 __device__ __forceinline__ void linear_tiled(const LinearParams& p) {
     constexpr int NWORDS = (CPL * BITS / 8 + 3) / 4;
     constexpr int V = R * NT;  // partial sums per thread
@@ -716,8 +749,15 @@ __device__ __forceinline__ void linear_tiled(const LinearParams& p) {
     __shared__ float red[TT / 32][V];
     const T* __restrict__ x = static_cast<const T*>(p.x);
     const int tid = threadIdx.x;
-    const int n = p.in_features, ng = n / p.group, nout = p.out_features, slices = n / CPL;
+    const int n = FN > 0 ? FN : p.in_features, ng = n / (FG > 0 ? FG : p.group), nout = p.out_features, slices = n / CPL;
     const int64_t tokens = p.tokens;
+    auto load_rows = [&](int64_t o0, int rows_here, int s, uint32_t (&cw)[R][NWORDS], float (&m)[R]) {
+        if constexpr (FN > 0) {
+            load_rows_slice_fixed<BITS, CPL, R, FN, FG>(p, o0, rows_here, s, cw, m);
+        } else {
+            load_rows_slice<BITS, CPL, R>(p, ng, o0, rows_here, s, cw, m);
+        }
+    };
 
     griddep_launch_dependents();  // with PDL, the next kernel may start its prologue as our blocks retire
     if (p.flags & LINEAR_PDL) {
@@ -745,7 +785,7 @@ __device__ __forceinline__ void linear_tiled(const LinearParams& p) {
             load_table_share<BITS, R, TT>(p, o0, tv);
             if (s < slices) {
                 load_x_slice<T, NT, CPL>(x, n, t0, nt, (int64_t)s * CPL, xs);
-                load_rows_slice<BITS, CPL, R>(p, ng, o0, rows_here, s, cw, m);
+                load_rows(o0, rows_here, s, cw, m);
             }
             __syncthreads();  // the previous tile's readers of lut and red are done
             store_table_share<BITS, R, TT>(lut, tv);
@@ -759,7 +799,7 @@ __device__ __forceinline__ void linear_tiled(const LinearParams& p) {
                 s += TT;
                 if (s < slices) {
                     load_x_slice<T, NT, CPL>(x, n, t0, nt, (int64_t)s * CPL, xs);
-                    load_rows_slice<BITS, CPL, R>(p, ng, o0, rows_here, s, cw, m);
+                    load_rows(o0, rows_here, s, cw, m);
                 }
             }
             stash_partials<V>(acc, red);
@@ -1056,13 +1096,17 @@ __device__ __forceinline__ void deq_tiled(const DeqParams& p) {
 // thread), which leave room on every SM for the next kernel's blocks. They lose at 4096 → 4096
 // (7.96 against 5.85 µs, 1 token, PDL) and win at 4096 → 14336 (16.2 against 18.8: 896 row tiles,
 // 3.4 waves of the default's blocks); 24 prefetches a line at a time, 25 in bulk.
-#define LMKERN_QUANT_LINTILE_VARIANT(K, NT, CPL, R, TT, MINB, PF)                                        \
-    extern "C" __global__ void __launch_bounds__(TT, MINB)                                             \
-        quant_lintile4_bf16_n##NT##_v##K(const __grid_constant__ lmkern::quant::LinearParams p) {      \
-        lmkern::quant::linear_tiled<__nv_bfloat16, NT, 4, CPL, R, lmkern::quant::Prefetch::PF, TT>(p); \
+#define LMKERN_QUANT_LINTILE_VARIANT(K, NT, CPL, R, TT, MINB, PF, FN, FG)                                        \
+    extern "C" __global__ void __launch_bounds__(TT, MINB)                                                       \
+        quant_lintile4_bf16_n##NT##_v##K(const __grid_constant__ lmkern::quant::LinearParams p) {                \
+        lmkern::quant::linear_tiled<__nv_bfloat16, NT, 4, CPL, R, lmkern::quant::Prefetch::PF, TT, FN, FG>(p); \
     }
-LMKERN_QUANT_LINTILE_VARIANT(24, 1, 16, 16, 128, 4, Codes)
-LMKERN_QUANT_LINTILE_VARIANT(25, 1, 16, 16, 128, 4, Bulk)
+LMKERN_QUANT_LINTILE_VARIANT(24, 1, 16, 16, 128, 4, Codes, 0, 0)
+LMKERN_QUANT_LINTILE_VARIANT(25, 1, 16, 16, 128, 4, Bulk, 0, 0)
+// The default 1- and 2-token shapes specialized for in_features 4096 and groups of 128 (40, 41;
+// unmeasured): see linear_tiled.
+LMKERN_QUANT_LINTILE_VARIANT(40, 1, 16, 16, 256, 2, FirstPass, 4096, 128)
+LMKERN_QUANT_LINTILE_VARIANT(41, 2, 16, 16, 256, 2, FirstPass, 4096, 128)
 
 LMKERN_QUANT_ENTRIES(float, f32)
 LMKERN_QUANT_ENTRIES(__nv_bfloat16, bf16)

@@ -261,8 +261,10 @@ F64 = torch.float64
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}  # kernel names
 bad = []
-variant = os.environ["WANT_VARIANT"]  # "k,nt": the variant bf16 4-bit calls of token tile nt take
-k, nt = (int(v) for v in variant.split(",")) if variant else (0, 0)
+# "k,nt,n,g": the variant bf16 4-bit calls of token tile nt take (only with in_features n and groups
+# of g, where n > 0: a variant specialized for that shape)
+variant = os.environ["WANT_VARIANT"]
+k, nt, vn, vg = (int(v) for v in variant.split(",")) if variant else (0, 0, 0, 0)
 tune = os.environ["LMKERN_CUDA_QUANT_TUNE"].split(",")
 mma = "mma=1" in tune  # the tensor-core kernel where it fits, at every token count
 no_mma = "mma=0" in tune  # never the tensor-core kernel (by default: where it fits, from 3 tokens)
@@ -274,10 +276,11 @@ dtypes_here = (torch.bfloat16,) if k else every_dtype
 # (in, out, group): fewer slices than threads and partial row tiles; more slices than threads, the
 # last pass partial (4352 = 256 + 16 slices of 16); one group per row (8448 = 528 slices); more row
 # tiles than a GPU has SMs (4500 rows: blocks_per_sm=1 makes blocks take several, the last partial);
-# groups of 128 (the tensor-core kernel's shapes; 8448 too) with a partial row tile. One profile per
-# layer: each call's kernel (which differs by dtype and token tile) must be among those it shows,
-# and none of them the generic kernel (every shape here fits the tiled ones).
-for in_f, out_f, g in [(256, 96, 32), (4352, 21, 64), (8448, 6, 8448), (256, 4500, 32), (384, 40, 128)]:
+# groups of 128 (the tensor-core kernel's shapes; 8448 too) with a partial row tile; 4096 columns in
+# groups of 128 (the shape variants 40-41 are specialized for), two full row tiles and a partial one.
+# One profile per layer: each call's kernel (which differs by dtype and token tile) must be among
+# those it shows, and none of them the generic kernel (every shape here fits the tiled ones).
+for in_f, out_f, g in [(256, 96, 32), (4352, 21, 64), (8448, 6, 8448), (256, 4500, 32), (384, 40, 128), (4096, 40, 128)]:
     for bits in bits_here:
         torch.manual_seed(bits)
         lin = torch.nn.Linear(in_f, out_f)
@@ -291,7 +294,7 @@ for in_f, out_f, g in [(256, 96, 32), (4352, 21, 64), (8448, 6, 8448), (256, 450
                     y = mod(x.cuda())
                     tile = 1 if tokens == 1 else 2 if tokens == 2 else 8
                     want = f"quant_lintile{bits}_{SUFFIX[dtype]}_n{tile}"
-                    if k and bits == 4 and dtype == torch.bfloat16 and tile == nt:
+                    if k and bits == 4 and dtype == torch.bfloat16 and tile == nt and (not vn or (in_f, g) == (vn, vg)):
                         want += f"_v{k}"
                     mma_here = mma or (tokens >= 3 and not no_mma)
                     if mma_here and bits == 4 and dtype != torch.float32 and in_f % 128 == 0 and g % 128 == 0:
@@ -362,14 +365,15 @@ sys.exit(1 if bad else 0)
 """
 
 
-# Token tile of each tuning variant (rust/core/src/quant/cuda.rs, TILE_VARIANTS).
-VARIANT_TOKEN_TILE = {24: 1, 25: 1}
+# Token tile of each tuning variant, and the (in_features, group size) it is specialized for (0, 0:
+# any) (rust/core/src/quant/cuda.rs, TILE_VARIANTS).
+VARIANTS = {24: (1, 0, 0), 25: (1, 0, 0), 40: (1, 4096, 128), 41: (2, 4096, 128)}
 
 
 TUNINGS = [
     "pdl=0", "pdl=1", "blocks_per_sm=1,pdl=1", "blocks_per_sm=1,pdl=0", "variant=25,blocks_per_sm=1,pdl=1", "mma=1",
     "mma=1,pdl=1", "mma=0",
-] + [f"variant={k},pdl=1" for k in VARIANT_TOKEN_TILE]
+] + [f"variant={k},pdl=1" for k in VARIANTS]
 
 
 @pytest.fixture(scope="module")
@@ -388,7 +392,7 @@ def tuned_runs(request):
     procs = {}
     for tune in dict.fromkeys(selected):
         k = next((int(item[8:]) for item in tune.split(",") if item.startswith("variant=")), None)
-        variant = f"{k},{VARIANT_TOKEN_TILE[k]}" if k else ""
+        variant = ",".join(str(v) for v in (k, *VARIANTS[k])) if k else ""
         env = dict(os.environ, LMKERN_CUDA_QUANT_TUNE=tune, PYTHONPATH=path, WANT_VARIANT=variant)
         procs[tune] = subprocess.Popen([sys.executable, "-c", TUNED_SCRIPT], env=env, stdout=subprocess.PIPE,
                                        stderr=subprocess.PIPE, text=True)

@@ -199,7 +199,8 @@ fn slice_load_width(cpl: usize, bits: usize) -> u64 {
 
 /// A launch-shape variant of the bf16 4-bit tiled linear, for tuning only: as cuda/quant.cu
 /// compiles it (LMKERN_QUANT_LINTILE_VARIANT), with token tile `nt`, `cpl` columns per slice,
-/// `rows` output rows and `threads` threads per block.
+/// `rows` output rows and `threads` threads per block; `shape`: the (in_features, group size) it is
+/// specialized for, and may run on only, if any.
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Variant {
     k: usize,
@@ -207,10 +208,15 @@ struct Variant {
     cpl: usize,
     rows: usize,
     threads: usize,
+    shape: Option<(usize, usize)>,
 }
 
 const fn tile_variant(k: usize, nt: usize, cpl: usize, rows: usize, threads: usize) -> Variant {
-    Variant { k, nt, cpl, rows, threads }
+    Variant { k, nt, cpl, rows, threads, shape: None }
+}
+
+const fn fixed_variant(k: usize, nt: usize, n: usize, group: usize) -> Variant {
+    Variant { k, nt, cpl: 16, rows: 16, threads: BLOCK, shape: Some((n, group)) }
 }
 
 /// The sweeps in benches/results/ (2026-11-26-h200-6-quant-tiled-sweep to 2026-11-27-h200-9-quant-
@@ -220,8 +226,16 @@ const fn tile_variant(k: usize, nt: usize, cpl: usize, rows: usize, threads: usi
 /// token with PDL (bf16 4-bit, µs at 4096 → 4096 / 4096 → 14336 / 14336 → 4096 against the default's
 /// 5.85 / 18.8 / 16.8) 24, a prefetch per line: 7.96 / 16.2 / 24.0; 25, in bulk: 7.96 / 16.2 / 23.9.
 /// They win where there are many row tiles (4096 → 14336: 3.4 waves of the default's blocks); one
-/// shape is not enough for a rule.
-const TILE_VARIANTS: [Variant; 2] = [tile_variant(24, 1, 16, 16, 128), tile_variant(25, 1, 16, 16, 128)];
+/// shape is not enough for a rule. 40-41 (unmeasured): the default 1- and 2-token kernels
+/// specialized for in_features 4096 and groups of 128, where a full row tile's code and scale loads
+/// take immediate offsets (sm_90 SASS: ~140 instructions from griddep_wait to the tile's barrier
+/// against ~340, of ~1,550 a thread issues at 4096²).
+const TILE_VARIANTS: [Variant; 4] = [
+    tile_variant(24, 1, 16, 16, 128),
+    tile_variant(25, 1, 16, 16, 128),
+    fixed_variant(40, 1, 4096, 128),
+    fixed_variant(41, 2, 4096, 128),
+];
 
 /// Whether the tiled linear is launched with programmatic dependent launch on sm_90+
 /// ([`cuda::launch_struct_pdl`]) when LMKERN_CUDA_QUANT_TUNE does not say: at 1 token, and at 2
@@ -287,10 +301,18 @@ impl Tune {
 /// The tuning variant that replaces the default tiled kernel for this call, if one is asked for
 /// and fits (bf16, 4 bits, its token tile, its slice width).
 fn variant_for(dtype: DType, l: &LinearArgs, x: Ptr, codes: Ptr) -> Option<Variant> {
-    let v = Tune::get().variant?;
-    let fits = dtype == DType::BF16 && l.q.bits == 4 && token_tile(l.tokens) == v.nt && l.q.n.is_multiple_of(v.cpl)
-        && l.q.group.is_multiple_of(v.cpl) && x.is_multiple_of(16) && codes.is_multiple_of(16);
-    fits.then_some(v)
+    Tune::get().variant.filter(|v| variant_fits(v, dtype, l, x, codes))
+}
+
+fn variant_fits(v: &Variant, dtype: DType, l: &LinearArgs, x: Ptr, codes: Ptr) -> bool {
+    dtype == DType::BF16
+        && l.q.bits == 4
+        && token_tile(l.tokens) == v.nt
+        && l.q.n.is_multiple_of(v.cpl)
+        && l.q.group.is_multiple_of(v.cpl)
+        && v.shape.is_none_or(|shape| shape == (l.q.n, l.q.group))
+        && x.is_multiple_of(16)
+        && codes.is_multiple_of(16)
 }
 
 /// Output rows per block of the tensor-core linear (MMA_ROWS in cuda/quant.cu; its warp step,
@@ -633,11 +655,28 @@ mod tests {
     }
 
     #[test]
+    fn variants_fit_their_token_tile_and_shape() {
+        let q = QuantArgs { bits: 4, rows: 4096, n: 4096, group: 128, clip: 1.0 };
+        let fits = |k: usize, q: QuantArgs, tokens: usize, dtype: DType| {
+            let v = TILE_VARIANTS.iter().find(|v| v.k == k).unwrap();
+            variant_fits(v, dtype, &LinearArgs { q, tokens }, 256, 512)
+        };
+        assert!(fits(24, q, 1, DType::BF16) && fits(24, QuantArgs { n: 14336, ..q }, 1, DType::BF16));
+        assert!(!fits(24, q, 2, DType::BF16) && !fits(24, q, 1, DType::F16) && !fits(24, QuantArgs { bits: 8, ..q }, 1, DType::BF16));
+        assert!(fits(40, q, 1, DType::BF16) && fits(41, q, 2, DType::BF16) && !fits(40, q, 2, DType::BF16));
+        assert!(!fits(40, QuantArgs { n: 14336, ..q }, 1, DType::BF16)); // specialized for in_features 4096
+        assert!(!fits(40, QuantArgs { group: 64, ..q }, 1, DType::BF16)); // and groups of 128
+        let v = TILE_VARIANTS[2];
+        assert!(!variant_fits(&v, DType::BF16, &LinearArgs { q, tokens: 1 }, 264, 512)); // x not 16-byte aligned
+    }
+
+    #[test]
     fn tune_parses_switches() {
         assert_eq!(Tune::parse(""), Tune::default());
         let t = Tune::parse("variant=24, pdl=1");
         assert_eq!((t.variant, t.pdl, t.blocks_per_sm), (Some(tile_variant(24, 1, 16, 16, 128)), Some(true), None));
         assert_eq!(Tune::parse("variant=21").variant, None); // settled and removed
+        assert_eq!(Tune::parse("variant=41").variant, Some(fixed_variant(41, 2, 4096, 128)));
         assert_eq!(Tune::parse("pdl=0").pdl, Some(false));
         assert_eq!(Tune::parse("variant=25,blocks_per_sm=1").variant.map(|v| (v.nt, v.threads)), Some((1, 128)));
         assert_eq!(Tune::parse("blocks_per_sm=1").blocks_per_sm, Some(1));
