@@ -23,9 +23,11 @@ class PowerQuantLinear(nn.Module):
     :mod:`lmkern.quant`. Activations: float32, bfloat16, float16 on CPU (float64 is accepted and
     computed in float32); accumulation in float32; the output has the activations' dtype. CUDA
     (``.to("cuda")`` of a module built on CPU works): float32, bfloat16, float16 activations; up to 8
-    tokens a fused lookup-table GEMV that reads the 4-bit stream and the scales once (the 4-bit
-    weight moves ~4.25 bits per weight instead of 16 for bf16), beyond that the weight dequantized
-    through the codebooks into a scratch and cuBLAS; the backward is dy @ Ŵ with a float32 Ŵ. The
+    tokens (32 where the tensor-core GEMV fits: bfloat16/float16, 4 bits, in_features and group_size
+    multiples of 128) a fused lookup-table GEMV that reads the 4-bit stream and the scales once (the
+    4-bit weight moves ~4.25 bits per weight instead of 16 for bf16), beyond that the weight
+    dequantized through the codebooks into a scratch and cuBLAS; the backward is dy @ Ŵ with Ŵ
+    dequantized in dy's dtype. The
     codebook of CUDA exponents is built on the host (an exponent outside (0, 1] raises there); the
     GEMV reads ``codebook`` as it is (no check, no synchronization).
     """
