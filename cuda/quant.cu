@@ -733,7 +733,7 @@ __device__ __forceinline__ void prefetch_tile(const LinearParams& p, int64_t o0)
 }
 
 // TT threads per block (a multiple of 32; the default kernels take TILE_THREADS). FN, FG > 0: the
-// in_features and group size this instance is specialized for (variants 40-41, unmeasured; the
+// in_features and group size this instance is specialized for (variants 40-42, unmeasured; the
 // launcher picks it only for that shape): ~350 of the ~1,550 instructions a thread of the 1-token
 // kernel issues at 4096² are the 16 rows' code and scale addresses and the slice's group
 // (a division), after griddep_wait (H200, benches/results/2026-11-27-h200-9-quant-staged-mma,
@@ -1103,10 +1103,12 @@ __device__ __forceinline__ void deq_tiled(const DeqParams& p) {
     }
 LMKERN_QUANT_LINTILE_VARIANT(24, 1, 16, 16, 128, 4, Codes, 0, 0)
 LMKERN_QUANT_LINTILE_VARIANT(25, 1, 16, 16, 128, 4, Bulk, 0, 0)
-// The default 1- and 2-token shapes specialized for in_features 4096 and groups of 128 (40, 41;
-// unmeasured): see linear_tiled.
+// The default 1- and 2-token shapes specialized for in_features 4096 and groups of 128 (40, 41),
+// and the 1-token shape for in_features 14336 (42: 3.5 passes of the block's slices); unmeasured:
+// see linear_tiled.
 LMKERN_QUANT_LINTILE_VARIANT(40, 1, 16, 16, 256, 2, FirstPass, 4096, 128)
 LMKERN_QUANT_LINTILE_VARIANT(41, 2, 16, 16, 256, 2, FirstPass, 4096, 128)
+LMKERN_QUANT_LINTILE_VARIANT(42, 1, 16, 16, 256, 2, FirstPass, 14336, 128)
 
 LMKERN_QUANT_ENTRIES(float, f32)
 LMKERN_QUANT_ENTRIES(__nv_bfloat16, bf16)

@@ -277,10 +277,12 @@ dtypes_here = (torch.bfloat16,) if k else every_dtype
 # last pass partial (4352 = 256 + 16 slices of 16); one group per row (8448 = 528 slices); more row
 # tiles than a GPU has SMs (4500 rows: blocks_per_sm=1 makes blocks take several, the last partial);
 # groups of 128 (the tensor-core kernel's shapes; 8448 too) with a partial row tile; 4096 columns in
-# groups of 128 (the shape variants 40-41 are specialized for), two full row tiles and a partial one.
+# groups of 128 (the shape variants 40-41 are specialized for), two full row tiles and a partial one;
+# 14336 columns in groups of 128 (variant 42's shape: 3.5 passes of the block's slices).
 # One profile per layer: each call's kernel (which differs by dtype and token tile) must be among
 # those it shows, and none of them the generic kernel (every shape here fits the tiled ones).
-for in_f, out_f, g in [(256, 96, 32), (4352, 21, 64), (8448, 6, 8448), (256, 4500, 32), (384, 40, 128), (4096, 40, 128)]:
+for in_f, out_f, g in [(256, 96, 32), (4352, 21, 64), (8448, 6, 8448), (256, 4500, 32), (384, 40, 128), (4096, 40, 128),
+                       (14336, 20, 128)]:
     for bits in bits_here:
         torch.manual_seed(bits)
         lin = torch.nn.Linear(in_f, out_f)
@@ -367,7 +369,7 @@ sys.exit(1 if bad else 0)
 
 # Token tile of each tuning variant, and the (in_features, group size) it is specialized for (0, 0:
 # any) (rust/core/src/quant/cuda.rs, TILE_VARIANTS).
-VARIANTS = {24: (1, 0, 0), 25: (1, 0, 0), 40: (1, 4096, 128), 41: (2, 4096, 128)}
+VARIANTS = {24: (1, 0, 0), 25: (1, 0, 0), 40: (1, 4096, 128), 41: (2, 4096, 128), 42: (1, 14336, 128)}
 
 
 TUNINGS = [

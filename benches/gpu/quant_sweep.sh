@@ -5,7 +5,7 @@
 # against the float64 product): the default kernels (rust/core/src/quant/cuda.rs: PDL per shape,
 # the tensor-core kernel from 3 tokens where it fits) with the dense bf16 peer and cuBLAS on the
 # codes' bytes; the kernels specialized for in_features 4096 and groups of 128 (variants 40-41, at
-# 4096², with and without PDL; the only shape they take); the tensor-core kernel at 1-16 tokens
+# 4096², with and without PDL; the only shape they take) and for 14336 (42, at 14336 → 4096); the tensor-core kernel at 1-16 tokens
 # (mma=1, through _fused_gemv) and never (mma=0); without PDL; then the quantization tests under the `cuda` marker (among them the linear
 # under each tuning, test_linear_tuned_launch); then, with PDL, the variants of blocks of 128
 # threads (24-25) and a grid of one block per SM; last, the other tests under the `cuda` marker.
@@ -29,6 +29,7 @@ tune() { # tune SETTINGS TOKENS [FLAGS]: tune_quant.py under LMKERN_CUDA_QUANT_T
     tune "variant=40" 1 "--peer --cases 4096x4096x1"
     tune "variant=41" 2 "--peer --cases 4096x4096x2"
     tune "variant=40,pdl=0" 1 "--cases 4096x4096x1"
+    tune "variant=42" 1 "--peer --cases 4096x14336x1"
     tune "mma=1" 1,2,4,8,16 "--direct --peer"
     tune "mma=0" 4,8
     tune "pdl=0" 1,2,4,8

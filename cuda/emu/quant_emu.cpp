@@ -606,11 +606,13 @@ static void empty_rows(const Kernels& K) {
 static void tile_variants(const Kernels& K) {
     struct V { LinFn f; size_t tokens, rows; unsigned threads; size_t fn, fg; };
     const V vs[] = {{quant_lintile4_bf16_n1_v24, 1, 16, 128, 0, 0}, {quant_lintile4_bf16_n1_v25, 1, 16, 128, 0, 0},
-                    {quant_lintile4_bf16_n1_v40, 1, 16, 256, 4096, 128}, {quant_lintile4_bf16_n2_v41, 2, 16, 256, 4096, 128}};
+                    {quant_lintile4_bf16_n1_v40, 1, 16, 256, 4096, 128}, {quant_lintile4_bf16_n2_v41, 2, 16, 256, 4096, 128},
+                    {quant_lintile4_bf16_n1_v42, 1, 16, 256, 14336, 128}};
     struct S { size_t nout, n, g, tokens; bool bias; unsigned grid; };
     const S shapes[] = {{19, 8448, 128, 1, true, 0}, {40, 256, 128, 1, false, 2}, {13, 512, 512, 3, true, 1},
                         {18, 4096, 128, 1, false, 0}, {21, 4112, 16, 1, false, 0}, {5, 0, 128, 1, true, 0},
-                        {40, 4096, 128, 3, true, 2}, {5, 4096, 128, 1, true, 0}};
+                        {40, 4096, 128, 3, true, 2}, {5, 4096, 128, 1, true, 0}, {18, 14336, 128, 1, true, 0},
+                        {5, 14336, 128, 2, false, 0}};
     for (const V& v : vs) {
         for (int flags : {0, lmkern::quant::LINEAR_PDL}) {
             for (const S& e : shapes) {

@@ -226,15 +226,17 @@ const fn fixed_variant(k: usize, nt: usize, n: usize, group: usize) -> Variant {
 /// token with PDL (bf16 4-bit, µs at 4096 → 4096 / 4096 → 14336 / 14336 → 4096 against the default's
 /// 5.85 / 18.8 / 16.8) 24, a prefetch per line: 7.96 / 16.2 / 24.0; 25, in bulk: 7.96 / 16.2 / 23.9.
 /// They win where there are many row tiles (4096 → 14336: 3.4 waves of the default's blocks); one
-/// shape is not enough for a rule. 40-41 (unmeasured): the default 1- and 2-token kernels
-/// specialized for in_features 4096 and groups of 128, where a full row tile's code and scale loads
-/// take immediate offsets (sm_90 SASS: ~140 instructions from griddep_wait to the tile's barrier
-/// against ~340, of ~1,550 a thread issues at 4096²).
-const TILE_VARIANTS: [Variant; 4] = [
+/// shape is not enough for a rule. 40-42 (unmeasured): the default 1- and 2-token kernels
+/// specialized for in_features 4096 and groups of 128, and the 1-token kernel for in_features
+/// 14336, where a full row tile's code and scale loads take immediate offsets (sm_90 SASS: ~140
+/// instructions from griddep_wait to the tile's barrier against ~340, of ~1,550 a thread issues at
+/// 4096²).
+const TILE_VARIANTS: [Variant; 5] = [
     tile_variant(24, 1, 16, 16, 128),
     tile_variant(25, 1, 16, 16, 128),
     fixed_variant(40, 1, 4096, 128),
     fixed_variant(41, 2, 4096, 128),
+    fixed_variant(42, 1, 14336, 128),
 ];
 
 /// Whether the tiled linear is launched with programmatic dependent launch on sm_90+
@@ -665,6 +667,7 @@ mod tests {
         assert!(!fits(24, q, 2, DType::BF16) && !fits(24, q, 1, DType::F16) && !fits(24, QuantArgs { bits: 8, ..q }, 1, DType::BF16));
         assert!(fits(40, q, 1, DType::BF16) && fits(41, q, 2, DType::BF16) && !fits(40, q, 2, DType::BF16));
         assert!(!fits(40, QuantArgs { n: 14336, ..q }, 1, DType::BF16)); // specialized for in_features 4096
+        assert!(fits(42, QuantArgs { n: 14336, ..q }, 1, DType::BF16) && !fits(42, q, 1, DType::BF16));
         assert!(!fits(40, QuantArgs { group: 64, ..q }, 1, DType::BF16)); // and groups of 128
         let v = TILE_VARIANTS[2];
         assert!(!variant_fits(&v, DType::BF16, &LinearArgs { q, tokens: 1 }, 264, 512)); // x not 16-byte aligned
