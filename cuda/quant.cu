@@ -567,11 +567,29 @@ __device__ __forceinline__ void load_x_slice(const T* __restrict__ x, int64_t n,
 // Slice s of the R rows from o0 (`rows_here` ≥ 1 of them present): the code words and the scale of
 // the slice's group. Rows past the last one present repeat it (valid memory, no branch per row);
 // their sums are computed and dropped (finish_partials stores rows below out_features only). Row
-// r's slice is at cp + r·row_bytes, its scale at sp[r·ng] (one division per slice).
-template <int BITS, int CPL, int R>
+// r's slice is at cp + r·row_bytes, its scale at sp[r·ng] (one division per slice). FN, FG > 0:
+// in_features and the group size fixed at compile time (the shape-specialized variants): a full
+// row tile's rows then lie at constant offsets from the slice's first, so their loads take
+// immediate offsets instead of each row's 64-bit address arithmetic, and the slice's group is a
+// shift.
+template <int BITS, int CPL, int R, int FN = 0, int FG = 0>
 __device__ __forceinline__ void load_rows_slice(const LinearParams& p, int ng, int64_t o0, int rows_here, int s,
                                                 uint32_t (&cw)[R][(CPL * BITS / 8 + 3) / 4], float (&m)[R]) {
     constexpr int SB = CPL * BITS / 8;
+    if constexpr (FN > 0) {
+        static_assert(FN % FG == 0 && FG % CPL == 0 && FN * BITS % 8 == 0, "whole groups, whole slices, whole bytes");
+        if (rows_here == R) {  // uniform
+            constexpr int RB = FN * BITS / 8, NG = FN / FG;
+            const uint8_t* cp = p.codes + o0 * RB + s * SB;
+            const float* sp = p.scales + o0 * NG + s * CPL / FG;
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                load_codes<SB>(cp + r * RB, cw[r]);
+                m[r] = sp[r * NG];
+            }
+            return;
+        }
+    }
     const uint8_t* cp = p.codes + o0 * p.row_bytes + (int64_t)s * SB;
     const float* sp = p.scales + o0 * ng + s * CPL / p.group;  // s·CPL < n: an int
 #pragma unroll
@@ -579,33 +597,6 @@ __device__ __forceinline__ void load_rows_slice(const LinearParams& p, int ng, i
         const int rr = r < rows_here ? r : rows_here - 1;
         load_codes<SB>(cp + (int64_t)rr * p.row_bytes, cw[r]);
         m[r] = sp[(uint32_t)rr * (uint32_t)ng];  // < 16·2^28: n < 2^31 and groups of 8 at least
-    }
-}
-
-// As load_rows_slice, for a row length FN and a group size FG fixed at compile time (the
-// shape-specialized variants): a full row tile's rows then lie at constant offsets from the slice's
-// first (row_bytes and ng are constants), so their loads take immediate offsets instead of each
-// row's 64-bit address arithmetic, and the slice's group is a shift.
-template <int BITS, int CPL, int R, int FN, int FG>
-__device__ __forceinline__ void load_rows_slice_fixed(const LinearParams& p, int64_t o0, int rows_here, int s,
-                                                      uint32_t (&cw)[R][(CPL * BITS / 8 + 3) / 4], float (&m)[R]) {
-    static_assert(FN % FG == 0 && FG % CPL == 0 && FN * BITS % 8 == 0, "whole groups, whole slices, whole bytes");
-    constexpr int SB = CPL * BITS / 8, RB = FN * BITS / 8, NG = FN / FG;
-    const uint8_t* cp = p.codes + o0 * RB + s * SB;
-    const float* sp = p.scales + o0 * NG + s * CPL / FG;
-    if (rows_here == R) {  // uniform
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-            load_codes<SB>(cp + r * RB, cw[r]);
-            m[r] = sp[r * NG];
-        }
-    } else {
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-            const int rr = r < rows_here ? r : rows_here - 1;
-            load_codes<SB>(cp + rr * RB, cw[r]);
-            m[r] = sp[rr * NG];
-        }
     }
 }
 
@@ -751,13 +742,6 @@ __device__ __forceinline__ void linear_tiled(const LinearParams& p) {
     const int tid = threadIdx.x;
     const int n = FN > 0 ? FN : p.in_features, ng = n / (FG > 0 ? FG : p.group), nout = p.out_features, slices = n / CPL;
     const int64_t tokens = p.tokens;
-    auto load_rows = [&](int64_t o0, int rows_here, int s, uint32_t (&cw)[R][NWORDS], float (&m)[R]) {
-        if constexpr (FN > 0) {
-            load_rows_slice_fixed<BITS, CPL, R, FN, FG>(p, o0, rows_here, s, cw, m);
-        } else {
-            load_rows_slice<BITS, CPL, R>(p, ng, o0, rows_here, s, cw, m);
-        }
-    };
 
     griddep_launch_dependents();  // with PDL, the next kernel may start its prologue as our blocks retire
     if (p.flags & LINEAR_PDL) {
@@ -785,7 +769,7 @@ __device__ __forceinline__ void linear_tiled(const LinearParams& p) {
             load_table_share<BITS, R, TT>(p, o0, tv);
             if (s < slices) {
                 load_x_slice<T, NT, CPL>(x, n, t0, nt, (int64_t)s * CPL, xs);
-                load_rows(o0, rows_here, s, cw, m);
+                load_rows_slice<BITS, CPL, R, FN, FG>(p, ng, o0, rows_here, s, cw, m);
             }
             __syncthreads();  // the previous tile's readers of lut and red are done
             store_table_share<BITS, R, TT>(lut, tv);
@@ -799,7 +783,7 @@ __device__ __forceinline__ void linear_tiled(const LinearParams& p) {
                 s += TT;
                 if (s < slices) {
                     load_x_slice<T, NT, CPL>(x, n, t0, nt, (int64_t)s * CPL, xs);
-                    load_rows(o0, rows_here, s, cw, m);
+                    load_rows_slice<BITS, CPL, R, FN, FG>(p, ng, o0, rows_here, s, cw, m);
                 }
             }
             stash_partials<V>(acc, red);
