@@ -460,6 +460,16 @@ __device__ __forceinline__ void linear(const LinearParams& p) {
 // ---------------------------------------------------------------------------------------------
 constexpr int TILE_THREADS = 256;
 
+// Options of the tiled kernel, a bitmask (linear_tiled's OPT; the default kernels take 0), for the
+// tuning variants 43-47 (unmeasured): ~350 of the ~1,550 instructions a thread of the 1-token
+// kernel issues at 4096² are row addresses after griddep_wait and ~150 the block's sums (H200,
+// benches/results/2026-11-27-h200-9-quant-staged-mma, ncu_lintile4_n1.txt).
+//   TILE_UNIFORM   full row tiles load at plain row strides, power-of-two groups by a shift
+//                  (load_rows_slice)
+//   TILE_SMEM_SUM  the block's sums through shared memory (smem_sums) instead of a transposing
+//                  butterfly per warp and the warps' partials (stash_partials, finish_partials)
+constexpr int TILE_UNIFORM = 1, TILE_SMEM_SUM = 2;
+
 // Load the SB code bytes at `p` (aligned to SB's largest power-of-two divisor, at most 16) into
 // little-endian words.
 template <int SB>
@@ -571,9 +581,10 @@ __device__ __forceinline__ void load_x_slice(const T* __restrict__ x, int64_t n,
 // in_features and the group size fixed at compile time (the shape-specialized variants): a full
 // row tile's rows then lie at constant offsets from the slice's first, so their loads take
 // immediate offsets instead of each row's 64-bit address arithmetic, and the slice's group is a
-// shift.
-template <int BITS, int CPL, int R, int FN = 0, int FG = 0>
-__device__ __forceinline__ void load_rows_slice(const LinearParams& p, int ng, int64_t o0, int rows_here, int s,
+// shift. OPT & TILE_UNIFORM: a full row tile's rows at plain strides from the slice's first (no
+// clamp per row), the slice's group a shift by gsh where the group size is a power of two (gsh ≥ 0).
+template <int BITS, int CPL, int R, int FN = 0, int FG = 0, int OPT = 0>
+__device__ __forceinline__ void load_rows_slice(const LinearParams& p, int ng, int gsh, int64_t o0, int rows_here, int s,
                                                 uint32_t (&cw)[R][(CPL * BITS / 8 + 3) / 4], float (&m)[R]) {
     constexpr int SB = CPL * BITS / 8;
     if constexpr (FN > 0) {
@@ -591,6 +602,17 @@ __device__ __forceinline__ void load_rows_slice(const LinearParams& p, int ng, i
         }
     }
     const uint8_t* cp = p.codes + o0 * p.row_bytes + (int64_t)s * SB;
+    if constexpr ((OPT & TILE_UNIFORM) != 0) {
+        const float* sp = p.scales + o0 * ng + (gsh >= 0 ? (s * CPL) >> gsh : s * CPL / p.group);
+        if (rows_here == R) {  // uniform
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                load_codes<SB>(cp + r * (int64_t)p.row_bytes, cw[r]);
+                m[r] = sp[r * (int64_t)ng];
+            }
+            return;
+        }
+    }
     const float* sp = p.scales + o0 * ng + s * CPL / p.group;  // s·CPL < n: an int
 #pragma unroll
     for (int r = 0; r < R; ++r) {
@@ -690,6 +712,40 @@ __device__ __forceinline__ void finish_partials(const LinearParams& p, const flo
     }
 }
 
+// TILE_SMEM_SUM: the block's sums of acc (V = R·NT per thread) through shared memory. Thread i
+// stores its partials to sums[v][i]; after a barrier, P = TT/V threads per sum (lanes of one warp)
+// add the V values sums[v][j + P·k] (k in order) and finish with a butterfly over the P lanes, which
+// leaves every lane the same total (a fixed order, as the transposing one). A row of `sums` is TT + P
+// words (P < 32), so that the 32/P sums a warp reads start in distinct banks: no conflicts. ~70
+// instructions a thread at 16 rows, 1 token, against ~150 (sm_90 SASS).
+template <int V, int TT>
+struct SmemSums {
+    static constexpr int P = TT / V, STRIDE = TT + (P < 32 ? P : 0);
+    static_assert(TT % V == 0 && P <= 32 && (P & (P - 1)) == 0, "a power-of-two number of lanes per sum, within a warp");
+};
+
+template <int V, int TT>
+__device__ __forceinline__ void stash_smem(const float (&acc)[V], float (*sums)[SmemSums<V, TT>::STRIDE]) {
+#pragma unroll
+    for (int v = 0; v < V; ++v) sums[v][threadIdx.x] = acc[v];
+}
+
+template <typename T, int NT, int R, int TT>
+__device__ __forceinline__ void finish_smem(const LinearParams& p, const float (*sums)[SmemSums<R * NT, TT>::STRIDE], int64_t o0,
+                                            int64_t t0, int nt) {
+    constexpr int V = R * NT, P = SmemSums<V, TT>::P;
+    const int v = threadIdx.x / P, j = threadIdx.x % P;
+    float sum = sums[v][j];
+#pragma unroll
+    for (int k = 1; k < V; ++k) sum += sums[v][j + P * k];
+#pragma unroll
+    for (int o = P / 2; o >= 1; o /= 2) sum += __shfl_xor_sync(FULL_MASK, sum, o);
+    const int r = v / NT, t = v % NT;
+    const int64_t o = o0 + r;
+    if (j == 0 && o < p.out_features && t < nt)
+        static_cast<T*>(p.y)[(t0 + t) * p.out_features + o] = from_float<T>(sum + (p.bias != nullptr ? p.bias[o] : 0.0f));
+}
+
 // What a block prefetches into L2 when launched with PDL, before its griddep_wait, for each row
 // tile it will take (one, unless the grid is smaller than the tiles): the tile's codes, a prefetch
 // per 128-byte line (Codes); only the codes of the tile's first pass of slices (FirstPass, the
@@ -724,24 +780,29 @@ __device__ __forceinline__ void prefetch_tile(const LinearParams& p, int64_t o0)
 }
 
 // TT threads per block (a multiple of 32; the default kernels take TILE_THREADS). FN, FG > 0: the
-// in_features and group size this instance is specialized for (variants 40-42, unmeasured; the
-// launcher picks it only for that shape): ~350 of the ~1,550 instructions a thread of the 1-token
-// kernel issues at 4096² are the 16 rows' code and scale addresses and the slice's group
-// (a division), after griddep_wait (H200, benches/results/2026-11-27-h200-9-quant-staged-mma,
-// ncu_lintile4_n1.txt); with the shape fixed most of them fold into immediate offsets.
+// in_features and group size this instance is specialized for (variants 40-42 and 45-46,
+// unmeasured; the launcher picks it only for that shape): ~350 of the ~1,550 instructions a thread
+// of the 1-token kernel issues at 4096² are the 16 rows' code and scale addresses and the slice's
+// group (a division), after griddep_wait (H200, benches/results/2026-11-27-h200-9-quant-staged-mma,
+// ncu_lintile4_n1.txt); with the shape fixed most of them fold into immediate offsets. OPT: the
+// TILE_* options (variants 43-47).
 template <typename T, int NT, int BITS, int CPL, int R, Prefetch PF = Prefetch::FirstPass, int TT = TILE_THREADS, int FN = 0,
-          int FG = 0>
+          int FG = 0, int OPT = 0>
 __device__ __forceinline__ void linear_tiled(const LinearParams& p) {
     constexpr int NWORDS = (CPL * BITS / 8 + 3) / 4;
     constexpr int V = R * NT;  // partial sums per thread
+    constexpr bool SMEM_SUM = (OPT & TILE_SMEM_SUM) != 0;
     static_assert(CPL % 8 == 0 && CPL % (16 / sizeof(T)) == 0, "a slice is whole bytes of codes and whole 16-byte x loads");
     static_assert(TT % 32 == 0 && TT <= 1024 && V <= TT, "whole warps; a thread per row and token for the final sums");
     __shared__ float lut[R][1 << BITS];
-    __shared__ float red[TT / 32][V];
+    // The partials: per warp (stash_partials) or per thread (SMEM_SUM).
+    __shared__ float red[SMEM_SUM ? V : TT / 32][SMEM_SUM ? SmemSums<V, TT>::STRIDE : V];
     const T* __restrict__ x = static_cast<const T*>(p.x);
     const int tid = threadIdx.x;
     const int n = FN > 0 ? FN : p.in_features, ng = n / (FG > 0 ? FG : p.group), nout = p.out_features, slices = n / CPL;
     const int64_t tokens = p.tokens;
+    // log2 of a power-of-two group size, else -1 (TILE_UNIFORM only)
+    const int gsh = (OPT & TILE_UNIFORM) != 0 && (p.group & (p.group - 1)) == 0 ? __ffs(p.group) - 1 : -1;
 
     griddep_launch_dependents();  // with PDL, the next kernel may start its prologue as our blocks retire
     if (p.flags & LINEAR_PDL) {
@@ -769,7 +830,7 @@ __device__ __forceinline__ void linear_tiled(const LinearParams& p) {
             load_table_share<BITS, R, TT>(p, o0, tv);
             if (s < slices) {
                 load_x_slice<T, NT, CPL>(x, n, t0, nt, (int64_t)s * CPL, xs);
-                load_rows_slice<BITS, CPL, R, FN, FG>(p, ng, o0, rows_here, s, cw, m);
+                load_rows_slice<BITS, CPL, R, FN, FG, OPT>(p, ng, gsh, o0, rows_here, s, cw, m);
             }
             __syncthreads();  // the previous tile's readers of lut and red are done
             store_table_share<BITS, R, TT>(lut, tv);
@@ -783,12 +844,18 @@ __device__ __forceinline__ void linear_tiled(const LinearParams& p) {
                 s += TT;
                 if (s < slices) {
                     load_x_slice<T, NT, CPL>(x, n, t0, nt, (int64_t)s * CPL, xs);
-                    load_rows_slice<BITS, CPL, R, FN, FG>(p, ng, o0, rows_here, s, cw, m);
+                    load_rows_slice<BITS, CPL, R, FN, FG, OPT>(p, ng, gsh, o0, rows_here, s, cw, m);
                 }
             }
-            stash_partials<V>(acc, red);
-            __syncthreads();
-            finish_partials<T, NT, R, TT>(p, red, o0, t0, nt);
+            if constexpr (SMEM_SUM) {
+                stash_smem<V, TT>(acc, red);
+                __syncthreads();
+                finish_smem<T, NT, R, TT>(p, red, o0, t0, nt);
+            } else {
+                stash_partials<V>(acc, red);
+                __syncthreads();
+                finish_partials<T, NT, R, TT>(p, red, o0, t0, nt);
+            }
         }
     }
 }
@@ -1080,19 +1147,28 @@ __device__ __forceinline__ void deq_tiled(const DeqParams& p) {
 // thread), which leave room on every SM for the next kernel's blocks. They lose at 4096 → 4096
 // (7.96 against 5.85 µs, 1 token, PDL) and win at 4096 → 14336 (16.2 against 18.8: 896 row tiles,
 // 3.4 waves of the default's blocks); 24 prefetches a line at a time, 25 in bulk.
-#define LMKERN_QUANT_LINTILE_VARIANT(K, NT, CPL, R, TT, MINB, PF, FN, FG)                                        \
-    extern "C" __global__ void __launch_bounds__(TT, MINB)                                                       \
-        quant_lintile4_bf16_n##NT##_v##K(const __grid_constant__ lmkern::quant::LinearParams p) {                \
-        lmkern::quant::linear_tiled<__nv_bfloat16, NT, 4, CPL, R, lmkern::quant::Prefetch::PF, TT, FN, FG>(p); \
+#define LMKERN_QUANT_LINTILE_VARIANT(K, NT, CPL, R, TT, MINB, PF, FN, FG, OPT)                                      \
+    extern "C" __global__ void __launch_bounds__(TT, MINB)                                                           \
+        quant_lintile4_bf16_n##NT##_v##K(const __grid_constant__ lmkern::quant::LinearParams p) {                    \
+        lmkern::quant::linear_tiled<__nv_bfloat16, NT, 4, CPL, R, lmkern::quant::Prefetch::PF, TT, FN, FG, OPT>(p); \
     }
-LMKERN_QUANT_LINTILE_VARIANT(24, 1, 16, 16, 128, 4, Codes, 0, 0)
-LMKERN_QUANT_LINTILE_VARIANT(25, 1, 16, 16, 128, 4, Bulk, 0, 0)
+LMKERN_QUANT_LINTILE_VARIANT(24, 1, 16, 16, 128, 4, Codes, 0, 0, 0)
+LMKERN_QUANT_LINTILE_VARIANT(25, 1, 16, 16, 128, 4, Bulk, 0, 0, 0)
 // The default 1- and 2-token shapes specialized for in_features 4096 and groups of 128 (40, 41),
 // and the 1-token shape for in_features 14336 (42: 3.5 passes of the block's slices); unmeasured:
 // see linear_tiled.
-LMKERN_QUANT_LINTILE_VARIANT(40, 1, 16, 16, 256, 2, FirstPass, 4096, 128)
-LMKERN_QUANT_LINTILE_VARIANT(41, 2, 16, 16, 256, 2, FirstPass, 4096, 128)
-LMKERN_QUANT_LINTILE_VARIANT(42, 1, 16, 16, 256, 2, FirstPass, 14336, 128)
+LMKERN_QUANT_LINTILE_VARIANT(40, 1, 16, 16, 256, 2, FirstPass, 4096, 128, 0)
+LMKERN_QUANT_LINTILE_VARIANT(41, 2, 16, 16, 256, 2, FirstPass, 4096, 128, 0)
+LMKERN_QUANT_LINTILE_VARIANT(42, 1, 16, 16, 256, 2, FirstPass, 14336, 128, 0)
+// The default 1- and 2-token shapes with the options TILE_UNIFORM and TILE_SMEM_SUM, for every
+// shape (43, 44); 40 and 41 with TILE_SMEM_SUM (45, 46); the 1-token one with TILE_UNIFORM alone
+// (47); unmeasured: see TILE_UNIFORM.
+#define LMKERN_QUANT_TILE_OPTS (lmkern::quant::TILE_UNIFORM | lmkern::quant::TILE_SMEM_SUM)
+LMKERN_QUANT_LINTILE_VARIANT(43, 1, 16, 16, 256, 2, FirstPass, 0, 0, LMKERN_QUANT_TILE_OPTS)
+LMKERN_QUANT_LINTILE_VARIANT(44, 2, 16, 16, 256, 2, FirstPass, 0, 0, LMKERN_QUANT_TILE_OPTS)
+LMKERN_QUANT_LINTILE_VARIANT(45, 1, 16, 16, 256, 2, FirstPass, 4096, 128, lmkern::quant::TILE_SMEM_SUM)
+LMKERN_QUANT_LINTILE_VARIANT(46, 2, 16, 16, 256, 2, FirstPass, 4096, 128, lmkern::quant::TILE_SMEM_SUM)
+LMKERN_QUANT_LINTILE_VARIANT(47, 1, 16, 16, 256, 2, FirstPass, 0, 0, lmkern::quant::TILE_UNIFORM)
 
 LMKERN_QUANT_ENTRIES(float, f32)
 LMKERN_QUANT_ENTRIES(__nv_bfloat16, bf16)

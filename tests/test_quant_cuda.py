@@ -274,11 +274,12 @@ every_bits, every_dtype = (2, 3, 4, 8), tuple(TOL)
 bits_here = (4,) if k or mma else every_bits
 dtypes_here = (torch.bfloat16,) if k else every_dtype
 # (in, out, group): fewer slices than threads and partial row tiles; more slices than threads, the
-# last pass partial (4352 = 256 + 16 slices of 16); one group per row (8448 = 528 slices); more row
-# tiles than a GPU has SMs (4500 rows: blocks_per_sm=1 makes blocks take several, the last partial);
-# groups of 128 (the tensor-core kernel's shapes; 8448 too) with a partial row tile; 4096 columns in
-# groups of 128 (the shape variants 40-41 are specialized for), two full row tiles and a partial one;
-# 14336 columns in groups of 128 (variant 42's shape: 3.5 passes of the block's slices).
+# last pass partial (4352 = 256 + 16 slices of 16); one group per row (8448 = 528 slices; a group
+# size no power of two, which TILE_UNIFORM divides by); more row tiles than a GPU has SMs (4500
+# rows: blocks_per_sm=1 makes blocks take several, the last partial); groups of 128 (the
+# tensor-core kernel's shapes; 8448 too) with a partial row tile; 4096 columns in groups of 128 (the
+# shape variants 40-41 and 45-46 are specialized for), two full row tiles and a partial one; 14336
+# columns in groups of 128 (variant 42's shape: 3.5 passes of the block's slices).
 # One profile per layer: each call's kernel (which differs by dtype and token tile) must be among
 # those it shows, and none of them the generic kernel (every shape here fits the tiled ones).
 for in_f, out_f, g in [(256, 96, 32), (4352, 21, 64), (8448, 6, 8448), (256, 4500, 32), (384, 40, 128), (4096, 40, 128),
@@ -369,7 +370,10 @@ sys.exit(1 if bad else 0)
 
 # Token tile of each tuning variant, and the (in_features, group size) it is specialized for (0, 0:
 # any) (rust/core/src/quant/cuda.rs, TILE_VARIANTS).
-VARIANTS = {24: (1, 0, 0), 25: (1, 0, 0), 40: (1, 4096, 128), 41: (2, 4096, 128), 42: (1, 14336, 128)}
+VARIANTS = {
+    24: (1, 0, 0), 25: (1, 0, 0), 40: (1, 4096, 128), 41: (2, 4096, 128), 42: (1, 14336, 128), 43: (1, 0, 0), 44: (2, 0, 0),
+    45: (1, 4096, 128), 46: (2, 4096, 128), 47: (1, 0, 0),
+}
 
 
 TUNINGS = [

@@ -64,6 +64,9 @@ inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
     return r;
 }
 
+// 1 + the index of x's lowest set bit, 0 for x = 0, as CUDA's __ffs.
+inline int __ffs(int x) { return x == 0 ? 0 : __builtin_ctz((unsigned)x) + 1; }
+
 namespace emu {
 
 enum State { Runnable, AtBarrier, AtShuffle, AtMma, Done };

@@ -230,13 +230,21 @@ const fn fixed_variant(k: usize, nt: usize, n: usize, group: usize) -> Variant {
 /// specialized for in_features 4096 and groups of 128, and the 1-token kernel for in_features
 /// 14336, where a full row tile's code and scale loads take immediate offsets (sm_90 SASS: ~140
 /// instructions from griddep_wait to the tile's barrier against ~340, of ~1,550 a thread issues at
-/// 4096²).
-const TILE_VARIANTS: [Variant; 5] = [
+/// 4096²). 43-47 (unmeasured; cuda/quant.cu, TILE_UNIFORM): the default 1- and 2-token kernels for
+/// every shape with a full row tile's loads at plain row strides and the block's sums through
+/// shared memory (43, 44: ~200 instructions from the wait to the barrier, ~100 for the sums against
+/// ~150), 40 and 41 with those sums (45, 46), the 1-token kernel with the plain strides alone (47).
+const TILE_VARIANTS: [Variant; 10] = [
     tile_variant(24, 1, 16, 16, 128),
     tile_variant(25, 1, 16, 16, 128),
     fixed_variant(40, 1, 4096, 128),
     fixed_variant(41, 2, 4096, 128),
     fixed_variant(42, 1, 14336, 128),
+    tile_variant(43, 1, 16, 16, BLOCK),
+    tile_variant(44, 2, 16, 16, BLOCK),
+    fixed_variant(45, 1, 4096, 128),
+    fixed_variant(46, 2, 4096, 128),
+    tile_variant(47, 1, 16, 16, BLOCK),
 ];
 
 /// Whether the tiled linear is launched with programmatic dependent launch on sm_90+
@@ -668,6 +676,10 @@ mod tests {
         assert!(fits(40, q, 1, DType::BF16) && fits(41, q, 2, DType::BF16) && !fits(40, q, 2, DType::BF16));
         assert!(!fits(40, QuantArgs { n: 14336, ..q }, 1, DType::BF16)); // specialized for in_features 4096
         assert!(fits(42, QuantArgs { n: 14336, ..q }, 1, DType::BF16) && !fits(42, q, 1, DType::BF16));
+        assert!(fits(45, q, 1, DType::BF16) && fits(46, q, 2, DType::BF16) && !fits(45, QuantArgs { n: 8192, ..q }, 1, DType::BF16));
+        // 43, 44 and 47 take every shape the tiled kernel takes, groups of any multiple of 16 among them
+        assert!(fits(43, QuantArgs { n: 14336, ..q }, 1, DType::BF16) && fits(44, QuantArgs { group: 96, n: 4224, ..q }, 2, DType::BF16));
+        assert!(fits(47, q, 1, DType::BF16) && !fits(47, q, 2, DType::BF16) && !fits(43, q, 1, DType::F16));
         assert!(!fits(40, QuantArgs { group: 64, ..q }, 1, DType::BF16)); // and groups of 128
         let v = TILE_VARIANTS[2];
         assert!(!variant_fits(&v, DType::BF16, &LinearArgs { q, tokens: 1 }, 264, 512)); // x not 16-byte aligned
