@@ -194,6 +194,69 @@ __device__ __forceinline__ void griddep_launch_dependents() {
     asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 #endif
 }
+// Bulk copies global → shared that complete on an mbarrier (sm_90+: the tensor memory accelerator;
+// on older GPUs they trap, and the launcher never picks a kernel that uses them there). A barrier
+// is set up once by one thread (mbar_init, then a __syncthreads before anyone uses it); each phase
+// completes when its `count` arrivals (mbar_arrive_expect_tx, which also announces the bytes the
+// phase's copies will bring) have happened and those bytes have landed. bulk_copy_to_shared:
+// `bytes` (a multiple of 16, both addresses 16-byte aligned) from src to dst, counted against the
+// barrier's current phase; issued by any thread, in any order with the arrival. mbar_wait(bar, P)
+// returns once the phase of parity P has completed: the copied bytes are then visible to the
+// waiting thread. cuda/emu/emu.h models the same contract (garbage in dst until the phase
+// completes; a phase whose bytes never match hangs, as on the GPU, and fails the run).
+__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"((uint32_t)__cvta_generic_to_shared(bar)), "r"(count) : "memory");
+#else
+    (void)bar, (void)count;
+    __trap();
+#endif
+}
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"((uint32_t)__cvta_generic_to_shared(bar)),
+                 "r"(bytes)
+                 : "memory");
+#else
+    (void)bar, (void)bytes;
+    __trap();
+#endif
+}
+__device__ __forceinline__ void bulk_copy_to_shared(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+                     (uint32_t)__cvta_generic_to_shared(dst)),
+                 "l"(src), "r"(bytes), "r"((uint32_t)__cvta_generic_to_shared(bar))
+                 : "memory");
+#else
+    (void)dst, (void)src, (void)bytes, (void)bar;
+    __trap();
+#endif
+}
+// Orders this thread's earlier shared-memory accesses (and, after a barrier, the block's) before
+// its later bulk copies, which go through the async proxy: after mbar_init (so the copies see the
+// barrier set up) and before copying over shared memory the block wrote with plain stores.
+__device__ __forceinline__ void fence_proxy_async_shared() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    uint32_t done;
+    do {
+        asm volatile(
+            "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+            : "=r"(done)
+            : "r"((uint32_t)__cvta_generic_to_shared(bar)), "r"(parity)
+            : "memory");
+    } while (!done);
+#else
+    (void)bar, (void)parity;
+    __trap();
+#endif
+}
+
 __device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p)); }
 // The `bytes` bytes from `p` into L2 in one request (a bulk prefetch, sm_90+; a no-op before, where
 // nothing launches with PDL). p 16-byte aligned, bytes a multiple of 16.

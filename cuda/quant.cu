@@ -861,6 +861,114 @@ __device__ __forceinline__ void linear_tiled(const LinearParams& p) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Linear, tiled, the row tile by bulk copies (tuning variants 48-50, sm_90+; unmeasured). Each
+// thread takes the slices, lookups and order of summation of linear_tiled, but a row tile's codes,
+// scales and codebooks reach shared memory through the tensor memory accelerator instead of each
+// thread's 16 code and 16 scale loads (and their ~200 instructions of addresses): per pass of the
+// block's slices, one thread per row r copies row r's codes of the pass (TT·SB bytes, one segment),
+// one the tile's codebooks and scales (first pass; both contiguous for the R rows), and one per
+// chunk c announces the bytes of rows c·RC.. on the chunk's barrier (lanes of different warps: a
+// warp issues its copies one lane at a time): a thread starts its lookups on the first chunk while
+// the later ones are in flight. It reads its SB code bytes per row at a
+// constant offset (conflict-free: the slices of consecutive threads are consecutive). The block's
+// sums go through shared memory (smem_sums) in the bytes the codes took. Rows past the last present
+// are computed from stale shared memory and dropped.
+// Takes (rust/core/src/quant/cuda.rs, bulk_fits): n a multiple of 2·CPL (whole 16-byte row
+// segments), the groups per row a multiple of 4 (16-byte rows of scales) and at most
+// BULK_MAX_GROUPS, the codes, scales and codebooks 16-byte aligned, sm_90.
+// ---------------------------------------------------------------------------------------------
+constexpr int BULK_MAX_GROUPS = 128;
+
+template <typename T, int NT, int BITS, int CPL, int R, int RC, int TT = TILE_THREADS>
+__device__ __forceinline__ void linear_bulk(const LinearParams& p) {
+    constexpr int SB = CPL * BITS / 8, NWORDS = (SB + 3) / 4, PASS = TT * SB, NL = 1 << BITS, V = R * NT, NCH = R / RC;
+    constexpr int W = TT / 32;  // warps
+    static_assert(R % RC == 0 && NCH <= W && R <= TT, "whole chunks, a warp to announce each; a thread per row");
+    static_assert(PASS % 16 == 0 && SB % 4 == 0 && CPL % (16 / sizeof(T)) == 0, "16-byte segments, whole words, 16-byte x loads");
+    using Sums = SmemSums<V, TT>;
+    constexpr int CODE_BYTES = R * PASS, SUM_BYTES = V * Sums::STRIDE * 4;
+    alignas(16) __shared__ float lut[R][NL];
+    alignas(128) __shared__ unsigned char tile[CODE_BYTES > SUM_BYTES ? CODE_BYTES : SUM_BYTES];  // codes, then the sums
+    alignas(16) __shared__ float scales[R * BULK_MAX_GROUPS];
+    alignas(8) __shared__ uint64_t bars[NCH];
+    unsigned char(&codes)[R][PASS] = *reinterpret_cast<unsigned char(*)[R][PASS]>(tile);
+    float(*red)[Sums::STRIDE] = reinterpret_cast<float(*)[Sums::STRIDE]>(tile);
+    const T* __restrict__ x = static_cast<const T*>(p.x);
+    const int tid = threadIdx.x;
+    const int n = p.in_features, ng = n / p.group, nout = p.out_features, slices = n / CPL;
+    const int64_t tokens = p.tokens;
+    const int gsh = (p.group & (p.group - 1)) == 0 ? __ffs(p.group) - 1 : -1;  // log2 of a power-of-two group
+
+    if (tid < NCH) {
+        mbar_init(&bars[tid], 1);
+        fence_proxy_async_shared();  // the copies see the barrier set up
+    }
+    griddep_launch_dependents();
+    if (p.flags & LINEAR_PDL) {  // as linear_tiled: only L2 prefetches before the wait
+        for (int64_t o0 = (int64_t)blockIdx.x * R; o0 < nout; o0 += (int64_t)gridDim.x * R)
+            prefetch_tile<BITS, CPL, R, TT, Prefetch::FirstPass>(p, o0);
+    }
+    __syncthreads();  // the barriers are set up
+    griddep_wait();
+
+    uint32_t parity = 0;  // of the barriers' current phase (each completes once a pass)
+    for (int64_t o0 = (int64_t)blockIdx.x * R; o0 < nout; o0 += (int64_t)gridDim.x * R) {
+        const int rows_here = (int)min64(R, nout - o0);
+        for (int64_t t0 = 0; t0 < tokens; t0 += NT) {  // uniform across the block
+            const int nt = (int)min64(NT, tokens - t0);
+            float acc[V];
+#pragma unroll
+            for (int i = 0; i < V; ++i) acc[i] = 0.0f;
+            for (int s0 = 0; s0 < slices; s0 += TT) {
+                const int s = s0 + tid, seg = (int)min64(TT, slices - s0) * SB;  // the pass's bytes per row
+                fence_proxy_async_shared();  // this thread's stores to the tile (the sums) before the copies over them
+                __syncthreads();             // the previous pass's readers of the shared tile (its sums too) are done
+                // The copies are issued by lanes of different warps (each warp serializes its own).
+                const int lane = tid % 32, warp = tid / 32;
+                if (lane < (R + W - 1) / W && lane * W + warp < rows_here) {
+                    const int r = lane * W + warp;
+                    bulk_copy_to_shared(codes[r], p.codes + (o0 + r) * p.row_bytes + (int64_t)s0 * SB, seg, &bars[r / RC]);
+                }
+                if (tid == TT - 1 && s0 == 0) {
+                    bulk_copy_to_shared(lut, p.table + o0 * NL, rows_here * NL * 4, &bars[0]);
+                    bulk_copy_to_shared(scales, p.scales + o0 * ng, rows_here * ng * 4, &bars[0]);
+                }
+                if (lane == 31 && warp < NCH) {  // chunk `warp`'s bytes
+                    const int rows_c = (int)min64(RC, rows_here - warp * RC);
+                    const int tables = warp == 0 && s0 == 0 ? rows_here * (NL + ng) * 4 : 0;
+                    mbar_arrive_expect_tx(&bars[warp], (rows_c > 0 ? rows_c * seg : 0) + tables);
+                }
+                // Every thread computes (no branch: the lookups' table addresses then fold into
+                // uniform registers); one past the pass's slices (s ≥ slices, a last partial pass)
+                // takes zeros for x and for the scales (stale shared memory may hold NaN bits), and
+                // stale codes (any code is a finite entry), and adds 0.
+                const bool here = s < slices;
+                float xs[NT][CPL];
+                load_x_slice<T, NT, CPL>(x, n, t0, here ? nt : 0, here ? (int64_t)s * CPL : 0, xs);
+                const int g = gsh >= 0 ? (s * CPL) >> gsh : s * CPL / p.group;
+#pragma unroll
+                for (int c = 0; c < NCH; ++c) {
+                    mbar_wait(&bars[c], parity);
+                    uint32_t cw[RC][NWORDS];
+                    float m[RC];
+#pragma unroll
+                    for (int r = 0; r < RC; ++r) {
+                        load_codes<SB>(&codes[c * RC + r][tid * SB], cw[r]);
+                        m[r] = here ? scales[(c * RC + r) * ng + g] : 0.0f;
+                    }
+                    slice_dot<NT, BITS, CPL, RC>(cw, m, xs, lut + c * RC, *reinterpret_cast<float(*)[RC * NT]>(acc + c * RC * NT));
+                }
+                parity ^= 1;
+            }
+            __syncthreads();  // the codes' last readers are done: the sums take their bytes
+            stash_smem<V, TT>(acc, red);
+            __syncthreads();
+            finish_smem<T, NT, R, TT>(p, red, o0, t0, nt);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Linear on the tensor cores: bf16/f16 activations, 4-bit codes, n and the group size multiples of
 // 128, x and the codes 16-byte aligned (rust/core/src/quant/cuda.rs, mma_fits), up to 8·NTB tokens
 // per tile. A block takes MMA_ROWS = 16 output rows (one m16 tile) and its 8 warps split the input
@@ -1169,6 +1277,16 @@ LMKERN_QUANT_LINTILE_VARIANT(44, 2, 16, 16, 256, 2, FirstPass, 0, 0, LMKERN_QUAN
 LMKERN_QUANT_LINTILE_VARIANT(45, 1, 16, 16, 256, 2, FirstPass, 4096, 128, lmkern::quant::TILE_SMEM_SUM)
 LMKERN_QUANT_LINTILE_VARIANT(46, 2, 16, 16, 256, 2, FirstPass, 4096, 128, lmkern::quant::TILE_SMEM_SUM)
 LMKERN_QUANT_LINTILE_VARIANT(47, 1, 16, 16, 256, 2, FirstPass, 0, 0, lmkern::quant::TILE_UNIFORM)
+// The row tile by bulk copies (linear_bulk), 16 rows in chunks of RC: 1 and 2 tokens in chunks of 4
+// rows (48, 49), 1 token in one chunk (50: no lookups before the whole tile is in).
+#define LMKERN_QUANT_LINBULK_VARIANT(K, NT, RC)                                                        \
+    extern "C" __global__ void __launch_bounds__(lmkern::quant::TILE_THREADS, 2)                      \
+        quant_lintile4_bf16_n##NT##_v##K(const __grid_constant__ lmkern::quant::LinearParams p) {     \
+        lmkern::quant::linear_bulk<__nv_bfloat16, NT, 4, 16, 16, RC>(p);                              \
+    }
+LMKERN_QUANT_LINBULK_VARIANT(48, 1, 4)
+LMKERN_QUANT_LINBULK_VARIANT(49, 2, 4)
+LMKERN_QUANT_LINBULK_VARIANT(50, 1, 16)
 
 LMKERN_QUANT_ENTRIES(float, f32)
 LMKERN_QUANT_ENTRIES(__nv_bfloat16, bf16)

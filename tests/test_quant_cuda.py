@@ -261,10 +261,12 @@ F64 = torch.float64
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}  # kernel names
 bad = []
-# "k,nt,n,g": the variant bf16 4-bit calls of token tile nt take (only with in_features n and groups
-# of g, where n > 0: a variant specialized for that shape)
+# "k,nt,n,g,bulk": the variant bf16 4-bit calls of token tile nt take (only with in_features n and
+# groups of g, where n > 0: a variant specialized for that shape; bulk = 1: only where the groups
+# per row are a multiple of 4 and at most 128, on sm_90+)
 variant = os.environ["WANT_VARIANT"]
-k, nt, vn, vg = (int(v) for v in variant.split(",")) if variant else (0, 0, 0, 0)
+k, nt, vn, vg, bulk = (int(v) for v in variant.split(",")) if variant else (0, 0, 0, 0, 0)
+sm90 = torch.cuda.get_device_capability()[0] >= 9
 tune = os.environ["LMKERN_CUDA_QUANT_TUNE"].split(",")
 mma = "mma=1" in tune  # the tensor-core kernel where it fits, at every token count
 no_mma = "mma=0" in tune  # never the tensor-core kernel (by default: where it fits, from 3 tokens)
@@ -297,7 +299,9 @@ for in_f, out_f, g in [(256, 96, 32), (4352, 21, 64), (8448, 6, 8448), (256, 450
                     y = mod(x.cuda())
                     tile = 1 if tokens == 1 else 2 if tokens == 2 else 8
                     want = f"quant_lintile{bits}_{SUFFIX[dtype]}_n{tile}"
-                    if k and bits == 4 and dtype == torch.bfloat16 and tile == nt and (not vn or (in_f, g) == (vn, vg)):
+                    shape_here = (not vn or (in_f, g) == (vn, vg)) and (
+                        not bulk or (sm90 and (in_f // g) % 4 == 0 and in_f // g <= 128))
+                    if k and bits == 4 and dtype == torch.bfloat16 and tile == nt and shape_here:
                         want += f"_v{k}"
                     mma_here = mma or (tokens >= 3 and not no_mma)
                     if mma_here and bits == 4 and dtype != torch.float32 and in_f % 128 == 0 and g % 128 == 0:
@@ -372,8 +376,11 @@ sys.exit(1 if bad else 0)
 # any) (rust/core/src/quant/cuda.rs, TILE_VARIANTS).
 VARIANTS = {
     24: (1, 0, 0), 25: (1, 0, 0), 40: (1, 4096, 128), 41: (2, 4096, 128), 42: (1, 14336, 128), 43: (1, 0, 0), 44: (2, 0, 0),
-    45: (1, 4096, 128), 46: (2, 4096, 128), 47: (1, 0, 0),
+    45: (1, 4096, 128), 46: (2, 4096, 128), 47: (1, 0, 0), 48: (1, 0, 0), 49: (2, 0, 0), 50: (1, 0, 0),
 }
+# The variants whose row tiles come by bulk copies (sm_90+; rows of scales of whole 16 bytes, at
+# most 128 groups: rust/core/src/quant/cuda.rs, bulk_fits): other calls take the default kernel.
+BULK_VARIANTS = (48, 49, 50)
 
 
 TUNINGS = [
@@ -398,7 +405,7 @@ def tuned_runs(request):
     procs = {}
     for tune in dict.fromkeys(selected):
         k = next((int(item[8:]) for item in tune.split(",") if item.startswith("variant=")), None)
-        variant = ",".join(str(v) for v in (k, *VARIANTS[k])) if k else ""
+        variant = ",".join(str(v) for v in (k, *VARIANTS[k], int(k in BULK_VARIANTS))) if k else ""
         env = dict(os.environ, LMKERN_CUDA_QUANT_TUNE=tune, PYTHONPATH=path, WANT_VARIANT=variant)
         procs[tune] = subprocess.Popen([sys.executable, "-c", TUNED_SCRIPT], env=env, stdout=subprocess.PIPE,
                                        stderr=subprocess.PIPE, text=True)

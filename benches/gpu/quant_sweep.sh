@@ -4,16 +4,17 @@
 # installs the newest dist/lmkern-*.whl, then benches/gpu/tune_quant.py (which checks every output
 # against the float64 product): the default kernels (rust/core/src/quant/cuda.rs: PDL per shape,
 # the tensor-core kernel from 3 tokens where it fits) with the dense bf16 peer and cuBLAS on the
-# codes' bytes; the tiled kernel's unmeasured variants at 1 token (45: specialized for in_features
-# 4096 / g128 with the sums through shared memory; 40: the same without; 43: TILE_UNIFORM and the
-# shared-memory sums for every shape, at 4096² and both 14336 shapes; 47: TILE_UNIFORM alone), at
-# 2 tokens (46, 41, 44) and 42 (specialized for 14336 → 4096); the default at 1 token once more
-# (drift); then the quantization tests under the `cuda` marker (among them the linear under each
-# tuning, test_linear_tuned_launch); then the tensor-core kernel at 1-16 tokens (mma=1) and never
-# (mma=0), without PDL, the variants of blocks of 128 threads (24-25) and a grid of one block per
-# SM; last, the other tests under the `cuda` marker. Most wanted first, in case the call runs out of
-# time. About 4 minutes. Output: $OUT/quant_sweep.log (or benches/results/quant_sweep.log), written
-# as it goes.
+# codes' bytes; the tiled kernel's unmeasured variants (rust/core/src/quant/cuda.rs,
+# TILE_VARIANTS): at 1 token 48 (row tiles by bulk copies, in chunks of 4 rows) at 4096² and both
+# 14336 shapes, 50 (one chunk), 45 (specialized for in_features 4096 / g128, the sums through shared
+# memory), 40 (the same without), 43 (TILE_UNIFORM and the shared-memory sums, every shape) at the
+# three shapes, 47 (TILE_UNIFORM alone); at 2 tokens 49, 46, 41, 44; 42 (specialized for 14336 →
+# 4096); the default at 1 token once more (drift); then the quantization tests under the `cuda`
+# marker (among them the linear under each tuning, test_linear_tuned_launch); then the tensor-core
+# kernel at 1-16 tokens (mma=1) and never (mma=0), without PDL, the variants of blocks of 128
+# threads (24-25) and a grid of one block per SM; last, the other tests under the `cuda` marker.
+# Most wanted first, in case the call runs out of time. About 5 minutes. Output:
+# $OUT/quant_sweep.log (or benches/results/quant_sweep.log), written as it goes.
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/../.." || exit 1
 RESULTS=${OUT:-benches/results}
@@ -29,11 +30,14 @@ tune() { # tune SETTINGS TOKENS [FLAGS]: tune_quant.py under LMKERN_CUDA_QUANT_T
     whl=$(ls -t dist/lmkern-*.whl | head -n 1)
     "$PY" -m pip install -q --no-deps --no-index --force-reinstall --no-cache-dir "$whl" || echo "install failed"
     timeout -k 5 60 "$PY" benches/gpu/tune_quant.py --peer || echo "default: rc=$?"
-    tune "variant=45" 1 "--peer --cases 4096x4096x1"
+    tune "variant=48" 1 "--peer --cases 4096x4096x1,14336x4096x1,4096x14336x1"
+    tune "variant=50" 1 "--cases 4096x4096x1"
+    tune "variant=45" 1 "--cases 4096x4096x1"
     tune "variant=40" 1 "--cases 4096x4096x1"
     tune "variant=43" 1 "--peer --cases 4096x4096x1,14336x4096x1,4096x14336x1"
     tune "variant=47" 1 "--cases 4096x4096x1"
-    tune "variant=46" 2 "--peer --cases 4096x4096x2"
+    tune "variant=49" 2 "--peer --cases 4096x4096x2"
+    tune "variant=46" 2 "--cases 4096x4096x2"
     tune "variant=41" 2 "--cases 4096x4096x2"
     tune "variant=44" 2 "--cases 4096x4096x2,14336x4096x2"
     tune "variant=42" 1 "--cases 4096x14336x1"

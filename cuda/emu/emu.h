@@ -28,6 +28,7 @@
 #include <cstdlib>
 #include <functional>
 #include <type_traits>
+#include <map>
 #include <vector>
 
 // The CUDA headers define these for host compilers; give them emulator meanings.
@@ -69,7 +70,19 @@ inline int __ffs(int x) { return x == 0 ? 0 : __builtin_ctz((unsigned)x) + 1; }
 
 namespace emu {
 
-enum State { Runnable, AtBarrier, AtShuffle, AtMma, Done };
+enum State { Runnable, AtBarrier, AtShuffle, AtMma, AtMbar, Done };
+
+// An mbarrier of the bulk copies (lmkern::mbar_init): arrivals still due in the current phase, the
+// bytes announced and the bytes of the copies issued against it, and those copies. Once all
+// arrivals are in and the bytes match, the phase is ready; its copies land (bytes move) and it
+// completes only when a thread waits on this barrier: as late as the GPU may make them visible.
+struct Mbar {
+    uint32_t count = 0, pending = 0, phase = 0;
+    bool ready = false;
+    int64_t expected = 0, issued = 0;
+    struct Copy { void* dst; const void* src; size_t bytes; };
+    std::vector<Copy> copies;
+};
 
 struct Thread {
     ucontext_t ctx;
@@ -100,6 +113,8 @@ struct Block {
     jmp_buf scheduler_jb;
     size_t current = 0;
     const std::function<void()>* body = nullptr;
+    std::map<const void*, Mbar> mbars;  // by address, set up by mbar_init
+    uint64_t mbar_events = 0;           // phases made ready or completed so far (wakes the waiters)
 };
 
 inline Block& block() {
@@ -233,6 +248,8 @@ inline void launch(dim3 grid, dim3 blockdim, size_t smem_bytes, const std::funct
                 b.idx = make_uint3(bx, by, bz);
                 // Fresh, poisoned dynamic shared memory for every block.
                 b.dynamic_smem.assign(smem_bytes + 16, 0xFF);  // NaN floats
+                b.mbars.clear();
+                uint64_t events_seen = b.mbar_events;
                 for (size_t i = 0; i < nthreads; ++i) {
                     Thread& t = b.threads[i];
                     t = Thread{};
@@ -248,12 +265,17 @@ inline void launch(dim3 grid, dim3 blockdim, size_t smem_bytes, const std::funct
                         if (b.threads[i].state != Runnable) continue;
                         resume(i);
                     }
-                    bool all_done = true, any_barrier = false, progressed = false;
+                    bool all_done = true, any_barrier = false, any_mbar = false, progressed = false;
                     for (const Thread& t : b.threads) {
                         all_done &= t.state == Done;
                         any_barrier |= t.state == AtBarrier;
+                        any_mbar |= t.state == AtMbar;
                     }
-                    if (all_done) break;
+                    if (all_done) {
+                        for (const auto& m : b.mbars)
+                            if (!m.second.copies.empty()) fail("bulk copies that no thread waited for when the block exits");
+                        break;
+                    }
                     // Warp shuffles: a warp whose lanes all wait at a shuffle exchanges values.
                     for (size_t w = 0; w * 32 < nthreads; ++w) {
                         Thread* lanes = warp_at(w, AtShuffle, "__shfl_xor_sync without all 32 lanes of the warp");
@@ -283,6 +305,15 @@ inline void launch(dim3 grid, dim3 blockdim, size_t smem_bytes, const std::funct
                         progressed = true;
                     }
                     if (progressed) continue;
+                    // mbarrier waits: retried once a phase has become ready or completed since they
+                    // last looked; if none has, none will (every thread waits somewhere).
+                    if (any_mbar) {
+                        if (b.mbar_events == events_seen) fail("deadlock: an mbarrier phase that never completes");
+                        events_seen = b.mbar_events;
+                        for (Thread& t : b.threads)
+                            if (t.state == AtMbar) t.state = Runnable;
+                        continue;
+                    }
                     // Block barrier: every thread must be there (none finished, none elsewhere).
                     if (any_barrier) {
                         for (size_t i = 0; i < nthreads; ++i) {
@@ -345,6 +376,68 @@ inline void prefetch_l2_bulk(const void* p, uint32_t bytes) {
     if (!ok) ::emu::fail("prefetch_l2_bulk outside the kernel's buffers");
     (void)*static_cast<const volatile unsigned char*>(p);
     (void)*static_cast<const volatile unsigned char*>(b + bytes - 1);
+}
+
+// Bulk copies on mbarriers (common.cuh has the contract): a copy's destination holds garbage (NaN
+// bytes) from its issue until a thread waits on its barrier once the phase is ready (emu::Mbar);
+// then every copy of the phase lands at once. So reading copied bytes without the wait that covers
+// them, copying over bytes still to be read, announcing other bytes than the phase's copies bring
+// (the GPU would hang: here a deadlock fails the run), arriving more often than the count, a phase
+// nobody waits for, and a misaligned or empty copy or one outside the kernel's buffers all fail.
+inline ::emu::Mbar& mbar_at(const uint64_t* bar) {
+    auto it = ::emu::block().mbars.find(bar);
+    if (it == ::emu::block().mbars.end()) ::emu::fail("mbarrier used before mbar_init");
+    return it->second;
+}
+inline void mbar_ready_if_done(::emu::Mbar& m) {
+    if (m.pending != 0 || m.issued != m.expected) return;
+    m.ready = true;
+    ++::emu::block().mbar_events;
+}
+inline void mbar_init(uint64_t* bar, uint32_t count) {
+    if (reinterpret_cast<uintptr_t>(bar) % 8 != 0 || count == 0) ::emu::fail("mbar_init: misaligned or a count of 0");
+    ::emu::Mbar m;
+    m.count = m.pending = count;
+    ::emu::block().mbars[bar] = m;
+}
+inline void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+    ::emu::Mbar& m = mbar_at(bar);
+    if (m.pending == 0) ::emu::fail("mbarrier: more arrivals than its count in one phase (or on a phase nobody waited for)");
+    --m.pending;
+    m.expected += bytes;
+    mbar_ready_if_done(m);
+}
+inline void bulk_copy_to_shared(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
+    if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 || reinterpret_cast<uintptr_t>(src) % 16 != 0 || bytes % 16 != 0 || bytes == 0)
+        ::emu::fail("bulk_copy_to_shared: not 16-byte aligned, or empty");
+    const unsigned char* b = static_cast<const unsigned char*>(src);
+    bool ok = ::emu::prefetch_ranges().empty();
+    for (const auto& r : ::emu::prefetch_ranges()) ok |= b >= r.first && b + bytes <= r.first + r.second;
+    if (!ok) ::emu::fail("bulk_copy_to_shared: source outside the kernel's buffers");
+    ::emu::Mbar& m = mbar_at(bar);
+    memset(dst, 0xFF, bytes);
+    m.copies.push_back({dst, src, bytes});
+    m.issued += bytes;
+    if (m.ready) ::emu::fail("bulk_copy_to_shared: a copy on a phase already complete");
+    mbar_ready_if_done(m);
+}
+inline void fence_proxy_async_shared() {}  // one proxy here
+inline void mbar_wait(uint64_t* bar, uint32_t parity) {
+    for (;;) {
+        ::emu::Mbar& m = mbar_at(bar);
+        if ((m.phase & 1) != parity) return;
+        if (m.ready) {  // the phase completes: its copies land
+            for (const ::emu::Mbar::Copy& c : m.copies) memcpy(c.dst, c.src, c.bytes);
+            m.copies.clear();
+            m.phase ^= 1;
+            m.pending = m.count;
+            m.expected = m.issued = 0;
+            m.ready = false;
+            ++::emu::block().mbar_events;
+            return;
+        }
+        ::emu::yield(::emu::AtMbar);
+    }
 }
 
 // d += a·b on the tensor cores (see emu::mma_16816_warp): a warp-collective call.

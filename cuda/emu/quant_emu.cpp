@@ -601,25 +601,33 @@ static void empty_rows(const Kernels& K) {
 // block, a grid-stride loop (the prefetch of every tile a block takes), several token tiles, one
 // pass of exactly the block's slices, a row length that is no multiple of 16 bytes (a bulk
 // prefetch leaves the tile's last bytes out), no input columns (y = bias), groups that are no power
-// of two (TILE_UNIFORM divides rather than shifts). The variants specialized
+// of two (TILE_UNIFORM divides rather than shifts), two passes of which the second is partial, one
+// block taking three row tiles (the last partial). The variants specialized
 // for one in_features and group size (fn, fg) run on the shapes of that size: full and partial row
-// tiles, a grid-stride loop, several token tiles, a tile of only partial rows.
+// tiles, a grid-stride loop, several token tiles, a tile of only partial rows. The bulk-copy ones
+// (linear_bulk) run on the shapes it takes: rows of scales of whole 16 bytes, at most 128 groups.
 static void tile_variants(const Kernels& K) {
-    struct V { LinFn f; size_t tokens, rows; unsigned threads; size_t fn, fg; };
+    struct V { LinFn f; size_t tokens, rows; unsigned threads; size_t fn, fg; bool bulk = false; };
     const V vs[] = {{quant_lintile4_bf16_n1_v24, 1, 16, 128, 0, 0}, {quant_lintile4_bf16_n1_v25, 1, 16, 128, 0, 0},
                     {quant_lintile4_bf16_n1_v40, 1, 16, 256, 4096, 128}, {quant_lintile4_bf16_n2_v41, 2, 16, 256, 4096, 128},
                     {quant_lintile4_bf16_n1_v42, 1, 16, 256, 14336, 128}, {quant_lintile4_bf16_n1_v43, 1, 16, 256, 0, 0},
                     {quant_lintile4_bf16_n2_v44, 2, 16, 256, 0, 0},       {quant_lintile4_bf16_n1_v45, 1, 16, 256, 4096, 128},
-                    {quant_lintile4_bf16_n2_v46, 2, 16, 256, 4096, 128},  {quant_lintile4_bf16_n1_v47, 1, 16, 256, 0, 0}};
+                    {quant_lintile4_bf16_n2_v46, 2, 16, 256, 4096, 128},  {quant_lintile4_bf16_n1_v47, 1, 16, 256, 0, 0},
+                    {quant_lintile4_bf16_n1_v48, 1, 16, 256, 0, 0, true}, {quant_lintile4_bf16_n2_v49, 2, 16, 256, 0, 0, true},
+                    {quant_lintile4_bf16_n1_v50, 1, 16, 256, 0, 0, true}};
     struct S { size_t nout, n, g, tokens; bool bias; unsigned grid; };
     const S shapes[] = {{19, 8448, 128, 1, true, 0}, {40, 256, 128, 1, false, 2}, {13, 512, 512, 3, true, 1},
                         {18, 4096, 128, 1, false, 0}, {21, 4112, 16, 1, false, 0}, {5, 0, 128, 1, true, 0},
                         {40, 4096, 128, 3, true, 2}, {5, 4096, 128, 1, true, 0}, {18, 14336, 128, 1, true, 0},
-                        {5, 14336, 128, 2, false, 0}, {19, 960, 96, 1, true, 0}, {17, 4320, 240, 2, false, 0}};
+                        {5, 14336, 128, 2, false, 0}, {19, 960, 96, 1, true, 0}, {17, 4320, 240, 2, false, 0},
+                        {9, 4608, 64, 1, true, 0}, {23, 1024, 32, 2, false, 2}, {7, 5376, 96, 1, true, 0}, {35, 4096, 128, 1, false, 1}};
     for (const V& v : vs) {
         for (int flags : {0, lmkern::quant::LINEAR_PDL}) {
             for (const S& e : shapes) {
                 if (v.fn && (e.n != v.fn || e.g != v.fg)) continue;
+                // linear_bulk's shapes (rust/core/src/quant/cuda.rs, bulk_fits)
+                const size_t ng = e.n ? e.n / e.g : 0;
+                if (v.bulk && (e.n % 32 != 0 || ng % 4 != 0 || ng > 128)) continue;
                 run_linear<__nv_bfloat16>(K, e.nout, e.n, e.g, 4, e.tokens * v.tokens, e.bias, false, e.grid, false, false, v.f, v.rows,
                                           flags, v.threads);
             }

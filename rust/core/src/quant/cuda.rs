@@ -200,7 +200,8 @@ fn slice_load_width(cpl: usize, bits: usize) -> u64 {
 /// A launch-shape variant of the bf16 4-bit tiled linear, for tuning only: as cuda/quant.cu
 /// compiles it (LMKERN_QUANT_LINTILE_VARIANT), with token tile `nt`, `cpl` columns per slice,
 /// `rows` output rows and `threads` threads per block; `shape`: the (in_features, group size) it is
-/// specialized for, and may run on only, if any.
+/// specialized for, and may run on only, if any; `bulk`: its row tiles come by bulk copies
+/// (linear_bulk, sm_90+; [`bulk_fits`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Variant {
     k: usize,
@@ -209,14 +210,35 @@ struct Variant {
     rows: usize,
     threads: usize,
     shape: Option<(usize, usize)>,
+    bulk: bool,
 }
 
 const fn tile_variant(k: usize, nt: usize, cpl: usize, rows: usize, threads: usize) -> Variant {
-    Variant { k, nt, cpl, rows, threads, shape: None }
+    Variant { k, nt, cpl, rows, threads, shape: None, bulk: false }
 }
 
 const fn fixed_variant(k: usize, nt: usize, n: usize, group: usize) -> Variant {
-    Variant { k, nt, cpl: 16, rows: 16, threads: BLOCK, shape: Some((n, group)) }
+    Variant { k, nt, cpl: 16, rows: 16, threads: BLOCK, shape: Some((n, group)), bulk: false }
+}
+
+const fn bulk_variant(k: usize, nt: usize) -> Variant {
+    Variant { k, nt, cpl: 16, rows: 16, threads: BLOCK, shape: None, bulk: true }
+}
+
+/// BULK_MAX_GROUPS in cuda/quant.cu: the most groups per row whose scales fit linear_bulk's tile.
+const BULK_MAX_GROUPS: usize = 128;
+
+/// Whether linear_bulk (cuda/quant.cu) takes this shape: whole 16-byte row segments (n a multiple
+/// of 2·cpl), 16-byte rows of scales, at most BULK_MAX_GROUPS of them, and the codes, scales and
+/// codebooks 16-byte aligned (the bulk copies' rule). The device must be sm_90+ (the caller checks).
+fn bulk_fits(v: &Variant, q: &QuantArgs, codes: Ptr, scales: Ptr, table: Ptr) -> bool {
+    let ng = if q.n == 0 { 0 } else { q.n / q.group };
+    q.n.is_multiple_of(2 * v.cpl)
+        && ng.is_multiple_of(4)
+        && ng <= BULK_MAX_GROUPS
+        && codes.is_multiple_of(16)
+        && scales.is_multiple_of(16)
+        && table.is_multiple_of(16)
 }
 
 /// The sweeps in benches/results/ (2026-11-26-h200-6-quant-tiled-sweep to 2026-11-27-h200-9-quant-
@@ -234,7 +256,10 @@ const fn fixed_variant(k: usize, nt: usize, n: usize, group: usize) -> Variant {
 /// every shape with a full row tile's loads at plain row strides and the block's sums through
 /// shared memory (43, 44: ~200 instructions from the wait to the barrier, ~100 for the sums against
 /// ~150), 40 and 41 with those sums (45, 46), the 1-token kernel with the plain strides alone (47).
-const TILE_VARIANTS: [Variant; 10] = [
+/// 48-50 (unmeasured; cuda/quant.cu, linear_bulk, sm_90+): a row tile's codes, scales and codebooks
+/// by bulk copies, lookups on the first rows while the later ones land (1 and 2 tokens in chunks of
+/// 4 rows; 1 token in one chunk of 16).
+const TILE_VARIANTS: [Variant; 13] = [
     tile_variant(24, 1, 16, 16, 128),
     tile_variant(25, 1, 16, 16, 128),
     fixed_variant(40, 1, 4096, 128),
@@ -245,6 +270,9 @@ const TILE_VARIANTS: [Variant; 10] = [
     fixed_variant(45, 1, 4096, 128),
     fixed_variant(46, 2, 4096, 128),
     tile_variant(47, 1, 16, 16, BLOCK),
+    bulk_variant(48, 1),
+    bulk_variant(49, 2),
+    bulk_variant(50, 1),
 ];
 
 /// Whether the tiled linear is launched with programmatic dependent launch on sm_90+
@@ -310,8 +338,10 @@ impl Tune {
 
 /// The tuning variant that replaces the default tiled kernel for this call, if one is asked for
 /// and fits (bf16, 4 bits, its token tile, its slice width).
-fn variant_for(dtype: DType, l: &LinearArgs, x: Ptr, codes: Ptr) -> Option<Variant> {
-    Tune::get().variant.filter(|v| variant_fits(v, dtype, l, x, codes))
+fn variant_for(dtype: DType, l: &LinearArgs, x: Ptr, codes: Ptr, scales: Ptr, table: Ptr, sm90: bool) -> Option<Variant> {
+    Tune::get().variant.filter(|v| {
+        variant_fits(v, dtype, l, x, codes) && (!v.bulk || (sm90 && bulk_fits(v, &l.q, codes, scales, table)))
+    })
 }
 
 fn variant_fits(v: &Variant, dtype: DType, l: &LinearArgs, x: Ptr, codes: Ptr) -> bool {
@@ -479,7 +509,12 @@ pub unsafe fn linear(
     let tune = Tune::get();
     let kernel = linear_kernel(&tune, dtype, q, l.tokens, x, codes);
     let mut plan = plan_linear(dtype, l, kernel)?;
-    if let Some(v) = variant_for(dtype, l, x, codes).filter(|_| kernel == LinearKernel::Tiled) {
+    let tuned = if kernel == LinearKernel::Tiled && Tune::get().variant.is_some() {
+        variant_for(dtype, l, x, codes, scales, table, cuda::supports_pdl(ordinal)?)
+    } else {
+        None
+    };
+    if let Some(v) = tuned {
         plan.name = format!("quant_lintile4_bf16_n{}_v{}", v.nt, v.k);
         plan.grid = clamp_grid(q.rows.div_ceil(v.rows));
         plan.block = (v.threads as u32, 1);
@@ -681,6 +716,16 @@ mod tests {
         assert!(fits(43, QuantArgs { n: 14336, ..q }, 1, DType::BF16) && fits(44, QuantArgs { group: 96, n: 4224, ..q }, 2, DType::BF16));
         assert!(fits(47, q, 1, DType::BF16) && !fits(47, q, 2, DType::BF16) && !fits(43, q, 1, DType::F16));
         assert!(!fits(40, QuantArgs { group: 64, ..q }, 1, DType::BF16)); // and groups of 128
+        let bulk = |k: usize, q: QuantArgs, ptrs: (Ptr, Ptr, Ptr)| {
+            let v = TILE_VARIANTS.iter().find(|v| v.k == k).unwrap();
+            v.bulk && bulk_fits(v, &q, ptrs.0, ptrs.1, ptrs.2)
+        };
+        let aligned = (512, 1024, 2048);
+        assert!(bulk(48, q, aligned) && bulk(49, QuantArgs { n: 14336, ..q }, aligned) && bulk(50, QuantArgs { n: 0, ..q }, aligned));
+        assert!(!bulk(43, q, aligned)); // not a bulk variant
+        assert!(!bulk(48, QuantArgs { n: 11008, ..q }, aligned)); // 86 groups: rows of scales not 16 bytes
+        assert!(!bulk(48, QuantArgs { n: 16896, ..q }, aligned)); // 132 groups: more than the tile holds
+        assert!(!bulk(48, q, (520, 1024, 2048)) && !bulk(48, q, (512, 1032, 2048)) && !bulk(48, q, (512, 1024, 2056)));
         let v = TILE_VARIANTS[2];
         assert!(!variant_fits(&v, DType::BF16, &LinearArgs { q, tokens: 1 }, 264, 512)); // x not 16-byte aligned
     }
