@@ -869,10 +869,10 @@ __device__ __forceinline__ void linear_tiled(const LinearParams& p) {
 // one the tile's codebooks and scales (first pass; both contiguous for the R rows), and one per
 // chunk c announces the bytes of rows c·RC.. on the chunk's barrier (lanes of different warps: a
 // warp issues its copies one lane at a time): a thread starts its lookups on the first chunk while
-// the later ones are in flight. It reads its SB code bytes per row at a
-// constant offset (conflict-free: the slices of consecutive threads are consecutive). The block's
-// sums go through shared memory (smem_sums) in the bytes the codes took. Rows past the last present
-// are computed from stale shared memory and dropped.
+// the later ones are in flight. It reads its SB code bytes per row at a constant offset
+// (conflict-free: the slices of consecutive threads are consecutive). The block's sums go through
+// shared memory (smem_sums) in the bytes the codes took. Rows past the last present are computed
+// from stale shared memory and dropped.
 // Takes (rust/core/src/quant/cuda.rs, bulk_fits): n a multiple of 2·CPL (whole 16-byte row
 // segments), the groups per row a multiple of 4 (16-byte rows of scales) and at most
 // BULK_MAX_GROUPS, the codes, scales and codebooks 16-byte aligned, sm_90.
