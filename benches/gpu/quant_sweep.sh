@@ -56,8 +56,9 @@ tune() { # tune SETTINGS TOKENS [FLAGS]: tune_quant.py under LMKERN_CUDA_QUANT_T
     echo "[$(date -u +%T)] done"
 } 2>&1 | tee "$RESULTS/quant_sweep.log"
 # The 1- and 2-token lines at 4096², fastest first (the case), to pick a winner at a glance.
-for case in "W4096x4096 b1 " "W4096x4096 b2 "; do
+summary=$(for case in "W4096x4096 b1 " "W4096x4096 b2 "; do
     echo "== $case fastest first"
     grep -F "$case" "$RESULTS/quant_sweep.log" | awk '{for (i = 1; i <= NF; i++) if ($i == "lmkern") print $(i + 1), $0}' \
         | sort -n | cut -d' ' -f2- | head -n 16
-done | tee -a "$RESULTS/quant_sweep.log"
+done)
+echo "$summary" | tee -a "$RESULTS/quant_sweep.log"
