@@ -194,6 +194,17 @@ __device__ __forceinline__ void griddep_launch_dependents() {
     asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 #endif
 }
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p)); }
+// The `bytes` bytes from `p` into L2 in one request (a bulk prefetch, sm_90+; a no-op before, where
+// nothing launches with PDL). p 16-byte aligned, bytes a multiple of 16.
+__device__ __forceinline__ void prefetch_l2_bulk(const void* p, uint32_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(bytes) : "memory");
+#else
+    (void)p, (void)bytes;
+#endif
+}
+
 // Bulk copies global → shared that complete on an mbarrier (sm_90+: the tensor memory accelerator;
 // on older GPUs they trap, and the launcher never picks a kernel that uses them there). A barrier
 // is set up once by one thread (mbar_init, then a __syncthreads before anyone uses it); each phase
@@ -254,17 +265,6 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
 #else
     (void)bar, (void)parity;
     __trap();
-#endif
-}
-
-__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p)); }
-// The `bytes` bytes from `p` into L2 in one request (a bulk prefetch, sm_90+; a no-op before, where
-// nothing launches with PDL). p 16-byte aligned, bytes a multiple of 16.
-__device__ __forceinline__ void prefetch_l2_bulk(const void* p, uint32_t bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(bytes) : "memory");
-#else
-    (void)p, (void)bytes;
 #endif
 }
 #endif
