@@ -337,9 +337,13 @@ impl Tune {
 }
 
 /// The tuning variant that replaces the default tiled kernel for this call, if one is asked for
-/// and fits (bf16, 4 bits, its token tile, its slice width).
-fn variant_for(dtype: DType, l: &LinearArgs, x: Ptr, codes: Ptr, scales: Ptr, table: Ptr, sm90: bool) -> Option<Variant> {
-    Tune::get().variant.filter(|v| {
+/// and fits (bf16, 4 bits, its token tile, its slice width; a bulk-copy one on sm_90+ only, where
+/// [`bulk_fits`]).
+#[allow(clippy::too_many_arguments)]
+fn variant_for(
+    tune: &Tune, dtype: DType, l: &LinearArgs, x: Ptr, codes: Ptr, scales: Ptr, table: Ptr, sm90: bool,
+) -> Option<Variant> {
+    tune.variant.filter(|v| {
         variant_fits(v, dtype, l, x, codes) && (!v.bulk || (sm90 && bulk_fits(v, &l.q, codes, scales, table)))
     })
 }
@@ -509,8 +513,8 @@ pub unsafe fn linear(
     let tune = Tune::get();
     let kernel = linear_kernel(&tune, dtype, q, l.tokens, x, codes);
     let mut plan = plan_linear(dtype, l, kernel)?;
-    let tuned = if kernel == LinearKernel::Tiled && Tune::get().variant.is_some() {
-        variant_for(dtype, l, x, codes, scales, table, cuda::supports_pdl(ordinal)?)
+    let tuned = if kernel == LinearKernel::Tiled && tune.variant.is_some() {
+        variant_for(&tune, dtype, l, x, codes, scales, table, cuda::supports_pdl(ordinal)?)
     } else {
         None
     };
