@@ -574,6 +574,11 @@ __device__ __forceinline__ void load_x_slice(const T* __restrict__ x, int64_t n,
     }
 }
 
+// log2 of the group size where it is a power of two, else -1; and the group of column `col` with
+// it (a shift rather than a division where it can).
+__device__ __forceinline__ int group_shift(int group) { return (group & (group - 1)) == 0 ? __ffs(group) - 1 : -1; }
+__device__ __forceinline__ int column_group(int col, int group, int gsh) { return gsh >= 0 ? col >> gsh : col / group; }
+
 // Slice s of the R rows from o0 (`rows_here` ≥ 1 of them present): the code words and the scale of
 // the slice's group. Rows past the last one present repeat it (valid memory, no branch per row);
 // their sums are computed and dropped (finish_partials stores rows below out_features only). Row
@@ -602,8 +607,8 @@ __device__ __forceinline__ void load_rows_slice(const LinearParams& p, int ng, i
         }
     }
     const uint8_t* cp = p.codes + o0 * p.row_bytes + (int64_t)s * SB;
+    const float* sp = p.scales + o0 * ng + column_group(s * CPL, p.group, gsh);  // s·CPL < n: an int
     if constexpr ((OPT & TILE_UNIFORM) != 0) {
-        const float* sp = p.scales + o0 * ng + (gsh >= 0 ? (s * CPL) >> gsh : s * CPL / p.group);
         if (rows_here == R) {  // uniform
 #pragma unroll
             for (int r = 0; r < R; ++r) {
@@ -613,7 +618,6 @@ __device__ __forceinline__ void load_rows_slice(const LinearParams& p, int ng, i
             return;
         }
     }
-    const float* sp = p.scales + o0 * ng + s * CPL / p.group;  // s·CPL < n: an int
 #pragma unroll
     for (int r = 0; r < R; ++r) {
         const int rr = r < rows_here ? r : rows_here - 1;
@@ -801,8 +805,8 @@ __device__ __forceinline__ void linear_tiled(const LinearParams& p) {
     const int tid = threadIdx.x;
     const int n = FN > 0 ? FN : p.in_features, ng = n / (FG > 0 ? FG : p.group), nout = p.out_features, slices = n / CPL;
     const int64_t tokens = p.tokens;
-    // log2 of a power-of-two group size, else -1 (TILE_UNIFORM only)
-    const int gsh = (OPT & TILE_UNIFORM) != 0 && (p.group & (p.group - 1)) == 0 ? __ffs(p.group) - 1 : -1;
+    // the slices' groups by a shift where the group size is a power of two (TILE_UNIFORM only)
+    const int gsh = (OPT & TILE_UNIFORM) != 0 ? group_shift(p.group) : -1;
 
     griddep_launch_dependents();  // with PDL, the next kernel may start its prologue as our blocks retire
     if (p.flags & LINEAR_PDL) {
@@ -897,7 +901,7 @@ __device__ __forceinline__ void linear_bulk(const LinearParams& p) {
     const int tid = threadIdx.x;
     const int n = p.in_features, ng = n / p.group, nout = p.out_features, slices = n / CPL;
     const int64_t tokens = p.tokens;
-    const int gsh = (p.group & (p.group - 1)) == 0 ? __ffs(p.group) - 1 : -1;  // log2 of a power-of-two group
+    const int gsh = group_shift(p.group);
 
     if (tid < NCH) {
         mbar_init(&bars[tid], 1);
@@ -945,7 +949,7 @@ __device__ __forceinline__ void linear_bulk(const LinearParams& p) {
                 const bool here = s < slices;
                 float xs[NT][CPL];
                 load_x_slice<T, NT, CPL>(x, n, t0, here ? nt : 0, here ? (int64_t)s * CPL : 0, xs);
-                const int g = gsh >= 0 ? (s * CPL) >> gsh : s * CPL / p.group;
+                const int g = column_group(s * CPL, p.group, gsh);
 #pragma unroll
                 for (int c = 0; c < NCH; ++c) {
                     mbar_wait(&bars[c], parity);

@@ -7,10 +7,9 @@
 # one from 3 tokens, the fused path up to 32 tokens there), with the dense bf16 peer, at 1-33
 # tokens and on the 14336 shapes at 1, 8 and 16; the same without PDL (pdl=0); the tensor-core
 # kernel at 2 and 64 tokens (--direct: past the op's GEMV limit); the tiled kernel at 3-4 tokens
-# (mma=0); then the
-# quantization tests under the `cuda` marker; last, where Nsight Compute (ncu) is installed, a full
-# profile of the 1-token tiled kernel and the 8-token tensor-core kernel at 4096² (QUANT_NCU=0
-# skips it). About 2.5 minutes.
+# (mma=0); then the quantization tests under the `cuda` marker; last, where Nsight Compute (ncu) is
+# installed, a full profile of the 1-token tiled kernel and the 8-token tensor-core kernel at 4096²
+# (QUANT_NCU=0 skips it). About 2.5 minutes.
 # Output: $OUT/quant_tokens.log (or benches/results/quant_tokens.log), and ncu_*.txt beside it.
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/../.." || exit 1

@@ -10,8 +10,9 @@ F.linear over the rotating codes viewed as a bf16 weight of in·bits/16 columns,
 moves what the quantized one must read (bar its scales and codebooks), with no lookups.
 --tokens keeps the cases of those token counts; --cases replaces the cases (out x in x tokens).
 --direct calls the fused GEMV (lmkern.ops.quant._fused_gemv) at every token count, where the op
-would take the dequantize + cuBLAS path past lmkern._core.quant_cuda_gemv_max_tokens. The variants (rust/core/src/quant/cuda.rs, TILE_VARIANTS)
-replace the default kernel only for their own token tile; the others run the default.
+would take the dequantize + cuBLAS path past lmkern._core.quant_cuda_gemv_max_tokens. The variants
+(rust/core/src/quant/cuda.rs, TILE_VARIANTS) replace the default kernel only for their own token
+tile and shapes; the others run the default.
 Also checks every output against the float64 product (relative error printed; > 1e-2 is FAIL).
 """
 from __future__ import annotations

@@ -27,9 +27,9 @@ class PowerQuantLinear(nn.Module):
     multiples of 128) a fused lookup-table GEMV that reads the 4-bit stream and the scales once (the
     4-bit weight moves ~4.25 bits per weight instead of 16 for bf16), beyond that the weight
     dequantized through the codebooks into a scratch and cuBLAS; the backward is dy @ Ŵ with Ŵ
-    dequantized in dy's dtype. The
-    codebook of CUDA exponents is built on the host (an exponent outside (0, 1] raises there); the
-    GEMV reads ``codebook`` as it is (no check, no synchronization).
+    dequantized in dy's dtype. The codebook of CUDA exponents is built on the host (an exponent
+    outside (0, 1] raises there); the GEMV reads ``codebook`` as it is (no check, no
+    synchronization).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 4,
