@@ -7,7 +7,8 @@
 // waits until every thread of the block has arrived, __shfl_xor_sync() until all 32 lanes of the
 // warp have; anything else (a barrier some threads never reach, a shuffle with missing lanes or
 // mixed offsets) is reported as an error and aborts. __shared__ variables become function-local
-// statics, which is per-block storage because blocks run one at a time.
+// statics, which is per-block storage because blocks run one at a time; like dynamic shared memory
+// they are poisoned (NaN bytes) before every block.
 //
 // It checks the control flow and indexing of a kernel, not its speed or memory-model subtleties.
 #pragma once
@@ -20,6 +21,8 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 #include <string.h>
+#include <elf.h>
+#include <link.h>
 #include <setjmp.h>
 #include <ucontext.h>
 
@@ -122,6 +125,62 @@ inline Block& block() {
     return b;
 }
 inline Thread& self() { return block().threads[block().current]; }
+
+// The kernels' __shared__ arrays, which are function-local statics here: every writable object
+// symbol of this executable named _ZZN6lmkern... (a static local to a function of namespace lmkern;
+// device code has no other writable statics), read from its own symbol table once. launch()
+// poisons them before each block, as it does dynamic shared memory: on the GPU shared memory is
+// undefined when a block starts, whereas a static would hold the previous block's values and hide
+// a read before the write. (Section attributes cannot gather them: GCC puts the statics of template
+// functions in COMDAT sections of their own.)
+struct SharedRange {
+    unsigned char* p;
+    size_t n;
+};
+
+inline int main_program_base(struct dl_phdr_info* info, size_t, void* base) {
+    *static_cast<uintptr_t*>(base) = info->dlpi_addr;  // the first object listed is the executable
+    return 1;
+}
+
+inline const std::vector<SharedRange>& static_shared() {
+    static const std::vector<SharedRange> ranges = [] {
+        std::vector<unsigned char> img;
+        if (FILE* f = fopen("/proc/self/exe", "rb")) {
+            unsigned char buf[1 << 16];
+            for (size_t k; (k = fread(buf, 1, sizeof buf, f)) > 0;) img.insert(img.end(), buf, buf + k);
+            fclose(f);
+        }
+        uintptr_t base = 0;
+        dl_iterate_phdr(main_program_base, &base);
+        std::vector<SharedRange> found;
+        bool symtab = false;
+        if (img.size() >= sizeof(Elf64_Ehdr)) {
+            const auto* eh = reinterpret_cast<const Elf64_Ehdr*>(img.data());
+            const auto* sh = reinterpret_cast<const Elf64_Shdr*>(img.data() + eh->e_shoff);
+            for (int i = 0; i < eh->e_shnum; ++i) {
+                if (sh[i].sh_type != SHT_SYMTAB) continue;
+                symtab = true;
+                const char* names = reinterpret_cast<const char*>(img.data() + sh[sh[i].sh_link].sh_offset);
+                const auto* sym = reinterpret_cast<const Elf64_Sym*>(img.data() + sh[i].sh_offset);
+                for (size_t k = 0; k < sh[i].sh_size / sizeof(Elf64_Sym); ++k) {
+                    const Elf64_Sym& s = sym[k];
+                    if (ELF64_ST_TYPE(s.st_info) != STT_OBJECT || s.st_size == 0 || s.st_shndx == SHN_UNDEF ||
+                        s.st_shndx >= eh->e_shnum || (sh[s.st_shndx].sh_flags & SHF_WRITE) == 0 ||
+                        strncmp(names + s.st_name, "_ZZN6lmkern", 11) != 0)
+                        continue;
+                    found.push_back({reinterpret_cast<unsigned char*>(base + s.st_value), (size_t)s.st_size});
+                }
+            }
+        }
+        if (!symtab) {
+            fprintf(stderr, "emu: no symbol table in /proc/self/exe (stripped?): cannot poison static shared memory\n");
+            exit(3);
+        }
+        return found;
+    }();
+    return ranges;
+}
 
 [[noreturn]] inline void fail(const char* what) {
     const Block& b = block();
@@ -248,6 +307,7 @@ inline void launch(dim3 grid, dim3 blockdim, size_t smem_bytes, const std::funct
                 b.idx = make_uint3(bx, by, bz);
                 // Fresh, poisoned dynamic shared memory for every block.
                 b.dynamic_smem.assign(smem_bytes + 16, 0xFF);  // NaN floats
+                for (const SharedRange& r : static_shared()) memset(r.p, 0xFF, r.n);
                 b.mbars.clear();
                 uint64_t events_seen = b.mbar_events;
                 for (size_t i = 0; i < nthreads; ++i) {
