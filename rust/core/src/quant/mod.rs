@@ -75,13 +75,21 @@ pub fn pack_row(codes: &[i8], bits: u32, out: &mut [u8]) {
             }
         }
         4 => {
-            let pairs = codes.chunks_exact(2);
-            let tail = pairs.remainder();
-            for (o, p) in out.iter_mut().zip(pairs) {
-                *o = (p[0] as u8 & 0xf) | ((p[1] as u8) << 4);
+            // Eight codes at a time as one little-endian u64, their nibbles gathered by shifts
+            // (the byte-pair loop compiled to a byte gather: ~1/3 of the quantizer's time).
+            let words = codes.chunks_exact(8);
+            let rest = words.remainder();
+            for (o, c) in out.chunks_exact_mut(4).zip(words) {
+                let c: [i8; 8] = c.try_into().unwrap();
+                let x = u64::from_le_bytes(c.map(|v| v as u8)) & 0x0f0f_0f0f_0f0f_0f0f;
+                let x = (x | (x >> 4)) & 0x00ff_00ff_00ff_00ff; // byte pairs in the u16 lanes
+                let x = (x | (x >> 8)) & 0x0000_ffff_0000_ffff; // u16 pairs in the u32 lanes
+                o.copy_from_slice(&((x | (x >> 16)) as u32).to_le_bytes());
             }
-            if let [c] = tail {
-                out[codes.len() / 2] = *c as u8 & 0xf;
+            let o = &mut out[codes.len() / 8 * 4..];
+            for (i, &c) in rest.iter().enumerate() {
+                let v = c as u8 & 0xf;
+                o[i / 2] = if i % 2 == 0 { v } else { o[i / 2] | v << 4 };
             }
         }
         _ => {
