@@ -675,6 +675,31 @@ def test_power_quant_linear_state_dict_round_trip():
     assert torch.equal(fresh.codebook, mod.codebook)
 
 
+def test_power_quant_linear_keeps_float32_state_under_dtype_conversion():
+    """model.to(torch.bfloat16) / .half() / .double() must not cast the quantized weight's float32
+    buffers (the kernels need float32, and bfloat16 would round the scales): the module then runs
+    on activations of the new dtype and gives what the float32 module gives on them."""
+    lin = _linear(256, 24, True, 6)
+    ref = PowerQuantLinear.from_linear(lin, 4, 64, a=0.7)
+    for convert, dtype in ((lambda m: m.to(torch.bfloat16), BF16), (lambda m: m.half(), F16),
+                           (lambda m: m.to(dtype=F64), F64), (lambda m: m.to("cpu", BF16), BF16)):
+        mod = PowerQuantLinear.from_linear(lin, 4, 64, a=0.7)
+        assert convert(mod) is mod
+        for name, buf in mod.named_buffers():
+            want = getattr(ref, name)
+            assert buf.dtype == want.dtype and torch.equal(buf, want), (name, dtype)
+        x = randn((3, 256), dtype, 7)
+        with torch.no_grad():
+            got = torch.nn.Sequential(mod)(x)
+            want = ref(x)
+        assert got.dtype == dtype and torch.equal(got, want)
+    # A module inside a model converted as a whole.
+    model = torch.nn.Sequential(torch.nn.Linear(256, 256), PowerQuantLinear.from_linear(lin, 4, 64, a=0.7)).to(BF16)
+    assert model[0].weight.dtype == BF16 and model[1].scales.dtype == F32 and model[1].bias.dtype == F32
+    with torch.no_grad():
+        assert model(randn((2, 256), BF16, 8)).dtype == BF16
+
+
 def test_codebook_matches_formula():
     for bits in (2, 3, 4, 8):
         a = torch.tensor([1.0, 0.5, 0.13, 0.77])

@@ -484,6 +484,12 @@ def test_power_quant_linear_moves_to_cuda_and_builds_there():
     assert fresh.codebook.is_cuda and torch.equal(fresh.codebook.cpu(), mod.codebook)
     x = randn((3, 128), F32, 1)
     assert rel_err(fresh(x.cuda()), mod(x)) <= TOL[F32]
+    # Moved and converted at once: the quantized weight's buffers stay float32, now on the GPU.
+    bmod = PowerQuantLinear.from_linear(lin, 4, 32).to("cuda", torch.bfloat16)
+    for name, buf in bmod.named_buffers():
+        assert buf.is_cuda and torch.equal(buf.cpu(), getattr(mod, name)), name
+    xb = randn((3, 128), BF16, 2)
+    assert rel_err(bmod(xb.cuda()), mod(xb)) <= TOL[BF16]
 
 
 def test_empty_shapes():

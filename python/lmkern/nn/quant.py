@@ -29,7 +29,8 @@ class PowerQuantLinear(nn.Module):
     dequantized through the codebooks into a scratch and cuBLAS; the backward is dy @ Ŵ with Ŵ
     dequantized in dy's dtype. The codebook of CUDA exponents is built on the host (an exponent
     outside (0, 1] raises there); the GEMV reads ``codebook`` as it is (no check, no
-    synchronization).
+    synchronization). Dtype conversions of the module (``model.to(torch.bfloat16)``, ``.half()``)
+    leave these buffers float32: the activations' dtype alone sets the compute and output dtype.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 4,
@@ -99,6 +100,19 @@ class PowerQuantLinear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         """The dense float32 Ŵ (for inspection; forward never forms it)."""
         return self.quantized.dequantize()
+
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16), .half(), .double() convert every floating buffer; the quantized
+        # weight's scales, exponents, codebooks and bias stay float32 (the kernels read them so, and a
+        # round trip through bfloat16 would lose their precision): the cast results are dropped and
+        # the originals only moved to where fn put them. Device moves apply as usual.
+        before = dict(self._buffers)
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if old is not None and new is not None and new.dtype != old.dtype:
+                self._buffers[name] = old.to(device=new.device)
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _ops.quant_linear(x, self.codes, self.scales, self.codebook, self.bias, self.bits, self.group_size,
