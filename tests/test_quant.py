@@ -9,6 +9,8 @@ hypothesis-drawn seed.
 """
 from __future__ import annotations
 
+import copy
+import io
 import math
 
 import pytest
@@ -673,6 +675,15 @@ def test_power_quant_linear_state_dict_round_trip():
     assert torch.equal(fresh(x), mod(x))
     assert "bits=4" in repr(fresh) and list(mod.parameters()) == []
     assert torch.equal(fresh.codebook, mod.codebook)
+    # The whole module pickled (torch.save(model)) and deep-copied.
+    buf = io.BytesIO()
+    torch.save(mod, buf)
+    buf.seek(0)
+    for other in (torch.load(buf, weights_only=False), copy.deepcopy(mod)):
+        assert torch.equal(other(x), mod(x))
+        # Its load hook survived the copy: new exponents give new codebooks.
+        other.load_state_dict({**sd, "exponent": torch.full_like(mod.exponent, 0.5)})
+        assert torch.equal(other.codebook, torch.ops.lmkern.power_codebook(torch.full_like(mod.exponent, 0.5), 4))
 
 
 def test_power_quant_linear_keeps_float32_state_under_dtype_conversion():

@@ -8,6 +8,12 @@ from ..ops import quant as _ops
 from ..quant import PowerQuantized, _exponents, power_quantize, search_exponent
 
 
+def _refresh_after_load(module: "PowerQuantLinear", _incompatible_keys) -> None:
+    # A module-level function, not a lambda: the hook is part of the module's pickled state
+    # (torch.save(model)).
+    module.refresh_codebook()
+
+
 class PowerQuantLinear(nn.Module):
     """``y = x @ Ŵᵀ + b`` with Ŵ the power-dequantized weight, computed without forming Ŵ: each
     output row's 2^bits-entry table times its group scales meets x directly (a fused lookup-table
@@ -47,7 +53,7 @@ class PowerQuantLinear(nn.Module):
         self.register_buffer("codebook", torch.empty((self.out_features, 2 ** self.bits), dtype=torch.float32,
                                                      device=device), persistent=False)
         self.refresh_codebook()
-        self.register_load_state_dict_post_hook(lambda module, _keys: module.refresh_codebook())
+        self.register_load_state_dict_post_hook(_refresh_after_load)
         if bias:
             self.register_buffer("bias", torch.zeros((self.out_features,), dtype=torch.float32, device=device))
         else:
