@@ -12,6 +12,9 @@ from __future__ import annotations
 import copy
 import io
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -709,6 +712,37 @@ def test_power_quant_linear_keeps_float32_state_under_dtype_conversion():
     assert model[0].weight.dtype == BF16 and model[1].scales.dtype == F32 and model[1].bias.dtype == F32
     with torch.no_grad():
         assert model(randn((2, 256), BF16, 8)).dtype == BF16
+
+
+ISA_LEVELS = ("baseline", "avx2", "avx512")
+
+
+def test_cpu_isa_reports_the_cap():
+    """lmkern.cpu_isa() names a level, no wider than LMKERN_CPU_ISA when that is set (the run below
+    sets it); an AVX-512 machine's default run takes the AVX-512 kernels."""
+    isa = lmkern.cpu_isa()
+    assert isa in ISA_LEVELS
+    cap = os.environ.get("LMKERN_CPU_ISA")
+    if cap in ISA_LEVELS:
+        assert ISA_LEVELS.index(isa) <= ISA_LEVELS.index(cap)
+        if cap != "avx512":
+            assert isa == cap or isa == "baseline"
+
+
+@pytest.mark.parametrize("cap", ["avx2", "baseline"])
+def test_narrower_cpu_kernels(cap):
+    """The linear-layer and dequantizer tests of this file again in a fresh process with the CPU
+    kernels capped at `cap` (LMKERN_CPU_ISA): the rest of the run takes the widest kernels this CPU
+    has, so the narrower ones (the AVX2 GEMV on an AVX-512 machine, the portable one on any) would
+    otherwise go untested here."""
+    if ISA_LEVELS.index(cap) >= ISA_LEVELS.index(lmkern.cpu_isa()):
+        pytest.skip(f"this CPU's widest level is {lmkern.cpu_isa()}: the main run covers {cap}")
+    env = {**os.environ, "LMKERN_CPU_ISA": cap}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
+                          "-k", "(linear or dequant or cpu_isa_reports) and not narrower"],
+                         env=env, capture_output=True, text=True, timeout=600, cwd=os.path.dirname(__file__))
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout and " failed" not in run.stdout
 
 
 def test_codebook_matches_formula():

@@ -17,7 +17,7 @@ from .ops.norm import crms_norm, crms_norm_, rms_norm, rms_norm_
 
 __all__ = [
     "rms_norm", "crms_norm", "rms_norm_", "crms_norm_", "nn", "convert", "models", "ncd", "quant",
-    "cuda_available", "cuda_status", "set_num_threads", "get_num_threads",
+    "cuda_available", "cuda_status", "cpu_isa", "set_num_threads", "get_num_threads",
 ]
 
 try:
@@ -38,6 +38,13 @@ def cuda_status() -> str | None:
 def cuda_available() -> bool:
     """Whether lmkern's CUDA path works here (kernels built in, driver loaded, a device present)."""
     return cuda_status() is None
+
+
+def cpu_isa() -> str:
+    """The instruction set lmkern's CPU kernels use: "baseline", "avx2" or "avx512" (where a kernel has
+    such a version), the widest this CPU has, capped by the environment variable LMKERN_CPU_ISA
+    (read once per process)."""
+    return _core.cpu_isa()
 
 
 def set_num_threads(threads: int) -> None:

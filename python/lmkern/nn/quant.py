@@ -17,9 +17,9 @@ def _refresh_after_load(module: "PowerQuantLinear", _incompatible_keys) -> None:
 class PowerQuantLinear(nn.Module):
     """``y = x @ Ŵᵀ + b`` with Ŵ the power-dequantized weight, computed without forming Ŵ: each
     output row's 2^bits-entry table times its group scales meets x directly (a fused lookup-table
-    dequantize-matmul; AVX2 for 4 bits). The backward gives dx = dy @ Ŵ through the same tables;
-    the weight (codes, scales, exponents) and the bias are frozen buffers, so ``state_dict`` carries
-    them and a fresh module built with the same configuration loads it.
+    dequantize-matmul; AVX-512 or AVX2 for 4 bits). The backward gives dx = dy @ Ŵ through the same
+    tables; the weight (codes, scales, exponents) and the bias are frozen buffers, so ``state_dict``
+    carries them and a fresh module built with the same configuration loads it.
 
     Buffers: ``codes`` uint8 [out, ceil(in·bits/8)], ``scales`` float32 [out, in/group_size],
     ``exponent`` float32 [out], ``bias`` float32 [out] (when bias=True), and, not saved in the state

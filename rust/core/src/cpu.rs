@@ -1,23 +1,77 @@
 //! Helpers shared by the CPU kernels: slices rebuilt from caller addresses, non-temporal copies
-//! for outputs too large to stay in cache, the AVX2 dispatch, and the element types kernels share.
+//! for outputs too large to stay in cache, the instruction-set dispatch (AVX2, AVX-512), and the
+//! element types kernels share.
 use half::{bf16, f16};
 
 /// Outputs at least this large (bytes) bypass the cache: a normal store first reads the line it
 /// writes (read-for-ownership), a third pass over memory that a streaming store avoids.
 pub const STREAM_BYTES: usize = 8 << 20;
 
-/// Whether this CPU runs the AVX2+FMA versions of the kernels. Checked once.
-pub fn has_avx2() -> bool {
+/// The instruction sets the CPU kernels use, in increasing order: each level includes the ones
+/// below it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Isa {
+    Baseline,
+    /// AVX2 and FMA.
+    Avx2,
+    /// AVX-512F on top of AVX2 and FMA (the 4-bit GEMV and dequantizer).
+    Avx512,
+}
+
+impl Isa {
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Baseline => "baseline",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+        }
+    }
+}
+
+/// The environment variable that caps [`isa`] ("baseline", "avx2" or "avx512"): to run or test the
+/// narrower kernels on a CPU that has wider ones.
+pub const ISA_ENV: &str = "LMKERN_CPU_ISA";
+
+/// The widest instruction set this CPU has, capped by [`ISA_ENV`] when set (an unknown value
+/// caps nothing). Decided once per process.
+pub fn isa() -> Isa {
+    use std::sync::OnceLock;
+    static ISA: OnceLock<Isa> = OnceLock::new();
+    *ISA.get_or_init(|| {
+        let cap = match std::env::var(ISA_ENV).as_deref() {
+            Ok("baseline") => Isa::Baseline,
+            Ok("avx2") => Isa::Avx2,
+            _ => Isa::Avx512,
+        };
+        detected().min(cap)
+    })
+}
+
+fn detected() -> Isa {
     #[cfg(target_arch = "x86_64")]
     {
-        use std::sync::OnceLock;
-        static AVX2: OnceLock<bool> = OnceLock::new();
-        *AVX2.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+        if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) {
+            return Isa::Baseline;
+        }
+        if is_x86_feature_detected!("avx512f") {
+            return Isa::Avx512;
+        }
+        Isa::Avx2
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        false
+        Isa::Baseline
     }
+}
+
+/// Whether this CPU runs the AVX2+FMA versions of the kernels.
+pub fn has_avx2() -> bool {
+    isa() >= Isa::Avx2
+}
+
+/// Whether this CPU runs the AVX-512 versions of the kernels (which exist for some only).
+pub fn has_avx512() -> bool {
+    isa() >= Isa::Avx512
 }
 
 /// Rebuild a slice from a caller-given address.

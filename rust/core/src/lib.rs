@@ -16,6 +16,12 @@ pub mod cuda;
 pub use error::{Error, ErrorKind, Result};
 pub use tensor::{DType, Device, Ptr};
 
+/// The instruction set the CPU kernels use here ("baseline", "avx2" or "avx512"): the widest the
+/// CPU has, capped by the environment variable LMKERN_CPU_ISA when set.
+pub fn cpu_isa() -> &'static str {
+    cpu::isa().name()
+}
+
 /// Whether the CUDA path can run here: `Ok(())`, or why not (built without CUDA, no driver, no device).
 pub fn cuda_status() -> std::result::Result<(), String> {
     #[cfg(feature = "cuda")]

@@ -38,6 +38,12 @@ fn cuda_status() -> Option<String> {
     lmkern_core::cuda_status().err()
 }
 
+/// The instruction set of the CPU kernels: "baseline", "avx2" or "avx512" (LMKERN_CPU_ISA caps it).
+#[pyfunction]
+fn cpu_isa() -> &'static str {
+    lmkern_core::cpu_isa()
+}
+
 #[pyfunction]
 fn set_num_threads(threads: usize) {
     lmkern_core::parallel::set_num_threads(threads)
@@ -51,6 +57,7 @@ fn get_num_threads() -> usize {
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cuda_status, m)?)?;
+    m.add_function(wrap_pyfunction!(cpu_isa, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     norm::register(m)?;

@@ -374,6 +374,7 @@ fn deq_rows_body<T: QElem>(d: &Deq, r0: usize, r1: usize)
                 let (codes, scales, table, out) =
                     (&cr[i * rb..(i + 1) * rb], &sr[i * ng..(i + 1) * ng], lut.as_ptr() as *const f32, orow.as_mut_ptr() as *mut f32);
                 match q.bits {
+                    4 if fast512_path(q) => deq_row_avx512(codes, scales, table, g, out, n),
                     4 => deq_row_avx2(codes, scales, table, g, out, n),
                     8 => deq_row_avx2_8bit(codes, scales, table, g, out, n),
                     2 => deq_row_avx2_small::<2>(codes, scales, table, g, out, n),
@@ -553,7 +554,8 @@ pub unsafe fn codebook(bits: u32, rows: usize, a: u64, out: u64) {
 struct Lin<'a> {
     l: &'a LinearArgs,
     /// x as float32 [tokens, k]; for the AVX2 4-bit path each 8-block is reordered to its 4 even
-    /// elements then its 4 odd elements (the order of [`decode32`]).
+    /// elements then its 4 odd elements (the order of [`decode32`]), for the AVX-512 one each
+    /// 32-block to its 16 even elements then its 16 odd ones ([`decode32_avx512`]).
     xf: Vec<f32>,
     codes: u64,
     scales: u64,
@@ -579,6 +581,11 @@ fn fast_path(q: &QuantArgs) -> bool {
     cfg!(target_arch = "x86_64") && q.bits == 4 && q.n.is_multiple_of(32) && q.group.is_multiple_of(32) && crate::cpu::has_avx2()
 }
 
+/// The AVX-512 4-bit GEMV and dequantizer apply: as [`fast_path`], on a CPU with AVX-512F.
+fn fast512_path(q: &QuantArgs) -> bool {
+    fast_path(q) && crate::cpu::has_avx512()
+}
+
 /// The AVX2 8-bit GEMV applies: 8-bit codes, the group size (so the row) a multiple of 16.
 fn fast8_path(q: &QuantArgs) -> bool {
     cfg!(target_arch = "x86_64") && q.bits == 8 && q.group.is_multiple_of(16) && crate::cpu::has_avx2()
@@ -593,11 +600,20 @@ unsafe fn linear_t<T: QElem>(l: &LinearArgs, x: u64, codes: u64, scales: u64, ta
 {
     let (k, nout, tokens) = (l.q.n, l.q.rows, l.tokens);
     let xin = slice::<T>(x, tokens * k);
-    let fast = fast_path(&l.q);
+    let fast512 = fast512_path(&l.q);
+    let fast = fast_path(&l.q) && !fast512;
     let fast8 = fast8_path(&l.q);
     let fast23 = fast23_path(&l.q);
     let mut xf = vec![0f32; tokens * k];
-    if fast {
+    if fast512 {
+        // The order in which decode32_avx512 produces them: each 32-block's even elements, then its odd ones.
+        for (dst, src) in xf.chunks_exact_mut(32).zip(xin.chunks_exact(32)) {
+            for i in 0..16 {
+                dst[i] = src[2 * i].load().to_f64() as f32;
+                dst[16 + i] = src[2 * i + 1].load().to_f64() as f32;
+            }
+        }
+    } else if fast {
         // The order in which decode32 produces the weights of 32 codes.
         for (dst, src) in xf.chunks_exact_mut(32).zip(xin.chunks_exact(32)) {
             for j in 0..4 {
@@ -629,7 +645,14 @@ unsafe fn linear_t<T: QElem>(l: &LinearArgs, x: u64, codes: u64, scales: u64, ta
             break;
         }
         let (o0, o1) = (ti * TILE, ((ti + 1) * TILE).min(nout));
-        if fast {
+        if fast512 {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: fast512_path checked AVX-512F, AVX2+FMA, 4 bits, k and the group size
+            // multiples of 32; x is in decode32_avx512's order.
+            unsafe {
+                linear_tiles_avx512::<T>(&lin, o0, o1)
+            }
+        } else if fast {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: fast_path checked AVX2+FMA, 4 bits, k and the group size multiples of 32.
             unsafe {
@@ -673,6 +696,25 @@ unsafe fn linear_tiles_avx2<T: QElem>(lin: &Lin, o0: usize, o1: usize) {
             r if r >= 4 => linear_tile_avx2_wide::<T, 4>(lin, o0, o1, t0),
             r if r >= 2 => linear_tile_avx2::<T, 2>(lin, o0, o1, t0),
             _ => linear_tile_avx2::<T, 1>(lin, o0, o1, t0),
+        };
+    }
+}
+
+/// Rows o0..o1 of the AVX-512 4-bit path, every token: tiles of 8 tokens, then 4, 2, 1.
+///
+/// # Safety
+/// As [`linear_tile_avx512`] (without t0).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn linear_tiles_avx512<T: QElem>(lin: &Lin, o0: usize, o1: usize) {
+    let tokens = lin.l.tokens;
+    let mut t0 = 0;
+    while t0 < tokens {
+        t0 += match tokens - t0 {
+            r if r >= 8 => linear_tile_avx512::<T, 8>(lin, o0, o1, t0),
+            r if r >= 4 => linear_tile_avx512::<T, 4>(lin, o0, o1, t0),
+            r if r >= 2 => linear_tile_avx512::<T, 2>(lin, o0, o1, t0),
+            _ => linear_tile_avx512::<T, 1>(lin, o0, o1, t0),
         };
     }
 }
@@ -1024,6 +1066,28 @@ unsafe fn write_row_sums<T: QElem>(lin: &Lin, o: usize, t0: usize, sums: &[std::
     }
 }
 
+/// [`deq_row_avx2`] with [`decode32_avx512`]: the even and odd fields interleaved back into
+/// column order by two two-source permutes.
+///
+/// # Safety
+/// AVX-512F, AVX2 and FMA; otherwise as [`deq_row_avx2`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn deq_row_avx512(codes: &[u8], scales: &[f32], table: *const f32, g: usize, out: *mut f32, n: usize) {
+    use std::arch::x86_64::*;
+    let tab = _mm512_loadu_ps(table);
+    let first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    let second = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    let mut off = 0;
+    while off < n {
+        let m = _mm512_set1_ps(*scales.get_unchecked(off / g));
+        let [ev, od] = decode32_avx512(tab, codes.as_ptr().add(off / 2));
+        _mm512_storeu_ps(out.add(off), _mm512_mul_ps(m, _mm512_permutex2var_ps(ev, first, od)));
+        _mm512_storeu_ps(out.add(off + 16), _mm512_mul_ps(m, _mm512_permutex2var_ps(ev, second, od)));
+        off += 32;
+    }
+}
+
 /// One row of the 4-bit dequantizer: `out[j] = scales[j / g] · table[field j]` (float32 product),
 /// 32 elements per [`decode32`], put back in column order ([`column_order`]).
 ///
@@ -1157,6 +1221,118 @@ unsafe fn linear_tile_avx2<T: QElem, const NT: usize>(lin: &Lin, o0: usize, o1: 
             }
         }
         write_row_sums::<T>(lin, o, t0, &[tot0, tot1][..NT]);
+    }
+    NT
+}
+
+/// The codebook entries of the 32 4-bit fields in the 16 bytes at `codes`: (even fields, odd
+/// fields), 16 float32 each. The row's 16-entry codebook is one register, so a lookup is one
+/// `vpermps` lane: the bytes zero-extended to 16 dwords index the low nibbles directly (vpermps
+/// reads 4 bits of an index), and shifted right by 4 the high ones. Four instructions per 32
+/// weights against [`decode32`]'s 12 shuffles.
+///
+/// # Safety
+/// AVX-512F; `codes` is valid for 16 bytes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+#[inline]
+unsafe fn decode32_avx512(table: std::arch::x86_64::__m512, codes: *const u8) -> [std::arch::x86_64::__m512; 2] {
+    use std::arch::x86_64::*;
+    let idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(codes as *const __m128i));
+    [_mm512_permutexvar_ps(idx, table), _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(idx), table)]
+}
+
+/// 4-bit codes with AVX-512, tokens t0 .. t0 + NT: per 32-weight block [`decode32_avx512`] and two
+/// FMAs per token (x in its order: [`linear_t`] puts each 32-block's even elements first), one
+/// chain per token for the even fields and one for the odd, and at one token two more (blocks
+/// alternate) so that four FMAs are in flight. As [`linear_tile_avx2_wide`], the tile's rows are
+/// walked a chunk of whole groups at a time so that NT tokens' activations stay in L1 (at one token
+/// a 4096-wide row is one chunk), every row's running sums kept in `tot`; per group each token's
+/// partial sum is scaled by m, and each row sums its groups in order. Returns NT.
+///
+/// # Safety
+/// AVX-512F, AVX2 and FMA; 4-bit codes; k and the group size multiples of 32; `lin` holds valid
+/// buffers as [`super::linear`] documents, x in [`decode32_avx512`]'s order; t0 + NT <= tokens;
+/// o1 - o0 <= TILE.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+#[allow(clippy::needless_range_loop)] // indexed loops over the accumulators keep them in registers
+unsafe fn linear_tile_avx512<T: QElem, const NT: usize>(lin: &Lin, o0: usize, o1: usize, t0: usize) -> usize {
+    use std::arch::x86_64::*;
+    let q = &lin.l.q;
+    let (k, rb, ng, g) = (q.n, q.row_bytes(), q.groups(), q.group);
+    let (codes, scales, table) = (lin.codes as *const u8, lin.scales as *const f32, lin.table as *const f32);
+    let blocks = g / 32;
+    let chunk_groups = (L1_ACTIVATION_FLOATS / NT / g).max(1);
+    let x0 = lin.xf.as_ptr().add(t0 * k);
+    let mut tot = [[_mm512_setzero_ps(); NT]; TILE];
+    let mut c0 = 0;
+    while c0 < ng {
+        let c1 = (c0 + chunk_groups).min(ng);
+        for o in o0..o1 {
+            let tab = _mm512_loadu_ps(table.add(16 * o));
+            let row = codes.add(o * rb);
+            // The same columns, scales and codebook two rows on (prefetches never fault: addresses
+            // past the buffers are harmless, hence the wrapping arithmetic).
+            let ahead = row.wrapping_add(2 * rb + c0 * g / 2);
+            let mut l = 0;
+            while l < (c1 - c0) * g / 2 {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(l) as *const i8);
+                l += 64;
+            }
+            let sp = scales.wrapping_add((o + 2) * ng + c0) as *const i8;
+            let mut l = 0;
+            while l < (c1 - c0) * 4 {
+                _mm_prefetch::<_MM_HINT_T0>(sp.wrapping_add(l));
+                l += 64;
+            }
+            _mm_prefetch::<_MM_HINT_T0>(table.wrapping_add((o + 2) * 16) as *const i8);
+            let tot_o = &mut tot[o - o0];
+            for gi in c0..c1 {
+                let mut a = [[_mm512_setzero_ps(); 2]; NT];
+                let mut e = [_mm512_setzero_ps(); 2]; // the second pair of chains at NT = 1
+                let mut b = 0;
+                if NT == 1 {
+                    while b + 2 <= blocks {
+                        let off = gi * g + b * 32;
+                        let [w0, w1] = decode32_avx512(tab, row.add(off / 2));
+                        let [w2, w3] = decode32_avx512(tab, row.add(off / 2 + 16));
+                        let xp = x0.add(off);
+                        a[0][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xp), a[0][0]);
+                        a[0][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xp.add(16)), a[0][1]);
+                        e[0] = _mm512_fmadd_ps(w2, _mm512_loadu_ps(xp.add(32)), e[0]);
+                        e[1] = _mm512_fmadd_ps(w3, _mm512_loadu_ps(xp.add(48)), e[1]);
+                        b += 2;
+                    }
+                }
+                while b < blocks {
+                    let off = gi * g + b * 32;
+                    let [w0, w1] = decode32_avx512(tab, row.add(off / 2));
+                    for t in 0..NT {
+                        let xp = x0.add(t * k + off);
+                        a[t][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xp), a[t][0]);
+                        a[t][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xp.add(16)), a[t][1]);
+                    }
+                    b += 1;
+                }
+                let m = _mm512_set1_ps(*scales.add(o * ng + gi));
+                for t in 0..NT {
+                    let mut s = _mm512_add_ps(a[t][0], a[t][1]);
+                    if NT == 1 {
+                        s = _mm512_add_ps(s, _mm512_add_ps(e[0], e[1]));
+                    }
+                    tot_o[t] = _mm512_fmadd_ps(s, m, tot_o[t]);
+                }
+            }
+        }
+        c0 = c1;
+    }
+    let b = |o: usize| if lin.bias != 0 { *(lin.bias as *const f32).add(o) } else { 0.0 };
+    for o in o0..o1 {
+        for t in 0..NT {
+            let v = _mm512_reduce_add_ps(tot[o - o0][t]) + b(o);
+            (lin.y as *mut T).add((t0 + t) * q.rows + o).write(T::store(T::Acc::from_f64(v as f64)));
+        }
     }
     NT
 }
