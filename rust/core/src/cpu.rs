@@ -14,7 +14,7 @@ pub enum Isa {
     Baseline,
     /// AVX2 and FMA.
     Avx2,
-    /// AVX-512F on top of AVX2 and FMA (the 4-bit GEMV and dequantizer).
+    /// AVX-512 F, BW, CD, DQ and VL on top of AVX2 and FMA (x86-64-v4).
     Avx512,
 }
 
@@ -53,7 +53,13 @@ fn detected() -> Isa {
         if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) {
             return Isa::Baseline;
         }
-        if is_x86_feature_detected!("avx512f") {
+        // x86-64-v4's set (Skylake-X, Zen 4 and later), so kernels may enable any of the five.
+        if is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512cd")
+            && is_x86_feature_detected!("avx512dq")
+            && is_x86_feature_detected!("avx512vl")
+        {
             return Isa::Avx512;
         }
         Isa::Avx2
@@ -69,7 +75,8 @@ pub fn has_avx2() -> bool {
     isa() >= Isa::Avx2
 }
 
-/// Whether this CPU runs the AVX-512 versions of the kernels (which exist for some only).
+/// Whether this CPU runs the AVX-512 versions of the kernels (which exist for some only): it has
+/// AVX-512 F, BW, CD, DQ and VL.
 pub fn has_avx512() -> bool {
     isa() >= Isa::Avx512
 }
