@@ -26,14 +26,15 @@ the kernels' launch path:
   - power_quant_linear_backward is dy @ Ŵ with Ŵ dequantized through the codebooks into dy's dtype
     and a cuBLAS matmul (torch), as the many-token forward does.
   - power_search_exponent runs on the CPU: w (and x) are copied to the host, the result back.
-On CPU, power_quant_linear runs the fused GEMV up to CPU_GEMV_MAX_TOKENS tokens, and
-power_quant_linear_backward its transposed twin up to CPU_BWD_GEMV_MAX_TOKENS (4-bit shapes of the
-AVX2 kernels); beyond, Ŵ is formed CPU_CHUNK_BYTES of rows at a time (float32, float64 for float64)
+On CPU, power_quant_linear runs the fused GEMV up to _core.quant_cpu_gemv_max_tokens tokens (1024
+where the AVX-512 4-bit kernel runs, else 48), and power_quant_linear_backward its transposed twin
+up to CPU_BWD_GEMV_MAX_TOKENS (4-bit shapes of the AVX2 kernels); beyond, Ŵ is formed CPU_CHUNK_BYTES of rows at a time (float32, float64 for float64)
 in a per-thread scratch and each chunk goes through torch's matmul: the dense weight is never
 formed whole.
 """
 from __future__ import annotations
 
+import functools
 import math
 import threading
 
@@ -44,9 +45,6 @@ from .._lib import DTYPE_CODES, LIB, check_cpu_or_cuda, check_floating, device_a
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 BITS = (2, 3, 4, 8)
-#: CPU: the GEMV decodes each row once per 8 tokens; past ~48 tokens that decoding costs more
-#: than forming Ŵ a chunk at a time for torch's matmul (BENCHMARKS.md, "many tokens").
-CPU_GEMV_MAX_TOKENS = 48
 #: CPU input gradient: the fused transposed GEMV (4-bit, in_features and group multiples of 32:
 #: its AVX2 form) up to this many tokens, Ŵ in chunks beyond and for other shapes.
 CPU_BWD_GEMV_MAX_TOKENS = 24
@@ -420,9 +418,16 @@ def _cpu_ready(x, codes, scales, table, bias, bits, group_size, in_features) -> 
     )
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_gemv_max_tokens(bits: int, in_features: int, group_size: int) -> int:
+    """CPU: the most tokens the fused GEMV takes (lmkern-core's rule: the kernel's instruction set
+    is fixed for the process); beyond, Ŵ in chunks for torch's matmul."""
+    return _core.quant_cpu_gemv_max_tokens(bits, in_features, group_size)
+
+
 def _linear(x, codes, scales, table, bias, bits, group_size, in_features):
     if (_cpu_ready(x, codes, scales, table, bias, bits, group_size, in_features)
-            and x.numel() <= CPU_GEMV_MAX_TOKENS * in_features):
+            and x.numel() <= cpu_gemv_max_tokens(bits, in_features, group_size) * in_features):
         out_features = codes.shape[0]
         y = x.new_empty((*x.shape[:-1], out_features))
         _core.quant_linear(DTYPE_CODES[x.dtype], -1, 0, bits, out_features, in_features, group_size,
@@ -435,7 +440,7 @@ def _linear(x, codes, scales, table, bias, bits, group_size, in_features):
     if x.is_cuda:
         max_tokens = _core.quant_cuda_gemv_max_tokens(DTYPE_CODES[x.dtype], bits, in_features, group_size)
     else:
-        max_tokens = CPU_GEMV_MAX_TOKENS
+        max_tokens = cpu_gemv_max_tokens(bits, in_features, group_size)
     if tokens > max_tokens and out_features > 0:
         y = _linear_many_tokens(x2, codes, scales, table, bias, bits, group_size, in_features)
         return y.reshape(*x.shape[:-1], out_features)

@@ -591,9 +591,15 @@ fn fast_path(q: &QuantArgs) -> bool {
     cfg!(target_arch = "x86_64") && q.bits == 4 && q.n.is_multiple_of(32) && q.group.is_multiple_of(32) && crate::cpu::has_avx2()
 }
 
-/// The AVX-512 4-bit GEMV and dequantizer apply: as [`fast_path`], on a CPU with AVX-512F.
+/// The AVX-512 4-bit GEMV and dequantizer apply: as [`fast_path`], on a CPU with AVX-512.
 fn fast512_path(q: &QuantArgs) -> bool {
-    fast_path(q) && crate::cpu::has_avx512()
+    avx512_shape(q.bits, q.n, q.group)
+}
+
+/// [`fast512_path`] for a shape: 4 bits, `n` and the group size multiples of 32, and this CPU runs
+/// the AVX-512 kernels.
+pub fn avx512_shape(bits: u32, n: usize, group: usize) -> bool {
+    cfg!(target_arch = "x86_64") && bits == 4 && n.is_multiple_of(32) && group.is_multiple_of(32) && crate::cpu::has_avx512()
 }
 
 /// The AVX2 8-bit GEMV applies: 8-bit codes, the group size (so the row) a multiple of 16.

@@ -458,11 +458,31 @@ pub fn cuda_gemv_max_tokens(dtype: DType, bits: u32, n: usize, group: usize) -> 
 pub const CUDA_GEMV_MAX_TOKENS: usize = 8;
 pub const CUDA_MMA_GEMV_MAX_TOKENS: usize = 32;
 
+/// The most tokens for which [`linear`] on the CPU is worth calling rather than forming Ŵ a chunk
+/// of rows at a time for torch's matmul (lmkern.ops.quant picks the path). The AVX-512 4-bit GEMV
+/// (4 bits, `n` and the group size multiples of 32, a CPU with AVX-512) runs at the FMA units' rate
+/// and won up to 1024 tokens at 4096² on an AVX-512 EPYC (130 ms against 172 at 1024, 57 against 96
+/// at 512; lost at 2048, 447 against 334, once the activations outgrow the L3:
+/// benches/results/2026-11-27-cpu-quant-many-tokens-avx512.txt); the others stop at 48 (the AVX2
+/// GEMV against the chunks on a Zen 3 VM: benches/results/2026-11-26-cpu-quant-many-tokens.txt).
+pub fn cpu_gemv_max_tokens(bits: u32, n: usize, group: usize) -> usize {
+    if cpu::avx512_shape(bits, n, group) {
+        CPU_AVX512_GEMV_MAX_TOKENS
+    } else {
+        CPU_GEMV_MAX_TOKENS
+    }
+}
+
+/// See [`cpu_gemv_max_tokens`].
+pub const CPU_GEMV_MAX_TOKENS: usize = 48;
+pub const CPU_AVX512_GEMV_MAX_TOKENS: usize = 1024;
+
 /// `y = x @ Ŵᵀ + bias` with x `[tokens, in]` and y `[tokens, out]` of `dtype`, bias float32 [out]
 /// (0: none), `table` the rows' codebooks (float32 [out, 2^b], see [`codebook`]). Ŵ is never formed:
-/// each row's codebook times its group scales meets x directly (AVX2 for 4 bits with in and the
-/// group size multiples of 32: per 32 weights four `vpshufb` over the codebook's byte planes and
-/// unpacks to float32, FMA into float32 accumulators, up to 8 tokens per decoded block; AVX2 for 8
+/// each row's codebook times its group scales meets x directly (4 bits with in and the group size
+/// multiples of 32: with AVX-512 per 32 weights two `vpermps` over the codebook in one register,
+/// with AVX2 four `vpshufb` over its byte planes and unpacks to float32; FMA into float32
+/// accumulators, up to 8 tokens per decoded block; AVX2 for 8
 /// bits with the group size a multiple of 16: one gather per 8 codes; AVX2 for 2 and 3 bits with
 /// the group size a multiple of 8: shifts and one `vpermps` per 8 codes; a scalar table path
 /// otherwise). On CUDA
