@@ -28,9 +28,9 @@ the kernels' launch path:
   - power_search_exponent runs on the CPU: w (and x) are copied to the host, the result back.
 On CPU, power_quant_linear runs the fused GEMV up to _core.quant_cpu_gemv_max_tokens tokens (1024
 where the AVX-512 4-bit kernel runs, else 48), and power_quant_linear_backward its transposed twin
-up to CPU_BWD_GEMV_MAX_TOKENS (4-bit shapes of the AVX2 kernels); beyond, Ŵ is formed CPU_CHUNK_BYTES of rows at a time (float32, float64 for float64)
-in a per-thread scratch and each chunk goes through torch's matmul: the dense weight is never
-formed whole.
+up to CPU_BWD_GEMV_MAX_TOKENS (4-bit shapes of the AVX2 kernels); beyond, Ŵ is formed
+CPU_CHUNK_BYTES of rows at a time (float32, float64 for float64) in a per-thread scratch and each
+chunk goes through torch's matmul: the dense weight is never formed whole.
 """
 from __future__ import annotations
 
