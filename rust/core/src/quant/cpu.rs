@@ -1343,10 +1343,10 @@ unsafe fn linear_tile_avx512<T: QElem, const NT: usize>(lin: &Lin, o0: usize, o1
         }
         c0 = c1;
     }
-    let b = |o: usize| if lin.bias != 0 { *(lin.bias as *const f32).add(o) } else { 0.0 };
+    let bias_of = |o: usize| if lin.bias != 0 { *(lin.bias as *const f32).add(o) } else { 0.0 };
     for o in o0..o1 {
         for t in 0..NT {
-            let v = _mm512_reduce_add_ps(tot[o - o0][t]) + b(o);
+            let v = _mm512_reduce_add_ps(tot[o - o0][t]) + bias_of(o);
             (lin.y as *mut T).add((t0 + t) * q.rows + o).write(T::store(T::Acc::from_f64(v as f64)));
         }
     }
