@@ -554,8 +554,8 @@ def test_power_quant_linear_fast_path_edges(in_f, g, out_f, tokens):
 @pytest.mark.parametrize("dtype", [F32, BF16, F64])
 @pytest.mark.parametrize("in_f, g, out_f, bits", [(256, 64, 37, 4), (96, 32, 10, 3), (40, 8, 9, 8)])
 def test_power_quant_linear_many_tokens_in_chunks(monkeypatch, dtype, in_f, g, out_f, bits):
-    """Past cpu_gemv_max_tokens tokens (the backward: CPU_BWD_GEMV_MAX_TOKENS, or any count for
-    shapes without an AVX2 kernel) Ŵ is formed a chunk of rows at a time: with chunks of 4 rows (a
+    """Past cpu_gemv_max_tokens tokens (the backward: cpu_bwd_gemv_max_tokens, 0 for shapes
+    without its SIMD kernels) Ŵ is formed a chunk of rows at a time: with chunks of 4 rows (a
     short last one), y and dx match the float64 reference on both sides of each threshold, and the
     forward agrees with the GEMV."""
     from lmkern.ops import quant as quant_ops
@@ -566,7 +566,7 @@ def test_power_quant_linear_many_tokens_in_chunks(monkeypatch, dtype, in_f, g, o
     mod = PowerQuantLinear.from_linear(lin, bits, g, a)
     w_hat = mod.dequantized_weight().to(F64)
     tol = 1e-5 if dtype == F64 else TOL[dtype]
-    limit, bwd_limit = quant_ops.cpu_gemv_max_tokens(bits, in_f, g), quant_ops.CPU_BWD_GEMV_MAX_TOKENS
+    limit, bwd_limit = quant_ops.cpu_gemv_max_tokens(bits, in_f, g), quant_ops.cpu_bwd_gemv_max_tokens(bits, in_f, g)
     for tokens in sorted({bwd_limit, bwd_limit + 1, limit, limit + 1, 300}):
         x = randn((tokens, in_f), dtype, tokens).requires_grad_(True)
         y = mod(x)
@@ -596,7 +596,7 @@ def test_power_quant_linear_nan_codebook_row_propagates_on_every_path(bits, in_f
     mod = PowerQuantLinear.from_linear(_linear(in_f, 12, False, bits), bits, g, a=0.7)
     table = mod.codebook.clone()
     table[5] = math.nan
-    for tokens in (2, quant_ops.CPU_BWD_GEMV_MAX_TOKENS + 1, quant_ops.cpu_gemv_max_tokens(bits, in_f, g) + 1):
+    for tokens in (2, quant_ops.cpu_bwd_gemv_max_tokens(bits, in_f, g) + 1, quant_ops.cpu_gemv_max_tokens(bits, in_f, g) + 1):
         x = randn((tokens, in_f), F32, tokens)
         y = quant_ops.quant_linear(x, mod.codes, mod.scales, table, None, bits, g, in_f)
         assert y[:, 5].isnan().all() and not y[:, [0, 1, 2, 3, 4, 6, 7, 8, 9, 10, 11]].isnan().any(), tokens
@@ -653,7 +653,7 @@ def test_power_quant_linear_eager_path_matches_op(monkeypatch):
 def test_cpu_gemv_token_limit_follows_the_avx512_shape():
     """power_quant_linear on CPU: the fused GEMV up to 1024 tokens where the AVX-512 4-bit kernel
     runs (4 bits, in_features and the group size multiples of 32, an AVX-512 CPU), up to 48
-    elsewhere (the rule lives in lmkern-core)."""
+    elsewhere; its backward likewise (the rules live in lmkern-core)."""
     from lmkern.ops import quant as quant_ops
 
     limit = _core.quant_cpu_gemv_max_tokens
@@ -663,6 +663,11 @@ def test_cpu_gemv_token_limit_follows_the_avx512_shape():
     assert limit(4, 4112, 16) == 48 and limit(4, 48, 16) == 48
     assert limit(3, 4096, 128) == 48 and limit(8, 4096, 128) == 48 and limit(2, 4096, 128) == 48
     assert quant_ops.cpu_gemv_max_tokens(4, 4096, 128) == wide
+    # The input gradient's transposed GEMV: 256 with AVX-512, 24 otherwise, 0 for other shapes.
+    bwd = _core.quant_cpu_bwd_gemv_max_tokens
+    assert bwd(4, 4096, 128) == (256 if wide == 1024 else 24) and bwd(4, 4096, 32) == bwd(4, 4096, 128)
+    assert bwd(4, 4112, 16) == 0 and bwd(3, 4096, 128) == 0 and bwd(8, 4096, 128) == 0
+    assert quant_ops.cpu_bwd_gemv_max_tokens(4, 4096, 128) == bwd(4, 4096, 128)
 
 
 def test_cuda_gemv_token_limit_follows_the_tensor_core_shape():

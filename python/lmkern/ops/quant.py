@@ -28,8 +28,8 @@ the kernels' launch path:
   - power_search_exponent runs on the CPU: w (and x) are copied to the host, the result back.
 On CPU, power_quant_linear runs the fused GEMV up to _core.quant_cpu_gemv_max_tokens tokens (1024
 where the AVX-512 4-bit kernel runs, else 48), and power_quant_linear_backward its transposed twin
-up to CPU_BWD_GEMV_MAX_TOKENS (4-bit shapes of the AVX2 kernels); beyond, Ŵ is formed
-CPU_CHUNK_BYTES of rows at a time (float32, float64 for float64) in a per-thread scratch and each
+up to _core.quant_cpu_bwd_gemv_max_tokens (256 with AVX-512, else 24; 4-bit shapes of the SIMD
+kernels only); beyond, Ŵ is formed CPU_CHUNK_BYTES of rows at a time (float32, float64 for float64) in a per-thread scratch and each
 chunk goes through torch's matmul: the dense weight is never formed whole.
 """
 from __future__ import annotations
@@ -45,9 +45,6 @@ from .._lib import DTYPE_CODES, LIB, check_cpu_or_cuda, check_floating, device_a
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 BITS = (2, 3, 4, 8)
-#: CPU input gradient: the fused transposed GEMV (4-bit, in_features and group multiples of 32:
-#: its AVX2 form) up to this many tokens, Ŵ in chunks beyond and for other shapes.
-CPU_BWD_GEMV_MAX_TOKENS = 24
 #: The CPU many-token paths form Ŵ this many bytes of rows at a time, in a buffer kept per thread
 #: and dtype (held for the thread's life): a fresh buffer of a whole weight costs more in first-touch
 #: page faults than the dequantization.
@@ -425,6 +422,13 @@ def cpu_gemv_max_tokens(bits: int, in_features: int, group_size: int) -> int:
     return _core.quant_cpu_gemv_max_tokens(bits, in_features, group_size)
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_bwd_gemv_max_tokens(bits: int, in_features: int, group_size: int) -> int:
+    """CPU: the most tokens the fused transposed GEMV of the input gradient takes (0 for shapes
+    without its SIMD kernels); beyond, Ŵ in chunks for torch's matmul."""
+    return _core.quant_cpu_bwd_gemv_max_tokens(bits, in_features, group_size)
+
+
 def _linear(x, codes, scales, table, bias, bits, group_size, in_features):
     if (_cpu_ready(x, codes, scales, table, bias, bits, group_size, in_features)
             and x.numel() <= cpu_gemv_max_tokens(bits, in_features, group_size) * in_features):
@@ -490,7 +494,7 @@ def _linear_bwd(dy, codes, scales, table, bits, group_size, in_features):
     if dy.is_cuda:
         # dy @ Ŵ by cuBLAS, Ŵ in dy's dtype (as the many-token forward forms it).
         dx = dy2 @ _dequantize_codebooks(codes, scales, table, bits, group_size, in_features, dy.dtype)
-    elif dy2.shape[0] <= CPU_BWD_GEMV_MAX_TOKENS and bits == 4 and group_size % 32 == 0 and in_features % 32 == 0:
+    elif dy2.shape[0] <= cpu_bwd_gemv_max_tokens(bits, in_features, group_size):
         dy2 = dy2.contiguous()
         dx = torch.empty((dy2.shape[0], in_features), dtype=dy.dtype)
         codes, scales, table = codes.contiguous(), scales.contiguous(), table.contiguous()

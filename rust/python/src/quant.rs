@@ -24,6 +24,12 @@ fn quant_cpu_gemv_max_tokens(bits: u32, n: usize, group: usize) -> usize {
     quant::cpu_gemv_max_tokens(bits, n, group)
 }
 
+/// See lmkern_core::quant::cpu_bwd_gemv_max_tokens.
+#[pyfunction]
+fn quant_cpu_bwd_gemv_max_tokens(bits: u32, n: usize, group: usize) -> usize {
+    quant::cpu_bwd_gemv_max_tokens(bits, n, group)
+}
+
 /// See lmkern_core::quant::quantize.
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
@@ -133,6 +139,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(quant_row_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(quant_cuda_gemv_max_tokens, m)?)?;
     m.add_function(wrap_pyfunction!(quant_cpu_gemv_max_tokens, m)?)?;
+    m.add_function(wrap_pyfunction!(quant_cpu_bwd_gemv_max_tokens, m)?)?;
     m.add_function(wrap_pyfunction!(quant_quantize, m)?)?;
     m.add_function(wrap_pyfunction!(quant_dequantize, m)?)?;
     m.add_function(wrap_pyfunction!(quant_dequantize_codebooks, m)?)?;

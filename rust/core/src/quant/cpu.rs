@@ -1470,10 +1470,15 @@ fn linear_bwd_cols_body<T: QElem>(lb: &LinBwd, c0: usize, c1: usize)
     let mut acc = vec![0f32; tokens * w_cols];
     if fast_path(q) {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: fast_path checked AVX2+FMA, 4 bits, k and g multiples of 32, so c0 (a multiple
-        // of BWD_COLS) and c1 (that or k) are multiples of 32; acc is tokens × w_cols.
+        // SAFETY: fast_path checked AVX2+FMA (fast512_path AVX-512 too), 4 bits, k and g multiples
+        // of 32, so c0 (a multiple of BWD_COLS) and c1 (that or k) are multiples of 32; acc is
+        // tokens × w_cols.
         unsafe {
-            linear_bwd_cols_avx2(lb, c0, c1, &mut acc)
+            if fast512_path(q) {
+                linear_bwd_cols_avx512(lb, c0, c1, &mut acc)
+            } else {
+                linear_bwd_cols_avx2(lb, c0, c1, &mut acc)
+            }
         };
     } else {
         linear_bwd_cols_generic(lb, c0, c1, &mut acc);
@@ -1569,6 +1574,90 @@ unsafe fn linear_bwd_cols_avx2(lb: &LinBwd, c0: usize, c1: usize, acc: &mut [f32
     while i < tokens * w_cols {
         _mm256_storeu_ps(ap.add(i), column_order(_mm256_loadu_ps(ap.add(i))));
         i += 8;
+    }
+}
+
+/// [`linear_bwd_cols_avx2`] with AVX-512, rows four at a time: per 32 columns the four rows'
+/// weights Ŵ = m·table[field] ([`decode32_avx512`] times the group scale: the float32 weight the
+/// many-token path forms), then per token one load and one store of its 32 sums around four FMAs
+/// (the AVX2 kernel loads and stores them for every row: its bound). Each sum still adds the rows
+/// in order. Sums in decode32_avx512's order, put back in column order at the end.
+///
+/// # Safety
+/// AVX-512F, AVX2 and FMA; otherwise as [`linear_bwd_cols_avx2`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn linear_bwd_cols_avx512(lb: &LinBwd, c0: usize, c1: usize, acc: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let nout = lb.l.q.rows;
+    let mut o = 0;
+    while o + 4 <= nout {
+        bwd_rows_avx512::<4>(lb, o, c0, c1, acc.as_mut_ptr());
+        o += 4;
+    }
+    while o < nout {
+        bwd_rows_avx512::<1>(lb, o, c0, c1, acc.as_mut_ptr());
+        o += 1;
+    }
+    let first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    let second = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    let ap = acc.as_mut_ptr();
+    let mut i = 0;
+    while i < acc.len() {
+        let (ev, od) = (_mm512_loadu_ps(ap.add(i)), _mm512_loadu_ps(ap.add(i + 16)));
+        _mm512_storeu_ps(ap.add(i), _mm512_permutex2var_ps(ev, first, od));
+        _mm512_storeu_ps(ap.add(i + 16), _mm512_permutex2var_ps(ev, second, od));
+        i += 32;
+    }
+}
+
+/// Rows o0 .. o0 + R of [`linear_bwd_cols_avx512`] into `ap` (tokens × (c1 − c0) sums).
+///
+/// # Safety
+/// As [`linear_bwd_cols_avx512`]; o0 + R <= rows.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+#[allow(clippy::needless_range_loop)] // indexed loops over the rows keep their weights in registers
+unsafe fn bwd_rows_avx512<const R: usize>(lb: &LinBwd, o0: usize, c0: usize, c1: usize, ap: *mut f32) {
+    use std::arch::x86_64::*;
+    let q = &lb.l.q;
+    let (nout, rb, ng, g, tokens) = (q.rows, q.row_bytes(), q.groups(), q.group, lb.l.tokens);
+    let (codes, scales, table) = (lb.codes as *const u8, lb.scales as *const f32, lb.table as *const f32);
+    let w_cols = c1 - c0;
+    // The same columns of the next group of rows (prefetches never fault: wrapping arithmetic).
+    for r in 0..R {
+        let ahead = codes.wrapping_add((o0 + R + r) * rb + c0 / 2);
+        let mut l = 0;
+        while l < w_cols / 2 {
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(l) as *const i8);
+            l += 64;
+        }
+    }
+    let mut tabs = [_mm512_setzero_ps(); R];
+    for r in 0..R {
+        tabs[r] = _mm512_loadu_ps(table.add(16 * (o0 + r)));
+    }
+    let dy = lb.dyf.as_ptr().add(o0);
+    let mut c = c0;
+    while c < c1 {
+        let mut w = [[_mm512_setzero_ps(); 2]; R];
+        for r in 0..R {
+            let m = _mm512_set1_ps(*scales.add((o0 + r) * ng + c / g));
+            let [ev, od] = decode32_avx512(tabs[r], codes.add((o0 + r) * rb + c / 2));
+            w[r] = [_mm512_mul_ps(m, ev), _mm512_mul_ps(m, od)];
+        }
+        for t in 0..tokens {
+            let a = ap.add(t * w_cols + (c - c0));
+            let (mut lo, mut hi) = (_mm512_loadu_ps(a), _mm512_loadu_ps(a.add(16)));
+            for r in 0..R {
+                let d = _mm512_set1_ps(*dy.add(t * nout + r));
+                lo = _mm512_fmadd_ps(d, w[r][0], lo);
+                hi = _mm512_fmadd_ps(d, w[r][1], hi);
+            }
+            _mm512_storeu_ps(a, lo);
+            _mm512_storeu_ps(a.add(16), hi);
+        }
+        c += 32;
     }
 }
 
