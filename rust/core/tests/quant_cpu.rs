@@ -66,8 +66,10 @@ fn linear_matches_dense_dequantized_matmul_on_both_paths() {
     // 2 and 3 bits with g a multiple of 8: the AVX2 2-/3-bit GEMV; n = 48, g = 16 at 4 bits, 8 bits
     // with g = 8 and 3 bits with g = 12: the generic paths.
     let cases = [(256usize, 128usize, 4u32), (544, 32, 4), (96, 16, 8), (64, 32, 3), (80, 8, 2), (48, 16, 4), (40, 8, 8), (36, 12, 3)];
-    for (n_in, g, bits) in cases {
-        let (n_out, tokens) = (19usize, 3usize);
+    // 3 and 5 tokens: the GEMV's tiles of 2 + 1 and 4 + 1; the transposed GEMV's AVX2 form takes
+    // rows one at a time below 4 tokens, two at a time from 4 (19 rows: a short last group).
+    for (n_in, g, bits, tokens) in cases.iter().flat_map(|&(n, g, b)| [(n, g, b, 3usize), (n, g, b, 5)]) {
+        let n_out = 19usize;
         let w: Vec<f32> = (0..n_out * n_in).map(|_| rng.next() as f32).collect();
         let x: Vec<f32> = (0..tokens * n_in).map(|_| rng.next() as f32).collect();
         let bias: Vec<f32> = (0..n_out).map(|_| rng.next() as f32).collect();
