@@ -32,13 +32,13 @@ impl Isa {
 /// narrower kernels on a CPU that has wider ones.
 pub const ISA_ENV: &str = "LMKERN_CPU_ISA";
 
-/// The widest instruction set this CPU has, capped by [`ISA_ENV`] when set (an unknown value
-/// caps nothing). Decided once per process.
+/// The widest instruction set this CPU has, capped by [`ISA_ENV`] when set (in any case; an
+/// unknown value caps nothing). Decided once per process.
 pub fn isa() -> Isa {
     use std::sync::OnceLock;
     static ISA: OnceLock<Isa> = OnceLock::new();
     *ISA.get_or_init(|| {
-        let cap = match std::env::var(ISA_ENV).as_deref() {
+        let cap = match std::env::var(ISA_ENV).map(|v| v.trim().to_ascii_lowercase()).as_deref() {
             Ok("baseline") => Isa::Baseline,
             Ok("avx2") => Isa::Avx2,
             _ => Isa::Avx512,
