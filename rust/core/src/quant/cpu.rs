@@ -1529,12 +1529,13 @@ fn linear_bwd_cols_generic(lb: &LinBwd, c0: usize, c1: usize, acc: &mut [f32]) {
     }
 }
 
-/// [`linear_bwd_cols_generic`] for 4-bit codes with AVX2, rows two at a time: per 32 columns the
-/// two rows' weights Ŵ = m·table[field] ([`decode32`] times the group scale: the float32 weight the
-/// many-token path forms), then per token one load and one store of its 32 sums around two FMAs
-/// per vector (loading and storing them for every row was this kernel's bound: 2.2x slower at 8
-/// tokens); each sum still adds the rows in order. Sums in decode32's element order, put back in
-/// column order at the end.
+/// [`linear_bwd_cols_generic`] for 4-bit codes with AVX2, rows two at a time from 4 tokens: per 32
+/// columns the two rows' weights Ŵ = m·table[field] ([`decode32`] times the group scale: the
+/// float32 weight the many-token path forms), then per token one load and one store of its 32 sums
+/// around two FMAs per vector (loading and storing them for every row was this kernel's bound: 1.6x
+/// slower at 8 tokens); each sum still adds the rows in order. Below 4 tokens two rows' byte
+/// planes, weights and sums spill, so rows go one at a time, as (dy·m)·table[field]. Sums in
+/// decode32's element order, put back in column order at the end.
 ///
 /// # Safety
 /// AVX2 and FMA; 4-bit codes; c0, c1 and the group size multiples of 32; `lb` valid as
@@ -1588,19 +1589,26 @@ unsafe fn bwd_rows_avx2<const R: usize>(lb: &LinBwd, o0: usize, c0: usize, c1: u
     let dy = lb.dyf.as_ptr().add(o0);
     let mut c = c0;
     while c < c1 {
+        // One row: its table entries, the scale going into each token's coefficient (dy·m) instead
+        // (cheaper when few tokens share the block).
         let mut w = [[_mm256_setzero_ps(); 4]; R];
+        let mut ms = [1f32; R];
         for r in 0..R {
-            let m = _mm256_set1_ps(*scales.add((o0 + r) * ng + c / g));
+            let m = *scales.add((o0 + r) * ng + c / g);
             let d = decode32(&planes[r], codes.add((o0 + r) * rb + c / 2));
-            for j in 0..4 {
-                w[r][j] = _mm256_mul_ps(m, d[j]);
+            if R == 1 {
+                (w[r], ms[r]) = (d, m);
+            } else {
+                for j in 0..4 {
+                    w[r][j] = _mm256_mul_ps(_mm256_set1_ps(m), d[j]);
+                }
             }
         }
         for t in 0..tokens {
             let a = ap.add(t * w_cols + (c - c0));
             let mut s = [_mm256_loadu_ps(a), _mm256_loadu_ps(a.add(8)), _mm256_loadu_ps(a.add(16)), _mm256_loadu_ps(a.add(24))];
             for r in 0..R {
-                let d = _mm256_set1_ps(*dy.add(t * nout + r));
+                let d = _mm256_set1_ps(*dy.add(t * nout + r) * ms[r]);
                 for j in 0..4 {
                     s[j] = _mm256_fmadd_ps(d, w[r][j], s[j]);
                 }
