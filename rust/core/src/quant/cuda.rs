@@ -275,6 +275,15 @@ const TILE_VARIANTS: [Variant; 13] = [
     bulk_variant(50, 1),
 ];
 
+/// Tuning variants that replace the default tiled kernel wherever they fit, the first that fits
+/// first (they are compiled for bf16 activations only, so only bf16 calls take them). Empty: none
+/// has been measured faster yet. A GPU session that measures one faster puts its number here (for
+/// example `&[48, 43]`: the bulk-copy kernel where it fits, else TILE_UNIFORM with the
+/// shared-memory sums); `LMKERN_CUDA_QUANT_TUNE=variant=0` then times the plain kernel. The
+/// tuned-launch test (tests/test_quant_cuda.py, TUNED_SCRIPT's `want`) expects the plain kernel's
+/// name where no variant is asked for: it must learn the default too.
+const DEFAULT_VARIANTS: &[usize] = &[];
+
 /// Whether the tiled linear is launched with programmatic dependent launch on sm_90+
 /// ([`cuda::launch_struct_pdl`]) when LMKERN_CUDA_QUANT_TUNE does not say: at 1 token, and at 2
 /// where a row is at most one pass of the block's slices (n ≤ 256·CPL). With PDL a block prefetches
@@ -298,7 +307,8 @@ fn mma_pdl_by_default(q: &QuantArgs) -> bool {
 }
 
 /// Tuning switches from LMKERN_CUDA_QUANT_TUNE (comma-separated, read once per process):
-/// `variant=<k>` (a [`TILE_VARIANTS`] entry for the linear), `pdl=1` / `pdl=0` (with
+/// `variant=<k>` (a [`TILE_VARIANTS`] entry for the linear; `variant=0`: none, not even one of
+/// [`DEFAULT_VARIANTS`]), `pdl=1` / `pdl=0` (with
 /// programmatic dependent launch or not, overriding [`pdl_by_default`]), `blocks_per_sm=<b>`
 /// (the tiled linear's grid at most b blocks per multiprocessor; each block then takes several row
 /// tiles, leaving room on every SM for the next kernel's blocks), `mma=1` (the tensor-core
@@ -306,6 +316,8 @@ fn mma_pdl_by_default(q: &QuantArgs) -> bool {
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 struct Tune {
     variant: Option<Variant>,
+    /// `variant=0`: the plain tiled kernel even where a default variant fits.
+    plain: bool,
     pdl: Option<bool>,
     blocks_per_sm: Option<usize>,
     mma: Option<bool>,
@@ -316,6 +328,7 @@ impl Tune {
         let mut t = Tune::default();
         for item in text.split(',') {
             match item.split_once('=').map(|(k, v)| (k.trim(), v.trim())) {
+                Some(("variant", "0")) => t.plain = true,
                 Some(("variant", v)) => {
                     t.variant = v.parse::<usize>().ok().and_then(|k| TILE_VARIANTS.iter().copied().find(|e| e.k == k))
                 }
@@ -336,16 +349,20 @@ impl Tune {
     }
 }
 
-/// The tuning variant that replaces the default tiled kernel for this call, if one is asked for
-/// and fits (bf16, 4 bits, its token tile, its slice width; a bulk-copy one on sm_90+ only, where
-/// [`bulk_fits`]).
+/// The tuning variant that replaces the default tiled kernel for this call: the one asked for if
+/// it fits, else (none asked for, nor `variant=0`) the first of `defaults` ([`DEFAULT_VARIANTS`])
+/// that fits. Fitting: bf16, 4 bits, its token tile, its slice width; a bulk-copy one on sm_90+
+/// only, where [`bulk_fits`].
 #[allow(clippy::too_many_arguments)]
 fn variant_for(
-    tune: &Tune, dtype: DType, l: &LinearArgs, x: Ptr, codes: Ptr, scales: Ptr, table: Ptr, sm90: bool,
+    tune: &Tune, defaults: &[usize], dtype: DType, l: &LinearArgs, x: Ptr, codes: Ptr, scales: Ptr, table: Ptr, sm90: bool,
 ) -> Option<Variant> {
-    tune.variant.filter(|v| {
-        variant_fits(v, dtype, l, x, codes) && (!v.bulk || (sm90 && bulk_fits(v, &l.q, codes, scales, table)))
-    })
+    let fits = |v: &Variant| variant_fits(v, dtype, l, x, codes) && (!v.bulk || (sm90 && bulk_fits(v, &l.q, codes, scales, table)));
+    match tune.variant {
+        Some(v) => Some(v).filter(fits),
+        None if tune.plain => None,
+        None => defaults.iter().filter_map(|&k| TILE_VARIANTS.iter().find(|v| v.k == k)).copied().find(fits),
+    }
 }
 
 fn variant_fits(v: &Variant, dtype: DType, l: &LinearArgs, x: Ptr, codes: Ptr) -> bool {
@@ -513,8 +530,8 @@ pub unsafe fn linear(
     let tune = Tune::get();
     let kernel = linear_kernel(&tune, dtype, q, l.tokens, x, codes);
     let mut plan = plan_linear(dtype, l, kernel)?;
-    let tuned = if kernel == LinearKernel::Tiled && tune.variant.is_some() {
-        variant_for(&tune, dtype, l, x, codes, scales, table, cuda::supports_pdl(ordinal)?)
+    let tuned = if kernel == LinearKernel::Tiled && (tune.variant.is_some() || !DEFAULT_VARIANTS.is_empty()) {
+        variant_for(&tune, DEFAULT_VARIANTS, dtype, l, x, codes, scales, table, cuda::supports_pdl(ordinal)?)
     } else {
         None
     };
@@ -735,6 +752,26 @@ mod tests {
     }
 
     #[test]
+    fn default_variants_apply_where_they_fit_unless_told_otherwise() {
+        let q = QuantArgs { bits: 4, rows: 4096, n: 4096, group: 128, clip: 1.0 };
+        let (one, two) = (LinearArgs { q, tokens: 1 }, LinearArgs { q, tokens: 2 });
+        let pick = |tune: &str, defaults: &[usize], l: &LinearArgs, dtype: DType, sm90: bool| {
+            variant_for(&Tune::parse(tune), defaults, dtype, l, 256, 512, 1024, 2048, sm90).map(|v| v.k)
+        };
+        assert_eq!(pick("", &[], &one, DType::BF16, true), None); // as today: none
+        assert_eq!(pick("", &[48, 43], &one, DType::BF16, true), Some(48));
+        assert_eq!(pick("", &[48, 43], &one, DType::BF16, false), Some(43)); // bulk copies need sm_90
+        assert_eq!(pick("", &[48, 43, 44], &two, DType::BF16, true), Some(44)); // the 2-token one
+        assert_eq!(pick("", &[48, 43], &two, DType::BF16, true), None);
+        assert_eq!(pick("", &[48, 43], &one, DType::F16, true), None); // compiled for bf16 only
+        assert_eq!(pick("variant=0", &[48, 43], &one, DType::BF16, true), None);
+        assert_eq!(pick("variant=47", &[48, 43], &one, DType::BF16, true), Some(47));
+        assert_eq!(pick("variant=41", &[48, 43], &one, DType::BF16, true), None); // asked for, does not fit
+        let wide = LinearArgs { q: QuantArgs { n: 16896, ..q }, tokens: 1 }; // 132 groups: not for bulk copies
+        assert_eq!(pick("", &[48, 43], &wide, DType::BF16, true), Some(43));
+    }
+
+    #[test]
     fn tune_parses_switches() {
         assert_eq!(Tune::parse(""), Tune::default());
         let t = Tune::parse("variant=24, pdl=1");
@@ -747,6 +784,7 @@ mod tests {
         assert_eq!(Tune::parse("blocks_per_sm=0").blocks_per_sm, None);
         assert_eq!((Tune::parse("mma=1,pdl=1").mma, Tune::parse("mma=0").mma, Tune::parse("mma=2").mma), (Some(true), Some(false), None));
         assert_eq!(Tune::parse("variant=99,staged=1,lin=async,junk"), Tune::default());
+        assert_eq!((Tune::parse("variant=0").plain, Tune::parse("variant=0").variant), (true, None));
     }
 
     #[test]
