@@ -61,11 +61,12 @@ fn quantize_dequantize_match_the_formula() {
 #[test]
 fn linear_matches_dense_dequantized_matmul_on_both_paths() {
     let mut rng = Rng(5);
-    // n = 256, g = 128 and n = 544, g = 32: the AVX2 4-bit paths (where available; 544 = two
+    // n = 256, g = 128 and n = 544, g = 32: the SIMD 4-bit paths (where available; 544 = two
     // 256-column chunks of the backward and a short one); 8 bits with g = 16: the AVX2 8-bit GEMV;
-    // 2 and 3 bits with g a multiple of 8: the AVX2 2-/3-bit GEMV; n = 48, g = 16 at 4 bits, 8 bits
+    // 2 and 3 bits with g a multiple of 8: the AVX2 2-/3-bit GEMV, or with AVX-512 and g a multiple
+    // of 16 its AVX-512 form (64 / 32 at 3 bits, 96 / 48 at 2); n = 48, g = 16 at 4 bits, 8 bits
     // with g = 8 and 3 bits with g = 12: the generic paths.
-    let cases = [(256usize, 128usize, 4u32), (544, 32, 4), (96, 16, 8), (64, 32, 3), (80, 8, 2), (48, 16, 4), (40, 8, 8), (36, 12, 3)];
+    let cases = [(256usize, 128usize, 4u32), (544, 32, 4), (96, 16, 8), (64, 32, 3), (96, 48, 2), (80, 8, 2), (48, 16, 4), (40, 8, 8), (36, 12, 3)];
     // 3 and 5 tokens: the GEMV's tiles of 2 + 1 and 4 + 1; the transposed GEMV's AVX2 form takes
     // rows one at a time below 4 tokens, two at a time from 4 (19 rows: a short last group).
     for (n_in, g, bits, tokens) in cases.iter().flat_map(|&(n, g, b)| [(n, g, b, 3usize), (n, g, b, 5)]) {

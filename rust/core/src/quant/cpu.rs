@@ -690,12 +690,14 @@ unsafe fn linear_t<T: QElem>(l: &LinearArgs, x: u64, codes: u64, scales: u64, ta
             }
         } else if fast23 {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: fast23_path checked AVX2+FMA, 2 or 3 bits, k and the group size multiples of 8.
+            // SAFETY: fast23_path checked AVX2+FMA, 2 or 3 bits, k and the group size multiples of 8
+            // (of 16 and AVX-512 too for the AVX-512 form).
             unsafe {
-                if l.q.bits == 2 {
-                    linear_tiles_avx2_small::<T, 2>(&lin, o0, o1)
-                } else {
-                    linear_tiles_avx2_small::<T, 3>(&lin, o0, o1)
+                match (l.q.bits, crate::cpu::has_avx512() && l.q.group.is_multiple_of(16)) {
+                    (2, true) => linear_tiles_avx512_small::<T, 2>(&lin, o0, o1),
+                    (_, true) => linear_tiles_avx512_small::<T, 3>(&lin, o0, o1),
+                    (2, false) => linear_tiles_avx2_small::<T, 2>(&lin, o0, o1),
+                    (_, false) => linear_tiles_avx2_small::<T, 3>(&lin, o0, o1),
                 }
             }
         } else {
@@ -892,6 +894,112 @@ unsafe fn linear_tile_avx2_small<T: QElem, const B: usize, const NT: usize>(lin:
             }
         }
         write_row_sums::<T>(lin, o, t0, &tot);
+    }
+    NT
+}
+
+/// Rows o0..o1 of the AVX-512 B-bit path (B = 2, 3), every token: tiles of 4 tokens, then single
+/// ones.
+///
+/// # Safety
+/// AVX-512 (F), AVX2 and FMA; B-bit codes; k and the group size multiples of 16; `lin` valid as
+/// [`super::linear`] documents (x in column order).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn linear_tiles_avx512_small<T: QElem, const B: usize>(lin: &Lin, o0: usize, o1: usize) {
+    let tokens = lin.l.tokens;
+    let mut t0 = 0;
+    while t0 < tokens {
+        t0 += if tokens - t0 >= 4 {
+            linear_tile_avx512_small::<T, B, 4>(lin, o0, o1, t0)
+        } else {
+            linear_tile_avx512_small::<T, B, 1>(lin, o0, o1, t0)
+        };
+    }
+}
+
+/// [`linear_tile_avx2_small`] 16 fields at a time with AVX-512. A unit of 16 codes is 2·B bytes;
+/// its bits reach the 16 lanes as one dword (2 bits: lane i shifted right by 2i) or two (3 bits:
+/// lanes 0-7 from bit 0, lanes 8-15 from bit 24, lane i shifted by 3·(i mod 8)), and `vpermps` looks
+/// them up in the row's codebook repeated to 16 entries (it reads 4 bits of an index, so the next
+/// field's bits above need no mask). Returns NT.
+///
+/// # Safety
+/// As [`linear_tiles_avx512_small`]; t0 + NT <= tokens.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+#[allow(clippy::needless_range_loop)] // indexed loops over the accumulators keep them in registers
+unsafe fn linear_tile_avx512_small<T: QElem, const B: usize, const NT: usize>(lin: &Lin, o0: usize, o1: usize, t0: usize) -> usize {
+    use std::arch::x86_64::*;
+    let q = &lin.l.q;
+    let (k, rb, ng, g) = (q.n, q.row_bytes(), q.groups(), q.group);
+    let (codes, scales, table) = (lin.codes as *const u8, lin.scales as *const f32, lin.table as *const f32);
+    let units = k / 16;
+    let x0 = lin.xf.as_ptr().add(t0 * k);
+    let shifts = if B == 2 {
+        _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)
+    } else {
+        _mm512_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21, 0, 3, 6, 9, 12, 15, 18, 21)
+    };
+    for o in o0..o1 {
+        let mut t16 = [0f32; 16];
+        for (i, v) in t16.iter_mut().enumerate() {
+            *v = *table.add((o << B) + i % (1 << B));
+        }
+        let tab = _mm512_loadu_ps(t16.as_ptr());
+        let row = codes.add(o * rb);
+        let mut l = 0;
+        while l < rb {
+            _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(l + PREFETCH) as *const i8);
+            l += 64;
+        }
+        // The 2·B bytes of unit u (a 3-bit unit read as 8 bytes but the row's last, which is
+        // assembled from its own 6: the next row, or nothing, may follow).
+        let bits = |u: usize| -> u64 {
+            if B == 2 {
+                (row.add(4 * u) as *const u32).read_unaligned() as u64
+            } else if u + 1 < units {
+                (row.add(6 * u) as *const u64).read_unaligned()
+            } else {
+                let mut w = 0u64;
+                for b in 0..6 {
+                    w |= (*row.add(6 * u + b) as u64) << (8 * b);
+                }
+                w
+            }
+        };
+        let mut tot = [_mm512_setzero_ps(); NT];
+        for gi in 0..ng {
+            let (mut a, mut c) = ([_mm512_setzero_ps(); NT], [_mm512_setzero_ps(); NT]);
+            let mut u = gi * g / 16;
+            while u < (gi + 1) * g / 16 {
+                let v = bits(u);
+                let lanes = if B == 2 {
+                    _mm512_set1_epi32(v as i32)
+                } else {
+                    _mm512_inserti64x4::<1>(_mm512_set1_epi32(v as i32), _mm256_set1_epi32((v >> 24) as i32))
+                };
+                let w = _mm512_permutexvar_ps(_mm512_srlv_epi32(lanes, shifts), tab);
+                for t in 0..NT {
+                    let xv = _mm512_loadu_ps(x0.add(t * k + 16 * u));
+                    if NT == 1 && u % 2 == 1 {
+                        c[t] = _mm512_fmadd_ps(w, xv, c[t]);
+                    } else {
+                        a[t] = _mm512_fmadd_ps(w, xv, a[t]);
+                    }
+                }
+                u += 1;
+            }
+            let m = _mm512_set1_ps(*scales.add(o * ng + gi));
+            for t in 0..NT {
+                tot[t] = _mm512_fmadd_ps(_mm512_add_ps(a[t], c[t]), m, tot[t]);
+            }
+        }
+        let bias = if lin.bias != 0 { *(lin.bias as *const f32).add(o) } else { 0.0 };
+        for t in 0..NT {
+            let y = _mm512_reduce_add_ps(tot[t]) + bias;
+            (lin.y as *mut T).add((t0 + t) * q.rows + o).write(T::store(T::Acc::from_f64(y as f64)));
+        }
     }
     NT
 }
