@@ -904,11 +904,7 @@ unsafe fn linear_tile_avx512_8bit<T: QElem, const NT: usize>(lin: &Lin, o0: usiz
                 tot[t] = _mm512_fmadd_ps(_mm512_add_ps(a[t], c[t]), m, tot[t]);
             }
         }
-        let bias = if lin.bias != 0 { *(lin.bias as *const f32).add(o) } else { 0.0 };
-        for t in 0..NT {
-            let y = _mm512_reduce_add_ps(tot[t]) + bias;
-            (lin.y as *mut T).add((t0 + t) * q.rows + o).write(T::store(T::Acc::from_f64(y as f64)));
-        }
+        write_row_sums_avx512::<T>(lin, o, t0, &tot);
     }
     NT
 }
@@ -1094,11 +1090,7 @@ unsafe fn linear_tile_avx512_small<T: QElem, const B: usize, const NT: usize>(li
                 tot[t] = _mm512_fmadd_ps(_mm512_add_ps(a[t], c[t]), m, tot[t]);
             }
         }
-        let bias = if lin.bias != 0 { *(lin.bias as *const f32).add(o) } else { 0.0 };
-        for t in 0..NT {
-            let y = _mm512_reduce_add_ps(tot[t]) + bias;
-            (lin.y as *mut T).add((t0 + t) * q.rows + o).write(T::store(T::Acc::from_f64(y as f64)));
-        }
+        write_row_sums_avx512::<T>(lin, o, t0, &tot);
     }
     NT
 }
@@ -1293,6 +1285,21 @@ unsafe fn write_row_sums<T: QElem>(lin: &Lin, o: usize, t0: usize, sums: &[std::
         let mut lanes = [0f32; 8];
         std::arch::x86_64::_mm256_storeu_ps(lanes.as_mut_ptr(), *v);
         let v = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7])) + b;
+        (lin.y as *mut T).add((t0 + t) * lin.l.q.rows + o).write(T::store(T::Acc::from_f64(v as f64)));
+    }
+}
+
+/// [`write_row_sums`] for AVX-512 sums (the lanes added by `_mm512_reduce_add_ps`, a fixed order).
+///
+/// # Safety
+/// AVX-512F; as [`write_row_sums`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+#[inline]
+unsafe fn write_row_sums_avx512<T: QElem>(lin: &Lin, o: usize, t0: usize, sums: &[std::arch::x86_64::__m512]) {
+    let b = if lin.bias != 0 { *(lin.bias as *const f32).add(o) } else { 0.0 };
+    for (t, v) in sums.iter().enumerate() {
+        let v = std::arch::x86_64::_mm512_reduce_add_ps(*v) + b;
         (lin.y as *mut T).add((t0 + t) * lin.l.q.rows + o).write(T::store(T::Acc::from_f64(v as f64)));
     }
 }
@@ -1558,12 +1565,8 @@ unsafe fn linear_tile_avx512<T: QElem, const NT: usize>(lin: &Lin, o0: usize, o1
         }
         c0 = c1;
     }
-    let bias_of = |o: usize| if lin.bias != 0 { *(lin.bias as *const f32).add(o) } else { 0.0 };
     for o in o0..o1 {
-        for t in 0..NT {
-            let v = _mm512_reduce_add_ps(tot[o - o0][t]) + bias_of(o);
-            (lin.y as *mut T).add((t0 + t) * q.rows + o).write(T::store(T::Acc::from_f64(v as f64)));
-        }
+        write_row_sums_avx512::<T>(lin, o, t0, &tot[o - o0]);
     }
     NT
 }
