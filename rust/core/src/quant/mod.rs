@@ -502,7 +502,7 @@ pub const CPU_AVX512_BWD_GEMV_MAX_TOKENS: usize = 256;
 /// multiples of 32: with AVX-512 per 32 weights two `vpermps` over the codebook in one register,
 /// with AVX2 four `vpshufb` over its byte planes and unpacks to float32; FMA into float32
 /// accumulators, up to 8 tokens per decoded block; 8 bits with the group size a multiple of 16:
-/// with AVX-512 per 16 codes eight `vpermt2ps` over the codebook in 16 registers and three blends,
+/// with AVX-512 per 16 codes eight `vpermt2ps` over the codebook in 16 registers and a blend tree,
 /// with AVX2 one gather per 8 codes; 2 and 3 bits with the group size a multiple of 8: shifts and
 /// one `vpermps` per 8 codes with AVX2, per 16 with AVX-512 where the group size is a multiple of
 /// 16; a scalar table path otherwise). On CUDA
