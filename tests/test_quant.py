@@ -738,8 +738,8 @@ ISA_LEVELS = ("baseline", "avx2", "avx512")
 
 
 def test_cpu_isa_reports_the_cap():
-    """lmkern.cpu_isa() names a level, no wider than LMKERN_CPU_ISA when that is set (the run below
-    sets it); an AVX-512 machine's default run takes the AVX-512 kernels."""
+    """lmkern.cpu_isa() names a level, no wider than LMKERN_CPU_ISA when that is set (the capped
+    runs below set it), and exactly the cap where the CPU has it."""
     isa = lmkern.cpu_isa()
     assert isa in ISA_LEVELS
     cap = os.environ.get("LMKERN_CPU_ISA")
