@@ -386,6 +386,7 @@ fn deq_rows_body<T: QElem>(d: &Deq, r0: usize, r1: usize)
                 match q.bits {
                     4 if fast512_path(q) => deq_row_avx512(codes, scales, table, g, out, n),
                     4 => deq_row_avx2(codes, scales, table, g, out, n),
+                    8 if crate::cpu::has_avx512() => deq_row_avx512_8bit(codes, scales, table, g, out, n),
                     8 => deq_row_avx2_8bit(codes, scales, table, g, out, n),
                     2 => deq_row_avx2_small::<2>(codes, scales, table, g, out, n),
                     _ => deq_row_avx2_small::<3>(codes, scales, table, g, out, n),
@@ -1363,6 +1364,23 @@ unsafe fn deq_row_avx2_8bit(codes: &[u8], scales: &[f32], table: *const f32, g: 
         let w = _mm256_i32gather_ps::<4>(table, idx);
         _mm256_storeu_ps(out.add(u), _mm256_mul_ps(w, _mm256_set1_ps(*scales.get_unchecked(u / g))));
         u += 8;
+    }
+}
+
+/// [`deq_row_avx2_8bit`] with AVX-512: per 16 codes [`lookup256_avx512`] instead of two gathers.
+///
+/// # Safety
+/// AVX-512F, AVX2 and FMA; n and g multiples of 16; otherwise as [`deq_row_avx2_8bit`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn deq_row_avx512_8bit(codes: &[u8], scales: &[f32], table: *const f32, g: usize, out: *mut f32, n: usize) {
+    use std::arch::x86_64::*;
+    let tab: [__m512; 16] = std::array::from_fn(|i| _mm512_loadu_ps(table.add(16 * i)));
+    let mut u = 0;
+    while u < n {
+        let w = lookup256_avx512(&tab, _mm512_cvtepu8_epi32(_mm_loadu_si128(codes.as_ptr().add(u) as *const __m128i)));
+        _mm512_storeu_ps(out.add(u), _mm512_mul_ps(w, _mm512_set1_ps(*scales.get_unchecked(u / g))));
+        u += 16;
     }
 }
 
