@@ -1305,8 +1305,7 @@ unsafe fn write_row_sums_avx512<T: QElem>(lin: &Lin, o: usize, t0: usize, sums: 
     }
 }
 
-/// [`deq_row_avx2`] with [`decode32_avx512`]: the even and odd fields interleaved back into
-/// column order by two two-source permutes.
+/// [`deq_row_avx2`] with [`decode32_avx512`] and [`column_order_avx512`].
 ///
 /// # Safety
 /// AVX-512F, AVX2 and FMA; otherwise as [`deq_row_avx2`].
@@ -1315,14 +1314,13 @@ unsafe fn write_row_sums_avx512<T: QElem>(lin: &Lin, o: usize, t0: usize, sums: 
 unsafe fn deq_row_avx512(codes: &[u8], scales: &[f32], table: *const f32, g: usize, out: *mut f32, n: usize) {
     use std::arch::x86_64::*;
     let tab = _mm512_loadu_ps(table);
-    let first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-    let second = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
     let mut off = 0;
     while off < n {
         let m = _mm512_set1_ps(*scales.get_unchecked(off / g));
         let [ev, od] = decode32_avx512(tab, codes.as_ptr().add(off / 2));
-        _mm512_storeu_ps(out.add(off), _mm512_mul_ps(m, _mm512_permutex2var_ps(ev, first, od)));
-        _mm512_storeu_ps(out.add(off + 16), _mm512_mul_ps(m, _mm512_permutex2var_ps(ev, second, od)));
+        let [lo, hi] = column_order_avx512(ev, od);
+        _mm512_storeu_ps(out.add(off), _mm512_mul_ps(m, lo));
+        _mm512_storeu_ps(out.add(off + 16), _mm512_mul_ps(m, hi));
         off += 32;
     }
 }
@@ -1496,6 +1494,21 @@ unsafe fn decode32_avx512(table: std::arch::x86_64::__m512, codes: *const u8) ->
     use std::arch::x86_64::*;
     let idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(codes as *const __m128i));
     [_mm512_permutexvar_ps(idx, table), _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(idx), table)]
+}
+
+/// A 32-block's values in [`decode32_avx512`]'s order (its 16 even elements, its 16 odd ones) put
+/// back in column order, as [`column_order`] does for [`decode32`]: two two-source permutes.
+///
+/// # Safety
+/// AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+#[inline]
+unsafe fn column_order_avx512(ev: std::arch::x86_64::__m512, od: std::arch::x86_64::__m512) -> [std::arch::x86_64::__m512; 2] {
+    use std::arch::x86_64::*;
+    let first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    let second = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    [_mm512_permutex2var_ps(ev, first, od), _mm512_permutex2var_ps(ev, second, od)]
 }
 
 /// 4-bit codes with AVX-512, tokens t0 .. t0 + NT: per 32-weight block [`decode32_avx512`] and two
@@ -1871,14 +1884,12 @@ unsafe fn linear_bwd_cols_avx512(lb: &LinBwd, c0: usize, c1: usize, acc: &mut [f
         bwd_rows_avx512::<1>(lb, o, c0, c1, acc.as_mut_ptr());
         o += 1;
     }
-    let first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-    let second = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
     let ap = acc.as_mut_ptr();
     let mut i = 0;
     while i < acc.len() {
-        let (ev, od) = (_mm512_loadu_ps(ap.add(i)), _mm512_loadu_ps(ap.add(i + 16)));
-        _mm512_storeu_ps(ap.add(i), _mm512_permutex2var_ps(ev, first, od));
-        _mm512_storeu_ps(ap.add(i + 16), _mm512_permutex2var_ps(ev, second, od));
+        let [lo, hi] = column_order_avx512(_mm512_loadu_ps(ap.add(i)), _mm512_loadu_ps(ap.add(i + 16)));
+        _mm512_storeu_ps(ap.add(i), lo);
+        _mm512_storeu_ps(ap.add(i + 16), hi);
         i += 32;
     }
 }
