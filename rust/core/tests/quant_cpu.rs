@@ -155,3 +155,87 @@ fn bad_input_is_an_error_not_a_panic() {
     let e = unsafe { quant::search_exponent(cuda, &s, addr(&x), 0, out(&mut out_a)) }.unwrap_err();
     assert!(e.kind == ErrorKind::Type && e.message.contains("CPU only"), "{e}");
 }
+
+/// Every CPU GEMV, transposed GEMV and dequantizer path on awkward shapes: for each code width, a
+/// row length and group that each kernel takes (and one that only the generic path takes), row
+/// counts around the 16-row tile, every token-tile remainder (8/4/2/1 and 4/1 tiles; the input
+/// gradient's row groups of 2 and 4), x one element past an aligned address, an all-zero row, and
+/// float32 and bfloat16. Buffers are exactly as long as the kernels may touch, so an overrun reads
+/// or writes past a heap block: CI runs this under AddressSanitizer (.ci/asan.sh) and under every
+/// LMKERN_CPU_ISA cap. Values against a float64 product of x and the dequantized weight.
+#[test]
+fn every_cpu_path_on_awkward_shapes() {
+    use half::bf16;
+    let mut rng = Rng(11);
+    let shapes: [(u32, &[(usize, usize)]); 4] = [
+        (4, &[(32, 32), (544, 32), (128, 128), (48, 16), (1, 1)]),
+        (8, &[(16, 16), (48, 16), (40, 8), (3, 3)]),
+        (3, &[(8, 8), (16, 16), (96, 32), (12, 12), (1, 1)]),
+        (2, &[(8, 8), (16, 16), (48, 48), (6, 6)]),
+    ];
+    let mut cases = 0;
+    for (bits, list) in shapes {
+        for &(n_in, g) in list {
+            for n_out in [1usize, 17, 33] {
+                let q = QuantArgs { bits, rows: n_out, n: n_in, group: g, clip: 1.0 };
+                let mut w: Vec<f32> = (0..n_out * n_in).map(|_| rng.next() as f32).collect();
+                if n_out > 1 {
+                    w[n_in..2 * n_in].iter_mut().for_each(|v| *v = 0.0); // row 1: zero scales
+                }
+                let a: Vec<f32> = (0..n_out).map(|r| 0.35 + 0.6 * (r % 7) as f32 / 7.0).collect();
+                let mut codes = vec![0u8; n_out * row_bytes(n_in, bits)];
+                let mut scales = vec![0f32; n_out * (n_in / g)];
+                let mut table = vec![0f32; n_out << bits];
+                let mut wh = vec![f32::NAN; n_out * n_in];
+                let mut wt = vec![f32::NAN; n_out * n_in];
+                unsafe {
+                    quant::quantize(Device::Cpu, DType::F32, &q, addr(&w), addr(&a), out(&mut codes), out(&mut scales)).unwrap();
+                    quant::dequantize(Device::Cpu, DType::F32, &q, addr(&codes), addr(&scales), addr(&a), out(&mut wh)).unwrap();
+                    quant::codebook(bits, n_out, addr(&a), out(&mut table)).unwrap();
+                    quant::dequantize_codebooks(Device::Cpu, DType::F32, &q, addr(&codes), addr(&scales), addr(&table), out(&mut wt))
+                        .unwrap();
+                }
+                assert!(wt.iter().zip(&wh).all(|(a, b)| a.to_bits() == b.to_bits()), "bits {bits} {n_out}x{n_in} g{g}: dequantizers");
+                let bias: Vec<f32> = (0..n_out).map(|_| rng.next() as f32).collect();
+                for tokens in [1usize, 2, 3, 5, 8, 9, 15, 17] {
+                    // x one float past the buffer's start: unaligned for every vector width.
+                    let xb: Vec<f32> = (0..tokens * n_in + 1).map(|_| rng.next() as f32).collect();
+                    let x = &xb[1..];
+                    let l = LinearArgs { q, tokens };
+                    let mut y = vec![f32::NAN; tokens * n_out];
+                    let mut dx = vec![f32::NAN; tokens * n_in];
+                    let dy: Vec<f32> = (0..tokens * n_out).map(|_| rng.next() as f32).collect();
+                    let xh: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
+                    let mut yh = vec![bf16::NAN; tokens * n_out];
+                    unsafe {
+                        let (c, s, t) = (addr(&codes), addr(&scales), addr(&table));
+                        quant::linear(Device::Cpu, DType::F32, &l, addr(x), c, s, t, addr(&bias), out(&mut y)).unwrap();
+                        quant::linear(Device::Cpu, DType::BF16, &l, addr(&xh), c, s, t, 0, out(&mut yh)).unwrap();
+                        quant::linear_backward(Device::Cpu, DType::F32, &l, addr(&dy), c, s, t, out(&mut dx)).unwrap();
+                    }
+                    let at = |what: &str, i: usize| format!("bits {bits} {n_out}x{n_in} g{g} tokens {tokens}: {what}[{i}]");
+                    for t in 0..tokens {
+                        for o in 0..n_out {
+                            let terms = (0..n_in).map(|k| (x[t * n_in + k] as f64, wh[o * n_in + k] as f64));
+                            let (want, scale) = terms.fold((bias[o] as f64, bias[o].abs() as f64), |(s, a), (x, w)| (s + x * w, a + (x * w).abs()));
+                            let i = t * n_out + o;
+                            assert!((y[i] as f64 - want).abs() <= 1e-6 * scale + 1e-7, "{}: {} vs {want}", at("y", i), y[i]);
+                            let terms = (0..n_in).map(|k| (bf16::from_f32(x[t * n_in + k]).to_f64(), wh[o * n_in + k] as f64));
+                            let (want, scale) = terms.fold((0.0, 0.0), |(s, a), (x, w)| (s + x * w, a + (x * w).abs()));
+                            let got = yh[i].to_f64();
+                            assert!((got - want).abs() <= 8e-3 * scale + 1e-6, "{}: {got} vs {want}", at("y bf16", i));
+                        }
+                        for k in 0..n_in {
+                            let terms = (0..n_out).map(|o| dy[t * n_out + o] as f64 * wh[o * n_in + k] as f64);
+                            let (want, scale) = terms.fold((0.0, 0.0), |(s, a), v| (s + v, a + v.abs()));
+                            let i = t * n_in + k;
+                            assert!((dx[i] as f64 - want).abs() <= 1e-6 * scale + 1e-7, "{}: {} vs {want}", at("dx", i), dx[i]);
+                        }
+                    }
+                    cases += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(cases, 18 * 3 * 8);
+}
