@@ -697,7 +697,7 @@ unsafe fn linear_t<T: QElem>(l: &LinearArgs, x: u64, codes: u64, scales: u64, ta
         } else if fast23 {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: fast23_path checked AVX2+FMA, 2 or 3 bits, k and the group size multiples of 8
-            // (of 16 and AVX-512 too for the AVX-512 form).
+            // (of 16 and AVX-512 F/BW/VL too, has_avx512, for the AVX-512 form).
             unsafe {
                 match (l.q.bits, crate::cpu::has_avx512() && l.q.group.is_multiple_of(16)) {
                     (2, true) => linear_tiles_avx512_small::<T, 2>(&lin, o0, o1),
@@ -998,10 +998,10 @@ unsafe fn linear_tile_avx2_small<T: QElem, const B: usize, const NT: usize>(lin:
 /// ones.
 ///
 /// # Safety
-/// AVX-512 (F), AVX2 and FMA; B-bit codes; k and the group size multiples of 16; `lin` valid as
-/// [`super::linear`] documents (x in column order).
+/// AVX-512 (F, BW, VL), AVX2 and FMA; B-bit codes; k and the group size multiples of 16; `lin`
+/// valid as [`super::linear`] documents (x in column order).
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
 unsafe fn linear_tiles_avx512_small<T: QElem, const B: usize>(lin: &Lin, o0: usize, o1: usize) {
     let tokens = lin.l.tokens;
     let mut t0 = 0;
@@ -1014,29 +1014,49 @@ unsafe fn linear_tiles_avx512_small<T: QElem, const B: usize>(lin: &Lin, o0: usi
     }
 }
 
-/// [`linear_tile_avx2_small`] 16 fields at a time with AVX-512. A unit of 16 codes is 2·B bytes;
-/// its bits reach the 16 lanes as one dword (2 bits: lane i shifted right by 2i) or two (3 bits:
-/// lanes 0-7 from bit 0, lanes 8-15 from bit 24, lane i shifted by 3·(i mod 8)), and `vpermps` looks
-/// them up in the row's codebook repeated to 16 entries (it reads 4 bits of an index, so the next
-/// field's bits above need no mask). Returns NT.
+/// The `vpshufb` control of [`linear_tile_avx512_small`]'s 3-bit decode: dword lane i (of 16; four
+/// per 128-bit lane) takes bytes ⌊3i/8⌋ .. ⌊3i/8⌋ + 3 of the 16 loaded, the bytes of field i.
+#[cfg(target_arch = "x86_64")]
+const SHUF3: [u8; 64] = {
+    let mut c = [0u8; 64];
+    let mut i = 0;
+    while i < 16 {
+        let mut p = 0;
+        while p < 4 {
+            c[4 * i + p] = (3 * i / 8 + p) as u8;
+            p += 1;
+        }
+        i += 1;
+    }
+    c
+};
+
+/// [`linear_tile_avx2_small`] 16 fields at a time with AVX-512. A unit of 16 codes is 2·B bytes.
+/// 2 bits: a unit reaches the 16 lanes as one broadcast dword, lane i shifted right by 2i. 3 bits:
+/// two units (12 bytes) at a time from one 16-byte load broadcast to the four 128-bit lanes, where
+/// `vpshufb` gives lane i the dword at byte ⌊3i/8⌋ ([`SHUF3`]; + 6 for the second unit) and a
+/// shift by 3i mod 8 brings field i to bit 0. Then `vpermps` looks the lanes up in the row's
+/// codebook repeated to 16 entries (it reads 4 bits of an index, so the next field's bits above
+/// need no mask). Returns NT.
 ///
 /// # Safety
 /// As [`linear_tiles_avx512_small`]; t0 + NT <= tokens.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
 #[allow(clippy::needless_range_loop)] // indexed loops over the accumulators keep them in registers
 unsafe fn linear_tile_avx512_small<T: QElem, const B: usize, const NT: usize>(lin: &Lin, o0: usize, o1: usize, t0: usize) -> usize {
     use std::arch::x86_64::*;
     let q = &lin.l.q;
     let (k, rb, ng, g) = (q.n, q.row_bytes(), q.groups(), q.group);
     let (codes, scales, table) = (lin.codes as *const u8, lin.scales as *const f32, lin.table as *const f32);
-    let units = k / 16;
     let x0 = lin.xf.as_ptr().add(t0 * k);
     let shifts = if B == 2 {
         _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)
     } else {
-        _mm512_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21, 0, 3, 6, 9, 12, 15, 18, 21)
+        _mm512_setr_epi32(0, 3, 6, 1, 4, 7, 2, 5, 0, 3, 6, 1, 4, 7, 2, 5)
     };
+    // 3 bits: the byte shuffles of a pair's first and second unit.
+    let shuf = [_mm512_loadu_si512(SHUF3.as_ptr() as *const _), _mm512_add_epi8(_mm512_loadu_si512(SHUF3.as_ptr() as *const _), _mm512_set1_epi8(6))];
     for o in o0..o1 {
         let mut t16 = [0f32; 16];
         for (i, v) in t16.iter_mut().enumerate() {
@@ -1049,42 +1069,66 @@ unsafe fn linear_tile_avx512_small<T: QElem, const B: usize, const NT: usize>(li
             _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(l + PREFETCH) as *const i8);
             l += 64;
         }
-        // The 2·B bytes of unit u (a 3-bit unit read as 8 bytes but the row's last, which is
-        // assembled from its own 6: the next row, or nothing, may follow).
-        let bits = |u: usize| -> u64 {
-            if B == 2 {
-                (row.add(4 * u) as *const u32).read_unaligned() as u64
-            } else if u + 1 < units {
-                (row.add(6 * u) as *const u64).read_unaligned()
-            } else {
-                let mut w = 0u64;
-                for b in 0..6 {
-                    w |= (*row.add(6 * u + b) as u64) << (8 * b);
-                }
-                w
-            }
-        };
         let mut tot = [_mm512_setzero_ps(); NT];
         for gi in 0..ng {
             let (mut a, mut c) = ([_mm512_setzero_ps(); NT], [_mm512_setzero_ps(); NT]);
-            let mut u = gi * g / 16;
-            while u < (gi + 1) * g / 16 {
-                let v = bits(u);
-                let lanes = if B == 2 {
-                    _mm512_set1_epi32(v as i32)
-                } else {
-                    _mm512_inserti64x4::<1>(_mm512_set1_epi32(v as i32), _mm256_set1_epi32((v >> 24) as i32))
+            let (mut u, end) = (gi * g / 16, (gi + 1) * g / 16);
+            // w0 (and w1) times x of unit u (and u + 1) into the group's sums (two of them: two
+            // dependency chains). A macro, not a closure: a closure's borrow of the sums keeps
+            // them in memory.
+            macro_rules! add {
+                ($u:expr, $w0:expr) => {
+                    for t in 0..NT {
+                        a[t] = _mm512_fmadd_ps($w0, _mm512_loadu_ps(x0.add(t * k + 16 * $u)), a[t]);
+                    }
                 };
-                let w = _mm512_permutexvar_ps(_mm512_srlv_epi32(lanes, shifts), tab);
-                for t in 0..NT {
-                    let xv = _mm512_loadu_ps(x0.add(t * k + 16 * u));
-                    if NT == 1 && u % 2 == 1 {
-                        c[t] = _mm512_fmadd_ps(w, xv, c[t]);
+                ($u:expr, $w0:expr, $w1:expr) => {
+                    for t in 0..NT {
+                        a[t] = _mm512_fmadd_ps($w0, _mm512_loadu_ps(x0.add(t * k + 16 * $u)), a[t]);
+                        c[t] = _mm512_fmadd_ps($w1, _mm512_loadu_ps(x0.add(t * k + 16 * $u + 16)), c[t]);
+                    }
+                };
+            }
+            // 3 bits: the unit's (the pair's) 16 fields of the 16 bytes from unit u, broadcast.
+            let dec3 = |lanes: __m512i, p: usize| _mm512_permutexvar_ps(_mm512_srlv_epi32(_mm512_shuffle_epi8(lanes, shuf[p]), shifts), tab);
+            // 2 bits: unit u's 16 fields.
+            let dec2 = |u: usize| {
+                let lanes = _mm512_set1_epi32((row.add(4 * u) as *const i32).read_unaligned());
+                _mm512_permutexvar_ps(_mm512_srlv_epi32(lanes, shifts), tab)
+            };
+            if B == 2 {
+                while u + 1 < end {
+                    add!(u, dec2(u), dec2(u + 1));
+                    u += 2;
+                }
+                if u < end {
+                    add!(u, dec2(u));
+                }
+            } else {
+                // Pairs whose 16 bytes lie inside the row (all but the row's last two units).
+                while u + 1 < end && 6 * u + 16 <= rb {
+                    let lanes = _mm512_broadcast_i32x4(_mm_loadu_si128(row.add(6 * u) as *const __m128i));
+                    add!(u, dec3(lanes, 0), dec3(lanes, 1));
+                    u += 2;
+                }
+                // The group's rest: the row's last units by a masked load (it never touches the
+                // bytes past the row), a lone unit where the group has an odd number.
+                while u < end {
+                    let left = rb - 6 * u;
+                    let src = if left >= 16 {
+                        _mm_loadu_si128(row.add(6 * u) as *const __m128i)
                     } else {
-                        a[t] = _mm512_fmadd_ps(w, xv, a[t]);
+                        _mm_maskz_loadu_epi8(((1u32 << left) - 1) as u16, row.add(6 * u) as *const i8)
+                    };
+                    let lanes = _mm512_broadcast_i32x4(src);
+                    if u + 1 < end {
+                        add!(u, dec3(lanes, 0), dec3(lanes, 1));
+                        u += 2;
+                    } else {
+                        add!(u, dec3(lanes, 0));
+                        u += 1;
                     }
                 }
-                u += 1;
             }
             let m = _mm512_set1_ps(*scales.add(o * ng + gi));
             for t in 0..NT {
