@@ -611,6 +611,12 @@ pub fn avx512_shape(bits: u32, n: usize, group: usize) -> bool {
     cfg!(target_arch = "x86_64") && bits == 4 && n.is_multiple_of(32) && group.is_multiple_of(32) && crate::cpu::has_avx512()
 }
 
+/// The AVX-512 transposed GEMV of the 2-, 3- and 8-bit input gradient applies: those widths, `n`
+/// and the group size multiples of 16, and this CPU runs the AVX-512 kernels.
+pub fn avx512_narrow_bwd_shape(bits: u32, n: usize, group: usize) -> bool {
+    cfg!(target_arch = "x86_64") && matches!(bits, 2 | 3 | 8) && n.is_multiple_of(16) && group.is_multiple_of(16) && crate::cpu::has_avx512()
+}
+
 /// The AVX2 8-bit GEMV applies: 8-bit codes, the group size (so the row) a multiple of 16.
 fn fast8_path(q: &QuantArgs) -> bool {
     cfg!(target_arch = "x86_64") && q.bits == 8 && q.group.is_multiple_of(16) && crate::cpu::has_avx2()
@@ -1014,6 +1020,45 @@ unsafe fn linear_tiles_avx512_small<T: QElem, const B: usize>(lin: &Lin, o0: usi
     }
 }
 
+/// A B-bit row's codebook (B = 2, 3) repeated to 16 entries: `vpermps` reads 4 bits of an index,
+/// so a field's lookup needs no mask of the next field's bits above it.
+///
+/// # Safety
+/// AVX-512F; `table` valid for 2^B float32 reads.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+#[inline]
+unsafe fn codebook16_avx512<const B: usize>(table: *const f32) -> std::arch::x86_64::__m512 {
+    let t16: [f32; 16] = std::array::from_fn(|i| *table.add(i % (1 << B)));
+    std::arch::x86_64::_mm512_loadu_ps(t16.as_ptr())
+}
+
+/// The 16 codebook entries of unit u (codes 16u .. 16u + 15) of a B-bit row (B = 2, 3) of `rb`
+/// bytes, in column order ([`linear_tile_avx512_small`] describes the decode; a 3-bit unit takes a
+/// masked load at the row's end, which never touches the bytes past it).
+///
+/// # Safety
+/// AVX-512 F, BW, VL; `tab` from [`codebook16_avx512`]; `row` valid for `rb` bytes; 16u < the row's fields.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+#[inline]
+unsafe fn decode16_small_avx512<const B: usize>(tab: std::arch::x86_64::__m512, row: *const u8, rb: usize, u: usize) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    if B == 2 {
+        let lanes = _mm512_set1_epi32((row.add(4 * u) as *const i32).read_unaligned());
+        _mm512_permutexvar_ps(_mm512_srlv_epi32(lanes, _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)), tab)
+    } else {
+        let left = rb - 6 * u;
+        let src = if left >= 16 {
+            _mm_loadu_si128(row.add(6 * u) as *const __m128i)
+        } else {
+            _mm_maskz_loadu_epi8(((1u32 << left) - 1) as u16, row.add(6 * u) as *const i8)
+        };
+        let lanes = _mm512_shuffle_epi8(_mm512_broadcast_i32x4(src), _mm512_loadu_si512(SHUF3.as_ptr() as *const _));
+        _mm512_permutexvar_ps(_mm512_srlv_epi32(lanes, _mm512_setr_epi32(0, 3, 6, 1, 4, 7, 2, 5, 0, 3, 6, 1, 4, 7, 2, 5)), tab)
+    }
+}
+
 /// The `vpshufb` control of [`linear_tile_avx512_small`]'s 3-bit decode: dword lane i (of 16; four
 /// per 128-bit lane) takes bytes ⌊3i/8⌋ .. ⌊3i/8⌋ + 3 of the 16 loaded, the bytes of field i.
 #[cfg(target_arch = "x86_64")]
@@ -1050,19 +1095,11 @@ unsafe fn linear_tile_avx512_small<T: QElem, const B: usize, const NT: usize>(li
     let (k, rb, ng, g) = (q.n, q.row_bytes(), q.groups(), q.group);
     let (codes, scales, table) = (lin.codes as *const u8, lin.scales as *const f32, lin.table as *const f32);
     let x0 = lin.xf.as_ptr().add(t0 * k);
-    let shifts = if B == 2 {
-        _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)
-    } else {
-        _mm512_setr_epi32(0, 3, 6, 1, 4, 7, 2, 5, 0, 3, 6, 1, 4, 7, 2, 5)
-    };
+    let shifts = _mm512_setr_epi32(0, 3, 6, 1, 4, 7, 2, 5, 0, 3, 6, 1, 4, 7, 2, 5);
     // 3 bits: the byte shuffles of a pair's first and second unit.
     let shuf = [_mm512_loadu_si512(SHUF3.as_ptr() as *const _), _mm512_add_epi8(_mm512_loadu_si512(SHUF3.as_ptr() as *const _), _mm512_set1_epi8(6))];
     for o in o0..o1 {
-        let mut t16 = [0f32; 16];
-        for (i, v) in t16.iter_mut().enumerate() {
-            *v = *table.add((o << B) + i % (1 << B));
-        }
-        let tab = _mm512_loadu_ps(t16.as_ptr());
+        let tab = codebook16_avx512::<B>(table.add(o << B));
         let row = codes.add(o * rb);
         let mut l = 0;
         while l < rb {
@@ -1091,11 +1128,7 @@ unsafe fn linear_tile_avx512_small<T: QElem, const B: usize, const NT: usize>(li
             }
             // 3 bits: the unit's (the pair's) 16 fields of the 16 bytes from unit u, broadcast.
             let dec3 = |lanes: __m512i, p: usize| _mm512_permutexvar_ps(_mm512_srlv_epi32(_mm512_shuffle_epi8(lanes, shuf[p]), shifts), tab);
-            // 2 bits: unit u's 16 fields.
-            let dec2 = |u: usize| {
-                let lanes = _mm512_set1_epi32((row.add(4 * u) as *const i32).read_unaligned());
-                _mm512_permutexvar_ps(_mm512_srlv_epi32(lanes, shifts), tab)
-            };
+            let dec2 = |u: usize| decode16_small_avx512::<2>(tab, row, rb, u);
             if B == 2 {
                 while u + 1 < end {
                     add!(u, dec2(u), dec2(u + 1));
@@ -1111,23 +1144,11 @@ unsafe fn linear_tile_avx512_small<T: QElem, const B: usize, const NT: usize>(li
                     add!(u, dec3(lanes, 0), dec3(lanes, 1));
                     u += 2;
                 }
-                // The group's rest: the row's last units by a masked load (it never touches the
-                // bytes past the row), a lone unit where the group has an odd number.
+                // The group's rest (the row's last units, a lone unit where the group has an odd
+                // number) one unit at a time, by a masked load at the row's end.
                 while u < end {
-                    let left = rb - 6 * u;
-                    let src = if left >= 16 {
-                        _mm_loadu_si128(row.add(6 * u) as *const __m128i)
-                    } else {
-                        _mm_maskz_loadu_epi8(((1u32 << left) - 1) as u16, row.add(6 * u) as *const i8)
-                    };
-                    let lanes = _mm512_broadcast_i32x4(src);
-                    if u + 1 < end {
-                        add!(u, dec3(lanes, 0), dec3(lanes, 1));
-                        u += 2;
-                    } else {
-                        add!(u, dec3(lanes, 0));
-                        u += 1;
-                    }
+                    add!(u, decode16_small_avx512::<3>(tab, row, rb, u));
+                    u += 1;
                 }
             }
             let m = _mm512_set1_ps(*scales.add(o * ng + gi));
@@ -1732,16 +1753,21 @@ pub unsafe fn linear_backward(dtype: DType, l: &LinearArgs, dy: u64, codes: u64,
     }
 }
 
-/// Columns of dx per task: a multiple of 8, so every chunk starts on a byte of every code width.
-const BWD_COLS: usize = 256;
+/// Columns of dx per task: a multiple of 32 (so every chunk starts on a byte of every code width,
+/// and on a 32-column block of the SIMD kernels), at most 256, and at most what keeps the task's
+/// float32 sums (tokens × columns) within 32 KiB, an L1 data cache, down to 32.
+fn bwd_cols(tokens: usize) -> usize {
+    (8192 / tokens.max(1) / 32 * 32).clamp(32, 256)
+}
 
 unsafe fn linear_bwd_t<T: QElem>(l: &LinearArgs, dy: u64, codes: u64, scales: u64, table: u64, dx: u64)
 {
     let (k, nout, tokens) = (l.q.n, l.q.rows, l.tokens);
     let dyf: Vec<f32> = slice::<T>(dy, tokens * nout).iter().map(|v| v.load().to_f64() as f32).collect();
     let lb = LinBwd { l, dyf, table, codes, scales, dx };
-    parallel::for_each_task(k.div_ceil(BWD_COLS), nout * k * tokens, |ci| {
-        linear_bwd_cols::<T>(&lb, ci * BWD_COLS, ((ci + 1) * BWD_COLS).min(k))
+    let cols = bwd_cols(tokens);
+    parallel::for_each_task(k.div_ceil(cols), nout * k * tokens, |ci| {
+        linear_bwd_cols::<T>(&lb, ci * cols, ((ci + 1) * cols).min(k))
     });
 }
 
@@ -1756,7 +1782,7 @@ fn linear_bwd_cols_body<T: QElem>(lb: &LinBwd, c0: usize, c1: usize)
     if fast_path(q) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: fast_path checked AVX2+FMA (fast512_path AVX-512 too), 4 bits, k and g multiples
-        // of 32, so c0 (a multiple of BWD_COLS) and c1 (that or k) are multiples of 32; acc is
+        // of 32, so c0 (a multiple of bwd_cols) and c1 (that or k) are multiples of 32; acc is
         // tokens × w_cols.
         unsafe {
             if fast512_path(q) {
@@ -1764,6 +1790,14 @@ fn linear_bwd_cols_body<T: QElem>(lb: &LinBwd, c0: usize, c1: usize)
             } else {
                 linear_bwd_cols_avx2(lb, c0, c1, &mut acc)
             }
+        };
+    } else if avx512_narrow_bwd_shape(q.bits, q.n, q.group) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: avx512_narrow_bwd_shape checked AVX-512 F/BW/VL (has_avx512), AVX2+FMA, 2, 3 or
+        // 8 bits, k and g multiples of 16, so c0 (a multiple of bwd_cols) and c1 (that or k) are
+        // multiples of 16; acc is tokens × w_cols.
+        unsafe {
+            linear_bwd_cols_avx512_narrow(lb, c0, c1, &mut acc)
         };
     } else {
         linear_bwd_cols_generic(lb, c0, c1, &mut acc);
@@ -1985,6 +2019,93 @@ unsafe fn bwd_rows_avx512<const R: usize>(lb: &LinBwd, o0: usize, c0: usize, c1:
             _mm512_storeu_ps(a.add(16), hi);
         }
         c += 32;
+    }
+}
+
+/// [`linear_bwd_cols_generic`] for 2-, 3- and 8-bit codes with AVX-512, rows four at a time as
+/// [`linear_bwd_cols_avx512`] does for 4 bits: per 16 columns the rows' weights Ŵ = m·table[field]
+/// ([`decode16_small_avx512`], or for 8 bits [`lookup256_avx512`] over the row's codebook in 16
+/// registers), then per token one load and one store of its 16 sums around the rows' FMAs. Sums in
+/// column order, each adding the rows in order.
+///
+/// # Safety
+/// AVX-512 F, BW, VL, AVX2 and FMA; 2-, 3- or 8-bit codes; c0, c1 and the group size multiples of
+/// 16; `lb` valid as [`super::linear_backward`] documents; acc is tokens × (c1 − c0).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+unsafe fn linear_bwd_cols_avx512_narrow(lb: &LinBwd, c0: usize, c1: usize, acc: &mut [f32]) {
+    let (nout, ap) = (lb.l.q.rows, acc.as_mut_ptr());
+    let rows = |o: usize, four: bool| match (lb.l.q.bits, four) {
+        (2, true) => bwd_rows_avx512_narrow::<2, 4>(lb, o, c0, c1, ap),
+        (2, false) => bwd_rows_avx512_narrow::<2, 1>(lb, o, c0, c1, ap),
+        (3, true) => bwd_rows_avx512_narrow::<3, 4>(lb, o, c0, c1, ap),
+        (3, false) => bwd_rows_avx512_narrow::<3, 1>(lb, o, c0, c1, ap),
+        (_, true) => bwd_rows_avx512_narrow::<8, 4>(lb, o, c0, c1, ap),
+        (_, false) => bwd_rows_avx512_narrow::<8, 1>(lb, o, c0, c1, ap),
+    };
+    let mut o = 0;
+    while o + 4 <= nout {
+        rows(o, true);
+        o += 4;
+    }
+    while o < nout {
+        rows(o, false);
+        o += 1;
+    }
+}
+
+/// Rows o0 .. o0 + R of [`linear_bwd_cols_avx512_narrow`] (B-bit codes) into `ap`.
+///
+/// # Safety
+/// As [`linear_bwd_cols_avx512_narrow`]; o0 + R <= rows.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+#[allow(clippy::needless_range_loop)] // indexed loops over the rows keep their weights in registers
+unsafe fn bwd_rows_avx512_narrow<const B: usize, const R: usize>(lb: &LinBwd, o0: usize, c0: usize, c1: usize, ap: *mut f32) {
+    use std::arch::x86_64::*;
+    let q = &lb.l.q;
+    let (nout, rb, ng, g, tokens) = (q.rows, q.row_bytes(), q.groups(), q.group, lb.l.tokens);
+    let (codes, scales, table) = (lb.codes as *const u8, lb.scales as *const f32, lb.table as *const f32);
+    let w_cols = c1 - c0;
+    // The same columns of the next group of rows (prefetches never fault: wrapping arithmetic).
+    for r in 0..R {
+        let ahead = codes.wrapping_add((o0 + R + r) * rb + c0 * B / 8);
+        let mut l = 0;
+        while l < w_cols * B / 8 {
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(l) as *const i8);
+            l += 64;
+        }
+    }
+    // 2, 3 bits: tabs[r][0], the codebook repeated to 16 entries; 8 bits: its 256 entries.
+    let tabs: [[__m512; 16]; R] = std::array::from_fn(|r| {
+        let t = table.add((o0 + r) << B);
+        if B == 8 {
+            std::array::from_fn(|i| _mm512_loadu_ps(t.add(16 * i)))
+        } else {
+            [codebook16_avx512::<B>(t); 16]
+        }
+    });
+    let dy = lb.dyf.as_ptr().add(o0);
+    let mut c = c0;
+    while c < c1 {
+        let w: [__m512; R] = std::array::from_fn(|r| {
+            let row = codes.add((o0 + r) * rb);
+            let d = if B == 8 {
+                lookup256_avx512(&tabs[r], _mm512_cvtepu8_epi32(_mm_loadu_si128(row.add(c) as *const __m128i)))
+            } else {
+                decode16_small_avx512::<B>(tabs[r][0], row, rb, c / 16)
+            };
+            _mm512_mul_ps(_mm512_set1_ps(*scales.add((o0 + r) * ng + c / g)), d)
+        });
+        for t in 0..tokens {
+            let a = ap.add(t * w_cols + (c - c0));
+            let mut s = _mm512_loadu_ps(a);
+            for r in 0..R {
+                s = _mm512_fmadd_ps(_mm512_set1_ps(*dy.add(t * nout + r)), w[r], s);
+            }
+            _mm512_storeu_ps(a, s);
+        }
+        c += 16;
     }
 }
 

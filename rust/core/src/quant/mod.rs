@@ -478,12 +478,17 @@ pub const CPU_GEMV_MAX_TOKENS: usize = 48;
 pub const CPU_AVX512_GEMV_MAX_TOKENS: usize = 1024;
 
 /// The most tokens for which [`linear_backward`] on the CPU is worth calling rather than Ŵ in
-/// chunks for torch's matmul: 0 but for 4-bit codes with `n` and the group size multiples of 32
-/// (the shapes of its SIMD kernels); there 256 with AVX-512 (its kernel beat the chunks at 4096²
-/// up to 192 tokens, 30.4 against 34.2 ms, tied at 384 and lost at 768, 183 against 131:
-/// benches/results/2026-11-27-cpu-quant-many-tokens-avx512.txt), else 24 (AVX2; lost at 48 there).
+/// chunks for torch's matmul: 0 but for the shapes of its SIMD kernels. 4-bit codes with `n` and
+/// the group size multiples of 32: 512 with AVX-512 (at 4096² its kernel beat the chunks 1.3-1.5×
+/// up to 512 tokens, tied at 768 and lost at 1024, 256 against 166 ms, once its column blocks
+/// narrowed with the token count: benches/results/2026-11-27-cpu-quant-narrow-input-gradient.txt),
+/// else 24 (AVX2: lost at 48 on a Zen 3 VM, benches/results/2026-11-26-cpu-quant-many-tokens.txt).
+/// 2-, 3- and 8-bit codes with `n` and the group size multiples of 16, with AVX-512: 48 (at 4096²
+/// it won 1.3-1.5× at 48 tokens and lost or tied at 64-96 for 2 and 3 bits; same results file).
 pub fn cpu_bwd_gemv_max_tokens(bits: u32, n: usize, group: usize) -> usize {
-    if !(bits == 4 && n.is_multiple_of(32) && group.is_multiple_of(32)) {
+    if cpu::avx512_narrow_bwd_shape(bits, n, group) {
+        CPU_AVX512_NARROW_BWD_GEMV_MAX_TOKENS
+    } else if !(bits == 4 && n.is_multiple_of(32) && group.is_multiple_of(32)) {
         0
     } else if cpu::avx512_shape(bits, n, group) {
         CPU_AVX512_BWD_GEMV_MAX_TOKENS
@@ -494,7 +499,8 @@ pub fn cpu_bwd_gemv_max_tokens(bits: u32, n: usize, group: usize) -> usize {
 
 /// See [`cpu_bwd_gemv_max_tokens`].
 pub const CPU_BWD_GEMV_MAX_TOKENS: usize = 24;
-pub const CPU_AVX512_BWD_GEMV_MAX_TOKENS: usize = 256;
+pub const CPU_AVX512_BWD_GEMV_MAX_TOKENS: usize = 512;
+pub const CPU_AVX512_NARROW_BWD_GEMV_MAX_TOKENS: usize = 48;
 
 /// `y = x @ Ŵᵀ + bias` with x `[tokens, in]` and y `[tokens, out]` of `dtype`, bias float32 [out]
 /// (0: none), `table` the rows' codebooks (float32 [out, 2^b], see [`codebook`]). Ŵ is never formed:
