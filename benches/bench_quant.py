@@ -11,8 +11,10 @@ Side by side with their peers, on the inputs of `lmkern bench` (lmkern.bench's r
 - FakeQuantize: lmkern.quant.power_fake_quantize forward + backward (x and a) vs the torch composite
   of the straight-through fake quantizer under autograd.
 - PowerQuantLinearTokens: the same layer at 1, 8, 64 and 512 tokens, forward (no grad) and forward +
-  backward (dx), vs dense float32 F.linear: the fused GEMV up to 48 tokens, beyond and in every
-  backward Ŵ formed 8 MiB of rows at a time for torch's matmul (lmkern.ops.quant).
+  backward (dx), vs dense float32 F.linear: the fused GEMV and its transposed twin up to the token
+  limits of lmkern.ops.quant (cpu_gemv_max_tokens, cpu_bwd_gemv_max_tokens), beyond them Ŵ formed
+  8 MiB of rows at a time for torch's matmul. PowerQuantLinearBits: the same with 2-, 3- and 8-bit
+  codes at 1 and 8 tokens.
 
 track_speedup = peer time / lmkern time, medians of interleaved rounds in one process.
 
@@ -165,12 +167,12 @@ class PowerQuantLinearTokens:
     param_names = ["tokens"]
     timeout = 600
 
-    def setup(self, tokens):
+    def setup(self, tokens, bits=4):
         gen = torch.Generator().manual_seed(0)
         lin = torch.nn.Linear(4096, 4096, bias=False)
         with torch.no_grad():
             lin.weight.copy_(torch.randn((4096, 4096), generator=gen) / math.sqrt(4096))
-        self.mod = lmkern.nn.PowerQuantLinear.from_linear(lin, 4, 128, a=lb.QUANT_A)
+        self.mod = lmkern.nn.PowerQuantLinear.from_linear(lin, bits, 128, a=lb.QUANT_A)
         self.w = self.mod.dequantized_weight()
         self.x = torch.randn(tokens, 4096, generator=gen).requires_grad_(True)
         self.dy = torch.randn(tokens, 4096, generator=gen)
@@ -188,16 +190,17 @@ class PowerQuantLinearTokens:
     def _dense(self, x):
         return F.linear(x, self.w)
 
-    def time_forward_lmkern(self, tokens):
+    # *params: (tokens,) here, (tokens, bits) in PowerQuantLinearBits.
+    def time_forward_lmkern(self, *params):
         self._fwd(self._lmkern)
 
-    def time_forward_dense(self, tokens):
+    def time_forward_dense(self, *params):
         self._fwd(self._dense)
 
-    def time_forward_backward_lmkern(self, tokens):
+    def time_forward_backward_lmkern(self, *params):
         self._fwd_bwd(self._lmkern)
 
-    def time_forward_backward_dense(self, tokens):
+    def time_forward_backward_dense(self, *params):
         self._fwd_bwd(self._dense)
 
     def _ratio(self, run):
@@ -205,16 +208,24 @@ class PowerQuantLinearTokens:
                            min_rounds=5, budget_s=3.0, warmup=1)
         return t["lmkern"].median, t["peer"].median
 
-    def track_speedup_forward(self, tokens):
+    def track_speedup_forward(self, *params):
         lm, peer = self._ratio(self._fwd)
         return round(peer / lm, 3)
 
-    def track_speedup_forward_backward(self, tokens):
+    def track_speedup_forward_backward(self, *params):
         lm, peer = self._ratio(self._fwd_bwd)
         return round(peer / lm, 3)
 
     track_speedup_forward.unit = "x"
     track_speedup_forward_backward.unit = "x"
+
+
+class PowerQuantLinearBits(PowerQuantLinearTokens):
+    """The same with 2-, 3- and 8-bit codes (g128) at 1 and 8 tokens: their GEMVs and, with AVX-512,
+    the transposed GEMVs of their input gradient."""
+
+    params = [[1, 8], [2, 3, 8]]
+    param_names = ["tokens", "bits"]
 
 
 def main() -> None:
