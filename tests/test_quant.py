@@ -664,14 +664,17 @@ def test_cpu_gemv_token_limit_follows_the_avx512_shape():
     assert limit(3, 4096, 128) == 48 and limit(8, 4096, 128) == 48 and limit(2, 4096, 128) == 48
     assert quant_ops.cpu_gemv_max_tokens(4, 4096, 128) == wide
     # The input gradient's transposed GEMV: 4 bits 512 with AVX-512, 24 otherwise; 2, 3 and 8 bits
-    # (in_features and the group size multiples of 16) 48 with AVX-512; 0 for other shapes.
+    # 48 with AVX-512 (in_features and the group size multiples of 16), 16 with AVX2 (of 8); 0 for
+    # other shapes.
     bwd = _core.quant_cpu_bwd_gemv_max_tokens
     avx512 = wide == 1024
     assert bwd(4, 4096, 128) == (512 if avx512 else 24) and bwd(4, 4096, 32) == bwd(4, 4096, 128)
     assert bwd(4, 4112, 16) == 0
+    avx2 = lmkern.cpu_isa() in ("avx2", "avx512")
     for bits in (2, 3, 8):
-        assert bwd(bits, 4096, 128) == (48 if avx512 else 0) and bwd(bits, 4112, 16) == bwd(bits, 4096, 128)
-        assert bwd(bits, 40, 8) == 0 and bwd(bits, 4104, 24) == 0
+        assert bwd(bits, 4096, 128) == (48 if avx512 else 16 if avx2 else 0) and bwd(bits, 4112, 16) == bwd(bits, 4096, 128)
+        assert bwd(bits, 40, 8) == (16 if avx2 else 0) and bwd(bits, 4104, 24) == bwd(bits, 40, 8)
+        assert bwd(bits, 36, 12) == 0
     assert quant_ops.cpu_bwd_gemv_max_tokens(4, 4096, 128) == bwd(4, 4096, 128)
 
 

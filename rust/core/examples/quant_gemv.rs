@@ -1,6 +1,6 @@
 //! Times the CPU LUT GEMV (4096 → 4096, group 128; 4-bit unless BITS says) and the quantizer on this machine:
-//! `cargo run --release -p lmkern-core --example quant_gemv [threads] [gemv]` (`gemv`: the GEMV
-//! only; `REPS=n` repeats, default 30; `TOKENS=t` activation rows, default 1; `BITS=b`, default 4). Min and median of the repeats, wall clock and, since the
+//! `cargo run --release -p lmkern-core --example quant_gemv [threads] [gemv|bwd]` (`gemv`: the GEMV
+//! only; `bwd`: the GEMV and the input gradient's transposed GEMV; `REPS=n` repeats, default 30; `TOKENS=t` activation rows, default 1; `BITS=b`, default 4). Min and median of the repeats, wall clock and, since the
 //! machine is shared, CPU time (of the calling thread with 1 thread, of the process otherwise).
 use lmkern_core::quant::{self, LinearArgs, QuantArgs};
 use lmkern_core::{DType, Device};
@@ -26,7 +26,8 @@ fn cpu_time(clock: i32) -> f64 {
 
 fn main() {
     let threads: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(1);
-    let gemv_only = std::env::args().nth(2).is_some_and(|a| a == "gemv");
+    let gemv_only = std::env::args().nth(2).is_some_and(|a| a == "gemv" || a == "bwd");
+    let bwd = std::env::args().nth(2).is_some_and(|a| a == "bwd");
     let reps: usize = std::env::var("REPS").ok().and_then(|v| v.parse().ok()).unwrap_or(30).max(1);
     let tokens: usize = std::env::var("TOKENS").ok().and_then(|v| v.parse().ok()).unwrap_or(1).max(1);
     let bits: u32 = std::env::var("BITS").ok().and_then(|v| v.parse().ok()).unwrap_or(4);
@@ -89,6 +90,14 @@ fn main() {
         };
         time(&format!("linear GEMV 4096 -> 4096 {bits}-bit g128, {tokens} tokens"), false, &mut gemv);
         time("linear GEMV, caches flushed", true, &mut gemv);
+        if bwd {
+            // dy @ Ŵ (the input gradient's transposed GEMV), dy = y.
+            let mut dx = vec![0f32; tokens * k];
+            time(&format!("linear_backward 4096 -> 4096 {bits}-bit g128, {tokens} tokens"), false, &mut || {
+                quant::linear_backward(Device::Cpu, DType::F32, &l, y.as_ptr() as u64, codes.as_ptr() as u64, scales.as_ptr() as u64, table.as_ptr() as u64, dx.as_mut_ptr() as u64)
+                    .unwrap()
+            });
+        }
         if !gemv_only {
             let mut yd = vec![0f32; n];
             time("dense f32 GEMV (naive Rust dot, reference only)", false, &mut || {

@@ -617,6 +617,13 @@ pub fn avx512_narrow_bwd_shape(bits: u32, n: usize, group: usize) -> bool {
     cfg!(target_arch = "x86_64") && matches!(bits, 2 | 3 | 8) && n.is_multiple_of(16) && group.is_multiple_of(16) && crate::cpu::has_avx512()
 }
 
+/// The AVX2 transposed GEMV of the 2-, 3- and 8-bit input gradient applies: those widths, `n` and
+/// the group size multiples of 8, a CPU with AVX2 (where [`avx512_narrow_bwd_shape`] holds too, the
+/// AVX-512 one runs).
+pub fn narrow_bwd_shape(bits: u32, n: usize, group: usize) -> bool {
+    cfg!(target_arch = "x86_64") && matches!(bits, 2 | 3 | 8) && n.is_multiple_of(8) && group.is_multiple_of(8) && crate::cpu::has_avx2()
+}
+
 /// The AVX2 8-bit GEMV applies: 8-bit codes, the group size (so the row) a multiple of 16.
 fn fast8_path(q: &QuantArgs) -> bool {
     cfg!(target_arch = "x86_64") && q.bits == 8 && q.group.is_multiple_of(16) && crate::cpu::has_avx2()
@@ -1791,13 +1798,17 @@ fn linear_bwd_cols_body<T: QElem>(lb: &LinBwd, c0: usize, c1: usize)
                 linear_bwd_cols_avx2(lb, c0, c1, &mut acc)
             }
         };
-    } else if avx512_narrow_bwd_shape(q.bits, q.n, q.group) {
+    } else if narrow_bwd_shape(q.bits, q.n, q.group) {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: avx512_narrow_bwd_shape checked AVX-512 F/BW/VL (has_avx512), AVX2+FMA, 2, 3 or
-        // 8 bits, k and g multiples of 16, so c0 (a multiple of bwd_cols) and c1 (that or k) are
-        // multiples of 16; acc is tokens × w_cols.
+        // SAFETY: narrow_bwd_shape checked AVX2+FMA, 2, 3 or 8 bits, k and g multiples of 8, so c0
+        // (a multiple of bwd_cols) and c1 (that or k) are multiples of 8; acc is tokens × w_cols;
+        // avx512_narrow_bwd_shape checked AVX-512 F/BW/VL (has_avx512) and multiples of 16.
         unsafe {
-            linear_bwd_cols_avx512_narrow(lb, c0, c1, &mut acc)
+            if avx512_narrow_bwd_shape(q.bits, q.n, q.group) {
+                linear_bwd_cols_avx512_narrow(lb, c0, c1, &mut acc)
+            } else {
+                linear_bwd_cols_avx2_narrow(lb, c0, c1, &mut acc)
+            }
         };
     } else {
         linear_bwd_cols_generic(lb, c0, c1, &mut acc);
@@ -2088,6 +2099,7 @@ unsafe fn bwd_rows_avx512_narrow<const B: usize, const R: usize>(lb: &LinBwd, o0
     let dy = lb.dyf.as_ptr().add(o0);
     let mut c = c0;
     while c < c1 {
+        let gi = c / g;
         let w: [__m512; R] = std::array::from_fn(|r| {
             let row = codes.add((o0 + r) * rb);
             let d = if B == 8 {
@@ -2095,7 +2107,7 @@ unsafe fn bwd_rows_avx512_narrow<const B: usize, const R: usize>(lb: &LinBwd, o0
             } else {
                 decode16_small_avx512::<B>(tabs[r][0], row, rb, c / 16)
             };
-            _mm512_mul_ps(_mm512_set1_ps(*scales.add((o0 + r) * ng + c / g)), d)
+            _mm512_mul_ps(_mm512_set1_ps(*scales.add((o0 + r) * ng + gi)), d)
         });
         for t in 0..tokens {
             let a = ap.add(t * w_cols + (c - c0));
@@ -2106,6 +2118,127 @@ unsafe fn bwd_rows_avx512_narrow<const B: usize, const R: usize>(lb: &LinBwd, o0
             _mm512_storeu_ps(a, s);
         }
         c += 16;
+    }
+}
+
+/// [`linear_bwd_cols_avx512_narrow`] with AVX2: per 8 columns the rows' weights Ŵ = m·table[field]
+/// ([`decode8_small`], or for 8 bits one gather from the row's codebook), rows two at a time (one
+/// at a time took 1.2× longer even at 1 token), then per token one load and one store of its 8 sums
+/// around the rows' FMAs. Sums in column order, each adding the rows in order.
+///
+/// # Safety
+/// AVX2 and FMA; 2-, 3- or 8-bit codes; c0, c1 and the group size multiples of 8; otherwise as
+/// [`linear_bwd_cols_avx512_narrow`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn linear_bwd_cols_avx2_narrow(lb: &LinBwd, c0: usize, c1: usize, acc: &mut [f32]) {
+    let (nout, ap) = (lb.l.q.rows, acc.as_mut_ptr());
+    let rows = |o: usize, two: bool| match (lb.l.q.bits, two) {
+        (2, true) => bwd_rows_avx2_narrow::<2, 2>(lb, o, c0, c1, ap),
+        (2, false) => bwd_rows_avx2_narrow::<2, 1>(lb, o, c0, c1, ap),
+        (3, true) => bwd_rows_avx2_narrow::<3, 2>(lb, o, c0, c1, ap),
+        (3, false) => bwd_rows_avx2_narrow::<3, 1>(lb, o, c0, c1, ap),
+        (_, true) => bwd_rows_avx2_narrow::<8, 2>(lb, o, c0, c1, ap),
+        (_, false) => bwd_rows_avx2_narrow::<8, 1>(lb, o, c0, c1, ap),
+    };
+    let mut o = 0;
+    while o + 2 <= nout {
+        rows(o, true);
+        o += 2;
+    }
+    while o < nout {
+        rows(o, false);
+        o += 1;
+    }
+}
+
+/// Rows o0 .. o0 + R of [`linear_bwd_cols_avx2_narrow`] (B-bit codes) into `ap`: 32 columns a step
+/// (per token four loads and stores of sums around 4·R FMAs: with 8 the loop's own work outweighed
+/// them), the last columns 8 at a time.
+///
+/// # Safety
+/// As [`linear_bwd_cols_avx2_narrow`]; o0 + R <= rows.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn bwd_rows_avx2_narrow<const B: usize, const R: usize>(lb: &LinBwd, o0: usize, c0: usize, c1: usize, ap: *mut f32) {
+    use std::arch::x86_64::*;
+    let q = &lb.l.q;
+    let rb = q.row_bytes();
+    let (codes, table) = (lb.codes as *const u8, lb.table as *const f32);
+    // The same columns a few rows on (prefetches never fault: wrapping arithmetic).
+    for r in 0..R {
+        let ahead = codes.wrapping_add((o0 + 4 + r) * rb + c0 * B / 8);
+        let mut l = 0;
+        while l < (c1 - c0) * B / 8 {
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(l) as *const i8);
+            l += 64;
+        }
+    }
+    // 2, 3 bits: the codebook repeated to 8 entries (8 bits: gathers from the table in memory).
+    let tabs: [__m256; R] = std::array::from_fn(|r| if B == 8 { _mm256_setzero_ps() } else { small_codebook::<B>(table.add((o0 + r) << B)) });
+    let mut c = c0;
+    while c + 32 <= c1 {
+        bwd_step_avx2_narrow::<B, R, 4>(lb, o0, c0, c1, c, &tabs, ap);
+        c += 32;
+    }
+    while c < c1 {
+        bwd_step_avx2_narrow::<B, R, 1>(lb, o0, c0, c1, c, &tabs, ap);
+        c += 8;
+    }
+}
+
+/// Columns c .. c + 8·U of [`bwd_rows_avx2_narrow`]: the R rows' weights Ŵ = m·table[field], then
+/// every token's sums.
+///
+/// # Safety
+/// As [`bwd_rows_avx2_narrow`]; c − c0 a multiple of 8, c + 8·U <= c1.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+#[allow(clippy::too_many_arguments)]
+#[allow(clippy::needless_range_loop)] // indexed loops over the rows keep their weights in registers
+unsafe fn bwd_step_avx2_narrow<const B: usize, const R: usize, const U: usize>(
+    lb: &LinBwd, o0: usize, c0: usize, c1: usize, c: usize, tabs: &[std::arch::x86_64::__m256; R], ap: *mut f32,
+) {
+    use std::arch::x86_64::*;
+    let q = &lb.l.q;
+    let (nout, rb, ng, g, tokens) = (q.rows, q.row_bytes(), q.groups(), q.group, lb.l.tokens);
+    let (codes, scales, table) = (lb.codes as *const u8, lb.scales as *const f32, lb.table as *const f32);
+    // The units' groups: one division a step where the group size is a multiple of the step.
+    let g0 = c / g;
+    let groups: [usize; U] = std::array::from_fn(|j| if g.is_multiple_of(8 * U) { g0 } else { (c + 8 * j) / g });
+    let w: [[__m256; U]; R] = std::array::from_fn(|r| {
+        let row = codes.add((o0 + r) * rb);
+        std::array::from_fn(|j| {
+            let u = c / 8 + j;
+            let d = if B == 8 {
+                let idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(row.add(8 * u) as *const __m128i));
+                _mm256_i32gather_ps::<4>(table.add((o0 + r) << 8), idx)
+            } else {
+                // The B bytes of the 8 fields: one 4-byte load where the row has 4 bytes left.
+                let word = if B * u + 4 <= rb {
+                    (row.add(B * u) as *const i32).read_unaligned()
+                } else {
+                    (0..B).fold(0u32, |w, b| w | (*row.add(B * u + b) as u32) << (8 * b)) as i32
+                };
+                decode8_small::<B>(tabs[r], word)
+            };
+            _mm256_mul_ps(_mm256_set1_ps(*scales.add((o0 + r) * ng + groups[j])), d)
+        })
+    });
+    let dy = lb.dyf.as_ptr().add(o0);
+    for t in 0..tokens {
+        let a = ap.add(t * (c1 - c0) + (c - c0));
+        let mut s: [__m256; U] = std::array::from_fn(|j| _mm256_loadu_ps(a.add(8 * j)));
+        for r in 0..R {
+            let d = _mm256_set1_ps(*dy.add(t * nout + r));
+            for j in 0..U {
+                s[j] = _mm256_fmadd_ps(d, w[r][j], s[j]);
+            }
+        }
+        for j in 0..U {
+            _mm256_storeu_ps(a.add(8 * j), s[j]);
+        }
     }
 }
 

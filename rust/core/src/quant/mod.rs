@@ -484,10 +484,14 @@ pub const CPU_AVX512_GEMV_MAX_TOKENS: usize = 1024;
 /// narrowed with the token count: benches/results/2026-11-27-cpu-quant-narrow-input-gradient.txt),
 /// else 24 (AVX2: lost at 48 on a Zen 3 VM, benches/results/2026-11-26-cpu-quant-many-tokens.txt).
 /// 2-, 3- and 8-bit codes with `n` and the group size multiples of 16, with AVX-512: 48 (at 4096²
-/// it won 1.3-1.5× at 48 tokens and lost or tied at 64-96 for 2 and 3 bits; same results file).
+/// it won 1.3-1.5× at 48 tokens and lost or tied at 64-96 for 2 and 3 bits; same results file);
+/// multiples of 8, with AVX2: 16 (won 1.0-1.6× at 16 tokens in two runs, lost at 24 for 2 and 3
+/// bits in both).
 pub fn cpu_bwd_gemv_max_tokens(bits: u32, n: usize, group: usize) -> usize {
     if cpu::avx512_narrow_bwd_shape(bits, n, group) {
         CPU_AVX512_NARROW_BWD_GEMV_MAX_TOKENS
+    } else if cpu::narrow_bwd_shape(bits, n, group) {
+        CPU_NARROW_BWD_GEMV_MAX_TOKENS
     } else if !(bits == 4 && n.is_multiple_of(32) && group.is_multiple_of(32)) {
         0
     } else if cpu::avx512_shape(bits, n, group) {
@@ -501,6 +505,7 @@ pub fn cpu_bwd_gemv_max_tokens(bits: u32, n: usize, group: usize) -> usize {
 pub const CPU_BWD_GEMV_MAX_TOKENS: usize = 24;
 pub const CPU_AVX512_BWD_GEMV_MAX_TOKENS: usize = 512;
 pub const CPU_AVX512_NARROW_BWD_GEMV_MAX_TOKENS: usize = 48;
+pub const CPU_NARROW_BWD_GEMV_MAX_TOKENS: usize = 16;
 
 /// `y = x @ Ŵᵀ + bias` with x `[tokens, in]` and y `[tokens, out]` of `dtype`, bias float32 [out]
 /// (0: none), `table` the rows' codebooks (float32 [out, 2^b], see [`codebook`]). Ŵ is never formed:
