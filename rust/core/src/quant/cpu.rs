@@ -1062,9 +1062,13 @@ unsafe fn decode16_small_avx512<const B: usize>(tab: std::arch::x86_64::__m512, 
             _mm_maskz_loadu_epi8(((1u32 << left) - 1) as u16, row.add(6 * u) as *const i8)
         };
         let lanes = _mm512_shuffle_epi8(_mm512_broadcast_i32x4(src), _mm512_loadu_si512(SHUF3.as_ptr() as *const _));
-        _mm512_permutexvar_ps(_mm512_srlv_epi32(lanes, _mm512_setr_epi32(0, 3, 6, 1, 4, 7, 2, 5, 0, 3, 6, 1, 4, 7, 2, 5)), tab)
+        _mm512_permutexvar_ps(_mm512_srlv_epi32(lanes, _mm512_loadu_si512(SHIFTS3.as_ptr() as *const _)), tab)
     }
 }
+
+/// The shifts of the 3-bit decode after [`SHUF3`]: lane i by 3i mod 8, field i's first bit in its byte.
+#[cfg(target_arch = "x86_64")]
+const SHIFTS3: [i32; 16] = [0, 3, 6, 1, 4, 7, 2, 5, 0, 3, 6, 1, 4, 7, 2, 5];
 
 /// The `vpshufb` control of [`linear_tile_avx512_small`]'s 3-bit decode: dword lane i (of 16; four
 /// per 128-bit lane) takes bytes ⌊3i/8⌋ .. ⌊3i/8⌋ + 3 of the 16 loaded, the bytes of field i.
@@ -1102,8 +1106,8 @@ unsafe fn linear_tile_avx512_small<T: QElem, const B: usize, const NT: usize>(li
     let (k, rb, ng, g) = (q.n, q.row_bytes(), q.groups(), q.group);
     let (codes, scales, table) = (lin.codes as *const u8, lin.scales as *const f32, lin.table as *const f32);
     let x0 = lin.xf.as_ptr().add(t0 * k);
-    let shifts = _mm512_setr_epi32(0, 3, 6, 1, 4, 7, 2, 5, 0, 3, 6, 1, 4, 7, 2, 5);
-    // 3 bits: the byte shuffles of a pair's first and second unit.
+    // 3 bits: the shifts, and the byte shuffles of a pair's first and second unit.
+    let shifts3 = _mm512_loadu_si512(SHIFTS3.as_ptr() as *const _);
     let shuf = [_mm512_loadu_si512(SHUF3.as_ptr() as *const _), _mm512_add_epi8(_mm512_loadu_si512(SHUF3.as_ptr() as *const _), _mm512_set1_epi8(6))];
     for o in o0..o1 {
         let tab = codebook16_avx512::<B>(table.add(o << B));
@@ -1134,7 +1138,7 @@ unsafe fn linear_tile_avx512_small<T: QElem, const B: usize, const NT: usize>(li
                 };
             }
             // 3 bits: the unit's (the pair's) 16 fields of the 16 bytes from unit u, broadcast.
-            let dec3 = |lanes: __m512i, p: usize| _mm512_permutexvar_ps(_mm512_srlv_epi32(_mm512_shuffle_epi8(lanes, shuf[p]), shifts), tab);
+            let dec3 = |lanes: __m512i, p: usize| _mm512_permutexvar_ps(_mm512_srlv_epi32(_mm512_shuffle_epi8(lanes, shuf[p]), shifts3), tab);
             let dec2 = |u: usize| decode16_small_avx512::<2>(tab, row, rb, u);
             if B == 2 {
                 while u + 1 < end {

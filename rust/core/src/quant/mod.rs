@@ -551,10 +551,12 @@ pub unsafe fn linear(
 }
 
 /// `dx = dy @ Ŵ` with dy `[tokens, out]` and dx `[tokens, in]` of `dtype` (the input gradient of
-/// [`linear`]), through the same codebooks: tasks own 256 columns of dx and sum the rows in order
-/// (AVX2 for 4 bits with in and the group size multiples of 32: one `decode32` per row and 32
-/// columns, then one FMA per token; a scalar table path otherwise). Meant for few tokens: the
-/// Python layer forms Ŵ in chunks for a matmul past a few dozen.
+/// [`linear`]), through the same codebooks: tasks own up to 256 columns of dx (fewer past 32 tokens,
+/// so that their float32 sums stay in L1) and sum the rows in order. SIMD forms decode a few rows'
+/// weights Ŵ = m·table[field] for a block of columns, then add them to every token's sums: 4 bits
+/// with in and the group size multiples of 32 (AVX-512 or AVX2); 2, 3 and 8 bits with multiples of
+/// 16 (AVX-512) or 8 (AVX2); a scalar table path otherwise. Meant for few tokens
+/// ([`cpu_bwd_gemv_max_tokens`]): past them the Python layer forms Ŵ in chunks for a matmul.
 ///
 /// # Safety
 /// As [`quantize`].
