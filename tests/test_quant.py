@@ -694,6 +694,19 @@ def test_cuda_gemv_token_limit_follows_the_tensor_core_shape():
     assert limit(codes[torch.float32], 4, 4096, 128) == 8
 
 
+def test_quantized_tensor_to_device():
+    """PowerQuantized.to moves every tensor field (here to the meta device, which any machine has)
+    and nothing else; to its own device it is the same object. tests/test_quant_cuda.py checks the
+    round trip through a GPU."""
+    q = power_quantize(torch.randn(6, 64), torch.full((6,), 0.6), 4, 32)
+    assert q.device == torch.device("cpu") and q.to("cpu") is q
+    m = q.to("meta")
+    assert type(m) is type(q) and m.device.type == "meta"
+    assert all(t.is_meta for t in (m.codes, m.scales, m.exponent))
+    assert (m.shape, m.dtype, m.bits, m.group_size) == (q.shape, q.dtype, q.bits, q.group_size)
+    assert m.codes.shape == q.codes.shape and m.codes.dtype == torch.uint8 and m.exponent.dtype == torch.float32
+
+
 def test_power_quant_linear_state_dict_round_trip():
     lin = _linear(256, 40, True, 1)
     mod = PowerQuantLinear.from_linear(lin, 4, 64)  # exponents searched

@@ -467,6 +467,19 @@ def test_search_exponent_runs_on_the_host_for_cuda_tensors():
             assert torch.equal(got.cpu(), search_exponent(w, 4, 16, x=calib, per_row=per_row))
 
 
+def test_quantized_tensor_moves_between_devices():
+    """PowerQuantized.to: quantized on the CPU, dequantized on the GPU (and back) gives the CPU's
+    values; every tensor field moves, the original shape and dtype stay."""
+    w = randn((37, 96), BF16, 11)
+    q = power_quantize(w, torch.rand(37, generator=torch.Generator().manual_seed(2)) * 0.8 + 0.2, 4, 32)
+    qc = q.to("cuda")
+    assert qc.device.type == "cuda" and all(t.is_cuda for t in (qc.codes, qc.scales, qc.exponent))
+    assert (qc.shape, qc.dtype, qc.bits, qc.group_size) == (q.shape, q.dtype, q.bits, q.group_size)
+    assert qc.to("cuda") is qc
+    assert torch.equal(power_dequantize(qc).cpu(), power_dequantize(q))
+    assert torch.equal(qc.to("cpu").codes, q.codes)
+
+
 def test_power_quant_linear_moves_to_cuda_and_builds_there():
     lin = _linear(128, 24, True, 2)
     mod = PowerQuantLinear.from_linear(lin, 4, 32)

@@ -52,6 +52,7 @@ synchronize once to check the exponents and the scales' finiteness (same errors 
 from __future__ import annotations
 
 import math
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -98,6 +99,19 @@ class QuantizedTensor:
     def int_codes(self) -> torch.Tensor:
         """The signed codes q as int8 [rows, n] (unpacked with torch ops; for inspection and tests)."""
         return unpack_codes(self.codes, self.bits, self.n)
+
+    @property
+    def device(self) -> torch.device:
+        return self.codes.device
+
+    def to(self, device: torch.device | str) -> "QuantizedTensor":
+        """The same quantized tensor with every tensor field on ``device`` (copies where they move;
+        ``self`` where nothing moves). The original dtype is kept: this moves, it never casts."""
+        moved = {f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
+                 if isinstance(getattr(self, f.name), torch.Tensor)}
+        if all(v is getattr(self, k) for k, v in moved.items()):
+            return self
+        return dataclasses.replace(self, **moved)
 
 
 @dataclass(frozen=True)
