@@ -377,8 +377,8 @@ fn deq_rows_body<T: QElem>(d: &Deq, r0: usize, r1: usize)
         let orow = &mut o[i * n..(i + 1) * n];
         if T::IS_F32 && (fast_path(q) || fast8_path(q) || fast23_path(q)) {
             // SAFETY: the *_path checks gave AVX2+FMA, the code width, and n and g multiples of 32
-            // (4 bits), 16 (8 bits) or 8 (2, 3 bits); T is f32, so orow is n float32 and the table
-            // 2^bits float32.
+            // (4 bits), 16 (8 bits) or 8 (2, 3 bits; the AVX-512 forms: of 16, and has_avx512 gave
+            // AVX-512 F/BW/VL); T is f32, so orow is n float32 and the table 2^bits float32.
             #[cfg(target_arch = "x86_64")]
             unsafe {
                 let (codes, scales, table, out) =
@@ -388,7 +388,9 @@ fn deq_rows_body<T: QElem>(d: &Deq, r0: usize, r1: usize)
                     4 => deq_row_avx2(codes, scales, table, g, out, n),
                     8 if crate::cpu::has_avx512() => deq_row_avx512_8bit(codes, scales, table, g, out, n),
                     8 => deq_row_avx2_8bit(codes, scales, table, g, out, n),
+                    2 if crate::cpu::has_avx512() && g.is_multiple_of(16) => deq_row_avx512_small::<2>(codes, scales, table, g, out, n),
                     2 => deq_row_avx2_small::<2>(codes, scales, table, g, out, n),
+                    _ if crate::cpu::has_avx512() && g.is_multiple_of(16) => deq_row_avx512_small::<3>(codes, scales, table, g, out, n),
                     _ => deq_row_avx2_small::<3>(codes, scales, table, g, out, n),
                 }
             };
@@ -1390,14 +1392,14 @@ unsafe fn write_row_sums_avx512<T: QElem>(lin: &Lin, o: usize, t0: usize, sums: 
 unsafe fn deq_row_avx512(codes: &[u8], scales: &[f32], table: *const f32, g: usize, out: *mut f32, n: usize) {
     use std::arch::x86_64::*;
     let tab = _mm512_loadu_ps(table);
-    let mut off = 0;
-    while off < n {
-        let m = _mm512_set1_ps(*scales.get_unchecked(off / g));
-        let [ev, od] = decode32_avx512(tab, codes.as_ptr().add(off / 2));
-        let [lo, hi] = column_order_avx512(ev, od);
-        _mm512_storeu_ps(out.add(off), _mm512_mul_ps(m, lo));
-        _mm512_storeu_ps(out.add(off + 16), _mm512_mul_ps(m, hi));
-        off += 32;
+    for (gi, &m) in scales.iter().enumerate().take(n / g) {
+        let m = _mm512_set1_ps(m);
+        for off in (gi * g..(gi + 1) * g).step_by(32) {
+            let [ev, od] = decode32_avx512(tab, codes.as_ptr().add(off / 2));
+            let [lo, hi] = column_order_avx512(ev, od);
+            _mm512_storeu_ps(out.add(off), _mm512_mul_ps(m, lo));
+            _mm512_storeu_ps(out.add(off + 16), _mm512_mul_ps(m, hi));
+        }
     }
 }
 
@@ -1412,14 +1414,14 @@ unsafe fn deq_row_avx512(codes: &[u8], scales: &[f32], table: *const f32, g: usi
 unsafe fn deq_row_avx2(codes: &[u8], scales: &[f32], table: *const f32, g: usize, out: *mut f32, n: usize) {
     use std::arch::x86_64::*;
     let planes = byte_planes(table);
-    let mut off = 0;
-    while off < n {
-        let m = _mm256_set1_ps(*scales.get_unchecked(off / g));
-        let w = decode32(&planes, codes.as_ptr().add(off / 2));
-        for (j, wj) in w.into_iter().enumerate() {
-            _mm256_storeu_ps(out.add(off + 8 * j), column_order(_mm256_mul_ps(wj, m)));
+    for (gi, &m) in scales.iter().enumerate().take(n / g) {
+        let m = _mm256_set1_ps(m);
+        for off in (gi * g..(gi + 1) * g).step_by(32) {
+            let w = decode32(&planes, codes.as_ptr().add(off / 2));
+            for (j, wj) in w.into_iter().enumerate() {
+                _mm256_storeu_ps(out.add(off + 8 * j), column_order(_mm256_mul_ps(wj, m)));
+            }
         }
-        off += 32;
     }
 }
 
@@ -1450,11 +1452,12 @@ unsafe fn deq_row_avx2_8bit(codes: &[u8], scales: &[f32], table: *const f32, g: 
 unsafe fn deq_row_avx512_8bit(codes: &[u8], scales: &[f32], table: *const f32, g: usize, out: *mut f32, n: usize) {
     use std::arch::x86_64::*;
     let tab: [__m512; 16] = std::array::from_fn(|i| _mm512_loadu_ps(table.add(16 * i)));
-    let mut u = 0;
-    while u < n {
-        let w = lookup256_avx512(&tab, _mm512_cvtepu8_epi32(_mm_loadu_si128(codes.as_ptr().add(u) as *const __m128i)));
-        _mm512_storeu_ps(out.add(u), _mm512_mul_ps(w, _mm512_set1_ps(*scales.get_unchecked(u / g))));
-        u += 16;
+    for (gi, &m) in scales.iter().enumerate().take(n / g) {
+        let m = _mm512_set1_ps(m);
+        for u in (gi * g..(gi + 1) * g).step_by(16) {
+            let w = lookup256_avx512(&tab, _mm512_cvtepu8_epi32(_mm_loadu_si128(codes.as_ptr().add(u) as *const __m128i)));
+            _mm512_storeu_ps(out.add(u), _mm512_mul_ps(w, m));
+        }
     }
 }
 
@@ -1469,13 +1472,36 @@ unsafe fn deq_row_avx512_8bit(codes: &[u8], scales: &[f32], table: *const f32, g
 unsafe fn deq_row_avx2_small<const B: usize>(codes: &[u8], scales: &[f32], table: *const f32, g: usize, out: *mut f32, n: usize) {
     use std::arch::x86_64::*;
     let tab = small_codebook::<B>(table);
-    for u in 0..n / 8 {
-        let mut word = 0u32;
-        for b in 0..B {
-            word |= (*codes.get_unchecked(B * u + b) as u32) << (8 * b);
+    let rb = n * B / 8;
+    for (gi, &m) in scales.iter().enumerate().take(n / g) {
+        let m = _mm256_set1_ps(m);
+        for u in gi * g / 8..(gi + 1) * g / 8 {
+            // The B bytes of the 8 fields: one 4-byte load where the row has 4 bytes left.
+            let word = if B * u + 4 <= rb {
+                (codes.as_ptr().add(B * u) as *const i32).read_unaligned()
+            } else {
+                (0..B).fold(0u32, |w, b| w | (*codes.get_unchecked(B * u + b) as u32) << (8 * b)) as i32
+            };
+            _mm256_storeu_ps(out.add(8 * u), _mm256_mul_ps(decode8_small::<B>(tab, word), m));
         }
-        let w = _mm256_mul_ps(decode8_small::<B>(tab, word as i32), _mm256_set1_ps(*scales.get_unchecked(8 * u / g)));
-        _mm256_storeu_ps(out.add(8 * u), w);
+    }
+}
+
+/// [`deq_row_avx2_small`] 16 codes at a time with AVX-512 ([`decode16_small_avx512`]).
+///
+/// # Safety
+/// AVX-512 F, BW, VL; n and g multiples of 16; otherwise as [`deq_row_avx2_small`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+unsafe fn deq_row_avx512_small<const B: usize>(codes: &[u8], scales: &[f32], table: *const f32, g: usize, out: *mut f32, n: usize) {
+    use std::arch::x86_64::*;
+    let tab = codebook16_avx512::<B>(table);
+    let rb = n * B / 8;
+    for (gi, &m) in scales.iter().enumerate().take(n / g) {
+        let m = _mm512_set1_ps(m);
+        for u in gi * g / 16..(gi + 1) * g / 16 {
+            _mm512_storeu_ps(out.add(16 * u), _mm512_mul_ps(decode16_small_avx512::<B>(tab, codes.as_ptr(), rb, u), m));
+        }
     }
 }
 
