@@ -552,7 +552,7 @@ def test_power_quant_linear_fast_path_edges(in_f, g, out_f, tokens):
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16, F64])
-@pytest.mark.parametrize("in_f, g, out_f, bits", [(256, 64, 37, 4), (96, 32, 10, 3), (40, 8, 9, 8)])
+@pytest.mark.parametrize("in_f, g, out_f, bits", [(256, 64, 37, 4), (96, 32, 10, 3), (40, 8, 9, 8), (48, 16, 7, 2)])
 def test_power_quant_linear_many_tokens_in_chunks(monkeypatch, dtype, in_f, g, out_f, bits):
     """Past cpu_gemv_max_tokens tokens (the backward: cpu_bwd_gemv_max_tokens, 0 for shapes
     without its SIMD kernels) Ŵ is formed a chunk of rows at a time: with chunks of 4 rows (a
