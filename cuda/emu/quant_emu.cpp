@@ -1,6 +1,6 @@
 // Runs the kernels of cuda/quant.cu, unchanged, on the CPU emulator (emu.h) and checks them:
 //   - quantize: codes and scales bit for bit against a C++ port of the CPU rule
-//     (rust/core/src/quant/cpu.rs: float32 |x| ≥ thr_up(t_k·m), pack_row), and the codes against
+//     (rust/core/src/quant/cpu/mod.rs: float32 |x| ≥ thr_up(t_k·m), pack_row), and the codes against
 //     round(qmax·(|x|/m)^a) in float64 away from boundaries;
 //   - dequantize and fake quantize forward: bit for bit against T(m·float(lut64)), and within float
 //     rounding of the float64 formula m·sign(q)·(|q|/qmax)^(1/a); dequantize through given

@@ -1,0 +1,644 @@
+//! CPU power-quantization kernels: rows split across lmkern's pool, every row computed in a fixed
+//! order (results do not depend on the thread count). See the module docs of [`super`] for the
+//! operator and the packed layout.
+use super::{boundaries, pack_row, qmax, row_lut, unpack_fields, LinearArgs, QuantArgs, SearchArgs, Tables, FAKE_GRAD_EPS};
+use crate::cpu::{multiversion, rows_of, rows_of_mut, slice, Acc, Elem};
+use crate::error::{Error, Result};
+use crate::parallel;
+use crate::tensor::DType;
+use half::{bf16, f16};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+mod backward;
+mod decode;
+mod linear;
+mod search;
+pub use backward::{avx512_narrow_bwd_shape, linear_backward, narrow_bwd_shape};
+#[cfg(target_arch = "x86_64")]
+use decode::*;
+pub use linear::{avx512_shape, linear};
+#[cfg(target_arch = "x86_64")]
+use linear::fast512_path;
+use linear::{fast8_path, fast23_path, fast_path};
+pub use search::search_exponent;
+
+/// The comparison/accumulation type of an element type (f32, or f64 for f64 input).
+pub trait Real: Acc {
+    /// `t` (> 0) rounded up to this type: `v >= Self::thr_up(t)` ⟺ `v >= t` for every v of this type.
+    fn thr_up(t: f64) -> Self;
+    fn to_f64(self) -> f64;
+    fn abs(self) -> Self;
+    fn is_neg(self) -> bool;
+}
+
+impl Real for f32 {
+    #[inline(always)]
+    fn thr_up(t: f64) -> f32 {
+        let f = t as f32; // round to nearest
+        if (f as f64) < t {
+            f.next_up()
+        } else {
+            f
+        }
+    }
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+    #[inline(always)]
+    fn abs(self) -> f32 {
+        f32::abs(self)
+    }
+    #[inline(always)]
+    fn is_neg(self) -> bool {
+        self < 0.0
+    }
+}
+
+impl Real for f64 {
+    #[inline(always)]
+    fn thr_up(t: f64) -> f64 {
+        t
+    }
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        self
+    }
+    #[inline(always)]
+    fn abs(self) -> f64 {
+        f64::abs(self)
+    }
+    #[inline(always)]
+    fn is_neg(self) -> bool {
+        self < 0.0
+    }
+}
+
+/// An element type whose accumulation type is [`Real`] (every lmkern dtype).
+pub trait QElem: Elem<Acc: Real> {
+    /// The element is float32 (the AVX2 dequantizer writes float32 only).
+    const IS_F32: bool = false;
+}
+impl QElem for f32 {
+    const IS_F32: bool = true;
+}
+impl QElem for f64 {}
+impl QElem for f16 {}
+impl QElem for bf16 {}
+
+/// Rows handed to one task: about 16K elements of work, independent of the thread count.
+fn rows_per_task(n: usize) -> usize {
+    (16384 / n.max(1)).clamp(1, 256)
+}
+
+/// A raw address that tasks may share; each task touches only its own disjoint part (see uses).
+#[derive(Clone, Copy)]
+struct Shared(usize);
+
+/// max|x| of a group, and whether every element is finite.
+#[inline(always)]
+fn absmax<A: Real>(xs: &[A]) -> (A, bool) {
+    const L: usize = 8;
+    let mut m = [A::ZERO; L];
+    let mut z = [A::ZERO; L]; // Σ x·0: 0 unless some x is NaN or ±inf
+    let chunks = xs.chunks_exact(L);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for i in 0..L {
+            let v = c[i].abs();
+            m[i] = if v > m[i] { v } else { m[i] };
+            z[i] += c[i] * A::ZERO;
+        }
+    }
+    for (i, v) in tail.iter().enumerate() {
+        let a = v.abs();
+        m[i] = if a > m[i] { a } else { m[i] };
+        z[i] += *v * A::ZERO;
+    }
+    let mut mm = m[0];
+    let mut zz = A::ZERO;
+    for i in 0..L {
+        mm = if m[i] > mm { m[i] } else { mm };
+        zz += z[i];
+    }
+    (mm, zz == A::ZERO)
+}
+
+/// The scaled boundaries T_k = t_k·m (m > 0) of a group as this type's thresholds: never 0, so x = 0
+/// stays code 0 even when t_k·m underflows.
+#[inline(always)]
+fn threshold<A: Real>(t: &[f64], m: f64, k: usize) -> A {
+    A::thr_up((t[k] * m).max(f64::from_bits(1)))
+}
+
+#[inline(always)]
+fn thresholds<A: Real, const P: usize>(t: &[f64], m: f64) -> [A; P] {
+    let mut thr = [A::ZERO; P];
+    for (k, v) in thr.iter_mut().enumerate() {
+        *v = threshold(t, m, k);
+    }
+    thr
+}
+
+/// |q| of every element of a group: the number of scaled boundaries `T_k = t_k·m` at or below |x|.
+#[inline(always)]
+fn count_codes<A: Real>(xs: &[A], t: &[f64], m: f32, cnt: &mut [u32]) {
+    let cnt = &mut cnt[..xs.len()];
+    if m == 0.0 {
+        cnt.fill(0); // an all-zero group: every code 0
+        return;
+    }
+    let m = m as f64;
+    match t.len() {
+        1 => count_at_or_above::<A, 1>(xs, thresholds(t, m), cnt),
+        3 => count_at_or_above::<A, 3>(xs, thresholds(t, m), cnt),
+        7 => count_at_or_above::<A, 7>(xs, thresholds(t, m), cnt),
+        _ => count_by_search(xs, t.len(), |k| threshold(t, m, k), cnt),
+    }
+}
+
+/// cnt[j] = #{k : |xs[j]| ≥ thr[k]} for the P ≤ 7 boundaries of 2-, 3- and 4-bit codes: one pass,
+/// the boundaries in registers (with P passes over the counts in memory the whole 4-bit quantizer
+/// took 1.5x as long).
+#[inline(always)]
+fn count_at_or_above<A: Real, const P: usize>(xs: &[A], thr: [A; P], cnt: &mut [u32]) {
+    for (c, x) in cnt.iter_mut().zip(xs) {
+        let v = x.abs();
+        let mut n = 0u32;
+        for tk in &thr {
+            n += (v >= *tk) as u32;
+        }
+        *c = n;
+    }
+}
+
+/// 8 bits: a branchless binary search over the boundaries (`p` ≤ 127 of them, `thr(k)` each),
+/// padded with +inf to 128.
+#[inline(always)]
+fn count_by_search<A: Real>(xs: &[A], p: usize, thr: impl Fn(usize) -> A, cnt: &mut [u32]) {
+    let mut tab = [A::from_f64(f64::INFINITY); 128];
+    for (k, v) in tab.iter_mut().enumerate().take(p) {
+        *v = thr(k);
+    }
+    for (c, x) in cnt.iter_mut().zip(xs) {
+        let v = x.abs();
+        let mut pos = 0usize;
+        let mut step = 64;
+        while step > 0 {
+            pos += if tab[pos + step - 1] <= v { step } else { 0 };
+            step /= 2;
+        }
+        *c = pos as u32;
+    }
+}
+
+/// Signed codes of a group from its counts.
+#[inline(always)]
+fn signed<A: Real>(xs: &[A], cnt: &[u32], codes: &mut [i8]) {
+    for ((q, c), x) in codes.iter_mut().zip(cnt).zip(xs) {
+        *q = if x.is_neg() { -(*c as i8) } else { *c as i8 };
+    }
+}
+
+/// Per-task scratch of one row.
+struct RowScratch<A> {
+    xv: Vec<A>,
+    cnt: Vec<u32>,
+    codes: Vec<i8>,
+}
+
+impl<A: Real> RowScratch<A> {
+    fn new(n: usize, g: usize) -> Self {
+        RowScratch { xv: vec![A::ZERO; n], cnt: vec![0; g], codes: vec![0; n] }
+    }
+}
+
+/// Codes of one row (into `s.codes`) and its group scales; false when x holds NaN/inf or a scale
+/// overflows float32.
+#[inline(always)]
+fn quant_row<T: QElem>(xr: &[T], t: &[f64], q: &QuantArgs, scales: &mut [f32], s: &mut RowScratch<T::Acc>) -> bool
+{
+    let g = q.group;
+    for (v, x) in s.xv.iter_mut().zip(xr) {
+        *v = x.load();
+    }
+    let mut ok = true;
+    for (gi, sc) in scales.iter_mut().enumerate() {
+        let xs = &s.xv[gi * g..(gi + 1) * g];
+        let (amax, finite) = absmax(xs);
+        let m = (q.clip * amax.to_f64()) as f32;
+        ok &= finite && m.is_finite();
+        *sc = m;
+        count_codes(xs, t, m, &mut s.cnt);
+        signed(xs, &s.cnt, &mut s.codes[gi * g..(gi + 1) * g]);
+    }
+    ok
+}
+
+fn lut_of<A: Real>(bits: u32, a: f32) -> Vec<A> {
+    row_lut(bits, a).into_iter().map(A::from_f64).collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// quantize / dequantize / fake quantize
+// ---------------------------------------------------------------------------------------------
+
+/// # Safety
+/// See [`super::quantize`].
+pub unsafe fn quantize(dtype: DType, q: &QuantArgs, x: u64, a: u64, codes: u64, scales: u64) -> Result<()> {
+    let ok = match dtype {
+        DType::F32 => quantize_t::<f32>(q, x, a, codes, scales),
+        DType::F64 => quantize_t::<f64>(q, x, a, codes, scales),
+        DType::F16 => quantize_t::<f16>(q, x, a, codes, scales),
+        DType::BF16 => quantize_t::<bf16>(q, x, a, codes, scales),
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::value("x: expected finite values (NaN or inf found, or clip·max|x| overflows float32)"))
+    }
+}
+
+unsafe fn quantize_t<T: QElem>(q: &QuantArgs, x: u64, a: u64, codes: u64, scales: u64) -> bool
+{
+    let (rows, n) = (q.rows, q.n);
+    let ok = AtomicBool::new(true);
+    let rpt = rows_per_task(n);
+    let (xs, cs, ss) = (Shared(x as usize), Shared(codes as usize), Shared(scales as usize));
+    parallel::for_each_task(rows.div_ceil(rpt), rows * n, |ti| {
+        let (r0, r1) = (ti * rpt, ((ti + 1) * rpt).min(rows));
+        if !quant_rows::<T>(q, xs, a, cs, ss, r0, r1) {
+            ok.store(false, Ordering::Relaxed);
+        }
+    });
+    ok.load(Ordering::Relaxed)
+}
+
+fn quant_rows<T: QElem>(q: &QuantArgs, x: Shared, a: u64, codes: Shared, scales: Shared, r0: usize, r1: usize) -> bool
+{
+    let (n, rb, ng) = (q.n, q.row_bytes(), q.groups());
+    // SAFETY: tasks own disjoint row ranges [r0, r1) of codes and scales; x and a are only read.
+    let (xr, ar, cr, sr) = unsafe {
+        (
+            rows_of::<T>(x.0 as u64, n, r0, r1),
+            rows_of::<f32>(a, 1, r0, r1),
+            rows_of_mut::<u8>(codes.0 as u64, rb, r0, r1),
+            rows_of_mut::<f32>(scales.0 as u64, ng, r0, r1),
+        )
+    };
+    let mut s = RowScratch::<T::Acc>::new(n, q.group);
+    let mut ok = true;
+    // Boundaries are recomputed only when the exponent changes from one row to the next.
+    let (mut cached, mut t) = (f32::NAN, Vec::new());
+    for i in 0..r1 - r0 {
+        if ar[i].to_bits() != cached.to_bits() {
+            (cached, t) = (ar[i], boundaries(q.bits, ar[i]));
+        }
+        ok &= quant_row_mv::<T>(&xr[i * n..(i + 1) * n], &t, q, &mut sr[i * ng..(i + 1) * ng], &mut s);
+        pack_row(&s.codes, q.bits, &mut cr[i * rb..(i + 1) * rb]);
+    }
+    ok
+}
+
+/// quant_row compiled three times (AVX-512, AVX2+FMA and baseline), chosen at run time (with
+/// AVX-512 the compiler's vectors are twice as wide: 11.4 -> 9.2 ms at [4096, 4096], 1 thread).
+fn quant_row_mv<T: QElem>(xr: &[T], t: &[f64], q: &QuantArgs, scales: &mut [f32], s: &mut RowScratch<T::Acc>) -> bool
+{
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2<T: QElem>(xr: &[T], t: &[f64], q: &QuantArgs, scales: &mut [f32], s: &mut RowScratch<T::Acc>) -> bool
+        {
+            quant_row::<T>(xr, t, q, scales, s)
+        }
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+        unsafe fn avx512<T: QElem>(xr: &[T], t: &[f64], q: &QuantArgs, scales: &mut [f32], s: &mut RowScratch<T::Acc>) -> bool
+        {
+            quant_row::<T>(xr, t, q, scales, s)
+        }
+        if crate::cpu::has_avx512() {
+            // SAFETY: the CPU supports AVX-512 F/BW/VL, AVX2 and FMA (checked at run time).
+            return unsafe { avx512::<T>(xr, t, q, scales, s) };
+        }
+        if crate::cpu::has_avx2() {
+            // SAFETY: the CPU supports AVX2 and FMA (checked at run time).
+            return unsafe { avx2::<T>(xr, t, q, scales, s) };
+        }
+    }
+    quant_row::<T>(xr, t, q, scales, s)
+}
+
+/// # Safety
+/// See [`super::dequantize`] and [`super::dequantize_codebooks`].
+pub unsafe fn dequantize(dtype: DType, q: &QuantArgs, codes: u64, scales: u64, tables: Tables, out: u64) {
+    match dtype {
+        DType::F32 => dequantize_t::<f32>(q, codes, scales, tables, out),
+        DType::F64 => dequantize_t::<f64>(q, codes, scales, tables, out),
+        DType::F16 => dequantize_t::<f16>(q, codes, scales, tables, out),
+        DType::BF16 => dequantize_t::<bf16>(q, codes, scales, tables, out),
+    }
+}
+
+struct Deq<'a> {
+    q: &'a QuantArgs,
+    codes: u64,
+    scales: u64,
+    tables: Tables,
+    out: u64,
+}
+
+unsafe fn dequantize_t<T: QElem>(q: &QuantArgs, codes: u64, scales: u64, tables: Tables, out: u64)
+{
+    let d = Deq { q, codes, scales, tables, out };
+    let rpt = rows_per_task(q.n);
+    parallel::for_each_task(q.rows.div_ceil(rpt), q.rows * q.n, |ti| {
+        deq_rows::<T>(&d, ti * rpt, ((ti + 1) * rpt).min(q.rows))
+    });
+}
+
+multiversion!(fn deq_rows<T: QElem>(d: &Deq, r0: usize, r1: usize) => deq_rows_body);
+
+/// The table of row r: from its exponent (float64, rounded to the accumulation type) or its
+/// codebook (float32, as given).
+///
+/// # Safety
+/// r < q.rows; the exponents or codebooks are valid buffers as [`super::dequantize`] and
+/// [`super::dequantize_codebooks`] document.
+unsafe fn row_table<A: Real>(tables: Tables, bits: u32, r: usize) -> Vec<A> {
+    match tables {
+        Tables::Exponents(a) => lut_of(bits, *(a as *const f32).add(r)),
+        Tables::Codebooks(t) => {
+            let nl = 1usize << bits;
+            slice::<f32>(t + (4 * r * nl) as u64, nl).iter().map(|&v| A::from_f64(v as f64)).collect()
+        }
+    }
+}
+
+#[inline(always)]
+fn deq_rows_body<T: QElem>(d: &Deq, r0: usize, r1: usize)
+{
+    let q = d.q;
+    let (n, rb, ng, g) = (q.n, q.row_bytes(), q.groups(), q.group);
+    // SAFETY: tasks write disjoint row ranges of out; the rest is only read.
+    let (cr, sr, o) = unsafe {
+        (rows_of::<u8>(d.codes, rb, r0, r1), rows_of::<f32>(d.scales, ng, r0, r1), rows_of_mut::<T>(d.out, n, r0, r1))
+    };
+    let mut f = vec![0u8; n];
+    for i in 0..r1 - r0 {
+        // SAFETY: r0 + i < q.rows.
+        let lut = unsafe { row_table::<T::Acc>(d.tables, q.bits, r0 + i) };
+        let orow = &mut o[i * n..(i + 1) * n];
+        if T::IS_F32 && (fast_path(q) || fast8_path(q) || fast23_path(q)) {
+            // SAFETY: the *_path checks gave AVX2+FMA, the code width, and n and g multiples of 32
+            // (4 bits), 16 (8 bits) or 8 (2, 3 bits; the AVX-512 forms: of 16, and has_avx512 gave
+            // AVX-512 F/BW/VL); T is f32, so orow is n float32 and the table 2^bits float32.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                let (codes, scales, table, out) =
+                    (&cr[i * rb..(i + 1) * rb], &sr[i * ng..(i + 1) * ng], lut.as_ptr() as *const f32, orow.as_mut_ptr() as *mut f32);
+                match q.bits {
+                    4 if fast512_path(q) => deq_row_avx512(codes, scales, table, g, out, n),
+                    4 => deq_row_avx2(codes, scales, table, g, out, n),
+                    8 if crate::cpu::has_avx512() => deq_row_avx512_8bit(codes, scales, table, g, out, n),
+                    8 => deq_row_avx2_8bit(codes, scales, table, g, out, n),
+                    2 if crate::cpu::has_avx512() && g.is_multiple_of(16) => deq_row_avx512_small::<2>(codes, scales, table, g, out, n),
+                    2 => deq_row_avx2_small::<2>(codes, scales, table, g, out, n),
+                    _ if crate::cpu::has_avx512() && g.is_multiple_of(16) => deq_row_avx512_small::<3>(codes, scales, table, g, out, n),
+                    _ => deq_row_avx2_small::<3>(codes, scales, table, g, out, n),
+                }
+            };
+            continue;
+        }
+        unpack_fields(&cr[i * rb..(i + 1) * rb], q.bits, 0, &mut f);
+        for gi in 0..ng {
+            let m = T::Acc::from_f64(sr[i * ng + gi] as f64);
+            for (y, &fv) in orow[gi * g..(gi + 1) * g].iter_mut().zip(&f[gi * g..(gi + 1) * g]) {
+                *y = T::store(m * lut[fv as usize]);
+            }
+        }
+    }
+}
+
+/// # Safety
+/// See [`super::fake_quantize`].
+pub unsafe fn fake_quantize(dtype: DType, q: &QuantArgs, x: u64, a: u64, y: u64, scales: u64) -> Result<()> {
+    let ok = match dtype {
+        DType::F32 => fake_t::<f32>(q, x, a, y, scales),
+        DType::F64 => fake_t::<f64>(q, x, a, y, scales),
+        DType::F16 => fake_t::<f16>(q, x, a, y, scales),
+        DType::BF16 => fake_t::<bf16>(q, x, a, y, scales),
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::value("x: expected finite values (NaN or inf found, or clip·max|x| overflows float32)"))
+    }
+}
+
+unsafe fn fake_t<T: QElem>(q: &QuantArgs, x: u64, a: u64, y: u64, scales: u64) -> bool
+{
+    let (rows, n) = (q.rows, q.n);
+    let ok = AtomicBool::new(true);
+    let rpt = rows_per_task(n);
+    let (xs, ys, ss) = (Shared(x as usize), Shared(y as usize), Shared(scales as usize));
+    parallel::for_each_task(rows.div_ceil(rpt), rows * n, |ti| {
+        let (r0, r1) = (ti * rpt, ((ti + 1) * rpt).min(rows));
+        // SAFETY: tasks own disjoint row ranges of y and scales; x and a are only read.
+        let (xr, ar, yr, sr) = unsafe {
+            (
+                rows_of::<T>(xs.0 as u64, n, r0, r1),
+                rows_of::<f32>(a, 1, r0, r1),
+                rows_of_mut::<T>(ys.0 as u64, n, r0, r1),
+                rows_of_mut::<f32>(ss.0 as u64, q.groups(), r0, r1),
+            )
+        };
+        let mut s = RowScratch::<T::Acc>::new(n, q.group);
+        let (g, ng, mask) = (q.group, q.groups(), (1u32 << q.bits) - 1);
+        for i in 0..r1 - r0 {
+            let t = boundaries(q.bits, ar[i]);
+            let srow = &mut sr[i * ng..(i + 1) * ng];
+            if !quant_row_mv::<T>(&xr[i * n..(i + 1) * n], &t, q, srow, &mut s) {
+                ok.store(false, Ordering::Relaxed);
+            }
+            let lut = lut_of::<T::Acc>(q.bits, ar[i]);
+            for gi in 0..ng {
+                let m = T::Acc::from_f64(srow[gi] as f64);
+                let yrow = &mut yr[i * n + gi * g..i * n + (gi + 1) * g];
+                for (yv, &c) in yrow.iter_mut().zip(&s.codes[gi * g..(gi + 1) * g]) {
+                    *yv = T::store(m * lut[(c as u8 as u32 & mask) as usize]);
+                }
+            }
+        }
+    });
+    ok.load(Ordering::Relaxed)
+}
+
+/// # Safety
+/// See [`super::fake_quantize_backward`].
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn fake_quantize_backward(dtype: DType, q: &QuantArgs, dy: u64, x: u64, scales: u64, a: u64, dx: u64, da: u64) {
+    match dtype {
+        DType::F32 => fake_bwd_t::<f32>(q, dy, x, scales, a, dx, da),
+        DType::F64 => fake_bwd_t::<f64>(q, dy, x, scales, a, dx, da),
+        DType::F16 => fake_bwd_t::<f16>(q, dy, x, scales, a, dx, da),
+        DType::BF16 => fake_bwd_t::<bf16>(q, dy, x, scales, a, dx, da),
+    }
+}
+
+unsafe fn fake_bwd_t<T: QElem>(q: &QuantArgs, dy: u64, x: u64, scales: u64, a: u64, dx: u64, da: u64)
+{
+    let (rows, n, g, ng) = (q.rows, q.n, q.group, q.groups());
+    let rpt = rows_per_task(n);
+    let (dys, xs, dxs, das) = (Shared(dy as usize), Shared(x as usize), Shared(dx as usize), Shared(da as usize));
+    let qm = qmax(q.bits) as f64;
+    parallel::for_each_task(rows.div_ceil(rpt), rows * n, |ti| {
+        let (r0, r1) = (ti * rpt, ((ti + 1) * rpt).min(rows));
+        // SAFETY: tasks own disjoint row ranges of dx and da; the inputs are only read.
+        let (dyr, xr, sr, ar, dxr) = unsafe {
+            (
+                rows_of::<T>(dys.0 as u64, n, r0, r1),
+                rows_of::<T>(xs.0 as u64, n, r0, r1),
+                rows_of::<f32>(scales, ng, r0, r1),
+                rows_of::<f32>(a, 1, r0, r1),
+                rows_of_mut::<T>(dxs.0 as u64, n, r0, r1),
+            )
+        };
+        // SAFETY: da has one float per row; rows [r0, r1) belong to this task alone.
+        let mut dar = (das.0 != 0).then(|| unsafe { rows_of_mut::<f32>(das.0 as u64, 1, r0, r1) });
+        let mut s = RowScratch::<T::Acc>::new(n, g);
+        // Per |q| = c (the row's exponent a): R = r^(1/a − 1) and r^(1/a)·ln r with r = c/qmax
+        // (c = 0: R = [a = 1], no first term), recomputed only when a changes from row to row; per
+        // element then one ln and one exp, (u+ε)^a being (u+ε)^(a−1)·(u+ε) (six before).
+        let (mut cached, mut t) = (f32::NAN, Vec::new());
+        let (mut big_r, mut first) = (vec![0f64; qm as usize + 1], vec![0f64; qm as usize + 1]);
+        for i in 0..r1 - r0 {
+            let av = ar[i] as f64;
+            if ar[i].to_bits() != cached.to_bits() {
+                (cached, t) = (ar[i], boundaries(q.bits, ar[i]));
+                big_r[0] = if av == 1.0 { 1.0 } else { 0.0 };
+                for c in 1..big_r.len() {
+                    let lr = (c as f64 / qm).ln();
+                    (big_r[c], first[c]) = (((1.0 / av - 1.0) * lr).exp(), (lr / av).exp() * lr);
+                }
+            }
+            for (v, xv) in s.xv.iter_mut().zip(&xr[i * n..(i + 1) * n]) {
+                *v = xv.load();
+            }
+            let mut da_row = 0.0f64;
+            for gi in 0..ng {
+                let m32 = sr[i * ng + gi];
+                let xs = &s.xv[gi * g..(gi + 1) * g];
+                // The same codes the forward made, from the same stored scale.
+                count_codes(xs, &t, m32, &mut s.cnt);
+                let m = m32 as f64;
+                for j in 0..g {
+                    let e = i * n + gi * g + j;
+                    let xv = xs[j].to_f64();
+                    let (ddx, dda) = if xv == 0.0 || m == 0.0 || xv.abs() > m {
+                        (0.0, 0.0)
+                    } else {
+                        let sg = xv.signum();
+                        let ue = xv.abs() / m + FAKE_GRAD_EPS;
+                        let lu = ue.ln();
+                        let c = s.cnt[j] as usize;
+                        let p = ((av - 1.0) * lu).exp(); // (u+ε)^(a−1)
+                        let ddx = big_r[c] * p;
+                        let dda = -(m / (av * av)) * sg * first[c] + (m / av) * sg * big_r[c] * (p * ue) * lu;
+                        (ddx, dda)
+                    };
+                    let g_out = dyr[e].load().to_f64();
+                    dxr[e] = T::store(T::Acc::from_f64(g_out * ddx));
+                    da_row += g_out * dda;
+                }
+            }
+            if let Some(d) = dar.as_deref_mut() {
+                d[i] = da_row as f32;
+            }
+        }
+    });
+}
+
+/// # Safety
+/// See [`super::codebook`].
+pub unsafe fn codebook(bits: u32, rows: usize, a: u64, out: u64) {
+    let nl = 1usize << bits;
+    let (ar, o) = (slice::<f32>(a, rows), rows_of_mut::<f32>(out, nl, 0, rows));
+    // Only qmax + 1 magnitudes per row: (k/qmax)^(1/a) = exp(ln(k/qmax)/a), logarithms shared.
+    let qm = qmax(bits);
+    let ln: Vec<f64> = (0..=qm).map(|k| (k as f64 / qm as f64).ln()).collect();
+    let mut mag = vec![0f64; nl / 2 + 1];
+    for (r, &av) in ar.iter().enumerate() {
+        let inv_a = 1.0 / av as f64;
+        for (k, v) in mag.iter_mut().enumerate() {
+            *v = if k == 0 { 0.0 } else if k as i32 <= qm { (ln[k] * inv_a).exp() } else { (k as f64 / qm as f64).powf(inv_a) };
+        }
+        for (f, d) in o[r * nl..(r + 1) * nl].iter_mut().enumerate() {
+            let q = super::field_to_code(f as u8, bits);
+            let v = mag[q.unsigned_abs() as usize];
+            *d = (if q < 0 { -v } else { v }) as f32;
+        }
+    }
+}
+
+#[inline(always)]
+fn dot16(a: &[f32], b: &[f32]) -> f32 {
+    const L: usize = 16;
+    let mut acc = [0f32; L];
+    let (ac, bc) = (a.chunks_exact(L), b.chunks_exact(L));
+    let (at, bt) = (ac.remainder(), bc.remainder());
+    for (x, y) in ac.zip(bc) {
+        for i in 0..L {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    for (i, (x, y)) in at.iter().zip(bt).enumerate() {
+        acc[i] += x * y;
+    }
+    let mut w = L / 2;
+    while w > 0 {
+        for i in 0..w {
+            acc[i] += acc[i + w];
+        }
+        w /= 2;
+    }
+    acc[0]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thr_up_is_the_exact_comparison() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..100_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let t = f64::from_bits((x >> 12) | 0x3fe0_0000_0000_0000) * 1e-3; // in [1e-3, 2e-3)
+            let up = f32::thr_up(t);
+            assert!(up as f64 >= t && (up.next_down() as f64) < t);
+        }
+        assert_eq!(f32::thr_up(f64::from_bits(1)), f32::from_bits(1));
+    }
+
+    #[test]
+    fn counts_match_rounding_of_the_power() {
+        // Away from boundaries the counts equal round(qmax·u^a).
+        for bits in [2u32, 3, 4, 8] {
+            let qm = qmax(bits) as f64;
+            for a in [1.0f32, 0.75, 0.5, 0.3] {
+                let t = boundaries(bits, a);
+                let xs: Vec<f32> = (0..1000).map(|i| (i as f32 / 999.0) * 2.0 - 1.0).collect();
+                let mut cnt = vec![0u32; xs.len()];
+                count_codes(&xs, &t, 1.0, &mut cnt);
+                for (x, c) in xs.iter().zip(&cnt) {
+                    let v = qm * (x.abs() as f64).powf(a as f64);
+                    if (v - v.floor() - 0.5).abs() > 1e-6 {
+                        assert_eq!(*c as f64, (v + 0.5).floor().min(qm), "bits {bits} a {a} x {x}");
+                    }
+                }
+            }
+        }
+    }
+}
