@@ -472,8 +472,9 @@ def _linear(in_f, out_f, bias, seed):
 def linear_cases(draw):
     dtype = draw(st.sampled_from([F32, BF16, F16, F64]))
     bits = draw(st.sampled_from([4, 4, 2, 3, 8]))
-    in_f = draw(st.sampled_from([16, 32, 48, 128, 256, 7, 100]))
-    g = draw(st.sampled_from([d for d in (16, 32, 128, in_f) if in_f % d == 0]))
+    in_f = draw(st.sampled_from([16, 32, 48, 128, 256, 7, 100, 40]))
+    # Groups of 8 and 24 (multiples of 8, not of 16): the AVX2 2-/3-/8-bit kernels even on AVX-512.
+    g = draw(st.sampled_from([d for d in (8, 16, 24, 32, 128, in_f) if in_f % d == 0]))
     out_f = draw(st.sampled_from([1, 5, 16, 33]))
     # 41 tokens: 8-token tiles + 1 (GEMV); 3 × 17 = 51: Ŵ in chunks.
     lead = draw(st.sampled_from([(1,), (2,), (3,), (5,), (2, 3), (0,), (), (41,), (3, 17)]))
