@@ -96,7 +96,7 @@ pub unsafe fn slice<'a, T>(ptr: u64, len: usize) -> &'a [T] {
 /// Rows `[r0, r1)` of a row-major buffer of `n`-wide rows.
 ///
 /// # Safety
-/// As [`slice`], for the rows asked.
+/// As [`slice()`], for the rows asked.
 pub unsafe fn rows_of<'a, T>(ptr: u64, n: usize, r0: usize, r1: usize) -> &'a [T] {
     slice((ptr as *const T).wrapping_add(r0 * n) as u64, (r1 - r0) * n)
 }

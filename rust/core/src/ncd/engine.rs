@@ -12,7 +12,7 @@
 //! length, good_match reduction, nice_match capped by the lookahead, MAX_DIST limit and scan_end
 //! test, and block flushes when the symbol buffer holds lit_bufsize − 1 = 16383 symbols. Per block it
 //! keeps only the symbol frequencies; the Huffman work and the stored/fixed/dynamic choice are in
-//! [`super::trees`]. No output byte is produced.
+//! `super::trees`. No output byte is produced.
 //!
 //! Priming ([`Deflater::prime`] / [`Deflater::primed_len`]): for x ⊕ y short enough that zlib reads it
 //! in one piece and never slides (x.len() + y.len() ≤ [`SMALL_MAX`]), every step at a position p with

@@ -252,7 +252,7 @@ fn cuda_dtype(_: DType) -> Result<()> {
     Err(Error::cuda("lmkern was built without CUDA support"))
 }
 
-/// Quantize `x` (rows·n elements of `dtype`) with exponents `a` (float32 [rows]) into `codes`
+/// Quantize `x` (rows·n elements of `dtype`) with exponents `a` (float32 \[rows\]) into `codes`
 /// (uint8 [rows, row_bytes]) and `scales` (float32 [rows, n/group]).
 /// Errors (ValueError kind) on an exponent outside (0, 1], or on NaN/inf in x (or a scale that
 /// overflows float32); outputs are then unspecified.
@@ -294,9 +294,9 @@ unsafe fn exponent_checks(device: Device, dtype: DType, q: &QuantArgs, a: Ptr) -
 /// Where the dequantizers take each row's table `lut_r` from.
 #[derive(Debug, Clone, Copy)]
 pub enum Tables {
-    /// Computed from the row's exponent: float32 [rows].
+    /// Computed from the row's exponent: float32 \[rows\].
     Exponents(Ptr),
-    /// Read from the row's codebook as given: float32 [rows, 2^b] (see [`codebook`]).
+    /// Read from the row's codebook as given: float32 \[rows, 2^b\] (see [`codebook`]).
     Codebooks(Ptr),
 }
 
@@ -311,7 +311,7 @@ pub unsafe fn dequantize(device: Device, dtype: DType, q: &QuantArgs, codes: Ptr
     dequantize_rows(device, dtype, q, codes, scales, Tables::Exponents(a), out)
 }
 
-/// Dequantize through the rows' codebooks (float32 [rows, 2^b], as [`codebook`] makes them and
+/// Dequantize through the rows' codebooks (float32 \[rows, 2^b\], as [`codebook`] makes them and
 /// [`linear`] reads them, unchecked: a NaN entry gives NaN outputs): `out = scales[r, j/g] ·
 /// table[r, field(r, j)]`, the product in float32 (float64 for float64 out). This is the Ŵ that
 /// [`linear`] multiplies by without forming it; the Python layer forms it for matmuls with many tokens.
@@ -376,7 +376,7 @@ pub const FAKE_GRAD_EPS: f64 = 1e-12;
 ///   `∂x̂/∂x = R · exp((a − 1)·lu)`
 ///   `∂x̂/∂a = −(m/a²)·s·r^(1/a)·ln r  +  (m/a)·s·R·exp(a·lu)·lu`   (first term 0 for q = 0)
 /// both 0 where x = 0, m = 0 or |x| > m (clamped). `dx = dy·∂x̂/∂x` (rows·n of `dtype`);
-/// `da[r] = Σ_row dy·∂x̂/∂a` (float32 [rows], 0: not wanted), summed in a fixed order in float64.
+/// `da[r] = Σ_row dy·∂x̂/∂a` (float32 \[rows\], 0: not wanted), summed in a fixed order in float64.
 ///
 /// # Safety
 /// As [`quantize`]; `scales` as [`fake_quantize`] wrote them.
@@ -413,7 +413,7 @@ pub struct LinearArgs {
     pub tokens: usize,
 }
 
-/// The codebooks of rows with exponents `a` (float32 [rows]) into `out` (float32 [rows, 2^b]):
+/// The codebooks of rows with exponents `a` (float32 \[rows\]) into `out` (float32 \[rows, 2^b\]):
 /// `out[r, f] = sign(q_f)·(|q_f|/qmax)^(1/a_r)`, what [`linear`] and [`dequantize_codebooks`] read.
 ///
 /// Host memory only (lmkern.ops.quant builds the codebooks of CUDA exponents on the CPU).
@@ -507,7 +507,7 @@ pub const CPU_AVX512_BWD_GEMV_MAX_TOKENS: usize = 512;
 pub const CPU_AVX512_NARROW_BWD_GEMV_MAX_TOKENS: usize = 48;
 pub const CPU_NARROW_BWD_GEMV_MAX_TOKENS: usize = 16;
 
-/// `y = x @ Ŵᵀ + bias` with x `[tokens, in]` and y `[tokens, out]` of `dtype`, bias float32 [out]
+/// `y = x @ Ŵᵀ + bias` with x `[tokens, in]` and y `[tokens, out]` of `dtype`, bias float32 \[out\]
 /// (0: none), `table` the rows' codebooks (float32 [out, 2^b], see [`codebook`]). Ŵ is never formed:
 /// each row's codebook times its group scales meets x directly (4 bits with in and the group size
 /// multiples of 32: with AVX-512 per 32 weights two `vpermps` over the codebook in one register,
@@ -553,7 +553,7 @@ pub unsafe fn linear(
 /// `dx = dy @ Ŵ` with dy `[tokens, out]` and dx `[tokens, in]` of `dtype` (the input gradient of
 /// [`linear`]), through the same codebooks: tasks own up to 256 columns of dx (fewer past 32 tokens,
 /// so that their float32 sums stay in L1) and sum the rows in order. SIMD forms decode a few rows'
-/// weights Ŵ = m·table[field] for a block of columns, then add them to every token's sums: 4 bits
+/// weights Ŵ = m·table\[field\] for a block of columns, then add them to every token's sums: 4 bits
 /// with in and the group size multiples of 32 (AVX-512 or AVX2); 2, 3 and 8 bits with multiples of
 /// 16 (AVX-512) or 8 (AVX2); a scalar table path otherwise. Meant for few tokens
 /// ([`cpu_bwd_gemv_max_tokens`]): past them the Python layer forms Ŵ in chunks for a matmul.
@@ -595,7 +595,7 @@ pub struct SearchArgs {
 
 /// The exponent(s) minimizing the quantization error of `w` (float32 [rows, n]): per row
 /// `Σ (w − ŵ_a)²`, or with a metric `z` (float32 [z_rows, n]) `‖z·(w − ŵ_a)‖²` (z = the calibration
-/// activations X, or any R with RᵀR = XᵀX). `out`: float32 [rows] (`per_row`) or [1] (one exponent
+/// activations X, or any R with RᵀR = XᵀX). `out`: float32 \[rows\] (`per_row`) or \[1\] (one exponent
 /// minimizing the sum over rows).
 ///
 /// # Safety

@@ -137,11 +137,11 @@ fn linear_bwd_cols_generic(lb: &LinBwd, c0: usize, c1: usize, acc: &mut [f32]) {
 }
 
 /// [`linear_bwd_cols_generic`] for 4-bit codes with AVX2, rows two at a time from 4 tokens: per 32
-/// columns the two rows' weights Ŵ = m·table[field] ([`decode32`] times the group scale: the
+/// columns the two rows' weights Ŵ = m·table\[field\] ([`decode32`] times the group scale: the
 /// float32 weight the many-token path forms), then per token one load and one store of its 32 sums
 /// around two FMAs per vector (loading and storing them for every row was this kernel's bound: 1.6x
 /// slower at 8 tokens); each sum still adds the rows in order. Below 4 tokens two rows' byte
-/// planes, weights and sums spill, so rows go one at a time, as (dy·m)·table[field]. Sums in
+/// planes, weights and sums spill, so rows go one at a time, as (dy·m)·table\[field\]. Sums in
 /// decode32's element order, put back in column order at the end.
 ///
 /// # Safety
@@ -229,7 +229,7 @@ unsafe fn bwd_rows_avx2<const R: usize>(lb: &LinBwd, o0: usize, c0: usize, c1: u
 }
 
 /// [`linear_bwd_cols_avx2`] with AVX-512, rows four at a time: per 32 columns the four rows'
-/// weights Ŵ = m·table[field] ([`decode32_avx512`] times the group scale: the float32 weight the
+/// weights Ŵ = m·table\[field\] ([`decode32_avx512`] times the group scale: the float32 weight the
 /// many-token path forms), then per token one load and one store of its 32 sums around four FMAs
 /// (the AVX2 kernel loads and stores them for every row: its bound). Each sum still adds the rows
 /// in order. Sums in decode32_avx512's order, put back in column order at the end.
@@ -311,7 +311,7 @@ unsafe fn bwd_rows_avx512<const R: usize>(lb: &LinBwd, o0: usize, c0: usize, c1:
 }
 
 /// [`linear_bwd_cols_generic`] for 2-, 3- and 8-bit codes with AVX-512, rows four at a time as
-/// [`linear_bwd_cols_avx512`] does for 4 bits: per 16 columns the rows' weights Ŵ = m·table[field]
+/// [`linear_bwd_cols_avx512`] does for 4 bits: per 16 columns the rows' weights Ŵ = m·table\[field\]
 /// ([`decode16_small_avx512`], or for 8 bits [`lookup256_avx512`] over the row's codebook in 16
 /// registers), then per token one load and one store of its 16 sums around the rows' FMAs. Sums in
 /// column order, each adding the rows in order.
@@ -398,7 +398,7 @@ unsafe fn bwd_rows_avx512_narrow<const B: usize, const R: usize>(lb: &LinBwd, o0
     }
 }
 
-/// [`linear_bwd_cols_avx512_narrow`] with AVX2: per 8 columns the rows' weights Ŵ = m·table[field]
+/// [`linear_bwd_cols_avx512_narrow`] with AVX2: per 8 columns the rows' weights Ŵ = m·table\[field\]
 /// ([`decode8_small`], or for 8 bits one gather from the row's codebook), rows two at a time (one
 /// at a time took 1.2× longer even at 1 token), then per token one load and one store of its 8 sums
 /// around the rows' FMAs. Sums in column order, each adding the rows in order.
@@ -464,7 +464,7 @@ unsafe fn bwd_rows_avx2_narrow<const B: usize, const R: usize>(lb: &LinBwd, o0: 
     }
 }
 
-/// Columns c .. c + 8·U of [`bwd_rows_avx2_narrow`]: the R rows' weights Ŵ = m·table[field], then
+/// Columns c .. c + 8·U of [`bwd_rows_avx2_narrow`]: the R rows' weights Ŵ = m·table\[field\], then
 /// every token's sums.
 ///
 /// # Safety

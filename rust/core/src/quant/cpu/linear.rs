@@ -39,7 +39,7 @@ pub(super) fn fast512_path(q: &QuantArgs) -> bool {
     avx512_shape(q.bits, q.n, q.group)
 }
 
-/// [`fast512_path`] for a shape: 4 bits, `n` and the group size multiples of 32, and this CPU runs
+/// `fast512_path` for a shape: 4 bits, `n` and the group size multiples of 32, and this CPU runs
 /// the AVX-512 kernels.
 pub fn avx512_shape(bits: u32, n: usize, group: usize) -> bool {
     cfg!(target_arch = "x86_64") && bits == 4 && n.is_multiple_of(32) && group.is_multiple_of(32) && crate::cpu::has_avx512()
@@ -560,7 +560,7 @@ const L1_ACTIVATION_FLOATS: usize = 4096;
 #[cfg(target_arch = "x86_64")]
 const PREFETCH: usize = 4096;
 
-/// Writes y[t0 + t, o] = the lane sum of `sums[t]` + bias[o] for each token t of a GEMV tile (the
+/// Writes y\[t0 + t, o\] = the lane sum of `sums[t]` + bias\[o\] for each token t of a GEMV tile (the
 /// lanes added pairwise in a fixed order).
 ///
 /// # Safety

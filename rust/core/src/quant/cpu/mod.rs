@@ -157,7 +157,7 @@ fn count_codes<A: Real>(xs: &[A], t: &[f64], m: f32, cnt: &mut [u32]) {
     }
 }
 
-/// cnt[j] = #{k : |xs[j]| ≥ thr[k]} for the P ≤ 7 boundaries of 2-, 3- and 4-bit codes: one pass,
+/// cnt\[j\] = #{k : |xs\[j\]| ≥ thr\[k\]} for the P ≤ 7 boundaries of 2-, 3- and 4-bit codes: one pass,
 /// the boundaries in registers (with P passes over the counts in memory the whole 4-bit quantizer
 /// took 1.5x as long).
 #[inline(always)]
