@@ -23,6 +23,8 @@
 //! Nothing here reads device memory on the host: exponents outside (0, 1] give NaN tables (NaN
 //! outputs; linear reads the codebooks it is given), NaN/inf inputs NaN scales; the Python layer
 //! checks what it must (lmkern.ops.quant).
+// The module docs link the private launch rules they describe (rustdoc --document-private-items).
+#![allow(rustdoc::private_intra_doc_links)]
 
 use super::{LinearArgs, QuantArgs, Tables};
 use crate::cuda::{self, clamp_grid, type_suffix, LaunchConfig};
