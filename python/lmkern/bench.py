@@ -12,6 +12,7 @@ GPU timings (benches/gpu/timings.py) measure the same things the same way.
 from __future__ import annotations
 
 import gc
+import functools
 import math
 import statistics
 import time
@@ -493,21 +494,22 @@ def quant_linear_cases(device: str, quick: bool) -> list[Case]:
 _QLINEAR: dict = {}
 
 
-def _quant_layer(n: int, device) -> tuple:
-    """(PowerQuantLinear, its dense float32 Ŵ) for an n → n layer, built once per process."""
-    key = (n, str(device))
+def _quant_layer(n: int, device, bits: int = 4) -> tuple:
+    """(PowerQuantLinear, its dense float32 Ŵ) for an n → n layer of `bits`-bit codes (groups of
+    128), built once per process."""
+    key = (n, str(device), bits)
     if key not in _QLINEAR:
         gen = torch.Generator(device=device).manual_seed(1)
         lin = torch.nn.Linear(n, n, bias=False, device=device)
         with torch.no_grad():
             lin.weight.copy_(torch.randn((n, n), generator=gen, device=device) / math.sqrt(n))
-        mod = lmkern.nn.PowerQuantLinear.from_linear(lin, 4, 128, a=QUANT_A)
+        mod = lmkern.nn.PowerQuantLinear.from_linear(lin, bits, 128, a=QUANT_A)
         _QLINEAR[key] = (mod, mod.dequantized_weight())
     return _QLINEAR[key]
 
 
-def _make_qlinear(shape, dtype, device, gen):
-    mod, w_hat = _quant_layer(shape[-1], device)
+def _make_qlinear(shape, dtype, device, gen, bits=4):
+    mod, w_hat = _quant_layer(shape[-1], device, bits)
     return {"x": _randn(shape, dtype, device, gen), "mod": mod, "w": w_hat.to(dtype)}
 
 
@@ -527,6 +529,19 @@ def _ref_qlinear(d, rows):
 
 register(BenchOp("power_quant_linear", "4bit g128", "dense F.linear", _make_qlinear, _lm_qlinear, _peer_qlinear,
                  _ref_qlinear, quant_linear_cases))
+
+
+def quant_linear_narrow_cases(device: str, quick: bool) -> list[Case]:
+    """The GEMV (batch 1) and a small batch through the same layer with 2-, 3- or 8-bit codes."""
+    if device != "cpu":
+        return []
+    return [((1, 4096), F32)] if quick else [((1, 4096), F32), ((8, 4096), F32)]
+
+
+for _bits in (2, 3, 8):
+    register(BenchOp("power_quant_linear", f"{_bits}bit g128", "dense F.linear",
+                     functools.partial(_make_qlinear, bits=_bits), _lm_qlinear, _peer_qlinear, _ref_qlinear,
+                     quant_linear_narrow_cases))
 
 
 # ---- ncd family (gzip-NCD, ZIP-FIT; PAPERS.md §7) -----------------------------------------------
