@@ -29,7 +29,8 @@ the kernels' launch path:
 On CPU, power_quant_linear runs the fused GEMV up to _core.quant_cpu_gemv_max_tokens tokens (1024
 where the AVX-512 4-bit kernel runs, else 48), and power_quant_linear_backward its transposed twin
 up to _core.quant_cpu_bwd_gemv_max_tokens (4 bits: 512 with AVX-512, else 24; 2, 3 and 8 bits: 48
-with AVX-512, 16 with AVX2; the shapes of the SIMD kernels only); beyond, Ŵ is formed CPU_CHUNK_BYTES of rows at a time (float32, float64 for float64) in a per-thread scratch and each
+with AVX-512, 16 with AVX2; the shapes of the SIMD kernels only); beyond, Ŵ is formed
+CPU_CHUNK_BYTES of rows at a time (float32, float64 for float64) in a per-thread scratch and each
 chunk goes through torch's matmul: the dense weight is never formed whole.
 """
 from __future__ import annotations
