@@ -706,6 +706,11 @@ def test_quantized_tensor_to_device():
     assert all(t.is_meta for t in (m.codes, m.scales, m.exponent))
     assert (m.shape, m.dtype, m.bits, m.group_size) == (q.shape, q.dtype, q.bits, q.group_size)
     assert m.codes.shape == q.codes.shape and m.codes.dtype == torch.uint8 and m.exponent.dtype == torch.float32
+    # Not a device: a clear error, never a cast of the codes.
+    with pytest.raises(TypeError, match="device: expected"):
+        q.to(torch.float16)
+    with pytest.raises(RuntimeError):
+        q.to("nonsense")
 
 
 def test_power_quant_linear_state_dict_round_trip():

@@ -107,6 +107,9 @@ class QuantizedTensor:
     def to(self, device: torch.device | str) -> "QuantizedTensor":
         """The same quantized tensor with every tensor field on ``device`` (copies where they move;
         ``self`` where nothing moves). The original dtype is kept: this moves, it never casts."""
+        if not isinstance(device, (torch.device, str, int)) or isinstance(device, bool):
+            raise TypeError(f"device: expected a torch.device, a device string or index; got {type(device).__name__}")
+        device = torch.device(device)
         moved = {f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
                  if isinstance(getattr(self, f.name), torch.Tensor)}
         if all(v is getattr(self, k) for k, v in moved.items()):
