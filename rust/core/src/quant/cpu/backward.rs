@@ -492,13 +492,7 @@ unsafe fn bwd_step_avx2_narrow<const B: usize, const R: usize, const U: usize>(
                 let idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(row.add(8 * u) as *const __m128i));
                 _mm256_i32gather_ps::<4>(table.add((o0 + r) << 8), idx)
             } else {
-                // The B bytes of the 8 fields: one 4-byte load where the row has 4 bytes left.
-                let word = if B * u + 4 <= rb {
-                    (row.add(B * u) as *const i32).read_unaligned()
-                } else {
-                    (0..B).fold(0u32, |w, b| w | (*row.add(B * u + b) as u32) << (8 * b)) as i32
-                };
-                decode8_small::<B>(tabs[r], word)
+                decode8_small::<B>(tabs[r], unit_word::<B>(row, rb, u))
             };
             _mm256_mul_ps(_mm256_set1_ps(*scales.add((o0 + r) * ng + groups[j])), d)
         })

@@ -36,6 +36,40 @@ pub(super) unsafe fn codebook16_avx512<const B: usize>(table: *const f32) -> std
     std::arch::x86_64::_mm512_loadu_ps(t16.as_ptr())
 }
 
+/// The B bytes (B = 2, 3) of the 8 B-bit fields 8u .. 8u + 7 of a row of `rb` bytes, little-endian
+/// in an i32: one 4-byte load where the row has 4 bytes left from the unit, else its own B bytes
+/// (the next row, or nothing, may follow).
+///
+/// # Safety
+/// `row` valid for `rb` bytes; B·u + B <= rb.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(super) unsafe fn unit_word<const B: usize>(row: *const u8, rb: usize, u: usize) -> i32 {
+    if B * u + 4 <= rb {
+        (row.add(B * u) as *const i32).read_unaligned()
+    } else {
+        (0..B).fold(0u32, |w, b| w | (*row.add(B * u + b) as u32) << (8 * b)) as i32
+    }
+}
+
+/// The 16 codebook entries of the 3-bit fields whose bytes `bytes` holds in each 128-bit lane:
+/// `shuf` ([`SHUF3`], or it + 6 for the second unit of 12 bytes) gives lane i the dword of field
+/// i's bytes, [`SHIFTS3`] brings the field to bit 0, `vpermps` looks it up in `tab`
+/// ([`codebook16_avx512`]).
+///
+/// # Safety
+/// AVX-512 F, BW.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+#[inline]
+pub(super) unsafe fn lookup16_3bit_avx512(
+    bytes: std::arch::x86_64::__m512i, shuf: std::arch::x86_64::__m512i, tab: std::arch::x86_64::__m512,
+) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let lanes = _mm512_shuffle_epi8(bytes, shuf);
+    _mm512_permutexvar_ps(_mm512_srlv_epi32(lanes, _mm512_loadu_si512(SHIFTS3.as_ptr() as *const _)), tab)
+}
+
 /// The 16 codebook entries of unit u (codes 16u .. 16u + 15) of a B-bit row (B = 2, 3) of `rb`
 /// bytes, in column order (`linear_tile_avx512_small` in [`mod@super::linear`] describes the decode; a
 /// 3-bit unit takes a masked load at the row's end, which never touches the bytes past it).
@@ -57,8 +91,7 @@ pub(super) unsafe fn decode16_small_avx512<const B: usize>(tab: std::arch::x86_6
         } else {
             _mm_maskz_loadu_epi8(((1u32 << left) - 1) as u16, row.add(6 * u) as *const i8)
         };
-        let lanes = _mm512_shuffle_epi8(_mm512_broadcast_i32x4(src), _mm512_loadu_si512(SHUF3.as_ptr() as *const _));
-        _mm512_permutexvar_ps(_mm512_srlv_epi32(lanes, _mm512_loadu_si512(SHIFTS3.as_ptr() as *const _)), tab)
+        lookup16_3bit_avx512(_mm512_broadcast_i32x4(src), _mm512_loadu_si512(SHUF3.as_ptr() as *const _), tab)
     }
 }
 
@@ -281,12 +314,7 @@ pub(super) unsafe fn deq_row_avx2_small<const B: usize>(codes: &[u8], scales: &[
     for (gi, &m) in scales.iter().enumerate().take(n / g) {
         let m = _mm256_set1_ps(m);
         for u in gi * g / 8..(gi + 1) * g / 8 {
-            // The B bytes of the 8 fields: one 4-byte load where the row has 4 bytes left.
-            let word = if B * u + 4 <= rb {
-                (codes.as_ptr().add(B * u) as *const i32).read_unaligned()
-            } else {
-                (0..B).fold(0u32, |w, b| w | (*codes.get_unchecked(B * u + b) as u32) << (8 * b)) as i32
-            };
+            let word = unit_word::<B>(codes.as_ptr(), rb, u);
             _mm256_storeu_ps(out.add(8 * u), _mm256_mul_ps(decode8_small::<B>(tab, word), m));
         }
     }

@@ -356,7 +356,6 @@ unsafe fn linear_tile_avx2_small<T: QElem, const B: usize, const NT: usize>(lin:
     let q = &lin.l.q;
     let (k, rb, ng, g) = (q.n, q.row_bytes(), q.groups(), q.group);
     let (codes, scales, table) = (lin.codes as *const u8, lin.scales as *const f32, lin.table as *const f32);
-    let units = k / 8;
     let x0 = lin.xf.as_ptr().add(t0 * k);
     for o in o0..o1 {
         let tab = small_codebook::<B>(table.add(o << B));
@@ -366,25 +365,12 @@ unsafe fn linear_tile_avx2_small<T: QElem, const B: usize, const NT: usize>(lin:
             _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(l + PREFETCH) as *const i8);
             l += 64;
         }
-        // The word of unit u: a 4-byte load reads 4 − B bytes past the unit, so the row's last unit
-        // is assembled from its own B bytes (the next row, or nothing, may follow).
-        let word = |u: usize| -> i32 {
-            if u + 1 < units {
-                (row.add(B * u) as *const u32).read_unaligned() as i32
-            } else {
-                let mut w = 0u32;
-                for b in 0..B {
-                    w |= (*row.add(B * u + b) as u32) << (8 * b);
-                }
-                w as i32
-            }
-        };
         let mut tot = [_mm256_setzero_ps(); NT];
         for gi in 0..ng {
             let (mut a, mut c) = ([_mm256_setzero_ps(); NT], [_mm256_setzero_ps(); NT]);
             let mut u = gi * g / 8;
             while u < (gi + 1) * g / 8 {
-                let w = decode8_small::<B>(tab, word(u));
+                let w = decode8_small::<B>(tab, unit_word::<B>(row, rb, u));
                 for t in 0..NT {
                     let xv = _mm256_loadu_ps(x0.add(t * k + 8 * u));
                     if NT == 1 && u % 2 == 1 {
@@ -444,8 +430,7 @@ unsafe fn linear_tile_avx512_small<T: QElem, const B: usize, const NT: usize>(li
     let (k, rb, ng, g) = (q.n, q.row_bytes(), q.groups(), q.group);
     let (codes, scales, table) = (lin.codes as *const u8, lin.scales as *const f32, lin.table as *const f32);
     let x0 = lin.xf.as_ptr().add(t0 * k);
-    // 3 bits: the shifts, and the byte shuffles of a pair's first and second unit.
-    let shifts3 = _mm512_loadu_si512(SHIFTS3.as_ptr() as *const _);
+    // 3 bits: the byte shuffles of a pair's first and second unit.
     let shuf = [_mm512_loadu_si512(SHUF3.as_ptr() as *const _), _mm512_add_epi8(_mm512_loadu_si512(SHUF3.as_ptr() as *const _), _mm512_set1_epi8(6))];
     for o in o0..o1 {
         let tab = codebook16_avx512::<B>(table.add(o << B));
@@ -476,7 +461,7 @@ unsafe fn linear_tile_avx512_small<T: QElem, const B: usize, const NT: usize>(li
                 };
             }
             // 3 bits: the unit's (the pair's) 16 fields of the 16 bytes from unit u, broadcast.
-            let dec3 = |lanes: __m512i, p: usize| _mm512_permutexvar_ps(_mm512_srlv_epi32(_mm512_shuffle_epi8(lanes, shuf[p]), shifts3), tab);
+            let dec3 = |lanes: __m512i, p: usize| lookup16_3bit_avx512(lanes, shuf[p], tab);
             let dec2 = |u: usize| decode16_small_avx512::<2>(tab, row, rb, u);
             if B == 2 {
                 while u + 1 < end {
