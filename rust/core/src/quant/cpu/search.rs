@@ -98,9 +98,15 @@ fn search_err(se: &Search, r: usize, a: f32, sc: &mut ErrScratch) -> f64 {
 /// `[t_(k−1), t_k)` with value `L_k = (k/qmax)^(1/a)` is `Σm²u² − 2·L_k·Σm²u + L_k²·Σm²`, so one
 /// evaluation costs qmax short searches, whatever the row length.
 struct SortedRow {
+    /// The sorted u, then `WINDOW` entries of +inf (so a window read past the row stays in bounds
+    /// and counts nothing).
     u: Vec<f32>,
+    /// The number of u (without the padding).
+    n: usize,
     /// [Σm², Σm²u, Σm²u²] over the first j sorted elements, j = 0..=n.
-    pre: Vec<[f64; 3]>,
+    pre: Vec<[f64; 2]>,
+    /// Σm²u² over the row.
+    s2: f64,
     /// `bucket[b]` = the number of u below b/B (B = bucket.len() − 1 buckets over [0, 1]), so a
     /// boundary's search runs inside one bucket.
     bucket: Vec<u32>,
@@ -126,59 +132,95 @@ impl SortedRow {
         }
         keys.sort_unstable();
         let mut pre = Vec::with_capacity(keys.len() + 1);
-        let mut acc = [0f64; 3];
+        let mut acc = [0f64; 2];
+        let mut s2 = 0f64;
         pre.push(acc);
         for &key in &keys {
             let (u, m) = (f32::from_bits((key >> 32) as u32) as f64, ms[(key & 0xffff_ffff) as usize] as f64);
             let m2 = m * m;
-            acc = [acc[0] + m2, acc[1] + m2 * u, acc[2] + m2 * u * u];
+            acc = [acc[0] + m2, acc[1] + m2 * u];
+            s2 += m2 * u * u;
             pre.push(acc);
         }
-        let u: Vec<f32> = keys.iter().map(|&k| f32::from_bits((k >> 32) as u32)).collect();
-        let nb = u.len().max(16);
+        let n = keys.len();
+        let mut u: Vec<f32> = Vec::with_capacity(n + WINDOW);
+        u.extend(keys.iter().map(|&k| f32::from_bits((k >> 32) as u32)));
+        let nb = n.max(16);
         let mut bucket = vec![0u32; nb + 1];
         let mut j = 0usize;
         for (b, st) in bucket.iter_mut().enumerate() {
             // The same float32 arithmetic as the lookup (t·B truncated), so every u below the
             // edge of bucket b is counted before it.
-            while j < u.len() && ((u[j] * nb as f32) as usize) < b {
+            while j < n && ((u[j] * nb as f32) as usize) < b {
                 j += 1;
             }
             *st = j as u32;
         }
-        Some(SortedRow { u, pre, bucket })
+        u.resize(n + WINDOW, f32::INFINITY);
+        Some(SortedRow { u, n, pre, s2, bucket })
     }
 
     /// The error with the boundaries and levels of one exponent (see [`Levels`]).
     fn error(&self, lv: &Levels) -> f64 {
-        let n = self.u.len();
-        let mut start = 0usize;
-        let mut err = 0.0;
-        for (k, &l) in lv.level.iter().enumerate() {
-            let end = match lv.thr.get(k) {
-                Some(&t) => {
-                    // t < 1 falls in bucket b: its position lies in [bucket[b], bucket[b + 1]].
-                    let nb = self.bucket.len() - 1;
-                    let b = ((t * nb as f32) as usize).min(nb - 1);
-                    let (lo, hi) = (self.bucket[b] as usize, self.bucket[b + 1] as usize);
-                    let p = if hi - lo <= 16 {
-                        lo + self.u[lo..hi].iter().take_while(|&&v| v < t).count()
-                    } else {
-                        lo + self.u[lo..hi].partition_point(|&v| v < t)
-                    };
-                    p.max(start)
-                }
-                None => n,
-            };
-            if end > start {
-                let (p, q) = (&self.pre[start], &self.pre[end]);
-                err += (q[2] - p[2]) - 2.0 * l * (q[1] - p[1]) + l * l * (q[0] - p[0]);
+        #[cfg(target_arch = "x86_64")]
+        {
+            // popcnt counts a window's mask in one instruction (the baseline target spells it out
+            // in a dozen), AVX2 compares a window in two.
+            #[target_feature(enable = "avx2,fma,popcnt")]
+            unsafe fn avx2(sr: &SortedRow, lv: &Levels) -> f64 {
+                sr.error_body(lv)
             }
+            if crate::cpu::has_avx2() && std::arch::is_x86_feature_detected!("popcnt") {
+                // SAFETY: the CPU supports AVX2, FMA and POPCNT (checked at run time).
+                return unsafe { avx2(self, lv) };
+            }
+        }
+        self.error_body(lv)
+    }
+
+    /// The number of u below t (t < 1: t falls in bucket b, its position lies in
+    /// [bucket[b], bucket[b + 1]]).
+    #[inline(always)]
+    fn position(&self, t: f32) -> usize {
+        let nb = self.bucket.len() - 1;
+        let b = ((t * nb as f32) as usize).min(nb - 1);
+        let (lo, hi) = (self.bucket[b] as usize, self.bucket[b + 1] as usize);
+        if hi - lo <= WINDOW {
+            // Every u past bucket b exceeds t (the same float32 product, truncated, is larger),
+            // so the whole window counts only bucket b's u below t: a fixed count without a
+            // data-dependent branch (a scan's exit mispredicts).
+            let win: &[f32; WINDOW] = self.u[lo..lo + WINDOW].try_into().unwrap();
+            lo + win.iter().map(|&v| (v < t) as usize).sum::<usize>()
+        } else {
+            lo + self.u[lo..hi].partition_point(|&v| v < t)
+        }
+    }
+
+    #[inline(always)]
+    fn error_body(&self, lv: &Levels) -> f64 {
+        // The boundaries' positions first (independent of each other, so their loads overlap),
+        // then the buckets' errors in order.
+        let mut ends = [0u32; 256];
+        let ends = &mut ends[..lv.level.len()];
+        for (e, &t) in ends.iter_mut().zip(&lv.thr) {
+            *e = self.position(t) as u32;
+        }
+        ends[lv.thr.len()] = self.n as u32;
+        let mut start = 0usize;
+        let mut err = self.s2;
+        for (&end, &l) in ends.iter().zip(&lv.level) {
+            let end = (end as usize).max(start);
+            // An empty bucket adds exactly 0 (no branch to mispredict).
+            let (p, q) = (&self.pre[start], &self.pre[end]);
+            err += l * l * (q[0] - p[0]) - 2.0 * l * (q[1] - p[1]);
             start = end;
         }
         err
     }
 }
+
+/// The span of the sorted u that a boundary's count reads at once (see [`SortedRow::position`]).
+const WINDOW: usize = 16;
 
 /// Boundaries `t_k` (as float32, for the sorted float32 u) and levels `(k/qmax)^(1/a)` of an exponent.
 struct Levels {
@@ -186,14 +228,28 @@ struct Levels {
     level: Vec<f64>,
 }
 
-impl Levels {
-    fn new(bits: u32, a: f64) -> Levels {
+/// The logarithms `ln((k + 0.5)/qmax)` and `ln(k/qmax)` behind [`Levels`] (x^(1/a) = exp(ln(x)/a)):
+/// they do not depend on a, so a search takes them once.
+struct LevelLogs {
+    thr: Vec<f64>,
+    level: Vec<f64>,
+}
+
+impl LevelLogs {
+    fn new(bits: u32) -> LevelLogs {
         let qm = qmax(bits) as f64;
+        LevelLogs {
+            thr: (0..qmax(bits)).map(|k| ((k as f64 + 0.5) / qm).ln()).collect(),
+            level: (0..=qmax(bits)).map(|k| (k as f64 / qm).ln()).collect(),
+        }
+    }
+
+    fn at(&self, a: f64) -> Levels {
         let inv_a = 1.0 / a;
-        // x^(1/a) as exp(ln(x)/a): the logarithms do not depend on a.
         Levels {
-            thr: (0..qmax(bits)).map(|k| (((k as f64 + 0.5) / qm).ln() * inv_a).exp() as f32).collect(),
-            level: (0..=qmax(bits)).map(|k| if k == 0 { 0.0 } else { ((k as f64 / qm).ln() * inv_a).exp() }).collect(),
+            thr: self.thr.iter().map(|&l| (l * inv_a).exp() as f32).collect(),
+            // Level 0 is 0 (ln 0 = −inf).
+            level: self.level.iter().map(|&l| if l == f64::NEG_INFINITY { 0.0 } else { (l * inv_a).exp() }).collect(),
         }
     }
 }
@@ -265,7 +321,8 @@ unsafe fn search_weight(s: &SearchArgs, w: u64, out: u64) -> Result<()> {
     let (rows, n) = (q.rows, q.n);
     let bad = AtomicBool::new(false);
     let coarse = coarse_points(s);
-    let coarse_lv: Vec<Levels> = coarse.iter().map(|&a| Levels::new(q.bits, a)).collect();
+    let logs = LevelLogs::new(q.bits);
+    let coarse_lv: Vec<Levels> = coarse.iter().map(|&a| logs.at(a)).collect();
     let row = |r: usize| -> Option<SortedRow> {
         // SAFETY: w holds rows·n float32, only read.
         let wr = unsafe { rows_of::<f32>(w, n, r, r + 1) };
@@ -282,7 +339,7 @@ unsafe fn search_weight(s: &SearchArgs, w: u64, out: u64) -> Result<()> {
                 (0, _) | (_, None) => 1.0f32,
                 (_, Some(sr)) => {
                     let errs: Vec<f64> = coarse_lv.iter().map(|lv| sr.error(lv)).collect();
-                    two_stage(s, &coarse, &errs, |pts| pts.iter().map(|&a| sr.error(&Levels::new(q.bits, a))).collect())
+                    two_stage(s, &coarse, &errs, |pts| pts.iter().map(|&a| sr.error(&logs.at(a))).collect())
                 }
             };
             // SAFETY: task r writes out[r] only.
@@ -292,7 +349,7 @@ unsafe fn search_weight(s: &SearchArgs, w: u64, out: u64) -> Result<()> {
         // Per-row errors at every point, then summed over rows in row order (deterministic).
         let total = |points: &[f64]| -> Vec<f64> {
             let k = points.len();
-            let lvs: Vec<Levels> = points.iter().map(|&a| Levels::new(q.bits, a)).collect();
+            let lvs: Vec<Levels> = points.iter().map(|&a| logs.at(a)).collect();
             let mut per_row = vec![0f64; rows * k];
             let ps = Shared(per_row.as_mut_ptr() as usize);
             parallel::for_each_task(rows, rows * n * 4, |r| {
@@ -378,4 +435,78 @@ pub unsafe fn search_exponent(s: &SearchArgs, w: u64, z: u64, out: u64) -> Resul
         return Err(Error::value("w: expected finite values (NaN or inf found, or clip·max|w| overflows float32)"));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Rows that stress the bucket index: exact zeros, runs of one value longer than WINDOW (a
+    /// bucket the window cannot cover), values rounded to a few bits (ties), an all-zero group and
+    /// a spread of magnitudes.
+    fn rows() -> Vec<(Vec<f32>, usize)> {
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut rnd = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        };
+        let mut out = Vec::new();
+        for (n, g) in [(1usize, 1usize), (5, 5), (17, 17), (64, 16), (300, 100), (1024, 128)] {
+            let plain: Vec<f32> = (0..n).map(|_| rnd()).collect();
+            let normalish: Vec<f32> = (0..n).map(|_| rnd() + rnd() + rnd()).collect();
+            let coarse: Vec<f32> = (0..n).map(|_| (rnd() * 16.0).round() / 16.0).collect();
+            let clustered: Vec<f32> = (0..n).map(|i| if i % 3 == 0 { 0.0 } else if i % 3 == 1 { 0.25 } else { rnd() * 1e-3 }).collect();
+            let zero_group: Vec<f32> = (0..n).map(|i| if i < g { 0.0 } else { rnd() }).collect();
+            out.extend([plain, normalish, coarse, clustered, zero_group].map(|w| (w, g)));
+        }
+        out
+    }
+
+    /// Σ m²·(u − L(u))² with L(u) the level of the number of boundaries ≤ u, in float64.
+    fn direct_error(w: &[f32], g: usize, lv: &Levels) -> f64 {
+        let mut err = 0.0;
+        for ws in w.chunks_exact(g) {
+            let m = ws.iter().fold(0f32, |a, v| a.max(v.abs()));
+            for &v in ws {
+                let u = if m > 0.0 { v.abs() / m } else { 0.0 };
+                let k = lv.thr.iter().filter(|&&t| t <= u).count();
+                let d = m as f64 * (u as f64 - lv.level[k]);
+                err += d * d;
+            }
+        }
+        err
+    }
+
+    #[test]
+    fn positions_count_the_u_below_t() {
+        for (w, g) in rows() {
+            let sr = SortedRow::new(&w, g, 1.0).unwrap();
+            let u = &sr.u[..sr.n];
+            for i in 0..=64 {
+                for t in [i as f32 / 64.0, (i as f32 / 64.0).powi(8), 0.25f32.next_down(), 0.25, 0.25f32.next_up(), 1e-30] {
+                    if t < 1.0 {
+                        assert_eq!(sr.position(t), u.iter().filter(|&&v| v < t).count(), "n {} t {t}", w.len());
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn error_equals_the_direct_sum() {
+        for bits in [2u32, 3, 4, 8] {
+            let logs = LevelLogs::new(bits);
+            for (w, g) in rows() {
+                let sr = SortedRow::new(&w, g, 1.0).unwrap();
+                for a in [0.05, 0.3, 0.71, 1.0] {
+                    let lv = logs.at(a);
+                    let (ours, want) = (sr.error(&lv), direct_error(&w, g, &lv));
+                    let scale: f64 = w.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>().max(1e-300);
+                    assert!((ours - want).abs() <= 1e-12 * scale, "bits {bits} n {} a {a}: {ours} vs {want}", w.len());
+                }
+            }
+        }
+    }
 }
