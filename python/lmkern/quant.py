@@ -212,7 +212,7 @@ def search_exponent(w, bits: int = 4, group_size: int | None = None, x=None, per
     ([..., n], one row per output channel): ``‖w − ŵ_a‖²`` per row, or with calibration activations
     ``x`` ([..., n]) the layer-output error ``‖x·(w − ŵ_a)ᵀ‖²``. A coarse grid of 1024 exponents,
     then 16 finer points around each of the 4 best coarse local minima, for every row
-    at once, in Rust. Without x each evaluation is qmax binary searches in the row's sorted |w|/m
+    at once, in Rust. Without x each evaluation is qmax short counts in the row's sorted |w|/m
     (the error is piecewise smooth in a, with narrow dips: hence the fine grid); with x it costs
     min(T, n)·n per row and exponent (~1100 exponents), so keep the calibration set small (a few
     dozen tokens) for large layers.
