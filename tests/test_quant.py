@@ -444,6 +444,9 @@ def test_search_exponent_on_output_error(tokens):
     best = brute.min(0).values
     assert (ours <= best * 1.01 + 1e-9).all(), f"worst ratio {(ours / best).max().item():.4f}"
     assert search_exponent(w, 4, 32, x=x.reshape(2, tokens // 2, n)).allclose(a)
+    # one exponent for the whole tensor, on the summed output error
+    a1 = search_exponent(w, 4, 32, x=x, per_row=False)
+    assert a1.shape == () and errors_ref(w, float(a1), 4, 32, x=x).sum() <= brute.sum(1).min() * 1.01
 
 
 def test_search_exponent_zero_rows_and_bad_input():

@@ -212,14 +212,13 @@ def search_exponent(w, bits: int = 4, group_size: int | None = None, x=None, per
     ([..., n], one row per output channel): ``‖w − ŵ_a‖²`` per row, or with calibration activations
     ``x`` ([..., n]) the layer-output error ``‖x·(w − ŵ_a)ᵀ‖²``. A coarse grid of 1024 exponents,
     then 16 finer points around each of the 4 best coarse local minima, for every row
-    at once, in Rust. Without x each evaluation is qmax short counts in the row's sorted |w|/m
-    (the error is piecewise smooth in a, with narrow dips: hence the fine grid); with x it costs
-    min(T, n)·n per row and exponent (~1100 exponents), so keep the calibration set small (a few
-    dozen tokens) for large layers.
+    at once, in Rust. Each evaluation is qmax short counts in the row's sorted |w|/m (the error is
+    piecewise smooth in a, with narrow dips: hence the fine grid); with x, a row first costs
+    min(T, n)·n (prefix sums of x's columns in that order), then each evaluation qmax·min(T, n).
 
     Returns float32 [rows] (``per_row``) or a 0-d float32 tensor (one exponent for the whole tensor,
     minimizing the summed error). With x of T > n tokens, x is first reduced to the n×n factor R of
-    its QR decomposition (``‖x e‖ = ‖R e‖``), so each evaluation costs min(T, n)·n per row.
+    its QR decomposition (``‖x e‖ = ‖R e‖``), so the cost above holds with min(T, n).
     """
     w = _as_tensor("w", w)
     _ops._check_x("w", w)

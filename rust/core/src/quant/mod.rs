@@ -580,8 +580,9 @@ pub unsafe fn linear_backward(
 /// Options of [`search_exponent`]: a coarse grid of `grid` evenly spaced exponents on `[lo, 1]`,
 /// then a fine grid of `refine` points on the two coarse cells around each of the 4 best coarse
 /// local minima; the best exponent evaluated is returned (ties: the larger). Without a metric, a
-/// row's error at any exponent is read off its sorted |w|/m and prefix sums (qmax searches per
-/// evaluation), so fine grids are cheap; with a metric each evaluation costs z_rows·n per row.
+/// row's error at any exponent is read off its sorted |w|/m and prefix sums (qmax counts per
+/// evaluation), so fine grids are cheap; with a metric, prefix sums of z's columns in that order
+/// (z_rows·n per row) make each evaluation cost qmax·z_rows.
 #[derive(Debug, Clone, Copy)]
 pub struct SearchArgs {
     pub q: QuantArgs,

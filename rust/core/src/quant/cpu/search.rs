@@ -2,108 +2,22 @@
 //! weight reconstruction error or the layer-output error on calibration activations.
 use super::*;
 
-struct Search<'a> {
-    s: &'a SearchArgs,
-    w: u64,
-    z: u64,
-}
-
-/// Scratch of one row's error evaluations.
-struct ErrScratch {
-    scales: Vec<f32>,
-    cnt: Vec<u32>,
-    e: Vec<f32>,
-}
-
-impl<'a> Search<'a> {
-    fn scratch(&self) -> ErrScratch {
-        let q = &self.s.q;
-        ErrScratch { scales: vec![0.0; q.groups()], cnt: vec![0; q.group.max(1)], e: vec![0.0; q.n] }
-    }
-
-    fn row(&self, r: usize) -> &[f32] {
-        // SAFETY: w holds rows·n float32, only read.
-        unsafe { rows_of::<f32>(self.w, self.s.q.n, r, r + 1) }
-    }
-
-    /// Group scales of row r (as quantize stores them) into `sc.scales`; false on NaN/inf.
-    fn prepare(&self, r: usize, sc: &mut ErrScratch) -> bool {
-        let q = &self.s.q;
-        let w = self.row(r);
-        let mut ok = true;
-        for (gi, m) in sc.scales.iter_mut().enumerate() {
-            let (amax, finite) = absmax(&w[gi * q.group..(gi + 1) * q.group]);
-            *m = (q.clip * amax as f64) as f32;
-            ok &= finite && m.is_finite();
-        }
-        ok
-    }
-
-    /// The error of row r quantized with exponent `a` (its scales prepared in `sc`).
-    fn error(&self, r: usize, a: f32, sc: &mut ErrScratch) -> f64 {
-        search_err_mv(self, r, a, sc)
-    }
-}
-
-fn search_err_mv(se: &Search, r: usize, a: f32, sc: &mut ErrScratch) -> f64 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn avx2(se: &Search, r: usize, a: f32, sc: &mut ErrScratch) -> f64 {
-            search_err(se, r, a, sc)
-        }
-        if crate::cpu::has_avx2() {
-            // SAFETY: the CPU supports AVX2 and FMA (checked at run time).
-            return unsafe { avx2(se, r, a, sc) };
-        }
-    }
-    search_err(se, r, a, sc)
-}
-
-#[inline(always)]
-fn search_err(se: &Search, r: usize, a: f32, sc: &mut ErrScratch) -> f64 {
-    let q = &se.s.q;
-    let (n, g) = (q.n, q.group);
-    let w = se.row(r);
-    let t = boundaries(q.bits, a);
-    // |q| → (|q|/qmax)^(1/a); the sign is applied from w.
-    let lut: Vec<f32> = row_lut(q.bits, a).into_iter().take(qmax(q.bits) as usize + 1).map(|v| v as f32).collect();
-    let mut err = 0f64;
-    for gi in 0..q.groups() {
-        let ws = &w[gi * g..(gi + 1) * g];
-        let m = sc.scales[gi];
-        count_codes(ws, &t, m, &mut sc.cnt);
-        let es = &mut sc.e[gi * g..(gi + 1) * g];
-        for ((e, &wv), &c) in es.iter_mut().zip(ws).zip(&sc.cnt[..g]) {
-            let mag = m * lut[c as usize];
-            *e = wv - if wv < 0.0 { -mag } else { mag };
-        }
-        if se.s.z_rows == 0 {
-            err += dot16(es, es) as f64;
-        }
-    }
-    if se.s.z_rows > 0 {
-        // SAFETY: z holds z_rows·n float32, only read.
-        let z = unsafe { slice::<f32>(se.z, se.s.z_rows * n) };
-        for zr in z.chunks_exact(n) {
-            let v = dot16(zr, &sc.e) as f64;
-            err += v * v;
-        }
-    }
-    err
-}
-
-/// A row prepared for the weight error: `u = |w|/m` sorted, with prefix sums of the weights m²,
-/// m²·u and m²·u² (float64). Since |q| is a step function of u, the error of every code bucket
-/// `[t_(k−1), t_k)` with value `L_k = (k/qmax)^(1/a)` is `Σm²u² − 2·L_k·Σm²u + L_k²·Σm²`, so one
-/// evaluation costs qmax short searches, whatever the row length.
+/// A row prepared for the weight error: `u = |w|/m` sorted, with prefix sums of the weights m²
+/// and m²·u (float64) and the total Σm²u². Since |q| is a step function of u, the error of every
+/// code bucket `[t_(k−1), t_k)` with value `L_k = (k/qmax)^(1/a)` is
+/// `Σm²u² − 2·L_k·Σm²u + L_k²·Σm²`, so one evaluation costs qmax short counts, whatever the row
+/// length.
 struct SortedRow {
     /// The sorted u, then `WINDOW` entries of +inf (so a window read past the row stays in bounds
     /// and counts nothing).
     u: Vec<f32>,
     /// The number of u (without the padding).
     n: usize,
-    /// [Σm², Σm²u, Σm²u²] over the first j sorted elements, j = 0..=n.
+    /// The column of each sorted u.
+    col: Vec<u32>,
+    /// The group scales m.
+    ms: Vec<f32>,
+    /// [Σm², Σm²u] over the first j sorted elements, j = 0..=n.
     pre: Vec<[f64; 2]>,
     /// Σm²u² over the row.
     s2: f64,
@@ -115,7 +29,7 @@ struct SortedRow {
 impl SortedRow {
     fn new(w: &[f32], g: usize, clip: f64) -> Option<SortedRow> {
         let mut ms: Vec<f32> = Vec::with_capacity(w.len() / g);
-        // (bits of u ≥ 0) << 32 | group: integer order is the order of u.
+        // (bits of u ≥ 0) << 32 | column: integer order is the order of u.
         let mut keys: Vec<u64> = Vec::with_capacity(w.len());
         for (gi, ws) in w.chunks_exact(g).enumerate() {
             let (amax, finite) = absmax(ws);
@@ -125,9 +39,9 @@ impl SortedRow {
             }
             // An all-zero group (m = 0) has no error whatever a: u = 0 and weight 0.
             ms.push(m);
-            for &v in ws {
+            for (c, &v) in ws.iter().enumerate() {
                 let u = if m > 0.0 { v.abs() / m } else { 0.0 };
-                keys.push(((u.to_bits() as u64) << 32) | gi as u64);
+                keys.push(((u.to_bits() as u64) << 32) | (gi * g + c) as u64);
             }
         }
         keys.sort_unstable();
@@ -136,7 +50,7 @@ impl SortedRow {
         let mut s2 = 0f64;
         pre.push(acc);
         for &key in &keys {
-            let (u, m) = (f32::from_bits((key >> 32) as u32) as f64, ms[(key & 0xffff_ffff) as usize] as f64);
+            let (u, m) = (f32::from_bits((key >> 32) as u32) as f64, ms[(key & 0xffff_ffff) as usize / g] as f64);
             let m2 = m * m;
             acc = [acc[0] + m2, acc[1] + m2 * u];
             s2 += m2 * u * u;
@@ -157,7 +71,8 @@ impl SortedRow {
             *st = j as u32;
         }
         u.resize(n + WINDOW, f32::INFINITY);
-        Some(SortedRow { u, n, pre, s2, bucket })
+        let col = keys.iter().map(|&k| k as u32).collect();
+        Some(SortedRow { u, n, col, ms, pre, s2, bucket })
     }
 
     /// The error with the boundaries and levels of one exponent (see [`Levels`]).
@@ -176,6 +91,15 @@ impl SortedRow {
             }
         }
         self.error_body(lv)
+    }
+
+    /// The end of each code bucket of `lv` in the sorted order (the last is n).
+    #[inline(always)]
+    fn bucket_ends(&self, lv: &Levels, ends: &mut [u32]) {
+        for (e, &t) in ends.iter_mut().zip(&lv.thr) {
+            *e = self.position(t) as u32;
+        }
+        ends[lv.thr.len()] = self.n as u32;
     }
 
     /// The number of u below t (t < 1: t falls in bucket b, its position lies in
@@ -202,10 +126,7 @@ impl SortedRow {
         // then the buckets' errors in order.
         let mut ends = [0u32; 256];
         let ends = &mut ends[..lv.level.len()];
-        for (e, &t) in ends.iter_mut().zip(&lv.thr) {
-            *e = self.position(t) as u32;
-        }
-        ends[lv.thr.len()] = self.n as u32;
+        self.bucket_ends(lv, ends);
         let mut start = 0usize;
         let mut err = self.s2;
         for (&end, &l) in ends.iter().zip(&lv.level) {
@@ -315,31 +236,123 @@ fn two_stage(s: &SearchArgs, coarse: &[f64], coarse_errs: &[f64], mut eval: impl
     (if e1 < e0 { a1 } else { a0 }) as f32
 }
 
-/// The weight-error search (no metric).
-unsafe fn search_weight(s: &SearchArgs, w: u64, out: u64) -> Result<()> {
+/// Rows of z a [`metric_errors`] pass takes at once: its prefix sums, (n + 1) × BLOCK float64 (2 MB
+/// at n = 4096), stay in the L2 cache.
+const BLOCK: usize = 64;
+
+/// The layer-output errors ‖z·(w − ŵ_a)‖² of one row at the exponents of `lvs`, added to `out`
+/// (zeroed by the caller). On `sr`'s order z·ŵ_a = Σ_k L_k·Σ_(j in bucket k) y_j, with
+/// y_j = sign(w_c)·m·z[:, c] (c the column of sorted element j, m its group's scale): with prefix
+/// sums Y of the y_j, each exponent costs qmax boundary counts and (qmax + 1)·T multiply-adds
+/// instead of a pass over z (T·n). `zt` is zᵀ, [n, t_rows]; z's rows go BLOCK at a time.
+fn metric_errors(sr: &SortedRow, w: &[f32], g: usize, zt: &[f32], t_rows: usize, lvs: &[Levels], out: &mut [f64]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2,fma,popcnt")]
+        unsafe fn avx2(sr: &SortedRow, w: &[f32], g: usize, zt: &[f32], t_rows: usize, lvs: &[Levels], out: &mut [f64]) {
+            metric_errors_body(sr, w, g, zt, t_rows, lvs, out)
+        }
+        if crate::cpu::has_avx2() && std::arch::is_x86_feature_detected!("popcnt") {
+            // SAFETY: the CPU supports AVX2, FMA and POPCNT (checked at run time).
+            return unsafe { avx2(sr, w, g, zt, t_rows, lvs, out) };
+        }
+    }
+    metric_errors_body(sr, w, g, zt, t_rows, lvs, out)
+}
+
+#[inline(always)]
+fn metric_errors_body(sr: &SortedRow, w: &[f32], g: usize, zt: &[f32], t_rows: usize, lvs: &[Levels], out: &mut [f64]) {
+    let n = sr.n;
+    let nl = lvs.first().map_or(0, |lv| lv.level.len());
+    // Every exponent's bucket ends, once for all blocks.
+    let mut ends = vec![0u32; lvs.len() * nl];
+    for (lv, e) in lvs.iter().zip(ends.chunks_exact_mut(nl)) {
+        sr.bucket_ends(lv, e);
+    }
+    let mut yp = vec![0f64; (n + 1) * BLOCK];
+    for t0 in (0..t_rows).step_by(BLOCK) {
+        let tb = BLOCK.min(t_rows - t0);
+        // z·w on the block, and the prefix sums of the y_j (row j of yp: the first j of them).
+        let mut zw = [0f64; BLOCK];
+        for (c, &wc) in w.iter().enumerate() {
+            let zc = &zt[c * t_rows + t0..c * t_rows + t0 + tb];
+            for (a, &z) in zw.iter_mut().zip(zc) {
+                *a += wc as f64 * z as f64;
+            }
+        }
+        for (j, &c) in sr.col.iter().enumerate() {
+            let c = c as usize;
+            let m = sr.ms[c / g];
+            let y = if w[c] < 0.0 { -m } else { m } as f64;
+            let zc = &zt[c * t_rows + t0..c * t_rows + t0 + tb];
+            let (prev, next) = yp[j * BLOCK..(j + 2) * BLOCK].split_at_mut(BLOCK);
+            for ((d, &p), &z) in next.iter_mut().zip(prev.iter()).zip(zc) {
+                *d = p + y * z as f64;
+            }
+        }
+        for ((lv, e), o) in lvs.iter().zip(ends.chunks_exact(nl)).zip(out.iter_mut()) {
+            let mut acc = [0f64; BLOCK];
+            let mut start = 0usize;
+            for (&end, &l) in e.iter().zip(&lv.level) {
+                let end = (end as usize).max(start);
+                if end > start && l != 0.0 {
+                    let (p, q) = (&yp[start * BLOCK..start * BLOCK + tb], &yp[end * BLOCK..end * BLOCK + tb]);
+                    for ((a, &pv), &qv) in acc.iter_mut().zip(p).zip(q) {
+                        *a += l * (qv - pv);
+                    }
+                }
+                start = end;
+            }
+            *o += zw[..tb].iter().zip(&acc).map(|(&zv, &av)| (zv - av) * (zv - av)).sum::<f64>();
+        }
+    }
+}
+
+/// The search over every row: the weight error, or with `zt` (zᵀ, [n, t_rows]) the layer-output
+/// error (see [`metric_errors`]).
+unsafe fn search(s: &SearchArgs, w: u64, zt: Option<(&[f32], usize)>, out: u64) -> Result<()> {
     let q = &s.q;
     let (rows, n) = (q.rows, q.n);
     let bad = AtomicBool::new(false);
-    let coarse = coarse_points(s);
     let logs = LevelLogs::new(q.bits);
+    let coarse = coarse_points(s);
     let coarse_lv: Vec<Levels> = coarse.iter().map(|&a| logs.at(a)).collect();
-    let row = |r: usize| -> Option<SortedRow> {
+    // Row r sorted (None, and `bad` set, where it holds NaN or inf; rows of n = 0 are not asked).
+    let row = |r: usize| -> Option<(SortedRow, &[f32])> {
         // SAFETY: w holds rows·n float32, only read.
         let wr = unsafe { rows_of::<f32>(w, n, r, r + 1) };
         let sr = SortedRow::new(wr, q.group, q.clip);
         if sr.is_none() {
             bad.store(true, Ordering::Relaxed);
         }
-        sr
+        sr.map(|sr| (sr, wr))
     };
+    let errors = |(sr, wr): &(SortedRow, &[f32]), lvs: &[Levels], dst: &mut [f64]| match zt {
+        None => {
+            for (d, lv) in dst.iter_mut().zip(lvs) {
+                *d = sr.error(lv);
+            }
+        }
+        Some((zt, t_rows)) => {
+            dst.fill(0.0);
+            metric_errors(sr, wr, q.group, zt, t_rows, lvs, dst);
+        }
+    };
+    let at = |points: &[f64]| -> Vec<Levels> { points.iter().map(|&a| logs.at(a)).collect() };
+    let work = rows * n * zt.map_or(4, |(_, t)| t.max(4));
     if s.per_row {
         let os = Shared(out as usize);
-        parallel::for_each_task(rows, rows * n * 4, |r| {
+        parallel::for_each_task(rows, work, |r| {
             let a = match (n, row(r)) {
                 (0, _) | (_, None) => 1.0f32,
                 (_, Some(sr)) => {
-                    let errs: Vec<f64> = coarse_lv.iter().map(|lv| sr.error(lv)).collect();
-                    two_stage(s, &coarse, &errs, |pts| pts.iter().map(|&a| sr.error(&logs.at(a))).collect())
+                    let mut errs = vec![0f64; coarse.len()];
+                    errors(&sr, &coarse_lv, &mut errs);
+                    two_stage(s, &coarse, &errs, |pts| {
+                        let mut e = vec![0f64; pts.len()];
+                        errors(&sr, &at(pts), &mut e);
+                        e
+                    })
                 }
             };
             // SAFETY: task r writes out[r] only.
@@ -348,20 +361,17 @@ unsafe fn search_weight(s: &SearchArgs, w: u64, out: u64) -> Result<()> {
     } else {
         // Per-row errors at every point, then summed over rows in row order (deterministic).
         let total = |points: &[f64]| -> Vec<f64> {
-            let k = points.len();
-            let lvs: Vec<Levels> = points.iter().map(|&a| logs.at(a)).collect();
+            let (k, lvs) = (points.len(), at(points));
             let mut per_row = vec![0f64; rows * k];
             let ps = Shared(per_row.as_mut_ptr() as usize);
-            parallel::for_each_task(rows, rows * n * 4, |r| {
+            parallel::for_each_task(rows, work, |r| {
                 if n == 0 {
                     return;
                 }
                 if let Some(sr) = row(r) {
                     // SAFETY: task r writes per_row[r·k .. (r+1)·k] only; per_row outlives the tasks.
                     let dst = unsafe { std::slice::from_raw_parts_mut((ps.0 as *mut f64).add(r * k), k) };
-                    for (d, lv) in dst.iter_mut().zip(&lvs) {
-                        *d = sr.error(lv);
-                    }
+                    errors(&sr, &lvs, dst);
                 }
             });
             let mut tot = vec![0f64; k];
@@ -385,56 +395,18 @@ unsafe fn search_weight(s: &SearchArgs, w: u64, out: u64) -> Result<()> {
 /// See [`crate::quant::search_exponent`].
 pub unsafe fn search_exponent(s: &SearchArgs, w: u64, z: u64, out: u64) -> Result<()> {
     if s.z_rows == 0 {
-        return search_weight(s, w, out);
+        return search(s, w, None, out);
     }
-    let q = &s.q;
-    let se = Search { s, w, z };
-    let bad = AtomicBool::new(false);
-    if s.per_row {
-        let os = Shared(out as usize);
-        parallel::for_each_task(q.rows, q.rows * q.n * s.grid, |r| {
-            // SAFETY: task r writes out[r] only.
-            let o = unsafe { &mut *(os.0 as *mut f32).add(r) };
-            if q.n == 0 {
-                *o = 1.0;
-                return;
-            }
-            let mut sc = se.scratch();
-            if !se.prepare(r, &mut sc) {
-                bad.store(true, Ordering::Relaxed);
-                *o = 1.0;
-                return;
-            }
-            let coarse = coarse_points(s);
-            let mut eval = |pts: &[f64]| -> Vec<f64> { pts.iter().map(|&a| se.error(r, a as f32, &mut sc)).collect() };
-            let errs = eval(&coarse);
-            *o = two_stage(s, &coarse, &errs, eval);
-        });
-    } else {
-        let mut errs = vec![0f64; q.rows];
-        let total = |a: f32, errs: &mut Vec<f64>| -> f64 {
-            let es = Shared(errs.as_mut_ptr() as usize);
-            parallel::for_each_task(q.rows, q.rows * q.n, |r| {
-                let mut sc = se.scratch();
-                let ok = q.n == 0 || se.prepare(r, &mut sc);
-                if !ok {
-                    bad.store(true, Ordering::Relaxed);
-                }
-                let e = if q.n == 0 || !ok { 0.0 } else { se.error(r, a, &mut sc) };
-                // SAFETY: task r writes errs[r] only; errs outlives the call.
-                unsafe { *(es.0 as *mut f64).add(r) = e };
-            });
-            errs.iter().sum() // in row order: deterministic
-        };
-        let coarse = coarse_points(s);
-        let mut eval = |pts: &[f64]| -> Vec<f64> { pts.iter().map(|&a| total(a as f32, &mut errs)).collect() };
-        let cerrs = eval(&coarse);
-        *(out as *mut f32) = two_stage(s, &coarse, &cerrs, eval);
+    // zᵀ, so that a column of z (one element's contribution to z·ŵ) is contiguous.
+    let (t_rows, n) = (s.z_rows, s.q.n);
+    let z = slice::<f32>(z, t_rows * n);
+    let mut zt = vec![0f32; n * t_rows];
+    for (t, zr) in z.chunks_exact(n.max(1)).enumerate() {
+        for (c, &v) in zr.iter().enumerate() {
+            zt[c * t_rows + t] = v;
+        }
     }
-    if bad.load(Ordering::Relaxed) {
-        return Err(Error::value("w: expected finite values (NaN or inf found, or clip·max|w| overflows float32)"));
-    }
-    Ok(())
+    search(s, w, Some((&zt, t_rows)), out)
 }
 
 #[cfg(test)]
@@ -464,19 +436,24 @@ mod tests {
         out
     }
 
-    /// Σ m²·(u − L(u))² with L(u) the level of the number of boundaries ≤ u, in float64.
-    fn direct_error(w: &[f32], g: usize, lv: &Levels) -> f64 {
-        let mut err = 0.0;
+    /// w − ŵ in float64: ŵ = sign(w)·m·L(u), L(u) the level of the number of boundaries ≤ u;
+    /// w itself, or (`via_u`) as m·u, the weight error's view of it.
+    fn direct_residual(w: &[f32], g: usize, lv: &Levels, via_u: bool) -> Vec<f64> {
+        let mut e = Vec::with_capacity(w.len());
         for ws in w.chunks_exact(g) {
             let m = ws.iter().fold(0f32, |a, v| a.max(v.abs()));
             for &v in ws {
                 let u = if m > 0.0 { v.abs() / m } else { 0.0 };
                 let k = lv.thr.iter().filter(|&&t| t <= u).count();
-                let d = m as f64 * (u as f64 - lv.level[k]);
-                err += d * d;
+                let (s, wv) = (v.signum() as f64, if via_u { m as f64 * u as f64 } else { v.abs() as f64 });
+                e.push(s * (wv - m as f64 * lv.level[k]));
             }
         }
-        err
+        e
+    }
+
+    fn direct_error(w: &[f32], g: usize, lv: &Levels) -> f64 {
+        direct_residual(w, g, lv, true).iter().map(|d| d * d).sum()
     }
 
     #[test]
@@ -505,6 +482,38 @@ mod tests {
                     let (ours, want) = (sr.error(&lv), direct_error(&w, g, &lv));
                     let scale: f64 = w.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>().max(1e-300);
                     assert!((ours - want).abs() <= 1e-12 * scale, "bits {bits} n {} a {a}: {ours} vs {want}", w.len());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn metric_errors_equal_the_direct_product() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rnd = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        };
+        for bits in [2u32, 4, 8] {
+            let logs = LevelLogs::new(bits);
+            let lvs: Vec<Levels> = [0.05, 0.4, 0.83, 1.0].iter().map(|&a| logs.at(a)).collect();
+            for (w, g) in rows().into_iter().step_by(3) {
+                let n = w.len();
+                let sr = SortedRow::new(&w, g, 1.0).unwrap();
+                // 1 row, a few, one full block and one past it.
+                for t_rows in [1usize, 3, BLOCK, BLOCK + 7] {
+                    let z: Vec<f32> = (0..t_rows * n).map(|_| rnd()).collect();
+                    let zt: Vec<f32> = (0..n * t_rows).map(|i| z[(i % t_rows) * n + i / t_rows]).collect();
+                    let mut ours = vec![0f64; lvs.len()];
+                    metric_errors(&sr, &w, g, &zt, t_rows, &lvs, &mut ours);
+                    for (lv, &o) in lvs.iter().zip(&ours) {
+                        let e = direct_residual(&w, g, lv, false);
+                        let want: f64 = z.chunks_exact(n).map(|zr| zr.iter().zip(&e).map(|(&a, &b)| a as f64 * b).sum::<f64>().powi(2)).sum();
+                        let scale: f64 = z.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() * w.iter().map(|&v| (v as f64).powi(2)).sum::<f64>();
+                        assert!((o - want).abs() <= 1e-12 * scale.max(1e-300), "bits {bits} n {n} t {t_rows}: {o} vs {want}");
+                    }
                 }
             }
         }
