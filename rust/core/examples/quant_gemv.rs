@@ -1,7 +1,7 @@
 //! Times the CPU LUT GEMV (4096 → 4096, group 128; 4-bit unless BITS says) and the quantizer on this machine:
 //! `cargo run --release -p lmkern-core --example quant_gemv [threads] [gemv|bwd|search]` (`gemv`: the GEMV
 //! only; `bwd`: the GEMV and the input gradient's transposed GEMV; `search`: search_exponent for every
-//! row, with the Python layer's grid; `REPS=n` repeats, default 30; `TOKENS=t` activation rows, default 1; `BITS=b`, default 4). Min and median of the repeats, wall clock and, since the
+//! row, with the Python layer's grid (and x as calibration activations where TOKENS > 1); `REPS=n` repeats, default 30; `TOKENS=t` activation rows, default 1; `BITS=b`, default 4). Min and median of the repeats, wall clock and, since the
 //! machine is shared, CPU time (of the calling thread with 1 thread, of the process otherwise).
 use lmkern_core::quant::{self, LinearArgs, QuantArgs, SearchArgs};
 use lmkern_core::{DType, Device};
@@ -76,10 +76,12 @@ fn main() {
     unsafe {
         if std::env::args().nth(2).is_some_and(|a| a == "search") {
             // lmkern.ops.quant's SEARCH_LO, SEARCH_GRID, SEARCH_REFINE.
-            let sa = SearchArgs { q, per_row: true, z_rows: 0, lo: 0.05, grid: 1024, refine: 16 };
+            // TOKENS > 1: the layer-output error on x as calibration activations.
+            let z_rows = if tokens > 1 { tokens } else { 0 };
+            let sa = SearchArgs { q, per_row: true, z_rows, lo: 0.05, grid: 1024, refine: 16 };
             let mut out = vec![0f32; n];
-            time(&format!("search_exponent [4096, 4096] {bits}-bit g128, every row"), false, &mut || {
-                quant::search_exponent(Device::Cpu, &sa, w.as_ptr() as u64, 0, out.as_mut_ptr() as u64).unwrap()
+            time(&format!("search_exponent [4096, 4096] {bits}-bit g128, every row, {z_rows} calibration rows"), false, &mut || {
+                quant::search_exponent(Device::Cpu, &sa, w.as_ptr() as u64, x.as_ptr() as u64, out.as_mut_ptr() as u64).unwrap()
             });
             println!("exponents: first {:?}, mean {:.5}", &out[..4], out.iter().map(|&v| v as f64).sum::<f64>() / n as f64);
             return;

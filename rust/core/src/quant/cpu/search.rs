@@ -13,10 +13,9 @@ struct SortedRow {
     u: Vec<f32>,
     /// The number of u (without the padding).
     n: usize,
-    /// The column of each sorted u.
+    /// The column of each sorted u, and sign(w)·m there (m: its group's scale).
     col: Vec<u32>,
-    /// The group scales m.
-    ms: Vec<f32>,
+    sm: Vec<f32>,
     /// [Σm², Σm²u] over the first j sorted elements, j = 0..=n.
     pre: Vec<[f64; 2]>,
     /// Σm²u² over the row.
@@ -28,7 +27,8 @@ struct SortedRow {
 
 impl SortedRow {
     fn new(w: &[f32], g: usize, clip: f64) -> Option<SortedRow> {
-        let mut ms: Vec<f32> = Vec::with_capacity(w.len() / g);
+        // sign(w)·m per column (no division per element to find a column's group later).
+        let mut sm_col: Vec<f32> = Vec::with_capacity(w.len());
         // (bits of u ≥ 0) << 32 | column: integer order is the order of u.
         let mut keys: Vec<u64> = Vec::with_capacity(w.len());
         for (gi, ws) in w.chunks_exact(g).enumerate() {
@@ -38,41 +38,47 @@ impl SortedRow {
                 return None;
             }
             // An all-zero group (m = 0) has no error whatever a: u = 0 and weight 0.
-            ms.push(m);
             for (c, &v) in ws.iter().enumerate() {
                 let u = if m > 0.0 { v.abs() / m } else { 0.0 };
                 keys.push(((u.to_bits() as u64) << 32) | (gi * g + c) as u64);
+                sm_col.push(if v < 0.0 { -m } else { m });
             }
         }
         keys.sort_unstable();
-        let mut pre = Vec::with_capacity(keys.len() + 1);
+        let n = keys.len();
+        let (mut col, mut sm) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        let mut pre = Vec::with_capacity(n + 1);
         let mut acc = [0f64; 2];
         let mut s2 = 0f64;
         pre.push(acc);
         for &key in &keys {
-            let (u, m) = (f32::from_bits((key >> 32) as u32) as f64, ms[(key & 0xffff_ffff) as usize / g] as f64);
-            let m2 = m * m;
+            let c = key as u32;
+            let (u, m) = (f32::from_bits((key >> 32) as u32) as f64, sm_col[c as usize]);
+            col.push(c);
+            sm.push(m);
+            let m2 = m as f64 * m as f64;
             acc = [acc[0] + m2, acc[1] + m2 * u];
             s2 += m2 * u * u;
             pre.push(acc);
         }
-        let n = keys.len();
         let mut u: Vec<f32> = Vec::with_capacity(n + WINDOW);
         u.extend(keys.iter().map(|&k| f32::from_bits((k >> 32) as u32)));
         let nb = n.max(16);
-        let mut bucket = vec![0u32; nb + 1];
-        let mut j = 0usize;
-        for (b, st) in bucket.iter_mut().enumerate() {
-            // The same float32 arithmetic as the lookup (t·B truncated), so every u below the
-            // edge of bucket b is counted before it.
-            while j < n && ((u[j] * nb as f32) as usize) < b {
-                j += 1;
-            }
-            *st = j as u32;
+        // bucket[b] = #{u: trunc(u·nb) < b}, by a histogram of trunc(u·nb) (the same float32
+        // arithmetic as the lookup, so every u below the edge of bucket b is counted before it)
+        // and its running sum: no branch per u or per bucket.
+        let mut bucket = vec![0u32; nb + 2];
+        for &v in &u {
+            bucket[((v * nb as f32) as usize).min(nb) + 1] += 1;
         }
+        let mut run = 0;
+        for st in bucket.iter_mut() {
+            run += *st;
+            *st = run;
+        }
+        bucket.truncate(nb + 1);
         u.resize(n + WINDOW, f32::INFINITY);
-        let col = keys.iter().map(|&k| k as u32).collect();
-        Some(SortedRow { u, n, col, ms, pre, s2, bucket })
+        Some(SortedRow { u, n, col, sm, pre, s2, bucket })
     }
 
     /// The error with the boundaries and levels of one exponent (see [`Levels`]).
@@ -245,23 +251,23 @@ const BLOCK: usize = 64;
 /// y_j = sign(w_c)·m·z[:, c] (c the column of sorted element j, m its group's scale): with prefix
 /// sums Y of the y_j, each exponent costs qmax boundary counts and (qmax + 1)·T multiply-adds
 /// instead of a pass over z (T·n). `zt` is zᵀ, [n, t_rows]; z's rows go BLOCK at a time.
-fn metric_errors(sr: &SortedRow, w: &[f32], g: usize, zt: &[f32], t_rows: usize, lvs: &[Levels], out: &mut [f64]) {
+fn metric_errors(sr: &SortedRow, w: &[f32], zt: &[f32], t_rows: usize, lvs: &[Levels], yp: &mut Vec<f64>, out: &mut [f64]) {
     #[cfg(target_arch = "x86_64")]
     {
         #[target_feature(enable = "avx2,fma,popcnt")]
-        unsafe fn avx2(sr: &SortedRow, w: &[f32], g: usize, zt: &[f32], t_rows: usize, lvs: &[Levels], out: &mut [f64]) {
-            metric_errors_body(sr, w, g, zt, t_rows, lvs, out)
+        unsafe fn avx2(sr: &SortedRow, w: &[f32], zt: &[f32], t_rows: usize, lvs: &[Levels], yp: &mut Vec<f64>, out: &mut [f64]) {
+            metric_errors_body(sr, w, zt, t_rows, lvs, yp, out)
         }
         if crate::cpu::has_avx2() && std::arch::is_x86_feature_detected!("popcnt") {
             // SAFETY: the CPU supports AVX2, FMA and POPCNT (checked at run time).
-            return unsafe { avx2(sr, w, g, zt, t_rows, lvs, out) };
+            return unsafe { avx2(sr, w, zt, t_rows, lvs, yp, out) };
         }
     }
-    metric_errors_body(sr, w, g, zt, t_rows, lvs, out)
+    metric_errors_body(sr, w, zt, t_rows, lvs, yp, out)
 }
 
 #[inline(always)]
-fn metric_errors_body(sr: &SortedRow, w: &[f32], g: usize, zt: &[f32], t_rows: usize, lvs: &[Levels], out: &mut [f64]) {
+fn metric_errors_body(sr: &SortedRow, w: &[f32], zt: &[f32], t_rows: usize, lvs: &[Levels], yp: &mut Vec<f64>, out: &mut [f64]) {
     let n = sr.n;
     let nl = lvs.first().map_or(0, |lv| lv.level.len());
     // Every exponent's bucket ends, once for all blocks.
@@ -269,25 +275,24 @@ fn metric_errors_body(sr: &SortedRow, w: &[f32], g: usize, zt: &[f32], t_rows: u
     for (lv, e) in lvs.iter().zip(ends.chunks_exact_mut(nl)) {
         sr.bucket_ends(lv, e);
     }
-    let mut yp = vec![0f64; (n + 1) * BLOCK];
+    // Row 0 stays zero; row j + 1 is written before it is read. Kept by the caller across calls.
+    yp.resize((n + 1) * BLOCK, 0.0);
     for t0 in (0..t_rows).step_by(BLOCK) {
         let tb = BLOCK.min(t_rows - t0);
+        let zcol = |c: usize| &zt[c * t_rows + t0..c * t_rows + t0 + tb];
         // z·w on the block, and the prefix sums of the y_j (row j of yp: the first j of them).
         let mut zw = [0f64; BLOCK];
         for (c, &wc) in w.iter().enumerate() {
-            let zc = &zt[c * t_rows + t0..c * t_rows + t0 + tb];
-            for (a, &z) in zw.iter_mut().zip(zc) {
+            for (a, &z) in zw.iter_mut().zip(zcol(c)) {
                 *a += wc as f64 * z as f64;
             }
         }
-        for (j, &c) in sr.col.iter().enumerate() {
-            let c = c as usize;
-            let m = sr.ms[c / g];
-            let y = if w[c] < 0.0 { -m } else { m } as f64;
-            let zc = &zt[c * t_rows + t0..c * t_rows + t0 + tb];
-            let (prev, next) = yp[j * BLOCK..(j + 2) * BLOCK].split_at_mut(BLOCK);
-            for ((d, &p), &z) in next.iter_mut().zip(prev.iter()).zip(zc) {
-                *d = p + y * z as f64;
+        let mut run = [0f64; BLOCK];
+        for ((&c, &y), dst) in sr.col.iter().zip(&sr.sm).zip(yp[BLOCK..].chunks_exact_mut(BLOCK)) {
+            // run += y·z[:, c], stored as the next row (in one pass: a copy after is a call).
+            for ((r, d), &z) in run.iter_mut().zip(dst).zip(zcol(c as usize)) {
+                *r += y as f64 * z as f64;
+                *d = *r;
             }
         }
         for ((lv, e), o) in lvs.iter().zip(ends.chunks_exact(nl)).zip(out.iter_mut()) {
@@ -327,7 +332,8 @@ unsafe fn search(s: &SearchArgs, w: u64, zt: Option<(&[f32], usize)>, out: u64) 
         }
         sr.map(|sr| (sr, wr))
     };
-    let errors = |(sr, wr): &(SortedRow, &[f32]), lvs: &[Levels], dst: &mut [f64]| match zt {
+    // `yp`: metric_errors' scratch, kept across a row's calls.
+    let errors = |(sr, wr): &(SortedRow, &[f32]), lvs: &[Levels], yp: &mut Vec<f64>, dst: &mut [f64]| match zt {
         None => {
             for (d, lv) in dst.iter_mut().zip(lvs) {
                 *d = sr.error(lv);
@@ -335,7 +341,7 @@ unsafe fn search(s: &SearchArgs, w: u64, zt: Option<(&[f32], usize)>, out: u64) 
         }
         Some((zt, t_rows)) => {
             dst.fill(0.0);
-            metric_errors(sr, wr, q.group, zt, t_rows, lvs, dst);
+            metric_errors(sr, wr, zt, t_rows, lvs, yp, dst);
         }
     };
     let at = |points: &[f64]| -> Vec<Levels> { points.iter().map(|&a| logs.at(a)).collect() };
@@ -346,11 +352,11 @@ unsafe fn search(s: &SearchArgs, w: u64, zt: Option<(&[f32], usize)>, out: u64) 
             let a = match (n, row(r)) {
                 (0, _) | (_, None) => 1.0f32,
                 (_, Some(sr)) => {
-                    let mut errs = vec![0f64; coarse.len()];
-                    errors(&sr, &coarse_lv, &mut errs);
+                    let (mut errs, mut yp) = (vec![0f64; coarse.len()], Vec::new());
+                    errors(&sr, &coarse_lv, &mut yp, &mut errs);
                     two_stage(s, &coarse, &errs, |pts| {
                         let mut e = vec![0f64; pts.len()];
-                        errors(&sr, &at(pts), &mut e);
+                        errors(&sr, &at(pts), &mut yp, &mut e);
                         e
                     })
                 }
@@ -371,7 +377,7 @@ unsafe fn search(s: &SearchArgs, w: u64, zt: Option<(&[f32], usize)>, out: u64) 
                 if let Some(sr) = row(r) {
                     // SAFETY: task r writes per_row[r·k .. (r+1)·k] only; per_row outlives the tasks.
                     let dst = unsafe { std::slice::from_raw_parts_mut((ps.0 as *mut f64).add(r * k), k) };
-                    errors(&sr, &lvs, dst);
+                    errors(&sr, &lvs, &mut Vec::new(), dst);
                 }
             });
             let mut tot = vec![0f64; k];
@@ -507,7 +513,7 @@ mod tests {
                     let z: Vec<f32> = (0..t_rows * n).map(|_| rnd()).collect();
                     let zt: Vec<f32> = (0..n * t_rows).map(|i| z[(i % t_rows) * n + i / t_rows]).collect();
                     let mut ours = vec![0f64; lvs.len()];
-                    metric_errors(&sr, &w, g, &zt, t_rows, &lvs, &mut ours);
+                    metric_errors(&sr, &w, &zt, t_rows, &lvs, &mut Vec::new(), &mut ours);
                     for (lv, &o) in lvs.iter().zip(&ours) {
                         let e = direct_residual(&w, g, lv, false);
                         let want: f64 = z.chunks_exact(n).map(|zr| zr.iter().zip(&e).map(|(&a, &b)| a as f64 * b).sum::<f64>().powi(2)).sum();
