@@ -6,7 +6,8 @@ Side by side with their peers, on the inputs of `lmkern bench` (lmkern.bench's r
 - PowerQuantLinearGEMV: lmkern.nn.PowerQuantLinear (4096 → 4096, 4-bit g128) at batch 1 vs the
   dense float32 torch.nn.functional.linear. Target ≥ 3×. Bytes that must move: 8.4 MB of codes and
   0.5 MB of scales (+ 256 KB of codebooks) instead of 64 MB of float32 weight.
-- SearchExponent: lmkern.quant.search_exponent for every row of a [4096, 4096] weight (4-bit g128).
+- SearchExponent: lmkern.quant.search_exponent for every row of a [4096, 4096] weight (4- and 8-bit
+  g128), alone and with 64 calibration tokens.
   Target ≤ 2 s; track_seconds reports the median of a few calls.
 - FakeQuantize: lmkern.quant.power_fake_quantize forward + backward (x and a) vs the torch composite
   of the straight-through fake quantizer under autograd.
@@ -87,7 +88,8 @@ class PowerQuantLinearGEMV(_Entry):
 
 
 class SearchExponent:
-    """search_exponent for every row of a [4096, 4096] float32 weight, 4 bits, groups of 128."""
+    """search_exponent for every row of a [4096, 4096] float32 weight, groups of 128: on the weight
+    error, and on the output error over 64 calibration tokens."""
 
     params = [[4, 8]]
     param_names = ["bits"]
@@ -96,10 +98,15 @@ class SearchExponent:
     number = 1
 
     def setup(self, bits):
-        self.w = torch.randn(4096, 4096, generator=torch.Generator().manual_seed(0))
+        gen = torch.Generator().manual_seed(0)
+        self.w = torch.randn(4096, 4096, generator=gen)
+        self.x = torch.randn(64, 4096, generator=gen)
 
     def time_search_per_row(self, bits):
         lmkern.quant.search_exponent(self.w, bits, 128)
+
+    def time_search_calibrated(self, bits):
+        lmkern.quant.search_exponent(self.w, bits, 128, x=self.x)
 
     def track_seconds(self, bits):
         ts = []
