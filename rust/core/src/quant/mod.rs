@@ -92,23 +92,51 @@ pub fn pack_row(codes: &[i8], bits: u32, out: &mut [u8]) {
                 o[i / 2] = if i % 2 == 0 { v } else { o[i / 2] | v << 4 };
             }
         }
-        _ => {
-            let mask = (1u32 << bits) - 1;
-            let (mut acc, mut nb, mut o) = (0u32, 0u32, 0usize);
-            for &c in codes {
-                acc |= (c as u8 as u32 & mask) << nb;
-                nb += bits;
-                while nb >= 8 {
-                    out[o] = acc as u8;
-                    o += 1;
-                    acc >>= 8;
-                    nb -= 8;
-                }
+        2 | 3 => {
+            // As 4 bits: eight codes (b bytes) at a time, their fields gathered by shifts in
+            // three steps (the bit accumulator below branches per byte: ~1/3 of the quantizer).
+            let b = bits as usize;
+            let words = codes.chunks_exact(8);
+            let rest = words.remainder();
+            for (o, c) in out.chunks_exact_mut(b).zip(words) {
+                let c: [i8; 8] = c.try_into().unwrap();
+                let x = u64::from_le_bytes(c.map(|v| v as u8));
+                let v = if b == 2 {
+                    let x = x & 0x0303_0303_0303_0303;
+                    let x = (x | (x >> 6)) & 0x000f_000f_000f_000f; // 4 bits in each u16 lane
+                    let x = (x | (x >> 12)) & 0x0000_00ff_0000_00ff; // 8 bits in each u32 lane
+                    x | (x >> 24)
+                } else {
+                    let x = x & 0x0707_0707_0707_0707;
+                    let x = (x | (x >> 5)) & 0x003f_003f_003f_003f; // 6 bits in each u16 lane
+                    let x = (x | (x >> 10)) & 0x0000_0fff_0000_0fff; // 12 bits in each u32 lane
+                    x | (x >> 20)
+                };
+                o.copy_from_slice(&v.to_le_bytes()[..b]);
             }
-            if nb > 0 {
-                out[o] = acc as u8;
-            }
+            pack_fields(rest, bits, &mut out[codes.len() / 8 * b..]);
         }
+        _ => pack_fields(codes, bits, out),
+    }
+}
+
+/// [`pack_row`]'s general form: the codes' fields through a bit accumulator, a byte out whenever 8
+/// bits are in.
+fn pack_fields(codes: &[i8], bits: u32, out: &mut [u8]) {
+    let mask = (1u32 << bits) - 1;
+    let (mut acc, mut nb, mut o) = (0u32, 0u32, 0usize);
+    for &c in codes {
+        acc |= (c as u8 as u32 & mask) << nb;
+        nb += bits;
+        while nb >= 8 {
+            out[o] = acc as u8;
+            o += 1;
+            acc >>= 8;
+            nb -= 8;
+        }
+    }
+    if nb > 0 {
+        out[o] = acc as u8;
     }
 }
 
