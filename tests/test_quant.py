@@ -18,7 +18,7 @@ import sys
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 import lmkern
 from lmkern import _core
@@ -447,6 +447,24 @@ def test_search_exponent_on_output_error(tokens):
     # one exponent for the whole tensor, on the summed output error
     a1 = search_exponent(w, 4, 32, x=x, per_row=False)
     assert a1.shape == () and errors_ref(w, float(a1), 4, 32, x=x).sum() <= brute.sum(1).min() * 1.01
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.sampled_from([2, 3, 4, 8]), st.integers(1, 4), st.sampled_from([1, 3, 17, 96]), st.sampled_from([1, 2, 70]),
+       st.booleans(), st.integers(0, 2**31 - 1))
+def test_search_exponent_on_output_error_any_shape(bits, rows, n, tokens, whole_rows, seed):
+    """Drawn shapes for the calibrated search: one column, one token, more tokens than columns (the
+    QR path) and than the Rust side's block of 64 rows of x, a group of one row or of a few columns."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, n, generator=gen)
+    x = torch.randn(tokens, n, generator=gen)
+    g = None if whole_rows or n == 1 else (n if n % 2 else n // 2)
+    gs = n if g is None else g
+    a = search_exponent(w, bits, g, x=x)
+    assert a.shape == (rows,) and ((a >= lmkern.quant.SEARCH_LO) & (a <= 1)).all()
+    ours = errors_ref(w, a.to(F64), bits, gs, x=x)
+    best = brute_force_errors(w, bits, gs, FINE, x=x).min(0).values
+    assert (ours <= best * 1.01 + 1e-9 * (x.norm() * w.norm()) ** 2).all(), f"worst ratio {(ours / best).max().item():.4f}"
 
 
 def test_search_exponent_zero_rows_and_bad_input():
