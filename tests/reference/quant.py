@@ -46,7 +46,9 @@ def scales_ref(x: torch.Tensor, g: int, clip: float = 1.0) -> torch.Tensor:
 
 
 def _a_col(a, rows: int) -> torch.Tensor:
-    a = torch.as_tensor(a, dtype=F64)
+    # The exponent as the library stores it (float32, PowerQuantized.exponent): a Python float
+    # rounded there moves v = qmax·u^a by up to ~1e-8 relative, more than BOUNDARY_RTOL allows.
+    a = torch.as_tensor(a, dtype=F64).to(torch.float32).to(F64)
     return (a.reshape(1) if a.dim() == 0 else a).expand(rows).reshape(rows, 1, 1)
 
 
@@ -158,7 +160,8 @@ def brute_force_errors(w, bits: int, g: int, grid, clip: float = 1.0, x=None, ch
     u = torch.where(m > 0, W.abs() / torch.where(m > 0, m, 1.0), torch.zeros_like(W))
     out = []
     for i in range(0, len(grid), chunk):
-        a = torch.as_tensor(grid[i:i + chunk], dtype=F64).reshape(-1, 1, 1, 1)
+        # Each exponent as stored (float32), as _a_col takes it.
+        a = torch.as_tensor(grid[i:i + chunk], dtype=F64).to(torch.float32).to(F64).reshape(-1, 1, 1, 1)
         k = torch.floor(qm * u ** a + 0.5).clamp(max=qm)
         e = (W.abs() - m * (k / qm) ** (1.0 / a)).reshape(len(a), rows, n)  # |w| − |ŵ|: same sign
         if x is None:

@@ -187,11 +187,13 @@ impl LevelLogs {
 /// heavy-tailed rows, so refining one minimum is not enough).
 const CANDIDATES: usize = 4;
 
+/// Coarse point i of nc on [lo, 1], as float32 (every point is evaluated as the exponent will be
+/// stored: a float64 point could sit on the other side of a code change than its float32 self).
 fn coarse_point(lo: f64, nc: usize, i: usize) -> f64 {
     if i + 1 == nc {
         1.0
     } else {
-        lo + (1.0 - lo) * i as f64 / (nc - 1) as f64
+        (lo + (1.0 - lo) * i as f64 / (nc - 1) as f64) as f32 as f64
     }
 }
 
@@ -217,7 +219,7 @@ fn fine_points(s: &SearchArgs, errs: &[f64]) -> Vec<f64> {
     for &i in minima.iter().take(CANDIDATES) {
         let c = coarse_point(s.lo, s.grid, i);
         let (a0, a1) = ((c - h).max(s.lo), (c + h).min(1.0));
-        pts.extend((0..nf).map(|j| a0 + (a1 - a0) * j as f64 / (nf - 1) as f64));
+        pts.extend((0..nf).map(|j| (a0 + (a1 - a0) * j as f64 / (nf - 1) as f64) as f32 as f64));
     }
     pts
 }
@@ -226,7 +228,6 @@ fn fine_points(s: &SearchArgs, errs: &[f64]) -> Vec<f64> {
 fn argmin(points: &[f64], errs: &[f64]) -> (f64, f64) {
     let mut best = (1.0, f64::INFINITY);
     for (&a, &e) in points.iter().zip(errs) {
-        let a = a as f32 as f64; // the exponent as it will be stored
         if e < best.1 || (e == best.1 && a > best.0) {
             best = (a, e);
         }
