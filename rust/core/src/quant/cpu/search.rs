@@ -420,17 +420,21 @@ pub unsafe fn search_exponent(s: &SearchArgs, w: u64, z: u64, out: u64) -> Resul
 mod tests {
     use super::*;
 
-    /// Rows that stress the bucket index: exact zeros, runs of one value longer than WINDOW (a
-    /// bucket the window cannot cover), values rounded to a few bits (ties), an all-zero group and
-    /// a spread of magnitudes.
-    fn rows() -> Vec<(Vec<f32>, usize)> {
-        let mut x = 0x2545_f491_4f6c_dd1du64;
-        let mut rnd = move || {
+    /// Uniform values in [−0.5, 0.5) from a xorshift generator.
+    fn uniform(mut x: u64) -> impl FnMut() -> f32 {
+        move || {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
             (x >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-        };
+        }
+    }
+
+    /// Rows that stress the bucket index: exact zeros, runs of one value longer than WINDOW (a
+    /// bucket the window cannot cover), values rounded to a few bits (ties), an all-zero group and
+    /// a spread of magnitudes.
+    fn rows() -> Vec<(Vec<f32>, usize)> {
+        let mut rnd = uniform(0x2545_f491_4f6c_dd1d);
         let mut out = Vec::new();
         for (n, g) in [(1usize, 1usize), (5, 5), (17, 17), (64, 16), (300, 100), (1024, 128)] {
             let plain: Vec<f32> = (0..n).map(|_| rnd()).collect();
@@ -496,13 +500,7 @@ mod tests {
 
     #[test]
     fn metric_errors_equal_the_direct_product() {
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        let mut rnd = move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-        };
+        let mut rnd = uniform(0x9e37_79b9_7f4a_7c15);
         for bits in [2u32, 4, 8] {
             let logs = LevelLogs::new(bits);
             let lvs: Vec<Levels> = [0.05, 0.4, 0.83, 1.0].iter().map(|&a| logs.at(a)).collect();
