@@ -284,6 +284,7 @@ unsafe fn count_by_search_avx512(xs: &[f32], tab: &[f32; 128], cnt: &mut [u32]) 
 #[target_feature(enable = "avx2,fma")]
 unsafe fn count_by_search_avx2(xs: &[f32], tab: &[f32; 128], cnt: &mut [u32]) {
     use std::arch::x86_64::*;
+    debug_assert!(cnt.len() >= xs.len());
     // Candidates i0 .. i0 + 7 of the step of size s (tab[2s·i + s − 1]).
     let cand = |s: usize, i0: usize| -> __m256 {
         let v: [f32; 8] = std::array::from_fn(|i| tab[(2 * s * (i0 + i) + s - 1).min(127)]);
@@ -778,7 +779,7 @@ mod tests {
 
     #[test]
     fn search_counts_equal_a_linear_count() {
-        // The 8-bit count (AVX-512 where the CPU has it) against counting every boundary, on
+        // The 8-bit count (AVX-512 or AVX2 where the CPU has them) against counting every boundary, on
         // values at, just below and just above boundaries, 0, huge, inf and NaN, every tail length.
         let t = boundaries(8, 0.37);
         let thr: Vec<f32> = (0..t.len()).map(|k| threshold::<f32>(&t, 0.8f32 as f64, k)).collect();
