@@ -779,8 +779,9 @@ mod tests {
 
     #[test]
     fn search_counts_equal_a_linear_count() {
-        // The 8-bit count (AVX-512 or AVX2 where the CPU has them) against counting every boundary, on
-        // values at, just below and just above boundaries, 0, huge, inf and NaN, every tail length.
+        // The 8-bit count (AVX-512 or AVX2 where the CPU has them) against counting every
+        // boundary, on values at, just below and just above boundaries, 0, huge, inf and NaN,
+        // every tail length.
         let t = boundaries(8, 0.37);
         let thr: Vec<f32> = (0..t.len()).map(|k| threshold::<f32>(&t, 0.8f32 as f64, k)).collect();
         let mut xs: Vec<f32> = vec![0.0, -0.0, 1e30, f32::INFINITY, f32::NAN, f32::MIN_POSITIVE];
