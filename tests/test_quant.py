@@ -403,7 +403,7 @@ def test_fake_quantize_clipped_elements_get_no_gradient():
 # ------------------------------------------------------------------------------------------------
 
 FINE = torch.linspace(lmkern.quant.SEARCH_LO, 1.0, 951, dtype=F64)
-COARSE = torch.linspace(lmkern.quant.SEARCH_LO, 1.0, lmkern.ops.quant.SEARCH_GRID, dtype=F64)  # the first stage of the search
+COARSE = torch.linspace(lmkern.quant.SEARCH_LO, 1.0, lmkern.quant.SEARCH_GRID, dtype=F64)  # the first stage of the search
 
 
 @pytest.mark.parametrize("bits,g,dist", [(4, 128, "normal"), (3, 64, "laplace"), (4, None, "t"), (2, 32, "normal"), (8, 128, "t")])
@@ -480,6 +480,24 @@ def test_search_exponent_zero_rows_and_bad_input():
         search_exponent(w, 4, 32)
     with pytest.raises(ValueError, match="last dimension"):
         search_exponent(torch.randn(3, 64), 4, 32, x=torch.randn(5, 63))
+    for kw in ({"grid": 1}, {"grid": True}, {"grid": 2.0}, {"grid": 2**21}, {"refine": -1}, {"refine": 2**17}):
+        with pytest.raises(ValueError, match=f"{next(iter(kw))}: expected an integer"):
+            search_exponent(torch.randn(3, 64), 4, 32, **kw)
+
+
+def test_search_exponent_grid_and_refine():
+    """refine=0 returns a point of the coarse grid itself; a finer grid (one holding the default's
+    points) finds an error at most the default grid's best, on a short 8-bit row whose output error
+    jumps between nearby exponents."""
+    gen = torch.Generator().manual_seed(1)
+    w, x = torch.randn(1, 96, generator=gen), torch.randn(70, 96, generator=gen)
+    a = search_exponent(w, 8, None, x=x, grid=2, refine=0)
+    assert a.item() in (1.0, torch.tensor(lmkern.quant.SEARCH_LO, dtype=F32).item())
+    a = search_exponent(w, 8, None, x=x, refine=0)
+    assert (COARSE.to(F32) == a).any(), "refine=0 returned a point off the coarse grid"
+    fine = search_exponent(w, 8, None, x=x, grid=8 * (lmkern.quant.SEARCH_GRID - 1) + 1)
+    best = brute_force_errors(w, 8, 96, COARSE, x=x).min(0).values
+    assert errors_ref(w, fine.to(F64), 8, 96, x=x) <= best * 1.001
 
 
 # ------------------------------------------------------------------------------------------------
@@ -878,10 +896,11 @@ def _opcheck_cases():
         (torch.ops.lmkern.power_codebook, (torch.rand(7) * 0.9 + 0.1, 3)),
         (torch.ops.lmkern.power_search_exponent, (torch.randn(4, 32), None, 4, 16, 1.0, True)),
         (torch.ops.lmkern.power_search_exponent, (torch.randn(4, 32), torch.randn(8, 32), 4, 16, 1.0, False)),
+        (torch.ops.lmkern.power_search_exponent, (torch.randn(4, 32), torch.randn(8, 32), 8, 32, 1.0, True, 100, 0)),
     ]
 
 
-@pytest.mark.parametrize("i", range(11))
+@pytest.mark.parametrize("i", range(12))
 def test_opcheck(i):
     op, args = _opcheck_cases()[i]
     torch.library.opcheck(op, args)

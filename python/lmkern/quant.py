@@ -61,11 +61,14 @@ from .ops import quant as _ops
 
 __all__ = [
     "QuantizedTensor", "PowerQuantized", "power_quantize", "power_dequantize", "power_fake_quantize",
-    "search_exponent", "SEARCH_LO",
+    "search_exponent", "SEARCH_LO", "SEARCH_GRID", "SEARCH_REFINE",
 ]
 
 #: Exponents are searched in [SEARCH_LO, 1].
 SEARCH_LO = _ops.SEARCH_LO
+#: The search's default coarse grid and refinement (search_exponent's ``grid`` and ``refine``).
+SEARCH_GRID = _ops.SEARCH_GRID
+SEARCH_REFINE = _ops.SEARCH_REFINE
 
 
 @dataclass(frozen=True)
@@ -207,12 +210,13 @@ def power_fake_quantize(x, a, bits: int = 4, group_size: int | None = None, clip
 
 
 def search_exponent(w, bits: int = 4, group_size: int | None = None, x=None, per_row: bool = True,
-                    clip: float = 1.0) -> torch.Tensor:
+                    clip: float = 1.0, *, grid: int = SEARCH_GRID, refine: int = SEARCH_REFINE) -> torch.Tensor:
     """The exponent(s) a in [SEARCH_LO, 1] minimizing the quantization error of the weight w
     ([..., n], one row per output channel): ``‖w − ŵ_a‖²`` per row, or with calibration activations
-    ``x`` ([..., n]) the layer-output error ``‖x·(w − ŵ_a)ᵀ‖²``. A coarse grid of 1024 exponents,
-    then 16 finer points around each of the 4 best coarse local minima, for every row
-    at once, in Rust. Each evaluation is qmax short counts in the row's sorted |w|/m (the error is
+    ``x`` ([..., n]) the layer-output error ``‖x·(w − ŵ_a)ᵀ‖²``. A coarse grid of ``grid`` (1024)
+    exponents, then ``refine`` (16) finer points around each of the 4 best coarse local minima, for
+    every row at once, in Rust; the time grows with both (short rows with 8-bit codes, whose error
+    jumps between nearby exponents, gain from a finer grid). Each evaluation is qmax short counts in the row's sorted |w|/m (the error is
     piecewise smooth in a, with narrow dips: hence the fine grid); with x, a row first costs
     min(T, n)·n (prefix sums of x's columns in that order), then each evaluation qmax·min(T, n).
 
@@ -237,5 +241,6 @@ def search_exponent(w, bits: int = 4, group_size: int | None = None, x=None, per
         if z.shape[0] > n:
             z = torch.linalg.qr(z.to(torch.float64), mode="r")[1]
         z = z.to(torch.float32)
-    out = torch.ops.lmkern.power_search_exponent(w32, z, bits, g, clip, bool(per_row))
+    grid, refine = _ops.check_search_points(grid, refine)
+    out = torch.ops.lmkern.power_search_exponent(w32, z, bits, g, clip, bool(per_row), grid, refine)
     return out if per_row else out.reshape(())

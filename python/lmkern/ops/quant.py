@@ -10,7 +10,7 @@ Ops (torch.ops.lmkern.*); x is [..., n] with rows = the product of its leading d
   power_quant_linear(x, codes, scales, table, bias?, bits, group_size, in_features) -> x @ Ŵᵀ + bias   differentiable in x
   power_quant_linear_backward(dy, codes, scales, table, bits, group_size, in_features) -> dy @ Ŵ
 (table: the weight rows' codebooks, from power_codebook.)
-  power_search_exponent(w, z?, bits, group_size, clip, per_row) -> f32 [rows] or [1]
+  power_search_exponent(w, z?, bits, group_size, clip, per_row, grid, refine) -> f32 [rows] or [1]
 CPU: float32, float64, bfloat16, float16. CUDA (cuda/quant.cu): float32, bfloat16, float16 (float64
 raises TypeError), with these differences, all for the sake of never reading device memory inside
 the kernels' launch path:
@@ -56,6 +56,17 @@ CPU_CHUNK_BYTES = 8 << 20
 SEARCH_LO = 0.05
 SEARCH_GRID = 1024
 SEARCH_REFINE = 16
+#: The largest grid and refinement accepted (the errors of every row at every point are held).
+SEARCH_MAX_GRID = 1 << 20
+SEARCH_MAX_REFINE = 1 << 16
+
+
+def check_search_points(grid, refine) -> tuple[int, int]:
+    """The search's coarse grid size (2 .. SEARCH_MAX_GRID) and refinement (0 .. SEARCH_MAX_REFINE)."""
+    for name, v, lo, hi in (("grid", grid, 2, SEARCH_MAX_GRID), ("refine", refine, 0, SEARCH_MAX_REFINE)):
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise ValueError(f"{name}: expected an integer in [{lo}, {hi}]; got {v!r}")
+    return grid, refine
 
 
 def check_cpu(name: str, t: torch.Tensor) -> None:
@@ -175,7 +186,10 @@ LIB.define(
     "power_quant_linear_backward(Tensor dy, Tensor codes, Tensor scales, Tensor table, int bits, int group_size,"
     " int in_features) -> Tensor"
 )
-LIB.define("power_search_exponent(Tensor w, Tensor? z, int bits, int group_size, float clip, bool per_row) -> Tensor")
+LIB.define(
+    "power_search_exponent(Tensor w, Tensor? z, int bits, int group_size, float clip, bool per_row,"
+    f" int grid={SEARCH_GRID}, int refine={SEARCH_REFINE}) -> Tensor"
+)
 
 
 def _check_quantize(x, a, bits, group_size):
@@ -520,14 +534,15 @@ def _linear_bwd_fake(dy, codes, scales, table, bits, group_size, in_features):
 # ------------------------------------------------------------------------------------------------
 
 
-def _search(w, z, bits, group_size, clip, per_row):
+def _search(w, z, bits, group_size, clip, per_row, grid=SEARCH_GRID, refine=SEARCH_REFINE):
     check_cpu("w", w)
     if w.is_cuda:  # the search runs on the CPU (see the module doc)
         if z is not None:
             _same_device("x", z, w, "w")
-        out = _search(w.cpu(), None if z is None else z.cpu(), bits, group_size, clip, per_row)
+        out = _search(w.cpu(), None if z is None else z.cpu(), bits, group_size, clip, per_row, grid, refine)
         return out.to(w.device)
     check_bits(bits)
+    check_search_points(grid, refine)
     if w.dtype != torch.float32 or w.dim() < 1:
         raise ValueError(f"w: expected float32 with at least one dimension; got {w.dtype} {tuple(w.shape)}")
     rows, n = _rows(w)
@@ -540,11 +555,11 @@ def _search(w, z, bits, group_size, clip, per_row):
     w = w.contiguous()
     out = torch.empty((rows if per_row else 1,), dtype=torch.float32, device=w.device)
     _core.quant_search(bits, rows, n, group_size, clip, per_row, 0 if z is None else z.shape[0],
-                       SEARCH_LO, SEARCH_GRID, SEARCH_REFINE, ptr(w), ptr(z), ptr(out))
+                       SEARCH_LO, grid, refine, ptr(w), ptr(z), ptr(out))
     return out
 
 
-def _search_fake(w, z, bits, group_size, clip, per_row):
+def _search_fake(w, z, bits, group_size, clip, per_row, grid=SEARCH_GRID, refine=SEARCH_REFINE):
     rows, _ = _rows(w)
     return w.new_empty((rows if per_row else 1,), dtype=torch.float32)
 

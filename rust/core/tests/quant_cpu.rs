@@ -120,6 +120,16 @@ fn search_returns_exponents_in_range_and_a_one_for_zero_rows() {
     unsafe { quant::search_exponent(Device::Cpu, &s, addr(&w), 0, out(&mut a)).unwrap() };
     assert_eq!(a[0], 1.0);
     assert!(a[1..].iter().all(|&v| (0.05..=1.0).contains(&v)));
+    // Every stage shape, with and without calibration rows z, per row and per tensor: no fine points
+    // (refine 0), the smallest grid, z of one row.
+    let z: Vec<f32> = (0..3 * n).map(|_| rng.next() as f32).collect();
+    for (grid, refine, z_rows, per_row) in [(64, 0, 3, true), (2, 0, 1, false), (2, 1, 3, true), (64, 0, 0, false)] {
+        let s = SearchArgs { grid, refine, z_rows, per_row, ..s };
+        let mut a = vec![f32::NAN; rows];
+        unsafe { quant::search_exponent(Device::Cpu, &s, addr(&w), addr(&z), out(&mut a)).unwrap() };
+        let found = if per_row { &a[..] } else { &a[..1] };
+        assert!(found.iter().all(|&v| (0.05..=1.0).contains(&v)), "grid {grid} refine {refine} z {z_rows}: {found:?}");
+    }
 }
 
 #[test]

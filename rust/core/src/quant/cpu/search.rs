@@ -270,7 +270,9 @@ fn metric_errors(sr: &SortedRow, w: &[f32], zt: &[f32], t_rows: usize, lvs: &[Le
 #[inline(always)]
 fn metric_errors_body(sr: &SortedRow, w: &[f32], zt: &[f32], t_rows: usize, lvs: &[Levels], yp: &mut Vec<f64>, out: &mut [f64]) {
     let n = sr.n;
-    let nl = lvs.first().map_or(0, |lv| lv.level.len());
+    let Some(nl) = lvs.first().map(|lv| lv.level.len()) else {
+        return; // no exponents (a search with refine = 0 asks for no fine points)
+    };
     // Every exponent's bucket ends, once for all blocks.
     let mut ends = vec![0u32; lvs.len() * nl];
     for (lv, e) in lvs.iter().zip(ends.chunks_exact_mut(nl)) {
@@ -513,6 +515,7 @@ mod tests {
                     let zt: Vec<f32> = (0..n * t_rows).map(|i| z[(i % t_rows) * n + i / t_rows]).collect();
                     let mut ours = vec![0f64; lvs.len()];
                     metric_errors(&sr, &w, &zt, t_rows, &lvs, &mut Vec::new(), &mut ours);
+                    metric_errors(&sr, &w, &zt, t_rows, &[], &mut Vec::new(), &mut []); // none asked
                     for (lv, &o) in lvs.iter().zip(&ours) {
                         let e = direct_residual(&w, g, lv, false);
                         let want: f64 = z.chunks_exact(n).map(|zr| zr.iter().zip(&e).map(|(&a, &b)| a as f64 * b).sum::<f64>().powi(2)).sum();
