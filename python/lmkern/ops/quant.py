@@ -56,9 +56,10 @@ CPU_CHUNK_BYTES = 8 << 20
 SEARCH_LO = 0.05
 SEARCH_GRID = 1024
 SEARCH_REFINE = 16
-#: The largest grid and refinement accepted (the errors of every row at every point are held).
-SEARCH_MAX_GRID = 1 << 20
-SEARCH_MAX_REFINE = 1 << 16
+#: The largest grid and refinement accepted (each thread holds a row's errors and bucket ends at
+#: every point: ~35 MB at 8 bits and 2^16 points, with x).
+SEARCH_MAX_GRID = 1 << 16
+SEARCH_MAX_REFINE = 1 << 12
 
 
 def check_search_points(grid, refine) -> tuple[int, int]:

@@ -316,6 +316,10 @@ fn metric_errors_body(sr: &SortedRow, w: &[f32], zt: &[f32], t_rows: usize, lvs:
     }
 }
 
+/// Rows whose errors a search for one exponent of the whole tensor holds at once (summed in row
+/// order after each block: the same sums as all rows at once).
+const TOTAL_ROWS: usize = 256;
+
 /// The search over every row: the weight error, or with `zt` (zᵀ, [n, t_rows]) the layer-output
 /// error (see [`metric_errors`]).
 unsafe fn search(s: &SearchArgs, w: u64, zt: Option<(&[f32], usize)>, out: u64) -> Result<()> {
@@ -371,22 +375,27 @@ unsafe fn search(s: &SearchArgs, w: u64, zt: Option<(&[f32], usize)>, out: u64) 
         // Per-row errors at every point, then summed over rows in row order (deterministic).
         let total = |points: &[f64]| -> Vec<f64> {
             let (k, lvs) = (points.len(), at(points));
-            let mut per_row = vec![0f64; rows * k];
-            let ps = Shared(per_row.as_mut_ptr() as usize);
-            parallel::for_each_task(rows, work, |r| {
-                if n == 0 {
-                    return;
-                }
-                if let Some(sr) = row(r) {
-                    // SAFETY: task r writes per_row[r·k .. (r+1)·k] only; per_row outlives the tasks.
-                    let dst = unsafe { std::slice::from_raw_parts_mut((ps.0 as *mut f64).add(r * k), k) };
-                    errors(&sr, &lvs, &mut Vec::new(), dst);
-                }
-            });
             let mut tot = vec![0f64; k];
-            for r in 0..rows {
-                for (t, e) in tot.iter_mut().zip(&per_row[r * k..(r + 1) * k]) {
-                    *t += e;
+            // TOTAL_ROWS rows at a time, so the per-row errors held stay bounded whatever the grid.
+            let mut per_row = vec![0f64; TOTAL_ROWS.min(rows) * k];
+            for r0 in (0..rows).step_by(TOTAL_ROWS) {
+                let r1 = (r0 + TOTAL_ROWS).min(rows);
+                per_row.fill(0.0);
+                let ps = Shared(per_row.as_mut_ptr() as usize);
+                parallel::for_each_task(r1 - r0, work / rows.max(1) * (r1 - r0), |i| {
+                    if n == 0 {
+                        return;
+                    }
+                    if let Some(sr) = row(r0 + i) {
+                        // SAFETY: task i writes per_row[i·k .. (i+1)·k] only; per_row outlives the tasks.
+                        let dst = unsafe { std::slice::from_raw_parts_mut((ps.0 as *mut f64).add(i * k), k) };
+                        errors(&sr, &lvs, &mut Vec::new(), dst);
+                    }
+                });
+                for e in per_row[..(r1 - r0) * k].chunks_exact(k.max(1)) {
+                    for (t, e) in tot.iter_mut().zip(e) {
+                        *t += e;
+                    }
                 }
             }
             tot
