@@ -216,9 +216,10 @@ def search_exponent(w, bits: int = 4, group_size: int | None = None, x=None, per
     ``x`` ([..., n]) the layer-output error ``‖x·(w − ŵ_a)ᵀ‖²``. A coarse grid of ``grid`` (1024)
     exponents, then ``refine`` (16) finer points around each of the 4 best coarse local minima, for
     every row at once, in Rust; the time grows with both (short rows with 8-bit codes, whose error
-    jumps between nearby exponents, gain from a finer grid). Each evaluation is qmax short counts in the row's sorted |w|/m (the error is
-    piecewise smooth in a, with narrow dips: hence the fine grid); with x, a row first costs
-    min(T, n)·n (prefix sums of x's columns in that order), then each evaluation qmax·min(T, n).
+    jumps between nearby exponents, gain from a finer grid). Each evaluation is qmax short counts in
+    the row's sorted |w|/m (the error is piecewise smooth in a, with narrow dips: hence the fine
+    grid); with x, a row first costs min(T, n)·n (prefix sums of x's columns in that order), then
+    each evaluation qmax·min(T, n).
 
     Returns float32 [rows] (``per_row``) or a 0-d float32 tensor (one exponent for the whole tensor,
     minimizing the summed error). With x of T > n tokens, x is first reduced to the n×n factor R of
@@ -230,6 +231,7 @@ def search_exponent(w, bits: int = 4, group_size: int | None = None, x=None, per
     n = w.shape[-1]
     g = _ops.check_group(group_size, n)
     clip = _clip(clip)
+    grid, refine = _ops.check_search_points(grid, refine)
     w32 = w.detach().reshape(-1, n).to(torch.float32)
     z = None
     if x is not None:
@@ -241,6 +243,5 @@ def search_exponent(w, bits: int = 4, group_size: int | None = None, x=None, per
         if z.shape[0] > n:
             z = torch.linalg.qr(z.to(torch.float64), mode="r")[1]
         z = z.to(torch.float32)
-    grid, refine = _ops.check_search_points(grid, refine)
     out = torch.ops.lmkern.power_search_exponent(w32, z, bits, g, clip, bool(per_row), grid, refine)
     return out if per_row else out.reshape(())
