@@ -109,7 +109,7 @@ impl SortedRow {
     }
 
     /// The number of u below t (t < 1: t falls in bucket b, its position lies in
-    /// [bucket[b], bucket[b + 1]]).
+    /// \[bucket\[b\], bucket\[b + 1\]\]).
     #[inline(always)]
     fn position(&self, t: f32) -> usize {
         let nb = self.bucket.len() - 1;
