@@ -480,6 +480,12 @@ def test_search_exponent_zero_rows_and_bad_input():
         search_exponent(w, 4, 32)
     with pytest.raises(ValueError, match="last dimension"):
         search_exponent(torch.randn(3, 64), 4, 32, x=torch.randn(5, 63))
+    for bad in (math.nan, math.inf):
+        for tokens in (5, 70):  # 70 > 64 columns: through the QR of x first
+            x = torch.randn(tokens, 64)
+            x[tokens // 2, 7] = bad
+            with pytest.raises(ValueError, match="x: expected finite"):
+                search_exponent(torch.randn(3, 64), 4, 32, x=x)
     for kw in ({"grid": 1}, {"grid": True}, {"grid": 2.0}, {"grid": 2**17}, {"refine": -1}, {"refine": 2**13}):
         with pytest.raises(ValueError, match=f"{next(iter(kw))}: expected an integer"):
             search_exponent(torch.randn(3, 64), 4, 32, **kw)

@@ -130,6 +130,12 @@ fn search_returns_exponents_in_range_and_a_one_for_zero_rows() {
         let found = if per_row { &a[..] } else { &a[..1] };
         assert!(found.iter().all(|&v| (0.05..=1.0).contains(&v)), "grid {grid} refine {refine} z {z_rows}: {found:?}");
     }
+    // Non-finite calibration rows are an error, not a = 1 for every row.
+    let mut z = z;
+    z[n + 5] = f32::NAN;
+    let s = SearchArgs { z_rows: 3, ..s };
+    let e = unsafe { quant::search_exponent(Device::Cpu, &s, addr(&w), addr(&z), out(&mut a)) }.unwrap_err();
+    assert!(e.to_string().contains("finite"), "{e}");
 }
 
 #[test]

@@ -418,6 +418,10 @@ pub unsafe fn search_exponent(s: &SearchArgs, w: u64, z: u64, out: u64) -> Resul
     // zᵀ, so that a column of z (one element's contribution to z·ŵ) is contiguous.
     let (t_rows, n) = (s.z_rows, s.q.n);
     let z = slice::<f32>(z, t_rows * n);
+    if !z.iter().all(|v| v.is_finite()) {
+        // Every error would be NaN or inf, and the search would return a = 1 for every row.
+        return Err(Error::value("x: expected finite calibration activations (NaN or inf found)"));
+    }
     let mut zt = vec![0f32; n * t_rows];
     for (t, zr) in z.chunks_exact(n.max(1)).enumerate() {
         for (c, &v) in zr.iter().enumerate() {
