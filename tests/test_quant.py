@@ -475,6 +475,11 @@ def test_search_exponent_zero_rows_and_bad_input():
     w[1] = torch.randn(64)
     a = search_exponent(w, 4, 32)
     assert a[0].item() == 1.0 and a[2].item() == 1.0 and 0 < a[1].item() <= 1
+    # Empty rows have no error either (a = 1), with or without x; no rows, no exponents.
+    for x in (None, torch.randn(5, 0)):
+        assert torch.equal(search_exponent(torch.randn(3, 0), 4, x=x), torch.ones(3))
+        assert search_exponent(torch.randn(3, 0), 4, x=x, per_row=False).item() == 1.0
+    assert search_exponent(torch.randn(0, 4), 4, x=torch.randn(2, 4)).shape == (0,)
     w[1, 3] = math.nan
     with pytest.raises(ValueError, match="finite"):
         search_exponent(w, 4, 32)

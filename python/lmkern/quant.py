@@ -232,14 +232,15 @@ def search_exponent(w, bits: int = 4, group_size: int | None = None, x=None, per
     g = _ops.check_group(group_size, n)
     clip = _clip(clip)
     grid, refine = _ops.check_search_points(grid, refine)
-    w32 = w.detach().reshape(-1, n).to(torch.float32)
+    # Rows from the leading dimensions (reshape(-1, 0) cannot infer them for empty rows).
+    w32 = w.detach().reshape(_ops._rows(w)[0], n).to(torch.float32)
     z = None
     if x is not None:
         x = _as_tensor("x", x)
         _ops._check_x("x", x)
         if x.shape[-1] != n:
             raise ValueError(f"x: expected calibration activations with last dimension {n}; got shape {tuple(x.shape)}")
-        z = x.detach().reshape(-1, n)
+        z = x.detach().reshape(_ops._rows(x)[0], n)
         if z.shape[0] > n:
             z = torch.linalg.qr(z.to(torch.float64), mode="r")[1]
         z = z.to(torch.float32)
