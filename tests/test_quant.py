@@ -620,6 +620,21 @@ def test_power_quant_linear_fast_path_edges(in_f, g, out_f, tokens):
         assert rel_err(mod(x.to(BF16)), linear_ref(x.to(BF16), w_hat, lin.bias)) <= 1e-2
 
 
+@pytest.mark.parametrize("in_f, out_f", [(8, 0), (0, 3)])
+@pytest.mark.parametrize("lead", [(0,), (1,), (2, 5), (100,)])
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+def test_power_quant_linear_empty_weight(in_f, out_f, lead):
+    """A layer with no outputs or no inputs: y is empty, or the bias alone; dx has x's shape (zeros
+    without outputs), at every token count (100: past the fused kernels' token limit)."""
+    mod = PowerQuantLinear.from_linear(_linear(in_f, out_f, True, 3), 4, None)
+    x = torch.randn(*lead, in_f, requires_grad=True)
+    y = mod(x)
+    assert y.shape == (*lead, out_f)
+    assert torch.equal(y.detach(), mod.bias.detach().expand(*lead, out_f))
+    (y * 2).sum().backward()
+    assert x.grad.shape == x.shape and torch.equal(x.grad, torch.zeros_like(x))
+
+
 @pytest.mark.parametrize("dtype", [F32, BF16, F64])
 @pytest.mark.parametrize("in_f, g, out_f, bits", [(256, 64, 37, 4), (96, 32, 10, 3), (40, 8, 9, 8), (48, 16, 7, 2)])
 def test_power_quant_linear_many_tokens_in_chunks(monkeypatch, dtype, in_f, g, out_f, bits):

@@ -455,7 +455,7 @@ def _linear(x, codes, scales, table, bias, bits, group_size, in_features):
                            table.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr())
         return y
     out_features = _check_linear(x, codes, scales, table, bias, bits, group_size, in_features)
-    x2 = x.reshape(-1, in_features).contiguous()
+    x2 = x.reshape(_rows(x)[0], in_features).contiguous()  # (-1 cannot infer rows of length 0)
     tokens = x2.shape[0]
     if x.is_cuda:
         max_tokens = _core.quant_cuda_gemv_max_tokens(DTYPE_CODES[x.dtype], bits, in_features, group_size)
@@ -506,7 +506,7 @@ def _linear_bwd(dy, codes, scales, table, bits, group_size, in_features):
         raise ValueError(f"dy: expected last dimension {out_features} (out_features); got {tuple(dy.shape)}")
     _check_weight(codes, scales, table, bits, group_size, in_features)
     _same_device("codes", codes, dy, "dy")
-    dy2 = dy.reshape(-1, out_features)
+    dy2 = dy.reshape(_rows(dy)[0], out_features)
     if dy.is_cuda:
         # dy @ Ŵ by cuBLAS, Ŵ in dy's dtype (as the many-token forward forms it).
         dx = dy2 @ _dequantize_codebooks(codes, scales, table, bits, group_size, in_features, dy.dtype)
