@@ -100,6 +100,18 @@ fn rows_per_task(n: usize) -> usize {
     (16384 / n.max(1)).clamp(1, 256)
 }
 
+/// `f(r0, r1)` for consecutive row ranges of [`rows_per_task`] rows covering `0..rows` (rows of n
+/// elements), as parallel tasks.
+fn for_each_row_range(rows: usize, n: usize, f: impl Fn(usize, usize) + Sync + Send) {
+    let rpt = rows_per_task(n);
+    parallel::for_each_task(rows.div_ceil(rpt), rows * n, |ti| f(ti * rpt, ((ti + 1) * rpt).min(rows)));
+}
+
+/// The error of a quantizer whose input held NaN or inf (or whose scale overflowed).
+fn nonfinite_x() -> Error {
+    Error::value("x: expected finite values (NaN or inf found, or clip·max|x| overflows float32)")
+}
+
 /// A raw address that tasks may share; each task touches only its own disjoint part (see uses).
 #[derive(Clone, Copy)]
 struct Shared(usize);
@@ -410,7 +422,7 @@ pub unsafe fn quantize(dtype: DType, q: &QuantArgs, x: u64, a: u64, codes: u64, 
     if ok {
         Ok(())
     } else {
-        Err(Error::value("x: expected finite values (NaN or inf found, or clip·max|x| overflows float32)"))
+        Err(nonfinite_x())
     }
 }
 
@@ -418,10 +430,8 @@ unsafe fn quantize_t<T: QElem>(q: &QuantArgs, x: u64, a: u64, codes: u64, scales
 {
     let (rows, n) = (q.rows, q.n);
     let ok = AtomicBool::new(true);
-    let rpt = rows_per_task(n);
     let (xs, cs, ss) = (Shared(x as usize), Shared(codes as usize), Shared(scales as usize));
-    parallel::for_each_task(rows.div_ceil(rpt), rows * n, |ti| {
-        let (r0, r1) = (ti * rpt, ((ti + 1) * rpt).min(rows));
+    for_each_row_range(rows, n, |r0, r1| {
         if !quant_rows::<T>(q, xs, a, cs, ss, r0, r1) {
             ok.store(false, Ordering::Relaxed);
         }
@@ -505,10 +515,7 @@ struct Deq<'a> {
 unsafe fn dequantize_t<T: QElem>(q: &QuantArgs, codes: u64, scales: u64, tables: Tables, out: u64)
 {
     let d = Deq { q, codes, scales, tables, out };
-    let rpt = rows_per_task(q.n);
-    parallel::for_each_task(q.rows.div_ceil(rpt), q.rows * q.n, |ti| {
-        deq_rows::<T>(&d, ti * rpt, ((ti + 1) * rpt).min(q.rows))
-    });
+    for_each_row_range(q.rows, q.n, |r0, r1| deq_rows::<T>(&d, r0, r1));
 }
 
 multiversion!(fn deq_rows<T: QElem>(d: &Deq, r0: usize, r1: usize) => deq_rows_body);
@@ -586,7 +593,7 @@ pub unsafe fn fake_quantize(dtype: DType, q: &QuantArgs, x: u64, a: u64, y: u64,
     if ok {
         Ok(())
     } else {
-        Err(Error::value("x: expected finite values (NaN or inf found, or clip·max|x| overflows float32)"))
+        Err(nonfinite_x())
     }
 }
 
@@ -594,10 +601,8 @@ unsafe fn fake_t<T: QElem>(q: &QuantArgs, x: u64, a: u64, y: u64, scales: u64) -
 {
     let (rows, n) = (q.rows, q.n);
     let ok = AtomicBool::new(true);
-    let rpt = rows_per_task(n);
     let (xs, ys, ss) = (Shared(x as usize), Shared(y as usize), Shared(scales as usize));
-    parallel::for_each_task(rows.div_ceil(rpt), rows * n, |ti| {
-        let (r0, r1) = (ti * rpt, ((ti + 1) * rpt).min(rows));
+    for_each_row_range(rows, n, |r0, r1| {
         // SAFETY: tasks own disjoint row ranges of y and scales; x and a are only read.
         let (xr, ar, yr, sr) = unsafe {
             (
@@ -609,13 +614,17 @@ unsafe fn fake_t<T: QElem>(q: &QuantArgs, x: u64, a: u64, y: u64, scales: u64) -
         };
         let mut s = RowScratch::<T::Acc>::new(n, q.group);
         let (g, ng, mask) = (q.group, q.groups(), (1u32 << q.bits) - 1);
+        // Boundaries and table are recomputed only when the exponent changes from one row to the
+        // next (as quant_rows does: 8-bit codes take 383 powers a row).
+        let (mut cached, mut t, mut lut) = (f32::NAN, Vec::new(), Vec::new());
         for i in 0..r1 - r0 {
-            let t = boundaries(q.bits, ar[i]);
+            if ar[i].to_bits() != cached.to_bits() {
+                (cached, t, lut) = (ar[i], boundaries(q.bits, ar[i]), lut_of::<T::Acc>(q.bits, ar[i]));
+            }
             let srow = &mut sr[i * ng..(i + 1) * ng];
             if !quant_row_mv::<T>(&xr[i * n..(i + 1) * n], &t, q, srow, &mut s) {
                 ok.store(false, Ordering::Relaxed);
             }
-            let lut = lut_of::<T::Acc>(q.bits, ar[i]);
             for gi in 0..ng {
                 let m = T::Acc::from_f64(srow[gi] as f64);
                 let yrow = &mut yr[i * n + gi * g..i * n + (gi + 1) * g];
@@ -643,11 +652,9 @@ pub unsafe fn fake_quantize_backward(dtype: DType, q: &QuantArgs, dy: u64, x: u6
 unsafe fn fake_bwd_t<T: QElem>(q: &QuantArgs, dy: u64, x: u64, scales: u64, a: u64, dx: u64, da: u64)
 {
     let (rows, n, g, ng) = (q.rows, q.n, q.group, q.groups());
-    let rpt = rows_per_task(n);
     let (dys, xs, dxs, das) = (Shared(dy as usize), Shared(x as usize), Shared(dx as usize), Shared(da as usize));
     let qm = qmax(q.bits) as f64;
-    parallel::for_each_task(rows.div_ceil(rpt), rows * n, |ti| {
-        let (r0, r1) = (ti * rpt, ((ti + 1) * rpt).min(rows));
+    for_each_row_range(rows, n, |r0, r1| {
         // SAFETY: tasks own disjoint row ranges of dx and da; the inputs are only read.
         let (dyr, xr, sr, ar, dxr) = unsafe {
             (

@@ -372,7 +372,8 @@ unsafe fn search(s: &SearchArgs, w: u64, zt: Option<(&[f32], usize)>, out: u64) 
             unsafe { *(os.0 as *mut f32).add(r) = a };
         });
     } else {
-        // Per-row errors at every point, then summed over rows in row order (deterministic).
+        // Per-row errors at every point, then summed over rows in row order (deterministic). Each
+        // stage sorts the rows again: keeping every row's SortedRow would take ~40 bytes an element.
         let total = |points: &[f64]| -> Vec<f64> {
             let (k, lvs) = (points.len(), at(points));
             let mut tot = vec![0f64; k];
