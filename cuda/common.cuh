@@ -274,6 +274,18 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
 // ---------------------------------------------------------------------------------------------
 constexpr unsigned FULL_MASK = 0xffffffffu;
 
+// v, for a v already the same on every lane of the warp (a warp index), taken from lane 0 so that
+// the compiler knows it is: branches on it are warp-uniform, and shared-memory bases in the code
+// they guard can stay in uniform registers (LDS [R + UR] rather than an add per load). The emulator
+// runs the warp's lanes one by one and needs no hint.
+__device__ __forceinline__ int warp_uniform(int v) {
+#ifndef LMKERN_EMU
+    return __shfl_sync(FULL_MASK, v, 0);
+#else
+    return v;
+#endif
+}
+
 // Butterfly sum over the 32 lanes of a warp. Every lane ends with the bitwise same value: at each
 // step lane i computes v_i + v_(i^o) and lane i^o computes v_(i^o) + v_i, equal by commutativity.
 __device__ __forceinline__ float warp_sum(float v) {

@@ -13,6 +13,7 @@
 //   quant_lintile<B>_<t>_n<NT>  the same for B-bit codes and aligned shapes (linear_tiled below)
 //   quant_linmma4_<t>_n<NT>  the same on the tensor cores, t in {bf16, f16}, 4-bit codes, n and
 //                            group multiples of 128, NT = 8, 16 (linear_mma below)
+//   quant_linmma8_bf16_n<NT>_v<K>, quant_lintile4_bf16_n<NT>_v<K>  tuning variants (at the end)
 //
 // Row kernels (fwd, deq, fake_bwd): block (TX, RY), TX a multiple of 32 (at most 256), RY ≤ 8 row
 // slots; grid-stride over groups of RY rows. Thread tx of a slot owns "units" u = tx, tx+TX, ... of
@@ -1138,6 +1139,183 @@ __device__ __forceinline__ void linear_mma(const LinearParams& p) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Linear on the tensor cores, 8 output rows a block, conflict-free lookups (tuning variants 51-54,
+// bf16, unmeasured). What linear_mma lost at 1 token (10.3 against the FFMA kernel's 5.85 µs,
+// H200) went to ~3.5-way bank conflicts on its pair tables (all 16 rows' tables start in bank 0, so
+// random code bytes collide) and to a shallow pipeline; its lookups and mma issue about 2.3
+// instructions a weight against the FFMA kernel's ~6. Here:
+// - The codes' values are mma.sync m16n8k16's A, rows 0-7 the block's 8 output rows; rows 8-15 are
+//   left undefined (no instruction makes them; their sums are dropped), x is B (8 tokens).
+// - Lane-private pair tables: lane L = (g, c) (g = L/4, c = L%4) looks up row g's pairs, byte b →
+//   (lut[b & 15], lut[b >> 4]) in T, at word 32·b + L of `pairs`: bank L whatever the bytes. Row g's
+//   256 pairs are stored 4 times (lanes 4g .. 4g+3), the 4 copies one 16-byte store; 32 KB a block,
+//   built once per row tile from the float32 codebooks.
+// - A lookup's address is a shift and a LOP3 from the code word, (byte << 7) | (lane << 2), against
+//   the table's base.
+// - A warp's loads for D chunks (codes, x, scale) are in flight at once, in a ring.
+// Per chunk of 128 columns (one group or part of one) lane (g, c) loads the 16 code bytes of row g
+// for columns 32c .. 32c+31 of the chunk, x at those columns for token g (and g + 8 with NTB = 2),
+// and row g's group scale. Step t (8 a chunk) takes code bytes 2t and 2t+1, columns 32c + 4t ..
+// 32c + 4t + 3, as the mma's k = 2c, 2c+1, 2c+8, 2c+9: a bijection of the chunk's columns that A and B
+// share, so the product is unchanged. Tokens past the tile's repeat its last one (valid memory;
+// dropped). Two accumulators (even and odd steps) halve the mma chain; a chunk's sum is scaled by
+// the group scale in float. The warps' sums meet in shared memory (fixed order). Codebook entries
+// are rounded to T, as linear_mma's are. Takes what linear_mma takes (rust/core/src/quant/cuda.rs,
+// mma_fits): 4-bit codes, n and the group size multiples of 128, x and the codes 16-byte aligned.
+// ---------------------------------------------------------------------------------------------
+constexpr int MMA8_ROWS = 8;
+
+template <int NTB>
+struct Mma8Chunk {
+    uint32_t q[4];         // 16 code bytes of row g: columns 32c .. 32c+31 of the chunk
+    float m;               // row g's scale of the chunk's group
+    uint32_t xw[NTB][16];  // x at those columns (pairs of T) for tokens g (and g + 8)
+};
+
+template <typename T, int NTB>
+__device__ __forceinline__ void mma8_load(const LinearParams& p, const uint8_t* cr, const float* sr, const T* __restrict__ xg,
+                                          int nt, int j, Mma8Chunk<NTB>& k) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+    load_codes<16>(cr + (int64_t)j * (MMA_CHUNK / 2), k.q);
+    k.m = sr[p.group == MMA_CHUNK ? j : j * MMA_CHUNK / p.group];  // the chunk lies in one group
+#pragma unroll
+    for (int h = 0; h < NTB; ++h) {
+        const int tk = g + 8 * h < nt ? g + 8 * h : nt - 1;
+        const uint4* xp = reinterpret_cast<const uint4*>(xg + (int64_t)tk * p.in_features + (int64_t)j * MMA_CHUNK + 32 * c);
+#pragma unroll
+        for (int v = 0; v < 4; ++v) {
+            const uint4 w = xp[v];
+            k.xw[h][4 * v] = w.x, k.xw[h][4 * v + 1] = w.y, k.xw[h][4 * v + 2] = w.z, k.xw[h][4 * v + 3] = w.w;
+        }
+    }
+}
+
+// This lane's pair for the code byte at bit S of w: word 32·byte + lane of `pairs`.
+template <int S>
+__device__ __forceinline__ uint32_t pair_at(const uint32_t* pairs, uint32_t w, uint32_t lane4) {
+    const uint32_t v = S >= 7 ? (w >> (S - 7)) : (w << (7 - S));
+    return *reinterpret_cast<const uint32_t*>(reinterpret_cast<const char*>(pairs) + ((v & 0x7f80u) | lane4));
+}
+
+// A register whose value does not matter (the A operand's rows 8-15): no instruction sets it.
+__device__ __forceinline__ uint32_t undefined_reg() {
+    uint32_t r;
+#ifndef LMKERN_EMU
+    asm("" : "=r"(r));
+#else
+    r = 0x7fc07fc0u;  // NaN pairs: the rows' sums, dropped, must not leak into the kept ones
+#endif
+    return r;
+}
+
+// acc += the chunk's 8 mma steps (two fresh accumulators) scaled by the group scale: acc[h][i] is
+// token 8h + 2c + i of row g.
+template <typename T, int NTB>
+__device__ __forceinline__ void mma8_chunk(const Mma8Chunk<NTB>& k, const uint32_t* pairs, uint32_t lane4, float (&acc)[NTB][2]) {
+    float cc[2][NTB][4] = {};
+#pragma unroll
+    for (int t = 0; t < 8; ++t) {
+        const uint32_t w = k.q[t >> 1];
+        const uint32_t a[4] = {t & 1 ? pair_at<16>(pairs, w, lane4) : pair_at<0>(pairs, w, lane4), undefined_reg(),
+                               t & 1 ? pair_at<24>(pairs, w, lane4) : pair_at<8>(pairs, w, lane4), undefined_reg()};
+#pragma unroll
+        for (int h = 0; h < NTB; ++h) {
+            const uint32_t b[2] = {k.xw[h][2 * t], k.xw[h][2 * t + 1]};
+            mma_16816<T>(cc[t & 1][h], a, b);
+        }
+    }
+#pragma unroll
+    for (int h = 0; h < NTB; ++h)
+#pragma unroll
+        for (int i = 0; i < 2; ++i) acc[h][i] = fmaf(k.m, cc[0][h][i] + cc[1][h][i], acc[h][i]);
+}
+
+template <typename T, int NTB, int D, int TT>
+__device__ __forceinline__ void linear_mma8(const LinearParams& p) {
+    constexpr int W = TT / 32, NTOK = 8 * NTB, R = MMA8_ROWS, NL = 16, SHARE = R * 256 / TT;
+    static_assert(TT % 128 == 0 && TT <= R * 256 && R * NTOK <= TT,
+                  "whole warps and table shares of one low nibble (below); a thread per output of the tile");
+    __shared__ __align__(16) uint32_t pairs[256 * 32];
+    __shared__ float red[W][NTOK][R];
+    const T* __restrict__ x = static_cast<const T*>(p.x);
+    const int tid = threadIdx.x, lane = tid & 31, warp = warp_uniform(tid >> 5), g = lane >> 2, c = lane & 3;
+    const uint32_t lane4 = (uint32_t)lane << 2;
+    const int n = p.in_features, ng = n / p.group, nout = p.out_features, chunks = n / MMA_CHUNK;
+    const int64_t tokens = p.tokens;
+    griddep_launch_dependents();
+    if (p.flags & LINEAR_PDL) {  // as linear_tiled: the codes of our row tiles into L2, nothing read
+        for (int64_t o0 = (int64_t)blockIdx.x * R; o0 < nout; o0 += (int64_t)gridDim.x * R)
+            prefetch_tile<4, 16, R, TT, Prefetch::Codes>(p, o0);
+    }
+    griddep_wait();
+    for (int64_t o0 = (int64_t)blockIdx.x * R; o0 < nout; o0 += (int64_t)gridDim.x * R) {
+        const int rows_here = (int)min64(R, nout - o0);
+        // Rows past the last one present repeat it (valid memory; their sums are dropped).
+        const int rg = g < rows_here ? g : rows_here - 1;
+        const uint8_t* cr = p.codes + (o0 + rg) * p.row_bytes + 16 * c;
+        const float* sr = p.scales + (o0 + rg) * ng;
+        for (int64_t t0 = 0; t0 < tokens; t0 += NTOK) {  // uniform across the block
+            const int nt = (int)min64(NTOK, tokens - t0);
+            const T* xg = x + t0 * n;
+            // This thread's share of the pair tables (first token tile only): entries e = tid + TT·i,
+            // row e % 8 (fixed: TT is a multiple of 8), byte e / 8, whose low nibble is fixed too (TT
+            // a multiple of 128). Its codebook entries are read first, then the ring's chunks, then
+            // the tables are stored (the barrier after the previous token tile's sums ended every
+            // read of the old ones). Lanes 0-7 of a store phase write one byte's 8 rows: 128
+            // consecutive bytes, no conflicts.
+            const int tr = tid % R, tb = tid / R;
+            float lo = 0.0f, hi[SHARE];
+            if (t0 == 0) {
+                const float* cb = p.table + (o0 + (tr < rows_here ? tr : rows_here - 1)) * NL;
+                lo = cb[tb & 15];
+#pragma unroll
+                for (int i = 0; i < SHARE; ++i) hi[i] = cb[(tb + i * (TT / R)) >> 4];
+            }
+            Mma8Chunk<NTB> k[D];
+#pragma unroll
+            for (int i = 0; i < D; ++i)
+                if (warp + i * W < chunks) mma8_load<T, NTB>(p, cr, sr, xg, nt, warp + i * W, k[i]);
+            if (t0 == 0) {
+#pragma unroll
+                for (int i = 0; i < SHARE; ++i) {
+                    const float pair[2] = {lo, hi[i]};
+                    const uint32_t v = pack_floats<T, 2>(pair).w[0];
+                    *reinterpret_cast<uint4*>(&pairs[32 * (tb + i * (TT / R)) + 4 * tr]) = make_uint4(v, v, v, v);
+                }
+                __syncthreads();  // the pair tables are built
+            }
+            float acc[NTB][2] = {};
+            for (int j0 = warp; j0 < chunks; j0 += D * W) {
+#pragma unroll
+                for (int i = 0; i < D; ++i) {
+                    const int j = j0 + i * W;
+                    if (j < chunks) {
+                        mma8_chunk<T, NTB>(k[i], pairs, lane4, acc);
+                        if (j + D * W < chunks) mma8_load<T, NTB>(p, cr, sr, xg, nt, j + D * W, k[i]);
+                    }
+                }
+            }
+#pragma unroll
+            for (int h = 0; h < NTB; ++h)
+#pragma unroll
+                for (int i = 0; i < 2; ++i) red[warp][8 * h + 2 * c + i][g] = acc[h][i];
+            __syncthreads();
+            if (tid < R * NTOK) {
+                const int tk = tid / R, r = tid % R;
+                if (r < rows_here && tk < nt) {
+                    float sum = 0.0f;
+#pragma unroll
+                    for (int w = 0; w < W; ++w) sum += red[w][tk][r];
+                    const int64_t o = o0 + r;
+                    static_cast<T*>(p.y)[(t0 + tk) * nout + o] = from_float<T>(sum + (p.bias != nullptr ? p.bias[o] : 0.0f));
+                }
+            }
+            __syncthreads();  // red (and, for the next row tile, pairs) is rewritten
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Dequantize, tiled: the kernel for aligned shapes (n and the group size multiples of 16, out 16-byte
 // aligned, the codes aligned to a slice's load width; rust/core/src/quant/cuda.rs). As the tiled
 // linear: DEQ_ROWS rows per block, the row split over the block's threads in slices of 16 columns,
@@ -1291,6 +1469,20 @@ LMKERN_QUANT_LINTILE_VARIANT(47, 1, 16, 16, 256, 2, FirstPass, 0, 0, lmkern::qua
 LMKERN_QUANT_LINBULK_VARIANT(48, 1, 4)
 LMKERN_QUANT_LINBULK_VARIANT(49, 2, 4)
 LMKERN_QUANT_LINBULK_VARIANT(50, 1, 16)
+// The tensor-core linear of 8 rows a block with lane-private pair tables (linear_mma8): tiles of up
+// to 8 tokens with rings of 4 chunks (51) and of 2 (52) a warp, blocks of 128 threads, 4 per SM
+// (4096 rows: 512 blocks, one wave on 132 SMs); tiles of 16 tokens, rings of 2 (53); tiles of 8
+// tokens, a ring of 4, blocks of 256 threads, 2 per SM (54: every chunk of a 4096-column row in
+// flight at once).
+#define LMKERN_QUANT_LINMMA8_VARIANT(K, NTOK, D, TT, MINB)                                             \
+    extern "C" __global__ void __launch_bounds__(TT, MINB)                                            \
+        quant_linmma8_bf16_n##NTOK##_v##K(const __grid_constant__ lmkern::quant::LinearParams p) {    \
+        lmkern::quant::linear_mma8<__nv_bfloat16, NTOK / 8, D, TT>(p);                                \
+    }
+LMKERN_QUANT_LINMMA8_VARIANT(51, 8, 4, 128, 4)
+LMKERN_QUANT_LINMMA8_VARIANT(52, 8, 2, 128, 4)
+LMKERN_QUANT_LINMMA8_VARIANT(53, 16, 2, 128, 4)
+LMKERN_QUANT_LINMMA8_VARIANT(54, 8, 4, 256, 2)
 
 LMKERN_QUANT_ENTRIES(float, f32)
 LMKERN_QUANT_ENTRIES(__nv_bfloat16, bf16)

@@ -656,11 +656,39 @@ static void mma_linears(const Kernels& K, LinFn n8, LinFn n16) {
     run_linear<T>(K, 21, 384, 128, 4, 16, false, false, 0, false, false, n16, 16, pdl, 256, true);
 }
 
+// The tensor-core linear of 8 rows a block (quant.cu, linear_mma8; tuning variants 51-54, bf16):
+// partial row tiles, a grid-stride loop, groups of one and of several chunks, chunks per warp
+// fewer than, equal to and more than its ring (a partial last round), 1-8 tokens on the 8-token
+// tiles, 9-21 (two tiles) on the 16-token one, in_features 0 (y = bias), with and without PDL;
+// against the product with the codebooks rounded to bf16.
+static void mma8_variants(const Kernels& K) {
+    struct V { LinFn f; size_t ntok; unsigned threads; };
+    const V vs[] = {{quant_linmma8_bf16_n8_v51, 8, 128}, {quant_linmma8_bf16_n8_v52, 8, 128}, {quant_linmma8_bf16_n16_v53, 16, 128},
+                    {quant_linmma8_bf16_n8_v54, 8, 256}};
+    struct S { size_t nout, n, g; unsigned grid; };
+    const S shapes[] = {{19, 256, 128, 0}, {40, 512, 256, 2}, {8, 4096, 128, 0}, {13, 4992, 128, 0}, {5, 1024, 1024, 1},
+                        {9, 2176, 128, 0}, {5, 0, 128, 0}, {33, 384, 128, 3}};
+    for (const V& v : vs) {
+        const std::vector<size_t> token_counts = v.ntok == 8 ? std::vector<size_t>{1, 2, 5, 8} : std::vector<size_t>{9, 16, 21};
+        for (int flags : {0, lmkern::quant::LINEAR_PDL}) {
+            for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; ++si) {
+                const S& e = shapes[si];
+                for (size_t tokens : token_counts) {
+                    if (e.n > 2048 && tokens != token_counts[si % token_counts.size()]) continue;  // keep the run short
+                    run_linear<__nv_bfloat16>(K, e.nout, e.n, e.g, 4, tokens, (tokens + si) % 2 == 1, false, e.grid, false, false, v.f,
+                                              8, flags, v.threads, true);
+                }
+            }
+        }
+    }
+}
+
 int main() {
     const Kernels f32 = TABLE(f32), bf16 = TABLE(bf16), f16 = TABLE(f16);
     mma_linears<__nv_bfloat16>(bf16, quant_linmma4_bf16_n8, quant_linmma4_bf16_n16);
     mma_linears<__half>(f16, quant_linmma4_f16_n8, quant_linmma4_f16_n16);
     tile_variants(bf16);
+    mma8_variants(bf16);
     suite<float>(f32);
     suite<__nv_bfloat16>(bf16);
     suite<__half>(f16);

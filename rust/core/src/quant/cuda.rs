@@ -199,11 +199,10 @@ fn slice_load_width(cpl: usize, bits: usize) -> u64 {
     1u64 << (cpl * bits / 8).trailing_zeros().min(4)
 }
 
-/// A launch-shape variant of the bf16 4-bit tiled linear, for tuning only: as cuda/quant.cu
-/// compiles it (LMKERN_QUANT_LINTILE_VARIANT), with token tile `nt`, `cpl` columns per slice,
-/// `rows` output rows and `threads` threads per block; `shape`: the (in_features, group size) it is
-/// specialized for, and may run on only, if any; `bulk`: its row tiles come by bulk copies
-/// (linear_bulk, sm_90+; [`bulk_fits`]).
+/// A launch-shape variant of the bf16 4-bit linear, for tuning only: as cuda/quant.cu compiles it,
+/// with token tile `nt`, `cpl` columns per slice, `rows` output rows and `threads` threads per
+/// block; `shape`: the (in_features, group size) it is specialized for, and may run on only, if
+/// any; `body`: the kernel it instantiates.
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Variant {
     k: usize,
@@ -212,19 +211,50 @@ struct Variant {
     rows: usize,
     threads: usize,
     shape: Option<(usize, usize)>,
-    bulk: bool,
+    body: Body,
+}
+
+/// The kernel a [`Variant`] instantiates.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Body {
+    /// linear_tiled (LMKERN_QUANT_LINTILE_VARIANT, `quant_lintile4_bf16_n<nt>_v<k>`): replaces the
+    /// tiled kernel of its token tile.
+    Tiled,
+    /// linear_bulk (the same names): the row tiles by bulk copies, sm_90+ where [`bulk_fits`].
+    Bulk,
+    /// linear_mma8 (LMKERN_QUANT_LINMMA8_VARIANT, `quant_linmma8_bf16_n<nt>_v<k>`): the tensor-core
+    /// linear of 8 rows a block, `nt` tokens a tile, where [`mma_fits`]; replaces the tiled or the
+    /// tensor-core kernel at up to 8 tokens (nt = 8) or past 8 (nt = 16).
+    Mma8,
 }
 
 const fn tile_variant(k: usize, nt: usize, cpl: usize, rows: usize, threads: usize) -> Variant {
-    Variant { k, nt, cpl, rows, threads, shape: None, bulk: false }
+    Variant { k, nt, cpl, rows, threads, shape: None, body: Body::Tiled }
 }
 
 const fn fixed_variant(k: usize, nt: usize, n: usize, group: usize) -> Variant {
-    Variant { k, nt, cpl: 16, rows: 16, threads: BLOCK, shape: Some((n, group)), bulk: false }
+    Variant { k, nt, cpl: 16, rows: 16, threads: BLOCK, shape: Some((n, group)), body: Body::Tiled }
 }
 
 const fn bulk_variant(k: usize, nt: usize) -> Variant {
-    Variant { k, nt, cpl: 16, rows: 16, threads: BLOCK, shape: None, bulk: true }
+    Variant { k, nt, cpl: 16, rows: 16, threads: BLOCK, shape: None, body: Body::Bulk }
+}
+
+const fn mma8_variant(k: usize, nt: usize, threads: usize) -> Variant {
+    Variant { k, nt, cpl: 128, rows: MMA8_ROWS, threads, shape: None, body: Body::Mma8 }
+}
+
+/// Output rows per block of linear_mma8 (MMA8_ROWS in cuda/quant.cu).
+const MMA8_ROWS: usize = 8;
+
+impl Variant {
+    /// The kernel's name in the CUDA image.
+    fn kernel_name(&self) -> String {
+        match self.body {
+            Body::Tiled | Body::Bulk => format!("quant_lintile4_bf16_n{}_v{}", self.nt, self.k),
+            Body::Mma8 => format!("quant_linmma8_bf16_n{}_v{}", self.nt, self.k),
+        }
+    }
 }
 
 /// BULK_MAX_GROUPS in cuda/quant.cu: the most groups per row whose scales fit linear_bulk's tile.
@@ -260,8 +290,12 @@ fn bulk_fits(v: &Variant, q: &QuantArgs, codes: Ptr, scales: Ptr, table: Ptr) ->
 /// ~150), 40 and 41 with those sums (45, 46), the 1-token kernel with the plain strides alone (47).
 /// 48-50 (unmeasured; cuda/quant.cu, linear_bulk, sm_90+): a row tile's codes, scales and codebooks
 /// by bulk copies, lookups on the first rows while the later ones land (1 and 2 tokens in chunks of
-/// 4 rows; 1 token in one chunk of 16).
-const TILE_VARIANTS: [Variant; 13] = [
+/// 4 rows; 1 token in one chunk of 16). 51-54 (unmeasured; cuda/quant.cu, linear_mma8): the
+/// tensor-core linear with 8 rows a block and lane-private pair tables (no bank conflicts; ~2.3
+/// instructions a weight in its inner loop, sm_90 SASS, against the FFMA kernel's ~6), for up to 8
+/// tokens with rings of 4 and 2 chunks a warp in blocks of 128 threads (51, 52) and of 4 in blocks
+/// of 256 (54), and for 16-token tiles (53).
+const TILE_VARIANTS: [Variant; 17] = [
     tile_variant(24, 1, 16, 16, 128),
     tile_variant(25, 1, 16, 16, 128),
     fixed_variant(40, 1, 4096, 128),
@@ -275,6 +309,10 @@ const TILE_VARIANTS: [Variant; 13] = [
     bulk_variant(48, 1),
     bulk_variant(49, 2),
     bulk_variant(50, 1),
+    mma8_variant(51, 8, 128),
+    mma8_variant(52, 8, 128),
+    mma8_variant(53, 16, 128),
+    mma8_variant(54, 8, BLOCK),
 ];
 
 /// Tuning variants that replace the default tiled kernel wherever they fit, the first that fits
@@ -351,15 +389,25 @@ impl Tune {
     }
 }
 
-/// The tuning variant that replaces the default tiled kernel for this call: the one asked for if
+/// The tuning variant that replaces the default kernel `kernel` for this call: the one asked for if
 /// it fits, else (none asked for, nor `variant=0`) the first of `defaults` ([`DEFAULT_VARIANTS`])
-/// that fits. Fitting: bf16, 4 bits, its token tile, its slice width; a bulk-copy one on sm_90+
-/// only, where [`bulk_fits`].
+/// that fits. Fitting: bf16, 4 bits, its token tile, its slice width, in place of the tiled kernel
+/// (a linear_mma8 one: of the tiled or the tensor-core kernel); a bulk-copy one on sm_90+ only,
+/// where [`bulk_fits`].
 #[allow(clippy::too_many_arguments)]
 fn variant_for(
-    tune: &Tune, defaults: &[usize], dtype: DType, l: &LinearArgs, x: Ptr, codes: Ptr, scales: Ptr, table: Ptr, sm90: bool,
+    tune: &Tune, defaults: &[usize], kernel: LinearKernel, dtype: DType, l: &LinearArgs, x: Ptr, codes: Ptr, scales: Ptr, table: Ptr,
+    sm90: bool,
 ) -> Option<Variant> {
-    let fits = |v: &Variant| variant_fits(v, dtype, l, x, codes) && (!v.bulk || (sm90 && bulk_fits(v, &l.q, codes, scales, table)));
+    let fits = |v: &Variant| {
+        let replaces = match v.body {
+            Body::Mma8 => kernel != LinearKernel::Generic,
+            Body::Tiled | Body::Bulk => kernel == LinearKernel::Tiled,
+        };
+        replaces
+            && variant_fits(v, dtype, l, x, codes)
+            && (v.body != Body::Bulk || (sm90 && bulk_fits(v, &l.q, codes, scales, table)))
+    };
     match tune.variant {
         Some(v) => Some(v).filter(fits),
         None if tune.plain => None,
@@ -368,6 +416,9 @@ fn variant_for(
 }
 
 fn variant_fits(v: &Variant, dtype: DType, l: &LinearArgs, x: Ptr, codes: Ptr) -> bool {
+    if v.body == Body::Mma8 {
+        return dtype == DType::BF16 && mma_fits(dtype, &l.q, x, codes) && (l.tokens <= 8) == (v.nt == 8);
+    }
     dtype == DType::BF16
         && l.q.bits == 4
         && token_tile(l.tokens) == v.nt
@@ -532,13 +583,13 @@ pub unsafe fn linear(
     let tune = Tune::get();
     let kernel = linear_kernel(&tune, dtype, q, l.tokens, x, codes);
     let mut plan = plan_linear(dtype, l, kernel)?;
-    let tuned = if kernel == LinearKernel::Tiled && (tune.variant.is_some() || !DEFAULT_VARIANTS.is_empty()) {
-        variant_for(&tune, DEFAULT_VARIANTS, dtype, l, x, codes, scales, table, cuda::supports_pdl(ordinal)?)
+    let tuned = if kernel != LinearKernel::Generic && (tune.variant.is_some() || !DEFAULT_VARIANTS.is_empty()) {
+        variant_for(&tune, DEFAULT_VARIANTS, kernel, dtype, l, x, codes, scales, table, cuda::supports_pdl(ordinal)?)
     } else {
         None
     };
     if let Some(v) = tuned {
-        plan.name = format!("quant_lintile4_bf16_n{}_v{}", v.nt, v.k);
+        plan.name = v.kernel_name();
         plan.grid = clamp_grid(q.rows.div_ceil(v.rows));
         plan.block = (v.threads as u32, 1);
     }
@@ -741,7 +792,7 @@ mod tests {
         assert!(!fits(40, QuantArgs { group: 64, ..q }, 1, DType::BF16)); // and groups of 128
         let bulk = |k: usize, q: QuantArgs, ptrs: (Ptr, Ptr, Ptr)| {
             let v = TILE_VARIANTS.iter().find(|v| v.k == k).unwrap();
-            v.bulk && bulk_fits(v, &q, ptrs.0, ptrs.1, ptrs.2)
+            v.body == Body::Bulk && bulk_fits(v, &q, ptrs.0, ptrs.1, ptrs.2)
         };
         let aligned = (512, 1024, 2048);
         assert!(bulk(48, q, aligned) && bulk(49, QuantArgs { n: 14336, ..q }, aligned) && bulk(50, QuantArgs { n: 0, ..q }, aligned));
@@ -751,6 +802,20 @@ mod tests {
         assert!(!bulk(48, q, (520, 1024, 2048)) && !bulk(48, q, (512, 1032, 2048)) && !bulk(48, q, (512, 1024, 2056)));
         let v = TILE_VARIANTS[2];
         assert!(!variant_fits(&v, DType::BF16, &LinearArgs { q, tokens: 1 }, 264, 512)); // x not 16-byte aligned
+        // linear_mma8: where the tensor-core kernel fits, bf16, 51/52/54 up to 8 tokens, 53 past 8
+        for tokens in [1, 2, 3, 8] {
+            assert!(fits(51, q, tokens, DType::BF16) && fits(52, q, tokens, DType::BF16) && fits(54, q, tokens, DType::BF16));
+            assert!(!fits(53, q, tokens, DType::BF16));
+        }
+        assert!(fits(53, q, 9, DType::BF16) && fits(53, q, 32, DType::BF16) && !fits(51, q, 9, DType::BF16));
+        assert!(fits(51, QuantArgs { n: 14336, group: 256, ..q }, 1, DType::BF16));
+        assert!(!fits(51, q, 1, DType::F16) && !fits(51, QuantArgs { group: 64, ..q }, 1, DType::BF16));
+        assert!(!fits(51, QuantArgs { bits: 8, ..q }, 1, DType::BF16) && !fits(51, QuantArgs { n: 4160, group: 4160, ..q }, 1, DType::BF16));
+        let v = TILE_VARIANTS.iter().find(|v| v.k == 51).unwrap();
+        assert!(!variant_fits(v, DType::BF16, &LinearArgs { q, tokens: 1 }, 264, 512)); // x not 16-byte aligned
+        assert!(!variant_fits(v, DType::BF16, &LinearArgs { q, tokens: 1 }, 256, 520)); // codes not 16-byte aligned
+        assert_eq!(v.kernel_name(), "quant_linmma8_bf16_n8_v51");
+        assert_eq!(TILE_VARIANTS[0].kernel_name(), "quant_lintile4_bf16_n1_v24");
     }
 
     #[test]
@@ -758,7 +823,8 @@ mod tests {
         let q = QuantArgs { bits: 4, rows: 4096, n: 4096, group: 128, clip: 1.0 };
         let (one, two) = (LinearArgs { q, tokens: 1 }, LinearArgs { q, tokens: 2 });
         let pick = |tune: &str, defaults: &[usize], l: &LinearArgs, dtype: DType, sm90: bool| {
-            variant_for(&Tune::parse(tune), defaults, dtype, l, 256, 512, 1024, 2048, sm90).map(|v| v.k)
+            let kernel = linear_kernel(&Tune::parse(tune), dtype, &l.q, l.tokens, 256, 512);
+            variant_for(&Tune::parse(tune), defaults, kernel, dtype, l, 256, 512, 1024, 2048, sm90).map(|v| v.k)
         };
         assert_eq!(pick("", &[], &one, DType::BF16, true), None); // as today: none
         assert_eq!(pick("", &[48, 43], &one, DType::BF16, true), Some(48));
@@ -771,6 +837,15 @@ mod tests {
         assert_eq!(pick("variant=41", &[48, 43], &one, DType::BF16, true), None); // asked for, does not fit
         let wide = LinearArgs { q: QuantArgs { n: 16896, ..q }, tokens: 1 }; // 132 groups: not for bulk copies
         assert_eq!(pick("", &[48, 43], &wide, DType::BF16, true), Some(43));
+        // linear_mma8 replaces the tiled kernel (1-2 tokens) and the tensor-core one (3-8; 53: past 8)
+        let eight = LinearArgs { q, tokens: 8 };
+        assert_eq!(pick("variant=51", &[], &one, DType::BF16, true), Some(51));
+        assert_eq!(pick("variant=51", &[], &eight, DType::BF16, true), Some(51));
+        assert_eq!(pick("variant=53", &[], &LinearArgs { q, tokens: 16 }, DType::BF16, true), Some(53));
+        assert_eq!(pick("variant=43", &[], &eight, DType::BF16, true), None); // a tiled one: not in place of mma
+        assert_eq!(pick("", &[51, 43], &one, DType::BF16, true), Some(51));
+        assert_eq!(pick("", &[51, 43], &LinearArgs { q: QuantArgs { group: 64, ..q }, tokens: 1 }, DType::BF16, true), Some(43));
+        assert_eq!(pick("variant=51", &[], &one, DType::F16, true), None);
     }
 
     #[test]
@@ -857,7 +932,7 @@ mod tests {
             assert!(has(&name), "{name} missing from the CUDA image");
         }
         for v in TILE_VARIANTS {
-            let name = format!("quant_lintile4_bf16_n{}_v{}", v.nt, v.k);
+            let name = v.kernel_name();
             assert!(has(&name), "tuning variant {name} missing from the CUDA image");
         }
     }
