@@ -13,7 +13,8 @@
 //   quant_lintile<B>_<t>_n<NT>  the same for B-bit codes and aligned shapes (linear_tiled below)
 //   quant_linmma4_<t>_n<NT>  the same on the tensor cores, t in {bf16, f16}, 4-bit codes, n and
 //                            group multiples of 128, NT = 8, 16 (linear_mma below)
-//   quant_linmma8_bf16_n<NT>_v<K>, quant_lintile4_bf16_n<NT>_v<K>  tuning variants (at the end)
+//   quant_linmma8_bf16_n<NT>_v<K>, quant_linmma16_bf16_n<NT>_v<K>, quant_lintile4_bf16_n<NT>_v<K>
+//                            tuning variants (at the end)
 //
 // Row kernels (fwd, deq, fake_bwd): block (TX, RY), TX a multiple of 32 (at most 256), RY ≤ 8 row
 // slots; grid-stride over groups of RY rows. Thread tx of a slot owns "units" u = tx, tx+TX, ... of
@@ -1316,6 +1317,167 @@ __device__ __forceinline__ void linear_mma8(const LinearParams& p) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Linear on the tensor cores, 16 rows a block, lane-private pair tables addressed by one PRMT
+// (tuning variants 55-57, bf16, unmeasured): linear_mma8 with A's rows 8-15 real (rows g and g + 8
+// of the tile: half the mma steps and x registers a weight) and the tables laid out so that a
+// lookup's address is one byte permute: lane L's pair for byte b of row g at word 64·b + L, of row
+// g + 8 at word 64·b + 32 + L (bank L either way), so the offset (b << 8) | (L << 2) is
+// __byte_perm(code word, L << 2, ·) and row g + 8's entry is 128 bytes further (an immediate). The
+// tables take MMA16_PAIR_BYTES = 64 KB of dynamic shared memory (above the 48 KB a launch gets
+// unless the kernel's attribute says more: rust/core/src/cuda/mod.rs raises it), so 2-3 blocks an
+// SM. Otherwise as linear_mma8 (chunks, steps, rings, tokens, sums, what it takes).
+// ---------------------------------------------------------------------------------------------
+constexpr int MMA16_ROWS = 16;
+constexpr int MMA16_PAIR_BYTES = 256 * 64 * 4;
+
+template <int NTB>
+struct Mma16Chunk {
+    uint32_t qa[4], qb[4];  // 16 code bytes of rows g and g + 8: columns 32c .. 32c+31 of the chunk
+    float ma, mb;           // their scales of the chunk's group
+    uint32_t xw[NTB][16];   // x at those columns (pairs of T) for tokens g (and g + 8)
+};
+
+template <typename T, int NTB>
+__device__ __forceinline__ void mma16_load(const LinearParams& p, const uint8_t* ca, const uint8_t* cb, const float* sa, const float* sb,
+                                           const T* __restrict__ xg, int nt, int j, Mma16Chunk<NTB>& k) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+    load_codes<16>(ca + (int64_t)j * (MMA_CHUNK / 2), k.qa);
+    load_codes<16>(cb + (int64_t)j * (MMA_CHUNK / 2), k.qb);
+    const int grp = p.group == MMA_CHUNK ? j : j * MMA_CHUNK / p.group;  // the chunk lies in one group
+    k.ma = sa[grp], k.mb = sb[grp];
+#pragma unroll
+    for (int h = 0; h < NTB; ++h) {
+        const int tk = g + 8 * h < nt ? g + 8 * h : nt - 1;
+        const uint4* xp = reinterpret_cast<const uint4*>(xg + (int64_t)tk * p.in_features + (int64_t)j * MMA_CHUNK + 32 * c);
+#pragma unroll
+        for (int v = 0; v < 4; ++v) {
+            const uint4 w = xp[v];
+            k.xw[h][4 * v] = w.x, k.xw[h][4 * v + 1] = w.y, k.xw[h][4 * v + 2] = w.z, k.xw[h][4 * v + 3] = w.w;
+        }
+    }
+}
+
+// This lane's pair for byte K of w, in the tables' half H (0: row g, 1: row g + 8).
+template <int K, int H>
+__device__ __forceinline__ uint32_t pair16_at(const char* pairs, uint32_t w, uint32_t lane4) {
+    return *reinterpret_cast<const uint32_t*>(pairs + 128 * H + __byte_perm(w, lane4, 0x5504u | (K << 4)));
+}
+
+// acc += the chunk's 8 mma steps (two fresh accumulators) scaled by the rows' group scales:
+// acc[h][i] is token 8h + 2c + i%2 of row g + 8·(i/2).
+template <typename T, int NTB>
+__device__ __forceinline__ void mma16_chunk(const Mma16Chunk<NTB>& k, const char* pairs, uint32_t lane4, float (&acc)[NTB][4]) {
+    float cc[2][NTB][4] = {};
+#pragma unroll
+    for (int t = 0; t < 8; ++t) {
+        const uint32_t wa = k.qa[t >> 1], wb = k.qb[t >> 1];
+        uint32_t a[4];
+        if (t & 1) {
+            a[0] = pair16_at<2, 0>(pairs, wa, lane4), a[1] = pair16_at<2, 1>(pairs, wb, lane4);
+            a[2] = pair16_at<3, 0>(pairs, wa, lane4), a[3] = pair16_at<3, 1>(pairs, wb, lane4);
+        } else {
+            a[0] = pair16_at<0, 0>(pairs, wa, lane4), a[1] = pair16_at<0, 1>(pairs, wb, lane4);
+            a[2] = pair16_at<1, 0>(pairs, wa, lane4), a[3] = pair16_at<1, 1>(pairs, wb, lane4);
+        }
+#pragma unroll
+        for (int h = 0; h < NTB; ++h) {
+            const uint32_t b[2] = {k.xw[h][2 * t], k.xw[h][2 * t + 1]};
+            mma_16816<T>(cc[t & 1][h], a, b);
+        }
+    }
+#pragma unroll
+    for (int h = 0; h < NTB; ++h)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[h][i] = fmaf(i < 2 ? k.ma : k.mb, cc[0][h][i] + cc[1][h][i], acc[h][i]);
+}
+
+template <typename T, int NTB, int D, int TT>
+__device__ __forceinline__ void linear_mma16(const LinearParams& p) {
+    constexpr int W = TT / 32, NTOK = 8 * NTB, R = MMA16_ROWS, NL = 16, SHARE = R * 256 / TT;
+    static_assert(TT % 256 == 0 && TT <= R * 256 && R * NTOK <= TT,
+                  "table shares of one low nibble (below); a thread per output of the tile");
+    static_assert(MMA16_PAIR_BYTES == 256 * 2 * 32 * sizeof(uint32_t), "the tables: [256 bytes][rows g, g + 8][32 lanes]");
+    uint32_t* pairs = dynamic_smem<uint32_t>();  // MMA16_PAIR_BYTES, as launched
+    __shared__ float red[W][NTOK][R];
+    const T* __restrict__ x = static_cast<const T*>(p.x);
+    const int tid = threadIdx.x, lane = tid & 31, warp = warp_uniform(tid >> 5), g = lane >> 2, c = lane & 3;
+    const uint32_t lane4 = (uint32_t)lane << 2;
+    const int n = p.in_features, ng = n / p.group, nout = p.out_features, chunks = n / MMA_CHUNK;
+    const int64_t tokens = p.tokens;
+    griddep_launch_dependents();
+    if (p.flags & LINEAR_PDL) {  // as linear_tiled: the codes of our row tiles into L2, nothing read
+        for (int64_t o0 = (int64_t)blockIdx.x * R; o0 < nout; o0 += (int64_t)gridDim.x * R)
+            prefetch_tile<4, 16, R, TT, Prefetch::Codes>(p, o0);
+    }
+    griddep_wait();
+    for (int64_t o0 = (int64_t)blockIdx.x * R; o0 < nout; o0 += (int64_t)gridDim.x * R) {
+        const int rows_here = (int)min64(R, nout - o0);
+        // Rows past the last one present repeat it (valid memory; their sums are dropped).
+        const int ra = g < rows_here ? g : rows_here - 1, rb = g + 8 < rows_here ? g + 8 : rows_here - 1;
+        const uint8_t* ca = p.codes + (o0 + ra) * p.row_bytes + 16 * c;
+        const uint8_t* cb = p.codes + (o0 + rb) * p.row_bytes + 16 * c;
+        const float* sa = p.scales + (o0 + ra) * ng;
+        const float* sb = p.scales + (o0 + rb) * ng;
+        for (int64_t t0 = 0; t0 < tokens; t0 += NTOK) {  // uniform across the block
+            const int nt = (int)min64(NTOK, tokens - t0);
+            const T* xg = x + t0 * n;
+            // This thread's share of the tables (first token tile only), as linear_mma8's: entries
+            // e = tid + TT·i, row e % 16 (fixed), byte e / 16 (its low nibble fixed: TT a multiple of
+            // 256). Lanes 0-7 of a store phase write one byte's rows 0-7 (or 8-15): 128 consecutive
+            // bytes.
+            const int tr = tid % R, tb = tid / R;
+            float lo = 0.0f, hi[SHARE];
+            if (t0 == 0) {
+                const float* cbk = p.table + (o0 + (tr < rows_here ? tr : rows_here - 1)) * NL;
+                lo = cbk[tb & 15];
+#pragma unroll
+                for (int i = 0; i < SHARE; ++i) hi[i] = cbk[(tb + i * (TT / R)) >> 4];
+            }
+            Mma16Chunk<NTB> k[D];
+#pragma unroll
+            for (int i = 0; i < D; ++i)
+                if (warp + i * W < chunks) mma16_load<T, NTB>(p, ca, cb, sa, sb, xg, nt, warp + i * W, k[i]);
+            if (t0 == 0) {
+#pragma unroll
+                for (int i = 0; i < SHARE; ++i) {
+                    const float pair[2] = {lo, hi[i]};
+                    const uint32_t v = pack_floats<T, 2>(pair).w[0];
+                    *reinterpret_cast<uint4*>(&pairs[64 * (tb + i * (TT / R)) + 32 * (tr >> 3) + 4 * (tr & 7)]) = make_uint4(v, v, v, v);
+                }
+                __syncthreads();  // the pair tables are built
+            }
+            float acc[NTB][4] = {};
+            for (int j0 = warp; j0 < chunks; j0 += D * W) {
+#pragma unroll
+                for (int i = 0; i < D; ++i) {
+                    const int j = j0 + i * W;
+                    if (j < chunks) {
+                        mma16_chunk<T, NTB>(k[i], reinterpret_cast<const char*>(pairs), lane4, acc);
+                        if (j + D * W < chunks) mma16_load<T, NTB>(p, ca, cb, sa, sb, xg, nt, j + D * W, k[i]);
+                    }
+                }
+            }
+#pragma unroll
+            for (int h = 0; h < NTB; ++h)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) red[warp][8 * h + 2 * c + (i & 1)][g + 8 * (i >> 1)] = acc[h][i];
+            __syncthreads();
+            if (tid < R * NTOK) {
+                const int tk = tid / R, r = tid % R;
+                if (r < rows_here && tk < nt) {
+                    float sum = 0.0f;
+#pragma unroll
+                    for (int w = 0; w < W; ++w) sum += red[w][tk][r];
+                    const int64_t o = o0 + r;
+                    static_cast<T*>(p.y)[(t0 + tk) * nout + o] = from_float<T>(sum + (p.bias != nullptr ? p.bias[o] : 0.0f));
+                }
+            }
+            __syncthreads();  // red (and, for the next row tile, pairs) is rewritten
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Dequantize, tiled: the kernel for aligned shapes (n and the group size multiples of 16, out 16-byte
 // aligned, the codes aligned to a slice's load width; rust/core/src/quant/cuda.rs). As the tiled
 // linear: DEQ_ROWS rows per block, the row split over the block's threads in slices of 16 columns,
@@ -1483,6 +1645,17 @@ LMKERN_QUANT_LINMMA8_VARIANT(51, 8, 4, 128, 4)
 LMKERN_QUANT_LINMMA8_VARIANT(52, 8, 2, 128, 4)
 LMKERN_QUANT_LINMMA8_VARIANT(53, 16, 2, 128, 4)
 LMKERN_QUANT_LINMMA8_VARIANT(54, 8, 4, 256, 2)
+// linear_mma16 (16 rows a block, 64 KB of dynamic shared memory: the launcher asks for
+// MMA16_PAIR_BYTES), blocks of 256 threads, 2 per SM: tiles of up to 8 tokens with rings of 2 (55)
+// and 3 (56) chunks a warp, tiles of 16 tokens with rings of 2 (57).
+#define LMKERN_QUANT_LINMMA16_VARIANT(K, NTOK, D)                                                      \
+    extern "C" __global__ void __launch_bounds__(256, 2)                                              \
+        quant_linmma16_bf16_n##NTOK##_v##K(const __grid_constant__ lmkern::quant::LinearParams p) {   \
+        lmkern::quant::linear_mma16<__nv_bfloat16, NTOK / 8, D, 256>(p);                              \
+    }
+LMKERN_QUANT_LINMMA16_VARIANT(55, 8, 2)
+LMKERN_QUANT_LINMMA16_VARIANT(56, 8, 3)
+LMKERN_QUANT_LINMMA16_VARIANT(57, 16, 2)
 
 LMKERN_QUANT_ENTRIES(float, f32)
 LMKERN_QUANT_ENTRIES(__nv_bfloat16, bf16)

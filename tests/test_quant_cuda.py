@@ -261,13 +261,13 @@ F64 = torch.float64
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}  # kernel names
 bad = []
-# "k,nt,n,g,bulk,mma8": the variant bf16 4-bit calls of token tile nt take (only with in_features n
-# and groups of g, where n > 0: a variant specialized for that shape; bulk = 1: only where the
-# groups per row are a multiple of 4 and at most 128, on sm_90+; mma8 = 1: the tensor-core kernel of
-# 8 rows a block, in place of any kernel where the tensor-core one fits, at up to 8 tokens (nt = 8)
-# or past 8 (nt = 16))
+# "k,nt,n,g,bulk,mma_rows": the variant bf16 4-bit calls of token tile nt take (only with in_features
+# n and groups of g, where n > 0: a variant specialized for that shape; bulk = 1: only where the
+# groups per row are a multiple of 4 and at most 128, on sm_90+; mma_rows = 8 or 16: the tensor-core
+# kernel of that many rows a block, quant_linmma<mma_rows>_bf16_*, in place of any kernel where the
+# tensor-core one fits, at up to 8 tokens (nt = 8) or past 8 (nt = 16))
 variant = os.environ["WANT_VARIANT"]
-k, nt, vn, vg, bulk, mma8 = (int(v) for v in variant.split(",")) if variant else (0, 0, 0, 0, 0, 0)
+k, nt, vn, vg, bulk, mma_rows = (int(v) for v in variant.split(",")) if variant else (0, 0, 0, 0, 0, 0)
 sm90 = torch.cuda.get_device_capability()[0] >= 9
 tune = os.environ["LMKERN_CUDA_QUANT_TUNE"].split(",")
 mma = "mma=1" in tune  # the tensor-core kernel where it fits, at every token count
@@ -303,14 +303,14 @@ for in_f, out_f, g in [(256, 96, 32), (4352, 21, 64), (8448, 6, 8448), (256, 450
                     want = f"quant_lintile{bits}_{SUFFIX[dtype]}_n{tile}"
                     shape_here = (not vn or (in_f, g) == (vn, vg)) and (
                         not bulk or (sm90 and (in_f // g) % 4 == 0 and in_f // g <= 128))
-                    if k and not mma8 and bits == 4 and dtype == torch.bfloat16 and tile == nt and shape_here:
+                    if k and not mma_rows and bits == 4 and dtype == torch.bfloat16 and tile == nt and shape_here:
                         want += f"_v{k}"
                     mma_fits = bits == 4 and dtype != torch.float32 and in_f % 128 == 0 and g % 128 == 0
                     mma_here = mma or (tokens >= 3 and not no_mma)
                     if mma_here and mma_fits:
                         want = f"quant_linmma4_{SUFFIX[dtype]}_n8"
-                    if mma8 and mma_fits and dtype == torch.bfloat16 and (tokens <= 8) == (nt == 8):
-                        want = f"quant_linmma8_bf16_n{nt}_v{k}"
+                    if mma_rows and mma_fits and dtype == torch.bfloat16 and (tokens <= 8) == (nt == 8):
+                        want = f"quant_linmma{mma_rows}_bf16_n{nt}_v{k}"
                     wants.add(want)
                     ref = x.to(F64) @ w.T + mod.bias.detach().cpu().to(F64)
                     err = ((y.cpu().to(F64) - ref).norm() / ref.norm()).item()
@@ -375,8 +375,8 @@ with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 bad.append(f"512x56 g128 {dtype} tokens={tokens} (direct): rel err {err:.3g}")
     torch.cuda.synchronize()
 names = {e.key for e in prof.key_averages()}
-if mma8 and nt == 16 and f"quant_linmma8_bf16_n16_v{k}" not in names:
-    bad.append(f"512x56 g128 9-40 tokens (direct): quant_linmma8_bf16_n16_v{k} not in {sorted(names)}")
+if mma_rows and nt == 16 and f"quant_linmma{mma_rows}_bf16_n16_v{k}" not in names:
+    bad.append(f"512x56 g128 9-40 tokens (direct): quant_linmma{mma_rows}_bf16_n16_v{k} not in {sorted(names)}")
 print("\n".join(bad) or "ok")
 sys.exit(1 if bad else 0)
 """
@@ -387,14 +387,14 @@ sys.exit(1 if bad else 0)
 VARIANTS = {
     24: (1, 0, 0), 25: (1, 0, 0), 40: (1, 4096, 128), 41: (2, 4096, 128), 42: (1, 14336, 128), 43: (1, 0, 0), 44: (2, 0, 0),
     45: (1, 4096, 128), 46: (2, 4096, 128), 47: (1, 0, 0), 48: (1, 0, 0), 49: (2, 0, 0), 50: (1, 0, 0),
-    51: (8, 0, 0), 52: (8, 0, 0), 53: (16, 0, 0), 54: (8, 0, 0),
+    51: (8, 0, 0), 52: (8, 0, 0), 53: (16, 0, 0), 54: (8, 0, 0), 55: (8, 0, 0), 56: (8, 0, 0), 57: (16, 0, 0),
 }
 # The variants whose row tiles come by bulk copies (sm_90+; rows of scales of whole 16 bytes, at
 # most 128 groups: rust/core/src/quant/cuda.rs, bulk_fits): other calls take the default kernel.
 BULK_VARIANTS = (48, 49, 50)
-# The tensor-core kernels of 8 rows a block (linear_mma8): in place of any kernel where the
-# tensor-core one fits (their token tile: up to 8 tokens, or past 8).
-MMA8_VARIANTS = (51, 52, 53, 54)
+# The tensor-core kernels of 8 and 16 rows a block (linear_mma8, linear_mma16): in place of any
+# kernel where the tensor-core one fits (their token tile: up to 8 tokens, or past 8); k: rows.
+MMA_ROWS_OF_VARIANT = {51: 8, 52: 8, 53: 8, 54: 8, 55: 16, 56: 16, 57: 16}
 
 
 TUNINGS = [
@@ -419,7 +419,7 @@ def tuned_runs(request):
     procs = {}
     for tune in dict.fromkeys(selected):
         k = next((int(item[8:]) for item in tune.split(",") if item.startswith("variant=")), None)
-        variant = ",".join(str(v) for v in (k, *VARIANTS[k], int(k in BULK_VARIANTS), int(k in MMA8_VARIANTS))) if k else ""
+        variant = ",".join(str(v) for v in (k, *VARIANTS[k], int(k in BULK_VARIANTS), MMA_ROWS_OF_VARIANT.get(k, 0))) if k else ""
         env = dict(os.environ, LMKERN_CUDA_QUANT_TUNE=tune, PYTHONPATH=path, WANT_VARIANT=variant)
         procs[tune] = subprocess.Popen([sys.executable, "-c", TUNED_SCRIPT], env=env, stdout=subprocess.PIPE,
                                        stderr=subprocess.PIPE, text=True)

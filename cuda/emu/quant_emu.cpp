@@ -421,7 +421,7 @@ template <typename T>
 static void run_linear(const Kernels& K, size_t nout, size_t n, size_t g, int bits, size_t tokens, bool bias,
                        bool misalign, unsigned grid_override, bool generic_too = true, bool force_generic = false,
                        LinFn variant = nullptr, size_t variant_rows = 0, int flags = 0, unsigned threads = 256,
-                       bool lut_in_t = false) {
+                       bool lut_in_t = false, size_t dynamic_smem = 0) {
     const size_t rb = (n * bits + 7) / 8, ng = n / g;
     const size_t mis = misalign ? sizeof(T) : 0;
     const size_t nl = (size_t)1 << bits;
@@ -466,7 +466,7 @@ static void run_linear(const Kernels& K, size_t nout, size_t n, size_t g, int bi
     }
     emu::prefetch_ranges() = {{codes.as<unsigned char>(), codes.bytes}, {scales.as<unsigned char>(), scales.bytes},
                               {table.as<unsigned char>(), table.bytes}};
-    emu::launch(dim3(grid), dim3(threads), 0, [&] { f(lp); });
+    emu::launch(dim3(grid), dim3(threads), dynamic_smem, [&] { f(lp); });
     emu::prefetch_ranges().clear();
     char label[200];
     snprintf(label, sizeof label, "%s linear out=%zu in=%zu g=%zu bits=%d tokens=%zu bias=%d mis=%d tiled=%d nt=%d grid=%u block=%u%s%s",
@@ -656,15 +656,19 @@ static void mma_linears(const Kernels& K, LinFn n8, LinFn n16) {
     run_linear<T>(K, 21, 384, 128, 4, 16, false, false, 0, false, false, n16, 16, pdl, 256, true);
 }
 
-// The tensor-core linear of 8 rows a block (quant.cu, linear_mma8; tuning variants 51-54, bf16):
+// The tensor-core linears of 8 and 16 rows a block (quant.cu, linear_mma8, linear_mma16: tuning
+// variants 51-54, 55-57, bf16; the latter's pair tables in dynamic shared memory):
 // partial row tiles, a grid-stride loop, groups of one and of several chunks, chunks per warp
 // fewer than, equal to and more than its ring (a partial last round), 1-8 tokens on the 8-token
 // tiles, 9-21 (two tiles) on the 16-token one, in_features 0 (y = bias), with and without PDL;
 // against the product with the codebooks rounded to bf16.
 static void mma8_variants(const Kernels& K) {
-    struct V { LinFn f; size_t ntok; unsigned threads; };
-    const V vs[] = {{quant_linmma8_bf16_n8_v51, 8, 128}, {quant_linmma8_bf16_n8_v52, 8, 128}, {quant_linmma8_bf16_n16_v53, 16, 128},
-                    {quant_linmma8_bf16_n8_v54, 8, 256}};
+    struct V { LinFn f; size_t ntok; unsigned threads; size_t rows, smem; };
+    const size_t pb = lmkern::quant::MMA16_PAIR_BYTES;
+    const V vs[] = {{quant_linmma8_bf16_n8_v51, 8, 128, 8, 0},   {quant_linmma8_bf16_n8_v52, 8, 128, 8, 0},
+                    {quant_linmma8_bf16_n16_v53, 16, 128, 8, 0}, {quant_linmma8_bf16_n8_v54, 8, 256, 8, 0},
+                    {quant_linmma16_bf16_n8_v55, 8, 256, 16, pb}, {quant_linmma16_bf16_n8_v56, 8, 256, 16, pb},
+                    {quant_linmma16_bf16_n16_v57, 16, 256, 16, pb}};
     struct S { size_t nout, n, g; unsigned grid; };
     const S shapes[] = {{19, 256, 128, 0}, {40, 512, 256, 2}, {8, 4096, 128, 0}, {13, 4992, 128, 0}, {5, 1024, 1024, 1},
                         {9, 2176, 128, 0}, {5, 0, 128, 0}, {33, 384, 128, 3}};
@@ -676,7 +680,7 @@ static void mma8_variants(const Kernels& K) {
                 for (size_t tokens : token_counts) {
                     if (e.n > 2048 && tokens != token_counts[si % token_counts.size()]) continue;  // keep the run short
                     run_linear<__nv_bfloat16>(K, e.nout, e.n, e.g, 4, tokens, (tokens + si) % 2 == 1, false, e.grid, false, false, v.f,
-                                              8, flags, v.threads, true);
+                                              v.rows, flags, v.threads, true, v.smem);
                 }
             }
         }

@@ -35,6 +35,9 @@ const MISSING: &str = env!("LMKERN_CUDA_MISSING");
 
 /// Largest dynamic shared memory a launch may ask for without opting in per function.
 pub const MAX_DEFAULT_SHARED_MEM: u32 = 48 * 1024;
+/// Largest dynamic shared memory a launch may ask for at all: the most a block of any supported GPU
+/// may opt in to (227 KB on sm_90; a device with less refuses the opt-in, an error naming the kernel).
+pub const MAX_OPT_IN_SHARED_MEM: u32 = 227 * 1024;
 
 /// Whether build.rs compiled the kernels into this build.
 pub fn kernels_built() -> bool {
@@ -130,6 +133,8 @@ struct Device {
     ctx: Arc<CudaContext>,
     module: Module,
     functions: Mutex<HashMap<String, Function>>,
+    /// The dynamic shared memory each kernel has been let take above [`MAX_DEFAULT_SHARED_MEM`].
+    shared_opt_in: Mutex<HashMap<String, u32>>,
 }
 
 /// Makes a context current on this thread and puts the previous one back on drop.
@@ -197,7 +202,7 @@ fn device(ordinal: usize) -> Result<Arc<Device>> {
         })
     })?;
     let functions = Mutex::new(eager_functions(ctx.cu_ctx(), module));
-    let d = Arc::new(Device { ordinal, ctx, module: Module(module), functions });
+    let d = Arc::new(Device { ordinal, ctx, module: Module(module), functions, shared_opt_in: Mutex::new(HashMap::new()) });
     if devices.len() <= ordinal {
         devices.resize(ordinal + 1, None);
     }
@@ -252,6 +257,32 @@ impl Device {
         functions.insert(name.to_string(), Function(f));
         Ok(Function(f))
     }
+
+    /// Lets kernel `name` (`f`) take `bytes` of dynamic shared memory where that is above the
+    /// [`MAX_DEFAULT_SHARED_MEM`] every kernel may take: its
+    /// CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, set once to each larger size asked. The
+    /// driver refuses more than the device's opt-in limit less the kernel's static shared memory:
+    /// an error naming the kernel. The device's context must be current.
+    fn allow_shared(&self, name: &str, f: Function, bytes: u32) -> Result<()> {
+        if bytes <= MAX_DEFAULT_SHARED_MEM {
+            return Ok(());
+        }
+        let mut allowed = self.shared_opt_in.lock().unwrap_or_else(|e| e.into_inner());
+        if allowed.get(name).is_some_and(|&b| b >= bytes) {
+            return Ok(());
+        }
+        let attr = sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+        // SAFETY: f is a kernel of this device's loaded module (never unloaded); the caller made
+        // the device's context current; bytes ≤ MAX_OPT_IN_SHARED_MEM fits a c_int.
+        unsafe { sys::cuFuncSetAttribute(f.0, attr, bytes as std::ffi::c_int) }.result().map_err(|e| {
+            Error::cuda(format!(
+                "{name}: CUDA device {} refuses {bytes} bytes of dynamic shared memory for it: {e:?}",
+                self.ordinal
+            ))
+        })?;
+        allowed.insert(name.to_string(), bytes);
+        Ok(())
+    }
 }
 
 /// Grid, block and dynamic shared memory of one launch.
@@ -282,6 +313,7 @@ pub unsafe fn launch(
     fenced(name, || {
         let _bound = CurrentContext::bind(dev.ctx.cu_ctx(), name)?;
         let f = dev.function(name)?;
+        dev.allow_shared(name, f, cfg.shared_mem)?;
         // SAFETY: forwarded from the caller's contract.
         unsafe { result::launch_kernel(f.0, g, b, cfg.shared_mem, stream as usize as sys::CUstream, params) }.map_err(
             |e| {
@@ -300,9 +332,9 @@ fn check_config(name: &str, cfg: &LaunchConfig) -> Result<()> {
     if g.0 == 0 || g.1 == 0 || g.2 == 0 || b.0 == 0 || b.1 == 0 || b.2 == 0 || b.0 * b.1 * b.2 > 1024 {
         return Err(Error::cuda(format!("{name}: invalid launch configuration grid {g:?} block {b:?}")));
     }
-    if cfg.shared_mem > MAX_DEFAULT_SHARED_MEM {
+    if cfg.shared_mem > MAX_OPT_IN_SHARED_MEM {
         return Err(Error::cuda(format!(
-            "{name}: {} bytes of shared memory asked, at most {MAX_DEFAULT_SHARED_MEM}",
+            "{name}: {} bytes of shared memory asked, at most {MAX_OPT_IN_SHARED_MEM}",
             cfg.shared_mem
         )));
     }
@@ -324,6 +356,7 @@ pub(crate) unsafe fn launch_struct_pdl<P>(ordinal: usize, stream: u64, name: &st
     fenced(name, || {
         let _bound = CurrentContext::bind(dev.ctx.cu_ctx(), name)?;
         let f = dev.function(name)?;
+        dev.allow_shared(name, f, cfg.shared_mem)?;
         // SAFETY: an all-zero CUlaunchAttribute is valid C data (id 0, value bytes 0); the id and
         // the union member for it are set next.
         let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
@@ -445,6 +478,12 @@ mod tests {
         assert!(unsafe { launch(0, 0, "k", cfg, &mut []) }.is_err());
         let cfg = LaunchConfig { grid: (1, 1, 1), block: (64, 32, 1), shared_mem: 0 };
         assert!(unsafe { launch(0, 0, "k", cfg, &mut []) }.is_err());
+        // More shared memory than any GPU lets a block opt in to: refused, naming the kernel.
+        let cfg = LaunchConfig { grid: (1, 1, 1), block: (32, 1, 1), shared_mem: MAX_OPT_IN_SHARED_MEM + 1 };
+        let e = check_config("k", &cfg).unwrap_err();
+        assert!(e.to_string().contains("k: 232449 bytes of shared memory asked, at most 232448"), "{e}");
+        let cfg = LaunchConfig { shared_mem: MAX_OPT_IN_SHARED_MEM, ..cfg };
+        assert!(check_config("k", &cfg).is_ok());
     }
 
     #[test]

@@ -142,11 +142,13 @@ pub(crate) struct Plan {
     pub name: String,
     pub grid: u32,
     pub block: (u32, u32),
+    /// Dynamic shared memory, bytes.
+    pub shared_mem: u32,
 }
 
 impl Plan {
     fn config(&self) -> LaunchConfig {
-        LaunchConfig { grid: (self.grid, 1, 1), block: (self.block.0, self.block.1, 1), shared_mem: 0 }
+        LaunchConfig { grid: (self.grid, 1, 1), block: (self.block.0, self.block.1, 1), shared_mem: self.shared_mem }
     }
 }
 
@@ -156,7 +158,7 @@ pub(crate) fn plan_rows(kernel: &str, dtype: DType, rows: usize, n: usize) -> Re
     let units = n.div_ceil(8);
     let tx = units.div_ceil(32).saturating_mul(32).clamp(32, BLOCK);
     let ry = (BLOCK / tx).clamp(1, MAX_SLOTS).min(rows.max(1));
-    Ok(Plan { name: format!("quant_{kernel}_{t}"), grid: clamp_grid(rows.div_ceil(ry)), block: (tx as u32, ry as u32) })
+    Ok(Plan { name: format!("quant_{kernel}_{t}"), grid: clamp_grid(rows.div_ceil(ry)), block: (tx as u32, ry as u32), shared_mem: 0 })
 }
 
 /// Token tile of the linear kernels.
@@ -202,7 +204,7 @@ fn slice_load_width(cpl: usize, bits: usize) -> u64 {
 /// A launch-shape variant of the bf16 4-bit linear, for tuning only: as cuda/quant.cu compiles it,
 /// with token tile `nt`, `cpl` columns per slice, `rows` output rows and `threads` threads per
 /// block; `shape`: the (in_features, group size) it is specialized for, and may run on only, if
-/// any; `body`: the kernel it instantiates.
+/// any; `body`: the kernel it instantiates; `shared_mem`: its dynamic shared memory, bytes.
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Variant {
     k: usize,
@@ -212,6 +214,7 @@ struct Variant {
     threads: usize,
     shape: Option<(usize, usize)>,
     body: Body,
+    shared_mem: u32,
 }
 
 /// The kernel a [`Variant`] instantiates.
@@ -226,26 +229,36 @@ enum Body {
     /// linear of 8 rows a block, `nt` tokens a tile, where [`mma_fits`]; replaces the tiled or the
     /// tensor-core kernel at up to 8 tokens (nt = 8) or past 8 (nt = 16).
     Mma8,
+    /// linear_mma16 (LMKERN_QUANT_LINMMA16_VARIANT, `quant_linmma16_bf16_n<nt>_v<k>`): as Mma8, 16
+    /// rows a block, [`MMA16_PAIR_BYTES`] of dynamic shared memory.
+    Mma16,
 }
 
 const fn tile_variant(k: usize, nt: usize, cpl: usize, rows: usize, threads: usize) -> Variant {
-    Variant { k, nt, cpl, rows, threads, shape: None, body: Body::Tiled }
+    Variant { k, nt, cpl, rows, threads, shape: None, body: Body::Tiled, shared_mem: 0 }
 }
 
 const fn fixed_variant(k: usize, nt: usize, n: usize, group: usize) -> Variant {
-    Variant { k, nt, cpl: 16, rows: 16, threads: BLOCK, shape: Some((n, group)), body: Body::Tiled }
+    Variant { k, nt, cpl: 16, rows: 16, threads: BLOCK, shape: Some((n, group)), body: Body::Tiled, shared_mem: 0 }
 }
 
 const fn bulk_variant(k: usize, nt: usize) -> Variant {
-    Variant { k, nt, cpl: 16, rows: 16, threads: BLOCK, shape: None, body: Body::Bulk }
+    Variant { k, nt, cpl: 16, rows: 16, threads: BLOCK, shape: None, body: Body::Bulk, shared_mem: 0 }
 }
 
 const fn mma8_variant(k: usize, nt: usize, threads: usize) -> Variant {
-    Variant { k, nt, cpl: 128, rows: MMA8_ROWS, threads, shape: None, body: Body::Mma8 }
+    Variant { k, nt, cpl: 128, rows: MMA8_ROWS, threads, shape: None, body: Body::Mma8, shared_mem: 0 }
+}
+
+const fn mma16_variant(k: usize, nt: usize) -> Variant {
+    Variant { k, nt, cpl: 128, rows: MMA_ROWS, threads: BLOCK, shape: None, body: Body::Mma16, shared_mem: MMA16_PAIR_BYTES }
 }
 
 /// Output rows per block of linear_mma8 (MMA8_ROWS in cuda/quant.cu).
 const MMA8_ROWS: usize = 8;
+/// linear_mma16's pair tables in dynamic shared memory (MMA16_PAIR_BYTES in cuda/quant.cu): 64 KB,
+/// above the 48 KB a launch may take unless the kernel opts in (crate::cuda does that).
+const MMA16_PAIR_BYTES: u32 = 256 * 64 * 4;
 
 impl Variant {
     /// The kernel's name in the CUDA image.
@@ -253,6 +266,7 @@ impl Variant {
         match self.body {
             Body::Tiled | Body::Bulk => format!("quant_lintile4_bf16_n{}_v{}", self.nt, self.k),
             Body::Mma8 => format!("quant_linmma8_bf16_n{}_v{}", self.nt, self.k),
+            Body::Mma16 => format!("quant_linmma16_bf16_n{}_v{}", self.nt, self.k),
         }
     }
 }
@@ -294,8 +308,11 @@ fn bulk_fits(v: &Variant, q: &QuantArgs, codes: Ptr, scales: Ptr, table: Ptr) ->
 /// tensor-core linear with 8 rows a block and lane-private pair tables (no bank conflicts; ~2.3
 /// instructions a weight in its inner loop, sm_90 SASS, against the FFMA kernel's ~6), for up to 8
 /// tokens with rings of 4 and 2 chunks a warp in blocks of 128 threads (51, 52) and of 4 in blocks
-/// of 256 (54), and for 16-token tiles (53).
-const TILE_VARIANTS: [Variant; 17] = [
+/// of 256 (54), and for 16-token tiles (53). 55-57 (unmeasured; cuda/quant.cu, linear_mma16): the
+/// same with 16 rows a block and the lookups' addresses one byte permute each (~1.7 instructions a
+/// weight per chunk, sm_90 SASS), 64 KB of pair tables in dynamic shared memory: up to 8 tokens with
+/// rings of 2 and 3 chunks (55, 56), 16-token tiles (57).
+const TILE_VARIANTS: [Variant; 20] = [
     tile_variant(24, 1, 16, 16, 128),
     tile_variant(25, 1, 16, 16, 128),
     fixed_variant(40, 1, 4096, 128),
@@ -313,6 +330,9 @@ const TILE_VARIANTS: [Variant; 17] = [
     mma8_variant(52, 8, 128),
     mma8_variant(53, 16, 128),
     mma8_variant(54, 8, BLOCK),
+    mma16_variant(55, 8),
+    mma16_variant(56, 8),
+    mma16_variant(57, 16),
 ];
 
 /// Tuning variants that replace the default tiled kernel wherever they fit, the first that fits
@@ -401,7 +421,7 @@ fn variant_for(
 ) -> Option<Variant> {
     let fits = |v: &Variant| {
         let replaces = match v.body {
-            Body::Mma8 => kernel != LinearKernel::Generic,
+            Body::Mma8 | Body::Mma16 => kernel != LinearKernel::Generic,
             Body::Tiled | Body::Bulk => kernel == LinearKernel::Tiled,
         };
         replaces
@@ -416,7 +436,7 @@ fn variant_for(
 }
 
 fn variant_fits(v: &Variant, dtype: DType, l: &LinearArgs, x: Ptr, codes: Ptr) -> bool {
-    if v.body == Body::Mma8 {
+    if matches!(v.body, Body::Mma8 | Body::Mma16) {
         return dtype == DType::BF16 && mma_fits(dtype, &l.q, x, codes) && (l.tokens <= 8) == (v.nt == 8);
     }
     dtype == DType::BF16
@@ -477,7 +497,7 @@ pub(crate) fn plan_linear(dtype: DType, l: &LinearArgs, kernel: LinearKernel) ->
         LinearKernel::Tiled => (format!("quant_lintile{bits}_{t}_n{nt}"), tile_shape(nt, bits).1),
         LinearKernel::Mma => (format!("quant_linmma4_{t}_n{}", if l.tokens <= 8 { 8 } else { 16 }), MMA_ROWS),
     };
-    Ok(Plan { name, grid: clamp_grid(l.q.rows.div_ceil(rows_per_block)), block: (BLOCK as u32, 1) })
+    Ok(Plan { name, grid: clamp_grid(l.q.rows.div_ceil(rows_per_block)), block: (BLOCK as u32, 1), shared_mem: 0 })
 }
 
 /// Rows per block and columns per slice of the tiled dequantizer (DEQ_ROWS, DEQ_CPL in cuda/quant.cu).
@@ -543,7 +563,12 @@ pub unsafe fn dequantize(
 ) -> Result<()> {
     let plan = if deq_tiled(q, codes, out) {
         let t = type_suffix(dtype)?;
-        Plan { name: format!("quant_deqtile{}_{t}", q.bits), grid: clamp_grid(q.rows.div_ceil(DEQ_ROWS)), block: (BLOCK as u32, 1) }
+        Plan {
+            name: format!("quant_deqtile{}_{t}", q.bits),
+            grid: clamp_grid(q.rows.div_ceil(DEQ_ROWS)),
+            block: (BLOCK as u32, 1),
+            shared_mem: 0,
+        }
     } else {
         plan_rows("deq", dtype, q.rows, q.n)?
     };
@@ -590,6 +615,7 @@ pub unsafe fn linear(
     };
     if let Some(v) = tuned {
         plan.name = v.kernel_name();
+        plan.shared_mem = v.shared_mem;
         plan.grid = clamp_grid(q.rows.div_ceil(v.rows));
         plan.block = (v.threads as u32, 1);
     }
@@ -815,6 +841,10 @@ mod tests {
         assert!(!variant_fits(v, DType::BF16, &LinearArgs { q, tokens: 1 }, 264, 512)); // x not 16-byte aligned
         assert!(!variant_fits(v, DType::BF16, &LinearArgs { q, tokens: 1 }, 256, 520)); // codes not 16-byte aligned
         assert_eq!(v.kernel_name(), "quant_linmma8_bf16_n8_v51");
+        assert!(fits(55, q, 1, DType::BF16) && fits(56, q, 8, DType::BF16) && fits(57, q, 9, DType::BF16) && !fits(57, q, 8, DType::BF16));
+        assert!(!fits(55, QuantArgs { group: 64, ..q }, 1, DType::BF16) && !fits(55, q, 1, DType::F16));
+        let v = TILE_VARIANTS.iter().find(|v| v.k == 57).unwrap();
+        assert_eq!((v.kernel_name().as_str(), v.rows, v.shared_mem), ("quant_linmma16_bf16_n16_v57", 16, 65536));
         assert_eq!(TILE_VARIANTS[0].kernel_name(), "quant_lintile4_bf16_n1_v24");
     }
 
