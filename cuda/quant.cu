@@ -1326,9 +1326,17 @@ __device__ __forceinline__ void linear_mma8(const LinearParams& p) {
 // tables take MMA16_PAIR_BYTES = 64 KB of dynamic shared memory (above the 48 KB a launch gets
 // unless the kernel's attribute says more: rust/core/src/cuda/mod.rs raises it), so 2-3 blocks an
 // SM. Otherwise as linear_mma8 (chunks, steps, rings, tokens, sums, what it takes).
+// XS (x in shared memory; variant 58): one token a tile, its x copied into the dynamic shared memory
+// after the tables (mma16_x_offset: 16 bytes of padding every 64 columns, so that the 4 column
+// quarters a step's lanes read, 64 bytes apart, fall in distinct banks) and read with one LDS.64 a
+// step (the 8 mma columns all that token; column 0 kept): a chunk's registers are then its codes and
+// scales only (10, against 26), so a ring of 4 chunks (a 4096-column row's every chunk) fits.
 // ---------------------------------------------------------------------------------------------
 constexpr int MMA16_ROWS = 16;
 constexpr int MMA16_PAIR_BYTES = 256 * 64 * 4;
+
+// XS: the byte offset of column `col` of x in its shared copy (after the tables).
+__device__ __forceinline__ int mma16_x_offset(int col) { return 2 * col + 16 * (col >> 6); }
 
 template <int NTB>
 struct Mma16Chunk {
@@ -1337,7 +1345,7 @@ struct Mma16Chunk {
     uint32_t xw[NTB][16];   // x at those columns (pairs of T) for tokens g (and g + 8)
 };
 
-template <typename T, int NTB>
+template <typename T, int NTB, bool XS>
 __device__ __forceinline__ void mma16_load(const LinearParams& p, const uint8_t* ca, const uint8_t* cb, const float* sa, const float* sb,
                                            const T* __restrict__ xg, int nt, int j, Mma16Chunk<NTB>& k) {
     const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
@@ -1345,14 +1353,16 @@ __device__ __forceinline__ void mma16_load(const LinearParams& p, const uint8_t*
     load_codes<16>(cb + (int64_t)j * (MMA_CHUNK / 2), k.qb);
     const int grp = p.group == MMA_CHUNK ? j : j * MMA_CHUNK / p.group;  // the chunk lies in one group
     k.ma = sa[grp], k.mb = sb[grp];
+    if constexpr (!XS) {  // (XS: x is read from shared memory, a step at a time)
 #pragma unroll
-    for (int h = 0; h < NTB; ++h) {
-        const int tk = g + 8 * h < nt ? g + 8 * h : nt - 1;
-        const uint4* xp = reinterpret_cast<const uint4*>(xg + (int64_t)tk * p.in_features + (int64_t)j * MMA_CHUNK + 32 * c);
+        for (int h = 0; h < NTB; ++h) {
+            const int tk = g + 8 * h < nt ? g + 8 * h : nt - 1;
+            const uint4* xp = reinterpret_cast<const uint4*>(xg + (int64_t)tk * p.in_features + (int64_t)j * MMA_CHUNK + 32 * c);
 #pragma unroll
-        for (int v = 0; v < 4; ++v) {
-            const uint4 w = xp[v];
-            k.xw[h][4 * v] = w.x, k.xw[h][4 * v + 1] = w.y, k.xw[h][4 * v + 2] = w.z, k.xw[h][4 * v + 3] = w.w;
+            for (int v = 0; v < 4; ++v) {
+                const uint4 w = xp[v];
+                k.xw[h][4 * v] = w.x, k.xw[h][4 * v + 1] = w.y, k.xw[h][4 * v + 2] = w.z, k.xw[h][4 * v + 3] = w.w;
+            }
         }
     }
 }
@@ -1364,9 +1374,11 @@ __device__ __forceinline__ uint32_t pair16_at(const char* pairs, uint32_t w, uin
 }
 
 // acc += the chunk's 8 mma steps (two fresh accumulators) scaled by the rows' group scales:
-// acc[h][i] is token 8h + 2c + i%2 of row g + 8·(i/2).
-template <typename T, int NTB>
-__device__ __forceinline__ void mma16_chunk(const Mma16Chunk<NTB>& k, const char* pairs, uint32_t lane4, float (&acc)[NTB][4]) {
+// acc[h][i] is token 8h + 2c + i%2 of row g + 8·(i/2). XS: x from `xs`, the shared copy's bytes at
+// the lane's first column of the chunk.
+template <typename T, int NTB, bool XS>
+__device__ __forceinline__ void mma16_chunk(const Mma16Chunk<NTB>& k, const char* pairs, const char* xs, uint32_t lane4,
+                                            float (&acc)[NTB][4]) {
     float cc[2][NTB][4] = {};
 #pragma unroll
     for (int t = 0; t < 8; ++t) {
@@ -1381,7 +1393,13 @@ __device__ __forceinline__ void mma16_chunk(const Mma16Chunk<NTB>& k, const char
         }
 #pragma unroll
         for (int h = 0; h < NTB; ++h) {
-            const uint32_t b[2] = {k.xw[h][2 * t], k.xw[h][2 * t + 1]};
+            uint32_t b[2];
+            if constexpr (XS) {
+                const uint2 v = *reinterpret_cast<const uint2*>(xs + 8 * t);  // columns 4t .. 4t+3 of the lane's 32
+                b[0] = v.x, b[1] = v.y;
+            } else {
+                b[0] = k.xw[h][2 * t], b[1] = k.xw[h][2 * t + 1];
+            }
             mma_16816<T>(cc[t & 1][h], a, b);
         }
     }
@@ -1391,13 +1409,15 @@ __device__ __forceinline__ void mma16_chunk(const Mma16Chunk<NTB>& k, const char
         for (int i = 0; i < 4; ++i) acc[h][i] = fmaf(i < 2 ? k.ma : k.mb, cc[0][h][i] + cc[1][h][i], acc[h][i]);
 }
 
-template <typename T, int NTB, int D, int TT>
+template <typename T, int NTB, int D, int TT, bool XS = false>
 __device__ __forceinline__ void linear_mma16(const LinearParams& p) {
-    constexpr int W = TT / 32, NTOK = 8 * NTB, R = MMA16_ROWS, NL = 16, SHARE = R * 256 / TT;
+    constexpr int W = TT / 32, NTOK = XS ? 1 : 8 * NTB, R = MMA16_ROWS, NL = 16, SHARE = R * 256 / TT;
     static_assert(TT % 256 == 0 && TT <= R * 256 && R * NTOK <= TT,
                   "table shares of one low nibble (below); a thread per output of the tile");
+    static_assert(!XS || NTB == 1, "x in shared memory: one token a tile");
     static_assert(MMA16_PAIR_BYTES == 256 * 2 * 32 * sizeof(uint32_t), "the tables: [256 bytes][rows g, g + 8][32 lanes]");
-    uint32_t* pairs = dynamic_smem<uint32_t>();  // MMA16_PAIR_BYTES, as launched
+    uint32_t* pairs = dynamic_smem<uint32_t>();  // MMA16_PAIR_BYTES, then (XS) x: as launched
+    char* xsm = reinterpret_cast<char*>(pairs) + MMA16_PAIR_BYTES;
     __shared__ float red[W][NTOK][R];
     const T* __restrict__ x = static_cast<const T*>(p.x);
     const int tid = threadIdx.x, lane = tid & 31, warp = warp_uniform(tid >> 5), g = lane >> 2, c = lane & 3;
@@ -1436,7 +1456,11 @@ __device__ __forceinline__ void linear_mma16(const LinearParams& p) {
             Mma16Chunk<NTB> k[D];
 #pragma unroll
             for (int i = 0; i < D; ++i)
-                if (warp + i * W < chunks) mma16_load<T, NTB>(p, ca, cb, sa, sb, xg, nt, warp + i * W, k[i]);
+                if (warp + i * W < chunks) mma16_load<T, NTB, XS>(p, ca, cb, sa, sb, xg, nt, warp + i * W, k[i]);
+            if constexpr (XS) {  // the token's x, 8 columns a copy (n is a multiple of 128)
+                for (int pc = tid; pc < n / 8; pc += TT)
+                    *reinterpret_cast<uint4*>(xsm + mma16_x_offset(8 * pc)) = reinterpret_cast<const uint4*>(xg)[pc];
+            }
             if (t0 == 0) {
 #pragma unroll
                 for (int i = 0; i < SHARE; ++i) {
@@ -1444,23 +1468,26 @@ __device__ __forceinline__ void linear_mma16(const LinearParams& p) {
                     const uint32_t v = pack_floats<T, 2>(pair).w[0];
                     *reinterpret_cast<uint4*>(&pairs[64 * (tb + i * (TT / R)) + 32 * (tr >> 3) + 4 * (tr & 7)]) = make_uint4(v, v, v, v);
                 }
-                __syncthreads();  // the pair tables are built
             }
+            if (XS || t0 == 0) __syncthreads();  // the pair tables are built, x is in
             float acc[NTB][4] = {};
             for (int j0 = warp; j0 < chunks; j0 += D * W) {
 #pragma unroll
                 for (int i = 0; i < D; ++i) {
                     const int j = j0 + i * W;
                     if (j < chunks) {
-                        mma16_chunk<T, NTB>(k[i], reinterpret_cast<const char*>(pairs), lane4, acc);
-                        if (j + D * W < chunks) mma16_load<T, NTB>(p, ca, cb, sa, sb, xg, nt, j + D * W, k[i]);
+                        const char* xs = XS ? xsm + mma16_x_offset(j * MMA_CHUNK + 32 * c) : nullptr;
+                        mma16_chunk<T, NTB, XS>(k[i], reinterpret_cast<const char*>(pairs), xs, lane4, acc);
+                        if (j + D * W < chunks) mma16_load<T, NTB, XS>(p, ca, cb, sa, sb, xg, nt, j + D * W, k[i]);
                     }
                 }
             }
+            // XS: the 8 mma columns are all the tile's one token; lanes c = 0 keep column 0.
 #pragma unroll
             for (int h = 0; h < NTB; ++h)
 #pragma unroll
-                for (int i = 0; i < 4; ++i) red[warp][8 * h + 2 * c + (i & 1)][g + 8 * (i >> 1)] = acc[h][i];
+                for (int i = 0; i < 4; ++i)
+                    if (8 * h + 2 * c + (i & 1) < NTOK) red[warp][8 * h + 2 * c + (i & 1)][g + 8 * (i >> 1)] = acc[h][i];
             __syncthreads();
             if (tid < R * NTOK) {
                 const int tk = tid / R, r = tid % R;
@@ -1656,6 +1683,11 @@ LMKERN_QUANT_LINMMA8_VARIANT(54, 8, 4, 256, 2)
 LMKERN_QUANT_LINMMA16_VARIANT(55, 8, 2)
 LMKERN_QUANT_LINMMA16_VARIANT(56, 8, 3)
 LMKERN_QUANT_LINMMA16_VARIANT(57, 16, 2)
+// linear_mma16 with x in shared memory, one token a tile, a ring of 4 chunks (58; the launcher asks
+// for MMA16_PAIR_BYTES + mma16_x_offset(n) bytes and takes it at 1 token, n ≤ 16384).
+extern "C" __global__ void __launch_bounds__(256, 2) quant_linmma16_bf16_n1_v58(const __grid_constant__ lmkern::quant::LinearParams p) {
+    lmkern::quant::linear_mma16<__nv_bfloat16, 1, 4, 256, true>(p);
+}
 
 LMKERN_QUANT_ENTRIES(float, f32)
 LMKERN_QUANT_ENTRIES(__nv_bfloat16, bf16)

@@ -265,7 +265,8 @@ bad = []
 # n and groups of g, where n > 0: a variant specialized for that shape; bulk = 1: only where the
 # groups per row are a multiple of 4 and at most 128, on sm_90+; mma_rows = 8 or 16: the tensor-core
 # kernel of that many rows a block, quant_linmma<mma_rows>_bf16_*, in place of any kernel where the
-# tensor-core one fits, at up to 8 tokens (nt = 8) or past 8 (nt = 16))
+# tensor-core one fits, at up to 8 tokens (nt = 8), past 8 (nt = 16) or at 1 with at most 16384
+# columns (nt = 1))
 variant = os.environ["WANT_VARIANT"]
 k, nt, vn, vg, bulk, mma_rows = (int(v) for v in variant.split(",")) if variant else (0, 0, 0, 0, 0, 0)
 sm90 = torch.cuda.get_device_capability()[0] >= 9
@@ -309,7 +310,8 @@ for in_f, out_f, g in [(256, 96, 32), (4352, 21, 64), (8448, 6, 8448), (256, 450
                     mma_here = mma or (tokens >= 3 and not no_mma)
                     if mma_here and mma_fits:
                         want = f"quant_linmma4_{SUFFIX[dtype]}_n8"
-                    if mma_rows and mma_fits and dtype == torch.bfloat16 and (tokens <= 8) == (nt == 8):
+                    tokens_fit = tokens == 1 and in_f <= 16384 if nt == 1 else (tokens <= 8) == (nt == 8)
+                    if mma_rows and mma_fits and dtype == torch.bfloat16 and tokens_fit:
                         want = f"quant_linmma{mma_rows}_bf16_n{nt}_v{k}"
                     wants.add(want)
                     ref = x.to(F64) @ w.T + mod.bias.detach().cpu().to(F64)
@@ -387,14 +389,14 @@ sys.exit(1 if bad else 0)
 VARIANTS = {
     24: (1, 0, 0), 25: (1, 0, 0), 40: (1, 4096, 128), 41: (2, 4096, 128), 42: (1, 14336, 128), 43: (1, 0, 0), 44: (2, 0, 0),
     45: (1, 4096, 128), 46: (2, 4096, 128), 47: (1, 0, 0), 48: (1, 0, 0), 49: (2, 0, 0), 50: (1, 0, 0),
-    51: (8, 0, 0), 52: (8, 0, 0), 53: (16, 0, 0), 54: (8, 0, 0), 55: (8, 0, 0), 56: (8, 0, 0), 57: (16, 0, 0),
+    51: (8, 0, 0), 52: (8, 0, 0), 53: (16, 0, 0), 54: (8, 0, 0), 55: (8, 0, 0), 56: (8, 0, 0), 57: (16, 0, 0), 58: (1, 0, 0),
 }
 # The variants whose row tiles come by bulk copies (sm_90+; rows of scales of whole 16 bytes, at
 # most 128 groups: rust/core/src/quant/cuda.rs, bulk_fits): other calls take the default kernel.
 BULK_VARIANTS = (48, 49, 50)
 # The tensor-core kernels of 8 and 16 rows a block (linear_mma8, linear_mma16): in place of any
-# kernel where the tensor-core one fits (their token tile: up to 8 tokens, or past 8); k: rows.
-MMA_ROWS_OF_VARIANT = {51: 8, 52: 8, 53: 8, 54: 8, 55: 16, 56: 16, 57: 16}
+# kernel where the tensor-core one fits (their token tile: up to 8 tokens, past 8, or 1); k: rows.
+MMA_ROWS_OF_VARIANT = {51: 8, 52: 8, 53: 8, 54: 8, 55: 16, 56: 16, 57: 16, 58: 16}
 
 
 TUNINGS = [

@@ -232,6 +232,9 @@ enum Body {
     /// linear_mma16 (LMKERN_QUANT_LINMMA16_VARIANT, `quant_linmma16_bf16_n<nt>_v<k>`): as Mma8, 16
     /// rows a block, [`MMA16_PAIR_BYTES`] of dynamic shared memory.
     Mma16,
+    /// linear_mma16 with x in shared memory (`quant_linmma16_bf16_n1_v<k>`): at 1 token, n at most
+    /// [`MMA16_X_MAX_N`]; [`mma16_x_bytes`] more dynamic shared memory.
+    Mma16X,
 }
 
 const fn tile_variant(k: usize, nt: usize, cpl: usize, rows: usize, threads: usize) -> Variant {
@@ -250,8 +253,8 @@ const fn mma8_variant(k: usize, nt: usize, threads: usize) -> Variant {
     Variant { k, nt, cpl: 128, rows: MMA8_ROWS, threads, shape: None, body: Body::Mma8, shared_mem: 0 }
 }
 
-const fn mma16_variant(k: usize, nt: usize) -> Variant {
-    Variant { k, nt, cpl: 128, rows: MMA_ROWS, threads: BLOCK, shape: None, body: Body::Mma16, shared_mem: MMA16_PAIR_BYTES }
+const fn mma16_variant(k: usize, nt: usize, body: Body) -> Variant {
+    Variant { k, nt, cpl: 128, rows: MMA_ROWS, threads: BLOCK, shape: None, body, shared_mem: MMA16_PAIR_BYTES }
 }
 
 /// Output rows per block of linear_mma8 (MMA8_ROWS in cuda/quant.cu).
@@ -259,6 +262,14 @@ const MMA8_ROWS: usize = 8;
 /// linear_mma16's pair tables in dynamic shared memory (MMA16_PAIR_BYTES in cuda/quant.cu): 64 KB,
 /// above the 48 KB a launch may take unless the kernel opts in (crate::cuda does that).
 const MMA16_PAIR_BYTES: u32 = 256 * 64 * 4;
+/// The longest rows Body::Mma16X takes: its x copy then fits beside the tables with 2 blocks an SM.
+const MMA16_X_MAX_N: usize = 16384;
+
+/// Body::Mma16X's shared copy of one token's x (bf16): mma16_x_offset(n) in cuda/quant.cu, 16 bytes
+/// of padding every 64 columns.
+fn mma16_x_bytes(n: usize) -> u32 {
+    (2 * n + 16 * (n / 64)) as u32
+}
 
 impl Variant {
     /// The kernel's name in the CUDA image.
@@ -266,8 +277,13 @@ impl Variant {
         match self.body {
             Body::Tiled | Body::Bulk => format!("quant_lintile4_bf16_n{}_v{}", self.nt, self.k),
             Body::Mma8 => format!("quant_linmma8_bf16_n{}_v{}", self.nt, self.k),
-            Body::Mma16 => format!("quant_linmma16_bf16_n{}_v{}", self.nt, self.k),
+            Body::Mma16 | Body::Mma16X => format!("quant_linmma16_bf16_n{}_v{}", self.nt, self.k),
         }
+    }
+
+    /// Its dynamic shared memory for rows of n columns, bytes.
+    fn shared_mem_for(&self, n: usize) -> u32 {
+        self.shared_mem + if self.body == Body::Mma16X { mma16_x_bytes(n) } else { 0 }
     }
 }
 
@@ -311,8 +327,9 @@ fn bulk_fits(v: &Variant, q: &QuantArgs, codes: Ptr, scales: Ptr, table: Ptr) ->
 /// of 256 (54), and for 16-token tiles (53). 55-57 (unmeasured; cuda/quant.cu, linear_mma16): the
 /// same with 16 rows a block and the lookups' addresses one byte permute each (~1.7 instructions a
 /// weight per chunk, sm_90 SASS), 64 KB of pair tables in dynamic shared memory: up to 8 tokens with
-/// rings of 2 and 3 chunks (55, 56), 16-token tiles (57).
-const TILE_VARIANTS: [Variant; 20] = [
+/// rings of 2 and 3 chunks (55, 56), 16-token tiles (57); at 1 token with x in shared memory and a
+/// ring of 4 (58: every chunk of a 4096-column row in flight at once).
+const TILE_VARIANTS: [Variant; 21] = [
     tile_variant(24, 1, 16, 16, 128),
     tile_variant(25, 1, 16, 16, 128),
     fixed_variant(40, 1, 4096, 128),
@@ -330,9 +347,10 @@ const TILE_VARIANTS: [Variant; 20] = [
     mma8_variant(52, 8, 128),
     mma8_variant(53, 16, 128),
     mma8_variant(54, 8, BLOCK),
-    mma16_variant(55, 8),
-    mma16_variant(56, 8),
-    mma16_variant(57, 16),
+    mma16_variant(55, 8, Body::Mma16),
+    mma16_variant(56, 8, Body::Mma16),
+    mma16_variant(57, 16, Body::Mma16),
+    mma16_variant(58, 1, Body::Mma16X),
 ];
 
 /// Tuning variants that replace the default tiled kernel wherever they fit, the first that fits
@@ -421,7 +439,7 @@ fn variant_for(
 ) -> Option<Variant> {
     let fits = |v: &Variant| {
         let replaces = match v.body {
-            Body::Mma8 | Body::Mma16 => kernel != LinearKernel::Generic,
+            Body::Mma8 | Body::Mma16 | Body::Mma16X => kernel != LinearKernel::Generic,
             Body::Tiled | Body::Bulk => kernel == LinearKernel::Tiled,
         };
         replaces
@@ -436,8 +454,13 @@ fn variant_for(
 }
 
 fn variant_fits(v: &Variant, dtype: DType, l: &LinearArgs, x: Ptr, codes: Ptr) -> bool {
-    if matches!(v.body, Body::Mma8 | Body::Mma16) {
-        return dtype == DType::BF16 && mma_fits(dtype, &l.q, x, codes) && (l.tokens <= 8) == (v.nt == 8);
+    if matches!(v.body, Body::Mma8 | Body::Mma16 | Body::Mma16X) {
+        let tokens_fit = match v.nt {
+            1 => l.tokens == 1 && l.q.n <= MMA16_X_MAX_N,
+            8 => l.tokens <= 8,
+            _ => l.tokens > 8,
+        };
+        return dtype == DType::BF16 && mma_fits(dtype, &l.q, x, codes) && tokens_fit;
     }
     dtype == DType::BF16
         && l.q.bits == 4
@@ -615,7 +638,7 @@ pub unsafe fn linear(
     };
     if let Some(v) = tuned {
         plan.name = v.kernel_name();
-        plan.shared_mem = v.shared_mem;
+        plan.shared_mem = v.shared_mem_for(q.n);
         plan.grid = clamp_grid(q.rows.div_ceil(v.rows));
         plan.block = (v.threads as u32, 1);
     }
@@ -844,7 +867,12 @@ mod tests {
         assert!(fits(55, q, 1, DType::BF16) && fits(56, q, 8, DType::BF16) && fits(57, q, 9, DType::BF16) && !fits(57, q, 8, DType::BF16));
         assert!(!fits(55, QuantArgs { group: 64, ..q }, 1, DType::BF16) && !fits(55, q, 1, DType::F16));
         let v = TILE_VARIANTS.iter().find(|v| v.k == 57).unwrap();
-        assert_eq!((v.kernel_name().as_str(), v.rows, v.shared_mem), ("quant_linmma16_bf16_n16_v57", 16, 65536));
+        assert_eq!((v.kernel_name().as_str(), v.rows, v.shared_mem_for(4096)), ("quant_linmma16_bf16_n16_v57", 16, 65536));
+        // 58: x in shared memory, 1 token, rows of at most 16384 columns
+        assert!(fits(58, q, 1, DType::BF16) && !fits(58, q, 2, DType::BF16) && fits(58, QuantArgs { n: 14336, ..q }, 1, DType::BF16));
+        assert!(!fits(58, QuantArgs { n: 16512, ..q }, 1, DType::BF16));
+        let v = TILE_VARIANTS.iter().find(|v| v.k == 58).unwrap();
+        assert_eq!((v.kernel_name().as_str(), v.shared_mem_for(4096)), ("quant_linmma16_bf16_n1_v58", 65536 + 8192 + 1024));
         assert_eq!(TILE_VARIANTS[0].kernel_name(), "quant_lintile4_bf16_n1_v24");
     }
 
