@@ -321,8 +321,8 @@ fn bulk_fits(v: &Variant, q: &QuantArgs, codes: Ptr, scales: Ptr, table: Ptr) ->
 /// 48-50 (unmeasured; cuda/quant.cu, linear_bulk, sm_90+): a row tile's codes, scales and codebooks
 /// by bulk copies, lookups on the first rows while the later ones land (1 and 2 tokens in chunks of
 /// 4 rows; 1 token in one chunk of 16). 51-54 (unmeasured; cuda/quant.cu, linear_mma8): the
-/// tensor-core linear with 8 rows a block and lane-private pair tables (no bank conflicts; ~2.3
-/// instructions a weight in its inner loop, sm_90 SASS, against the FFMA kernel's ~6), for up to 8
+/// tensor-core linear with 8 rows a block and lane-private pair tables (no bank conflicts; ~2.7
+/// instructions a weight per chunk, sm_90 SASS, against the FFMA kernel's ~6), for up to 8
 /// tokens with rings of 4 and 2 chunks a warp in blocks of 128 threads (51, 52) and of 4 in blocks
 /// of 256 (54), and for 16-token tiles (53). 55-57 (unmeasured; cuda/quant.cu, linear_mma16): the
 /// same with 16 rows a block and the lookups' addresses one byte permute each (~1.7 instructions a
@@ -353,11 +353,12 @@ const TILE_VARIANTS: [Variant; 21] = [
     mma16_variant(58, 1, Body::Mma16X),
 ];
 
-/// Tuning variants that replace the default tiled kernel wherever they fit, the first that fits
-/// first (they are compiled for bf16 activations only, so only bf16 calls take them). Empty: none
-/// has been measured faster yet. A GPU session that measures one faster puts its number here (for
-/// example `&[48, 43]`: the bulk-copy kernel where it fits, else TILE_UNIFORM with the
-/// shared-memory sums); `LMKERN_CUDA_QUANT_TUNE=variant=0` then times the plain kernel. The
+/// Tuning variants that replace the default kernel wherever they fit ([`variant_for`]), the first
+/// that fits first (they are compiled for bf16 activations only, so only bf16 calls take them).
+/// Empty: none has been measured faster yet. A GPU session that measures one faster puts its
+/// number here (for example `&[58, 55, 43]`: x in shared memory at 1 token, else the 16-row
+/// tensor-core kernel up to 8 tokens, else TILE_UNIFORM with the shared-memory sums);
+/// `LMKERN_CUDA_QUANT_TUNE=variant=0` then times the plain kernels. The
 /// tuned-launch test (tests/test_quant_cuda.py, TUNED_SCRIPT's `want`) expects the plain kernel's
 /// name where no variant is asked for: it must learn the default too.
 const DEFAULT_VARIANTS: &[usize] = &[];
@@ -430,8 +431,8 @@ impl Tune {
 /// The tuning variant that replaces the default kernel `kernel` for this call: the one asked for if
 /// it fits, else (none asked for, nor `variant=0`) the first of `defaults` ([`DEFAULT_VARIANTS`])
 /// that fits. Fitting: bf16, 4 bits, its token tile, its slice width, in place of the tiled kernel
-/// (a linear_mma8 one: of the tiled or the tensor-core kernel); a bulk-copy one on sm_90+ only,
-/// where [`bulk_fits`].
+/// (a tensor-core one, linear_mma8 or linear_mma16: of the tiled or the tensor-core kernel, where
+/// [`mma_fits`]); a bulk-copy one on sm_90+ only, where [`bulk_fits`].
 #[allow(clippy::too_many_arguments)]
 fn variant_for(
     tune: &Tune, defaults: &[usize], kernel: LinearKernel, dtype: DType, l: &LinearArgs, x: Ptr, codes: Ptr, scales: Ptr, table: Ptr,
