@@ -1146,13 +1146,15 @@ __device__ __forceinline__ void linear_mma(const LinearParams& p) {
 // random code bytes collide) and to a shallow pipeline; its lookups and mma issue about 2.3
 // instructions a weight against the FFMA kernel's ~6. Here:
 // - The codes' values are mma.sync m16n8k16's A, rows 0-7 the block's 8 output rows; rows 8-15 are
-//   left undefined (no instruction makes them; their sums are dropped), x is B (8 tokens).
+//   left undefined (no instruction makes them; their sums are dropped), x is B (8 tokens an mma;
+//   16-token tiles take two).
 // - Lane-private pair tables: lane L = (g, c) (g = L/4, c = L%4) looks up row g's pairs, byte b →
 //   (lut[b & 15], lut[b >> 4]) in T, at word 32·b + L of `pairs`: bank L whatever the bytes. Row g's
 //   256 pairs are stored 4 times (lanes 4g .. 4g+3), the 4 copies one 16-byte store; 32 KB a block,
 //   built once per row tile from the float32 codebooks.
-// - A lookup's address is a shift and a LOP3 from the code word, (byte << 7) | (lane << 2), against
-//   the table's base.
+// - A lookup's address is a shift and a LOP3 from the code word, (byte << 7) | (lane << 2): the
+//   load is LDS [R + UR], the table's base in a uniform register (the warp index through
+//   warp_uniform; else ptxas adds an IADD per lookup).
 // - A warp's loads for D chunks (codes, x, scale) are in flight at once, in a ring.
 // Per chunk of 128 columns (one group or part of one) lane (g, c) loads the 16 code bytes of row g
 // for columns 32c .. 32c+31 of the chunk, x at those columns for token g (and g + 8 with NTB = 2),
