@@ -1140,221 +1140,62 @@ __device__ __forceinline__ void linear_mma(const LinearParams& p) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Linear on the tensor cores, 8 output rows a block, conflict-free lookups (tuning variants 51-54,
-// bf16, unmeasured). What linear_mma lost at 1 token (10.3 against the FFMA kernel's 5.85 µs,
-// H200) went to ~3.5-way bank conflicts on its pair tables (all 16 rows' tables start in bank 0, so
-// random code bytes collide) and to a shallow pipeline; its lookups and mma issue about 2.3
-// instructions a weight against the FFMA kernel's ~6. Here:
-// - The codes' values are mma.sync m16n8k16's A, rows 0-7 the block's 8 output rows; rows 8-15 are
-//   left undefined (no instruction makes them; their sums are dropped), x is B (8 tokens an mma;
-//   16-token tiles take two).
-// - Lane-private pair tables: lane L = (g, c) (g = L/4, c = L%4) looks up row g's pairs, byte b →
-//   (lut[b & 15], lut[b >> 4]) in T, at word 32·b + L of `pairs`: bank L whatever the bytes. Row g's
-//   256 pairs are stored 4 times (lanes 4g .. 4g+3), the 4 copies one 16-byte store; 32 KB a block,
-//   built once per row tile from the float32 codebooks.
-// - A lookup's address is a shift and a LOP3 from the code word, (byte << 7) | (lane << 2): the
-//   load is LDS [R + UR], the table's base in a uniform register (the warp index through
+// Linear on the tensor cores with lane-private pair tables (tuning variants 51-58, bf16,
+// unmeasured). What linear_mma lost at 1 token (10.3 against the FFMA kernel's 5.85 µs, H200) went
+// to ~3.5-way bank conflicts on its pair tables (all 16 rows' tables start in bank 0, so random code
+// bytes collide) and to a shallow pipeline; its lookups and mma issue about 2.3 instructions a
+// weight against the FFMA kernel's ~6. Here, R = 8 or 16 output rows a block:
+// - The codes' values are mma.sync m16n8k16's A: rows g and (R = 16) g + 8 of the tile; with R = 8
+//   A's rows 8-15 are left undefined (no instruction makes them; their sums are dropped). x is B (8
+//   tokens an mma; 16-token tiles take two).
+// - Lane-private pair tables: lane L = (g, c) (g = L/4, c = L%4) looks up its row's pair for a code
+//   byte b, (lut[b & 15], lut[b >> 4]) in T, at word (R/8)·32·b + 32·half + L of the tables (half 1:
+//   row g + 8): bank L whatever the bytes. A row's 4 copies (lanes 4g .. 4g+3) are one 16-byte store;
+//   R·4 KB of dynamic shared memory (MMA_LP_PAIR_BYTES), built once per row tile from the float32
+//   codebooks.
+// - A lookup's address is a shift and a LOP3 from the code word, (b << 7) | (L << 2), for R = 8; one
+//   byte permute, (b << 8) | (L << 2), for R = 16, row g + 8's entry an immediate 128 bytes on. The
+//   load is LDS [R + UR (+ imm)]: the tables' base in a uniform register (the warp index goes through
 //   warp_uniform; else ptxas adds an IADD per lookup).
-// - A warp's loads for D chunks (codes, x, scale) are in flight at once, in a ring.
-// Per chunk of 128 columns (one group or part of one) lane (g, c) loads the 16 code bytes of row g
-// for columns 32c .. 32c+31 of the chunk, x at those columns for token g (and g + 8 with NTB = 2),
-// and row g's group scale. Step t (8 a chunk) takes code bytes 2t and 2t+1, columns 32c + 4t ..
+// - A warp's loads for D chunks (codes, scales, x) are in flight at once, in a ring.
+// - XS (variant 58): one token a tile, its x copied into the shared memory after the tables
+//   (mma_lp_x_offset: 16 bytes of padding every 64 columns, so that the 4 column quarters a step's
+//   lanes read, 64 bytes apart, fall in distinct banks) and read with one LDS.64 a step (the 8 mma
+//   columns all that token; column 0 kept): a chunk's registers are then its codes and scales only,
+//   so a ring of 4 (a 4096-column row's every chunk) fits.
+// Per chunk of 128 columns (one group or part of one) lane (g, c) loads 16 code bytes of each of its
+// rows for columns 32c .. 32c+31 of the chunk, their group scales, and x at those columns for token g
+// (and g + 8 with NTB = 2). Step t (8 a chunk) takes code bytes 2t and 2t+1, columns 32c + 4t ..
 // 32c + 4t + 3, as the mma's k = 2c, 2c+1, 2c+8, 2c+9: a bijection of the chunk's columns that A and B
 // share, so the product is unchanged. Tokens past the tile's repeat its last one (valid memory;
 // dropped). Two accumulators (even and odd steps) halve the mma chain; a chunk's sum is scaled by
-// the group scale in float. The warps' sums meet in shared memory (fixed order). Codebook entries
+// the group scales in float. The warps' sums meet in shared memory (fixed order). Codebook entries
 // are rounded to T, as linear_mma's are. Takes what linear_mma takes (rust/core/src/quant/cuda.rs,
 // mma_fits): 4-bit codes, n and the group size multiples of 128, x and the codes 16-byte aligned.
 // ---------------------------------------------------------------------------------------------
-constexpr int MMA8_ROWS = 8;
-
-template <int NTB>
-struct Mma8Chunk {
-    uint32_t q[4];         // 16 code bytes of row g: columns 32c .. 32c+31 of the chunk
-    float m;               // row g's scale of the chunk's group
-    uint32_t xw[NTB][16];  // x at those columns (pairs of T) for tokens g (and g + 8)
-};
-
-template <typename T, int NTB>
-__device__ __forceinline__ void mma8_load(const LinearParams& p, const uint8_t* cr, const float* sr, const T* __restrict__ xg,
-                                          int nt, int j, Mma8Chunk<NTB>& k) {
-    const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
-    load_codes<16>(cr + (int64_t)j * (MMA_CHUNK / 2), k.q);
-    k.m = sr[p.group == MMA_CHUNK ? j : j * MMA_CHUNK / p.group];  // the chunk lies in one group
-#pragma unroll
-    for (int h = 0; h < NTB; ++h) {
-        const int tk = g + 8 * h < nt ? g + 8 * h : nt - 1;
-        const uint4* xp = reinterpret_cast<const uint4*>(xg + (int64_t)tk * p.in_features + (int64_t)j * MMA_CHUNK + 32 * c);
-#pragma unroll
-        for (int v = 0; v < 4; ++v) {
-            const uint4 w = xp[v];
-            k.xw[h][4 * v] = w.x, k.xw[h][4 * v + 1] = w.y, k.xw[h][4 * v + 2] = w.z, k.xw[h][4 * v + 3] = w.w;
-        }
-    }
-}
-
-// This lane's pair for the code byte at bit S of w: word 32·byte + lane of `pairs`.
-template <int S>
-__device__ __forceinline__ uint32_t pair_at(const uint32_t* pairs, uint32_t w, uint32_t lane4) {
-    const uint32_t v = S >= 7 ? (w >> (S - 7)) : (w << (7 - S));
-    return *reinterpret_cast<const uint32_t*>(reinterpret_cast<const char*>(pairs) + ((v & 0x7f80u) | lane4));
-}
-
-// A register whose value does not matter (the A operand's rows 8-15): no instruction sets it.
-__device__ __forceinline__ uint32_t undefined_reg() {
-    uint32_t r;
-#ifndef LMKERN_EMU
-    asm("" : "=r"(r));
-#else
-    r = 0x7fc07fc0u;  // NaN pairs: the rows' sums, dropped, must not leak into the kept ones
-#endif
-    return r;
-}
-
-// acc += the chunk's 8 mma steps (two fresh accumulators) scaled by the group scale: acc[h][i] is
-// token 8h + 2c + i of row g.
-template <typename T, int NTB>
-__device__ __forceinline__ void mma8_chunk(const Mma8Chunk<NTB>& k, const uint32_t* pairs, uint32_t lane4, float (&acc)[NTB][2]) {
-    float cc[2][NTB][4] = {};
-#pragma unroll
-    for (int t = 0; t < 8; ++t) {
-        const uint32_t w = k.q[t >> 1];
-        const uint32_t a[4] = {t & 1 ? pair_at<16>(pairs, w, lane4) : pair_at<0>(pairs, w, lane4), undefined_reg(),
-                               t & 1 ? pair_at<24>(pairs, w, lane4) : pair_at<8>(pairs, w, lane4), undefined_reg()};
-#pragma unroll
-        for (int h = 0; h < NTB; ++h) {
-            const uint32_t b[2] = {k.xw[h][2 * t], k.xw[h][2 * t + 1]};
-            mma_16816<T>(cc[t & 1][h], a, b);
-        }
-    }
-#pragma unroll
-    for (int h = 0; h < NTB; ++h)
-#pragma unroll
-        for (int i = 0; i < 2; ++i) acc[h][i] = fmaf(k.m, cc[0][h][i] + cc[1][h][i], acc[h][i]);
-}
-
-template <typename T, int NTB, int D, int TT>
-__device__ __forceinline__ void linear_mma8(const LinearParams& p) {
-    constexpr int W = TT / 32, NTOK = 8 * NTB, R = MMA8_ROWS, NL = 16, SHARE = R * 256 / TT;
-    static_assert(TT % 128 == 0 && TT <= R * 256 && R * NTOK <= TT,
-                  "whole warps and table shares of one low nibble (below); a thread per output of the tile");
-    __shared__ __align__(16) uint32_t pairs[256 * 32];
-    __shared__ float red[W][NTOK][R];
-    const T* __restrict__ x = static_cast<const T*>(p.x);
-    const int tid = threadIdx.x, lane = tid & 31, warp = warp_uniform(tid >> 5), g = lane >> 2, c = lane & 3;
-    const uint32_t lane4 = (uint32_t)lane << 2;
-    const int n = p.in_features, ng = n / p.group, nout = p.out_features, chunks = n / MMA_CHUNK;
-    const int64_t tokens = p.tokens;
-    griddep_launch_dependents();
-    if (p.flags & LINEAR_PDL) {  // as linear_tiled: the codes of our row tiles into L2, nothing read
-        for (int64_t o0 = (int64_t)blockIdx.x * R; o0 < nout; o0 += (int64_t)gridDim.x * R)
-            prefetch_tile<4, 16, R, TT, Prefetch::Codes>(p, o0);
-    }
-    griddep_wait();
-    for (int64_t o0 = (int64_t)blockIdx.x * R; o0 < nout; o0 += (int64_t)gridDim.x * R) {
-        const int rows_here = (int)min64(R, nout - o0);
-        // Rows past the last one present repeat it (valid memory; their sums are dropped).
-        const int rg = g < rows_here ? g : rows_here - 1;
-        const uint8_t* cr = p.codes + (o0 + rg) * p.row_bytes + 16 * c;
-        const float* sr = p.scales + (o0 + rg) * ng;
-        for (int64_t t0 = 0; t0 < tokens; t0 += NTOK) {  // uniform across the block
-            const int nt = (int)min64(NTOK, tokens - t0);
-            const T* xg = x + t0 * n;
-            // This thread's share of the pair tables (first token tile only): entries e = tid + TT·i,
-            // row e % 8 (fixed: TT is a multiple of 8), byte e / 8, whose low nibble is fixed too (TT
-            // a multiple of 128). Its codebook entries are read first, then the ring's chunks, then
-            // the tables are stored (the barrier after the previous token tile's sums ended every
-            // read of the old ones). Lanes 0-7 of a store phase write one byte's 8 rows: 128
-            // consecutive bytes, no conflicts.
-            const int tr = tid % R, tb = tid / R;
-            float lo = 0.0f, hi[SHARE];
-            if (t0 == 0) {
-                const float* cb = p.table + (o0 + (tr < rows_here ? tr : rows_here - 1)) * NL;
-                lo = cb[tb & 15];
-#pragma unroll
-                for (int i = 0; i < SHARE; ++i) hi[i] = cb[(tb + i * (TT / R)) >> 4];
-            }
-            Mma8Chunk<NTB> k[D];
-#pragma unroll
-            for (int i = 0; i < D; ++i)
-                if (warp + i * W < chunks) mma8_load<T, NTB>(p, cr, sr, xg, nt, warp + i * W, k[i]);
-            if (t0 == 0) {
-#pragma unroll
-                for (int i = 0; i < SHARE; ++i) {
-                    const float pair[2] = {lo, hi[i]};
-                    const uint32_t v = pack_floats<T, 2>(pair).w[0];
-                    *reinterpret_cast<uint4*>(&pairs[32 * (tb + i * (TT / R)) + 4 * tr]) = make_uint4(v, v, v, v);
-                }
-                __syncthreads();  // the pair tables are built
-            }
-            float acc[NTB][2] = {};
-            for (int j0 = warp; j0 < chunks; j0 += D * W) {
-#pragma unroll
-                for (int i = 0; i < D; ++i) {
-                    const int j = j0 + i * W;
-                    if (j < chunks) {
-                        mma8_chunk<T, NTB>(k[i], pairs, lane4, acc);
-                        if (j + D * W < chunks) mma8_load<T, NTB>(p, cr, sr, xg, nt, j + D * W, k[i]);
-                    }
-                }
-            }
-#pragma unroll
-            for (int h = 0; h < NTB; ++h)
-#pragma unroll
-                for (int i = 0; i < 2; ++i) red[warp][8 * h + 2 * c + i][g] = acc[h][i];
-            __syncthreads();
-            if (tid < R * NTOK) {
-                const int tk = tid / R, r = tid % R;
-                if (r < rows_here && tk < nt) {
-                    float sum = 0.0f;
-#pragma unroll
-                    for (int w = 0; w < W; ++w) sum += red[w][tk][r];
-                    const int64_t o = o0 + r;
-                    static_cast<T*>(p.y)[(t0 + tk) * nout + o] = from_float<T>(sum + (p.bias != nullptr ? p.bias[o] : 0.0f));
-                }
-            }
-            __syncthreads();  // red (and, for the next row tile, pairs) is rewritten
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Linear on the tensor cores, 16 rows a block, lane-private pair tables addressed by one PRMT
-// (tuning variants 55-57, bf16, unmeasured): linear_mma8 with A's rows 8-15 real (rows g and g + 8
-// of the tile: half the mma steps and x registers a weight) and the tables laid out so that a
-// lookup's address is one byte permute: lane L's pair for byte b of row g at word 64·b + L, of row
-// g + 8 at word 64·b + 32 + L (bank L either way), so the offset (b << 8) | (L << 2) is
-// __byte_perm(code word, L << 2, ·) and row g + 8's entry is 128 bytes further (an immediate). The
-// tables take MMA16_PAIR_BYTES = 64 KB of dynamic shared memory (above the 48 KB a launch gets
-// unless the kernel's attribute says more: rust/core/src/cuda/mod.rs raises it), so 2-3 blocks an
-// SM. Otherwise as linear_mma8 (chunks, steps, rings, tokens, sums, what it takes).
-// XS (x in shared memory; variant 58): one token a tile, its x copied into the dynamic shared memory
-// after the tables (mma16_x_offset: 16 bytes of padding every 64 columns, so that the 4 column
-// quarters a step's lanes read, 64 bytes apart, fall in distinct banks) and read with one LDS.64 a
-// step (the 8 mma columns all that token; column 0 kept): a chunk's registers are then its codes and
-// scales only (10, against 26), so a ring of 4 chunks (a 4096-column row's every chunk) fits.
-// ---------------------------------------------------------------------------------------------
-constexpr int MMA16_ROWS = 16;
-constexpr int MMA16_PAIR_BYTES = 256 * 64 * 4;
+template <int R>
+constexpr int MMA_LP_PAIR_BYTES = 256 * (R / 8) * 32 * 4;
 
 // XS: the byte offset of column `col` of x in its shared copy (after the tables).
-__device__ __forceinline__ int mma16_x_offset(int col) { return 2 * col + 16 * (col >> 6); }
+__device__ __forceinline__ int mma_lp_x_offset(int col) { return 2 * col + 16 * (col >> 6); }
 
-template <int NTB>
-struct Mma16Chunk {
-    uint32_t qa[4], qb[4];  // 16 code bytes of rows g and g + 8: columns 32c .. 32c+31 of the chunk
-    float ma, mb;           // their scales of the chunk's group
-    uint32_t xw[NTB][16];   // x at those columns (pairs of T) for tokens g (and g + 8)
+template <int R, int NTB>
+struct MmaLpChunk {
+    uint32_t q[R / 8][4];  // 16 code bytes of rows g (and g + 8): columns 32c .. 32c+31 of the chunk
+    float m[R / 8];        // their scales of the chunk's group
+    uint32_t xw[NTB][16];  // x at those columns (pairs of T) for tokens g (and g + 8); not with XS
 };
 
-template <typename T, int NTB, bool XS>
-__device__ __forceinline__ void mma16_load(const LinearParams& p, const uint8_t* ca, const uint8_t* cb, const float* sa, const float* sb,
-                                           const T* __restrict__ xg, int nt, int j, Mma16Chunk<NTB>& k) {
+template <typename T, int R, int NTB, bool XS>
+__device__ __forceinline__ void mma_lp_load(const LinearParams& p, const uint8_t* const (&cr)[R / 8], const float* const (&sr)[R / 8],
+                                            const T* __restrict__ xg, int nt, int j, MmaLpChunk<R, NTB>& k) {
     const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
-    load_codes<16>(ca + (int64_t)j * (MMA_CHUNK / 2), k.qa);
-    load_codes<16>(cb + (int64_t)j * (MMA_CHUNK / 2), k.qb);
     const int grp = p.group == MMA_CHUNK ? j : j * MMA_CHUNK / p.group;  // the chunk lies in one group
-    k.ma = sa[grp], k.mb = sb[grp];
+#pragma unroll
+    for (int h = 0; h < R / 8; ++h) {
+        load_codes<16>(cr[h] + (int64_t)j * (MMA_CHUNK / 2), k.q[h]);
+        k.m[h] = sr[h][grp];
+    }
     if constexpr (!XS) {  // (XS: x is read from shared memory, a step at a time)
 #pragma unroll
         for (int h = 0; h < NTB; ++h) {
@@ -1369,29 +1210,50 @@ __device__ __forceinline__ void mma16_load(const LinearParams& p, const uint8_t*
     }
 }
 
-// This lane's pair for byte K of w, in the tables' half H (0: row g, 1: row g + 8).
-template <int K, int H>
-__device__ __forceinline__ uint32_t pair16_at(const char* pairs, uint32_t w, uint32_t lane4) {
-    return *reinterpret_cast<const uint32_t*>(pairs + 128 * H + __byte_perm(w, lane4, 0x5504u | (K << 4)));
+// This lane's pair for byte K of w, in the tables' half H (row g + 8·H).
+template <int R, int K, int H>
+__device__ __forceinline__ uint32_t mma_lp_pair(const char* pairs, uint32_t w, uint32_t lane4) {
+    uint32_t off;
+    if constexpr (R == 16) {
+        off = 128 * H + __byte_perm(w, lane4, 0x5504u | (K << 4));
+    } else {
+        constexpr int S = 8 * K;  // the byte's bit position
+        off = ((S >= 7 ? (w >> (S - 7)) : (w << (7 - S))) & 0x7f80u) | lane4;
+    }
+    return *reinterpret_cast<const uint32_t*>(pairs + off);
+}
+
+// A register whose value does not matter (R = 8: A's rows 8-15): no instruction sets it.
+__device__ __forceinline__ uint32_t undefined_reg() {
+    uint32_t r;
+#ifndef LMKERN_EMU
+    asm("" : "=r"(r));
+#else
+    r = 0x7fc07fc0u;  // NaN pairs: the rows' sums, dropped, must not leak into the kept ones
+#endif
+    return r;
 }
 
 // acc += the chunk's 8 mma steps (two fresh accumulators) scaled by the rows' group scales:
 // acc[h][i] is token 8h + 2c + i%2 of row g + 8·(i/2). XS: x from `xs`, the shared copy's bytes at
 // the lane's first column of the chunk.
-template <typename T, int NTB, bool XS>
-__device__ __forceinline__ void mma16_chunk(const Mma16Chunk<NTB>& k, const char* pairs, const char* xs, uint32_t lane4,
-                                            float (&acc)[NTB][4]) {
+template <typename T, int R, int NTB, bool XS>
+__device__ __forceinline__ void mma_lp_chunk(const MmaLpChunk<R, NTB>& k, const char* pairs, const char* xs, uint32_t lane4,
+                                             float (&acc)[NTB][R / 4]) {
     float cc[2][NTB][4] = {};
 #pragma unroll
     for (int t = 0; t < 8; ++t) {
-        const uint32_t wa = k.qa[t >> 1], wb = k.qb[t >> 1];
+        constexpr int HB = R / 8 - 1;  // the half of A's rows 8-15
+        const uint32_t wa = k.q[0][t >> 1], wb = k.q[HB][t >> 1];
         uint32_t a[4];
         if (t & 1) {
-            a[0] = pair16_at<2, 0>(pairs, wa, lane4), a[1] = pair16_at<2, 1>(pairs, wb, lane4);
-            a[2] = pair16_at<3, 0>(pairs, wa, lane4), a[3] = pair16_at<3, 1>(pairs, wb, lane4);
+            a[0] = mma_lp_pair<R, 2, 0>(pairs, wa, lane4), a[2] = mma_lp_pair<R, 3, 0>(pairs, wa, lane4);
+            a[1] = R == 16 ? mma_lp_pair<R, 2, HB>(pairs, wb, lane4) : undefined_reg();
+            a[3] = R == 16 ? mma_lp_pair<R, 3, HB>(pairs, wb, lane4) : undefined_reg();
         } else {
-            a[0] = pair16_at<0, 0>(pairs, wa, lane4), a[1] = pair16_at<0, 1>(pairs, wb, lane4);
-            a[2] = pair16_at<1, 0>(pairs, wa, lane4), a[3] = pair16_at<1, 1>(pairs, wb, lane4);
+            a[0] = mma_lp_pair<R, 0, 0>(pairs, wa, lane4), a[2] = mma_lp_pair<R, 1, 0>(pairs, wa, lane4);
+            a[1] = R == 16 ? mma_lp_pair<R, 0, HB>(pairs, wb, lane4) : undefined_reg();
+            a[3] = R == 16 ? mma_lp_pair<R, 1, HB>(pairs, wb, lane4) : undefined_reg();
         }
 #pragma unroll
         for (int h = 0; h < NTB; ++h) {
@@ -1408,18 +1270,18 @@ __device__ __forceinline__ void mma16_chunk(const Mma16Chunk<NTB>& k, const char
 #pragma unroll
     for (int h = 0; h < NTB; ++h)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) acc[h][i] = fmaf(i < 2 ? k.ma : k.mb, cc[0][h][i] + cc[1][h][i], acc[h][i]);
+        for (int i = 0; i < R / 4; ++i) acc[h][i] = fmaf(k.m[i >> 1], cc[0][h][i] + cc[1][h][i], acc[h][i]);
 }
 
-template <typename T, int NTB, int D, int TT, bool XS = false>
-__device__ __forceinline__ void linear_mma16(const LinearParams& p) {
-    constexpr int W = TT / 32, NTOK = XS ? 1 : 8 * NTB, R = MMA16_ROWS, NL = 16, SHARE = R * 256 / TT;
-    static_assert(TT % 256 == 0 && TT <= R * 256 && R * NTOK <= TT,
-                  "table shares of one low nibble (below); a thread per output of the tile");
+template <typename T, int R, int NTB, int D, int TT, bool XS = false>
+__device__ __forceinline__ void linear_mma_lp(const LinearParams& p) {
+    constexpr int W = TT / 32, NTOK = XS ? 1 : 8 * NTB, NL = 16, SHARE = R * 256 / TT, WPB = (R / 8) * 32;  // WPB: words a byte
+    static_assert(R == 8 || R == 16, "8 or 16 rows a block");
+    static_assert(TT % (16 * R) == 0 && TT <= R * 256 && R * NTOK <= TT,
+                  "whole warps and table shares of one low nibble (below); a thread per output of the tile");
     static_assert(!XS || NTB == 1, "x in shared memory: one token a tile");
-    static_assert(MMA16_PAIR_BYTES == 256 * 2 * 32 * sizeof(uint32_t), "the tables: [256 bytes][rows g, g + 8][32 lanes]");
-    uint32_t* pairs = dynamic_smem<uint32_t>();  // MMA16_PAIR_BYTES, then (XS) x: as launched
-    char* xsm = reinterpret_cast<char*>(pairs) + MMA16_PAIR_BYTES;
+    uint32_t* pairs = dynamic_smem<uint32_t>();  // MMA_LP_PAIR_BYTES<R>, then (XS) x: as launched
+    char* xsm = reinterpret_cast<char*>(pairs) + MMA_LP_PAIR_BYTES<R>;
     __shared__ float red[W][NTOK][R];
     const T* __restrict__ x = static_cast<const T*>(p.x);
     const int tid = threadIdx.x, lane = tid & 31, warp = warp_uniform(tid >> 5), g = lane >> 2, c = lane & 3;
@@ -1434,61 +1296,67 @@ __device__ __forceinline__ void linear_mma16(const LinearParams& p) {
     griddep_wait();
     for (int64_t o0 = (int64_t)blockIdx.x * R; o0 < nout; o0 += (int64_t)gridDim.x * R) {
         const int rows_here = (int)min64(R, nout - o0);
-        // Rows past the last one present repeat it (valid memory; their sums are dropped).
-        const int ra = g < rows_here ? g : rows_here - 1, rb = g + 8 < rows_here ? g + 8 : rows_here - 1;
-        const uint8_t* ca = p.codes + (o0 + ra) * p.row_bytes + 16 * c;
-        const uint8_t* cb = p.codes + (o0 + rb) * p.row_bytes + 16 * c;
-        const float* sa = p.scales + (o0 + ra) * ng;
-        const float* sb = p.scales + (o0 + rb) * ng;
+        // The lane's rows g (and g + 8); rows past the last one present repeat it (valid memory;
+        // their sums are dropped).
+        const uint8_t* cr[R / 8];
+        const float* sr[R / 8];
+#pragma unroll
+        for (int h = 0; h < R / 8; ++h) {
+            const int r = g + 8 * h < rows_here ? g + 8 * h : rows_here - 1;
+            cr[h] = p.codes + (o0 + r) * p.row_bytes + 16 * c;
+            sr[h] = p.scales + (o0 + r) * ng;
+        }
         for (int64_t t0 = 0; t0 < tokens; t0 += NTOK) {  // uniform across the block
             const int nt = (int)min64(NTOK, tokens - t0);
             const T* xg = x + t0 * n;
-            // This thread's share of the tables (first token tile only), as linear_mma8's: entries
-            // e = tid + TT·i, row e % 16 (fixed), byte e / 16 (its low nibble fixed: TT a multiple of
-            // 256). Lanes 0-7 of a store phase write one byte's rows 0-7 (or 8-15): 128 consecutive
-            // bytes.
+            // This thread's share of the tables (first token tile only): entries e = tid + TT·i, row
+            // e % R (fixed), byte e / R, whose low nibble is fixed too (TT a multiple of 16·R). Its
+            // codebook entries are read first, then the ring's chunks, then the tables are stored
+            // (the barrier after the previous token tile's sums ended every read of the old ones).
+            // Lanes 0-7 of a store phase write one byte's rows 0-7 (or 8-15): 128 consecutive bytes.
             const int tr = tid % R, tb = tid / R;
             float lo = 0.0f, hi[SHARE];
             if (t0 == 0) {
-                const float* cbk = p.table + (o0 + (tr < rows_here ? tr : rows_here - 1)) * NL;
-                lo = cbk[tb & 15];
+                const float* cb = p.table + (o0 + (tr < rows_here ? tr : rows_here - 1)) * NL;
+                lo = cb[tb & 15];
 #pragma unroll
-                for (int i = 0; i < SHARE; ++i) hi[i] = cbk[(tb + i * (TT / R)) >> 4];
+                for (int i = 0; i < SHARE; ++i) hi[i] = cb[(tb + i * (TT / R)) >> 4];
             }
-            Mma16Chunk<NTB> k[D];
+            MmaLpChunk<R, NTB> k[D];
 #pragma unroll
             for (int i = 0; i < D; ++i)
-                if (warp + i * W < chunks) mma16_load<T, NTB, XS>(p, ca, cb, sa, sb, xg, nt, warp + i * W, k[i]);
+                if (warp + i * W < chunks) mma_lp_load<T, R, NTB, XS>(p, cr, sr, xg, nt, warp + i * W, k[i]);
             if constexpr (XS) {  // the token's x, 8 columns a copy (n is a multiple of 128)
                 for (int pc = tid; pc < n / 8; pc += TT)
-                    *reinterpret_cast<uint4*>(xsm + mma16_x_offset(8 * pc)) = reinterpret_cast<const uint4*>(xg)[pc];
+                    *reinterpret_cast<uint4*>(xsm + mma_lp_x_offset(8 * pc)) = reinterpret_cast<const uint4*>(xg)[pc];
             }
             if (t0 == 0) {
 #pragma unroll
                 for (int i = 0; i < SHARE; ++i) {
                     const float pair[2] = {lo, hi[i]};
                     const uint32_t v = pack_floats<T, 2>(pair).w[0];
-                    *reinterpret_cast<uint4*>(&pairs[64 * (tb + i * (TT / R)) + 32 * (tr >> 3) + 4 * (tr & 7)]) = make_uint4(v, v, v, v);
+                    *reinterpret_cast<uint4*>(&pairs[WPB * (tb + i * (TT / R)) + 32 * (tr >> 3) + 4 * (tr & 7)]) = make_uint4(v, v, v, v);
                 }
             }
             if (XS || t0 == 0) __syncthreads();  // the pair tables are built, x is in
-            float acc[NTB][4] = {};
+            float acc[NTB][R / 4] = {};
             for (int j0 = warp; j0 < chunks; j0 += D * W) {
 #pragma unroll
                 for (int i = 0; i < D; ++i) {
                     const int j = j0 + i * W;
                     if (j < chunks) {
-                        const char* xs = XS ? xsm + mma16_x_offset(j * MMA_CHUNK + 32 * c) : nullptr;
-                        mma16_chunk<T, NTB, XS>(k[i], reinterpret_cast<const char*>(pairs), xs, lane4, acc);
-                        if (j + D * W < chunks) mma16_load<T, NTB, XS>(p, ca, cb, sa, sb, xg, nt, j + D * W, k[i]);
+                        const char* xs = XS ? xsm + mma_lp_x_offset(j * MMA_CHUNK + 32 * c) : nullptr;
+                        mma_lp_chunk<T, R, NTB, XS>(k[i], reinterpret_cast<const char*>(pairs), xs, lane4, acc);
+                        if (j + D * W < chunks) mma_lp_load<T, R, NTB, XS>(p, cr, sr, xg, nt, j + D * W, k[i]);
                     }
                 }
             }
-            // XS: the 8 mma columns are all the tile's one token; lanes c = 0 keep column 0.
+            // acc[h][i]: token 8h + 2c + i%2 of row g + 8·(i/2). XS: the 8 mma columns are all the
+            // tile's one token; lanes c = 0 keep column 0.
 #pragma unroll
             for (int h = 0; h < NTB; ++h)
 #pragma unroll
-                for (int i = 0; i < 4; ++i)
+                for (int i = 0; i < R / 4; ++i)
                     if (8 * h + 2 * c + (i & 1) < NTOK) red[warp][8 * h + 2 * c + (i & 1)][g + 8 * (i >> 1)] = acc[h][i];
             __syncthreads();
             if (tid < R * NTOK) {
@@ -1660,36 +1528,27 @@ LMKERN_QUANT_LINTILE_VARIANT(47, 1, 16, 16, 256, 2, FirstPass, 0, 0, lmkern::qua
 LMKERN_QUANT_LINBULK_VARIANT(48, 1, 4)
 LMKERN_QUANT_LINBULK_VARIANT(49, 2, 4)
 LMKERN_QUANT_LINBULK_VARIANT(50, 1, 16)
-// The tensor-core linear of 8 rows a block with lane-private pair tables (linear_mma8): tiles of up
-// to 8 tokens with rings of 4 chunks (51) and of 2 (52) a warp, blocks of 128 threads, 4 per SM
-// (4096 rows: 512 blocks, one wave on 132 SMs); tiles of 16 tokens, rings of 2 (53); tiles of 8
-// tokens, a ring of 4, blocks of 256 threads, 2 per SM (54: every chunk of a 4096-column row in
-// flight at once).
-#define LMKERN_QUANT_LINMMA8_VARIANT(K, NTOK, D, TT, MINB)                                             \
+// The tensor-core linears with lane-private pair tables (linear_mma_lp), R rows a block, its pair
+// tables (and 58's x) in dynamic shared memory (the launcher asks for MMA_LP_PAIR_BYTES<R>, and for
+// 58 mma_lp_x_offset(n) more): R = 8 (32 KB): tiles of up to 8 tokens with rings of 4 chunks (51)
+// and of 2 (52) a warp, blocks of 128 threads, 4 per SM (4096 rows: 512 blocks, one wave on 132
+// SMs); tiles of 16 tokens, rings of 2 (53); tiles of 8 tokens, a ring of 4, blocks of 256 threads,
+// 2 per SM (54). R = 16 (64 KB), blocks of 256 threads, 2 per SM: tiles of up to 8 tokens with rings
+// of 2 (55) and 3 (56); tiles of 16 tokens, rings of 2 (57); x in shared memory, one token a tile, a
+// ring of 4 (58; the launcher takes it at 1 token, n ≤ 16384).
+#define LMKERN_QUANT_LINMMA_LP_VARIANT(K, R, NTOK, D, TT, MINB, XS)                                     \
     extern "C" __global__ void __launch_bounds__(TT, MINB)                                            \
-        quant_linmma8_bf16_n##NTOK##_v##K(const __grid_constant__ lmkern::quant::LinearParams p) {    \
-        lmkern::quant::linear_mma8<__nv_bfloat16, NTOK / 8, D, TT>(p);                                \
+        quant_linmma##R##_bf16_n##NTOK##_v##K(const __grid_constant__ lmkern::quant::LinearParams p) { \
+        lmkern::quant::linear_mma_lp<__nv_bfloat16, R, (NTOK + 7) / 8, D, TT, XS>(p);                 \
     }
-LMKERN_QUANT_LINMMA8_VARIANT(51, 8, 4, 128, 4)
-LMKERN_QUANT_LINMMA8_VARIANT(52, 8, 2, 128, 4)
-LMKERN_QUANT_LINMMA8_VARIANT(53, 16, 2, 128, 4)
-LMKERN_QUANT_LINMMA8_VARIANT(54, 8, 4, 256, 2)
-// linear_mma16 (16 rows a block, 64 KB of dynamic shared memory: the launcher asks for
-// MMA16_PAIR_BYTES), blocks of 256 threads, 2 per SM: tiles of up to 8 tokens with rings of 2 (55)
-// and 3 (56) chunks a warp, tiles of 16 tokens with rings of 2 (57).
-#define LMKERN_QUANT_LINMMA16_VARIANT(K, NTOK, D)                                                      \
-    extern "C" __global__ void __launch_bounds__(256, 2)                                              \
-        quant_linmma16_bf16_n##NTOK##_v##K(const __grid_constant__ lmkern::quant::LinearParams p) {   \
-        lmkern::quant::linear_mma16<__nv_bfloat16, NTOK / 8, D, 256>(p);                              \
-    }
-LMKERN_QUANT_LINMMA16_VARIANT(55, 8, 2)
-LMKERN_QUANT_LINMMA16_VARIANT(56, 8, 3)
-LMKERN_QUANT_LINMMA16_VARIANT(57, 16, 2)
-// linear_mma16 with x in shared memory, one token a tile, a ring of 4 chunks (58; the launcher asks
-// for MMA16_PAIR_BYTES + mma16_x_offset(n) bytes and takes it at 1 token, n ≤ 16384).
-extern "C" __global__ void __launch_bounds__(256, 2) quant_linmma16_bf16_n1_v58(const __grid_constant__ lmkern::quant::LinearParams p) {
-    lmkern::quant::linear_mma16<__nv_bfloat16, 1, 4, 256, true>(p);
-}
+LMKERN_QUANT_LINMMA_LP_VARIANT(51, 8, 8, 4, 128, 4, false)
+LMKERN_QUANT_LINMMA_LP_VARIANT(52, 8, 8, 2, 128, 4, false)
+LMKERN_QUANT_LINMMA_LP_VARIANT(53, 8, 16, 2, 128, 4, false)
+LMKERN_QUANT_LINMMA_LP_VARIANT(54, 8, 8, 4, 256, 2, false)
+LMKERN_QUANT_LINMMA_LP_VARIANT(55, 16, 8, 2, 256, 2, false)
+LMKERN_QUANT_LINMMA_LP_VARIANT(56, 16, 8, 3, 256, 2, false)
+LMKERN_QUANT_LINMMA_LP_VARIANT(57, 16, 16, 2, 256, 2, false)
+LMKERN_QUANT_LINMMA_LP_VARIANT(58, 16, 1, 4, 256, 2, true)
 
 LMKERN_QUANT_ENTRIES(float, f32)
 LMKERN_QUANT_ENTRIES(__nv_bfloat16, bf16)

@@ -394,7 +394,7 @@ VARIANTS = {
 # The variants whose row tiles come by bulk copies (sm_90+; rows of scales of whole 16 bytes, at
 # most 128 groups: rust/core/src/quant/cuda.rs, bulk_fits): other calls take the default kernel.
 BULK_VARIANTS = (48, 49, 50)
-# The tensor-core kernels of 8 and 16 rows a block (linear_mma8, linear_mma16): in place of any
+# The tensor-core kernels of 8 and 16 rows a block (linear_mma_lp): in place of any
 # kernel where the tensor-core one fits (their token tile: up to 8 tokens, past 8, or 1); k: rows.
 MMA_ROWS_OF_VARIANT = {51: 8, 52: 8, 53: 8, 54: 8, 55: 16, 56: 16, 57: 16, 58: 16}
 

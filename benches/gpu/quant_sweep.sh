@@ -5,10 +5,10 @@
 # against the float64 product): the default kernels (rust/core/src/quant/cuda.rs: PDL per shape,
 # the tensor-core kernel from 3 tokens where it fits) with the dense bf16 peer and cuBLAS on the
 # codes' bytes; the unmeasured variants (rust/core/src/quant/cuda.rs, TILE_VARIANTS): first the
-# tensor-core kernels with lane-private pair tables, 16 rows a block (linear_mma16) and 8
-# (linear_mma8): 58 (x in shared memory) at 1 token on the three shapes, 55 and 51 at 1-8 tokens at
-# 4096² and at 1 token on both 14336 shapes, 56, 52 and 54 (other rings and blocks) at 1 and 8
-# tokens, 58, 55 and 51 without PDL, 57 and 53 at 16 and 32 tokens; the default at 1 token once
+# tensor-core kernels with lane-private pair tables (linear_mma_lp), 16 rows a block and 8: 58 (x in
+# shared memory) at 1 token on the three shapes, 55 and 51 at 1-8 tokens at 4096² and at 1 token on
+# both 14336 shapes, 56, 52 and 54 (other rings and blocks) at 1 and 8 tokens, 58, 55 and 51
+# without PDL, 57 and 53 at 16 and 32 tokens; the default at 1 token once
 # more (drift); the quantization tests under the `cuda` marker (among them the linear under each
 # tuning, test_linear_tuned_launch); then the tiled kernel's variants: at 1 token 48 (row tiles by
 # bulk copies, in chunks of 4 rows) at 4096² and both 14336 shapes, 50 (one chunk), 45 (specialized

@@ -656,20 +656,18 @@ static void mma_linears(const Kernels& K, LinFn n8, LinFn n16) {
     run_linear<T>(K, 21, 384, 128, 4, 16, false, false, 0, false, false, n16, 16, pdl, 256, true);
 }
 
-// The tensor-core linears of 8 and 16 rows a block (quant.cu, linear_mma8, linear_mma16: tuning
-// variants 51-54, 55-58, bf16; the latter's pair tables, and 58's x, in dynamic shared memory):
-// partial row tiles, a grid-stride loop, groups of one and of several chunks, chunks per warp
-// fewer than, equal to and more than its ring (a partial last round), 1-8 tokens on the 8-token
-// tiles, 9-21 (two tiles) on the 16-token one, 1 and 3 (three tiles) on 58's one-token tiles,
-// in_features 0 (y = bias), with and without PDL;
-// against the product with the codebooks rounded to bf16.
-static void mma8_variants(const Kernels& K) {
-    struct V { LinFn f; size_t ntok; unsigned threads; size_t rows, smem; bool x_smem = false; };
-    const size_t pb = lmkern::quant::MMA16_PAIR_BYTES;
-    const V vs[] = {{quant_linmma8_bf16_n8_v51, 8, 128, 8, 0},   {quant_linmma8_bf16_n8_v52, 8, 128, 8, 0},
-                    {quant_linmma8_bf16_n16_v53, 16, 128, 8, 0}, {quant_linmma8_bf16_n8_v54, 8, 256, 8, 0},
-                    {quant_linmma16_bf16_n8_v55, 8, 256, 16, pb}, {quant_linmma16_bf16_n8_v56, 8, 256, 16, pb},
-                    {quant_linmma16_bf16_n16_v57, 16, 256, 16, pb}, {quant_linmma16_bf16_n1_v58, 1, 256, 16, pb, true}};
+// The tensor-core linears with lane-private pair tables (quant.cu, linear_mma_lp: tuning variants
+// 51-58, bf16, 8 or 16 rows a block, the pair tables and 58's x in dynamic shared memory): partial
+// row tiles, a grid-stride loop, groups of one and of several chunks, chunks per warp fewer than,
+// equal to and more than its ring (a partial last round), 1-8 tokens on the 8-token tiles, 9-21 (two
+// tiles) on the 16-token one, 1 and 3 (three tiles) on 58's one-token tiles, in_features 0 (y =
+// bias), with and without PDL; against the product with the codebooks rounded to bf16.
+static void mma_lp_variants(const Kernels& K) {
+    struct V { LinFn f; size_t ntok; unsigned threads; size_t rows; bool x_smem = false; };
+    const V vs[] = {{quant_linmma8_bf16_n8_v51, 8, 128, 8},   {quant_linmma8_bf16_n8_v52, 8, 128, 8},
+                    {quant_linmma8_bf16_n16_v53, 16, 128, 8}, {quant_linmma8_bf16_n8_v54, 8, 256, 8},
+                    {quant_linmma16_bf16_n8_v55, 8, 256, 16}, {quant_linmma16_bf16_n8_v56, 8, 256, 16},
+                    {quant_linmma16_bf16_n16_v57, 16, 256, 16}, {quant_linmma16_bf16_n1_v58, 1, 256, 16, true}};
     struct S { size_t nout, n, g; unsigned grid; };
     const S shapes[] = {{19, 256, 128, 0}, {40, 512, 256, 2}, {8, 4096, 128, 0}, {13, 4992, 128, 0}, {5, 1024, 1024, 1},
                         {9, 2176, 128, 0}, {5, 0, 128, 0}, {33, 384, 128, 3}};
@@ -677,13 +675,15 @@ static void mma8_variants(const Kernels& K) {
         const std::vector<size_t> token_counts = v.ntok == 8    ? std::vector<size_t>{1, 2, 5, 8}
                                                  : v.ntok == 16 ? std::vector<size_t>{9, 16, 21}
                                                                 : std::vector<size_t>{1, 3};
+        const size_t pairs = v.rows == 8 ? lmkern::quant::MMA_LP_PAIR_BYTES<8> : lmkern::quant::MMA_LP_PAIR_BYTES<16>;
         for (int flags : {0, lmkern::quant::LINEAR_PDL}) {
             for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; ++si) {
                 const S& e = shapes[si];
+                const size_t smem = pairs + (v.x_smem ? 2 * e.n + 16 * (e.n / 64) : 0);
                 for (size_t tokens : token_counts) {
                     if (e.n > 2048 && tokens != token_counts[si % token_counts.size()]) continue;  // keep the run short
                     run_linear<__nv_bfloat16>(K, e.nout, e.n, e.g, 4, tokens, (tokens + si) % 2 == 1, false, e.grid, false, false, v.f,
-                                              v.rows, flags, v.threads, true, v.smem + (v.x_smem ? 2 * e.n + 16 * (e.n / 64) : 0));
+                                              v.rows, flags, v.threads, true, smem);
                 }
             }
         }
@@ -695,7 +695,7 @@ int main() {
     mma_linears<__nv_bfloat16>(bf16, quant_linmma4_bf16_n8, quant_linmma4_bf16_n16);
     mma_linears<__half>(f16, quant_linmma4_f16_n8, quant_linmma4_f16_n16);
     tile_variants(bf16);
-    mma8_variants(bf16);
+    mma_lp_variants(bf16);
     suite<float>(f32);
     suite<__nv_bfloat16>(bf16);
     suite<__half>(f16);

@@ -225,16 +225,14 @@ enum Body {
     Tiled,
     /// linear_bulk (the same names): the row tiles by bulk copies, sm_90+ where [`bulk_fits`].
     Bulk,
-    /// linear_mma8 (LMKERN_QUANT_LINMMA8_VARIANT, `quant_linmma8_bf16_n<nt>_v<k>`): the tensor-core
-    /// linear of 8 rows a block, `nt` tokens a tile, where [`mma_fits`]; replaces the tiled or the
-    /// tensor-core kernel at up to 8 tokens (nt = 8) or past 8 (nt = 16).
-    Mma8,
-    /// linear_mma16 (LMKERN_QUANT_LINMMA16_VARIANT, `quant_linmma16_bf16_n<nt>_v<k>`): as Mma8, 16
-    /// rows a block, [`MMA16_PAIR_BYTES`] of dynamic shared memory.
-    Mma16,
-    /// linear_mma16 with x in shared memory (`quant_linmma16_bf16_n1_v<k>`): at 1 token, n at most
-    /// [`MMA16_X_MAX_N`]; [`mma16_x_bytes`] more dynamic shared memory.
-    Mma16X,
+    /// linear_mma_lp (LMKERN_QUANT_LINMMA_LP_VARIANT, `quant_linmma<rows>_bf16_n<nt>_v<k>`): the
+    /// tensor-core linear with lane-private pair tables, `rows` (8 or 16) rows a block, `nt` tokens a
+    /// tile, where [`mma_fits`]; replaces the tiled or the tensor-core kernel at up to 8 tokens (nt =
+    /// 8) or past 8 (nt = 16). Its pair tables ([`mma_lp_pair_bytes`]) in dynamic shared memory.
+    MmaLp,
+    /// linear_mma_lp with x in shared memory (`quant_linmma16_bf16_n1_v<k>`): at 1 token, n at most
+    /// [`MMA_LP_X_MAX_N`]; [`mma_lp_x_bytes`] more dynamic shared memory.
+    MmaLpX,
 }
 
 const fn tile_variant(k: usize, nt: usize, cpl: usize, rows: usize, threads: usize) -> Variant {
@@ -249,25 +247,23 @@ const fn bulk_variant(k: usize, nt: usize) -> Variant {
     Variant { k, nt, cpl: 16, rows: 16, threads: BLOCK, shape: None, body: Body::Bulk, shared_mem: 0 }
 }
 
-const fn mma8_variant(k: usize, nt: usize, threads: usize) -> Variant {
-    Variant { k, nt, cpl: 128, rows: MMA8_ROWS, threads, shape: None, body: Body::Mma8, shared_mem: 0 }
+const fn mma_lp_variant(k: usize, rows: usize, nt: usize, threads: usize, body: Body) -> Variant {
+    Variant { k, nt, cpl: 128, rows, threads, shape: None, body, shared_mem: mma_lp_pair_bytes(rows) }
 }
 
-const fn mma16_variant(k: usize, nt: usize, body: Body) -> Variant {
-    Variant { k, nt, cpl: 128, rows: MMA_ROWS, threads: BLOCK, shape: None, body, shared_mem: MMA16_PAIR_BYTES }
+/// linear_mma_lp's pair tables for `rows` rows a block (MMA_LP_PAIR_BYTES in cuda/quant.cu): 32 KB
+/// for 8 rows; 64 KB for 16, above the 48 KB a launch may take unless the kernel opts in
+/// (crate::cuda does that).
+const fn mma_lp_pair_bytes(rows: usize) -> u32 {
+    (256 * (rows / 8) * 32 * 4) as u32
 }
 
-/// Output rows per block of linear_mma8 (MMA8_ROWS in cuda/quant.cu).
-const MMA8_ROWS: usize = 8;
-/// linear_mma16's pair tables in dynamic shared memory (MMA16_PAIR_BYTES in cuda/quant.cu): 64 KB,
-/// above the 48 KB a launch may take unless the kernel opts in (crate::cuda does that).
-const MMA16_PAIR_BYTES: u32 = 256 * 64 * 4;
-/// The longest rows Body::Mma16X takes: its x copy then fits beside the tables with 2 blocks an SM.
-const MMA16_X_MAX_N: usize = 16384;
+/// The longest rows Body::MmaLpX takes: its x copy then fits beside the tables with 2 blocks an SM.
+const MMA_LP_X_MAX_N: usize = 16384;
 
-/// Body::Mma16X's shared copy of one token's x (bf16): mma16_x_offset(n) in cuda/quant.cu, 16 bytes
-/// of padding every 64 columns.
-fn mma16_x_bytes(n: usize) -> u32 {
+/// Body::MmaLpX's shared copy of one token's x (bf16): mma_lp_x_offset(n) in cuda/quant.cu, 16
+/// bytes of padding every 64 columns.
+fn mma_lp_x_bytes(n: usize) -> u32 {
     (2 * n + 16 * (n / 64)) as u32
 }
 
@@ -276,14 +272,13 @@ impl Variant {
     fn kernel_name(&self) -> String {
         match self.body {
             Body::Tiled | Body::Bulk => format!("quant_lintile4_bf16_n{}_v{}", self.nt, self.k),
-            Body::Mma8 => format!("quant_linmma8_bf16_n{}_v{}", self.nt, self.k),
-            Body::Mma16 | Body::Mma16X => format!("quant_linmma16_bf16_n{}_v{}", self.nt, self.k),
+            Body::MmaLp | Body::MmaLpX => format!("quant_linmma{}_bf16_n{}_v{}", self.rows, self.nt, self.k),
         }
     }
 
     /// Its dynamic shared memory for rows of n columns, bytes.
     fn shared_mem_for(&self, n: usize) -> u32 {
-        self.shared_mem + if self.body == Body::Mma16X { mma16_x_bytes(n) } else { 0 }
+        self.shared_mem + if self.body == Body::MmaLpX { mma_lp_x_bytes(n) } else { 0 }
     }
 }
 
@@ -320,15 +315,14 @@ fn bulk_fits(v: &Variant, q: &QuantArgs, codes: Ptr, scales: Ptr, table: Ptr) ->
 /// ~150), 40 and 41 with those sums (45, 46), the 1-token kernel with the plain strides alone (47).
 /// 48-50 (unmeasured; cuda/quant.cu, linear_bulk, sm_90+): a row tile's codes, scales and codebooks
 /// by bulk copies, lookups on the first rows while the later ones land (1 and 2 tokens in chunks of
-/// 4 rows; 1 token in one chunk of 16). 51-54 (unmeasured; cuda/quant.cu, linear_mma8): the
-/// tensor-core linear with 8 rows a block and lane-private pair tables (no bank conflicts; ~2.7
-/// instructions a weight per chunk, sm_90 SASS, against the FFMA kernel's ~6), for up to 8
-/// tokens with rings of 4 and 2 chunks a warp in blocks of 128 threads (51, 52) and of 4 in blocks
-/// of 256 (54), and for 16-token tiles (53). 55-57 (unmeasured; cuda/quant.cu, linear_mma16): the
-/// same with 16 rows a block and the lookups' addresses one byte permute each (~1.7 instructions a
-/// weight per chunk, sm_90 SASS), 64 KB of pair tables in dynamic shared memory: up to 8 tokens with
-/// rings of 2 and 3 chunks (55, 56), 16-token tiles (57); at 1 token with x in shared memory and a
-/// ring of 4 (58: every chunk of a 4096-column row in flight at once).
+/// 4 rows; 1 token in one chunk of 16). 51-58 (unmeasured; cuda/quant.cu, linear_mma_lp): the
+/// tensor-core linear with lane-private pair tables (no bank conflicts). 8 rows a block (51-54, ~2.7
+/// instructions a weight per chunk, sm_90 SASS, against the FFMA kernel's ~6): up to 8 tokens with
+/// rings of 4 and 2 chunks a warp in blocks of 128 threads (51, 52) and of 4 in blocks of 256 (54),
+/// 16-token tiles (53). 16 rows a block, the lookups' addresses one byte permute each (55-58, ~1.7
+/// instructions a weight per chunk), 64 KB of pair tables: up to 8 tokens with rings of 2 and 3
+/// chunks (55, 56), 16-token tiles (57); at 1 token with x in shared memory and a ring of 4 (58:
+/// every chunk of a 4096-column row in flight at once).
 const TILE_VARIANTS: [Variant; 21] = [
     tile_variant(24, 1, 16, 16, 128),
     tile_variant(25, 1, 16, 16, 128),
@@ -343,14 +337,14 @@ const TILE_VARIANTS: [Variant; 21] = [
     bulk_variant(48, 1),
     bulk_variant(49, 2),
     bulk_variant(50, 1),
-    mma8_variant(51, 8, 128),
-    mma8_variant(52, 8, 128),
-    mma8_variant(53, 16, 128),
-    mma8_variant(54, 8, BLOCK),
-    mma16_variant(55, 8, Body::Mma16),
-    mma16_variant(56, 8, Body::Mma16),
-    mma16_variant(57, 16, Body::Mma16),
-    mma16_variant(58, 1, Body::Mma16X),
+    mma_lp_variant(51, 8, 8, 128, Body::MmaLp),
+    mma_lp_variant(52, 8, 8, 128, Body::MmaLp),
+    mma_lp_variant(53, 8, 16, 128, Body::MmaLp),
+    mma_lp_variant(54, 8, 8, BLOCK, Body::MmaLp),
+    mma_lp_variant(55, 16, 8, BLOCK, Body::MmaLp),
+    mma_lp_variant(56, 16, 8, BLOCK, Body::MmaLp),
+    mma_lp_variant(57, 16, 16, BLOCK, Body::MmaLp),
+    mma_lp_variant(58, 16, 1, BLOCK, Body::MmaLpX),
 ];
 
 /// Tuning variants that replace the default kernel wherever they fit ([`variant_for`]), the first
@@ -431,8 +425,8 @@ impl Tune {
 /// The tuning variant that replaces the default kernel `kernel` for this call: the one asked for if
 /// it fits, else (none asked for, nor `variant=0`) the first of `defaults` ([`DEFAULT_VARIANTS`])
 /// that fits. Fitting: bf16, 4 bits, its token tile, its slice width, in place of the tiled kernel
-/// (a tensor-core one, linear_mma8 or linear_mma16: of the tiled or the tensor-core kernel, where
-/// [`mma_fits`]); a bulk-copy one on sm_90+ only, where [`bulk_fits`].
+/// (a tensor-core one, linear_mma_lp: of the tiled or the tensor-core kernel, where [`mma_fits`]);
+/// a bulk-copy one on sm_90+ only, where [`bulk_fits`].
 #[allow(clippy::too_many_arguments)]
 fn variant_for(
     tune: &Tune, defaults: &[usize], kernel: LinearKernel, dtype: DType, l: &LinearArgs, x: Ptr, codes: Ptr, scales: Ptr, table: Ptr,
@@ -440,7 +434,7 @@ fn variant_for(
 ) -> Option<Variant> {
     let fits = |v: &Variant| {
         let replaces = match v.body {
-            Body::Mma8 | Body::Mma16 | Body::Mma16X => kernel != LinearKernel::Generic,
+            Body::MmaLp | Body::MmaLpX => kernel != LinearKernel::Generic,
             Body::Tiled | Body::Bulk => kernel == LinearKernel::Tiled,
         };
         replaces
@@ -455,9 +449,9 @@ fn variant_for(
 }
 
 fn variant_fits(v: &Variant, dtype: DType, l: &LinearArgs, x: Ptr, codes: Ptr) -> bool {
-    if matches!(v.body, Body::Mma8 | Body::Mma16 | Body::Mma16X) {
+    if matches!(v.body, Body::MmaLp | Body::MmaLpX) {
         let tokens_fit = match v.nt {
-            1 => l.tokens == 1 && l.q.n <= MMA16_X_MAX_N,
+            1 => l.tokens == 1 && l.q.n <= MMA_LP_X_MAX_N,
             8 => l.tokens <= 8,
             _ => l.tokens > 8,
         };
@@ -852,7 +846,7 @@ mod tests {
         assert!(!bulk(48, q, (520, 1024, 2048)) && !bulk(48, q, (512, 1032, 2048)) && !bulk(48, q, (512, 1024, 2056)));
         let v = TILE_VARIANTS[2];
         assert!(!variant_fits(&v, DType::BF16, &LinearArgs { q, tokens: 1 }, 264, 512)); // x not 16-byte aligned
-        // linear_mma8: where the tensor-core kernel fits, bf16, 51/52/54 up to 8 tokens, 53 past 8
+        // linear_mma_lp: where the tensor-core kernel fits, bf16, 51/52/54 up to 8 tokens, 53 past 8
         for tokens in [1, 2, 3, 8] {
             assert!(fits(51, q, tokens, DType::BF16) && fits(52, q, tokens, DType::BF16) && fits(54, q, tokens, DType::BF16));
             assert!(!fits(53, q, tokens, DType::BF16));
@@ -864,7 +858,7 @@ mod tests {
         let v = TILE_VARIANTS.iter().find(|v| v.k == 51).unwrap();
         assert!(!variant_fits(v, DType::BF16, &LinearArgs { q, tokens: 1 }, 264, 512)); // x not 16-byte aligned
         assert!(!variant_fits(v, DType::BF16, &LinearArgs { q, tokens: 1 }, 256, 520)); // codes not 16-byte aligned
-        assert_eq!(v.kernel_name(), "quant_linmma8_bf16_n8_v51");
+        assert_eq!((v.kernel_name().as_str(), v.shared_mem_for(4096)), ("quant_linmma8_bf16_n8_v51", 32768));
         assert!(fits(55, q, 1, DType::BF16) && fits(56, q, 8, DType::BF16) && fits(57, q, 9, DType::BF16) && !fits(57, q, 8, DType::BF16));
         assert!(!fits(55, QuantArgs { group: 64, ..q }, 1, DType::BF16) && !fits(55, q, 1, DType::F16));
         let v = TILE_VARIANTS.iter().find(|v| v.k == 57).unwrap();
@@ -896,7 +890,7 @@ mod tests {
         assert_eq!(pick("variant=41", &[48, 43], &one, DType::BF16, true), None); // asked for, does not fit
         let wide = LinearArgs { q: QuantArgs { n: 16896, ..q }, tokens: 1 }; // 132 groups: not for bulk copies
         assert_eq!(pick("", &[48, 43], &wide, DType::BF16, true), Some(43));
-        // linear_mma8 replaces the tiled kernel (1-2 tokens) and the tensor-core one (3-8; 53: past 8)
+        // linear_mma_lp replaces the tiled kernel (1-2 tokens) and the tensor-core one (3-8; 53: past 8)
         let eight = LinearArgs { q, tokens: 8 };
         assert_eq!(pick("variant=51", &[], &one, DType::BF16, true), Some(51));
         assert_eq!(pick("variant=51", &[], &eight, DType::BF16, true), Some(51));
