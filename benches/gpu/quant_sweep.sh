@@ -49,7 +49,7 @@ tune() { # tune SETTINGS TOKENS [FLAGS]: tune_quant.py under LMKERN_CUDA_QUANT_T
     tune "variant=53" 16,32 "--cases 4096x4096x16,4096x4096x32"
     tune "" 1 "--cases 4096x4096x1,14336x4096x1,4096x14336x1"
     echo "[$(date -u +%T)] tests"
-    timeout -k 5 200 "$PY" -m pytest -m cuda -q --maxfail=10 -p no:cacheprovider tests/test_quant_cuda.py 2>&1 | tail -15
+    timeout -k 5 200 "$PY" -m pytest -m cuda -q --maxfail=10 -p no:cacheprovider tests/test_quant_cuda.py 2>&1 | tail -40
     tune "variant=48" 1 "--peer --cases 4096x4096x1,14336x4096x1,4096x14336x1"
     tune "variant=50" 1 "--cases 4096x4096x1"
     tune "variant=45" 1 "--cases 4096x4096x1"
