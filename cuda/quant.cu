@@ -1535,7 +1535,9 @@ LMKERN_QUANT_LINBULK_VARIANT(50, 1, 16)
 // SMs); tiles of 16 tokens, rings of 2 (53); tiles of 8 tokens, a ring of 4, blocks of 256 threads,
 // 2 per SM (54). R = 16 (64 KB), blocks of 256 threads, 2 per SM: tiles of up to 8 tokens with rings
 // of 2 (55) and 3 (56); tiles of 16 tokens, rings of 2 (57); x in shared memory, one token a tile, a
-// ring of 4 (58; the launcher takes it at 1 token, n ≤ 16384).
+// ring of 4 (58; the launcher takes it at 1 token, n ≤ 16384). And R = 8 with x in shared memory, a
+// ring of 8 in blocks of 128 threads, 4 per SM (59: 512 blocks at 4096 rows, a 4096-column row's 8
+// chunks a warp all in flight).
 #define LMKERN_QUANT_LINMMA_LP_VARIANT(K, R, NTOK, D, TT, MINB, XS)                                     \
     extern "C" __global__ void __launch_bounds__(TT, MINB)                                            \
         quant_linmma##R##_bf16_n##NTOK##_v##K(const __grid_constant__ lmkern::quant::LinearParams p) { \
@@ -1549,6 +1551,7 @@ LMKERN_QUANT_LINMMA_LP_VARIANT(55, 16, 8, 2, 256, 2, false)
 LMKERN_QUANT_LINMMA_LP_VARIANT(56, 16, 8, 3, 256, 2, false)
 LMKERN_QUANT_LINMMA_LP_VARIANT(57, 16, 16, 2, 256, 2, false)
 LMKERN_QUANT_LINMMA_LP_VARIANT(58, 16, 1, 4, 256, 2, true)
+LMKERN_QUANT_LINMMA_LP_VARIANT(59, 8, 1, 8, 128, 4, true)
 
 LMKERN_QUANT_ENTRIES(float, f32)
 LMKERN_QUANT_ENTRIES(__nv_bfloat16, bf16)

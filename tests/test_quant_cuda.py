@@ -390,13 +390,14 @@ VARIANTS = {
     24: (1, 0, 0), 25: (1, 0, 0), 40: (1, 4096, 128), 41: (2, 4096, 128), 42: (1, 14336, 128), 43: (1, 0, 0), 44: (2, 0, 0),
     45: (1, 4096, 128), 46: (2, 4096, 128), 47: (1, 0, 0), 48: (1, 0, 0), 49: (2, 0, 0), 50: (1, 0, 0),
     51: (8, 0, 0), 52: (8, 0, 0), 53: (16, 0, 0), 54: (8, 0, 0), 55: (8, 0, 0), 56: (8, 0, 0), 57: (16, 0, 0), 58: (1, 0, 0),
+    59: (1, 0, 0),
 }
 # The variants whose row tiles come by bulk copies (sm_90+; rows of scales of whole 16 bytes, at
 # most 128 groups: rust/core/src/quant/cuda.rs, bulk_fits): other calls take the default kernel.
 BULK_VARIANTS = (48, 49, 50)
 # The tensor-core kernels of 8 and 16 rows a block (linear_mma_lp): in place of any
 # kernel where the tensor-core one fits (their token tile: up to 8 tokens, past 8, or 1); k: rows.
-MMA_ROWS_OF_VARIANT = {51: 8, 52: 8, 53: 8, 54: 8, 55: 16, 56: 16, 57: 16, 58: 16}
+MMA_ROWS_OF_VARIANT = {51: 8, 52: 8, 53: 8, 54: 8, 55: 16, 56: 16, 57: 16, 58: 16, 59: 8}
 
 
 TUNINGS = [

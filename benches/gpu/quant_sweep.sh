@@ -5,8 +5,8 @@
 # against the float64 product): the default kernels (rust/core/src/quant/cuda.rs: PDL per shape,
 # the tensor-core kernel from 3 tokens where it fits) with the dense bf16 peer and cuBLAS on the
 # codes' bytes; the unmeasured variants (rust/core/src/quant/cuda.rs, TILE_VARIANTS): first the
-# tensor-core kernels with lane-private pair tables (linear_mma_lp), 16 rows a block and 8: 58 (x in
-# shared memory) at 1 token on the three shapes, 55 and 51 at 1-8 tokens at 4096² and at 1 token on
+# tensor-core kernels with lane-private pair tables (linear_mma_lp), 16 rows a block and 8: 58 and
+# 59 (x in shared memory) at 1 token on the three shapes, 55 and 51 at 1-8 tokens at 4096² and at 1 token on
 # both 14336 shapes, 56, 52 and 54 (other rings and blocks) at 1 and 8 tokens, 58, 55 and 51
 # without PDL, 57 and 53 at 16 and 32 tokens; the default at 1 token once
 # more (drift); the quantization tests under the `cuda` marker (among them the linear under each
@@ -37,6 +37,7 @@ tune() { # tune SETTINGS TOKENS [FLAGS]: tune_quant.py under LMKERN_CUDA_QUANT_T
     timeout -k 5 60 "$PY" benches/gpu/tune_quant.py --peer || echo "default: rc=$?"
     all="4096x4096x1,4096x4096x2,4096x4096x4,4096x4096x8,14336x4096x1,4096x14336x1"
     tune "variant=58" 1 "--peer --cases 4096x4096x1,14336x4096x1,4096x14336x1"
+    tune "variant=59" 1 "--cases 4096x4096x1,14336x4096x1,4096x14336x1"
     tune "variant=55" 1,2,4,8 "--cases $all"
     tune "variant=51" 1,2,4,8 "--cases $all"
     tune "variant=56" 1,8 "--cases 4096x4096x1,4096x4096x8"

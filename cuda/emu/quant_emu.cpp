@@ -657,17 +657,18 @@ static void mma_linears(const Kernels& K, LinFn n8, LinFn n16) {
 }
 
 // The tensor-core linears with lane-private pair tables (quant.cu, linear_mma_lp: tuning variants
-// 51-58, bf16, 8 or 16 rows a block, the pair tables and 58's x in dynamic shared memory): partial
+// 51-59, bf16, 8 or 16 rows a block, the pair tables and 58-59's x in dynamic shared memory): partial
 // row tiles, a grid-stride loop, groups of one and of several chunks, chunks per warp fewer than,
 // equal to and more than its ring (a partial last round), 1-8 tokens on the 8-token tiles, 9-21 (two
-// tiles) on the 16-token one, 1 and 3 (three tiles) on 58's one-token tiles, in_features 0 (y =
+// tiles) on the 16-token one, 1 and 3 (three tiles) on 58-59's one-token tiles, in_features 0 (y =
 // bias), with and without PDL; against the product with the codebooks rounded to bf16.
 static void mma_lp_variants(const Kernels& K) {
     struct V { LinFn f; size_t ntok; unsigned threads; size_t rows; bool x_smem = false; };
     const V vs[] = {{quant_linmma8_bf16_n8_v51, 8, 128, 8},   {quant_linmma8_bf16_n8_v52, 8, 128, 8},
                     {quant_linmma8_bf16_n16_v53, 16, 128, 8}, {quant_linmma8_bf16_n8_v54, 8, 256, 8},
                     {quant_linmma16_bf16_n8_v55, 8, 256, 16}, {quant_linmma16_bf16_n8_v56, 8, 256, 16},
-                    {quant_linmma16_bf16_n16_v57, 16, 256, 16}, {quant_linmma16_bf16_n1_v58, 1, 256, 16, true}};
+                    {quant_linmma16_bf16_n16_v57, 16, 256, 16}, {quant_linmma16_bf16_n1_v58, 1, 256, 16, true},
+                    {quant_linmma8_bf16_n1_v59, 1, 128, 8, true}};
     struct S { size_t nout, n, g; unsigned grid; };
     const S shapes[] = {{19, 256, 128, 0}, {40, 512, 256, 2}, {8, 4096, 128, 0}, {13, 4992, 128, 0}, {5, 1024, 1024, 1},
                         {9, 2176, 128, 0}, {5, 0, 128, 0}, {33, 384, 128, 3}};

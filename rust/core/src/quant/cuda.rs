@@ -322,8 +322,9 @@ fn bulk_fits(v: &Variant, q: &QuantArgs, codes: Ptr, scales: Ptr, table: Ptr) ->
 /// 16-token tiles (53). 16 rows a block, the lookups' addresses one byte permute each (55-58, ~1.7
 /// instructions a weight per chunk), 64 KB of pair tables: up to 8 tokens with rings of 2 and 3
 /// chunks (55, 56), 16-token tiles (57); at 1 token with x in shared memory and a ring of 4 (58:
-/// every chunk of a 4096-column row in flight at once).
-const TILE_VARIANTS: [Variant; 21] = [
+/// every chunk of a 4096-column row in flight at once); the same with 8 rows a block, a ring of 8 in
+/// blocks of 128 threads (59).
+const TILE_VARIANTS: [Variant; 22] = [
     tile_variant(24, 1, 16, 16, 128),
     tile_variant(25, 1, 16, 16, 128),
     fixed_variant(40, 1, 4096, 128),
@@ -345,6 +346,7 @@ const TILE_VARIANTS: [Variant; 21] = [
     mma_lp_variant(56, 16, 8, BLOCK, Body::MmaLp),
     mma_lp_variant(57, 16, 16, BLOCK, Body::MmaLp),
     mma_lp_variant(58, 16, 1, BLOCK, Body::MmaLpX),
+    mma_lp_variant(59, 8, 1, 128, Body::MmaLpX),
 ];
 
 /// Tuning variants that replace the default kernel wherever they fit ([`variant_for`]), the first
@@ -868,6 +870,9 @@ mod tests {
         assert!(!fits(58, QuantArgs { n: 16512, ..q }, 1, DType::BF16));
         let v = TILE_VARIANTS.iter().find(|v| v.k == 58).unwrap();
         assert_eq!((v.kernel_name().as_str(), v.shared_mem_for(4096)), ("quant_linmma16_bf16_n1_v58", 65536 + 8192 + 1024));
+        let v = TILE_VARIANTS.iter().find(|v| v.k == 59).unwrap();
+        assert_eq!((v.kernel_name().as_str(), v.shared_mem_for(4096), v.threads), ("quant_linmma8_bf16_n1_v59", 32768 + 8192 + 1024, 128));
+        assert!(fits(59, q, 1, DType::BF16) && !fits(59, q, 2, DType::BF16));
         assert_eq!(TILE_VARIANTS[0].kernel_name(), "quant_lintile4_bf16_n1_v24");
     }
 
