@@ -230,7 +230,7 @@ enum Body {
     /// tile, where [`mma_fits`]; replaces the tiled or the tensor-core kernel at up to 8 tokens (nt =
     /// 8) or past 8 (nt = 16). Its pair tables ([`mma_lp_pair_bytes`]) in dynamic shared memory.
     MmaLp,
-    /// linear_mma_lp with x in shared memory (`quant_linmma16_bf16_n1_v<k>`): at 1 token, n at most
+    /// linear_mma_lp with x in shared memory (`quant_linmma<rows>_bf16_n1_v<k>`): at 1 token, n at most
     /// [`MMA_LP_X_MAX_N`]; [`mma_lp_x_bytes`] more dynamic shared memory.
     MmaLpX,
 }
