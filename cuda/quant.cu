@@ -1140,7 +1140,7 @@ __device__ __forceinline__ void linear_mma(const LinearParams& p) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Linear on the tensor cores with lane-private pair tables (tuning variants 51-58, bf16,
+// Linear on the tensor cores with lane-private pair tables (tuning variants 51-59, bf16,
 // unmeasured). What linear_mma lost at 1 token (10.3 against the FFMA kernel's 5.85 µs, H200) went
 // to ~3.5-way bank conflicts on its pair tables (all 16 rows' tables start in bank 0, so random code
 // bytes collide) and to a shallow pipeline; its lookups and mma issue about 2.3 instructions a
@@ -1158,11 +1158,11 @@ __device__ __forceinline__ void linear_mma(const LinearParams& p) {
 //   load is LDS [R + UR (+ imm)]: the tables' base in a uniform register (the warp index goes through
 //   warp_uniform; else ptxas adds an IADD per lookup).
 // - A warp's loads for D chunks (codes, scales, x) are in flight at once, in a ring.
-// - XS (variant 58): one token a tile, its x copied into the shared memory after the tables
+// - XS (variants 58, 59): one token a tile, its x copied into the shared memory after the tables
 //   (mma_lp_x_offset: 16 bytes of padding every 64 columns, so that the 4 column quarters a step's
 //   lanes read, 64 bytes apart, fall in distinct banks) and read with one LDS.64 a step (the 8 mma
 //   columns all that token; column 0 kept): a chunk's registers are then its codes and scales only,
-//   so a ring of 4 (a 4096-column row's every chunk) fits.
+//   so a ring of every chunk a warp has of a 4096-column row fits (4 with 8 warps, 8 with 4).
 // Per chunk of 128 columns (one group or part of one) lane (g, c) loads 16 code bytes of each of its
 // rows for columns 32c .. 32c+31 of the chunk, their group scales, and x at those columns for token g
 // (and g + 8 with NTB = 2). Step t (8 a chunk) takes code bytes 2t and 2t+1, columns 32c + 4t ..
