@@ -25,6 +25,9 @@
 #include <link.h>
 #include <setjmp.h>
 #include <ucontext.h>
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#endif
 
 #include <cmath>
 #include <cstdio>
@@ -300,6 +303,11 @@ inline void launch(dim3 grid, dim3 blockdim, size_t smem_bytes, const std::funct
     b.block = blockdim;
     b.body = &kernel;
     b.threads.assign(nthreads, Thread{});
+#if defined(__SANITIZE_ADDRESS__)
+    // Under AddressSanitizer the stacks keep the shadow of earlier coroutines' frames, abandoned by
+    // _longjmp: clear it before the memory moves (resize) or takes new frames.
+    if (!b.stacks.empty()) ASAN_UNPOISON_MEMORY_REGION(b.stacks.data(), b.stacks.size());
+#endif
     if (b.stacks.size() < nthreads * STACK) b.stacks.resize(nthreads * STACK);
     for (unsigned bz = 0; bz < grid.z; ++bz)
         for (unsigned by = 0; by < grid.y; ++by)

@@ -12,6 +12,18 @@
 template <typename T> float to_f(T v) { return lmkern::to_float(v); }
 template <typename T> T from_f(float v) { return lmkern::from_float<T>(v); }
 
+// Built with AddressSanitizer (cuda/check.sh's second emulator pass), a buffer's guard bytes are
+// poisoned: a kernel that reads (or writes) outside its buffers is reported where it does, with
+// the stack, instead of reading guard bytes that may not show in its outputs.
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#define EMU_POISON(p, n) ASAN_POISON_MEMORY_REGION((p), (n))
+#define EMU_UNPOISON(p, n) ASAN_UNPOISON_MEMORY_REGION((p), (n))
+#else
+#define EMU_POISON(p, n) ((void)(p), (void)(n))
+#define EMU_UNPOISON(p, n) ((void)(p), (void)(n))
+#endif
+
 // A buffer with guard bytes on both sides; data starts `misalign` bytes after a 256-byte boundary
 // and is poisoned (0xFF: NaN for every float type) so that unwritten outputs show.
 struct Buf {
@@ -25,15 +37,38 @@ struct Buf {
         uintptr_t aligned = (base + 255) & ~uintptr_t(255);
         start = aligned - reinterpret_cast<uintptr_t>(mem.data()) + misalign;
         memset(mem.data() + start, poison, nbytes);
+        poison_guards();
     }
+    Buf(const Buf&) = delete;
+    Buf& operator=(const Buf&) = delete;
+    Buf(Buf&& o) noexcept : mem(std::move(o.mem)), start(o.start), bytes(o.bytes) {}
+    Buf& operator=(Buf&& o) noexcept {
+        if (this != &o) {
+            unpoison_all();
+            mem = std::move(o.mem), start = o.start, bytes = o.bytes;
+        }
+        return *this;
+    }
+    ~Buf() { unpoison_all(); }
     void* ptr() { return bytes ? mem.data() + start : nullptr; }
     template <typename T> T* as() { return reinterpret_cast<T*>(ptr()); }
     bool guards_ok() const {
-        for (size_t i = 0; i < start; ++i)
-            if (mem[i] != 0xCD) return false;
-        for (size_t i = start + bytes; i < mem.size(); ++i)
-            if (mem[i] != 0xCD) return false;
-        return true;
+        EMU_UNPOISON(mem.data(), mem.size());
+        bool ok = true;
+        for (size_t i = 0; i < start; ++i) ok &= mem[i] == 0xCD;
+        for (size_t i = start + bytes; i < mem.size(); ++i) ok &= mem[i] == 0xCD;
+        poison_guards();
+        return ok;
+    }
+
+private:
+    void poison_guards() const {
+        if (mem.empty()) return;
+        EMU_POISON(mem.data(), start);
+        EMU_POISON(mem.data() + start + bytes, mem.size() - start - bytes);
+    }
+    void unpoison_all() const {
+        if (!mem.empty()) EMU_UNPOISON(mem.data(), mem.size());
     }
 };
 
