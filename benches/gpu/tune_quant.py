@@ -43,17 +43,19 @@ def graph_us(fns):
 
 def kernel_us(run, calls):
     """Mean device time of the quant_* kernels per call (CUPTI through torch.profiler): the kernel
-    alone, without the gaps between a graph's kernels."""
+    alone, without the gaps between a graph's kernels; and their names (which kernel the tuning
+    picked)."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(3):
             run()
         torch.cuda.synchronize()
-    total = 0.0
+    total, names = 0.0, []
     for ev in prof.key_averages():
         if ev.key.startswith("quant_"):
             total += getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0.0)
-    return total / (3 * calls)
+            names.append(ev.key)
+    return total / (3 * calls), names
 
 
 def main():
@@ -87,7 +89,8 @@ def main():
             fus = graph_us([lambda c=c: F.linear(xb, c[0].view(torch.bfloat16)) for c in copies])[0]
             floor = f"  (cuBLAS, same bytes {fus:6.2f} us)"
         try:
-            kus = f"{kernel_us(run, calls):6.2f}"
+            t, names = kernel_us(run, calls)
+            kus = f"{t:6.2f}; {','.join(sorted(names)) or '?'}"
         except Exception as e:  # noqa: BLE001  (the profiler is a nice-to-have here)
             kus = f"? ({type(e).__name__})"
         line = (f"{tune:12s} W{out_f}x{in_f} b{tokens:<2d}  lmkern {us:7.2f} us (kernel {kus})  {nbytes / us / 1e3:6.0f} GB/s"
