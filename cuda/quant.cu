@@ -785,6 +785,17 @@ __device__ __forceinline__ void prefetch_tile(const LinearParams& p, int64_t o0)
     }
 }
 
+// Launched with PDL (flags & LINEAR_PDL), before the previous kernel has finished: meanwhile, the
+// codes of every row tile of R rows this block will take into L2 (prefetch_tile). Only a prefetch
+// (they may be that kernel's output); the caller reads nothing before griddep_wait.
+template <int BITS, int CPL, int R, int TT, Prefetch PF>
+__device__ __forceinline__ void prefetch_row_tiles(const LinearParams& p) {
+    if (p.flags & LINEAR_PDL) {
+        for (int64_t o0 = (int64_t)blockIdx.x * R; o0 < p.out_features; o0 += (int64_t)gridDim.x * R)
+            prefetch_tile<BITS, CPL, R, TT, PF>(p, o0);
+    }
+}
+
 // TT threads per block (a multiple of 32; the default kernels take TILE_THREADS). FN, FG > 0: the
 // in_features and group size this instance is specialized for (variants 40-42 and 45-46,
 // unmeasured; the launcher picks it only for that shape): ~350 of the ~1,550 instructions a thread
@@ -811,12 +822,7 @@ __device__ __forceinline__ void linear_tiled(const LinearParams& p) {
     const int gsh = (OPT & TILE_UNIFORM) != 0 ? group_shift(p.group) : -1;
 
     griddep_launch_dependents();  // with PDL, the next kernel may start its prologue as our blocks retire
-    if (p.flags & LINEAR_PDL) {
-        // Launched before the previous kernel has finished: meanwhile, the codes of our row tiles
-        // into L2. Only a prefetch (they may be that kernel's output); nothing is read before the wait.
-        for (int64_t o0 = (int64_t)blockIdx.x * R; o0 < nout; o0 += (int64_t)gridDim.x * R)
-            prefetch_tile<BITS, CPL, R, TT, PF>(p, o0);
-    }
+    prefetch_row_tiles<BITS, CPL, R, TT, PF>(p);
     griddep_wait();  // the previous kernel's writes (x, maybe the codes) are visible, its reads of y done
 
     for (int64_t o0 = (int64_t)blockIdx.x * R; o0 < nout; o0 += (int64_t)gridDim.x * R) {
@@ -910,10 +916,7 @@ __device__ __forceinline__ void linear_bulk(const LinearParams& p) {
         fence_proxy_async_shared();  // the copies see the barrier set up
     }
     griddep_launch_dependents();
-    if (p.flags & LINEAR_PDL) {  // as linear_tiled: only L2 prefetches before the wait
-        for (int64_t o0 = (int64_t)blockIdx.x * R; o0 < nout; o0 += (int64_t)gridDim.x * R)
-            prefetch_tile<BITS, CPL, R, TT, Prefetch::FirstPass>(p, o0);
-    }
+    prefetch_row_tiles<BITS, CPL, R, TT, Prefetch::FirstPass>(p);
     __syncthreads();  // the barriers are set up
     griddep_wait();
 
@@ -1069,10 +1072,7 @@ __device__ __forceinline__ void linear_mma(const LinearParams& p) {
     const int n = p.in_features, ng = n / p.group, nout = p.out_features, chunks = n / MMA_CHUNK;
     const int64_t tokens = p.tokens;
     griddep_launch_dependents();
-    if (p.flags & LINEAR_PDL) {  // as linear_tiled: the codes of our row tiles into L2, nothing read
-        for (int64_t o0 = (int64_t)blockIdx.x * MMA_ROWS; o0 < nout; o0 += (int64_t)gridDim.x * MMA_ROWS)
-            prefetch_tile<4, 16, MMA_ROWS, TILE_THREADS, Prefetch::Codes>(p, o0);
-    }
+    prefetch_row_tiles<4, 16, MMA_ROWS, TILE_THREADS, Prefetch::Codes>(p);
     griddep_wait();
     for (int64_t o0 = (int64_t)blockIdx.x * MMA_ROWS; o0 < nout; o0 += (int64_t)gridDim.x * MMA_ROWS) {
         const int rows_here = (int)min64(MMA_ROWS, nout - o0);
@@ -1289,10 +1289,7 @@ __device__ __forceinline__ void linear_mma_lp(const LinearParams& p) {
     const int n = p.in_features, ng = n / p.group, nout = p.out_features, chunks = n / MMA_CHUNK;
     const int64_t tokens = p.tokens;
     griddep_launch_dependents();
-    if (p.flags & LINEAR_PDL) {  // as linear_tiled: the codes of our row tiles into L2, nothing read
-        for (int64_t o0 = (int64_t)blockIdx.x * R; o0 < nout; o0 += (int64_t)gridDim.x * R)
-            prefetch_tile<4, 16, R, TT, Prefetch::Codes>(p, o0);
-    }
+    prefetch_row_tiles<4, 16, R, TT, Prefetch::Codes>(p);
     griddep_wait();
     for (int64_t o0 = (int64_t)blockIdx.x * R; o0 < nout; o0 += (int64_t)gridDim.x * R) {
         const int rows_here = (int)min64(R, nout - o0);
