@@ -204,7 +204,7 @@ fn slice_load_width(cpl: usize, bits: usize) -> u64 {
 /// A launch-shape variant of the bf16 4-bit linear, for tuning only: as cuda/quant.cu compiles it,
 /// with token tile `nt`, `cpl` columns per slice, `rows` output rows and `threads` threads per
 /// block; `shape`: the (in_features, group size) it is specialized for, and may run on only, if
-/// any; `body`: the kernel it instantiates; `shared_mem`: its dynamic shared memory, bytes.
+/// any; `body`: the kernel it instantiates.
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Variant {
     k: usize,
@@ -214,7 +214,6 @@ struct Variant {
     threads: usize,
     shape: Option<(usize, usize)>,
     body: Body,
-    shared_mem: u32,
 }
 
 /// The kernel a [`Variant`] instantiates.
@@ -236,19 +235,19 @@ enum Body {
 }
 
 const fn tile_variant(k: usize, nt: usize, cpl: usize, rows: usize, threads: usize) -> Variant {
-    Variant { k, nt, cpl, rows, threads, shape: None, body: Body::Tiled, shared_mem: 0 }
+    Variant { k, nt, cpl, rows, threads, shape: None, body: Body::Tiled }
 }
 
 const fn fixed_variant(k: usize, nt: usize, n: usize, group: usize) -> Variant {
-    Variant { k, nt, cpl: 16, rows: 16, threads: BLOCK, shape: Some((n, group)), body: Body::Tiled, shared_mem: 0 }
+    Variant { k, nt, cpl: 16, rows: 16, threads: BLOCK, shape: Some((n, group)), body: Body::Tiled }
 }
 
 const fn bulk_variant(k: usize, nt: usize) -> Variant {
-    Variant { k, nt, cpl: 16, rows: 16, threads: BLOCK, shape: None, body: Body::Bulk, shared_mem: 0 }
+    Variant { k, nt, cpl: 16, rows: 16, threads: BLOCK, shape: None, body: Body::Bulk }
 }
 
 const fn mma_lp_variant(k: usize, rows: usize, nt: usize, threads: usize, body: Body) -> Variant {
-    Variant { k, nt, cpl: 128, rows, threads, shape: None, body, shared_mem: mma_lp_pair_bytes(rows) }
+    Variant { k, nt, cpl: 128, rows, threads, shape: None, body }
 }
 
 /// linear_mma_lp's pair tables for `rows` rows a block (MMA_LP_PAIR_BYTES in cuda/quant.cu): 32 KB
@@ -278,7 +277,11 @@ impl Variant {
 
     /// Its dynamic shared memory for rows of n columns, bytes.
     fn shared_mem_for(&self, n: usize) -> u32 {
-        self.shared_mem + if self.body == Body::MmaLpX { mma_lp_x_bytes(n) } else { 0 }
+        match self.body {
+            Body::Tiled | Body::Bulk => 0,
+            Body::MmaLp => mma_lp_pair_bytes(self.rows),
+            Body::MmaLpX => mma_lp_pair_bytes(self.rows) + mma_lp_x_bytes(n),
+        }
     }
 }
 
