@@ -153,6 +153,9 @@ const WINDOW: usize = 16;
 struct Levels {
     thr: Vec<f32>,
     level: Vec<f64>,
+    /// `L_k − L_(k+1)` for k < qmax: the layer-output error's weights of the boundaries (see
+    /// [`metric_errors`]).
+    step: Vec<f64>,
 }
 
 /// The logarithms `ln((k + 0.5)/qmax)` and `ln(k/qmax)` behind [`Levels`] (x^(1/a) = exp(ln(x)/a)):
@@ -173,10 +176,12 @@ impl LevelLogs {
 
     fn at(&self, a: f64) -> Levels {
         let inv_a = 1.0 / a;
+        // Level 0 is 0 (ln 0 = −inf).
+        let level: Vec<f64> = self.level.iter().map(|&l| if l == f64::NEG_INFINITY { 0.0 } else { (l * inv_a).exp() }).collect();
         Levels {
             thr: self.thr.iter().map(|&l| (l * inv_a).exp() as f32).collect(),
-            // Level 0 is 0 (ln 0 = −inf).
-            level: self.level.iter().map(|&l| if l == f64::NEG_INFINITY { 0.0 } else { (l * inv_a).exp() }).collect(),
+            step: level.windows(2).map(|l| l[0] - l[1]).collect(),
+            level,
         }
     }
 }
@@ -235,83 +240,235 @@ fn argmin(points: &[f64], errs: &[f64]) -> (f64, f64) {
     best
 }
 
-/// Both stages with `eval` giving the errors at a list of exponents.
-fn two_stage(s: &SearchArgs, coarse: &[f64], coarse_errs: &[f64], mut eval: impl FnMut(&[f64]) -> Vec<f64>) -> f32 {
+/// The search's answer: the best of the coarse and the fine points (the coarse one on ties).
+fn best(coarse: &[f64], coarse_errs: &[f64], fine: &[f64], fine_errs: &[f64]) -> f32 {
     let (a0, e0) = argmin(coarse, coarse_errs);
-    let fine = fine_points(s, coarse_errs);
-    let (a1, e1) = argmin(&fine, &eval(&fine));
+    let (a1, e1) = argmin(fine, fine_errs);
     (if e1 < e0 { a1 } else { a0 }) as f32
 }
 
-/// Rows of z a [`metric_errors`] pass takes at once: its prefix sums, (n + 1) × BLOCK float64 (2 MB
-/// at n = 4096), stay in the L2 cache.
-const BLOCK: usize = 64;
+/// Tokens (rows of z) a [`metric_errors`] block takes at once: its prefix sums, (n + 1) × ZB
+/// float64 (512 KB at n = 4096), stay in a 1 MB L2 cache, and a block's ZB sums are two AVX-512
+/// registers (four AVX2 ones) through every exponent's loop.
+const ZB: usize = 16;
+const _: () = assert!(ZB.is_power_of_two()); // sum_squares halves it
 
-/// The layer-output errors ‖z·(w − ŵ_a)‖² of one row at the exponents of `lvs`, added to `out`
-/// (zeroed by the caller). On `sr`'s order z·ŵ_a = Σ_k L_k·Σ_(j in bucket k) y_j, with
-/// y_j = sign(w_c)·m·z[:, c] (c the column of sorted element j, m its group's scale): with prefix
-/// sums Y of the y_j, each exponent costs qmax boundary counts and (qmax + 1)·T multiply-adds
-/// instead of a pass over z (T·n). `zt` is zᵀ, [n, t_rows]; z's rows go BLOCK at a time.
-fn metric_errors(sr: &SortedRow, w: &[f32], zt: &[f32], t_rows: usize, lvs: &[Levels], yp: &mut Vec<f64>, out: &mut [f64]) {
+/// z rearranged for [`metric_errors`]: block b holds tokens b·ZB .. b·ZB + ZB of every column,
+/// column after column (\[n\]\[ZB\] float32, tokens past z's rows zero: they add exactly 0 to
+/// every error), so that a column's slice of a block is one 64-byte cache line.
+struct ZBlocks {
+    buf: Vec<f32>,
+    /// Where the blocks start in `buf` (its first 64-byte boundary).
+    at: usize,
+    /// The blocks' length, n·ZB·blocks.
+    len: usize,
+}
+
+impl ZBlocks {
+    /// From z, float32 [t_rows, n] row-major.
+    fn new(z: &[f32], t_rows: usize, n: usize) -> ZBlocks {
+        let len = t_rows.div_ceil(ZB) * n * ZB;
+        let mut buf = vec![0f32; len + ZB];
+        let at = buf.as_ptr().align_offset(64).min(ZB);
+        let blocks = &mut buf[at..at + len];
+        for (t, zr) in z.chunks_exact(n.max(1)).enumerate().take(t_rows) {
+            let (b, i) = (t / ZB, t % ZB);
+            let block = &mut blocks[b * n * ZB..(b + 1) * n * ZB];
+            for (c, &v) in zr.iter().enumerate() {
+                block[c * ZB + i] = v;
+            }
+        }
+        ZBlocks { buf, at, len }
+    }
+
+    fn blocks(&self) -> &[f32] {
+        &self.buf[self.at..self.at + self.len]
+    }
+}
+
+/// Rows a task of the search takes at once: with calibration activations, every row reads all of
+/// z (T·n float32, more than the caches hold), so a group reads each block of z from memory once.
+const GROUP: usize = 16;
+
+/// A row of w sorted for the search, with its weights.
+type Row<'a> = (SortedRow, &'a [f32]);
+
+/// The layer-output errors ‖z·(w − ŵ_a)‖² of up to [`GROUP`] rows, each at its exponents (`rows`:
+/// a row and the levels of its exponents), added to `out` (zeroed by the caller; row after row).
+/// On a row's sorted order z·ŵ_a = Σ_k L_k·Σ_(j in bucket k) y_j, with y_j = sign(w_c)·m·z[:, c]
+/// (c the column of sorted element j, m its group's scale). With prefix sums Y of the y_j
+/// (Y_0 = 0) and the bucket ends e_k (e_qmax = n), summing by parts gives
+/// z·ŵ_a = L_qmax·Y_n + Σ_(k<qmax) (L_k − L_(k+1))·Y_(e_k): after the row's T·n pass for Y, each
+/// exponent costs qmax boundary counts and qmax·T multiply-adds. `zb`: z in [`ZBlocks`]' layout,
+/// the blocks taken one after another, each for every row of the group.
+fn metric_errors(rows: &[(&Row, &[Levels])], zb: &[f32], yp: &mut Vec<f64>, out: &mut [f64]) {
     #[cfg(target_arch = "x86_64")]
     {
+        #[target_feature(enable = "avx512f,avx512bw,avx512cd,avx512dq,avx512vl,avx2,fma,popcnt")]
+        unsafe fn avx512(rows: &[(&Row, &[Levels])], zb: &[f32], yp: &mut Vec<f64>, out: &mut [f64]) {
+            metric_errors_body::<true>(rows, zb, yp, out)
+        }
         #[target_feature(enable = "avx2,fma,popcnt")]
-        unsafe fn avx2(sr: &SortedRow, w: &[f32], zt: &[f32], t_rows: usize, lvs: &[Levels], yp: &mut Vec<f64>, out: &mut [f64]) {
-            metric_errors_body(sr, w, zt, t_rows, lvs, yp, out)
+        unsafe fn avx2(rows: &[(&Row, &[Levels])], zb: &[f32], yp: &mut Vec<f64>, out: &mut [f64]) {
+            metric_errors_body::<true>(rows, zb, yp, out)
         }
         if crate::cpu::has_avx2() && std::arch::is_x86_feature_detected!("popcnt") {
-            // SAFETY: the CPU supports AVX2, FMA and POPCNT (checked at run time).
-            return unsafe { avx2(sr, w, zt, t_rows, lvs, yp, out) };
+            // SAFETY: the CPU has the features enabled (checked at run time: has_avx512 means
+            // AVX-512 F/BW/CD/DQ/VL besides AVX2 and FMA; POPCNT is checked here).
+            return unsafe {
+                if crate::cpu::has_avx512() {
+                    avx512(rows, zb, yp, out)
+                } else {
+                    avx2(rows, zb, yp, out)
+                }
+            };
         }
     }
-    metric_errors_body(sr, w, zt, t_rows, lvs, yp, out)
+    metric_errors_body::<false>(rows, zb, yp, out)
+}
+
+/// `a·b + c`, fused where the caller compiles with FMA (elsewhere `mul_add` is a library call).
+#[inline(always)]
+fn madd<const FMA: bool>(a: f64, b: f64, c: f64) -> f64 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+/// `acc + a·z`, lane by lane. (These helpers are functions with plain loops: a closure, including
+/// `array::from_fn`'s, that is not inlined is compiled without the caller's target features, so
+/// mul_add becomes a library call.)
+#[inline(always)]
+fn axpy<const FMA: bool>(mut acc: [f64; ZB], a: f64, z: &[f32; ZB]) -> [f64; ZB] {
+    for (r, &v) in acc.iter_mut().zip(z) {
+        *r = madd::<FMA>(a, v as f64, *r);
+    }
+    acc
+}
+
+/// `x + y`, lane by lane.
+#[inline(always)]
+fn add(mut x: [f64; ZB], y: &[f64; ZB]) -> [f64; ZB] {
+    for (r, &v) in x.iter_mut().zip(y) {
+        *r += v;
+    }
+    x
+}
+
+/// Σ v² over a block's tokens, added in a tree (a vector's halves, then theirs), not one by one
+/// along a chain of dependent adds.
+#[inline(always)]
+fn sum_squares(v: &[f64; ZB]) -> f64 {
+    let mut h = *v;
+    for x in h.iter_mut() {
+        *x *= *x;
+    }
+    let mut w = ZB;
+    while w > 1 {
+        w /= 2;
+        for i in 0..w {
+            h[i] += h[i + w];
+        }
+    }
+    h[0]
+}
+
+/// The prefix sums of a row's y_j on a block (`yp` row j: the sum of the first j; row 0 is left
+/// as it is, zero), their total, and z·w on the block (w_c·z[:, c] summed in the same order).
+/// Four at a time: their partial sums p1 = y_j, p2 = p1 + y_(j+1), ... do not wait for the
+/// running total, which then takes one add per four (an add waits several cycles for the one
+/// before it in its chain), and z·w is four sums.
+#[inline(always)]
+fn prefix_sums<const FMA: bool>(sr: &SortedRow, w: &[f32], block: &[f32], yp: &mut [f64]) -> ([f64; ZB], [f64; ZB]) {
+    let n = sr.n;
+    // Sorted element j's column of z on the block, y = sign·m and w.
+    #[inline(always)]
+    fn z<'b>(sr: &SortedRow, w: &[f32], block: &'b [f32], j: usize) -> (&'b [f32; ZB], f64, f64) {
+        let c = sr.col[j] as usize;
+        (block[c * ZB..(c + 1) * ZB].try_into().unwrap(), sr.sm[j] as f64, w[c] as f64)
+    }
+    #[inline(always)]
+    fn put(yp: &mut [f64], j: usize, v: &[f64; ZB]) {
+        yp[j * ZB..(j + 1) * ZB].copy_from_slice(v);
+    }
+    let mut run = [0f64; ZB];
+    let mut zw = [[0f64; ZB]; 4];
+    let quads = n / 4 * 4;
+    for j in (0..quads).step_by(4) {
+        let ((z0, y0, w0), (z1, y1, w1)) = (z(sr, w, block, j), z(sr, w, block, j + 1));
+        let ((z2, y2, w2), (z3, y3, w3)) = (z(sr, w, block, j + 2), z(sr, w, block, j + 3));
+        let p1 = axpy::<FMA>([0.0; ZB], y0, z0);
+        let p2 = axpy::<FMA>(p1, y1, z1);
+        let p3 = axpy::<FMA>(p2, y2, z2);
+        let p4 = axpy::<FMA>(p3, y3, z3);
+        put(yp, j + 1, &add(run, &p1));
+        put(yp, j + 2, &add(run, &p2));
+        put(yp, j + 3, &add(run, &p3));
+        run = add(run, &p4);
+        put(yp, j + 4, &run);
+        zw = [axpy::<FMA>(zw[0], w0, z0), axpy::<FMA>(zw[1], w1, z1), axpy::<FMA>(zw[2], w2, z2), axpy::<FMA>(zw[3], w3, z3)];
+    }
+    for j in quads..n {
+        let (zj, y, wj) = z(sr, w, block, j);
+        run = axpy::<FMA>(run, y, zj);
+        put(yp, j + 1, &run);
+        zw[0] = axpy::<FMA>(zw[0], wj, zj);
+    }
+    (run, add(add(zw[0], &zw[1]), &add(zw[2], &zw[3])))
 }
 
 #[inline(always)]
-fn metric_errors_body(sr: &SortedRow, w: &[f32], zt: &[f32], t_rows: usize, lvs: &[Levels], yp: &mut Vec<f64>, out: &mut [f64]) {
-    let n = sr.n;
-    let Some(nl) = lvs.first().map(|lv| lv.level.len()) else {
-        return; // no exponents (a search with refine = 0 asks for no fine points)
-    };
-    // Every exponent's bucket ends, once for all blocks.
-    let mut ends = vec![0u32; lvs.len() * nl];
-    for (lv, e) in lvs.iter().zip(ends.chunks_exact_mut(nl)) {
-        sr.bucket_ends(lv, e);
+fn metric_errors_body<const FMA: bool>(rows: &[(&Row, &[Levels])], zb: &[f32], yp: &mut Vec<f64>, out: &mut [f64]) {
+    let n = rows.first().map_or(0, |((sr, _), _)| sr.n);
+    if n == 0 {
+        return; // no rows, or no error whatever a (and no blocks to step through)
     }
+    // The levels' count (qmax + 1): 1 where a row has no exponents (nothing is read then).
+    let nl = |lvs: &[Levels]| lvs.first().map_or(1, |lv| lv.level.len());
+    // Every row's boundary positions at each of its exponents, once for all blocks.
+    let ends: Vec<Vec<u32>> = rows
+        .iter()
+        .map(|((sr, _), lvs)| {
+            let mut e = vec![0u32; lvs.len() * nl(lvs)];
+            for (lv, e) in lvs.iter().zip(e.chunks_exact_mut(nl(lvs))) {
+                sr.bucket_ends(lv, e);
+            }
+            e
+        })
+        .collect();
     // Row 0 stays zero; row j + 1 is written before it is read. Kept by the caller across calls.
-    yp.resize((n + 1) * BLOCK, 0.0);
-    for t0 in (0..t_rows).step_by(BLOCK) {
-        let tb = BLOCK.min(t_rows - t0);
-        let zcol = |c: usize| &zt[c * t_rows + t0..c * t_rows + t0 + tb];
-        // z·w on the block, and the prefix sums of the y_j (row j of yp: the first j of them).
-        let mut zw = [0f64; BLOCK];
-        for (c, &wc) in w.iter().enumerate() {
-            for (a, &z) in zw.iter_mut().zip(zcol(c)) {
-                *a += wc as f64 * z as f64;
-            }
+    yp.resize((n + 1) * ZB, 0.0);
+    for block in zb.chunks_exact(n * ZB) {
+        // One read a cache line, in order, so that the block streams in from memory (the
+        // prefetchers follow) before the rows read it in their sorted orders.
+        let mut touch = 0u32;
+        for line in block.chunks_exact(64 / size_of::<f32>()) {
+            touch ^= line[0].to_bits();
         }
-        let mut run = [0f64; BLOCK];
-        for ((&c, &y), dst) in sr.col.iter().zip(&sr.sm).zip(yp[BLOCK..].chunks_exact_mut(BLOCK)) {
-            // run += y·z[:, c], stored as the next row (in one pass: a copy after is a call).
-            for ((r, d), &z) in run.iter_mut().zip(dst).zip(zcol(c as usize)) {
-                *r += y as f64 * z as f64;
-                *d = *r;
-            }
-        }
-        for ((lv, e), o) in lvs.iter().zip(ends.chunks_exact(nl)).zip(out.iter_mut()) {
-            let mut acc = [0f64; BLOCK];
-            let mut start = 0usize;
-            for (&end, &l) in e.iter().zip(&lv.level) {
-                let end = (end as usize).max(start);
-                if end > start && l != 0.0 {
-                    let (p, q) = (&yp[start * BLOCK..start * BLOCK + tb], &yp[end * BLOCK..end * BLOCK + tb]);
-                    for ((a, &pv), &qv) in acc.iter_mut().zip(p).zip(q) {
-                        *a += l * (qv - pv);
+        std::hint::black_box(touch);
+        let mut out = &mut out[..];
+        for (((sr, w), lvs), ends) in rows.iter().zip(&ends) {
+            let (run, zw) = prefix_sums::<FMA>(sr, w, block, &mut yp[..]);
+            let (row_out, rest) = std::mem::take(&mut out).split_at_mut(lvs.len());
+            out = rest;
+            let nt = nl(lvs) - 1; // the boundaries, qmax
+            for ((lv, e), o) in lvs.iter().zip(ends.chunks_exact(nt + 1)).zip(row_out) {
+                // z·(w − ŵ_a) on the block.
+                let top = lv.level[nt];
+                let mut acc = zw;
+                for (a, &r) in acc.iter_mut().zip(&run) {
+                    *a = madd::<FMA>(-top, r, *a);
+                }
+                for (&ek, &ck) in e[..nt].iter().zip(&lv.step) {
+                    let y: &[f64; ZB] = yp[ek as usize * ZB..(ek as usize + 1) * ZB].try_into().unwrap();
+                    for (a, &yv) in acc.iter_mut().zip(y) {
+                        *a = madd::<FMA>(-ck, yv, *a);
                     }
                 }
-                start = end;
+                *o += sum_squares(&acc);
             }
-            *o += zw[..tb].iter().zip(&acc).map(|(&zv, &av)| (zv - av) * (zv - av)).sum::<f64>();
         }
     }
 }
@@ -320,56 +477,76 @@ fn metric_errors_body(sr: &SortedRow, w: &[f32], zt: &[f32], t_rows: usize, lvs:
 /// order after each block: the same sums as all rows at once).
 const TOTAL_ROWS: usize = 256;
 
-/// The search over every row: the weight error, or with `zt` (zᵀ, [n, t_rows]) the layer-output
-/// error (see [`metric_errors`]).
-unsafe fn search(s: &SearchArgs, w: u64, zt: Option<(&[f32], usize)>, out: u64) -> Result<()> {
+/// The search over every row: the weight error, or with `zb` (z in [`ZBlocks`]' layout, and its
+/// rows) the layer-output error (see [`metric_errors`]). Rows go [`GROUP`] at a time.
+unsafe fn search(s: &SearchArgs, w: u64, zb: Option<(&[f32], usize)>, out: u64) -> Result<()> {
     let q = &s.q;
     let (rows, n) = (q.rows, q.n);
     let bad = AtomicBool::new(false);
     let logs = LevelLogs::new(q.bits);
     let coarse = coarse_points(s);
     let coarse_lv: Vec<Levels> = coarse.iter().map(|&a| logs.at(a)).collect();
-    // Row r sorted (None, and `bad` set, where it holds NaN or inf; rows of n = 0 are not asked).
-    let row = |r: usize| -> Option<(SortedRow, &[f32])> {
-        // SAFETY: w holds rows·n float32, only read.
-        let wr = unsafe { rows_of::<f32>(w, n, r, r + 1) };
-        let sr = SortedRow::new(wr, q.group, q.clip);
-        if sr.is_none() {
-            bad.store(true, Ordering::Relaxed);
-        }
-        sr.map(|sr| (sr, wr))
+    let at = |points: &[f64]| -> Vec<Levels> { points.iter().map(|&a| logs.at(a)).collect() };
+    // Rows r0..r1 sorted, with their indices; those holding NaN or inf are left out (and `bad`
+    // set). Rows of n = 0 are not asked for.
+    let load = |r0: usize, r1: usize| -> Vec<(usize, Row)> {
+        (r0..r1)
+            .filter_map(|r| {
+                // SAFETY: w holds rows·n float32, only read.
+                let wr = unsafe { rows_of::<f32>(w, n, r, r + 1) };
+                let sr = SortedRow::new(wr, q.group, q.clip);
+                if sr.is_none() {
+                    bad.store(true, Ordering::Relaxed);
+                }
+                sr.map(|sr| (r, (sr, wr)))
+            })
+            .collect()
     };
-    // `yp`: metric_errors' scratch, kept across a row's calls.
-    let errors = |(sr, wr): &(SortedRow, &[f32]), lvs: &[Levels], yp: &mut Vec<f64>, dst: &mut [f64]| match zt {
+    // The errors of each row at its exponents, row after row into `dst`; `yp`: metric_errors'
+    // scratch, kept across a task's calls.
+    let errors = |rows: &[(&Row, &[Levels])], yp: &mut Vec<f64>, dst: &mut [f64]| match zb {
         None => {
-            for (d, lv) in dst.iter_mut().zip(lvs) {
+            let lvs = rows.iter().flat_map(|((sr, _), lvs)| lvs.iter().map(move |lv| (sr, lv)));
+            for (d, (sr, lv)) in dst.iter_mut().zip(lvs) {
                 *d = sr.error(lv);
             }
         }
-        Some((zt, t_rows)) => {
+        Some((zb, _)) => {
             dst.fill(0.0);
-            metric_errors(sr, wr, zt, t_rows, lvs, yp, dst);
+            metric_errors(rows, zb, yp, dst);
         }
     };
-    let at = |points: &[f64]| -> Vec<Levels> { points.iter().map(|&a| logs.at(a)).collect() };
-    let work = rows * n * zt.map_or(4, |(_, t)| t.max(4));
+    let work = rows * n * zb.map_or(4, |(_, t)| t.max(4));
+    let groups = |r0: usize, r1: usize| (r1 - r0).div_ceil(GROUP);
     if s.per_row {
         let os = Shared(out as usize);
-        parallel::for_each_task(rows, work, |r| {
-            let a = match (n, row(r)) {
-                (0, _) | (_, None) => 1.0f32,
-                (_, Some(sr)) => {
-                    let (mut errs, mut yp) = (vec![0f64; coarse.len()], Vec::new());
-                    errors(&sr, &coarse_lv, &mut yp, &mut errs);
-                    two_stage(s, &coarse, &errs, |pts| {
-                        let mut e = vec![0f64; pts.len()];
-                        errors(&sr, &at(pts), &mut yp, &mut e);
-                        e
-                    })
+        parallel::for_each_task(groups(0, rows), work, |gi| {
+            let (r0, r1) = (gi * GROUP, (gi * GROUP + GROUP).min(rows));
+            // Rows of n = 0 or holding NaN or inf: a = 1.
+            let mut a = [1.0f32; GROUP];
+            if n > 0 {
+                let loaded = load(r0, r1);
+                let mut yp = Vec::new();
+                let k = coarse.len();
+                let mut errs = vec![0f64; loaded.len() * k];
+                let asked: Vec<(&Row, &[Levels])> = loaded.iter().map(|(_, row)| (row, &coarse_lv[..])).collect();
+                errors(&asked, &mut yp, &mut errs);
+                let fine: Vec<Vec<f64>> = errs.chunks_exact(k).map(|e| fine_points(s, e)).collect();
+                let fine_lv: Vec<Vec<Levels>> = fine.iter().map(|p| at(p)).collect();
+                let mut fine_errs = vec![0f64; fine.iter().map(Vec::len).sum()];
+                let asked: Vec<(&Row, &[Levels])> = loaded.iter().zip(&fine_lv).map(|((_, row), lv)| (row, &lv[..])).collect();
+                errors(&asked, &mut yp, &mut fine_errs);
+                let mut fe = &fine_errs[..];
+                for (((r, _), e), p) in loaded.iter().zip(errs.chunks_exact(k)).zip(&fine) {
+                    let (this, rest) = fe.split_at(p.len());
+                    a[r - r0] = best(&coarse, e, p, this);
+                    fe = rest;
                 }
-            };
-            // SAFETY: task r writes out[r] only.
-            unsafe { *(os.0 as *mut f32).add(r) = a };
+            }
+            for (r, &v) in (r0..r1).zip(&a) {
+                // SAFETY: task gi writes out[r0..r1] only.
+                unsafe { *(os.0 as *mut f32).add(r) = v };
+            }
         });
     } else {
         // Per-row errors at every point, then summed over rows in row order (deterministic). Each
@@ -377,23 +554,29 @@ unsafe fn search(s: &SearchArgs, w: u64, zt: Option<(&[f32], usize)>, out: u64) 
         let total = |points: &[f64]| -> Vec<f64> {
             let (k, lvs) = (points.len(), at(points));
             let mut tot = vec![0f64; k];
+            if k == 0 || n == 0 {
+                return tot;
+            }
             // TOTAL_ROWS rows at a time, so the per-row errors held stay bounded whatever the grid.
             let mut per_row = vec![0f64; TOTAL_ROWS.min(rows) * k];
             for r0 in (0..rows).step_by(TOTAL_ROWS) {
                 let r1 = (r0 + TOTAL_ROWS).min(rows);
                 per_row.fill(0.0);
                 let ps = Shared(per_row.as_mut_ptr() as usize);
-                parallel::for_each_task(r1 - r0, work / rows.max(1) * (r1 - r0), |i| {
-                    if n == 0 {
-                        return;
-                    }
-                    if let Some(sr) = row(r0 + i) {
-                        // SAFETY: task i writes per_row[i·k .. (i+1)·k] only; per_row outlives the tasks.
-                        let dst = unsafe { std::slice::from_raw_parts_mut((ps.0 as *mut f64).add(i * k), k) };
-                        errors(&sr, &lvs, &mut Vec::new(), dst);
+                parallel::for_each_task(groups(r0, r1), work / rows.max(1) * (r1 - r0), |gi| {
+                    let (g0, g1) = (r0 + gi * GROUP, (r0 + gi * GROUP + GROUP).min(r1));
+                    let loaded = load(g0, g1);
+                    let mut errs = vec![0f64; loaded.len() * k];
+                    let asked: Vec<(&Row, &[Levels])> = loaded.iter().map(|(_, row)| (row, &lvs[..])).collect();
+                    errors(&asked, &mut Vec::new(), &mut errs);
+                    for ((r, _), e) in loaded.iter().zip(errs.chunks_exact(k)) {
+                        // SAFETY: task gi writes the rows g0..g1 of per_row only; per_row
+                        // outlives the tasks.
+                        let dst = unsafe { std::slice::from_raw_parts_mut((ps.0 as *mut f64).add((r - r0) * k), k) };
+                        dst.copy_from_slice(e);
                     }
                 });
-                for e in per_row[..(r1 - r0) * k].chunks_exact(k.max(1)) {
+                for e in per_row[..(r1 - r0) * k].chunks_exact(k) {
                     for (t, e) in tot.iter_mut().zip(e) {
                         *t += e;
                     }
@@ -402,7 +585,8 @@ unsafe fn search(s: &SearchArgs, w: u64, zt: Option<(&[f32], usize)>, out: u64) 
             tot
         };
         let coarse_errs = total(&coarse);
-        *(out as *mut f32) = two_stage(s, &coarse, &coarse_errs, total);
+        let fine = fine_points(s, &coarse_errs);
+        *(out as *mut f32) = best(&coarse, &coarse_errs, &fine, &total(&fine));
     }
     if bad.load(Ordering::Relaxed) {
         return Err(Error::value("w: expected finite values (NaN or inf found, or clip·max|w| overflows float32)"));
@@ -416,20 +600,14 @@ pub unsafe fn search_exponent(s: &SearchArgs, w: u64, z: u64, out: u64) -> Resul
     if s.z_rows == 0 {
         return search(s, w, None, out);
     }
-    // zᵀ, so that a column of z (one element's contribution to z·ŵ) is contiguous.
     let (t_rows, n) = (s.z_rows, s.q.n);
     let z = slice::<f32>(z, t_rows * n);
     if !z.iter().all(|v| v.is_finite()) {
         // Every error would be NaN or inf, and the search would return a = 1 for every row.
         return Err(Error::value("x: expected finite calibration activations (NaN or inf found)"));
     }
-    let mut zt = vec![0f32; n * t_rows];
-    for (t, zr) in z.chunks_exact(n.max(1)).enumerate() {
-        for (c, &v) in zr.iter().enumerate() {
-            zt[c * t_rows + t] = v;
-        }
-    }
-    search(s, w, Some((&zt, t_rows)), out)
+    let zb = ZBlocks::new(z, t_rows, n);
+    search(s, w, Some((zb.blocks(), t_rows)), out)
 }
 
 #[cfg(test)]
@@ -520,21 +698,31 @@ mod tests {
         for bits in [2u32, 4, 8] {
             let logs = LevelLogs::new(bits);
             let lvs: Vec<Levels> = [0.05, 0.4, 0.83, 1.0].iter().map(|&a| logs.at(a)).collect();
-            for (w, g) in rows().into_iter().step_by(3) {
-                let n = w.len();
-                let sr = SortedRow::new(&w, g, 1.0).unwrap();
-                // 1 row, a few, one full block and one past it.
-                for t_rows in [1usize, 3, BLOCK, BLOCK + 7] {
+            // rows() gives 5 rows of each length: a group of them, row i asking for lvs[i..] (the
+            // last none), so that the rows' errors land in their own places of `out`.
+            for group in rows().chunks(5) {
+                let (n, g) = (group[0].0.len(), group[0].1);
+                let sorted: Vec<Row> = group.iter().map(|(w, g)| (SortedRow::new(w, *g, 1.0).unwrap(), &w[..])).collect();
+                let asked: Vec<(&Row, &[Levels])> = sorted.iter().enumerate().map(|(i, row)| (row, &lvs[i..])).collect();
+                // 1 token, a few, one full block, one past it and several (the scratch kept
+                // across calls).
+                let mut yp = Vec::new();
+                for t_rows in [1usize, 3, ZB, ZB + 7, 3 * ZB + 5] {
                     let z: Vec<f32> = (0..t_rows * n).map(|_| rnd()).collect();
-                    let zt: Vec<f32> = (0..n * t_rows).map(|i| z[(i % t_rows) * n + i / t_rows]).collect();
-                    let mut ours = vec![0f64; lvs.len()];
-                    metric_errors(&sr, &w, &zt, t_rows, &lvs, &mut Vec::new(), &mut ours);
-                    metric_errors(&sr, &w, &zt, t_rows, &[], &mut Vec::new(), &mut []); // none asked
-                    for (lv, &o) in lvs.iter().zip(&ours) {
-                        let e = direct_residual(&w, g, lv, false);
-                        let want: f64 = z.chunks_exact(n).map(|zr| zr.iter().zip(&e).map(|(&a, &b)| a as f64 * b).sum::<f64>().powi(2)).sum();
-                        let scale: f64 = z.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() * w.iter().map(|&v| (v as f64).powi(2)).sum::<f64>();
-                        assert!((o - want).abs() <= 1e-12 * scale.max(1e-300), "bits {bits} n {n} t {t_rows}: {o} vs {want}");
+                    let zb = ZBlocks::new(&z, t_rows, n);
+                    assert_eq!(zb.blocks().as_ptr() as usize % 64, 0);
+                    let mut ours = vec![0f64; asked.iter().map(|(_, l)| l.len()).sum()];
+                    metric_errors(&asked, zb.blocks(), &mut yp, &mut ours);
+                    metric_errors(&asked[4..], zb.blocks(), &mut yp, &mut []); // none asked
+                    let mut ours = &ours[..];
+                    for (i, (w, _)) in group.iter().enumerate() {
+                        for lv in &lvs[i..] {
+                            let e = direct_residual(w, g, lv, false);
+                            let want: f64 = z.chunks_exact(n).map(|zr| zr.iter().zip(&e).map(|(&a, &b)| a as f64 * b).sum::<f64>().powi(2)).sum();
+                            let scale: f64 = z.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() * w.iter().map(|&v| (v as f64).powi(2)).sum::<f64>();
+                            assert!((ours[0] - want).abs() <= 1e-12 * scale.max(1e-300), "bits {bits} n {n} row {i} t {t_rows}: {} vs {want}", ours[0]);
+                            ours = &ours[1..];
+                        }
                     }
                 }
             }
