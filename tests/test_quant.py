@@ -454,7 +454,7 @@ def test_search_exponent_on_output_error(tokens):
        st.booleans(), st.integers(0, 2**31 - 1))
 def test_search_exponent_on_output_error_any_shape(bits, rows, n, tokens, whole_rows, seed):
     """Drawn shapes for the calibrated search: one column, one token, more tokens than columns (the
-    QR path) and than the Rust side's block of 64 rows of x, a group of one row or of a few columns.
+    QR path) and than the Rust side's block of 16 rows of x, a group of one row or of a few columns.
     Against the brute force over the search's own coarse grid: short rows with 8-bit codes have an
     output error that moves by tens of percent between exponents 0.001 apart, so neither grid's
     best is within 1% of the other's by design; the fixed-shape tests above hold it to FINE."""
@@ -494,6 +494,28 @@ def test_search_exponent_zero_rows_and_bad_input():
     for kw in ({"grid": 1}, {"grid": True}, {"grid": 2.0}, {"grid": 2**17}, {"refine": -1}, {"refine": 2**13}):
         with pytest.raises(ValueError, match=f"{next(iter(kw))}: expected an integer"):
             search_exponent(torch.randn(3, 64), 4, 32, **kw)
+
+
+@pytest.mark.parametrize("tokens", [20, 70])
+def test_search_exponent_rows_in_groups(tokens):
+    """37 rows: the Rust side searches 16 at a time (each block of x read once for all of them), so
+    two full groups and a partial one. Each row's exponent is the one it gets searched alone (the
+    rows of a group share no sums), within 1% of the brute force; 20 tokens: a full block of 16
+    and a partial one; 70 > 64 columns: through the QR of x."""
+    gen = torch.Generator().manual_seed(tokens)
+    w = torch.randn(37, 64, generator=gen) * torch.linspace(0.2, 2.0, 37)[:, None]
+    w[5] = w[5] ** 3  # heavy-tailed rows prefer other exponents than their neighbours
+    w[30] = w[30] ** 3
+    x = torch.randn(tokens, 64, generator=gen)
+    a = search_exponent(w, 4, 32, x=x)
+    alone = torch.stack([search_exponent(w[i:i + 1], 4, 32, x=x)[0] for i in range(37)])
+    assert torch.equal(a, alone)
+    best = brute_force_errors(w, 4, 32, FINE, x=x).min(0).values
+    ours = errors_ref(w, a.to(F64), 4, 32, x=x)
+    assert (ours <= best * 1.01 + 1e-9).all(), f"worst ratio {(ours / best).max().item():.4f}"
+    w[33, 1] = math.inf  # in the last group: the whole call raises
+    with pytest.raises(ValueError, match="finite"):
+        search_exponent(w, 4, 32, x=x)
 
 
 @pytest.mark.parametrize("with_x", [False, True])
