@@ -286,14 +286,32 @@ impl ZBlocks {
     }
 }
 
-/// Rows a task of the search takes at once: with calibration activations, every row reads all of
-/// z (T·n float32, more than the caches hold), so a group reads each block of z from memory once.
+/// The most rows a task of the search takes at once: with calibration activations, every row reads
+/// all of z (T·n float32, more than the caches hold), so a group reads each block of z from memory
+/// once.
 const GROUP: usize = 16;
+
+/// What a group's rows may hold of boundary positions (u32, one per boundary per exponent per
+/// row, read again for every block of z): 8-bit codes with the default grid fill it with 4 rows
+/// (T = 256: 7.5-8.5 s against 9.1 with 16 rows), 4-bit codes hold 16 in a quarter of it.
+const GROUP_ENDS_BYTES: usize = 2 << 20;
+
+/// The rows a task takes at once: [`GROUP`], fewer where their boundary positions at the most
+/// exponents a stage evaluates would pass [`GROUP_ENDS_BYTES`] (with calibration activations: the
+/// weight error keeps none).
+fn group_rows(s: &SearchArgs) -> usize {
+    if s.z_rows == 0 {
+        return GROUP;
+    }
+    let exponents = s.grid.max(CANDIDATES * s.refine);
+    let per_row = exponents * (qmax(s.q.bits) as usize + 1) * size_of::<u32>();
+    (GROUP_ENDS_BYTES / per_row.max(1)).clamp(1, GROUP)
+}
 
 /// A row of w sorted for the search, with its weights.
 type Row<'a> = (SortedRow, &'a [f32]);
 
-/// The layer-output errors ‖z·(w − ŵ_a)‖² of up to [`GROUP`] rows, each at its exponents (`rows`:
+/// The layer-output errors ‖z·(w − ŵ_a)‖² of a group of rows, each at its exponents (`rows`:
 /// a row and the levels of its exponents), added to `out` (zeroed by the caller; row after row).
 /// On a row's sorted order z·ŵ_a = Σ_k L_k·Σ_(j in bucket k) y_j, with y_j = sign(w_c)·m·z[:, c]
 /// (c the column of sorted element j, m its group's scale). With prefix sums Y of the y_j
@@ -478,7 +496,7 @@ fn metric_errors_body<const FMA: bool>(rows: &[(&Row, &[Levels])], zb: &[f32], y
 const TOTAL_ROWS: usize = 256;
 
 /// The search over every row: the weight error, or with `zb` (z in [`ZBlocks`]' layout, and its
-/// rows) the layer-output error (see [`metric_errors`]). Rows go [`GROUP`] at a time.
+/// rows) the layer-output error (see [`metric_errors`]). Rows go [`group_rows`] at a time.
 unsafe fn search(s: &SearchArgs, w: u64, zb: Option<(&[f32], usize)>, out: u64) -> Result<()> {
     let q = &s.q;
     let (rows, n) = (q.rows, q.n);
@@ -517,13 +535,15 @@ unsafe fn search(s: &SearchArgs, w: u64, zb: Option<(&[f32], usize)>, out: u64) 
         }
     };
     let work = rows * n * zb.map_or(4, |(_, t)| t.max(4));
-    let groups = |r0: usize, r1: usize| (r1 - r0).div_ceil(GROUP);
+    let group = group_rows(s);
+    let groups = |r0: usize, r1: usize| (r1 - r0).div_ceil(group);
     if s.per_row {
         let os = Shared(out as usize);
         parallel::for_each_task(groups(0, rows), work, |gi| {
-            let (r0, r1) = (gi * GROUP, (gi * GROUP + GROUP).min(rows));
+            let (r0, r1) = (gi * group, (gi * group + group).min(rows));
             // Rows of n = 0 or holding NaN or inf: a = 1.
             let mut a = [1.0f32; GROUP];
+            let a = &mut a[..r1 - r0];
             if n > 0 {
                 let loaded = load(r0, r1);
                 let mut yp = Vec::new();
@@ -543,7 +563,7 @@ unsafe fn search(s: &SearchArgs, w: u64, zb: Option<(&[f32], usize)>, out: u64) 
                     fe = rest;
                 }
             }
-            for (r, &v) in (r0..r1).zip(&a) {
+            for (r, &v) in (r0..r1).zip(a.iter()) {
                 // SAFETY: task gi writes out[r0..r1] only.
                 unsafe { *(os.0 as *mut f32).add(r) = v };
             }
@@ -564,7 +584,7 @@ unsafe fn search(s: &SearchArgs, w: u64, zb: Option<(&[f32], usize)>, out: u64) 
                 per_row.fill(0.0);
                 let ps = Shared(per_row.as_mut_ptr() as usize);
                 parallel::for_each_task(groups(r0, r1), work / rows.max(1) * (r1 - r0), |gi| {
-                    let (g0, g1) = (r0 + gi * GROUP, (r0 + gi * GROUP + GROUP).min(r1));
+                    let (g0, g1) = (r0 + gi * group, (r0 + gi * group + group).min(r1));
                     let loaded = load(g0, g1);
                     let mut errs = vec![0f64; loaded.len() * k];
                     let asked: Vec<(&Row, &[Levels])> = loaded.iter().map(|(_, row)| (row, &lvs[..])).collect();
