@@ -1,6 +1,7 @@
 //! Times the CPU LUT GEMV (4096 → 4096, group 128; 4-bit unless BITS says) and the quantizer on this machine:
-//! `cargo run --release -p lmkern-core --example quant_gemv [threads] [gemv|bwd|search]` (`gemv`: the GEMV
-//! only; `bwd`: the GEMV and the input gradient's transposed GEMV; `search`: search_exponent for every
+//! `cargo run --release -p lmkern-core --example quant_gemv [threads] [gemv|bwd|deq|search]` (`gemv`: the GEMV
+//! only; `bwd`: the GEMV and the input gradient's transposed GEMV; `deq`: the GEMV and Ŵ through the
+//! rows' codebooks (the many-token path's dequantizer), float32; `search`: search_exponent for every
 //! row, with the Python layer's grid (and x as calibration activations where TOKENS > 1); `REPS=n` repeats, default 30; `TOKENS=t` activation rows, default 1; `BITS=b`, default 4). Min and median of the repeats, wall clock and, since the
 //! machine is shared, CPU time (of the calling thread with 1 thread, of the process otherwise).
 use lmkern_core::quant::{self, LinearArgs, QuantArgs, SearchArgs};
@@ -27,8 +28,9 @@ fn cpu_time(clock: i32) -> f64 {
 
 fn main() {
     let threads: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(1);
-    let gemv_only = std::env::args().nth(2).is_some_and(|a| a == "gemv" || a == "bwd");
+    let gemv_only = std::env::args().nth(2).is_some_and(|a| a == "gemv" || a == "bwd" || a == "deq");
     let bwd = std::env::args().nth(2).is_some_and(|a| a == "bwd");
+    let deq = std::env::args().nth(2).is_some_and(|a| a == "deq");
     let reps: usize = std::env::var("REPS").ok().and_then(|v| v.parse().ok()).unwrap_or(30).max(1);
     let tokens: usize = std::env::var("TOKENS").ok().and_then(|v| v.parse().ok()).unwrap_or(1).max(1);
     let bits: u32 = std::env::var("BITS").ok().and_then(|v| v.parse().ok()).unwrap_or(4);
@@ -108,6 +110,13 @@ fn main() {
             let mut dx = vec![0f32; tokens * k];
             time(&format!("linear_backward 4096 -> 4096 {bits}-bit g128, {tokens} tokens"), false, &mut || {
                 quant::linear_backward(Device::Cpu, DType::F32, &l, y.as_ptr() as u64, codes.as_ptr() as u64, scales.as_ptr() as u64, table.as_ptr() as u64, dx.as_mut_ptr() as u64)
+                    .unwrap()
+            });
+        }
+        if deq {
+            let mut wt = vec![0f32; n * k];
+            time(&format!("dequantize_codebooks [4096, 4096] {bits}-bit g128, float32"), false, &mut || {
+                quant::dequantize_codebooks(Device::Cpu, DType::F32, &q, codes.as_ptr() as u64, scales.as_ptr() as u64, table.as_ptr() as u64, wt.as_mut_ptr() as u64)
                     .unwrap()
             });
         }

@@ -257,3 +257,56 @@ fn every_cpu_path_on_awkward_shapes() {
     }
     assert_eq!(cases, 18 * (8 + 10 + 8));
 }
+
+/// 8-bit codes of every byte value (−128 too, which the quantizer never writes) through the GEMV,
+/// its transposed twin and the dequantizer, with power_codebook's codebooks (antisymmetric: the
+/// AVX-512 GEMV looks up half of each; free entries 0 and 128 changed on row 2) and with
+/// codebooks that are not (one entry of each half changed on rows 3 and 4, random on row 5: the
+/// full lookup), against float64 sums of x·m·table[byte]. Every LMKERN_CPU_ISA cap runs it in CI.
+#[test]
+fn eight_bit_codes_of_every_byte_with_any_codebook() {
+    let mut rng = Rng(23);
+    let (n_out, n_in, g) = (6usize, 512usize, 128usize);
+    let q = QuantArgs { bits: 8, rows: n_out, n: n_in, group: g, clip: 1.0 };
+    let a: Vec<f32> = (0..n_out).map(|r| 0.3 + 0.12 * r as f32).collect();
+    let mut table = vec![0f32; n_out << 8];
+    unsafe { quant::codebook(8, n_out, addr(&a), out(&mut table)).unwrap() };
+    (table[2 * 256], table[2 * 256 + 128]) = (0.25, 3.0);
+    table[3 * 256 + 200] *= 1.5;
+    table[4 * 256 + 7] *= 0.5;
+    table[5 * 256..6 * 256].iter_mut().for_each(|v| *v = rng.next() as f32);
+    // Row o, column k: byte (37k + 11o) mod 256, every value twice a row (37 is odd).
+    let codes: Vec<u8> = (0..n_out * n_in).map(|i| ((i % n_in) * 37 + (i / n_in) * 11) as u8).collect();
+    let scales: Vec<f32> = (0..n_out * n_in / g).map(|_| 0.5 + rng.next().abs() as f32).collect();
+    let w = |o: usize, k: usize| scales[o * (n_in / g) + k / g] * table[o * 256 + codes[o * n_in + k] as usize];
+    let mut wt = vec![f32::NAN; n_out * n_in];
+    unsafe { quant::dequantize_codebooks(Device::Cpu, DType::F32, &q, addr(&codes), addr(&scales), addr(&table), out(&mut wt)).unwrap() };
+    for (i, v) in wt.iter().enumerate() {
+        assert_eq!(v.to_bits(), w(i / n_in, i % n_in).to_bits(), "dequantized [{}, {}]", i / n_in, i % n_in);
+    }
+    for tokens in [1usize, 4, 5] {
+        let x: Vec<f32> = (0..tokens * n_in).map(|_| rng.next() as f32).collect();
+        let dy: Vec<f32> = (0..tokens * n_out).map(|_| rng.next() as f32).collect();
+        let (mut y, mut dx) = (vec![f32::NAN; tokens * n_out], vec![f32::NAN; tokens * n_in]);
+        let l = LinearArgs { q, tokens };
+        unsafe {
+            let (c, s, t) = (addr(&codes), addr(&scales), addr(&table));
+            quant::linear(Device::Cpu, DType::F32, &l, addr(&x), c, s, t, 0, out(&mut y)).unwrap();
+            quant::linear_backward(Device::Cpu, DType::F32, &l, addr(&dy), c, s, t, out(&mut dx)).unwrap();
+        }
+        for t in 0..tokens {
+            for o in 0..n_out {
+                let terms = (0..n_in).map(|k| x[t * n_in + k] as f64 * w(o, k) as f64);
+                let (want, scale) = terms.fold((0.0, 0.0), |(s, a), v| (s + v, a + v.abs()));
+                let got = y[t * n_out + o] as f64;
+                assert!((got - want).abs() <= 1e-6 * scale, "tokens {tokens} y[{t}, {o}]: {got} vs {want}");
+            }
+            for k in 0..n_in {
+                let terms = (0..n_out).map(|o| dy[t * n_out + o] as f64 * w(o, k) as f64);
+                let (want, scale) = terms.fold((0.0, 0.0), |(s, a), v| (s + v, a + v.abs()));
+                let got = dx[t * n_in + k] as f64;
+                assert!((got - want).abs() <= 1e-6 * scale, "tokens {tokens} dx[{t}, {k}]: {got} vs {want}");
+            }
+        }
+    }
+}

@@ -23,6 +23,58 @@ pub(super) unsafe fn lookup256_avx512(t: &[std::arch::x86_64::__m512; 16], idx: 
     _mm512_mask_blend_ps(b7, _mm512_mask_blend_ps(b6, q[0], q[1]), _mm512_mask_blend_ps(b6, q[2], q[3]))
 }
 
+/// Whether a row's 256-entry codebook (16 registers) is antisymmetric: `t[256 − f] = −t[f]`,
+/// bit for bit, for f = 1..127, as [`super::codebook`] builds them (t[0] and t[128] are free), so
+/// that [`lookup_antisym_avx512`] reads the same entries as [`lookup256_avx512`]. About 40
+/// instructions a row; a codebook from elsewhere (the custom op takes any) may fail it.
+///
+/// # Safety
+/// AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+#[inline]
+pub(super) unsafe fn antisymmetric_avx512(t: &[std::arch::x86_64::__m512; 16]) -> bool {
+    use std::arch::x86_64::*;
+    let reverse = _mm512_set_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    let sign = _mm512_set1_epi32(i32::MIN);
+    let mut equal: u16 = 0xFFFF;
+    for j in 0..8 {
+        // Lane l: t[255 − 16j − l] against −t[16j + l + 1] (f = 16j + l + 1).
+        let back = _mm512_permutexvar_epi32(reverse, _mm512_castps_si512(t[15 - j]));
+        let next = _mm512_alignr_epi32(_mm512_castps_si512(t[j + 1]), _mm512_castps_si512(t[j]), 1);
+        let mut m = _mm512_cmpeq_epi32_mask(back, _mm512_xor_si512(next, sign));
+        if j == 7 {
+            m |= 0x8000; // f = 128: free
+        }
+        equal &= m;
+    }
+    equal == 0xFFFF
+}
+
+/// [`lookup256_avx512`] for an antisymmetric codebook ([`antisymmetric_avx512`]): its first 128
+/// entries (8 registers, `half`) at |q| of the 16 codes q (the bytes as int8): four `vpermt2ps`
+/// and blends by bits 5 and 6, half the permutes; |q| = 128 (q = −128) takes `top` = −t[128];
+/// then the negative codes' entries are negated.
+///
+/// # Safety
+/// AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+#[inline]
+pub(super) unsafe fn lookup_antisym_avx512(
+    half: &[std::arch::x86_64::__m512; 8], top: std::arch::x86_64::__m512, bytes: std::arch::x86_64::__m128i,
+) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let q = _mm512_cvtepi8_epi32(bytes);
+    let (neg, idx) = (_mm512_cmplt_epi32_mask(q, _mm512_setzero_si512()), _mm512_abs_epi32(q));
+    let p: [__m512; 4] = std::array::from_fn(|j| _mm512_permutex2var_ps(half[2 * j], idx, half[2 * j + 1]));
+    let bit = |b: i32| _mm512_test_epi32_mask(idx, _mm512_set1_epi32(1 << b));
+    let (b5, b6, b7) = (bit(5), bit(6), bit(7));
+    let v = _mm512_mask_blend_ps(b6, _mm512_mask_blend_ps(b5, p[0], p[1]), _mm512_mask_blend_ps(b5, p[2], p[3]));
+    let v = _mm512_mask_mov_ps(v, b7, top);
+    _mm512_mask_sub_ps(v, neg, _mm512_setzero_ps(), v)
+}
+
 /// A B-bit row's codebook (B = 2, 3) repeated to 16 entries: `vpermps` reads 4 bits of an index,
 /// so a field's lookup needs no mask of the next field's bits above it.
 ///
@@ -368,4 +420,64 @@ pub(super) unsafe fn column_order_avx512(ev: std::arch::x86_64::__m512, od: std:
     let first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
     let second = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
     [_mm512_permutex2var_ps(ev, first, od), _mm512_permutex2var_ps(ev, second, od)]
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    /// Row r's codebook from `crate::quant::codebook` (antisymmetric) at a few exponents.
+    fn codebooks() -> Vec<f32> {
+        let a = [0.05f32, 0.3, 0.71, 1.0];
+        let mut t = vec![0f32; a.len() * 256];
+        // SAFETY: a holds 4 exponents, t 4 × 256 float32.
+        unsafe { crate::quant::codebook(8, a.len(), a.as_ptr() as u64, t.as_mut_ptr() as u64).unwrap() };
+        t
+    }
+
+    /// Both lookups at all 256 bytes, against the table itself (bit for bit).
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn lookups(t: &[f32], antisym: bool) -> Result<(), String> {
+        let tab: [__m512; 16] = std::array::from_fn(|i| _mm512_loadu_ps(t.as_ptr().add(16 * i)));
+        if antisymmetric_avx512(&tab) != antisym {
+            return Err(format!("antisymmetric: expected {antisym}"));
+        }
+        let (half, top): ([__m512; 8], __m512) = (std::array::from_fn(|i| tab[i]), _mm512_set1_ps(-t[128]));
+        for b0 in (0..256).step_by(16) {
+            let bytes: [u8; 16] = std::array::from_fn(|i| (b0 + i) as u8);
+            let v = _mm_loadu_si128(bytes.as_ptr() as *const __m128i);
+            let (mut full, mut sym) = ([0f32; 16], [0f32; 16]);
+            _mm512_storeu_ps(full.as_mut_ptr(), lookup256_avx512(&tab, _mm512_cvtepu8_epi32(v)));
+            _mm512_storeu_ps(sym.as_mut_ptr(), lookup_antisym_avx512(&half, top, v));
+            for (i, &b) in bytes.iter().enumerate() {
+                let want = t[b as usize].to_bits();
+                if full[i].to_bits() != want || (antisym && sym[i].to_bits() != want) {
+                    return Err(format!("byte {b}: {} / {} against {}", full[i], sym[i], t[b as usize]));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn antisymmetric_lookups_read_the_table() {
+        if !crate::cpu::has_avx512() {
+            return; // the kernels under test need AVX-512 (CI's machine has it)
+        }
+        for t in codebooks().chunks_exact(256) {
+            // SAFETY: AVX-512 checked above.
+            unsafe { lookups(t, true) }.unwrap();
+            // t[0] and t[128] are free: any value is read back as it is.
+            let mut free = t.to_vec();
+            (free[0], free[128]) = (0.25, 3.0);
+            unsafe { lookups(&free, true) }.unwrap();
+            // Any one entry of the other 254 changed (by one ulp) breaks the antisymmetry.
+            for f in (1..128).chain(129..256) {
+                let mut bent = t.to_vec();
+                bent[f] = f32::from_bits(bent[f].to_bits() ^ 1);
+                unsafe { lookups(&bent, false) }.map_err(|e| format!("entry {f}: {e}")).unwrap();
+            }
+        }
+    }
 }
