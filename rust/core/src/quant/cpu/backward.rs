@@ -49,10 +49,95 @@ unsafe fn linear_bwd_t<T: QElem>(l: &LinearArgs, dy: u64, codes: u64, scales: u6
     let (k, nout, tokens) = (l.q.n, l.q.rows, l.tokens);
     let dyf: Vec<f32> = slice::<T>(dy, tokens * nout).iter().map(|v| v.load().to_f64() as f32).collect();
     let lb = LinBwd { l, dyf, table, codes, scales, dx };
+    #[cfg(target_arch = "x86_64")]
+    if l.q.bits == 8 && tokens <= SPLIT_MAX_TOKENS && avx512_narrow_bwd_shape(8, k, l.q.group) {
+        // SAFETY: avx512_narrow_bwd_shape checked AVX-512 and k, g multiples of 16; 8-bit codes.
+        return unsafe { linear_bwd_split_8bit::<T>(&lb) };
+    }
     let cols = bwd_cols(tokens);
     parallel::for_each_task(k.div_ceil(cols), nout * k * tokens, |ci| {
         linear_bwd_cols::<T>(&lb, ci * cols, ((ci + 1) * cols).min(k))
     });
+}
+
+/// Rows a task of [`linear_bwd_split_8bit`] takes.
+#[cfg(target_arch = "x86_64")]
+const SPLIT_ROWS: usize = 64;
+/// The most tokens [`linear_bwd_split_8bit`] takes: it wins at 1-4 (2.5x-1.6x, BENCHMARKS.md stop
+/// 22) and loses from 8 (its per-token passes over the partial outgrow L1).
+#[cfg(target_arch = "x86_64")]
+const SPLIT_MAX_TOKENS: usize = 4;
+
+/// dy @ Ŵ for 8-bit codes and a few tokens, by rows: each task adds SPLIT_ROWS rows in order into
+/// its own partial dx, reading each row's codes in order and its codebook once (as the GEMV
+/// does; the column blocks of [`linear_bwd_cols_avx512_narrow`] read a codebook per row per block
+/// and a row's codes in pieces), then the partials are summed in task order (the same sums
+/// whatever the thread count).
+///
+/// # Safety
+/// AVX-512 F/BW/VL, AVX2, FMA; 8-bit codes; n and the group size multiples of 16; tokens <=
+/// SPLIT_MAX_TOKENS; `lb` valid as [`crate::quant::linear_backward`] documents.
+#[cfg(target_arch = "x86_64")]
+unsafe fn linear_bwd_split_8bit<T: QElem>(lb: &LinBwd) {
+    let q = &lb.l.q;
+    let (k, nout, tokens) = (q.n, q.rows, lb.l.tokens);
+    let tasks = nout.div_ceil(SPLIT_ROWS);
+    let mut part = vec![0f32; tasks * tokens * k];
+    let pp = Shared(part.as_mut_ptr() as usize);
+    parallel::for_each_task(tasks, nout * k * tokens, |ti| {
+        // SAFETY: task ti writes its own tokens × k partial only; part outlives the tasks.
+        let dst = unsafe { std::slice::from_raw_parts_mut((pp.0 as *mut f32).add(ti * tokens * k), tokens * k) };
+        unsafe { bwd_split_rows_avx512_8bit(lb, ti * SPLIT_ROWS, ((ti + 1) * SPLIT_ROWS).min(nout), dst) };
+    });
+    let cols = 1024;
+    let dxp = Shared(lb.dx as usize);
+    parallel::for_each_task((tokens * k).div_ceil(cols), tasks * tokens * k, |ci| {
+        let (c0, c1) = (ci * cols, ((ci + 1) * cols).min(tokens * k));
+        let mut sum = part[c0..c1].to_vec();
+        for p in part.chunks_exact(tokens * k).skip(1) {
+            for (s, &v) in sum.iter_mut().zip(&p[c0..c1]) {
+                *s += v;
+            }
+        }
+        // SAFETY: elements [c0, c1) of dx (tokens × k, row-major) belong to this task alone.
+        let out = unsafe { std::slice::from_raw_parts_mut((dxp.0 as *mut T).add(c0), c1 - c0) };
+        for (o, &v) in out.iter_mut().zip(&sum) {
+            *o = T::store(T::Acc::from_f64(v as f64));
+        }
+    });
+}
+
+/// Rows o0..o1 of [`linear_bwd_split_8bit`] added into `acc` (float32 [tokens, n]), rows in order.
+///
+/// # Safety
+/// As [`linear_bwd_split_8bit`]; o1 <= rows.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+unsafe fn bwd_split_rows_avx512_8bit(lb: &LinBwd, o0: usize, o1: usize, acc: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let q = &lb.l.q;
+    let (k, nout, ng, g, tokens) = (q.n, q.rows, q.groups(), q.group, lb.l.tokens);
+    let (codes, scales, table) = (lb.codes as *const u8, lb.scales as *const f32, lb.table as *const f32);
+    let ap = acc.as_mut_ptr();
+    for o in o0..o1 {
+        let tab: [__m512; 16] = std::array::from_fn(|i| _mm512_loadu_ps(table.add(256 * o + 16 * i)));
+        let (antisym, top) = (antisymmetric_avx512(&tab), _mm512_set1_ps(-*table.add(256 * o + 128)));
+        let half: [__m512; 8] = std::array::from_fn(|i| tab[i]);
+        let dy: [__m512; SPLIT_MAX_TOKENS] = std::array::from_fn(|t| _mm512_set1_ps(if t < tokens { lb.dyf[t * nout + o] } else { 0.0 }));
+        let row = codes.add(o * k);
+        for gi in 0..ng {
+            let m = _mm512_set1_ps(*scales.add(o * ng + gi));
+            for u in (gi * g..(gi + 1) * g).step_by(16) {
+                let bytes = _mm_loadu_si128(row.add(u) as *const __m128i);
+                let w = if antisym { lookup_antisym_avx512(&half, top, bytes) } else { lookup256_avx512(&tab, _mm512_cvtepu8_epi32(bytes)) };
+                let w = _mm512_mul_ps(w, m);
+                for (t, &d) in dy.iter().enumerate().take(tokens) {
+                    let a = ap.add(t * k + u);
+                    _mm512_storeu_ps(a, _mm512_fmadd_ps(d, w, _mm512_loadu_ps(a)));
+                }
+            }
+        }
+    }
 }
 
 multiversion!(fn linear_bwd_cols<T: QElem>(lb: &LinBwd, c0: usize, c1: usize) => linear_bwd_cols_body);
