@@ -936,6 +936,22 @@ def test_power_quant_linear_deterministic_and_inference_mode(num_threads):
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 
+@pytest.mark.parametrize("bits,tokens", [(8, 3), (8, 7), (4, 3)])
+def test_power_quant_linear_input_gradient_deterministic(num_threads, bits, tokens):
+    """dx is the same bits whatever the thread count: 300 rows are five of the 8-bit row tasks
+    (1-4 tokens, partials summed in task order) or the column blocks (7 tokens, 4-bit)."""
+    lin = _linear(512, 300, False, 4)
+    mod = PowerQuantLinear.from_linear(lin, bits, 128, a=0.6)
+    grads = []
+    for t in (1, 2, 3):
+        lmkern.set_num_threads(t)
+        x = torch.randn(tokens, 512, generator=torch.Generator().manual_seed(5)).requires_grad_(True)
+        mod(x).pow(2).sum().backward()
+        grads.append(x.grad)
+    assert torch.equal(grads[0], grads[1]) and torch.equal(grads[0], grads[2])
+    assert grads[0].abs().sum() > 0
+
+
 # ------------------------------------------------------------------------------------------------
 # custom ops: opcheck, compile
 # ------------------------------------------------------------------------------------------------
