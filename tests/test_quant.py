@@ -642,13 +642,14 @@ def test_power_quant_linear_fast_path_edges(in_f, g, out_f, tokens):
         assert rel_err(mod(x.to(BF16)), linear_ref(x.to(BF16), w_hat, lin.bias)) <= 1e-2
 
 
-@pytest.mark.parametrize("in_f, out_f", [(8, 0), (0, 3)])
+@pytest.mark.parametrize("in_f, out_f, bits", [(8, 0, 4), (0, 3, 4), (16, 0, 8), (0, 3, 8)])
 @pytest.mark.parametrize("lead", [(0,), (1,), (2, 5), (100,)])
 @pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
-def test_power_quant_linear_empty_weight(in_f, out_f, lead):
+def test_power_quant_linear_empty_weight(in_f, out_f, bits, lead):
     """A layer with no outputs or no inputs: y is empty, or the bias alone; dx has x's shape (zeros
-    without outputs), at every token count (100: past the fused kernels' token limit)."""
-    mod = PowerQuantLinear.from_linear(_linear(in_f, out_f, True, 3), 4, None)
+    without outputs), at every token count (100: past the fused kernels' token limit; 8-bit with
+    16 inputs: the input gradient's row tasks at 1 token, none of them here)."""
+    mod = PowerQuantLinear.from_linear(_linear(in_f, out_f, True, 3), bits, None)
     x = torch.randn(*lead, in_f, requires_grad=True)
     y = mod(x)
     assert y.shape == (*lead, out_f)

@@ -311,4 +311,9 @@ fn eight_bit_codes_of_every_byte_with_any_codebook() {
             }
         }
     }
+    // No rows: no row tasks, dx zero.
+    let l = LinearArgs { q: QuantArgs { rows: 0, ..q }, tokens: 2 };
+    let (dy, mut dx) = (Vec::<f32>::new(), vec![f32::NAN; 2 * n_in]);
+    unsafe { quant::linear_backward(Device::Cpu, DType::F32, &l, addr(&dy), 0, 0, 0, out(&mut dx)).unwrap() };
+    assert!(dx.iter().all(|&v| v == 0.0), "no rows: dx {:?}", &dx[..4]);
 }

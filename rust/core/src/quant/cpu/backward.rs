@@ -1,5 +1,6 @@
 //! The input gradient of PowerQuantLinear on the CPU, dx = dy @ Ŵ: the transposed GEMV, tasks
-//! owning blocks of dx's columns, per instruction set and code width.
+//! owning blocks of dx's columns, per instruction set and code width (8-bit codes at a few tokens
+//! with AVX-512: tasks owning blocks of rows, their partial sums added after).
 use super::*;
 
 /// The AVX-512 transposed GEMV of the 2-, 3- and 8-bit input gradient applies: those widths, `n`
@@ -87,14 +88,16 @@ unsafe fn linear_bwd_split_8bit<T: QElem>(lb: &LinBwd) {
     parallel::for_each_task(tasks, nout * k * tokens, |ti| {
         // SAFETY: task ti writes its own tokens × k partial only; part outlives the tasks.
         let dst = unsafe { std::slice::from_raw_parts_mut((pp.0 as *mut f32).add(ti * tokens * k), tokens * k) };
+        // SAFETY: this function's contract; the rows are below nout.
         unsafe { bwd_split_rows_avx512_8bit(lb, ti * SPLIT_ROWS, ((ti + 1) * SPLIT_ROWS).min(nout), dst) };
     });
     let cols = 1024;
     let dxp = Shared(lb.dx as usize);
     parallel::for_each_task((tokens * k).div_ceil(cols), tasks * tokens * k, |ci| {
         let (c0, c1) = (ci * cols, ((ci + 1) * cols).min(tokens * k));
-        let mut sum = part[c0..c1].to_vec();
-        for p in part.chunks_exact(tokens * k).skip(1) {
+        // From zeros: no rows (no tasks) leave dx zero.
+        let mut sum = vec![0f32; c1 - c0];
+        for p in part.chunks_exact(tokens * k) {
             for (s, &v) in sum.iter_mut().zip(&p[c0..c1]) {
                 *s += v;
             }
