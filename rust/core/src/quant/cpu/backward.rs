@@ -123,17 +123,13 @@ unsafe fn bwd_split_rows_avx512_8bit(lb: &LinBwd, o0: usize, o1: usize, acc: &mu
     let (codes, scales, table) = (lb.codes as *const u8, lb.scales as *const f32, lb.table as *const f32);
     let ap = acc.as_mut_ptr();
     for o in o0..o1 {
-        let tab: [__m512; 16] = std::array::from_fn(|i| _mm512_loadu_ps(table.add(256 * o + 16 * i)));
-        let (antisym, top) = (antisymmetric_avx512(&tab), _mm512_set1_ps(-*table.add(256 * o + 128)));
-        let half: [__m512; 8] = std::array::from_fn(|i| tab[i]);
+        let book = Codebook256::load(table.add(256 * o));
         let dy: [__m512; SPLIT_MAX_TOKENS] = std::array::from_fn(|t| _mm512_set1_ps(if t < tokens { lb.dyf[t * nout + o] } else { 0.0 }));
         let row = codes.add(o * k);
         for gi in 0..ng {
             let m = _mm512_set1_ps(*scales.add(o * ng + gi));
             for u in (gi * g..(gi + 1) * g).step_by(16) {
-                let bytes = _mm_loadu_si128(row.add(u) as *const __m128i);
-                let w = if antisym { lookup_antisym_avx512(&half, top, bytes) } else { lookup256_avx512(&tab, _mm512_cvtepu8_epi32(bytes)) };
-                let w = _mm512_mul_ps(w, m);
+                let w = _mm512_mul_ps(book.lookup(_mm_loadu_si128(row.add(u) as *const __m128i)), m);
                 for (t, &d) in dy.iter().enumerate().take(tokens) {
                     let a = ap.add(t * k + u);
                     _mm512_storeu_ps(a, _mm512_fmadd_ps(d, w, _mm512_loadu_ps(a)));

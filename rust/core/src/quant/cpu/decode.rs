@@ -52,9 +52,9 @@ pub(super) unsafe fn antisymmetric_avx512(t: &[std::arch::x86_64::__m512; 16]) -
 }
 
 /// [`lookup256_avx512`] for an antisymmetric codebook ([`antisymmetric_avx512`]): its first 128
-/// entries (8 registers, `half`) at |q| of the 16 codes q (the bytes as int8): four `vpermt2ps`
-/// and blends by bits 5 and 6, half the permutes; |q| = 128 (q = −128) takes `top` = −t[128];
-/// then the negative codes' entries are negated.
+/// entries (`t[0..8]`) at |q| of the 16 codes q (the bytes as int8): four `vpermt2ps` and blends by
+/// bits 5 and 6, half the permutes; |q| = 128 (q = −128) takes `top` = −t[128]; then the negative
+/// codes' entries are negated.
 ///
 /// # Safety
 /// AVX-512F.
@@ -62,17 +62,55 @@ pub(super) unsafe fn antisymmetric_avx512(t: &[std::arch::x86_64::__m512; 16]) -
 #[target_feature(enable = "avx512f,avx2,fma")]
 #[inline]
 pub(super) unsafe fn lookup_antisym_avx512(
-    half: &[std::arch::x86_64::__m512; 8], top: std::arch::x86_64::__m512, bytes: std::arch::x86_64::__m128i,
+    t: &[std::arch::x86_64::__m512; 16], top: std::arch::x86_64::__m512, bytes: std::arch::x86_64::__m128i,
 ) -> std::arch::x86_64::__m512 {
     use std::arch::x86_64::*;
     let q = _mm512_cvtepi8_epi32(bytes);
     let (neg, idx) = (_mm512_cmplt_epi32_mask(q, _mm512_setzero_si512()), _mm512_abs_epi32(q));
-    let p: [__m512; 4] = std::array::from_fn(|j| _mm512_permutex2var_ps(half[2 * j], idx, half[2 * j + 1]));
+    let p: [__m512; 4] = std::array::from_fn(|j| _mm512_permutex2var_ps(t[2 * j], idx, t[2 * j + 1]));
     let bit = |b: i32| _mm512_test_epi32_mask(idx, _mm512_set1_epi32(1 << b));
     let (b5, b6, b7) = (bit(5), bit(6), bit(7));
     let v = _mm512_mask_blend_ps(b6, _mm512_mask_blend_ps(b5, p[0], p[1]), _mm512_mask_blend_ps(b5, p[2], p[3]));
     let v = _mm512_mask_mov_ps(v, b7, top);
     _mm512_mask_sub_ps(v, neg, _mm512_setzero_ps(), v)
+}
+
+/// A row's 256-entry (8-bit) codebook in registers, looked up 16 codes at a time: by
+/// [`lookup_antisym_avx512`] where it is antisymmetric (every codebook power_codebook makes), else
+/// by [`lookup256_avx512`] (the custom op takes any table).
+#[cfg(target_arch = "x86_64")]
+pub(super) struct Codebook256 {
+    t: [std::arch::x86_64::__m512; 16],
+    /// −t[128], for [`lookup_antisym_avx512`].
+    top: std::arch::x86_64::__m512,
+    antisym: bool,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Codebook256 {
+    /// # Safety
+    /// AVX-512F; `table` valid for 256 float32 reads.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    #[inline]
+    pub(super) unsafe fn load(table: *const f32) -> Codebook256 {
+        use std::arch::x86_64::*;
+        let t: [__m512; 16] = std::array::from_fn(|i| _mm512_loadu_ps(table.add(16 * i)));
+        Codebook256 { antisym: antisymmetric_avx512(&t), top: _mm512_set1_ps(-*table.add(128)), t }
+    }
+
+    /// The entries of the 16 codes in `bytes`.
+    ///
+    /// # Safety
+    /// AVX-512F.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    #[inline]
+    pub(super) unsafe fn lookup(&self, bytes: std::arch::x86_64::__m128i) -> std::arch::x86_64::__m512 {
+        if self.antisym {
+            lookup_antisym_avx512(&self.t, self.top, bytes)
+        } else {
+            lookup256_avx512(&self.t, std::arch::x86_64::_mm512_cvtepu8_epi32(bytes))
+        }
+    }
 }
 
 /// A B-bit row's codebook (B = 2, 3) repeated to 16 entries: `vpermps` reads 4 bits of an index,
@@ -443,13 +481,13 @@ mod tests {
         if antisymmetric_avx512(&tab) != antisym {
             return Err(format!("antisymmetric: expected {antisym}"));
         }
-        let (half, top): ([__m512; 8], __m512) = (std::array::from_fn(|i| tab[i]), _mm512_set1_ps(-t[128]));
+        let top = _mm512_set1_ps(-t[128]);
         for b0 in (0..256).step_by(16) {
             let bytes: [u8; 16] = std::array::from_fn(|i| (b0 + i) as u8);
             let v = _mm_loadu_si128(bytes.as_ptr() as *const __m128i);
             let (mut full, mut sym) = ([0f32; 16], [0f32; 16]);
             _mm512_storeu_ps(full.as_mut_ptr(), lookup256_avx512(&tab, _mm512_cvtepu8_epi32(v)));
-            _mm512_storeu_ps(sym.as_mut_ptr(), lookup_antisym_avx512(&half, top, v));
+            _mm512_storeu_ps(sym.as_mut_ptr(), lookup_antisym_avx512(&tab, top, v));
             for (i, &b) in bytes.iter().enumerate() {
                 let want = t[b as usize].to_bits();
                 if full[i].to_bits() != want || (antisym && sym[i].to_bits() != want) {

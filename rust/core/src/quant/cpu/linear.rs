@@ -272,9 +272,8 @@ unsafe fn linear_tiles_avx512_8bit<T: QElem>(lin: &Lin, o0: usize, o1: usize) {
     }
 }
 
-/// [`linear_tile_avx2_8bit`] with AVX-512: per 16 codes [`lookup_antisym_avx512`] (or, for a
-/// codebook that is not antisymmetric, [`lookup256_avx512`]) instead of two 8-lane gathers.
-/// Returns NT.
+/// [`linear_tile_avx2_8bit`] with AVX-512: per 16 codes a [`Codebook256`] lookup instead of two
+/// 8-lane gathers. Returns NT.
 ///
 /// # Safety
 /// As [`linear_tiles_avx512_8bit`]; t0 + NT <= tokens.
@@ -288,10 +287,7 @@ unsafe fn linear_tile_avx512_8bit<T: QElem, const NT: usize>(lin: &Lin, o0: usiz
     let (codes, scales, table) = (lin.codes as *const u8, lin.scales as *const f32, lin.table as *const f32);
     let x0 = lin.xf.as_ptr().add(t0 * k);
     for o in o0..o1 {
-        let tab: [__m512; 16] = std::array::from_fn(|i| _mm512_loadu_ps(table.add(256 * o + 16 * i)));
-        // An antisymmetric codebook (every one power_codebook makes): half the permutes a lookup.
-        let (antisym, top) = (antisymmetric_avx512(&tab), _mm512_set1_ps(-*table.add(256 * o + 128)));
-        let half: [__m512; 8] = std::array::from_fn(|i| tab[i]);
+        let book = Codebook256::load(table.add(256 * o));
         let row = codes.add(o * k);
         let mut tot = [_mm512_setzero_ps(); NT];
         for gi in 0..ng {
@@ -304,8 +300,7 @@ unsafe fn linear_tile_avx512_8bit<T: QElem, const NT: usize>(lin: &Lin, o0: usiz
             let (mut a, mut c) = ([_mm512_setzero_ps(); NT], [_mm512_setzero_ps(); NT]);
             let mut u = gi * g;
             while u < (gi + 1) * g {
-                let bytes = _mm_loadu_si128(row.add(u) as *const __m128i);
-                let w = if antisym { lookup_antisym_avx512(&half, top, bytes) } else { lookup256_avx512(&tab, _mm512_cvtepu8_epi32(bytes)) };
+                let w = book.lookup(_mm_loadu_si128(row.add(u) as *const __m128i));
                 for t in 0..NT {
                     let xv = _mm512_loadu_ps(x0.add(t * k + u));
                     if NT == 1 && (u / 16) % 2 == 1 {
