@@ -44,10 +44,13 @@ pub fn kernels_built() -> bool {
     !IMAGE.0.is_empty()
 }
 
-/// The embedded fatbin (empty without kernels).
+/// Whether the embedded fatbin names `symbol`: the uncompressed cubins hold each kernel's name as a
+/// NUL-terminated ELF symbol string (false without kernels, and for every name in a compressed image).
 #[cfg(test)]
-pub(crate) fn image_bytes() -> &'static [u8] {
-    &IMAGE.0
+pub(crate) fn image_has_symbol(symbol: &str) -> bool {
+    let mut needle = symbol.as_bytes().to_vec();
+    needle.push(0);
+    IMAGE.0.windows(needle.len()).any(|w| w == needle.as_slice())
 }
 
 /// One line about the embedded kernels: nvcc version, image size and targets, or why there are none.
