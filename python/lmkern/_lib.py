@@ -1,6 +1,8 @@
 """The `lmkern` torch.library namespace and the small helpers every op module shares."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 #: Every lmkern op is defined in this one library: torch.ops.lmkern.<name>.
@@ -62,3 +64,34 @@ def eager_ok(*tensors) -> bool:
     ):
         return False
     return all(t is None or type(t) in _PLAIN for t in tensors)
+
+
+def first_order_backward(what: str):
+    """Decorates an autograd.Function's backward that runs kernels (not differentiable torch ops).
+
+    torch's ``once_differentiable`` makes the gradients it returns raise when differentiated only if
+    an incoming gradient requires grad; but under ``create_graph=True`` they also depend on the
+    inputs the forward saved, and differentiating them again would silently give 0 for that part
+    (a gradient penalty would drop its second-order term). Here the gradients of a backward run
+    with ``create_graph=True`` hang off a node that raises, naming `what`, whenever a later
+    backward reaches it: it is linked to every incoming gradient and saved tensor that requires
+    grad, so asking for the gradient of any of them passes through it."""
+    message = f"{what}: second derivatives are not implemented (the backward is not differentiable)".encode()
+
+    def decorate(backward):
+        @functools.wraps(backward)
+        def wrapper(ctx, *grads):
+            with torch.no_grad():
+                outputs = backward(ctx, *grads)
+            if not torch.is_grad_enabled():  # no create_graph: nothing will differentiate them
+                return outputs
+            upstream = [t for t in (*grads, *ctx.saved_tensors) if t is not None and t.requires_grad]
+            if not upstream:
+                return outputs
+            # The node once_differentiable uses: as many outputs as inputs, each raising in backward.
+            raise_on_backward = torch._C._functions.DelayedError(message, len(outputs) + len(upstream))
+            return raise_on_backward(*outputs, *upstream)[: len(outputs)]
+
+        return wrapper
+
+    return decorate

@@ -14,7 +14,9 @@ from __future__ import annotations
 import torch
 
 from .. import _core
-from .._lib import DTYPE_CODES, LIB, check_cpu_or_cuda, check_device, check_floating, device_args, eager_ok, ptr
+from .._lib import (
+    DTYPE_CODES, LIB, check_cpu_or_cuda, check_device, check_floating, device_args, eager_ok, first_order_backward, ptr,
+)
 
 _CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _CUDA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -269,7 +271,7 @@ class _NormFunction(torch.autograd.Function):
         return y, h
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_backward("lmkern.rms_norm / crms_norm")
     def backward(ctx, dy, dh=None):
         h, weight, rstd = ctx.saved_tensors
         if dy is None:
