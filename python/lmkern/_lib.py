@@ -53,17 +53,34 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 def eager_ok(*tensors) -> bool:
     """Whether an eager call may skip torch's dispatcher and run an op's implementation directly:
     plain tensors (or None), and nothing tracing or intercepting ops (torch.compile, jit tracing,
-    dispatch or function modes, functorch transforms). The dispatcher and torch.library's autograd
-    wrapper cost more than small kernels, and ~0.15 ms when their code is out of cache."""
+    dispatch or function modes, functorch transforms, forward-mode AD). The dispatcher and
+    torch.library's autograd wrapper cost more than small kernels, and ~0.15 ms when their code is
+    out of cache."""
     if (
         torch.compiler.is_compiling()
         or torch._C._get_tracing_state()
         or torch._C._len_torch_dispatch_stack()
         or torch._C._is_torch_function_mode_enabled()
         or torch._C._are_functorch_transforms_active()
+        or _forward_ad_active()
     ):
         return False
     return all(t is None or type(t) in _PLAIN for t in tensors)
+
+
+def func_transformed() -> bool:
+    """Whether a torch.func transform (grad, vjp, jacrev, jvp, jacfwd, vmap, ...) or forward-mode AD
+    (torch.autograd.forward_ad) may be tracking this call, outside torch.compile. torch.library's
+    autograd for custom ops supports neither: torch.func.grad raises about `setup_context`, and jvp
+    or forward AD silently give zero tangents. Ops with a composite torch form take it then."""
+    if torch.compiler.is_compiling():
+        return False
+    return _forward_ad_active() or torch._C._are_functorch_transforms_active()
+
+
+def _forward_ad_active() -> bool:
+    """Whether a torch.autograd.forward_ad.dual_level is open (torch keeps its level in this global)."""
+    return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
 
 
 def first_order_backward(what: str):
