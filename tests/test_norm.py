@@ -1002,8 +1002,9 @@ def test_module_dtype_and_bad_shape(cls):
         cls((4, 16))
     with pytest.raises(ValueError, match="normalized_shape"):
         cls(-1)
-    with pytest.raises(ValueError, match="weight"):
-        mod(randn((3, 15), BF16, 2))
+    for m in (mod, cls(16, elementwise_affine=False)):  # with a weight to check against and without
+        with pytest.raises(ValueError, match=r"last dimension of 16 \(normalized_shape\); got shape \(3, 15\)"):
+            m(randn((3, 15), BF16, 2))
 
 
 def test_weight_of_other_float_dtype_is_cast():

@@ -42,6 +42,10 @@ class _Norm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """Normalize x; with ``residual`` return ``(norm(x + residual), x + residual)``."""
+        if x.dim() and x.shape[-1] != self.normalized_shape[0]:  # the weight's check, when there is none
+            raise ValueError(
+                f"x: expected a last dimension of {self.normalized_shape[0]} (normalized_shape); got shape {tuple(x.shape)}"
+            )
         return type(self)._fn(x, self.weight, self._eps(x), residual=residual, offset=self.offset, scale=self.scale)
 
     def extra_repr(self) -> str:
@@ -54,7 +58,8 @@ class _Norm(nn.Module):
 
 
 class RMSNorm(_Norm):
-    """Fused RMSNorm, a drop-in for :class:`torch.nn.RMSNorm` (loads its state dict).
+    """Fused RMSNorm, a drop-in for :class:`torch.nn.RMSNorm` (loads its state dict). Its default
+    eps is 1e-6; ``eps=None`` is torch's default (the machine epsilon of the input's dtype).
 
     ``y = x · rsqrt(mean(x²) + eps) · (offset + weight) · scale`` over the last dimension.
     """
