@@ -287,6 +287,9 @@ def test_files_that_cannot_be_read(capsys, small):
     out = tmp / "o.jsonl"
     (tmp / "broken.parquet").write_bytes(b"PAR1 not really")
     (tmp / "broken.jsonl.gz").write_bytes(b"not gzip at all")
+    corrupt = bytearray(gzip.compress(b'{"text": "proof"}\n' * 50))
+    corrupt[12:40] = bytes(b ^ 0xFF for b in corrupt[12:40])  # a valid header, then deflate data zlib rejects
+    (tmp / "corrupt.jsonl.gz").write_bytes(bytes(corrupt))
     (tmp / "data.csv").write_text("text\nx\n")
     (tmp / "empty").mkdir()
     pq.write_table(pa.table({"body": ["x"]}), tmp / "nocol.parquet")
@@ -294,6 +297,7 @@ def test_files_that_cannot_be_read(capsys, small):
         (tmp / "missing.jsonl", r"no such file or directory: .*missing\.jsonl"),
         (tmp / "broken.parquet", r"broken\.parquet: cannot read as Parquet"),
         (tmp / "broken.jsonl.gz", r"broken\.jsonl\.gz: cannot read"),
+        (tmp / "corrupt.jsonl.gz", r"corrupt\.jsonl\.gz: cannot read: Error -3 while decompressing"),
         (tmp / "data.csv", r"data\.csv: unknown file kind"),
         (tmp / "empty", r"directory .*empty holds no"),
         (tmp / "nocol.parquet", r"nocol\.parquet: no column 'text' \(columns: 'body'\)"),
@@ -320,6 +324,42 @@ def test_targets_and_k(capsys, small):
     # k = 0: an empty output file
     rc, _ = run_cli(capsys, "--source", src, "--target", tgt, "-k", 0, "--out", tmp / "z.parquet")
     assert rc == 0 and read_out(str(tmp / "z.parquet")) == []
+
+
+def test_outputs_that_cannot_be_written(capsys, small):
+    tmp, tgt = small
+    src = tmp / "s.txt"
+    src.write_text("a\nproof\n")
+    (tmp / "outdir").mkdir()
+    (tmp / "afile").write_text("")
+    for out, match in [(tmp / "outdir", r"outdir: is a directory; the output is a file"),
+                       (tmp / "afile" / "o.jsonl", r"afile/o\.jsonl: cannot write: ")]:
+        rc, err = run_cli(capsys, "--source", src, "--target", tgt, "-k", 1, "--out", out)
+        assert rc == 2 and re_search(match, err) and err.count("\n") == 1, (out, err)
+    assert os.listdir(tmp / "outdir") == []  # no temporary file left behind
+
+
+@pytest.mark.parametrize("flag", ["--threads", "--batch-size"])
+@pytest.mark.parametrize("value", ["0", "-2", "two"])
+def test_counts_below_one_are_usage_errors(capsys, small, flag, value):
+    tmp, tgt = small
+    with pytest.raises(SystemExit) as e:
+        cli.main(["zipfit", "--source", str(tgt), "--target", str(tgt), "-k", "1", "--out", str(tmp / "o.jsonl"), flag, value])
+    assert e.value.code == 2
+    assert f"argument {flag}: expected a whole number >= 1; got " in capsys.readouterr().err
+
+
+def test_lone_surrogate_outside_the_text_field(capsys, small):
+    """Only the text field must be valid Unicode; another field's lone surrogate is written back as
+    the escape it came as (JSON Lines) or refused with the reason (Parquet cannot store it)."""
+    tmp, tgt = small
+    src = tmp / "s.jsonl"
+    src.write_text('{"text": "proof", "title": "\\ud800 x"}\n')
+    rc, err = run_cli(capsys, "--source", src, "--target", tgt, "-k", 1, "--out", tmp / "o.jsonl")
+    assert rc == 0, err
+    assert read_out(str(tmp / "o.jsonl"))[0]["title"] == "\ud800 x"
+    rc, err = run_cli(capsys, "--source", src, "--target", tgt, "-k", 1, "--out", tmp / "o.parquet")
+    assert rc == 2 and re_search(r"o\.parquet: a field holds text that is not valid Unicode .*write \.jsonl instead", err), err
 
 
 def test_python_api_errors(corpus):

@@ -135,6 +135,17 @@ def _zipfit(args) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    """argparse type of a count >= 1 (argparse reports the ValueError as a usage error, exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1; got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1; got {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lmkern", description="lmkern: fused numeric kernels as torch custom ops")
     p.add_argument("--version", action="version", version=f"lmkern {_version()}")
@@ -146,7 +157,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="where to run (default all: cpu, and cuda when lmkern's CUDA path works)")
     b.add_argument("--quick", action="store_true", help="smaller shapes and fewer rounds")
     b.add_argument("--op", metavar="NAME", help="only ops whose name contains NAME (e.g. crms, residual)")
-    b.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch and lmkern")
+    b.add_argument("--threads", type=_positive_int, metavar="N", help="CPU threads for torch and lmkern")
     b.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     b.add_argument("--no-progress", action="store_true", help="print only the final table")
     b.set_defaults(func=_bench)
@@ -173,11 +184,11 @@ def _parser() -> argparse.ArgumentParser:
     z.add_argument("--level", type=int, default=9, choices=range(10), metavar="L", help="gzip level 0-9 (default 9)")
     z.add_argument("--text-field", default="text", metavar="F", help="JSON field / Parquet column of the text (default text)")
     z.add_argument("--engine", choices=("local", "ray"), default="local", help="local (default) or ray (Ray Data)")
-    z.add_argument("--batch-size", type=int, default=1024, metavar="N", help="sources per scorer call (default 1024)")
+    z.add_argument("--batch-size", type=_positive_int, default=1024, metavar="N", help="sources per scorer call (default 1024)")
     z.add_argument("--bad-records", choices=("error", "skip"), default="error",
                    help="a record that cannot be read: stop with an error (default) or skip it and count it")
-    z.add_argument("--threads", type=int, metavar="N", help="lmkern CPU threads (local engine)")
-    z.add_argument("--num-actors", type=int, metavar="N", help="ray: scoring actors (default: cluster CPUs - 1)")
+    z.add_argument("--threads", type=_positive_int, metavar="N", help="lmkern CPU threads (local engine)")
+    z.add_argument("--num-actors", type=_positive_int, metavar="N", help="ray: scoring actors (default: cluster CPUs - 1)")
     z.add_argument("--ray-address", metavar="ADDR", help="ray: cluster address (default: the running one or a new local one)")
     z.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
     z.set_defaults(func=_zipfit)

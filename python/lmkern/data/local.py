@@ -228,9 +228,14 @@ def write_records(path: PathLike, rows: Sequence[dict]) -> str:
     Lines (UTF-8, one object per line). Written to a temporary file, then renamed. Returns the format."""
     path = os.fspath(path)
     fmt = "parquet" if path.lower().endswith((".parquet", ".pq")) else "jsonl"
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a directory; the output is a file")
     parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".zipfit-", dir=parent)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".zipfit-", dir=parent)
+    except OSError as e:
+        raise DataError(f"{path}: cannot write: {e}") from e
     try:
         if fmt == "parquet":
             import pyarrow as pa
@@ -245,17 +250,27 @@ def write_records(path: PathLike, rows: Sequence[dict]) -> str:
                 columns[c] = [r.get(c) for r in rows]
             try:
                 table = pa.table(columns) if rows else pa.table({"zipfit_score": pa.array([], pa.float64())})
+            except UnicodeEncodeError as e:
+                raise DataError(f"{path}: a field holds text that is not valid Unicode ({e.reason}: {e.object[e.start:e.end]!r}),"
+                                " which Parquet's UTF-8 strings cannot store; write .jsonl instead") from e
             except (pa.ArrowException, TypeError) as e:
                 raise DataError(f"{path}: these records do not fit one Parquet schema ({e}); write .jsonl instead") from e
             pq.write_table(table, tmp)
         else:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 for r in rows:
-                    f.write(json.dumps(r, ensure_ascii=False, default=_json_default))
+                    line = json.dumps(r, ensure_ascii=False, default=_json_default)
+                    try:
+                        line.encode("utf-8")
+                    except UnicodeEncodeError:  # a lone surrogate (from \ud800 in the source): escaped as it came
+                        line = json.dumps(r, ensure_ascii=True, default=_json_default)
+                    f.write(line)
                     f.write("\n")
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise DataError(f"{path}: cannot write: {e}") from e
         raise
     return fmt

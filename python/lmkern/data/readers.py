@@ -27,6 +27,7 @@ import gzip
 import io
 import json
 import os
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Sequence, Union
 
@@ -203,7 +204,7 @@ class Reader:
                     yield from self._text(i, path)
             except (DataError, FileNotFoundError):
                 raise
-            except (OSError, EOFError, gzip.BadGzipFile) as e:
+            except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:  # zlib.error: corrupt .gz data
                 raise DataError(f"{path}: cannot read: {e}") from e
             self._done_bytes += self._sizes[i]
 
