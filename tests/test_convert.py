@@ -473,7 +473,20 @@ def test_cli_convert_errors(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(convert, "_fold_state_dict", broken)
     assert cli.main(["convert", str(tmp_path / "own"), str(tmp_path / "bad"), "--to", "crms"]) == 1
-    assert "differ" in capsys.readouterr().err
+    assert "differ" in capsys.readouterr().err and not (tmp_path / "bad").exists()  # nothing written
+    monkeypatch.undo()
+    # SRC not a directory, DST the same directory as SRC (it would overwrite the original), DST
+    # not writable: one line, exit 2, SRC untouched.
+    (tmp_path / "afile").write_text("")
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "own").iterdir())
+    for src, dst, match in [(tmp_path / "missing", tmp_path / "z", "no such directory"),
+                            (tmp_path / "own", tmp_path / "own", "is SRC"),
+                            (tmp_path / "own", tmp_path / "." / "own", "is SRC"),
+                            (tmp_path / "own", tmp_path / "afile" / "out", "cannot write")]:
+        assert cli.main(["convert", str(src), str(dst), "--to", "rms"]) == 2, (src, dst)
+        err = capsys.readouterr().err
+        assert match in err and err.count("\n") == 1, err
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "own").iterdir()) == before
 
 
 # ------------------------------------------------------------------------------------------------

@@ -629,10 +629,17 @@ def _logits(model, ids):
 
 
 def cli_main(args) -> int:
-    """`lmkern convert SRC DST --to rms|crms`: 0 on success, 1 when the check fails, 2 when unsupported."""
+    """`lmkern convert SRC DST --to rms|crms`: 0 on success, 1 when the check fails (nothing written),
+    2 when SRC cannot be read or converted or DST cannot be written."""
     import shutil
     import sys
 
+    if not os.path.isdir(args.src):
+        print(f"lmkern convert: SRC {args.src!r}: no such directory (a directory written by save_pretrained)", file=sys.stderr)
+        return 2
+    if os.path.exists(args.dst) and os.path.samefile(args.src, args.dst):
+        print(f"lmkern convert: DST {args.dst!r} is SRC: write the converted model to another directory", file=sys.stderr)
+        return 2
     dtype = getattr(torch, args.dtype) if args.dtype else None
     try:
         model = _load_original(args.src, dtype).eval()
@@ -656,20 +663,25 @@ def cli_main(args) -> int:
         with torch.no_grad():
             ref, out = _logits(model, ids).double(), _logits(new.eval(), ids).double()
         worst = ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-300)).item()
-    new.save_pretrained(args.dst)
-    # Tokenizer and other side files travel along; weights and configs were written anew.
-    for name in sorted(os.listdir(args.src)):
-        s, d = os.path.join(args.src, name), os.path.join(args.dst, name)
-        if os.path.isfile(s) and not os.path.exists(d) and not name.endswith(_WEIGHT_SUFFIXES):
-            shutil.copy2(s, d)
     kind = "Pre-RMSNorm" if args.to == "rms" else "Pre-CRMSNorm"
-    print(f"{type(new).__name__} → {kind}: written to {args.dst}")
     if worst is not None:
         tol = {torch.float64: 1e-9}.get(next(new.parameters()).dtype, 1e-4 if next(new.parameters()).dtype == torch.float32 else 5e-2)
         print(f"check: max |Δ| / max |ref| of the outputs on random tokens = {worst:.2e} (tolerance {tol:.0e})")
         if not worst <= tol:
-            print("lmkern convert: the converted model's outputs differ from the original's", file=sys.stderr)
+            print(f"lmkern convert: the converted model's outputs differ from the original's; {args.dst} not written"
+                  " (--no-check writes it anyway)", file=sys.stderr)
             return 1
+    try:
+        new.save_pretrained(args.dst)
+        # Tokenizer and other side files travel along; weights and configs were written anew.
+        for name in sorted(os.listdir(args.src)):
+            s, d = os.path.join(args.src, name), os.path.join(args.dst, name)
+            if os.path.isfile(s) and not os.path.exists(d) and not name.endswith(_WEIGHT_SUFFIXES):
+                shutil.copy2(s, d)
+    except OSError as e:
+        print(f"lmkern convert: DST {args.dst!r}: cannot write: {e}", file=sys.stderr)
+        return 2
+    print(f"{type(new).__name__} → {kind}: written to {args.dst}")
     return 0
 
 
