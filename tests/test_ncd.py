@@ -339,6 +339,9 @@ def test_k():
         N.zipfit_select(xs, ys, -1)
     with pytest.raises(TypeError, match="k: "):
         N.zipfit_select(xs, ys, 2.0)
+    assert N.top_k([0.5, 0.9, 0.5], 2).tolist() == [1, 0]
+    with pytest.raises(ValueError, match=r"scores: expected one score per source \(1-D\); got shape \(2, 2\)"):
+        N.top_k([[0.1, 0.2], [0.3, 0.4]], 1)  # an NCD matrix is not a score vector
 
 
 def test_public_api():

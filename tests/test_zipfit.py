@@ -263,6 +263,15 @@ def test_bad_jsonl_records(capsys, small, content, match):
     assert not (tmp / "o.jsonl").exists()
 
 
+def test_text_file_byte_order_mark_is_not_text(capsys, small):
+    tmp, tgt = small
+    src = tmp / "s.txt"
+    src.write_bytes(b"\xef\xbb\xbfproof one\nlemma two\n")
+    rc, err = run_cli(capsys, "--source", src, "--target", tgt, "-k", 2, "--out", tmp / "o.jsonl")
+    assert rc == 0, err
+    assert sorted(r["text"] for r in read_out(str(tmp / "o.jsonl"))) == ["lemma two", "proof one"]
+
+
 def test_bad_records_skip(capsys, small):
     tmp, tgt = small
     src = tmp / "s.txt"

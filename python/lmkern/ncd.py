@@ -169,6 +169,8 @@ def top_k(scores: np.ndarray, k: int) -> np.ndarray:
     """Indices of the k highest scores, best first, ties in index order (k > len: all of them)."""
     k = _check_k(k)
     scores = np.asarray(scores, dtype=np.float64)
+    if scores.ndim != 1:
+        raise ValueError(f"scores: expected one score per source (1-D); got shape {scores.shape}")
     # A stable sort of −score keeps equal scores in index order; NaN cannot occur (max(C) >= 20).
     order = np.argsort(-scores, kind="stable")
     return order[:k].astype(np.int64)

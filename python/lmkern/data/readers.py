@@ -269,6 +269,8 @@ class Reader:
             line = line.rstrip(b"\n")
             if line.endswith(b"\r"):
                 line = line[:-1]
+            if lineno == 1 and line.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark: not text
+                line = line[3:]
             if not line.strip():
                 continue
             loc = f"{path}:{lineno}"
