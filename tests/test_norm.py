@@ -1050,6 +1050,10 @@ def test_bad_input(crms):
         (lambda: fn(x, eps=math.inf), ValueError, "eps"),
         (lambda: fn(x, offset=math.inf), ValueError, "offset"),
         (lambda: fn(x, scale=math.nan), ValueError, "scale"),
+        (lambda: fn(x.to_sparse()), TypeError, "x: expected a dense tensor"),
+        (lambda: fn(x, torch.randn(8).to_sparse()), TypeError, "weight: expected a dense tensor"),
+        (lambda: fn(x, offset=torch.tensor(0.5, requires_grad=True)), TypeError, "offset: expected a number"),
+        (lambda: fn(x, scale=torch.tensor(2.0, requires_grad=True)), TypeError, "scale: expected a number"),
     ]
     for i, (call, exc, word) in enumerate(cases):
         with pytest.raises(exc) as info:

@@ -40,11 +40,26 @@ def check_floating(name: str, t: torch.Tensor, allowed) -> None:
 def check_device(name: str, t: torch.Tensor, ref: torch.Tensor, ref_name: str = "x") -> None:
     if t.device != ref.device:
         raise ValueError(f"{name}: expected a tensor on {ref.device} (the device of {ref_name}); got {t.device}")
+    _check_dense(name, t)
 
 
 def check_cpu_or_cuda(name: str, t: torch.Tensor) -> None:
     if not (t.is_cpu or t.is_cuda or t.is_meta):
         raise ValueError(f"{name}: lmkern runs on cpu and cuda tensors; got a {t.device.type} tensor")
+    _check_dense(name, t)
+
+
+def _check_dense(name: str, t: torch.Tensor) -> None:
+    if t.layout != torch.strided:
+        raise TypeError(f"{name}: expected a dense tensor; got layout {t.layout} (call .to_dense() first)")
+
+
+def scalar_arg(name: str, value) -> float:
+    """A float argument (eps, offset, scale, clip): a tensor that requires grad would silently lose
+    its gradient in float(), so it is refused."""
+    if isinstance(value, torch.Tensor) and value.requires_grad:
+        raise TypeError(f"{name}: expected a number (lmkern does not differentiate it); got a tensor that requires grad")
+    return float(value)
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)

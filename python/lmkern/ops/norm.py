@@ -16,7 +16,7 @@ import torch
 from .. import _core
 from .._lib import (
     DTYPE_CODES, LIB, check_cpu_or_cuda, check_device, check_floating, device_args, eager_ok, first_order_backward, func_transformed,
-    ptr,
+    ptr, scalar_arg,
 )
 
 _CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -312,7 +312,7 @@ def _public(crms, op, op_residual, x, weight, eps, residual, offset, scale):
             raise TypeError(f"{name}: expected a torch.Tensor{'' if name == 'x' else ' or None'}; got {type(t).__name__}")
     if weight is not None and weight.dtype != x.dtype and weight.is_floating_point():
         weight = weight.to(x.dtype)  # e.g. float32 master weights with bfloat16 activations
-    eps, offset, scale = float(eps), float(offset), float(scale)
+    eps, offset, scale = scalar_arg("eps", eps), scalar_arg("offset", offset), scalar_arg("scale", scale)
     if _eager_ok(x, residual, weight):
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual, weight)):
             return _NormFunction.apply(crms, x, residual, weight, eps, offset, scale)
@@ -358,7 +358,7 @@ def _public_inplace(crms, op, x, weight, eps, residual, offset, scale):
         )
     if weight is not None and weight.dtype != x.dtype and weight.is_floating_point():
         weight = weight.to(x.dtype)
-    eps, offset, scale = float(eps), float(offset), float(scale)
+    eps, offset, scale = scalar_arg("eps", eps), scalar_arg("offset", offset), scalar_arg("scale", scale)
     if _eager_ok(x, residual, weight):
         _forward_inplace(crms, x, residual, weight, eps, offset, scale)
         # Tell autograd the tensors changed (a graph may have saved them), as torch's in-place ops do.
