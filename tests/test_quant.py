@@ -10,6 +10,7 @@ hypothesis-drawn seed.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import math
 import os
@@ -840,6 +841,55 @@ def test_power_quant_linear_state_dict_round_trip():
         # Its load hook survived the copy: new exponents give new codebooks.
         other.load_state_dict({**sd, "exponent": torch.full_like(mod.exponent, 0.5)})
         assert torch.equal(other.codebook, torch.ops.lmkern.power_codebook(torch.full_like(mod.exponent, 0.5), 4))
+
+
+def test_power_quant_linear_loads_built_on_meta_and_of_other_dtypes():
+    """The low-memory route (built on meta, load_state_dict(assign=True)) gives a working layer: the
+    codebook, not in the state dict, is made on the exponents' device; a float16 checkpoint assigned
+    keeps the float buffers float32."""
+    mod = PowerQuantLinear.from_linear(_linear(64, 8, True, 5), 4, 16, a=0.6)
+    x = torch.randn(3, 64)
+    with torch.device("meta"):
+        lazy = PowerQuantLinear(64, 8, bits=4, group_size=16)
+    lazy.load_state_dict(mod.state_dict(), assign=True)
+    assert all(not b.is_meta for b in lazy.buffers())
+    assert torch.equal(lazy(x), mod(x))
+    half = {k: v.half() if v.is_floating_point() else v for k, v in mod.state_dict().items()}
+    other = PowerQuantLinear(64, 8, bits=4, group_size=16)
+    other.load_state_dict(half, assign=True)
+    assert {b.dtype for n, b in other.named_buffers() if n != "codes"} == {torch.float32}
+    assert torch.equal(other.exponent, mod.exponent.half().float())
+
+
+def test_power_quant_linear_rejected_load_changes_nothing():
+    """A bad exponent raises before codes, scales or exponents are overwritten (the layer keeps
+    giving the same outputs), through load_state_dict and load_quantized."""
+    mod = PowerQuantLinear.from_linear(_linear(64, 8, True, 6), 4, 16, a=0.5)
+    x = torch.randn(2, 64)
+    y0, sd0 = mod(x), {k: v.clone() for k, v in mod.state_dict().items()}
+    bad = {k: v.clone() for k, v in sd0.items()}
+    bad["exponent"][3] = 2.0
+    bad["codes"].random_(0, 256, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"exponent \(state dict\): .*\(0, 1\]; got 2 \(row 3\)"):
+        mod.load_state_dict(bad)
+    q = power_quantize(torch.randn(8, 64), 0.5, 4, 16)
+    with pytest.raises(ValueError, match=r"\(0, 1\]; got 1.5"):
+        mod.load_quantized(dataclasses.replace(q, exponent=torch.full((8,), 1.5)))
+    for k, v in mod.state_dict().items():
+        assert torch.equal(v, sd0[k]), k
+    assert torch.equal(mod(x), y0)
+
+
+def test_power_quant_linear_bad_construction():
+    with pytest.raises(TypeError, match="in_features: expected an int; got float 16.7"):
+        PowerQuantLinear(16.7, 4)
+    with pytest.raises(ValueError, match="out_features: expected a size >= 0; got -1"):
+        PowerQuantLinear(64, -1, group_size=None)
+    lin = _linear(32, 4, False, 7)
+    with torch.no_grad():
+        lin.weight[2, 5] = float("nan")
+    with pytest.raises(ValueError, match="linear.weight: expected finite values"):
+        PowerQuantLinear.from_linear(lin, 4, 16, a=0.5)
 
 
 def test_power_quant_linear_keeps_float32_state_under_dtype_conversion():

@@ -1,6 +1,8 @@
 """PowerQuantLinear: a linear layer over power-quantized frozen weights (PowerQuant / NUPES)."""
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import nn
 
@@ -42,6 +44,11 @@ class PowerQuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 4,
                  group_size: int | None = 128, device=None):
         super().__init__()
+        for name, size in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(size, bool) or not isinstance(size, numbers.Integral):
+                raise TypeError(f"{name}: expected an int; got {type(size).__name__} {size!r}")
+            if size < 0:
+                raise ValueError(f"{name}: expected a size >= 0; got {size}")
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.bits = _ops.check_bits(bits)
         self.group_size = _ops.check_group(group_size, self.in_features)
@@ -69,6 +76,8 @@ class PowerQuantLinear(nn.Module):
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear: expected a torch.nn.Linear; got {type(linear).__name__}")
         w = linear.weight.detach()
+        if not torch.isfinite(w).all():
+            raise ValueError("linear.weight: expected finite values (NaN or inf found)")
         gs = _ops.check_group(group_size, w.shape[1])
         if a is None:
             a = search_exponent(w, bits, gs, x=x, per_row=True, clip=clip)
@@ -86,17 +95,39 @@ class PowerQuantLinear(nn.Module):
                 f"q: expected a [{self.out_features}, {self.in_features}] weight with bits={self.bits}, "
                 f"group_size={self.group_size}; got {list(q.shape)}, bits={q.bits}, group_size={q.group_size}"
             )
+        exponent = _exponents(q.exponent, self.out_features, q.exponent)
+        torch.ops.lmkern.power_codebook(exponent, self.bits)  # raises on a bad exponent before anything changes
         self.codes.copy_(q.codes)
         self.scales.copy_(q.scales)
-        self.exponent.copy_(_exponents(q.exponent, self.out_features, q.exponent))
+        self.exponent.copy_(exponent)
         self.refresh_codebook()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checked before torch copies anything: a bad exponent raises with the module unchanged
+        # (after the copy, codes and exponents would be new and the codebooks old). The float
+        # buffers stay float32 when a checkpoint of another dtype is assigned (assign=True).
+        key = prefix + "exponent"
+        if isinstance(state_dict.get(key), torch.Tensor) and not state_dict[key].is_meta:
+            try:
+                torch.ops.lmkern.power_codebook(state_dict[key].to(torch.float32), self.bits)
+            except ValueError as e:
+                raise ValueError(f"{key} (state dict): {e}") from None
+        for name in ("scales", "exponent", "bias"):
+            t = state_dict.get(prefix + name)
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float32:
+                state_dict[prefix + name] = t.to(torch.float32)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
     def refresh_codebook(self) -> None:
         """Recompute ``codebook`` from ``exponent`` (done on construction, load_quantized and load_state_dict)."""
         if self.exponent.is_meta:
             return
-        self.codebook.copy_(torch.ops.lmkern.power_codebook(self.exponent, self.bits))
+        book = torch.ops.lmkern.power_codebook(self.exponent, self.bits)
+        if self.codebook.device == book.device:
+            self.codebook.copy_(book)
+        else:  # built on meta and loaded with assign=True: the codebook was never materialized
+            self.codebook = book
 
     @property
     def quantized(self) -> PowerQuantized:
