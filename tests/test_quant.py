@@ -446,6 +446,11 @@ def test_search_exponent_on_output_error(tokens):
     best = brute.min(0).values
     assert (ours <= best * 1.01 + 1e-9).all(), f"worst ratio {(ours / best).max().item():.4f}"
     assert search_exponent(w, 4, 32, x=x.reshape(2, tokens // 2, n)).allclose(a)
+    # Any scale of x (near float32's limits too: the QR factor of such x overflowed) asks for the
+    # same exponents.
+    for c in (3e38 / x.abs().max().item(), 1e-30):
+        assert torch.isfinite(x * c).all()
+        assert search_exponent(w, 4, 32, x=x * c).allclose(a, atol=1e-6)
     # one exponent for the whole tensor, on the summed output error
     a1 = search_exponent(w, 4, 32, x=x, per_row=False)
     assert a1.shape == () and errors_ref(w, float(a1), 4, 32, x=x).sum() <= brute.sum(1).min() * 1.01
@@ -1104,6 +1109,22 @@ def test_bad_input():
         mod(torch.randn(2, 31))
     with pytest.raises(TypeError, match="dtype"):
         mod(torch.ones(2, 32, dtype=torch.int64))
+
+
+def test_numpy_scalars_are_numbers_and_equality_is_identity():
+    """bits, group_size, a and clip given as numpy scalars (as they come out of a config or an
+    array) act as the Python numbers; PowerQuantized compares by identity (its fields are tensors)."""
+    import numpy as np
+
+    x = torch.randn(4, 32)
+    q = power_quantize(x, np.float32(0.75), np.int64(4), np.int32(8), np.float64(0.9))
+    ref = power_quantize(x, 0.75, 4, 8, 0.9)
+    assert type(q.bits) is int and type(q.group_size) is int
+    assert torch.equal(q.codes, ref.codes) and torch.equal(q.scales, ref.scales)
+    assert torch.equal(power_fake_quantize(x, 0.75, np.int8(4), np.int64(8)), power_fake_quantize(x, 0.75, 4, 8))
+    with pytest.raises(ValueError, match="bits: expected one of 2, 3, 4, 8; got np.int64.5"):
+        power_quantize(x, 0.5, np.int64(5))
+    assert q == q and q != copy.deepcopy(q) and len({q, ref}) == 2
 
 
 def test_cuda_refusals_come_before_any_buffer_is_touched():

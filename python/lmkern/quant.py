@@ -41,7 +41,14 @@ gradient through the absmax): with ``u = |x|/m``, ``r = |q|/qmax``, ``lu = ln(u 
 ``∂x̂/∂x = r^(1/a−1)·exp((a−1)·lu)`` and
 ``∂x̂/∂a = −(m/a²)·sign(x)·r^(1/a)·ln r + (m/a)·sign(x)·r^(1/a−1)·exp(a·lu)·lu``, with
 ``r^(1/a−1)`` taken as 1 for q = 0 when a = 1 (0 when a < 1) and the first term 0 for q = 0; both are
-0 where x = 0, m = 0 or |x| > m (clamped). They are finite for every x and every a in (0, 1].
+0 where x = 0, m = 0 or |x| > m (clamped). They are finite for every x and every a in (0, 1]
+(x = 0, a → 0, all-zero groups) wherever their value is within float32's range: ∂x̂/∂a grows like
+m·ln(u)/a² and overflows to ±inf only for extreme pairs (m ~ 1 with a < ~1e-38, or m ~ 1e36 with
+a ~ 0.01).
+
+Scales are float32: a float64 group whose clip·max|x| is below float32's normal range (~1.2e-38)
+keeps fewer significant bits in its scale, and one below ~1.4e-45 gets scale 0 (the group dequantizes
+to 0); one above float32's range raises.
 
 Devices: CPU (float32, float64, bfloat16, float16) and CUDA (float32, bfloat16, float16; float64
 raises TypeError); the CUDA codes are the CPU's bit for bit. On CUDA, quantize and fake quantize
@@ -51,8 +58,9 @@ synchronize once to check the exponents and the scales' finiteness (same errors 
 """
 from __future__ import annotations
 
-import math
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -71,7 +79,7 @@ SEARCH_GRID = _ops.SEARCH_GRID
 SEARCH_REFINE = _ops.SEARCH_REFINE
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class QuantizedTensor:
     """Packed symmetric codes of a tensor, in the layout of this module's docstring.
 
@@ -120,7 +128,7 @@ class QuantizedTensor:
         return dataclasses.replace(self, **moved)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class PowerQuantized(QuantizedTensor):
     """A power-quantized tensor: :class:`QuantizedTensor` plus the float32 exponents [rows]."""
 
@@ -155,7 +163,7 @@ def _exponents(a, rows: int, x: torch.Tensor) -> torch.Tensor:
         if a.device != x.device:
             raise ValueError(f"a: expected a tensor on {x.device} (the device of x); got {a.device}")
         return a.to(torch.float32)
-    if isinstance(a, bool) or not isinstance(a, (int, float)):
+    if isinstance(a, bool) or not isinstance(a, numbers.Real):
         raise TypeError(f"a: expected a float or a tensor; got {type(a).__name__}")
     a = float(a)
     if not (0.0 < a <= 1.0):
@@ -164,7 +172,7 @@ def _exponents(a, rows: int, x: torch.Tensor) -> torch.Tensor:
 
 
 def _clip(clip) -> float:
-    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not (0.0 < float(clip) < math.inf):
+    if isinstance(clip, bool) or not isinstance(clip, numbers.Real) or not (0.0 < float(clip) < math.inf):
         raise ValueError(f"clip: expected a finite number > 0; got {clip!r}")
     return float(clip)
 
@@ -240,9 +248,14 @@ def search_exponent(w, bits: int = 4, group_size: int | None = None, x=None, per
         _ops._check_x("x", x)
         if x.shape[-1] != n:
             raise ValueError(f"x: expected calibration activations with last dimension {n}; got shape {tuple(x.shape)}")
-        z = x.detach().reshape(_ops._rows(x)[0], n)
+        z = x.detach().reshape(_ops._rows(x)[0], n).to(torch.float64)
+        # Any positive multiple of x has the same best exponents: at max|x| = 1 neither the QR
+        # factor nor the kernel's float32 copy can overflow (x near float32's limit did).
+        top = z.abs().max() if z.numel() else z.new_zeros(())
+        if 0 < top < math.inf:
+            z = z / top
         if z.shape[0] > n:
-            z = torch.linalg.qr(z.to(torch.float64), mode="r")[1]
+            z = torch.linalg.qr(z, mode="r")[1]
         z = z.to(torch.float32)
     out = torch.ops.lmkern.power_search_exponent(w32, z, bits, g, clip, bool(per_row), grid, refine)
     return out if per_row else out.reshape(())

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import threading
 
 import torch
@@ -115,20 +116,20 @@ def _cuda_check_quantized(a: torch.Tensor, scales: torch.Tensor) -> None:
 
 
 def check_bits(bits) -> int:
-    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in BITS:
+    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or bits not in BITS:
         raise ValueError(f"bits: expected one of 2, 3, 4, 8; got {bits!r}")
-    return bits
+    return int(bits)  # a numpy integer becomes the int the op schemas take
 
 
 def check_group(group_size, n: int) -> int:
     """group_size (None: one group per row) as an int dividing n."""
     if group_size is None:
         return max(n, 1)
-    if isinstance(group_size, bool) or not isinstance(group_size, int):
+    if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral):
         raise TypeError(f"group_size: expected an int or None; got {type(group_size).__name__}")
     if group_size < 1 or (n % group_size) != 0:
         raise ValueError(f"group_size: expected a positive divisor of the last dimension {n}; got {group_size}")
-    return group_size
+    return int(group_size)
 
 
 def row_bytes(n: int, bits: int) -> int:
