@@ -1111,6 +1111,40 @@ def test_bad_input():
         mod(torch.ones(2, 32, dtype=torch.int64))
 
 
+@pytest.mark.parametrize("transform", ["grad", "jacrev", "jvp", "jacfwd", "vmap", "forward_ad"])
+def test_torch_func_transforms(transform):
+    """PowerQuantLinear under torch.func transforms and forward-mode AD equals the same transform
+    of x @ Ŵᵀ + b in float64; the fake quantizer refuses the differentiating ones (custom ops give
+    zero tangents there) and runs under vmap."""
+    import torch.autograd.forward_ad as fwAD
+
+    mod = PowerQuantLinear.from_linear(_linear(32, 6, True, 8), 4, 16, a=0.6)
+    w64, b64 = mod.dequantized_weight().double(), mod.bias.double()
+    x, t = torch.randn(3, 32, dtype=F64), torch.randn(3, 32, dtype=F64)
+
+    def run(f):
+        if transform == "grad":
+            return torch.func.grad(lambda x: f(x).pow(2).sum())(x)
+        if transform in ("jacrev", "jacfwd"):
+            return getattr(torch.func, transform)(f)(x)
+        if transform == "jvp":
+            return torch.func.jvp(f, (x,), (t,))[1]
+        if transform == "vmap":
+            return torch.func.vmap(f)(x)
+        with fwAD.dual_level():
+            return fwAD.unpack_dual(f(fwAD.make_dual(x, t))).tangent
+
+    got = run(mod)
+    assert got is not None and got.dtype == F64
+    assert torch.allclose(got, run(lambda x: x @ w64.T + b64), rtol=1e-12, atol=1e-12)
+    fake = lambda x: power_fake_quantize(x, 0.6, 4, 16)
+    if transform == "vmap":
+        assert torch.equal(run(fake), fake(x))
+    else:
+        with pytest.raises(NotImplementedError, match="power_fake_quantize: torch.func"):
+            run(fake)
+
+
 def test_numpy_scalars_are_numbers_and_equality_is_identity():
     """bits, group_size, a and clip given as numpy scalars (as they come out of a config or an
     array) act as the Python numbers; PowerQuantized compares by identity (its fields are tensors)."""

@@ -93,6 +93,23 @@ def func_transformed() -> bool:
     return _forward_ad_active() or torch._C._are_functorch_transforms_active()
 
 
+def differentiating_transform() -> bool:
+    """Like func_transformed, but only the transforms that differentiate (grad, vjp, jacrev, jvp,
+    jacfwd) and forward-mode AD: vmap alone runs custom ops correctly (one call per example)."""
+    if torch.compiler.is_compiling():
+        return False
+    if _forward_ad_active():
+        return True
+    if not torch._C._are_functorch_transforms_active():
+        return False
+    try:
+        from torch._C._functorch import TransformType
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+    except ImportError:  # a torch without these (private) names: assume the worst
+        return True
+    return any(i.key() in (TransformType.Grad, TransformType.Jvp) for i in retrieve_all_functorch_interpreters())
+
+
 def _forward_ad_active() -> bool:
     """Whether a torch.autograd.forward_ad.dual_level is open (torch keeps its level in this global)."""
     return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0

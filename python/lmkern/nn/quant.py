@@ -6,6 +6,7 @@ import numbers
 import torch
 from torch import nn
 
+from .._lib import func_transformed
 from ..ops import quant as _ops
 from ..quant import PowerQuantized, _exponents, power_quantize, search_exponent
 
@@ -152,6 +153,13 @@ class PowerQuantLinear(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if func_transformed():
+            # torch.func transforms and forward-mode AD: the same product through torch ops (the
+            # custom op's autograd supports neither), the weight dequantized whole.
+            if x.shape[-1] != self.in_features:
+                raise ValueError(f"x: expected a last dimension of {self.in_features} (in_features); got shape {tuple(x.shape)}")
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return nn.functional.linear(x, self.dequantized_weight().to(x.dtype), bias)
         return _ops.quant_linear(x, self.codes, self.scales, self.codebook, self.bias, self.bits, self.group_size,
                                  self.in_features)
 
