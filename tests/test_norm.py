@@ -551,9 +551,13 @@ def test_inference_mode_and_no_grad(crms):
         check(y, ref(x, w, 1e-5, r)[0], 1e-5, f"y under {ctx.__name__}")
 
 
-def test_set_num_threads_rejects_zero(num_threads):
-    with pytest.raises(ValueError, match="threads"):
-        lmkern.set_num_threads(0)
+def test_set_num_threads_rejects_bad_counts(num_threads):
+    for bad in (0, -3, lmkern.MAX_THREADS + 1, 2**31):  # the pool would start them all: 100,000 hung
+        with pytest.raises(ValueError, match=f"threads: expected a count from 1 to {lmkern.MAX_THREADS}; got {bad}"):
+            lmkern.set_num_threads(bad)
+    for bad in (1.5, True, "2"):
+        with pytest.raises(TypeError, match="threads: expected an int"):
+            lmkern.set_num_threads(bad)
     assert lmkern.get_num_threads() == num_threads
 
 

@@ -358,6 +358,14 @@ def test_counts_below_one_are_usage_errors(capsys, small, flag, value):
     assert f"argument {flag}: expected a whole number >= 1; got " in capsys.readouterr().err
 
 
+def test_too_many_threads_is_a_usage_error(capsys, small):
+    tmp, tgt = small
+    with pytest.raises(SystemExit) as e:
+        cli.main(["zipfit", "--source", str(tgt), "--target", str(tgt), "-k", "1", "--out", str(tmp / "o.jsonl"),
+                  "--threads", "100000"])
+    assert e.value.code == 2 and "argument --threads: expected at most 4096 threads; got 100000" in capsys.readouterr().err
+
+
 def test_lone_surrogate_outside_the_text_field(capsys, small):
     """Only the text field must be valid Unicode; another field's lone surrogate is written back as
     the escape it came as (JSON Lines) or refused with the reason (Parquet cannot store it)."""

@@ -5,6 +5,8 @@ registers them with torch (torch.ops.lmkern.*) and exposes the public functions 
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from . import _core
@@ -17,7 +19,7 @@ from .ops.norm import crms_norm, crms_norm_, rms_norm, rms_norm_
 
 __all__ = [
     "rms_norm", "crms_norm", "rms_norm_", "crms_norm_", "nn", "convert", "models", "ncd", "quant",
-    "cuda_available", "cuda_status", "cpu_isa", "set_num_threads", "get_num_threads",
+    "cuda_available", "cuda_status", "cpu_isa", "set_num_threads", "get_num_threads", "MAX_THREADS",
 ]
 
 try:
@@ -47,12 +49,18 @@ def cpu_isa() -> str:
     return _core.cpu_isa()
 
 
+#: The most threads set_num_threads takes: the pool starts them all at once (100,000 took minutes).
+MAX_THREADS = 4096
+
+
 def set_num_threads(threads: int) -> None:
-    """Set the number of CPU threads lmkern's kernels use (default: torch.get_num_threads() at import)."""
-    threads = int(threads)
-    if threads < 1:
-        raise ValueError(f"threads: expected a count >= 1; got {threads}")
-    _core.set_num_threads(threads)
+    """Set the number of CPU threads lmkern's kernels use (default: torch.get_num_threads() at import),
+    1 to MAX_THREADS."""
+    if isinstance(threads, bool) or not isinstance(threads, numbers.Integral):
+        raise TypeError(f"threads: expected an int; got {type(threads).__name__} {threads!r}")
+    if not 1 <= threads <= MAX_THREADS:
+        raise ValueError(f"threads: expected a count from 1 to {MAX_THREADS}; got {threads}")
+    _core.set_num_threads(int(threads))
 
 
 def get_num_threads() -> int:

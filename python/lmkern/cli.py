@@ -146,6 +146,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _thread_count(text: str) -> int:
+    """argparse type of --threads: 1 to lmkern.MAX_THREADS."""
+    from . import MAX_THREADS
+
+    value = _positive_int(text)
+    if value > MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_THREADS} threads; got {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lmkern", description="lmkern: fused numeric kernels as torch custom ops")
     p.add_argument("--version", action="version", version=f"lmkern {_version()}")
@@ -157,7 +167,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="where to run (default all: cpu, and cuda when lmkern's CUDA path works)")
     b.add_argument("--quick", action="store_true", help="smaller shapes and fewer rounds")
     b.add_argument("--op", metavar="NAME", help="only ops whose name contains NAME (e.g. crms, residual)")
-    b.add_argument("--threads", type=_positive_int, metavar="N", help="CPU threads for torch and lmkern")
+    b.add_argument("--threads", type=_thread_count, metavar="N", help="CPU threads for torch and lmkern")
     b.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     b.add_argument("--no-progress", action="store_true", help="print only the final table")
     b.set_defaults(func=_bench)
@@ -187,7 +197,7 @@ def _parser() -> argparse.ArgumentParser:
     z.add_argument("--batch-size", type=_positive_int, default=1024, metavar="N", help="sources per scorer call (default 1024)")
     z.add_argument("--bad-records", choices=("error", "skip"), default="error",
                    help="a record that cannot be read: stop with an error (default) or skip it and count it")
-    z.add_argument("--threads", type=_positive_int, metavar="N", help="lmkern CPU threads (local engine)")
+    z.add_argument("--threads", type=_thread_count, metavar="N", help="lmkern CPU threads (local engine)")
     z.add_argument("--num-actors", type=_positive_int, metavar="N", help="ray: scoring actors (default: cluster CPUs - 1)")
     z.add_argument("--ray-address", metavar="ADDR", help="ray: cluster address (default: the running one or a new local one)")
     z.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
