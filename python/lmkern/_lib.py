@@ -110,9 +110,13 @@ def differentiating_transform() -> bool:
     return any(i.key() in (TransformType.Grad, TransformType.Jvp) for i in retrieve_all_functorch_interpreters())
 
 
+_FORWARD_AD = torch.autograd.forward_ad if hasattr(torch.autograd.forward_ad, "_current_level") else None
+
+
 def _forward_ad_active() -> bool:
-    """Whether a torch.autograd.forward_ad.dual_level is open (torch keeps its level in this global)."""
-    return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
+    """Whether a torch.autograd.forward_ad.dual_level is open (torch keeps its level in this global;
+    a torch without it: assume so, as the cheaper path is then never wrong)."""
+    return _FORWARD_AD is None or _FORWARD_AD._current_level >= 0
 
 
 def first_order_backward(what: str):

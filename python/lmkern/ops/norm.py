@@ -294,7 +294,7 @@ class _NormFunction(torch.autograd.Function):
         if dy is None:
             dy = torch.zeros_like(h)
         weight_grad = weight is not None and ctx.needs_input_grad[3]
-        if eager_ok(dy, dh) and all(t is None or torch._C._has_storage(t) for t in (dy, dh)):
+        if torch._C._has_storage(dy) and (dh is None or torch._C._has_storage(dh)):
             dx, dw = _backward(ctx.crms, dy, h, weight, rstd, dh, ctx.offset, ctx.scale, weight_grad)
         else:  # batched gradients (is_grads_batched, gradcheck's batched check: no storage): the op
             # runs them through vmap's fallback, one gradient at a time
@@ -312,7 +312,8 @@ def _public(crms, op, op_residual, x, weight, eps, residual, offset, scale):
             raise TypeError(f"{name}: expected a torch.Tensor{'' if name == 'x' else ' or None'}; got {type(t).__name__}")
     if weight is not None and weight.dtype != x.dtype and weight.is_floating_point():
         weight = weight.to(x.dtype)  # e.g. float32 master weights with bfloat16 activations
-    eps, offset, scale = scalar_arg("eps", eps), scalar_arg("offset", offset), scalar_arg("scale", scale)
+    if not (type(eps) is type(offset) is type(scale) is float):  # floats, the usual case, need no check
+        eps, offset, scale = scalar_arg("eps", eps), scalar_arg("offset", offset), scalar_arg("scale", scale)
     if _eager_ok(x, residual, weight):
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual, weight)):
             return _NormFunction.apply(crms, x, residual, weight, eps, offset, scale)
@@ -358,7 +359,8 @@ def _public_inplace(crms, op, x, weight, eps, residual, offset, scale):
         )
     if weight is not None and weight.dtype != x.dtype and weight.is_floating_point():
         weight = weight.to(x.dtype)
-    eps, offset, scale = scalar_arg("eps", eps), scalar_arg("offset", offset), scalar_arg("scale", scale)
+    if not (type(eps) is type(offset) is type(scale) is float):  # floats, the usual case, need no check
+        eps, offset, scale = scalar_arg("eps", eps), scalar_arg("offset", offset), scalar_arg("scale", scale)
     if _eager_ok(x, residual, weight):
         _forward_inplace(crms, x, residual, weight, eps, offset, scale)
         # Tell autograd the tensors changed (a graph may have saved them), as torch's in-place ops do.
