@@ -55,8 +55,8 @@ def _check_dense(name: str, t: torch.Tensor) -> None:
 
 
 def scalar_arg(name: str, value) -> float:
-    """A float argument (eps, offset, scale, clip): a tensor that requires grad would silently lose
-    its gradient in float(), so it is refused."""
+    """A float argument of the norms (eps, offset, scale): a tensor that requires grad would silently
+    lose its gradient in float(), so it is refused."""
     if isinstance(value, torch.Tensor) and value.requires_grad:
         raise TypeError(f"{name}: expected a number (lmkern does not differentiate it); got a tensor that requires grad")
     return float(value)
@@ -115,7 +115,7 @@ _FORWARD_AD = torch.autograd.forward_ad if hasattr(torch.autograd.forward_ad, "_
 
 def _forward_ad_active() -> bool:
     """Whether a torch.autograd.forward_ad.dual_level is open (torch keeps its level in this global;
-    a torch without it: assume so, as the cheaper path is then never wrong)."""
+    a torch without it: assume one is, which is correct, only slower: the composite paths)."""
     return _FORWARD_AD is None or _FORWARD_AD._current_level >= 0
 
 
