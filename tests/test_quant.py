@@ -1145,6 +1145,28 @@ def test_torch_func_transforms(transform):
             run(fake)
 
 
+def test_quantized_keeps_its_own_exponents():
+    """q.exponent is a copy: stepping the caller's (learned) exponent tensor leaves q as it was."""
+    w = torch.randn(3, 32)
+    a = torch.full((3,), 0.7)
+    q = power_quantize(w, a, 4, 16)
+    w_hat = power_dequantize(q)
+    a.fill_(0.3)
+    assert torch.equal(q.exponent, torch.full((3,), 0.7)) and torch.equal(power_dequantize(q), w_hat)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_power_quant_linear_follows_autocast(dtype):
+    """Under torch.autocast the layer computes and returns the autocast dtype, as nn.Linear does."""
+    lin = _linear(64, 8, True, 9)
+    mod = PowerQuantLinear.from_linear(lin, 4, 16, a=0.6)
+    x = torch.randn(3, 64)
+    with torch.autocast("cpu", dtype=dtype):
+        y, y_lin = mod(x), lin(x)
+    assert y.dtype == y_lin.dtype == dtype
+    assert torch.equal(y, mod(x.to(dtype)))
+
+
 def test_numpy_scalars_are_numbers_and_equality_is_identity():
     """bits, group_size, a and clip given as numpy scalars (as they come out of a config or an
     array) act as the Python numbers; PowerQuantized compares by identity (its fields are tensors)."""

@@ -196,9 +196,10 @@ def power_quantize(x, a, bits: int = 4, group_size: int | None = None, clip: flo
     (layout in this module's docstring). Raises ValueError on NaN/inf in x.
     """
     x, a32, bits, g, clip = _prepare(x, a, bits, group_size, clip)
-    a32 = a32.detach()
+    # A copy: the caller's exponent tensor (a learned one, stepped in place) must not change q.
+    a32 = a32.detach().clone(memory_format=torch.contiguous_format)
     codes, scales = torch.ops.lmkern.power_quantize(x.detach(), a32, bits, g, clip)
-    return PowerQuantized(codes, scales, bits, g, x.shape, x.dtype, a32.contiguous())
+    return PowerQuantized(codes, scales, bits, g, x.shape, x.dtype, a32)
 
 
 def power_dequantize(q: PowerQuantized) -> torch.Tensor:

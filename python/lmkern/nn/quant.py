@@ -39,7 +39,8 @@ class PowerQuantLinear(nn.Module):
     dequantized in dy's dtype. The codebook of CUDA exponents is built on the host (an exponent
     outside (0, 1] raises there); the GEMV reads ``codebook`` as it is (no check, no
     synchronization). Dtype conversions of the module (``model.to(torch.bfloat16)``, ``.half()``)
-    leave these buffers float32: the activations' dtype alone sets the compute and output dtype.
+    leave these buffers float32: the activations' dtype alone sets the compute and output dtype
+    (under ``torch.autocast``, as for ``nn.Linear``, the autocast dtype).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 4,
@@ -153,6 +154,9 @@ class PowerQuantLinear(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dev = x.device.type
+        if x.dtype in (torch.float32, torch.bfloat16, torch.float16) and torch.is_autocast_enabled(dev):
+            x = x.to(torch.get_autocast_dtype(dev))  # as nn.Linear under autocast (custom ops get no autocast rule)
         if func_transformed():
             # torch.func transforms and forward-mode AD: the same product through torch ops (the
             # custom op's autograd supports neither), the weight dequantized whole.
