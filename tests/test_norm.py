@@ -551,6 +551,24 @@ def test_inference_mode_and_no_grad(crms):
         check(y, ref(x, w, 1e-5, r)[0], 1e-5, f"y under {ctx.__name__}")
 
 
+@KINDS
+def test_inplace_refuses_inference_tensors_outside_inference_mode(crms):
+    """As torch's own in-place ops: an inference tensor may be updated in place only under
+    inference_mode (it has no version counter to tell autograd)."""
+    inplace = lmkern.crms_norm_ if crms else lmkern.rms_norm_
+    with torch.inference_mode():
+        x, r = torch.randn(3, 16), torch.randn(3, 16)
+    before = x.clone()
+    with pytest.raises(RuntimeError, match="x is an inference tensor"):
+        inplace(x)
+    with pytest.raises(RuntimeError, match="residual is an inference tensor"):
+        inplace(torch.randn(3, 16), residual=r)
+    assert torch.equal(x, before)
+    with torch.inference_mode():
+        inplace(x, residual=r)
+    assert not torch.equal(x, before)
+
+
 def test_set_num_threads_rejects_bad_counts(num_threads):
     for bad in (0, -3, lmkern.MAX_THREADS + 1, 2**31):  # the pool would start them all: 100,000 hung
         with pytest.raises(ValueError, match=f"threads: expected a count from 1 to {lmkern.MAX_THREADS}; got {bad}"):
@@ -1011,20 +1029,45 @@ def test_module_dtype_and_bad_shape(cls):
             m(randn((3, 15), BF16, 2))
 
 
-def test_weight_of_other_float_dtype_is_cast():
-    for crms in (False, True):
-        fn, ref = NORMS[crms]
-        x = randn((4, 40), BF16, 1).requires_grad_(True)
-        w32 = randn((40,), F32, 2).requires_grad_(True)
-        y = fn(x, w32, 1e-5)
-        assert y.dtype == BF16
-        check(y, ref(x, w32.detach().to(BF16), 1e-5), 1e-2, "y")
-        dy = randn((4, 40), BF16, 3)
-        gx, gw = torch.autograd.grad((y * dy).sum(), [x, w32])
-        assert gw.dtype == F32
-        g = norm_grads_ref(x, w32.detach().to(BF16), 1e-5, dy=dy, crms=crms)
-        check(gx, g["x"], 1e-2, "dx")
-        check(gw, g["weight"], 1e-2, "dw")
+@KINDS
+@pytest.mark.parametrize("dtype", [BF16, F16])
+def test_float32_master_weight(crms, dtype, autograd_path):
+    """Half-precision activations with a float32 weight (mixed-precision training's master weights):
+    y in x's dtype with the weight read in x's dtype; the weight's gradient float32, reduced from the
+    float32 partials to float32 accuracy (through x's dtype it kept 8 bits)."""
+    fn, ref = NORMS[crms]
+    x = randn((300, 40), dtype, 1).requires_grad_(True)  # 300 rows: several row ranges of partials
+    w32 = randn((40,), F32, 2).requires_grad_(True)
+    y = fn(x, w32, 1e-5, offset=0.5, scale=0.7)
+    assert y.dtype == dtype
+    check(y, ref(x, w32.detach().to(dtype), 1e-5, offset=0.5, scale=0.7), 1e-2, "y")
+    dy = randn((300, 40), dtype, 3)
+    gx, gw = torch.autograd.grad((y * dy).sum(), [x, w32])
+    assert gx.dtype == dtype and gw.dtype == F32
+    g = norm_grads_ref(x, w32.detach().to(dtype), 1e-5, offset=0.5, scale=0.7, dy=dy, crms=crms)
+    check(gx, g["x"], 1e-2, "dx")
+    check(gw, g["weight"], 2e-6, "dw")
+
+
+@KINDS
+def test_residual_of_another_dtype_is_promoted(crms, autograd_path):
+    """A bfloat16 branch output into a float32 residual stream (autocast): promoted as x + residual
+    is, the outputs and the residual's gradient float32, x's gradient bfloat16."""
+    fn, ref = NORMS[crms]
+    x = randn((5, 24), BF16, 1).requires_grad_(True)
+    r = randn((5, 24), F32, 2).requires_grad_(True)
+    w = randn((24,), F32, 3)
+    y, h = fn(x, w, 1e-5, residual=r)
+    assert y.dtype == h.dtype == F32
+    assert torch.equal(h, x.detach().float() + r.detach())
+    y_ref, _ = ref(x.detach().float(), w, 1e-5, r.detach())
+    check(y, y_ref, FWD_TOL[F32], "y")
+    dy, dh = randn((5, 24), F32, 4), randn((5, 24), F32, 5)
+    gx, gr = torch.autograd.grad((y * dy).sum() + (h * dh).sum(), [x, r])
+    g = norm_grads_ref(x.detach().float(), w, 1e-5, r.detach(), dy=dy, dh=dh, crms=crms)
+    assert gx.dtype == BF16 and gr.dtype == F32
+    check(gx, g["x"], 1e-2, "dx")
+    check(gr, g["residual"], GRAD_TOL[F32], "dresidual")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1033,14 +1076,15 @@ def test_weight_of_other_float_dtype_is_cast():
 @KINDS
 def test_bad_input(crms):
     fn, _ = NORMS[crms]
+    inplace = lmkern.crms_norm_ if crms else lmkern.rms_norm_
     x = torch.randn(4, 8)
     cases = [
         (lambda: fn(x, torch.randn(7)), ValueError, "weight"),
         (lambda: fn(x, torch.randn(1, 8)), ValueError, "weight"),
         (lambda: fn(x, torch.randn(8), residual=torch.randn(4, 7)), ValueError, "residual"),
         (lambda: fn(x, torch.randn(8), residual=torch.randn(8)), ValueError, "residual"),
-        (lambda: fn(x, residual=torch.randn(4, 8, dtype=F64)), TypeError, "residual"),
-        (lambda: fn(x, residual=torch.randn(4, 8, dtype=BF16)), TypeError, "residual"),
+        (lambda: fn(x, residual=torch.randn(4, 8, dtype=torch.complex64)), TypeError, "residual"),
+        (lambda: inplace(x.clone(), residual=torch.randn(4, 8, dtype=BF16)), TypeError, "residual"),
         (lambda: fn(torch.arange(8).view(2, 4)), TypeError, "x"),
         (lambda: fn(torch.randn(2, 4, dtype=torch.complex64)), TypeError, "x"),
         (lambda: fn(x, torch.arange(8)), TypeError, "weight"),

@@ -42,12 +42,25 @@ def _check_like(name: str, t: torch.Tensor, x: torch.Tensor, shape, x_name: str 
         raise ValueError(f"{name}: expected shape {tuple(shape)}; got {tuple(t.shape)}")
 
 
+def _check_weight(weight: torch.Tensor, x: torch.Tensor) -> None:
+    """[n] on x's device, of any dtype x may have there: the kernels read it in x's dtype, and its
+    gradient comes back in its own dtype (float32 master weights with bfloat16 activations)."""
+    check_device("weight", weight, x)
+    check_floating("weight", weight, _CUDA_DTYPES if x.is_cuda else _CPU_DTYPES)
+    if weight.shape != x.shape[-1:]:
+        raise ValueError(f"weight: expected shape {tuple(x.shape[-1:])}; got {tuple(weight.shape)}")
+
+
+def _kernel_weight(weight, x):
+    return None if weight is None else weight.to(x.dtype).contiguous()
+
+
 def _check_fwd(x, residual, weight) -> None:
     _check_x(x)
     if residual is not None:
         _check_like("residual", residual, x, x.shape)
     if weight is not None:
-        _check_like("weight", weight, x, x.shape[-1:])
+        _check_weight(weight, x)
 
 
 def _rows(x: torch.Tensor) -> tuple[int, int]:
@@ -60,7 +73,7 @@ def _forward(crms, x, residual, weight, eps, offset, scale, save_rstd=True):
     _check_fwd(x, residual, weight)
     x = x.contiguous()
     residual = None if residual is None else residual.contiguous()
-    weight = None if weight is None else weight.contiguous()
+    weight = _kernel_weight(weight, x)
     rows, n = _rows(x)
     y = torch.empty_like(x)  # x is contiguous, so y is too (empty_like is the cheapest allocation)
     h = None if residual is None else torch.empty_like(x)
@@ -99,7 +112,7 @@ def _forward_inplace(crms, x, residual, weight, eps, offset, scale) -> None:
             residual.copy_(h)
         x.copy_(y)
         return
-    weight = None if weight is None else weight.contiguous()
+    weight = _kernel_weight(weight, x)
     rows, n = _rows(x)
     dev, stream = device_args(x)
     _core.norm_forward(
@@ -114,7 +127,7 @@ def _backward(crms, dy, x, weight, rstd, dh, offset, scale, weight_grad):
     if dh is not None:
         _check_like("dh", dh, x, x.shape)
     if weight is not None:
-        _check_like("weight", weight, x, (x.shape[-1],))
+        _check_weight(weight, x)
     check_device("rstd", rstd, x)
     if rstd.dtype != _acc_dtype(x.dtype) or tuple(rstd.shape) != tuple(x.shape[:-1]):
         raise ValueError(
@@ -125,7 +138,8 @@ def _backward(crms, dy, x, weight, rstd, dh, offset, scale, weight_grad):
         raise ValueError("weight_grad: a weight gradient was asked for without a weight")
     dy, x, rstd = dy.contiguous(), x.contiguous(), rstd.contiguous()
     dh = None if dh is None else dh.contiguous()
-    weight = None if weight is None else weight.contiguous()
+    w_dtype = None if weight is None else weight.dtype
+    weight = _kernel_weight(weight, x)
     rows, n = _rows(x)
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if weight_grad:
@@ -140,6 +154,10 @@ def _backward(crms, dy, x, weight, rstd, dh, offset, scale, weight_grad):
         ptr(dy), ptr(x), ptr(weight), ptr(rstd), ptr(dh), ptr(dx), ptr(partial),
         ptr(dw) if weight_grad else 0, parts,
     )
+    if weight_grad and w_dtype != x.dtype:
+        # A weight of another dtype gets its gradient from the float32 (float64) partials, not
+        # through x's dtype: bfloat16 would keep 8 bits of a float32 master weight's gradient.
+        dw = (partial.sum(0) * scale).to(w_dtype)  # the kernels' second stage: scale · Σ_parts partial
     return dx, dw
 
 
@@ -192,6 +210,8 @@ def _define(name: str, crms: bool) -> None:
     def bwd_fake(dy, x, weight, rstd, dh, offset, scale, weight_grad):
         _check_x(x)
         dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+        if weight_grad and weight is not None:
+            return dx, x.new_empty((x.shape[-1],), dtype=weight.dtype)
         return dx, x.new_empty((x.shape[-1],) if weight_grad else (0,))
 
     torch.library.register_fake(f"lmkern::{name}", fwd_fake, lib=LIB)
@@ -310,8 +330,11 @@ def _public(crms, op, op_residual, x, weight, eps, residual, offset, scale):
     for name, t in (("x", x), ("weight", weight), ("residual", residual)):
         if not isinstance(t, torch.Tensor) and (t is not None or name == "x"):
             raise TypeError(f"{name}: expected a torch.Tensor{'' if name == 'x' else ' or None'}; got {type(t).__name__}")
-    if weight is not None and weight.dtype != x.dtype and weight.is_floating_point():
-        weight = weight.to(x.dtype)  # e.g. float32 master weights with bfloat16 activations
+    if (residual is not None and residual.dtype != x.dtype and residual.is_floating_point()
+            and x.is_floating_point()):
+        # x + residual promotes in torch (a bfloat16 branch into a float32 stream under autocast)
+        dtype = torch.promote_types(x.dtype, residual.dtype)
+        x, residual = x.to(dtype), residual.to(dtype)
     if not (type(eps) is type(offset) is type(scale) is float):  # floats, the usual case, need no check
         eps, offset, scale = scalar_arg("eps", eps), scalar_arg("offset", offset), scalar_arg("scale", scale)
     if _eager_ok(x, residual, weight):
@@ -333,7 +356,9 @@ def rms_norm(x, weight=None, eps=1e-6, *, residual=None, offset=0.0, scale=1.0):
     Without ``weight`` the factor ``(offset + weight)`` is 1. With ``residual`` it first forms
     ``h = x + residual`` and returns ``(rms_norm(h), h)``. Differentiable in x, weight and residual.
     dtypes: float32, float64 (CPU), bfloat16, float16; accumulation in float32 (float64 for float64).
-    A weight of another floating dtype is cast to x's dtype. NaN/inf in x propagate to that row.
+    A weight of another floating dtype is read in x's dtype and gets its gradient in its own dtype
+    (reduced in float32); x and residual of two dtypes are promoted as ``x + residual`` is. NaN/inf in
+    x propagate to that row.
     """
     return _public(False, torch.ops.lmkern.rms_norm, torch.ops.lmkern.rms_norm_residual, x, weight, eps, residual, offset, scale)
 
@@ -357,10 +382,14 @@ def _public_inplace(crms, op, x, weight, eps, residual, offset, scale):
             f"lmkern.{fn}: writes in place and is not differentiable (an input requires grad); "
             f"use lmkern.{fn[:-1]}, or call it under torch.no_grad() / torch.inference_mode()"
         )
-    if weight is not None and weight.dtype != x.dtype and weight.is_floating_point():
-        weight = weight.to(x.dtype)
     if not (type(eps) is type(offset) is type(scale) is float):  # floats, the usual case, need no check
         eps, offset, scale = scalar_arg("eps", eps), scalar_arg("offset", offset), scalar_arg("scale", scale)
+    for name, t in (("x", x), ("residual", residual)):
+        if t is not None and t.is_inference() and not torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                f"lmkern.{fn}: {name} is an inference tensor; torch allows updating it in place only "
+                "under torch.inference_mode()"
+            )
     if _eager_ok(x, residual, weight):
         _forward_inplace(crms, x, residual, weight, eps, offset, scale)
         # Tell autograd the tensors changed (a graph may have saved them), as torch's in-place ops do.
