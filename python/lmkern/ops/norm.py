@@ -43,10 +43,10 @@ def _check_like(name: str, t: torch.Tensor, x: torch.Tensor, shape, x_name: str 
 
 
 def _check_weight(weight: torch.Tensor, x: torch.Tensor) -> None:
-    """[n] on x's device, of any dtype x may have there: the kernels read it in x's dtype, and its
-    gradient comes back in its own dtype (float32 master weights with bfloat16 activations)."""
+    """[n] on x's device, of any floating dtype (float64 on CUDA too): the kernels read it in x's
+    dtype, and its gradient comes back in its own dtype (float32 master weights, bfloat16 x)."""
     check_device("weight", weight, x)
-    check_floating("weight", weight, _CUDA_DTYPES if x.is_cuda else _CPU_DTYPES)
+    check_floating("weight", weight, _CPU_DTYPES)
     if weight.shape != x.shape[-1:]:
         raise ValueError(f"weight: expected shape {tuple(x.shape[-1:])}; got {tuple(weight.shape)}")
 
