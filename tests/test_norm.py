@@ -696,6 +696,8 @@ def _fwd_samples():
         out.append((x, w, 1e-5, 0.0, 1.0))
         out.append((x3, None, 1e-6, 1.0, 0.5))
         out.append((x.detach(), w.detach(), 1e-5, 0.5, 2.0))  # nothing requires grad
+    # bfloat16 x with a float32 (master) weight
+    out.append((randn((4, 33), BF16, 7).requires_grad_(True), randn((33,), F32, 8).requires_grad_(True), 1e-5, 0.5, 1.5))
     return out
 
 
@@ -725,6 +727,9 @@ def _backward_samples(crms):
         out.append((dy, x, w, rstd, None, 0.0, 1.0, False))
         _, rstd = op(x, None, 1e-5, 0.0, 1.0)
         out.append((dy, x, None, rstd, dh, 0.0, 1.0, False))
+    x, dy, w32 = randn((4, 33), BF16, 1), randn((4, 33), BF16, 3), randn((33,), F32, 2)
+    _, rstd = op(x, w32, 1e-5, 0.5, 1.5)
+    out.append((dy, x, w32, rstd, None, 0.5, 1.5, True))  # its dw float32
     return out
 
 
