@@ -482,7 +482,8 @@ def test_cli_convert_errors(tmp_path, capsys, monkeypatch):
     for src, dst, match in [(tmp_path / "missing", tmp_path / "z", "no such directory"),
                             (tmp_path / "own", tmp_path / "own", "is SRC"),
                             (tmp_path / "own", tmp_path / "." / "own", "is SRC"),
-                            (tmp_path / "own", tmp_path / "afile" / "out", "cannot write")]:
+                            (tmp_path / "own", tmp_path / "afile" / "out", "cannot write"),
+                            (tmp_path / "own", tmp_path / "afile", "is a file")]:
         assert cli.main(["convert", str(src), str(dst), "--to", "rms"]) == 2, (src, dst)
         err = capsys.readouterr().err
         assert match in err and err.count("\n") == 1, err

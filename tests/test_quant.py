@@ -856,6 +856,7 @@ def test_power_quant_linear_loads_built_on_meta_and_of_other_dtypes():
     x = torch.randn(3, 64)
     with torch.device("meta"):
         lazy = PowerQuantLinear(64, 8, bits=4, group_size=16)
+        assert lazy(torch.randn(3, 64)).shape == (3, 8)  # shapes on meta, as before loading
     lazy.load_state_dict(mod.state_dict(), assign=True)
     assert all(not b.is_meta for b in lazy.buffers())
     assert torch.equal(lazy(x), mod(x))

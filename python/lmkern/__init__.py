@@ -68,4 +68,4 @@ def get_num_threads() -> int:
     return _core.get_num_threads()
 
 
-_core.set_num_threads(torch.get_num_threads())
+_core.set_num_threads(min(torch.get_num_threads(), MAX_THREADS))

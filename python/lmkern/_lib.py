@@ -49,8 +49,11 @@ def check_cpu_or_cuda(name: str, t: torch.Tensor) -> None:
     _check_dense(name, t)
 
 
+_STRIDED = torch.strided
+
+
 def _check_dense(name: str, t: torch.Tensor) -> None:
-    if t.layout != torch.strided:
+    if t.layout is not _STRIDED:
         raise TypeError(f"{name}: expected a dense tensor; got layout {t.layout} (call .to_dense() first)")
 
 

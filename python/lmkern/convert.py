@@ -637,6 +637,9 @@ def cli_main(args) -> int:
     if not os.path.isdir(args.src):
         print(f"lmkern convert: SRC {args.src!r}: no such directory (a directory written by save_pretrained)", file=sys.stderr)
         return 2
+    if os.path.exists(args.dst) and not os.path.isdir(args.dst):
+        print(f"lmkern convert: DST {args.dst!r} is a file; the converted model is a directory", file=sys.stderr)
+        return 2
     if os.path.exists(args.dst) and os.path.samefile(args.src, args.dst):
         print(f"lmkern convert: DST {args.dst!r} is SRC: write the converted model to another directory", file=sys.stderr)
         return 2

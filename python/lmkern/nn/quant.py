@@ -155,7 +155,8 @@ class PowerQuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dev = x.device.type
-        if x.dtype in (torch.float32, torch.bfloat16, torch.float16) and torch.is_autocast_enabled(dev):
+        if (x.dtype in (torch.float32, torch.bfloat16, torch.float16) and torch.amp.is_autocast_available(dev)
+                and torch.is_autocast_enabled(dev)):
             x = x.to(torch.get_autocast_dtype(dev))  # as nn.Linear under autocast (custom ops get no autocast rule)
         if func_transformed():
             # torch.func transforms and forward-mode AD: the same product through torch ops (the
