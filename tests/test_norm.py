@@ -1044,24 +1044,28 @@ def test_module_dtype_and_bad_shape(cls):
             m(randn((3, 15), BF16, 2))
 
 
+def _master_weight_case(crms, dtype, device="cpu"):
+    fn, ref = NORMS[crms]
+    x = randn((300, 40), dtype, 1, device=device).requires_grad_(True)  # 300 rows: several row ranges of partials
+    w32 = randn((40,), F32, 2, device=device).requires_grad_(True)
+    y = fn(x, w32, 1e-5, offset=0.5, scale=0.7)
+    assert y.dtype == dtype
+    check(y, ref(x, w32.detach().to(dtype), 1e-5, offset=0.5, scale=0.7), 1e-2, "y")
+    dy = randn((300, 40), dtype, 3, device=device)
+    gx, gw = torch.autograd.grad((y * dy).sum(), [x, w32])
+    assert gx.dtype == dtype and gw.dtype == F32
+    g = norm_grads_ref(x, w32.detach().to(dtype), 1e-5, offset=0.5, scale=0.7, dy=dy, crms=crms)
+    check(gx, g["x"], 1e-2, "dx")
+    check(gw, g["weight"], 2e-6, "dw")
+
+
 @KINDS
 @pytest.mark.parametrize("dtype", [BF16, F16])
 def test_float32_master_weight(crms, dtype, autograd_path):
     """Half-precision activations with a float32 weight (mixed-precision training's master weights):
     y in x's dtype with the weight read in x's dtype; the weight's gradient float32, reduced from the
     float32 partials to float32 accuracy (through x's dtype it kept 8 bits)."""
-    fn, ref = NORMS[crms]
-    x = randn((300, 40), dtype, 1).requires_grad_(True)  # 300 rows: several row ranges of partials
-    w32 = randn((40,), F32, 2).requires_grad_(True)
-    y = fn(x, w32, 1e-5, offset=0.5, scale=0.7)
-    assert y.dtype == dtype
-    check(y, ref(x, w32.detach().to(dtype), 1e-5, offset=0.5, scale=0.7), 1e-2, "y")
-    dy = randn((300, 40), dtype, 3)
-    gx, gw = torch.autograd.grad((y * dy).sum(), [x, w32])
-    assert gx.dtype == dtype and gw.dtype == F32
-    g = norm_grads_ref(x, w32.detach().to(dtype), 1e-5, offset=0.5, scale=0.7, dy=dy, crms=crms)
-    check(gx, g["x"], 1e-2, "dx")
-    check(gw, g["weight"], 2e-6, "dw")
+    _master_weight_case(crms, dtype)
 
 
 @KINDS
@@ -1329,6 +1333,13 @@ def test_cuda_non_default_stream(crms):
     check(y2_copy, ref(x2, w, 1e-5, None, 0.25, 1.0), 1e-5, "y on a side stream (no grad)")
     g = norm_grads_ref(x, w, 1e-5, None, 0.25, 1.0, dy=dy, crms=crms)
     check(gx_copy, g["x"], 1e-5, "dx on a side stream")
+
+
+@pytest.mark.cuda
+@KINDS
+@pytest.mark.parametrize("dtype", [BF16, F16])
+def test_cuda_float32_master_weight(crms, dtype, autograd_path):
+    _master_weight_case(crms, dtype, "cuda")
 
 
 @pytest.mark.cuda

@@ -236,6 +236,28 @@ def test_linear_gradient(dtype):
         assert rel_err(dx, dy.cpu().to(F64) @ w) <= TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_under_autocast_and_torch_func(dtype):
+    """On CUDA too: autocast sets the dtype (as for nn.Linear); under torch.func the layer's
+    torch-ops form gives x @ Ŵᵀ + b and its gradient; the checkpoint loads built on meta."""
+    mod = PowerQuantLinear.from_linear(_linear(256, 48, True, 4), 4, 64, a=0.7).to("cuda")
+    x = randn((5, 256), dtype, 7, device="cuda")
+    w = mod.dequantized_weight().cpu().to(F64)
+    ref = linear_ref(x.cpu(), w, mod.bias.cpu())
+    if dtype != torch.float32:
+        with torch.autocast("cuda", dtype=dtype):
+            y = mod(x.float())
+        assert y.dtype == dtype and rel_err(y, ref) <= TOL[dtype]
+    y = torch.func.vmap(mod)(x)
+    assert y.dtype == dtype and rel_err(y, ref) <= TOL[dtype]
+    g = torch.func.grad(lambda x: (mod(x).float() ** 2).sum())(x)
+    assert rel_err(g, (2 * ref) @ w) <= 2 * TOL[dtype]
+    with torch.device("meta"):
+        lazy = PowerQuantLinear(256, 48, bits=4, group_size=64)
+    lazy.load_state_dict(mod.state_dict(), assign=True)
+    assert lazy.codebook.is_cuda and torch.equal(lazy(x), mod(x))
+
+
 def test_linear_gemv_target_shape_and_determinism():
     """Batch 1, 4096 → 4096, 4-bit g128 (the benchmark shape): the tiled kernel, deterministic."""
     w = randn((4096, 4096), F32, 1, 0.02)
