@@ -862,6 +862,9 @@ def test_power_quant_linear_loads_built_on_meta_and_of_other_dtypes():
     assert torch.equal(lazy(x), mod(x))
     half = {k: v.half() if v.is_floating_point() else v for k, v in mod.state_dict().items()}
     other = PowerQuantLinear(64, 8, bits=4, group_size=16)
+    given = dict(half)  # a loader calling the module's own hook keeps its dict as it was
+    other._load_from_state_dict(given, "", {}, True, [], [], [])
+    assert all(given[k] is v for k, v in half.items())
     other.load_state_dict(half, assign=True)
     assert {b.dtype for n, b in other.named_buffers() if n != "codes"} == {torch.float32}
     assert torch.equal(other.exponent, mod.exponent.half().float())

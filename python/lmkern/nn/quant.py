@@ -114,11 +114,16 @@ class PowerQuantLinear(nn.Module):
                 torch.ops.lmkern.power_codebook(state_dict[key].to(torch.float32), self.bits)
             except ValueError as e:
                 raise ValueError(f"{key} (state dict): {e}") from None
+        given = {}  # the entries cast for the load, put back after it: the caller's dict is theirs
         for name in ("scales", "exponent", "bias"):
             t = state_dict.get(prefix + name)
             if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float32:
+                given[prefix + name] = t
                 state_dict[prefix + name] = t.to(torch.float32)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        try:
+            super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        finally:
+            state_dict.update(given)
 
     @torch.no_grad()
     def refresh_codebook(self) -> None:
