@@ -1,6 +1,7 @@
 """The `lmkern` command: info, and `bench` checking ops against float64 and failing when one is wrong."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -38,3 +39,44 @@ def test_bench_fails_on_a_wrong_kernel(monkeypatch, tmp_path):
     rc = cli.main(["bench", "--quick", "--device", "cpu", "--op", "rms_norm fwd", "--no-progress", "--json", str(path)])
     assert rc == 1
     assert not any(r["ok"] for r in json.loads(path.read_text())["results"] if r["op"].startswith("rms_norm fwd"))
+
+
+def _strict_json(text: str):
+    """json.loads that refuses NaN / Infinity (not JSON; jq and JavaScript reject them)."""
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_bench_failures_are_valid_json_and_bad_inputs_are_reported(monkeypatch, tmp_path):
+    """A failing op (no error, no times) is written as null, not NaN; an entry whose inputs cannot
+    be made is one failed case, not a crash of the run."""
+    from lmkern import bench
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setattr(norm_ops, "_forward", broken)
+    path = tmp_path / "bench.json"
+    assert cli.main(["bench", "--quick", "--device", "cpu", "--op", "rms_norm fwd", "--no-progress", "--json", str(path)]) == 1
+    results = _strict_json(path.read_text())["results"]
+    assert results and all(r["ok"] is False and r["rel_error"] is None and r["time_s"] is None for r in results)
+    assert all("kernel exploded" in r["failure"] for r in results)
+    monkeypatch.undo()
+    i = next(i for i, e in enumerate(bench.REGISTRY) if e.name.startswith("crms_norm fwd"))
+    monkeypatch.setattr(bench, "REGISTRY", list(bench.REGISTRY))
+    bench.REGISTRY[i] = dataclasses.replace(bench.REGISTRY[i], make=broken)
+    assert cli.main(["bench", "--quick", "--device", "cpu", "--op", "crms_norm fwd", "--no-progress", "--json", str(path)]) == 1
+    broken_results = [r for r in _strict_json(path.read_text())["results"] if r["op"] == bench.REGISTRY[i].name]
+    assert broken_results and all("kernel exploded" in r["failure"] for r in broken_results)
+
+
+def test_bench_json_path_errors(tmp_path, capsys):
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "afile").write_text("")
+    assert cli.main(["bench", "--quick", "--device", "cpu", "--op", "no such op", "--json", str(tmp_path / "adir")]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    assert cli.main(["bench", "--quick", "--device", "cpu", "--op", "crms_norm fwd", "--no-progress",
+                     "--json", str(tmp_path / "afile" / "b.json")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write --json" in err and err.count("\n") == 1

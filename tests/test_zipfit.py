@@ -281,7 +281,7 @@ def test_bad_records_skip(capsys, small):
     rc = cli.main(["zipfit", "--no-progress", "--source", str(src), "--target", str(tgt), "-k", "5",
                    "--out", str(tmp / "o.jsonl"), "--bad-records", "skip"])
     out = capsys.readouterr().out
-    assert rc == 0 and "1 bad records skipped" in out
+    assert rc == 0 and "1 bad source records skipped" in out
     assert sorted(r["text"] for r in read_out(str(tmp / "o.jsonl"))) == ["good proof", "lemma"]
 
 
@@ -377,6 +377,53 @@ def test_lone_surrogate_outside_the_text_field(capsys, small):
     assert read_out(str(tmp / "o.jsonl"))[0]["title"] == "\ud800 x"
     rc, err = run_cli(capsys, "--source", src, "--target", tgt, "-k", 1, "--out", tmp / "o.parquet")
     assert rc == 2 and re_search(r"o\.parquet: a field holds text that is not valid Unicode .*write \.jsonl instead", err), err
+
+
+def test_output_file_mode_follows_umask_or_the_file_replaced(capsys, small):
+    """Not mkstemp's 0600: a new output gets 0666 less the umask, a replaced one keeps its mode."""
+    tmp, tgt = small
+    src = tmp / "s.txt"
+    src.write_text("a\nproof\n")
+    old = os.umask(0o022)
+    try:
+        for name in ("o.jsonl", "o.parquet"):
+            assert run_cli(capsys, "--source", src, "--target", tgt, "-k", 1, "--out", tmp / name)[0] == 0
+            assert os.stat(tmp / name).st_mode & 0o777 == 0o644, name
+            os.chmod(tmp / name, 0o640)
+            assert run_cli(capsys, "--source", src, "--target", tgt, "-k", 1, "--out", tmp / name)[0] == 0
+            assert os.stat(tmp / name).st_mode & 0o777 == 0o640, name
+    finally:
+        os.umask(old)
+
+
+def test_write_records_takes_an_iterator_and_refuses_what_parquet_cannot_hold(tmp_path):
+    rows = [{"text": "a", "n": 1}, {"text": "b", "n": 2}]
+    D.write_records(tmp_path / "g.parquet", (r for r in rows))  # read twice inside: 0 rows before
+    assert read_out(str(tmp_path / "g.parquet")) == rows
+    with pytest.raises(D.DataError, match=r"e\.parquet: these records cannot be written as Parquet .*write \.jsonl instead"):
+        D.write_records(tmp_path / "e.parquet", [{"text": "a", "meta": {}}])  # an empty struct
+    assert os.listdir(tmp_path) == ["g.parquet"]
+
+
+def test_gzipped_json_array_and_unicode_blank_lines(capsys, small):
+    tmp, tgt = small
+    with gzip.open(tmp / "arr.json.gz", "wt") as f:
+        json.dump([{"text": "proof one"}, {"text": "lemma two"}], f, indent=2)  # pretty-printed
+    (tmp / "s.txt").write_text("proof\n\u00a0\u3000\nlemma\n", encoding="utf-8")
+    rc, err = run_cli(capsys, "--source", tmp / "arr.json.gz", tmp / "s.txt", "--target", tgt, "-k", 9, "--out", tmp / "o.jsonl")
+    assert rc == 0, err
+    assert sorted(r["text"] for r in read_out(str(tmp / "o.jsonl"))) == ["lemma", "lemma two", "proof", "proof one"]
+
+
+def test_skipped_target_records_are_reported(capsys, small):
+    tmp, _ = small
+    src, tgt = tmp / "s.txt", tmp / "t2.jsonl"
+    src.write_text("proof\n")
+    tgt.write_text('{"text": "proof"}\n{"title": "no text"}\n')
+    rc = cli.main(["zipfit", "--no-progress", "--source", str(src), "--target", str(tgt), "-k", "1",
+                   "--out", str(tmp / "o.jsonl"), "--bad-records", "skip"])
+    out = capsys.readouterr().out
+    assert rc == 0 and re_search(r"1 bad target records skipped \(first: .*t2\.jsonl:2: no field 'text'", out), out
 
 
 def test_python_api_errors(corpus):

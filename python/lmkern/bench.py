@@ -641,11 +641,15 @@ class Result:
         return self.failure is None and self.error <= self.tolerance
 
     def as_dict(self) -> dict:
+        """The result as JSON values: a number that is not finite (a failed or untimed case) is null."""
+        def num(v):
+            return v if v is None or math.isfinite(v) else None
+
         return {
             "op": self.op, "shape": list(self.shape), "dtype": self.dtype, "device": self.device,
-            "rel_error": self.error, "tolerance": self.tolerance, "ok": self.ok, "peer": self.peer_name,
-            "peer_rel_error": self.peer_error, "time_s": self.time_s, "peer_time_s": self.peer_time_s,
-            "speedup": self.speedup, "failure": self.failure,
+            "rel_error": num(self.error), "tolerance": self.tolerance, "ok": self.ok, "peer": self.peer_name,
+            "peer_rel_error": num(self.peer_error), "time_s": num(self.time_s), "peer_time_s": num(self.peer_time_s),
+            "speedup": num(self.speedup), "failure": self.failure,
         }
 
 
@@ -655,8 +659,8 @@ def run_case(entry: BenchOp, shape: Shape, dtype: torch.dtype, device: str, *, q
     gen = torch.Generator(device=dev).manual_seed(seed)
     name = str(dtype).replace("torch.", "")
     res = Result(entry.name, shape, name, device, math.inf, TOLERANCE[dtype], entry.peer_name, math.nan, math.nan, math.nan)
-    inputs = entry.make(shape, dtype, dev, gen)
     try:
+        inputs = entry.make(shape, dtype, dev, gen)
         out = entry.lmkern(inputs)
         if dev.type == "cuda":
             torch.cuda.synchronize()  # a faulting kernel is reported here, at its own case

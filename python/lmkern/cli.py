@@ -61,6 +61,9 @@ def _bench(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
         lmkern.set_num_threads(args.threads)
+    if args.json and os.path.isdir(args.json):  # found before the run, not after it
+        print(f"lmkern bench: --json {args.json!r} is a directory; give a file path", file=sys.stderr)
+        return 2
     status = lmkern.cuda_status()
     devices = []
     if args.device in ("cpu", "all"):
@@ -82,13 +85,17 @@ def _bench(args) -> int:
     progress = None if args.no_progress else (lambda line: print("  " + line, file=sys.stderr, flush=True))
     results = bench.run(devices, quick=args.quick, only=args.op, progress=progress)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(
-                {"lmkern": lmkern.__version__, "torch": torch.__version__, "quick": args.quick,
-                 "threads": lmkern.get_num_threads(), "results": [r.as_dict() for r in results]},
-                f, indent=1,
-            )
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+            with open(args.json, "w") as f:
+                json.dump(
+                    {"lmkern": lmkern.__version__, "torch": torch.__version__, "quick": args.quick,
+                     "threads": lmkern.get_num_threads(), "results": [r.as_dict() for r in results]},
+                    f, indent=1, allow_nan=False,
+                )
+        except OSError as e:
+            print(f"lmkern bench: cannot write --json {args.json!r}: {e}", file=sys.stderr)
+            return 2
     if not results:
         print("lmkern bench: nothing ran", file=sys.stderr)
         return 1
@@ -105,6 +112,7 @@ def _zipfit(args) -> int:
     import time
 
     from lmkern import data as D
+    from lmkern.data.readers import Reader
 
     def fail(msg: str) -> int:
         print(f"lmkern zipfit: error: {msg}", file=sys.stderr)
@@ -115,7 +123,8 @@ def _zipfit(args) -> int:
 
         lmkern.set_num_threads(args.threads)
     try:
-        targets = D.read_texts(args.target, args.text_field, args.bad_records, name="target")
+        target_reader = Reader(D.list_files(args.target, "target"), args.text_field, args.bad_records)
+        targets = [r.text for r in target_reader]
         if not targets:
             return fail(f"target: no records in {', '.join(args.target)}")
         kw = dict(level=args.level, text_field=args.text_field, batch_size=args.batch_size,
@@ -129,7 +138,9 @@ def _zipfit(args) -> int:
         return fail(str(e))
     dt = time.perf_counter() - t0
     best = f", best {sel.scores[0]:.6f}, worst kept {sel.scores[-1]:.6f}" if len(sel.scores) else ""
-    skipped = f", {sel.skipped} bad records skipped" if sel.skipped else ""
+    skipped = f", {sel.skipped} bad source records skipped" if sel.skipped else ""
+    if target_reader.skipped:  # the target set shrank: every score depends on it
+        skipped += f", {target_reader.skipped} bad target records skipped (first: {target_reader.first_skipped})"
     print(f"lmkern zipfit: {len(sel.keys)} of {sel.n_sources:,} sources selected against {sel.n_targets:,} targets "
           f"({sel.pairs:,} pairs, {sel.pairs / max(dt, 1e-9):,.0f} pairs/s, {dt:.1f} s{best}{skipped}) -> {args.out} ({fmt})")
     return 0

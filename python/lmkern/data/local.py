@@ -10,8 +10,9 @@ import heapq
 import json
 import math
 import os
+import secrets
+import stat
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -223,17 +224,38 @@ def _json_default(v):
     return str(v)
 
 
-def write_records(path: PathLike, rows: Sequence[dict]) -> str:
+def _create_beside(path: str, parent: str) -> tuple[int, str]:
+    """A new temporary file next to `path` (to rename over it): the mode of the file it replaces,
+    else 0o666 less the umask, as open() gives (tempfile.mkstemp's is 0o600: nobody else could read
+    the output)."""
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        mode = None
+    for _ in range(100):
+        tmp = os.path.join(parent, f".zipfit-{secrets.token_hex(6)}")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        if mode is not None:
+            os.fchmod(fd, mode)
+        return fd, tmp
+    raise FileExistsError(f"no free temporary name in {parent}")
+
+
+def write_records(path: PathLike, rows: Iterable[dict]) -> str:
     """Write rows to `path` by its extension: ``.parquet``/``.pq`` → Parquet, anything else → JSON
     Lines (UTF-8, one object per line). Written to a temporary file, then renamed. Returns the format."""
     path = os.fspath(path)
+    rows = list(rows)  # an iterator too (the Parquet writer reads the rows twice)
     fmt = "parquet" if path.lower().endswith((".parquet", ".pq")) else "jsonl"
     if os.path.isdir(path):
         raise DataError(f"{path}: is a directory; the output is a file")
     parent = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(parent, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".zipfit-", dir=parent)
+        fd, tmp = _create_beside(path, parent)
     except OSError as e:
         raise DataError(f"{path}: cannot write: {e}") from e
     try:
@@ -255,7 +277,10 @@ def write_records(path: PathLike, rows: Sequence[dict]) -> str:
                                 " which Parquet's UTF-8 strings cannot store; write .jsonl instead") from e
             except (pa.ArrowException, TypeError) as e:
                 raise DataError(f"{path}: these records do not fit one Parquet schema ({e}); write .jsonl instead") from e
-            pq.write_table(table, tmp)
+            try:
+                pq.write_table(table, tmp)
+            except pa.ArrowException as e:  # e.g. an empty struct ({}) Parquet cannot store
+                raise DataError(f"{path}: these records cannot be written as Parquet ({e}); write .jsonl instead") from e
         else:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 for r in rows:

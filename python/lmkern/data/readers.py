@@ -124,7 +124,19 @@ def _open_binary(path: str):
         f = open(path, "rb")
     except OSError as e:
         raise DataError(f"{path}: cannot open: {e.strerror or e}") from e
-    return gzip.GzipFile(fileobj=f, mode="rb") if path.lower().endswith(".gz") else f
+    return _GzipFile(fileobj=f, mode="rb") if path.lower().endswith(".gz") else f
+
+
+class _GzipFile(gzip.GzipFile):
+    """A GzipFile that closes the file object it was given too (GzipFile leaves it open)."""
+
+    def close(self) -> None:
+        raw = self.fileobj
+        try:
+            super().close()
+        finally:
+            if raw is not None:
+                raw.close()
 
 
 class _Bad(Exception):
@@ -217,7 +229,7 @@ class Reader:
                 yield lineno, line
 
     def _jsonl(self, fi: int, path: str) -> Iterator[Record]:
-        if path.lower().endswith(".json") and self._starts_with_bracket(path):
+        if path.lower().endswith((".json", ".json.gz")) and self._starts_with_bracket(path):
             yield from self._json_array(fi, path)
             return
         row = 0
@@ -280,6 +292,8 @@ class Reader:
                 self._bad(loc, f"not valid UTF-8 ({e.reason} at byte {e.start})")
                 row += 1
                 continue
+            if not s.strip():  # only whitespace beyond ASCII's (no-break space, ideographic space)
+                continue
             yield Record(make_key(fi, row), line, {self.text_field: s}, loc)
             row += 1
 
@@ -312,6 +326,8 @@ class Reader:
                     row += 1
         except pa.ArrowException as e:
             raise DataError(f"{path}: cannot read as Parquet: {e}") from e
+        finally:
+            pf.close()
 
 
 def iter_records(paths: PathLike | Sequence[PathLike], text_field: str = "text", bad_records: str = "error",
