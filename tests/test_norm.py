@@ -501,21 +501,30 @@ def test_deterministic_across_threads(crms, dtype, shape, num_threads):
     fn, _ = NORMS[crms]
     x, w, r, dy, dh = make_case(shape, dtype, 17, weight=True, residual=True)
 
+    w64 = w.detach().to(F64).requires_grad_(True)  # a weight of another dtype: its dw summed by torch
+
     def run():
         y, h = fn(x, w, 1e-5, residual=r, offset=0.25, scale=1.25)
         y1 = fn(x, w, 1e-5)
-        grads = torch.autograd.grad((y * dy).sum() + (h * dh).sum() + (y1 * dy).sum(), [x, w, r])
+        y2 = fn(x, w64, 1e-5, scale=0.5)
+        loss = (y * dy).sum() + (h * dh).sum() + (y1 * dy).sum() + (y2 * dy).sum()
+        grads = torch.autograd.grad(loss, [x, w, r, w64])
         return (y, h, y1) + tuple(grads)
 
     outs = {}
-    for threads in (1, 2, 3, 1):
-        lmkern.set_num_threads(threads)
-        assert lmkern.get_num_threads() == threads
-        outs.setdefault(threads, []).append(run())
+    torch_threads = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3, 1):
+            lmkern.set_num_threads(threads)
+            torch.set_num_threads(threads)
+            assert lmkern.get_num_threads() == threads
+            outs.setdefault(threads, []).append(run())
+    finally:
+        torch.set_num_threads(torch_threads)
     base = outs[1][0]
     for threads, runs in outs.items():
         for res in runs:
-            for got, want, what in zip(res, base, ["y", "h", "y_plain", "dx", "dw", "dres"]):
+            for got, want, what in zip(res, base, ["y", "h", "y_plain", "dx", "dw", "dres", "dw (float64 weight)"]):
                 assert torch.equal(got, want), f"{what} with {threads} threads differs from 1 thread"
 
 
