@@ -99,12 +99,10 @@ def func_transformed() -> bool:
 def differentiating_transform() -> bool:
     """Like func_transformed, but only the transforms that differentiate (grad, vjp, jacrev, jvp,
     jacfwd) and forward-mode AD: vmap alone runs custom ops correctly (one call per example)."""
-    if torch.compiler.is_compiling():
+    if not func_transformed():
         return False
     if _forward_ad_active():
         return True
-    if not torch._C._are_functorch_transforms_active():
-        return False
     try:
         from torch._C._functorch import TransformType
         from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters

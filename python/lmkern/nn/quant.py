@@ -98,11 +98,11 @@ class PowerQuantLinear(nn.Module):
                 f"group_size={self.group_size}; got {list(q.shape)}, bits={q.bits}, group_size={q.group_size}"
             )
         exponent = _exponents(q.exponent, self.out_features, q.exponent)
-        torch.ops.lmkern.power_codebook(exponent, self.bits)  # raises on a bad exponent before anything changes
+        book = torch.ops.lmkern.power_codebook(exponent, self.bits)  # raises on a bad exponent before anything changes
         self.codes.copy_(q.codes)
         self.scales.copy_(q.scales)
         self.exponent.copy_(exponent)
-        self.refresh_codebook()
+        self._take_codebook(book)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Checked before torch copies anything: a bad exponent raises with the module unchanged
@@ -128,13 +128,14 @@ class PowerQuantLinear(nn.Module):
     @torch.no_grad()
     def refresh_codebook(self) -> None:
         """Recompute ``codebook`` from ``exponent`` (done on construction, load_quantized and load_state_dict)."""
-        if self.exponent.is_meta:
-            return
-        book = torch.ops.lmkern.power_codebook(self.exponent, self.bits)
+        if not self.exponent.is_meta:
+            self._take_codebook(torch.ops.lmkern.power_codebook(self.exponent, self.bits))
+
+    def _take_codebook(self, book: torch.Tensor) -> None:
         if self.codebook.device == book.device:
             self.codebook.copy_(book)
         else:  # built on meta and loaded with assign=True: the codebook was never materialized
-            self.codebook = book
+            self.codebook = book.to(self.exponent.device)
 
     @property
     def quantized(self) -> PowerQuantized:
