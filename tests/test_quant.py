@@ -825,6 +825,25 @@ def test_quantized_tensor_to_device():
         q.to("nonsense")
 
 
+def test_quantized_tensor_loads_with_weights_only():
+    """torch.save / torch.load of a PowerQuantized with torch's safe loader (weights_only=True, its
+    default): the type is allow-listed, the values identical; a rebuilt value whose fields disagree
+    is refused with a clear error before any kernel reads it."""
+    q = power_quantize(torch.randn(3, 5, 64, dtype=torch.bfloat16), torch.rand(15) * 0.5 + 0.4, 3, 16)
+    buf = io.BytesIO()
+    torch.save({"layer.q": q}, buf)
+    buf.seek(0)
+    back = torch.load(buf, weights_only=True)["layer.q"]
+    assert type(back) is PowerQuantized
+    assert (back.shape, back.dtype, back.bits, back.group_size) == (q.shape, q.dtype, q.bits, q.group_size)
+    assert all(torch.equal(getattr(back, f), getattr(q, f)) for f in ("codes", "scales", "exponent"))
+    assert torch.equal(power_dequantize(back), power_dequantize(q))
+    with pytest.raises(ValueError, match=r"q: its codes \(15, 24\) do not hold the rows of its shape"):
+        power_dequantize(dataclasses.replace(q, shape=torch.Size([3, 4, 64])))
+    with pytest.raises(TypeError, match="q.codes: expected a torch.Tensor; got int"):
+        power_dequantize(dataclasses.replace(q, codes=7))
+
+
 def test_power_quant_linear_state_dict_round_trip():
     lin = _linear(256, 40, True, 1)
     mod = PowerQuantLinear.from_linear(lin, 4, 64)  # exponents searched

@@ -139,6 +139,11 @@ class PowerQuantized(QuantizedTensor):
         return power_dequantize(self)
 
 
+# torch.load's weights_only=True (its default) may rebuild these: their fields are tensors, ints, a
+# torch.Size and a torch.dtype, and the ops check every field before reading the codes.
+torch.serialization.add_safe_globals([QuantizedTensor, PowerQuantized])
+
+
 def unpack_codes(codes: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Signed int8 codes [rows, n] from packed ``codes`` (the documented bit stream), in torch ops."""
     f = _ops.unpack_fields(codes, bits, n)
@@ -206,6 +211,8 @@ def power_dequantize(q: PowerQuantized) -> torch.Tensor:
     """``x̂ = m·sign(q)·(|q|/qmax)^(1/a)`` with the original shape and dtype of the quantized tensor."""
     if not isinstance(q, PowerQuantized):
         raise TypeError(f"q: expected a PowerQuantized; got {type(q).__name__}")
+    if _as_tensor("q.codes", q.codes).dim() != 2 or q.codes.shape[0] != q.rows:
+        raise ValueError(f"q: its codes {tuple(q.codes.shape)} do not hold the rows of its shape {q.shape}")
     out = torch.ops.lmkern.power_dequantize(q.codes, q.scales, q.exponent, q.bits, q.group_size, q.n, q.dtype)
     return out.reshape(q.shape)
 
