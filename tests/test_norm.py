@@ -11,6 +11,7 @@ CUDA tests carry the `cuda` marker (conftest skips them unless lmkern.cuda_avail
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -693,6 +694,25 @@ def test_inplace_op_through_dispatcher(crms):
     _assert_same_bits(got[1], want[1], "h")
 
 
+@KINDS
+def test_inplace_public_function_under_compile_fullgraph(crms):
+    """The public rms_norm_ / crms_norm_ (not only their ops) compile in one graph: their
+    inference-tensor checks are skipped while compiling. Same bits as eager."""
+    inplace = INPLACE[crms]
+
+    def f(x, r, w):
+        x2, r2 = x * 2, r + 1
+        inplace(x2, w, 1e-5, residual=r2, offset=0.5)
+        inplace(r2, None, 1e-6)
+        return x2, r2
+
+    x, w, r, _, _ = make_case((4, 33), F32, 7, residual=True, requires_grad=False)
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(x, r, w)
+    want = f(x, r, w)
+    _assert_same_bits(got[0], want[0], "x")
+    _assert_same_bits(got[1], want[1], "residual")
+
+
 # ------------------------------------------------------------------------------------------------
 # torch.library.opcheck, gradcheck, torch.compile
 # ------------------------------------------------------------------------------------------------
@@ -1002,6 +1022,77 @@ def test_rmsnorm_module_loads_torch_state_dict(eps):
     gb = torch.autograd.grad((tmod(xb) * dy).sum(), [xb, tmod.weight])
     for a, b in zip(ga, gb):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16, F16, torch.float64], ids=str)
+def test_eps_none_is_torchs_default(dtype):
+    """eps=None (modules and functions) is torch's: the machine epsilon of the computation dtype,
+    float32's for bfloat16 and float16 inputs (not theirs, 7.8e-3 and 9.8e-4), float64's for float64.
+    Rows of |x| ~ 1e-4 (mean(x²) ~ 1e-8) show any other eps."""
+    n = 24
+    eps = torch.finfo(torch.float64 if dtype == torch.float64 else F32).eps
+    x = (randn((5, n), F32, 1) * 1e-4).to(dtype)
+    tol = {F32: 1e-5, BF16: 2e-2, F16: 2e-3, torch.float64: 1e-12}[dtype]
+    for crms in (False, True):
+        fn, ref = NORMS[crms]
+        want = ref(x, None, eps)
+        module = (lmkern.nn.CRMSNorm if crms else lmkern.nn.RMSNorm)(n, eps=None, dtype=dtype)
+        for got, how in ((fn(x, None, None), "function"), (module(x), "module")):
+            check(got, want, tol, f"{'crms' if crms else 'rms'} {how}")
+    torch.testing.assert_close(lmkern.nn.RMSNorm(n, eps=None, dtype=dtype)(x), torch.nn.RMSNorm(n, eps=None, dtype=dtype)(x))
+    y, h = lmkern.rms_norm(x, None, None, residual=x)
+    check(y, rms_norm_ref(x + x, None, eps), tol, "residual")
+
+
+@pytest.mark.parametrize("cls", [lmkern.nn.RMSNorm, lmkern.nn.CRMSNorm])
+def test_module_reset_parameters_after_to_empty(cls):
+    """Built on meta, materialized with to_empty (garbage), reset_parameters (as torch's norms, what
+    FSDP's meta initialization calls) sets (offset + weight) back to 1."""
+    for offset in (0.0, 1.0):
+        with torch.device("meta"):
+            mod = cls(40, offset=offset)
+        mod.to_empty(device="cpu")
+        mod.reset_parameters()
+        assert torch.equal(mod.weight.detach(), torch.full((40,), 1.0 - offset))
+    cls(8, elementwise_affine=False).reset_parameters()  # nothing to reset
+
+
+@pytest.mark.parametrize("cls", [lmkern.nn.RMSNorm, lmkern.nn.CRMSNorm])
+def test_module_weight_parametrized_and_swapped(cls):
+    """The module reads its weight past nn.Module.__getattr__ (faster), yet sees a parametrized
+    weight (torch.nn.utils.parametrize) and one swapped in by torch.func.functional_call."""
+    class Doubled(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    mod = cls(24)
+    with torch.no_grad():
+        mod.weight.copy_(randn((24,), F32, 1))
+    x, w = randn((3, 24), F32, 2), mod.weight.detach().clone()
+    fn = NORMS[cls is lmkern.nn.CRMSNorm][0]
+    assert torch.equal(torch.func.functional_call(mod, {"weight": 3 * w}, (x,)), fn(x, 3 * w, 1e-6))
+    torch.nn.utils.parametrize.register_parametrization(mod, "weight", Doubled())
+    assert torch.equal(mod(x), fn(x, 2 * w, 1e-6))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")  # deprecated since torch 2.10: still used
+@pytest.mark.parametrize("cls", [lmkern.nn.RMSNorm, lmkern.nn.CRMSNorm])
+def test_module_fx_trace_and_jit(cls):
+    """torch.fx.symbolic_trace keeps the module's call as one leaf (its shape check cannot run on
+    symbolic values); jit.trace gives no TracerWarning; jit.script says what to use instead."""
+    model = torch.nn.Sequential(torch.nn.Linear(16, 24), cls(24, offset=0.5), torch.nn.Linear(24, 24), cls(24))
+    x = randn((3, 16), F32, 1)
+    gm = torch.fx.symbolic_trace(model)
+    assert sum(node.target.__name__ == "_norm_module_forward" for node in gm.graph.nodes
+               if node.op == "call_function") == 2
+    assert torch.equal(gm(x), model(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", torch.jit.TracerWarning)
+        traced = torch.jit.trace(model, (x,))
+    x2 = randn((5, 16), F32, 2)
+    assert torch.equal(traced(x2), model(x2))
+    with pytest.raises(RuntimeError, match="cannot be scripted"):
+        torch.jit.script(model)
 
 
 def test_rmsnorm_module_no_affine_matches_torch():

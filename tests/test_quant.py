@@ -867,6 +867,87 @@ def test_power_quant_linear_state_dict_round_trip():
         assert torch.equal(other.codebook, torch.ops.lmkern.power_codebook(torch.full_like(mod.exponent, 0.5), 4))
 
 
+def test_power_quant_linear_codebook_follows_its_exponents():
+    """The cached codebook is rebuilt when the exponents are written without load_state_dict: into
+    the state-dict tensors in place (torch.distributed.checkpoint.load does so), swapped by
+    torch.func.functional_call, assigned. Moving the module keeps it (no rebuild)."""
+    x = torch.randn(3, 64)
+
+    def expected(mod):  # a copy whose codebook is rebuilt explicitly
+        ref = copy.deepcopy(mod)
+        ref.refresh_codebook()
+        return ref(x)
+
+    src = PowerQuantLinear.from_linear(_linear(64, 8, True, 11), 4, 16, a=0.55)
+    dst = PowerQuantLinear.from_linear(_linear(64, 8, True, 12), 4, 16, a=0.9)
+    want, own = src(x), dst(x)
+    # functional_call with the other module's state, then the module's own again
+    assert torch.equal(torch.func.functional_call(dst, src.state_dict(), (x,)), want)
+    assert torch.equal(dst(x), own)
+    # in place into the state dict's tensors
+    with torch.no_grad():
+        for name, t in dst.state_dict().items():
+            t.copy_(src.state_dict()[name])
+    assert torch.equal(dst(x), want)
+    # in place into the exponents alone, and an assigned tensor
+    with torch.no_grad():
+        dst.exponent.fill_(0.7)
+    assert torch.equal(dst(x), expected(dst))
+    assert torch.equal(dst.codebook, torch.ops.lmkern.power_codebook(torch.full((8,), 0.7), 4))
+    dst.exponent = torch.full((8,), 0.6)
+    assert torch.equal(dst(x), expected(dst))
+    with torch.no_grad():
+        dst.exponent[3] = 2.0
+    with pytest.raises(ValueError, match=r"expected exponents in \(0, 1\]"):
+        dst(x)
+    with torch.no_grad():
+        dst.exponent[3] = 0.6
+    torch.testing.assert_close(dst(x), torch.nn.functional.linear(x, dst.dequantized_weight(), dst.bias))
+    # a move keeps the codebook current: no rebuild (a rebuild would replace this marker)
+    with torch.no_grad():
+        dst.codebook[0, 0] = 123.0
+    moved = dst.to(torch.float16)
+    assert moved.codebook[0, 0] == 123.0 and moved._book_current()
+
+
+def test_power_quant_linear_reset_parameters_after_to_empty():
+    """As torch's layers: built on meta, to_empty (garbage), reset_parameters gives the new module's
+    state (Ŵ = 0, exponents 1, bias 0) with a codebook of those exponents."""
+    with torch.device("meta"):
+        mod = PowerQuantLinear(64, 8, bits=3, group_size=16)
+    mod.to_empty(device="cpu")
+    mod.reset_parameters()
+    fresh = PowerQuantLinear(64, 8, bits=3, group_size=16)
+    for name, t in fresh.state_dict().items():
+        assert torch.equal(mod.state_dict()[name], t), name
+    assert torch.equal(mod.codebook, fresh.codebook)
+    assert torch.equal(mod(torch.randn(2, 64)), torch.zeros(2, 8))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")  # deprecated since torch 2.10: still used
+def test_power_quant_linear_fx_trace_and_script():
+    """torch.fx.symbolic_trace keeps the layer's call as one leaf (its dtype and autocast checks
+    cannot run on symbolic values); jit.script says what to use instead."""
+    model = torch.nn.Sequential(PowerQuantLinear.from_linear(_linear(64, 32, True, 1), 4, 16, a=0.6), torch.nn.ReLU(),
+                                PowerQuantLinear.from_linear(_linear(32, 8, False, 2), 3, 32, a=0.8))
+    gm = torch.fx.symbolic_trace(model)
+    assert sum(node.op == "call_function" and node.target.__name__ == "_quant_linear_forward"
+               for node in gm.graph.nodes) == 2
+    x = torch.randn(5, 64)
+    assert torch.equal(gm(x), model(x))
+    with pytest.raises(RuntimeError, match="cannot be scripted"):
+        torch.jit.script(model)
+
+
+def test_search_exponent_compiles_in_one_graph():
+    """search_exponent with calibration activations traces under torch.compile(fullgraph=True)
+    (x's scaling is a torch.where, not a branch on a value); same exponents as eager."""
+    w, x = torch.randn(16, 64), torch.randn(40, 64)
+    f = lambda w, x: search_exponent(w, 4, 16, x=x)  # noqa: E731
+    assert torch.equal(torch.compile(f, fullgraph=True, backend="aot_eager")(w, x), f(w, x))
+    assert torch.equal(f(w, torch.zeros(40, 64)), search_exponent(w, 4, 16, x=torch.zeros(40, 64)))
+
+
 def test_power_quant_linear_loads_built_on_meta_and_of_other_dtypes():
     """The low-memory route (built on meta, load_state_dict(assign=True)) gives a working layer: the
     codebook, not in the state dict, is made on the exponents' device; a float16 checkpoint assigned

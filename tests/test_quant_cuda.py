@@ -608,9 +608,14 @@ def test_bad_input_raises_clearly():
     with pytest.raises(ValueError, match="table: expected float32 of shape"):
         torch.ops.lmkern.power_quant_linear(x, cmod.codes, cmod.scales, cmod.codebook[:, :8], None, 4, 16, 32)
     # The codebooks are built on the host from the exponents: an exponent outside (0, 1] is refused there.
+    before = cmod.exponent[3].item()
     cmod.exponent[3] = 2.0
     with pytest.raises(ValueError, match=r"expected exponents in \(0, 1\]"):
         cmod.refresh_codebook()
+    with pytest.raises(ValueError, match=r"expected exponents in \(0, 1\]"):
+        cmod(x)  # the forward rebuilds the codebook of exponents changed in place: refused the same way
+    cmod.exponent[3] = before
+    cmod(x)
     # The GEMV reads the codebooks unchecked (no synchronization): a NaN codebook row gives NaN outputs,
     # in the fused GEMV and in the dequantize + cuBLAS path alike.
     cmod.codebook[3] = float("nan")

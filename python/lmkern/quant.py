@@ -265,9 +265,9 @@ def search_exponent(w, bits: int = 4, group_size: int | None = None, x=None, per
         z = x.detach().reshape(_ops._rows(x)[0], n).to(torch.float64)
         # Any positive multiple of x has the same best exponents: at max|x| = 1 neither the QR
         # factor nor the kernel's float32 copy can overflow (x near float32's limit did).
-        top = z.abs().max() if z.numel() else z.new_zeros(())
-        if 0 < top < math.inf:
-            z = z / top
+        # (torch.where, not an if on the value: torch.compile(fullgraph=True) traces it.)
+        top = z.abs().amax() if z.numel() else z.new_zeros(())
+        z = z / torch.where((top > 0) & torch.isfinite(top), top, torch.ones_like(top))
         if z.shape[0] > n:
             z = torch.linalg.qr(z, mode="r")[1]
         z = z.to(torch.float32)

@@ -9,8 +9,21 @@ from torch import nn
 from ..ops.norm import crms_norm, rms_norm
 
 
+def _norm_module_forward(crms: bool, n: int, x, weight, eps, residual, offset: float, scale: float):
+    # The weight's check, when there is none (a traced size is a tensor: jit.trace would warn).
+    if not torch.jit.is_tracing() and x.dim() and x.shape[-1] != n:
+        raise ValueError(f"x: expected a last dimension of {n} (normalized_shape); got shape {tuple(x.shape)}")
+    return (crms_norm if crms else rms_norm)(x, weight, eps, residual=residual, offset=offset, scale=scale)
+
+
+_UNREGISTERED = object()
+
+# A leaf of torch.fx.symbolic_trace: its check on x's shape cannot run on fx's symbolic values.
+torch.fx.wrap("_norm_module_forward")
+
+
 class _Norm(nn.Module):
-    _fn = None
+    _crms = False
 
     def __init__(self, normalized_shape, eps: float | None = 1e-6, elementwise_affine: bool = True,
                  offset: float = 0.0, scale: float = 1.0, device=None, dtype=None):
@@ -31,22 +44,32 @@ class _Norm(nn.Module):
         self.offset = float(offset)
         self.scale = float(scale)
         if elementwise_affine:
-            # (offset + weight) starts at 1: weight = 1 for offset 0 (Llama), 0 for offset 1 (Gemma).
-            self.weight = nn.Parameter(torch.full((n,), 1.0 - self.offset, device=device, dtype=dtype))
+            self.weight = nn.Parameter(torch.empty((n,), device=device, dtype=dtype))
         else:
             self.register_parameter("weight", None)
+        self.reset_parameters()
 
-    def _eps(self, x: torch.Tensor) -> float:
-        # eps=None follows torch.nn.RMSNorm: the machine epsilon of the input's dtype.
-        return torch.finfo(x.dtype).eps if self.eps is None else self.eps
+    def reset_parameters(self) -> None:
+        """(offset + weight) back to 1: weight = 1 for offset 0 (Llama), 0 for offset 1 (Gemma).
+        Called on construction; as torch's norms, for models built on meta then ``to_empty``."""
+        if self.weight is not None:
+            with torch.no_grad():
+                self.weight.fill_(1.0 - self.offset)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        """Normalize x; with ``residual`` return ``(norm(x + residual), x + residual)``."""
-        if x.dim() and x.shape[-1] != self.normalized_shape[0]:  # the weight's check, when there is none
-            raise ValueError(
-                f"x: expected a last dimension of {self.normalized_shape[0]} (normalized_shape); got shape {tuple(x.shape)}"
-            )
-        return type(self)._fn(x, self.weight, self._eps(x), residual=residual, offset=self.offset, scale=self.scale)
+        """Normalize x; with ``residual`` return ``(norm(x + residual), x + residual)``. eps=None is
+        resolved per call from x's dtype (``lmkern.ops.norm.default_eps``)."""
+        # weight from _parameters (nn.Module.__getattr__ costs ~0.5 us), unless a parametrization
+        # (torch.nn.utils.parametrize) made it a property
+        weight = self._parameters.get("weight", _UNREGISTERED)
+        if weight is _UNREGISTERED:
+            weight = self.weight
+        return _norm_module_forward(self._crms, self.normalized_shape[0], x, weight, self.eps, residual, self.offset,
+                                    self.scale)
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(f"lmkern.nn.{type(self).__name__} cannot be scripted (torch.jit.script); use "
+                           "torch.compile, torch.export or torch.jit.trace")
 
     def extra_repr(self) -> str:
         extra = f"{self.normalized_shape[0]}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
@@ -59,12 +82,11 @@ class _Norm(nn.Module):
 
 class RMSNorm(_Norm):
     """Fused RMSNorm, a drop-in for :class:`torch.nn.RMSNorm` (loads its state dict). Its default
-    eps is 1e-6; ``eps=None`` is torch's default (the machine epsilon of the input's dtype).
+    eps is 1e-6; ``eps=None`` is torch's default (float32's machine epsilon, float64's for float64
+    inputs).
 
     ``y = x · rsqrt(mean(x²) + eps) · (offset + weight) · scale`` over the last dimension.
     """
-
-    _fn = staticmethod(rms_norm)
 
 
 class CRMSNorm(_Norm):
@@ -72,4 +94,4 @@ class CRMSNorm(_Norm):
     whose first n entries are x. ``y = x · rsqrt((Σx² + (Σx)²)/(n+1) + eps) · (offset + weight) · scale``.
     """
 
-    _fn = staticmethod(crms_norm)
+    _crms = True

@@ -17,6 +17,30 @@ def _refresh_after_load(module: "PowerQuantLinear", _incompatible_keys) -> None:
     module.refresh_codebook()
 
 
+def _version(t: torch.Tensor) -> int:
+    return -1 if t.is_inference() else t._version  # inference tensors keep no version counter
+
+
+def _quant_linear_forward(x, codes, scales, codebook, exponent, bias, bits: int, group_size: int, in_features: int):
+    dev = x.device.type
+    if (x.dtype in (torch.float32, torch.bfloat16, torch.float16) and torch.amp.is_autocast_available(dev)
+            and torch.is_autocast_enabled(dev)):
+        x = x.to(torch.get_autocast_dtype(dev))  # as nn.Linear under autocast (custom ops get no autocast rule)
+    if func_transformed():
+        # torch.func transforms and forward-mode AD: the same product through torch ops (the
+        # custom op's autograd supports neither), the weight dequantized whole.
+        if x.shape[-1] != in_features:
+            raise ValueError(f"x: expected a last dimension of {in_features} (in_features); got shape {tuple(x.shape)}")
+        w = PowerQuantized(codes, scales, bits, group_size, torch.Size((codes.shape[0], in_features)), torch.float32,
+                           exponent).dequantize()
+        return nn.functional.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    return _ops.quant_linear(x, codes, scales, codebook, bias, bits, group_size, in_features)
+
+
+# A leaf of torch.fx.symbolic_trace: its dtype and autocast checks cannot run on fx's symbolic values.
+torch.fx.wrap("_quant_linear_forward")
+
+
 class PowerQuantLinear(nn.Module):
     """``y = x @ Ŵᵀ + b`` with Ŵ the power-dequantized weight, computed without forming Ŵ: each
     output row's 2^bits-entry table times its group scales meets x directly (a fused lookup-table
@@ -27,8 +51,9 @@ class PowerQuantLinear(nn.Module):
     Buffers: ``codes`` uint8 [out, ceil(in·bits/8)], ``scales`` float32 [out, in/group_size],
     ``exponent`` float32 [out], ``bias`` float32 [out] (when bias=True), and, not saved in the state
     dict, ``codebook`` float32 [out, 2^bits], the rows' tables computed from ``exponent`` when the
-    module is built or loaded (call :meth:`refresh_codebook` after changing ``exponent`` in place);
-    layout as in
+    module is built or loaded, and again by an eager forward that finds ``exponent`` replaced or
+    changed in place since (a checkpoint written into it in place, ``torch.func.functional_call``
+    with other exponents; not inside torch.compile: call :meth:`refresh_codebook` there); layout as in
     :mod:`lmkern.quant`. Activations: float32, bfloat16, float16 on CPU (float64 is accepted and
     computed in float32); accumulation in float32; the output has the activations' dtype. CUDA
     (``.to("cuda")`` of a module built on CPU works): float32, bfloat16, float16 activations; up to 8
@@ -55,18 +80,30 @@ class PowerQuantLinear(nn.Module):
         self.bits = _ops.check_bits(bits)
         self.group_size = _ops.check_group(group_size, self.in_features)
         nb = _ops.row_bytes(self.in_features, self.bits)
-        self.register_buffer("codes", torch.zeros((self.out_features, nb), dtype=torch.uint8, device=device))
-        self.register_buffer("scales", torch.zeros((self.out_features, self.in_features // self.group_size),
+        self.register_buffer("codes", torch.empty((self.out_features, nb), dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.empty((self.out_features, self.in_features // self.group_size),
                                                    dtype=torch.float32, device=device))
-        self.register_buffer("exponent", torch.ones((self.out_features,), dtype=torch.float32, device=device))
+        self.register_buffer("exponent", torch.empty((self.out_features,), dtype=torch.float32, device=device))
         self.register_buffer("codebook", torch.empty((self.out_features, 2 ** self.bits), dtype=torch.float32,
                                                      device=device), persistent=False)
-        self.refresh_codebook()
+        self._book_of = (None, -1)  # the exponent tensor and its version that `codebook` was built from
         self.register_load_state_dict_post_hook(_refresh_after_load)
         if bias:
-            self.register_buffer("bias", torch.zeros((self.out_features,), dtype=torch.float32, device=device))
+            self.register_buffer("bias", torch.empty((self.out_features,), dtype=torch.float32, device=device))
         else:
             self.bias = None
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The state of a new module: codes and scales 0 (Ŵ = 0), exponents 1, bias 0. Called on
+        construction; as torch's layers, for models built on meta then ``to_empty``."""
+        self.codes.zero_()
+        self.scales.zero_()
+        self.exponent.fill_(1.0)
+        if self.bias is not None:
+            self.bias.zero_()
+        self.refresh_codebook()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int = 4, group_size: int | None = 128, a=None, *,
@@ -133,9 +170,14 @@ class PowerQuantLinear(nn.Module):
 
     def _take_codebook(self, book: torch.Tensor) -> None:
         if self.codebook.device == book.device:
-            self.codebook.copy_(book)
+            self.codebook.copy_(book)  # in place: a captured CUDA graph keeps reading the right tables
         else:  # built on meta and loaded with assign=True: the codebook was never materialized
             self.codebook = book.to(self.exponent.device)
+        self._book_of = (self.exponent, _version(self.exponent))
+
+    def _book_current(self) -> bool:
+        e, (source, version) = self._buffers["exponent"], self._book_of
+        return e is source and (version < 0 or e._version == version)
 
     @property
     def quantized(self) -> PowerQuantized:
@@ -151,28 +193,26 @@ class PowerQuantLinear(nn.Module):
         # weight's scales, exponents, codebooks and bias stay float32 (the kernels read them so, and a
         # round trip through bfloat16 would lose their precision): the cast results are dropped and
         # the originals only moved to where fn put them. Device moves apply as usual.
-        before = dict(self._buffers)
+        before, current = dict(self._buffers), self._book_current()
         super()._apply(fn, recurse)
         for name, old in before.items():
             new = self._buffers[name]
             if old is not None and new is not None and new.dtype != old.dtype:
                 self._buffers[name] = old.to(device=new.device)
+        if current:  # moved with its exponents: still theirs
+            self._book_of = (self.exponent, _version(self.exponent))
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dev = x.device.type
-        if (x.dtype in (torch.float32, torch.bfloat16, torch.float16) and torch.amp.is_autocast_available(dev)
-                and torch.is_autocast_enabled(dev)):
-            x = x.to(torch.get_autocast_dtype(dev))  # as nn.Linear under autocast (custom ops get no autocast rule)
-        if func_transformed():
-            # torch.func transforms and forward-mode AD: the same product through torch ops (the
-            # custom op's autograd supports neither), the weight dequantized whole.
-            if x.shape[-1] != self.in_features:
-                raise ValueError(f"x: expected a last dimension of {self.in_features} (in_features); got shape {tuple(x.shape)}")
-            bias = None if self.bias is None else self.bias.to(x.dtype)
-            return nn.functional.linear(x, self.dequantized_weight().to(x.dtype), bias)
-        return _ops.quant_linear(x, self.codes, self.scales, self.codebook, self.bias, self.bits, self.group_size,
-                                 self.in_features)
+        buf = self._buffers  # one read: each buffer by attribute costs ~0.5 us in nn.Module.__getattr__
+        if not torch.compiler.is_compiling() and not self._book_current() and not buf["exponent"].is_meta:
+            self.refresh_codebook()
+        return _quant_linear_forward(x, buf["codes"], buf["scales"], buf["codebook"], buf["exponent"], buf.get("bias"),
+                                     self.bits, self.group_size, self.in_features)
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError("lmkern.nn.PowerQuantLinear cannot be scripted (torch.jit.script); use torch.compile, "
+                           "torch.export or torch.jit.trace")
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

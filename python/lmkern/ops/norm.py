@@ -339,6 +339,7 @@ def _public(crms, op, op_residual, x, weight, eps, residual, offset, scale):
         dtype = torch.promote_types(x.dtype, residual.dtype)
         x, residual = x.to(dtype), residual.to(dtype)
     if not (type(eps) is type(offset) is type(scale) is float):  # floats, the usual case, need no check
+        eps = default_eps(x.dtype) if eps is None else eps
         eps, offset, scale = scalar_arg("eps", eps), scalar_arg("offset", offset), scalar_arg("scale", scale)
     if _eager_ok(x, residual, weight):
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual, weight)):
@@ -353,11 +354,19 @@ def _public(crms, op, op_residual, x, weight, eps, residual, offset, scale):
     return y, h
 
 
+def default_eps(dtype: torch.dtype) -> float:
+    """eps=None, as torch.nn.RMSNorm and F.rms_norm: the machine epsilon of the computation dtype
+    (float32's for float32, bfloat16 and float16 inputs; float64's for float64)."""
+    return torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+
+
 def rms_norm(x, weight=None, eps=1e-6, *, residual=None, offset=0.0, scale=1.0):
     """RMSNorm over the last dimension: ``y = x · rsqrt(mean(x²) + eps) · (offset + weight) · scale``.
 
     Without ``weight`` the factor ``(offset + weight)`` is 1. With ``residual`` it first forms
     ``h = x + residual`` and returns ``(rms_norm(h), h)``. Differentiable in x, weight and residual.
+    ``eps=None`` is torch's default (:func:`default_eps`: float32's machine epsilon, float64's for
+    float64 x).
     dtypes: float32, float64 (CPU), bfloat16, float16; accumulation in float32 (float64 for float64).
     A weight of another floating dtype is read in x's dtype and gets its gradient in its own dtype
     (reduced in float32); x and residual of two dtypes are promoted as ``x + residual`` is. NaN/inf in
@@ -386,8 +395,12 @@ def _public_inplace(crms, op, x, weight, eps, residual, offset, scale):
             f"use lmkern.{fn[:-1]}, or call it under torch.no_grad() / torch.inference_mode()"
         )
     if not (type(eps) is type(offset) is type(scale) is float):  # floats, the usual case, need no check
+        eps = default_eps(x.dtype) if eps is None else eps
         eps, offset, scale = scalar_arg("eps", eps), scalar_arg("offset", offset), scalar_arg("scale", scale)
-    for name, t in (("x", x), ("residual", residual)) if not torch.is_inference_mode_enabled() else ():
+    # (Not while compiling: torch.compile cannot trace the inference checks, and its own
+    # functionalization refuses what they refuse.)
+    checked = () if torch.compiler.is_compiling() or torch.is_inference_mode_enabled() else (("x", x), ("residual", residual))
+    for name, t in checked:
         if t is not None and t.is_inference():
             raise RuntimeError(
                 f"lmkern.{fn}: {name} is an inference tensor; torch allows updating it in place only "
