@@ -205,7 +205,7 @@ __device__ __forceinline__ void fwd(const QuantParams& p) {
     int S = 1;
     while (S < g && S < 32) S <<= 1;
     const int gpw = 32 / S, sub = lane / S, sl = lane % S;
-    const int64_t nunits = (n + 7) / 8;
+    const int64_t nunits = ((int64_t)n + 7) / 8;  // n + 7 overflows int near 2^31
     const int64_t step = (int64_t)gridDim.x * blockDim.y;
 
     for (int64_t base = (int64_t)blockIdx.x * blockDim.y; base < p.rows; base += step) {
@@ -221,13 +221,14 @@ __device__ __forceinline__ void fwd(const QuantParams& p) {
         float* sr = p.scales + row * ng;
 
         // Phase 1: group scales m = float(clip·max|x|), NaN when the group holds NaN/inf.
-        for (int g0 = warp * gpw; g0 < ng; g0 += nwarps * gpw) {  // warp-uniform bounds
-            const int gi = g0 + sub;
+        // 64-bit counters: g0 and e step past ng and g, which may be near 2^31.
+        for (int64_t g0 = warp * gpw; g0 < ng; g0 += nwarps * gpw) {  // warp-uniform bounds
+            const int64_t gi = g0 + sub;
             const bool valid = active && gi < ng;
             float amax = 0.0f, z = 0.0f;
             if (valid) {
-                for (int e = sl; e < g; e += S) {
-                    const float v = to_float(xr[(int64_t)gi * g + e]);
+                for (int64_t e = sl; e < g; e += S) {
+                    const float v = to_float(xr[gi * g + e]);
                     amax = fmaxf(amax, fabsf(v));
                     z += v * 0.0f;  // 0 unless some v is NaN or ±inf
                 }
@@ -284,7 +285,7 @@ __device__ __forceinline__ void deq(const DeqParams& p) {
     const int n = p.n, g = p.group, bits = p.bits, ng = n / g;
     const int nl = 1 << bits, mask = nl - 1;
     const int tx = threadIdx.x, ty = threadIdx.y, TX = blockDim.x;
-    const int64_t nunits = (n + 7) / 8;
+    const int64_t nunits = ((int64_t)n + 7) / 8;  // n + 7 overflows int near 2^31
     const int64_t step = (int64_t)gridDim.x * blockDim.y;
     for (int64_t base = (int64_t)blockIdx.x * blockDim.y; base < p.rows; base += step) {
         const int64_t row = base + ty;
@@ -332,7 +333,7 @@ __device__ __forceinline__ void fake_bwd(const FakeBwdParams& p) {
     const int P = 1 << (bits - 1);
     const double qm = (double)(P - 1);
     const int tx = threadIdx.x, ty = threadIdx.y, TX = blockDim.x;
-    const int64_t nunits = (n + 7) / 8;
+    const int64_t nunits = ((int64_t)n + 7) / 8;  // n + 7 overflows int near 2^31
     const int64_t step = (int64_t)gridDim.x * blockDim.y;
     for (int64_t base = (int64_t)blockIdx.x * blockDim.y; base < p.rows; base += step) {
         const int64_t row = base + ty;
@@ -418,7 +419,7 @@ __device__ __forceinline__ void linear(const LinearParams& p) {
             for (int t = 0; t < NT; ++t) acc[t] = 0.0f;
             int nt = (int)min64(NT, p.tokens - t0);
             if (active) {
-                const int64_t nunits = (n + 7) / 8;
+                const int64_t nunits = ((int64_t)n + 7) / 8;  // n + 7 overflows int near 2^31
                 for (int64_t u = lane; u < nunits; u += 32) {
                     const int64_t e0 = 8 * u;
                     const int cnt = (int)min64(8, n - e0);
