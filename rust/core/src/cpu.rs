@@ -183,6 +183,7 @@ pub trait Acc:
 {
     const ZERO: Self;
     fn from_f64(v: f64) -> Self;
+    fn to_f64(self) -> f64;
     fn rsqrt(self) -> Self;
 }
 
@@ -190,6 +191,10 @@ impl Acc for f32 {
     const ZERO: Self = 0.0;
     fn from_f64(v: f64) -> Self {
         v as f32
+    }
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        self as f64
     }
     fn rsqrt(self) -> Self {
         1.0 / self.sqrt()
@@ -199,6 +204,10 @@ impl Acc for f64 {
     const ZERO: Self = 0.0;
     fn from_f64(v: f64) -> Self {
         v
+    }
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        self
     }
     fn rsqrt(self) -> Self {
         1.0 / self.sqrt()

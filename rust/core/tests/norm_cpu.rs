@@ -254,3 +254,35 @@ fn in_place_forward_equals_out_of_place() {
     let e = unsafe { norm::forward(Device::Cpu, &args(NormKind::Rms, DType::F32, 2, 4), &p) }.unwrap_err();
     assert!(e.message.contains("in place"), "{}", e.message);
 }
+
+/// A row of 2^24 + 3 elements: the row sums (forward) and Σ g·h (backward) stay float32-accurate.
+/// Single float32 running sums were off by 2.3e-4 at this length (1.4e-2 at 2^28).
+#[test]
+fn very_long_row_keeps_float32_accuracy() {
+    let n = (1 << 24) + 3;
+    let mut rng = Rng(17);
+    let x: Vec<f32> = rng.vec(n).iter().map(|&v| v as f32 + 0.5).collect(); // mean ≠ 0: CRMS's Σx matters
+    let dy: Vec<f32> = rng.vec(n).iter().map(|&v| v as f32).collect();
+    let h: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+    for kind in [NormKind::Rms, NormKind::Crms] {
+        let a = NormArgs { kind, dtype: DType::F32, rows: 1, n, eps: 1e-6, offset: 0.0, scale: 1.0 };
+        let (mut y, mut rstd) = (vec![f32::NAN; n], vec![f32::NAN; 1]);
+        let p = NormFwd { x: addr(&x), y: out(&mut y), rstd: out(&mut rstd), ..Default::default() };
+        unsafe { norm::forward(Device::Cpu, &a, &p) }.unwrap();
+        let (_, r) = reference_row(kind, &h, None, a.eps, 0.0, 1.0);
+        assert!((rstd[0] as f64 - r).abs() / r < 1e-6, "{kind:?} rstd {} vs {r}", rstd[0]);
+        // dx = r·dy − r³/div · (Σ dy·h) · (h + s), s = Σh for CRMS (0 for RMS), div = n (n + 1 for CRMS)
+        let mut dx = vec![f32::NAN; n];
+        let b = NormBwd { dy: addr(&dy), h: addr(&x), rstd: addr(&rstd), dx: out(&mut dx), ..Default::default() };
+        unsafe { norm::backward(Device::Cpu, &a, &b) }.unwrap();
+        let r = rstd[0] as f64; // the kernel's own r: this checks the backward's sums alone
+        let c: f64 = dy.iter().zip(&h).map(|(&g, v)| g as f64 * v).sum();
+        let (s, div) = match kind {
+            NormKind::Rms => (0.0, n as f64),
+            NormKind::Crms => (h.iter().sum(), n as f64 + 1.0),
+        };
+        let want: Vec<f64> = dy.iter().zip(&h).map(|(&g, v)| r * g as f64 - r * r * r / div * c * (v + s)).collect();
+        let got: Vec<f64> = dx.iter().map(|&v| v as f64).collect();
+        assert!(rel_err(&got, &want) < 1e-6, "{kind:?} dx: {}", rel_err(&got, &want));
+    }
+}

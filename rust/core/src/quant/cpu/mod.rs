@@ -26,7 +26,6 @@ pub use search::search_exponent;
 pub trait Real: Acc {
     /// `t` (> 0) rounded up to this type: `v >= Self::thr_up(t)` ⟺ `v >= t` for every v of this type.
     fn thr_up(t: f64) -> Self;
-    fn to_f64(self) -> f64;
     fn abs(self) -> Self;
     fn is_neg(self) -> bool;
     /// These values as float32, where they are (for the float32-only SIMD kernels).
@@ -47,10 +46,6 @@ impl Real for f32 {
         }
     }
     #[inline(always)]
-    fn to_f64(self) -> f64 {
-        self as f64
-    }
-    #[inline(always)]
     fn abs(self) -> f32 {
         f32::abs(self)
     }
@@ -68,10 +63,6 @@ impl Real for f64 {
     #[inline(always)]
     fn thr_up(t: f64) -> f64 {
         t
-    }
-    #[inline(always)]
-    fn to_f64(self) -> f64 {
-        self
     }
     #[inline(always)]
     fn abs(self) -> f64 {
