@@ -8,6 +8,7 @@ zlib is stock (CPython here: 1.2.13). NCDs, alignments and selections are compar
 """
 from __future__ import annotations
 
+import os
 import random
 import warnings
 
@@ -241,6 +242,53 @@ def test_scorer_batches_equal_one_shot():
     parts = np.concatenate([sc.alignment(xs[i:i + 7]) for i in range(0, 40, 7)])
     assert_bit_identical(parts, whole)
     assert_bit_identical(sc.ncd(xs[:5]), N.ncd_matrix(xs[:5], ys))
+
+
+def test_calls_in_parts_equal_one_call(monkeypatch):
+    """Scorer splits big inputs into several Rust calls (Ctrl-C is seen between them): same bits."""
+    xs, ys = corpus(5, 150), corpus(6, 7)
+    whole_m, whole_a = N.ncd_matrix(xs, ys), N.zipfit_scores(xs, ys)
+    monkeypatch.setattr(N, "_CALL_BYTES", 1)
+    sc = N.Scorer(ys)
+    calls = list(sc._calls(N.encode_texts(xs)))
+    assert len(calls) > 2 and calls[0][0] == 0 and calls[-1][1] == 150
+    assert all(b - a >= 16 * lmkern.get_num_threads() or b == 150 for a, b in calls)
+    assert_bit_identical(sc.ncd(xs), whole_m)
+    assert_bit_identical(sc.alignment(xs), whole_a)
+
+
+def test_ctrl_c_interrupts_a_long_scoring(monkeypatch):
+    """SIGINT during a scoring raises KeyboardInterrupt after the Rust call running then, not after
+    the whole input (one GIL-free call could not be interrupted at all). ~0.3 s of work in ~40 calls."""
+    import signal
+    import threading
+    import time
+
+    monkeypatch.setattr(N, "_CALL_BYTES", 1 << 20)
+    xs, ys = corpus(7, 3000, max_words=300), corpus(8, 10, max_words=300)
+    sc = N.Scorer(ys)
+    calls = []
+    real = sc._core
+
+    class Counting:  # counts the Rust calls that ran
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def alignment_into(self, data, ptr):
+            calls.append(len(data))
+            real.alignment_into(data, ptr)
+
+    sc._core = Counting()
+    total = len(list(sc._calls(N.encode_texts(xs))))
+    assert total >= 20, total
+    timer = threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT))
+    t0 = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        timer.start()
+        sc.alignment(xs)
+        time.sleep(10)  # the whole input scored before the signal came: wait for it here instead
+    timer.join()
+    assert len(calls) < total, f"all {total} calls ran before the interrupt ({time.perf_counter() - t0:.2f} s)"
 
 
 def test_independent_of_thread_count(num_threads):

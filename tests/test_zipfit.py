@@ -129,6 +129,34 @@ def test_select_local_levels(corpus, level):
     assert [r.text.decode() for r in sel.records] == want_texts and sel.scores.tolist() == want_scores
 
 
+def test_select_local_interrupted_drops_the_queued_batch(corpus, monkeypatch):
+    """Ctrl-C while a batch is scored: KeyboardInterrupt comes at once and the batch queued behind it
+    is never scored (leaving the executor's `with` waited for both: two batches' time)."""
+    import signal
+    import threading
+    import time
+
+    from lmkern import ncd as N
+
+    calls = []
+
+    def slow_alignment(self, sources):
+        calls.append(time.perf_counter())
+        time.sleep(0.4)
+        return np.zeros(len(sources))
+
+    monkeypatch.setattr(N.Scorer, "alignment", slow_alignment)
+    timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT))
+    t0 = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        timer.start()
+        D.select_local(corpus["dir"], corpus["targets"], 3, batch_size=2)
+    waited = time.perf_counter() - t0
+    timer.join()
+    time.sleep(0.6)  # the batch being scored ends in the background; nothing starts after it
+    assert len(calls) == 1 and waited < 0.35, (len(calls), waited)
+
+
 def test_fetch_records_finds_the_same_records(corpus):
     sel = D.select_local(corpus["dir"], corpus["targets"], 12)
     again = D.fetch_records(sel.files, sel.keys.tolist())

@@ -109,6 +109,11 @@ def compressed_size(texts: Iterable[Text], level: int = 9) -> np.ndarray:
     return np.asarray(_core.ncd_gzip_sizes(data, level), dtype=np.int64).reshape(len(data))
 
 
+# Work per Rust call, in bytes deflated (each source once per target, with that target): the call
+# runs without the GIL and cannot be interrupted, so Ctrl-C is seen between calls, ~0.1-1 s apart.
+_CALL_BYTES = 1 << 25
+
+
 class Scorer:
     """Fixed targets, compressed once; scores any number of source batches against them.
 
@@ -118,8 +123,23 @@ class Scorer:
 
     def __init__(self, targets: Iterable[Text], level: int = 9):
         self.level = _check_level(level)
-        self._core = _core.NcdScorer(encode_texts(targets, "target"), self.level)
+        targets = encode_texts(targets, "target")
+        self._core = _core.NcdScorer(targets, self.level)
         self.n_targets = self._core.n_targets
+        self._target_bytes = sum(len(t) for t in targets)
+
+    def _calls(self, data: list[bytes]):
+        """(start, stop) of the sources of each Rust call: ~_CALL_BYTES of work, and at least 16
+        sources a thread (the kernel's tasks are blocks of 4 sources)."""
+        fewest = 16 * _core.get_num_threads()
+        start, work = 0, 0
+        for i, s in enumerate(data):
+            work += len(s) * self.n_targets + self._target_bytes
+            if work >= _CALL_BYTES and i + 1 - start >= fewest:
+                yield start, i + 1
+                start, work = i + 1, 0
+        if start < len(data):
+            yield start, len(data)
 
     def target_sizes(self) -> np.ndarray:
         """C(y_j) of each target, int64 [n_targets]."""
@@ -131,7 +151,8 @@ class Scorer:
         # NaN poison: an element the kernel failed to write cannot pass for a score.
         out = np.full((len(data), self.n_targets), np.nan, dtype=np.float64)
         if out.size:
-            self._core.ncd_into(data, out.ctypes.data)
+            for a, b in self._calls(data):
+                self._core.ncd_into(data[a:b], out[a:b].ctypes.data)
         return out
 
     def alignment(self, sources: Iterable[Text]) -> np.ndarray:
@@ -141,7 +162,8 @@ class Scorer:
             raise ValueError("target: expected at least one target text (the alignment is a mean over targets); got none")
         out = np.full(len(data), np.nan, dtype=np.float64)
         if out.size:
-            self._core.alignment_into(data, out.ctypes.data)
+            for a, b in self._calls(data):
+                self._core.alignment_into(data[a:b], out[a:b].ctypes.data)
         return out
 
     def __repr__(self) -> str:

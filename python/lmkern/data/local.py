@@ -167,7 +167,8 @@ def select_local(
             progress.update(len(batch), reader.file_index)
 
     # One batch in flight: Rust scores batch i (GIL released) while this thread reads batch i + 1.
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmkern-zipfit") as pool:
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmkern-zipfit")
+    try:
         pending = None
         for batch in batched(reader, batch_size):
             fut = pool.submit(scorer.alignment, [r.text for r in batch])
@@ -177,6 +178,12 @@ def select_local(
             n += len(batch)
         if pending is not None:
             consume(pending[0], pending[1].result())
+    except BaseException:
+        # Ctrl-C or a bad record: the queued batch is dropped and the one being scored left to
+        # finish in the background (`with` would wait for both before raising).
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
     if progress:
         progress.close(reader.file_index)
     items = top.items()

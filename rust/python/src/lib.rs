@@ -44,9 +44,10 @@ fn cpu_isa() -> &'static str {
     lmkern_core::cpu_isa()
 }
 
+/// Without the GIL: starting or stopping thousands of threads takes seconds.
 #[pyfunction]
-fn set_num_threads(threads: usize) {
-    lmkern_core::parallel::set_num_threads(threads)
+fn set_num_threads(py: Python<'_>, threads: usize) {
+    py.detach(|| lmkern_core::parallel::set_num_threads(threads))
 }
 
 #[pyfunction]
