@@ -417,6 +417,26 @@ def test_own_model_float32_generate_save_load(tmp_path, kind):
     assert rel_max(out_of(loaded, ids), out_of(new, ids)) <= 1e-6
 
 
+@pytest.mark.parametrize("kind", list(TARGETS))
+def test_own_model_keeps_frozen_parameters(kind):
+    """lmkern's Transformer is rebuilt by the conversion: frozen parameters stay frozen, and a bias
+    the conversion adds follows its layer's weight."""
+    model = make_own(F32, 3)
+    frozen = [name for i, (name, _) in enumerate(model.named_parameters()) if i % 2 == 0]
+    for name, p in model.named_parameters():
+        p.requires_grad_(name not in frozen)
+    new = TARGETS[kind](model)
+    old = dict(model.named_parameters())
+    seen = 0
+    for name, p in new.named_parameters():
+        if name in old:
+            assert p.requires_grad == old[name].requires_grad, name
+            seen += 1
+        elif name.endswith(".bias") and name[:-5] + ".weight" in old:
+            assert p.requires_grad == old[name[:-5] + ".weight"].requires_grad, name
+    assert seen > len(old) // 2
+
+
 def test_own_model_bad_input():
     with pytest.raises(ValueError, match="d_model"):
         TransformerConfig(d_model=10, n_heads=3)

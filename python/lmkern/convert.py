@@ -466,6 +466,13 @@ def _convert(model: nn.Module, kind: str, recenter: bool, inplace: bool) -> nn.M
                 device=next(model.parameters()).device, dtype=next(model.parameters()).dtype)
             new.load_state_dict(state, strict=True)
             new.train(model.training)
+            # Frozen parameters stay frozen (a new bias follows its layer's weight). Hooks a user
+            # put on the old modules are not carried over.
+            frozen = {name: p.requires_grad for name, p in model.named_parameters()}
+            for name, p in new.named_parameters():
+                flag = frozen.get(name, frozen.get(name.rsplit(".", 1)[0] + ".weight"))
+                if flag is not None:
+                    p.requires_grad_(flag)
             return new
         if not inplace:
             model = copy.deepcopy(model)
@@ -482,7 +489,8 @@ def to_pre_rmsnorm(model: nn.Module, *, recenter_writers: bool = False, inplace:
     ``lmkern.nn.RMSNorm`` without affine. ``recenter_writers=True`` re-centers every writer's output on
     every forward, so training keeps the stream zero-mean (see the module docstring). ``inplace=True``
     converts the given Hugging Face model itself instead of a deep copy (lmkern's own Transformer is
-    always rebuilt from its converted config). Costs to know: a tied LM head is untied (GPT-2 small:
+    always rebuilt from its converted config: its parameters keep their requires_grad, hooks on its
+    modules are not carried over). Costs to know: a tied LM head is untied (GPT-2 small:
     +38.6M parameters) and gets a bias (the final LayerNorm's β), see BENCHMARKS.md. Works for models on any
     device and of any floating dtype lmkern's norms take (float64 on CPU only).
     Raises :class:`UnsupportedModelError` (a ValueError) naming the module it does not know.
