@@ -85,7 +85,7 @@ pub fn compressed_sizes<T: AsRef<[u8]> + Sync>(texts: &[T], level: i32) -> Resul
     });
     let sizes: Vec<i64> = out.into_iter().map(|m| m.into_inner().unwrap_or_else(|e| e.into_inner())).collect();
     if let Some(i) = sizes.iter().position(|&c| c < 0) {
-        return Err(Error::value(format!("texts[{i}]: expected at most 4 GiB, got {} bytes", texts[i].as_ref().len())));
+        return Err(Error::value(format!("texts[{i}]: expected at most {} bytes (under 4 GiB), got {}", u32::MAX, texts[i].as_ref().len())));
     }
     Ok(sizes)
 }
