@@ -1,7 +1,7 @@
 //! Times the CPU LUT GEMV (4096 → 4096, group 128; 4-bit unless BITS says) and the quantizer on this machine:
 //! `cargo run --release -p lmkern-core --example quant_gemv [threads] [gemv|bwd|deq|search]` (`gemv`: the GEMV
 //! only; `bwd`: the GEMV and the input gradient's transposed GEMV; `deq`: the GEMV and Ŵ through the
-//! rows' codebooks (the many-token path's dequantizer), float32; `search`: search_exponent for every
+//! rows' codebooks (the many-token path's dequantizer) and through the exponents' tables, float32; `search`: search_exponent for every
 //! row, with the Python layer's grid (and x as calibration activations where TOKENS > 1); `REPS=n` repeats, default 30; `TOKENS=t` activation rows, default 1; `BITS=b`, default 4). Min and median of the repeats, wall clock and, since the
 //! machine is shared, CPU time (of the calling thread with 1 thread, of the process otherwise).
 use lmkern_core::quant::{self, LinearArgs, QuantArgs, SearchArgs};
@@ -117,6 +117,10 @@ fn main() {
             let mut wt = vec![0f32; n * k];
             time(&format!("dequantize_codebooks [4096, 4096] {bits}-bit g128, float32"), false, &mut || {
                 quant::dequantize_codebooks(Device::Cpu, DType::F32, &q, codes.as_ptr() as u64, scales.as_ptr() as u64, table.as_ptr() as u64, wt.as_mut_ptr() as u64)
+                    .unwrap()
+            });
+            time(&format!("dequantize [4096, 4096] {bits}-bit g128 (the exponents' tables), float32"), false, &mut || {
+                quant::dequantize(Device::Cpu, DType::F32, &q, codes.as_ptr() as u64, scales.as_ptr() as u64, a.as_ptr() as u64, wt.as_mut_ptr() as u64)
                     .unwrap()
             });
         }

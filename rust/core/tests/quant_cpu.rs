@@ -1,6 +1,6 @@
 //! The CPU power-quantization kernels against a float64 evaluation of the formulas (PAPERS.md §2),
 //! and their error paths. No Python: buffers are Rust vectors passed by address.
-use lmkern_core::quant::{self, field_to_code, qmax, row_bytes, unpack_fields, LinearArgs, QuantArgs, SearchArgs};
+use lmkern_core::quant::{self, field_to_code, qmax, row_bytes, row_lut, unpack_fields, LinearArgs, QuantArgs, SearchArgs};
 use lmkern_core::{DType, Device, ErrorKind};
 
 mod kernel_common;
@@ -52,6 +52,63 @@ fn quantize_dequantize_match_the_formula() {
                     let want = m * (got.signum() as f64) * (got.abs() as f64 / qmax(bits) as f64).powf(1.0 / a[r] as f64);
                     let d = deq[r * n + j] as f64;
                     assert!((d - want).abs() <= 3e-7 * want.abs(), "dequantized {d} vs {want}");
+                }
+            }
+        }
+    }
+}
+
+/// The dequantizers on many rows whose exponents repeat, alternate, return after others, differ in
+/// the last bit or all differ (the tasks keep the last exponent's table: a stale or misplaced table
+/// shows here), against each row's own table (row_lut, or its codebook) applied in the test. Every
+/// field value (random bytes), tasks of several rows (rows_per_task), the SIMD row paths (float32
+/// with n and g multiples of 8/16/32) and the table loop (other shapes, float64, bfloat16).
+#[test]
+fn dequantize_rows_with_repeating_exponents_match_each_rows_table() {
+    use half::bf16;
+    let mut rng = Rng(31);
+    let patterns: [(&str, fn(usize) -> f32); 6] = [
+        ("constant", |_| 0.7),
+        ("alternating", |r| if r % 2 == 0 { 0.7 } else { 0.45 }),
+        ("runs", |r| 0.3 + 0.1 * (r / 5 % 7) as f32),
+        ("returning", |r| [0.7, 0.45, 0.7, 0.7, 0.2][r % 5]),
+        ("last bit", |r| if r % 3 == 0 { 0.7f32.next_up() } else { 0.7 }),
+        ("distinct", |r| 1.0 - 0.0009 * r as f32),
+    ];
+    for (bits, n, g, rows) in [(8u32, 1usize, 1usize, 700usize), (8, 8, 8, 600), (8, 16, 16, 300), (8, 48, 16, 70), (4, 32, 32, 300), (4, 5, 5, 520), (3, 8, 8, 400), (2, 16, 8, 400), (3, 3, 3, 333)] {
+        let q = QuantArgs { bits, rows, n, group: g, clip: 1.0 };
+        let rb = row_bytes(n, bits);
+        let codes: Vec<u8> = (0..rows * rb).map(|_| (rng.next() * 256.0) as i32 as u8).collect();
+        let scales: Vec<f32> = (0..rows * (n / g)).map(|_| rng.next() as f32 * 3.0).collect();
+        for (name, pat) in patterns {
+            let a: Vec<f32> = (0..rows).map(pat).collect();
+            let mut table = vec![0f32; rows << bits];
+            unsafe { quant::codebook(bits, rows, addr(&a), out(&mut table)).unwrap() };
+            let (mut o32, mut o64, mut o16) = (vec![f32::NAN; rows * n], vec![f64::NAN; rows * n], vec![bf16::NAN; rows * n]);
+            let (mut c32, mut c64, mut c16) = (o32.clone(), o64.clone(), o16.clone());
+            unsafe {
+                let (c, s, ta, tt) = (addr(&codes), addr(&scales), addr(&a), addr(&table));
+                quant::dequantize(Device::Cpu, DType::F32, &q, c, s, ta, out(&mut o32)).unwrap();
+                quant::dequantize(Device::Cpu, DType::F64, &q, c, s, ta, out(&mut o64)).unwrap();
+                quant::dequantize(Device::Cpu, DType::BF16, &q, c, s, ta, out(&mut o16)).unwrap();
+                quant::dequantize_codebooks(Device::Cpu, DType::F32, &q, c, s, tt, out(&mut c32)).unwrap();
+                quant::dequantize_codebooks(Device::Cpu, DType::F64, &q, c, s, tt, out(&mut c64)).unwrap();
+                quant::dequantize_codebooks(Device::Cpu, DType::BF16, &q, c, s, tt, out(&mut c16)).unwrap();
+            }
+            let mut f = vec![0u8; n];
+            for r in 0..rows {
+                let lut = row_lut(bits, a[r]);
+                let cb = &table[r << bits..(r + 1) << bits];
+                unpack_fields(&codes[r * rb..(r + 1) * rb], bits, 0, &mut f);
+                for j in 0..n {
+                    let (m, fv, e) = (scales[r * (n / g) + j / g], f[j] as usize, r * n + j);
+                    let at = format!("bits {bits} [{rows}, {n}] g{g} {name}: row {r} elem {j}");
+                    assert_eq!(o32[e].to_bits(), (m * lut[fv] as f32).to_bits(), "{at} float32");
+                    assert_eq!(o64[e].to_bits(), (m as f64 * lut[fv]).to_bits(), "{at} float64");
+                    assert_eq!(o16[e].to_bits(), bf16::from_f32(m * lut[fv] as f32).to_bits(), "{at} bfloat16");
+                    assert_eq!(c32[e].to_bits(), (m * cb[fv]).to_bits(), "{at} codebook float32");
+                    assert_eq!(c64[e].to_bits(), (m as f64 * cb[fv] as f64).to_bits(), "{at} codebook float64");
+                    assert_eq!(c16[e].to_bits(), bf16::from_f32(m * cb[fv]).to_bits(), "{at} codebook bfloat16");
                 }
             }
         }

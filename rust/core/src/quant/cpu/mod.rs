@@ -1,7 +1,7 @@
 //! CPU power-quantization kernels: rows split across lmkern's pool, every row computed in a fixed
 //! order (results do not depend on the thread count). See the module docs of [`super`] for the
 //! operator and the packed layout.
-use super::{boundaries, pack_row, qmax, row_lut, unpack_fields, LinearArgs, QuantArgs, SearchArgs, Tables, FAKE_GRAD_EPS};
+use super::{boundaries, pack_row, qmax, unpack_fields, LinearArgs, QuantArgs, SearchArgs, Tables, FAKE_GRAD_EPS};
 use crate::cpu::{multiversion, rows_of, rows_of_mut, slice, Acc, Elem};
 use crate::error::{Error, Result};
 use crate::parallel;
@@ -393,8 +393,20 @@ fn quant_row<T: QElem>(xr: &[T], t: &[f64], q: &QuantArgs, scales: &mut [f32], s
     ok
 }
 
-fn lut_of<A: Real>(bits: u32, a: f32) -> Vec<A> {
-    row_lut(bits, a).into_iter().map(A::from_f64).collect()
+/// [`super::row_lut`] of exponent a into `lut` (2^bits entries), rounded to A, without allocating: the
+/// same powers, one per magnitude |q| (fields q and −q share it).
+fn fill_lut<A: Real>(bits: u32, a: f32, lut: &mut [A]) {
+    let qm = qmax(bits) as f64;
+    let inv_a = 1.0 / a as f64;
+    let mut mag = [0f64; 129]; // |q| ≤ 2^(b−1) ≤ 128
+    for (k, v) in mag.iter_mut().enumerate().take((1 << (bits - 1)) + 1) {
+        *v = (k as f64 / qm).powf(inv_a);
+    }
+    for (f, d) in lut.iter_mut().enumerate() {
+        let q = super::field_to_code(f as u8, bits);
+        let v = mag[q.unsigned_abs() as usize];
+        *d = A::from_f64(if q < 0 { -v } else { v });
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -511,44 +523,45 @@ unsafe fn dequantize_t<T: QElem>(q: &QuantArgs, codes: u64, scales: u64, tables:
 
 multiversion!(fn deq_rows<T: QElem>(d: &Deq, r0: usize, r1: usize) => deq_rows_body);
 
-/// The table of row r: from its exponent (float64, rounded to the accumulation type) or its
-/// codebook (float32, as given).
-///
-/// # Safety
-/// r < q.rows; the exponents or codebooks are valid buffers as [`super::dequantize`] and
-/// [`super::dequantize_codebooks`] document.
-unsafe fn row_table<A: Real>(tables: Tables, bits: u32, r: usize) -> Vec<A> {
-    match tables {
-        Tables::Exponents(a) => lut_of(bits, *(a as *const f32).add(r)),
-        Tables::Codebooks(t) => {
-            let nl = 1usize << bits;
-            slice::<f32>(t + (4 * r * nl) as u64, nl).iter().map(|&v| A::from_f64(v as f64)).collect()
-        }
-    }
-}
-
 #[inline(always)]
 fn deq_rows_body<T: QElem>(d: &Deq, r0: usize, r1: usize)
 {
     let q = d.q;
-    let (n, rb, ng, g) = (q.n, q.row_bytes(), q.groups(), q.group);
+    let (n, rb, ng, g, nl) = (q.n, q.row_bytes(), q.groups(), q.group, 1usize << q.bits);
     // SAFETY: tasks write disjoint row ranges of out; the rest is only read.
     let (cr, sr, o) = unsafe {
         (rows_of::<u8>(d.codes, rb, r0, r1), rows_of::<f32>(d.scales, ng, r0, r1), rows_of_mut::<T>(d.out, n, r0, r1))
     };
     let mut f = vec![0u8; n];
+    // The table of the last exponent seen, computed again only when the exponent changes from one
+    // row to the next, as quant_rows does (a table a row: [2^22, 1] float32 8-bit took 8-11 s,
+    // now 79 ms).
+    let (mut cached, mut lut) = (f32::NAN, vec![T::Acc::ZERO; nl]);
     for i in 0..r1 - r0 {
-        // SAFETY: r0 + i < q.rows.
-        let lut = unsafe { row_table::<T::Acc>(d.tables, q.bits, r0 + i) };
+        // The row's codebook (float32, as given), or None: its exponent's table is `lut`.
+        let codebook = match d.tables {
+            Tables::Exponents(a) => {
+                // SAFETY: r0 + i < q.rows; a holds q.rows float32.
+                let av = unsafe { *(a as *const f32).add(r0 + i) };
+                if av.to_bits() != cached.to_bits() {
+                    cached = av;
+                    fill_lut(q.bits, av, &mut lut);
+                }
+                None
+            }
+            // SAFETY: r0 + i < q.rows; t holds q.rows rows of nl float32.
+            Tables::Codebooks(t) => Some(unsafe { rows_of::<f32>(t, nl, r0 + i, r0 + i + 1) }),
+        };
         let orow = &mut o[i * n..(i + 1) * n];
         if T::IS_F32 && (fast_path(q) || fast8_path(q) || fast23_path(q)) {
             // SAFETY: the *_path checks gave AVX2+FMA, the code width, and n and g multiples of 32
             // (4 bits), 16 (8 bits) or 8 (2, 3 bits; the AVX-512 forms: of 16, and has_avx512 gave
-            // AVX-512 F/BW/VL); T is f32, so orow is n float32 and the table 2^bits float32.
+            // AVX-512 F/BW/VL); T is f32, so orow is n float32 and the table (lut, of T::Acc = f32,
+            // or the codebook) 2^bits float32.
             #[cfg(target_arch = "x86_64")]
             unsafe {
-                let (codes, scales, table, out) =
-                    (&cr[i * rb..(i + 1) * rb], &sr[i * ng..(i + 1) * ng], lut.as_ptr() as *const f32, orow.as_mut_ptr() as *mut f32);
+                let table = codebook.map_or(lut.as_ptr() as *const f32, |c| c.as_ptr());
+                let (codes, scales, out) = (&cr[i * rb..(i + 1) * rb], &sr[i * ng..(i + 1) * ng], orow.as_mut_ptr() as *mut f32);
                 match q.bits {
                     4 if fast512_path(q) => deq_row_avx512(codes, scales, table, g, out, n),
                     4 => deq_row_avx2(codes, scales, table, g, out, n),
@@ -563,11 +576,22 @@ fn deq_rows_body<T: QElem>(d: &Deq, r0: usize, r1: usize)
             continue;
         }
         unpack_fields(&cr[i * rb..(i + 1) * rb], q.bits, 0, &mut f);
-        for gi in 0..ng {
-            let m = T::Acc::from_f64(sr[i * ng + gi] as f64);
-            for (y, &fv) in orow[gi * g..(gi + 1) * g].iter_mut().zip(&f[gi * g..(gi + 1) * g]) {
-                *y = T::store(m * lut[fv as usize]);
-            }
+        let scales = &sr[i * ng..(i + 1) * ng];
+        match codebook {
+            None => deq_groups::<T>(&f, scales, g, orow, |fv| lut[fv]),
+            // The codebook's entries read where they are (no copy a row: tiny rows read 1 or 2).
+            Some(c) => deq_groups::<T>(&f, scales, g, orow, |fv| T::Acc::from_f64(c[fv] as f64)),
+        }
+    }
+}
+
+/// `out[j] = m · table(field j)` for a row's groups of g, m its group's scale.
+#[inline(always)]
+fn deq_groups<T: QElem>(f: &[u8], scales: &[f32], g: usize, out: &mut [T], table: impl Fn(usize) -> T::Acc) {
+    for ((ys, fs), &m) in out.chunks_exact_mut(g).zip(f.chunks_exact(g)).zip(scales) {
+        let m = T::Acc::from_f64(m as f64);
+        for (y, &fv) in ys.iter_mut().zip(fs) {
+            *y = T::store(m * table(fv as usize));
         }
     }
 }
@@ -606,11 +630,12 @@ unsafe fn fake_t<T: QElem>(q: &QuantArgs, x: u64, a: u64, y: u64, scales: u64) -
         let mut s = RowScratch::<T::Acc>::new(n, q.group);
         let (g, ng, mask) = (q.group, q.groups(), (1u32 << q.bits) - 1);
         // Boundaries and table are recomputed only when the exponent changes from one row to the
-        // next (as quant_rows does: 8-bit codes take 383 powers a row).
-        let (mut cached, mut t, mut lut) = (f32::NAN, Vec::new(), Vec::new());
+        // next (as quant_rows does: 8-bit codes take 256 powers a row).
+        let (mut cached, mut t, mut lut) = (f32::NAN, Vec::new(), vec![T::Acc::ZERO; 1 << q.bits]);
         for i in 0..r1 - r0 {
             if ar[i].to_bits() != cached.to_bits() {
-                (cached, t, lut) = (ar[i], boundaries(q.bits, ar[i]), lut_of::<T::Acc>(q.bits, ar[i]));
+                (cached, t) = (ar[i], boundaries(q.bits, ar[i]));
+                fill_lut(q.bits, ar[i], &mut lut);
             }
             let srow = &mut sr[i * ng..(i + 1) * ng];
             if !quant_row_mv::<T>(&xr[i * n..(i + 1) * n], &t, q, srow, &mut s) {
@@ -773,6 +798,22 @@ mod tests {
             assert!(up as f64 >= t && (up.next_down() as f64) < t);
         }
         assert_eq!(f32::thr_up(f64::from_bits(1)), f32::from_bits(1));
+    }
+
+    #[test]
+    fn fill_lut_is_row_lut_rounded() {
+        for bits in [2u32, 3, 4, 8] {
+            for a in [1.0f32, 0.7, 0.7f32.next_up(), 0.31, 0.05, f32::MIN_POSITIVE] {
+                let want = crate::quant::row_lut(bits, a);
+                let (mut l32, mut l64) = (vec![f32::NAN; 1 << bits], vec![f64::NAN; 1 << bits]);
+                fill_lut(bits, a, &mut l32);
+                fill_lut(bits, a, &mut l64);
+                for (f, w) in want.iter().enumerate() {
+                    assert_eq!(l64[f].to_bits(), w.to_bits(), "bits {bits} a {a} field {f}");
+                    assert_eq!(l32[f].to_bits(), (*w as f32).to_bits(), "bits {bits} a {a} field {f}");
+                }
+            }
+        }
     }
 
     #[test]
