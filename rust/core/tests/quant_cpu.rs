@@ -195,6 +195,29 @@ fn search_returns_exponents_in_range_and_a_one_for_zero_rows() {
     assert!(e.to_string().contains("finite"), "{e}");
 }
 
+/// Long rows, which a task of the search takes fewer at once (by their size: 5 of 2^18), give the
+/// exponents each row gives alone, with and without calibration rows.
+#[test]
+fn search_of_long_rows_matches_each_row_alone() {
+    let mut rng = Rng(41);
+    let (rows, n, g) = (7usize, 1usize << 18, 4096usize);
+    // Heavy tails in places, so that the rows' exponents differ.
+    let w: Vec<f32> = (0..rows * n).map(|i| (rng.next() * rng.next().abs().powi(1 + (i / n % 4) as i32)) as f32).collect();
+    let z: Vec<f32> = (0..3 * n).map(|_| rng.next() as f32).collect();
+    for (bits, z_rows) in [(4u32, 0usize), (8, 0), (4, 3)] {
+        let s = SearchArgs { q: QuantArgs { bits, rows, n, group: g, clip: 1.0 }, per_row: true, z_rows, lo: 0.05, grid: 256, refine: 8 };
+        let mut all = vec![f32::NAN; rows];
+        unsafe { quant::search_exponent(Device::Cpu, &s, addr(&w), addr(&z), out(&mut all)).unwrap() };
+        for r in 0..rows {
+            let one = SearchArgs { q: QuantArgs { rows: 1, ..s.q }, ..s };
+            let mut a = [f32::NAN];
+            unsafe { quant::search_exponent(Device::Cpu, &one, addr(&w[r * n..(r + 1) * n]), addr(&z), out(&mut a)).unwrap() };
+            assert_eq!(all[r].to_bits(), a[0].to_bits(), "bits {bits} z rows {z_rows} row {r}");
+        }
+        assert!(all.iter().all(|v| (0.05..=1.0).contains(v)), "{all:?}");
+    }
+}
+
 #[test]
 fn bad_input_is_an_error_not_a_panic() {
     let x = vec![1f32; 8];

@@ -296,16 +296,26 @@ const GROUP: usize = 16;
 /// (T = 256: 7.5-8.5 s against 9.1 with 16 rows), 4-bit codes hold 16 in a quarter of it.
 const GROUP_ENDS_BYTES: usize = 2 << 20;
 
-/// The rows a task takes at once: [`GROUP`], fewer where their boundary positions at the most
-/// exponents a stage evaluates would pass [`GROUP_ENDS_BYTES`] (with calibration activations: the
-/// weight error keeps none).
+/// Bytes a [`SortedRow`] holds per element while it is built: u, col, sm (4 each), pre (16) and
+/// bucket (4), besides the keys (8) and signed scales (4) it is sorted from.
+const SORTED_BYTES: usize = 44;
+
+/// What a task's sorted rows may hold at once: 16 rows up to n ≈ 95K elements, one row past
+/// n ≈ 1.5M (16 rows of 2^22 float32 each took +2.06 GiB whatever the thread count).
+const GROUP_BYTES: usize = 64 << 20;
+
+/// The rows a task takes at once: [`GROUP`], fewer where their sorted forms would pass
+/// [`GROUP_BYTES`], or (with calibration activations: the weight error keeps none) where their
+/// boundary positions at the most exponents a stage evaluates would pass [`GROUP_ENDS_BYTES`].
+/// The results do not depend on it: each row's errors are its own, summed in a fixed order.
 fn group_rows(s: &SearchArgs) -> usize {
+    let by_size = (GROUP_BYTES / (SORTED_BYTES * s.q.n).max(1)).clamp(1, GROUP);
     if s.z_rows == 0 {
-        return GROUP;
+        return by_size;
     }
     let exponents = s.grid.max(CANDIDATES * s.refine);
     let per_row = exponents * (qmax(s.q.bits) as usize + 1) * size_of::<u32>();
-    (GROUP_ENDS_BYTES / per_row.max(1)).clamp(1, GROUP)
+    (GROUP_ENDS_BYTES / per_row.max(1)).clamp(1, by_size)
 }
 
 /// A row of w sorted for the search, with its weights.
@@ -491,13 +501,33 @@ fn metric_errors_body<const FMA: bool>(rows: &[(&Row, &[Levels])], zb: &[f32], y
     }
 }
 
+/// `f(gi, yp)` for every group gi in 0..groups as parallel tasks (`work`: see
+/// [`parallel::for_each_task`]), `yp` ([`metric_errors`]' scratch) kept by each thread across its
+/// groups: one a group faulted (n + 1)·ZB·8 bytes in again ([16, 2^20] with 8 calibration rows,
+/// a row a group: 1.7x the time).
+fn for_each_group(groups: usize, work: usize, f: impl Fn(usize, &mut Vec<f64>) + Sync + Send) {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    parallel::run_with_caller(groups.saturating_sub(1), work, || {
+        let mut yp = Vec::new();
+        loop {
+            let gi = next.fetch_add(1, Ordering::Relaxed);
+            if gi >= groups {
+                break;
+            }
+            f(gi, &mut yp);
+        }
+    });
+}
+
 /// Rows whose errors a search for one exponent of the whole tensor holds at once (summed in row
 /// order after each block: the same sums as all rows at once).
 const TOTAL_ROWS: usize = 256;
 
 /// The search over every row: the weight error, or with `zb` (z in [`ZBlocks`]' layout, and its
-/// rows) the layer-output error (see [`metric_errors`]). Rows go [`group_rows`] at a time.
-unsafe fn search(s: &SearchArgs, w: u64, zb: Option<(&[f32], usize)>, out: u64) -> Result<()> {
+/// rows) the layer-output error (see [`metric_errors`]). Rows go `group` (1..=[`GROUP`],
+/// [`group_rows`]) at a time.
+unsafe fn search(s: &SearchArgs, w: u64, zb: Option<(&[f32], usize)>, out: u64, group: usize) -> Result<()> {
+    debug_assert!((1..=GROUP).contains(&group));
     let q = &s.q;
     let (rows, n) = (q.rows, q.n);
     let bad = AtomicBool::new(false);
@@ -521,7 +551,7 @@ unsafe fn search(s: &SearchArgs, w: u64, zb: Option<(&[f32], usize)>, out: u64) 
             .collect()
     };
     // The errors of each row at its exponents, row after row into `dst`; `yp`: metric_errors'
-    // scratch, kept across a task's calls.
+    // scratch, kept by a thread across its calls.
     let errors = |rows: &[(&Row, &[Levels])], yp: &mut Vec<f64>, dst: &mut [f64]| match zb {
         None => {
             let lvs = rows.iter().flat_map(|((sr, _), lvs)| lvs.iter().map(move |lv| (sr, lv)));
@@ -535,27 +565,25 @@ unsafe fn search(s: &SearchArgs, w: u64, zb: Option<(&[f32], usize)>, out: u64) 
         }
     };
     let work = rows * n * zb.map_or(4, |(_, t)| t.max(4));
-    let group = group_rows(s);
     let groups = |r0: usize, r1: usize| (r1 - r0).div_ceil(group);
     if s.per_row {
         let os = Shared(out as usize);
-        parallel::for_each_task(groups(0, rows), work, |gi| {
+        for_each_group(groups(0, rows), work, |gi, yp| {
             let (r0, r1) = (gi * group, (gi * group + group).min(rows));
             // Rows of n = 0 or holding NaN or inf: a = 1.
             let mut a = [1.0f32; GROUP];
             let a = &mut a[..r1 - r0];
             if n > 0 {
                 let loaded = load(r0, r1);
-                let mut yp = Vec::new();
                 let k = coarse.len();
                 let mut errs = vec![0f64; loaded.len() * k];
                 let asked: Vec<(&Row, &[Levels])> = loaded.iter().map(|(_, row)| (row, &coarse_lv[..])).collect();
-                errors(&asked, &mut yp, &mut errs);
+                errors(&asked, yp, &mut errs);
                 let fine: Vec<Vec<f64>> = errs.chunks_exact(k).map(|e| fine_points(s, e)).collect();
                 let fine_lv: Vec<Vec<Levels>> = fine.iter().map(|p| at(p)).collect();
                 let mut fine_errs = vec![0f64; fine.iter().map(Vec::len).sum()];
                 let asked: Vec<(&Row, &[Levels])> = loaded.iter().zip(&fine_lv).map(|((_, row), lv)| (row, &lv[..])).collect();
-                errors(&asked, &mut yp, &mut fine_errs);
+                errors(&asked, yp, &mut fine_errs);
                 let mut fe = &fine_errs[..];
                 for (((r, _), e), p) in loaded.iter().zip(errs.chunks_exact(k)).zip(&fine) {
                     let (this, rest) = fe.split_at(p.len());
@@ -583,12 +611,12 @@ unsafe fn search(s: &SearchArgs, w: u64, zb: Option<(&[f32], usize)>, out: u64) 
                 let r1 = (r0 + TOTAL_ROWS).min(rows);
                 per_row.fill(0.0);
                 let ps = Shared(per_row.as_mut_ptr() as usize);
-                parallel::for_each_task(groups(r0, r1), work / rows.max(1) * (r1 - r0), |gi| {
+                for_each_group(groups(r0, r1), work / rows.max(1) * (r1 - r0), |gi, yp| {
                     let (g0, g1) = (r0 + gi * group, (r0 + gi * group + group).min(r1));
                     let loaded = load(g0, g1);
                     let mut errs = vec![0f64; loaded.len() * k];
                     let asked: Vec<(&Row, &[Levels])> = loaded.iter().map(|(_, row)| (row, &lvs[..])).collect();
-                    errors(&asked, &mut Vec::new(), &mut errs);
+                    errors(&asked, yp, &mut errs);
                     for ((r, _), e) in loaded.iter().zip(errs.chunks_exact(k)) {
                         // SAFETY: task gi writes the rows g0..g1 of per_row only; per_row
                         // outlives the tasks.
@@ -618,7 +646,7 @@ unsafe fn search(s: &SearchArgs, w: u64, zb: Option<(&[f32], usize)>, out: u64) 
 /// See [`crate::quant::search_exponent`].
 pub unsafe fn search_exponent(s: &SearchArgs, w: u64, z: u64, out: u64) -> Result<()> {
     if s.z_rows == 0 {
-        return search(s, w, None, out);
+        return search(s, w, None, out, group_rows(s));
     }
     let (t_rows, n) = (s.z_rows, s.q.n);
     let z = slice::<f32>(z, t_rows * n);
@@ -627,7 +655,7 @@ pub unsafe fn search_exponent(s: &SearchArgs, w: u64, z: u64, out: u64) -> Resul
         return Err(Error::value("x: expected finite calibration activations (NaN or inf found)"));
     }
     let zb = ZBlocks::new(z, t_rows, n);
-    search(s, w, Some((zb.blocks(), t_rows)), out)
+    search(s, w, Some((zb.blocks(), t_rows)), out, group_rows(s))
 }
 
 #[cfg(test)]
@@ -707,6 +735,48 @@ mod tests {
                     let (ours, want) = (sr.error(&lv), direct_error(&w, g, &lv));
                     let scale: f64 = w.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>().max(1e-300);
                     assert!((ours - want).abs() <= 1e-12 * scale, "bits {bits} n {} a {a}: {ours} vs {want}", w.len());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn results_do_not_depend_on_the_group_size() {
+        // Long rows take fewer at once (by size), short rows GROUP.
+        let args = |n: usize, z_rows: usize| SearchArgs {
+            q: QuantArgs { bits: 4, rows: 1, n, group: n, clip: 1.0 },
+            per_row: true,
+            z_rows,
+            lo: 0.05,
+            grid: 1024,
+            refine: 16,
+        };
+        assert_eq!(group_rows(&args(4096, 0)), GROUP);
+        assert_eq!(group_rows(&args(1 << 18, 0)), 5);
+        assert_eq!(group_rows(&args(1 << 22, 0)), 1);
+        assert_eq!(group_rows(&args(1 << 18, 8)), 5);
+        // 37 rows (no group size divides them but 1: the first of every kind rows() makes at n =
+        // 300, then heavy-tailed ones), with and without calibration rows, per row and per tensor:
+        // the same exponents at every group size.
+        let mut rnd = uniform(0x1234_5678_9abc_def1);
+        let n = 300usize;
+        let mut w: Vec<f32> = rows().into_iter().filter(|(w, _)| w.len() == n).flat_map(|(w, _)| w).collect();
+        let rows = 37usize;
+        w.extend((w.len()..rows * n).map(|_| rnd() * rnd().abs().powi(3)));
+        let z: Vec<f32> = (0..5 * n).map(|_| rnd()).collect();
+        let zb = ZBlocks::new(&z, 5, n);
+        for bits in [3u32, 8] {
+            for (t_rows, per_row) in [(0usize, true), (0, false), (5, true), (5, false)] {
+                let s = SearchArgs { q: QuantArgs { bits, rows, n, group: 100, clip: 1.0 }, per_row, z_rows: t_rows, lo: 0.05, grid: 64, refine: 8 };
+                let zs = (t_rows > 0).then(|| (zb.blocks(), t_rows));
+                let mut want = vec![f32::NAN; rows];
+                unsafe { search(&s, w.as_ptr() as u64, zs, want.as_mut_ptr() as u64, GROUP).unwrap() };
+                for group in 1..GROUP {
+                    let mut got = vec![f32::NAN; rows];
+                    unsafe { search(&s, w.as_ptr() as u64, zs, got.as_mut_ptr() as u64, group).unwrap() };
+                    let k = if per_row { rows } else { 1 };
+                    assert_eq!(&got[..k], &want[..k], "bits {bits} z rows {t_rows} per row {per_row} group {group}");
+                    assert!(got[k..].iter().all(|v| v.is_nan()));
                 }
             }
         }
