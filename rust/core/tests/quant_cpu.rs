@@ -115,6 +115,118 @@ fn dequantize_rows_with_repeating_exponents_match_each_rows_table() {
     }
 }
 
+/// The code of x with scale m against the boundaries t, as the kernels compare (module docs of
+/// lmkern_core::quant): |x| ≥ T_k with T_k = t_k·m in float64 rounded up to float32 (never 0).
+fn code_of(x: f32, t: &[f64], m: f32) -> i32 {
+    if m == 0.0 {
+        return 0;
+    }
+    let k = t
+        .iter()
+        .filter(|&&tk| {
+            let v = (tk * m as f64).max(f64::from_bits(1));
+            let up = if ((v as f32) as f64) < v { (v as f32).next_up() } else { v as f32 };
+            x.abs() >= up
+        })
+        .count() as i32;
+    if x < 0.0 {
+        -k
+    } else {
+        k
+    }
+}
+
+/// Rows longer than the kernels' pieces (16384 elements): groups of a few elements, groups that
+/// fill pieces unevenly, groups longer than a piece (two, and one the whole row), a row of 3
+/// pieces and a tail; each long group's max|x| in its last piece. float32 and bfloat16 quantize
+/// against the exact comparison above; fake quantize against dequantize(quantize); the
+/// backward's dx against the same elements as rows of a few elements with the same scales (no
+/// long group), its da against their sum; NaN in a late piece is an error.
+#[test]
+fn long_rows_go_in_pieces_with_the_codes_of_the_whole_row() {
+    use half::bf16;
+    let mut rng = Rng(43);
+    for (rows, n, groups, split_by) in [(2usize, 40002usize, &[40002usize, 20001, 6667, 3, 2][..], 3usize), (1, 3 * 16384 + 8, &[3 * 16384 + 8][..], 8)] {
+        let mut x: Vec<f32> = (0..rows * n).map(|_| (rng.next() * rng.next().abs().powi(3)) as f32).collect();
+        let a: Vec<f32> = (0..rows).map(|r| 0.45 + 0.3 * r as f32).collect();
+        for bits in [3u32, 4, 8] {
+            for &g in groups {
+                // Each group's max|x| near its end.
+                for gs in x.chunks_exact_mut(g) {
+                    gs[g - 1 - g / 7] = 5.0 + gs.len() as f32 * 1e-4;
+                }
+                let (ng, rb) = (n / g, row_bytes(n, bits));
+                let q = QuantArgs { bits, rows, n, group: g, clip: 0.9 };
+                let xh: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
+                for (dtype, xv) in [(DType::F32, x.clone()), (DType::BF16, xh.iter().map(|v| v.to_f32()).collect())] {
+                    let xa = if dtype == DType::F32 { addr(&x) } else { addr(&xh) };
+                    let at = format!("bits {bits} [{rows}, {n}] g{g} {dtype:?}");
+                    let (mut codes, mut scales) = (vec![0xAAu8; rows * rb], vec![f32::NAN; rows * ng]);
+                    let (mut y, mut ys, mut yh, mut yhs) = (vec![f32::NAN; rows * n], vec![f32::NAN; rows * ng], vec![bf16::NAN; rows * n], vec![f32::NAN; rows * ng]);
+                    let mut deq = vec![f32::NAN; rows * n];
+                    let mut deqh = vec![bf16::NAN; rows * n];
+                    unsafe {
+                        quant::quantize(Device::Cpu, dtype, &q, xa, addr(&a), out(&mut codes), out(&mut scales)).unwrap();
+                        if dtype == DType::F32 {
+                            quant::fake_quantize(Device::Cpu, dtype, &q, xa, addr(&a), out(&mut y), out(&mut ys)).unwrap();
+                            quant::dequantize(Device::Cpu, dtype, &q, addr(&codes), addr(&scales), addr(&a), out(&mut deq)).unwrap();
+                        } else {
+                            quant::fake_quantize(Device::Cpu, dtype, &q, xa, addr(&a), out(&mut yh), out(&mut yhs)).unwrap();
+                            quant::dequantize(Device::Cpu, dtype, &q, addr(&codes), addr(&scales), addr(&a), out(&mut deqh)).unwrap();
+                        }
+                    }
+                    let mut f = vec![0u8; n];
+                    for r in 0..rows {
+                        let t = quant::boundaries(bits, a[r]);
+                        unpack_fields(&codes[r * rb..(r + 1) * rb], bits, 0, &mut f);
+                        for (gi, xs) in xv[r * n..(r + 1) * n].chunks_exact(g).enumerate() {
+                            let m = (0.9 * xs.iter().fold(0f32, |m, v| m.max(v.abs())) as f64) as f32;
+                            assert_eq!(scales[r * ng + gi].to_bits(), m.to_bits(), "{at}: scale of row {r} group {gi}");
+                            for (j, &v) in xs.iter().enumerate() {
+                                let got = field_to_code(f[gi * g + j], bits);
+                                assert_eq!(got, code_of(v, &t, m), "{at}: row {r} elem {}", gi * g + j);
+                            }
+                        }
+                    }
+                    if dtype == DType::F32 {
+                        assert!(ys == scales && y.iter().zip(&deq).all(|(u, v)| u.to_bits() == v.to_bits()), "{at}: fake quantize");
+                    } else {
+                        assert!(yhs == scales && yh.iter().zip(&deqh).all(|(u, v)| u.to_bits() == v.to_bits()), "{at}: fake quantize");
+                    }
+                    // The backward (float32): the same elements as rows of `split` (a divisor of
+                    // g) with the same scales and exponents.
+                    if dtype != DType::F32 {
+                        continue;
+                    }
+                    let split = if g % split_by == 0 { split_by } else { g };
+                    let dy: Vec<f32> = (0..rows * n).map(|_| rng.next() as f32).collect();
+                    let (mut dx, mut da) = (vec![f32::NAN; rows * n], vec![f32::NAN; rows]);
+                    let sq = QuantArgs { rows: rows * n / split, n: split, group: split, ..q };
+                    let s_scales: Vec<f32> = (0..sq.rows).map(|k| scales[k * split / g]).collect();
+                    let s_a: Vec<f32> = (0..sq.rows).map(|k| a[k * split / n]).collect();
+                    let (mut sdx, mut sda) = (vec![f32::NAN; rows * n], vec![f32::NAN; sq.rows]);
+                    unsafe {
+                        quant::fake_quantize_backward(Device::Cpu, dtype, &q, addr(&dy), xa, addr(&scales), addr(&a), out(&mut dx), out(&mut da)).unwrap();
+                        quant::fake_quantize_backward(Device::Cpu, dtype, &sq, addr(&dy), xa, addr(&s_scales), addr(&s_a), out(&mut sdx), out(&mut sda)).unwrap();
+                    }
+                    assert!(dx.iter().zip(&sdx).all(|(u, v)| u.to_bits() == v.to_bits()), "{at}: dx");
+                    for r in 0..rows {
+                        let parts = &sda[r * n / split..(r + 1) * n / split];
+                        let (want, scale) = parts.iter().fold((0f64, 0f64), |(s, m), &v| (s + v as f64, m + (v as f64).abs()));
+                        assert!((da[r] as f64 - want).abs() <= 1e-5 * scale + 1e-30, "{at}: da[{r}] {} vs {want}", da[r]);
+                    }
+                }
+            }
+        }
+        // NaN in the last piece of a long group: an error, not a finite scale.
+        let q = QuantArgs { bits: 4, rows, n, group: n, clip: 1.0 };
+        x[n - 3] = f32::NAN;
+        let (mut codes, mut scales) = (vec![0u8; rows * row_bytes(n, 4)], vec![0f32; rows]);
+        let e = unsafe { quant::quantize(Device::Cpu, DType::F32, &q, addr(&x), addr(&a), out(&mut codes), out(&mut scales)) }.unwrap_err();
+        assert!(e.message.contains("finite"), "{e}");
+    }
+}
+
 #[test]
 fn linear_matches_dense_dequantized_matmul_on_both_paths() {
     let mut rng = Rng(5);
