@@ -421,20 +421,16 @@ def test_own_model_float32_generate_save_load(tmp_path, kind):
 def test_own_model_keeps_frozen_parameters(kind):
     """lmkern's Transformer is rebuilt by the conversion: frozen parameters stay frozen, and a bias
     the conversion adds follows its layer's weight."""
-    model = make_own(F32, 3)
-    frozen = [name for i, (name, _) in enumerate(model.named_parameters()) if i % 2 == 0]
-    for name, p in model.named_parameters():
-        p.requires_grad_(name not in frozen)
-    new = TARGETS[kind](model)
-    old = dict(model.named_parameters())
-    seen = 0
-    for name, p in new.named_parameters():
-        if name in old:
-            assert p.requires_grad == old[name].requires_grad, name
-            seen += 1
-        elif name.endswith(".bias") and name[:-5] + ".weight" in old:
-            assert p.requires_grad == old[name[:-5] + ".weight"].requires_grad, name
-    assert seen > len(old) // 2
+    for tie in (False, True):  # a tied head is untied by the conversion: it keeps the embedding's flag
+        model = make_own(F32, 3, tie_embeddings=tie)
+        frozen = [name for i, (name, _) in enumerate(model.named_parameters()) if i % 2 == 0]
+        for name, p in model.named_parameters():
+            p.requires_grad_(name not in frozen)
+        new = TARGETS[kind](model)
+        old = dict(model.named_parameters(remove_duplicate=False))
+        for name, p in new.named_parameters():
+            like = name if name in old else name[:-5] + ".weight"  # a bias the conversion added
+            assert p.requires_grad == old[like].requires_grad, (tie, name)
 
 
 def test_own_model_bad_input():

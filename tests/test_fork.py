@@ -4,6 +4,7 @@ the child must build a pool of its own, of the parent's size, and compute the sa
 from __future__ import annotations
 
 import multiprocessing
+import os
 import random
 
 import numpy as np
@@ -43,7 +44,17 @@ def work():
     with torch.no_grad():
         out = layer(tokens)
     scores = N.zipfit_scores(texts[:30], texts[30:])
-    return lmkern.get_num_threads(), [t.detach() for t in (y, dx, dw, out)], scores
+    return lmkern.get_num_threads(), [t.detach() for t in (y, dx, dw, out)], scores, pool_threads()
+
+
+def pool_threads() -> int | None:
+    """lmkern's pool threads in this process (a forked child has none until it builds its pool),
+    or None where /proc cannot tell."""
+    try:
+        names = [open(f"/proc/self/task/{t}/comm").read() for t in os.listdir("/proc/self/task")]
+    except OSError:
+        return None
+    return sum(n.startswith("lmkern-") for n in names)
 
 
 def child_start():
@@ -52,7 +63,7 @@ def child_start():
 
 def test_forked_child_uses_a_pool_of_its_own(num_threads):
     lmkern.set_num_threads(3)
-    threads, tensors, scores = work()  # starts the pool in this process
+    threads, tensors, scores, running = work()  # starts the pool in this process
     ctx = multiprocessing.get_context("fork")
     with ctx.Pool(2, initializer=child_start) as pool:
         jobs = [pool.apply_async(work) for _ in range(2)]
@@ -60,8 +71,9 @@ def test_forked_child_uses_a_pool_of_its_own(num_threads):
             results = [job.get(timeout=120) for job in jobs]
         except multiprocessing.TimeoutError:
             pytest.fail("lmkern work in a forked child did not finish in 120 s")
-    for child_threads, child_tensors, child_scores in results:
+    for child_threads, child_tensors, child_scores, child_running in results:
         assert child_threads == threads == 3
+        assert child_running == running and running in (3, None)  # its own pool, started
         for got, want in zip(child_tensors, tensors):
             assert torch.equal(got, want)
         np.testing.assert_array_equal(child_scores, scores)

@@ -244,8 +244,9 @@ def test_scorer_batches_equal_one_shot():
     assert_bit_identical(sc.ncd(xs[:5]), N.ncd_matrix(xs[:5], ys))
 
 
-def test_calls_in_parts_equal_one_call(monkeypatch):
+def test_calls_in_parts_equal_one_call(monkeypatch, num_threads):
     """Scorer splits big inputs into several Rust calls (Ctrl-C is seen between them): same bits."""
+    lmkern.set_num_threads(2)  # the calls hold at least 16 sources a thread
     xs, ys = corpus(5, 150), corpus(6, 7)
     whole_m, whole_a = N.ncd_matrix(xs, ys), N.zipfit_scores(xs, ys)
     monkeypatch.setattr(N, "_CALL_BYTES", 1)
@@ -257,13 +258,14 @@ def test_calls_in_parts_equal_one_call(monkeypatch):
     assert_bit_identical(sc.alignment(xs), whole_a)
 
 
-def test_ctrl_c_interrupts_a_long_scoring(monkeypatch):
+def test_ctrl_c_interrupts_a_long_scoring(monkeypatch, num_threads):
     """SIGINT during a scoring raises KeyboardInterrupt after the Rust call running then, not after
-    the whole input (one GIL-free call could not be interrupted at all). ~0.3 s of work in ~40 calls."""
+    the whole input (one GIL-free call could not be interrupted at all). ~0.3 s of work in ~30 calls."""
     import signal
     import threading
     import time
 
+    lmkern.set_num_threads(2)  # the calls hold at least 16 sources a thread
     monkeypatch.setattr(N, "_CALL_BYTES", 1 << 20)
     xs, ys = corpus(7, 3000, max_words=300), corpus(8, 10, max_words=300)
     sc = N.Scorer(ys)

@@ -468,7 +468,8 @@ def _convert(model: nn.Module, kind: str, recenter: bool, inplace: bool) -> nn.M
             new.train(model.training)
             # Frozen parameters stay frozen (a new bias follows its layer's weight). Hooks a user
             # put on the old modules are not carried over.
-            frozen = {name: p.requires_grad for name, p in model.named_parameters()}
+            # (remove_duplicate=False: a tied head is a name of its own there, untied here.)
+            frozen = {name: p.requires_grad for name, p in model.named_parameters(remove_duplicate=False)}
             for name, p in new.named_parameters():
                 flag = frozen.get(name, frozen.get(name.rsplit(".", 1)[0] + ".weight"))
                 if flag is not None:

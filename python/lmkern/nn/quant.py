@@ -53,7 +53,8 @@ class PowerQuantLinear(nn.Module):
     dict, ``codebook`` float32 [out, 2^bits], the rows' tables computed from ``exponent`` when the
     module is built or loaded, and again by an eager forward that finds ``exponent`` replaced or
     changed in place since (a checkpoint written into it in place, ``torch.func.functional_call``
-    with other exponents; not inside torch.compile: call :meth:`refresh_codebook` there); layout as in
+    with other exponents; not inside torch.compile, nor for exponents that are inference tensors,
+    which keep no version: call :meth:`refresh_codebook` there); layout as in
     :mod:`lmkern.quant`. Activations: float32, bfloat16, float16 on CPU (float64 is accepted and
     computed in float32); accumulation in float32; the output has the activations' dtype. CUDA
     (``.to("cuda")`` of a module built on CPU works): float32, bfloat16, float16 activations; up to 8
@@ -176,7 +177,8 @@ class PowerQuantLinear(nn.Module):
         self._book_of = (self.exponent, _version(self.exponent))
 
     def _book_current(self) -> bool:
-        e, (source, version) = self._buffers["exponent"], self._book_of
+        # (getattr: a module pickled before _book_of existed has none; its codebook is rebuilt once)
+        e, (source, version) = self._buffers["exponent"], getattr(self, "_book_of", (None, -1))
         return e is source and (version < 0 or e._version == version)
 
     @property

@@ -14,7 +14,15 @@ struct State {
     wanted: usize,
     /// The pool, or None before first use. If the OS refuses threads, kernels run on the caller's
     /// thread.
-    pool: Option<Arc<rayon::ThreadPool>>,
+    pool: Option<Arc<Pool>>,
+}
+
+/// lmkern's rayon pool, and its helper jobs not started yet.
+struct Pool {
+    rayon: rayon::ThreadPool,
+    /// Helper jobs queued and not yet started (see [`run_with_caller`]): while other calls keep
+    /// the threads busy, new calls queue no more than the pool could start at once.
+    queued: AtomicUsize,
 }
 
 static STATE: RwLock<State> = RwLock::new(State { wanted: 0, pool: None });
@@ -23,24 +31,25 @@ fn lock_state() -> std::sync::RwLockWriteGuard<'static, State> {
     STATE.write().unwrap_or_else(|e| e.into_inner())
 }
 
-fn build(threads: usize) -> Option<Arc<rayon::ThreadPool>> {
-    fork::register();
+/// A pool of `threads`; call [`fork::register`] first, outside the lock.
+fn build(threads: usize) -> Option<Arc<Pool>> {
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads.max(1))
         .thread_name(|i| format!("lmkern-{i}"))
         .build()
         .ok()
-        .map(Arc::new)
+        .map(|rayon| Arc::new(Pool { rayon, queued: AtomicUsize::new(0) }))
 }
 
 /// Set the number of CPU threads the kernels use (at least 1). The new pool is started outside the
 /// lock (thousands of threads take seconds): kernels keep running on the old one meanwhile.
 pub fn set_num_threads(threads: usize) {
     let threads = threads.max(1);
+    fork::register();
     {
         let mut state = lock_state();
         state.wanted = threads;
-        if state.pool.as_ref().map(|p| p.current_num_threads()) == Some(threads) {
+        if state.pool.as_ref().map(|p| p.rayon.current_num_threads()) == Some(threads) {
             return;
         }
     }
@@ -56,13 +65,15 @@ pub fn set_num_threads(threads: usize) {
 
 /// The number of CPU threads the kernels use.
 pub fn num_threads() -> usize {
-    pool().map_or(1, |p| p.current_num_threads())
+    pool().map_or(1, |p| p.rayon.current_num_threads())
 }
 
-fn pool() -> Option<Arc<rayon::ThreadPool>> {
+fn pool() -> Option<Arc<Pool>> {
     if let Some(p) = STATE.read().unwrap_or_else(|e| e.into_inner()).pool.as_ref() {
         return Some(p.clone());
     }
+    // Before the lock: a fork while another thread registers must not find the lock held.
+    fork::register();
     let mut state = lock_state();
     if state.pool.is_none() {
         let threads = match state.wanted {
@@ -78,6 +89,7 @@ fn pool() -> Option<Arc<rayon::ThreadPool>> {
 mod fork {
     use super::{lock_state, State};
     use std::cell::RefCell;
+    use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::RwLockWriteGuard;
 
     thread_local! {
@@ -101,7 +113,7 @@ mod fork {
             if let Some(mut state) = h.borrow_mut().take() {
                 if let Some(dead) = state.pool.take() {
                     if state.wanted == 0 {
-                        state.wanted = dead.current_num_threads();
+                        state.wanted = dead.rayon.current_num_threads();
                     }
                     // Dropping would signal threads that do not exist here, through locks they may
                     // have held at the fork.
@@ -111,17 +123,19 @@ mod fork {
         });
     }
 
-    /// Install the handlers, once per process (a forked child inherits them).
+    /// Install the handlers, once per process (a forked child inherits them). A flag, not a
+    /// `Once`: a fork while another thread registers must not leave the child a `Once` that never
+    /// completes (glibc serializes pthread_atfork with fork itself).
     pub(super) fn register() {
-        static ONCE: std::sync::Once = std::sync::Once::new();
-        ONCE.call_once(|| {
+        static DONE: AtomicBool = AtomicBool::new(false);
+        if !DONE.load(Ordering::Acquire) && !DONE.swap(true, Ordering::AcqRel) {
             // SAFETY: the three handlers are `extern "C" fn()` without arguments that live as long
             // as the program, as pthread_atfork requires; they only take and release STATE's lock.
             // A failure (ENOMEM) leaves fork as it was before: nothing to undo.
             unsafe {
                 libc::pthread_atfork(Some(prepare), Some(parent), Some(child));
             }
-        });
+        }
     }
 }
 
@@ -156,18 +170,29 @@ pub fn for_each_task(tasks: usize, elems: usize, f: impl Fn(usize) + Sync + Send
 /// theirs (a 0.4 ms norm waited 3.4 s behind two exponent searches).
 pub fn run_with_caller(helpers: usize, elems: usize, f: impl Fn() + Sync + Send) {
     let pool = match pool() {
-        Some(pool) if helpers > 0 && elems >= SERIAL_BELOW && pool.current_num_threads() > 1 => pool,
+        Some(pool) if helpers > 0 && elems >= SERIAL_BELOW && pool.rayon.current_num_threads() > 1 => pool,
         _ => return f(),
     };
+    // No more helpers than the pool could start now: jobs still queued from calls that the busy
+    // threads have not reached count against it (each would only find its call closed).
+    let threads = pool.rayon.current_num_threads();
+    let helpers = helpers.min(threads - 1).min(threads.saturating_sub(pool.queued.load(Ordering::Relaxed)));
+    if helpers == 0 {
+        return f();
+    }
     let f: &(dyn Fn() + Sync) = &f;
     // SAFETY: only the lifetime is erased. Helpers call f only between entering (before the call
     // is closed) and leaving, and this function does not return, or unwind, before it has closed
     // the call and every helper that entered has left: f outlives every use.
     let f: *const (dyn Fn() + Sync + 'static) = unsafe { std::mem::transmute(f as *const (dyn Fn() + Sync + '_)) };
     let call = Arc::new(Call { state: AtomicUsize::new(0), caller: std::thread::current(), panicked: AtomicBool::new(false), f });
-    for _ in 0..helpers.min(pool.current_num_threads() - 1) {
-        let call = call.clone();
-        pool.spawn(move || call.help());
+    pool.queued.fetch_add(helpers, Ordering::Relaxed);
+    for _ in 0..helpers {
+        let (call, queue) = (call.clone(), pool.clone());
+        pool.rayon.spawn(move || {
+            queue.queued.fetch_sub(1, Ordering::Relaxed);
+            call.help()
+        });
     }
     // SAFETY: f is alive: it is this function's argument.
     let mine = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| unsafe { (*call.f)() }));

@@ -13,12 +13,26 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 
 /// Sum 0..64 over the pool (each task sleeps so that the pool's threads take some of them).
 fn pool_sum() -> usize {
-    let total = AtomicUsize::new(0);
+    pool_work().0
+}
+
+/// `pool_sum`, and how many of its tasks ran on lmkern's pool threads (not the caller's).
+fn pool_work() -> (usize, usize) {
+    let (total, on_pool) = (AtomicUsize::new(0), AtomicUsize::new(0));
     for_each_task(64, SERIAL_BELOW, |t| {
-        std::thread::sleep(Duration::from_micros(200));
+        std::thread::sleep(Duration::from_micros(500));
         total.fetch_add(t, Ordering::Relaxed);
+        if std::thread::current().name().is_some_and(|n| n.starts_with("lmkern-")) {
+            on_pool.fetch_add(1, Ordering::Relaxed);
+        }
     });
-    total.into_inner()
+    (total.into_inner(), on_pool.into_inner())
+}
+
+/// Every task ran once, and some on the pool's threads (a dead pool leaves the caller alone).
+fn pool_works() -> bool {
+    let (sum, on_pool) = pool_work();
+    sum == (0..64).sum::<usize>() && on_pool > 0
 }
 
 /// Run `f` in a forked child; its exit status (0 when `f` is true), or None when it hung.
@@ -61,15 +75,15 @@ fn a_forked_child_gets_a_pool_of_its_own() {
     let _serial = serial();
     let want = (0..64).sum::<usize>();
     set_num_threads(3);
-    assert_eq!(pool_sum(), want);
+    assert!(pool_works());
     // Work on the pool from another thread while forking: the lock is free in the child.
     let busy = std::thread::spawn(|| (0..50).all(|_| pool_sum() == (0..64).sum::<usize>()));
     for _ in 0..5 {
         let status = in_child(|| {
             num_threads() == 3
-                && pool_sum() == want
+                && pool_works()
                 // and its own child, forked from a pool built after a fork
-                && in_child(|| pool_sum() == want) == Some(0)
+                && in_child(pool_works) == Some(0)
         });
         assert_eq!(status, Some(0), "the child's pool work {}", if status.is_none() { "hung" } else { "failed" });
     }
