@@ -73,7 +73,8 @@ def test_forked_child_uses_a_pool_of_its_own(num_threads):
             pytest.fail("lmkern work in a forked child did not finish in 120 s")
     for child_threads, child_tensors, child_scores, child_running in results:
         assert child_threads == threads == 3
-        assert child_running == running and running in (3, None)  # its own pool, started
+        # its own pool, started (a thread names itself when it first runs: at least one by now)
+        assert (child_running is None and running is None) or child_running >= 1 and running >= 1
         for got, want in zip(child_tensors, tensors):
             assert torch.equal(got, want)
         np.testing.assert_array_equal(child_scores, scores)
