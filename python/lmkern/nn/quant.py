@@ -21,6 +21,12 @@ def _version(t: torch.Tensor) -> int:
     return -1 if t.is_inference() else t._version  # inference tensors keep no version counter
 
 
+def _quantized(codes, scales, exponent, bits: int, group_size: int, in_features: int) -> PowerQuantized:
+    """The layer's float32 [out, in] weight as the PowerQuantized its buffers hold."""
+    return PowerQuantized(codes, scales, bits, group_size, torch.Size((codes.shape[0], in_features)), torch.float32,
+                          exponent)
+
+
 def _quant_linear_forward(x, codes, scales, codebook, exponent, bias, bits: int, group_size: int, in_features: int):
     dev = x.device.type
     if (x.dtype in (torch.float32, torch.bfloat16, torch.float16) and torch.amp.is_autocast_available(dev)
@@ -31,8 +37,7 @@ def _quant_linear_forward(x, codes, scales, codebook, exponent, bias, bits: int,
         # custom op's autograd supports neither), the weight dequantized whole.
         if x.shape[-1] != in_features:
             raise ValueError(f"x: expected a last dimension of {in_features} (in_features); got shape {tuple(x.shape)}")
-        w = PowerQuantized(codes, scales, bits, group_size, torch.Size((codes.shape[0], in_features)), torch.float32,
-                           exponent).dequantize()
+        w = _quantized(codes, scales, exponent, bits, group_size, in_features).dequantize()
         return nn.functional.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
     return _ops.quant_linear(x, codes, scales, codebook, bias, bits, group_size, in_features)
 
@@ -174,7 +179,12 @@ class PowerQuantLinear(nn.Module):
             self.codebook.copy_(book)  # in place: a captured CUDA graph keeps reading the right tables
         else:  # built on meta and loaded with assign=True: the codebook was never materialized
             self.codebook = book.to(self.exponent.device)
-        self._book_of = (self.exponent, _version(self.exponent))
+        self._mark_book_current()
+
+    def _mark_book_current(self) -> None:
+        """Record that `codebook` holds the tables of the exponent tensor as it is now."""
+        e = self._buffers["exponent"]
+        self._book_of = (e, _version(e))
 
     def _book_current(self) -> bool:
         # (getattr: a module pickled before _book_of existed has none; its codebook is rebuilt once)
@@ -183,8 +193,7 @@ class PowerQuantLinear(nn.Module):
 
     @property
     def quantized(self) -> PowerQuantized:
-        return PowerQuantized(self.codes, self.scales, self.bits, self.group_size,
-                              torch.Size((self.out_features, self.in_features)), torch.float32, self.exponent)
+        return _quantized(self.codes, self.scales, self.exponent, self.bits, self.group_size, self.in_features)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The dense float32 Ŵ (for inspection; forward never forms it)."""
@@ -202,7 +211,7 @@ class PowerQuantLinear(nn.Module):
             if old is not None and new is not None and new.dtype != old.dtype:
                 self._buffers[name] = old.to(device=new.device)
         if current:  # moved with its exponents: still theirs
-            self._book_of = (self.exponent, _version(self.exponent))
+            self._mark_book_current()
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -329,18 +329,28 @@ class _NormFunction(torch.autograd.Function):
         return None, dx, dres, (dw if weight_grad else None), None, None, None
 
 
-def _public(crms, op, op_residual, x, weight, eps, residual, offset, scale):
+def _check_tensor_args(x, weight, residual) -> None:
     for name, t in (("x", x), ("weight", weight), ("residual", residual)):
         if not isinstance(t, torch.Tensor) and (t is not None or name == "x"):
             raise TypeError(f"{name}: expected a torch.Tensor{'' if name == 'x' else ' or None'}; got {type(t).__name__}")
+
+
+def _scalars(dtype: torch.dtype, eps, offset, scale) -> tuple[float, float, float]:
+    """eps (None: torch's default for dtype), offset and scale as floats (not floats already: the
+    usual case is checked by the callers inline)."""
+    eps = default_eps(dtype) if eps is None else eps
+    return scalar_arg("eps", eps), scalar_arg("offset", offset), scalar_arg("scale", scale)
+
+
+def _public(crms, op, op_residual, x, weight, eps, residual, offset, scale):
+    _check_tensor_args(x, weight, residual)
     if (residual is not None and residual.dtype != x.dtype and residual.is_floating_point()
             and x.is_floating_point()):
         # x + residual promotes in torch (a bfloat16 branch into a float32 stream under autocast)
         dtype = torch.promote_types(x.dtype, residual.dtype)
         x, residual = x.to(dtype), residual.to(dtype)
     if not (type(eps) is type(offset) is type(scale) is float):  # floats, the usual case, need no check
-        eps = default_eps(x.dtype) if eps is None else eps
-        eps, offset, scale = scalar_arg("eps", eps), scalar_arg("offset", offset), scalar_arg("scale", scale)
+        eps, offset, scale = _scalars(x.dtype, eps, offset, scale)
     if _eager_ok(x, residual, weight):
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual, weight)):
             return _NormFunction.apply(crms, x, residual, weight, eps, offset, scale)
@@ -386,17 +396,14 @@ def crms_norm(x, weight=None, eps=1e-6, *, residual=None, offset=0.0, scale=1.0)
 
 def _public_inplace(crms, op, x, weight, eps, residual, offset, scale):
     fn = "crms_norm_" if crms else "rms_norm_"
-    for name, t in (("x", x), ("weight", weight), ("residual", residual)):
-        if not isinstance(t, torch.Tensor) and (t is not None or name == "x"):
-            raise TypeError(f"{name}: expected a torch.Tensor{'' if name == 'x' else ' or None'}; got {type(t).__name__}")
+    _check_tensor_args(x, weight, residual)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual, weight)):
         raise RuntimeError(
             f"lmkern.{fn}: writes in place and is not differentiable (an input requires grad); "
             f"use lmkern.{fn[:-1]}, or call it under torch.no_grad() / torch.inference_mode()"
         )
     if not (type(eps) is type(offset) is type(scale) is float):  # floats, the usual case, need no check
-        eps = default_eps(x.dtype) if eps is None else eps
-        eps, offset, scale = scalar_arg("eps", eps), scalar_arg("offset", offset), scalar_arg("scale", scale)
+        eps, offset, scale = _scalars(x.dtype, eps, offset, scale)
     # (Not while compiling: torch.compile cannot trace the inference checks, and its own
     # functionalization refuses what they refuse.)
     checked = () if torch.compiler.is_compiling() or torch.is_inference_mode_enabled() else (("x", x), ("residual", residual))

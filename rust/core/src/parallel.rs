@@ -151,13 +151,23 @@ pub const SERIAL_BELOW: usize = 1 << 15;
 /// elements) is small, else on the calling thread and lmkern's pool together, each taking the next
 /// task from a shared counter (see [`run_with_caller`]). Tasks must be independent.
 pub fn for_each_task(tasks: usize, elems: usize, f: impl Fn(usize) + Sync + Send) {
+    for_each_task_with(tasks, elems, || (), |t, _| f(t));
+}
+
+/// [`for_each_task`] with a scratch value made by `init` once per thread taking part and handed
+/// to each of its tasks (buffers a task would otherwise allocate and fault in again).
+pub fn for_each_task_with<S>(tasks: usize, elems: usize, init: impl Fn() -> S + Sync + Send,
+                             f: impl Fn(usize, &mut S) + Sync + Send) {
     let next = std::sync::atomic::AtomicUsize::new(0);
-    run_with_caller(tasks.saturating_sub(1), elems, || loop {
-        let t = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if t >= tasks {
-            break;
+    run_with_caller(tasks.saturating_sub(1), elems, || {
+        let mut scratch = init();
+        loop {
+            let t = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if t >= tasks {
+                break;
+            }
+            f(t, &mut scratch);
         }
-        f(t);
     });
 }
 

@@ -501,24 +501,6 @@ fn metric_errors_body<const FMA: bool>(rows: &[(&Row, &[Levels])], zb: &[f32], y
     }
 }
 
-/// `f(gi, yp)` for every group gi in 0..groups as parallel tasks (`work`: see
-/// [`parallel::for_each_task`]), `yp` ([`metric_errors`]' scratch) kept by each thread across its
-/// groups: one a group faulted (n + 1)·ZB·8 bytes in again ([16, 2^20] with 8 calibration rows,
-/// a row a group: 1.7x the time).
-fn for_each_group(groups: usize, work: usize, f: impl Fn(usize, &mut Vec<f64>) + Sync + Send) {
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    parallel::run_with_caller(groups.saturating_sub(1), work, || {
-        let mut yp = Vec::new();
-        loop {
-            let gi = next.fetch_add(1, Ordering::Relaxed);
-            if gi >= groups {
-                break;
-            }
-            f(gi, &mut yp);
-        }
-    });
-}
-
 /// Rows whose errors a search for one exponent of the whole tensor holds at once (summed in row
 /// order after each block: the same sums as all rows at once).
 const TOTAL_ROWS: usize = 256;
@@ -568,7 +550,9 @@ unsafe fn search(s: &SearchArgs, w: u64, zb: Option<(&[f32], usize)>, out: u64, 
     let groups = |r0: usize, r1: usize| (r1 - r0).div_ceil(group);
     if s.per_row {
         let os = Shared(out as usize);
-        for_each_group(groups(0, rows), work, |gi, yp| {
+        // `yp` (metric_errors' scratch) is kept by each thread across its groups: one a group
+        // faulted (n + 1)·ZB·8 bytes in again ([16, 2^20] with 8 calibration rows: 1.7x the time).
+        parallel::for_each_task_with(groups(0, rows), work, Vec::new, |gi, yp| {
             let (r0, r1) = (gi * group, (gi * group + group).min(rows));
             // Rows of n = 0 or holding NaN or inf: a = 1.
             let mut a = [1.0f32; GROUP];
@@ -611,7 +595,7 @@ unsafe fn search(s: &SearchArgs, w: u64, zb: Option<(&[f32], usize)>, out: u64, 
                 let r1 = (r0 + TOTAL_ROWS).min(rows);
                 per_row.fill(0.0);
                 let ps = Shared(per_row.as_mut_ptr() as usize);
-                for_each_group(groups(r0, r1), work / rows.max(1) * (r1 - r0), |gi, yp| {
+                parallel::for_each_task_with(groups(r0, r1), work / rows.max(1) * (r1 - r0), Vec::new, |gi, yp| {
                     let (g0, g1) = (r0 + gi * group, (r0 + gi * group + group).min(r1));
                     let loaded = load(g0, g1);
                     let mut errs = vec![0f64; loaded.len() * k];
