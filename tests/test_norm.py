@@ -666,25 +666,32 @@ def test_inplace_bumps_version_so_saved_tensors_are_checked(crms):
 
 @KINDS
 def test_inplace_op_through_dispatcher(crms):
-    name = "crms_norm_inplace" if crms else "rms_norm_inplace"
-    op = getattr(torch.ops.lmkern, name)
+    name = "crms_norm" if crms else "rms_norm"
+    op = getattr(torch.ops.lmkern, f"{name}_inplace")
+    op_res = getattr(torch.ops.lmkern, f"{name}_residual_inplace")
     x, w, r, _, _ = make_case((5, 33), F32, 9, residual=True, requires_grad=False)
     y, h = NORMS[crms][0](x, w, 1e-5, residual=r)
     xi, ri = x.clone(), r.clone()
-    op(xi, ri, w, 1e-5, 0.0, 1.0)
+    op_res(xi, ri, w, 1e-5, 0.0, 1.0)
     _assert_same_bits(xi, y, "y")
     _assert_same_bits(ri, h, "h")
+    y1 = NORMS[crms][0](x, w, 1e-5)
+    xi = x.clone()
+    op(xi, w, 1e-5, 0.0, 1.0)
+    _assert_same_bits(xi, y1, "y without residual")
     samples = [
-        (randn((4, 33), F32, 1), randn((4, 33), F32, 2), randn((33,), F32, 3), 1e-5, 0.0, 1.0),
-        (randn((2, 3, 17), BF16, 4), None, None, 1e-6, 1.0, 0.5),
+        (op_res, (randn((4, 33), F32, 1), randn((4, 33), F32, 2), randn((33,), F32, 3), 1e-5, 0.0, 1.0)),
+        (op, (randn((2, 3, 17), BF16, 4), None, 1e-6, 1.0, 0.5)),
+        (op, (randn((4, 33), F32, 5), randn((33,), F32, 6), 1e-5, 0.0, 1.0)),
     ]
-    for args in samples:
-        result = torch.library.opcheck(op.default, args)
+    for o, args in samples:
+        result = torch.library.opcheck(o.default, args)
         assert all(v == "SUCCESS" for v in result.values()), result
 
     def f(x, r):
         x2, r2 = x * 2, r + 1
-        op(x2, r2, None, 1e-6, 0.0, 1.0)
+        op_res(x2, r2, None, 1e-6, 0.0, 1.0)
+        op(r2, None, 1e-5, 0.5, 1.0)
         return x2, r2
 
     xa, ra = randn((4, 33), F32, 5), randn((4, 33), F32, 6)
@@ -692,6 +699,22 @@ def test_inplace_op_through_dispatcher(crms):
     want = f(xa, ra)
     _assert_same_bits(got[0], want[0], "y")
     _assert_same_bits(got[1], want[1], "h")
+
+
+@KINDS
+def test_inplace_under_allow_mutation_on_saved_tensors(crms):
+    """torch's allow_mutation_on_saved_tensors clones every mutable argument of an op (it used to
+    fail on the optional residual when none was given): both forms work and give the eager bits."""
+    inplace = INPLACE[crms]
+    x, w, r, _, _ = make_case((5, 33), F32, 11, residual=True, requires_grad=False)
+    want1 = inplace(x.clone(), w, 1e-5)
+    want2 = inplace(x.clone(), w, 1e-5, residual=r.clone())
+    with torch.autograd.graph.allow_mutation_on_saved_tensors():
+        got1 = inplace(x.clone(), w, 1e-5)
+        got2 = inplace(x.clone(), w, 1e-5, residual=r.clone())
+    _assert_same_bits(got1, want1, "x without residual")
+    _assert_same_bits(got2[0], want2[0], "x")
+    _assert_same_bits(got2[1], want2[1], "residual")
 
 
 @KINDS

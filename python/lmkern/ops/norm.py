@@ -5,7 +5,8 @@ Ops (torch.ops.lmkern.*), for <norm> in rms_norm, crms_norm:
   <norm>(x, weight?, eps, offset, scale) -> (y, rstd)
   <norm>_residual(x, residual, weight?, eps, offset, scale) -> (y, h, rstd)     h = x + residual
   <norm>_backward(dy, x, weight?, rstd, dh?, offset, scale, weight_grad) -> (dx, dw)
-  <norm>_inplace(x!, residual!?, weight?, eps, offset, scale) -> ()   (inference; see rms_norm_)
+  <norm>_inplace(x!, weight?, eps, offset, scale) -> ()                  (inference; see rms_norm_)
+  <norm>_residual_inplace(x!, residual!, weight?, eps, offset, scale) -> ()
 The backward op is the gradient of both forward forms (for the residual form x is h and dh the
 gradient of the returned h). rstd is float32 (float64 for float64 input), one per row.
 """
@@ -175,8 +176,12 @@ def _define(name: str, crms: bool) -> None:
         f"{name}_backward(Tensor dy, Tensor x, Tensor? weight, Tensor rstd, Tensor? dh, float offset,"
         " float scale, bool weight_grad) -> (Tensor, Tensor)"
     )
+    # Two in-place ops rather than one with an optional mutable residual: torch's
+    # allow_mutation_on_saved_tensors clones every mutable argument and fails on a None one.
+    LIB.define(f"{name}_inplace(Tensor(a!) x, Tensor? weight, float eps, float offset, float scale) -> ()")
     LIB.define(
-        f"{name}_inplace(Tensor(a!) x, Tensor(b!)? residual, Tensor? weight, float eps, float offset, float scale) -> ()"
+        f"{name}_residual_inplace(Tensor(a!) x, Tensor(b!) residual, Tensor? weight, float eps, float offset,"
+        " float scale) -> ()"
     )
 
     def fwd(x, weight, eps, offset, scale):
@@ -189,11 +194,15 @@ def _define(name: str, crms: bool) -> None:
     def bwd(dy, x, weight, rstd, dh, offset, scale, weight_grad):
         return _backward(crms, dy, x, weight, rstd, dh, offset, scale, weight_grad)
 
-    def fwd_inplace(x, residual, weight, eps, offset, scale):
+    def fwd_inplace(x, weight, eps, offset, scale):
+        _forward_inplace(crms, x, None, weight, eps, offset, scale)
+
+    def fwd_residual_inplace(x, residual, weight, eps, offset, scale):
         _forward_inplace(crms, x, residual, weight, eps, offset, scale)
 
     for key in ("CPU", "CUDA"):
         LIB.impl(f"{name}_inplace", fwd_inplace, key)
+        LIB.impl(f"{name}_residual_inplace", fwd_residual_inplace, key)
         LIB.impl(name, fwd, key)
         LIB.impl(f"{name}_residual", fwd_residual, key)
         LIB.impl(f"{name}_backward", bwd, key)
@@ -221,7 +230,11 @@ def _define(name: str, crms: bool) -> None:
     torch.library.register_fake(f"lmkern::{name}_residual", fwd_residual_fake, lib=LIB)
     torch.library.register_fake(f"lmkern::{name}_backward", bwd_fake, lib=LIB)
     torch.library.register_fake(
-        f"lmkern::{name}_inplace", lambda x, residual, weight, eps, offset, scale: _check_inplace(x, residual, weight, real=False), lib=LIB
+        f"lmkern::{name}_inplace", lambda x, weight, eps, offset, scale: _check_inplace(x, None, weight, real=False), lib=LIB
+    )
+    torch.library.register_fake(
+        f"lmkern::{name}_residual_inplace",
+        lambda x, residual, weight, eps, offset, scale: _check_inplace(x, residual, weight, real=False), lib=LIB,
     )
 
     backward_op = getattr(torch.ops.lmkern, f"{name}_backward").default
@@ -269,6 +282,11 @@ def _define(name: str, crms: bool) -> None:
 
 _define("rms_norm", crms=False)
 _define("crms_norm", crms=True)
+# [crms] -> (without residual, with residual)
+_INPLACE_OPS = {
+    crms: (getattr(torch.ops.lmkern, f"{name}_inplace").default, getattr(torch.ops.lmkern, f"{name}_residual_inplace").default)
+    for crms, name in ((False, "rms_norm"), (True, "crms_norm"))
+}
 
 
 def _eager_ok(x, residual, weight) -> bool:
@@ -394,7 +412,7 @@ def crms_norm(x, weight=None, eps=1e-6, *, residual=None, offset=0.0, scale=1.0)
     return _public(True, torch.ops.lmkern.crms_norm, torch.ops.lmkern.crms_norm_residual, x, weight, eps, residual, offset, scale)
 
 
-def _public_inplace(crms, op, x, weight, eps, residual, offset, scale):
+def _public_inplace(crms, x, weight, eps, residual, offset, scale):
     fn = "crms_norm_" if crms else "rms_norm_"
     _check_tensor_args(x, weight, residual)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual, weight)):
@@ -419,8 +437,10 @@ def _public_inplace(crms, op, x, weight, eps, residual, offset, scale):
         for t in (x, residual):
             if t is not None and not t.is_inference():  # inference tensors have no version counter
                 torch.autograd.graph.increment_version(t)
+    elif residual is None:
+        _INPLACE_OPS[crms][0](x, weight, eps, offset, scale)
     else:
-        op(x, residual, weight, eps, offset, scale)
+        _INPLACE_OPS[crms][1](x, residual, weight, eps, offset, scale)
     return x if residual is None else (x, residual)
 
 
@@ -436,9 +456,9 @@ def rms_norm_(x, weight=None, eps=1e-6, *, residual=None, offset=0.0, scale=1.0)
     except that x and residual must share one (nothing is promoted in place). Inference tensors
     are written only under ``torch.inference_mode()``, as torch's own in-place ops.
     """
-    return _public_inplace(False, torch.ops.lmkern.rms_norm_inplace, x, weight, eps, residual, offset, scale)
+    return _public_inplace(False, x, weight, eps, residual, offset, scale)
 
 
 def crms_norm_(x, weight=None, eps=1e-6, *, residual=None, offset=0.0, scale=1.0):
     """In-place :func:`crms_norm` for inference; in every other respect as :func:`rms_norm_`."""
-    return _public_inplace(True, torch.ops.lmkern.crms_norm_inplace, x, weight, eps, residual, offset, scale)
+    return _public_inplace(True, x, weight, eps, residual, offset, scale)
