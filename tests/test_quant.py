@@ -867,6 +867,40 @@ def test_power_quant_linear_state_dict_round_trip():
         assert torch.equal(other.codebook, torch.ops.lmkern.power_codebook(torch.full_like(mod.exponent, 0.5), 4))
 
 
+@pytest.mark.parametrize("in_features", [1, 2, 3, 4, 5, 6])
+def test_power_quant_linear_refuses_a_checkpoint_of_other_bits(in_features):
+    """For in_features <= 6 the codes of two bit widths can have one shape, so the shapes cannot
+    tell: the bits and group size saved in the state dict's metadata (kept by torch.save) refuse
+    the load, in a nested module too, before anything is copied."""
+    from lmkern.ops.quant import row_bytes
+
+    nn = torch.nn
+    src_bits, dst_bits = next((a, b) for a in (2, 3, 4) for b in (3, 4, 8)
+                              if a < b and row_bytes(in_features, a) == row_bytes(in_features, b))
+    src = nn.Sequential(PowerQuantLinear(in_features, 3, bits=src_bits, group_size=None))
+    with torch.no_grad():
+        src[0].codes.random_(0, 256)
+        src[0].scales.uniform_(0.5, 1.0)
+    buf = io.BytesIO()
+    torch.save(src.state_dict(), buf)
+    buf.seek(0)
+    sd = torch.load(buf)
+    dst = nn.Sequential(PowerQuantLinear(in_features, 3, bits=dst_bits, group_size=None))
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"0\.: the checkpoint was saved from a PowerQuantLinear with bits={src_bits}; "
+                                         rf"this module has bits={dst_bits}"):
+        dst.load_state_dict(sd)
+    for k, v in dst.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    same = nn.Sequential(PowerQuantLinear(in_features, 3, bits=src_bits, group_size=None))
+    same.load_state_dict(sd)
+    assert torch.equal(same[0].codes, src[0].codes)
+    if in_features in (4, 6):  # a group size of another checkpoint: said as plainly
+        grouped = PowerQuantLinear(in_features, 3, bits=src_bits, group_size=2).state_dict()
+        with pytest.raises(ValueError, match=rf"group_size=2; this module has group_size={in_features}"):
+            PowerQuantLinear(in_features, 3, bits=src_bits, group_size=None).load_state_dict(grouped)
+
+
 def test_power_quant_linear_codebook_follows_its_exponents():
     """The cached codebook is rebuilt when the exponents are written without load_state_dict: into
     the state-dict tensors in place (torch.distributed.checkpoint.load does so), swapped by

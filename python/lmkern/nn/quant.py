@@ -51,7 +51,9 @@ class PowerQuantLinear(nn.Module):
     output row's 2^bits-entry table times its group scales meets x directly (a fused lookup-table
     dequantize-matmul; AVX-512 or AVX2 for 4 bits). The backward gives dx = dy @ Ŵ through the same
     tables; the weight (codes, scales, exponents) and the bias are frozen buffers, so ``state_dict``
-    carries them and a fresh module built with the same configuration loads it.
+    carries them and a fresh module built with the same configuration loads it (its ``bits`` and
+    ``group_size`` ride in the state dict's metadata: a checkpoint saved by ``torch.save`` from a
+    module of other ones is refused, even where the codes' shapes coincide, in_features <= 6).
 
     Buffers: ``codes`` uint8 [out, ceil(in·bits/8)], ``scales`` float32 [out, in/group_size],
     ``exponent`` float32 [out], ``bias`` float32 [out] (when bias=True), and, not saved in the state
@@ -147,10 +149,26 @@ class PowerQuantLinear(nn.Module):
         self.exponent.copy_(exponent)
         self._take_codebook(book)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        # bits and group_size ride in the state dict's metadata (torch's per-module versioning
+        # record, kept by torch.save), not as keys: for in_features <= 6 the codes of two bit
+        # widths have the same shape, so only this tells a checkpoint of other bits apart.
+        meta = getattr(destination, "_metadata", None)
+        if meta is not None and prefix[:-1] in meta:
+            meta[prefix[:-1]].update(lmkern_bits=self.bits, lmkern_group_size=self.group_size)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
         # Checked before torch copies anything: a bad exponent raises with the module unchanged
         # (after the copy, codes and exponents would be new and the codebooks old). The float
         # buffers stay float32 when a checkpoint of another dtype is assigned (assign=True).
+        for name in ("bits", "group_size"):
+            saved, own = local_metadata.get("lmkern_" + name), getattr(self, name)
+            if saved is not None and saved != own:
+                raise ValueError(
+                    f"{prefix or 'state dict'}: the checkpoint was saved from a PowerQuantLinear with "
+                    f"{name}={saved}; this module has {name}={own}"
+                )
         key = prefix + "exponent"
         if isinstance(state_dict.get(key), torch.Tensor) and not state_dict[key].is_meta:
             try:
@@ -164,7 +182,7 @@ class PowerQuantLinear(nn.Module):
                 given[prefix + name] = t
                 state_dict[prefix + name] = t.to(torch.float32)
         try:
-            super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
         finally:
             state_dict.update(given)
 
