@@ -241,7 +241,8 @@ __device__ __forceinline__ void fwd_loop(const FwdParams& p) {
 // ---------------------------------------------------------------------------------------------
 // Row sums of the backward: c' = Σ dy·(offset+w)·h (c = scale·c'), and Σh for CRMSNorm. Returns
 // the coefficients of dx = a·dy·(offset+w) − b·(h + shift):
-//   a = r·scale,  b = r³·inv_div·c,  shift = Σh (CRMSNorm) or 0.
+//   a = r·scale,  b = r³·inv_div·c,  shift = Σh (CRMSNorm) or 0. (b is formed as ((r·c)·inv_div·r)·r,
+// in range for rows of RMS within ~1e±19 as the forward's sums.)
 struct BwdCoef {
     float a, b, shift;
 };
@@ -252,12 +253,12 @@ __device__ __forceinline__ BwdCoef bwd_coef(float cp, float s, float r, const Bw
     if (p.crms) {
         float v[2] = {cp, s};
         row_sum<2>(v, red);
-        q.b = r * r * r * p.inv_div * (v[0] * p.scale);
+        q.b = r * (v[0] * p.scale) * p.inv_div * r * r;  // r·c first: r³ alone underflows at RMS ~1e13
         q.shift = v[1];
     } else {
         float v[1] = {cp};
         row_sum<1>(v, red);
-        q.b = r * r * r * p.inv_div * (v[0] * p.scale);
+        q.b = r * (v[0] * p.scale) * p.inv_div * r * r;  // r·c first: r³ alone underflows at RMS ~1e13
         q.shift = 0.0f;
     }
     return q;

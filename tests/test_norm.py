@@ -1315,6 +1315,18 @@ def test_nan_inf_propagate_to_their_row_only(crms):
                                           crms=crms)["x"], 1e-5, "dx of finite rows")
 
 
+@KINDS
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+@pytest.mark.parametrize("mag, eps", [(1e-13, 0.0), (1e13, 1e-6), (1e14, 1e-6), (1e17, 1e-6)], ids=str)
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_extreme_row_magnitudes(crms, dtype, mag, eps, residual):
+    """Rows of RMS 1e-13 (eps = 0) to 1e17, where float32 still holds the forward's sums: the
+    backward must hold too (its r³·c/d was formed r·r·r first, which left float32: dx was off by
+    2e-3 (RMSNorm) and 2e-2 (CRMSNorm) at RMS 1e14, 0.3 at 1e16, inf at 1e-13)."""
+    x, w, r, dy, dh = make_case((3, 64), dtype, 5, mag=mag, residual=residual)
+    run_and_check(crms, x, w, r, dy, dh, eps, 0.0, 1.0)
+
+
 # ------------------------------------------------------------------------------------------------
 # CUDA (marker `cuda`: skipped unless lmkern's CUDA path works here)
 # ------------------------------------------------------------------------------------------------

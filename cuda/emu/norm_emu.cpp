@@ -122,6 +122,7 @@ struct Case {
     size_t rows, n;
     bool crms, residual, weight, dh_out, want_dw, misalign;
     double eps, offset, scale;
+    double mag = 1.0;  // x and residual are drawn times this
 };
 
 static std::mt19937_64 rng(12345);
@@ -138,14 +139,14 @@ static void run_case(const Kernels& K, const Case& c, const Shape* fwd_override,
     const size_t nv = n / vw;
     const double div = c.crms ? double(n) + 1 : double(n);
     char label[256];
-    snprintf(label, sizeof label, "%s rows=%zu n=%zu %s res=%d w=%d dh=%d dw=%d mis=%d off=%g sc=%g", K.name, rows, n,
-             c.crms ? "crms" : "rms", c.residual, c.weight, c.dh_out, c.want_dw, c.misalign, c.offset, c.scale);
+    snprintf(label, sizeof label, "%s rows=%zu n=%zu %s res=%d w=%d dh=%d dw=%d mis=%d off=%g sc=%g mag=%g", K.name, rows, n,
+             c.crms ? "crms" : "rms", c.residual, c.weight, c.dh_out, c.want_dw, c.misalign, c.offset, c.scale, c.mag);
 
     // Inputs.
     Buf x(N * sizeof(T), mis), res(c.residual ? N * sizeof(T) : 0, mis), w(c.weight ? n * sizeof(T) : 0, mis);
-    for (size_t i = 0; i < N; ++i) x.as<T>()[i] = from_f<T>((float)uniform(-2, 2));
+    for (size_t i = 0; i < N; ++i) x.as<T>()[i] = from_f<T>((float)(uniform(-2, 2) * c.mag));
     if (c.residual)
-        for (size_t i = 0; i < N; ++i) res.as<T>()[i] = from_f<T>((float)uniform(-1, 1));
+        for (size_t i = 0; i < N; ++i) res.as<T>()[i] = from_f<T>((float)(uniform(-1, 1) * c.mag));
     if (c.weight)
         for (size_t j = 0; j < n; ++j) w.as<T>()[j] = from_f<T>((float)uniform(-1.5, 1.5));
     Buf y(N * sizeof(T), mis), h(c.residual ? N * sizeof(T) : 0, mis), rstd(rows * 4, 0);
@@ -334,6 +335,21 @@ static void suite(const Kernels& K) {
         run_case<T>(K, c, nullptr, nullptr);
         c.crms = false, c.residual = false, c.dh_out = false, c.offset = 0.0;
         run_case<T>(K, c, nullptr, nullptr);
+    }
+
+    // Rows of extreme magnitude where float32 still holds the forward's sums (not float16's range):
+    // the backward's r³·c/d must stay in range too (r·r·r alone underflowed from RMS ~1e13).
+    if (!std::is_same<T, __half>::value) {
+        for (double mag : {1e-13, 1e14, 1e16}) {
+            for (size_t n : {(size_t)64, (size_t)1000, (size_t)4096 * vec + vec}) {
+                Case c{};
+                c.rows = 3, c.n = n, c.crms = n == 1000, c.residual = n != 64, c.weight = true, c.want_dw = true;
+                c.eps = mag < 1 ? 0.0 : 1e-6, c.offset = 0.0, c.scale = 1.0, c.mag = mag;
+                run_case<T>(K, c, nullptr, nullptr);
+                c.crms = !c.crms;
+                run_case<T>(K, c, nullptr, nullptr);
+            }
+        }
     }
 
     // Other launch shapes on the same kernels: grid-stride loops (grid smaller than needed), more

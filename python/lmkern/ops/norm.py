@@ -398,7 +398,9 @@ def rms_norm(x, weight=None, eps=1e-6, *, residual=None, offset=0.0, scale=1.0):
     dtypes: float32, float64 (CPU), bfloat16, float16; accumulation in float32 (float64 for float64).
     A weight of another floating dtype is read in x's dtype and gets its gradient in its own dtype
     (reduced in float32); x and residual of two dtypes are promoted as ``x + residual`` is. NaN/inf in
-    x propagate to that row.
+    x propagate to that row. The float32 sums hold rows of RMS up to ~1e19/√n (beyond, Σx² is inf and
+    the row normalizes to zeros, as torch's float32 RMSNorm does); forward and gradient keep float32
+    accuracy from RMS ~1e-18 (eps = 0) up to there.
     """
     return _public(False, torch.ops.lmkern.rms_norm, torch.ops.lmkern.rms_norm_residual, x, weight, eps, residual, offset, scale)
 

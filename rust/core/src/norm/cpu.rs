@@ -366,7 +366,9 @@ fn backward_part_body<T: Elem>(b: &Bwd<T>, pi: usize) {
             g[j] = dyr[j].load() * factor[j];
         }
         let c = dot::<T>(&g, hr);
-        let k = r * r * r * b.inv_div * c;
+        // r·c first: r³ alone leaves float32 (underflows) for rows of RMS beyond ~1e12, while
+        // (r·c)·inv_div·r·r stays in range for RMS within ~1e±19, where the forward sums do.
+        let k = r * c * b.inv_div * r * r;
         let s = if b.crms { sums(hr, true).1 } else { T::Acc::ZERO };
         match dh_out {
             Some(d) => {
