@@ -1244,6 +1244,14 @@ def test_bad_input(crms):
         (lambda: fn(x, torch.randn(8).to_sparse()), TypeError, "weight: expected a dense tensor"),
         (lambda: fn(x, offset=torch.tensor(0.5, requires_grad=True)), TypeError, "offset: expected a number"),
         (lambda: fn(x, scale=torch.tensor(2.0, requires_grad=True)), TypeError, "scale: expected a number"),
+        # float() would take these: "1e-6" as 1e-6, True as 1.0
+        (lambda: fn(x, eps="1e-6"), TypeError, "eps: expected a real number; got str"),
+        (lambda: fn(x, eps=True), TypeError, "eps: expected a real number; got bool"),
+        (lambda: fn(x, offset="1"), TypeError, "offset: expected a real number; got str"),
+        (lambda: fn(x, scale=False), TypeError, "scale: expected a real number; got bool"),
+        (lambda: inplace(x.clone(), eps=b"1"), TypeError, "eps: expected a real number; got bytes"),
+        (lambda: fn(x, eps=1 + 2j), TypeError, "eps: expected a real number; got complex"),
+        (lambda: fn(x, eps=torch.ones(2)), TypeError, "eps: expected a real number; got Tensor"),
     ]
     for i, (call, exc, word) in enumerate(cases):
         with pytest.raises(exc) as info:

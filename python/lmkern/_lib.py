@@ -62,7 +62,12 @@ def scalar_arg(name: str, value) -> float:
     lose its gradient in float(), so it is refused."""
     if isinstance(value, torch.Tensor) and value.requires_grad:
         raise TypeError(f"{name}: expected a number (lmkern does not differentiate it); got a tensor that requires grad")
-    return float(value)
+    if isinstance(value, (str, bytes, bool)):  # float() would take "1e-6" and True (= 1.0)
+        raise TypeError(f"{name}: expected a real number; got {type(value).__name__} {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise TypeError(f"{name}: expected a real number; got {type(value).__name__} ({e})") from None
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
