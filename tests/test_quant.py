@@ -1230,8 +1230,13 @@ def test_bad_input():
         power_quantize(x, torch.full((3,), 0.5))
     with pytest.raises(TypeError, match="floating"):
         power_quantize(x, torch.tensor([1, 1, 1, 1]))
-    with pytest.raises(ValueError, match="group_size"):
+    with pytest.raises(ValueError, match="group_size: expected a positive divisor of the last dimension 32, or None"):
         power_quantize(x, 0.5, 4, 5)
+    # The layer's default group_size (128) and a row it does not divide: the message names in_features.
+    with pytest.raises(ValueError, match=r"group_size: expected a positive divisor of in_features 100, or None .*got 128"):
+        PowerQuantLinear(100, 4)
+    with pytest.raises(ValueError, match=r"group_size: expected a positive divisor of in_features 100, or None .*got 128"):
+        PowerQuantLinear.from_linear(torch.nn.Linear(100, 4))
     with pytest.raises(ValueError, match="group_size"):
         power_quantize(x, 0.5, 4, 0)
     with pytest.raises(TypeError, match="x: expected dtype"):

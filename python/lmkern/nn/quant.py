@@ -86,7 +86,7 @@ class PowerQuantLinear(nn.Module):
                 raise ValueError(f"{name}: expected a size >= 0; got {size}")
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.bits = _ops.check_bits(bits)
-        self.group_size = _ops.check_group(group_size, self.in_features)
+        self.group_size = _ops.check_group(group_size, self.in_features, "in_features")
         nb = _ops.row_bytes(self.in_features, self.bits)
         self.register_buffer("codes", torch.empty((self.out_features, nb), dtype=torch.uint8, device=device))
         self.register_buffer("scales", torch.empty((self.out_features, self.in_features // self.group_size),
@@ -125,7 +125,7 @@ class PowerQuantLinear(nn.Module):
         w = linear.weight.detach()
         if not torch.isfinite(w).all():
             raise ValueError("linear.weight: expected finite values (NaN or inf found)")
-        gs = _ops.check_group(group_size, w.shape[1])
+        gs = _ops.check_group(group_size, w.shape[1], "in_features")
         if a is None:
             a = search_exponent(w, bits, gs, x=x, per_row=True, clip=clip)
         mod = cls(w.shape[1], w.shape[0], bias=linear.bias is not None, bits=bits, group_size=gs, device=w.device)

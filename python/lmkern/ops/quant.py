@@ -121,14 +121,16 @@ def check_bits(bits) -> int:
     return int(bits)  # a numpy integer becomes the int the op schemas take
 
 
-def check_group(group_size, n: int) -> int:
-    """group_size (None: one group per row) as an int dividing n."""
+def check_group(group_size, n: int, of: str = "the last dimension") -> int:
+    """group_size (None: one group per row) as an int dividing n (`of` names n in the message)."""
     if group_size is None:
         return max(n, 1)
     if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral):
         raise TypeError(f"group_size: expected an int or None; got {type(group_size).__name__}")
     if group_size < 1 or (n % group_size) != 0:
-        raise ValueError(f"group_size: expected a positive divisor of the last dimension {n}; got {group_size}")
+        raise ValueError(
+            f"group_size: expected a positive divisor of {of} {n}, or None for one group per row; got {group_size}"
+        )
     return int(group_size)
 
 
