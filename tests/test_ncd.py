@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
 import sys
 import warnings
 import zlib
@@ -449,3 +450,16 @@ def test_benchmark_corpus_and_peer():
         assert all(baseline._raw_deflate_310(p, 6, -15) == zlib.compress(p, 6, -15) for p in pairs[:4])
     if HOST_STOCK:
         assert_bit_identical(N.zipfit_scores(src, tgt, 6), ref)
+
+
+def test_import_lmkern_gives_lmkern_data():
+    """`import lmkern` alone makes lmkern.data usable as the README writes it, without loading
+    pyarrow or Ray; every name in lmkern.__all__ exists (a fresh interpreter: this one has imported
+    lmkern.data already)."""
+    code = (
+        "import sys, lmkern\n"
+        "assert callable(lmkern.data.select_local) and callable(lmkern.data.read_texts)\n"
+        "assert all(hasattr(lmkern, n) for n in lmkern.__all__), [n for n in lmkern.__all__ if not hasattr(lmkern, n)]\n"
+        "assert 'pyarrow' not in sys.modules and 'ray' not in sys.modules, sorted(m for m in sys.modules if 'arrow' in m or m == 'ray')\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)

@@ -10,6 +10,8 @@ import gzip
 import json
 import os
 import random
+import re
+import sys
 
 import numpy as np
 import pytest
@@ -267,6 +269,27 @@ def small(tmp_path):
     tgt = tmp_path / "t.jsonl"
     tgt.write_text(json.dumps({"text": "proof lemma"}) + "\n")
     return tmp_path, tgt
+
+
+def test_parquet_without_pyarrow_says_how_to_get_it(small, capsys, monkeypatch):
+    """Without pyarrow, Parquet input or output is an ImportError naming the file and the extra to
+    install; the CLI says so before scoring anything (its source here does not even exist)."""
+    tmp, tgt = small
+    src = tmp / "s.jsonl"
+    src.write_text(json.dumps({"text": "lemma"}) + "\n")
+    pq.write_table(pa.table({"text": ["x"]}), tmp / "s.parquet")
+    for name in ("pyarrow", "pyarrow.parquet"):
+        monkeypatch.setitem(sys.modules, name, None)  # import pyarrow raises ImportError
+    hint = "Parquet files need pyarrow: pip install 'lmkern[data]'"
+    rc, err = run_cli(capsys, "--source", tmp / "missing", "--target", tgt, "-k", 1, "--out", tmp / "o.parquet")
+    assert rc == 2 and re_search(r"o\.parquet: " + re.escape(hint), err), err
+    with pytest.raises(ImportError, match=r"s\.parquet: " + re.escape(hint)):
+        D.read_texts(tmp / "s.parquet")
+    with pytest.raises(ImportError, match=r"w\.parquet: " + re.escape(hint)):
+        D.write_records(tmp / "w.parquet", [{"text": "a"}])
+    assert sorted(p.name for p in tmp.iterdir()) == ["s.jsonl", "s.parquet", "t.jsonl"]  # no output, no temporary
+    rc, _ = run_cli(capsys, "--source", src, "--target", tgt, "-k", 1, "--out", tmp / "o.jsonl")  # JSON Lines need none
+    assert rc == 0
 
 
 @pytest.mark.parametrize("content, match", [

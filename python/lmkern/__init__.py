@@ -6,6 +6,8 @@ registers them with torch (torch.ops.lmkern.*) and exposes the public functions 
 from __future__ import annotations
 
 import numbers
+import os
+import warnings
 
 import torch
 
@@ -13,12 +15,13 @@ from . import _core
 from . import ops  # noqa: F401  (registers torch.ops.lmkern.*)
 from . import nn
 from . import convert, models  # Pre-LN -> Pre-(C)RMSNorm conversion, lmkern's own small Transformer
-from . import ncd  # gzip-NCD / ZIP-FIT scoring: lmkern.ncd.* (data selection: lmkern.data)
+from . import ncd  # gzip-NCD / ZIP-FIT scoring: lmkern.ncd.*
+from . import data  # ZIP-FIT selection from corpora (pyarrow and Ray are imported only when used)
 from . import quant
 from .ops.norm import crms_norm, crms_norm_, rms_norm, rms_norm_
 
 __all__ = [
-    "rms_norm", "crms_norm", "rms_norm_", "crms_norm_", "nn", "convert", "models", "ncd", "quant",
+    "rms_norm", "crms_norm", "rms_norm_", "crms_norm_", "nn", "convert", "models", "ncd", "data", "quant",
     "cuda_available", "cuda_status", "cpu_isa", "set_num_threads", "get_num_threads", "MAX_THREADS",
 ]
 
@@ -47,6 +50,13 @@ def cpu_isa() -> str:
     such a version), the widest this CPU has, capped by the environment variable LMKERN_CPU_ISA
     (read once per process)."""
     return _core.cpu_isa()
+
+
+_isa_cap = os.environ.get("LMKERN_CPU_ISA")
+if _isa_cap is not None and _isa_cap.strip().lower() not in ("baseline", "avx2", "avx512"):
+    # (the Rust core ignores a value it does not know: say so rather than run uncapped silently)
+    warnings.warn(f"LMKERN_CPU_ISA={_isa_cap!r} is not one of 'baseline', 'avx2', 'avx512': ignored "
+                  f"(lmkern.cpu_isa() = {cpu_isa()!r})", RuntimeWarning, stacklevel=2)
 
 
 #: The most threads set_num_threads takes: the pool starts them all at once (100,000 took minutes).

@@ -2,7 +2,7 @@
 
 A registry of :class:`BenchOp` entries, one per (op, form): how to make inputs for a case, the lmkern
 call, the peer call (torch's own op or a torch composite of the same formula), and a float64
-reference written straight from the formula (PAPERS.md). :func:`run` checks each op's output against
+reference written straight from the paper's formula. :func:`run` checks each op's output against
 the reference (‖out − ref‖ / ‖ref‖, computed in float64) and times it against its peer, interleaved in
 one process (median of many rounds). A later kernel family adds its entries with :func:`register`.
 

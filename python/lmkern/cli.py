@@ -23,7 +23,7 @@ import sys
 
 
 def _version() -> str:
-    try:  # without importing torch: `lmkern --version` stays fast
+    try:  # the installed distribution's version (importing lmkern for it is the fallback)
         from importlib.metadata import version
 
         return version("lmkern")
@@ -112,7 +112,8 @@ def _zipfit(args) -> int:
     import time
 
     from lmkern import data as D
-    from lmkern.data.readers import Reader
+    from lmkern.data.local import output_format
+    from lmkern.data.readers import Reader, pyarrow_modules
 
     def fail(msg: str) -> int:
         print(f"lmkern zipfit: error: {msg}", file=sys.stderr)
@@ -123,6 +124,8 @@ def _zipfit(args) -> int:
 
         lmkern.set_num_threads(args.threads)
     try:
+        if output_format(args.out) == "parquet":
+            pyarrow_modules(args.out)  # before scoring the corpus, not after
         target_reader = Reader(D.list_files(args.target, "target"), args.text_field, args.bad_records)
         targets = [r.text for r in target_reader]
         if not targets:

@@ -1,5 +1,5 @@
-"""gzip-NCD and ZIP-FIT alignment (*ZIP-FIT: Embedding-Free Data Selection via Compression-Based Alignment*;
-PAPERS.md §7), computed in Rust.
+"""gzip-NCD and ZIP-FIT alignment (*ZIP-FIT: Embedding-Free Data Selection via Compression-Based
+Alignment*), computed in Rust.
 
   C(s)       = len(gzip.compress(s, compresslevel=level))          exactly, as stock zlib computes it
   NCD(x, y)  = (C(x ⊕ y) − min(C(x), C(y))) / max(C(x), C(y))     ⊕ = concatenation, x first

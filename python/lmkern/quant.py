@@ -1,4 +1,4 @@
-"""Power-exponent quantization: PowerQuant (ICLR 2023) and NUPES (Yvinec et al.), PAPERS.md §2.
+"""Power-exponent quantization: PowerQuant (Yvinec et al., ICLR 2023) and NUPES (Yvinec et al.).
 
 The operator, for b bits (b ∈ {2, 3, 4, 8}), ``qmax = 2^(b−1) − 1`` and an exponent ``0 < a ≤ 1``::
 

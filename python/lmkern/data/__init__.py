@@ -1,4 +1,4 @@
-"""ZIP-FIT data selection over corpora (PAPERS.md §7): pick the k source records whose text is best
+"""ZIP-FIT data selection over corpora: pick the k source records whose text is best
 aligned to a target set, 1 − mean_j NCD(source, target_j), computed by lmkern's Rust scorer.
 
 - :func:`select` / :func:`select_local`: stream files (JSON Lines, Parquet, plain text: one line per

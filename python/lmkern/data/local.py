@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Sequence, TextIO
 import numpy as np
 
 from .. import ncd as _ncd
-from .readers import DataError, PathLike, Reader, Record, batched, list_files, split_key
+from .readers import DataError, PathLike, Reader, Record, batched, list_files, pyarrow_modules, split_key
 
 DEFAULT_BATCH = 1024
 
@@ -251,12 +251,17 @@ def _create_beside(path: str, parent: str) -> tuple[int, str]:
     raise FileExistsError(f"no free temporary name in {parent}")
 
 
+def output_format(path: PathLike) -> str:
+    """"parquet" for a ``.parquet``/``.pq`` path, else "jsonl" (what :func:`write_records` writes)."""
+    return "parquet" if os.fspath(path).lower().endswith((".parquet", ".pq")) else "jsonl"
+
+
 def write_records(path: PathLike, rows: Iterable[dict]) -> str:
     """Write rows to `path` by its extension: ``.parquet``/``.pq`` → Parquet, anything else → JSON
     Lines (UTF-8, one object per line). Written to a temporary file, then renamed. Returns the format."""
     path = os.fspath(path)
     rows = list(rows)  # an iterator too (the Parquet writer reads the rows twice)
-    fmt = "parquet" if path.lower().endswith((".parquet", ".pq")) else "jsonl"
+    fmt = output_format(path)
     if os.path.isdir(path):
         raise DataError(f"{path}: is a directory; the output is a file")
     parent = os.path.dirname(os.path.abspath(path))
@@ -267,10 +272,8 @@ def write_records(path: PathLike, rows: Iterable[dict]) -> str:
         raise DataError(f"{path}: cannot write: {e}") from e
     try:
         if fmt == "parquet":
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-
             os.close(fd)
+            pa, pq = pyarrow_modules(path)
             columns: dict[str, list] = {}
             for r in rows:
                 for c in r:

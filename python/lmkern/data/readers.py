@@ -47,6 +47,16 @@ class DataError(ValueError):
     """A corpus cannot be read as asked: the message names the file (and line or row)."""
 
 
+def pyarrow_modules(path: str):
+    """(pyarrow, pyarrow.parquet) for a Parquet file at `path`, or an ImportError that says how to get them."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise ImportError(f"{path}: Parquet files need pyarrow: pip install 'lmkern[data]' ({e})") from e
+    return pa, pq
+
+
 @dataclass(frozen=True)
 class Record:
     """One source record: `key` orders records as read; `text` is UTF-8 bytes; `data` the record as
@@ -298,8 +308,7 @@ class Reader:
             row += 1
 
     def _parquet(self, fi: int, path: str) -> Iterator[Record]:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+        pa, pq = pyarrow_modules(path)
 
         try:
             pf = pq.ParquetFile(path)
