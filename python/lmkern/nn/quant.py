@@ -144,6 +144,7 @@ class PowerQuantLinear(nn.Module):
             )
         exponent = _exponents(q.exponent, self.out_features, q.exponent)
         book = torch.ops.lmkern.power_codebook(exponent, self.bits)  # raises on a bad exponent before anything changes
+        _ops.check_scales("q.scales", q.scales)
         self.codes.copy_(q.codes)
         self.scales.copy_(q.scales)
         self.exponent.copy_(exponent)
@@ -175,6 +176,9 @@ class PowerQuantLinear(nn.Module):
                 torch.ops.lmkern.power_codebook(state_dict[key].to(torch.float32), self.bits)
             except ValueError as e:
                 raise ValueError(f"{key} (state dict): {e}") from None
+        key = prefix + "scales"
+        if isinstance(state_dict.get(key), torch.Tensor) and state_dict[key].is_floating_point() and not state_dict[key].is_meta:
+            _ops.check_scales(f"{key} (state dict)", state_dict[key])
         given = {}  # the entries cast for the load, put back after it: the caller's dict is theirs
         for name in ("scales", "exponent", "bias"):
             t = state_dict.get(prefix + name)

@@ -103,6 +103,26 @@ def _cuda_check_exponents(a: torch.Tensor) -> None:
         raise _exponent_error(a)
 
 
+def _bad_scales(scales: torch.Tensor) -> torch.Tensor:
+    """A device bool: some scale negative or not finite (power_quantize gives m = clip·max|x| >= 0)."""
+    return ~(torch.isfinite(scales) & (scales >= 0)).all()
+
+
+def check_scales(name: str, scales: torch.Tensor, a: torch.Tensor | None = None) -> None:
+    """Scales of a quantized tensor from outside (a PowerQuantized built or loaded by hand, a
+    checkpoint) must be finite and >= 0: a negative one would flip its group's signs silently. With
+    exponents `a` on CUDA, their check too, in one synchronization."""
+    if a is not None and a.is_cuda and a.numel():
+        bad = torch.stack([_bad_exponents(a), _bad_scales(scales)]).tolist()
+        if bad[0]:
+            raise _exponent_error(a)
+    else:
+        bad = [False, scales.numel() > 0 and bool(_bad_scales(scales))]
+    if bad[1]:
+        v = scales[~(torch.isfinite(scales) & (scales >= 0))][0].item()
+        raise ValueError(f"{name}: expected finite scales >= 0 (m = clip·max|x| of each group); got {v}")
+
+
 def _cuda_check_quantized(a: torch.Tensor, scales: torch.Tensor) -> None:
     """After a CUDA quantize: exponents in (0, 1] and finite scales (the kernels give a group with
     NaN/inf a NaN scale), both read back in one synchronization."""
@@ -231,7 +251,8 @@ def _dequantize(codes, scales, a, bits, group_size, n, dtype):
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"dtype: expected float32, float64, bfloat16 or float16; got {dtype}")
     _no_cuda_f64("dtype", dtype, codes)
-    _cuda_check_exponents(a)
+    if codes.is_cuda:  # (the CPU kernel checks exponents and scales itself)
+        check_scales("scales", scales, a)
     return _dequantize_rows(_core.quant_dequantize, codes, scales, a, bits, group_size, n, dtype)
 
 

@@ -79,7 +79,7 @@ fn dequantize_rows_with_repeating_exponents_match_each_rows_table() {
         let q = QuantArgs { bits, rows, n, group: g, clip: 1.0 };
         let rb = row_bytes(n, bits);
         let codes: Vec<u8> = (0..rows * rb).map(|_| (rng.next() * 256.0) as i32 as u8).collect();
-        let scales: Vec<f32> = (0..rows * (n / g)).map(|_| rng.next() as f32 * 3.0).collect();
+        let scales: Vec<f32> = (0..rows * (n / g)).map(|_| rng.next().abs() as f32 * 3.0).collect();
         for (name, pat) in patterns {
             let a: Vec<f32> = (0..rows).map(pat).collect();
             let mut table = vec![0f32; rows << bits];
@@ -349,6 +349,20 @@ fn bad_input_is_an_error_not_a_panic() {
     let mut xn = x.clone();
     xn[3] = f32::NAN;
     assert!(run(q, &a, &xn, &mut codes, &mut scales).unwrap_err().message.contains("finite"));
+    // Scales negative or not finite (a hand-made or loaded quantized tensor) are refused by the
+    // dequantizer: a negative one would flip its group's signs.
+    let q2 = QuantArgs { rows: 2, n: 8, group: 4, ..q };
+    let codes2 = vec![0x35u8; 8];
+    let mut deq = vec![0f32; 16];
+    for bad in [-0.5f32, f32::NAN, f32::INFINITY] {
+        let mut sc = vec![1f32; 4];
+        sc[3] = bad;
+        let e = unsafe { quant::dequantize(Device::Cpu, DType::F32, &q2, addr(&codes2), addr(&sc), addr(&[0.5f32; 2]), out(&mut deq)) }
+            .unwrap_err();
+        assert!(e.kind == ErrorKind::Value && e.message.contains("scales: expected finite scales >= 0"), "{e}");
+    }
+    let ok = [0f32, 1.0, 2.5, 0.0];
+    unsafe { quant::dequantize(Device::Cpu, DType::F32, &q2, addr(&codes2), addr(&ok), addr(&[0.5f32; 2]), out(&mut deq)) }.unwrap();
     // The CPU-only ops refuse CUDA devices before any buffer is touched (the CUDA kernels' own
     // refusals are tested in quant/cuda.rs).
     let cuda = Device::Cuda { ordinal: 0, stream: 0 };

@@ -243,6 +243,28 @@ pub fn validate_exponents(a: &[f32]) -> Result<()> {
     Ok(())
 }
 
+/// Check every scale: finite and >= 0 (as [`quantize`] writes them, m = clip·max|x|); a negative
+/// scale from elsewhere would flip its group's signs silently.
+pub fn validate_scales(scales: &[f32]) -> Result<()> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    const BLOCK: usize = 1 << 16;
+    let ok = |v: f32| (v >= 0.0) & (v < f32::INFINITY); // false for NaN
+    let bad = AtomicBool::new(false);
+    // Blocks folded without a branch per element (vectorized; `all` stops early and is not), on
+    // the pool's threads as the dequantizer that follows: group size 1 has as many scales as codes.
+    crate::parallel::for_each_task(scales.len().div_ceil(BLOCK), scales.len(), |t| {
+        let c = &scales[t * BLOCK..((t + 1) * BLOCK).min(scales.len())];
+        if !c.iter().fold(true, |acc, &v| acc & ok(v)) {
+            bad.store(true, Ordering::Relaxed);
+        }
+    });
+    if !bad.load(Ordering::Relaxed) {
+        return Ok(());
+    }
+    let v = scales.iter().copied().find(|&v| !ok(v)).unwrap_or(f32::NAN);
+    Err(Error::value(format!("scales: expected finite scales >= 0 (m = clip·max|x| of each group); got {v}")))
+}
+
 fn check_ptrs(list: &[(Ptr, &str, usize)]) -> Result<()> {
     for &(p, name, align) in list {
         require_ptr(p, name)?;
@@ -329,12 +351,18 @@ pub enum Tables {
 }
 
 /// Dequantize `codes`/`scales`/`a` (as [`quantize`] writes them) into `out`: rows·n elements of `dtype`.
+/// Errors (ValueError kind) on an exponent outside (0, 1] and, on CPU, on a scale negative or not finite.
 ///
 /// # Safety
 /// As [`quantize`].
 pub unsafe fn dequantize(device: Device, dtype: DType, q: &QuantArgs, codes: Ptr, scales: Ptr, a: Ptr, out: Ptr) -> Result<()> {
     if !exponent_checks(device, dtype, q, a)? || q.n == 0 {
         return Ok(());
+    }
+    if let Device::Cpu = device {
+        // (On CUDA the Python layer checks them on the device, with the exponents.)
+        check_ptrs(&[(scales, "scales", 4)])?;
+        validate_scales(crate::cpu::slice(scales, q.rows * q.groups()))?;
     }
     dequantize_rows(device, dtype, q, codes, scales, Tables::Exponents(a), out)
 }
