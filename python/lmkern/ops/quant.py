@@ -604,6 +604,21 @@ for _name, _impl, _fake_impl in (
     torch.library.register_fake(f"lmkern::{_name}", _fake_impl, lib=LIB)
 
 
+def _fake_vmap(info, in_dims, x, a, bits, group_size, clip):
+    """torch.vmap of power_fake_quantize: the batch is more rows of one call (the op flattens x's
+    leading dims into rows, one exponent each), instead of torch's fallback of one call per sample."""
+    bx, ba = in_dims[0], in_dims[1]
+    batch = info.batch_size
+    x = x.movedim(bx, 0) if bx is not None else x.expand(batch, *x.shape)
+    rows = math.prod(x.shape[1:-1])
+    a = a.movedim(ba, 0) if ba is not None else a.expand(batch, *a.shape)
+    y, scales = torch.ops.lmkern.power_fake_quantize(x, a.reshape(batch * rows), bits, group_size, clip)
+    return (y, scales.reshape(batch, rows, scales.shape[-1])), (0, 0)
+
+
+torch.library.register_vmap("lmkern::power_fake_quantize", _fake_vmap, lib=LIB)
+
+
 # ------------------------------------------------------------------------------------------------
 # autograd
 # ------------------------------------------------------------------------------------------------
