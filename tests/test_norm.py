@@ -1162,6 +1162,10 @@ def test_module_dtype_and_bad_shape(cls):
         cls((4, 16))
     with pytest.raises(ValueError, match="normalized_shape"):
         cls(-1)
+    for kw, what in (({"eps": "1e-6"}, "eps"), ({"eps": True}, "eps"), ({"offset": "1"}, "offset"), ({"scale": b"2"}, "scale")):
+        with pytest.raises(TypeError, match=f"{what}: expected a real number"):  # at construction, not at the first call
+            cls(16, **kw)
+    assert cls(16, eps=1).eps == 1.0 and cls(16, eps=None).eps is None
     for m in (mod, cls(16, elementwise_affine=False)):  # with a weight to check against and without
         with pytest.raises(ValueError, match=r"last dimension of 16 \(normalized_shape\); got shape \(3, 15\)"):
             m(randn((3, 15), BF16, 2))

@@ -6,6 +6,7 @@ import numbers
 import torch
 from torch import nn
 
+from .._lib import scalar_arg
 from ..ops.norm import crms_norm, rms_norm
 
 
@@ -39,10 +40,10 @@ class _Norm(nn.Module):
         if n < 0:
             raise ValueError(f"normalized_shape: expected a size >= 0; got {n}")
         self.normalized_shape = (n,)
-        self.eps = eps
+        self.eps = None if eps is None else scalar_arg("eps", eps)
         self.elementwise_affine = elementwise_affine
-        self.offset = float(offset)
-        self.scale = float(scale)
+        self.offset = scalar_arg("offset", offset)
+        self.scale = scalar_arg("scale", scale)
         if elementwise_affine:
             self.weight = nn.Parameter(torch.empty((n,), device=device, dtype=dtype))
         else:
