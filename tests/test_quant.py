@@ -1096,6 +1096,31 @@ def test_cpu_isa_reports_the_cap():
             assert isa == cap or isa == "baseline"
 
 
+def test_ctrl_c_interrupts_a_long_search():
+    """SIGINT during a search of seconds raises KeyboardInterrupt within ~a group of rows, not after
+    the whole search (the GIL-free call polls Python's signal handlers on the calling thread every
+    50 ms); the next search runs as before."""
+    import signal
+    import threading
+    import time
+
+    g = torch.Generator().manual_seed(3)
+    w, x = torch.randn(2048, 1024, generator=g), torch.randn(1024, 1024, generator=g)
+    t0 = time.perf_counter()
+    want = search_exponent(w[:128], 4, 128, x=x)
+    whole = (time.perf_counter() - t0) * 16  # the 2048 rows' time, about
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+    t0 = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        timer.start()
+        search_exponent(w, 4, 128, x=x)
+        time.sleep(30)  # finished before the signal came: wait for it here instead (and fail below)
+    took = time.perf_counter() - t0
+    timer.join()
+    assert took < 0.3 + whole / 3, f"interrupted after {took:.2f} s of a ~{whole:.2f} s search"
+    assert torch.equal(search_exponent(w[:128], 4, 128, x=x), want)
+
+
 def test_unknown_cpu_isa_cap_warns():
     """A LMKERN_CPU_ISA the core does not know caps nothing: import says so (a RuntimeWarning
     naming the value); the known ones, in any case, import quietly."""

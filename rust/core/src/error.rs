@@ -9,6 +9,8 @@ pub enum ErrorKind {
     Type,
     /// The CUDA runtime failed or is missing (Python `RuntimeError`).
     Cuda,
+    /// The caller's poll asked a long call to stop (Ctrl-C; Python `KeyboardInterrupt`).
+    Interrupted,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,6 +28,9 @@ impl Error {
     }
     pub fn cuda(message: impl Into<String>) -> Self {
         Error { kind: ErrorKind::Cuda, message: message.into() }
+    }
+    pub fn interrupted(message: impl Into<String>) -> Self {
+        Error { kind: ErrorKind::Interrupted, message: message.into() }
     }
 }
 

@@ -144,6 +144,73 @@ mod fork {
     pub(super) fn register() {}
 }
 
+/// How a long call learns that its caller wants it to stop (Ctrl-C): its tasks ask [`Stop::requested`]
+/// before each starts; on the thread that made the call, at most every `every_ms`, that asks the
+/// caller's `poll` (the Python glue's takes the GIL to run Python's signal handlers, which only
+/// that thread may do). Once `poll` has said yes, every later task is skipped.
+pub struct Stop<'a> {
+    poll: &'a (dyn Fn() -> bool + Sync),
+    caller: std::thread::ThreadId,
+    start: std::time::Instant,
+    every_ms: u64,
+    /// Milliseconds since `start` at which the calling thread polls next (written by it alone).
+    next_ms: std::sync::atomic::AtomicU64,
+    stopped: AtomicBool,
+}
+
+impl<'a> Stop<'a> {
+    /// Polls [`Stop::new`]'s apart: a call shorter than this never polls.
+    pub const EVERY_MS: u64 = 50;
+
+    /// Made on the thread that makes the call.
+    pub fn new(poll: &'a (dyn Fn() -> bool + Sync)) -> Self {
+        Self::every(poll, Self::EVERY_MS)
+    }
+
+    /// Polling every `ms` milliseconds (0: before every task the calling thread takes).
+    pub fn every(poll: &'a (dyn Fn() -> bool + Sync), ms: u64) -> Self {
+        Stop {
+            poll,
+            caller: std::thread::current().id(),
+            start: std::time::Instant::now(),
+            every_ms: ms,
+            next_ms: std::sync::atomic::AtomicU64::new(ms),
+            stopped: AtomicBool::new(false),
+        }
+    }
+
+    /// Never asks to stop.
+    pub fn never() -> Stop<'static> {
+        Stop::every(&never_stop, u64::MAX)
+    }
+
+    /// Whether the call should stop (asking `poll` when it is the calling thread's turn).
+    pub fn requested(&self) -> bool {
+        if self.stopped.load(Ordering::Relaxed) {
+            return true;
+        }
+        if std::thread::current().id() == self.caller {
+            let now = self.start.elapsed().as_millis() as u64;
+            if now >= self.next_ms.load(Ordering::Relaxed) {
+                self.next_ms.store(now.saturating_add(self.every_ms), Ordering::Relaxed);
+                if (self.poll)() {
+                    self.stopped.store(true, Ordering::Relaxed);
+                }
+            }
+        }
+        self.stopped.load(Ordering::Relaxed)
+    }
+
+    /// Whether some task saw a stop request (the call's result is then incomplete).
+    pub fn stopped(&self) -> bool {
+        self.stopped.load(Ordering::Relaxed)
+    }
+}
+
+fn never_stop() -> bool {
+    false
+}
+
 /// Elements below which a kernel runs on the calling thread: waking the pool costs more than the work.
 pub const SERIAL_BELOW: usize = 1 << 15;
 

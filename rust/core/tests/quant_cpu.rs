@@ -307,6 +307,46 @@ fn search_returns_exponents_in_range_and_a_one_for_zero_rows() {
     assert!(e.to_string().contains("finite"), "{e}");
 }
 
+/// A search asked to stop (Ctrl-C in Python) stops at the next task with an Interrupted error;
+/// only the calling thread is asked, and a poll that never says yes changes nothing (the same
+/// exponents as the unpolled search), per row and per tensor. Polling before every task (0 ms):
+/// independent of this machine's speed.
+#[test]
+fn search_stops_when_its_poll_says_so() {
+    use lmkern_core::parallel::Stop;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    lmkern_core::parallel::set_num_threads(2);
+    let mut rng = Rng(21);
+    let (rows, n, t) = (96usize, 256usize, 16usize);
+    let w: Vec<f32> = (0..rows * n).map(|_| rng.next() as f32).collect();
+    let z: Vec<f32> = (0..t * n).map(|_| rng.next() as f32).collect();
+    let caller = std::thread::current().id();
+    for (per_row, z_rows) in [(true, 0), (true, t), (false, t)] {
+        let s = SearchArgs { q: QuantArgs { bits: 4, rows, n, group: 128, clip: 1.0 }, per_row, z_rows, lo: 0.05, grid: 64, refine: 4 };
+        let (mut want, mut got) = (vec![f32::NAN; rows], vec![f32::NAN; rows]);
+        unsafe { quant::search_exponent(Device::Cpu, &s, addr(&w), addr(&z), out(&mut want)).unwrap() };
+        let polls = AtomicUsize::new(0);
+        let polls = &polls;
+        let answer = |yes: bool| {
+            move || {
+                assert_eq!(std::thread::current().id(), caller, "polled on a pool thread");
+                polls.fetch_add(1, Ordering::Relaxed);
+                yes
+            }
+        };
+        let no = answer(false);
+        unsafe { quant::search_exponent_stoppable(Device::Cpu, &s, addr(&w), addr(&z), out(&mut got), &Stop::every(&no, 0)).unwrap() };
+        let asked = polls.swap(0, Ordering::Relaxed);
+        assert!(asked >= 1, "per_row {per_row} z {z_rows}: never polled");
+        assert_eq!(want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), got.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+        let yes = answer(true);
+        let e = unsafe { quant::search_exponent_stoppable(Device::Cpu, &s, addr(&w), addr(&z), out(&mut got), &Stop::every(&yes, 0)) }
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Interrupted, "{e}");
+        assert_eq!(polls.load(Ordering::Relaxed), 1, "per_row {per_row} z {z_rows}: asked again after a yes");
+    }
+}
+
 /// Long rows, which a task of the search takes fewer at once (by their size: 5 of 2^18), give the
 /// exponents each row gives alone, with and without calibration rows.
 #[test]

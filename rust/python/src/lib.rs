@@ -4,7 +4,7 @@
 //! has already checked against the tensors it allocated. This module is private: `lmkern.ops` is the
 //! only caller, and it guarantees the buffer sizes each core function documents.
 use lmkern_core::{DType, Device, Error, ErrorKind};
-use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyKeyboardInterrupt, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
 mod ncd;
@@ -16,6 +16,7 @@ pub(crate) fn to_py(e: Error) -> PyErr {
         ErrorKind::Value => PyValueError::new_err(e.message),
         ErrorKind::Type => PyTypeError::new_err(e.message),
         ErrorKind::Cuda => PyRuntimeError::new_err(e.message),
+        ErrorKind::Interrupted => PyKeyboardInterrupt::new_err(e.message),
     }
 }
 

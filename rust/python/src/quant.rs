@@ -2,6 +2,7 @@
 use crate::{device, dtype, to_py};
 use lmkern_core::quant::{self, LinearArgs, QuantArgs, SearchArgs};
 use pyo3::prelude::*;
+use std::sync::Mutex;
 
 fn qargs(bits: u32, rows: usize, n: usize, group: usize, clip: f64) -> QuantArgs {
     QuantArgs { bits, rows, n, group, clip }
@@ -131,8 +132,27 @@ fn quant_search(
     grid: usize, refine: usize, w: u64, z: u64, out: u64,
 ) -> PyResult<()> {
     let s = SearchArgs { q: qargs(bits, rows, n, group, clip), per_row, z_rows, lo, grid, refine };
+    // Ctrl-C during a long search: the core polls this on this thread, which takes the GIL back for
+    // a moment to run Python's signal handlers; their exception (KeyboardInterrupt) is raised here.
+    let raised: Mutex<Option<PyErr>> = Mutex::new(None);
+    let poll = || {
+        Python::attach(|py| match py.check_signals() {
+            Ok(()) => false,
+            Err(e) => {
+                *raised.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                true
+            }
+        })
+    };
     // SAFETY: as in quant_quantize.
-    py.detach(|| unsafe { quant::search_exponent(lmkern_core::Device::Cpu, &s, w, z, out) }).map_err(to_py)
+    let result = py.detach(|| {
+        let stop = lmkern_core::parallel::Stop::new(&poll); // made on this thread: the one that polls
+        unsafe { quant::search_exponent_stoppable(lmkern_core::Device::Cpu, &s, w, z, out, &stop) }
+    });
+    if let Some(e) = raised.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(e);
+    }
+    result.map_err(to_py)
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

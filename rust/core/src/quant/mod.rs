@@ -658,6 +658,19 @@ pub struct SearchArgs {
 /// # Safety
 /// As [`quantize`].
 pub unsafe fn search_exponent(device: Device, s: &SearchArgs, w: Ptr, z: Ptr, out: Ptr) -> Result<()> {
+    search_exponent_stoppable(device, s, w, z, out, &crate::parallel::Stop::never())
+}
+
+/// [`search_exponent`] that stops when `stop` says so (see [`crate::parallel::Stop`]: its poll,
+/// e.g. Ctrl-C, asked on the calling thread), within a group of rows, with an
+/// [`crate::error::ErrorKind::Interrupted`] error (`out` is then incomplete). A search of a large
+/// weight with calibration activations takes seconds to minutes: Ctrl-C should not wait for it.
+///
+/// # Safety
+/// As [`search_exponent`].
+pub unsafe fn search_exponent_stoppable(
+    device: Device, s: &SearchArgs, w: Ptr, z: Ptr, out: Ptr, stop: &crate::parallel::Stop,
+) -> Result<()> {
     s.q.validate()?;
     cpu_only(device, "search_exponent (on CUDA, lmkern.ops.quant copies w and x to the host)")?;
     if !(s.lo > 0.0 && s.lo <= 1.0) || s.grid < 2 {
@@ -674,7 +687,7 @@ pub unsafe fn search_exponent(device: Device, s: &SearchArgs, w: Ptr, z: Ptr, ou
             check_ptrs(&[(z, "x", 4)])?;
         }
     }
-    cpu::search_exponent(s, w, z, out)
+    cpu::search_exponent(s, w, z, out, stop)
 }
 
 #[cfg(test)]

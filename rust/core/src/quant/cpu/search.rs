@@ -508,7 +508,7 @@ const TOTAL_ROWS: usize = 256;
 /// The search over every row: the weight error, or with `zb` (z in [`ZBlocks`]' layout, and its
 /// rows) the layer-output error (see [`metric_errors`]). Rows go `group` (1..=[`GROUP`],
 /// [`group_rows`]) at a time.
-unsafe fn search(s: &SearchArgs, w: u64, zb: Option<(&[f32], usize)>, out: u64, group: usize) -> Result<()> {
+unsafe fn search(s: &SearchArgs, w: u64, zb: Option<(&[f32], usize)>, out: u64, group: usize, stop: &parallel::Stop) -> Result<()> {
     debug_assert!((1..=GROUP).contains(&group));
     let q = &s.q;
     let (rows, n) = (q.rows, q.n);
@@ -553,6 +553,9 @@ unsafe fn search(s: &SearchArgs, w: u64, zb: Option<(&[f32], usize)>, out: u64, 
         // `yp` (metric_errors' scratch) is kept by each thread across its groups: one a group
         // faulted (n + 1)·ZB·8 bytes in again ([16, 2^20] with 8 calibration rows: 1.7x the time).
         parallel::for_each_task_with(groups(0, rows), work, Vec::new, |gi, yp| {
+            if stop.requested() {
+                return;
+            }
             let (r0, r1) = (gi * group, (gi * group + group).min(rows));
             // Rows of n = 0 or holding NaN or inf: a = 1.
             let mut a = [1.0f32; GROUP];
@@ -592,10 +595,16 @@ unsafe fn search(s: &SearchArgs, w: u64, zb: Option<(&[f32], usize)>, out: u64, 
             // TOTAL_ROWS rows at a time, so the per-row errors held stay bounded whatever the grid.
             let mut per_row = vec![0f64; TOTAL_ROWS.min(rows) * k];
             for r0 in (0..rows).step_by(TOTAL_ROWS) {
+                if stop.stopped() {
+                    break;
+                }
                 let r1 = (r0 + TOTAL_ROWS).min(rows);
                 per_row.fill(0.0);
                 let ps = Shared(per_row.as_mut_ptr() as usize);
                 parallel::for_each_task_with(groups(r0, r1), work / rows.max(1) * (r1 - r0), Vec::new, |gi, yp| {
+                    if stop.requested() {
+                        return;
+                    }
                     let (g0, g1) = (r0 + gi * group, (r0 + gi * group + group).min(r1));
                     let loaded = load(g0, g1);
                     let mut errs = vec![0f64; loaded.len() * k];
@@ -617,8 +626,13 @@ unsafe fn search(s: &SearchArgs, w: u64, zb: Option<(&[f32], usize)>, out: u64, 
             tot
         };
         let coarse_errs = total(&coarse);
-        let fine = fine_points(s, &coarse_errs);
-        *(out as *mut f32) = best(&coarse, &coarse_errs, &fine, &total(&fine));
+        if !stop.stopped() {
+            let fine = fine_points(s, &coarse_errs);
+            *(out as *mut f32) = best(&coarse, &coarse_errs, &fine, &total(&fine));
+        }
+    }
+    if stop.stopped() {
+        return Err(Error::interrupted("search_exponent: interrupted"));
     }
     if bad.load(Ordering::Relaxed) {
         return Err(Error::value("w: expected finite values (NaN or inf found, or clip·max|w| overflows float32)"));
@@ -628,9 +642,9 @@ unsafe fn search(s: &SearchArgs, w: u64, zb: Option<(&[f32], usize)>, out: u64, 
 
 /// # Safety
 /// See [`crate::quant::search_exponent`].
-pub unsafe fn search_exponent(s: &SearchArgs, w: u64, z: u64, out: u64) -> Result<()> {
+pub unsafe fn search_exponent(s: &SearchArgs, w: u64, z: u64, out: u64, stop: &parallel::Stop) -> Result<()> {
     if s.z_rows == 0 {
-        return search(s, w, None, out, group_rows(s));
+        return search(s, w, None, out, group_rows(s), stop);
     }
     let (t_rows, n) = (s.z_rows, s.q.n);
     let z = slice::<f32>(z, t_rows * n);
@@ -639,7 +653,7 @@ pub unsafe fn search_exponent(s: &SearchArgs, w: u64, z: u64, out: u64) -> Resul
         return Err(Error::value("x: expected finite calibration activations (NaN or inf found)"));
     }
     let zb = ZBlocks::new(z, t_rows, n);
-    search(s, w, Some((zb.blocks(), t_rows)), out, group_rows(s))
+    search(s, w, Some((zb.blocks(), t_rows)), out, group_rows(s), stop)
 }
 
 #[cfg(test)]
@@ -754,10 +768,10 @@ mod tests {
                 let s = SearchArgs { q: QuantArgs { bits, rows, n, group: 100, clip: 1.0 }, per_row, z_rows: t_rows, lo: 0.05, grid: 64, refine: 8 };
                 let zs = (t_rows > 0).then(|| (zb.blocks(), t_rows));
                 let mut want = vec![f32::NAN; rows];
-                unsafe { search(&s, w.as_ptr() as u64, zs, want.as_mut_ptr() as u64, GROUP).unwrap() };
+                unsafe { search(&s, w.as_ptr() as u64, zs, want.as_mut_ptr() as u64, GROUP, &parallel::Stop::never()).unwrap() };
                 for group in 1..GROUP {
                     let mut got = vec![f32::NAN; rows];
-                    unsafe { search(&s, w.as_ptr() as u64, zs, got.as_mut_ptr() as u64, group).unwrap() };
+                    unsafe { search(&s, w.as_ptr() as u64, zs, got.as_mut_ptr() as u64, group, &parallel::Stop::never()).unwrap() };
                     let k = if per_row { rows } else { 1 };
                     assert_eq!(&got[..k], &want[..k], "bits {bits} z rows {t_rows} per row {per_row} group {group}");
                     assert!(got[k..].iter().all(|v| v.is_nan()));
