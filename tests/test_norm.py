@@ -1353,6 +1353,20 @@ def _cuda_case(shape, dtype, seed, **kw):
 
 @pytest.mark.cuda
 @KINDS
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+@pytest.mark.parametrize("mag, eps", [(1e-13, 0.0), (1e14, 1e-6), (1e16, 1e-6)], ids=str)
+@pytest.mark.parametrize("n", [64, 20000], ids=["registers", "loop"])
+def test_cuda_extreme_row_magnitudes(crms, dtype, mag, eps, n):
+    """The CPU test of the same name on the CUDA kernels (row in registers and the looped kernel):
+    their backward formed r³·c/d as r·r·r first too."""
+    x, w, r, dy, dh = _cuda_case((3, n), dtype, 5, mag=mag, residual=True)
+    run_and_check(crms, x, w, r, dy, dh, eps, 0.0, 1.0)
+    x, w, _, dy, _ = _cuda_case((3, n), dtype, 6, mag=mag)
+    run_and_check(crms, x, w, None, dy, None, eps, 0.0, 1.0)
+
+
+@pytest.mark.cuda
+@KINDS
 @pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=str)
 @pytest.mark.parametrize("shape", CUDA_SHAPES, ids=str)
 def test_cuda_matches_reference(crms, dtype, shape):

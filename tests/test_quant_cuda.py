@@ -193,6 +193,19 @@ def test_fake_quantize_backward_is_deterministic():
         assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
 
 
+def test_fake_quantize_under_vmap_is_one_call():
+    """lmkern's vmap rule on CUDA tensors: a loop's values and gradients, shared or batched exponents."""
+    x = randn((5, 3, 64), BF16, 7, device="cuda")
+    a = torch.linspace(0.2, 1.0, 15, device="cuda").reshape(5, 3)
+    fq = lambda r, e: power_fake_quantize(r, e, 4, 16)
+    assert torch.equal(torch.vmap(fq)(x, a), torch.stack([fq(x[i], a[i]) for i in range(5)]))
+    assert torch.equal(torch.vmap(lambda r: fq(r, 0.6))(x), torch.stack([fq(x[i], 0.6) for i in range(5)]))
+    xg, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    torch.vmap(fq)(xg, a).float().pow(2).sum().backward()
+    torch.stack([fq(xr[i], a[i]) for i in range(5)]).float().pow(2).sum().backward()
+    assert torch.equal(xg.grad, xr.grad)
+
+
 # ------------------------------------------------------------------------------------------------
 # linear
 # ------------------------------------------------------------------------------------------------
@@ -593,6 +606,11 @@ def test_bad_input_raises_clearly():
                                           4, 16, 32, F32)
     with pytest.raises(TypeError, match="float64 is supported on CPU only"):
         torch.ops.lmkern.power_dequantize(q.codes, q.scales, q.exponent, 4, 16, 32, F64)
+    for v in (-0.5, float("nan")):  # scales: checked on the device with the exponents
+        scales = q.scales.clone()
+        scales[1, 1] = v
+        with pytest.raises(ValueError, match=r"scales: expected finite scales >= 0 .*; got (?i:nan|-0.5)"):
+            torch.ops.lmkern.power_dequantize(q.codes, scales, q.exponent, 4, 16, 32, F32)
     with pytest.raises(ValueError, match="scales: expected a tensor on"):
         torch.ops.lmkern.power_dequantize(q.codes, q.scales.cpu(), q.exponent, 4, 16, 32, F32)
     mod = PowerQuantLinear.from_linear(_linear(32, 8, True, 0), 4, 16, a=0.7)
