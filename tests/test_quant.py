@@ -1373,6 +1373,110 @@ def test_vmap_of_fake_quantize_is_one_call():
     assert torch.equal(xg.grad, xr.grad) and torch.allclose(ag.grad, ar.grad, rtol=1e-6, atol=0)
 
 
+class _TinyLM(torch.nn.Module):
+    """Linear layers in the places a model has them: nested blocks in a ModuleList, one layer
+    shared by two blocks, attention's out_proj, and a head."""
+
+    def __init__(self, d=64, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        nn = torch.nn
+        shared = nn.Linear(d, d)
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d), shared)
+                                     for _ in range(2)])
+        self.attn = nn.MultiheadAttention(d, 4, batch_first=True)
+        self.lm_head = nn.Linear(d, 10, bias=False)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = x + b(x)
+        x = x + self.attn(x, x, x, need_weights=False)[0]
+        return self.lm_head(x)
+
+
+def test_quantize_linears_replaces_each_layer_as_from_linear_would():
+    """Each nn.Linear becomes PowerQuantLinear.from_linear of it (same buffers, so the model's output
+    is the composition of the layers'); the head and attention's out_proj stay as they were, a
+    shared layer stays shared, and with calibrate each layer's exponents are searched on the inputs
+    the float model gave it (its first max_tokens rows)."""
+    from lmkern.nn import quantize_linears
+
+    x = torch.randn(3, 5, 64)
+    ref = _TinyLM()
+    originals = {n: m for n, m in ref.named_modules() if type(m) is torch.nn.Linear}
+    model = quantize_linears(_TinyLM(), bits=4, group_size=32)
+    kinds = {n: type(m).__name__ for n, m in model.named_modules() if n in originals}
+    assert kinds == {**{n: "PowerQuantLinear" for n in originals}, "lm_head": "Linear"}, kinds
+    assert type(model.attn.out_proj) is torch.nn.modules.linear.NonDynamicallyQuantizableLinear
+    assert model.blocks[0][3] is model.blocks[1][3]
+    for name, lin in originals.items():
+        if name != "lm_head":
+            want = PowerQuantLinear.from_linear(lin, 4, 32)
+            got = model.get_submodule(name)
+            for buf in ("codes", "scales", "exponent", "bias"):
+                assert torch.equal(getattr(got, buf), getattr(want, buf)), (name, buf)
+    assert model(x).shape == (3, 5, 10)
+    # Calibrated: each layer's exponents from its own inputs in the float model (15 rows, max 8 kept).
+    seen = {}
+
+    def keep(name):
+        def hook(m, args):  # (returns None: the input unchanged)
+            seen.setdefault(name, args[0].reshape(-1, m.in_features)[:8].clone())
+        return hook
+
+    hooks = [m.register_forward_pre_hook(keep(n)) for n, m in ref.named_modules() if n in originals]
+    ref(x)
+    for h in hooks:
+        h.remove()
+    cal = quantize_linears(_TinyLM(), 4, 32, calibrate=lambda m=None: None, max_tokens=8)  # ran nothing: weight error
+    assert torch.equal(cal.blocks[0][0].exponent, model.blocks[0][0].exponent)
+    fresh = _TinyLM()
+    cal = quantize_linears(fresh, 4, 32, calibrate=lambda: fresh(x), max_tokens=8)
+    for name in ("blocks.0.0", "blocks.1.2", "blocks.0.3"):
+        want = search_exponent(originals[name].weight, 4, 32, x=seen[name])
+        assert torch.equal(cal.get_submodule(name).exponent, want), name
+    assert not torch.equal(cal.blocks[0][0].exponent, model.blocks[0][0].exponent)
+    # A shared layer is searched once, on the rows of its first calls (block 0's, then block 1's).
+    assert cal.blocks[0][3] is cal.blocks[1][3]
+
+
+def test_quantize_linears_checks_everything_before_changing_anything():
+    from lmkern.nn import quantize_linears
+
+    model = _TinyLM()
+    model.blocks[1][2] = torch.nn.Linear(96, 64)  # 96: group 64 does not divide it
+    before = {n: type(m) for n, m in model.named_modules()}
+    with pytest.raises(ValueError, match=r"blocks\.1\.2: group_size: expected a positive divisor of in_features 96.*nothing was replaced"):
+        quantize_linears(model, 4, 64)
+    with torch.no_grad():
+        model.blocks[1][0].weight[0, 0] = math.nan
+    with pytest.raises(ValueError, match=r"blocks\.1\.0\.weight: expected finite values"):
+        quantize_linears(model, 4, 32)
+    m2 = _TinyLM()
+    with pytest.raises(ValueError, match=r"calibrate: the inputs of blocks\.0\.0 hold NaN or inf; nothing was replaced"):
+        quantize_linears(m2, 4, 32, calibrate=lambda: m2(torch.full((1, 2, 64), math.inf)))
+    assert type(m2.blocks[0][0]) is torch.nn.Linear
+    for bad, exc, match in (
+        (dict(a=1.5), ValueError, r"a: expected None \(searched\) or one exponent"),
+        (dict(a=torch.ones(3)), ValueError, "a: expected None"),
+        (dict(a=0.5, calibrate=lambda: None), ValueError, "calibrate: the exponents are given"),
+        (dict(calibrate=3), TypeError, "calibrate: expected a callable"),
+        (dict(skip="lm_head"), TypeError, "skip: expected names"),
+        (dict(max_tokens=0), ValueError, "max_tokens"),
+        (dict(bits=5), ValueError, "bits"),
+    ):
+        with pytest.raises(exc, match=match):
+            quantize_linears(model, **{"group_size": 32, **bad})
+    assert {n: type(m) for n, m in model.named_modules()} == before
+    # skip by name (last component or qualified) or by a callable
+    m = quantize_linears(_TinyLM(), 4, 32, skip=("0", "blocks.1.2"))  # the head is no longer skipped
+    assert [n for n, x in m.named_modules() if type(x) is torch.nn.Linear] == ["blocks.0.0", "blocks.1.0", "blocks.1.2"]
+    assert isinstance(m.lm_head, PowerQuantLinear)
+    m = quantize_linears(_TinyLM(), 4, 32, skip=lambda name, lin: lin.out_features != 64)
+    quantized = {n for n, x in m.named_modules(remove_duplicate=False) if isinstance(x, PowerQuantLinear)}
+    assert quantized == {"blocks.0.2", "blocks.0.3", "blocks.1.2", "blocks.1.3"}
+
+
 def test_quantized_keeps_its_own_exponents():
     """q.exponent is a copy: stepping the caller's (learned) exponent tensor leaves q as it was."""
     w = torch.randn(3, 32)

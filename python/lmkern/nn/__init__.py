@@ -1,5 +1,5 @@
 """nn.Module wrappers of lmkern ops."""
 from .norm import CRMSNorm, RMSNorm
-from .quant import PowerQuantLinear
+from .quant import PowerQuantLinear, quantize_linears
 
-__all__ = ["RMSNorm", "CRMSNorm", "PowerQuantLinear"]
+__all__ = ["RMSNorm", "CRMSNorm", "PowerQuantLinear", "quantize_linears"]

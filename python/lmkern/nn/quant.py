@@ -250,3 +250,83 @@ class PowerQuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"bits={self.bits}, group_size={self.group_size}")
+
+
+def _skipped(skip, name: str, module: nn.Module) -> bool:
+    if callable(skip):
+        return bool(skip(name, module))
+    return name in skip or name.rsplit(".", 1)[-1] in skip
+
+
+@torch.no_grad()
+def quantize_linears(model: nn.Module, bits: int = 4, group_size: int | None = 128, a=None, *, clip: float = 1.0,
+                     skip=("lm_head",), calibrate=None, max_tokens: int = 512) -> nn.Module:
+    """Replace the ``torch.nn.Linear`` layers of ``model``, in place, by
+    :meth:`PowerQuantLinear.from_linear` of them; returns ``model``.
+
+    Only modules of type exactly ``nn.Linear`` (a subclass may read its weight elsewhere:
+    ``nn.MultiheadAttention``'s ``out_proj`` is one, and is left as it is). ``skip``: names to leave
+    alone, each a module's qualified name or its last component (default ``("lm_head",)``: an
+    output head is often tied to the embedding and sensitive), or a callable ``(name, linear) ->
+    bool``. A layer reached under two names is quantized once and stays shared. ``a``: a float for
+    every layer, or None to search the exponents per row (on the weight error); ``calibrate``, a
+    callable run once with no arguments (e.g. ``lambda: model(sample_ids)``), then makes the search
+    minimize each layer's output error on the first ``max_tokens`` input rows that layer saw, as the
+    float model computes them (held in float32 on the CPU until the search: max_tokens ·
+    in_features · 4 bytes a layer; a layer the calibration did not reach is searched on its weight
+    error). Every layer is checked (group_size must divide its in_features) before any is replaced.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module; got {type(model).__name__}")
+    if not (callable(skip) or (isinstance(skip, (list, tuple, set, frozenset)) and all(isinstance(s, str) for s in skip))):
+        raise TypeError(f"skip: expected names (a list, tuple or set of str) or a callable (name, linear) -> bool; got {skip!r}")
+    if calibrate is not None and a is not None:
+        raise ValueError("calibrate: the exponents are given (a), so there is nothing to search; pass one of them")
+    if calibrate is not None and not callable(calibrate):
+        raise TypeError(f"calibrate: expected a callable run with no arguments; got {type(calibrate).__name__}")
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, numbers.Integral) or max_tokens < 1:
+        raise ValueError(f"max_tokens: expected an int >= 1; got {max_tokens!r}")
+    bits = _ops.check_bits(bits)
+    # Where each layer sits: (parent, attribute) pairs under every name reaching it.
+    sites: dict[int, tuple[nn.Linear, dict[tuple[int, str], nn.Module], str]] = {}
+    for parent_name, parent in model.named_modules(remove_duplicate=False):
+        if isinstance(parent, nn.MultiheadAttention):
+            continue  # reads out_proj.weight itself
+        for child_name, child in parent.named_children():
+            name = f"{parent_name}.{child_name}" if parent_name else child_name
+            if type(child) is nn.Linear and not _skipped(skip, name, child):
+                sites.setdefault(id(child), (child, {}, name))[1][(id(parent), child_name)] = parent
+    if a is not None and (isinstance(a, bool) or not isinstance(a, numbers.Real) or not 0.0 < float(a) <= 1.0):
+        raise ValueError(f"a: expected None (searched) or one exponent in (0, 1] for every layer; got {a!r}")
+    for linear, _, name in sites.values():  # what from_linear would refuse, before anything changes
+        try:
+            _ops.check_group(group_size, linear.in_features, "in_features")
+        except ValueError as e:
+            raise ValueError(f"{name}: {e} (nothing was replaced; skip it or choose another group_size)") from None
+        if not torch.isfinite(linear.weight).all():
+            raise ValueError(f"{name}.weight: expected finite values (NaN or inf found); nothing was replaced")
+    inputs: dict[int, list[torch.Tensor]] = {}
+    if calibrate is not None:
+        def record(module, args):
+            rows = inputs.setdefault(id(module), [])
+            have = sum(r.shape[0] for r in rows)
+            if have < max_tokens:
+                x = args[0].detach().reshape(-1, module.in_features)
+                rows.append(x[: max_tokens - have].to(device="cpu", dtype=torch.float32))
+
+        hooks = [linear.register_forward_pre_hook(record) for linear, _, _ in sites.values()]
+        try:
+            calibrate()
+        finally:
+            for h in hooks:
+                h.remove()
+        for key, rows in inputs.items():
+            if not all(torch.isfinite(r).all() for r in rows):
+                raise ValueError(f"calibrate: the inputs of {sites[key][2]} hold NaN or inf; nothing was replaced")
+    for key, (linear, places, _) in sites.items():
+        x = torch.cat(inputs.pop(key)).to(linear.weight.device) if inputs.get(key) else None
+        new = PowerQuantLinear.from_linear(linear, bits, group_size, a, x=x, clip=clip)
+        new.train(linear.training)
+        for (_, child_name), parent in places.items():
+            setattr(parent, child_name, new)
+    return model
