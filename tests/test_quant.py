@@ -1440,6 +1440,23 @@ def test_quantize_linears_replaces_each_layer_as_from_linear_would():
     assert cal.blocks[0][3] is cal.blocks[1][3]
 
 
+def test_quantize_linears_on_meta_then_load_a_quantized_checkpoint():
+    """The low-memory load of a quantized model: built on meta, converted (empty layers of the same
+    configuration), then load_state_dict(assign=True) of a quantized model's state: same outputs."""
+    from lmkern.nn import quantize_linears
+
+    src = quantize_linears(_TinyLM(seed=4), 4, 32)
+    with torch.device("meta"):
+        lazy = _TinyLM()
+    quantize_linears(lazy, 4, 32)
+    assert isinstance(lazy.blocks[0][0], PowerQuantLinear) and lazy.blocks[0][0].codes.is_meta
+    lazy.load_state_dict(src.state_dict(), assign=True)
+    x = torch.randn(2, 3, 64)
+    assert torch.equal(lazy(x), src(x))
+    with pytest.raises(ValueError, match="bits=4; this module has bits=8"):  # the metadata check holds here too
+        quantize_linears(_TinyLM(), 8, 32).load_state_dict(src.state_dict())
+
+
 def test_quantize_linears_checks_everything_before_changing_anything():
     from lmkern.nn import quantize_linears
 

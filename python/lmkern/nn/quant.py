@@ -275,6 +275,9 @@ def quantize_linears(model: nn.Module, bits: int = 4, group_size: int | None = 1
     float model computes them (held in float32 on the CPU until the search: max_tokens ·
     in_features · 4 bytes a layer; a layer the calibration did not reach is searched on its weight
     error). Every layer is checked (group_size must divide its in_features) before any is replaced.
+    Layers on the meta device become empty PowerQuantLinear of the same configuration: the model
+    built on meta, converted, then ``load_state_dict(quantized_state, assign=True)`` loads a
+    quantized checkpoint without materializing the float weights.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module; got {type(model).__name__}")
@@ -303,7 +306,7 @@ def quantize_linears(model: nn.Module, bits: int = 4, group_size: int | None = 1
             _ops.check_group(group_size, linear.in_features, "in_features")
         except ValueError as e:
             raise ValueError(f"{name}: {e} (nothing was replaced; skip it or choose another group_size)") from None
-        if not torch.isfinite(linear.weight).all():
+        if not linear.weight.is_meta and not torch.isfinite(linear.weight).all():
             raise ValueError(f"{name}.weight: expected finite values (NaN or inf found); nothing was replaced")
     inputs: dict[int, list[torch.Tensor]] = {}
     if calibrate is not None:
@@ -324,8 +327,12 @@ def quantize_linears(model: nn.Module, bits: int = 4, group_size: int | None = 1
             if not all(torch.isfinite(r).all() for r in rows):
                 raise ValueError(f"calibrate: the inputs of {sites[key][2]} hold NaN or inf; nothing was replaced")
     for key, (linear, places, _) in sites.items():
-        x = torch.cat(inputs.pop(key)).to(linear.weight.device) if inputs.get(key) else None
-        new = PowerQuantLinear.from_linear(linear, bits, group_size, a, x=x, clip=clip)
+        if linear.weight.is_meta:
+            new = PowerQuantLinear(linear.in_features, linear.out_features, linear.bias is not None, bits, group_size,
+                                   device="meta")
+        else:
+            x = torch.cat(inputs.pop(key)).to(linear.weight.device) if inputs.get(key) else None
+            new = PowerQuantLinear.from_linear(linear, bits, group_size, a, x=x, clip=clip)
         new.train(linear.training)
         for (_, child_name), parent in places.items():
             setattr(parent, child_name, new)
