@@ -1440,6 +1440,60 @@ def test_quantize_linears_replaces_each_layer_as_from_linear_would():
     assert cal.blocks[0][3] is cal.blocks[1][3]
 
 
+def test_quantize_linears_leaves_what_torch_reads_itself_and_copies_its_calibration_rows(monkeypatch):
+    """torch's TransformerEncoderLayer reads linear1/linear2.weight in its eval fast path: left
+    alone (it ran before, and runs after, in eval mode). Calibration rows are copies: the model
+    writing a layer's input in place afterwards does not change them. A layer shared with a
+    skipped name stays a shared nn.Linear. An error during the searches (here Ctrl-C on the third
+    layer) leaves the model as it was."""
+    from lmkern.nn import quantize_linears
+
+    nn = torch.nn
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(64, 4, 128, batch_first=True), 2, enable_nested_tensor=False)
+    model = nn.Sequential(nn.Linear(64, 64), enc).eval()
+    x = torch.randn(2, 5, 64)
+    quantize_linears(model, 4, 32)
+    assert isinstance(model[0], PowerQuantLinear) and type(model[1].layers[0].linear1) is nn.Linear
+    with torch.no_grad():
+        assert model(x).shape == (2, 5, 64)
+
+    class InPlace(nn.Module):  # writes the first layer's input after the layer read it
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(64, 64), nn.Linear(64, 64)
+
+        def forward(self, x):
+            y = self.a(x)
+            x.mul_(3.0)
+            return self.b(y)
+
+    m = InPlace()
+    w_a, x0 = m.a.weight.detach().clone(), torch.randn(6, 64)
+    quantize_linears(m, 4, 32, calibrate=lambda: m(x0.clone()), max_tokens=4)
+    assert torch.equal(m.a.exponent, search_exponent(w_a, 4, 32, x=x0[:4]))
+
+    shared = nn.Linear(64, 10)
+    two = nn.ModuleDict({"lm_head": shared, "proj": shared, "other": nn.Linear(64, 64)})
+    quantize_linears(two, 4, 32)
+    assert type(two["proj"]) is nn.Linear and two["proj"] is two["lm_head"] and isinstance(two["other"], PowerQuantLinear)
+
+    tiny = _TinyLM()
+    before = [type(m) for m in tiny.modules()]
+    real, calls = PowerQuantLinear.from_linear.__func__, []
+
+    def interrupted(cls, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(PowerQuantLinear, "from_linear", classmethod(interrupted))
+    with pytest.raises(KeyboardInterrupt):
+        quantize_linears(tiny, 4, 32)
+    assert [type(m) for m in tiny.modules()] == before
+
+
 def test_quantize_linears_on_meta_then_load_a_quantized_checkpoint():
     """The low-memory load of a quantized model: built on meta, converted (empty layers of the same
     configuration), then load_state_dict(assign=True) of a quantized model's state: same outputs."""

@@ -252,6 +252,11 @@ class PowerQuantLinear(nn.Module):
                 f"bits={self.bits}, group_size={self.group_size}")
 
 
+# torch modules that read their nn.Linear children's weights themselves (MultiheadAttention's
+# out_proj; TransformerEncoderLayer's fast path in eval mode reads linear1/linear2.weight): left alone.
+_READS_CHILD_WEIGHTS = (nn.MultiheadAttention, nn.TransformerEncoderLayer)
+
+
 def _skipped(skip, name: str, module: nn.Module) -> bool:
     if callable(skip):
         return bool(skip(name, module))
@@ -264,17 +269,20 @@ def quantize_linears(model: nn.Module, bits: int = 4, group_size: int | None = 1
     """Replace the ``torch.nn.Linear`` layers of ``model``, in place, by
     :meth:`PowerQuantLinear.from_linear` of them; returns ``model``.
 
-    Only modules of type exactly ``nn.Linear`` (a subclass may read its weight elsewhere:
-    ``nn.MultiheadAttention``'s ``out_proj`` is one, and is left as it is). ``skip``: names to leave
-    alone, each a module's qualified name or its last component (default ``("lm_head",)``: an
-    output head is often tied to the embedding and sensitive), or a callable ``(name, linear) ->
-    bool``. A layer reached under two names is quantized once and stays shared. ``a``: a float for
+    Only modules of type exactly ``nn.Linear`` (a subclass may behave otherwise), and not the
+    children of torch modules that read their weights themselves (``nn.MultiheadAttention``'s
+    ``out_proj``, ``nn.TransformerEncoderLayer``'s ``linear1``/``linear2``). ``skip``: names to
+    leave alone, each a module's qualified name or its last component (default ``("lm_head",)``:
+    an output head is often tied to the embedding and sensitive), or a callable ``(name, linear) ->
+    bool``. A layer reached under two names is quantized once and stays shared (skipped if either
+    name is). ``a``: a float for
     every layer, or None to search the exponents per row (on the weight error); ``calibrate``, a
     callable run once with no arguments (e.g. ``lambda: model(sample_ids)``), then makes the search
     minimize each layer's output error on the first ``max_tokens`` input rows that layer saw, as the
     float model computes them (held in float32 on the CPU until the search: max_tokens ·
     in_features · 4 bytes a layer; a layer the calibration did not reach is searched on its weight
-    error). Every layer is checked (group_size must divide its in_features) before any is replaced.
+    error). Every layer is checked (group_size must divide its in_features) and built before any is
+    replaced: an error (or Ctrl-C) on the way leaves the model as it was.
     Layers on the meta device become empty PowerQuantLinear of the same configuration: the model
     built on meta, converted, then ``load_state_dict(quantized_state, assign=True)`` loads a
     quantized checkpoint without materializing the float weights.
@@ -292,13 +300,18 @@ def quantize_linears(model: nn.Module, bits: int = 4, group_size: int | None = 1
     bits = _ops.check_bits(bits)
     # Where each layer sits: (parent, attribute) pairs under every name reaching it.
     sites: dict[int, tuple[nn.Linear, dict[tuple[int, str], nn.Module], str]] = {}
+    left: set[int] = set()  # layers skipped under some name: left under all (a shared layer stays shared)
     for parent_name, parent in model.named_modules(remove_duplicate=False):
-        if isinstance(parent, nn.MultiheadAttention):
-            continue  # reads out_proj.weight itself
         for child_name, child in parent.named_children():
+            if type(child) is not nn.Linear:
+                continue
             name = f"{parent_name}.{child_name}" if parent_name else child_name
-            if type(child) is nn.Linear and not _skipped(skip, name, child):
+            if isinstance(parent, _READS_CHILD_WEIGHTS) or _skipped(skip, name, child):
+                left.add(id(child))
+            else:
                 sites.setdefault(id(child), (child, {}, name))[1][(id(parent), child_name)] = parent
+    for key in left:
+        sites.pop(key, None)
     if a is not None and (isinstance(a, bool) or not isinstance(a, numbers.Real) or not 0.0 < float(a) <= 1.0):
         raise ValueError(f"a: expected None (searched) or one exponent in (0, 1] for every layer; got {a!r}")
     for linear, _, name in sites.values():  # what from_linear would refuse, before anything changes
@@ -315,7 +328,8 @@ def quantize_linears(model: nn.Module, bits: int = 4, group_size: int | None = 1
             have = sum(r.shape[0] for r in rows)
             if have < max_tokens:
                 x = args[0].detach().reshape(-1, module.in_features)
-                rows.append(x[: max_tokens - have].to(device="cpu", dtype=torch.float32))
+                # A copy: a view would keep the whole input alive, and see the model's in-place writes.
+                rows.append(x[: max_tokens - have].to(device="cpu", dtype=torch.float32, copy=True))
 
         hooks = [linear.register_forward_pre_hook(record) for linear, _, _ in sites.values()]
         try:
@@ -326,14 +340,18 @@ def quantize_linears(model: nn.Module, bits: int = 4, group_size: int | None = 1
         for key, rows in inputs.items():
             if not all(torch.isfinite(r).all() for r in rows):
                 raise ValueError(f"calibrate: the inputs of {sites[key][2]} hold NaN or inf; nothing was replaced")
-    for key, (linear, places, _) in sites.items():
+    # Every layer built first, then all put in place: an error or Ctrl-C during the searches leaves
+    # the model as it was.
+    built = {}
+    for key, (linear, _, _) in sites.items():
         if linear.weight.is_meta:
             new = PowerQuantLinear(linear.in_features, linear.out_features, linear.bias is not None, bits, group_size,
                                    device="meta")
         else:
             x = torch.cat(inputs.pop(key)).to(linear.weight.device) if inputs.get(key) else None
             new = PowerQuantLinear.from_linear(linear, bits, group_size, a, x=x, clip=clip)
-        new.train(linear.training)
+        built[key] = new.train(linear.training)
+    for key, (_, places, _) in sites.items():
         for (_, child_name), parent in places.items():
-            setattr(parent, child_name, new)
+            setattr(parent, child_name, built[key])
     return model
