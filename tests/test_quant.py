@@ -1033,6 +1033,11 @@ def test_power_quant_linear_rejected_load_changes_nothing():
         bad["scales"][2, 1] = v
         with pytest.raises(ValueError, match=rf"scales \(state dict\): expected finite scales >= 0 .*; got {v}"):
             mod.load_state_dict(bad)
+    big = {k: t.double() if k == "scales" else t for k, t in sd0.items()}  # float64: fine, until cast to float32
+    big["scales"][0, 0] = 1e39
+    with pytest.raises(ValueError, match=r"scales \(state dict\): expected finite scales >= 0 .*; got inf"):
+        mod.load_state_dict(big)
+    for v in (-0.5, math.nan, math.inf):
         scales = q.scales.clone()
         scales[5, 0] = v
         with pytest.raises(ValueError, match=rf"q.scales: expected finite scales >= 0 .*; got {v}"):
@@ -1098,7 +1103,7 @@ def test_cpu_isa_reports_the_cap():
 
 def test_ctrl_c_interrupts_a_long_search():
     """SIGINT during a search of seconds raises KeyboardInterrupt within ~a group of rows, not after
-    the whole search (the GIL-free call polls Python's signal handlers on the calling thread every
+    the whole search (the GIL-free call polls Python's signal handlers on the main thread every
     50 ms); the next search runs as before."""
     import signal
     import threading
@@ -1109,16 +1114,36 @@ def test_ctrl_c_interrupts_a_long_search():
     t0 = time.perf_counter()
     want = search_exponent(w[:128], 4, 128, x=x)
     whole = (time.perf_counter() - t0) * 16  # the 2048 rows' time, about
+    if whole < 1.0:  # a fast machine: the signal must come well inside the search
+        w = w.repeat(int(2.0 / whole) + 1, 1)
+        whole *= int(2.0 / whole) + 1
+    returned = False
     timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
     t0 = time.perf_counter()
     with pytest.raises(KeyboardInterrupt):
         timer.start()
         search_exponent(w, 4, 128, x=x)
-        time.sleep(30)  # finished before the signal came: wait for it here instead (and fail below)
+        returned = True
+        time.sleep(30)  # the signal comes here instead: the test fails on `returned` below
     took = time.perf_counter() - t0
     timer.join()
+    assert not returned, f"the search ran to its end ({took:.2f} s) before the interrupt"
     assert took < 0.3 + whole / 3, f"interrupted after {took:.2f} s of a ~{whole:.2f} s search"
     assert torch.equal(search_exponent(w[:128], 4, 128, x=x), want)
+
+
+def test_search_off_the_main_thread_gives_the_same_exponents():
+    """Off the main thread no handler can run, so the search does not poll (it would take the GIL
+    every 50 ms for nothing): it runs to its end with the main thread's answer."""
+    import threading
+
+    g = torch.Generator().manual_seed(4)
+    w, x = torch.randn(256, 512, generator=g), torch.randn(64, 512, generator=g)
+    want, got = search_exponent(w, 4, 64, x=x), []
+    t = threading.Thread(target=lambda: got.append(search_exponent(w, 4, 64, x=x)))
+    t.start()
+    t.join()
+    assert torch.equal(got[0], want)
 
 
 def test_unknown_cpu_isa_cap_warns():
@@ -1132,6 +1157,8 @@ def test_unknown_cpu_isa_cap_warns():
             assert run.returncode != 0 and f"RuntimeWarning: LMKERN_CPU_ISA={value!r} is not one of" in run.stderr, run.stderr
         else:
             assert run.returncode == 0, run.stderr[-2000:]
+            if value.strip() == "baseline":  # the cap took effect as written (case and spaces aside)
+                assert run.stdout.strip() == "baseline", run.stdout
 
 
 @pytest.mark.parametrize("cap", ["avx2", "baseline"])

@@ -16,12 +16,12 @@ from . import ops  # noqa: F401  (registers torch.ops.lmkern.*)
 from . import nn
 from . import convert, models  # Pre-LN -> Pre-(C)RMSNorm conversion, lmkern's own small Transformer
 from . import ncd  # gzip-NCD / ZIP-FIT scoring: lmkern.ncd.*
-from . import data  # ZIP-FIT selection from corpora (pyarrow and Ray are imported only when used)
+from . import data  # ZIP-FIT selection (pyarrow, Ray imported when used; not in __all__: `data` is a common name)
 from . import quant
 from .ops.norm import crms_norm, crms_norm_, rms_norm, rms_norm_
 
 __all__ = [
-    "rms_norm", "crms_norm", "rms_norm_", "crms_norm_", "nn", "convert", "models", "ncd", "data", "quant",
+    "rms_norm", "crms_norm", "rms_norm_", "crms_norm_", "nn", "convert", "models", "ncd", "quant",
     "cuda_available", "cuda_status", "cpu_isa", "set_num_threads", "get_num_threads", "MAX_THREADS",
 ]
 

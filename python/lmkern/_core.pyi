@@ -59,7 +59,7 @@ def quant_linear_backward(
 ) -> None: ...
 def quant_search(
     bits: int, rows: int, n: int, group: int, clip: float, per_row: bool, z_rows: int, lo: float, grid: int,
-    refine: int, w: int, z: int, out: int,
+    refine: int, w: int, z: int, out: int, interruptible: bool,
 ) -> None: ...
 
 # gzip-NCD / ZIP-FIT (rust/python/src/ncd.rs). Texts are bytes (str encoded as UTF-8 by the caller);

@@ -60,6 +60,8 @@ def _check_dense(name: str, t: torch.Tensor) -> None:
 def scalar_arg(name: str, value) -> float:
     """A float argument of the norms (eps, offset, scale): a tensor that requires grad would silently
     lose its gradient in float(), so it is refused."""
+    if type(value) is float:  # the usual case, first: this runs on every eager call with eps=None
+        return value
     if isinstance(value, torch.Tensor) and value.requires_grad:
         raise TypeError(f"{name}: expected a number (lmkern does not differentiate it); got a tensor that requires grad")
     if isinstance(value, (str, bytes, bool)):  # float() would take "1e-6" and True (= 1.0)
@@ -103,7 +105,8 @@ def func_transformed() -> bool:
 
 def differentiating_transform() -> bool:
     """Like func_transformed, but only the transforms that differentiate (grad, vjp, jacrev, jvp,
-    jacfwd) and forward-mode AD: vmap alone runs custom ops correctly (one call per example)."""
+    jacfwd) and forward-mode AD: vmap alone runs custom ops correctly (through a batching rule, or
+    torch's fallback of one call per example)."""
     if not func_transformed():
         return False
     if _forward_ad_active():

@@ -246,7 +246,7 @@ def search_exponent(w, bits: int = 4, group_size: int | None = None, x=None, per
     Returns float32 [rows] (``per_row``) or a 0-d float32 tensor (one exponent for the whole tensor,
     minimizing the summed error). With x of T > n tokens, x is first reduced to the n×n factor R of
     its QR decomposition (``‖x e‖ = ‖R e‖``), so the cost above holds with min(T, n). Ctrl-C stops
-    a long search within a group of rows (KeyboardInterrupt).
+    a long search on the main thread within a group of rows (KeyboardInterrupt).
     """
     w = _as_tensor("w", w)
     _ops._check_x("w", w)

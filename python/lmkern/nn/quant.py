@@ -144,7 +144,7 @@ class PowerQuantLinear(nn.Module):
             )
         exponent = _exponents(q.exponent, self.out_features, q.exponent)
         book = torch.ops.lmkern.power_codebook(exponent, self.bits)  # raises on a bad exponent before anything changes
-        _ops.check_scales("q.scales", q.scales)
+        _ops.check_scales("q.scales", q.scales.to(torch.float32))  # as they will be stored
         self.codes.copy_(q.codes)
         self.scales.copy_(q.scales)
         self.exponent.copy_(exponent)
@@ -178,7 +178,8 @@ class PowerQuantLinear(nn.Module):
                 raise ValueError(f"{key} (state dict): {e}") from None
         key = prefix + "scales"
         if isinstance(state_dict.get(key), torch.Tensor) and state_dict[key].is_floating_point() and not state_dict[key].is_meta:
-            _ops.check_scales(f"{key} (state dict)", state_dict[key])
+            # (as float32, what is loaded: a float64 scale beyond float32's range becomes inf)
+            _ops.check_scales(f"{key} (state dict)", state_dict[key].to(torch.float32))
         given = {}  # the entries cast for the load, put back after it: the caller's dict is theirs
         for name in ("scales", "exponent", "bias"):
             t = state_dict.get(prefix + name)

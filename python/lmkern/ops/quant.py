@@ -579,8 +579,10 @@ def _search(w, z, bits, group_size, clip, per_row, grid=SEARCH_GRID, refine=SEAR
         z = z.contiguous()
     w = w.contiguous()
     out = torch.empty((rows if per_row else 1,), dtype=torch.float32, device=w.device)
+    # Ctrl-C is looked for on the main thread only: Python runs signal handlers nowhere else.
+    interruptible = threading.current_thread() is threading.main_thread()
     _core.quant_search(bits, rows, n, group_size, clip, per_row, 0 if z is None else z.shape[0],
-                       SEARCH_LO, grid, refine, ptr(w), ptr(z), ptr(out))
+                       SEARCH_LO, grid, refine, ptr(w), ptr(z), ptr(out), interruptible)
     return out
 
 

@@ -159,7 +159,7 @@ pub struct Stop<'a> {
 }
 
 impl<'a> Stop<'a> {
-    /// Polls [`Stop::new`]'s apart: a call shorter than this never polls.
+    /// How far apart [`Stop::new`]'s polls are: a call shorter than this never polls.
     pub const EVERY_MS: u64 = 50;
 
     /// Made on the thread that makes the call.

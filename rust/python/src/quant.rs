@@ -129,11 +129,13 @@ fn quant_linear_backward(
 #[allow(clippy::too_many_arguments)]
 fn quant_search(
     py: Python<'_>, bits: u32, rows: usize, n: usize, group: usize, clip: f64, per_row: bool, z_rows: usize, lo: f64,
-    grid: usize, refine: usize, w: u64, z: u64, out: u64,
+    grid: usize, refine: usize, w: u64, z: u64, out: u64, interruptible: bool,
 ) -> PyResult<()> {
     let s = SearchArgs { q: qargs(bits, rows, n, group, clip), per_row, z_rows, lo, grid, refine };
     // Ctrl-C during a long search: the core polls this on this thread, which takes the GIL back for
     // a moment to run Python's signal handlers; their exception (KeyboardInterrupt) is raised here.
+    // Only when called on the main thread (`interruptible`): handlers run nowhere else, and a daemon
+    // thread re-attaching while the interpreter finalizes may be ended in the middle of the call.
     let raised: Mutex<Option<PyErr>> = Mutex::new(None);
     let poll = || {
         Python::attach(|py| match py.check_signals() {
@@ -146,7 +148,8 @@ fn quant_search(
     };
     // SAFETY: as in quant_quantize.
     let result = py.detach(|| {
-        let stop = lmkern_core::parallel::Stop::new(&poll); // made on this thread: the one that polls
+        // (made on this thread: the one that polls)
+        let stop = if interruptible { lmkern_core::parallel::Stop::new(&poll) } else { lmkern_core::parallel::Stop::never() };
         unsafe { quant::search_exponent_stoppable(lmkern_core::Device::Cpu, &s, w, z, out, &stop) }
     });
     if let Some(e) = raised.into_inner().unwrap_or_else(|p| p.into_inner()) {
