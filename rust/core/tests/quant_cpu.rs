@@ -307,15 +307,15 @@ fn search_returns_exponents_in_range_and_a_one_for_zero_rows() {
     assert!(e.to_string().contains("finite"), "{e}");
 }
 
-/// A search asked to stop (Ctrl-C in Python) stops at the next task with an Interrupted error;
-/// only the calling thread is asked, and a poll that never says yes changes nothing (the same
-/// exponents as the unpolled search), per row and per tensor. Polling before every task (0 ms):
-/// independent of this machine's speed.
+/// A search asked to stop (Ctrl-C in Python) stops at the next task with an Interrupted error,
+/// and a poll that never says yes changes nothing (the same exponents as the unpolled search), per
+/// row and per tensor. Polling before every task (0 ms) on one thread, where the caller takes every
+/// task: independent of this machine's speed and scheduling. With pool threads, only the calling
+/// thread is asked (it may find every task taken: then it is not asked at all).
 #[test]
 fn search_stops_when_its_poll_says_so() {
-    use lmkern_core::parallel::Stop;
+    use lmkern_core::parallel::{set_num_threads, Stop};
     use std::sync::atomic::{AtomicUsize, Ordering};
-    lmkern_core::parallel::set_num_threads(2);
     let mut rng = Rng(21);
     let (rows, n, t) = (96usize, 256usize, 16usize);
     let w: Vec<f32> = (0..rows * n).map(|_| rng.next() as f32).collect();
@@ -334,17 +334,22 @@ fn search_stops_when_its_poll_says_so() {
                 yes
             }
         };
-        let no = answer(false);
+        let (no, yes) = (answer(false), answer(true));
+        let same = |got: &[f32]| assert_eq!(want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), got.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+        set_num_threads(2); // pool threads take tasks too
         unsafe { quant::search_exponent_stoppable(Device::Cpu, &s, addr(&w), addr(&z), out(&mut got), &Stop::every(&no, 0)).unwrap() };
-        let asked = polls.swap(0, Ordering::Relaxed);
-        assert!(asked >= 1, "per_row {per_row} z {z_rows}: never polled");
-        assert_eq!(want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), got.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
-        let yes = answer(true);
+        same(&got);
+        set_num_threads(1); // every task on the calling thread
+        polls.store(0, Ordering::Relaxed);
+        unsafe { quant::search_exponent_stoppable(Device::Cpu, &s, addr(&w), addr(&z), out(&mut got), &Stop::every(&no, 0)).unwrap() };
+        assert!(polls.swap(0, Ordering::Relaxed) >= 1, "per_row {per_row} z {z_rows}: never polled");
+        same(&got);
         let e = unsafe { quant::search_exponent_stoppable(Device::Cpu, &s, addr(&w), addr(&z), out(&mut got), &Stop::every(&yes, 0)) }
             .unwrap_err();
         assert_eq!(e.kind, ErrorKind::Interrupted, "{e}");
         assert_eq!(polls.load(Ordering::Relaxed), 1, "per_row {per_row} z {z_rows}: asked again after a yes");
     }
+    set_num_threads(2);
 }
 
 /// Long rows, which a task of the search takes fewer at once (by their size: 5 of 2^18), give the
