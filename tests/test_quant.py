@@ -1521,6 +1521,45 @@ def test_quantize_linears_leaves_what_torch_reads_itself_and_copies_its_calibrat
     assert [type(m) for m in tiny.modules()] == before
 
 
+def test_quantize_linears_of_gpt2_conv1d():
+    """GPT-2's layers are transformers' Conv1D (y = x @ W + b, W [in, out]): quantized as the linear
+    they compute (W transposed), calibrated on their inputs too; the tied head is left alone."""
+    tf = pytest.importorskip("transformers")
+    from lmkern.nn import quantize_linears
+
+    torch.manual_seed(0)
+    cfg = tf.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=97, n_positions=16, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0)
+    ref = tf.GPT2LMHeadModel(cfg).eval()
+    model = tf.GPT2LMHeadModel(cfg).eval()
+    model.load_state_dict(ref.state_dict())
+    c_fc = ref.transformer.h[0].mlp.c_fc
+    ids = torch.randint(0, 97, (2, 16))
+    seen = []
+    c_fc.register_forward_pre_hook(lambda m, args: seen.append(args[0].reshape(-1, 64).clone()) and None)
+    with torch.no_grad():
+        want_logits = ref(ids).logits
+    quantize_linears(model, 8, 32, calibrate=lambda: model(ids), max_tokens=20)
+    names = {n for n, m in model.named_modules() if isinstance(m, PowerQuantLinear)}
+    assert names == {f"transformer.h.{i}.{p}" for i in range(2) for p in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    assert type(model.lm_head) is torch.nn.Linear and model.lm_head.weight is model.transformer.wte.weight
+    got = model.transformer.h[0].mlp.c_fc
+    assert (got.in_features, got.out_features) == (64, 256)
+    assert torch.equal(got.exponent, search_exponent(c_fc.weight.detach().t(), 8, 32, x=seen[0][:20]))
+    assert torch.equal(got.dequantized_weight(), PowerQuantLinear.from_linear(_as_linear_of(c_fc), 8, 32, a=got.exponent).dequantized_weight())
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert (logits - want_logits).norm() / want_logits.norm() < 0.02  # 8 bits
+
+
+def _as_linear_of(conv1d):
+    lin = torch.nn.Linear(conv1d.nx, conv1d.nf)
+    with torch.no_grad():
+        lin.weight.copy_(conv1d.weight.t())
+        lin.bias.copy_(conv1d.bias)
+    return lin
+
+
 def test_quantize_linears_on_meta_then_load_a_quantized_checkpoint():
     """The low-memory load of a quantized model: built on meta, converted (empty layers of the same
     configuration), then load_state_dict(assign=True) of a quantized model's state: same outputs."""

@@ -258,6 +258,22 @@ class PowerQuantLinear(nn.Module):
 _READS_CHILD_WEIGHTS = (nn.MultiheadAttention, nn.TransformerEncoderLayer)
 
 
+def _is_conv1d(m: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2 and its kind): ``y = x @ W + b`` with W [in, out]."""
+    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and hasattr(m, "nx")
+
+
+def _as_linear(m: nn.Module) -> nn.Linear:
+    """An nn.Linear, or an nn.Linear of a Conv1D's transposed weight (a view: nothing is copied)."""
+    if not _is_conv1d(m):
+        return m
+    lin = nn.Linear(m.nx, m.nf, bias=m.bias is not None, device="meta")
+    lin.weight = nn.Parameter(m.weight.detach().t(), requires_grad=False)
+    if m.bias is not None:
+        lin.bias = nn.Parameter(m.bias.detach(), requires_grad=False)
+    return lin
+
+
 def _skipped(skip, name: str, module: nn.Module) -> bool:
     if callable(skip):
         return bool(skip(name, module))
@@ -270,7 +286,8 @@ def quantize_linears(model: nn.Module, bits: int = 4, group_size: int | None = 1
     """Replace the ``torch.nn.Linear`` layers of ``model``, in place, by
     :meth:`PowerQuantLinear.from_linear` of them; returns ``model``.
 
-    Only modules of type exactly ``nn.Linear`` (a subclass may behave otherwise), and not the
+    Only modules of type exactly ``nn.Linear`` (a subclass may behave otherwise) and transformers'
+    ``Conv1D`` (GPT-2's; its weight is [in, out]: quantized as the linear it computes), and not the
     children of torch modules that read their weights themselves (``nn.MultiheadAttention``'s
     ``out_proj``, ``nn.TransformerEncoderLayer``'s ``linear1``/``linear2``). ``skip``: names to
     leave alone, each a module's qualified name or its last component (default ``("lm_head",)``:
@@ -304,7 +321,7 @@ def quantize_linears(model: nn.Module, bits: int = 4, group_size: int | None = 1
     left: set[int] = set()  # layers skipped under some name: left under all (a shared layer stays shared)
     for parent_name, parent in model.named_modules(remove_duplicate=False):
         for child_name, child in parent.named_children():
-            if type(child) is not nn.Linear:
+            if type(child) is not nn.Linear and not _is_conv1d(child):
                 continue
             name = f"{parent_name}.{child_name}" if parent_name else child_name
             if isinstance(parent, _READS_CHILD_WEIGHTS) or _skipped(skip, name, child):
@@ -315,6 +332,8 @@ def quantize_linears(model: nn.Module, bits: int = 4, group_size: int | None = 1
         sites.pop(key, None)
     if a is not None and (isinstance(a, bool) or not isinstance(a, numbers.Real) or not 0.0 < float(a) <= 1.0):
         raise ValueError(f"a: expected None (searched) or one exponent in (0, 1] for every layer; got {a!r}")
+    originals = {key: m for key, (m, _, _) in sites.items()}  # the model's modules (hooked for calibration)
+    sites = {key: (_as_linear(m), places, name) for key, (m, places, name) in sites.items()}
     for linear, _, name in sites.values():  # what from_linear would refuse, before anything changes
         try:
             _ops.check_group(group_size, linear.in_features, "in_features")
@@ -328,11 +347,11 @@ def quantize_linears(model: nn.Module, bits: int = 4, group_size: int | None = 1
             rows = inputs.setdefault(id(module), [])
             have = sum(r.shape[0] for r in rows)
             if have < max_tokens:
-                x = args[0].detach().reshape(-1, module.in_features)
+                x = args[0].detach().reshape(-1, args[0].shape[-1])
                 # A copy: a view would keep the whole input alive, and see the model's in-place writes.
                 rows.append(x[: max_tokens - have].to(device="cpu", dtype=torch.float32, copy=True))
 
-        hooks = [linear.register_forward_pre_hook(record) for linear, _, _ in sites.values()]
+        hooks = [m.register_forward_pre_hook(record) for m in originals.values()]
         try:
             calibrate()
         finally:
@@ -351,7 +370,7 @@ def quantize_linears(model: nn.Module, bits: int = 4, group_size: int | None = 1
         else:
             x = torch.cat(inputs.pop(key)).to(linear.weight.device) if inputs.get(key) else None
             new = PowerQuantLinear.from_linear(linear, bits, group_size, a, x=x, clip=clip)
-        built[key] = new.train(linear.training)
+        built[key] = new.train(originals[key].training)
     for key, (_, places, _) in sites.items():
         for (_, child_name), parent in places.items():
             setattr(parent, child_name, built[key])
