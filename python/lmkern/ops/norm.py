@@ -282,11 +282,6 @@ def _define(name: str, crms: bool) -> None:
 
 _define("rms_norm", crms=False)
 _define("crms_norm", crms=True)
-# [crms] -> (without residual, with residual)
-_INPLACE_OPS = {
-    crms: (getattr(torch.ops.lmkern, f"{name}_inplace").default, getattr(torch.ops.lmkern, f"{name}_residual_inplace").default)
-    for crms, name in ((False, "rms_norm"), (True, "crms_norm"))
-}
 
 
 def _eager_ok(x, residual, weight) -> bool:
@@ -414,7 +409,7 @@ def crms_norm(x, weight=None, eps=1e-6, *, residual=None, offset=0.0, scale=1.0)
     return _public(True, torch.ops.lmkern.crms_norm, torch.ops.lmkern.crms_norm_residual, x, weight, eps, residual, offset, scale)
 
 
-def _public_inplace(crms, x, weight, eps, residual, offset, scale):
+def _public_inplace(crms, op, op_residual, x, weight, eps, residual, offset, scale):
     fn = "crms_norm_" if crms else "rms_norm_"
     _check_tensor_args(x, weight, residual)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual, weight)):
@@ -440,9 +435,9 @@ def _public_inplace(crms, x, weight, eps, residual, offset, scale):
             if t is not None and not t.is_inference():  # inference tensors have no version counter
                 torch.autograd.graph.increment_version(t)
     elif residual is None:
-        _INPLACE_OPS[crms][0](x, weight, eps, offset, scale)
+        op(x, weight, eps, offset, scale)
     else:
-        _INPLACE_OPS[crms][1](x, residual, weight, eps, offset, scale)
+        op_residual(x, residual, weight, eps, offset, scale)
     return x if residual is None else (x, residual)
 
 
@@ -458,9 +453,11 @@ def rms_norm_(x, weight=None, eps=1e-6, *, residual=None, offset=0.0, scale=1.0)
     except that x and residual must share one (nothing is promoted in place). Inference tensors
     are written only under ``torch.inference_mode()``, as torch's own in-place ops.
     """
-    return _public_inplace(False, x, weight, eps, residual, offset, scale)
+    return _public_inplace(False, torch.ops.lmkern.rms_norm_inplace, torch.ops.lmkern.rms_norm_residual_inplace, x, weight,
+                           eps, residual, offset, scale)
 
 
 def crms_norm_(x, weight=None, eps=1e-6, *, residual=None, offset=0.0, scale=1.0):
     """In-place :func:`crms_norm` for inference; in every other respect as :func:`rms_norm_`."""
-    return _public_inplace(True, x, weight, eps, residual, offset, scale)
+    return _public_inplace(True, torch.ops.lmkern.crms_norm_inplace, torch.ops.lmkern.crms_norm_residual_inplace, x,
+                           weight, eps, residual, offset, scale)

@@ -103,9 +103,9 @@ def _cuda_check_exponents(a: torch.Tensor) -> None:
         raise _exponent_error(a)
 
 
-def _bad_scales(scales: torch.Tensor) -> torch.Tensor:
-    """A device bool: some scale negative or not finite (power_quantize gives m = clip·max|x| >= 0)."""
-    return ~(torch.isfinite(scales) & (scales >= 0)).all()
+def _good_scales(scales: torch.Tensor) -> torch.Tensor:
+    """Where scales are finite and >= 0 (power_quantize gives m = clip·max|x| >= 0)."""
+    return torch.isfinite(scales) & (scales >= 0)
 
 
 def check_scales(name: str, scales: torch.Tensor, a: torch.Tensor | None = None) -> None:
@@ -113,13 +113,13 @@ def check_scales(name: str, scales: torch.Tensor, a: torch.Tensor | None = None)
     checkpoint) must be finite and >= 0: a negative one would flip its group's signs silently. With
     exponents `a` on CUDA, their check too, in one synchronization."""
     if a is not None and a.is_cuda and a.numel():
-        bad = torch.stack([_bad_exponents(a), _bad_scales(scales)]).tolist()
+        bad = torch.stack([_bad_exponents(a), ~_good_scales(scales).all()]).tolist()
         if bad[0]:
             raise _exponent_error(a)
     else:
-        bad = [False, scales.numel() > 0 and bool(_bad_scales(scales))]
+        bad = [False, scales.numel() > 0 and not bool(_good_scales(scales).all())]
     if bad[1]:
-        v = scales[~(torch.isfinite(scales) & (scales >= 0))][0].item()
+        v = scales[~_good_scales(scales)][0].item()
         raise ValueError(f"{name}: expected finite scales >= 0 (m = clip·max|x| of each group); got {v}")
 
 
