@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Sequence, TextIO
 import numpy as np
 
 from .. import ncd as _ncd
-from .readers import DataError, PathLike, Reader, Record, batched, list_files, pyarrow_modules, split_key
+from .readers import PARQUET_EXT, DataError, PathLike, Reader, Record, batched, list_files, pyarrow_modules, split_key
 
 DEFAULT_BATCH = 1024
 
@@ -253,7 +253,7 @@ def _create_beside(path: str, parent: str) -> tuple[int, str]:
 
 def output_format(path: PathLike) -> str:
     """"parquet" for a ``.parquet``/``.pq`` path, else "jsonl" (what :func:`write_records` writes)."""
-    return "parquet" if os.fspath(path).lower().endswith((".parquet", ".pq")) else "jsonl"
+    return "parquet" if os.fspath(path).lower().endswith(PARQUET_EXT) else "jsonl"
 
 
 def write_records(path: PathLike, rows: Iterable[dict]) -> str:
