@@ -67,7 +67,8 @@ fn quantize_dequantize_match_the_formula() {
 fn dequantize_rows_with_repeating_exponents_match_each_rows_table() {
     use half::bf16;
     let mut rng = Rng(31);
-    let patterns: [(&str, fn(usize) -> f32); 6] = [
+    type Pattern = (&'static str, fn(usize) -> f32); // a name and each row's exponent
+    let patterns: [Pattern; 6] = [
         ("constant", |_| 0.7),
         ("alternating", |r| if r % 2 == 0 { 0.7 } else { 0.45 }),
         ("runs", |r| 0.3 + 0.1 * (r / 5 % 7) as f32),

@@ -58,6 +58,7 @@ fn block_sums<T: Elem>(h: &[T], crms: bool) -> (T::Acc, T::Acc) {
 }
 
 #[inline(always)]
+#[allow(clippy::assign_op_pattern)] // Acc has Add, not AddAssign
 fn tree_sum<A: Acc>(mut v: [A; LANES]) -> A {
     let mut w = LANES / 2;
     while w > 0 {
@@ -218,8 +219,8 @@ fn forward_rows_in_place_body<T: Elem>(f: &Fwd<T>, r0: usize, r1: usize) {
             }
             (None, false) => {
                 let rs = r * f.scale;
-                for j in 0..n {
-                    xr[j] = T::store(xr[j].load() * rs);
+                for v in xr.iter_mut() {
+                    *v = T::store(v.load() * rs);
                 }
             }
         }

@@ -707,6 +707,7 @@ pub unsafe fn fake_quantize_backward(dtype: DType, q: &QuantArgs, dy: u64, x: u6
     }
 }
 
+#[allow(clippy::needless_range_loop)] // one index into the piece's values, counts, dy and dx
 unsafe fn fake_bwd_t<T: QElem>(q: &QuantArgs, dy: u64, x: u64, scales: u64, a: u64, dx: u64, da: u64)
 {
     let (rows, n, g, ng) = (q.rows, q.n, q.group, q.groups());
