@@ -80,3 +80,52 @@ def test_bench_json_path_errors(tmp_path, capsys):
                      "--json", str(tmp_path / "afile" / "b.json")]) == 2
     err = capsys.readouterr().err
     assert "cannot write --json" in err and err.count("\n") == 1
+
+# ------------------------------------------------------------------------------------------------
+# Found by a mutation-testing audit of the Python layer (stop 26): each test was seen failing with
+# a deliberate bug in the code it covers (a check dropped, an argument not passed on, ...).
+# ------------------------------------------------------------------------------------------------
+
+
+def test_bench_device_cuda_without_cuda_exits_2(capsys, monkeypatch):
+    monkeypatch.setattr(lmkern, "cuda_status", lambda: "no CUDA here (test)")
+    assert cli.main(["bench", "--quick", "--device", "cuda", "--no-progress"]) == 2
+    assert "CUDA path is unavailable here: no CUDA here (test)" in capsys.readouterr().err
+
+
+def test_bench_that_runs_nothing_fails(capsys):
+    assert cli.main(["bench", "--quick", "--device", "cpu", "--op", "no such op", "--no-progress"]) == 1
+    assert "nothing ran" in capsys.readouterr().err
+
+
+def _zipfit_files(tmp_path):
+    words = "proof lemma theorem induction data model train loss return class import self".split()
+    rng = __import__("random").Random(0)
+    src = tmp_path / "s.txt"
+    src.write_text("".join(" ".join(rng.choice(words) for _ in range(rng.randint(5, 80))) + "\n" for _ in range(30)))
+    tgt = tmp_path / "t.jsonl"
+    tgt.write_text("".join(json.dumps({"text": " ".join(rng.choice(words) for _ in range(60))}) + "\n" for _ in range(3)))
+    return src, tgt
+
+
+def test_zipfit_level_reaches_the_scores(tmp_path):
+    import numpy as np
+
+    from lmkern import data as D, ncd
+
+    src, tgt = _zipfit_files(tmp_path)
+    out = tmp_path / "o.jsonl"
+    assert cli.main(["zipfit", "--no-progress", "--source", str(src), "--target", str(tgt), "-k", "30",
+                     "--out", str(out), "--level", "1"]) == 0
+    got = sorted(json.loads(line)["zipfit_score"] for line in out.read_text().splitlines())
+    want = ncd.zipfit_scores(D.read_texts(src), D.read_texts(tgt), level=1)
+    assert got == sorted(want.tolist())
+    assert not np.array_equal(np.sort(want), np.sort(ncd.zipfit_scores(D.read_texts(src), D.read_texts(tgt), level=9)))
+
+
+def test_zipfit_threads(tmp_path, num_threads):
+    src, tgt = _zipfit_files(tmp_path)
+    lmkern.set_num_threads(2)
+    assert cli.main(["zipfit", "--no-progress", "--source", str(src), "--target", str(tgt), "-k", "1",
+                     "--out", str(tmp_path / "o.jsonl"), "--threads", "1"]) == 0
+    assert lmkern.get_num_threads() == 1

@@ -17,7 +17,7 @@ from hypothesis import given, settings, strategies as st
 from torch import nn
 
 import lmkern
-from lmkern import convert
+from lmkern import cli, convert
 from lmkern.models import Transformer, TransformerConfig
 
 from reference import convert as ref
@@ -543,3 +543,79 @@ def test_cuda_bench_entries(cuda_device, tmp_path):
     assert cli.main(["bench", "--quick", "--device", "cuda", "--op", "convert", "--no-progress",
                      "--json", str(path)]) == 0
     assert path.read_text().count("convert") >= 2
+
+# ------------------------------------------------------------------------------------------------
+# Found by a mutation-testing audit of the Python layer (stop 26): each test was seen failing with
+# a deliberate bug in the code it covers (a check dropped, an argument not passed on, ...).
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype, error", [(F64, 1e-6), (F32, 1e-2)])
+def test_convert_check_uses_the_dtypes_tolerance(tmp_path, capsys, monkeypatch, dtype, error):
+    """A conversion off by `error` (relative) is over the dtype's tolerance (float64 1e-9, float32
+    1e-4) but under the next looser one: the check must fail it."""
+    make_own(dtype=dtype).save_pretrained(tmp_path / "own")
+    real = convert._fold_state_dict
+
+    def slightly_wrong(*args):
+        state = real(*args)
+        for key in ("head.weight", "head.bias"):  # the logits scaled by 1 + error
+            state[key] = state[key] * (1 + error)
+        return state
+
+    monkeypatch.setattr(convert, "_fold_state_dict", slightly_wrong)
+    assert cli.main(["convert", str(tmp_path / "own"), str(tmp_path / "bad"), "--to", "rms"]) == 1
+    assert "differ" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_cli_convert_dtype_of_a_hf_model(tmp_path):
+    from safetensors.torch import load_file
+
+    make_hf("GPTNeoXForCausalLM", neox_config(use_parallel_residual=False), dtype=F32).save_pretrained(tmp_path / "src")
+    assert cli.main(["convert", str(tmp_path / "src"), str(tmp_path / "dst"), "--to", "rms", "--dtype", "float64"]) == 0
+    state = load_file(str(tmp_path / "dst" / "model.safetensors"))
+    assert {t.dtype for t in state.values() if t.is_floating_point()} == {torch.float64}
+
+
+def test_cli_convert_dtype_of_an_own_model(tmp_path):
+    make_own(dtype=F32).save_pretrained(tmp_path / "own")
+    assert cli.main(["convert", str(tmp_path / "own"), str(tmp_path / "dst"), "--to", "crms", "--dtype", "float64"]) == 0
+    state = torch.load(tmp_path / "dst" / "model.pt", weights_only=True)
+    assert {t.dtype for t in state.values() if t.is_floating_point()} == {torch.float64}
+
+
+def test_own_model_loads_in_its_saved_dtype(tmp_path):
+    for dtype in (F64, torch.bfloat16):
+        make_own(dtype=dtype).save_pretrained(tmp_path / str(dtype))
+        assert {p.dtype for p in Transformer.from_pretrained(tmp_path / str(dtype)).parameters()} == {dtype}
+
+
+def test_cli_convert_does_not_copy_the_original_weights(tmp_path):
+    """Side files (tokenizer, ...) travel along; weight files of the original must not (a stale
+    unconverted checkpoint next to the converted one)."""
+    make_own(dtype=F32).save_pretrained(tmp_path / "src")
+    (tmp_path / "src" / "tokenizer.json").write_text("{}")
+    (tmp_path / "src" / "flax_model.msgpack").write_bytes(b"original weights")
+    (tmp_path / "src" / "pytorch_model.bin").write_bytes(b"original weights")
+    assert cli.main(["convert", str(tmp_path / "src"), str(tmp_path / "dst"), "--to", "rms"]) == 0
+    assert sorted(p.name for p in (tmp_path / "dst").iterdir()) == ["lmkern_model.json", "model.pt", "tokenizer.json"]
+
+
+def test_generate_past_max_len_reads_the_last_window():
+    m = make_own(dtype=F32)  # max_len 40
+    ids = torch.randint(0, 61, (1, 38), generator=torch.Generator().manual_seed(0))
+    out = m.generate(ids, 5)
+    assert out.shape == (1, 43) and torch.equal(out[:, :38], ids)
+    assert torch.equal(out[:, 42], m(out[:, 2:42])[:, -1].argmax(-1))
+
+
+def test_cli_refuses_recenter_writers_with_crms(tmp_path, capsys):
+    make_own(dtype=F32).save_pretrained(tmp_path / "own")
+    rc = cli.main(["convert", str(tmp_path / "own"), str(tmp_path / "dst"), "--to", "crms", "--recenter-writers"])
+    assert rc == 2 and "--recenter-writers is for --to rms" in capsys.readouterr().err
+    assert not (tmp_path / "dst").exists()
+
+
+def test_own_model_converts_in_its_train_mode():
+    assert convert.to_pre_rmsnorm(make_own(dtype=F32).eval()).training is False
+    assert convert.to_pre_crmsnorm(make_own(dtype=F32).eval()).training is False

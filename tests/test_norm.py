@@ -1533,3 +1533,43 @@ def test_cuda_inplace_equals_out_of_place(crms, dtype):
     xi = x.clone()
     INPLACE[crms](xi, w, 1e-5, offset=0.5)
     check(xi, ref(x, w, 1e-5, None, 0.5, 1.0), FWD_TOL[dtype], "y in place")
+
+# ------------------------------------------------------------------------------------------------
+# Found by a mutation-testing audit of the Python layer (stop 26): each test was seen failing with
+# a deliberate bug in the code it covers (a check dropped, an argument not passed on, ...).
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fn", [lmkern.ops.norm.rms_norm, lmkern.ops.norm.crms_norm,
+                                lmkern.ops.norm.rms_norm_, lmkern.ops.norm.crms_norm_])
+def test_x_none_is_a_type_error(fn):
+    with pytest.raises(TypeError, match="x: expected a torch.Tensor; got NoneType"):
+        fn(None)
+
+
+@pytest.mark.parametrize("op", ["rms_norm", "crms_norm"])
+def test_empty_rows_rstd_with_eps_zero_is_inf(op):
+    _, rstd = getattr(torch.ops.lmkern, op)(torch.empty(3, 0), None, 0.0, 0.0, 1.0)
+    assert rstd.shape == (3,) and torch.isinf(rstd).all()
+
+
+def test_tensor_subclasses_go_through_the_op():
+    """Only plain tensors may skip torch's dispatcher: a subclass with __torch_function__ sees the op."""
+    class Traced(torch.Tensor):
+        seen: list = []
+
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            cls.seen.append(str(func))
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    x = torch.randn(4, 8).as_subclass(Traced)
+    y = lmkern.ops.norm.rms_norm(x)
+    assert any("rms_norm" in f for f in Traced.seen), Traced.seen
+    torch.testing.assert_close(y.as_subclass(torch.Tensor), lmkern.ops.norm.rms_norm(x.as_subclass(torch.Tensor)))
+
+
+@pytest.mark.parametrize("op", ["rms_norm", "crms_norm"])
+def test_ops_run_on_meta_tensors(op):
+    y, rstd = getattr(torch.ops.lmkern, op)(torch.empty(2, 8, device="meta"), None, 1e-6, 0.0, 1.0)
+    assert y.is_meta and y.shape == (2, 8) and rstd.shape == (2,)

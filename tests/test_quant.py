@@ -1663,3 +1663,210 @@ def test_cuda_refusals_come_before_any_buffer_is_touched():
     with pytest.raises(TypeError, match="float64 is supported on CPU only"):
         _core.quant_dequantize_codebooks(1, 0, 0, 4, 2, 8, 8, codes.data_ptr(), scales.data_ptr(), a.data_ptr(),
                                          x.data_ptr())
+
+# ------------------------------------------------------------------------------------------------
+# Found by a mutation-testing audit of the Python layer (stop 26): each test was seen failing with
+# a deliberate bug in the code it covers (a check dropped, an argument not passed on, ...).
+# ------------------------------------------------------------------------------------------------
+
+
+def test_dequantize_refuses_scales_of_the_wrong_shape():
+    q = power_quantize(torch.randn(4, 64), 0.8, bits=4, group_size=16)
+    for bad in (q.scales[:, :2].contiguous(), q.scales[:2].contiguous()):
+        with pytest.raises(ValueError, match="scales: expected float32 of shape"):
+            power_dequantize(dataclasses.replace(q, scales=bad))
+
+
+def _layer(in_f=64, out_f=8, bits=4, g=32):
+    torch.manual_seed(0)
+    return PowerQuantLinear.from_linear(torch.nn.Linear(in_f, out_f), bits=bits, group_size=g, a=0.7)
+
+
+def test_non_contiguous_activations_on_the_fused_path():
+    mod = _layer()
+    x = torch.randn(64, 3).t()  # [3, 64], a transposed view: not contiguous
+    assert not x.is_contiguous()
+    want = x.contiguous() @ mod.dequantized_weight().t() + mod.bias
+    torch.testing.assert_close(mod(x), want, rtol=1e-4, atol=1e-4)
+
+
+def test_calibration_rows_are_copies():
+    """The calibration keeps copies of the rows it saw: a model that overwrites its input afterwards
+    (not a rescaling, which the search cannot tell apart) does not change the search."""
+    from lmkern.nn import quantize_linears
+
+    nn = torch.nn
+
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(64, 64), nn.Linear(64, 64)
+
+        def forward(self, x):
+            y = self.a(x)
+            x.copy_(torch.randn(x.shape, generator=torch.Generator().manual_seed(1)))  # not a rescaling
+            return self.b(y)
+
+    torch.manual_seed(0)
+    m = InPlace()
+    w_a, x0 = m.a.weight.detach().clone(), torch.randn(6, 64)
+    quantize_linears(m, 4, 32, calibrate=lambda: m(x0.clone()), max_tokens=4)
+    assert torch.equal(m.a.exponent, search_exponent(w_a, 4, 32, x=x0[:4]))
+
+
+def test_input_gradient_op_keeps_dy_dtype_on_the_chunked_path():
+    """Beyond the transposed GEMV's token limit (<= 512 on CPU) dx is summed in float32 chunks; the
+    op must still return dy's dtype, as its fake (meta) implementation says."""
+    mod = _layer()
+    dy = torch.randn(600, 8, dtype=torch.bfloat16)
+    dx = torch.ops.lmkern.power_quant_linear_backward(dy, mod.codes, mod.scales, mod.codebook, 4, 32, 64)
+    assert dx.dtype == torch.bfloat16 and dx.shape == (600, 64)
+
+
+@pytest.mark.parametrize("clip", [0.0, -1.0, float("inf"), float("nan"), True])
+def test_search_exponent_refuses_a_bad_clip(clip):
+    with pytest.raises(ValueError, match="clip"):
+        search_exponent(torch.randn(4, 32), clip=clip)
+
+
+def test_linear_refuses_a_codebook_of_the_wrong_shape():
+    mod = _layer()
+    x = torch.randn(2, 64)
+    for table in (mod.codebook[:, :8].contiguous(), mod.codebook[:4].contiguous()):
+        for fn in (torch.ops.lmkern.power_quant_linear, lmkern.ops.quant.quant_linear):
+            with pytest.raises(ValueError, match="table: expected float32 of shape"):
+                fn(x, mod.codes, mod.scales, table, mod.bias, 4, 32, 64)
+
+
+def test_from_linear_searches_the_exponents_with_its_clip():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 16)
+    mod = PowerQuantLinear.from_linear(lin, 4, 32, clip=0.8)
+    assert torch.equal(mod.exponent, search_exponent(lin.weight, 4, 32, clip=0.8))
+    assert not torch.equal(mod.exponent, search_exponent(lin.weight, 4, 32))
+
+
+def test_from_linear_quantizes_with_its_clip():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 16)
+    mod = PowerQuantLinear.from_linear(lin, 4, 32, a=0.7, clip=0.8)
+    q = power_quantize(lin.weight, 0.7, 4, 32, clip=0.8)
+    assert torch.equal(mod.scales, q.scales) and torch.equal(mod.codes, q.codes)
+
+
+def test_shared_layer_skipped_under_one_name_stays_shared():
+    """A layer shared by two parents and skipped under one of its names stays itself under both."""
+    from lmkern.nn import quantize_linears
+
+    nn = torch.nn
+    shared = nn.Linear(64, 10)
+    model = nn.ModuleDict({"a": nn.ModuleDict({"lm_head": shared}), "b": nn.ModuleDict({"proj": shared}),
+                           "c": nn.Linear(64, 64)})
+    quantize_linears(model, 4, 32)
+    assert model["a"]["lm_head"] is shared and model["b"]["proj"] is shared
+    assert isinstance(model["c"], PowerQuantLinear)
+
+
+def test_dequantize_refuses_codes_of_another_dtype():
+    q = power_quantize(torch.randn(4, 64), 0.8)
+    with pytest.raises(ValueError, match="codes: expected uint8"):
+        power_dequantize(dataclasses.replace(q, codes=q.codes.to(torch.int16)))
+
+
+def test_quantize_linears_layer_held_twice_by_one_parent_stays_shared():
+    """One parent holding a layer under two names (named_children() lists it once): replaced under
+    both, and a skip naming either leaves both."""
+    from lmkern.nn import quantize_linears
+
+    nn = torch.nn
+    shared = nn.Linear(64, 10)
+    two = nn.ModuleDict({"x": shared, "y": shared})
+    quantize_linears(two, 4, 32, skip=())
+    assert isinstance(two["x"], PowerQuantLinear) and two["x"] is two["y"]
+    for skip in (("x",), ("y",)):
+        two = nn.ModuleDict({"x": shared, "y": shared})
+        quantize_linears(two, 4, 32, skip=skip)
+        assert two["x"] is shared and two["y"] is shared
+
+
+def test_fake_quantize_backward_refuses_scales_of_the_wrong_shape():
+    x, a = torch.randn(4, 64), torch.full((4,), 0.7)
+    _, scales = torch.ops.lmkern.power_fake_quantize(x, a, 4, 16, 1.0)
+    for bad in (scales[:, :2].contiguous(), scales[:2].contiguous()):
+        with pytest.raises(ValueError, match="scales: expected float32 of shape"):
+            torch.ops.lmkern.power_fake_quantize_backward(torch.ones_like(x), x, bad, a, 4, 16, True)
+
+
+def test_quantize_linears_keeps_train_mode_and_leaves_linear_subclasses():
+    from lmkern.nn import quantize_linears
+
+    nn = torch.nn
+
+    class Doubled(nn.Linear):  # a subclass may compute something else: left alone (documented)
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Doubled(64, 64), nn.Linear(64, 64)).eval()
+    quantize_linears(model, 4, 32)
+    assert type(model[0]) is Doubled and isinstance(model[1], PowerQuantLinear)
+    assert not model[1].training
+
+
+def test_linear_refuses_a_bias_of_the_wrong_shape():
+    mod = _layer()
+    x = torch.randn(2, 64)
+    for bias in (mod.bias[:4].contiguous(), torch.zeros(1, 8)):
+        for fn in (torch.ops.lmkern.power_quant_linear, lmkern.ops.quant.quant_linear):
+            with pytest.raises(ValueError, match="bias: expected float32 of shape"):
+                fn(x, mod.codes, mod.scales, mod.codebook, bias, 4, 32, 64)
+
+
+def test_search_exponent_and_from_linear_take_other_dtypes():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 8).to(torch.bfloat16)
+    w = lin.weight.detach()
+    want = search_exponent(w.float(), 4, 32)
+    assert torch.equal(search_exponent(w, 4, 32), want)
+    assert torch.equal(search_exponent(w.double(), 4, 32), want)
+    assert torch.equal(PowerQuantLinear.from_linear(lin, 4, 32).exponent, want)
+
+
+def test_load_quantized_refuses_another_group_size_and_changes_nothing():
+    mod = PowerQuantLinear(64, 8, group_size=32)
+    before = {k: v.clone() for k, v in mod.state_dict().items()}
+    q = power_quantize(torch.randn(8, 64), 0.7, 4, 16)
+    with pytest.raises(ValueError, match="group_size=32"):
+        mod.load_quantized(q)
+    assert all(torch.equal(v, before[k]) for k, v in mod.state_dict().items())
+
+
+def test_int_codes_of_the_most_negative_field():
+    assert unpack_codes(torch.tensor([[0x08]], dtype=torch.uint8), 4, 1).tolist() == [[-8]]
+    assert unpack_codes(torch.tensor([[0x02]], dtype=torch.uint8), 2, 1).tolist() == [[-2]]
+
+
+@pytest.mark.parametrize("in_f", [1, 2, 64])
+def test_load_quantized_refuses_other_bits(in_f):
+    """For in_features <= 6 the codes of 4 and 8 bits have one shape: only the bits check stops
+    8-bit codes being read as 4-bit ones."""
+    mod = PowerQuantLinear(in_f, 4, bits=4, group_size=None)
+    before = {k: v.clone() for k, v in mod.state_dict().items()}
+    with pytest.raises(ValueError, match="bits=4"):
+        mod.load_quantized(power_quantize(torch.randn(4, in_f), 0.7, bits=8))
+    assert all(torch.equal(v, before[k]) for k, v in mod.state_dict().items())
+
+
+def test_search_op_refuses_activations_of_another_width():
+    with pytest.raises(ValueError, match=r"x: expected float32 of shape \(T, 32\)"):
+        torch.ops.lmkern.power_search_exponent(torch.randn(4, 32), torch.randn(10, 16), 4, 32, 1.0, True)
+
+
+def test_quantize_op_refuses_float64_exponents():
+    with pytest.raises(ValueError, match=r"a: expected float32 of shape \(4,\)"):
+        torch.ops.lmkern.power_quantize(torch.randn(4, 32), torch.full((4,), 0.5, dtype=torch.float64), 4, 32, 1.0)
+
+
+def test_new_layer_has_exponents_one():
+    mod = PowerQuantLinear(16, 4, group_size=None)
+    assert (mod.exponent == 1).all() and (mod.codebook == torch.ops.lmkern.power_codebook(mod.exponent, 4)).all()

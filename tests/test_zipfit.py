@@ -24,6 +24,7 @@ from hypothesis import given, strategies as st
 from lmkern import _core, cli
 from lmkern import data as D
 from lmkern.data.local import TopK
+from lmkern.data.readers import ROW_BITS
 
 from reference.ncd import alignments_ref, select_ref
 
@@ -501,3 +502,114 @@ def test_write_records_formats(tmp_path):
     with pytest.raises(D.DataError, match="do not fit one Parquet schema.*write .jsonl instead"):
         D.write_records(tmp_path / "bad.parquet", [{"id": 1}, {"id": "x"}])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o.jsonl", "o.parquet"]
+
+# ------------------------------------------------------------------------------------------------
+# Found by a mutation-testing audit of the Python layer (stop 26): each test was seen failing with
+# a deliberate bug in the code it covers (a check dropped, an argument not passed on, ...).
+# ------------------------------------------------------------------------------------------------
+
+
+def _row_numbers(recs):
+    return [r.key & ((1 << ROW_BITS) - 1) for r in recs]
+
+def test_jsonl_skipped_record_keeps_its_row_number(tmp_path):
+    src = tmp_path / "s.jsonl"
+    src.write_text('{"text": "a"}\n{"title": "no text"}\n{"text": "b"}\n')
+    recs = list(D.iter_records(src, bad_records="skip"))
+    assert [r.text for r in recs] == [b"a", b"b"]
+    assert _row_numbers(recs) == [0, 2]  # a bad record still counts as a row: keys do not shift after it
+
+
+def test_json_array_with_byte_order_mark(tmp_path):
+    p = tmp_path / "arr.json"
+    p.write_bytes(b"\xef\xbb\xbf" + json.dumps([{"text": "proof"}, {"text": "lemma"}]).encode())
+    assert D.read_texts(p) == [b"proof", b"lemma"]
+
+
+def test_hidden_directories_and_files_are_skipped(tmp_path):
+    src = tmp_path / "src"
+    (src / ".ipynb_checkpoints").mkdir(parents=True)
+    (src / "a.txt").write_text("proof\n")
+    (src / ".ipynb_checkpoints" / "a-checkpoint.txt").write_text("proof\n")
+    (src / ".a.txt.swp.txt").write_text("proof\n")  # a hidden file (Y04)
+    assert D.list_files(src) == [str(src / "a.txt")]
+
+
+def test_parquet_skipped_row_keeps_its_row_number(tmp_path):
+    import pyarrow as pa
+    pq.write_table(pa.table({"text": ["a", None, "b"]}), tmp_path / "s.parquet")
+    recs = list(D.iter_records(tmp_path / "s.parquet", bad_records="skip"))
+    assert [r.text for r in recs] == [b"a", b"b"] and _row_numbers(recs) == [0, 2]
+
+
+def test_text_skipped_line_keeps_its_row_number(tmp_path):
+    (tmp_path / "s.txt").write_bytes(b"a\nbad \xff\nb\n")
+    recs = list(D.iter_records(tmp_path / "s.txt", bad_records="skip"))
+    assert [r.text for r in recs] == [b"a", b"b"] and _row_numbers(recs) == [0, 2]
+
+
+def test_gzipped_parquet_is_not_a_corpus_file(tmp_path):
+    (tmp_path / "a.txt").write_text("proof\n")
+    (tmp_path / "b.parquet.gz").write_bytes(b"not read")
+    assert D.list_files(tmp_path) == [str(tmp_path / "a.txt")]
+    with pytest.raises(D.DataError, match="unknown file kind"):
+        D.list_files(tmp_path / "b.parquet.gz")
+
+
+def test_first_skipped_names_the_first_bad_record(tmp_path):
+    from lmkern.data.readers import Reader
+
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"text": "a"}\n{"title": 1}\n{"title": 2}\n')
+    reader = Reader([str(path)], bad_records="skip")
+    assert [r.text for r in reader] == [b"a"]
+    assert reader.skipped == 2 and reader.first_skipped.startswith(f"{path}:2: ")
+
+
+def test_parquet_binary_text_column(tmp_path):
+    import pyarrow as pa
+    pq.write_table(pa.table({"text": pa.array([b"proof", b"lemma"], pa.binary())}), tmp_path / "b.parquet")
+    recs = list(D.iter_records(tmp_path / "b.parquet"))
+    assert [r.text for r in recs] == [b"proof", b"lemma"] and recs[0].data["text"] == "proof"
+
+
+def test_parquet_extension_is_case_insensitive(tmp_path):
+    assert D.write_records(tmp_path / "O.PARQUET", [{"text": "a"}]) == "parquet"
+    assert pq.read_table(tmp_path / "O.PARQUET").to_pylist() == [{"text": "a"}]
+
+
+def test_gz_reader_closes_the_underlying_file(tmp_path):
+    import gc
+    import warnings
+
+    p = tmp_path / "a.jsonl.gz"
+    with gzip.open(p, "wt") as f:
+        f.write('{"text": "a"}\n')
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert D.read_texts(p) == [b"a"]
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
+
+
+def test_upper_case_gz_is_decompressed(tmp_path):
+
+    p = tmp_path / "A.JSONL.GZ"
+    p.write_bytes(gzip.compress(b'{"text": "a"}\n'))
+    assert D.read_texts(p) == [b"a"]
+
+
+def test_topk_of_zero_keeps_nothing():
+    t = TopK(0)
+    t.push(1.0, 0)
+    assert len(t) == 0 and t.items() == []
+
+
+def test_write_failure_is_a_data_error(tmp_path, monkeypatch):
+    def full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(D.DataError, match="cannot write: .*No space left"):
+        D.write_records(tmp_path / "o.jsonl", [{"text": "a"}])
+    assert os.listdir(tmp_path) == []

@@ -319,15 +319,17 @@ def quantize_linears(model: nn.Module, bits: int = 4, group_size: int | None = 1
     # Where each layer sits: (parent, attribute) pairs under every name reaching it.
     sites: dict[int, tuple[nn.Linear, dict[tuple[int, str], nn.Module], str]] = {}
     left: set[int] = set()  # layers skipped under some name: left under all (a shared layer stays shared)
-    for parent_name, parent in model.named_modules(remove_duplicate=False):
-        for child_name, child in parent.named_children():
-            if type(child) is not nn.Linear and not _is_conv1d(child):
-                continue
-            name = f"{parent_name}.{child_name}" if parent_name else child_name
-            if isinstance(parent, _READS_CHILD_WEIGHTS) or _skipped(skip, name, child):
-                left.add(id(child))
-            else:
-                sites.setdefault(id(child), (child, {}, name))[1][(id(parent), child_name)] = parent
+    # Every name, one per path (named_children() would list a layer that one parent holds under two
+    # names once); the model itself, if a linear, has no parent to replace it in.
+    for name, child in model.named_modules(remove_duplicate=False):
+        if not name or (type(child) is not nn.Linear and not _is_conv1d(child)):
+            continue
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        if isinstance(parent, _READS_CHILD_WEIGHTS) or _skipped(skip, name, child):
+            left.add(id(child))
+        else:
+            sites.setdefault(id(child), (child, {}, name))[1][(id(parent), child_name)] = parent
     for key in left:
         sites.pop(key, None)
     if a is not None and (isinstance(a, bool) or not isinstance(a, numbers.Real) or not 0.0 < float(a) <= 1.0):
