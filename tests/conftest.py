@@ -63,3 +63,15 @@ def num_threads():
     before = lmkern.get_num_threads()
     yield before
     lmkern.set_num_threads(before)
+
+
+@pytest.fixture
+def sigint_raises():
+    """SIGINT raises KeyboardInterrupt during the test, as in an interactive run: a shell starts a
+    background job with SIGINT ignored, and Python then leaves it ignored (the Ctrl-C tests' own
+    signal would be dropped). The previous handler comes back after."""
+    import signal
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)

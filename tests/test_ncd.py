@@ -261,7 +261,7 @@ def test_calls_in_parts_equal_one_call(monkeypatch, num_threads):
     assert_bit_identical(sc.alignment(xs), whole_a)
 
 
-def test_ctrl_c_interrupts_a_long_scoring(monkeypatch, num_threads):
+def test_ctrl_c_interrupts_a_long_scoring(monkeypatch, num_threads, sigint_raises):
     """SIGINT during a scoring raises KeyboardInterrupt after the Rust call running then, not after
     the whole input (one GIL-free call could not be interrupted at all). ~0.3 s of work in ~30 calls."""
     import signal

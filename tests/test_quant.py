@@ -1101,7 +1101,7 @@ def test_cpu_isa_reports_the_cap():
             assert isa == cap or isa == "baseline"
 
 
-def test_ctrl_c_interrupts_a_long_search():
+def test_ctrl_c_interrupts_a_long_search(sigint_raises):
     """SIGINT during a search of seconds raises KeyboardInterrupt within ~a group of rows, not after
     the whole search (the GIL-free call polls Python's signal handlers on the main thread every
     50 ms); the next search runs as before."""

@@ -132,7 +132,7 @@ def test_select_local_levels(corpus, level):
     assert [r.text.decode() for r in sel.records] == want_texts and sel.scores.tolist() == want_scores
 
 
-def test_select_local_interrupted_drops_the_queued_batch(corpus, monkeypatch):
+def test_select_local_interrupted_drops_the_queued_batch(corpus, monkeypatch, sigint_raises):
     """Ctrl-C while a batch is scored: KeyboardInterrupt comes at once and the batch queued behind it
     is never scored (leaving the executor's `with` waited for both: two batches' time)."""
     import signal
