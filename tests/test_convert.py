@@ -619,3 +619,10 @@ def test_cli_refuses_recenter_writers_with_crms(tmp_path, capsys):
 def test_own_model_converts_in_its_train_mode():
     assert convert.to_pre_rmsnorm(make_own(dtype=F32).eval()).training is False
     assert convert.to_pre_crmsnorm(make_own(dtype=F32).eval()).training is False
+
+
+@pytest.mark.parametrize("field, value", [("vocab_size", 0), ("d_model", -1), ("n_layers", 0), ("n_heads", 2.0),
+                                          ("max_len", True), ("d_ff", 0), ("d_ff", True), ("norm", "batch")])
+def test_config_refuses_bad_fields(field, value):
+    with pytest.raises(ValueError, match=f"^{field}: expected"):
+        TransformerConfig(**{"vocab_size": 61, "d_model": 16, "n_layers": 2, "n_heads": 2, "max_len": 40, field: value})

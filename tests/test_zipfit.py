@@ -613,3 +613,12 @@ def test_write_failure_is_a_data_error(tmp_path, monkeypatch):
     with pytest.raises(D.DataError, match="cannot write: .*No space left"):
         D.write_records(tmp_path / "o.jsonl", [{"text": "a"}])
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("field", ["", None, 3])
+def test_text_field_must_name_a_field(tmp_path, field):
+    """An empty text field would find no text in any record: with bad_records="skip", every record
+    dropped without an error."""
+    (tmp_path / "s.jsonl").write_text('{"text": "a"}\n')
+    with pytest.raises(ValueError, match="text_field: expected a non-empty field name"):
+        list(D.iter_records(tmp_path / "s.jsonl", text_field=field, bad_records="skip"))

@@ -46,11 +46,11 @@ class TransformerConfig:
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_len"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}: expected an int >= 1; got {v!r}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model: expected a multiple of n_heads={self.n_heads}; got {self.d_model}")
-        if self.d_ff is not None and (not isinstance(self.d_ff, int) or self.d_ff < 1):
+        if self.d_ff is not None and (isinstance(self.d_ff, bool) or not isinstance(self.d_ff, int) or self.d_ff < 1):
             raise ValueError(f"d_ff: expected None or an int >= 1; got {self.d_ff!r}")
         if self.norm not in ("layer", "rms", "crms"):
             raise ValueError(f"norm: expected 'layer', 'rms' or 'crms'; got {self.norm!r}")
