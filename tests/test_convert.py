@@ -626,3 +626,39 @@ def test_own_model_converts_in_its_train_mode():
 def test_config_refuses_bad_fields(field, value):
     with pytest.raises(ValueError, match=f"^{field}: expected"):
         TransformerConfig(**{"vocab_size": 61, "d_model": 16, "n_layers": 2, "n_heads": 2, "max_len": 40, field: value})
+
+
+def test_module_nested_inside_a_known_leaf_is_refused():
+    # A module hung under a Linear that the per-block child checks never look inside: only the
+    # whole-model named_modules() walk can see it, and converting past it would silently drop it.
+    model = make_hf("GPT2LMHeadModel", gpt2_config())
+    model.transformer.h[0].mlp.c_fc.adapter = nn.Linear(4, 4)
+    with pytest.raises(convert.UnsupportedModelError, match=r"transformer\.h\.0\.mlp\.c_fc\.adapter"):
+        convert.to_pre_rmsnorm(model)
+
+
+def test_a_non_layernorm_at_a_norm_site_is_refused():
+    # An RMSNorm has a weight and normalized_shape like a LayerNorm but no centering or bias:
+    # folding it as if it were one would give a different function, so it must be refused.
+    model = make_hf("GPT2LMHeadModel", gpt2_config())
+    d = model.config.n_embd
+    model.transformer.h[1].ln_2 = nn.RMSNorm(d, dtype=torch.float64)
+    with pytest.raises(convert.UnsupportedModelError, match=r"'transformer\.h\.1\.ln_2' is a RMSNorm, not a LayerNorm"):
+        convert.to_pre_rmsnorm(model)
+
+
+def test_a_layernorm_over_the_wrong_shape_is_refused():
+    model = make_hf("GPT2LMHeadModel", gpt2_config())
+    d = model.config.n_embd
+    model.transformer.h[0].ln_1 = nn.LayerNorm((1, d), dtype=torch.float64)
+    with pytest.raises(convert.UnsupportedModelError, match=rf"'transformer\.h\.0\.ln_1' normalizes \(1, {d}\), expected \({d},\)"):
+        convert.to_pre_rmsnorm(model)
+
+
+@pytest.mark.parametrize("kw, match", [(dict(norm="crms", d_model=1, n_heads=1), "d_model: a Pre-CRMSNorm stream"),
+                                       (dict(norm="layer", recenter=True), "recenter: only a Pre-RMSNorm"),
+                                       (dict(norm="rms", tie_embeddings=True), "tie_embeddings: a converted model")])
+def test_config_refuses_inconsistent_fields(kw, match):
+    with pytest.raises(ValueError, match=match):
+        TransformerConfig(**{"vocab_size": 61, "d_model": 16, "n_layers": 2, "n_heads": 2, "max_len": 40,
+                             "tie_embeddings": False, **kw})

@@ -1573,3 +1573,28 @@ def test_tensor_subclasses_go_through_the_op():
 def test_ops_run_on_meta_tensors(op):
     y, rstd = getattr(torch.ops.lmkern, op)(torch.empty(2, 8, device="meta"), None, 1e-6, 0.0, 1.0)
     assert y.is_meta and y.shape == (2, 8) and rstd.shape == (2,)
+
+
+@pytest.mark.parametrize("crms", [False, True])
+def test_inplace_accepts_adjacent_halves_of_one_buffer(crms):
+    # x and residual as the two back-to-back halves of one allocation touch but do not overlap:
+    # the in-place norm must run (and give the out-of-place result), not report an overlap.
+    fn, inplace = (lmkern.crms_norm, lmkern.crms_norm_) if crms else (lmkern.rms_norm, lmkern.rms_norm_)
+    g = torch.Generator().manual_seed(0)
+    buf = torch.randn(2, 4, 8, generator=g)
+    w = torch.randn(8, generator=g)
+    y, h = fn(buf[0].clone(), w, residual=buf[1].clone())
+    out = inplace(buf[0], w, residual=buf[1])
+    assert out[0].data_ptr() == buf[0].data_ptr()
+    assert torch.equal(buf[0], y) and torch.equal(buf[1], h)
+
+
+@pytest.mark.parametrize("name", ["rms_norm", "crms_norm"])
+def test_backward_op_refuses_a_weight_gradient_without_a_weight(name):
+    x, dy = torch.randn(3, 8), torch.randn(3, 8)
+    _, rstd = getattr(torch.ops.lmkern, name)(x, None, 1e-6, 0.0, 1.0)
+    bwd = getattr(torch.ops.lmkern, f"{name}_backward")
+    dx, dw = bwd(dy, x, None, rstd, None, 0.0, 1.0, False)
+    assert dx.shape == x.shape and dw.numel() == 0
+    with pytest.raises(ValueError, match="weight_grad: a weight gradient was asked for without a weight"):
+        bwd(dy, x, None, rstd, None, 0.0, 1.0, True)

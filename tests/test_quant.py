@@ -1870,3 +1870,25 @@ def test_quantize_op_refuses_float64_exponents():
 def test_new_layer_has_exponents_one():
     mod = PowerQuantLinear(16, 4, group_size=None)
     assert (mod.exponent == 1).all() and (mod.codebook == torch.ops.lmkern.power_codebook(mod.exponent, 4)).all()
+
+
+def test_bool_exponent_is_refused():
+    # True is an int subclass (float(True) == 1.0): a flag passed in a's place must not quantize at a = 1.
+    x = torch.randn(4, 32)
+    for fn in (power_quantize, power_fake_quantize):
+        with pytest.raises(TypeError, match="a: expected a float or a tensor; got bool"):
+            fn(x, True)
+
+
+@pytest.mark.parametrize("bits, qmax", [(2, 1), (3, 3), (4, 7), (8, 127)])
+def test_qmax_is_the_largest_code(bits, qmax):
+    x = torch.tensor([[1.0, -0.5, 0.25, -1.0]])
+    q = power_quantize(x, 1.0, bits)
+    assert q.qmax == qmax
+    assert q.int_codes().abs().max().item() == qmax  # |x| = max|x| lands on the largest code
+
+
+def test_power_quant_linear_refuses_bool_sizes():
+    for args in ((True, 4), (4, False)):
+        with pytest.raises(TypeError, match="expected an int; got bool"):
+            PowerQuantLinear(*args, group_size=None)
