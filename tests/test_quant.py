@@ -1892,3 +1892,18 @@ def test_power_quant_linear_refuses_bool_sizes():
     for args in ((True, 4), (4, False)):
         with pytest.raises(TypeError, match="expected an int; got bool"):
             PowerQuantLinear(*args, group_size=None)
+
+
+def test_zero_scales_load():
+    """An all-zero group has scale 0 (m = clip·max|x|): valid in load_quantized and load_state_dict,
+    which refuse only negative or non-finite scales."""
+    lin = _linear(64, 8, True, 5)
+    with torch.no_grad():
+        lin.weight[3] = 0.0
+    mod = PowerQuantLinear.from_linear(lin, 4, 32, a=0.7)
+    assert (mod.scales[3] == 0).all()
+    again = PowerQuantLinear(64, 8, True, 4, 32)
+    again.load_state_dict(mod.state_dict())
+    again.load_quantized(power_quantize(lin.weight.detach(), 0.7, 4, 32))
+    x = torch.randn(2, 64)
+    assert torch.equal(again(x), mod(x)) and (again(x)[:, 3] == mod.bias[3]).all()
