@@ -621,11 +621,15 @@ def test_own_model_converts_in_its_train_mode():
     assert convert.to_pre_crmsnorm(make_own(dtype=F32).eval()).training is False
 
 
+# A valid small TransformerConfig: the config checks below change one field of it.
+SMALL_CONFIG = {"vocab_size": 61, "d_model": 16, "n_layers": 2, "n_heads": 2, "max_len": 40}
+
+
 @pytest.mark.parametrize("field, value", [("vocab_size", 0), ("d_model", -1), ("n_layers", 0), ("n_heads", 2.0),
                                           ("max_len", True), ("d_ff", 0), ("d_ff", True), ("norm", "batch")])
 def test_config_refuses_bad_fields(field, value):
     with pytest.raises(ValueError, match=f"^{field}: expected"):
-        TransformerConfig(**{"vocab_size": 61, "d_model": 16, "n_layers": 2, "n_heads": 2, "max_len": 40, field: value})
+        TransformerConfig(**{**SMALL_CONFIG, field: value})
 
 
 def test_module_nested_inside_a_known_leaf_is_refused():
@@ -660,5 +664,4 @@ def test_a_layernorm_over_the_wrong_shape_is_refused():
                                        (dict(norm="rms", tie_embeddings=True), "tie_embeddings: a converted model")])
 def test_config_refuses_inconsistent_fields(kw, match):
     with pytest.raises(ValueError, match=match):
-        TransformerConfig(**{"vocab_size": 61, "d_model": 16, "n_layers": 2, "n_heads": 2, "max_len": 40,
-                             "tie_embeddings": False, **kw})
+        TransformerConfig(**{**SMALL_CONFIG, "tie_embeddings": False, **kw})

@@ -1678,8 +1678,7 @@ def test_dequantize_refuses_scales_of_the_wrong_shape():
 
 
 def _layer(in_f=64, out_f=8, bits=4, g=32):
-    torch.manual_seed(0)
-    return PowerQuantLinear.from_linear(torch.nn.Linear(in_f, out_f), bits=bits, group_size=g, a=0.7)
+    return PowerQuantLinear.from_linear(_linear(in_f, out_f, True, 0), bits=bits, group_size=g, a=0.7)
 
 
 def test_non_contiguous_activations_on_the_fused_path():
