@@ -84,16 +84,29 @@ __device__ __forceinline__ float fwd_rstd(float ss, float s, const FwdParams& p,
 }
 
 // ---------------------------------------------------------------------------------------------
+// The forward also runs in place (rms_norm_: y over x, h over residual), so x, residual, y and h
+// carry no __restrict__, and x and residual are read through load_inout, whose pointer is not
+// __restrict__ either (load_pack's is, which lets nvcc pick the read-only ld.global.nc: not for
+// memory the kernel writes). In place is correct because each element is read before it is
+// written and only by the thread that writes it, the written value depending on the read one,
+// except h in the looped kernel's second pass: read back by the thread that stored it.
+// ---------------------------------------------------------------------------------------------
+template <typename T, int VW>
+__device__ __forceinline__ Pack<T, VW> load_inout(const T* base, int64_t pack_index) {
+    return reinterpret_cast<const Pack<T, VW>*>(base)[pack_index];
+}
+
+// ---------------------------------------------------------------------------------------------
 // Forward, row in registers.
 // ---------------------------------------------------------------------------------------------
 template <typename T, int VW, int VPT>
 __device__ __forceinline__ void fwd_reg(const FwdParams& p) {
     using P = Pack<T, VW>;
-    const T* __restrict__ x = static_cast<const T*>(p.x);
-    const T* __restrict__ res = static_cast<const T*>(p.residual);
+    const T* x = static_cast<const T*>(p.x);
+    const T* res = static_cast<const T*>(p.residual);
     const T* __restrict__ w = static_cast<const T*>(p.weight);
-    T* __restrict__ y = static_cast<T*>(p.y);
-    T* __restrict__ hout = static_cast<T*>(p.h);
+    T* y = static_cast<T*>(p.y);
+    T* hout = static_cast<T*>(p.h);
     __shared__ float red[2 * 32];
 
     const int nv = p.n / VW;
@@ -111,8 +124,8 @@ __device__ __forceinline__ void fwd_reg(const FwdParams& p) {
             for (int k = 0; k < VPT; ++k) {
                 const int i = tx + k * blockDim.x;
                 if (active && i < nv) {
-                    hv[k] = load_pack<T, VW>(x, row_pack + i);
-                    rv[k] = load_pack<T, VW>(res, row_pack + i);
+                    hv[k] = load_inout<T, VW>(x, row_pack + i);
+                    rv[k] = load_inout<T, VW>(res, row_pack + i);
                 }
             }
 #pragma unroll
@@ -132,7 +145,7 @@ __device__ __forceinline__ void fwd_reg(const FwdParams& p) {
 #pragma unroll
             for (int k = 0; k < VPT; ++k) {
                 const int i = tx + k * blockDim.x;
-                if (active && i < nv) hv[k] = load_pack<T, VW>(x, row_pack + i);
+                if (active && i < nv) hv[k] = load_inout<T, VW>(x, row_pack + i);
             }
         }
 
@@ -175,29 +188,17 @@ __device__ __forceinline__ void fwd_reg(const FwdParams& p) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Forward, any row length: one row per block (blockDim.y == 1), two passes over the row. The
-// second pass recomputes h from x and residual (same rounding), so it only reads inputs.
+// Forward, any row length: one row per block (blockDim.y == 1), two passes over the row. With a
+// residual, the second pass reads h back from where the first wrote it: one tensor instead of
+// two, and right in place too, where residual has become h by then.
 // ---------------------------------------------------------------------------------------------
 template <typename T, int VW>
-__device__ __forceinline__ void fwd_loop_h(const T* __restrict__ x, const T* __restrict__ res, int64_t idx,
-                                           float (&f)[VW]) {
-    unpack(load_pack<T, VW>(x, idx), f);
-    if (res != nullptr) {
-        float b[VW];
-        unpack(load_pack<T, VW>(res, idx), b);
-#pragma unroll
-        for (int e = 0; e < VW; ++e) f[e] += b[e];
-        unpack(pack_floats<T, VW>(f), f);  // round to T
-    }
-}
-
-template <typename T, int VW>
 __device__ __forceinline__ void fwd_loop(const FwdParams& p) {
-    const T* __restrict__ x = static_cast<const T*>(p.x);
-    const T* __restrict__ res = static_cast<const T*>(p.residual);
+    const T* x = static_cast<const T*>(p.x);
+    const T* res = static_cast<const T*>(p.residual);
     const T* __restrict__ w = static_cast<const T*>(p.weight);
-    T* __restrict__ y = static_cast<T*>(p.y);
-    T* __restrict__ hout = static_cast<T*>(p.h);
+    T* y = static_cast<T*>(p.y);
+    T* hout = static_cast<T*>(p.h);
     __shared__ float red[2 * 32];
 
     const int64_t nv = p.n / VW;
@@ -206,8 +207,16 @@ __device__ __forceinline__ void fwd_loop(const FwdParams& p) {
         float ss = 0.0f, s = 0.0f;
         for (int64_t i = threadIdx.x; i < nv; i += blockDim.x) {
             float f[VW];
-            fwd_loop_h<T, VW>(x, res, row_pack + i, f);
-            if (res != nullptr) store_pack<T, VW>(hout, row_pack + i, pack_floats<T, VW>(f));
+            unpack(load_inout<T, VW>(x, row_pack + i), f);
+            if (res != nullptr) {
+                float b[VW];
+                unpack(load_inout<T, VW>(res, row_pack + i), b);
+#pragma unroll
+                for (int e = 0; e < VW; ++e) f[e] += b[e];
+                const auto hv = pack_floats<T, VW>(f);  // h is rounded to T, then used
+                store_pack<T, VW>(hout, row_pack + i, hv);
+                unpack(hv, f);
+            }
 #pragma unroll
             for (int e = 0; e < VW; ++e) {
                 ss = fmaf(f[e], f[e], ss);
@@ -221,7 +230,8 @@ __device__ __forceinline__ void fwd_loop(const FwdParams& p) {
 
         for (int64_t i = threadIdx.x; i < nv; i += blockDim.x) {
             float f[VW];
-            fwd_loop_h<T, VW>(x, res, row_pack + i, f);
+            // This thread stored these h elements in the first pass (same i): its own writes.
+            unpack(load_inout<T, VW>(res != nullptr ? static_cast<const T*>(hout) : x, row_pack + i), f);
             if (w != nullptr) {
                 float wf[VW];
                 unpack(load_pack<T, VW>(w, i), wf);

@@ -1521,17 +1521,26 @@ def test_cuda_bad_input(crms):
 @pytest.mark.cuda
 @KINDS
 @pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=str)
-def test_cuda_inplace_equals_out_of_place(crms, dtype):
+# Row in registers (1031: one element per pack); the looped kernel with 1-element packs (4097) and
+# with 16-byte packs (40960), whose second pass must read h back, residual being h by then.
+@pytest.mark.parametrize("n", [1031, 4097, 40960], ids=["registers", "loop", "loop-v16"])
+def test_cuda_inplace_equals_out_of_place(crms, dtype, n):
     fn, ref = NORMS[crms]
-    x, w, r, _, _ = _cuda_case((37, 1031), dtype, 51, weight=True, residual=True)
+    x, w, r, _, _ = _cuda_case((37, n), dtype, 51, weight=True, residual=True)
     x, w, r = x.detach(), w.detach(), r.detach()
     y, h = fn(x, w, 1e-5, residual=r, offset=0.5)
     xi, ri = x.clone(), r.clone()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
     out = INPLACE[crms](xi, w, 1e-5, residual=ri, offset=0.5)
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() == before, "the in-place norm allocated a buffer"
     assert out[0] is xi and out[1] is ri
     assert torch.equal(xi, y) and torch.equal(ri, h)
     xi = x.clone()
     INPLACE[crms](xi, w, 1e-5, offset=0.5)
+    assert torch.equal(xi, fn(x, w, 1e-5, offset=0.5))
     check(xi, ref(x, w, 1e-5, None, 0.5, 1.0), FWD_TOL[dtype], "y in place")
 
 # ------------------------------------------------------------------------------------------------

@@ -10,11 +10,14 @@
                (the backward op alone)                    compiled), timed alone (retain_graph)
      fwd+bwd   lmkern.rms_norm + autograd.grad         vs the same with F.rms_norm (eager, compiled)
      residual  lmkern.rms_norm(x, w, residual=r)       vs h = x + r; F.rms_norm(h) (eager, compiled)
+     inplace   lmkern.rms_norm_(x, w, residual=r)      vs r += x; F.rms_norm(r) (eager, compiled): the
+               (h over r, y over x; nothing allocated)    fused add-norm of vLLM; each side updates its
+                                                          own copies call after call (r grows, harmless)
      crms      lmkern.crms_norm(x, w)                  vs the CRMS formula as torch ops (eager, compiled)
    Time: CUDA events around each call, calls interleaved between implementations, after warm-up;
    median of --reps (>= 50). Bandwidth from the bytes the op must move:
      fwd, crms  read x, w; write y (+ rstd when saved for backward)
-     residual   read x, r, w; write y, h
+     residual, inplace  read x, r, w; write y, h
      bwd        read dy, x, w, rstd; write dx, dw, and write + read the float32 dw partials
      fwd+bwd    the sum of the two (forward saving rstd)
    and % of the measured copy bandwidth. Error: ||out - ref|| / ||ref|| against the float64
@@ -61,7 +64,7 @@ from lmkern import bench as lb
 
 EPS = 1e-6
 B16, F32 = torch.bfloat16, torch.float32
-FORMS = ("fwd", "bwd", "fwd+bwd", "residual", "crms")
+FORMS = ("fwd", "bwd", "fwd+bwd", "residual", "inplace", "crms")
 
 
 # ---- timing --------------------------------------------------------------------------------------
@@ -143,6 +146,11 @@ def composite_residual(x, r, w):
     return F.rms_norm(h, (h.shape[-1],), w, EPS), h
 
 
+def composite_inplace(x, r, w):
+    h = r.add_(x)
+    return F.rms_norm(h, (h.shape[-1],), w, EPS), h
+
+
 def rms(x, w):
     return F.rms_norm(x, (x.shape[-1],), w, EPS)
 
@@ -208,6 +216,18 @@ def run_case(dtype, rows, n, device, cuda, reps, compiled: Compiled, forms, copy
                 if c is not None:
                     impls["compiled"] = lambda: c(x, r, w)
                 check = {"lmkern": impls["lmkern"], "torch": impls["torch"]}
+                ref = lambda: lb.ref_residual(x, r, w, EPS)  # noqa: E731
+            elif form == "inplace":
+                nbytes = residual_bytes(rows, n, e)
+                lx, lr, px, pr, cx, cr = (t.clone() for t in (x, r, x, r, x, r))
+                impls["lmkern"] = lambda: lmkern.rms_norm_(lx, w, EPS, residual=lr)
+                impls["torch"] = lambda: composite_inplace(px, pr, w)
+                c = compiled.get(f"inplace {tag}", composite_inplace)
+                if c is not None:
+                    impls["compiled"] = lambda: c(cx, cr, w)
+                # The check runs on fresh copies: the timed ones drift call after call.
+                check = {"lmkern": lambda: lmkern.rms_norm_(x.clone(), w, EPS, residual=r.clone()),
+                         "torch": lambda: composite_inplace(x.clone(), r.clone(), w)}
                 ref = lambda: lb.ref_residual(x, r, w, EPS)  # noqa: E731
             elif form == "bwd":
                 nbytes = bwd_bytes(rows, n, e)

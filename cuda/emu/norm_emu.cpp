@@ -2,7 +2,8 @@
 // float64 reference: forward (y, h, rstd), backward (dx, per-part dw partials, dw), for every kernel
 // variant, dtype, RMS/CRMS, with and without residual / weight / dh_out, for row lengths that hit
 // every code path, with launch shapes as rust/core/src/norm/cuda.rs plans them and with smaller
-// grids and other block shapes (grid-stride loops, idle row slots, idle packs).
+// grids and other block shapes (grid-stride loops, idle row slots, idle packs), and in place (y
+// over x, h over residual, as rms_norm_ runs them).
 // Outputs are poisoned with NaN first and surrounded by guard bytes that must survive.
 //
 // Build and run (cuda/check.sh does):
@@ -121,6 +122,7 @@ static Shape plan_bwd(size_t rows, size_t nv, size_t parts, int vw, bool want_dw
 struct Case {
     size_t rows, n;
     bool crms, residual, weight, dh_out, want_dw, misalign;
+    bool inplace = false;  // the forward writes y over x and h over residual (rms_norm_)
     double eps, offset, scale;
     double mag = 1.0;  // x and residual are drawn times this
 };
@@ -139,8 +141,9 @@ static void run_case(const Kernels& K, const Case& c, const Shape* fwd_override,
     const size_t nv = n / vw;
     const double div = c.crms ? double(n) + 1 : double(n);
     char label[256];
-    snprintf(label, sizeof label, "%s rows=%zu n=%zu %s res=%d w=%d dh=%d dw=%d mis=%d off=%g sc=%g mag=%g", K.name, rows, n,
-             c.crms ? "crms" : "rms", c.residual, c.weight, c.dh_out, c.want_dw, c.misalign, c.offset, c.scale, c.mag);
+    snprintf(label, sizeof label, "%s rows=%zu n=%zu %s res=%d w=%d dh=%d dw=%d mis=%d off=%g sc=%g mag=%g%s", K.name,
+             rows, n, c.crms ? "crms" : "rms", c.residual, c.weight, c.dh_out, c.want_dw, c.misalign, c.offset, c.scale,
+             c.mag, c.inplace ? " in place" : "");
 
     // Inputs.
     Buf x(N * sizeof(T), mis), res(c.residual ? N * sizeof(T) : 0, mis), w(c.weight ? n * sizeof(T) : 0, mis);
@@ -169,8 +172,11 @@ static void run_case(const Kernels& K, const Case& c, const Shape* fwd_override,
         }
     }
 
+    // Where the kernel writes y and h: in place, over x and residual.
+    Buf& yout = c.inplace ? x : y;
+    Buf& hout = c.inplace ? res : h;
     FwdParams fp{};
-    fp.x = x.ptr(), fp.residual = res.ptr(), fp.weight = w.ptr(), fp.y = y.ptr(), fp.h = h.ptr();
+    fp.x = x.ptr(), fp.residual = res.ptr(), fp.weight = w.ptr(), fp.y = yout.ptr(), fp.h = hout.ptr();
     fp.rstd = rstd.as<float>();
     fp.rows = (int64_t)rows, fp.n = (int32_t)n, fp.crms = c.crms;
     fp.eps = (float)c.eps, fp.inv_div = (float)(1.0 / div), fp.offset = (float)c.offset, fp.scale = (float)c.scale;
@@ -183,7 +189,7 @@ static void run_case(const Kernels& K, const Case& c, const Shape* fwd_override,
                      " ry=" + std::to_string(fs.ry) + " grid=" + std::to_string(fs.grid);
     {
         std::vector<double> yk(N), rk(rows);
-        for (size_t i = 0; i < N; ++i) yk[i] = to_f(y.as<T>()[i]);
+        for (size_t i = 0; i < N; ++i) yk[i] = to_f(yout.as<T>()[i]);
         for (size_t r = 0; r < rows; ++r) rk[r] = rstd.as<float>()[r];
         double ey = rel_err(yk, yref), er = rel_err(rk, rref);
         worst_y = std::max(worst_y, ey);
@@ -191,10 +197,10 @@ static void run_case(const Kernels& K, const Case& c, const Shape* fwd_override,
         expect(er < 1e-6, fl + ": rstd rel err " + std::to_string(er));
         if (c.residual) {
             bool same = true;
-            for (size_t i = 0; i < N; ++i) same &= (double)to_f(h.as<T>()[i]) == href[i];
+            for (size_t i = 0; i < N; ++i) same &= (double)to_f(hout.as<T>()[i]) == href[i];
             expect(same, fl + ": h differs from round(x + residual)");
         }
-        expect(y.guards_ok() && h.guards_ok() && rstd.guards_ok(), fl + ": forward wrote outside its outputs");
+        expect(yout.guards_ok() && hout.guards_ok() && rstd.guards_ok(), fl + ": forward wrote outside its outputs");
     }
 
     // Backward from the reference h and the kernel's rstd.
@@ -325,6 +331,10 @@ static void suite(const Kernels& K) {
                 c.offset = (idx % 6) == 4 ? 1.0 : 0.0;
                 c.scale = (idx % 8) == 5 ? 0.5 : 1.0;
                 run_case<T>(K, c, nullptr, nullptr);
+                if (idx % 4 == 1) {
+                    c.inplace = true;
+                    run_case<T>(K, c, nullptr, nullptr);
+                }
             }
         }
     }
@@ -333,7 +343,11 @@ static void suite(const Kernels& K) {
         c.rows = 3, c.n = n, c.crms = true, c.residual = true, c.weight = true, c.dh_out = true, c.want_dw = true;
         c.eps = 1e-6, c.offset = 1.0, c.scale = 0.7;
         run_case<T>(K, c, nullptr, nullptr);
+        c.inplace = true;  // the looped kernel's second pass must read h, not x + (overwritten) residual
+        run_case<T>(K, c, nullptr, nullptr);
         c.crms = false, c.residual = false, c.dh_out = false, c.offset = 0.0;
+        run_case<T>(K, c, nullptr, nullptr);
+        c.inplace = false;
         run_case<T>(K, c, nullptr, nullptr);
     }
 
@@ -380,6 +394,11 @@ static void suite(const Kernels& K) {
             }
             Shape lf{0, 64, 1, 7, 0}, lb{0, 96, 1, (unsigned)std::max<size_t>(parts - 1, 1), 0};
             run_case<T>(K, c, &lf, &lb);
+            c.inplace = true;  // grid-stride in place, on both kinds of kernel
+            run_case<T>(K, c, &lf, &lb);
+            const unsigned rtx = (unsigned)std::min<size_t>((nv + 31) / 32 * 32, 1024);
+            Shape rf{1, rtx, rtx <= 256 ? 3u : 1u, 2, 0};
+            run_case<T>(K, c, &rf, &lb);
         }
     }
 }

@@ -109,13 +109,6 @@ def _check_inplace(x, residual, weight, *, real: bool = True) -> None:
 def _forward_inplace(crms, x, residual, weight, eps, offset, scale) -> None:
     """residual ← x + residual (if given), x ← norm(residual or x), written in place."""
     _check_inplace(x, residual, weight)
-    if not x.is_cpu:
-        # The CUDA kernels are not yet checked for aliasing: same result through fresh outputs.
-        y, h, _ = _forward(crms, x, residual, weight, eps, offset, scale, save_rstd=False)
-        if h is not None:
-            residual.copy_(h)
-        x.copy_(y)
-        return
     weight = _kernel_weight(weight, x)
     rows, n = _rows(x)
     dev, stream = device_args(x)
@@ -453,9 +446,8 @@ def rms_norm_(x, weight=None, eps=1e-6, *, residual=None, offset=0.0, scale=1.0)
     With ``residual``: ``residual ← x + residual``, then ``x ← rms_norm(residual)``; returns
     ``(x, residual)``. Without: ``x ← rms_norm(x)``; returns ``x``. No output is allocated, so large
     calls skip the page faults of fresh buffers. x and residual must be contiguous and must not overlap.
-    Not differentiable: raises if grad mode is on and an input requires grad. CPU runs one fused
-    in-place kernel; on CUDA the same values are computed into fresh buffers and copied back (the
-    CUDA kernels have not been checked for aliased in/out pointers yet). dtypes as :func:`rms_norm`,
+    Not differentiable: raises if grad mode is on and an input requires grad. One fused in-place
+    kernel on CPU and CUDA, giving bit for bit the out-of-place values. dtypes as :func:`rms_norm`,
     except that x and residual must share one (nothing is promoted in place). Inference tensors
     are written only under ``torch.inference_mode()``, as torch's own in-place ops.
     """

@@ -112,8 +112,8 @@ pub fn dw_parts(rows: usize, n: usize) -> usize {
     by_rows.min(MAX_PARTS).min(by_size).max(1)
 }
 
-/// Whether `p` asks for the in-place forward (CPU only): y written over x and h over residual
-/// (`y == x`, and `h == residual` when there is a residual).
+/// Whether `p` asks for the in-place forward: y written over x and h over residual (`y == x`, and
+/// `h == residual` when there is a residual).
 pub fn is_in_place(p: &NormFwd) -> bool {
     p.x != 0 && p.y == p.x
 }
@@ -130,9 +130,6 @@ pub unsafe fn forward(device: Device, a: &NormArgs, p: &NormFwd) -> Result<()> {
     }
     if p.residual != 0 && is_in_place(p) != (p.h == p.residual) {
         return Err(Error::value("in place, y must be x and h must be residual (both or neither)"));
-    }
-    if is_in_place(p) && !matches!(device, Device::Cpu) {
-        return Err(Error::value("x: the in-place norm runs on CPU only"));
     }
     if a.rows == 0 {
         return Ok(());
