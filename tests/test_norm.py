@@ -632,6 +632,32 @@ def test_inplace_large_streaming_rows(crms):
     _assert_same_bits(ri, h, "h")
 
 
+def _inplace_weight_inside(crms, device, dtype):
+    """A weight that is a row of x or of residual (a view into what the in-place norm overwrites)
+    gives the out-of-place values, computed from the weight as it was before the call."""
+    fn = NORMS[crms][0]
+    x, _, r, _, _ = make_case((37, 256), dtype, 52, residual=True, requires_grad=False)
+    x, r = x.to(device), r.to(device)
+    for where in ("x", "residual"):
+        for residual in (True, False):
+            if where == "residual" and not residual:
+                continue
+            xi, ri = x.clone(), r.clone()
+            w = (xi if where == "x" else ri)[5]
+            want = fn(x, w.clone(), 1e-5, residual=r if residual else None, offset=0.5)
+            INPLACE[crms](xi, w, 1e-5, residual=ri if residual else None, offset=0.5)
+            if residual:
+                _assert_same_bits(xi, want[0], f"y, weight in {where}")
+                _assert_same_bits(ri, want[1], f"h, weight in {where}")
+            else:
+                _assert_same_bits(xi, want, f"y, weight in {where}")
+
+
+@KINDS
+def test_inplace_weight_inside_x_or_residual(crms):
+    _inplace_weight_inside(crms, "cpu", F32)
+
+
 @KINDS
 def test_inplace_refuses_grad_noncontiguous_and_overlap(crms):
     fn = INPLACE[crms]
@@ -1523,7 +1549,8 @@ def test_cuda_bad_input(crms):
 @pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=str)
 # Row in registers (1031: one element per pack); the looped kernel with 1-element packs (4097) and
 # with 16-byte packs (40960), whose second pass must read h back, residual being h by then.
-@pytest.mark.parametrize("n", [1031, 4097, 40960], ids=["registers", "loop", "loop-v16"])
+# 256: 16-byte packs, several rows per block.
+@pytest.mark.parametrize("n", [256, 1031, 4097, 40960], ids=["registers-v16", "registers", "loop", "loop-v16"])
 def test_cuda_inplace_equals_out_of_place(crms, dtype, n):
     fn, ref = NORMS[crms]
     x, w, r, _, _ = _cuda_case((37, n), dtype, 51, weight=True, residual=True)
@@ -1542,6 +1569,14 @@ def test_cuda_inplace_equals_out_of_place(crms, dtype, n):
     INPLACE[crms](xi, w, 1e-5, offset=0.5)
     assert torch.equal(xi, fn(x, w, 1e-5, offset=0.5))
     check(xi, ref(x, w, 1e-5, None, 0.5, 1.0), FWD_TOL[dtype], "y in place")
+
+
+@pytest.mark.cuda
+@KINDS
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=str)
+def test_cuda_inplace_weight_inside_x_or_residual(crms, dtype):
+    # On CUDA other blocks would read the weight row while one block overwrites it.
+    _inplace_weight_inside(crms, "cuda", dtype)
 
 # ------------------------------------------------------------------------------------------------
 # Found by a mutation-testing audit of the Python layer (stop 26): each test was seen failing with

@@ -94,22 +94,31 @@ def _forward(crms, x, residual, weight, eps, offset, scale, save_rstd=True):
     return y, h, rstd
 
 
+def _overlap(a, b) -> bool:
+    """Whether two contiguous tensors' bytes overlap (None and empty tensors overlap nothing)."""
+    if a is None or b is None or not a.numel() or not b.numel():
+        return False
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
+
+
 def _check_inplace(x, residual, weight, *, real: bool = True) -> None:
     _check_fwd(x, residual, weight)
     for name, t in (("x", x), ("residual", residual)):
         if t is not None and not t.is_contiguous():
             raise ValueError(f"{name}: the in-place norm writes into {name}, which must be contiguous; got strides {t.stride()}")
-    if real and residual is not None and x.numel():  # fake tensors have no addresses
-        es = x.element_size()
-        a0, b0 = x.data_ptr(), residual.data_ptr()
-        if a0 < b0 + residual.numel() * es and b0 < a0 + x.numel() * es:
-            raise ValueError("residual: the in-place norm needs x and residual in separate memory; they overlap")
+    if real and _overlap(x, residual):  # fake tensors have no addresses
+        raise ValueError("residual: the in-place norm needs x and residual in separate memory; they overlap")
 
 
 def _forward_inplace(crms, x, residual, weight, eps, offset, scale) -> None:
     """residual ← x + residual (if given), x ← norm(residual or x), written in place."""
     _check_inplace(x, residual, weight)
     weight = _kernel_weight(weight, x)
+    if _overlap(weight, x) or _overlap(weight, residual):
+        # A weight inside x or residual (say a row of it) would be overwritten while other rows
+        # still read it (on CUDA, other blocks): normalize with a copy, as out of place.
+        weight = weight.clone()
     rows, n = _rows(x)
     dev, stream = device_args(x)
     _core.norm_forward(
@@ -445,7 +454,8 @@ def rms_norm_(x, weight=None, eps=1e-6, *, residual=None, offset=0.0, scale=1.0)
 
     With ``residual``: ``residual ← x + residual``, then ``x ← rms_norm(residual)``; returns
     ``(x, residual)``. Without: ``x ← rms_norm(x)``; returns ``x``. No output is allocated, so large
-    calls skip the page faults of fresh buffers. x and residual must be contiguous and must not overlap.
+    calls skip the page faults of fresh buffers. x and residual must be contiguous and must not overlap
+    (a weight inside either is copied first).
     Not differentiable: raises if grad mode is on and an input requires grad. One fused in-place
     kernel on CPU and CUDA, giving bit for bit the out-of-place values. dtypes as :func:`rms_norm`,
     except that x and residual must share one (nothing is promoted in place). Inference tensors
