@@ -399,6 +399,9 @@ static void suite(const Kernels& K) {
             const unsigned rtx = (unsigned)std::min<size_t>((nv + 31) / 32 * 32, 1024);
             Shape rf{1, rtx, rtx <= 256 ? 3u : 1u, 2, 0};
             run_case<T>(K, c, &rf, &lb);
+            c.residual = false;  // in place without residual: y over x alone
+            run_case<T>(K, c, &lf, &lb);
+            run_case<T>(K, c, &rf, &lb);
         }
     }
 }
