@@ -1619,11 +1619,11 @@ def test_ops_run_on_meta_tensors(op):
     assert y.is_meta and y.shape == (2, 8) and rstd.shape == (2,)
 
 
-@pytest.mark.parametrize("crms", [False, True])
+@KINDS
 def test_inplace_accepts_adjacent_halves_of_one_buffer(crms):
     # x and residual as the two back-to-back halves of one allocation touch but do not overlap:
     # the in-place norm must run (and give the out-of-place result), not report an overlap.
-    fn, inplace = (lmkern.crms_norm, lmkern.crms_norm_) if crms else (lmkern.rms_norm, lmkern.rms_norm_)
+    fn, inplace = NORMS[crms][0], INPLACE[crms]
     g = torch.Generator().manual_seed(0)
     buf = torch.randn(2, 4, 8, generator=g)
     w = torch.randn(8, generator=g)

@@ -166,6 +166,18 @@ fn norm_rstd_alignment_is_the_accumulation_types() {
     assert!(e.message.contains("rstd") && e.message.contains("aligned"), "{e}");
 }
 
+/// Row `row` quantized at exponent `a` (bits, groups of `g`, clip 1) and dequantized again.
+fn round_trip(row: &[f32], a: f32, bits: u32, g: usize) -> Vec<f32> {
+    let n = row.len();
+    let q = QuantArgs { bits, rows: 1, n, group: g, clip: 1.0 };
+    let (mut codes, mut sc, mut deq) = (vec![0u8; row_bytes(n, bits)], vec![0f32; n / g], vec![0f32; n]);
+    unsafe {
+        quant::quantize(Device::Cpu, DType::F32, &q, addr(row), addr(&[a]), out(&mut codes), out(&mut sc)).unwrap();
+        quant::dequantize(Device::Cpu, DType::F32, &q, addr(&codes), addr(&sc), addr(&[a]), out(&mut deq)).unwrap();
+    }
+    deq
+}
+
 /// The search's exponent is at least as good as every point of its own coarse grid, the error
 /// measured independently (quantize, dequantize, Σ(w − ŵ)² or ‖z·(w − ŵ)‖²): the Rust tests only
 /// checked that the result lies in [lo, 1].
@@ -178,13 +190,7 @@ fn search_beats_every_coarse_point() {
     let w: Vec<f32> = (0..rows * n).map(|i| (rng.next() * rng.next().abs().powi(1 + (i / n) as i32)) as f32).collect();
     let z: Vec<f32> = (0..t_rows * n).map(|_| rng.next() as f32).collect();
     let err = |row: &[f32], a: f32, z_rows: usize| -> f64 {
-        let q = QuantArgs { bits, rows: 1, n, group: g, clip: 1.0 };
-        let (mut codes, mut sc, mut deq) = (vec![0u8; row_bytes(n, bits)], vec![0f32; n / g], vec![0f32; n]);
-        unsafe {
-            quant::quantize(Device::Cpu, DType::F32, &q, addr(row), addr(&[a]), out(&mut codes), out(&mut sc)).unwrap();
-            quant::dequantize(Device::Cpu, DType::F32, &q, addr(&codes), addr(&sc), addr(&[a]), out(&mut deq)).unwrap();
-        }
-        let e: Vec<f64> = row.iter().zip(&deq).map(|(&u, &v)| u as f64 - v as f64).collect();
+        let e: Vec<f64> = row.iter().zip(round_trip(row, a, bits, g)).map(|(&u, v)| u as f64 - v as f64).collect();
         if z_rows == 0 {
             e.iter().map(|v| v * v).sum()
         } else {
@@ -215,13 +221,7 @@ fn search_refinement_reaches_the_brute_force() {
     let (rows, n, g, bits) = (6usize, 256usize, 64usize, 4u32);
     let w: Vec<f32> = (0..rows * n).map(|i| (rng.next() * rng.next().abs().powi(1 + (i / n % 3) as i32)) as f32).collect();
     let err = |row: &[f32], a: f32| -> f64 {
-        let q = QuantArgs { bits, rows: 1, n, group: g, clip: 1.0 };
-        let (mut codes, mut sc, mut deq) = (vec![0u8; row_bytes(n, bits)], vec![0f32; n / g], vec![0f32; n]);
-        unsafe {
-            quant::quantize(Device::Cpu, DType::F32, &q, addr(row), addr(&[a]), out(&mut codes), out(&mut sc)).unwrap();
-            quant::dequantize(Device::Cpu, DType::F32, &q, addr(&codes), addr(&sc), addr(&[a]), out(&mut deq)).unwrap();
-        }
-        row.iter().zip(&deq).map(|(&u, &v)| (u as f64 - v as f64).powi(2)).sum()
+        row.iter().zip(round_trip(row, a, bits, g)).map(|(&u, v)| (u as f64 - v as f64).powi(2)).sum()
     };
     let lo = 0.05f64;
     let s = SearchArgs { q: QuantArgs { bits, rows, n, group: g, clip: 1.0 }, per_row: true, z_rows: 0, lo, grid: 16, refine: 16 };
