@@ -10,7 +10,7 @@
 #
 # Then, unless --no-emu, runs the kernels themselves on the CPU emulator (cuda/emu: every *_emu.cpp
 # is built with the host compiler against the same CUDA headers and must pass), twice: as is, then
-# under AddressSanitizer (a kernel reading outside its buffers fails; about a minute more).
+# under AddressSanitizer (a kernel reading outside its buffers fails; about two minutes more here).
 #
 # Usage: cuda/check.sh [-v] [--no-emu]     (-v: print ptxas register/spill statistics)
 set -euo pipefail
@@ -127,7 +127,7 @@ if [[ $emu == 1 ]]; then
     # The same programs under AddressSanitizer: harness.h poisons the guard bytes around every
     # buffer, so a kernel that reads outside its buffers fails here (the pass above sees only
     # writes outside them). ASan warns that it does not fully support the emulator's makecontext
-    # coroutines; those four lines are dropped.
+    # coroutines; those warning lines are dropped.
     for src in "$here"/emu/*_emu.cpp; do
         name="$(basename "$src" .cpp)"
         echo "== emu/$name.cpp: the same under AddressSanitizer"

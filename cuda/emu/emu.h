@@ -21,6 +21,7 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 #include <string.h>
+#include <dlfcn.h>
 #include <elf.h>
 #include <link.h>
 #include <setjmp.h>
@@ -192,17 +193,46 @@ inline const std::vector<SharedRange>& static_shared() {
     exit(3);
 }
 
+// Jump to a context saved by _setjmp. Under AddressSanitizer, libc's _longjmp itself, through a
+// pointer: ASan's interceptor (and the call ASan adds before any noreturn call) first "unpoisons the
+// stack being left", a sigaltstack system call and a shadow clear on every switch (three quarters
+// of the emulator's time under ASan), and needless here: a coroutine's frames are resumed later,
+// not abandoned, and a fresh coroutine's stack is cleared by the swapcontext that starts it. The
+// jump itself must leave no frame with poisoned redzones behind (always inlined, no locals): ASan
+// would keep that poison, and later frames at those addresses would report false overflows.
+#if defined(__SANITIZE_ADDRESS__)
+using LongJmp = void (*)(struct __jmp_buf_tag*, int);
+inline LongJmp find_libc_longjmp() {
+    void* libc = dlopen("libc.so.6", RTLD_NOW | RTLD_NOLOAD);
+    void* f = libc ? dlsym(libc, "_longjmp") : nullptr;
+    if (!f) {
+        fprintf(stderr, "emu: libc's _longjmp not found\n");
+        exit(3);
+    }
+    return (LongJmp)f;
+}
+inline const LongJmp libc_longjmp = find_libc_longjmp();
+#endif
+
+[[gnu::always_inline]] inline void jump(jmp_buf jb) {
+#if defined(__SANITIZE_ADDRESS__)
+    libc_longjmp(jb, 1);
+#else
+    _longjmp(jb, 1);
+#endif
+}
+
 inline void yield(State s) {
     Thread& t = self();
     t.state = s;
-    if (!_setjmp(t.jb)) _longjmp(block().scheduler_jb, 1);
+    if (!_setjmp(t.jb)) jump(block().scheduler_jb);
 }
 
 inline void entry() {
     (*block().body)();
     if (!self().async_copies.empty()) fail("cp.async copies never waited for");
     self().state = Done;
-    _longjmp(block().scheduler_jb, 1);  // never returns to uc_link
+    jump(block().scheduler_jb);  // never returns to uc_link
 }
 
 // Run thread i until it yields or finishes.
@@ -215,7 +245,7 @@ inline void resume(size_t i) {
             t.started = true;
             swapcontext(&b.scheduler, &t.ctx);
         } else {
-            _longjmp(t.jb, 1);
+            jump(t.jb);
         }
     }
 }
