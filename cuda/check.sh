@@ -136,7 +136,7 @@ if [[ $emu == 1 ]]; then
         name="$(basename "$src" .cpp)"
         echo "== emu/$name.cpp: the same under AddressSanitizer"
         if ! "$cxx" -std=c++17 -O1 -g -fsanitize=address -fno-omit-frame-pointer -U_FORTIFY_SOURCE -Wall -Wno-unknown-pragmas \
-            -DLMKERN_EMU "${inc[@]}" -I "$here" -o "$tmp/${name}_asan" "$src"; then
+            -DLMKERN_EMU "${inc[@]}" -I "$here" -o "$tmp/${name}_asan" "$src" -ldl; then
             echo "FAILED: emu/$name.cpp does not build with -fsanitize=address" >&2
             status=1
             continue
