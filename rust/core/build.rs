@@ -16,15 +16,25 @@
 //!
 //! Without nvcc (or when it fails) the build does not fail: it warns and embeds an empty image, and
 //! `lmkern_core::cuda::status()` says why at run time. With `LMKERN_REQUIRE_CUDA=1` it fails instead.
+//!
+//! The image is also kept in `<target dir>/lmkern-kernels/` under a hash of everything that decides
+//! it (nvcc's path, version and arguments, the `NVCC_*` environment, every byte of `cuda/*.cu[h]`):
+//! `cargo test --features cuda` (dev profile) and `pip install .` (release) run the very same nvcc
+//! command, minutes each, so the second build copies the first one's image.
 use std::env;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+#[path = "build_support/kernel_cache.rs"]
+mod kernel_cache;
+
 const IMAGE: &str = "lmkern_kernels.fatbin";
+/// The environment nvcc reads besides its arguments (part of the cache key).
+const NVCC_ENV: [&str; 3] = ["NVCC_CCBIN", "NVCC_PREPEND_FLAGS", "NVCC_APPEND_FLAGS"];
 
 fn main() {
-    for var in ["LMKERN_NVCC", "LMKERN_REQUIRE_CUDA", "CUDA_HOME", "PYO3_PYTHON", "NVCC_CCBIN"] {
+    for var in ["LMKERN_NVCC", "LMKERN_REQUIRE_CUDA", "CUDA_HOME", "PYO3_PYTHON"].into_iter().chain(NVCC_ENV) {
         println!("cargo:rerun-if-env-changed={var}");
     }
     println!("cargo:rerun-if-changed=build.rs");
@@ -123,34 +133,41 @@ fn build(repo: &Path, cuda_dir: &Path, out_dir: &Path, image: &Path) -> Result<S
         let abs = u.canonicalize().map_err(|e| format!("{}: {e}", u.display()))?;
         text.push_str(&format!("#include \"{}\"\n", abs.display()));
     }
-    fs::write(&unity, text).map_err(|e| format!("cannot write {}: {e}", unity.display()))?;
+    fs::write(&unity, &text).map_err(|e| format!("cannot write {}: {e}", unity.display()))?;
 
-    let mut cmd = Command::new(&nvcc);
-    cmd.arg("-fatbin").args(["-O3", "-std=c++17"]);
+    let mut args: Vec<String> = vec!["-fatbin".into(), "-O3".into(), "-std=c++17".into()];
     if major >= 12 {
-        cmd.args(["--threads", "0"]);
+        args.extend(["--threads".into(), "0".into()]);
     }
     for t in &targets {
-        cmd.arg("-gencode").arg(t);
+        args.extend(["-gencode".into(), t.clone()]);
     }
     // The pip layout keeps headers next to bin/; nvcc's profile finds them too, this is belt and braces.
     if let Some(root) = nvcc.parent().and_then(Path::parent) {
         let inc = root.join("include");
         if inc.join("cuda_bf16.h").is_file() {
-            cmd.arg(format!("-I{}", inc.display()));
+            args.push(format!("-I{}", inc.display()));
         }
     }
-    cmd.arg(format!("-I{}", cuda_dir.display()));
-    cmd.arg("-o").arg(image).arg(&unity);
-    run(&mut cmd).map_err(|e| {
-        let hint = if e.contains("Unsupported .version") {
-            " (nvcc's NVVM/ptxas do not match: a newer nvidia-nvvm emits PTX this ptxas rejects; \
-             install the pinned 13.0 toolchain with .ci/install-nvcc.sh or set LMKERN_NVCC)"
-        } else {
-            ""
-        };
-        format!("nvcc at {} failed: {e}{hint}", nvcc.display())
-    })?;
+    args.push(format!("-I{}", cuda_dir.display()));
+
+    let nvcc_env: Vec<_> = NVCC_ENV.iter().map(|v| (*v, env::var_os(v))).collect();
+    let key = kernel_cache::key(&nvcc, &version_text, &args, &nvcc_env, &text, &sources);
+    let cached = cache_dir().map(|dir| dir.join(format!("{key:016x}.fatbin")));
+    if !cached.as_ref().is_some_and(|c| kernel_cache::fetch(c, image)) {
+        run(Command::new(&nvcc).args(&args).arg("-o").arg(image).arg(&unity)).map_err(|e| {
+            let hint = if e.contains("Unsupported .version") {
+                " (nvcc's NVVM/ptxas do not match: a newer nvidia-nvvm emits PTX this ptxas rejects; \
+                 install the pinned 13.0 toolchain with .ci/install-nvcc.sh or set LMKERN_NVCC)"
+            } else {
+                ""
+            };
+            format!("nvcc at {} failed: {e}{hint}", nvcc.display())
+        })?;
+        if let Some(c) = &cached {
+            kernel_cache::store(image, c);
+        }
+    }
 
     let len = fs::metadata(image).map(|m| m.len()).unwrap_or(0);
     if len == 0 {
@@ -158,6 +175,16 @@ fn build(repo: &Path, cuda_dir: &Path, out_dir: &Path, image: &Path) -> Result<S
     }
     let targets_text: Vec<&str> = targets.iter().map(|t| t.split("code=").nth(1).unwrap_or(t)).collect();
     Ok(format!("nvcc {major}.{minor} ({}), {len} bytes, {}", nvcc.display(), targets_text.join(" ")))
+}
+
+/// `<target dir>/lmkern-kernels`: `$CARGO_TARGET_DIR`, else the workspace's `target/`.
+fn cache_dir() -> Option<PathBuf> {
+    println!("cargo:rerun-if-env-changed=CARGO_TARGET_DIR");
+    let target = match env::var_os("CARGO_TARGET_DIR").filter(|d| !d.is_empty()) {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(env::var_os("CARGO_MANIFEST_DIR")?).join("..").join("..").join("target"),
+    };
+    Some(target.join("lmkern-kernels"))
 }
 
 fn find_nvcc(repo: &Path) -> Option<PathBuf> {
