@@ -105,8 +105,9 @@ fn store_fetch_and_keep_the_newest() {
     assert!(!kernel_cache::fetch(&cache.join("empty.fatbin"), &dir.join("none.fatbin")), "an empty image: a miss");
     assert!(!dir.join("none.fatbin").exists());
 
-    // A folder that cannot be made: nothing kept, no panic.
+    // A folder that cannot be made (a file is in the way): nothing kept, nothing touched, no panic.
     fs::write(dir.join("file"), "x").unwrap();
     kernel_cache::store(&image, &dir.join("file").join("sub").join("k.fatbin"));
+    assert_eq!(fs::read(dir.join("file")).unwrap(), b"x");
     fs::remove_dir_all(&dir).unwrap();
 }
