@@ -832,6 +832,45 @@ mod tests {
     use super::*;
 
     #[test]
+    fn each_simd_gemv_takes_its_shapes() {
+        // A path predicate that wrongly refuses sends its shapes to the scalar loop: right answers
+        // at a fraction of the speed, which no value test sees. (bits, n, group) and whether each
+        // SIMD GEMV takes it on a CPU with every ISA: forward AVX2 4-bit, AVX-512 4-bit, AVX2 8-bit,
+        // AVX2 2-/3-bit; input gradient AVX2 and AVX-512 2-/3-/8-bit. On this CPU (and under
+        // LMKERN_CPU_ISA) only those it runs.
+        let cases: [(u32, usize, usize, [bool; 6]); 12] = [
+            (4, 4096, 128, [true, true, false, false, false, false]),
+            (4, 96, 32, [true, true, false, false, false, false]),
+            (4, 48, 16, [false, false, false, false, false, false]),
+            (4, 24, 8, [false, false, false, false, false, false]),
+            (8, 4096, 128, [false, false, true, false, true, true]),
+            (8, 48, 16, [false, false, true, false, true, true]),
+            (8, 24, 8, [false, false, false, false, true, false]),
+            (2, 4096, 128, [false, false, false, true, true, true]),
+            (3, 4096, 128, [false, false, false, true, true, true]),
+            (2, 24, 8, [false, false, false, true, true, false]),
+            (3, 24, 8, [false, false, false, true, true, false]),
+            (3, 12, 4, [false, false, false, false, false, false]),
+        ];
+        let x86 = cfg!(target_arch = "x86_64");
+        let (avx2, avx512) = (x86 && crate::cpu::has_avx2(), x86 && crate::cpu::has_avx512());
+        let runs = [avx2, avx512, avx2, avx2, avx2, avx512];
+        for (bits, n, group, every_isa) in cases {
+            let q = QuantArgs { bits, rows: 3, n, group, clip: 1.0 };
+            let got = [
+                fast_path(&q),
+                linear::fast512_path(&q),
+                fast8_path(&q),
+                fast23_path(&q),
+                backward::narrow_bwd_shape(bits, n, group),
+                backward::avx512_narrow_bwd_shape(bits, n, group),
+            ];
+            let want: Vec<bool> = every_isa.iter().zip(runs).map(|(w, r)| *w && r).collect();
+            assert_eq!(got.to_vec(), want, "bits {bits}, n {n}, group {group} (avx2 {avx2}, avx512 {avx512})");
+        }
+    }
+
+    #[test]
     fn thr_up_is_the_exact_comparison() {
         let mut x = 0x9e37_79b9_7f4a_7c15u64;
         for _ in 0..100_000 {
