@@ -155,6 +155,12 @@ struct Primed {
     min_y: usize,
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Engines built on this thread: tests tell a kept engine from a rebuilt one by it.
+    pub(crate) static BUILT: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
 /// The engine. About 200 KB; reuse one per thread.
 pub struct Deflater {
     cfg: Config,
@@ -192,6 +198,8 @@ impl Deflater {
         if !(1..=9).contains(&level) {
             return Err(Error::value(format!("level: expected 1..=9 for the deflate engine, got {level}")));
         }
+        #[cfg(test)]
+        BUILT.with(|b| b.set(b.get() + 1));
         Ok(Deflater {
             cfg: CONFIG[level as usize],
             level,

@@ -282,3 +282,34 @@ impl NcdScorer {
         sources.iter().map(|s| s.as_ref().len() * self.targets.len() + tbytes).sum()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn engines_are_kept_while_the_level_stays() {
+        // The thread's engines are rebuilt only when the level changes, as Deflater::level says:
+        // were they rebuilt on every call, sizes would stay right at a fraction of the speed, which
+        // no size test sees.
+        for level in 1..=9 {
+            assert_eq!(Deflater::new(level).unwrap().level(), level);
+        }
+        let built = || engine::BUILT.with(|b| b.get());
+        // Each step: (what it runs, engines it may build).
+        let steps: [(&dyn Fn(), usize); 7] = [
+            (&|| assert_eq!(with_engine(0, 6, |e| e.level()), 6), 1),
+            (&|| assert_eq!(with_engine(0, 6, |e| e.level()), 6), 0),
+            (&|| assert_eq!(with_engine(1, 6, |e| e.level()), 6), 1),
+            (&|| assert_eq!(with_engine(0, 9, |e| e.level()), 9), 1),
+            (&|| assert!(with_primed_engines(3, 6, |es| es.iter().all(|e| e.level() == 6))), 3),
+            (&|| assert!(with_primed_engines(2, 6, |es| es.iter().all(|e| e.level() == 6))), 0),
+            (&|| assert!(with_primed_engines(3, 9, |es| es.iter().all(|e| e.level() == 9))), 3),
+        ];
+        for (i, (step, may_build)) in steps.iter().enumerate() {
+            let before = built();
+            step();
+            assert_eq!(built() - before, *may_build, "step {i}");
+        }
+    }
+}
