@@ -296,7 +296,7 @@ mod tests {
             assert_eq!(Deflater::new(level).unwrap().level(), level);
         }
         let built = || engine::BUILT.with(|b| b.get());
-        // Each step: (what it runs, engines it may build).
+        // Each step: (what it runs, how many engines it builds).
         let steps: [(&dyn Fn(), usize); 7] = [
             (&|| assert_eq!(with_engine(0, 6, |e| e.level()), 6), 1),
             (&|| assert_eq!(with_engine(0, 6, |e| e.level()), 6), 0),
@@ -306,10 +306,10 @@ mod tests {
             (&|| assert!(with_primed_engines(2, 6, |es| es.iter().all(|e| e.level() == 6))), 0),
             (&|| assert!(with_primed_engines(3, 9, |es| es.iter().all(|e| e.level() == 9))), 3),
         ];
-        for (i, (step, may_build)) in steps.iter().enumerate() {
+        for (i, (step, builds)) in steps.iter().enumerate() {
             let before = built();
             step();
-            assert_eq!(built() - before, *may_build, "step {i}");
+            assert_eq!(built() - before, *builds, "step {i}");
         }
     }
 }
