@@ -9,8 +9,9 @@
 #   (of $PYO3_PYTHON, else python3) that has one.
 #
 # Then, unless --no-emu, runs the kernels themselves on the CPU emulator (cuda/emu: every *_emu.cpp
-# is built with the host compiler against the same CUDA headers and must pass), twice: as is, then
-# under AddressSanitizer (a kernel reading outside its buffers fails; about two minutes more here).
+# is built with the host compiler against the same CUDA headers and must pass), twice: as is, and
+# under AddressSanitizer (a kernel reading outside its buffers fails); these runs go side by side,
+# one per core.
 #
 # Usage: cuda/check.sh [-v] [--no-emu]     (-v: print ptxas register/spill statistics)
 set -euo pipefail
@@ -113,42 +114,71 @@ done
 
 if [[ $emu == 1 ]]; then
     cxx="${CXX:-g++}"
-    for src in "$here"/emu/*_emu.cpp; do
+    # One job per program and build: plain, then under AddressSanitizer (harness.h poisons the guard
+    # bytes around every buffer, so a kernel that reads outside its buffers fails there; the plain
+    # build sees only writes outside them). Each job builds and runs one program on one core, so
+    # they run side by side, up to one per core, the longest (ASan) first; each job's output is
+    # printed whole once all have ended, in a fixed order.
+    emu_job() {  # emu_job SRC MODE: output to $tmp/<name>.<mode>.log, exit status to .rc
+        local src="$1" mode="$2" name out bin rc=0
         name="$(basename "$src" .cpp)"
-        echo "== emu/$name.cpp: kernels on the CPU emulator"
-        # -U_FORTIFY_SOURCE: the emulator switches stacks with _longjmp, which fortified glibc refuses.
-        if ! "$cxx" -std=c++17 -O2 -U_FORTIFY_SOURCE -Wall -Wno-unknown-pragmas -DLMKERN_EMU \
-            "${inc[@]}" -I "$here" -o "$tmp/$name" "$src"; then
-            echo "FAILED: emu/$name.cpp does not build" >&2
-            status=1
-            continue
-        fi
-        if ! "$tmp/$name"; then
-            echo "FAILED: emu/$name" >&2
-            status=1
-        fi
+        out="$tmp/$name.$mode"
+        bin="$tmp/${name}_$mode"
+        {
+            if [[ $mode == plain ]]; then
+                echo "== emu/$name.cpp: kernels on the CPU emulator"
+                # -U_FORTIFY_SOURCE: the emulator switches stacks with _longjmp, which fortified
+                # glibc refuses.
+                if ! "$cxx" -std=c++17 -O2 -U_FORTIFY_SOURCE -Wall -Wno-unknown-pragmas -DLMKERN_EMU \
+                    "${inc[@]}" -I "$here" -o "$bin" "$src"; then
+                    echo "FAILED: emu/$name.cpp does not build"
+                    rc=1
+                elif ! "$bin"; then
+                    echo "FAILED: emu/$name"
+                    rc=1
+                fi
+            else
+                echo "== emu/$name.cpp: the same under AddressSanitizer"
+                if ! "$cxx" -std=c++17 -O1 -g -fsanitize=address -fno-omit-frame-pointer -U_FORTIFY_SOURCE \
+                    -Wall -Wno-unknown-pragmas -DLMKERN_EMU "${inc[@]}" -I "$here" -o "$bin" "$src" -ldl; then
+                    echo "FAILED: emu/$name.cpp does not build with -fsanitize=address"
+                    rc=1
+                else
+                    # ASan warns that it does not fully support the emulator's makecontext
+                    # coroutines; those warning lines are dropped.
+                    ASAN_OPTIONS=detect_leaks=0 "$bin" 2>"$out.err" || rc=$?
+                    grep -v -e "ASan doesn't fully support makecontext" \
+                        -e "ASan is ignoring requested __asan_handle_no_return" \
+                        -e "False positive error reports may follow" -e "google/sanitizers/issues/189" \
+                        "$out.err" || true
+                    if [[ $rc != 0 ]]; then
+                        echo "FAILED: emu/$name under AddressSanitizer"
+                        rc=1
+                    fi
+                fi
+            fi
+        } >"$out.log" 2>&1
+        echo "$rc" >"$out.rc"
+    }
+    cores="$(nproc 2>/dev/null || echo 1)"
+    sources=("$here"/emu/*_emu.cpp)
+    for mode in asan plain; do
+        for src in "${sources[@]}"; do
+            while (( $(jobs -rp | wc -l) >= cores )); do
+                wait -n || true
+            done
+            emu_job "$src" "$mode" &
+        done
     done
-    # The same programs under AddressSanitizer: harness.h poisons the guard bytes around every
-    # buffer, so a kernel that reads outside its buffers fails here (the pass above sees only
-    # writes outside them). ASan warns that it does not fully support the emulator's makecontext
-    # coroutines; those warning lines are dropped.
-    for src in "$here"/emu/*_emu.cpp; do
-        name="$(basename "$src" .cpp)"
-        echo "== emu/$name.cpp: the same under AddressSanitizer"
-        if ! "$cxx" -std=c++17 -O1 -g -fsanitize=address -fno-omit-frame-pointer -U_FORTIFY_SOURCE -Wall -Wno-unknown-pragmas \
-            -DLMKERN_EMU "${inc[@]}" -I "$here" -o "$tmp/${name}_asan" "$src" -ldl; then
-            echo "FAILED: emu/$name.cpp does not build with -fsanitize=address" >&2
-            status=1
-            continue
-        fi
-        asan_status=0
-        ASAN_OPTIONS=detect_leaks=0 "$tmp/${name}_asan" 2>"$tmp/asan.err" || asan_status=$?
-        grep -v -e "ASan doesn't fully support makecontext" -e "ASan is ignoring requested __asan_handle_no_return" \
-            -e "False positive error reports may follow" -e "google/sanitizers/issues/189" "$tmp/asan.err" >&2 || true
-        if [[ $asan_status != 0 ]]; then
-            echo "FAILED: emu/$name under AddressSanitizer" >&2
-            status=1
-        fi
+    wait
+    for mode in plain asan; do
+        for src in "${sources[@]}"; do
+            out="$tmp/$(basename "$src" .cpp).$mode"
+            cat "$out.log"
+            if [[ "$(cat "$out.rc" 2>/dev/null)" != 0 ]]; then
+                status=1
+            fi
+        done
     done
 fi
 exit $status
