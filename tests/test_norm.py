@@ -1144,6 +1144,31 @@ def test_module_fx_trace_and_jit(cls):
         torch.jit.script(model)
 
 
+def test_functions_fx_trace_as_leaves():
+    """A module that calls the functions as lmkern.rms_norm(...) traces with torch.fx.symbolic_trace,
+    each call one node (their checks cannot run on fx's symbolic values); a function imported by name
+    before tracing is not patched by fx, and the error says how to trace it."""
+    from lmkern import rms_norm as imported_rms_norm
+
+    class Block(torch.nn.Module):
+        def forward(self, x, r):
+            y, h = lmkern.rms_norm(x, None, residual=r)
+            return lmkern.crms_norm(y, torch.ones(16)) + h
+
+    class Imported(torch.nn.Module):
+        def forward(self, x):
+            return imported_rms_norm(x, None)
+
+    block = Block()
+    gm = torch.fx.symbolic_trace(block)
+    targets = [node.target for node in gm.graph.nodes if node.op == "call_function"]
+    assert targets.count(lmkern.rms_norm) == 1 and targets.count(lmkern.crms_norm) == 1
+    x, r = randn((3, 16), F32, 1), randn((3, 16), F32, 2)
+    assert torch.equal(gm(x, r), block(x, r))
+    with pytest.raises(TypeError, match="x: expected a torch.Tensor; got Proxy .under torch.fx.symbolic_trace"):
+        torch.fx.symbolic_trace(Imported())
+
+
 def test_rmsnorm_module_no_affine_matches_torch():
     n = 31
     tmod = torch.nn.RMSNorm(n, eps=1e-6, elementwise_affine=False)

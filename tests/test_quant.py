@@ -991,6 +991,76 @@ def test_search_exponent_compiles_in_one_graph():
     assert torch.equal(cf(w, zeros), f(w, zeros)) and torch.isfinite(f(w, zeros)).all()
 
 
+def test_compile_dynamic_row_length_is_one_graph():
+    """Under torch.compile(dynamic=True) a new row length compiles nothing new (group_size, n and
+    in_features are SymInts in the op schemas: as ints they fixed the width, a graph per width), and
+    the compiled values and gradients are eager's."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    def fake_quant(x):
+        return power_fake_quantize(x, 0.6, 4, None)
+
+    def fake_quant_grouped(x):
+        return power_fake_quantize(x, torch.full((x.shape[0],), 0.7), 3, 16)
+
+    def round_trip(x):
+        return power_dequantize(power_quantize(x, 0.6, 4, 32))
+
+    for f in (fake_quant, fake_quant_grouped, round_trip):
+        torch._dynamo.reset()
+        counter = CompileCounterWithBackend("aot_eager")
+        cf = torch.compile(f, backend=counter, dynamic=True, fullgraph=True)
+        for n in (64, 96, 160):
+            x = torch.randn(5, n, requires_grad=f is not round_trip)
+            want, got = f(x), cf(x)
+            assert torch.equal(got, want), (f.__name__, n)
+            if x.requires_grad:
+                dy = torch.randn_like(want)
+                assert torch.equal(torch.autograd.grad(got, x, dy)[0], torch.autograd.grad(want, x, dy)[0])
+            if n == 64:
+                compiled = counter.frame_count  # the first call's graphs (the fake quantizer's backward: 2)
+        assert counter.frame_count == compiled, (f.__name__, compiled, counter.frame_count)
+
+
+@pytest.mark.filterwarnings("ignore:Dynamo does not know how to trace")  # the graph breaks at the numpy ints
+def test_numpy_scalars_under_compile():
+    """numpy scalars from a config inside torch.compile: Dynamo hands them to the checks as 0-d
+    arrays, which numbers.Integral/Real do not include (valid bits were called invalid)."""
+    import numpy as np
+
+    cfg = {"a": np.float64(0.6), "bits": np.int64(4), "group": np.int32(16), "clip": np.float32(0.9)}
+    x = torch.randn(4, 32)
+    for f in (lambda x: power_fake_quantize(x, cfg["a"], cfg["bits"], cfg["group"], cfg["clip"]),
+              lambda x: power_dequantize(power_quantize(x, cfg["a"], cfg["bits"], cfg["group"], cfg["clip"])),
+              lambda x: search_exponent(x, cfg["bits"], cfg["group"])):
+        torch._dynamo.reset()
+        assert torch.equal(torch.compile(f, backend="aot_eager")(x), f(x))
+
+
+def test_functions_fx_trace_as_leaves():
+    """A module calling lmkern.quant's functions by their module traces with torch.fx.symbolic_trace,
+    each call one node (their checks cannot run on fx's symbolic values)."""
+
+    class QAT(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(24, 64))
+            self.a = torch.nn.Parameter(torch.full((24,), 0.7))
+
+        def forward(self, x):
+            q = lmkern.quant.power_quantize(self.w, 0.6, 4, 32)
+            w = lmkern.quant.power_fake_quantize(self.w, self.a, 4, 32) + lmkern.quant.power_dequantize(q)
+            return x @ w.t() * lmkern.quant.search_exponent(self.w, 4, 32).mean()
+
+    model = QAT()
+    gm = torch.fx.symbolic_trace(model)
+    targets = [node.target for node in gm.graph.nodes if node.op == "call_function"]
+    for fn in (power_quantize, power_dequantize, power_fake_quantize, search_exponent):
+        assert targets.count(fn) == 1, fn.__name__
+    x = torch.randn(3, 64)
+    assert torch.equal(gm(x), model(x))
+
+
 def test_power_quant_linear_loads_built_on_meta_and_of_other_dtypes():
     """The low-memory route (built on meta, load_state_dict(assign=True)) gives a working layer: the
     codebook, not in the state dict, is made on the exponents' device; a float16 checkpoint assigned

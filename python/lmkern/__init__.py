@@ -20,6 +20,12 @@ from . import data  # ZIP-FIT selection (pyarrow, Ray imported when used; not in
 from . import quant
 from .ops.norm import crms_norm, crms_norm_, rms_norm, rms_norm_
 
+# Leaves of torch.fx.symbolic_trace (their argument checks cannot run on fx's symbolic values): a
+# call spelled lmkern.rms_norm(...) in traced code is recorded as one call (fx patches this module's
+# names while it traces; a name imported from here beforehand is not patched).
+for _name in ("rms_norm", "crms_norm", "rms_norm_", "crms_norm_"):
+    torch.fx.wrap(_name)
+
 __all__ = [
     "rms_norm", "crms_norm", "rms_norm_", "crms_norm_", "nn", "convert", "models", "ncd", "quant",
     "cuda_available", "cuda_status", "cpu_isa", "set_num_threads", "get_num_threads", "MAX_THREADS",

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import torch
 
 #: Every lmkern op is defined in this one library: torch.ops.lmkern.<name>.
@@ -55,6 +56,25 @@ _STRIDED = torch.strided
 def _check_dense(name: str, t: torch.Tensor) -> None:
     if t.layout is not _STRIDED:
         raise TypeError(f"{name}: expected a dense tensor; got layout {t.layout} (call .to_dense() first)")
+
+
+def plain_number(value):
+    """The Python number a numpy scalar (or 0-d array) holds; any other value as it is. Integer and
+    real arguments go through this before their type checks: numbers.Integral and numbers.Real take
+    numpy scalars, but under torch.compile Dynamo hands them over as 0-d arrays, which they do not."""
+    if isinstance(value, np.generic) or (isinstance(value, np.ndarray) and value.shape == ()):
+        return value.item()
+    return value
+
+
+def not_a_tensor(name: str, value, expected: str = "a torch.Tensor") -> TypeError:
+    """The error for an argument that is not a tensor; for an fx Proxy, says how to trace the call."""
+    hint = ""
+    if isinstance(value, torch.fx.Proxy):
+        hint = (" (under torch.fx.symbolic_trace, call it through its module, e.g. lmkern.rms_norm(...) or "
+                "lmkern.quant.power_fake_quantize(...), which fx records as one call; or pass it in "
+                "torch.fx.Tracer(autowrap_functions=...))")
+    return TypeError(f"{name}: expected {expected}; got {type(value).__name__}{hint}")
 
 
 def scalar_arg(name: str, value) -> float:

@@ -65,13 +65,18 @@ from dataclasses import dataclass
 
 import torch
 
-from ._lib import differentiating_transform
+from ._lib import differentiating_transform, not_a_tensor, plain_number
 from .ops import quant as _ops
 
 __all__ = [
     "QuantizedTensor", "PowerQuantized", "power_quantize", "power_dequantize", "power_fake_quantize",
     "search_exponent", "SEARCH_LO", "SEARCH_GRID", "SEARCH_REFINE",
 ]
+
+# Leaves of torch.fx.symbolic_trace, as lmkern's norms (lmkern/__init__.py): a call spelled
+# lmkern.quant.power_fake_quantize(...) in traced code is recorded as one call.
+for _name in ("power_quantize", "power_dequantize", "power_fake_quantize", "search_exponent"):
+    torch.fx.wrap(_name)
 
 #: Exponents are searched in [SEARCH_LO, 1].
 SEARCH_LO = _ops.SEARCH_LO
@@ -152,7 +157,7 @@ def unpack_codes(codes: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 
 def _as_tensor(name: str, x) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor; got {type(x).__name__}")
+        raise not_a_tensor(name, x)
     return x
 
 
@@ -169,6 +174,7 @@ def _exponents(a, rows: int, x: torch.Tensor) -> torch.Tensor:
         if a.device != x.device:
             raise ValueError(f"a: expected a tensor on {x.device} (the device of x); got {a.device}")
         return a.to(torch.float32)
+    a = plain_number(a)
     if isinstance(a, bool) or not isinstance(a, numbers.Real):
         raise TypeError(f"a: expected a float or a tensor; got {type(a).__name__}")
     a = float(a)
@@ -178,6 +184,7 @@ def _exponents(a, rows: int, x: torch.Tensor) -> torch.Tensor:
 
 
 def _clip(clip) -> float:
+    clip = plain_number(clip)
     if isinstance(clip, bool) or not isinstance(clip, numbers.Real) or not (0.0 < float(clip) < math.inf):
         raise ValueError(f"clip: expected a finite number > 0; got {clip!r}")
     return float(clip)
@@ -210,7 +217,7 @@ def power_quantize(x, a, bits: int = 4, group_size: int | None = None, clip: flo
 def power_dequantize(q: PowerQuantized) -> torch.Tensor:
     """``x̂ = m·sign(q)·(|q|/qmax)^(1/a)`` with the original shape and dtype of the quantized tensor."""
     if not isinstance(q, PowerQuantized):
-        raise TypeError(f"q: expected a PowerQuantized; got {type(q).__name__}")
+        raise not_a_tensor("q", q, "a PowerQuantized")
     if _as_tensor("q.codes", q.codes).dim() != 2 or q.codes.shape[0] != q.rows:
         raise ValueError(f"q: its codes {tuple(q.codes.shape)} do not hold the rows of its shape {q.shape}")
     out = torch.ops.lmkern.power_dequantize(q.codes, q.scales, q.exponent, q.bits, q.group_size, q.n, q.dtype)

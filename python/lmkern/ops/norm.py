@@ -17,7 +17,7 @@ import torch
 from .. import _core
 from .._lib import (
     DTYPE_CODES, LIB, check_cpu_or_cuda, check_device, check_floating, device_args, eager_ok, first_order_backward, func_transformed,
-    ptr, scalar_arg,
+    not_a_tensor, ptr, scalar_arg,
 )
 
 _CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -353,7 +353,7 @@ class _NormFunction(torch.autograd.Function):
 def _check_tensor_args(x, weight, residual) -> None:
     for name, t in (("x", x), ("weight", weight), ("residual", residual)):
         if not isinstance(t, torch.Tensor) and (t is not None or name == "x"):
-            raise TypeError(f"{name}: expected a torch.Tensor{'' if name == 'x' else ' or None'}; got {type(t).__name__}")
+            raise not_a_tensor(name, t, "a torch.Tensor" if name == "x" else "a torch.Tensor or None")
 
 
 def _scalars(dtype: torch.dtype, eps, offset, scale) -> tuple[float, float, float]:

@@ -43,7 +43,7 @@ import threading
 import torch
 
 from .. import _core
-from .._lib import DTYPE_CODES, LIB, check_cpu_or_cuda, check_floating, device_args, eager_ok, ptr
+from .._lib import DTYPE_CODES, LIB, check_cpu_or_cuda, check_floating, device_args, eager_ok, plain_number, ptr
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 BITS = (2, 3, 4, 8)
@@ -65,6 +65,7 @@ SEARCH_MAX_REFINE = 1 << 12
 
 def check_search_points(grid, refine) -> tuple[int, int]:
     """The search's coarse grid size (2 .. SEARCH_MAX_GRID) and refinement (0 .. SEARCH_MAX_REFINE)."""
+    grid, refine = plain_number(grid), plain_number(refine)
     for name, v, lo, hi in (("grid", grid, 2, SEARCH_MAX_GRID), ("refine", refine, 0, SEARCH_MAX_REFINE)):
         if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
             raise ValueError(f"{name}: expected an integer in [{lo}, {hi}]; got {v!r}")
@@ -136,15 +137,21 @@ def _cuda_check_quantized(a: torch.Tensor, scales: torch.Tensor) -> None:
 
 
 def check_bits(bits) -> int:
+    bits = plain_number(bits)
     if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or bits not in BITS:
         raise ValueError(f"bits: expected one of 2, 3, 4, 8; got {bits!r}")
-    return int(bits)  # a numpy integer becomes the int the op schemas take
+    return int(bits)
 
 
 def check_group(group_size, n: int, of: str = "the last dimension") -> int:
     """group_size (None: one group per row) as an int dividing n (`of` names n in the message)."""
     if group_size is None:
         return max(n, 1)
+    group_size = plain_number(group_size)
+    if isinstance(group_size, torch.SymInt):  # the fake impls, where the row length is symbolic
+        torch._check(group_size >= 1, lambda: f"group_size: expected a positive divisor of {of} {n}")
+        torch._check(n % group_size == 0, lambda: f"group_size: expected a positive divisor of {of} {n}")
+        return group_size
     if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral):
         raise TypeError(f"group_size: expected an int or None; got {type(group_size).__name__}")
     if group_size < 1 or (n % group_size) != 0:
@@ -194,24 +201,24 @@ def _check_packed(codes, scales, a, bits, group_size, rows, n) -> None:
 # quantize / dequantize
 # ------------------------------------------------------------------------------------------------
 
-LIB.define("power_quantize(Tensor x, Tensor a, int bits, int group_size, float clip) -> (Tensor, Tensor)")
-LIB.define("power_dequantize(Tensor codes, Tensor scales, Tensor a, int bits, int group_size, int n, ScalarType dtype) -> Tensor")
-LIB.define("power_fake_quantize(Tensor x, Tensor a, int bits, int group_size, float clip) -> (Tensor, Tensor)")
+LIB.define("power_quantize(Tensor x, Tensor a, int bits, SymInt group_size, float clip) -> (Tensor, Tensor)")
+LIB.define("power_dequantize(Tensor codes, Tensor scales, Tensor a, int bits, SymInt group_size, SymInt n, ScalarType dtype) -> Tensor")
+LIB.define("power_fake_quantize(Tensor x, Tensor a, int bits, SymInt group_size, float clip) -> (Tensor, Tensor)")
 LIB.define(
-    "power_fake_quantize_backward(Tensor dy, Tensor x, Tensor scales, Tensor a, int bits, int group_size, bool a_grad)"
+    "power_fake_quantize_backward(Tensor dy, Tensor x, Tensor scales, Tensor a, int bits, SymInt group_size, bool a_grad)"
     " -> (Tensor, Tensor)"
 )
 LIB.define("power_codebook(Tensor a, int bits) -> Tensor")
 LIB.define(
-    "power_quant_linear(Tensor x, Tensor codes, Tensor scales, Tensor table, Tensor? bias, int bits, int group_size,"
-    " int in_features) -> Tensor"
+    "power_quant_linear(Tensor x, Tensor codes, Tensor scales, Tensor table, Tensor? bias, int bits, SymInt group_size,"
+    " SymInt in_features) -> Tensor"
 )
 LIB.define(
-    "power_quant_linear_backward(Tensor dy, Tensor codes, Tensor scales, Tensor table, int bits, int group_size,"
-    " int in_features) -> Tensor"
+    "power_quant_linear_backward(Tensor dy, Tensor codes, Tensor scales, Tensor table, int bits, SymInt group_size,"
+    " SymInt in_features) -> Tensor"
 )
 LIB.define(
-    "power_search_exponent(Tensor w, Tensor? z, int bits, int group_size, float clip, bool per_row,"
+    "power_search_exponent(Tensor w, Tensor? z, int bits, SymInt group_size, float clip, bool per_row,"
     f" int grid={SEARCH_GRID}, int refine={SEARCH_REFINE}) -> Tensor"
 )
 
