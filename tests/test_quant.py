@@ -748,12 +748,14 @@ def test_power_quant_linear_eager_path_matches_op(monkeypatch):
     calls.clear()
     with torch.inference_mode():
         assert torch.equal(mod(xg.detach()), y.detach()) and calls == [xg.shape]
-    # A bias that wants a gradient goes through the op too, which refuses it rather than dropping it.
+    # A bias that wants a gradient goes through the op too, and gets it; the quantized weight refuses one.
     calls.clear()
+    bias = mod.bias.clone().requires_grad_(True)
+    quant_ops.quant_linear(xg.detach(), mod.codes, mod.scales, mod.codebook, bias, 4, 64, 256).sum().backward()
+    assert calls == [] and torch.equal(bias.grad, torch.full_like(bias, 2.0))
     with pytest.raises(NotImplementedError, match="frozen"):
-        quant_ops.quant_linear(xg.detach(), mod.codes, mod.scales, mod.codebook, mod.bias.clone().requires_grad_(True),
+        quant_ops.quant_linear(xg.detach(), mod.codes, mod.scales.clone().requires_grad_(True), mod.codebook, None,
                                4, 64, 256).sum().backward()
-    assert calls == []
     # A non-contiguous x and bad input take the full checks on the eager path too.
     with pytest.raises(ValueError, match="in_features"):
         with torch.no_grad():
@@ -1059,6 +1061,26 @@ def test_functions_fx_trace_as_leaves():
         assert targets.count(fn) == 1, fn.__name__
     x = torch.randn(3, 64)
     assert torch.equal(gm(x), model(x))
+
+
+@pytest.mark.parametrize("dtype", [F32, torch.bfloat16])
+def test_power_quant_linear_bias_gradient(dtype):
+    """A bias made to require a gradient (bias-only tuning of a quantized model) gets dy summed over
+    every token (float64 reference), eager and compiled alike, with or without x's gradient; the
+    quantized weight still takes none."""
+    layer = PowerQuantLinear.from_linear(_linear(64, 24, True, 7), 4, 32, a=0.7)
+    layer.bias.requires_grad_(True)
+    for x_grad in (False, True):
+        x = torch.randn(3, 5, 64, dtype=dtype, requires_grad=x_grad)
+        dy = torch.randn(3, 5, 24, dtype=dtype)
+        grads = []
+        for fn in (layer, torch.compile(layer, backend="aot_eager")):
+            layer.bias.grad = None
+            fn(x).backward(dy)
+            grads.append(layer.bias.grad)
+            assert layer.bias.grad.dtype == F32 and layer.codes.grad is None and layer.scales.grad is None
+        torch.testing.assert_close(grads[0], dy.double().sum((0, 1)).float(), rtol=1e-6, atol=1e-6)
+        assert torch.equal(grads[1], grads[0])
 
 
 def test_power_quant_linear_loads_built_on_meta_and_of_other_dtypes():

@@ -50,8 +50,9 @@ class PowerQuantLinear(nn.Module):
     """``y = x @ Ŵᵀ + b`` with Ŵ the power-dequantized weight, computed without forming Ŵ: each
     output row's 2^bits-entry table times its group scales meets x directly (a fused lookup-table
     dequantize-matmul; AVX-512 or AVX2 for 4 bits). The backward gives dx = dy @ Ŵ through the same
-    tables; the weight (codes, scales, exponents) and the bias are frozen buffers, so ``state_dict``
-    carries them and a fresh module built with the same configuration loads it (its ``bits`` and
+    tables; the weight (codes, scales, exponents) is frozen, and the bias takes a gradient only when
+    made to require one (``layer.bias.requires_grad_()``: dy summed over the tokens, in float32).
+    Both are buffers, so ``state_dict`` carries them and a fresh module built with the same configuration loads it (its ``bits`` and
     ``group_size`` ride in the state dict's metadata: a checkpoint saved by ``torch.save`` from a
     module of other ones is refused, even where the codes' shapes coincide, in_features <= 6).
 

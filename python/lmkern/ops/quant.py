@@ -647,19 +647,23 @@ def _fake_grad(ctx, dy, _dscales):
 
 
 def _linear_setup(ctx, inputs, output):
-    _x, codes, scales, table, _bias, bits, group_size, in_features = inputs
+    _x, codes, scales, table, bias, bits, group_size, in_features = inputs
     ctx.save_for_backward(codes, scales, table)
     ctx.bits, ctx.group_size, ctx.in_features = bits, group_size, in_features
+    ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _linear_grad(ctx, dy):
     codes, scales, table = ctx.saved_tensors
-    dx = None
+    dx = db = None
+    if any(ctx.needs_input_grad[1:4]):
+        raise NotImplementedError("power_quant_linear: the quantized weight (codes, scales, codebooks) is frozen (no gradient)")
     if ctx.needs_input_grad[0]:
         dx = torch.ops.lmkern.power_quant_linear_backward(dy, codes, scales, table, ctx.bits, ctx.group_size, ctx.in_features)
-    if any(ctx.needs_input_grad[1:5]):
-        raise NotImplementedError("power_quant_linear: the quantized weight, its scales, exponents and bias are frozen (no gradient)")
-    return dx, None, None, None, None, None, None, None
+    if ctx.needs_input_grad[4]:
+        # The bias's gradient: dy summed over every token, in float32.
+        db = dy.reshape(_rows(dy)[0], dy.shape[-1]).sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+    return dx, None, None, None, db, None, None, None
 
 
 def _no_double_backward(name):
