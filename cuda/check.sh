@@ -10,8 +10,8 @@
 #
 # Then, unless --no-emu, runs the kernels themselves on the CPU emulator (cuda/emu: every *_emu.cpp
 # is built with the host compiler against the same CUDA headers and must pass), twice: as is, and
-# under AddressSanitizer (a kernel reading outside its buffers fails); these runs go side by side,
-# one per core.
+# under AddressSanitizer and UBSan's alignment check (a kernel reading outside its buffers, or a
+# vector access at a misaligned address, fails); these runs go side by side, one per core.
 #
 # Usage: cuda/check.sh [-v] [--no-emu]     (-v: print ptxas register/spill statistics)
 set -euo pipefail
@@ -116,7 +116,8 @@ if [[ $emu == 1 ]]; then
     cxx="${CXX:-g++}"
     # One job per program and build: plain, then under AddressSanitizer (harness.h poisons the guard
     # bytes around every buffer, so a kernel that reads outside its buffers fails there; the plain
-    # build sees only writes outside them). Each job builds and runs one program on one core, so
+    # build sees only writes outside them) with UBSan's alignment check (a vector pack at an address
+    # its size does not divide, which x86 reads but a GPU faults on, fails there too). Each job builds and runs one program on one core, so
     # they run side by side, up to one per core, the longest (ASan) first; each job's output is
     # printed whole once all have ended, in a fixed order.
     emu_job() {  # emu_job SRC MODE: output to $tmp/<name>.<mode>.log, exit status to .rc
@@ -138,10 +139,11 @@ if [[ $emu == 1 ]]; then
                     rc=1
                 fi
             else
-                echo "== emu/$name.cpp: the same under AddressSanitizer"
-                if ! "$cxx" -std=c++17 -O1 -g -fsanitize=address -fno-omit-frame-pointer -U_FORTIFY_SOURCE \
+                echo "== emu/$name.cpp: the same under AddressSanitizer and UBSan's alignment check"
+                if ! "$cxx" -std=c++17 -O1 -g -fsanitize=address,alignment -fno-sanitize-recover=alignment \
+                    -fno-omit-frame-pointer -U_FORTIFY_SOURCE \
                     -Wall -Wno-unknown-pragmas -DLMKERN_EMU "${inc[@]}" -I "$here" -o "$bin" "$src" -ldl; then
-                    echo "FAILED: emu/$name.cpp does not build with -fsanitize=address"
+                    echo "FAILED: emu/$name.cpp does not build with -fsanitize=address,alignment"
                     rc=1
                 else
                     # ASan warns that it does not fully support the emulator's makecontext
@@ -152,7 +154,7 @@ if [[ $emu == 1 ]]; then
                         -e "False positive error reports may follow" -e "google/sanitizers/issues/189" \
                         "$out.err" || true
                     if [[ $rc != 0 ]]; then
-                        echo "FAILED: emu/$name under AddressSanitizer"
+                        echo "FAILED: emu/$name under AddressSanitizer / UBSan alignment"
                         rc=1
                     fi
                 fi
