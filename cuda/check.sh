@@ -114,12 +114,12 @@ done
 
 if [[ $emu == 1 ]]; then
     cxx="${CXX:-g++}"
-    # One job per program and build: plain, then under AddressSanitizer (harness.h poisons the guard
+    # One job per program and build: plain, and under AddressSanitizer (harness.h poisons the guard
     # bytes around every buffer, so a kernel that reads outside its buffers fails there; the plain
     # build sees only writes outside them) with UBSan's alignment check (a vector pack at an address
-    # its size does not divide, which x86 reads but a GPU faults on, fails there too). Each job builds and runs one program on one core, so
-    # they run side by side, up to one per core, the longest (ASan) first; each job's output is
-    # printed whole once all have ended, in a fixed order.
+    # its size does not divide, which x86 reads but a GPU faults on, fails there too). A job builds
+    # and runs one program on one core, so the jobs run side by side, one per core, the longest
+    # (ASan) first; each job's output is printed whole once all have ended, in a fixed order.
     emu_job() {  # emu_job SRC MODE: output to $tmp/<name>.<mode>.log, exit status to .rc
         local src="$1" mode="$2" name out bin rc=0
         name="$(basename "$src" .cpp)"
