@@ -144,7 +144,8 @@ def check_bits(bits) -> int:
 
 
 def check_group(group_size, n: int, of: str = "the last dimension") -> int:
-    """group_size (None: one group per row) as an int dividing n (`of` names n in the message)."""
+    """group_size (None: one group per row) as an int dividing n (`of` names n in the message); in the
+    fake impls under torch.compile(dynamic=True) n and the result may be SymInts."""
     if group_size is None:
         return max(n, 1)
     group_size = plain_number(group_size)
