@@ -367,6 +367,27 @@ def test_fake_quantize_forward_and_grads_match_reference(case):
     assert rel_err(da, da_ref) <= (1e-5 if dtype == F64 else TOL[dtype]) or (da - da_ref).abs().max().item() < 1e-6 * dy.to(F64).abs().sum().item()
 
 
+def test_fake_quantize_one_exponent_gradient_sums_rows_in_float64():
+    # One (0-d) exponent over many rows: its gradient is the sum of the per-row gradients. Rows in
+    # pairs whose gradients nearly cancel leave a total ~50x smaller than its terms, so a float32 sum
+    # of 2048 per-row terms misses the float64 reference by ~3e-5; a float64 sum is within 1e-5.
+    g = torch.Generator().manual_seed(0)
+    half = torch.randn(1024, 64, generator=g) * 1e6
+    x = torch.cat([half, half])
+    d = torch.randn(1024, 64, generator=g)
+    dy = torch.cat([d, -(d * 1.02)])
+    _, _, near = quantize_ref(x, torch.tensor(0.6).to(F64), 4, 64)
+    dy[near] = 0
+    for dtype in (F32, F64, BF16):
+        a = torch.tensor(0.6, dtype=dtype, requires_grad=True)
+        (da,) = torch.autograd.grad(power_fake_quantize(x, a, 4, None), a, dy)
+        _, _, rows_ref = fake_quantize_grads_ref(x, a.detach().to(F32).to(F64), dy, 4, 64)
+        ref = rows_ref.sum().item()
+        assert da.dtype == dtype and da.shape == ()
+        tol = 8e-3 if dtype == BF16 else 1e-5  # a bfloat16 exponent gets its gradient rounded to bfloat16
+        assert abs(da.item() - ref) <= tol * abs(ref), (dtype, da.item(), ref)
+
+
 def test_fake_quantize_grads_finite_at_zero_small_a_and_zero_groups():
     x = torch.zeros(4, 32)
     x[1] = torch.linspace(-1, 1, 32)  # contains ±1 (u = 1) and values near 0

@@ -168,7 +168,9 @@ def _exponents(a, rows: int, x: torch.Tensor) -> torch.Tensor:
         if not a.is_floating_point():
             raise TypeError(f"a: expected a floating tensor or a float; got dtype {a.dtype}")
         if a.dim() == 0:
-            a = a.reshape(1).expand(rows)
+            # Expanded in float64, so that autograd sums the per-row float32 gradients in float64:
+            # rows whose terms cancel would lose the sum's low digits in a float32 sum.
+            a = a.to(torch.float64).reshape(1).expand(rows)
         elif a.dim() != 1 or a.shape[0] != rows:
             raise ValueError(f"a: expected a float, a 0-d tensor or a 1-D tensor of {rows} exponents (one per row); got shape {tuple(a.shape)}")
         if a.device != x.device:
