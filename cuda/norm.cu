@@ -3,12 +3,15 @@
 // rust/core/src/norm/mod.rs; the launcher that picks a kernel and its shape is
 // rust/core/src/norm/cuda.rs.
 //
-// Entry points, for <t> in {f32, bf16, f16} (45 kernels):
+// Entry points, for <t> in {f32, bf16, f16} (60 kernels):
 //   norm_fwd_<t>[_v16][_r1|_r2|_r4]   forward: y, h (with residual), rstd
+//   norm_fwd_<t>_s16_r1|_r2|_r4
 //   norm_bwd_<t>[_v16][_r1|_r2]       backward: dx, and per-part float32 weight-gradient partials
+//   norm_bwd_<t>_s16_r1|_r2
 //   norm_dw_reduce_<t>                dw = scale · Σ_parts partial (block 32×32, one column per x)
 // _v16 kernels move 16-byte packs (VW = 16/sizeof(T) elements; the launcher checks n % VW == 0
-// and 16-byte alignment of every row-sized buffer), the others one element (VW = 1).
+// and 16-byte alignment of every row-sized buffer), _s16 kernels 16-byte packs between a head
+// and a tail of single elements (any n; see RowSplit), the others one element (VW = 1).
 // _r<VPT> kernels keep the row in registers: blockDim.x threads per row (a multiple of 32), each
 // holding VPT packs (n/VW <= VPT · blockDim.x), blockDim.y rows per block (blockDim.x·blockDim.y
 // <= 1024). Kernels without _r take a row of any length, one row per block (blockDim.y == 1),
@@ -243,6 +246,139 @@ __device__ __forceinline__ void fwd_loop(const FwdParams& p) {
             }
             store_pack<T, VW>(y, row_pack + i, pack_floats<T, VW>(f));
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rows cut at 16-byte boundaries (_s16 kernels): for rows that 16-byte packs from the row's start
+// do not fit (n not a multiple of VW, as CRMSNorm's odd d − 1, or a base not 16-byte aligned).
+// A row is `head` elements up to the first 16-byte boundary of its address, `packs` whole packs,
+// then `tail` elements. The launcher checks that the row buffers' addresses agree mod 16 (and are
+// multiples of sizeof(T)), so one cut fits them all, and that the packs fit in registers
+// (packs <= n/VW <= VPT · blockDim.x). The head and tail elements (at most 2·(VW − 1) < 32) are
+// one each for the first threads of the row; the weight is read element by element (its
+// alignment differs from row to row): its columns repeat every row, so they hit L1.
+// ---------------------------------------------------------------------------------------------
+template <typename T, int VW>
+struct RowSplit {
+    int head = 0, packs = 0, tail = 0;
+
+    // The cut of the row starting at element `offset` of `base`.
+    __device__ __forceinline__ static RowSplit of(const void* base, int64_t offset, int n) {
+        RowSplit s;
+        const uint64_t addr = reinterpret_cast<uint64_t>(base) + (uint64_t)offset * sizeof(T);
+        const int mis = (int)(addr % 16) / (int)sizeof(T);  // elements past the last boundary
+        const int head = (VW - mis) % VW;
+        s.head = head < n ? head : n;
+        s.packs = (n - s.head) / VW;
+        s.tail = n - s.head - s.packs * VW;
+        return s;
+    }
+    __device__ __forceinline__ int edges() const { return head + tail; }
+    // Column of edge element k < edges(): the head first, then the tail.
+    __device__ __forceinline__ int edge_col(int k) const { return k < head ? k : head + packs * VW + (k - head); }
+};
+
+// The factor (offset + w) of VW columns starting at column c, element by element (1 without weight).
+template <typename T, int VW>
+__device__ __forceinline__ void weight_factor_at(const T* __restrict__ w, int c, float offset, float (&wf)[VW]) {
+#pragma unroll
+    for (int e = 0; e < VW; ++e) wf[e] = w != nullptr ? offset + to_float(w[c + e]) : 1.0f;
+}
+
+template <typename T>
+__device__ __forceinline__ float weight_factor_one(const T* __restrict__ w, int c, float offset) {
+    return w != nullptr ? offset + to_float(w[c]) : 1.0f;
+}
+
+// Forward of cut rows, row in registers: as fwd_reg, plus one edge element per thread.
+template <typename T, int VW, int VPT>
+__device__ __forceinline__ void fwd_split(const FwdParams& p) {
+    using P = Pack<T, VW>;
+    const T* x = static_cast<const T*>(p.x);
+    const T* res = static_cast<const T*>(p.residual);
+    const T* __restrict__ w = static_cast<const T*>(p.weight);
+    T* y = static_cast<T*>(p.y);
+    T* hout = static_cast<T*>(p.h);
+    __shared__ float red[2 * 32];
+
+    const int tx = threadIdx.x;
+    const int64_t step = (int64_t)gridDim.x * blockDim.y;
+    for (int64_t base = (int64_t)blockIdx.x * blockDim.y; base < p.rows; base += step) {
+        const int64_t row = base + threadIdx.y;
+        const bool active = row < p.rows;
+        const int64_t off = active ? row * p.n : 0;
+        const RowSplit<T, VW> sp = active ? RowSplit<T, VW>::of(p.x, off, p.n) : RowSplit<T, VW>{};
+        const int64_t body = off + sp.head;  // first element of the packs: 16-byte aligned
+        const bool edge = tx < sp.edges();
+        const int ecol = edge ? sp.edge_col(tx) : 0;
+
+        P hv[VPT] = {};
+        float he = 0.0f;  // this thread's edge element of h (0 if none)
+#pragma unroll
+        for (int k = 0; k < VPT; ++k) {
+            const int i = tx + k * blockDim.x;
+            if (i < sp.packs) hv[k] = load_inout<T, VW>(x + body, i);
+        }
+        if (edge) he = to_float(x[off + ecol]);
+        if (res != nullptr) {
+            P rv[VPT] = {};
+#pragma unroll
+            for (int k = 0; k < VPT; ++k) {
+                const int i = tx + k * blockDim.x;
+                if (i < sp.packs) rv[k] = load_inout<T, VW>(res + body, i);
+            }
+            const float re = edge ? to_float(res[off + ecol]) : 0.0f;
+#pragma unroll
+            for (int k = 0; k < VPT; ++k) {
+                const int i = tx + k * blockDim.x;
+                if (i < sp.packs) {
+                    float a[VW], b[VW];
+                    unpack(hv[k], a);
+                    unpack(rv[k], b);
+#pragma unroll
+                    for (int e = 0; e < VW; ++e) a[e] += b[e];
+                    hv[k] = pack_floats<T, VW>(a);  // h is rounded to T, then used
+                    store_pack<T, VW>(hout + body, i, hv[k]);
+                }
+            }
+            if (edge) {
+                const T hr = from_float<T>(he + re);
+                hout[off + ecol] = hr;
+                he = to_float(hr);
+            }
+        }
+
+        float ss = he * he, s = he;
+#pragma unroll
+        for (int k = 0; k < VPT; ++k) {
+            float f[VW];
+            unpack(hv[k], f);  // zeros outside the row
+#pragma unroll
+            for (int e = 0; e < VW; ++e) {
+                ss = fmaf(f[e], f[e], ss);
+                s += f[e];
+            }
+        }
+
+        const float r = fwd_rstd(ss, s, p, red);  // every thread of the block calls this
+        if (active && tx == 0 && p.rstd != nullptr) p.rstd[row] = r;
+        const float rs = r * p.scale;
+
+#pragma unroll
+        for (int k = 0; k < VPT; ++k) {
+            launder(hv[k]);
+            const int i = tx + k * blockDim.x;
+            if (i < sp.packs) {
+                float f[VW], wf[VW];
+                unpack(hv[k], f);
+                weight_factor_at<T, VW>(w, sp.head + i * VW, p.offset, wf);
+#pragma unroll
+                for (int e = 0; e < VW; ++e) f[e] = f[e] * rs * wf[e];
+                store_pack<T, VW>(y + body, i, pack_floats<T, VW>(f));
+            }
+        }
+        if (edge) y[off + ecol] = from_float<T>(he * rs * weight_factor_one(w, ecol, p.offset));
     }
 }
 
@@ -534,6 +670,125 @@ __device__ __forceinline__ void bwd_loop(const BwdParams& p) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Backward of cut rows (see RowSplit), row in registers, one row at a time (blockDim.y == 1). A
+// thread's columns change with the row's cut, so the part's weight-gradient partial is summed in
+// dynamic shared memory, column j at j + j/32 (n + n/32 floats: the padding spreads a warp's
+// stride-VW columns over all 32 banks). Within a row every column has one owner; a barrier after
+// each row's reduction orders one row's additions before the next row's, so each column is summed
+// in row order.
+// ---------------------------------------------------------------------------------------------
+__device__ __forceinline__ int padded_col(int j) { return j + (j >> 5); }
+
+template <typename T, int VW, int VPT>
+__device__ __forceinline__ void bwd_split(const BwdParams& p) {
+    using P = Pack<T, VW>;
+    const T* __restrict__ dy = static_cast<const T*>(p.dy);
+    const T* __restrict__ hin = static_cast<const T*>(p.h);
+    const T* __restrict__ w = static_cast<const T*>(p.weight);
+    const T* __restrict__ dh_out = static_cast<const T*>(p.dh_out);
+    T* __restrict__ dx = static_cast<T*>(p.dx);
+    __shared__ float red[2 * 32];
+    float* dws = p.dw_partial != nullptr ? dynamic_smem<float>() : nullptr;
+
+    const int tx = threadIdx.x;
+    for (int64_t part = blockIdx.x; part < p.parts; part += gridDim.x) {
+        int64_t r0, r1;
+        part_range(part, p, r0, r1);
+        if (dws != nullptr) {
+            for (int j = tx; j < p.n; j += blockDim.x) dws[padded_col(j)] = 0.0f;
+            // The first row's bwd_coef barrier orders these before any addition.
+        }
+
+        for (int64_t row = r0; row < r1; ++row) {
+            const int64_t off = row * p.n;
+            const RowSplit<T, VW> sp = RowSplit<T, VW>::of(p.dy, off, p.n);
+            const int64_t body = off + sp.head;
+            const bool edge = tx < sp.edges();
+            const int ecol = edge ? sp.edge_col(tx) : 0;
+            const float r = p.rstd[row];
+
+            P dyv[VPT] = {}, hv[VPT] = {};
+#pragma unroll
+            for (int k = 0; k < VPT; ++k) {
+                const int i = tx + k * blockDim.x;
+                if (i < sp.packs) {
+                    dyv[k] = load_pack<T, VW>(dy + body, i);
+                    hv[k] = load_pack<T, VW>(hin + body, i);
+                }
+            }
+            const float dye = edge ? to_float(dy[off + ecol]) : 0.0f;
+            const float hve = edge ? to_float(hin[off + ecol]) : 0.0f;
+            const float wfe = weight_factor_one(w, ecol, p.offset);
+
+            float cp = dye * wfe * hve, s = hve;
+#pragma unroll
+            for (int k = 0; k < VPT; ++k) {
+                const int i = tx + k * blockDim.x;
+                float dyf[VW], hf[VW], wf[VW];
+                unpack(dyv[k], dyf);  // zeros outside the row
+                unpack(hv[k], hf);
+                weight_factor_at<T, VW>(w, i < sp.packs ? sp.head + i * VW : 0, p.offset, wf);
+#pragma unroll
+                for (int e = 0; e < VW; ++e) {
+                    cp = fmaf(dyf[e] * wf[e], hf[e], cp);
+                    s += hf[e];
+                }
+            }
+
+            const BwdCoef q = bwd_coef(cp, s, r, p, red);  // every thread of the block calls this
+            // A one-warp row sums without a barrier: order the previous row's additions here.
+            if (dws != nullptr && blockDim.x == 32) __syncthreads();
+
+#pragma unroll
+            for (int k = 0; k < VPT; ++k) {
+                launder(dyv[k]);
+                launder(hv[k]);
+                const int i = tx + k * blockDim.x;
+                if (i < sp.packs) {
+                    const int c = sp.head + i * VW;
+                    float dyf[VW], hf[VW], wf[VW], d[VW];
+                    unpack(dyv[k], dyf);
+                    unpack(hv[k], hf);
+                    weight_factor_at<T, VW>(w, c, p.offset, wf);
+#pragma unroll
+                    for (int e = 0; e < VW; ++e) d[e] = q.a * dyf[e] * wf[e] - q.b * (hf[e] + q.shift);
+                    if (dh_out != nullptr) {
+                        float g[VW];
+                        unpack(load_pack<T, VW>(dh_out + body, i), g);
+#pragma unroll
+                        for (int e = 0; e < VW; ++e) d[e] += g[e];
+                    }
+                    store_pack<T, VW>(dx + body, i, pack_floats<T, VW>(d));
+                    if (dws != nullptr) {
+#pragma unroll
+                        for (int e = 0; e < VW; ++e) {
+                            float& acc = dws[padded_col(c + e)];
+                            acc = fmaf(dyf[e] * hf[e], r, acc);
+                        }
+                    }
+                }
+            }
+            if (edge) {
+                float d = q.a * dye * wfe - q.b * (hve + q.shift);
+                if (dh_out != nullptr) d += to_float(dh_out[off + ecol]);
+                dx[off + ecol] = from_float<T>(d);
+                if (dws != nullptr) {
+                    float& acc = dws[padded_col(ecol)];
+                    acc = fmaf(dye * hve, r, acc);
+                }
+            }
+        }
+
+        if (dws != nullptr) {
+            __syncthreads();  // the last row's additions
+            float* prow = p.dw_partial + part * p.n;
+            for (int j = tx; j < p.n; j += blockDim.x) prow[j] = dws[padded_col(j)];
+            __syncthreads();  // before the next part clears dws
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // dw[j] = T(scale · Σ_p partial[p][j]). Block (32, 32): threadIdx.x picks the column, threadIdx.y
 // one of 32 contiguous chunks of parts, chunk c = [c*parts/32, (c+1)*parts/32). Each chunk is
 // summed in increasing p, then the chunk sums in increasing c: a fixed, shape-only order.
@@ -593,6 +848,11 @@ __device__ __forceinline__ void dw_reduce(const ReduceParams& p) {
     LMKERN_NORM_BWD(norm_bwd_##TN##_r2, bwd_reg<T, 1, 2>)                        \
     LMKERN_NORM_BWD(norm_bwd_##TN##_v16_r1, bwd_reg<T, VEC, 1>)                  \
     LMKERN_NORM_BWD(norm_bwd_##TN##_v16_r2, bwd_reg<T, VEC, 2>)                  \
+    LMKERN_NORM_FWD(norm_fwd_##TN##_s16_r1, fwd_split<T, VEC, 1>)                \
+    LMKERN_NORM_FWD(norm_fwd_##TN##_s16_r2, fwd_split<T, VEC, 2>)                \
+    LMKERN_NORM_FWD(norm_fwd_##TN##_s16_r4, fwd_split<T, VEC, 4>)                \
+    LMKERN_NORM_BWD(norm_bwd_##TN##_s16_r1, bwd_split<T, VEC, 1>)                \
+    LMKERN_NORM_BWD(norm_bwd_##TN##_s16_r2, bwd_split<T, VEC, 2>)                \
     extern "C" __global__ void __launch_bounds__(1024)                           \
         norm_dw_reduce_##TN(const __grid_constant__ lmkern::norm::ReduceParams p) { \
         lmkern::norm::dw_reduce<T>(p);                                           \

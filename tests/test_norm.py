@@ -1393,8 +1393,10 @@ def test_extreme_row_magnitudes(crms, dtype, mag, eps, residual):
 # ------------------------------------------------------------------------------------------------
 # CUDA (marker `cuda`: skipped unless lmkern's CUDA path works here)
 # ------------------------------------------------------------------------------------------------
+# Odd rows of >= 32 16-byte packs (1023, 257, 4095: CRMSNorm's d - 1) are cut at 16-byte boundaries
+# (the _s16 kernels), shorter ones (7) go one element at a time.
 CUDA_SHAPES = [(1, 1), (3, 7), (5, 1023), (4, 1024), (8, 4096), (2, 8192), (3, 16384 + 8), (2, 65536), (2, 262144),
-               (1000, 257), (2048, 2048)]
+               (1000, 257), (2048, 2048), (33, 4095)]
 
 
 def _cuda_case(shape, dtype, seed, **kw):
@@ -1572,10 +1574,11 @@ def test_cuda_bad_input(crms):
 @pytest.mark.cuda
 @KINDS
 @pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=str)
-# Row in registers (1031: one element per pack); the looped kernel with 1-element packs (4097) and
-# with 16-byte packs (40960), whose second pass must read h back, residual being h by then.
-# 256: 16-byte packs, several rows per block.
-@pytest.mark.parametrize("n", [256, 1031, 4097, 40960], ids=["registers-v16", "registers", "loop", "loop-v16"])
+# Row in registers (101: one element per pack; 1031: cut at 16-byte boundaries, _s16); the looped
+# kernel with 1-element packs (40961: more packs than the cut rows hold in registers) and with
+# 16-byte packs (40960), whose second pass must read h back, residual being h by then. 256: 16-byte
+# packs, several rows per block.
+@pytest.mark.parametrize("n", [256, 101, 1031, 40961, 40960], ids=["registers-v16", "registers", "registers-s16", "loop", "loop-v16"])
 def test_cuda_inplace_equals_out_of_place(crms, dtype, n):
     fn, ref = NORMS[crms]
     x, w, r, _, _ = _cuda_case((37, n), dtype, 51, weight=True, residual=True)

@@ -28,11 +28,15 @@ typedef void (*FwdFn)(const FwdParams);
 typedef void (*BwdFn)(const BwdParams);
 typedef void (*RedFn)(const ReduceParams);
 
+// How a row is cut (rust/core/src/norm/cuda.rs, Packing): one element at a time, 16-byte packs
+// from the row's start (_v16), or 16-byte packs between a head and a tail (_s16, registers only).
+enum Kind { ELEM = 0, VEC = 1, SPLIT = 2 };
+
 struct Kernels {
     const char* name;
     int vec;            // elements per 16-byte pack
-    FwdFn fwd[2][5];    // [vector][0: loop, 1/2/4: registers]
-    BwdFn bwd[2][3];    // [vector][0: loop, 1/2: registers]
+    FwdFn fwd[3][5];    // [kind][0: loop, 1/2/4: registers]
+    BwdFn bwd[3][3];    // [kind][0: loop, 1/2: registers]
     RedFn reduce;
 };
 
@@ -40,9 +44,11 @@ struct Kernels {
     Kernels {                                                                                                \
         #TN, VEC,                                                                                            \
             {{norm_fwd_##TN, norm_fwd_##TN##_r1, norm_fwd_##TN##_r2, nullptr, norm_fwd_##TN##_r4},           \
-             {norm_fwd_##TN##_v16, norm_fwd_##TN##_v16_r1, norm_fwd_##TN##_v16_r2, nullptr, norm_fwd_##TN##_v16_r4}}, \
+             {norm_fwd_##TN##_v16, norm_fwd_##TN##_v16_r1, norm_fwd_##TN##_v16_r2, nullptr, norm_fwd_##TN##_v16_r4}, \
+             {nullptr, norm_fwd_##TN##_s16_r1, norm_fwd_##TN##_s16_r2, nullptr, norm_fwd_##TN##_s16_r4}}, \
             {{norm_bwd_##TN, norm_bwd_##TN##_r1, norm_bwd_##TN##_r2},                                      \
-             {norm_bwd_##TN##_v16, norm_bwd_##TN##_v16_r1, norm_bwd_##TN##_v16_r2}},                       \
+             {norm_bwd_##TN##_v16, norm_bwd_##TN##_v16_r1, norm_bwd_##TN##_v16_r2},                        \
+             {nullptr, norm_bwd_##TN##_s16_r1, norm_bwd_##TN##_s16_r2}},                                   \
             norm_dw_reduce_##TN                                                                              \
     }
 
@@ -80,7 +86,24 @@ struct Shape {
     int vpt;  // 0: looped kernel
     unsigned tx, ry, grid;
     size_t smem;
+    int kind = -1;  // a Kind; -1: as the planner picks it
 };
+
+// Dynamic shared memory of an _s16 backward with a weight gradient (padded dw sums).
+static size_t split_dw_bytes(size_t n) { return (n + n / 32) * 4; }
+
+// The planner's packing: aligned rows take _v16; other rows of >= 32 packs (the emulator's
+// buffers agree mod 16) are cut, where the registers (and for the backward with dw, the default
+// 48 KiB of shared memory, 1 KiB kept aside) hold them; the rest go one element at a time.
+static Kind fwd_kind(bool aligned, size_t n, int vec) {
+    if (aligned) return VEC;
+    return n / vec >= 32 && n / vec <= 4096 ? SPLIT : ELEM;
+}
+static Kind bwd_kind(bool aligned, size_t n, int vec, bool want_dw) {
+    if (aligned) return VEC;
+    const bool fits = n / vec >= 32 && n / vec <= 2048 && (!want_dw || split_dw_bytes(n) <= 48 * 1024 - 1024);
+    return fits ? SPLIT : ELEM;
+}
 
 static void row_threads(size_t nv, size_t goal, unsigned& tx, int& vpt) {
     size_t t = ((nv + goal - 1) / goal + 31) / 32 * 32;
@@ -134,11 +157,10 @@ static double uniform(double lo, double hi) { return std::uniform_real_distribut
 template <typename T>
 static void run_case(const Kernels& K, const Case& c, const Shape* fwd_override, const Shape* bwd_override) {
     const size_t rows = c.rows, n = c.n, N = rows * n;
-    const size_t mis = c.misalign ? sizeof(T) : 0;
     const int vec = K.vec;
-    const bool vector = !c.misalign && n % vec == 0;
-    const int vw = vector ? vec : 1;
-    const size_t nv = n / vw;
+    // Misaligned: every buffer the same 1..VW-1 elements past a 16-byte boundary.
+    const size_t mis = c.misalign ? sizeof(T) * (1 + (n + rows) % (vec - 1)) : 0;
+    const bool aligned = !c.misalign && n % vec == 0;
     const double div = c.crms ? double(n) + 1 : double(n);
     char label[256];
     snprintf(label, sizeof label, "%s rows=%zu n=%zu %s res=%d w=%d dh=%d dw=%d mis=%d off=%g sc=%g mag=%g%s", K.name,
@@ -180,12 +202,13 @@ static void run_case(const Kernels& K, const Case& c, const Shape* fwd_override,
     fp.rstd = rstd.as<float>();
     fp.rows = (int64_t)rows, fp.n = (int32_t)n, fp.crms = c.crms;
     fp.eps = (float)c.eps, fp.inv_div = (float)(1.0 / div), fp.offset = (float)c.offset, fp.scale = (float)c.scale;
-    Shape fs = fwd_override ? *fwd_override : plan_fwd(rows, nv);
-    FwdFn ff = K.fwd[vector][fs.vpt];
+    const Kind fk = fwd_override && fwd_override->kind >= 0 ? Kind(fwd_override->kind) : fwd_kind(aligned, n, vec);
+    Shape fs = fwd_override ? *fwd_override : plan_fwd(rows, n / (fk == ELEM ? 1 : vec));
+    FwdFn ff = K.fwd[fk][fs.vpt];
     emu::launch(dim3(fs.grid), dim3(fs.tx, fs.ry), 0, [&] { ff(fp); });
 
     const double tol = sizeof(T) == 4 ? 1e-5 : 1e-2;
-    std::string fl = std::string(label) + " fwd vpt=" + std::to_string(fs.vpt) + " tx=" + std::to_string(fs.tx) +
+    std::string fl = std::string(label) + " fwd kind=" + std::to_string(fk) + " vpt=" + std::to_string(fs.vpt) + " tx=" + std::to_string(fs.tx) +
                      " ry=" + std::to_string(fs.ry) + " grid=" + std::to_string(fs.grid);
     {
         std::vector<double> yk(N), rk(rows);
@@ -253,11 +276,18 @@ static void run_case(const Kernels& K, const Case& c, const Shape* fwd_override,
     bp.dx = dx.ptr(), bp.dw_partial = want_dw ? partial.as<float>() : nullptr;
     bp.rows = (int64_t)rows, bp.parts = (int64_t)parts, bp.n = (int32_t)n, bp.crms = c.crms;
     bp.inv_div = (float)(1.0 / div), bp.offset = (float)c.offset, bp.scale = (float)c.scale;
-    Shape bs = bwd_override ? *bwd_override : plan_bwd(rows, nv, parts, vw, want_dw);
-    if (bwd_override && want_dw && bs.ry > 1) bs.smem = (size_t)(bs.ry - 1) * bs.tx * bs.vpt * vw * 4;
-    BwdFn bf = K.bwd[vector][bs.vpt];
+    const Kind bk = bwd_override && bwd_override->kind >= 0 ? Kind(bwd_override->kind) : bwd_kind(aligned, n, vec, want_dw);
+    const int vw = bk == ELEM ? 1 : vec;
+    Shape bs = bwd_override ? *bwd_override : plan_bwd(rows, n / vw, parts, vw, want_dw);
+    if (bk == SPLIT) {
+        bs.ry = 1;  // the _s16 backward: one row per block, dw sums in shared memory
+        bs.smem = want_dw ? split_dw_bytes(n) : 0;
+    } else if (bwd_override && want_dw && bs.ry > 1) {
+        bs.smem = (size_t)(bs.ry - 1) * bs.tx * bs.vpt * vw * 4;
+    }
+    BwdFn bf = K.bwd[bk][bs.vpt];
     emu::launch(dim3(bs.grid), dim3(bs.tx, bs.ry), bs.smem, [&] { bf(bp); });
-    std::string bl = std::string(label) + " bwd vpt=" + std::to_string(bs.vpt) + " tx=" + std::to_string(bs.tx) +
+    std::string bl = std::string(label) + " bwd kind=" + std::to_string(bk) + " vpt=" + std::to_string(bs.vpt) + " tx=" + std::to_string(bs.tx) +
                      " ry=" + std::to_string(bs.ry) + " grid=" + std::to_string(bs.grid) + " parts=" + std::to_string(parts);
     {
         std::vector<double> dxk(N);
@@ -312,9 +342,13 @@ static void suite(const Kernels& K) {
         }
     } report{K.name};
     const int vec = K.vec;
-    // Row lengths: tiny, odd, pack multiples, every register tier, and the looped kernels.
-    std::vector<size_t> ns = {1, 2, 3, 7, 8, 16, 31, 33, 64, 100, 128, 264, 520, 1000, 1024, 2056};
-    std::vector<size_t> big = {(size_t)2048 * vec + vec, (size_t)4096 * vec + vec};  // beyond bwd / fwd registers
+    // Row lengths: tiny, odd, pack multiples, every register tier, and the looped kernels; odd
+    // rows long enough to be cut (_s16: the cut moves from row to row).
+    std::vector<size_t> ns = {1, 2, 3, 7, 8, 16, 31, 33, 64, 100, 128, 257, 264, 520, 1000, 1001, 1024, 2056, 4095};
+    // Beyond bwd / fwd registers; odd ones just inside them, cut (the f32 backward's dw sums fit in
+    // shared memory, the 16-bit ones' do not: one element at a time).
+    std::vector<size_t> big = {(size_t)2048 * vec + vec, (size_t)4096 * vec + vec, (size_t)2048 * vec - 1,
+                               (size_t)4096 * vec - 1};
     int idx = 0;
     for (size_t n : ns) {
         for (size_t rows : {1, 5, 40}) {
@@ -367,10 +401,13 @@ static void suite(const Kernels& K) {
     }
 
     // Other launch shapes on the same kernels: grid-stride loops (grid smaller than needed), more
-    // rows per block than rows, idle packs (TX * VPT well above n/VW), looped kernels on short rows.
+    // rows per block than rows, idle packs (TX * VPT well above n/VW), looped kernels on short rows;
+    // on aligned rows, misaligned rows one element at a time, and misaligned rows cut (_s16, also
+    // on rows shorter than the planner cuts).
     for (size_t n : {8, 64, 200, 1024}) {
-        for (bool misalign : {false, true}) {
-            const int vw = (!misalign && n % vec == 0) ? vec : 1;
+        for (int kind : {-1, (int)ELEM, (int)SPLIT}) {
+            const bool misalign = kind >= 0;
+            const int vw = kind == SPLIT || (!misalign && n % vec == 0) ? vec : 1;
             const size_t nv = n / vw, rows = 37, parts = dw_parts(rows, n);
             Case c{};
             c.rows = rows, c.n = n, c.crms = n % 16 == 8, c.residual = true, c.weight = true, c.dh_out = n == 64;
@@ -381,23 +418,37 @@ static void suite(const Kernels& K) {
                 if ((size_t)tx * vpt < nv) continue;
                 for (unsigned ry : {1u, 3u}) {
                     if (tx * ry > 1024) continue;
-                    Shape fs{vpt, tx, ry, 2, 0};
-                    Shape bs{vpt <= 2 ? vpt : 2, tx, ry, (unsigned)std::max<size_t>(parts / 2, 1), 0};
-                    if ((size_t)bs.tx * bs.vpt < nv) bs.vpt = 0, bs.tx = 256, bs.ry = 1;
+                    Shape fs{vpt, tx, ry, 2, 0, kind};
+                    Shape bs{vpt <= 2 ? vpt : 2, tx, ry, (unsigned)std::max<size_t>(parts / 2, 1), 0, kind};
+                    if ((size_t)bs.tx * bs.vpt < nv) {
+                        if (kind == SPLIT) bs.vpt = 2, bs.tx = std::min<unsigned>(tx * 2, 1024);
+                        else bs.vpt = 0, bs.tx = 256, bs.ry = 1;
+                    }
                     run_case<T>(K, c, &fs, &bs);
                 }
-                Shape wide{vpt, std::min<unsigned>(tx * 2, 1024), 1, 5, 0};
+                Shape wide{vpt, std::min<unsigned>(tx * 2, 1024), 1, 5, 0, kind};
                 const unsigned wtx = std::min<unsigned>(tx * 2, 1024);
-                Shape wideb{vpt <= 2 ? vpt : 2, wtx, wtx <= 512 ? 2u : 1u, (unsigned)parts, 0};
+                Shape wideb{vpt <= 2 ? vpt : 2, wtx, wtx <= 512 ? 2u : 1u, (unsigned)parts, 0, kind};
                 if ((size_t)wideb.tx * wideb.vpt < nv) wideb.vpt = 0, wideb.ry = 1;
-                run_case<T>(K, c, &wide, &wideb);
+                if (wideb.vpt > 0 || kind != SPLIT) run_case<T>(K, c, &wide, &wideb);
             }
-            Shape lf{0, 64, 1, 7, 0}, lb{0, 96, 1, (unsigned)std::max<size_t>(parts - 1, 1), 0};
+            const unsigned rtx = (unsigned)std::min<size_t>((nv + 31) / 32 * 32, 1024);
+            Shape rf{1, rtx, rtx <= 256 ? 3u : 1u, 2, 0, kind};
+            if (kind == SPLIT) {
+                // No looped _s16 kernels: grid-stride and in place on the register kernels only.
+                Shape rb{(int)std::min<size_t>((nv + rtx - 1) / rtx, 2), rtx, 1, (unsigned)std::max<size_t>(parts - 1, 1), 0, kind};
+                c.inplace = true;
+                run_case<T>(K, c, &rf, &rb);
+                c.residual = false;
+                run_case<T>(K, c, &rf, &rb);
+                c.weight = false, c.dh_out = true;  // no weight: factor 1 on the head, packs and tail
+                run_case<T>(K, c, &rf, &rb);
+                continue;
+            }
+            Shape lf{0, 64, 1, 7, 0, kind}, lb{0, 96, 1, (unsigned)std::max<size_t>(parts - 1, 1), 0, kind};
             run_case<T>(K, c, &lf, &lb);
             c.inplace = true;  // grid-stride in place, on both kinds of kernel
             run_case<T>(K, c, &lf, &lb);
-            const unsigned rtx = (unsigned)std::min<size_t>((nv + 31) / 32 * 32, 1024);
-            Shape rf{1, rtx, rtx <= 256 ? 3u : 1u, 2, 0};
             run_case<T>(K, c, &rf, &lb);
             c.residual = false;  // in place without residual: y over x alone
             run_case<T>(K, c, &lf, &lb);
@@ -410,9 +461,9 @@ static void suite(const Kernels& K) {
 template <typename T>
 static void empty_rows(const Kernels& K) {
     for (size_t n : {5, 64, 3000}) {
-        for (bool vector : {false, true}) {
-            if (vector && n % K.vec) continue;
-            const int vw = vector ? K.vec : 1;
+        for (int kind : {ELEM, VEC, SPLIT}) {
+            if (kind == VEC && n % K.vec) continue;
+            const int vw = kind == ELEM ? 1 : K.vec;
             const size_t parts = dw_parts(0, n);
             Buf partial(parts * n * 4, 0), dw(n * sizeof(T), 0), w(n * sizeof(T), 0);
             for (size_t j = 0; j < n; ++j) w.as<T>()[j] = from_f<T>(1.0f);
@@ -420,7 +471,9 @@ static void empty_rows(const Kernels& K) {
             bp.weight = w.ptr(), bp.dw_partial = partial.as<float>(), bp.rows = 0, bp.parts = (int64_t)parts;
             bp.n = (int32_t)n, bp.inv_div = 1.0f / n, bp.scale = 1.0f;
             Shape bs = plan_bwd(0, n / vw, parts, vw, true);
-            emu::launch(dim3(bs.grid), dim3(bs.tx, bs.ry), bs.smem, [&] { K.bwd[vector][bs.vpt](bp); });
+            if (kind == SPLIT) bs.ry = 1, bs.smem = split_dw_bytes(n);
+            if (bs.vpt == 0 && kind == SPLIT) continue;  // no looped _s16 kernel
+            emu::launch(dim3(bs.grid), dim3(bs.tx, bs.ry), bs.smem, [&] { K.bwd[kind][bs.vpt](bp); });
             ReduceParams rp{};
             rp.partial = partial.as<float>(), rp.dw = dw.ptr(), rp.parts = (int64_t)parts, rp.n = (int32_t)n, rp.scale = 1.0f;
             emu::launch(dim3((unsigned)((n + 31) / 32)), dim3(32, 32), 0, [&] { K.reduce(rp); });

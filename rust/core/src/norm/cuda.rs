@@ -2,8 +2,11 @@
 //!
 //! Kernel choice and launch shape depend on the shape, dtype and buffer alignment only, so results
 //! are reproducible run to run:
-//! - pack width VW: 16-byte packs (16/sizeof(T) elements) when n is a multiple of it and every
-//!   row-sized buffer is 16-byte aligned, else one element (`_v16` kernels vs plain ones);
+//! - packing ([`Packing`]): 16-byte packs (VW = 16/sizeof(T) elements) from each row's start when
+//!   n is a multiple of VW and every buffer is 16-byte aligned (`_v16` kernels); else, for rows of
+//!   at least 32 packs whose row buffers agree mod 16, 16-byte packs between a head and a tail of
+//!   single elements (`_s16`, row in registers only: CRMSNorm's odd d − 1, offset views); else one
+//!   element at a time (plain kernels);
 //! - row in registers (`_r<VPT>` kernels) when the row fits: blockDim.x = TX threads per row (a
 //!   multiple of 32, at most 1024), each holding VPT packs, TX·VPT ≥ n/VW, and blockDim.y = RY rows
 //!   per block (about 256 threads per block for small rows);
@@ -168,14 +171,36 @@ impl Plan {
     }
 }
 
-/// Elements per pack: 16 bytes' worth when n allows it and every given row buffer is 16-byte
-/// aligned (0 = not given), else 1.
-pub(crate) fn pack_width(dtype: DType, n: usize, ptrs: &[u64]) -> usize {
-    let vw = 16 / dtype.size();
-    if n.is_multiple_of(vw) && ptrs.iter().all(|&p| p.is_multiple_of(16)) {
-        vw
+/// How the kernels cut a row into loads and stores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Packing {
+    /// One element at a time.
+    Elements,
+    /// 16-byte packs from each row's start (`_v16`): n a multiple of the pack, every buffer 16-byte
+    /// aligned.
+    Aligned,
+    /// 16-byte packs between a head and a tail of single elements (`_s16`, cuda/norm.cu's
+    /// RowSplit): any n, the row buffers' addresses equal mod 16; the weight is read element-wise.
+    Split,
+}
+
+/// Rows of fewer 16-byte packs than this are not cut (`Split`): too short to gain from it.
+const SPLIT_MIN_PACKS: usize = 32;
+
+/// The packing for rows of n elements in the row-sized buffers `rows` and the column-indexed
+/// buffers `cols` (the weight, dw's partials); 0 = not given.
+pub(crate) fn packing(dtype: DType, n: usize, rows: &[u64], cols: &[u64]) -> Packing {
+    let (size, vw) = (dtype.size() as u64, 16 / dtype.size());
+    let given = || rows.iter().chain(cols).filter(|&&p| p != 0);
+    if n.is_multiple_of(vw) && given().all(|&p| p.is_multiple_of(16)) {
+        return Packing::Aligned;
+    }
+    let first = rows.iter().copied().find(|&p| p != 0).unwrap_or(0);
+    let agree = rows.iter().all(|&p| p == 0 || (p.is_multiple_of(size) && p % 16 == first % 16));
+    if agree && n / vw >= SPLIT_MIN_PACKS {
+        Packing::Split
     } else {
-        1
+        Packing::Elements
     }
 }
 
@@ -192,9 +217,18 @@ fn row_threads(nv: usize, goal: usize) -> (usize, usize) {
     (tx, vpt)
 }
 
-pub(crate) fn plan_fwd(dtype: DType, rows: usize, n: usize, vw: usize, tune: Tune) -> Result<Plan> {
+/// Elements per pack and kernel-name infix of a packing.
+fn pack_kind(dtype: DType, packing: Packing) -> (usize, &'static str) {
+    match packing {
+        Packing::Elements => (1, ""),
+        Packing::Aligned => (16 / dtype.size(), "_v16"),
+        Packing::Split => (16 / dtype.size(), "_s16"),
+    }
+}
+
+pub(crate) fn plan_fwd(dtype: DType, rows: usize, n: usize, packing: Packing, tune: Tune) -> Result<Plan> {
     let t = type_suffix(dtype)?;
-    let v = if vw > 1 { "_v16" } else { "" };
+    let (vw, v) = pack_kind(dtype, packing);
     let nv = n / vw;
     if nv <= MAX_THREADS * FWD_MAX_VPT {
         let (tx, vpt) = row_threads(nv, tune.fwd_vpt);
@@ -207,6 +241,9 @@ pub(crate) fn plan_fwd(dtype: DType, rows: usize, n: usize, vw: usize, tune: Tun
             vw,
             vpt,
         })
+    } else if packing == Packing::Split {
+        // No looped kernel cuts rows: beyond the registers, one element at a time.
+        plan_fwd(dtype, rows, n, Packing::Elements, tune)
     } else {
         Ok(Plan {
             name: format!("norm_fwd_{t}{v}"),
@@ -219,20 +256,43 @@ pub(crate) fn plan_fwd(dtype: DType, rows: usize, n: usize, vw: usize, tune: Tun
     }
 }
 
+/// Dynamic shared memory of a `_s16` backward with a weight gradient: the part's dw sums, padded
+/// (column j at j + j/32).
+fn split_dw_bytes(n: usize) -> usize {
+    (n + n / 32) * 4
+}
+
 pub(crate) fn plan_bwd(
     dtype: DType,
     rows: usize,
     n: usize,
     parts: usize,
-    vw: usize,
+    packing: Packing,
     want_dw: bool,
     tune: Tune,
 ) -> Result<Plan> {
     let t = type_suffix(dtype)?;
-    let v = if vw > 1 { "_v16" } else { "" };
+    let (vw, v) = pack_kind(dtype, packing);
     let nv = n / vw;
     let parts = parts.max(1);
-    if nv <= MAX_THREADS * BWD_MAX_VPT {
+    let fits = nv <= MAX_THREADS * BWD_MAX_VPT;
+    if packing == Packing::Split {
+        // One row per block; with dw, the part's sums in shared memory.
+        let shared = if want_dw { split_dw_bytes(n) } else { 0 };
+        if !fits || shared > MAX_DYNAMIC_SHARED_MEM {
+            return plan_bwd(dtype, rows, n, parts, Packing::Elements, want_dw, tune);
+        }
+        let (tx, vpt) = row_threads(nv, tune.bwd_vpt_for(dtype).min(BWD_MAX_VPT));
+        return Ok(Plan {
+            name: format!("norm_bwd_{t}{v}_r{vpt}"),
+            grid: clamp_grid(parts),
+            block: (tx as u32, 1),
+            shared_mem: shared as u32,
+            vw,
+            vpt,
+        });
+    }
+    if fits {
         let (tx, vpt) = row_threads(nv, tune.bwd_vpt_for(dtype).min(BWD_MAX_VPT));
         let rows_per_part = rows.div_ceil(parts).max(1);
         // Rows beyond the first park their dw sums in shared memory: at most what fits.
@@ -289,14 +349,15 @@ pub unsafe fn forward(ordinal: usize, stream: u64, a: &NormArgs, p: &NormFwd) ->
     if a.rows == 0 || a.n == 0 {
         return Ok(());
     }
-    let vw = pack_width(a.dtype, a.n, &[p.x, p.residual, p.weight, p.y, p.h]);
-    let plan = plan_fwd(a.dtype, a.rows, a.n, vw, Tune::get())?;
+    let h = if p.residual != 0 { p.h } else { 0 };
+    let packing = packing(a.dtype, a.n, &[p.x, p.residual, p.y, h], &[p.weight]);
+    let plan = plan_fwd(a.dtype, a.rows, a.n, packing, Tune::get())?;
     let mut params = FwdParams {
         x: p.x,
         residual: p.residual,
         weight: p.weight,
         y: p.y,
-        h: if p.residual != 0 { p.h } else { 0 },
+        h,
         rstd: p.rstd,
         rows: a.rows as i64,
         n: a.n as i32,
@@ -321,8 +382,9 @@ pub unsafe fn backward(ordinal: usize, stream: u64, a: &NormArgs, p: &NormBwd) -
     }
     // With dw, mod.rs has checked p.parts == dw_parts(rows, n); without, use the same partition.
     let parts = if want_dw { p.parts } else { dw_parts(a.rows, a.n) };
-    let vw = pack_width(a.dtype, a.n, &[p.dy, p.h, p.weight, p.dh_out, p.dx, if want_dw { p.dw_partial } else { 0 }]);
-    let plan = plan_bwd(a.dtype, a.rows, a.n, parts, vw, want_dw, Tune::get())?;
+    let dw_partial = if want_dw { p.dw_partial } else { 0 };
+    let packing = packing(a.dtype, a.n, &[p.dy, p.h, p.dh_out, p.dx], &[p.weight, dw_partial]);
+    let plan = plan_bwd(a.dtype, a.rows, a.n, parts, packing, want_dw, Tune::get())?;
     let mut params = BwdParams {
         dy: p.dy,
         h: p.h,
@@ -330,7 +392,7 @@ pub unsafe fn backward(ordinal: usize, stream: u64, a: &NormArgs, p: &NormBwd) -
         rstd: p.rstd,
         dh_out: p.dh_out,
         dx: p.dx,
-        dw_partial: if want_dw { p.dw_partial } else { 0 },
+        dw_partial,
         rows: a.rows as i64,
         parts: parts as i64,
         n: a.n as i32,
@@ -371,6 +433,12 @@ mod tests {
                     v.push(format!("norm_bwd_{t}{vec}_r{r}"));
                 }
             }
+            for r in [1, 2, 4] {
+                v.push(format!("norm_fwd_{t}_s16_r{r}"));
+            }
+            for r in [1, 2] {
+                v.push(format!("norm_bwd_{t}_s16_r{r}"));
+            }
             v.push(format!("norm_dw_reduce_{t}"));
         }
         v
@@ -403,14 +471,16 @@ mod tests {
         for &tune in &tunes {
             for dtype in DTYPES {
                 for &n in &ns {
-                    for vw in [1, 16 / dtype.size()] {
-                        if n % vw != 0 {
+                    for packing in [Packing::Elements, Packing::Aligned, Packing::Split] {
+                        let vec = 16 / dtype.size();
+                        if packing == Packing::Aligned && n % vec != 0 {
                             continue;
                         }
-                        let nv = n / vw;
                         for rows in [1usize, 3, 16, 17, 1000, 32768, 3_000_000] {
-                            let f = plan_fwd(dtype, rows, n, vw, tune).unwrap();
+                            let f = plan_fwd(dtype, rows, n, packing, tune).unwrap();
                             assert!(names.contains(&f.name), "{f:?}");
+                            let nv = n / f.vw;
+                            assert_eq!(f.name.contains("_s16"), packing == Packing::Split && f.vw > 1, "{f:?}");
                             if f.vpt > 0 {
                                 check_reg_plan(&f, nv, FWD_MAX_VPT);
                                 let ry = f.block.1 as usize;
@@ -421,15 +491,23 @@ mod tests {
                             }
                             for want_dw in [false, true] {
                                 let parts = dw_parts(rows, n);
-                                let b = plan_bwd(dtype, rows, n, parts, vw, want_dw, tune).unwrap();
+                                let b = plan_bwd(dtype, rows, n, parts, packing, want_dw, tune).unwrap();
                                 assert!(names.contains(&b.name), "{b:?}");
                                 assert_eq!(b.grid as usize, parts);
-                                if b.vpt > 0 {
+                                let nv = n / b.vw;
+                                if b.name.contains("_s16") {
+                                    // One row per block; with dw, the padded sums in shared memory.
+                                    check_reg_plan(&b, nv, BWD_MAX_VPT);
+                                    assert_eq!(b.block.1, 1, "{b:?}");
+                                    let need = if want_dw { (n + n / 32) * 4 } else { 0 };
+                                    assert_eq!(b.shared_mem as usize, need);
+                                    assert!(b.shared_mem as usize <= MAX_DYNAMIC_SHARED_MEM, "{b:?}");
+                                } else if b.vpt > 0 {
                                     check_reg_plan(&b, nv, BWD_MAX_VPT);
                                     let ry = b.block.1 as usize;
                                     assert!(ry <= rows.div_ceil(parts).max(1));
                                     let need = if want_dw && ry > 1 {
-                                        (ry - 1) * b.block.0 as usize * b.vpt * vw * 4
+                                        (ry - 1) * b.block.0 as usize * b.vpt * b.vw * 4
                                     } else {
                                         0
                                     };
@@ -450,25 +528,48 @@ mod tests {
     fn default_plans_for_the_target_shape() {
         // bf16 [32768, 4096], 16-byte aligned: 512 packs per row.
         let t = Tune::default();
-        let f = plan_fwd(DType::BF16, 32768, 4096, 8, t).unwrap();
+        let f = plan_fwd(DType::BF16, 32768, 4096, Packing::Aligned, t).unwrap();
         assert_eq!((f.name.as_str(), f.block, f.grid), ("norm_fwd_bf16_v16_r4", (128, 2), 16384));
-        let b = plan_bwd(DType::BF16, 32768, 4096, dw_parts(32768, 4096), 8, true, t).unwrap();
+        let b = plan_bwd(DType::BF16, 32768, 4096, dw_parts(32768, 4096), Packing::Aligned, true, t).unwrap();
         assert_eq!((b.name.as_str(), b.block, b.grid, b.shared_mem), ("norm_bwd_bf16_v16_r1", (512, 1), 512, 0));
         // float32 backward: two packs per thread (1024 packs per row -> 512 threads).
-        let b = plan_bwd(DType::F32, 32768, 4096, dw_parts(32768, 4096), 4, true, t).unwrap();
+        let b = plan_bwd(DType::F32, 32768, 4096, dw_parts(32768, 4096), Packing::Aligned, true, t).unwrap();
         assert_eq!((b.name.as_str(), b.block, b.grid), ("norm_bwd_f32_v16_r2", (512, 1), 512));
         // Small rows share a block: n = 512 bf16 -> 64 packs, 32 threads, 8 rows per block.
-        let f = plan_fwd(DType::BF16, 1000, 512, 8, t).unwrap();
+        let f = plan_fwd(DType::BF16, 1000, 512, Packing::Aligned, t).unwrap();
         assert_eq!((f.name.as_str(), f.block, f.grid), ("norm_fwd_bf16_v16_r2", (32, 8), 125));
+        // CRMSNorm's odd d - 1 = 4095: 511 whole packs at most, cut rows.
+        let f = plan_fwd(DType::BF16, 2048, 4095, Packing::Split, t).unwrap();
+        assert_eq!((f.name.as_str(), f.block, f.grid), ("norm_fwd_bf16_s16_r4", (128, 2), 1024));
+        let b = plan_bwd(DType::BF16, 2048, 4095, dw_parts(2048, 4095), Packing::Split, true, t).unwrap();
+        assert_eq!((b.name.as_str(), b.block, b.shared_mem), ("norm_bwd_bf16_s16_r1", (512, 1), (4095 + 127) * 4));
+        // Too long for the registers or the dw sums in shared memory: one element at a time.
+        let b = plan_bwd(DType::BF16, 64, 12000, 4, Packing::Split, true, t).unwrap();
+        assert_eq!(b.name, "norm_bwd_bf16");
+        let b = plan_bwd(DType::BF16, 64, 12000, 4, Packing::Split, false, t).unwrap();
+        assert_eq!((b.name.as_str(), b.block), ("norm_bwd_bf16_s16_r2", (1024, 1)));
+        let f = plan_fwd(DType::BF16, 64, 40000, Packing::Split, t).unwrap();
+        assert_eq!(f.name, "norm_fwd_bf16");
     }
 
     #[test]
-    fn pack_width_needs_alignment_and_divisibility() {
-        assert_eq!(pack_width(DType::BF16, 4096, &[256, 0, 512]), 8);
-        assert_eq!(pack_width(DType::BF16, 4096, &[256, 2, 512]), 1);
-        assert_eq!(pack_width(DType::BF16, 4100, &[256]), 1);
-        assert_eq!(pack_width(DType::F32, 4100, &[256]), 4);
-        assert_eq!(pack_width(DType::F16, 7, &[0]), 1);
+    fn packing_needs_alignment_divisibility_or_agreeing_rows() {
+        use Packing::*;
+        assert_eq!(packing(DType::BF16, 4096, &[256, 0, 512], &[1024]), Aligned);
+        // A row buffer off 16 bytes, all agreeing mod 16: cut rows; disagreeing: elements.
+        assert_eq!(packing(DType::BF16, 4096, &[258, 0, 514], &[1024]), Split);
+        assert_eq!(packing(DType::BF16, 4096, &[256, 2, 512], &[1024]), Elements);
+        // n not a multiple of the pack (CRMSNorm's d - 1): cut rows, whatever the weight's alignment.
+        assert_eq!(packing(DType::BF16, 4095, &[256, 512], &[1026]), Split);
+        assert_eq!(packing(DType::F32, 4098, &[256], &[0]), Split);
+        // A misaligned weight alone rules out 16-byte packs from the row start, not cut rows.
+        assert_eq!(packing(DType::BF16, 4096, &[256], &[1026]), Split);
+        assert_eq!(packing(DType::F32, 4100, &[256], &[]), Aligned);
+        // Rows too short to cut, or addresses not multiples of the element.
+        assert_eq!(packing(DType::BF16, 255, &[256], &[]), Elements);
+        assert_eq!(packing(DType::BF16, 256 + 1, &[256], &[]), Split);
+        assert_eq!(packing(DType::F32, 4095, &[258, 258], &[]), Elements);
+        assert_eq!(packing(DType::F16, 7, &[0], &[]), Elements);
     }
 
     #[test]
@@ -481,7 +582,7 @@ mod tests {
 
     #[test]
     fn float64_is_a_type_error() {
-        assert_eq!(plan_fwd(DType::F64, 1, 8, 1, Tune::default()).unwrap_err().kind, crate::error::ErrorKind::Type);
+        assert_eq!(plan_fwd(DType::F64, 1, 8, Packing::Elements, Tune::default()).unwrap_err().kind, crate::error::ErrorKind::Type);
     }
 
     #[test]
