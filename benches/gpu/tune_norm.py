@@ -1,6 +1,7 @@
 """Kernel-only timings of the CUDA norm kernels under one launch-shape setting, for tuning.
 
   LMKERN_CUDA_NORM_TUNE="fwd_vpt=2,bwd_vpt=1,fwd_block=256,bwd_block=256" python benches/gpu/tune_norm.py [--profile]
+  LMKERN_CUDA_NORM_TUNE="split=0" python benches/gpu/tune_norm.py   (odd rows element-wise, to compare)
 
 Times torch.ops.lmkern.rms_norm (forward, rstd saved) and rms_norm_backward (dx and dw) called
 directly, CUDA events around each call, median of 100 after warm-up, and prints achieved GB/s from
@@ -47,6 +48,7 @@ def main():
         (torch.bfloat16, 16384, 8192),
         (torch.bfloat16, 8192, 16384),
         (torch.float32, 32768, 4096),
+        (torch.bfloat16, 32768, 4095),  # cut rows (_s16); split=0 times them element-wise
     ]:
         g = torch.Generator(device=dev).manual_seed(0)
         x = torch.randn(rows, n, device=dev, dtype=dtype, generator=g)

@@ -98,8 +98,8 @@ const MAX_DYNAMIC_SHARED_MEM: usize = MAX_DEFAULT_SHARED_MEM as usize - 1024;
 const LOOP_THREADS: usize = 1024;
 
 /// Launch-shape preferences. Defaults are the tuned ones; `LMKERN_CUDA_NORM_TUNE`, e.g.
-/// `fwd_vpt=4,bwd_vpt=1,fwd_block=256,bwd_block=256`, overrides them for tuning experiments
-/// (read once per process; unknown or out-of-range entries are ignored).
+/// `fwd_vpt=4,bwd_vpt=1,fwd_block=256,bwd_block=256,split=0`, overrides them for tuning
+/// experiments (read once per process; unknown or out-of-range entries are ignored).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Tune {
     /// Packs per thread the forward aims for (1, 2 or 4).
@@ -110,6 +110,8 @@ pub(crate) struct Tune {
     pub fwd_block: usize,
     /// The same for the backward.
     pub bwd_block: usize,
+    /// Whether rows may be cut ([`Packing::Split`]); `split=0` sends them element-wise, to compare.
+    pub split: bool,
 }
 
 impl Default for Tune {
@@ -117,7 +119,7 @@ impl Default for Tune {
         // Measured on an H200 (benches/results/2026-11-26-h200-*): fwd_vpt 4 is best or equal at
         // n = 1024..16384; the backward wants 2 float32 packs per thread but 1 16-bit pack (the
         // 16-bit _r2 kernels spill).
-        Tune { fwd_vpt: 4, bwd_vpt: 0, fwd_block: 256, bwd_block: 256 }
+        Tune { fwd_vpt: 4, bwd_vpt: 0, fwd_block: 256, bwd_block: 256, split: true }
     }
 }
 
@@ -132,6 +134,7 @@ impl Tune {
                 "bwd_vpt" if matches!(v, 1 | 2) => t.bwd_vpt = v,
                 "fwd_block" if (32..=MAX_THREADS).contains(&v) => t.fwd_block = v,
                 "bwd_block" if (32..=MAX_THREADS).contains(&v) => t.bwd_block = v,
+                "split" if v <= 1 => t.split = v == 1,
                 _ => {}
             }
         }
@@ -189,7 +192,7 @@ const SPLIT_MIN_PACKS: usize = 32;
 
 /// The packing for rows of n elements in the row-sized buffers `rows` and the column-indexed
 /// buffers `cols` (the weight, dw's partials); 0 = not given.
-pub(crate) fn packing(dtype: DType, n: usize, rows: &[u64], cols: &[u64]) -> Packing {
+pub(crate) fn packing(dtype: DType, n: usize, rows: &[u64], cols: &[u64], split: bool) -> Packing {
     let (size, vw) = (dtype.size() as u64, 16 / dtype.size());
     let given = || rows.iter().chain(cols).filter(|&&p| p != 0);
     if n.is_multiple_of(vw) && given().all(|&p| p.is_multiple_of(16)) {
@@ -197,7 +200,7 @@ pub(crate) fn packing(dtype: DType, n: usize, rows: &[u64], cols: &[u64]) -> Pac
     }
     let first = rows.iter().copied().find(|&p| p != 0).unwrap_or(0);
     let agree = rows.iter().all(|&p| p == 0 || (p.is_multiple_of(size) && p % 16 == first % 16));
-    if agree && n / vw >= SPLIT_MIN_PACKS {
+    if split && agree && n / vw >= SPLIT_MIN_PACKS {
         Packing::Split
     } else {
         Packing::Elements
@@ -350,8 +353,9 @@ pub unsafe fn forward(ordinal: usize, stream: u64, a: &NormArgs, p: &NormFwd) ->
         return Ok(());
     }
     let h = if p.residual != 0 { p.h } else { 0 };
-    let packing = packing(a.dtype, a.n, &[p.x, p.residual, p.y, h], &[p.weight]);
-    let plan = plan_fwd(a.dtype, a.rows, a.n, packing, Tune::get())?;
+    let tune = Tune::get();
+    let packing = packing(a.dtype, a.n, &[p.x, p.residual, p.y, h], &[p.weight], tune.split);
+    let plan = plan_fwd(a.dtype, a.rows, a.n, packing, tune)?;
     let mut params = FwdParams {
         x: p.x,
         residual: p.residual,
@@ -383,8 +387,9 @@ pub unsafe fn backward(ordinal: usize, stream: u64, a: &NormArgs, p: &NormBwd) -
     // With dw, mod.rs has checked p.parts == dw_parts(rows, n); without, use the same partition.
     let parts = if want_dw { p.parts } else { dw_parts(a.rows, a.n) };
     let dw_partial = if want_dw { p.dw_partial } else { 0 };
-    let packing = packing(a.dtype, a.n, &[p.dy, p.h, p.dh_out, p.dx], &[p.weight, dw_partial]);
-    let plan = plan_bwd(a.dtype, a.rows, a.n, parts, packing, want_dw, Tune::get())?;
+    let tune = Tune::get();
+    let packing = packing(a.dtype, a.n, &[p.dy, p.h, p.dh_out, p.dx], &[p.weight, dw_partial], tune.split);
+    let plan = plan_bwd(a.dtype, a.rows, a.n, parts, packing, want_dw, tune)?;
     let mut params = BwdParams {
         dy: p.dy,
         h: p.h,
@@ -555,21 +560,24 @@ mod tests {
     #[test]
     fn packing_needs_alignment_divisibility_or_agreeing_rows() {
         use Packing::*;
-        assert_eq!(packing(DType::BF16, 4096, &[256, 0, 512], &[1024]), Aligned);
+        assert_eq!(packing(DType::BF16, 4096, &[256, 0, 512], &[1024], true), Aligned);
         // A row buffer off 16 bytes, all agreeing mod 16: cut rows; disagreeing: elements.
-        assert_eq!(packing(DType::BF16, 4096, &[258, 0, 514], &[1024]), Split);
-        assert_eq!(packing(DType::BF16, 4096, &[256, 2, 512], &[1024]), Elements);
+        assert_eq!(packing(DType::BF16, 4096, &[258, 0, 514], &[1024], true), Split);
+        assert_eq!(packing(DType::BF16, 4096, &[256, 2, 512], &[1024], true), Elements);
         // n not a multiple of the pack (CRMSNorm's d - 1): cut rows, whatever the weight's alignment.
-        assert_eq!(packing(DType::BF16, 4095, &[256, 512], &[1026]), Split);
-        assert_eq!(packing(DType::F32, 4098, &[256], &[0]), Split);
+        assert_eq!(packing(DType::BF16, 4095, &[256, 512], &[1026], true), Split);
+        assert_eq!(packing(DType::F32, 4098, &[256], &[0], true), Split);
         // A misaligned weight alone rules out 16-byte packs from the row start, not cut rows.
-        assert_eq!(packing(DType::BF16, 4096, &[256], &[1026]), Split);
-        assert_eq!(packing(DType::F32, 4100, &[256], &[]), Aligned);
+        assert_eq!(packing(DType::BF16, 4096, &[256], &[1026], true), Split);
+        assert_eq!(packing(DType::F32, 4100, &[256], &[], true), Aligned);
         // Rows too short to cut, or addresses not multiples of the element.
-        assert_eq!(packing(DType::BF16, 255, &[256], &[]), Elements);
-        assert_eq!(packing(DType::BF16, 256 + 1, &[256], &[]), Split);
-        assert_eq!(packing(DType::F32, 4095, &[258, 258], &[]), Elements);
-        assert_eq!(packing(DType::F16, 7, &[0], &[]), Elements);
+        assert_eq!(packing(DType::BF16, 255, &[256], &[], true), Elements);
+        assert_eq!(packing(DType::BF16, 256 + 1, &[256], &[], true), Split);
+        assert_eq!(packing(DType::F32, 4095, &[258, 258], &[], true), Elements);
+        assert_eq!(packing(DType::F16, 7, &[0], &[], true), Elements);
+        // Cutting turned off (LMKERN_CUDA_NORM_TUNE=split=0): element-wise, aligned rows unchanged.
+        assert_eq!(packing(DType::BF16, 4095, &[256, 512], &[1026], false), Elements);
+        assert_eq!(packing(DType::BF16, 4096, &[256], &[1024], false), Aligned);
     }
 
     #[test]
@@ -577,7 +585,8 @@ mod tests {
         assert_eq!(Tune::parse(""), Tune::default());
         assert_eq!(Tune::parse("fwd_vpt=3,bwd_vpt=4,fwd_block=5000,x=1,bwd_block"), Tune::default());
         let t = Tune::parse(" fwd_vpt = 2 , bwd_vpt=2,fwd_block=128,bwd_block=512");
-        assert_eq!(t, Tune { fwd_vpt: 2, bwd_vpt: 2, fwd_block: 128, bwd_block: 512 });
+        assert_eq!(t, Tune { fwd_vpt: 2, bwd_vpt: 2, fwd_block: 128, bwd_block: 512, split: true });
+        assert!(!Tune::parse("split=0").split && Tune::parse("split=1").split && Tune::parse("split=2").split);
     }
 
     #[test]
