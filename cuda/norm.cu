@@ -14,8 +14,9 @@
 // and a tail of single elements (any n; see RowSplit), the others one element (VW = 1).
 // _r<VPT> kernels keep the row in registers: blockDim.x threads per row (a multiple of 32), each
 // holding VPT packs (n/VW <= VPT · blockDim.x), blockDim.y rows per block (blockDim.x·blockDim.y
-// <= 1024). Kernels without _r take a row of any length, one row per block (blockDim.y == 1),
-// and read it twice (the second time mostly from L1/L2).
+// <= 1024; the _s16 backward takes one row per block, blockDim.y == 1). Kernels without _r take a
+// row of any length, one row per block (blockDim.y == 1), and read it twice (the second time
+// mostly from L1/L2).
 // Forward grids stride over row groups; backward grids stride over the `parts` row ranges of
 // norm/mod.rs (dw_parts), one range per block at a time, so that the partial sums of the weight
 // gradient are deterministic.
@@ -99,6 +100,21 @@ __device__ __forceinline__ Pack<T, VW> load_inout(const T* base, int64_t pack_in
     return reinterpret_cast<const Pack<T, VW>*>(base)[pack_index];
 }
 
+// The forward's partial row sums over a thread's packs (zeros outside the row): ss += Σh², s += Σh.
+template <typename T, int VW, int VPT>
+__device__ __forceinline__ void add_row_sums(const Pack<T, VW> (&hv)[VPT], float& ss, float& s) {
+#pragma unroll
+    for (int k = 0; k < VPT; ++k) {
+        float f[VW];
+        unpack(hv[k], f);
+#pragma unroll
+        for (int e = 0; e < VW; ++e) {
+            ss = fmaf(f[e], f[e], ss);
+            s += f[e];
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Forward, row in registers.
 // ---------------------------------------------------------------------------------------------
@@ -153,16 +169,7 @@ __device__ __forceinline__ void fwd_reg(const FwdParams& p) {
         }
 
         float ss = 0.0f, s = 0.0f;
-#pragma unroll
-        for (int k = 0; k < VPT; ++k) {
-            float f[VW];
-            unpack(hv[k], f);  // zeros outside the row
-#pragma unroll
-            for (int e = 0; e < VW; ++e) {
-                ss = fmaf(f[e], f[e], ss);
-                s += f[e];
-            }
-        }
+        add_row_sums<T, VW, VPT>(hv, ss, s);
 
         const float r = fwd_rstd(ss, s, p, red);  // every thread of the block calls this
         if (active && tx == 0 && p.rstd != nullptr) p.rstd[row] = r;
@@ -350,16 +357,7 @@ __device__ __forceinline__ void fwd_split(const FwdParams& p) {
         }
 
         float ss = he * he, s = he;
-#pragma unroll
-        for (int k = 0; k < VPT; ++k) {
-            float f[VW];
-            unpack(hv[k], f);  // zeros outside the row
-#pragma unroll
-            for (int e = 0; e < VW; ++e) {
-                ss = fmaf(f[e], f[e], ss);
-                s += f[e];
-            }
-        }
+        add_row_sums<T, VW, VPT>(hv, ss, s);
 
         const float r = fwd_rstd(ss, s, p, red);  // every thread of the block calls this
         if (active && tx == 0 && p.rstd != nullptr) p.rstd[row] = r;
@@ -696,7 +694,7 @@ __device__ __forceinline__ void bwd_split(const BwdParams& p) {
         part_range(part, p, r0, r1);
         if (dws != nullptr) {
             for (int j = tx; j < p.n; j += blockDim.x) dws[padded_col(j)] = 0.0f;
-            // The first row's bwd_coef barrier orders these before any addition.
+            // The barrier after the first row's reduction orders these before any addition.
         }
 
         for (int64_t row = r0; row < r1; ++row) {
