@@ -1,9 +1,10 @@
 // A tiny CPU emulator of the CUDA execution model, enough to run lmkern's kernel sources unchanged
 // on a machine without a GPU (compiled by a host C++ compiler with -DLMKERN_EMU).
 //
-// Each thread of a block is a coroutine (started with makecontext, then switched with
+// Each thread of a block runs on a coroutine (started once with makecontext, then switched with
 // _setjmp/_longjmp, which skip the signal-mask system calls of swapcontext); blocks run one after
-// another. __syncthreads()
+// another, and coroutine i runs thread i of every block of every launch (starting coroutines was
+// most of the emulator's time when each block made its own). __syncthreads()
 // waits until every thread of the block has arrived, __shfl_xor_sync() until all 32 lanes of the
 // warp have; anything else (a barrier some threads never reach, a shuffle with missing lanes or
 // mixed offsets) is reported as an error and aborts. __shared__ variables become function-local
@@ -36,6 +37,7 @@
 #include <functional>
 #include <type_traits>
 #include <map>
+#include <memory>
 #include <vector>
 
 // The CUDA headers define these for host compilers; give them emulator meanings.
@@ -91,10 +93,8 @@ struct Mbar {
     std::vector<Copy> copies;
 };
 
+// Per block: a thread's state; the coroutine that runs it is Block::coroutines[its index].
 struct Thread {
-    ucontext_t ctx;
-    jmp_buf jb;
-    bool started = false;
     uint3 tid;
     State state = Runnable;
     float shfl_value = 0.0f;
@@ -110,11 +110,20 @@ struct Thread {
     std::vector<Copy> async_copies;
 };
 
+// Coroutine i loops over the body (emu::entry) and runs thread i of each block. Each is allocated
+// once and never moves: a started ucontext_t points into itself.
+struct Coroutine {
+    ucontext_t ctx;
+    jmp_buf jb;  // where it waits: at a barrier, a warp collective, or done with its block
+    bool started = false;
+    std::vector<char> stack;
+};
+
 struct Block {
     dim3 grid, block;
     uint3 idx;
     std::vector<Thread> threads;
-    std::vector<char> stacks;
+    std::vector<std::unique_ptr<Coroutine>> coroutines;
     std::vector<unsigned char> dynamic_smem;
     ucontext_t scheduler;
     jmp_buf scheduler_jb;
@@ -124,10 +133,10 @@ struct Block {
     uint64_t mbar_events = 0;           // phases made ready or completed so far (wakes the waiters)
 };
 
-inline Block& block() {
-    static Block b;
-    return b;
-}
+// A plain global, not a function-local static: every threadIdx reads it, and a local static's
+// guard check on each call was a tenth of the emulator's time.
+inline Block the_block;
+inline Block& block() { return the_block; }
 inline Thread& self() { return block().threads[block().current]; }
 
 // The kernels' __shared__ arrays, which are function-local statics here: every writable object
@@ -223,29 +232,32 @@ inline const LongJmp libc_longjmp = find_libc_longjmp();
 }
 
 inline void yield(State s) {
-    Thread& t = self();
-    t.state = s;
-    if (!_setjmp(t.jb)) jump(block().scheduler_jb);
+    Block& b = block();
+    b.threads[b.current].state = s;
+    if (!_setjmp(b.coroutines[b.current]->jb)) jump(b.scheduler_jb);
 }
 
+// A coroutine's whole life: run the current block's thread, then wait (Done) to be resumed for the
+// next block's. Never returns (to uc_link).
 inline void entry() {
-    (*block().body)();
-    if (!self().async_copies.empty()) fail("cp.async copies never waited for");
-    self().state = Done;
-    jump(block().scheduler_jb);  // never returns to uc_link
+    for (;;) {
+        (*block().body)();
+        if (!self().async_copies.empty()) fail("cp.async copies never waited for");
+        yield(Done);
+    }
 }
 
 // Run thread i until it yields or finishes.
 inline void resume(size_t i) {
     Block& b = block();
-    Thread& t = b.threads[i];
+    Coroutine& co = *b.coroutines[i];
     b.current = i;
     if (!_setjmp(b.scheduler_jb)) {
-        if (!t.started) {
-            t.started = true;
-            swapcontext(&b.scheduler, &t.ctx);
+        if (!co.started) {
+            co.started = true;
+            swapcontext(&b.scheduler, &co.ctx);
         } else {
-            jump(t.jb);
+            jump(co.jb);
         }
     }
 }
@@ -333,12 +345,16 @@ inline void launch(dim3 grid, dim3 blockdim, size_t smem_bytes, const std::funct
     b.block = blockdim;
     b.body = &kernel;
     b.threads.assign(nthreads, Thread{});
-#if defined(__SANITIZE_ADDRESS__)
-    // Under AddressSanitizer the stacks keep the shadow of earlier coroutines' frames, abandoned by
-    // _longjmp: clear it before the memory moves (resize) or takes new frames.
-    if (!b.stacks.empty()) ASAN_UNPOISON_MEMORY_REGION(b.stacks.data(), b.stacks.size());
-#endif
-    if (b.stacks.size() < nthreads * STACK) b.stacks.resize(nthreads * STACK);
+    while (b.coroutines.size() < nthreads) {
+        auto co = std::make_unique<Coroutine>();
+        co->stack.resize(STACK);
+        getcontext(&co->ctx);
+        co->ctx.uc_stack.ss_sp = co->stack.data();
+        co->ctx.uc_stack.ss_size = STACK;
+        co->ctx.uc_link = &b.scheduler;
+        makecontext(&co->ctx, entry, 0);
+        b.coroutines.push_back(std::move(co));
+    }
     for (unsigned bz = 0; bz < grid.z; ++bz)
         for (unsigned by = 0; by < grid.y; ++by)
             for (unsigned bx = 0; bx < grid.x; ++bx) {
@@ -352,11 +368,6 @@ inline void launch(dim3 grid, dim3 blockdim, size_t smem_bytes, const std::funct
                     Thread& t = b.threads[i];
                     t = Thread{};
                     t.tid = make_uint3(i % blockdim.x, (i / blockdim.x) % blockdim.y, i / (blockdim.x * blockdim.y));
-                    getcontext(&t.ctx);
-                    t.ctx.uc_stack.ss_sp = b.stacks.data() + i * STACK;
-                    t.ctx.uc_stack.ss_size = STACK;
-                    t.ctx.uc_link = &b.scheduler;
-                    makecontext(&t.ctx, entry, 0);
                 }
                 for (;;) {
                     for (size_t i = 0; i < nthreads; ++i) {
