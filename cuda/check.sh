@@ -9,9 +9,11 @@
 #   (of $PYO3_PYTHON, else python3) that has one.
 #
 # Then, unless --no-emu, runs the kernels themselves on the CPU emulator (cuda/emu: every *_emu.cpp
-# is built with the host compiler against the same CUDA headers and must pass), twice: as is, and
-# under AddressSanitizer and UBSan's alignment check (a kernel reading outside its buffers, or a
-# vector access at a misaligned address, fails); these runs go side by side, one per core.
+# is built with the host compiler against the same CUDA headers and must pass), twice: with the
+# race check (cuda/emu/racecheck.h: two threads touching a byte of shared memory or of a test
+# buffer, one writing, with no barrier of their block between, fail), and under AddressSanitizer and UBSan's alignment check (a kernel
+# reading outside its buffers, or a vector access at a misaligned address, fails); these runs go
+# side by side, one per core.
 #
 # Usage: cuda/check.sh [-v] [--no-emu]     (-v: print ptxas register/spill statistics)
 set -euo pipefail
@@ -114,25 +116,27 @@ done
 
 if [[ $emu == 1 ]]; then
     cxx="${CXX:-g++}"
-    # One job per program and build: plain, and under AddressSanitizer (harness.h poisons the guard
-    # bytes around every buffer, so a kernel that reads outside its buffers fails there; the plain
-    # build sees only writes outside them) with UBSan's alignment check (a vector pack at an address
-    # its size does not divide, which x86 reads but a GPU faults on, fails there too). A job builds
-    # and runs one program on one core, so the jobs run side by side, one per core, the longest
-    # (ASan) first; each job's output is printed whole once all have ended, in a fixed order.
+    # One job per program and build: with the race check, and under AddressSanitizer (harness.h
+    # poisons the guard bytes around every buffer, so a kernel that reads outside its buffers fails
+    # there; the other build sees only writes outside them) with UBSan's alignment check (a vector
+    # pack at an address its size does not divide, which x86 reads but a GPU faults on, fails there
+    # too). A job builds and runs one program on one core, so the jobs run side by side, one per
+    # core; each job's output is printed whole once all have ended, in a fixed order.
     emu_job() {  # emu_job SRC MODE: output to $tmp/<name>.<mode>.log, exit status to .rc
         local src="$1" mode="$2" name out bin rc=0
         name="$(basename "$src" .cpp)"
         out="$tmp/$name.$mode"
         bin="$tmp/${name}_$mode"
         {
-            if [[ $mode == plain ]]; then
-                echo "== emu/$name.cpp: kernels on the CPU emulator"
+            if [[ $mode == race ]]; then
+                echo "== emu/$name.cpp: kernels on the CPU emulator, with the race check"
                 # -U_FORTIFY_SOURCE: the emulator switches stacks with _longjmp, which fortified
-                # glibc refuses.
+                # glibc refuses. -fsanitize=thread only instruments (compile step): racecheck.h
+                # defines the hooks it calls, so the link step leaves libtsan out.
                 if ! "$cxx" -std=c++17 -O2 -U_FORTIFY_SOURCE -Wall -Wno-unknown-pragmas -DLMKERN_EMU \
-                    "${inc[@]}" -I "$here" -o "$bin" "$src"; then
-                    echo "FAILED: emu/$name.cpp does not build"
+                    -fsanitize=thread --param=tsan-instrument-func-entry-exit=0 \
+                    "${inc[@]}" -I "$here" -c -o "$bin.o" "$src" || ! "$cxx" -o "$bin" "$bin.o" -ldl; then
+                    echo "FAILED: emu/$name.cpp does not build with the race check"
                     rc=1
                 elif ! "$bin"; then
                     echo "FAILED: emu/$name"
@@ -164,7 +168,7 @@ if [[ $emu == 1 ]]; then
     }
     cores="$(nproc 2>/dev/null || echo 1)"
     sources=("$here"/emu/*_emu.cpp)
-    for mode in asan plain; do
+    for mode in asan race; do
         for src in "${sources[@]}"; do
             while (( $(jobs -rp | wc -l) >= cores )); do
                 wait -n || true
@@ -173,7 +177,7 @@ if [[ $emu == 1 ]]; then
         done
     done
     wait
-    for mode in plain asan; do
+    for mode in race asan; do
         for src in "${sources[@]}"; do
             out="$tmp/$(basename "$src" .cpp).$mode"
             cat "$out.log"

@@ -11,7 +11,9 @@
 // statics, which is per-block storage because blocks run one at a time; like dynamic shared memory
 // they are poisoned (NaN bytes) before every block.
 //
-// It checks the control flow and indexing of a kernel, not its speed or memory-model subtleties.
+// It checks the control flow and indexing of a kernel, not its speed or memory-model subtleties;
+// built with -fsanitize=thread (cuda/check.sh does), it also checks that nothing but a barrier of
+// their block orders two threads' accesses to a byte, one of them a write (racecheck.h).
 #pragma once
 
 #ifndef LMKERN_EMU
@@ -36,7 +38,9 @@
 #include <cstdlib>
 #include <functional>
 #include <type_traits>
+#include <algorithm>
 #include <map>
+#include <string>
 #include <memory>
 #include <vector>
 
@@ -149,6 +153,7 @@ inline Thread& self() { return block().threads[block().current]; }
 struct SharedRange {
     unsigned char* p;
     size_t n;
+    std::string name;  // the symbol (mangled)
 };
 
 inline int main_program_base(struct dl_phdr_info* info, size_t, void* base) {
@@ -182,7 +187,7 @@ inline const std::vector<SharedRange>& static_shared() {
                         s.st_shndx >= eh->e_shnum || (sh[s.st_shndx].sh_flags & SHF_WRITE) == 0 ||
                         strncmp(names + s.st_name, "_ZZN6lmkern", 11) != 0)
                         continue;
-                    found.push_back({reinterpret_cast<unsigned char*>(base + s.st_value), (size_t)s.st_size});
+                    found.push_back({reinterpret_cast<unsigned char*>(base + s.st_value), (size_t)s.st_size, names + s.st_name});
                 }
             }
         }
@@ -200,6 +205,80 @@ inline const std::vector<SharedRange>& static_shared() {
     fprintf(stderr, "emu: %s (block %u, thread %u,%u)\n", what, b.idx.x, b.threads[b.current].tid.x,
             b.threads[b.current].tid.y);
     exit(3);
+}
+
+}  // namespace emu
+
+// The race-check build (compiled with -fsanitize=thread): racecheck.h.
+#if defined(__SANITIZE_THREAD__)
+#include "racecheck.h"
+#endif
+
+namespace emu {
+
+// Where the race-check build learns what it checks; nothing in the other builds.
+// A point that orders all of a block's threads (block start, barrier, mbarrier phase) was passed.
+inline void race_new_interval() {
+#if defined(__SANITIZE_THREAD__)
+    ++race::interval;
+#endif
+}
+// Thread i of the block runs (i >= 0) or the scheduler does (-1).
+inline void race_running(int i) {
+#if defined(__SANITIZE_THREAD__)
+    race::running = i < 0 ? race::NONE : 1 + race::block_index * 1024 + (uint32_t)i;
+#else
+    (void)i;
+#endif
+}
+// Accesses the compiler does not see (done by the emulator's library calls for the kernel): a
+// copy's destination written at its issue, an mbarrier initialized (WRITE) or arrived at / waited
+// on (ATOMIC).
+enum RaceKind { RACE_WRITE, RACE_ATOMIC };
+inline void race_access(const void* p, size_t bytes, RaceKind kind) {
+#if defined(__SANITIZE_THREAD__)
+    race::access(p, bytes, kind == RACE_WRITE ? race::WRITE : race::ATOMIC);
+#else
+    (void)p, (void)bytes, (void)kind;
+#endif
+}
+// A launch starts: global memory accesses of earlier launches are ordered before its own.
+inline void race_launch_start() {
+#if defined(__SANITIZE_THREAD__)
+    ++race::launch_serial;
+#endif
+}
+
+// A block starts: its index in the launch, where its dynamic shared memory is, and (once) where the
+// __shared__ statics are.
+inline void race_block_start() {
+#if defined(__SANITIZE_THREAD__)
+    Block& b = block();
+    race::block_index = (b.idx.z * b.grid.y + b.idx.y) * b.grid.x + b.idx.x;
+    if (race::block_index >= (1u << 22)) fail("race check: more than 2^22 blocks in one launch");
+    ++race::block_serial;
+    race::dyn_lo = reinterpret_cast<uintptr_t>(b.dynamic_smem.data());
+    race::dyn_n = b.dynamic_smem.size();
+    if (race::dyn_shadow.size() < race::dyn_n) race::dyn_shadow.resize(race::dyn_n);
+    race::dyn_cells = race::dyn_shadow.data();
+    static bool statics_mapped = false;
+    if (!statics_mapped) {
+        statics_mapped = true;
+        uintptr_t lo = UINTPTR_MAX, hi = 0;
+        for (const SharedRange& r : static_shared()) {
+            lo = std::min(lo, reinterpret_cast<uintptr_t>(r.p));
+            hi = std::max(hi, reinterpret_cast<uintptr_t>(r.p) + r.n);
+        }
+        if (lo < hi) {
+            race::st_shadow.resize(hi - lo);
+            race::st_mask.assign(hi - lo, 0);
+            for (const SharedRange& r : static_shared()) memset(&race::st_mask[reinterpret_cast<uintptr_t>(r.p) - lo], 1, r.n);
+            race::st_lo = lo, race::st_n = hi - lo;
+            race::st_cells = race::st_shadow.data(), race::st_tracked = race::st_mask.data();
+        }
+    }
+#endif
+    race_new_interval();
 }
 
 // Jump to a context saved by _setjmp. Under AddressSanitizer, libc's _longjmp itself, through a
@@ -253,6 +332,7 @@ inline void resume(size_t i) {
     Coroutine& co = *b.coroutines[i];
     b.current = i;
     if (!_setjmp(b.scheduler_jb)) {
+        race_running((int)i);
         if (!co.started) {
             co.started = true;
             swapcontext(&b.scheduler, &co.ctx);
@@ -260,6 +340,7 @@ inline void resume(size_t i) {
             jump(co.jb);
         }
     }
+    race_running(-1);
 }
 
 // One element of a bf16x2 / f16x2 register as float (half h: 0 the low 16 bits).
@@ -345,6 +426,7 @@ inline void launch(dim3 grid, dim3 blockdim, size_t smem_bytes, const std::funct
     b.block = blockdim;
     b.body = &kernel;
     b.threads.assign(nthreads, Thread{});
+    race_launch_start();
     while (b.coroutines.size() < nthreads) {
         auto co = std::make_unique<Coroutine>();
         co->stack.resize(STACK);
@@ -362,6 +444,7 @@ inline void launch(dim3 grid, dim3 blockdim, size_t smem_bytes, const std::funct
                 // Fresh, poisoned dynamic shared memory for every block.
                 b.dynamic_smem.assign(smem_bytes + 16, 0xFF);  // NaN floats
                 for (const SharedRange& r : static_shared()) memset(r.p, 0xFF, r.n);
+                race_block_start();
                 b.mbars.clear();
                 uint64_t events_seen = b.mbar_events;
                 for (size_t i = 0; i < nthreads; ++i) {
@@ -432,6 +515,7 @@ inline void launch(dim3 grid, dim3 blockdim, size_t smem_bytes, const std::funct
                             }
                         }
                         for (Thread& t : b.threads) t.state = Runnable;
+                        race_new_interval();
                         continue;
                     }
                     fail("deadlock");
@@ -502,14 +586,17 @@ inline void mbar_ready_if_done(::emu::Mbar& m) {
     if (m.pending != 0 || m.issued != m.expected) return;
     m.ready = true;
     ++::emu::block().mbar_events;
+    ::emu::race_new_interval();
 }
 inline void mbar_init(uint64_t* bar, uint32_t count) {
     if (reinterpret_cast<uintptr_t>(bar) % 8 != 0 || count == 0) ::emu::fail("mbar_init: misaligned or a count of 0");
+    ::emu::race_access(bar, 8, ::emu::RACE_WRITE);
     ::emu::Mbar m;
     m.count = m.pending = count;
     ::emu::block().mbars[bar] = m;
 }
 inline void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+    ::emu::race_access(bar, 8, ::emu::RACE_ATOMIC);
     ::emu::Mbar& m = mbar_at(bar);
     if (m.pending == 0) ::emu::fail("mbarrier: more arrivals than its count in one phase (or on a phase nobody waited for)");
     --m.pending;
@@ -523,6 +610,8 @@ inline void bulk_copy_to_shared(void* dst, const void* src, uint32_t bytes, uint
     bool ok = ::emu::prefetch_ranges().empty();
     for (const auto& r : ::emu::prefetch_ranges()) ok |= b >= r.first && b + bytes <= r.first + r.second;
     if (!ok) ::emu::fail("bulk_copy_to_shared: source outside the kernel's buffers");
+    ::emu::race_access(bar, 8, ::emu::RACE_ATOMIC);
+    ::emu::race_access(dst, bytes, ::emu::RACE_WRITE);
     ::emu::Mbar& m = mbar_at(bar);
     memset(dst, 0xFF, bytes);
     m.copies.push_back({dst, src, bytes});
@@ -532,6 +621,7 @@ inline void bulk_copy_to_shared(void* dst, const void* src, uint32_t bytes, uint
 }
 inline void fence_proxy_async_shared() {}  // one proxy here
 inline void mbar_wait(uint64_t* bar, uint32_t parity) {
+    ::emu::race_access(bar, 8, ::emu::RACE_ATOMIC);
     for (;;) {
         ::emu::Mbar& m = mbar_at(bar);
         if ((m.phase & 1) != parity) return;
@@ -543,6 +633,7 @@ inline void mbar_wait(uint64_t* bar, uint32_t parity) {
             m.expected = m.issued = 0;
             m.ready = false;
             ++::emu::block().mbar_events;
+            ::emu::race_new_interval();
             return;
         }
         ::emu::yield(::emu::AtMbar);
@@ -571,6 +662,7 @@ inline void cp_async(void* dst, const void* src) {
     static_assert(BYTES == 4 || BYTES == 8 || BYTES == 16, "cp.async copies 4, 8 or 16 bytes");
     if (reinterpret_cast<uintptr_t>(dst) % BYTES != 0 || reinterpret_cast<uintptr_t>(src) % BYTES != 0)
         ::emu::fail("cp.async: an address not aligned to the copy's size");
+    ::emu::race_access(dst, BYTES, ::emu::RACE_WRITE);
     memset(dst, 0xFF, BYTES);
     ::emu::self().async_copies.push_back({dst, src, BYTES});
 }

@@ -24,6 +24,15 @@ template <typename T> T from_f(float v) { return lmkern::from_float<T>(v); }
 #define EMU_UNPOISON(p, n) ((void)(p), (void)(n))
 #endif
 
+// Built with the race check (racecheck.h), a buffer's bytes are watched while it lives.
+#if defined(__SANITIZE_THREAD__)
+#define EMU_TRACK(p, n) ::emu::race::track((p), (n))
+#define EMU_UNTRACK(p) ::emu::race::untrack(p)
+#else
+#define EMU_TRACK(p, n) ((void)(p), (void)(n))
+#define EMU_UNTRACK(p) ((void)(p))
+#endif
+
 // A buffer with guard bytes on both sides; data starts `misalign` bytes after a 256-byte boundary
 // and is poisoned (0xFF: NaN for every float type) so that unwritten outputs show.
 struct Buf {
@@ -38,18 +47,21 @@ struct Buf {
         start = aligned - reinterpret_cast<uintptr_t>(mem.data()) + misalign;
         memset(mem.data() + start, poison, nbytes);
         poison_guards();
+        EMU_TRACK(mem.data() + start, nbytes);
     }
     Buf(const Buf&) = delete;
     Buf& operator=(const Buf&) = delete;
-    Buf(Buf&& o) noexcept : mem(std::move(o.mem)), start(o.start), bytes(o.bytes) {}
+    // A moved-from Buf is empty (its vector's bytes moved, still tracked under the same address).
+    Buf(Buf&& o) noexcept : mem(std::move(o.mem)), start(o.start), bytes(o.bytes) { o.mem.clear(), o.bytes = 0; }
     Buf& operator=(Buf&& o) noexcept {
         if (this != &o) {
-            unpoison_all();
+            release();
             mem = std::move(o.mem), start = o.start, bytes = o.bytes;
+            o.mem.clear(), o.bytes = 0;
         }
         return *this;
     }
-    ~Buf() { unpoison_all(); }
+    ~Buf() { release(); }
     void* ptr() { return bytes ? mem.data() + start : nullptr; }
     template <typename T> T* as() { return reinterpret_cast<T*>(ptr()); }
     bool guards_ok() const {
@@ -69,6 +81,11 @@ private:
     }
     void unpoison_all() const {
         if (!mem.empty()) EMU_UNPOISON(mem.data(), mem.size());
+    }
+    void release() {
+        if (mem.empty()) return;
+        unpoison_all();
+        EMU_UNTRACK(mem.data() + start);
     }
 };
 

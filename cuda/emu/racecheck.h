@@ -1,0 +1,194 @@
+// Race check for the emulator (what compute-sanitizer's racecheck does for shared memory on a GPU,
+// here for global memory too): two threads touching the same byte, at least one of them writing,
+// with nothing ordering them, fail the run.
+//
+// The emulator is built with GCC's ThreadSanitizer instrumentation (-fsanitize=thread at compile
+// time only; cuda/check.sh's race-check build), which calls __tsan_readN / __tsan_writeN before
+// every memory access, but linked without libtsan: the hooks are defined here. They check accesses
+// made by kernel threads to shared memory (dynamic, and the kernels' __shared__ statics) and to the
+// test buffers (harness.h's Buf registers its bytes); everything else returns at once.
+//
+// What orders two threads here is what orders them on the GPU in lmkern's kernels, which use no
+// atomics, flags or grid-wide barriers: only a barrier of their block. Every point that orders a
+// block's threads (the block's start, a __syncthreads every thread reached, an mbarrier phase made
+// ready or completed) starts a new interval. Two accesses race when they come from different
+// threads of one block in one interval, or from threads of different blocks of one launch (global
+// memory). Warp shuffles and the warp-collective MMA order no memory, as on the GPU (where a
+// warp's lanes need __syncwarp to see each other's stores; the kernels use none, and the emulator
+// has none: one added must order its warp's lanes here too).
+//
+// Each byte keeps its last writer and, for the latest interval, its reader (or "several"), and
+// which block(s) read it. A race is reported only when one exists in the emulator's run: coroutines
+// switch only at barriers and warp collectives, so two accesses counted as unordered are ordered by
+// nothing. An mbarrier phase orders only its arrivers and waiters but starts an interval for all, so
+// a race across one is missed (none is reported falsely). Launches are ordered one after another:
+// the overlap programmatic dependent launch allows before griddep_wait is not checked.
+#pragma once
+
+#ifndef __SANITIZE_THREAD__
+#error "racecheck.h is for the -fsanitize=thread build of the emulator"
+#endif
+
+#include <stdint.h>
+#include <stddef.h>
+#include <stdlib.h>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+namespace emu {
+namespace race {
+
+// A thread is 1 + its block's index in the launch · 1024 + its index in the block (0: none).
+constexpr uint32_t NONE = 0, SEVERAL = 0xFFFFFFFFu;        // for the reader
+constexpr uint32_t NO_BLOCK = 0xFFFFFFFFu, BLOCKS = 0xFFFFFFFEu;  // for the readers' block
+inline uint32_t block_of(uint32_t thread) { return (thread - 1) >> 10; }
+
+struct Cell {
+    uint32_t scope;     // the block (shared memory) or launch (global) of the accesses below
+    uint32_t writer, w_interval;
+    uint32_t reader, r_interval;  // the reader(s) in interval r_interval
+    uint32_t r_block;   // the block of every reader in this scope, NO_BLOCK none, BLOCKS several
+};
+
+// The state the hooks read: plain globals, so the (uninstrumented) hooks call nothing instrumented.
+inline uint32_t interval = 1, block_serial = 0, launch_serial = 0;
+inline uint32_t running = NONE;           // the thread running, NONE outside kernel threads
+inline uint32_t block_index = 0;          // the running block's index in its launch
+inline uintptr_t dyn_lo = 0, dyn_n = 0;   // dynamic shared memory of the current block
+inline Cell* dyn_cells = nullptr;
+inline uintptr_t st_lo = 0, st_n = 0;     // the span of the __shared__ statics
+inline Cell* st_cells = nullptr;
+inline const unsigned char* st_tracked = nullptr;  // 1 where the span's byte is a __shared__ static
+struct Tracked { uintptr_t lo, n; Cell* cells; };
+inline Tracked buffers[256];              // the test buffers alive (harness.h's Buf)
+inline int nbuffers = 0;
+inline char message[600];
+inline std::vector<Cell> dyn_shadow, st_shadow;  // (resized outside kernel threads)
+inline std::vector<unsigned char> st_mask;
+
+// Buffers register their bytes while they live (host code only).
+inline void track(const void* p, size_t n) {
+    if (p == nullptr || n == 0) return;
+    if (nbuffers == 256) {
+        fprintf(stderr, "emu race check: more than 256 buffers alive\n");
+        exit(3);
+    }
+    Cell* cells = static_cast<Cell*>(calloc(n, sizeof(Cell)));  // zero pages until touched
+    if (cells == nullptr) {
+        fprintf(stderr, "emu race check: out of memory for a buffer of %zu bytes\n", n);
+        exit(3);
+    }
+    buffers[nbuffers++] = {reinterpret_cast<uintptr_t>(p), n, cells};
+}
+inline void untrack(const void* p) {
+    for (int i = 0; i < nbuffers; ++i) {
+        if (buffers[i].lo == reinterpret_cast<uintptr_t>(p)) {
+            free(buffers[i].cells);
+            buffers[i] = buffers[--nbuffers];
+            return;
+        }
+    }
+}
+
+inline std::string thread_name(uint32_t t) {
+    if (t == SEVERAL) return "several threads";
+    return "block " + std::to_string(block_of(t)) + " thread " + std::to_string((t - 1) & 1023);
+}
+
+// Where byte k of a shadow is (host code: running is NONE).
+inline std::string where_is(const Cell* cells, uintptr_t k) {
+    if (cells == dyn_cells) return "dynamic shared memory, byte " + std::to_string(k);
+    if (cells == st_cells) {
+        for (const SharedRange& r : static_shared()) {
+            const uintptr_t at = st_lo + k, p = reinterpret_cast<uintptr_t>(r.p);
+            if (at >= p && at < p + r.n) return "__shared__ " + r.name + ", byte " + std::to_string(at - p);
+        }
+    }
+    return "a global buffer, byte " + std::to_string(k);
+}
+
+// Fails the run: the running thread touched byte k of `cells` after thread `other` did, unordered.
+[[gnu::no_sanitize_thread]] inline void report(const char* what, const Cell* cells, uintptr_t k, uint32_t other) {
+    const uint32_t me = running;
+    running = NONE;  // no checks while failing
+    snprintf(message, sizeof message, "race (%s) at %s: %s, then %s, with no barrier between", what,
+             where_is(cells, k).c_str(), thread_name(other).c_str(), thread_name(me).c_str());
+    fail(message);
+}
+
+// Two accesses by `a` (earlier, in interval ia) and the running thread (now) are unordered.
+[[gnu::no_sanitize_thread]] inline bool unordered(uint32_t a, uint32_t ia) {
+    return a != NONE && a != running && (block_of(a) != block_index || ia == interval);
+}
+
+// An access: a read, a write, or an atomic operation (an mbarrier's arrivals and waits, which may
+// meet each other unordered but not a plain write, such as the barrier's initialization).
+enum Kind { READ, WRITE, ATOMIC };
+
+[[gnu::no_sanitize_thread]] inline void check(Cell* cells, uintptr_t k, uint32_t scope, Kind kind) {
+    Cell& c = cells[k];
+    if (c.scope != scope) c = Cell{scope, NONE, 0, NONE, 0, NO_BLOCK};
+    const bool write = kind == WRITE;
+    if (unordered(c.writer, c.w_interval)) {
+        report(write ? "write after write" : kind == READ ? "read after write" : "atomic after write", cells, k, c.writer);
+    }
+    if (kind == ATOMIC) return;
+    if (write) {
+        const bool other_block = c.r_block != NO_BLOCK && c.r_block != block_index;
+        const bool this_interval = c.r_interval == interval && c.reader != NONE && c.reader != running;
+        if (other_block || this_interval)
+            report("write after read", cells, k, this_interval || c.r_block != BLOCKS ? c.reader : SEVERAL);
+        c.writer = running, c.w_interval = interval;
+    } else {
+        c.r_block = c.r_block == NO_BLOCK || c.r_block == block_index ? block_index : BLOCKS;
+        if (c.r_interval != interval || c.reader == NONE) c.reader = running, c.r_interval = interval;
+        else if (c.reader != running) c.reader = SEVERAL;
+    }
+}
+
+[[gnu::no_sanitize_thread]] inline void access(const void* p, size_t bytes, Kind kind) {
+    if (running == NONE) return;
+    const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+    if (a - dyn_lo < dyn_n) {
+        for (uintptr_t k = a - dyn_lo; k < a - dyn_lo + bytes && k < dyn_n; ++k) check(dyn_cells, k, block_serial, kind);
+        return;
+    }
+    if (a - st_lo < st_n) {
+        for (uintptr_t k = a - st_lo; k < a - st_lo + bytes && k < st_n; ++k)
+            if (st_tracked[k]) check(st_cells, k, block_serial, kind);
+        return;
+    }
+    for (int i = 0; i < nbuffers; ++i) {
+        const Tracked& b = buffers[i];
+        if (a - b.lo < b.n) {
+            for (uintptr_t k = a - b.lo; k < a - b.lo + bytes && k < b.n; ++k) check(b.cells, k, launch_serial, kind);
+            return;
+        }
+    }
+}
+
+}  // namespace race
+}  // namespace emu
+
+// The instrumentation's entry points (GCC's -fsanitize=thread calls these; no libtsan is linked).
+#define LMKERN_RACE_HOOKS(N)                                                                                 \
+    extern "C" [[gnu::no_sanitize_thread]] void __tsan_read##N(void* p) { ::emu::race::access(p, N, ::emu::race::READ); } \
+    extern "C" [[gnu::no_sanitize_thread]] void __tsan_write##N(void* p) { ::emu::race::access(p, N, ::emu::race::WRITE); } \
+    extern "C" [[gnu::no_sanitize_thread]] void __tsan_unaligned_read##N(void* p) { ::emu::race::access(p, N, ::emu::race::READ); } \
+    extern "C" [[gnu::no_sanitize_thread]] void __tsan_unaligned_write##N(void* p) { ::emu::race::access(p, N, ::emu::race::WRITE); }
+LMKERN_RACE_HOOKS(1)
+LMKERN_RACE_HOOKS(2)
+LMKERN_RACE_HOOKS(4)
+LMKERN_RACE_HOOKS(8)
+LMKERN_RACE_HOOKS(16)
+#undef LMKERN_RACE_HOOKS
+extern "C" [[gnu::no_sanitize_thread]] void __tsan_read_range(void* p, unsigned long n) { ::emu::race::access(p, n, ::emu::race::READ); }
+extern "C" [[gnu::no_sanitize_thread]] void __tsan_write_range(void* p, unsigned long n) { ::emu::race::access(p, n, ::emu::race::WRITE); }
+extern "C" void __tsan_init() {}
+extern "C" void __tsan_func_entry(void*) {}
+extern "C" void __tsan_func_exit() {}
+// Function-local statics' initialization guards (host code only; one thread).
+extern "C" [[gnu::no_sanitize_thread]] uint8_t __tsan_atomic8_load(const volatile uint8_t* a, int) { return *a; }
+extern "C" [[gnu::no_sanitize_thread]] uint32_t __tsan_atomic32_load(const volatile uint32_t* a, int) { return *a; }
+extern "C" [[gnu::no_sanitize_thread]] uint64_t __tsan_atomic64_load(const volatile uint64_t* a, int) { return *a; }
