@@ -532,10 +532,18 @@ inline std::vector<std::pair<const unsigned char*, size_t>>& prefetch_ranges() {
 
 }  // namespace emu
 
-#define threadIdx (::emu::self().tid)
-#define blockIdx (::emu::block().idx)
-#define blockDim (::emu::block().block)
-#define gridDim (::emu::block().grid)
+// By value, and not instrumented in the race-check build: these reads of the emulator's own state
+// (most of a kernel's memory accesses) then skip its hooks.
+namespace emu {
+[[gnu::no_sanitize_thread]] inline uint3 thread_idx() { return the_block.threads[the_block.current].tid; }
+[[gnu::no_sanitize_thread]] inline uint3 block_idx() { return the_block.idx; }
+[[gnu::no_sanitize_thread]] inline dim3 block_dim() { return the_block.block; }
+[[gnu::no_sanitize_thread]] inline dim3 grid_dim() { return the_block.grid; }
+}  // namespace emu
+#define threadIdx (::emu::thread_idx())
+#define blockIdx (::emu::block_idx())
+#define blockDim (::emu::block_dim())
+#define gridDim (::emu::grid_dim())
 
 inline void __syncthreads() { ::emu::yield(::emu::AtBarrier); }
 

@@ -61,7 +61,7 @@ inline uintptr_t st_lo = 0, st_n = 0;     // the span of the __shared__ statics
 inline Cell* st_cells = nullptr;
 inline const unsigned char* st_tracked = nullptr;  // 1 where the span's byte is a __shared__ static
 struct Tracked { uintptr_t lo, n; Cell* cells; };
-inline Tracked buffers[256];              // the test buffers alive (harness.h's Buf)
+inline Tracked buffers[256];              // the test buffers alive (harness.h's Buf), by address
 inline int nbuffers = 0;
 inline char message[600];
 inline std::vector<Cell> dyn_shadow, st_shadow;  // (resized outside kernel threads)
@@ -79,13 +79,15 @@ inline void track(const void* p, size_t n) {
         fprintf(stderr, "emu race check: out of memory for a buffer of %zu bytes\n", n);
         exit(3);
     }
-    buffers[nbuffers++] = {reinterpret_cast<uintptr_t>(p), n, cells};
+    int i = nbuffers++;
+    for (; i > 0 && buffers[i - 1].lo > reinterpret_cast<uintptr_t>(p); --i) buffers[i] = buffers[i - 1];
+    buffers[i] = {reinterpret_cast<uintptr_t>(p), n, cells};
 }
 inline void untrack(const void* p) {
     for (int i = 0; i < nbuffers; ++i) {
         if (buffers[i].lo == reinterpret_cast<uintptr_t>(p)) {
             free(buffers[i].cells);
-            buffers[i] = buffers[--nbuffers];
+            for (--nbuffers; i < nbuffers; ++i) buffers[i] = buffers[i + 1];
             return;
         }
     }
@@ -159,13 +161,17 @@ enum Kind { READ, WRITE, ATOMIC };
             if (st_tracked[k]) check(st_cells, k, block_serial, kind);
         return;
     }
-    for (int i = 0; i < nbuffers; ++i) {
-        const Tracked& b = buffers[i];
-        if (a - b.lo < b.n) {
-            for (uintptr_t k = a - b.lo; k < a - b.lo + bytes && k < b.n; ++k) check(b.cells, k, launch_serial, kind);
-            return;
-        }
+    // The last buffer starting at or below a (binary search: most accesses are to no buffer).
+    int lo = 0, hi = nbuffers;
+    while (lo < hi) {
+        const int mid = (lo + hi) / 2;
+        if (buffers[mid].lo <= a) lo = mid + 1;
+        else hi = mid;
     }
+    if (lo == 0) return;
+    const Tracked& b = buffers[lo - 1];
+    if (a - b.lo < b.n)
+        for (uintptr_t k = a - b.lo; k < a - b.lo + bytes && k < b.n; ++k) check(b.cells, k, launch_serial, kind);
 }
 
 }  // namespace race
