@@ -11,9 +11,9 @@
 # Then, unless --no-emu, runs the kernels themselves on the CPU emulator (cuda/emu: every *_emu.cpp
 # is built with the host compiler against the same CUDA headers and must pass), twice: with the
 # race check (cuda/emu/racecheck.h: two threads touching a byte of shared memory or of a test
-# buffer, one writing, with no barrier of their block between, fail), and under AddressSanitizer and UBSan's alignment check (a kernel
-# reading outside its buffers, or a vector access at a misaligned address, fails); these runs go
-# side by side, one per core.
+# buffer, one writing, with no barrier of their block between, fail), and under AddressSanitizer
+# and UBSan's alignment check (a kernel reading outside its buffers, or a vector access at a
+# misaligned address, fails); these runs go side by side, one per core.
 #
 # Usage: cuda/check.sh [-v] [--no-emu]     (-v: print ptxas register/spill statistics)
 set -euo pipefail

@@ -2,9 +2,10 @@
 // here for global memory too): two threads touching the same byte, at least one of them writing,
 // with nothing ordering them, fail the run.
 //
-// The emulator is built with GCC's ThreadSanitizer instrumentation (-fsanitize=thread at compile
-// time only; cuda/check.sh's race-check build), which calls __tsan_readN / __tsan_writeN before
-// every memory access, but linked without libtsan: the hooks are defined here. They check accesses
+// Included by emu.h (which it uses) when the emulator is built with GCC's ThreadSanitizer
+// instrumentation (-fsanitize=thread at compile time only; cuda/check.sh's race-check build),
+// which calls __tsan_readN / __tsan_writeN before every memory access, but linked without libtsan:
+// the hooks are defined here. They check accesses
 // made by kernel threads to shared memory (dynamic, and the kernels' __shared__ statics) and to the
 // test buffers (harness.h's Buf registers its bytes); everything else returns at once.
 //
@@ -133,7 +134,8 @@ enum Kind { READ, WRITE, ATOMIC };
     if (c.scope != scope) c = Cell{scope, NONE, 0, NONE, 0, NO_BLOCK};
     const bool write = kind == WRITE;
     if (unordered(c.writer, c.w_interval)) {
-        report(write ? "write after write" : kind == READ ? "read after write" : "atomic after write", cells, k, c.writer);
+        const char* what = write ? "write after write" : kind == READ ? "read after write" : "atomic after write";
+        report(what, cells, k, c.writer);
     }
     if (kind == ATOMIC) return;
     if (write) {
@@ -153,7 +155,8 @@ enum Kind { READ, WRITE, ATOMIC };
     if (running == NONE) return;
     const uintptr_t a = reinterpret_cast<uintptr_t>(p);
     if (a - dyn_lo < dyn_n) {
-        for (uintptr_t k = a - dyn_lo; k < a - dyn_lo + bytes && k < dyn_n; ++k) check(dyn_cells, k, block_serial, kind);
+        for (uintptr_t k = a - dyn_lo; k < a - dyn_lo + bytes && k < dyn_n; ++k)
+            check(dyn_cells, k, block_serial, kind);
         return;
     }
     if (a - st_lo < st_n) {
@@ -178,23 +181,33 @@ enum Kind { READ, WRITE, ATOMIC };
 }  // namespace emu
 
 // The instrumentation's entry points (GCC's -fsanitize=thread calls these; no libtsan is linked).
-#define LMKERN_RACE_HOOKS(N)                                                                                 \
-    extern "C" [[gnu::no_sanitize_thread]] void __tsan_read##N(void* p) { ::emu::race::access(p, N, ::emu::race::READ); } \
-    extern "C" [[gnu::no_sanitize_thread]] void __tsan_write##N(void* p) { ::emu::race::access(p, N, ::emu::race::WRITE); } \
-    extern "C" [[gnu::no_sanitize_thread]] void __tsan_unaligned_read##N(void* p) { ::emu::race::access(p, N, ::emu::race::READ); } \
-    extern "C" [[gnu::no_sanitize_thread]] void __tsan_unaligned_write##N(void* p) { ::emu::race::access(p, N, ::emu::race::WRITE); }
+#define LMKERN_RACE_HOOK(NAME, N, KIND) \
+    extern "C" [[gnu::no_sanitize_thread]] void NAME(void* p) { ::emu::race::access(p, N, ::emu::race::KIND); }
+#define LMKERN_RACE_HOOKS(N)                                \
+    LMKERN_RACE_HOOK(__tsan_read##N, N, READ)               \
+    LMKERN_RACE_HOOK(__tsan_write##N, N, WRITE)             \
+    LMKERN_RACE_HOOK(__tsan_unaligned_read##N, N, READ)     \
+    LMKERN_RACE_HOOK(__tsan_unaligned_write##N, N, WRITE)
 LMKERN_RACE_HOOKS(1)
 LMKERN_RACE_HOOKS(2)
 LMKERN_RACE_HOOKS(4)
 LMKERN_RACE_HOOKS(8)
 LMKERN_RACE_HOOKS(16)
 #undef LMKERN_RACE_HOOKS
-extern "C" [[gnu::no_sanitize_thread]] void __tsan_read_range(void* p, unsigned long n) { ::emu::race::access(p, n, ::emu::race::READ); }
-extern "C" [[gnu::no_sanitize_thread]] void __tsan_write_range(void* p, unsigned long n) { ::emu::race::access(p, n, ::emu::race::WRITE); }
+#undef LMKERN_RACE_HOOK
+extern "C" [[gnu::no_sanitize_thread]] void __tsan_read_range(void* p, unsigned long n) {
+    ::emu::race::access(p, n, ::emu::race::READ);
+}
+extern "C" [[gnu::no_sanitize_thread]] void __tsan_write_range(void* p, unsigned long n) {
+    ::emu::race::access(p, n, ::emu::race::WRITE);
+}
 extern "C" void __tsan_init() {}
 extern "C" void __tsan_func_entry(void*) {}
 extern "C" void __tsan_func_exit() {}
 // Function-local statics' initialization guards (host code only; one thread).
-extern "C" [[gnu::no_sanitize_thread]] uint8_t __tsan_atomic8_load(const volatile uint8_t* a, int) { return *a; }
-extern "C" [[gnu::no_sanitize_thread]] uint32_t __tsan_atomic32_load(const volatile uint32_t* a, int) { return *a; }
-extern "C" [[gnu::no_sanitize_thread]] uint64_t __tsan_atomic64_load(const volatile uint64_t* a, int) { return *a; }
+#define LMKERN_RACE_LOAD(NAME, T) \
+    extern "C" [[gnu::no_sanitize_thread]] T NAME(const volatile T* a, int) { return *a; }
+LMKERN_RACE_LOAD(__tsan_atomic8_load, uint8_t)
+LMKERN_RACE_LOAD(__tsan_atomic32_load, uint32_t)
+LMKERN_RACE_LOAD(__tsan_atomic64_load, uint64_t)
+#undef LMKERN_RACE_LOAD
