@@ -87,6 +87,7 @@ if [[ ${#units[@]} -eq 0 ]]; then
 fi
 for cu in "${units[@]}"; do
     name="$(basename "$cu" .cu)"
+    t0=$SECONDS
     echo "== $name.cu: sm_80, sm_90, compute_90 PTX"
     # One nvcc call, the targets in parallel (--threads 0); --keep leaves the compute_90 PTX (what
     # the wheel embeds, from the same front-end pass as sm_90) in $tmp/$name.keep for the check below.
@@ -111,7 +112,7 @@ for cu in "${units[@]}"; do
         status=1
         continue
     fi
-    echo "   ok (PTX ISA $ptx_version)"
+    echo "   ok (PTX ISA $ptx_version; $((SECONDS - t0)) s)"
 done
 
 if [[ $emu == 1 ]]; then
@@ -127,6 +128,7 @@ if [[ $emu == 1 ]]; then
         name="$(basename "$src" .cpp)"
         out="$tmp/$name.$mode"
         bin="$tmp/${name}_$mode"
+        local t0=$SECONDS
         {
             if [[ $mode == race ]]; then
                 echo "== emu/$name.cpp: kernels on the CPU emulator, with the race check"
@@ -163,13 +165,15 @@ if [[ $emu == 1 ]]; then
                     fi
                 fi
             fi
+            echo "   ($((SECONDS - t0)) s to build and run)"
         } >"$out.log" 2>&1
         echo "$rc" >"$out.rc"
     }
     cores="$(nproc 2>/dev/null || echo 1)"
     sources=("$here"/emu/*_emu.cpp)
-    for mode in asan race; do
-        for src in "${sources[@]}"; do
+    # Each program's two builds one after the other: norm_emu's (the longest) start first.
+    for src in "${sources[@]}"; do
+        for mode in race asan; do
             while (( $(jobs -rp | wc -l) >= cores )); do
                 wait -n || true
             done
