@@ -207,6 +207,11 @@ inline const std::vector<SharedRange>& static_shared() {
     exit(3);
 }
 
+// A memory access as the race check sees it: a read, a write, or an atomic operation (an
+// mbarrier's arrivals and waits, which may meet each other unordered but not a plain write, such as
+// the barrier's initialization).
+enum RaceKind { RACE_READ, RACE_WRITE, RACE_ATOMIC };
+
 }  // namespace emu
 
 // The race-check build (compiled with -fsanitize=thread): racecheck.h.
@@ -234,10 +239,9 @@ inline void race_running(int i) {
 // Accesses the compiler does not see (done by the emulator's library calls for the kernel): a
 // copy's destination written at its issue, an mbarrier initialized (WRITE) or arrived at / waited
 // on (ATOMIC).
-enum RaceKind { RACE_WRITE, RACE_ATOMIC };
 inline void race_access(const void* p, size_t bytes, RaceKind kind) {
 #if defined(__SANITIZE_THREAD__)
-    race::access(p, bytes, kind == RACE_WRITE ? race::WRITE : race::ATOMIC);
+    race::access(p, bytes, kind);
 #else
     (void)p, (void)bytes, (void)kind;
 #endif
@@ -249,34 +253,12 @@ inline void race_launch_start() {
 #endif
 }
 
-// A block starts: its index in the launch, where its dynamic shared memory is, and (once) where the
-// __shared__ statics are.
+// A block starts: the race check learns its index in the launch and where its dynamic shared memory is.
 inline void race_block_start() {
 #if defined(__SANITIZE_THREAD__)
-    Block& b = block();
-    race::block_index = (b.idx.z * b.grid.y + b.idx.y) * b.grid.x + b.idx.x;
-    if (race::block_index >= (1u << 22)) fail("race check: more than 2^22 blocks in one launch");
-    ++race::block_serial;
-    race::dyn_lo = reinterpret_cast<uintptr_t>(b.dynamic_smem.data());
-    race::dyn_n = b.dynamic_smem.size();
-    if (race::dyn_shadow.size() < race::dyn_n) race::dyn_shadow.resize(race::dyn_n);
-    race::dyn_cells = race::dyn_shadow.data();
-    static bool statics_mapped = false;
-    if (!statics_mapped) {
-        statics_mapped = true;
-        uintptr_t lo = UINTPTR_MAX, hi = 0;
-        for (const SharedRange& r : static_shared()) {
-            lo = std::min(lo, reinterpret_cast<uintptr_t>(r.p));
-            hi = std::max(hi, reinterpret_cast<uintptr_t>(r.p) + r.n);
-        }
-        if (lo < hi) {
-            race::st_shadow.resize(hi - lo);
-            race::st_mask.assign(hi - lo, 0);
-            for (const SharedRange& r : static_shared()) memset(&race::st_mask[reinterpret_cast<uintptr_t>(r.p) - lo], 1, r.n);
-            race::st_lo = lo, race::st_n = hi - lo;
-            race::st_cells = race::st_shadow.data(), race::st_tracked = race::st_mask.data();
-        }
-    }
+    const Block& b = block();
+    race::block_start((b.idx.z * b.grid.y + b.idx.y) * b.grid.x + b.idx.x, b.dynamic_smem.data(),
+                      b.dynamic_smem.size());
 #endif
     race_new_interval();
 }

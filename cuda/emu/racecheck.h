@@ -30,9 +30,11 @@
 #error "racecheck.h is for the -fsanitize=thread build of the emulator"
 #endif
 
+#include <algorithm>
 #include <stdint.h>
 #include <stddef.h>
 #include <stdlib.h>
+#include <string.h>
 #include <cstdio>
 #include <string>
 #include <vector>
@@ -67,6 +69,32 @@ inline int nbuffers = 0;
 inline char message[600];
 inline std::vector<Cell> dyn_shadow, st_shadow;  // (resized outside kernel threads)
 inline std::vector<unsigned char> st_mask;
+
+// A block starts (host code): its index in the launch, where its dynamic shared memory is, and
+// (at the first block of the run) where the __shared__ statics are.
+inline void block_start(uint32_t index, const void* dyn, size_t dyn_bytes) {
+    block_index = index;
+    if (block_index >= (1u << 22)) fail("race check: more than 2^22 blocks in one launch");
+    ++block_serial;
+    dyn_lo = reinterpret_cast<uintptr_t>(dyn);
+    dyn_n = dyn_bytes;
+    if (dyn_shadow.size() < dyn_n) dyn_shadow.resize(dyn_n);
+    dyn_cells = dyn_shadow.data();
+    static bool statics_mapped = false;
+    if (statics_mapped) return;
+    statics_mapped = true;
+    uintptr_t lo = UINTPTR_MAX, hi = 0;
+    for (const SharedRange& r : static_shared()) {
+        lo = std::min(lo, reinterpret_cast<uintptr_t>(r.p));
+        hi = std::max(hi, reinterpret_cast<uintptr_t>(r.p) + r.n);
+    }
+    if (lo >= hi) return;
+    st_shadow.resize(hi - lo);
+    st_mask.assign(hi - lo, 0);
+    for (const SharedRange& r : static_shared()) memset(&st_mask[reinterpret_cast<uintptr_t>(r.p) - lo], 1, r.n);
+    st_lo = lo, st_n = hi - lo;
+    st_cells = st_shadow.data(), st_tracked = st_mask.data();
+}
 
 // Buffers register their bytes while they live (host code only).
 inline void track(const void* p, size_t n) {
@@ -125,19 +153,15 @@ inline std::string where_is(const Cell* cells, uintptr_t k) {
     return a != NONE && a != running && (block_of(a) != block_index || ia == interval);
 }
 
-// An access: a read, a write, or an atomic operation (an mbarrier's arrivals and waits, which may
-// meet each other unordered but not a plain write, such as the barrier's initialization).
-enum Kind { READ, WRITE, ATOMIC };
-
-[[gnu::no_sanitize_thread]] inline void check(Cell* cells, uintptr_t k, uint32_t scope, Kind kind) {
+[[gnu::no_sanitize_thread]] inline void check(Cell* cells, uintptr_t k, uint32_t scope, RaceKind kind) {
     Cell& c = cells[k];
     if (c.scope != scope) c = Cell{scope, NONE, 0, NONE, 0, NO_BLOCK};
-    const bool write = kind == WRITE;
+    const bool write = kind == RACE_WRITE;
     if (unordered(c.writer, c.w_interval)) {
-        const char* what = write ? "write after write" : kind == READ ? "read after write" : "atomic after write";
+        const char* what = write ? "write after write" : kind == RACE_READ ? "read after write" : "atomic after write";
         report(what, cells, k, c.writer);
     }
-    if (kind == ATOMIC) return;
+    if (kind == RACE_ATOMIC) return;
     if (write) {
         const bool other_block = c.r_block != NO_BLOCK && c.r_block != block_index;
         const bool this_interval = c.r_interval == interval && c.reader != NONE && c.reader != running;
@@ -151,7 +175,7 @@ enum Kind { READ, WRITE, ATOMIC };
     }
 }
 
-[[gnu::no_sanitize_thread]] inline void access(const void* p, size_t bytes, Kind kind) {
+[[gnu::no_sanitize_thread]] inline void access(const void* p, size_t bytes, RaceKind kind) {
     if (running == NONE) return;
     const uintptr_t a = reinterpret_cast<uintptr_t>(p);
     if (a - dyn_lo < dyn_n) {
@@ -182,7 +206,7 @@ enum Kind { READ, WRITE, ATOMIC };
 
 // The instrumentation's entry points (GCC's -fsanitize=thread calls these; no libtsan is linked).
 #define LMKERN_RACE_HOOK(NAME, N, KIND) \
-    extern "C" [[gnu::no_sanitize_thread]] void NAME(void* p) { ::emu::race::access(p, N, ::emu::race::KIND); }
+    extern "C" [[gnu::no_sanitize_thread]] void NAME(void* p) { ::emu::race::access(p, N, ::emu::RACE_##KIND); }
 #define LMKERN_RACE_HOOKS(N)                                \
     LMKERN_RACE_HOOK(__tsan_read##N, N, READ)               \
     LMKERN_RACE_HOOK(__tsan_write##N, N, WRITE)             \
@@ -196,10 +220,10 @@ LMKERN_RACE_HOOKS(16)
 #undef LMKERN_RACE_HOOKS
 #undef LMKERN_RACE_HOOK
 extern "C" [[gnu::no_sanitize_thread]] void __tsan_read_range(void* p, unsigned long n) {
-    ::emu::race::access(p, n, ::emu::race::READ);
+    ::emu::race::access(p, n, ::emu::RACE_READ);
 }
 extern "C" [[gnu::no_sanitize_thread]] void __tsan_write_range(void* p, unsigned long n) {
-    ::emu::race::access(p, n, ::emu::race::WRITE);
+    ::emu::race::access(p, n, ::emu::RACE_WRITE);
 }
 extern "C" void __tsan_init() {}
 extern "C" void __tsan_func_entry(void*) {}
