@@ -691,6 +691,57 @@ def test_inplace_bumps_version_so_saved_tensors_are_checked(crms):
 
 
 @KINDS
+def test_inplace_ops_called_directly_act_as_torch_inplace_ops(crms):
+    """torch.ops.lmkern.*_inplace (what rms_norm_ calls under compile and modes): inputs that require
+    grad are refused while grad mode is on (the op has no derivative), and the written tensors'
+    version counters move, so a graph that saved them refuses to run backward."""
+    name = "crms_norm" if crms else "rms_norm"
+    op = getattr(torch.ops.lmkern, f"{name}_inplace")
+    op_res = getattr(torch.ops.lmkern, f"{name}_residual_inplace")
+    leaf = randn((4, 8), F32, 1).requires_grad_(True)
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        op(leaf * 1, None, 1e-6, 0.0, 1.0)
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        op_res(randn((4, 8), F32, 2), leaf, None, 1e-6, 0.0, 1.0)
+    before = leaf.detach().clone()
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        op(randn((4, 8), F32, 3), leaf[0], 1e-6, 0.0, 1.0)  # a weight that requires grad too
+    assert torch.equal(leaf.detach(), before)
+    with torch.no_grad():
+        op(leaf.detach().clone(), None, 1e-6, 0.0, 1.0)  # fine without grad mode
+    for through_mode in (False, True):
+        w = torch.randn(8, requires_grad=True)
+        x, r = randn((4, 8), F32, 4), randn((4, 8), F32, 5)
+        loss = (x * w).sum() + (r * w).sum()
+        v = (x._version, r._version)
+        if through_mode:  # a function mode sends the public function through the op
+            with torch.device("cpu"):
+                INPLACE[crms](x, residual=r)
+        else:
+            op_res(x, r, None, 1e-6, 0.0, 1.0)
+        assert x._version > v[0] and r._version > v[1]
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+
+
+@pytest.mark.parametrize("which", ["x", "weight", "residual"])
+@KINDS
+def test_negative_bit_views_are_read_as_their_values(crms, which):
+    """A lazily negated view (torch._neg_view; what `t.conj().imag` gives) keeps the un-negated
+    values in memory: the kernels must see the values the view stands for, as torch's ops do."""
+    x, w, r, _, _ = make_case((3, 17), F32, 12, residual=True, requires_grad=False)
+    args = {"x": x, "weight": w, "residual": r}
+    args[which] = torch._neg_view(-args[which])
+    assert args[which].is_neg() and args[which].is_contiguous()
+    fn = NORMS[crms][0]
+    got, want = fn(args["x"], args["weight"], 1e-5, residual=args["residual"]), fn(x, w, 1e-5, residual=r)
+    _assert_same_bits(got[0], want[0], "y")
+    _assert_same_bits(got[1], want[1], "h")
+    if which != "residual":
+        _assert_same_bits(fn(args["x"], args["weight"], 1e-5), fn(x, w, 1e-5), "y without residual")
+
+
+@KINDS
 def test_inplace_op_through_dispatcher(crms):
     name = "crms_norm" if crms else "rms_norm"
     op = getattr(torch.ops.lmkern, f"{name}_inplace")
@@ -1306,6 +1357,8 @@ def test_bad_input(crms):
         (lambda: fn(x, scale=False), TypeError, "scale: expected a real number; got bool"),
         (lambda: inplace(x.clone(), eps=b"1"), TypeError, "eps: expected a real number; got bytes"),
         (lambda: fn(x, eps=1 + 2j), TypeError, "eps: expected a real number; got complex"),
+        (lambda: fn(x, eps=2 ** 2000), ValueError, "eps: expected a real number; got int beyond float64's range"),
+        (lambda: fn(x, offset=-(2 ** 1100)), ValueError, "offset: expected a real number; got int beyond"),
         (lambda: fn(x, eps=torch.ones(2)), TypeError, "eps: expected a real number; got Tensor"),
     ]
     for i, (call, exc, word) in enumerate(cases):

@@ -2019,3 +2019,106 @@ def test_zero_scales_load():
     again.load_quantized(power_quantize(lin.weight.detach(), 0.7, 4, 32))
     x = torch.randn(2, 64)
     assert torch.equal(again(x), mod(x)) and (again(x)[:, 3] == mod.bias[3]).all()
+
+
+def test_a_meta_tensor_among_cpu_tensors_is_refused():
+    """A meta tensor among cpu ones sends a call to the ops' fake kernels (meta wins the dispatch):
+    they refuse mixed devices as the real kernels do, instead of returning uninitialized memory."""
+    w = torch.randn(4, 16)
+    with pytest.raises(ValueError, match="x: expected a tensor on cpu .*got meta"):
+        search_exponent(w, bits=4, group_size=8, x=torch.randn(3, 16, device="meta"))
+    q = power_quantize(w, 0.5, bits=4, group_size=8)
+    with pytest.raises(ValueError, match="scales: expected a tensor on cpu .*got meta"):
+        power_dequantize(dataclasses.replace(q, scales=q.scales.to("meta")))
+    with pytest.raises(ValueError, match="a: expected a tensor on cpu .*got meta"):
+        power_dequantize(dataclasses.replace(q, exponent=q.exponent.to("meta")))
+    m = PowerQuantLinear.from_linear(torch.nn.Linear(16, 4), group_size=8)
+    with pytest.raises(ValueError, match="table: expected a tensor on cpu .*got meta"):
+        torch.ops.lmkern.power_quant_linear_backward(torch.randn(2, 4), m.codes, m.scales, m.codebook.to("meta"), 4, 8, 16)
+    x = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="rstd: expected a tensor on cpu .*got meta"):
+        torch.ops.lmkern.rms_norm_backward(x, x, None, torch.ones(4, device="meta"), None, 0.0, 1.0, False)
+    # All on meta: shapes only, as before.
+    assert power_quantize(torch.randn(3, 8, device="meta"), 0.5, bits=4).codes.shape == (3, 4)
+
+
+def test_search_exponent_per_row_must_be_a_bool():
+    w = torch.randn(4, 16)
+    with pytest.raises(TypeError, match="per_row: expected a bool; got str"):
+        search_exponent(w, per_row="no")
+    assert search_exponent(w, per_row=False).shape == ()
+
+
+def test_load_quantized_refuses_codes_and_scales_that_do_not_fit_and_changes_nothing():
+    mod = PowerQuantLinear.from_linear(torch.nn.Linear(16, 4), bits=4, group_size=8)
+    before = {k: v.clone() for k, v in mod.state_dict().items()}
+    q = power_quantize(torch.randn(4, 16), 0.5, bits=4, group_size=8)
+    for bad, match in (
+        (dataclasses.replace(q, codes=q.codes[:, :1]), r"codes: expected uint8 of shape \(4, 8\)"),
+        (dataclasses.replace(q, codes=q.codes.float()), r"codes: expected uint8"),
+        (dataclasses.replace(q, scales=q.scales[:1]), r"scales: expected float32 of shape \(4, 2\)"),
+        (dataclasses.replace(q, scales=-q.scales), r"q.scales: expected finite scales >= 0"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            mod.load_quantized(bad)
+        assert all(torch.equal(v, before[k]) for k, v in mod.state_dict().items())
+    mod.load_quantized(q)
+    assert torch.equal(mod.codes, q.codes) and torch.equal(mod.scales, q.scales)
+
+
+def test_state_dict_of_integer_scales_or_other_codes_is_refused():
+    src = PowerQuantLinear.from_linear(torch.nn.Linear(16, 4), bits=4, group_size=8)
+    sd = src.state_dict()
+    for key, value, match in (
+        ("scales", torch.full((4, 2), -3, dtype=torch.int64), "scales .*expected a floating dtype; got torch.int64"),
+        ("exponent", torch.ones(4, dtype=torch.int32), "exponent .*expected a floating dtype"),
+        ("codes", sd["codes"].long(), "codes .*expected uint8 packed codes; got torch.int64"),
+    ):
+        mod = PowerQuantLinear(16, 4, group_size=8)
+        before = {k: v.clone() for k, v in mod.state_dict().items()}
+        with pytest.raises(ValueError, match=match):
+            mod.load_state_dict({**sd, key: value})
+        assert all(torch.equal(v, before[k]) for k, v in mod.state_dict().items())
+
+
+def test_meta_exponent_with_real_codes_is_an_error_not_a_stale_codebook():
+    src = PowerQuantLinear.from_linear(torch.nn.Linear(16, 4), bits=4, group_size=8)
+    sd = {**src.state_dict(), "exponent": src.exponent.to("meta")}
+    mod = PowerQuantLinear(16, 4, group_size=8)
+    mod.load_state_dict(sd, assign=True)
+    with pytest.raises(RuntimeError, match="exponent: on meta while the codes are on cpu"):
+        mod(torch.randn(2, 16))
+    mod.load_state_dict(src.state_dict(), assign=True)  # real exponents: the layer works again
+    x = torch.randn(2, 16)
+    assert torch.equal(mod(x), src(x))
+
+
+def test_power_quant_linear_reads_a_negative_bit_view_as_its_values():
+    mod = PowerQuantLinear.from_linear(torch.nn.Linear(16, 4), bits=4, group_size=8)
+    x = torch.randn(3, 16)
+    nx = torch._neg_view(-x)
+    assert nx.is_neg()
+    assert torch.equal(mod(nx), mod(x))
+
+
+def test_exponent_and_clip_beyond_float_or_float32_are_refused_by_name():
+    w = torch.randn(4, 16)
+    with pytest.raises(ValueError, match="a: expected an exponent in .*int beyond float64's range"):
+        power_quantize(w, 2 ** 2000)
+    with pytest.raises(ValueError, match="a: expected an exponent in .*got 1e-46, which is 0 in float32"):
+        power_quantize(w, 1e-46)
+    with pytest.raises(ValueError, match="clip: expected a finite number > 0"):
+        power_quantize(w, 0.5, clip=2 ** 2000)
+    # The smallest float32 exponent still works: codes of the formula's limit, all ±qmax or 0.
+    q = power_quantize(w, 2.0 ** -149)
+    assert set(q.int_codes().unique().tolist()) <= {-7, 0, 7}
+
+
+def test_quantize_linears_calibrates_layers_called_by_keyword():
+    from lmkern.nn import quantize_linears
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8))
+    xs = torch.randn(5, 16)
+    got = quantize_linears(m := copy.deepcopy(model), group_size=8, calibrate=lambda: m[0](input=xs))
+    want = quantize_linears(m2 := copy.deepcopy(model), group_size=8, calibrate=lambda: m2[0](xs))
+    assert torch.equal(got[0].exponent, want[0].exponent)

@@ -44,6 +44,27 @@ def check_device(name: str, t: torch.Tensor, ref: torch.Tensor, ref_name: str = 
     _check_dense(name, t)
 
 
+def register_fake(op_name: str, fake) -> None:
+    """torch.library.register_fake for lmkern::<op_name>, after a check that every tensor argument is
+    on one device. The real kernels check that themselves; the fake one must too, because a meta
+    tensor among cpu or cuda ones sends the whole call to it (the meta key wins the dispatch), and
+    its outputs, allocated on the other tensors' device, would be uninitialized memory."""
+    names = [arg.name for arg in getattr(torch.ops.lmkern, op_name).default._schema.arguments]
+
+    @functools.wraps(fake)
+    def checked(*args, **kwargs):
+        first = None
+        for name, value in (*zip(names, args), *kwargs.items()):
+            if isinstance(value, torch.Tensor):
+                if first is None:
+                    first = (name, value.device)
+                elif value.device != first[1]:
+                    raise ValueError(f"{name}: expected a tensor on {first[1]} (the device of {first[0]}); got {value.device}")
+        return fake(*args, **kwargs)
+
+    torch.library.register_fake(f"lmkern::{op_name}", checked, lib=LIB)
+
+
 def check_cpu_or_cuda(name: str, t: torch.Tensor) -> None:
     if not (t.is_cpu or t.is_cuda or t.is_meta):
         raise ValueError(f"{name}: lmkern runs on cpu and cuda tensors; got a {t.device.type} tensor")
@@ -88,6 +109,8 @@ def scalar_arg(name: str, value) -> float:
         raise TypeError(f"{name}: expected a real number; got {type(value).__name__} {value!r}")
     try:
         return float(value)
+    except OverflowError:
+        raise ValueError(f"{name}: expected a real number; got {type(value).__name__} beyond float64's range") from None
     except (TypeError, ValueError, RuntimeError) as e:
         raise TypeError(f"{name}: expected a real number; got {type(value).__name__} ({e})") from None
 
@@ -110,7 +133,9 @@ def eager_ok(*tensors) -> bool:
         or _forward_ad_active()
     ):
         return False
-    return all(t is None or type(t) in _PLAIN for t in tensors)
+    # A lazily negated view (torch.Tensor.neg's bit, `t.conj().imag`) has the un-negated values in
+    # memory: the dispatcher's fallback resolves it, a kernel reading data_ptr would not.
+    return all(t is None or (type(t) in _PLAIN and not t.is_neg()) for t in tensors)
 
 
 def func_transformed() -> bool:

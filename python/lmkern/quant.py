@@ -65,7 +65,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._lib import differentiating_transform, not_a_tensor, plain_number
+from ._lib import check_device, differentiating_transform, not_a_tensor, plain_number
 from .ops import quant as _ops
 
 __all__ = [
@@ -179,16 +179,25 @@ def _exponents(a, rows: int, x: torch.Tensor) -> torch.Tensor:
     a = plain_number(a)
     if isinstance(a, bool) or not isinstance(a, numbers.Real):
         raise TypeError(f"a: expected a float or a tensor; got {type(a).__name__}")
-    a = float(a)
+    try:
+        a = float(a)
+    except OverflowError:
+        raise ValueError(f"a: expected an exponent in (0, 1]; got {type(a).__name__} beyond float64's range") from None
     if not (0.0 < a <= 1.0):
         raise ValueError(f"a: expected an exponent in (0, 1]; got {a}")
+    if a <= 2.0 ** -150:  # rounds to 0 as the float32 the kernels take
+        raise ValueError(f"a: expected an exponent in (0, 1]; got {a}, which is 0 in float32")
     return torch.full((rows,), a, dtype=torch.float32, device=x.device)
 
 
 def _clip(clip) -> float:
     clip = plain_number(clip)
-    if isinstance(clip, bool) or not isinstance(clip, numbers.Real) or not (0.0 < float(clip) < math.inf):
-        raise ValueError(f"clip: expected a finite number > 0; got {clip!r}")
+    try:
+        ok = not isinstance(clip, bool) and isinstance(clip, numbers.Real) and 0.0 < float(clip) < math.inf
+    except OverflowError:  # an int beyond float64
+        ok = False
+    if not ok:
+        raise ValueError(f"clip: expected a finite number > 0; got {clip!r:.40}")
     return float(clip)
 
 
@@ -264,6 +273,9 @@ def search_exponent(w, bits: int = 4, group_size: int | None = None, x=None, per
     g = _ops.check_group(group_size, n)
     clip = _clip(clip)
     grid, refine = _ops.check_search_points(grid, refine)
+    per_row = plain_number(per_row)
+    if not isinstance(per_row, bool):
+        raise TypeError(f"per_row: expected a bool; got {type(per_row).__name__}")
     # Rows from the leading dimensions (reshape(-1, 0) cannot infer them for empty rows).
     w32 = w.detach().reshape(_ops._rows(w)[0], n).to(torch.float32)
     z = None
@@ -272,6 +284,7 @@ def search_exponent(w, bits: int = 4, group_size: int | None = None, x=None, per
         _ops._check_x("x", x)
         if x.shape[-1] != n:
             raise ValueError(f"x: expected calibration activations with last dimension {n}; got shape {tuple(x.shape)}")
+        check_device("x", x, w, "w")
         z = x.detach().reshape(_ops._rows(x)[0], n).to(torch.float64)
         # Any positive multiple of x has the same best exponents: at max|x| = 1 neither the QR
         # factor nor the kernel's float32 copy can overflow (x near float32's limit did).
@@ -281,5 +294,5 @@ def search_exponent(w, bits: int = 4, group_size: int | None = None, x=None, per
         if z.shape[0] > n:
             z = torch.linalg.qr(z, mode="r")[1]
         z = z.to(torch.float32)
-    out = torch.ops.lmkern.power_search_exponent(w32, z, bits, g, clip, bool(per_row), grid, refine)
+    out = torch.ops.lmkern.power_search_exponent(w32, z, bits, g, clip, per_row, grid, refine)
     return out if per_row else out.reshape(())

@@ -144,8 +144,10 @@ class PowerQuantLinear(nn.Module):
                 f"group_size={self.group_size}; got {list(q.shape)}, bits={q.bits}, group_size={q.group_size}"
             )
         exponent = _exponents(q.exponent, self.out_features, q.exponent)
+        # What power_dequantize(q) checks (copy_ below would broadcast and cast what does not fit).
+        _ops._check_packed(q.codes, q.scales, exponent, self.bits, self.group_size, self.out_features, self.in_features)
         book = torch.ops.lmkern.power_codebook(exponent, self.bits)  # raises on a bad exponent before anything changes
-        _ops.check_scales("q.scales", q.scales.to(torch.float32))  # as they will be stored
+        _ops.check_scales("q.scales", q.scales)
         self.codes.copy_(q.codes)
         self.scales.copy_(q.scales)
         self.exponent.copy_(exponent)
@@ -171,6 +173,15 @@ class PowerQuantLinear(nn.Module):
                     f"{prefix or 'state dict'}: the checkpoint was saved from a PowerQuantLinear with "
                     f"{name}={saved}; this module has {name}={own}"
                 )
+        # Tensors of another kind would be cast into the buffers without a word.
+        for name in ("codes", "scales", "exponent", "bias"):
+            t = state_dict.get(prefix + name)
+            if not isinstance(t, torch.Tensor):
+                continue
+            if name == "codes" and t.dtype != torch.uint8:
+                raise ValueError(f"{prefix}codes (state dict): expected uint8 packed codes; got {t.dtype}")
+            if name != "codes" and not t.is_floating_point():
+                raise ValueError(f"{prefix}{name} (state dict): expected a floating dtype; got {t.dtype}")
         key = prefix + "exponent"
         if isinstance(state_dict.get(key), torch.Tensor) and not state_dict[key].is_meta:
             try:
@@ -178,7 +189,7 @@ class PowerQuantLinear(nn.Module):
             except ValueError as e:
                 raise ValueError(f"{key} (state dict): {e}") from None
         key = prefix + "scales"
-        if isinstance(state_dict.get(key), torch.Tensor) and state_dict[key].is_floating_point() and not state_dict[key].is_meta:
+        if isinstance(state_dict.get(key), torch.Tensor) and not state_dict[key].is_meta:
             # (as float32, what is loaded: a float64 scale beyond float32's range becomes inf)
             _ops.check_scales(f"{key} (state dict)", state_dict[key].to(torch.float32))
         given = {}  # the entries cast for the load, put back after it: the caller's dict is theirs
@@ -240,8 +251,12 @@ class PowerQuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         buf = self._buffers  # one read: each buffer by attribute costs ~0.5 us in nn.Module.__getattr__
-        if not torch.compiler.is_compiling() and not self._book_current() and not buf["exponent"].is_meta:
-            self.refresh_codebook()
+        if not torch.compiler.is_compiling() and not self._book_current():
+            if not buf["exponent"].is_meta:
+                self.refresh_codebook()
+            elif not buf["codes"].is_meta:  # (the old codebook would be used silently)
+                raise RuntimeError(f"exponent: on meta while the codes are on {buf['codes'].device}: load the "
+                                   "exponents (load_state_dict, load_quantized) before calling the layer")
         return _quant_linear_forward(x, buf["codes"], buf["scales"], buf["codebook"], buf["exponent"], buf.get("bias"),
                                      self.bits, self.group_size, self.in_features)
 
@@ -346,15 +361,16 @@ def quantize_linears(model: nn.Module, bits: int = 4, group_size: int | None = 1
             raise ValueError(f"{name}.weight: expected finite values (NaN or inf found); nothing was replaced")
     inputs: dict[int, list[torch.Tensor]] = {}
     if calibrate is not None:
-        def record(module, args):
+        def record(module, args, kwargs):
             rows = inputs.setdefault(id(module), [])
             have = sum(r.shape[0] for r in rows)
             if have < max_tokens:
-                x = args[0].detach().reshape(-1, args[0].shape[-1])
+                x = args[0] if args else next(iter(kwargs.values()))  # called as linear(input=x): the one argument
+                x = x.detach().reshape(-1, x.shape[-1])
                 # A copy: a view would keep the whole input alive, and see the model's in-place writes.
                 rows.append(x[: max_tokens - have].to(device="cpu", dtype=torch.float32, copy=True))
 
-        hooks = [m.register_forward_pre_hook(record) for m in originals.values()]
+        hooks = [m.register_forward_pre_hook(record, with_kwargs=True) for m in originals.values()]
         try:
             calibrate()
         finally:

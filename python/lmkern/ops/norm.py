@@ -17,7 +17,7 @@ import torch
 from .. import _core
 from .._lib import (
     DTYPE_CODES, LIB, check_cpu_or_cuda, check_device, check_floating, device_args, eager_ok, first_order_backward, func_transformed,
-    not_a_tensor, ptr, scalar_arg,
+    not_a_tensor, ptr, register_fake, scalar_arg,
 )
 
 _CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -228,15 +228,13 @@ def _define(name: str, crms: bool) -> None:
             return dx, x.new_empty((x.shape[-1],), dtype=weight.dtype)
         return dx, x.new_empty((x.shape[-1],) if weight_grad else (0,))
 
-    torch.library.register_fake(f"lmkern::{name}", fwd_fake, lib=LIB)
-    torch.library.register_fake(f"lmkern::{name}_residual", fwd_residual_fake, lib=LIB)
-    torch.library.register_fake(f"lmkern::{name}_backward", bwd_fake, lib=LIB)
-    torch.library.register_fake(
-        f"lmkern::{name}_inplace", lambda x, weight, eps, offset, scale: _check_inplace(x, None, weight, real=False), lib=LIB
-    )
-    torch.library.register_fake(
-        f"lmkern::{name}_residual_inplace",
-        lambda x, residual, weight, eps, offset, scale: _check_inplace(x, residual, weight, real=False), lib=LIB,
+    register_fake(name, fwd_fake)
+    register_fake(f"{name}_residual", fwd_residual_fake)
+    register_fake(f"{name}_backward", bwd_fake)
+    register_fake(f"{name}_inplace", lambda x, weight, eps, offset, scale: _check_inplace(x, None, weight, real=False))
+    register_fake(
+        f"{name}_residual_inplace",
+        lambda x, residual, weight, eps, offset, scale: _check_inplace(x, residual, weight, real=False),
     )
 
     backward_op = getattr(torch.ops.lmkern, f"{name}_backward").default
@@ -280,6 +278,33 @@ def _define(name: str, crms: bool) -> None:
         f"lmkern::{name}_backward", no_double_backward, setup_context=lambda ctx, inputs, output: None, lib=LIB
     )
     torch.library.register_autograd(f"lmkern::{name}_residual", grad_residual, setup_context=setup_residual, lib=LIB)
+    _register_inplace_guards(f"{name}_inplace", mutated=1)
+    _register_inplace_guards(f"{name}_residual_inplace", mutated=2)
+
+
+def _register_inplace_guards(op_name: str, mutated: int) -> None:
+    """What torch's own in-place ops do, for an in-place op called through the dispatcher (directly,
+    or by rms_norm_ under torch.compile or a mode): refuse inputs that require grad while grad mode
+    is on (the op has no derivative; writing over them would give wrong gradients silently), and
+    bump the version counters of the tensors it writes (its first `mutated` arguments), so that
+    autograd refuses a graph that saved them."""
+    op = getattr(torch.ops.lmkern, op_name).default
+
+    def autograd(keyset, *args):
+        if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in args):
+            raise RuntimeError(
+                f"lmkern::{op_name}: writes in place and is not differentiable (an input requires grad); "
+                "call it under torch.no_grad() or torch.inference_mode()"
+            )
+        return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+
+    def inplace_or_view(keyset, *args):
+        for t in args[:mutated]:
+            torch.autograd.graph.increment_version(t)
+        return op.redispatch(keyset & torch._C._after_ADInplaceOrView_keyset, *args)
+
+    LIB.impl(op_name, autograd, "Autograd", with_keyset=True)
+    LIB.impl(op_name, inplace_or_view, "ADInplaceOrView", with_keyset=True)
 
 
 _define("rms_norm", crms=False)

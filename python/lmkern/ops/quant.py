@@ -43,7 +43,7 @@ import threading
 import torch
 
 from .. import _core
-from .._lib import DTYPE_CODES, LIB, check_cpu_or_cuda, check_floating, device_args, eager_ok, plain_number, ptr
+from .._lib import DTYPE_CODES, LIB, check_cpu_or_cuda, check_floating, device_args, eager_ok, plain_number, ptr, register_fake
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 BITS = (2, 3, 4, 8)
@@ -611,7 +611,7 @@ for _name, _impl, _fake_impl in (
 ):
     for _key in ("CPU", "CUDA"):
         LIB.impl(_name, _impl, _key)
-    torch.library.register_fake(f"lmkern::{_name}", _fake_impl, lib=LIB)
+    register_fake(_name, _fake_impl)
 
 
 def _fake_vmap(info, in_dims, x, a, bits, group_size, clip):
