@@ -395,6 +395,8 @@ def test_k():
     assert N.top_k([0.5, 0.9, 0.5], 2).tolist() == [1, 0]
     with pytest.raises(ValueError, match=r"scores: expected one score per source \(1-D\); got shape \(2, 2\)"):
         N.top_k([[0.1, 0.2], [0.3, 0.4]], 1)  # an NCD matrix is not a score vector
+    with pytest.raises(TypeError, match="scores: expected real numbers, one per source; got list"):
+        N.top_k(["a", "b"], 1)  # the texts, not their scores
 
 
 def test_public_api():

@@ -1264,6 +1264,12 @@ def test_module_dtype_and_bad_shape(cls):
         cls((4, 16))
     with pytest.raises(ValueError, match="normalized_shape"):
         cls(-1)
+    for bad, what in ((8.5, "an int or a sequence of one int; got float"), (None, "got NoneType"), ("12", "got str"),
+                      ([8.7], "an int size; got float 8.7")):
+        with pytest.raises(TypeError, match=f"normalized_shape: expected .*{what}"):
+            cls(bad)
+    with pytest.raises(TypeError, match="x: expected a torch.Tensor; got NoneType"):
+        mod(None)
     for kw, what in (({"eps": "1e-6"}, "eps"), ({"eps": True}, "eps"), ({"offset": "1"}, "offset"), ({"scale": b"2"}, "scale")):
         with pytest.raises(TypeError, match=f"{what}: expected a real number"):  # at construction, not at the first call
             cls(16, **kw)

@@ -2122,3 +2122,20 @@ def test_quantize_linears_calibrates_layers_called_by_keyword():
     got = quantize_linears(m := copy.deepcopy(model), group_size=8, calibrate=lambda: m[0](input=xs))
     want = quantize_linears(m2 := copy.deepcopy(model), group_size=8, calibrate=lambda: m2[0](xs))
     assert torch.equal(got[0].exponent, want[0].exponent)
+
+
+def test_power_quant_linear_arguments_of_the_wrong_kind_name_themselves():
+    mod = PowerQuantLinear(16, 4, group_size=8)
+    with pytest.raises(TypeError, match="x: expected a torch.Tensor; got NoneType"):
+        mod(None)
+    with pytest.raises(TypeError, match="q: expected a PowerQuantized .*got Tensor"):
+        mod.load_quantized(torch.randn(4, 16))
+    with pytest.raises(ValueError, match=r"in_features: expected a size below 2\^63; got 1180591620717411303424"):
+        PowerQuantLinear(2 ** 70, 4, group_size=None)
+    with pytest.raises(ValueError, match="linear: its weight is on the meta device"):
+        PowerQuantLinear.from_linear(torch.nn.Linear(16, 4, device="meta"), group_size=8)
+    q = power_quantize(torch.randn(4, 16), 0.5, bits=4)
+    with pytest.raises(ValueError, match=r"codes: expected \[rows, 6\] \(rows of 16 3-bit codes\); got shape \(4, 8\)"):
+        dataclasses.replace(q, bits=3).int_codes()
+    with pytest.raises(ValueError, match="n: expected a row length >= 0"):
+        unpack_codes(q.codes, 4, -1)

@@ -623,3 +623,28 @@ def test_text_field_must_name_a_field(tmp_path, field):
     (tmp_path / "s.jsonl").write_text('{"text": "a"}\n')
     with pytest.raises(ValueError, match="text_field: expected a non-empty field name"):
         list(D.iter_records(tmp_path / "s.jsonl", text_field=field, bad_records="skip"))
+
+
+def test_bad_arguments_name_themselves(tmp_path):
+    """Arguments of the wrong kind raise naming the argument (they used to surface as numpy, os or
+    heapq errors, or, for rows that are not dicts, to be written)."""
+    f = tmp_path / "one.jsonl"
+    f.write_text('{"text": "hello"}\n')
+    with pytest.raises(TypeError, match="source: expected a path or a sequence of paths; got NoneType"):
+        D.select_local(None, ["x"], 1)
+    with pytest.raises(TypeError, match="source: expected paths .*got int"):
+        D.list_files([str(f), 3])
+    with pytest.raises(TypeError, match="progress: expected a bool, None or"):
+        D.select_local(str(f), ["x"], 1, progress="yes")
+    for k in ("3", 1.5, True):
+        with pytest.raises(TypeError, match="k: expected a non-negative int"):
+            TopK(k)
+    with pytest.raises(TypeError, match="keys: expected int record keys .*got str 'x'"):
+        D.fetch_records([str(f)], ["x"])
+    with pytest.raises(TypeError, match="rows: expected dicts, one per record; got int at row 1"):
+        D.write_records(tmp_path / "o.jsonl", [{"text": "a"}, 2])
+    assert not (tmp_path / "o.jsonl").exists()
+    # A single path, as a str, bytes or os.PathLike, is one file (not a sequence of characters).
+    for one in (str(f), os.fsencode(str(f)), f):
+        assert D.list_files(one) == [str(f)]
+        assert [r.text for r in D.fetch_records(one, [0])] == [b"hello"]

@@ -190,7 +190,10 @@ def zipfit_scores(source: Iterable[Text], target: Iterable[Text], level: int = 9
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:
     """Indices of the k highest scores, best first, ties in index order (k > len: all of them)."""
     k = _check_k(k)
-    scores = np.asarray(scores, dtype=np.float64)
+    try:
+        scores = np.asarray(scores, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"scores: expected real numbers, one per source; got {type(scores).__name__} ({e})") from None
     if scores.ndim != 1:
         raise ValueError(f"scores: expected one score per source (1-D); got shape {scores.shape}")
     # A stable sort of −score keeps equal scores in index order; NaN cannot occur (max(C) >= 20).

@@ -151,6 +151,13 @@ torch.serialization.add_safe_globals([QuantizedTensor, PowerQuantized])
 
 def unpack_codes(codes: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Signed int8 codes [rows, n] from packed ``codes`` (the documented bit stream), in torch ops."""
+    bits, codes = _ops.check_bits(bits), _as_tensor("codes", codes)
+    n = plain_number(n)
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+        raise ValueError(f"n: expected a row length >= 0; got {n!r}")
+    if codes.dim() != 2 or codes.shape[1] != _ops.row_bytes(n, bits):
+        raise ValueError(f"codes: expected [rows, {_ops.row_bytes(n, bits)}] (rows of {n} {bits}-bit codes); "
+                         f"got shape {tuple(codes.shape)}")
     f = _ops.unpack_fields(codes, bits, n)
     return torch.where(f >= 2 ** (bits - 1), f - 2 ** bits, f).to(torch.int8)
 

@@ -31,7 +31,7 @@ class TopK:
     (= earlier in source order). A min-heap whose root is the worst kept entry."""
 
     def __init__(self, k: int):
-        self.k = k
+        self.k = _ncd._check_k(k)
         self._heap: list[tuple[float, int, Any]] = []  # (score, -key, payload)
 
     def push(self, score: float, key: int, payload: Any = None) -> None:
@@ -151,6 +151,8 @@ def select_local(
     k = _ncd._check_k(k)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: expected an int >= 1; got {batch_size!r}")
+    if progress is not None and not isinstance(progress, (bool, Progress)):
+        raise TypeError(f"progress: expected a bool, None or a lmkern.data.local.Progress; got {type(progress).__name__}")
     scorer = _ncd.Scorer(targets, level)
     if scorer.n_targets == 0:
         raise ValueError("target: expected at least one target text (the alignment is a mean over targets); got none")
@@ -202,11 +204,18 @@ def select_local(
 def fetch_records(files: Sequence[str], keys: Sequence[int], text_field: str = "text",
                   bad_records: str = "error") -> list[Record]:
     """The records with these keys (in the order of `keys`), found by one streaming pass over files."""
+    if isinstance(files, (str, bytes, os.PathLike)):
+        files = [files]
+    files = [os.fsdecode(f) for f in files]  # str paths, as Reader and Selection.files have them
+    keys = list(keys)
+    for k in keys:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+            raise TypeError(f"keys: expected int record keys (Selection.keys); got {type(k).__name__} {k!r:.40}")
     want = {int(k): i for i, k in enumerate(keys)}
     found: list[Record | None] = [None] * len(want)
     if want:
         last_file = split_key(max(want))[0]
-        reader = Reader(list(files)[: last_file + 1], text_field, bad_records)
+        reader = Reader(files[: last_file + 1], text_field, bad_records)
         left = len(want)
         for rec in reader:
             i = want.get(rec.key)
@@ -261,6 +270,9 @@ def write_records(path: PathLike, rows: Iterable[dict]) -> str:
     Lines (UTF-8, one object per line). Written to a temporary file, then renamed. Returns the format."""
     path = os.fspath(path)
     rows = list(rows)  # an iterator too (the Parquet writer reads the rows twice)
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise TypeError(f"rows: expected dicts, one per record; got {type(row).__name__} at row {i}")
     fmt = output_format(path)
     if os.path.isdir(path):
         raise DataError(f"{path}: is a directory; the output is a file")

@@ -93,14 +93,18 @@ def _kind(path: str) -> str | None:
 
 def list_files(paths: PathLike | Sequence[PathLike], name: str = "source") -> list[str]:
     """The files that `paths` stand for, in order (a directory: its supported files, sorted)."""
-    if isinstance(paths, (str, os.PathLike)):
+    if isinstance(paths, (str, bytes, os.PathLike)):
         paths = [paths]
+    if not isinstance(paths, Iterable):
+        raise TypeError(f"{name}: expected a path or a sequence of paths; got {type(paths).__name__}")
     paths = list(paths)
     if not paths:
         raise DataError(f"{name}: expected at least one file or directory; got none")
     files: list[str] = []
     for p in paths:
-        p = os.fspath(p)
+        if not isinstance(p, (str, bytes, os.PathLike)):
+            raise TypeError(f"{name}: expected paths (str, bytes or os.PathLike); got {type(p).__name__} {p!r:.60}")
+        p = os.fsdecode(p)
         if os.path.isdir(p):
             found = []
             for root, dirs, names in os.walk(p):

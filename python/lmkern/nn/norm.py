@@ -6,11 +6,13 @@ import numbers
 import torch
 from torch import nn
 
-from .._lib import scalar_arg
+from .._lib import not_a_tensor, scalar_arg
 from ..ops.norm import crms_norm, rms_norm
 
 
 def _norm_module_forward(crms: bool, n: int, x, weight, eps, residual, offset: float, scale: float):
+    if not isinstance(x, torch.Tensor):
+        raise not_a_tensor("x", x)
     # The weight's check, when there is none (a traced size is a tensor: jit.trace would warn).
     if not torch.jit.is_tracing() and x.dim() and x.shape[-1] != n:
         raise ValueError(f"x: expected a last dimension of {n} (normalized_shape); got shape {tuple(x.shape)}")
@@ -29,14 +31,15 @@ class _Norm(nn.Module):
     def __init__(self, normalized_shape, eps: float | None = 1e-6, elementwise_affine: bool = True,
                  offset: float = 0.0, scale: float = 1.0, device=None, dtype=None):
         super().__init__()
-        if isinstance(normalized_shape, numbers.Integral):
-            n = int(normalized_shape)
-        elif len(tuple(normalized_shape)) == 1:
-            n = int(tuple(normalized_shape)[0])
-        else:
-            raise ValueError(
-                f"normalized_shape: lmkern norms normalize the last dimension only; got {tuple(normalized_shape)}"
-            )
+        shape = (normalized_shape,) if isinstance(normalized_shape, numbers.Integral) else normalized_shape
+        if isinstance(shape, (str, bytes)) or not hasattr(shape, "__iter__"):
+            raise TypeError(f"normalized_shape: expected an int or a sequence of one int; got {type(shape).__name__}")
+        shape = tuple(shape)
+        if len(shape) != 1:
+            raise ValueError(f"normalized_shape: lmkern norms normalize the last dimension only; got {shape}")
+        if not isinstance(shape[0], numbers.Integral):  # (torch.Size's and numpy's ints are)
+            raise TypeError(f"normalized_shape: expected an int size; got {type(shape[0]).__name__} {shape[0]!r}")
+        n = int(shape[0])
         if n < 0:
             raise ValueError(f"normalized_shape: expected a size >= 0; got {n}")
         self.normalized_shape = (n,)

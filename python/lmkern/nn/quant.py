@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import numbers
+import sys
 
 import torch
 from torch import nn
 
-from .._lib import func_transformed
+from .._lib import func_transformed, not_a_tensor
 from ..ops import quant as _ops
 from ..quant import PowerQuantized, _exponents, power_quantize, search_exponent
 
@@ -28,6 +29,8 @@ def _quantized(codes, scales, exponent, bits: int, group_size: int, in_features:
 
 
 def _quant_linear_forward(x, codes, scales, codebook, exponent, bias, bits: int, group_size: int, in_features: int):
+    if not isinstance(x, torch.Tensor):
+        raise not_a_tensor("x", x)
     dev = x.device.type
     if (x.dtype in (torch.float32, torch.bfloat16, torch.float16) and torch.amp.is_autocast_available(dev)
             and torch.is_autocast_enabled(dev)):
@@ -85,6 +88,8 @@ class PowerQuantLinear(nn.Module):
                 raise TypeError(f"{name}: expected an int; got {type(size).__name__} {size!r}")
             if size < 0:
                 raise ValueError(f"{name}: expected a size >= 0; got {size}")
+            if size > sys.maxsize:  # (torch.empty's own message names no argument)
+                raise ValueError(f"{name}: expected a size below 2^63; got {size}")
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.bits = _ops.check_bits(bits)
         self.group_size = _ops.check_group(group_size, self.in_features, "in_features")
@@ -124,6 +129,10 @@ class PowerQuantLinear(nn.Module):
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear: expected a torch.nn.Linear; got {type(linear).__name__}")
         w = linear.weight.detach()
+        if w.is_meta:
+            raise ValueError("linear: its weight is on the meta device, with no values to quantize; build the layer "
+                             "there instead (PowerQuantLinear(..., device='meta'), or quantize_linears on the model) "
+                             "and load a quantized checkpoint")
         if not torch.isfinite(w).all():
             raise ValueError("linear.weight: expected finite values (NaN or inf found)")
         gs = _ops.check_group(group_size, w.shape[1], "in_features")
@@ -138,6 +147,8 @@ class PowerQuantLinear(nn.Module):
 
     def load_quantized(self, q: PowerQuantized) -> None:
         """Take the codes, scales and exponents of a quantized [out, in] weight."""
+        if not isinstance(q, PowerQuantized):
+            raise not_a_tensor("q", q, "a PowerQuantized (lmkern.quant.power_quantize)")
         if tuple(q.shape) != (self.out_features, self.in_features) or q.bits != self.bits or q.group_size != self.group_size:
             raise ValueError(
                 f"q: expected a [{self.out_features}, {self.in_features}] weight with bits={self.bits}, "
