@@ -1729,3 +1729,31 @@ def test_backward_op_refuses_a_weight_gradient_without_a_weight(name):
     assert dx.shape == x.shape and dw.numel() == 0
     with pytest.raises(ValueError, match="weight_grad: a weight gradient was asked for without a weight"):
         bwd(dy, x, None, rstd, None, 0.0, 1.0, True)
+
+
+def test_forward_ad_in_another_thread_changes_nothing_here():
+    """torch keeps forward AD's level in a process-wide global: while another thread has a
+    dual_level open, calls here on tensors without tangents still run the kernels (bit for bit),
+    and power_fake_quantize does not take them for forward-mode AD."""
+    import threading
+    import torch.autograd.forward_ad as fwAD
+
+    x, w, _, _, _ = make_case((6, 40), BF16, 3, requires_grad=False)
+    want = lmkern.rms_norm(x, w, 1e-5)
+    want_q = lmkern.quant.power_fake_quantize(x.float(), 0.6, 4, 8)
+    inside, release = threading.Event(), threading.Event()
+
+    def other():
+        with fwAD.dual_level():
+            inside.set()
+            release.wait(60)
+
+    t = threading.Thread(target=other)
+    t.start()
+    try:
+        assert inside.wait(60)
+        _assert_same_bits(lmkern.rms_norm(x, w, 1e-5), want, "y")
+        _assert_same_bits(lmkern.quant.power_fake_quantize(x.float(), 0.6, 4, 8), want_q, "fake-quantized")
+    finally:
+        release.set()
+        t.join()

@@ -2139,3 +2139,33 @@ def test_power_quant_linear_arguments_of_the_wrong_kind_name_themselves():
         dataclasses.replace(q, bits=3).int_codes()
     with pytest.raises(ValueError, match="n: expected a row length >= 0"):
         unpack_codes(q.codes, 4, -1)
+
+
+def test_exponents_written_while_the_codebook_is_built_are_not_missed():
+    """A forward rebuilds the codebooks when the exponents changed; exponents written during that
+    build (another thread's load_state_dict) must leave the book marked stale, so that the next
+    forward rebuilds it, not marked as theirs (which kept the old tables for good). The write is
+    made from inside the build by a dispatch mode, deterministically."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(32, 8)
+    layer = PowerQuantLinear.from_linear(lin, bits=4, group_size=16, a=0.5)
+    want = PowerQuantLinear.from_linear(lin, bits=4, group_size=16, a=0.5)
+    want.load_state_dict({**want.state_dict(), "exponent": torch.full((8,), 0.9)})
+    x = torch.randn(3, 32)
+
+    class WriteDuringBuild(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.lmkern.power_codebook.default:
+                layer.exponent.fill_(0.9)  # lands after the book was built from the old values
+                # (in here, below autograd, fill_ leaves the version; another thread's write moves it)
+                torch.autograd.graph.increment_version(layer.exponent)
+            return out
+
+    with torch.no_grad():
+        layer.exponent.fill_(0.7)  # the next forward rebuilds
+        with WriteDuringBuild():
+            layer(x)
+        assert torch.equal(layer(x), want(x))

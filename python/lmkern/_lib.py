@@ -130,7 +130,7 @@ def eager_ok(*tensors) -> bool:
         or torch._C._len_torch_dispatch_stack()
         or torch._C._is_torch_function_mode_enabled()
         or torch._C._are_functorch_transforms_active()
-        or _forward_ad_active()
+        or _forward_ad_active(tensors)
     ):
         return False
     # A lazily negated view (torch.Tensor.neg's bit, `t.conj().imag`) has the un-negated values in
@@ -138,23 +138,24 @@ def eager_ok(*tensors) -> bool:
     return all(t is None or (type(t) in _PLAIN and not t.is_neg()) for t in tensors)
 
 
-def func_transformed() -> bool:
+def func_transformed(*tensors) -> bool:
     """Whether a torch.func transform (grad, vjp, jacrev, jvp, jacfwd, vmap, ...) or forward-mode AD
-    (torch.autograd.forward_ad) may be tracking this call, outside torch.compile. torch.library's
+    (torch.autograd.forward_ad, on one of the call's `tensors`) may be tracking this call, outside
+    torch.compile. torch.library's
     autograd for custom ops supports neither: torch.func.grad raises about `setup_context`, and jvp
     or forward AD silently give zero tangents. Ops with a composite torch form take it then."""
     if torch.compiler.is_compiling():
         return False
-    return _forward_ad_active() or torch._C._are_functorch_transforms_active()
+    return _forward_ad_active(tensors) or torch._C._are_functorch_transforms_active()
 
 
-def differentiating_transform() -> bool:
+def differentiating_transform(*tensors) -> bool:
     """Like func_transformed, but only the transforms that differentiate (grad, vjp, jacrev, jvp,
     jacfwd) and forward-mode AD: vmap alone runs custom ops correctly (through a batching rule, or
     torch's fallback of one call per example)."""
-    if not func_transformed():
+    if not func_transformed(*tensors):
         return False
-    if _forward_ad_active():
+    if _forward_ad_active(tensors):
         return True
     try:
         from torch._C._functorch import TransformType
@@ -167,10 +168,17 @@ def differentiating_transform() -> bool:
 _FORWARD_AD = torch.autograd.forward_ad if hasattr(torch.autograd.forward_ad, "_current_level") else None
 
 
-def _forward_ad_active() -> bool:
-    """Whether a torch.autograd.forward_ad.dual_level is open (torch keeps its level in this global;
-    a torch without it: assume one is, which is correct, only slower: the composite paths)."""
-    return _FORWARD_AD is None or _FORWARD_AD._current_level >= 0
+def _forward_ad_active(tensors) -> bool:
+    """Whether forward-mode AD tracks a call on `tensors`: a torch.autograd.forward_ad.dual_level is
+    open and one of them has a tangent at it. torch keeps the level in a process-wide global: the
+    level alone would send every other thread's calls down the composite paths (and make
+    power_fake_quantize raise there). A torch without the global: assume it tracks (correct, only
+    slower)."""
+    if _FORWARD_AD is None:
+        return True
+    if _FORWARD_AD._current_level < 0:
+        return False
+    return any(isinstance(t, torch.Tensor) and _FORWARD_AD.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def first_order_backward(what: str):

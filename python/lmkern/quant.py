@@ -246,7 +246,7 @@ def power_fake_quantize(x, a, bits: int = 4, group_size: int | None = None, clip
     """``power_dequantize(power_quantize(x, a, ...))`` in one pass, differentiable in x and in a
     (when a is a tensor that requires grad): straight-through round, m held constant; the gradient
     formulas are in this module's docstring. Same dtypes and arguments as :func:`power_quantize`."""
-    if differentiating_transform():
+    if differentiating_transform(x, a):
         raise NotImplementedError(
             "lmkern.quant.power_fake_quantize: torch.func's grad/vjp/jacrev/jvp/jacfwd and forward-mode AD are not "
             "supported (torch's autograd for custom ops has neither); use torch.autograd.grad or .backward()"

@@ -35,7 +35,7 @@ def _quant_linear_forward(x, codes, scales, codebook, exponent, bias, bits: int,
     if (x.dtype in (torch.float32, torch.bfloat16, torch.float16) and torch.amp.is_autocast_available(dev)
             and torch.is_autocast_enabled(dev)):
         x = x.to(torch.get_autocast_dtype(dev))  # as nn.Linear under autocast (custom ops get no autocast rule)
-    if func_transformed():
+    if func_transformed(x, codes, scales, exponent, bias):
         # torch.func transforms and forward-mode AD: the same product through torch ops (the
         # custom op's autograd supports neither), the weight dequantized whole.
         if x.shape[-1] != in_features:
@@ -217,20 +217,25 @@ class PowerQuantLinear(nn.Module):
     @torch.no_grad()
     def refresh_codebook(self) -> None:
         """Recompute ``codebook`` from ``exponent`` (done on construction, load_quantized and load_state_dict)."""
-        if not self.exponent.is_meta:
-            self._take_codebook(torch.ops.lmkern.power_codebook(self.exponent, self.bits))
+        e = self._buffers["exponent"]
+        if not e.is_meta:
+            # The version before the build: exponents written meanwhile (another thread's load) leave
+            # a book marked older than them, rebuilt by the next forward, not one marked theirs.
+            source = (e, _version(e))
+            self._take_codebook(torch.ops.lmkern.power_codebook(e, self.bits), source)
 
-    def _take_codebook(self, book: torch.Tensor) -> None:
+    def _take_codebook(self, book: torch.Tensor, source=None) -> None:
         if self.codebook.device == book.device:
             self.codebook.copy_(book)  # in place: a captured CUDA graph keeps reading the right tables
         else:  # built on meta and loaded with assign=True: the codebook was never materialized
             self.codebook = book.to(self.exponent.device)
-        self._mark_book_current()
+        self._mark_book_current(source)
 
-    def _mark_book_current(self) -> None:
-        """Record that `codebook` holds the tables of the exponent tensor as it is now."""
+    def _mark_book_current(self, source=None) -> None:
+        """Record that `codebook` holds the tables of the exponent tensor as it is now (or as it was
+        at `source`: the tensor and its version then)."""
         e = self._buffers["exponent"]
-        self._book_of = (e, _version(e))
+        self._book_of = source if source is not None else (e, _version(e))
 
     def _book_current(self) -> bool:
         # (getattr: a module pickled before _book_of existed has none; its codebook is rebuilt once)

@@ -402,7 +402,7 @@ def _public(crms, x, weight, eps, residual, offset, scale):
             return _NormFunction.apply(crms, x, residual, weight, eps, offset, scale)
         y, h, _ = _forward(crms, x, residual, weight, eps, offset, scale, save_rstd=False)
         return y if residual is None else (y, h)
-    if func_transformed():
+    if func_transformed(x, residual, weight):
         return _composite(crms, x, residual, weight, eps, offset, scale)
     if residual is None:
         return _OPS[crms][0](x, weight, eps, offset, scale)[0]
