@@ -2169,3 +2169,25 @@ def test_exponents_written_while_the_codebook_is_built_are_not_missed():
         with WriteDuringBuild():
             layer(x)
         assert torch.equal(layer(x), want(x))
+
+
+def test_a_compile_in_another_thread_changes_nothing_here(monkeypatch):
+    """torch.compiler.is_compiling() is a process-wide flag, true in every thread while any thread
+    compiles. With it set (as another thread's compile sets it), eager calls here still refresh the
+    codebook of changed exponents and still give torch.func transforms their composite form."""
+    monkeypatch.setattr(torch.compiler, "_is_compiling_flag", True)
+    assert torch.compiler.is_compiling()
+    torch.manual_seed(0)
+    layer = PowerQuantLinear.from_linear(torch.nn.Linear(32, 8), bits=4, group_size=16, a=0.5)
+    x = torch.randn(2, 32)
+    with torch.no_grad():
+        layer.exponent.fill_(0.9)
+        want = PowerQuantLinear(32, 8, group_size=16)
+        want.load_state_dict(layer.state_dict())
+        assert torch.equal(layer(x), want(x))
+    xn, wn, tn = torch.randn(4, 16), torch.randn(16), torch.randn(4, 16)
+    _, tangent = torch.func.jvp(lambda t: lmkern.rms_norm(t, wn), (xn,), (tn,))
+    _, want_t = torch.func.jvp(lambda t: t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + 1e-6) * wn, (xn,), (tn,))
+    torch.testing.assert_close(tangent, want_t, rtol=1e-5, atol=1e-6)
+    with pytest.raises(NotImplementedError, match="torch.func"):
+        torch.func.jvp(lambda t: power_fake_quantize(t, 0.5), (xn,), (tn,))

@@ -118,6 +118,16 @@ def scalar_arg(name: str, value) -> float:
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
+def tracing() -> bool:
+    """Whether this thread's call is being traced (torch.compile, torch.export), not run eagerly.
+    Not torch.compiler.is_compiling() alone: that is a process-wide flag, true in every thread while
+    any thread compiles. Dynamo folds is_dynamo_compiling() to True in the code it traces; export's
+    non-strict tracing (the flag without Dynamo) runs under dispatch modes of the tracing thread."""
+    return torch.compiler.is_dynamo_compiling() or (
+        torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() > 0
+    )
+
+
 def eager_ok(*tensors) -> bool:
     """Whether an eager call may skip torch's dispatcher and run an op's implementation directly:
     plain tensors (or None), and nothing tracing or intercepting ops (torch.compile, jit tracing,
@@ -125,7 +135,7 @@ def eager_ok(*tensors) -> bool:
     torch.library's autograd wrapper cost more than small kernels, and ~0.15 ms when their code is
     out of cache."""
     if (
-        torch.compiler.is_compiling()
+        tracing()
         or torch._C._get_tracing_state()
         or torch._C._len_torch_dispatch_stack()
         or torch._C._is_torch_function_mode_enabled()
@@ -144,7 +154,7 @@ def func_transformed(*tensors) -> bool:
     torch.compile. torch.library's
     autograd for custom ops supports neither: torch.func.grad raises about `setup_context`, and jvp
     or forward AD silently give zero tangents. Ops with a composite torch form take it then."""
-    if torch.compiler.is_compiling():
+    if tracing():
         return False
     return _forward_ad_active(tensors) or torch._C._are_functorch_transforms_active()
 

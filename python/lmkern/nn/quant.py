@@ -7,7 +7,7 @@ import sys
 import torch
 from torch import nn
 
-from .._lib import func_transformed, not_a_tensor
+from .._lib import func_transformed, not_a_tensor, tracing
 from ..ops import quant as _ops
 from ..quant import PowerQuantized, _exponents, power_quantize, search_exponent
 
@@ -267,7 +267,7 @@ class PowerQuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         buf = self._buffers  # one read: each buffer by attribute costs ~0.5 us in nn.Module.__getattr__
-        if not torch.compiler.is_compiling() and not self._book_current():
+        if not tracing() and not self._book_current():
             if not buf["exponent"].is_meta:
                 self.refresh_codebook()
             elif not buf["codes"].is_meta:  # (the old codebook would be used silently)

@@ -17,7 +17,7 @@ import torch
 from .. import _core
 from .._lib import (
     DTYPE_CODES, LIB, check_cpu_or_cuda, check_device, check_floating, device_args, eager_ok, first_order_backward, func_transformed,
-    not_a_tensor, ptr, register_fake, scalar_arg,
+    not_a_tensor, ptr, register_fake, scalar_arg, tracing,
 )
 
 _CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -454,7 +454,7 @@ def _public_inplace(crms, x, weight, eps, residual, offset, scale):
         eps, offset, scale = _scalars(x.dtype, eps, offset, scale)
     # (Not while compiling: torch.compile cannot trace the inference checks, and its own
     # functionalization refuses what they refuse.)
-    checked = () if torch.compiler.is_compiling() or torch.is_inference_mode_enabled() else (("x", x), ("residual", residual))
+    checked = () if tracing() or torch.is_inference_mode_enabled() else (("x", x), ("residual", residual))
     for name, t in checked:
         if t is not None and t.is_inference():
             raise RuntimeError(
