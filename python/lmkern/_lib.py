@@ -151,9 +151,9 @@ def eager_ok(*tensors) -> bool:
 def func_transformed(*tensors) -> bool:
     """Whether a torch.func transform (grad, vjp, jacrev, jvp, jacfwd, vmap, ...) or forward-mode AD
     (torch.autograd.forward_ad, on one of the call's `tensors`) may be tracking this call, outside
-    torch.compile. torch.library's
-    autograd for custom ops supports neither: torch.func.grad raises about `setup_context`, and jvp
-    or forward AD silently give zero tangents. Ops with a composite torch form take it then."""
+    torch.compile. torch.library's autograd for custom ops supports neither: torch.func.grad raises
+    about `setup_context`, and jvp or forward AD silently give zero tangents. Ops with a composite
+    torch form take it then."""
     if tracing():
         return False
     return _forward_ad_active(tensors) or torch._C._are_functorch_transforms_active()
