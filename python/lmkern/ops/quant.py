@@ -43,7 +43,7 @@ import threading
 import torch
 
 from .. import _core
-from .._lib import DTYPE_CODES, LIB, check_cpu_or_cuda, check_floating, device_args, eager_ok, plain_number, ptr, register_fake
+from .._lib import DTYPE_CODES, LIB, check_cpu_or_cuda, check_device, check_floating, device_args, eager_ok, plain_number, ptr, register_fake
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 BITS = (2, 3, 4, 8)
@@ -75,11 +75,6 @@ def check_search_points(grid, refine) -> tuple[int, int]:
 def check_cpu(name: str, t: torch.Tensor) -> None:
     """A CPU or CUDA tensor (the name is historical: CUDA kernels came later)."""
     check_cpu_or_cuda(name, t)
-
-
-def _same_device(name: str, t: torch.Tensor, ref: torch.Tensor, ref_name: str) -> None:
-    if t.device != ref.device:
-        raise ValueError(f"{name}: expected a tensor on {ref.device} (the device of {ref_name}); got {t.device}")
 
 
 def _no_cuda_f64(name: str, dtype: torch.dtype, t: torch.Tensor) -> None:
@@ -189,7 +184,7 @@ def _check_a(a: torch.Tensor, rows: int, ref: torch.Tensor) -> None:
 def _check_packed(codes, scales, a, bits, group_size, rows, n) -> None:
     for name, t in (("codes", codes), ("scales", scales), ("a", a)):
         check_cpu(name, t)
-    _same_device("scales", scales, codes, "codes")
+    check_device("scales", scales, codes, "codes")
     nb, ng = row_bytes(n, bits), (n // group_size if group_size else 0)
     if codes.dtype != torch.uint8 or tuple(codes.shape) != (rows, nb):
         raise ValueError(f"codes: expected uint8 of shape ({rows}, {nb}); got {codes.dtype} of shape {tuple(codes.shape)}")
@@ -306,7 +301,7 @@ def _fake_bwd(dy, x, scales, a, bits, group_size, a_grad):
         raise ValueError(f"dy: expected {x.dtype} of shape {tuple(x.shape)} on {x.device}; got {dy.dtype} {tuple(dy.shape)} on {dy.device}")
     if scales.dtype != torch.float32 or tuple(scales.shape) != (rows, n // group_size):
         raise ValueError(f"scales: expected float32 of shape ({rows}, {n // group_size}); got {scales.dtype} {tuple(scales.shape)}")
-    _same_device("scales", scales, x, "x")
+    check_device("scales", scales, x, "x")
     _cuda_check_exponents(a)
     dy, x, scales, a = dy.contiguous(), x.contiguous(), scales.contiguous(), a.contiguous()
     dx = torch.empty_like(x)
@@ -333,8 +328,8 @@ def _check_weight(codes, scales, table, bits, group_size, in_features):
     out_features = codes.shape[0] if codes.dim() == 2 else -1
     for name, t in (("codes", codes), ("scales", scales), ("table", table)):
         check_cpu(name, t)
-    _same_device("scales", scales, codes, "codes")
-    _same_device("table", table, codes, "codes")
+    check_device("scales", scales, codes, "codes")
+    check_device("table", table, codes, "codes")
     nb, ng = row_bytes(in_features, bits), in_features // group_size
     if codes.dtype != torch.uint8 or tuple(codes.shape) != (out_features, nb):
         raise ValueError(f"codes: expected uint8 of shape (out_features, {nb}); got {codes.dtype} of shape {tuple(codes.shape)}")
@@ -434,10 +429,10 @@ def _check_linear(x, codes, scales, table, bias, bits, group_size, in_features, 
     if x.shape[-1] != in_features:
         raise ValueError(f"{x_name}: expected last dimension {in_features} (in_features); got {tuple(x.shape)}")
     out_features = _check_weight(codes, scales, table, bits, group_size, in_features)
-    _same_device("codes", codes, x, x_name)
+    check_device("codes", codes, x, x_name)
     if bias is not None:
         check_cpu("bias", bias)
-        _same_device("bias", bias, x, x_name)
+        check_device("bias", bias, x, x_name)
         if bias.dtype != torch.float32 or tuple(bias.shape) != (out_features,):
             raise ValueError(f"bias: expected float32 of shape ({out_features},); got {bias.dtype} {tuple(bias.shape)}")
     return out_features
@@ -537,7 +532,7 @@ def _linear_bwd(dy, codes, scales, table, bits, group_size, in_features):
     if dy.shape[-1] != out_features:
         raise ValueError(f"dy: expected last dimension {out_features} (out_features); got {tuple(dy.shape)}")
     _check_weight(codes, scales, table, bits, group_size, in_features)
-    _same_device("codes", codes, dy, "dy")
+    check_device("codes", codes, dy, "dy")
     dy2 = dy.reshape(_rows(dy)[0], out_features)
     if dy.is_cuda:
         # dy @ Ŵ by cuBLAS, Ŵ in dy's dtype (as the many-token forward forms it).
@@ -571,7 +566,7 @@ def _search(w, z, bits, group_size, clip, per_row, grid=SEARCH_GRID, refine=SEAR
     check_cpu("w", w)
     if w.is_cuda:  # the search runs on the CPU (see the module doc)
         if z is not None:
-            _same_device("x", z, w, "w")
+            check_device("x", z, w, "w")
         out = _search(w.cpu(), None if z is None else z.cpu(), bits, group_size, clip, per_row, grid, refine)
         return out.to(w.device)
     check_bits(bits)
