@@ -7,7 +7,9 @@
 // which calls __tsan_readN / __tsan_writeN before every memory access, but linked without libtsan:
 // the hooks are defined here. They check accesses
 // made by kernel threads to shared memory (dynamic, and the kernels' __shared__ statics) and to the
-// test buffers (harness.h's Buf registers its bytes); everything else returns at once.
+// test buffers (harness.h's Buf registers its bytes); everything else (a thread's stack, the
+// emulator's state) returns at once, and the emulator's bookkeeping (EMU_BOOKKEEPING) is not
+// instrumented at all.
 //
 // What orders two threads here is what orders them on the GPU in lmkern's kernels, which use no
 // atomics, flags or grid-wide barriers: only a barrier of their block. Every point that orders a
@@ -57,6 +59,7 @@ struct Cell {
 // The state the hooks read: plain globals, so the (uninstrumented) hooks call nothing instrumented.
 inline uint32_t interval = 1, block_serial = 0, launch_serial = 0;
 inline uint32_t running = NONE;           // the thread running, NONE outside kernel threads
+inline uintptr_t stack_lo = 0, stack_n = 0;  // its coroutine's stack (its locals: never shared)
 inline uint32_t block_index = 0;          // the running block's index in its launch
 inline uintptr_t dyn_lo = 0, dyn_n = 0;   // dynamic shared memory of the current block
 inline Cell* dyn_cells = nullptr;
@@ -66,6 +69,15 @@ inline const unsigned char* st_tracked = nullptr;  // 1 where the span's byte is
 struct Tracked { uintptr_t lo, n; Cell* cells; };
 inline Tracked buffers[256];              // the test buffers alive (harness.h's Buf), by address
 inline int nbuffers = 0;
+// A bit per 4 KiB page (page number modulo FILTER_BITS) that holds a byte of a buffer alive: most
+// accesses, to the emulator's own state, then return after one look instead of a binary search.
+constexpr uintptr_t FILTER_BITS = 1u << 16;
+inline uint64_t page_filter[FILTER_BITS / 64];
+inline void filter_add(uintptr_t lo, uintptr_t n) {
+    const uintptr_t first = lo >> 12, last = (lo + n - 1) >> 12;
+    for (uintptr_t p = first; p <= last && p - first < FILTER_BITS; ++p)
+        page_filter[p % FILTER_BITS / 64] |= uint64_t{1} << (p % 64);
+}
 inline char message[600];
 inline std::vector<Cell> dyn_shadow, st_shadow;  // (resized outside kernel threads)
 inline std::vector<unsigned char> st_mask;
@@ -111,12 +123,15 @@ inline void track(const void* p, size_t n) {
     int i = nbuffers++;
     for (; i > 0 && buffers[i - 1].lo > reinterpret_cast<uintptr_t>(p); --i) buffers[i] = buffers[i - 1];
     buffers[i] = {reinterpret_cast<uintptr_t>(p), n, cells};
+    filter_add(reinterpret_cast<uintptr_t>(p), n);
 }
 inline void untrack(const void* p) {
     for (int i = 0; i < nbuffers; ++i) {
         if (buffers[i].lo == reinterpret_cast<uintptr_t>(p)) {
             free(buffers[i].cells);
             for (--nbuffers; i < nbuffers; ++i) buffers[i] = buffers[i + 1];
+            memset(page_filter, 0, sizeof page_filter);
+            for (int k = 0; k < nbuffers; ++k) filter_add(buffers[k].lo, buffers[k].n);
             return;
         }
     }
@@ -178,6 +193,7 @@ inline std::string where_is(const Cell* cells, uintptr_t k) {
 [[gnu::no_sanitize_thread]] inline void access(const void* p, size_t bytes, RaceKind kind) {
     if (running == NONE) return;
     const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+    if (a - stack_lo < stack_n) return;  // the thread's own locals: never shared
     if (a - dyn_lo < dyn_n) {
         for (uintptr_t k = a - dyn_lo; k < a - dyn_lo + bytes && k < dyn_n; ++k)
             check(dyn_cells, k, block_serial, kind);
@@ -188,7 +204,8 @@ inline std::string where_is(const Cell* cells, uintptr_t k) {
             if (st_tracked[k]) check(st_cells, k, block_serial, kind);
         return;
     }
-    // The last buffer starting at or below a (binary search: most accesses are to no buffer).
+    if (!(page_filter[(a >> 12) % FILTER_BITS / 64] >> ((a >> 12) % 64) & 1)) return;
+    // The last buffer starting at or below a (binary search).
     int lo = 0, hi = nbuffers;
     while (lo < hi) {
         const int mid = (lo + hi) / 2;
