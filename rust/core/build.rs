@@ -21,6 +21,13 @@
 //! it (nvcc's path, version and arguments, the `NVCC_*` environment, every byte of `cuda/*.cu[h]`):
 //! `cargo test --features cuda` (dev profile) and `pip install .` (release) run the very same nvcc
 //! command, minutes each, so the second build copies the first one's image.
+//!
+//! `LMKERN_NVCC_STRICT=1` makes the build CI's compile check of the kernels (`.ci/run` sets it for
+//! `cargo test --features cuda`): nvcc must be release 13.0, every warning (device and host) is an
+//! error, the kept compute_90 PTX must declare ISA version 9.0 (what the 13.0 drivers JIT), any
+//! failure fails the build, and the image is compiled even when the cache has it (then stored, so
+//! that the non-strict build after it takes it: the strict flags change no byte of the image and
+//! are left out of the cache key). `cuda/check.sh` does the same check one .cu at a time.
 use std::env;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -34,7 +41,10 @@ const IMAGE: &str = "lmkern_kernels.fatbin";
 const NVCC_ENV: [&str; 3] = ["NVCC_CCBIN", "NVCC_PREPEND_FLAGS", "NVCC_APPEND_FLAGS"];
 
 fn main() {
-    for var in ["LMKERN_NVCC", "LMKERN_REQUIRE_CUDA", "CUDA_HOME", "PYO3_PYTHON"].into_iter().chain(NVCC_ENV) {
+    for var in ["LMKERN_NVCC", "LMKERN_REQUIRE_CUDA", "LMKERN_NVCC_STRICT", "CUDA_HOME", "PYO3_PYTHON"]
+        .into_iter()
+        .chain(NVCC_ENV)
+    {
         println!("cargo:rerun-if-env-changed={var}");
     }
     println!("cargo:rerun-if-changed=build.rs");
@@ -50,15 +60,17 @@ fn main() {
     println!("cargo:rerun-if-changed={}", cuda_dir.display());
 
     let image = out_dir.join(IMAGE);
-    match build(&repo, &cuda_dir, &out_dir, &image) {
+    let strict = env_is_1("LMKERN_NVCC_STRICT");
+    match build(&repo, &cuda_dir, &out_dir, &image, strict) {
         Ok(summary) => {
             println!("cargo:rustc-env=LMKERN_CUDA_BUILD={summary}");
             println!("cargo:rustc-env=LMKERN_CUDA_MISSING=");
         }
         Err(reason) => {
             eprintln!("lmkern: CUDA kernels not built: {reason}");
-            if env::var("LMKERN_REQUIRE_CUDA").map(|v| v == "1").unwrap_or(false) {
-                eprintln!("error: LMKERN_REQUIRE_CUDA=1 but the CUDA kernels could not be built: {reason}");
+            let required = if strict { "LMKERN_NVCC_STRICT" } else { "LMKERN_REQUIRE_CUDA" };
+            if strict || env_is_1(required) {
+                eprintln!("error: {required}=1 but the CUDA kernels could not be built: {reason}");
                 std::process::exit(1);
             }
             println!("cargo:warning=lmkern: building without CUDA kernels: {}", one_line(&reason));
@@ -72,6 +84,10 @@ fn main() {
     }
 }
 
+fn env_is_1(var: &str) -> bool {
+    env::var(var).is_ok_and(|v| v == "1")
+}
+
 fn one_line(s: &str) -> String {
     let s: String = s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
     let s = s.split_whitespace().collect::<Vec<_>>().join(" ");
@@ -82,8 +98,9 @@ fn one_line(s: &str) -> String {
     }
 }
 
-/// Compile the kernels into `image`; Ok(a one-line summary) or Err(why not).
-fn build(repo: &Path, cuda_dir: &Path, out_dir: &Path, image: &Path) -> Result<String, String> {
+/// Compile the kernels into `image`; Ok(a one-line summary) or Err(why not). `strict`: CI's compile
+/// check (see the top of this file).
+fn build(repo: &Path, cuda_dir: &Path, out_dir: &Path, image: &Path, strict: bool) -> Result<String, String> {
     let mut sources: Vec<PathBuf> = fs::read_dir(cuda_dir)
         .map_err(|e| format!("no CUDA sources at {}: {e}", cuda_dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -106,6 +123,13 @@ fn build(repo: &Path, cuda_dir: &Path, out_dir: &Path, image: &Path) -> Result<S
         format!("cannot read the release of nvcc at {} from: {}", nvcc.display(), one_line(&version_text))
     })?;
     let ptx = (major, minor) == (13, 0);
+    if strict && !ptx {
+        return Err(format!(
+            "LMKERN_NVCC_STRICT=1 wants nvcc 13.0, but {} is release {major}.{minor} \
+             (install the pinned toolchain with .ci/install-nvcc.sh or set LMKERN_NVCC)",
+            nvcc.display()
+        ));
+    }
     if !ptx {
         println!(
             "cargo:warning=lmkern: nvcc at {} is release {major}.{minor}, not 13.0: embedding cubins only (no PTX), \
@@ -154,7 +178,16 @@ fn build(repo: &Path, cuda_dir: &Path, out_dir: &Path, image: &Path) -> Result<S
     let nvcc_env: Vec<_> = NVCC_ENV.iter().map(|v| (*v, env::var_os(v))).collect();
     let key = kernel_cache::key(&nvcc, &version_text, &args, &nvcc_env, &text, &sources);
     let cached = cache_dir().map(|dir| dir.join(format!("{key:016x}.fatbin")));
-    if !cached.as_ref().is_some_and(|c| kernel_cache::fetch(c, image)) {
+    // Past the key: these arguments change no byte of the image.
+    let keep_dir = out_dir.join("nvcc-keep");
+    if strict {
+        args.extend(["-Werror", "all-warnings", "-Xcompiler", "-Wall,-Werror"].map(String::from));
+        // The intermediate files, for the PTX check below; a fresh folder, so a stale PTX cannot pass.
+        let _ = fs::remove_dir_all(&keep_dir);
+        fs::create_dir_all(&keep_dir).map_err(|e| format!("cannot create {}: {e}", keep_dir.display()))?;
+        args.extend(["--keep".into(), "--keep-dir".into(), keep_dir.display().to_string()]);
+    }
+    if strict || !cached.as_ref().is_some_and(|c| kernel_cache::fetch(c, image)) {
         run(Command::new(&nvcc).args(&args).arg("-o").arg(image).arg(&unity)).map_err(|e| {
             let hint = if e.contains("Unsupported .version") {
                 " (nvcc's NVVM/ptxas do not match: a newer nvidia-nvvm emits PTX this ptxas rejects; \
@@ -164,6 +197,9 @@ fn build(repo: &Path, cuda_dir: &Path, out_dir: &Path, image: &Path) -> Result<S
             };
             format!("nvcc at {} failed: {e}{hint}", nvcc.display())
         })?;
+        if strict {
+            check_ptx_version(&keep_dir.join("lmkern_kernels.compute_90.ptx"))?;
+        }
         if let Some(c) = &cached {
             kernel_cache::store(image, c);
         }
@@ -175,6 +211,21 @@ fn build(repo: &Path, cuda_dir: &Path, out_dir: &Path, image: &Path) -> Result<S
     }
     let targets_text: Vec<&str> = targets.iter().map(|t| t.split("code=").nth(1).unwrap_or(t)).collect();
     Ok(format!("nvcc {major}.{minor} ({}), {len} bytes, {}", nvcc.display(), targets_text.join(" ")))
+}
+
+/// The PTX nvcc kept for compute_90 must declare ISA version 9.0: a newer one (a newer nvidia-nvvm
+/// beside nvcc 13.0) is PTX the GPU machines' 13.0 driver refuses to JIT.
+fn check_ptx_version(ptx: &Path) -> Result<(), String> {
+    let text = fs::read_to_string(ptx).map_err(|e| format!("nvcc kept no compute_90 PTX at {}: {e}", ptx.display()))?;
+    let version = text.lines().find_map(|l| l.strip_prefix(".version ")).map(str::trim);
+    match version {
+        Some("9.0") => Ok(()),
+        other => Err(format!(
+            "{} declares PTX ISA {}, expected 9.0 (mismatched nvidia-nvvm? use .ci/install-nvcc.sh)",
+            ptx.display(),
+            other.unwrap_or("(none)")
+        )),
+    }
 }
 
 /// `<target dir>/lmkern-kernels`: `$CARGO_TARGET_DIR`, else the workspace's `target/`.
