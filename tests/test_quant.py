@@ -1261,17 +1261,17 @@ def test_search_off_the_main_thread_gives_the_same_exponents():
 
 def test_unknown_cpu_isa_cap_warns():
     """A LMKERN_CPU_ISA the core does not know caps nothing: import says so (a RuntimeWarning
-    naming the value); the known ones, in any case, import quietly."""
+    naming the value); a known one, in any case and with spaces around, imports quietly and takes
+    effect. (Each value is a fresh process that imports torch: two, not more.)"""
     code = "import warnings; warnings.simplefilter('error'); import lmkern; print(lmkern.cpu_isa())"
-    for value, warns in (("avx-2", True), ("bogus", True), ("AVX2", False), (" baseline ", False)):
+    for value, warns in (("avx-2", True), (" BaseLine ", False)):
         run = subprocess.run([sys.executable, "-c", code], env={**os.environ, "LMKERN_CPU_ISA": value},
                              capture_output=True, text=True, timeout=300)
         if warns:
             assert run.returncode != 0 and f"RuntimeWarning: LMKERN_CPU_ISA={value!r} is not one of" in run.stderr, run.stderr
         else:
             assert run.returncode == 0, run.stderr[-2000:]
-            if value.strip() == "baseline":  # the cap took effect as written (case and spaces aside)
-                assert run.stdout.strip() == "baseline", run.stdout
+            assert run.stdout.strip() == "baseline", run.stdout  # the cap took effect as written
 
 
 @pytest.mark.parametrize("cap", ["avx2", "baseline"])
