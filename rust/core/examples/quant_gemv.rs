@@ -2,7 +2,7 @@
 //! `cargo run --release -p lmkern-core --example quant_gemv [threads] [gemv|bwd|deq|search]` (`gemv`: the GEMV
 //! only; `bwd`: the GEMV and the input gradient's transposed GEMV; `deq`: the GEMV and Ŵ through the
 //! rows' codebooks (the many-token path's dequantizer) and through the exponents' tables, float32; `search`: search_exponent for every
-//! row, with the Python layer's grid (and x as calibration activations where TOKENS > 1); `REPS=n` repeats, default 30; `TOKENS=t` activation rows, default 1; `BITS=b`, default 4). Min and median of the repeats, wall clock and, since the
+//! row, with the Python layer's grid (and x as calibration activations where TOKENS > 1); `REPS=n` repeats, default 30; `TOKENS=t` activation rows, default 1; `BITS=b`, default 4; `ROWS=n` output rows, default 4096; `FLUSH_MB=n`, below). Min and median of the repeats, wall clock and, since the
 //! machine is shared, CPU time (of the calling thread with 1 thread, of the process otherwise).
 use lmkern_core::quant::{self, LinearArgs, QuantArgs, SearchArgs};
 use lmkern_core::{DType, Device};
@@ -36,7 +36,8 @@ fn main() {
     let bits: u32 = std::env::var("BITS").ok().and_then(|v| v.parse().ok()).unwrap_or(4);
     lmkern_core::parallel::set_num_threads(threads);
     let clock = if threads == 1 { 3 } else { 2 };
-    let (n, k, g) = (4096usize, 4096usize, 128usize);
+    let n: usize = std::env::var("ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(4096).max(1);
+    let (k, g) = (4096usize, 128usize);
     let mut s = 0x1234_5678_9abc_def0u64;
     let mut rnd = || {
         s ^= s << 13;
@@ -53,8 +54,10 @@ fn main() {
     let mut table = vec![0f32; n << bits];
     let mut y = vec![0f32; tokens * n];
     // 64 MiB read between calls in the "flushed" runs, as the dense GEMV it is compared with reads
-    // 64 MB: the codes then come from DRAM.
-    let junk = vec![1u8; 64 << 20];
+    // 64 MB: the codes then come from DRAM where the last-level cache is smaller than that
+    // (`FLUSH_MB=n` for a larger one: 1024 on a 480 MB L3).
+    let flush_mb: usize = std::env::var("FLUSH_MB").ok().and_then(|v| v.parse().ok()).unwrap_or(64).max(1);
+    let junk = vec![1u8; flush_mb << 20];
     let mut sink = 0u8;
     let mut time = |name: &str, flush: bool, f: &mut dyn FnMut()| {
         let (mut wall, mut cpu) = (Vec::new(), Vec::new());
@@ -82,7 +85,7 @@ fn main() {
             let z_rows = if tokens > 1 { tokens } else { 0 };
             let sa = SearchArgs { q, per_row: true, z_rows, lo: 0.05, grid: 1024, refine: 16 };
             let mut out = vec![0f32; n];
-            time(&format!("search_exponent [4096, 4096] {bits}-bit g128, every row, {z_rows} calibration rows"), false, &mut || {
+            time(&format!("search_exponent [{n}, 4096] {bits}-bit g128, every row, {z_rows} calibration rows"), false, &mut || {
                 quant::search_exponent(Device::Cpu, &sa, w.as_ptr() as u64, x.as_ptr() as u64, out.as_mut_ptr() as u64).unwrap()
             });
             println!("exponents: first {:?}, mean {:.5}", &out[..4], out.iter().map(|&v| v as f64).sum::<f64>() / n as f64);
@@ -95,7 +98,7 @@ fn main() {
         if gemv_only {
             quantize();
         } else {
-            time(&format!("quantize [4096, 4096] {bits}-bit g128"), false, &mut || quantize());
+            time(&format!("quantize [{n}, 4096] {bits}-bit g128"), false, &mut || quantize());
         }
         quant::codebook(bits, n, a.as_ptr() as u64, table.as_mut_ptr() as u64).unwrap();
         let l = LinearArgs { q, tokens };
@@ -103,23 +106,23 @@ fn main() {
             quant::linear(Device::Cpu, DType::F32, &l, x.as_ptr() as u64, codes.as_ptr() as u64, scales.as_ptr() as u64, table.as_ptr() as u64, 0, y.as_mut_ptr() as u64)
                 .unwrap()
         };
-        time(&format!("linear GEMV 4096 -> 4096 {bits}-bit g128, {tokens} tokens"), false, &mut gemv);
+        time(&format!("linear GEMV 4096 -> {n} {bits}-bit g128, {tokens} tokens"), false, &mut gemv);
         time("linear GEMV, caches flushed", true, &mut gemv);
         if bwd {
             // dy @ Ŵ (the input gradient's transposed GEMV), dy = y.
             let mut dx = vec![0f32; tokens * k];
-            time(&format!("linear_backward 4096 -> 4096 {bits}-bit g128, {tokens} tokens"), false, &mut || {
+            time(&format!("linear_backward 4096 -> {n} {bits}-bit g128, {tokens} tokens"), false, &mut || {
                 quant::linear_backward(Device::Cpu, DType::F32, &l, y.as_ptr() as u64, codes.as_ptr() as u64, scales.as_ptr() as u64, table.as_ptr() as u64, dx.as_mut_ptr() as u64)
                     .unwrap()
             });
         }
         if deq {
             let mut wt = vec![0f32; n * k];
-            time(&format!("dequantize_codebooks [4096, 4096] {bits}-bit g128, float32"), false, &mut || {
+            time(&format!("dequantize_codebooks [{n}, 4096] {bits}-bit g128, float32"), false, &mut || {
                 quant::dequantize_codebooks(Device::Cpu, DType::F32, &q, codes.as_ptr() as u64, scales.as_ptr() as u64, table.as_ptr() as u64, wt.as_mut_ptr() as u64)
                     .unwrap()
             });
-            time(&format!("dequantize [4096, 4096] {bits}-bit g128 (the exponents' tables), float32"), false, &mut || {
+            time(&format!("dequantize [{n}, 4096] {bits}-bit g128 (the exponents' tables), float32"), false, &mut || {
                 quant::dequantize(Device::Cpu, DType::F32, &q, codes.as_ptr() as u64, scales.as_ptr() as u64, a.as_ptr() as u64, wt.as_mut_ptr() as u64)
                     .unwrap()
             });

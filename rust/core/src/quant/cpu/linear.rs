@@ -657,10 +657,13 @@ unsafe fn linear_tile_avx2<T: QElem, const NT: usize>(lin: &Lin, o0: usize, o1: 
 /// 4-bit codes with AVX-512, tokens t0 .. t0 + NT: per 32-weight block [`decode32_avx512`] and two
 /// FMAs per token (x in its order: [`linear_t`] puts each 32-block's even elements first), one
 /// chain per token for the even fields and one for the odd, and at one token two more (blocks
-/// alternate) so that four FMAs are in flight. As [`linear_tile_avx2_wide`], the tile's rows are
-/// walked a chunk of whole groups at a time so that NT tokens' activations stay in L1 (at one token
-/// a 4096-wide row is one chunk), every row's running sums kept in `tot`; per group each token's
-/// partial sum is scaled by m, and each row sums its groups in order. Returns NT.
+/// alternate) so that four FMAs are in flight. The codebook is scaled by each group's m before its
+/// lookups (the weights are m·table\[field\] in float32, as Ŵ), so the chains run through the whole
+/// row. As [`linear_tile_avx2_wide`], the tile's rows are walked a chunk of whole groups at a time
+/// so that NT tokens' activations stay in L1 (at one token a 4096-wide row is one chunk), every
+/// row's chains kept in `tot`. The code stream is prefetched two rows ahead one block at a time
+/// (a burst of a row's 32 prefetches at its start stalled on the fill buffers: 25 % slower at one
+/// token on a Xeon with AVX-512). Returns NT.
 ///
 /// # Safety
 /// AVX-512F, AVX2 and FMA; 4-bit codes; k and the group size multiples of 32; `lin` holds valid
@@ -677,7 +680,9 @@ unsafe fn linear_tile_avx512<T: QElem, const NT: usize>(lin: &Lin, o0: usize, o1
     let blocks = g / 32;
     let chunk_groups = (L1_ACTIVATION_FLOATS / NT / g).max(1);
     let x0 = lin.xf.as_ptr().add(t0 * k);
-    let mut tot = [[_mm512_setzero_ps(); NT]; TILE];
+    // Each row's running sums, per token: chains 0 and 1 (the even and the odd fields) and, at one
+    // token, 2 and 3 (every other block) so that four FMAs are in flight.
+    let mut tot = [[[_mm512_setzero_ps(); 4]; NT]; TILE];
     let mut c0 = 0;
     while c0 < ng {
         let c1 = (c0 + chunk_groups).min(ng);
@@ -686,12 +691,7 @@ unsafe fn linear_tile_avx512<T: QElem, const NT: usize>(lin: &Lin, o0: usize, o1
             let row = codes.add(o * rb);
             // The same columns, scales and codebook two rows on (prefetches never fault: addresses
             // past the buffers are harmless, hence the wrapping arithmetic).
-            let ahead = row.wrapping_add(2 * rb + c0 * g / 2);
-            let mut l = 0;
-            while l < (c1 - c0) * g / 2 {
-                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(l) as *const i8);
-                l += 64;
-            }
+            let ahead = row.wrapping_add(2 * rb);
             let sp = scales.wrapping_add((o + 2) * ng + c0) as *const i8;
             let mut l = 0;
             while l < (c1 - c0) * 4 {
@@ -699,48 +699,49 @@ unsafe fn linear_tile_avx512<T: QElem, const NT: usize>(lin: &Lin, o0: usize, o1
                 l += 64;
             }
             _mm_prefetch::<_MM_HINT_T0>(table.wrapping_add((o + 2) * 16) as *const i8);
-            let tot_o = &mut tot[o - o0];
+            // A copy, so that the chains stay in registers through the groups.
+            let mut acc = tot[o - o0];
             for gi in c0..c1 {
-                let mut a = [[_mm512_setzero_ps(); 2]; NT];
-                let mut e = [_mm512_setzero_ps(); 2]; // the second pair of chains at NT = 1
+                // The group's scale goes into the codebook (one multiply a group), so the chains run
+                // on from group to group with no sum per group.
+                let tab = _mm512_mul_ps(tab, _mm512_set1_ps(*scales.add(o * ng + gi)));
                 let mut b = 0;
                 if NT == 1 {
                     while b + 2 <= blocks {
                         let off = gi * g + b * 32;
+                        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(off / 2) as *const i8);
                         let [w0, w1] = decode32_avx512(tab, row.add(off / 2));
                         let [w2, w3] = decode32_avx512(tab, row.add(off / 2 + 16));
                         let xp = x0.add(off);
-                        a[0][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xp), a[0][0]);
-                        a[0][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xp.add(16)), a[0][1]);
-                        e[0] = _mm512_fmadd_ps(w2, _mm512_loadu_ps(xp.add(32)), e[0]);
-                        e[1] = _mm512_fmadd_ps(w3, _mm512_loadu_ps(xp.add(48)), e[1]);
+                        acc[0][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xp), acc[0][0]);
+                        acc[0][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xp.add(16)), acc[0][1]);
+                        acc[0][2] = _mm512_fmadd_ps(w2, _mm512_loadu_ps(xp.add(32)), acc[0][2]);
+                        acc[0][3] = _mm512_fmadd_ps(w3, _mm512_loadu_ps(xp.add(48)), acc[0][3]);
                         b += 2;
                     }
                 }
                 while b < blocks {
                     let off = gi * g + b * 32;
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(off / 2) as *const i8);
                     let [w0, w1] = decode32_avx512(tab, row.add(off / 2));
                     for t in 0..NT {
                         let xp = x0.add(t * k + off);
-                        a[t][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xp), a[t][0]);
-                        a[t][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xp.add(16)), a[t][1]);
+                        acc[t][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xp), acc[t][0]);
+                        acc[t][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xp.add(16)), acc[t][1]);
                     }
                     b += 1;
                 }
-                let m = _mm512_set1_ps(*scales.add(o * ng + gi));
-                for t in 0..NT {
-                    let mut s = _mm512_add_ps(a[t][0], a[t][1]);
-                    if NT == 1 {
-                        s = _mm512_add_ps(s, _mm512_add_ps(e[0], e[1]));
-                    }
-                    tot_o[t] = _mm512_fmadd_ps(s, m, tot_o[t]);
-                }
             }
+            tot[o - o0] = acc;
         }
         c0 = c1;
     }
     for o in o0..o1 {
-        write_row_sums_avx512::<T>(lin, o, t0, &tot[o - o0]);
+        let sums: [__m512; NT] = std::array::from_fn(|t| {
+            let c = &tot[o - o0][t];
+            _mm512_add_ps(_mm512_add_ps(c[0], c[1]), _mm512_add_ps(c[2], c[3]))
+        });
+        write_row_sums_avx512::<T>(lin, o, t0, &sums);
     }
     NT
 }
