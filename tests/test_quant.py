@@ -14,6 +14,7 @@ import dataclasses
 import io
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -786,29 +787,40 @@ def test_power_quant_linear_eager_path_matches_op(monkeypatch):
             quant_ops.quant_linear(xg.detach(), mod.codes, mod.scales[:, :2], mod.codebook, None, 4, 64, 256)
 
 
+def _avx512_half_width():
+    """This CPU runs AVX-512 at half width (AMD family 19h, Zen 4), read from /proc/cpuinfo."""
+    info = open("/proc/cpuinfo").read()
+    vendor = re.search(r"^vendor_id\s*:\s*(\S+)", info, re.M).group(1)
+    family = int(re.search(r"^cpu family\s*:\s*(\d+)", info, re.M).group(1))
+    return vendor == "AuthenticAMD" and family == 0x19
+
+
 def test_cpu_gemv_token_limit_follows_the_avx512_shape():
-    """power_quant_linear on CPU: the fused GEMV up to 1024 tokens where the AVX-512 4-bit kernel
-    runs (4 bits, in_features and the group size multiples of 32, an AVX-512 CPU), up to 48
-    elsewhere; its backward likewise (the rules live in lmkern-core)."""
+    """power_quant_linear on CPU: the fused GEMV where the AVX-512 4-bit kernel runs (4 bits,
+    in_features and the group size multiples of 32, an AVX-512 CPU) up to 1024 tokens on a CPU
+    with half-width AVX-512, 64 on a full-width one; elsewhere up to 48, 24 on a full-width AVX-512
+    CPU; its backward likewise (the rules live in lmkern-core)."""
     from lmkern.ops import quant as quant_ops
 
     limit = _core.quant_cpu_gemv_max_tokens
-    wide = 1024 if lmkern.cpu_isa() == "avx512" else 48
+    avx512 = lmkern.cpu_isa() == "avx512"
+    half = avx512 and _avx512_half_width()
+    wide = (1024 if half else 64) if avx512 else 48
+    other = 24 if avx512 and not half else 48
     assert limit(4, 4096, 128) == wide and limit(4, 4096, 32) == wide
     assert limit(4, 4096, 4096) == wide
-    assert limit(4, 4112, 16) == 48 and limit(4, 48, 16) == 48
-    assert limit(3, 4096, 128) == 48 and limit(8, 4096, 128) == 48 and limit(2, 4096, 128) == 48
+    assert limit(4, 4112, 16) == other and limit(4, 48, 16) == other
+    assert limit(3, 4096, 128) == other and limit(8, 4096, 128) == other and limit(2, 4096, 128) == other
     assert quant_ops.cpu_gemv_max_tokens(4, 4096, 128) == wide
-    # The input gradient's transposed GEMV: 4 bits 512 with AVX-512, 24 otherwise; 2, 3 and 8 bits
-    # 48 with AVX-512 (in_features and the group size multiples of 16), 16 with AVX2 (of 8); 0 for
-    # other shapes.
+    # The input gradient's transposed GEMV: 4 bits with AVX-512 512 at half width, 64 at full
+    # width, 24 otherwise; 2, 3 and 8 bits with AVX-512 (in_features and the group size multiples of
+    # 16) 48 at half width, 32 at full width, 16 with AVX2 (of 8); 0 for other shapes.
     bwd = _core.quant_cpu_bwd_gemv_max_tokens
-    avx512 = wide == 1024
-    assert bwd(4, 4096, 128) == (512 if avx512 else 24) and bwd(4, 4096, 32) == bwd(4, 4096, 128)
+    assert bwd(4, 4096, 128) == ((512 if half else 64) if avx512 else 24) and bwd(4, 4096, 32) == bwd(4, 4096, 128)
     assert bwd(4, 4112, 16) == 0
     avx2 = lmkern.cpu_isa() in ("avx2", "avx512")
     for bits in (2, 3, 8):
-        assert bwd(bits, 4096, 128) == (48 if avx512 else 16 if avx2 else 0) and bwd(bits, 4112, 16) == bwd(bits, 4096, 128)
+        assert bwd(bits, 4096, 128) == ((48 if half else 32) if avx512 else 16 if avx2 else 0) and bwd(bits, 4112, 16) == bwd(bits, 4096, 128)
         assert bwd(bits, 40, 8) == (16 if avx2 else 0) and bwd(bits, 4104, 24) == bwd(bits, 40, 8)
         assert bwd(bits, 36, 12) == 0
     assert quant_ops.cpu_bwd_gemv_max_tokens(4, 4096, 128) == bwd(4, 4096, 128)

@@ -81,6 +81,38 @@ pub fn has_avx512() -> bool {
     isa() >= Isa::Avx512
 }
 
+/// Whether this CPU executes 512-bit vector operations as two 256-bit halves (AMD family 19h:
+/// Zen 4; its AVX-512 peak is its AVX2 peak). The crossovers between the quantized GEMVs and torch's
+/// matmul ([`crate::quant::cpu_gemv_max_tokens`]) depend on it: against a full-width core's
+/// two 512-bit FMA units torch's matmul wins from far fewer tokens. Decided once per process.
+pub fn avx512_half_width() -> bool {
+    use std::sync::OnceLock;
+    static HALF: OnceLock<bool> = OnceLock::new();
+    *HALF.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            // SAFETY: CPUID leaves 0 and 1 exist on every x86-64 CPU. (Newer Rust declares __cpuid
+            // safe; the block keeps older toolchains building.)
+            #[allow(unused_unsafe)]
+            let (l0, l1) = unsafe { (std::arch::x86_64::__cpuid(0), std::arch::x86_64::__cpuid(1)) };
+            let vendor: Vec<u8> = [l0.ebx, l0.edx, l0.ecx].iter().flat_map(|r| r.to_le_bytes()).collect();
+            half_width_core(&vendor, l1.eax)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
+/// [`avx512_half_width`] from CPUID: the vendor string of leaf 0 and leaf 1's EAX (family 0xF plus
+/// the extended family in bits 20-27 makes 0x19).
+fn half_width_core(vendor: &[u8], leaf1_eax: u32) -> bool {
+    let family = (leaf1_eax >> 8) & 0xF;
+    let family = if family == 0xF { family + ((leaf1_eax >> 20) & 0xFF) } else { family };
+    vendor == b"AuthenticAMD" && family == 0x19
+}
+
 /// Rebuild a slice from a caller-given address.
 ///
 /// # Safety
@@ -368,6 +400,18 @@ mod tests {
                 assert_eq!(f32_to_f16(got), h);
             }
         });
+    }
+
+    #[test]
+    fn half_width_is_amd_family_19h_only() {
+        // Leaf 1 EAX of a Zen 4 EPYC (family 0xF + 0xA, model 0x11), a Zen 5 (family 0x1A), a Zen 3
+        // (also 0x19, without AVX-512: the rule is read only where the AVX-512 kernels run), and a
+        // Sapphire Rapids Xeon (family 6).
+        assert!(half_width_core(b"AuthenticAMD", 0x00A1_0F11));
+        assert!(half_width_core(b"AuthenticAMD", 0x00A0_0F11));
+        assert!(!half_width_core(b"AuthenticAMD", 0x00B4_0F00));
+        assert!(!half_width_core(b"GenuineIntel", 0x0008_06F8));
+        assert!(!half_width_core(b"GenuineIntel", 0x00A1_0F11));
     }
 
     #[test]

@@ -518,51 +518,72 @@ pub const CUDA_MMA_GEMV_MAX_TOKENS: usize = 32;
 
 /// The most tokens for which [`linear`] on the CPU is worth calling rather than forming Ŵ a chunk
 /// of rows at a time for torch's matmul (lmkern.ops.quant picks the path). The AVX-512 4-bit GEMV
-/// (4 bits, `n` and the group size multiples of 32, a CPU with AVX-512) runs at the FMA units' rate
-/// and won up to 1024 tokens at 4096² on an AVX-512 EPYC (130 ms against 172 at 1024, 57 against 96
-/// at 512; lost at 2048, 447 against 334, once the activations outgrow the L3:
-/// benches/results/2026-11-27-cpu-quant-many-tokens-avx512.txt); the others stop at 48 (the AVX2
-/// GEMV against the chunks on a Zen 3 VM: benches/results/2026-11-26-cpu-quant-many-tokens.txt).
+/// (4 bits, `n` and the group size multiples of 32, a CPU with AVX-512) where the CPU runs 512-bit
+/// operations at half width ([`crate::cpu::avx512_half_width`]: Zen 4, whose matmul peak is half a
+/// full-width core's) won up to 1024 tokens at 4096² on an AVX-512 EPYC (130 ms against 172 at 1024,
+/// 57 against 96 at 512; lost at 2048, 447 against 334, once the activations outgrow the L3:
+/// benches/results/2026-11-27-cpu-quant-many-tokens-avx512.txt); on a full-width Xeon (two 512-bit
+/// FMA units) up to 64 (12 ms against 13 at 64, lost 29 against 17 at 96 and 141 against 54 at 512:
+/// benches/results/2026-11-29-cpu-quant-many-tokens-xeon.txt). The others stop at 48 (the AVX2 GEMV
+/// against the chunks on a Zen 3 VM: benches/results/2026-11-26-cpu-quant-many-tokens.txt), at 24
+/// on a full-width AVX-512 CPU (the Xeon's 2-, 3- and 8-bit GEMVs won 1.4-2× at 16 tokens and tied
+/// or lost at 32: 0.94, 1.08, 1.29× the chunks' time; same results file).
 pub fn cpu_gemv_max_tokens(bits: u32, n: usize, group: usize) -> usize {
-    if cpu::avx512_shape(bits, n, group) {
-        CPU_AVX512_GEMV_MAX_TOKENS
-    } else {
-        CPU_GEMV_MAX_TOKENS
+    let full_width = crate::cpu::has_avx512() && !crate::cpu::avx512_half_width();
+    match (cpu::avx512_shape(bits, n, group), full_width) {
+        (true, true) => CPU_AVX512_GEMV_MAX_TOKENS,
+        (true, false) => CPU_AVX512_HALF_WIDTH_GEMV_MAX_TOKENS,
+        (false, true) => CPU_FULL_WIDTH_GEMV_MAX_TOKENS,
+        (false, false) => CPU_GEMV_MAX_TOKENS,
     }
 }
 
 /// See [`cpu_gemv_max_tokens`].
 pub const CPU_GEMV_MAX_TOKENS: usize = 48;
-pub const CPU_AVX512_GEMV_MAX_TOKENS: usize = 1024;
+pub const CPU_FULL_WIDTH_GEMV_MAX_TOKENS: usize = 24;
+pub const CPU_AVX512_GEMV_MAX_TOKENS: usize = 64;
+pub const CPU_AVX512_HALF_WIDTH_GEMV_MAX_TOKENS: usize = 1024;
 
 /// The most tokens for which [`linear_backward`] on the CPU is worth calling rather than Ŵ in
 /// chunks for torch's matmul: 0 but for the shapes of its SIMD kernels. 4-bit codes with `n` and
-/// the group size multiples of 32: 512 with AVX-512 (at 4096² its kernel beat the chunks 1.3-1.5×
-/// up to 512 tokens, tied at 768 and lost at 1024, 256 against 166 ms, once its column blocks
-/// narrowed with the token count: benches/results/2026-11-27-cpu-quant-narrow-input-gradient.txt),
-/// else 24 (AVX2: lost at 48 on a Zen 3 VM, benches/results/2026-11-26-cpu-quant-many-tokens.txt).
-/// 2-, 3- and 8-bit codes with `n` and the group size multiples of 16, with AVX-512: 48 (at 4096²
-/// it won 1.3-1.5× at 48 tokens and lost or tied at 64-96 for 2 and 3 bits; same results file);
-/// multiples of 8, with AVX2: 16 (won 1.0-1.6× at 16 tokens in two runs, lost at 24 for 2 and 3
-/// bits in both).
+/// the group size multiples of 32: with AVX-512 at half width 512 (at 4096² its kernel beat the
+/// chunks 1.3-1.5× up to 512 tokens on the EPYC, tied at 768 and lost at 1024, 256 against 166 ms,
+/// once its column blocks narrowed with the token count:
+/// benches/results/2026-11-27-cpu-quant-narrow-input-gradient.txt), at full width 64 (the Xeon:
+/// 10 ms against 14 at 64, lost 22 against 18 at 128 and 134 against 60 at 512:
+/// benches/results/2026-11-29-cpu-quant-many-tokens-xeon.txt), else 24 (AVX2: lost at 48 on a Zen
+/// 3 VM, benches/results/2026-11-26-cpu-quant-many-tokens.txt).
+/// 2-, 3- and 8-bit codes with `n` and the group size multiples of 16, with AVX-512 at half width:
+/// 48 (at 4096² it won 1.3-1.5× at 48 tokens on the EPYC and lost or tied at 64-96 for 2 and 3
+/// bits; same results file as the 4-bit EPYC numbers), at full width 32 (the Xeon: 0.78-0.94× the
+/// chunks' time at 32 tokens, 1.02-1.19× at 48); multiples of 8, with AVX2: 16 (won 1.0-1.6× at 16
+/// tokens in two runs, lost at 24 for 2 and 3 bits in both).
 pub fn cpu_bwd_gemv_max_tokens(bits: u32, n: usize, group: usize) -> usize {
     if cpu::avx512_narrow_bwd_shape(bits, n, group) {
-        CPU_AVX512_NARROW_BWD_GEMV_MAX_TOKENS
+        if crate::cpu::avx512_half_width() {
+            CPU_AVX512_HALF_WIDTH_NARROW_BWD_GEMV_MAX_TOKENS
+        } else {
+            CPU_AVX512_NARROW_BWD_GEMV_MAX_TOKENS
+        }
     } else if cpu::narrow_bwd_shape(bits, n, group) {
         CPU_NARROW_BWD_GEMV_MAX_TOKENS
     } else if !(bits == 4 && n.is_multiple_of(32) && group.is_multiple_of(32)) {
         0
-    } else if cpu::avx512_shape(bits, n, group) {
-        CPU_AVX512_BWD_GEMV_MAX_TOKENS
-    } else {
+    } else if !cpu::avx512_shape(bits, n, group) {
         CPU_BWD_GEMV_MAX_TOKENS
+    } else if crate::cpu::avx512_half_width() {
+        CPU_AVX512_HALF_WIDTH_BWD_GEMV_MAX_TOKENS
+    } else {
+        CPU_AVX512_BWD_GEMV_MAX_TOKENS
     }
 }
 
 /// See [`cpu_bwd_gemv_max_tokens`].
 pub const CPU_BWD_GEMV_MAX_TOKENS: usize = 24;
-pub const CPU_AVX512_BWD_GEMV_MAX_TOKENS: usize = 512;
-pub const CPU_AVX512_NARROW_BWD_GEMV_MAX_TOKENS: usize = 48;
+pub const CPU_AVX512_BWD_GEMV_MAX_TOKENS: usize = 64;
+pub const CPU_AVX512_HALF_WIDTH_BWD_GEMV_MAX_TOKENS: usize = 512;
+pub const CPU_AVX512_NARROW_BWD_GEMV_MAX_TOKENS: usize = 32;
+pub const CPU_AVX512_HALF_WIDTH_NARROW_BWD_GEMV_MAX_TOKENS: usize = 48;
 pub const CPU_NARROW_BWD_GEMV_MAX_TOKENS: usize = 16;
 
 /// `y = x @ Ŵᵀ + bias` with x `[tokens, in]` and y `[tokens, out]` of `dtype`, bias float32 \[out\]
