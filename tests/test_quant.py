@@ -789,7 +789,8 @@ def test_power_quant_linear_eager_path_matches_op(monkeypatch):
 
 def _avx512_half_width():
     """This CPU runs AVX-512 at half width (AMD family 19h, Zen 4), read from /proc/cpuinfo."""
-    info = open("/proc/cpuinfo").read()
+    with open("/proc/cpuinfo") as f:
+        info = f.read()
     vendor = re.search(r"^vendor_id\s*:\s*(\S+)", info, re.M).group(1)
     family = int(re.search(r"^cpu family\s*:\s*(\d+)", info, re.M).group(1))
     return vendor == "AuthenticAMD" and family == 0x19

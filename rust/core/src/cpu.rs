@@ -404,9 +404,9 @@ mod tests {
 
     #[test]
     fn half_width_is_amd_family_19h_only() {
-        // Leaf 1 EAX of a Zen 4 EPYC (family 0xF + 0xA, model 0x11), a Zen 5 (family 0x1A), a Zen 3
-        // (also 0x19, without AVX-512: the rule is read only where the AVX-512 kernels run), and a
-        // Sapphire Rapids Xeon (family 6).
+        // Leaf 1 EAX of a Zen 4 EPYC (family 0xF + 0xA, model 0x11), a Zen 3 (also 0x19, without
+        // AVX-512: the rule is read only where the AVX-512 kernels run), a Zen 5 (family 0x1A), a
+        // Sapphire Rapids Xeon (family 6), and an Intel vendor string with Zen 4's EAX.
         assert!(half_width_core(b"AuthenticAMD", 0x00A1_0F11));
         assert!(half_width_core(b"AuthenticAMD", 0x00A0_0F11));
         assert!(!half_width_core(b"AuthenticAMD", 0x00B4_0F00));
