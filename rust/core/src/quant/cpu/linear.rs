@@ -8,8 +8,9 @@ struct Lin<'a> {
     l: &'a LinearArgs,
     /// x as float32 [tokens, k]; for the AVX2 4-bit path each 8-block is reordered to its 4 even
     /// elements then its 4 odd elements (the order of [`decode32`]), for the AVX-512 one each
-    /// 32-block to its 16 even elements then its 16 odd ones ([`decode32_avx512`]).
-    xf: Vec<f32>,
+    /// 32-block to its 16 even elements then its 16 odd ones ([`decode32_avx512`]). Its first
+    /// element is on a 64-byte boundary.
+    xf: &'a [f32],
     codes: u64,
     scales: u64,
     /// The rows' codebooks, float32 [out, 2^b].
@@ -63,7 +64,11 @@ unsafe fn linear_t<T: QElem>(l: &LinearArgs, x: u64, codes: u64, scales: u64, ta
     let fast = fast_path(&l.q) && !fast512;
     let fast8 = fast8_path(&l.q);
     let fast23 = fast23_path(&l.q);
-    let mut xf = vec![0f32; tokens * k];
+    // x as float32 from a 64-byte boundary (so every row, k being a multiple of 32 on the SIMD
+    // paths): a 512-bit load of it then never straddles two cache lines.
+    let mut store = vec![0f32; tokens * k + 15];
+    let o = store.as_ptr().align_offset(64).min(15);
+    let xf = &mut store[o..o + tokens * k];
     if fast512 {
         // The order in which decode32_avx512 produces them: each 32-block's even elements, then its odd ones.
         for (dst, src) in xf.chunks_exact_mut(32).zip(xin.chunks_exact(32)) {
@@ -87,7 +92,7 @@ unsafe fn linear_t<T: QElem>(l: &LinearArgs, x: u64, codes: u64, scales: u64, ta
             *d = s.load().to_f64() as f32;
         }
     }
-    let lin = Lin { l, xf, codes, scales, table, bias, y };
+    let lin = Lin { l, xf: &*xf, codes, scales, table, bias, y };
     // Tiles of output rows: each reads its rows' codes once per tile of tokens (4-bit: 8, then 4, 2,
     // 1; 2-, 3- and 8-bit: 4, then 1). The calling thread
     // and the pool's threads each take the next tile until none is left: the caller starts at once
