@@ -799,7 +799,7 @@ def _avx512_half_width():
 def test_cpu_gemv_token_limit_follows_the_avx512_shape():
     """power_quant_linear on CPU: the fused GEMV where the AVX-512 4-bit kernel runs (4 bits,
     in_features and the group size multiples of 32, an AVX-512 CPU) up to 1024 tokens on a CPU
-    with half-width AVX-512, 64 on a full-width one; elsewhere up to 48, 24 on a full-width AVX-512
+    with half-width AVX-512, 64 on a full-width one; elsewhere up to 48, 32 on a full-width AVX-512
     CPU; its backward likewise (the rules live in lmkern-core)."""
     from lmkern.ops import quant as quant_ops
 
@@ -807,7 +807,7 @@ def test_cpu_gemv_token_limit_follows_the_avx512_shape():
     avx512 = lmkern.cpu_isa() == "avx512"
     half = avx512 and _avx512_half_width()
     wide = (1024 if half else 64) if avx512 else 48
-    other = 24 if avx512 and not half else 48
+    other = 32 if avx512 and not half else 48
     assert limit(4, 4096, 128) == wide and limit(4, 4096, 32) == wide
     assert limit(4, 4096, 4096) == wide
     assert limit(4, 4112, 16) == other and limit(4, 48, 16) == other

@@ -81,6 +81,19 @@ pub fn has_avx512() -> bool {
     isa() >= Isa::Avx512
 }
 
+/// Whether this CPU runs the AVX-512 kernels ([`has_avx512`]) and has AVX512-VBMI (byte permutes
+/// across a whole register: Ice Lake, Zen 4 and later).
+pub fn has_avx512_vbmi() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        has_avx512() && std::arch::is_x86_feature_detected!("avx512vbmi")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Whether this CPU executes 512-bit vector operations as two 256-bit halves (AMD family 19h:
 /// Zen 4; its AVX-512 peak is its AVX2 peak). The crossovers between the quantized GEMVs and torch's
 /// matmul ([`crate::quant::cpu_gemv_max_tokens`]) depend on it: against a full-width core's

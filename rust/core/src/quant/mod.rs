@@ -519,15 +519,16 @@ pub const CUDA_MMA_GEMV_MAX_TOKENS: usize = 32;
 /// The most tokens for which [`linear`] on the CPU is worth calling rather than forming Ŵ a chunk
 /// of rows at a time for torch's matmul (lmkern.ops.quant picks the path). The AVX-512 4-bit GEMV
 /// (4 bits, `n` and the group size multiples of 32, a CPU with AVX-512) where the CPU runs 512-bit
-/// operations at half width ([`crate::cpu::avx512_half_width`]: Zen 4, whose matmul peak is half a
+/// operations at half width (`crate::cpu::avx512_half_width`: Zen 4, whose matmul peak is half a
 /// full-width core's) won up to 1024 tokens at 4096² on an AVX-512 EPYC (130 ms against 172 at 1024,
 /// 57 against 96 at 512; lost at 2048, 447 against 334, once the activations outgrow the L3:
 /// benches/results/2026-11-27-cpu-quant-many-tokens-avx512.txt); on a full-width Xeon (two 512-bit
 /// FMA units) up to 64 (12 ms against 13 at 64, lost 29 against 17 at 96 and 141 against 54 at 512:
 /// benches/results/2026-11-29-cpu-quant-many-tokens-xeon.txt). The others stop at 48 (the AVX2 GEMV
-/// against the chunks on a Zen 3 VM: benches/results/2026-11-26-cpu-quant-many-tokens.txt), at 24
-/// on a full-width AVX-512 CPU (the Xeon's 2-, 3- and 8-bit GEMVs won 1.4-2× at 16 tokens and tied
-/// or lost at 32: 0.94, 1.08, 1.29× the chunks' time; same results file).
+/// against the chunks on a Zen 3 VM: benches/results/2026-11-26-cpu-quant-many-tokens.txt), at 32
+/// on a full-width AVX-512 CPU (on the Xeon at 32 tokens the 2- and 3-bit GEMVs took 0.94 and 1.08×
+/// the chunks' time, the 8-bit one by byte planes (AVX512-VBMI) 0.79×; at 48 1.29, 1.34, 1.05×;
+/// same results file).
 pub fn cpu_gemv_max_tokens(bits: u32, n: usize, group: usize) -> usize {
     let full_width = crate::cpu::has_avx512() && !crate::cpu::avx512_half_width();
     match (cpu::avx512_shape(bits, n, group), full_width) {
@@ -540,7 +541,7 @@ pub fn cpu_gemv_max_tokens(bits: u32, n: usize, group: usize) -> usize {
 
 /// See [`cpu_gemv_max_tokens`].
 pub const CPU_GEMV_MAX_TOKENS: usize = 48;
-pub const CPU_FULL_WIDTH_GEMV_MAX_TOKENS: usize = 24;
+pub const CPU_FULL_WIDTH_GEMV_MAX_TOKENS: usize = 32;
 pub const CPU_AVX512_GEMV_MAX_TOKENS: usize = 64;
 pub const CPU_AVX512_HALF_WIDTH_GEMV_MAX_TOKENS: usize = 1024;
 
@@ -592,8 +593,9 @@ pub const CPU_NARROW_BWD_GEMV_MAX_TOKENS: usize = 16;
 /// multiples of 32: with AVX-512 per 32 weights two `vpermps` over the codebook in one register,
 /// with AVX2 four `vpshufb` over its byte planes and unpacks to float32; FMA into float32
 /// accumulators, up to 8 tokens per decoded block; 8 bits with the group size a multiple of 16:
-/// with AVX-512 per 16 codes eight `vpermt2ps` over the codebook in 16 registers and a blend tree,
-/// with AVX2 one gather per 8 codes; 2 and 3 bits with the group size a multiple of 8: shifts and
+/// with AVX-512 per 16 codes eight `vpermt2ps` over the codebook in 16 registers and a blend tree
+/// (with AVX512-VBMI and the group size a multiple of 64: per 64 codes eight `vpermi2b` over the
+/// codebook's four byte planes and eight unpacks), with AVX2 one gather per 8 codes; 2 and 3 bits with the group size a multiple of 8: shifts and
 /// one `vpermps` per 8 codes with AVX2, per 16 with AVX-512 where the group size is a multiple of
 /// 16; a scalar table path otherwise). On CUDA
 /// (`cuda.rs`, float32/bfloat16/float16) the GEMV kernels copy each row's codebook from `table`

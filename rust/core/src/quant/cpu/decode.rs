@@ -113,6 +113,80 @@ impl Codebook256 {
     }
 }
 
+/// A row's 256-entry (8-bit) codebook as four byte planes (plane j: byte j of every entry, little
+/// endian), each in four registers (entries 0-63, 64-127, 128-191, 192-255), for
+/// [`Planes256::decode64`]: `vpermi2b` looks a byte up among 128 by the low 7 bits of its index.
+#[cfg(target_arch = "x86_64")]
+pub(super) struct Planes256 {
+    p: [[std::arch::x86_64::__m512i; 4]; 4],
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Planes256 {
+    /// The planes of a row's codebook: each 16-entry register's bytes sorted by plane (`vpermb`),
+    /// then each plane's 16-byte pieces gathered from four registers (three lane shuffles).
+    ///
+    /// # Safety
+    /// AVX-512 F, BW and VBMI; `table` valid for 256 float32 reads.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx2,fma")]
+    #[inline]
+    pub(super) unsafe fn load(table: *const f32) -> Planes256 {
+        use std::arch::x86_64::*;
+        // Byte 4e + j of a register (entry e, byte j) to 16j + e: lane j holds plane j.
+        let sort = _mm512_set_epi8(
+            63, 59, 55, 51, 47, 43, 39, 35, 31, 27, 23, 19, 15, 11, 7, 3, 62, 58, 54, 50, 46, 42, 38, 34, 30, 26, 22,
+            18, 14, 10, 6, 2, 61, 57, 53, 49, 45, 41, 37, 33, 29, 25, 21, 17, 13, 9, 5, 1, 60, 56, 52, 48, 44, 40, 36,
+            32, 28, 24, 20, 16, 12, 8, 4, 0,
+        );
+        let z: [__m512i; 16] = std::array::from_fn(|i| _mm512_permutexvar_epi8(sort, _mm512_loadu_si512(table.add(16 * i) as *const _)));
+        let mut p = [[_mm512_setzero_si512(); 4]; 4];
+        macro_rules! plane {
+            ($j:literal) => {
+                for q in 0..4 {
+                    // Lane $j of z[4q], z[4q + 1], z[4q + 2], z[4q + 3], in order.
+                    let a = _mm512_shuffle_i32x4::<{ $j * 0x55 }>(z[4 * q], z[4 * q + 1]);
+                    let b = _mm512_shuffle_i32x4::<{ $j * 0x55 }>(z[4 * q + 2], z[4 * q + 3]);
+                    p[$j][q] = _mm512_shuffle_i32x4::<0b10_00_10_00>(a, b);
+                }
+            };
+        }
+        plane!(0);
+        plane!(1);
+        plane!(2);
+        plane!(3);
+        Planes256 { p }
+    }
+
+    /// The entries of the 64 codes at `codes`, as four vectors: vector v, 128-bit lane L, element e
+    /// is code 16L + 4v + e (the order of the byte and word unpacks that assemble them). Per plane
+    /// two `vpermi2b` (entries below and above 128) and a blend by the code's top bit; then eight
+    /// unpacks: ~20 instructions per 64 weights against [`lookup_antisym_avx512`]'s ~60.
+    ///
+    /// # Safety
+    /// As [`Planes256::load`]; `codes` valid for 64 bytes.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx2,fma")]
+    #[inline]
+    pub(super) unsafe fn decode64(&self, codes: *const u8) -> [std::arch::x86_64::__m512; 4] {
+        use std::arch::x86_64::*;
+        let idx = _mm512_loadu_si512(codes as *const _);
+        let high = _mm512_movepi8_mask(idx);
+        let b: [__m512i; 4] = std::array::from_fn(|j| {
+            let p = &self.p[j];
+            let lo = _mm512_permutex2var_epi8(p[0], idx, p[1]);
+            let hi = _mm512_permutex2var_epi8(p[2], idx, p[3]);
+            _mm512_mask_blend_epi8(high, lo, hi)
+        });
+        let (lo01, hi01) = (_mm512_unpacklo_epi8(b[0], b[1]), _mm512_unpackhi_epi8(b[0], b[1]));
+        let (lo23, hi23) = (_mm512_unpacklo_epi8(b[2], b[3]), _mm512_unpackhi_epi8(b[2], b[3]));
+        [
+            _mm512_castsi512_ps(_mm512_unpacklo_epi16(lo01, lo23)),
+            _mm512_castsi512_ps(_mm512_unpackhi_epi16(lo01, lo23)),
+            _mm512_castsi512_ps(_mm512_unpacklo_epi16(hi01, hi23)),
+            _mm512_castsi512_ps(_mm512_unpackhi_epi16(hi01, hi23)),
+        ]
+    }
+}
+
 /// A B-bit row's codebook (B = 2, 3) repeated to 16 entries: `vpermps` reads 4 bits of an index,
 /// so a field's lookup needs no mask of the next field's bits above it.
 ///
@@ -496,6 +570,46 @@ mod tests {
             }
         }
         Ok(())
+    }
+
+    /// Planes256::decode64 gives entry `t[code]` of any table (not only antisymmetric ones) for
+    /// every code value in every position, bit for bit, in its documented order.
+    #[test]
+    fn planes_decode_every_code_in_every_position() {
+        if !crate::cpu::has_avx512_vbmi() {
+            return; // the kernel under test needs AVX512-VBMI (CI's machine has it)
+        }
+        let mut s = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        };
+        // Random bit patterns (NaNs and infinities included: the lookup moves bytes) and a codebook.
+        let mut tables: Vec<Vec<f32>> = vec![(0..256).map(|_| f32::from_bits(next() as u32)).collect()];
+        tables.extend(codebooks().chunks_exact(256).map(|t| t.to_vec()));
+        for t in &tables {
+            // SAFETY: AVX-512 F/BW/VBMI checked above; t holds 256 floats.
+            let planes = unsafe { Planes256::load(t.as_ptr()) };
+            for round in 0..8 {
+                // Rounds 0-3: code 64·round + position (every value once); then random codes.
+                let codes: [u8; 64] = std::array::from_fn(|i| if round < 4 { (64 * round + i) as u8 } else { next() as u8 });
+                let mut got = [[0u32; 16]; 4];
+                // SAFETY: as above; codes holds 64 bytes.
+                unsafe {
+                    for (g, v) in got.iter_mut().zip(planes.decode64(codes.as_ptr())) {
+                        _mm512_storeu_si512(g.as_mut_ptr() as *mut _, _mm512_castps_si512(v));
+                    }
+                }
+                for (v, g) in got.iter().enumerate() {
+                    for (i, &bits) in g.iter().enumerate() {
+                        let code = codes[16 * (i / 4) + 4 * v + i % 4];
+                        assert_eq!(bits, t[code as usize].to_bits(), "round {round}, vector {v}, element {i}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]

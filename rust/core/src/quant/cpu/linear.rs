@@ -46,6 +46,12 @@ pub fn avx512_shape(bits: u32, n: usize, group: usize) -> bool {
     cfg!(target_arch = "x86_64") && bits == 4 && n.is_multiple_of(32) && group.is_multiple_of(32) && crate::cpu::has_avx512()
 }
 
+/// The AVX-512 8-bit GEMV decodes 64 codes at a time by byte planes ([`Planes256::decode64`]): the
+/// group size (so the row) a multiple of 64, a CPU with AVX512-VBMI.
+fn vbmi8_path(q: &QuantArgs) -> bool {
+    q.bits == 8 && q.group.is_multiple_of(64) && crate::cpu::has_avx512_vbmi()
+}
+
 /// The AVX2 8-bit GEMV applies: 8-bit codes, the group size (so the row) a multiple of 16.
 pub(super) fn fast8_path(q: &QuantArgs) -> bool {
     cfg!(target_arch = "x86_64") && q.bits == 8 && q.group.is_multiple_of(16) && crate::cpu::has_avx2()
@@ -75,6 +81,18 @@ unsafe fn linear_t<T: QElem>(l: &LinearArgs, x: u64, codes: u64, scales: u64, ta
             for i in 0..16 {
                 dst[i] = src[2 * i].load().to_f64() as f32;
                 dst[16 + i] = src[2 * i + 1].load().to_f64() as f32;
+            }
+        }
+    } else if vbmi8_path(&l.q) {
+        // The order in which Planes256::decode64 produces them: element 16L + 4v + e of each
+        // 64-block at 16v + 4L + e.
+        for (dst, src) in xf.chunks_exact_mut(64).zip(xin.chunks_exact(64)) {
+            for v in 0..4 {
+                for lane in 0..4 {
+                    for e in 0..4 {
+                        dst[16 * v + 4 * lane + e] = src[16 * lane + 4 * v + e].load().to_f64() as f32;
+                    }
+                }
             }
         }
     } else if fast {
@@ -259,15 +277,28 @@ unsafe fn linear_tile_avx2_8bit<T: QElem, const NT: usize>(lin: &Lin, o0: usize,
     NT
 }
 
-/// Rows o0..o1 of the AVX-512 8-bit path, every token: tiles of 4 tokens, then single ones.
+/// Rows o0..o1 of the AVX-512 8-bit path, every token: tiles of 4 tokens, then single ones; by byte
+/// planes ([`linear_tile_avx512_8bit_vbmi`]) where [`vbmi8_path`] holds (it checks the CPU's
+/// AVX512-VBMI; BW comes with every AVX-512 CPU the kernels run on, [`crate::cpu::has_avx512`]).
 ///
 /// # Safety
-/// AVX-512 (F), AVX2 and FMA; otherwise as [`linear_tiles_avx2_8bit`].
+/// AVX-512 (F), AVX2 and FMA; otherwise as [`linear_tiles_avx2_8bit`]; x in decode64's order where
+/// [`vbmi8_path`] holds (as [`linear_t`] puts it).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
 unsafe fn linear_tiles_avx512_8bit<T: QElem>(lin: &Lin, o0: usize, o1: usize) {
     let tokens = lin.l.tokens;
     let mut t0 = 0;
+    if vbmi8_path(&lin.l.q) {
+        while t0 < tokens {
+            t0 += if tokens - t0 >= 4 {
+                linear_tile_avx512_8bit_vbmi::<T, 4>(lin, o0, o1, t0)
+            } else {
+                linear_tile_avx512_8bit_vbmi::<T, 1>(lin, o0, o1, t0)
+            };
+        }
+        return;
+    }
     while t0 < tokens {
         t0 += if tokens - t0 >= 4 {
             linear_tile_avx512_8bit::<T, 4>(lin, o0, o1, t0)
@@ -319,6 +350,54 @@ unsafe fn linear_tile_avx512_8bit<T: QElem, const NT: usize>(lin: &Lin, o0: usiz
             let m = _mm512_set1_ps(*scales.add(o * ng + gi));
             for t in 0..NT {
                 tot[t] = _mm512_fmadd_ps(_mm512_add_ps(a[t], c[t]), m, tot[t]);
+            }
+        }
+        write_row_sums_avx512::<T>(lin, o, t0, &tot);
+    }
+    NT
+}
+
+/// [`linear_tile_avx512_8bit`] with AVX512-VBMI: per 64 codes [`Planes256::decode64`] (x in its
+/// order, as [`linear_t`] puts it) and four FMAs per token, into four chains at one token and two
+/// beyond (the 16 plane registers leave no room for more); per group the sums are scaled by m.
+/// Returns NT.
+///
+/// # Safety
+/// As [`linear_tiles_avx512_8bit`], and AVX-512 BW and VBMI, the group size a multiple of 64, x
+/// in decode64's order; t0 + NT <= tokens.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx2,fma")]
+#[allow(clippy::needless_range_loop)] // indexed loops over the accumulators keep them in registers
+unsafe fn linear_tile_avx512_8bit_vbmi<T: QElem, const NT: usize>(lin: &Lin, o0: usize, o1: usize, t0: usize) -> usize {
+    use std::arch::x86_64::*;
+    let q = &lin.l.q;
+    let (k, ng, g) = (q.n, q.groups(), q.group);
+    let (codes, scales, table) = (lin.codes as *const u8, lin.scales as *const f32, lin.table as *const f32);
+    let x0 = lin.xf.as_ptr().add(t0 * k);
+    let chains = if NT == 1 { 4 } else { 2 };
+    for o in o0..o1 {
+        let planes = Planes256::load(table.add(256 * o));
+        let row = codes.add(o * k);
+        let mut tot = [_mm512_setzero_ps(); NT];
+        for gi in 0..ng {
+            let mut a = [[_mm512_setzero_ps(); 4]; NT];
+            let mut u = gi * g;
+            while u < (gi + 1) * g {
+                // Prefetches never fault: addresses past the buffers are harmless.
+                _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(u + PREFETCH) as *const i8);
+                let w = planes.decode64(row.add(u));
+                for t in 0..NT {
+                    let xp = x0.add(t * k + u);
+                    for v in 0..4 {
+                        a[t][v % chains] = _mm512_fmadd_ps(w[v], _mm512_loadu_ps(xp.add(16 * v)), a[t][v % chains]);
+                    }
+                }
+                u += 64;
+            }
+            let m = _mm512_set1_ps(*scales.add(o * ng + gi));
+            for t in 0..NT {
+                let s = _mm512_add_ps(_mm512_add_ps(a[t][0], a[t][1]), _mm512_add_ps(a[t][2], a[t][3]));
+                tot[t] = _mm512_fmadd_ps(s, m, tot[t]);
             }
         }
         write_row_sums_avx512::<T>(lin, o, t0, &tot);
