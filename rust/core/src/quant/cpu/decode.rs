@@ -119,6 +119,10 @@ impl Codebook256 {
 #[cfg(target_arch = "x86_64")]
 pub(super) struct Planes256 {
     p: [[std::arch::x86_64::__m512i; 4]; 4],
+    /// The codebook is antisymmetric ([`antisymmetric_avx512`]: every codebook lmkern makes), so
+    /// entries 0-127 and the sign decide every code but -128, whose entry is `t128`.
+    antisym: bool,
+    t128: u32,
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -138,7 +142,9 @@ impl Planes256 {
             18, 14, 10, 6, 2, 61, 57, 53, 49, 45, 41, 37, 33, 29, 25, 21, 17, 13, 9, 5, 1, 60, 56, 52, 48, 44, 40, 36,
             32, 28, 24, 20, 16, 12, 8, 4, 0,
         );
-        let z: [__m512i; 16] = std::array::from_fn(|i| _mm512_permutexvar_epi8(sort, _mm512_loadu_si512(table.add(16 * i) as *const _)));
+        let t: [__m512; 16] = std::array::from_fn(|i| _mm512_loadu_ps(table.add(16 * i)));
+        let antisym = antisymmetric_avx512(&t);
+        let z: [__m512i; 16] = std::array::from_fn(|i| _mm512_permutexvar_epi8(sort, _mm512_castps_si512(t[i])));
         let mut p = [[_mm512_setzero_si512(); 4]; 4];
         macro_rules! plane {
             ($j:literal) => {
@@ -154,13 +160,15 @@ impl Planes256 {
         plane!(1);
         plane!(2);
         plane!(3);
-        Planes256 { p }
+        Planes256 { p, antisym, t128: (*table.add(128)).to_bits() }
     }
 
     /// The entries of the 64 codes at `codes`, as four vectors: vector v, 128-bit lane L, element e
     /// is code 16L + 4v + e (the order of the byte and word unpacks that assemble them). Per plane
-    /// two `vpermi2b` (entries below and above 128) and a blend by the code's top bit; then eight
-    /// unpacks: ~20 instructions per 64 weights against [`lookup_antisym_avx512`]'s ~60.
+    /// two `vpermi2b` (entries below and above 128) and a blend by the code's top bit, or, for an
+    /// antisymmetric codebook, one `vpermi2b` at |q| and the sign of q put on the top byte (q = -128
+    /// blended from `t128` where present); then eight unpacks: ~16-20 instructions per 64 weights
+    /// against [`lookup_antisym_avx512`]'s ~60.
     ///
     /// # Safety
     /// As [`Planes256::load`]; `codes` valid for 64 bytes.
@@ -169,13 +177,28 @@ impl Planes256 {
     pub(super) unsafe fn decode64(&self, codes: *const u8) -> [std::arch::x86_64::__m512; 4] {
         use std::arch::x86_64::*;
         let idx = _mm512_loadu_si512(codes as *const _);
-        let high = _mm512_movepi8_mask(idx);
-        let b: [__m512i; 4] = std::array::from_fn(|j| {
-            let p = &self.p[j];
-            let lo = _mm512_permutex2var_epi8(p[0], idx, p[1]);
-            let hi = _mm512_permutex2var_epi8(p[2], idx, p[3]);
-            _mm512_mask_blend_epi8(high, lo, hi)
-        });
+        let b: [__m512i; 4] = if self.antisym {
+            // |q| as the index (q = -128 gives 0x80, read as entry 0 and replaced below).
+            let abs = _mm512_abs_epi8(idx);
+            let mut b: [__m512i; 4] = std::array::from_fn(|j| _mm512_permutex2var_epi8(self.p[j][0], abs, self.p[j][1]));
+            // t[256 - |q|] = -t[|q|]: q's sign bit onto the entry's (bit 7 of its top byte).
+            b[3] = _mm512_ternarylogic_epi32::<0x78>(b[3], idx, _mm512_set1_epi8(i8::MIN));
+            let min = _mm512_cmpeq_epi8_mask(idx, _mm512_set1_epi8(i8::MIN));
+            if min != 0 {
+                for (j, bj) in b.iter_mut().enumerate() {
+                    *bj = _mm512_mask_blend_epi8(min, *bj, _mm512_set1_epi8((self.t128 >> (8 * j)) as u8 as i8));
+                }
+            }
+            b
+        } else {
+            let high = _mm512_movepi8_mask(idx);
+            std::array::from_fn(|j| {
+                let p = &self.p[j];
+                let lo = _mm512_permutex2var_epi8(p[0], idx, p[1]);
+                let hi = _mm512_permutex2var_epi8(p[2], idx, p[3]);
+                _mm512_mask_blend_epi8(high, lo, hi)
+            })
+        };
         let (lo01, hi01) = (_mm512_unpacklo_epi8(b[0], b[1]), _mm512_unpackhi_epi8(b[0], b[1]));
         let (lo23, hi23) = (_mm512_unpacklo_epi8(b[2], b[3]), _mm512_unpackhi_epi8(b[2], b[3]));
         [
@@ -572,8 +595,9 @@ mod tests {
         Ok(())
     }
 
-    /// Planes256::decode64 gives entry `t[code]` of any table (not only antisymmetric ones) for
-    /// every code value in every position, bit for bit, in its documented order.
+    /// Planes256::decode64 gives entry `t[code]` of any table for every code value in every position,
+    /// bit for bit, in its documented order: by both lookups (antisymmetric tables, with their free
+    /// entries t[0] and t[128] at any value, and other ones).
     #[test]
     fn planes_decode_every_code_in_every_position() {
         if !crate::cpu::has_avx512_vbmi() {
@@ -586,12 +610,19 @@ mod tests {
             s ^= s << 17;
             s
         };
-        // Random bit patterns (NaNs and infinities included: the lookup moves bytes) and a codebook.
-        let mut tables: Vec<Vec<f32>> = vec![(0..256).map(|_| f32::from_bits(next() as u32)).collect()];
-        tables.extend(codebooks().chunks_exact(256).map(|t| t.to_vec()));
-        for t in &tables {
+        // Random bit patterns (NaNs and infinities included: the lookup moves bytes), codebooks, one
+        // with its free entries changed, one with an entry bent by an ulp (no longer antisymmetric).
+        let mut tables: Vec<(Vec<f32>, bool)> = vec![((0..256).map(|_| f32::from_bits(next() as u32)).collect(), false)];
+        tables.extend(codebooks().chunks_exact(256).map(|t| (t.to_vec(), true)));
+        let mut free = tables[1].0.clone();
+        (free[0], free[128]) = (0.25, -3.0);
+        let mut bent = tables[2].0.clone();
+        bent[200] = f32::from_bits(bent[200].to_bits() ^ 1);
+        tables.extend([(free, true), (bent, false)]);
+        for (t, antisym) in &tables {
             // SAFETY: AVX-512 F/BW/VBMI checked above; t holds 256 floats.
             let planes = unsafe { Planes256::load(t.as_ptr()) };
+            assert_eq!(planes.antisym, *antisym);
             for round in 0..8 {
                 // Rounds 0-3: code 64·round + position (every value once); then random codes.
                 let codes: [u8; 64] = std::array::from_fn(|i| if round < 4 { (64 * round + i) as u8 } else { next() as u8 });
