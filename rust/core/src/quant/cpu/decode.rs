@@ -128,7 +128,8 @@ pub(super) struct Planes256 {
 #[cfg(target_arch = "x86_64")]
 impl Planes256 {
     /// The planes of a row's codebook: each 16-entry register's bytes sorted by plane (`vpermb`),
-    /// then each plane's 16-byte pieces gathered from four registers (three lane shuffles).
+    /// then each plane's 16-byte pieces gathered from four registers (three lane shuffles); of an
+    /// antisymmetric one only entries 0-127 (the rest stay zero, unread).
     ///
     /// # Safety
     /// AVX-512 F, BW and VBMI; `table` valid for 256 float32 reads.
@@ -144,11 +145,19 @@ impl Planes256 {
         );
         let t: [__m512; 16] = std::array::from_fn(|i| _mm512_loadu_ps(table.add(16 * i)));
         let antisym = antisymmetric_avx512(&t);
-        let z: [__m512i; 16] = std::array::from_fn(|i| _mm512_permutexvar_epi8(sort, _mm512_castps_si512(t[i])));
+        let z: [__m512i; 16] = std::array::from_fn(|i| {
+            if antisym && i >= 8 {
+                _mm512_setzero_si512()
+            } else {
+                _mm512_permutexvar_epi8(sort, _mm512_castps_si512(t[i]))
+            }
+        });
         let mut p = [[_mm512_setzero_si512(); 4]; 4];
+        // An antisymmetric codebook's lookups read entries 0-127 only: their two registers a plane.
+        let quarters = if antisym { 2 } else { 4 };
         macro_rules! plane {
             ($j:literal) => {
-                for q in 0..4 {
+                for q in 0..quarters {
                     // Lane $j of z[4q], z[4q + 1], z[4q + 2], z[4q + 3], in order.
                     let a = _mm512_shuffle_i32x4::<{ $j * 0x55 }>(z[4 * q], z[4 * q + 1]);
                     let b = _mm512_shuffle_i32x4::<{ $j * 0x55 }>(z[4 * q + 2], z[4 * q + 3]);
