@@ -1,6 +1,7 @@
 """lmkern's CPU pool in a forked child: DataLoader workers and multiprocessing's default start method
-on Linux fork the process, copying none of the pool's threads. Work sent to them waited forever;
-the child must build a pool of its own, of the parent's size, and compute the same bits."""
+on Linux fork the process, copying none of the pool's threads (nor those of the OpenMP runtime the
+parent's kernels may share with torch). Work sent to them waited forever; the child must build a
+pool of its own, of the parent's size, and compute the same bits."""
 from __future__ import annotations
 
 import multiprocessing
@@ -44,7 +45,7 @@ def work():
     with torch.no_grad():
         out = layer(tokens)
     scores = N.zipfit_scores(texts[:30], texts[30:])
-    return lmkern.get_num_threads(), [t.detach() for t in (y, dx, dw, out)], scores, pool_threads()
+    return lmkern.get_num_threads(), [t.detach() for t in (y, dx, dw, out)], scores, pool_threads(), lmkern.cpu_pool()
 
 
 def pool_threads() -> int | None:
@@ -63,7 +64,7 @@ def child_start():
 
 def test_forked_child_uses_a_pool_of_its_own(num_threads):
     lmkern.set_num_threads(3)
-    threads, tensors, scores, running = work()  # starts the pool in this process
+    threads, tensors, scores, running, cpu_pool = work()  # starts the pool (or torch's OpenMP team) here
     ctx = multiprocessing.get_context("fork")
     with ctx.Pool(2, initializer=child_start) as pool:
         jobs = [pool.apply_async(work) for _ in range(2)]
@@ -71,10 +72,15 @@ def test_forked_child_uses_a_pool_of_its_own(num_threads):
             results = [job.get(timeout=120) for job in jobs]
         except multiprocessing.TimeoutError:
             pytest.fail("lmkern work in a forked child did not finish in 120 s")
-    for child_threads, child_tensors, child_scores, child_running in results:
+    for child_threads, child_tensors, child_scores, child_running, child_pool in results:
         assert child_threads == threads == 3
+        # The parent's kernels run on torch's OpenMP threads where shared (then its own pool never
+        # starts), the child's on a pool of its own: the runtime's threads are not copied either.
+        assert child_pool == "lmkern"
+        if running is not None:
+            assert (running == 0) == cpu_pool.startswith("openmp:")
         # its own pool, started (a thread names itself when it first runs: at least one by now)
-        assert (child_running is None and running is None) or child_running >= 1 and running >= 1
+        assert child_running is None or child_running >= 1
         for got, want in zip(child_tensors, tensors):
             assert torch.equal(got, want)
         np.testing.assert_array_equal(child_scores, scores)

@@ -1,12 +1,13 @@
 """lmkern: fused numeric kernels from recent language-model papers, as torch custom ops.
 
-The kernels live in Rust (lmkern._core), CPU through rayon and CUDA through cudarc; this package
-registers them with torch (torch.ops.lmkern.*) and exposes the public functions below.
+The kernels live in Rust (lmkern._core): CPU on torch's OpenMP threads or a rayon pool, CUDA through
+cudarc; this package registers them with torch (torch.ops.lmkern.*) and exposes the public functions below.
 """
 from __future__ import annotations
 
 import numbers
 import os
+import sys
 import warnings
 
 import torch
@@ -28,7 +29,7 @@ for _name in ("rms_norm", "crms_norm", "rms_norm_", "crms_norm_"):
 
 __all__ = [
     "rms_norm", "crms_norm", "rms_norm_", "crms_norm_", "nn", "convert", "models", "ncd", "quant",
-    "cuda_available", "cuda_status", "cpu_isa", "set_num_threads", "get_num_threads", "MAX_THREADS",
+    "cuda_available", "cuda_status", "cpu_isa", "cpu_pool", "set_num_threads", "get_num_threads", "MAX_THREADS",
 ]
 
 try:
@@ -84,4 +85,52 @@ def get_num_threads() -> int:
     return _core.get_num_threads()
 
 
+def _torch_openmp_runtime() -> str | None:
+    """The path of the OpenMP runtime torch's CPU ops run on, from the libraries this process has
+    loaded (Linux): the one in torch's own package (pip wheels), else the only one loaded (a conda
+    environment's); None where that is not clear or torch has no OpenMP."""
+    if not sys.platform.startswith("linux") or not torch.backends.openmp.is_available():
+        return None
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {fields[5].strip() for fields in (line.split(None, 5) for line in maps) if len(fields) == 6}
+    except OSError:
+        return None
+    runtimes = sorted(p for p in paths if p.startswith("/") and os.path.basename(p).startswith(("libgomp", "libiomp5", "libomp"))
+                      and ".so" in os.path.basename(p))
+    torch_dir = os.path.dirname(os.path.dirname(os.path.abspath(torch.__file__)))
+    torchs = [p for p in runtimes if p.startswith((os.path.join(torch_dir, "torch") + os.sep,
+                                                    os.path.join(torch_dir, "torch.libs") + os.sep))]
+    if len(torchs) == 1:
+        return torchs[0]
+    return runtimes[0] if len(runtimes) == 1 else None
+
+
+def _share_torch_openmp() -> None:
+    """LMKERN_CPU_POOL=openmp (the default): the CPU kernels run on torch's OpenMP threads where
+    found; =own: on lmkern's own pool."""
+    choice = os.environ.get("LMKERN_CPU_POOL", "openmp").strip().lower()
+    if choice == "own":
+        return
+    if choice != "openmp":
+        warnings.warn(f"LMKERN_CPU_POOL={choice!r} is not 'openmp' or 'own': ignored (openmp)", RuntimeWarning,
+                      stacklevel=3)
+    path = _torch_openmp_runtime()
+    if path is not None:
+        try:
+            _core.share_openmp_runtime(path)
+        except RuntimeError as e:
+            warnings.warn(f"torch's OpenMP runtime could not be shared ({e}); lmkern's own thread pool runs the "
+                          "CPU kernels", RuntimeWarning, stacklevel=3)
+
+
+def cpu_pool() -> str:
+    """Whose threads run lmkern's CPU kernels: "openmp:<path>" (the OpenMP runtime torch's CPU ops
+    run on, shared so that the two do not fight over the cores; the default on Linux) or "lmkern"
+    (its own pool: elsewhere, in a forked child, or with LMKERN_CPU_POOL=own)."""
+    path = _core.shared_openmp_runtime()
+    return "lmkern" if path is None else f"openmp:{path}"
+
+
+_share_torch_openmp()
 _core.set_num_threads(min(torch.get_num_threads(), MAX_THREADS))

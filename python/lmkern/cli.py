@@ -49,6 +49,7 @@ def _info(_args) -> int:
             print(f"cuda:{i}        {p.name}, {p.total_memory / 2**30:.0f} GiB, sm_{p.major}{p.minor}")
     print(f"threads       lmkern {lmkern.get_num_threads()}, torch {torch.get_num_threads()}, cpus {os.cpu_count()}")
     print(f"cpu_isa       {lmkern.cpu_isa()}")
+    print(f"cpu_pool      {lmkern.cpu_pool()}")
     return 0
 
 

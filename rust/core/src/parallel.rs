@@ -1,5 +1,7 @@
 //! The CPU thread pool. One rayon pool owned by lmkern, rebuilt when the user sets a thread count,
-//! so the count can change at run time (rayon's global pool cannot).
+//! so the count can change at run time (rayon's global pool cannot); or, once
+//! [`share_openmp_runtime`] has named one, the threads of an OpenMP runtime already loaded in the
+//! process (the one torch's CPU ops run on), so that the two libraries do not fight over the cores.
 //!
 //! A process forked after the pool was built (a DataLoader worker, multiprocessing's default on
 //! Linux) has none of its threads: work sent to it would wait forever. Fork handlers keep the lock
@@ -52,6 +54,14 @@ pub fn set_num_threads(threads: usize) {
         if state.pool.as_ref().map(|p| p.rayon.current_num_threads()) == Some(threads) {
             return;
         }
+        if openmp_entry().is_some() {
+            // The OpenMP runtime's teams take the count per call; lmkern's own pool is built (at
+            // this size) only if the sharing stops (a forked child).
+            let old = state.pool.take();
+            drop(state);
+            drop(old);
+            return;
+        }
     }
     let mut pool = build(threads);
     let mut state = lock_state();
@@ -65,7 +75,18 @@ pub fn set_num_threads(threads: usize) {
 
 /// The number of CPU threads the kernels use.
 pub fn num_threads() -> usize {
+    if openmp_entry().is_some() {
+        return wanted_threads();
+    }
     pool().map_or(1, |p| p.rayon.current_num_threads())
+}
+
+/// The thread count set by the user, else the machine's parallelism.
+fn wanted_threads() -> usize {
+    match STATE.read().unwrap_or_else(|e| e.into_inner()).wanted {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    }
 }
 
 fn pool() -> Option<Arc<Pool>> {
@@ -109,6 +130,9 @@ mod fork {
     }
 
     extern "C" fn child() {
+        // The OpenMP runtime's threads are not copied either, and its pool state would send work to
+        // them: the child's kernels run on a pool of lmkern's own.
+        super::stop_sharing_openmp();
         HELD.with(|h| {
             if let Some(mut state) = h.borrow_mut().take() {
                 if let Some(dead) = state.pool.take() {
@@ -215,7 +239,8 @@ fn never_stop() -> bool {
 pub const SERIAL_BELOW: usize = 1 << 15;
 
 /// Run `f(t)` for every task `t` in `0..tasks`: on the calling thread when `elems` (the work, in
-/// elements) is small, else on the calling thread and lmkern's pool together, each taking the next
+/// elements) is small, else on the calling thread and lmkern's pool (or the shared OpenMP runtime's
+/// threads) together, each taking the next
 /// task from a shared counter (see [`run_with_caller`]). Tasks must be independent.
 pub fn for_each_task(tasks: usize, elems: usize, f: impl Fn(usize) + Sync + Send) {
     for_each_task_with(tasks, elems, || (), |t, _| f(t));
@@ -244,8 +269,17 @@ pub fn for_each_task_with<S>(tasks: usize, elems: usize, init: impl Fn() -> S + 
 /// sleeping until a pool thread has woken, which on a VM costs ~0.1–0.2 ms per call, and it never
 /// waits for a helper that has not started: when other calls keep the pool busy (threads of a
 /// server calling lmkern at once), a small call does its work alone instead of queueing behind
-/// theirs (a 0.4 ms norm waited 3.4 s behind two exponent searches).
+/// theirs (a 0.4 ms norm waited 3.4 s behind two exponent searches). With an OpenMP runtime shared
+/// ([`share_openmp_runtime`]) the helpers are its threads instead: `f` runs as a parallel region of
+/// up to `helpers` + 1 threads, which ends when all of them have run it.
 pub fn run_with_caller(helpers: usize, elems: usize, f: impl Fn() + Sync + Send) {
+    if let Some(entry) = openmp_entry() {
+        let threads = wanted_threads().min(helpers.saturating_add(1));
+        if threads > 1 && elems >= SERIAL_BELOW {
+            return run_on_openmp(entry, threads, &f);
+        }
+        return f();
+    }
     let pool = match pool() {
         Some(pool) if helpers > 0 && elems >= SERIAL_BELOW && pool.rayon.current_num_threads() > 1 => pool,
         _ => return f(),
@@ -282,6 +316,104 @@ pub fn run_with_caller(helpers: usize, elems: usize, f: impl Fn() + Sync + Send)
     }
     if call.panicked.load(Ordering::Relaxed) {
         panic!("lmkern: a kernel task panicked on a pool thread");
+    }
+}
+
+/// `GOMP_parallel(fn, data, num_threads, flags)`: the GNU OpenMP interface's parallel region, which
+/// libgomp, Intel's libiomp5 and LLVM's libomp all export. It runs fn(data) on a team of num_threads
+/// threads, the calling thread one of them, and returns when every one has returned.
+type GompParallel = unsafe extern "C" fn(unsafe extern "C" fn(*mut std::ffi::c_void), *mut std::ffi::c_void, u32, u32);
+
+/// The shared runtime's `GOMP_parallel` (0: none, lmkern's own pool), and the runtime's path.
+static OPENMP: AtomicUsize = AtomicUsize::new(0);
+static OPENMP_PATH: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+fn openmp_entry() -> Option<GompParallel> {
+    match OPENMP.load(Ordering::Acquire) {
+        0 => None,
+        // SAFETY: a nonzero value is the address of GOMP_parallel in a runtime that stays loaded
+        // (share_openmp_runtime keeps its handle open), stored from a function of this type.
+        a => Some(unsafe { std::mem::transmute::<usize, GompParallel>(a) }),
+    }
+}
+
+/// Run the kernels' parallel work on the threads of the OpenMP runtime at `path`, which must already
+/// be loaded in the process (it is looked up, never loaded: the point is to share the runtime another
+/// library's threads already come from). torch's CPU ops run on its OpenMP threads, which spin for
+/// a while after each parallel op: a pool of lmkern's own then waits for the cores they hold (an
+/// lmkern GEMV right after a torch matmul ran at half speed), while the same threads take an OpenMP
+/// team's work at once. Calls then go as OpenMP parallel regions: the calling thread and up to
+/// [`num_threads`] − 1 of the runtime's threads (a calling thread outside any team gets a team of its
+/// own, so calls from several threads do not queue behind each other; one inside a team runs alone,
+/// as nested regions do by default), sharing out the tasks as before, each region ending when every
+/// thread of its team has. A forked child stops sharing (the runtime's threads are not copied) and
+/// builds a pool of its own.
+#[cfg(unix)]
+pub fn share_openmp_runtime(path: &str) -> Result<(), String> {
+    let c_path = std::ffi::CString::new(path).map_err(|_| format!("{path:?}: contains a NUL byte"))?;
+    // SAFETY: a NUL-terminated path; RTLD_NOLOAD returns a handle only for a library already loaded
+    // (running no initializer), or null.
+    let handle = unsafe { libc::dlopen(c_path.as_ptr(), libc::RTLD_LAZY | libc::RTLD_NOLOAD) };
+    if handle.is_null() {
+        return Err(format!("{path}: not loaded in this process"));
+    }
+    // SAFETY: a valid handle and a NUL-terminated name.
+    let entry = unsafe { libc::dlsym(handle, c"GOMP_parallel".as_ptr()) };
+    if entry.is_null() {
+        // SAFETY: the handle dlopen returned, closed once.
+        unsafe { libc::dlclose(handle) };
+        return Err(format!("{path}: no GOMP_parallel in it (not an OpenMP runtime with the GNU interface)"));
+    }
+    // The handle stays open: the runtime cannot be unloaded while its entry is stored.
+    fork::register();
+    *OPENMP_PATH.lock().unwrap_or_else(|e| e.into_inner()) = Some(path.to_string());
+    OPENMP.store(entry as usize, Ordering::Release);
+    let old = lock_state().pool.take(); // its threads stop (outside the lock): no longer used
+    drop(old);
+    Ok(())
+}
+
+/// Sharing needs dlopen: on other systems the kernels keep lmkern's own pool.
+#[cfg(not(unix))]
+pub fn share_openmp_runtime(path: &str) -> Result<(), String> {
+    Err(format!("{path}: sharing an OpenMP runtime needs dlopen (Unix only)"))
+}
+
+/// Go back to lmkern's own pool (built on the next call that needs it).
+pub fn stop_sharing_openmp() {
+    OPENMP.store(0, Ordering::Release);
+}
+
+/// The path of the OpenMP runtime the kernels share ([`share_openmp_runtime`]), or None when they
+/// run on lmkern's own pool.
+pub fn shared_openmp_runtime() -> Option<String> {
+    openmp_entry()?;
+    OPENMP_PATH.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+/// `f` on an OpenMP team of `threads` threads, the caller's included; a panic in any copy reaches
+/// the caller (the first one's payload) once the region has ended.
+fn run_on_openmp(entry: GompParallel, threads: usize, f: &(dyn Fn() + Sync)) {
+    struct Region<'a> {
+        f: &'a (dyn Fn() + Sync),
+        panic: std::sync::Mutex<Option<Box<dyn std::any::Any + Send>>>,
+    }
+    unsafe extern "C" fn each_thread(data: *mut std::ffi::c_void) {
+        // SAFETY: data is the Region that run_on_openmp passed; GOMP_parallel returns only after
+        // every thread of the team has returned from this function, so it outlives every use.
+        let region = unsafe { &*(data as *const Region) };
+        // No unwinding across the runtime's C frames: a panic is caught here and carried over.
+        if let Err(payload) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(region.f)) {
+            region.panic.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(payload);
+        }
+    }
+    let region = Region { f, panic: std::sync::Mutex::new(None) };
+    let threads = u32::try_from(threads).unwrap_or(u32::MAX);
+    // SAFETY: entry is GOMP_parallel of a loaded runtime (openmp_entry); each_thread catches every
+    // panic, and region lives on this frame until the call has returned.
+    unsafe { entry(each_thread, &region as *const Region as *mut std::ffi::c_void, threads, 0) };
+    if let Some(payload) = region.panic.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        std::panic::resume_unwind(payload);
     }
 }
 

@@ -56,12 +56,33 @@ fn get_num_threads() -> usize {
     lmkern_core::parallel::num_threads()
 }
 
+/// Run the CPU kernels on the threads of the OpenMP runtime at `path`, already loaded (torch's).
+#[pyfunction]
+fn share_openmp_runtime(path: &str) -> PyResult<()> {
+    lmkern_core::parallel::share_openmp_runtime(path).map_err(pyo3::exceptions::PyRuntimeError::new_err)
+}
+
+/// Back to lmkern's own thread pool.
+#[pyfunction]
+fn stop_sharing_openmp() {
+    lmkern_core::parallel::stop_sharing_openmp()
+}
+
+/// The path of the OpenMP runtime the CPU kernels share, or None (lmkern's own pool).
+#[pyfunction]
+fn shared_openmp_runtime() -> Option<String> {
+    lmkern_core::parallel::shared_openmp_runtime()
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cuda_status, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_isa, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(share_openmp_runtime, m)?)?;
+    m.add_function(wrap_pyfunction!(stop_sharing_openmp, m)?)?;
+    m.add_function(wrap_pyfunction!(shared_openmp_runtime, m)?)?;
     norm::register(m)?;
     quant::register(m)?;
     ncd::register(m)?;
