@@ -67,7 +67,7 @@ def test_stop_and_share_again_same_bits(num_threads):
         _core.stop_sharing_openmp()
         assert lmkern.cpu_pool() == "lmkern"
         got = work()
-        assert own_pool_threads() == 2
+        assert own_pool_threads() >= 1  # started (a thread names itself when it first runs)
     finally:
         _core.share_openmp_runtime(path)
     assert lmkern.cpu_pool() == f"openmp:{path}"
@@ -81,22 +81,18 @@ def test_stop_and_share_again_same_bits(num_threads):
 
 
 @openmp_here
-def test_environment_chooses_the_pool():
+def test_environment_chooses_the_pool(tmp_path):
     """LMKERN_CPU_POOL=own (any case, spaces around) keeps lmkern's own pool, with the same bits; an
     unknown value says so at import and shares the runtime."""
     code = ("import sys, torch, lmkern; sys.path.insert(0, {here!r}); from test_cpu_pool import work; "
             "print(lmkern.cpu_pool()); torch.save(work(), {out!r})")
-    out = os.path.join(HERE, f".cpu_pool_{os.getpid()}.pt")
-    try:
-        run = subprocess.run([sys.executable, "-W", "error", "-c", code.format(here=HERE, out=out)],
-                             env={**os.environ, "LMKERN_CPU_POOL": " Own "}, capture_output=True, text=True, timeout=300)
-        assert run.returncode == 0, run.stderr[-2000:]
-        assert run.stdout.strip() == "lmkern"
-        for g, w in zip(torch.load(out), work()):
-            assert torch.equal(g, w)
-    finally:
-        if os.path.exists(out):
-            os.remove(out)
+    out = str(tmp_path / "own.pt")
+    run = subprocess.run([sys.executable, "-W", "error", "-c", code.format(here=HERE, out=out)],
+                         env={**os.environ, "LMKERN_CPU_POOL": " Own "}, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "lmkern"
+    for g, w in zip(torch.load(out), work()):
+        assert torch.equal(g, w)
     run = subprocess.run([sys.executable, "-c", "import lmkern; print(lmkern.cpu_pool())"],
                          env={**os.environ, "LMKERN_CPU_POOL": "omp"}, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]

@@ -1,7 +1,8 @@
 """lmkern: fused numeric kernels from recent language-model papers, as torch custom ops.
 
-The kernels live in Rust (lmkern._core): CPU on torch's OpenMP threads or a rayon pool, CUDA through
-cudarc; this package registers them with torch (torch.ops.lmkern.*) and exposes the public functions below.
+The kernels live in Rust (lmkern._core): CPU on torch's OpenMP threads or a rayon pool, CUDA
+through cudarc; this package registers them with torch (torch.ops.lmkern.*) and exposes the public
+functions below.
 """
 from __future__ import annotations
 
