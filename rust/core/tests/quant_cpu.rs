@@ -439,7 +439,7 @@ fn every_cpu_path_on_awkward_shapes() {
         (4, &[(32, 32), (544, 32), (128, 128), (512, 256), (4352, 128), (48, 16), (1, 1)]),
         (8, &[(16, 16), (48, 16), (40, 8), (3, 3)]),
         (3, &[(8, 8), (16, 16), (96, 32), (12, 12), (1, 1)]),
-        (2, &[(8, 8), (16, 16), (48, 48), (6, 6)]),
+        (2, &[(8, 8), (16, 16), (48, 48), (256, 128), (6, 6)]),
     ];
     let mut cases = 0;
     for (bits, list) in shapes {
@@ -507,39 +507,39 @@ fn every_cpu_path_on_awkward_shapes() {
             }
         }
     }
-    assert_eq!(cases, 20 * (8 + 10 + 8));
+    assert_eq!(cases, 21 * (8 + 10 + 8));
 }
 
-/// The 1-token AVX-512 4-bit GEMV's row tasks (64 rows: two whole, one of 22 = a 16-row tile and
-/// a 6-row one, so four rows at a time and single ones), its chunks of 32 groups of x (4352 = 34
-/// groups of 128, 17 of 256: two chunks), and groups of 256 (two 128-weight loads each), with a
-/// bias, against float64 sums of x·Ŵ; on CPUs without AVX-512 the other paths.
+/// The 1-token AVX-512 GEMV of 4- and 2-bit codes: its row tasks (64 rows: two whole, one of 22 = a
+/// 16-row tile and a 6-row one, so four rows at a time and single ones), its chunks of 32 groups of
+/// x (4352 = 34 groups of 128, 17 of 256: two chunks), and groups of 256 (two 128-weight loads
+/// each), with a bias, against float64 sums of x·Ŵ; on CPUs without AVX-512 the other paths.
 #[test]
 fn one_token_gemv_row_tasks_chunks_and_long_groups() {
     let mut rng = Rng(29);
     let n_out = 150usize;
-    for (n_in, g) in [(4352usize, 128usize), (4352, 256), (512, 256)] {
-        let q = QuantArgs { bits: 4, rows: n_out, n: n_in, group: g, clip: 1.0 };
+    for (bits, n_in, g) in [(4u32, 4352usize, 128usize), (4, 4352, 256), (4, 512, 256), (2, 4352, 128), (2, 512, 256)] {
+        let q = QuantArgs { bits, rows: n_out, n: n_in, group: g, clip: 1.0 };
         let w: Vec<f32> = (0..n_out * n_in).map(|_| rng.next() as f32).collect();
         let a: Vec<f32> = (0..n_out).map(|r| 0.3 + 0.1 * (r % 7) as f32).collect();
         let x: Vec<f32> = (0..n_in).map(|_| rng.next() as f32).collect();
         let bias: Vec<f32> = (0..n_out).map(|_| rng.next() as f32).collect();
-        let mut codes = vec![0u8; n_out * row_bytes(n_in, 4)];
+        let mut codes = vec![0u8; n_out * row_bytes(n_in, bits)];
         let mut scales = vec![0f32; n_out * (n_in / g)];
-        let mut table = vec![0f32; n_out << 4];
+        let mut table = vec![0f32; n_out << bits];
         let mut wh = vec![f32::NAN; n_out * n_in];
         let mut y = vec![f32::NAN; n_out];
         let l = LinearArgs { q, tokens: 1 };
         unsafe {
             quant::quantize(Device::Cpu, DType::F32, &q, addr(&w), addr(&a), out(&mut codes), out(&mut scales)).unwrap();
-            quant::codebook(4, n_out, addr(&a), out(&mut table)).unwrap();
+            quant::codebook(bits, n_out, addr(&a), out(&mut table)).unwrap();
             quant::dequantize_codebooks(Device::Cpu, DType::F32, &q, addr(&codes), addr(&scales), addr(&table), out(&mut wh)).unwrap();
             quant::linear(Device::Cpu, DType::F32, &l, addr(&x), addr(&codes), addr(&scales), addr(&table), addr(&bias), out(&mut y)).unwrap();
         }
         for o in 0..n_out {
             let terms = (0..n_in).map(|k| x[k] as f64 * wh[o * n_in + k] as f64);
             let (want, scale) = terms.fold((bias[o] as f64, bias[o].abs() as f64), |(s, a), v| (s + v, a + v.abs()));
-            assert!((y[o] as f64 - want).abs() <= 1e-6 * scale, "{n_in} g{g} y[{o}]: {} vs {want}", y[o]);
+            assert!((y[o] as f64 - want).abs() <= 1e-6 * scale, "{bits}-bit {n_in} g{g} y[{o}]: {} vs {want}", y[o]);
         }
     }
 }

@@ -47,10 +47,11 @@ pub fn avx512_shape(bits: u32, n: usize, group: usize) -> bool {
     cfg!(target_arch = "x86_64") && bits == 4 && n.is_multiple_of(32) && group.is_multiple_of(32) && crate::cpu::has_avx512()
 }
 
-/// The 1-token AVX-512 4-bit GEMV ([`linear_tile_avx512_1tok`]): as [`fast512_path`], one token,
-/// the group size a multiple of 128 (a 64-byte load of codes is 128 weights of one group).
+/// The 1-token AVX-512 GEMV of 4- and 2-bit codes ([`linear_tile_avx512_1tok`]): one token, the
+/// group size a multiple of 128 (a load of codes is 128 weights of one group), a CPU with AVX-512.
 fn one_token512_path(l: &LinearArgs) -> bool {
-    l.tokens == 1 && l.q.group.is_multiple_of(128) && fast512_path(&l.q)
+    cfg!(target_arch = "x86_64") && l.tokens == 1 && (l.q.bits == 4 || l.q.bits == 2) && l.q.group.is_multiple_of(128)
+        && crate::cpu::has_avx512()
 }
 
 /// The AVX-512 8-bit GEMV decodes 64 codes at a time by byte planes ([`Planes256::decode64`]): the
@@ -148,12 +149,15 @@ unsafe fn linear_t<T: QElem>(l: &LinearArgs, x: u64, codes: u64, scales: u64, ta
         let (o0, o1) = (ti * task_rows, ((ti + 1) * task_rows).min(nout));
         if one_token512 {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: one_token512_path checked AVX-512F, AVX2+FMA, 4 bits, one token, the group
-            // size (so k) a multiple of 128; x is in linear_tile_avx512_1tok's order.
+            // SAFETY: one_token512_path checked AVX-512 (F, with AVX2+FMA), 4 or 2 bits, one
+            // token, the group size (so k) a multiple of 128; x is in linear_tile_avx512_1tok's order.
             unsafe {
                 let mut t0 = o0;
                 while t0 < o1 {
-                    linear_tile_avx512_1tok::<T>(&lin, t0, (t0 + TILE).min(o1));
+                    match l.q.bits {
+                        4 => linear_tile_avx512_1tok::<T, 4>(&lin, t0, (t0 + TILE).min(o1)),
+                        _ => linear_tile_avx512_1tok::<T, 2>(&lin, t0, (t0 + TILE).min(o1)),
+                    }
                     t0 += TILE;
                 }
             }
@@ -863,7 +867,7 @@ unsafe fn linear_tile_avx512<T: QElem, const NT: usize>(lin: &Lin, o0: usize, o1
     NT
 }
 
-/// The 1-token AVX-512 4-bit GEMV for rows o0..o1: four rows at a time ([`rows_avx512_1tok`]),
+/// The 1-token AVX-512 GEMV of B-bit codes (B = 4, 2) for rows o0..o1: four rows at a time ([`rows_avx512_1tok`]),
 /// then the tile's last rows one at a time. The tile's rows are walked a chunk of whole groups at
 /// a time (x's chunk stays in L1: a 4096-wide row is one chunk), every row's chains kept in `tot`.
 ///
@@ -871,7 +875,7 @@ unsafe fn linear_tile_avx512<T: QElem, const NT: usize>(lin: &Lin, o0: usize, o1
 /// As [`rows_avx512_1tok`]; o1 - o0 <= TILE.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn linear_tile_avx512_1tok<T: QElem>(lin: &Lin, o0: usize, o1: usize) {
+unsafe fn linear_tile_avx512_1tok<T: QElem, const B: usize>(lin: &Lin, o0: usize, o1: usize) {
     use std::arch::x86_64::*;
     let q = &lin.l.q;
     let (ng, g) = (q.groups(), q.group);
@@ -882,11 +886,11 @@ unsafe fn linear_tile_avx512_1tok<T: QElem>(lin: &Lin, o0: usize, o1: usize) {
         let c1 = (c0 + chunk_groups).min(ng);
         let mut o = o0;
         while o + 4 <= o1 {
-            rows_avx512_1tok::<4>(lin, o, c0, c1, &mut tot[o - o0..o - o0 + 4]);
+            rows_avx512_1tok::<4, B>(lin, o, c0, c1, &mut tot[o - o0..o - o0 + 4]);
             o += 4;
         }
         while o < o1 {
-            rows_avx512_1tok::<1>(lin, o, c0, c1, &mut tot[o - o0..o - o0 + 1]);
+            rows_avx512_1tok::<1, B>(lin, o, c0, c1, &mut tot[o - o0..o - o0 + 1]);
             o += 1;
         }
         c0 = c1;
@@ -898,11 +902,14 @@ unsafe fn linear_tile_avx512_1tok<T: QElem>(lin: &Lin, o0: usize, o1: usize) {
     }
 }
 
-/// Rows o..o + R of the 1-token AVX-512 4-bit GEMV, groups c0..c1, their chains in `acc`. The
-/// codes are read as dwords, 64 bytes (128 weights of one group) a load: nibble j of dword i is
-/// weight 8i + j, so `vpermps` (which reads an index's low 4 bits) looks up the 16 weights of field
-/// j after a shift by 4j, the dword register shifted on by 4 per step: per 16 weights one lookup,
-/// one shift and one FMA, with no byte-to-dword widening (x in that order: [`linear_t`] puts
+/// Rows o..o + R of the 1-token AVX-512 GEMV of B-bit codes (B = 4, 2), groups c0..c1, their
+/// chains in `acc`. 4 bits: the codes are read as dwords, 64 bytes (128 weights of one group) a
+/// load, nibble j of dword i being weight 8i + j, so `vpermps` (which reads an index's low 4 bits)
+/// looks up the 16 weights of field j after a shift by 4j, the dword register shifted on by 4 per
+/// step: per 16 weights one lookup, one shift and one FMA, with no byte-to-dword widening. 2 bits:
+/// 32 bytes a load, word i widened to dword i holds weights 8i .. 8i + 7, shifted on by 2 per step;
+/// the codebook's 4 entries repeat through the register's 16 ([`codebook16_avx512`]), so the next
+/// field in bits 2-3 of the index changes nothing. Either way x is in that order ([`linear_t`] puts
 /// element 8i + j of each 128-block at 16j + i). R = 4 rows share each activation load and keep
 /// 4 × 2 chains in flight (R = 1: 4 chains): 3.4 cycles per 32 weights against the one-row
 /// kernel's 4.4 on a Xeon with AVX-512, where the loads of x, one per FMA, were the bound. The
@@ -911,14 +918,14 @@ unsafe fn linear_tile_avx512_1tok<T: QElem>(lin: &Lin, o0: usize, o1: usize) {
 /// codebook first (weights m·table\[field\] in float32, as Ŵ).
 ///
 /// # Safety
-/// AVX-512F, AVX2 and FMA; 4-bit codes, one token; the group size a multiple of 128; `lin` holds
+/// AVX-512F, AVX2 and FMA; B-bit codes (B = 4, 2), one token; the group size a multiple of 128; `lin` holds
 /// valid buffers as [`crate::quant::linear`] documents, x in the order above; rows o..o + R and
 /// groups c0..c1 exist; `acc` holds R rows' chains.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
 #[inline]
 #[allow(clippy::needless_range_loop)] // indexed loops over the accumulators keep them in registers
-unsafe fn rows_avx512_1tok<const R: usize>(lin: &Lin, o: usize, c0: usize, c1: usize, acc: &mut [[std::arch::x86_64::__m512; 4]]) {
+unsafe fn rows_avx512_1tok<const R: usize, const B: usize>(lin: &Lin, o: usize, c0: usize, c1: usize, acc: &mut [[std::arch::x86_64::__m512; 4]]) {
     use std::arch::x86_64::*;
     const AHEAD: usize = 4;
     let q = &lin.l.q;
@@ -933,8 +940,8 @@ unsafe fn rows_avx512_1tok<const R: usize>(lin: &Lin, o: usize, c0: usize, c1: u
         _mm_prefetch::<_MM_HINT_T0>(sp.wrapping_add(l));
         l += 64;
     }
-    _mm_prefetch::<_MM_HINT_T0>(table.wrapping_add((o + AHEAD) * 16) as *const i8);
-    let tab: [__m512; R] = std::array::from_fn(|r| _mm512_loadu_ps(table.add(16 * (o + r))));
+    _mm_prefetch::<_MM_HINT_T0>(table.wrapping_add((o + AHEAD) << B) as *const i8);
+    let tab: [__m512; R] = std::array::from_fn(|r| codebook16_avx512::<B>(table.add((o + r) << B)));
     let mut a: [[__m512; 4]; R] = std::array::from_fn(|r| acc[r]);
     for gi in c0..c1 {
         let t: [__m512; R] = std::array::from_fn(|r| _mm512_mul_ps(tab[r], _mm512_set1_ps(*scales.add((o + r) * ng + gi))));
@@ -942,9 +949,13 @@ unsafe fn rows_avx512_1tok<const R: usize>(lin: &Lin, o: usize, c0: usize, c1: u
         while blk < g / 128 {
             let col = gi * g + blk * 128;
             let mut d: [__m512i; R] = std::array::from_fn(|r| {
-                let src = codes.add((o + r) * rb + col / 2);
+                let src = codes.add((o + r) * rb + col * B / 8);
                 _mm_prefetch::<_MM_HINT_T0>(src.wrapping_add(AHEAD * rb) as *const i8);
-                _mm512_loadu_si512(src as *const _)
+                if B == 4 {
+                    _mm512_loadu_si512(src as *const _)
+                } else {
+                    _mm512_cvtepu16_epi32(_mm256_loadu_si256(src as *const __m256i))
+                }
             });
             let xp = x.add(col);
             for j in 0..8 {
@@ -952,7 +963,7 @@ unsafe fn rows_avx512_1tok<const R: usize>(lin: &Lin, o: usize, c0: usize, c1: u
                 let c = if R == 1 { j & 3 } else { j & 1 };
                 for r in 0..R {
                     a[r][c] = _mm512_fmadd_ps(_mm512_permutexvar_ps(d[r], t[r]), xv, a[r][c]);
-                    d[r] = _mm512_srli_epi32::<4>(d[r]);
+                    d[r] = if B == 4 { _mm512_srli_epi32::<4>(d[r]) } else { _mm512_srli_epi32::<2>(d[r]) };
                 }
             }
             blk += 1;
