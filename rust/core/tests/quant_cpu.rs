@@ -438,7 +438,7 @@ fn every_cpu_path_on_awkward_shapes() {
     let shapes: [(u32, &[(usize, usize)]); 4] = [
         (4, &[(32, 32), (544, 32), (128, 128), (512, 256), (4352, 128), (48, 16), (1, 1)]),
         (8, &[(16, 16), (48, 16), (40, 8), (3, 3)]),
-        (3, &[(8, 8), (16, 16), (96, 32), (12, 12), (1, 1)]),
+        (3, &[(8, 8), (16, 16), (96, 32), (384, 128), (12, 12), (1, 1)]),
         (2, &[(8, 8), (16, 16), (48, 48), (256, 128), (6, 6)]),
     ];
     let mut cases = 0;
@@ -507,10 +507,10 @@ fn every_cpu_path_on_awkward_shapes() {
             }
         }
     }
-    assert_eq!(cases, 21 * (8 + 10 + 8));
+    assert_eq!(cases, 22 * (8 + 10 + 8));
 }
 
-/// The 1-token AVX-512 GEMV of 4- and 2-bit codes: its row tasks (64 rows: two whole, one of 22 = a
+/// The 1-token AVX-512 GEMV of 4-, 3- and 2-bit codes: its row tasks (64 rows: two whole, one of 22 = a
 /// 16-row tile and a 6-row one, so four rows at a time and single ones), its chunks of 32 groups of
 /// x (4352 = 34 groups of 128, 17 of 256: two chunks), and groups of 256 (two 128-weight loads
 /// each), with a bias, against float64 sums of x·Ŵ; on CPUs without AVX-512 the other paths.
@@ -518,7 +518,7 @@ fn every_cpu_path_on_awkward_shapes() {
 fn one_token_gemv_row_tasks_chunks_and_long_groups() {
     let mut rng = Rng(29);
     let n_out = 150usize;
-    for (bits, n_in, g) in [(4u32, 4352usize, 128usize), (4, 4352, 256), (4, 512, 256), (2, 4352, 128), (2, 512, 256)] {
+    for (bits, n_in, g) in [(4u32, 4352usize, 128usize), (4, 4352, 256), (4, 512, 256), (3, 4352, 128), (3, 512, 256), (2, 4352, 128), (2, 512, 256)] {
         let q = QuantArgs { bits, rows: n_out, n: n_in, group: g, clip: 1.0 };
         let w: Vec<f32> = (0..n_out * n_in).map(|_| rng.next() as f32).collect();
         let a: Vec<f32> = (0..n_out).map(|r| 0.3 + 0.1 * (r % 7) as f32).collect();

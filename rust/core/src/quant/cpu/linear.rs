@@ -47,11 +47,16 @@ pub fn avx512_shape(bits: u32, n: usize, group: usize) -> bool {
     cfg!(target_arch = "x86_64") && bits == 4 && n.is_multiple_of(32) && group.is_multiple_of(32) && crate::cpu::has_avx512()
 }
 
-/// The 1-token AVX-512 GEMV of 4- and 2-bit codes ([`linear_tile_avx512_1tok`]): one token, the
-/// group size a multiple of 128 (a load of codes is 128 weights of one group), a CPU with AVX-512.
+/// The 1-token AVX-512 GEMV of 4-, 3- and 2-bit codes ([`linear_tile_avx512_1tok`]): one token,
+/// the group size a multiple of 128 (a load of codes is 128 weights of one group), a CPU with
+/// AVX-512 (3 bits: and VBMI, whose byte permute spreads the 3-byte units to dwords).
 fn one_token512_path(l: &LinearArgs) -> bool {
-    cfg!(target_arch = "x86_64") && l.tokens == 1 && (l.q.bits == 4 || l.q.bits == 2) && l.q.group.is_multiple_of(128)
-        && crate::cpu::has_avx512()
+    let bits_ok = match l.q.bits {
+        4 | 2 => crate::cpu::has_avx512(),
+        3 => crate::cpu::has_avx512_vbmi(),
+        _ => false,
+    };
+    cfg!(target_arch = "x86_64") && l.tokens == 1 && l.q.group.is_multiple_of(128) && bits_ok
 }
 
 /// The AVX-512 8-bit GEMV decodes 64 codes at a time by byte planes ([`Planes256::decode64`]): the
@@ -149,14 +154,16 @@ unsafe fn linear_t<T: QElem>(l: &LinearArgs, x: u64, codes: u64, scales: u64, ta
         let (o0, o1) = (ti * task_rows, ((ti + 1) * task_rows).min(nout));
         if one_token512 {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: one_token512_path checked AVX-512 (F, with AVX2+FMA), 4 or 2 bits, one
-            // token, the group size (so k) a multiple of 128; x is in linear_tile_avx512_1tok's order.
+            // SAFETY: one_token512_path checked AVX-512 (F, BW, VL, with AVX2+FMA; VBMI for 3
+            // bits), 4, 3 or 2 bits, one token, the group size (so k) a multiple of 128; x is in
+            // linear_tile_avx512_1tok's order.
             unsafe {
                 let mut t0 = o0;
                 while t0 < o1 {
                     match l.q.bits {
-                        4 => linear_tile_avx512_1tok::<T, 4>(&lin, t0, (t0 + TILE).min(o1)),
-                        _ => linear_tile_avx512_1tok::<T, 2>(&lin, t0, (t0 + TILE).min(o1)),
+                        4 => tile_avx512_1tok::<T, 4>(&lin, t0, (t0 + TILE).min(o1)),
+                        3 => tile_avx512_vbmi_1tok::<T>(&lin, t0, (t0 + TILE).min(o1)),
+                        _ => tile_avx512_1tok::<T, 2>(&lin, t0, (t0 + TILE).min(o1)),
                     }
                     t0 += TILE;
                 }
@@ -867,14 +874,15 @@ unsafe fn linear_tile_avx512<T: QElem, const NT: usize>(lin: &Lin, o0: usize, o1
     NT
 }
 
-/// The 1-token AVX-512 GEMV of B-bit codes (B = 4, 2) for rows o0..o1: four rows at a time ([`rows_avx512_1tok`]),
+/// The 1-token AVX-512 GEMV of B-bit codes (B = 4, 3, 2) for rows o0..o1: four rows at a time ([`rows_avx512_1tok`]),
 /// then the tile's last rows one at a time. The tile's rows are walked a chunk of whole groups at
 /// a time (x's chunk stays in L1: a 4096-wide row is one chunk), every row's chains kept in `tot`.
 ///
 /// # Safety
-/// As [`rows_avx512_1tok`]; o1 - o0 <= TILE.
+/// As [`rows_avx512_1tok`]; o1 - o0 <= TILE. Inlined into [`tile_avx512_1tok`] (4 and 2 bits) and
+/// [`tile_avx512_vbmi_1tok`] (3 bits), which enable the instruction sets: VBMI only where used.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
+#[inline(always)]
 unsafe fn linear_tile_avx512_1tok<T: QElem, const B: usize>(lin: &Lin, o0: usize, o1: usize) {
     use std::arch::x86_64::*;
     let q = &lin.l.q;
@@ -902,14 +910,36 @@ unsafe fn linear_tile_avx512_1tok<T: QElem, const B: usize>(lin: &Lin, o0: usize
     }
 }
 
-/// Rows o..o + R of the 1-token AVX-512 GEMV of B-bit codes (B = 4, 2), groups c0..c1, their
+/// [`linear_tile_avx512_1tok`] for 4- and 2-bit codes.
+///
+/// # Safety
+/// As [`rows_avx512_1tok`], B = 4 or 2; o1 - o0 <= TILE.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+unsafe fn tile_avx512_1tok<T: QElem, const B: usize>(lin: &Lin, o0: usize, o1: usize) {
+    linear_tile_avx512_1tok::<T, B>(lin, o0, o1)
+}
+
+/// [`linear_tile_avx512_1tok`] for 3-bit codes.
+///
+/// # Safety
+/// As [`rows_avx512_1tok`], B = 3 (AVX512-VBMI); o1 - o0 <= TILE.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx2,fma")]
+unsafe fn tile_avx512_vbmi_1tok<T: QElem>(lin: &Lin, o0: usize, o1: usize) {
+    linear_tile_avx512_1tok::<T, 3>(lin, o0, o1)
+}
+
+/// Rows o..o + R of the 1-token AVX-512 GEMV of B-bit codes (B = 4, 3, 2), groups c0..c1, their
 /// chains in `acc`. 4 bits: the codes are read as dwords, 64 bytes (128 weights of one group) a
 /// load, nibble j of dword i being weight 8i + j, so `vpermps` (which reads an index's low 4 bits)
 /// looks up the 16 weights of field j after a shift by 4j, the dword register shifted on by 4 per
 /// step: per 16 weights one lookup, one shift and one FMA, with no byte-to-dword widening. 2 bits:
 /// 32 bytes a load, word i widened to dword i holds weights 8i .. 8i + 7, shifted on by 2 per step;
 /// the codebook's 4 entries repeat through the register's 16 ([`codebook16_avx512`]), so the next
-/// field in bits 2-3 of the index changes nothing. Either way x is in that order ([`linear_t`] puts
+/// field in bits 2-3 of the index changes nothing. 3 bits: 48 bytes a (masked) load, the 3-byte
+/// unit i (weights 8i .. 8i + 7) spread to dword i by one `vpermb`, shifted on by 3, the 8 entries
+/// repeated twice. Either way x is in that order ([`linear_t`] puts
 /// element 8i + j of each 128-block at 16j + i). R = 4 rows share each activation load and keep
 /// 4 × 2 chains in flight (R = 1: 4 chains): 3.4 cycles per 32 weights against the one-row
 /// kernel's 4.4 on a Xeon with AVX-512, where the loads of x, one per FMA, were the bound. The
@@ -918,12 +948,12 @@ unsafe fn linear_tile_avx512_1tok<T: QElem, const B: usize>(lin: &Lin, o0: usize
 /// codebook first (weights m·table\[field\] in float32, as Ŵ).
 ///
 /// # Safety
-/// AVX-512F, AVX2 and FMA; B-bit codes (B = 4, 2), one token; the group size a multiple of 128; `lin` holds
+/// The caller enables AVX-512 F, BW and VL (and VBMI for B = 3), AVX2 and FMA, which the CPU has;
+/// B-bit codes (B = 4, 3, 2), one token; the group size a multiple of 128; `lin` holds
 /// valid buffers as [`crate::quant::linear`] documents, x in the order above; rows o..o + R and
 /// groups c0..c1 exist; `acc` holds R rows' chains.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-#[inline]
+#[inline(always)]
 #[allow(clippy::needless_range_loop)] // indexed loops over the accumulators keep them in registers
 unsafe fn rows_avx512_1tok<const R: usize, const B: usize>(lin: &Lin, o: usize, c0: usize, c1: usize, acc: &mut [[std::arch::x86_64::__m512; 4]]) {
     use std::arch::x86_64::*;
@@ -943,6 +973,11 @@ unsafe fn rows_avx512_1tok<const R: usize, const B: usize>(lin: &Lin, o: usize, 
     _mm_prefetch::<_MM_HINT_T0>(table.wrapping_add((o + AHEAD) << B) as *const i8);
     let tab: [__m512; R] = std::array::from_fn(|r| codebook16_avx512::<B>(table.add((o + r) << B)));
     let mut a: [[__m512; 4]; R] = std::array::from_fn(|r| acc[r]);
+    // 3 bits: output byte 4i + b takes input byte 3i + b (b < 3; byte 3 is masked to zero).
+    let spread3 = _mm512_set_epi8(
+        63, 47, 46, 45, 63, 44, 43, 42, 63, 41, 40, 39, 63, 38, 37, 36, 63, 35, 34, 33, 63, 32, 31, 30, 63, 29, 28, 27, 63, 26, 25, 24,
+        63, 23, 22, 21, 63, 20, 19, 18, 63, 17, 16, 15, 63, 14, 13, 12, 63, 11, 10, 9, 63, 8, 7, 6, 63, 5, 4, 3, 63, 2, 1, 0,
+    );
     for gi in c0..c1 {
         let t: [__m512; R] = std::array::from_fn(|r| _mm512_mul_ps(tab[r], _mm512_set1_ps(*scales.add((o + r) * ng + gi))));
         let mut blk = 0;
@@ -951,10 +986,13 @@ unsafe fn rows_avx512_1tok<const R: usize, const B: usize>(lin: &Lin, o: usize, 
             let mut d: [__m512i; R] = std::array::from_fn(|r| {
                 let src = codes.add((o + r) * rb + col * B / 8);
                 _mm_prefetch::<_MM_HINT_T0>(src.wrapping_add(AHEAD * rb) as *const i8);
-                if B == 4 {
-                    _mm512_loadu_si512(src as *const _)
-                } else {
-                    _mm512_cvtepu16_epi32(_mm256_loadu_si256(src as *const __m256i))
+                match B {
+                    4 => _mm512_loadu_si512(src as *const _),
+                    // Bytes 3i .. 3i + 2 to dword i (its top byte zero): the group's 48 bytes by a
+                    // masked load, which touches nothing past them.
+                    3 => _mm512_maskz_permutexvar_epi8(0x7777_7777_7777_7777, spread3,
+                                                       _mm512_maskz_loadu_epi8(0xFFFF_FFFF_FFFF, src as *const i8)),
+                    _ => _mm512_cvtepu16_epi32(_mm256_loadu_si256(src as *const __m256i)),
                 }
             });
             let xp = x.add(col);
@@ -963,7 +1001,11 @@ unsafe fn rows_avx512_1tok<const R: usize, const B: usize>(lin: &Lin, o: usize, 
                 let c = if R == 1 { j & 3 } else { j & 1 };
                 for r in 0..R {
                     a[r][c] = _mm512_fmadd_ps(_mm512_permutexvar_ps(d[r], t[r]), xv, a[r][c]);
-                    d[r] = if B == 4 { _mm512_srli_epi32::<4>(d[r]) } else { _mm512_srli_epi32::<2>(d[r]) };
+                    d[r] = match B {
+                        4 => _mm512_srli_epi32::<4>(d[r]),
+                        3 => _mm512_srli_epi32::<3>(d[r]),
+                        _ => _mm512_srli_epi32::<2>(d[r]),
+                    };
                 }
             }
             blk += 1;
