@@ -513,12 +513,15 @@ fn every_cpu_path_on_awkward_shapes() {
 /// The 1-token AVX-512 GEMV of 4-, 3- and 2-bit codes: its row tasks (64 rows: two whole, one of 22 = a
 /// 16-row tile and a 6-row one, so four rows at a time and single ones), its chunks of 32 groups of
 /// x (4352 = 34 groups of 128, 17 of 256: two chunks), and groups of 256 (two 128-weight loads
-/// each), with a bias, against float64 sums of x·Ŵ; on CPUs without AVX-512 the other paths.
+/// each), with a bias, against float64 sums of x·Ŵ; and the input gradient at one token (4 bits:
+/// by tasks of 256 rows, partials in the GEMV's column order summed back; 600 rows: three tasks)
+/// against dy·Ŵ. On CPUs without AVX-512 the other paths.
 #[test]
 fn one_token_gemv_row_tasks_chunks_and_long_groups() {
     let mut rng = Rng(29);
-    let n_out = 150usize;
-    for (bits, n_in, g) in [(4u32, 4352usize, 128usize), (4, 4352, 256), (4, 512, 256), (3, 4352, 128), (3, 512, 256), (2, 4352, 128), (2, 512, 256)] {
+    let cases = [(4u32, 4352usize, 128usize), (4, 4352, 256), (4, 512, 256), (3, 4352, 128), (3, 512, 256), (2, 4352, 128), (2, 512, 256)];
+    // 600 rows: the 4-bit input gradient's tasks of 256 rows (two whole, one of 88) summed.
+    for (n_out, (bits, n_in, g)) in cases.map(|c| (150usize, c)).into_iter().chain([(600, (4, 256, 128))]) {
         let q = QuantArgs { bits, rows: n_out, n: n_in, group: g, clip: 1.0 };
         let w: Vec<f32> = (0..n_out * n_in).map(|_| rng.next() as f32).collect();
         let a: Vec<f32> = (0..n_out).map(|r| 0.3 + 0.1 * (r % 7) as f32).collect();
@@ -529,12 +532,20 @@ fn one_token_gemv_row_tasks_chunks_and_long_groups() {
         let mut table = vec![0f32; n_out << bits];
         let mut wh = vec![f32::NAN; n_out * n_in];
         let mut y = vec![f32::NAN; n_out];
+        let dy: Vec<f32> = (0..n_out).map(|_| rng.next() as f32).collect();
+        let mut dx = vec![f32::NAN; n_in];
         let l = LinearArgs { q, tokens: 1 };
         unsafe {
             quant::quantize(Device::Cpu, DType::F32, &q, addr(&w), addr(&a), out(&mut codes), out(&mut scales)).unwrap();
             quant::codebook(bits, n_out, addr(&a), out(&mut table)).unwrap();
             quant::dequantize_codebooks(Device::Cpu, DType::F32, &q, addr(&codes), addr(&scales), addr(&table), out(&mut wh)).unwrap();
             quant::linear(Device::Cpu, DType::F32, &l, addr(&x), addr(&codes), addr(&scales), addr(&table), addr(&bias), out(&mut y)).unwrap();
+            quant::linear_backward(Device::Cpu, DType::F32, &l, addr(&dy), addr(&codes), addr(&scales), addr(&table), out(&mut dx)).unwrap();
+        }
+        for c in 0..n_in {
+            let terms = (0..n_out).map(|o| dy[o] as f64 * wh[o * n_in + c] as f64);
+            let (want, scale) = terms.fold((0.0, 0.0), |(s, a), v| (s + v, a + v.abs()));
+            assert!((dx[c] as f64 - want).abs() <= 1e-6 * scale, "{bits}-bit {n_in} g{g} dx[{c}]: {} vs {want}", dx[c]);
         }
         for o in 0..n_out {
             let terms = (0..n_in).map(|k| x[k] as f64 * wh[o * n_in + k] as f64);

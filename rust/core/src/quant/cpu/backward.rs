@@ -1,6 +1,7 @@
 //! The input gradient of PowerQuantLinear on the CPU, dx = dy @ Ŵ: the transposed GEMV, tasks
-//! owning blocks of dx's columns, per instruction set and code width (8-bit codes at a few tokens
-//! with AVX-512: tasks owning blocks of rows, their partial sums added after).
+//! owning blocks of dx's columns, per instruction set and code width (with AVX-512, 8-bit codes at
+//! a few tokens and 4-bit codes at one token: tasks owning blocks of rows, their partial sums added
+//! after).
 use super::*;
 
 /// The AVX-512 transposed GEMV of the 2-, 3- and 8-bit input gradient applies: those widths, `n`
@@ -53,7 +54,16 @@ unsafe fn linear_bwd_t<T: QElem>(l: &LinearArgs, dy: u64, codes: u64, scales: u6
     #[cfg(target_arch = "x86_64")]
     if l.q.bits == 8 && tokens <= SPLIT_MAX_TOKENS && avx512_narrow_bwd_shape(8, k, l.q.group) {
         // SAFETY: avx512_narrow_bwd_shape checked AVX-512 and k, g multiples of 16; 8-bit codes.
-        return unsafe { linear_bwd_split_8bit::<T>(&lb) };
+        return unsafe {
+            linear_bwd_split::<T>(&lb, SPLIT_ROWS, false, |o0, o1, dst| bwd_split_rows_avx512_8bit(&lb, o0, o1, dst))
+        };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if l.q.bits == 4 && tokens == 1 && l.q.group.is_multiple_of(128) && crate::cpu::has_avx512() {
+        // SAFETY: AVX-512 checked, 4-bit codes, one token, k and g multiples of 128.
+        return unsafe {
+            linear_bwd_split::<T>(&lb, SPLIT_ROWS_4BIT, true, |o0, o1, dst| bwd_split_rows_avx512_4bit_1tok(&lb, o0, o1, dst))
+        };
     }
     let cols = bwd_cols(tokens);
     parallel::for_each_task(k.div_ceil(cols), nout * k * tokens, |ci| {
@@ -61,35 +71,41 @@ unsafe fn linear_bwd_t<T: QElem>(l: &LinearArgs, dy: u64, codes: u64, scales: u6
     });
 }
 
-/// Rows a task of [`linear_bwd_split_8bit`] takes.
+/// Rows a task of the 8-bit [`linear_bwd_split`] takes.
 #[cfg(target_arch = "x86_64")]
 const SPLIT_ROWS: usize = 64;
-/// The most tokens [`linear_bwd_split_8bit`] takes: it wins at 1-4 (2.5x-1.6x, BENCHMARKS.md stop
-/// 22) and loses from 8 (its per-token passes over the partial outgrow L1).
+/// Rows a task of the 4-bit, 1-token [`linear_bwd_split`] takes.
+#[cfg(target_arch = "x86_64")]
+const SPLIT_ROWS_4BIT: usize = 256;
+/// The most tokens the 8-bit [`linear_bwd_split`] takes: it wins at 1-4 (2.5x-1.6x, BENCHMARKS.md
+/// stop 22) and loses from 8 (its per-token passes over the partial outgrow L1).
 #[cfg(target_arch = "x86_64")]
 const SPLIT_MAX_TOKENS: usize = 4;
 
-/// dy @ Ŵ for 8-bit codes and a few tokens, by rows: each task adds SPLIT_ROWS rows in order into
-/// its own partial dx, reading each row's codes in order and its codebook once (as the GEMV
-/// does; the column blocks of [`linear_bwd_cols_avx512_narrow`] read a codebook per row per block
-/// and a row's codes in pieces), then the partials are summed in task order (the same sums
-/// whatever the thread count).
+/// dy @ Ŵ by rows (8-bit codes at a few tokens, 4-bit at one): each task adds `task_rows` rows in
+/// order into its own partial dx with `rows(o0, o1, partial)`, reading each row's codes in order
+/// and its codebook once (as the GEMV does; the column blocks of [`linear_bwd_cols`] read a
+/// codebook per row per block and the rows' codes in pieces 2 KB apart, which the L3 serves one
+/// fill buffer a line: the 4-bit input gradient at one token ran 3x the GEMV's time), then the
+/// partials are summed in task order (the same sums whatever the thread count). `dword_order`:
+/// the partials hold each 128-column block's column 8i + j at 16j + i (the order of the 1-token
+/// GEMV's lookups; one token, n a multiple of 128), put back in column order by the sum.
 ///
 /// # Safety
-/// AVX-512 F/BW/VL, AVX2, FMA; 8-bit codes; n and the group size multiples of 16; tokens <=
-/// SPLIT_MAX_TOKENS; `lb` valid as [`crate::quant::linear_backward`] documents.
+/// `rows` writes only the partial it is given, from rows o0..o1 (below the layer's rows); `lb`
+/// valid as [`crate::quant::linear_backward`] documents.
 #[cfg(target_arch = "x86_64")]
-unsafe fn linear_bwd_split_8bit<T: QElem>(lb: &LinBwd) {
+unsafe fn linear_bwd_split<T: QElem>(lb: &LinBwd, task_rows: usize, dword_order: bool,
+                                     rows: impl Fn(usize, usize, &mut [f32]) + Sync + Send) {
     let q = &lb.l.q;
     let (k, nout, tokens) = (q.n, q.rows, lb.l.tokens);
-    let tasks = nout.div_ceil(SPLIT_ROWS);
+    let tasks = nout.div_ceil(task_rows);
     let mut part = vec![0f32; tasks * tokens * k];
     let pp = Shared(part.as_mut_ptr() as usize);
     parallel::for_each_task(tasks, nout * k * tokens, |ti| {
         // SAFETY: task ti writes its own tokens × k partial only; part outlives the tasks.
         let dst = unsafe { std::slice::from_raw_parts_mut((pp.0 as *mut f32).add(ti * tokens * k), tokens * k) };
-        // SAFETY: this function's contract; the rows are below nout.
-        unsafe { bwd_split_rows_avx512_8bit(lb, ti * SPLIT_ROWS, ((ti + 1) * SPLIT_ROWS).min(nout), dst) };
+        rows(ti * task_rows, ((ti + 1) * task_rows).min(nout), dst);
     });
     let cols = 1024;
     let dxp = Shared(lb.dx as usize);
@@ -98,8 +114,15 @@ unsafe fn linear_bwd_split_8bit<T: QElem>(lb: &LinBwd) {
         // From zeros: no rows (no tasks) leave dx zero.
         let mut sum = vec![0f32; c1 - c0];
         for p in part.chunks_exact(tokens * k) {
-            for (s, &v) in sum.iter_mut().zip(&p[c0..c1]) {
-                *s += v;
+            if dword_order {
+                // (c0 is a multiple of 1024, so of 128)
+                for (c, s) in (c0..c1).zip(sum.iter_mut()) {
+                    *s += p[(c & !127) + 16 * (c % 8) + (c % 128) / 8];
+                }
+            } else {
+                for (s, &v) in sum.iter_mut().zip(&p[c0..c1]) {
+                    *s += v;
+                }
             }
         }
         // SAFETY: elements [c0, c1) of dx (tokens × k, row-major) belong to this task alone.
@@ -110,10 +133,12 @@ unsafe fn linear_bwd_split_8bit<T: QElem>(lb: &LinBwd) {
     });
 }
 
-/// Rows o0..o1 of [`linear_bwd_split_8bit`] added into `acc` (float32 [tokens, n]), rows in order.
+/// Rows o0..o1 of the 8-bit [`linear_bwd_split`] added into `acc` (float32 [tokens, n]), rows in
+/// order.
 ///
 /// # Safety
-/// As [`linear_bwd_split_8bit`]; o1 <= rows.
+/// AVX-512 F/BW/VL, AVX2, FMA; 8-bit codes; n and the group size multiples of 16; tokens <=
+/// SPLIT_MAX_TOKENS; o1 <= rows; `lb` valid as [`crate::quant::linear_backward`] documents.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
 unsafe fn bwd_split_rows_avx512_8bit(lb: &LinBwd, o0: usize, o1: usize, acc: &mut [f32]) {
@@ -134,6 +159,67 @@ unsafe fn bwd_split_rows_avx512_8bit(lb: &LinBwd, o0: usize, o1: usize, acc: &mu
                     let a = ap.add(t * k + u);
                     _mm512_storeu_ps(a, _mm512_fmadd_ps(d, w, _mm512_loadu_ps(a)));
                 }
+            }
+        }
+    }
+}
+
+/// Rows o0..o1 of the 4-bit, 1-token [`linear_bwd_split`] added into `acc` (float32 [n], in the
+/// 1-token GEMV's order): four rows at a time, the codes read as the GEMV reads them (64 bytes a
+/// load, `vpermps` on nibble j after a shift by 4j), so each load and store of 16 partial sums
+/// serves four rows' FMAs, added in row order. The weights are m·table\[field\] in float32 (Ŵ),
+/// times dy by the FMA.
+///
+/// # Safety
+/// AVX-512F, AVX2, FMA; 4-bit codes; one token; n and the group size multiples of 128; o1 <= rows;
+/// `lb` valid as [`crate::quant::linear_backward`] documents.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn bwd_split_rows_avx512_4bit_1tok(lb: &LinBwd, o0: usize, o1: usize, acc: &mut [f32]) {
+    let mut o = o0;
+    while o + 4 <= o1 {
+        bwd_rows_4bit_1tok::<4>(lb, o, acc.as_mut_ptr());
+        o += 4;
+    }
+    while o < o1 {
+        bwd_rows_4bit_1tok::<1>(lb, o, acc.as_mut_ptr());
+        o += 1;
+    }
+}
+
+/// Rows o..o + R of [`bwd_split_rows_avx512_4bit_1tok`] into `ap`.
+///
+/// # Safety
+/// As [`bwd_split_rows_avx512_4bit_1tok`]; o + R <= rows; `ap` valid for n float32.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+#[allow(clippy::needless_range_loop)] // indexed loops over the rows keep their registers
+unsafe fn bwd_rows_4bit_1tok<const R: usize>(lb: &LinBwd, o: usize, ap: *mut f32) {
+    use std::arch::x86_64::*;
+    const AHEAD: usize = 4;
+    let q = &lb.l.q;
+    let (rb, ng, g) = (q.row_bytes(), q.groups(), q.group);
+    let (codes, scales, table) = (lb.codes as *const u8, lb.scales as *const f32, lb.table as *const f32);
+    let tab: [__m512; R] = std::array::from_fn(|r| _mm512_loadu_ps(table.add(16 * (o + r))));
+    let dy: [__m512; R] = std::array::from_fn(|r| _mm512_set1_ps(lb.dyf[o + r]));
+    for gi in 0..ng {
+        let t: [__m512; R] = std::array::from_fn(|r| _mm512_mul_ps(tab[r], _mm512_set1_ps(*scales.add((o + r) * ng + gi))));
+        for blk in 0..g / 128 {
+            let col = gi * g + blk * 128;
+            let mut d: [__m512i; R] = std::array::from_fn(|r| {
+                let src = codes.add((o + r) * rb + col / 2);
+                // The same columns AHEAD rows on (prefetches never fault: wrapping arithmetic).
+                _mm_prefetch::<_MM_HINT_T0>(src.wrapping_add(AHEAD * rb) as *const i8);
+                _mm512_loadu_si512(src as *const _)
+            });
+            for j in 0..8 {
+                let a = ap.add(col + 16 * j);
+                let mut s = _mm512_loadu_ps(a);
+                for r in 0..R {
+                    s = _mm512_fmadd_ps(dy[r], _mm512_permutexvar_ps(d[r], t[r]), s);
+                    d[r] = _mm512_srli_epi32::<4>(d[r]);
+                }
+                _mm512_storeu_ps(a, s);
             }
         }
     }
