@@ -874,9 +874,10 @@ unsafe fn linear_tile_avx512<T: QElem, const NT: usize>(lin: &Lin, o0: usize, o1
     NT
 }
 
-/// The 1-token AVX-512 GEMV of B-bit codes (B = 4, 3, 2) for rows o0..o1: four rows at a time ([`rows_avx512_1tok`]),
-/// then the tile's last rows one at a time. The tile's rows are walked a chunk of whole groups at
-/// a time (x's chunk stays in L1: a 4096-wide row is one chunk), every row's chains kept in `tot`.
+/// The 1-token AVX-512 GEMV of B-bit codes (B = 4, 3, 2) for rows o0..o1: four rows at a time
+/// ([`rows_avx512_1tok`]), then the tile's last rows one at a time. The tile's rows are walked a
+/// chunk of whole groups at a time (x's chunk stays in L1: a 4096-wide row is one chunk), every
+/// row's chains kept in `tot`.
 ///
 /// # Safety
 /// As [`rows_avx512_1tok`]; o1 - o0 <= TILE. Inlined into [`tile_avx512_1tok`] (4 and 2 bits) and
@@ -939,13 +940,13 @@ unsafe fn tile_avx512_vbmi_1tok<T: QElem>(lin: &Lin, o0: usize, o1: usize) {
 /// the codebook's 4 entries repeat through the register's 16 ([`codebook16_avx512`]), so the next
 /// field in bits 2-3 of the index changes nothing. 3 bits: 48 bytes a (masked) load, the 3-byte
 /// unit i (weights 8i .. 8i + 7) spread to dword i by one `vpermb`, shifted on by 3, the 8 entries
-/// repeated twice. Either way x is in that order ([`linear_t`] puts
-/// element 8i + j of each 128-block at 16j + i). R = 4 rows share each activation load and keep
-/// 4 × 2 chains in flight (R = 1: 4 chains): 3.4 cycles per 32 weights against the one-row
-/// kernel's 4.4 on a Xeon with AVX-512, where the loads of x, one per FMA, were the bound. The
-/// code stream is prefetched four rows (8 KB at k = 4096) ahead, one line per row and group (two
-/// rows ahead: 20 % slower from L3; none: 35 %). Each group's m goes into the
-/// codebook first (weights m·table\[field\] in float32, as Ŵ).
+/// repeated twice. Each width leaves x in that order ([`linear_t`] puts element 8i + j of each
+/// 128-block at 16j + i). R = 4 rows share each activation load and keep 4 × 2 chains in flight
+/// (R = 1: 4 chains): 3.4 cycles per 32 weights against the one-row kernel's 4.4 on a Xeon with
+/// AVX-512, where the loads of x, one per FMA, were the bound. The code stream is prefetched four
+/// rows (8 KB at k = 4096 and 4 bits) ahead, one line per row and group (two rows ahead: 20 %
+/// slower from L3; none: 35 %). Each group's m goes into the codebook first (weights
+/// m·table\[field\] in float32, as Ŵ).
 ///
 /// # Safety
 /// The caller enables AVX-512 F, BW and VL (and VBMI for B = 3), AVX2 and FMA, which the CPU has;
