@@ -219,8 +219,9 @@ impl Planes256 {
     }
 }
 
-/// A B-bit row's codebook (B = 2, 3) repeated to 16 entries: `vpermps` reads 4 bits of an index,
-/// so a field's lookup needs no mask of the next field's bits above it.
+/// A B-bit row's codebook (B = 2, 3, 4) repeated to 16 entries: `vpermps` reads 4 bits of an
+/// index, so a field's lookup needs no mask of the next field's bits above it (4 bits: the 16
+/// entries as they are, one load).
 ///
 /// # Safety
 /// AVX-512F; `table` valid for 2^B float32 reads.
@@ -228,6 +229,9 @@ impl Planes256 {
 #[target_feature(enable = "avx512f,avx2,fma")]
 #[inline]
 pub(super) unsafe fn codebook16_avx512<const B: usize>(table: *const f32) -> std::arch::x86_64::__m512 {
+    if B == 4 {
+        return std::arch::x86_64::_mm512_loadu_ps(table);
+    }
     let t16: [f32; 16] = std::array::from_fn(|i| *table.add(i % (1 << B)));
     std::arch::x86_64::_mm512_loadu_ps(t16.as_ptr())
 }
