@@ -466,7 +466,8 @@ fn every_cpu_path_on_awkward_shapes() {
                 assert!(wt.iter().zip(&wh).all(|(a, b)| a.to_bits() == b.to_bits()), "bits {bits} {n_out}x{n_in} g{g}: dequantizers");
                 let bias: Vec<f32> = (0..n_out).map(|_| rng.next() as f32).collect();
                 // 40 and 300 tokens: the input gradient's column blocks narrow (192 and 32 columns).
-                let token_counts: &[usize] = if n_out == 17 { &[1, 2, 3, 5, 8, 9, 15, 17, 40, 300] } else { &[1, 2, 3, 5, 8, 9, 15, 17] };
+                let token_counts: &[usize] =
+                    if n_out == 17 { &[1, 2, 3, 4, 5, 6, 8, 9, 15, 17, 40, 300] } else { &[1, 2, 3, 4, 5, 6, 8, 9, 15, 17] };
                 for &tokens in token_counts {
                     // x one float past the buffer's start: unaligned for every vector width.
                     let xb: Vec<f32> = (0..tokens * n_in + 1).map(|_| rng.next() as f32).collect();
@@ -507,34 +508,36 @@ fn every_cpu_path_on_awkward_shapes() {
             }
         }
     }
-    assert_eq!(cases, 22 * (8 + 10 + 8));
+    assert_eq!(cases, 22 * (10 + 12 + 10));
 }
 
-/// The 1-token AVX-512 GEMV of 4-, 3- and 2-bit codes: its row tasks (64 rows: two whole, one of 22 = a
-/// 16-row tile and a 6-row one, so four rows at a time and single ones), its chunks of 32 groups of
-/// x (4352 = 34 groups of 128, 17 of 256: two chunks), and groups of 256 (two 128-weight loads
-/// each), with a bias, against float64 sums of x·Ŵ; and the input gradient at one token (4 bits:
-/// by tasks of 256 rows, partials in the GEMV's column order summed back; 600 rows: three tasks)
-/// against dy·Ŵ. On CPUs without AVX-512 the other paths.
+/// The row-blocked AVX-512 GEMV of 4-, 3- and 2-bit codes: its row tasks (64 rows: two whole, one
+/// of 22 = a 16-row tile and a 6-row one, so four (or two) rows at a time and single ones), its
+/// chunks of x (4352 = 34 groups of 128: two chunks at one token, 4 at 3 tokens, 9 at 8, 6 at 5
+/// for 13 = 8 + 5, the last one short), and groups of 256 (two 128-weight loads each), with a
+/// bias, against float64 sums of x·Ŵ; and the input gradient (at one token, 4 bits: by tasks of
+/// 256 rows, partials in the GEMV's column order summed back; 600 rows: three tasks) against
+/// dy·Ŵ. On CPUs without AVX-512 the other paths.
 #[test]
-fn one_token_gemv_row_tasks_chunks_and_long_groups() {
+fn row_blocked_gemv_row_tasks_chunks_and_long_groups() {
     let mut rng = Rng(29);
     let cases = [(4u32, 4352usize, 128usize), (4, 4352, 256), (4, 512, 256), (3, 4352, 128), (3, 512, 256), (2, 4352, 128), (2, 512, 256)];
     // 600 rows: the 4-bit input gradient's tasks of 256 rows (two whole, one of 88) summed.
-    for (n_out, (bits, n_in, g)) in cases.map(|c| (150usize, c)).into_iter().chain([(600, (4, 256, 128))]) {
+    let runs = cases.map(|c| (150usize, c)).into_iter().chain([(600, (4, 256, 128))]);
+    for (tokens, (n_out, (bits, n_in, g))) in runs.flat_map(|r| [1usize, 3, 8, 13].map(|t| (t, r))) {
         let q = QuantArgs { bits, rows: n_out, n: n_in, group: g, clip: 1.0 };
         let w: Vec<f32> = (0..n_out * n_in).map(|_| rng.next() as f32).collect();
         let a: Vec<f32> = (0..n_out).map(|r| 0.3 + 0.1 * (r % 7) as f32).collect();
-        let x: Vec<f32> = (0..n_in).map(|_| rng.next() as f32).collect();
+        let x: Vec<f32> = (0..tokens * n_in).map(|_| rng.next() as f32).collect();
         let bias: Vec<f32> = (0..n_out).map(|_| rng.next() as f32).collect();
         let mut codes = vec![0u8; n_out * row_bytes(n_in, bits)];
         let mut scales = vec![0f32; n_out * (n_in / g)];
         let mut table = vec![0f32; n_out << bits];
         let mut wh = vec![f32::NAN; n_out * n_in];
-        let mut y = vec![f32::NAN; n_out];
-        let dy: Vec<f32> = (0..n_out).map(|_| rng.next() as f32).collect();
-        let mut dx = vec![f32::NAN; n_in];
-        let l = LinearArgs { q, tokens: 1 };
+        let mut y = vec![f32::NAN; tokens * n_out];
+        let dy: Vec<f32> = (0..tokens * n_out).map(|_| rng.next() as f32).collect();
+        let mut dx = vec![f32::NAN; tokens * n_in];
+        let l = LinearArgs { q, tokens };
         unsafe {
             quant::quantize(Device::Cpu, DType::F32, &q, addr(&w), addr(&a), out(&mut codes), out(&mut scales)).unwrap();
             quant::codebook(bits, n_out, addr(&a), out(&mut table)).unwrap();
@@ -542,15 +545,20 @@ fn one_token_gemv_row_tasks_chunks_and_long_groups() {
             quant::linear(Device::Cpu, DType::F32, &l, addr(&x), addr(&codes), addr(&scales), addr(&table), addr(&bias), out(&mut y)).unwrap();
             quant::linear_backward(Device::Cpu, DType::F32, &l, addr(&dy), addr(&codes), addr(&scales), addr(&table), out(&mut dx)).unwrap();
         }
-        for c in 0..n_in {
-            let terms = (0..n_out).map(|o| dy[o] as f64 * wh[o * n_in + c] as f64);
-            let (want, scale) = terms.fold((0.0, 0.0), |(s, a), v| (s + v, a + v.abs()));
-            assert!((dx[c] as f64 - want).abs() <= 1e-6 * scale, "{bits}-bit {n_in} g{g} dx[{c}]: {} vs {want}", dx[c]);
-        }
-        for o in 0..n_out {
-            let terms = (0..n_in).map(|k| x[k] as f64 * wh[o * n_in + k] as f64);
-            let (want, scale) = terms.fold((bias[o] as f64, bias[o].abs() as f64), |(s, a), v| (s + v, a + v.abs()));
-            assert!((y[o] as f64 - want).abs() <= 1e-6 * scale, "{bits}-bit {n_in} g{g} y[{o}]: {} vs {want}", y[o]);
+        let at = |t: usize| format!("{bits}-bit {n_out}x{n_in} g{g} token {t} of {tokens}");
+        for t in 0..tokens {
+            for c in 0..n_in {
+                let terms = (0..n_out).map(|o| dy[t * n_out + o] as f64 * wh[o * n_in + c] as f64);
+                let (want, scale) = terms.fold((0.0, 0.0), |(s, a), v| (s + v, a + v.abs()));
+                let got = dx[t * n_in + c];
+                assert!((got as f64 - want).abs() <= 1e-6 * scale, "{} dx[{c}]: {got} vs {want}", at(t));
+            }
+            for o in 0..n_out {
+                let terms = (0..n_in).map(|k| x[t * n_in + k] as f64 * wh[o * n_in + k] as f64);
+                let (want, scale) = terms.fold((bias[o] as f64, bias[o].abs() as f64), |(s, a), v| (s + v, a + v.abs()));
+                let got = y[t * n_out + o];
+                assert!((got as f64 - want).abs() <= 1e-6 * scale, "{} y[{o}]: {got} vs {want}", at(t));
+            }
         }
     }
 }
