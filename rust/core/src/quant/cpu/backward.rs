@@ -1,6 +1,6 @@
 //! The input gradient of PowerQuantLinear on the CPU, dx = dy @ Ŵ: the transposed GEMV, tasks
 //! owning blocks of dx's columns, per instruction set and code width (with AVX-512, 8-bit codes at
-//! a few tokens and 4-bit codes at one token: tasks owning blocks of rows, their partial sums added
+//! a few tokens and 2-4-bit codes at up to 4: tasks owning blocks of rows, their partial sums added
 //! after).
 use super::*;
 
@@ -59,11 +59,10 @@ unsafe fn linear_bwd_t<T: QElem>(l: &LinearArgs, dy: u64, codes: u64, scales: u6
         };
     }
     #[cfg(target_arch = "x86_64")]
-    if l.q.bits == 4 && tokens == 1 && l.q.group.is_multiple_of(128) && crate::cpu::has_avx512() {
-        // SAFETY: AVX-512 checked, 4-bit codes, one token, k and g multiples of 128.
-        return unsafe {
-            linear_bwd_split::<T>(&lb, SPLIT_ROWS_4BIT, true, |o0, o1, dst| bwd_split_rows_avx512_4bit_1tok(&lb, o0, o1, dst))
-        };
+    if tokens <= SPLIT_MAX_TOKENS_SMALL && rows512_path(&l.q) {
+        // SAFETY: rows512_path checked AVX-512 (F, BW, VL; VBMI for 3 bits), 2-4-bit codes, k and g
+        // multiples of 128; at most SPLIT_MAX_TOKENS_SMALL tokens.
+        return unsafe { linear_bwd_split::<T>(&lb, SPLIT_ROWS_SMALL, true, |o0, o1, dst| bwd_split_rows512(&lb, o0, o1, dst)) };
     }
     let cols = bwd_cols(tokens);
     parallel::for_each_task(k.div_ceil(cols), nout * k * tokens, |ci| {
@@ -74,22 +73,31 @@ unsafe fn linear_bwd_t<T: QElem>(l: &LinearArgs, dy: u64, codes: u64, scales: u6
 /// Rows a task of the 8-bit [`linear_bwd_split`] takes.
 #[cfg(target_arch = "x86_64")]
 const SPLIT_ROWS: usize = 64;
-/// Rows a task of the 4-bit, 1-token [`linear_bwd_split`] takes.
+/// Rows a task of the 2-4-bit [`linear_bwd_split`] takes.
 #[cfg(target_arch = "x86_64")]
-const SPLIT_ROWS_4BIT: usize = 256;
+const SPLIT_ROWS_SMALL: usize = 256;
+/// The most tokens the 2-4-bit [`linear_bwd_split`] takes.
+#[cfg(target_arch = "x86_64")]
+const SPLIT_MAX_TOKENS_SMALL: usize = 4;
+/// Partial sums (tokens × columns, float32) the 2-4-bit [`linear_bwd_split`] keeps in L1 while
+/// its rows pass over them: 24 KiB.
+#[cfg(target_arch = "x86_64")]
+const SPLIT_L1_FLOATS: usize = 6144;
 /// The most tokens the 8-bit [`linear_bwd_split`] takes: it wins at 1-4 (2.5x-1.6x, BENCHMARKS.md
 /// stop 22) and loses from 8 (its per-token passes over the partial outgrow L1).
 #[cfg(target_arch = "x86_64")]
 const SPLIT_MAX_TOKENS: usize = 4;
 
-/// dy @ Ŵ by rows (8-bit codes at a few tokens, 4-bit at one): each task adds `task_rows` rows in
+/// dy @ Ŵ by rows (8-bit codes at a few tokens, 2-4-bit at 1-4): each task adds `task_rows` rows in
 /// order into its own partial dx with `rows(o0, o1, partial)`, reading each row's codes in order
 /// and its codebook once (as the GEMV does; the column blocks of [`linear_bwd_cols`] read a
 /// codebook per row per block and the rows' codes in pieces 2 KB apart, which the L3 serves one
 /// fill buffer a line: the 4-bit input gradient at one token ran 3x the GEMV's time), then the
 /// partials are summed in task order (the same sums whatever the thread count). `dword_order`:
-/// the partials hold each 128-column block's column 8i + j at 16j + i (the order of the 1-token
-/// GEMV's lookups; one token, n a multiple of 128), put back in column order by the sum.
+/// the partials hold each 128-column block's column 8i + j at 16j + i (the order of the
+/// row-blocked GEMV's lookups; n a multiple of 128), put back in column order after the sum (which
+/// runs on contiguous partials: reordering every partial's elements made the allocation and sum
+/// 0.15 ms at 4 tokens and 4096², against 0.05).
 ///
 /// # Safety
 /// `rows` writes only the partial it is given, from rows o0..o1 (below the layer's rows); `lb`
@@ -114,21 +122,21 @@ unsafe fn linear_bwd_split<T: QElem>(lb: &LinBwd, task_rows: usize, dword_order:
         // From zeros: no rows (no tasks) leave dx zero.
         let mut sum = vec![0f32; c1 - c0];
         for p in part.chunks_exact(tokens * k) {
-            if dword_order {
-                // (c0 is a multiple of 1024, so of 128)
-                for (c, s) in (c0..c1).zip(sum.iter_mut()) {
-                    *s += p[(c & !127) + 16 * (c % 8) + (c % 128) / 8];
-                }
-            } else {
-                for (s, &v) in sum.iter_mut().zip(&p[c0..c1]) {
-                    *s += v;
-                }
+            for (s, &v) in sum.iter_mut().zip(&p[c0..c1]) {
+                *s += v;
             }
         }
         // SAFETY: elements [c0, c1) of dx (tokens × k, row-major) belong to this task alone.
         let out = unsafe { std::slice::from_raw_parts_mut((dxp.0 as *mut T).add(c0), c1 - c0) };
-        for (o, &v) in out.iter_mut().zip(&sum) {
-            *o = T::store(T::Acc::from_f64(v as f64));
+        if dword_order {
+            // c0 is a multiple of 1024 and k of 128: whole 128-blocks.
+            for (c, o) in out.iter_mut().enumerate() {
+                *o = T::store(T::Acc::from_f64(sum[(c & !127) + 16 * (c % 8) + (c % 128) / 8] as f64));
+            }
+        } else {
+            for (o, &v) in out.iter_mut().zip(&sum) {
+                *o = T::store(T::Acc::from_f64(v as f64));
+            }
         }
     });
 }
@@ -164,62 +172,137 @@ unsafe fn bwd_split_rows_avx512_8bit(lb: &LinBwd, o0: usize, o1: usize, acc: &mu
     }
 }
 
-/// Rows o0..o1 of the 4-bit, 1-token [`linear_bwd_split`] added into `acc` (float32 [n], in the
-/// 1-token GEMV's order): four rows at a time, the codes read as the GEMV reads them (64 bytes a
-/// load, `vpermps` on nibble j after a shift by 4j), so each load and store of 16 partial sums
-/// serves four rows' FMAs, added in row order. The weights are m·table\[field\] in float32 (Ŵ),
-/// times dy by the FMA.
+/// Rows o0..o1 of the 2-4-bit [`linear_bwd_split`] added into `acc` (float32 [tokens, n], each
+/// token's columns in the row-blocked GEMV's order, [`rows512_path`]): four rows at a time, the
+/// codes read as that GEMV reads them (128 weights of a group a load, one `vpermps` per 16
+/// weights after a shift), so each load and store of 16 partial sums serves four rows' FMAs,
+/// added in row order, and each lookup serves every token. The weights are m·table\[field\] in
+/// float32 (Ŵ), times dy by the FMA.
 ///
 /// # Safety
-/// AVX-512F, AVX2, FMA; 4-bit codes; one token; n and the group size multiples of 128; o1 <= rows;
-/// `lb` valid as [`crate::quant::linear_backward`] documents.
+/// As [`rows512_path`] (the CPU and the codes); 1 <= tokens <= SPLIT_MAX_TOKENS_SMALL; o1 <= rows;
+/// `lb` valid as [`crate::quant::linear_backward`] documents; `acc` tokens × n float32.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn bwd_split_rows_avx512_4bit_1tok(lb: &LinBwd, o0: usize, o1: usize, acc: &mut [f32]) {
-    let mut o = o0;
-    while o + 4 <= o1 {
-        bwd_rows_4bit_1tok::<4>(lb, o, acc.as_mut_ptr());
-        o += 4;
-    }
-    while o < o1 {
-        bwd_rows_4bit_1tok::<1>(lb, o, acc.as_mut_ptr());
-        o += 1;
+unsafe fn bwd_split_rows512(lb: &LinBwd, o0: usize, o1: usize, acc: &mut [f32]) {
+    match lb.l.q.bits {
+        4 => bwd_split_tokens::<4>(lb, o0, o1, acc),
+        3 => bwd_split_tokens::<3>(lb, o0, o1, acc),
+        _ => bwd_split_tokens::<2>(lb, o0, o1, acc),
     }
 }
 
-/// Rows o..o + R of [`bwd_split_rows_avx512_4bit_1tok`] into `ap`.
+/// [`bwd_split_rows512`] for B-bit codes, by the token count.
 ///
 /// # Safety
-/// As [`bwd_split_rows_avx512_4bit_1tok`]; o + R <= rows; `ap` valid for n float32.
+/// As [`bwd_split_rows512`], B-bit codes.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn bwd_split_tokens<const B: usize>(lb: &LinBwd, o0: usize, o1: usize, acc: &mut [f32]) {
+    match lb.l.tokens {
+        1 => bwd_split_isa::<B, 1>(lb, o0, o1, acc),
+        2 => bwd_split_isa::<B, 2>(lb, o0, o1, acc),
+        3 => bwd_split_isa::<B, 3>(lb, o0, o1, acc),
+        _ => bwd_split_isa::<B, 4>(lb, o0, o1, acc),
+    }
+}
+
+/// [`bwd_split_body`] with its instruction sets enabled (VBMI only for 3 bits).
+///
+/// # Safety
+/// As [`bwd_split_body`].
+#[cfg(target_arch = "x86_64")]
+unsafe fn bwd_split_isa<const B: usize, const NT: usize>(lb: &LinBwd, o0: usize, o1: usize, acc: &mut [f32]) {
+    if B == 3 {
+        bwd_split_rows512_vbmi::<NT>(lb, o0, o1, acc)
+    } else {
+        bwd_split_rows512_plain::<B, NT>(lb, o0, o1, acc)
+    }
+}
+
+/// [`bwd_split_body`] for 4- and 2-bit codes.
+///
+/// # Safety
+/// As [`bwd_split_body`], B = 4 or 2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+unsafe fn bwd_split_rows512_plain<const B: usize, const NT: usize>(lb: &LinBwd, o0: usize, o1: usize, acc: &mut [f32]) {
+    bwd_split_body::<B, NT>(lb, o0, o1, acc)
+}
+
+/// [`bwd_split_body`] for 3-bit codes.
+///
+/// # Safety
+/// As [`bwd_split_body`], B = 3 (AVX512-VBMI).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx2,fma")]
+unsafe fn bwd_split_rows512_vbmi<const NT: usize>(lb: &LinBwd, o0: usize, o1: usize, acc: &mut [f32]) {
+    bwd_split_body::<3, NT>(lb, o0, o1, acc)
+}
+
+/// [`bwd_split_rows512`] for B-bit codes and NT tokens: rows four at a time, then one.
+///
+/// # Safety
+/// As [`bwd_split_rows512`]; NT tokens.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn bwd_split_body<const B: usize, const NT: usize>(lb: &LinBwd, o0: usize, o1: usize, acc: &mut [f32]) {
+    let (ng, g) = (lb.l.q.groups(), lb.l.q.group);
+    let chunk_groups = (SPLIT_L1_FLOATS / NT / g).max(1);
+    let mut c0 = 0;
+    while c0 < ng {
+        let c1 = (c0 + chunk_groups).min(ng);
+        let mut o = o0;
+        while o + 4 <= o1 {
+            bwd_rows512::<4, NT, B>(lb, o, c0, c1, acc.as_mut_ptr());
+            o += 4;
+        }
+        while o < o1 {
+            bwd_rows512::<1, NT, B>(lb, o, c0, c1, acc.as_mut_ptr());
+            o += 1;
+        }
+        c0 = c1;
+    }
+}
+
+
+
+/// Rows o..o + R of [`bwd_split_rows512`] into `ap`, NT tokens.
+///
+/// # Safety
+/// As [`bwd_split_rows512`]; o + R <= rows; `ap` valid for tokens × n float32.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
 #[allow(clippy::needless_range_loop)] // indexed loops over the rows keep their registers
-unsafe fn bwd_rows_4bit_1tok<const R: usize>(lb: &LinBwd, o: usize, ap: *mut f32) {
+unsafe fn bwd_rows512<const R: usize, const NT: usize, const B: usize>(lb: &LinBwd, o: usize, c0: usize, c1: usize, ap: *mut f32) {
     use std::arch::x86_64::*;
     const AHEAD: usize = 4;
     let q = &lb.l.q;
-    let (rb, ng, g) = (q.row_bytes(), q.groups(), q.group);
+    let (k, nout, rb, ng, g) = (q.n, q.rows, q.row_bytes(), q.groups(), q.group);
     let (codes, scales, table) = (lb.codes as *const u8, lb.scales as *const f32, lb.table as *const f32);
-    let tab: [__m512; R] = std::array::from_fn(|r| _mm512_loadu_ps(table.add(16 * (o + r))));
-    let dy: [__m512; R] = std::array::from_fn(|r| _mm512_set1_ps(lb.dyf[o + r]));
-    for gi in 0..ng {
+    let tab: [__m512; R] = std::array::from_fn(|r| codebook16_avx512::<B>(table.add((o + r) << B)));
+    let dy: [[__m512; NT]; R] = std::array::from_fn(|r| std::array::from_fn(|s| _mm512_set1_ps(lb.dyf[s * nout + o + r])));
+    for gi in c0..c1 {
         let t: [__m512; R] = std::array::from_fn(|r| _mm512_mul_ps(tab[r], _mm512_set1_ps(*scales.add((o + r) * ng + gi))));
         for blk in 0..g / 128 {
             let col = gi * g + blk * 128;
             let mut d: [__m512i; R] = std::array::from_fn(|r| {
-                let src = codes.add((o + r) * rb + col / 2);
+                let src = codes.add((o + r) * rb + col * B / 8);
                 // The same columns AHEAD rows on (prefetches never fault: wrapping arithmetic).
                 _mm_prefetch::<_MM_HINT_T0>(src.wrapping_add(AHEAD * rb) as *const i8);
-                _mm512_loadu_si512(src as *const _)
+                code_dwords::<B>(src)
             });
             for j in 0..8 {
-                let a = ap.add(col + 16 * j);
-                let mut s = _mm512_loadu_ps(a);
+                let w: [__m512; R] = std::array::from_fn(|r| _mm512_permutexvar_ps(d[r], t[r]));
                 for r in 0..R {
-                    s = _mm512_fmadd_ps(dy[r], _mm512_permutexvar_ps(d[r], t[r]), s);
-                    d[r] = _mm512_srli_epi32::<4>(d[r]);
+                    d[r] = next_field::<B>(d[r]);
                 }
-                _mm512_storeu_ps(a, s);
+                for s in 0..NT {
+                    let a = ap.add(s * k + col + 16 * j);
+                    let mut v = _mm512_loadu_ps(a);
+                    for r in 0..R {
+                        v = _mm512_fmadd_ps(dy[r][s], w[r], v);
+                    }
+                    _mm512_storeu_ps(a, v);
+                }
             }
         }
     }

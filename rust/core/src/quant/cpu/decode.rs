@@ -236,6 +236,48 @@ pub(super) unsafe fn codebook16_avx512<const B: usize>(table: *const f32) -> std
     std::arch::x86_64::_mm512_loadu_ps(t16.as_ptr())
 }
 
+/// The 128 B-bit codes (B = 2, 3, 4) at `src` as 16 dwords for the row-blocked AVX-512 kernels,
+/// dword i holding fields 8i .. 8i + 7 from bit 0, B bits each ([`next_field`] shifts the next
+/// one down). 4 bits: one 64-byte load. 3 bits: the 48 bytes by a masked load (which touches
+/// nothing past them), the 3-byte unit i spread to dword i by one `vpermb`. 2 bits: 32 bytes,
+/// word i widened to dword i.
+///
+/// # Safety
+/// AVX-512 F and BW (and VBMI for B = 3) enabled by the caller, which the CPU has; `src` valid
+/// for 16·B bytes.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(super) unsafe fn code_dwords<const B: usize>(src: *const u8) -> std::arch::x86_64::__m512i {
+    use std::arch::x86_64::*;
+    match B {
+        4 => _mm512_loadu_si512(src as *const _),
+        3 => {
+            // Output byte 4i + b takes input byte 3i + b (b < 3; byte 3 is masked to zero).
+            let spread3 = _mm512_set_epi8(
+                63, 47, 46, 45, 63, 44, 43, 42, 63, 41, 40, 39, 63, 38, 37, 36, 63, 35, 34, 33, 63, 32, 31, 30, 63, 29, 28, 27, 63, 26, 25, 24,
+                63, 23, 22, 21, 63, 20, 19, 18, 63, 17, 16, 15, 63, 14, 13, 12, 63, 11, 10, 9, 63, 8, 7, 6, 63, 5, 4, 3, 63, 2, 1, 0,
+            );
+            _mm512_maskz_permutexvar_epi8(0x7777_7777_7777_7777, spread3, _mm512_maskz_loadu_epi8(0xFFFF_FFFF_FFFF, src as *const i8))
+        }
+        _ => _mm512_cvtepu16_epi32(_mm256_loadu_si256(src as *const __m256i)),
+    }
+}
+
+/// [`code_dwords`]' dwords shifted on to the next B-bit field.
+///
+/// # Safety
+/// AVX-512F enabled by the caller, which the CPU has.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(super) unsafe fn next_field<const B: usize>(d: std::arch::x86_64::__m512i) -> std::arch::x86_64::__m512i {
+    use std::arch::x86_64::*;
+    match B {
+        4 => _mm512_srli_epi32::<4>(d),
+        3 => _mm512_srli_epi32::<3>(d),
+        _ => _mm512_srli_epi32::<2>(d),
+    }
+}
+
 /// The B bytes (B = 2, 3) of the 8 B-bit fields 8u .. 8u + 7 of a row of `rb` bytes, little-endian
 /// in an i32: one 4-byte load where the row has 4 bytes left from the unit, else its own B bytes
 /// (the next row, or nothing, may follow).

@@ -50,7 +50,7 @@ pub fn avx512_shape(bits: u32, n: usize, group: usize) -> bool {
 /// The row-blocked AVX-512 GEMV of 4-, 3- and 2-bit codes ([`tiles_rows512`]): the group size a
 /// multiple of 128 (a load of codes is 128 weights of one group), a CPU with AVX-512 (3 bits: and
 /// VBMI, whose byte permute spreads the 3-byte units to dwords).
-fn rows512_path(q: &QuantArgs) -> bool {
+pub(super) fn rows512_path(q: &QuantArgs) -> bool {
     let bits_ok = match q.bits {
         4 | 2 => crate::cpu::has_avx512(),
         3 => crate::cpu::has_avx512_vbmi(),
@@ -1048,11 +1048,6 @@ unsafe fn rows_avx512<const R: usize, const NT: usize, const C: usize, const B: 
     _mm_prefetch::<_MM_HINT_T0>(table.wrapping_add((o + AHEAD) << B) as *const i8);
     let tab: [__m512; R] = std::array::from_fn(|r| codebook16_avx512::<B>(table.add((o + r) << B)));
     let mut a: [[[__m512; C]; NT]; R] = std::array::from_fn(|r| acc[r]);
-    // 3 bits: output byte 4i + b takes input byte 3i + b (b < 3; byte 3 is masked to zero).
-    let spread3 = _mm512_set_epi8(
-        63, 47, 46, 45, 63, 44, 43, 42, 63, 41, 40, 39, 63, 38, 37, 36, 63, 35, 34, 33, 63, 32, 31, 30, 63, 29, 28, 27, 63, 26, 25, 24,
-        63, 23, 22, 21, 63, 20, 19, 18, 63, 17, 16, 15, 63, 14, 13, 12, 63, 11, 10, 9, 63, 8, 7, 6, 63, 5, 4, 3, 63, 2, 1, 0,
-    );
     for gi in c0..c1 {
         let t: [__m512; R] = std::array::from_fn(|r| _mm512_mul_ps(tab[r], _mm512_set1_ps(*scales.add((o + r) * ng + gi))));
         let mut blk = 0;
@@ -1061,14 +1056,7 @@ unsafe fn rows_avx512<const R: usize, const NT: usize, const C: usize, const B: 
             let mut d: [__m512i; R] = std::array::from_fn(|r| {
                 let src = codes.add((o + r) * rb + col * B / 8);
                 _mm_prefetch::<_MM_HINT_T0>(src.wrapping_add(AHEAD * rb) as *const i8);
-                match B {
-                    4 => _mm512_loadu_si512(src as *const _),
-                    // Bytes 3i .. 3i + 2 to dword i (its top byte zero): the group's 48 bytes by a
-                    // masked load, which touches nothing past them.
-                    3 => _mm512_maskz_permutexvar_epi8(0x7777_7777_7777_7777, spread3,
-                                                       _mm512_maskz_loadu_epi8(0xFFFF_FFFF_FFFF, src as *const i8)),
-                    _ => _mm512_cvtepu16_epi32(_mm256_loadu_si256(src as *const __m256i)),
-                }
+                code_dwords::<B>(src)
             });
             let xp = x.add(col);
             for j in 0..8 {
@@ -1079,11 +1067,7 @@ unsafe fn rows_avx512<const R: usize, const NT: usize, const C: usize, const B: 
                     for s in 0..NT {
                         a[r][s][c] = _mm512_fmadd_ps(w, xv[s], a[r][s][c]);
                     }
-                    d[r] = match B {
-                        4 => _mm512_srli_epi32::<4>(d[r]),
-                        3 => _mm512_srli_epi32::<3>(d[r]),
-                        _ => _mm512_srli_epi32::<2>(d[r]),
-                    };
+                    d[r] = next_field::<B>(d[r]);
                 }
             }
             blk += 1;
