@@ -800,19 +800,26 @@ def test_cpu_gemv_token_limit_follows_the_avx512_shape():
     """power_quant_linear on CPU: the fused GEMV where the AVX-512 4-bit kernel runs (4 bits,
     in_features and the group size multiples of 32, an AVX-512 CPU) up to 1024 tokens on a CPU
     with half-width AVX-512, 64 on a full-width one; elsewhere up to 48, 32 on a full-width AVX-512
-    CPU; its backward likewise (the rules live in lmkern-core)."""
+    CPU; on a full-width one the row-blocked kernel of 2-4-bit codes in groups of multiples of 128
+    (3 bits: with AVX512-VBMI) up to 96 tokens (4-bit) and 64; its backward likewise (the rules
+    live in lmkern-core)."""
     from lmkern.ops import quant as quant_ops
 
     limit = _core.quant_cpu_gemv_max_tokens
     avx512 = lmkern.cpu_isa() == "avx512"
     half = avx512 and _avx512_half_width()
+    with open("/proc/cpuinfo") as f:
+        vbmi = " avx512vbmi " in f.read().replace("\n", " ")
+    rows = avx512 and not half  # the row-blocked kernel's limits apply
     wide = (1024 if half else 64) if avx512 else 48
     other = 32 if avx512 and not half else 48
-    assert limit(4, 4096, 128) == wide and limit(4, 4096, 32) == wide
-    assert limit(4, 4096, 4096) == wide
+    assert limit(4, 4096, 128) == (96 if rows else wide) and limit(4, 4096, 32) == wide
+    assert limit(4, 4096, 4096) == (96 if rows else wide) and limit(4, 4096, 64) == wide
     assert limit(4, 4112, 16) == other and limit(4, 48, 16) == other
-    assert limit(3, 4096, 128) == other and limit(8, 4096, 128) == other and limit(2, 4096, 128) == other
-    assert quant_ops.cpu_gemv_max_tokens(4, 4096, 128) == wide
+    assert limit(2, 4096, 128) == (64 if rows else other) and limit(2, 4096, 64) == other
+    assert limit(3, 4096, 256) == (64 if rows and vbmi else other) and limit(3, 4096, 64) == other
+    assert limit(8, 4096, 128) == other
+    assert quant_ops.cpu_gemv_max_tokens(4, 4096, 128) == limit(4, 4096, 128)
     # The input gradient's transposed GEMV: 4 bits with AVX-512 512 at half width, 64 at full
     # width, 24 otherwise; 2, 3 and 8 bits with AVX-512 (in_features and the group size multiples of
     # 16) 48 at half width, 32 at full width, 16 with AVX2 (of 8); 0 for other shapes.

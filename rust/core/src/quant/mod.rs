@@ -528,9 +528,15 @@ pub const CUDA_MMA_GEMV_MAX_TOKENS: usize = 32;
 /// against the chunks on a Zen 3 VM: benches/results/2026-11-26-cpu-quant-many-tokens.txt), at 32
 /// on a full-width AVX-512 CPU (on the Xeon at 32 tokens the 2- and 3-bit GEMVs took 0.94 and 1.08×
 /// the chunks' time, the 8-bit one by byte planes (AVX512-VBMI) 0.79×; at 48 1.29, 1.34, 1.05×;
-/// same results file).
+/// same results file). The row-blocked GEMV of 2-4-bit codes in groups of multiples of 128
+/// ([`cpu::rows512_shape`]) on a full-width CPU: 4-bit up to 96 tokens (0.91-0.99× the chunks'
+/// time at 96, 1.04-1.13× at 112-128), 2- and 3-bit up to 64 (0.77-0.84× at 64; at 96 2-bit 0.89-0.97×,
+/// 3-bit 1.07×): benches/results/2026-11-29-cpu-quant-row-blocked-xeon.txt.
 pub fn cpu_gemv_max_tokens(bits: u32, n: usize, group: usize) -> usize {
     let full_width = crate::cpu::has_avx512() && !crate::cpu::avx512_half_width();
+    if full_width && cpu::rows512_shape(bits, group) {
+        return if bits == 4 { CPU_ROWS512_4BIT_GEMV_MAX_TOKENS } else { CPU_ROWS512_GEMV_MAX_TOKENS };
+    }
     match (cpu::avx512_shape(bits, n, group), full_width) {
         (true, true) => CPU_AVX512_GEMV_MAX_TOKENS,
         (true, false) => CPU_AVX512_HALF_WIDTH_GEMV_MAX_TOKENS,
@@ -543,6 +549,8 @@ pub fn cpu_gemv_max_tokens(bits: u32, n: usize, group: usize) -> usize {
 pub const CPU_GEMV_MAX_TOKENS: usize = 48;
 pub const CPU_FULL_WIDTH_GEMV_MAX_TOKENS: usize = 32;
 pub const CPU_AVX512_GEMV_MAX_TOKENS: usize = 64;
+pub const CPU_ROWS512_4BIT_GEMV_MAX_TOKENS: usize = 96;
+pub const CPU_ROWS512_GEMV_MAX_TOKENS: usize = 64;
 pub const CPU_AVX512_HALF_WIDTH_GEMV_MAX_TOKENS: usize = 1024;
 
 /// The most tokens for which [`linear_backward`] on the CPU is worth calling rather than Ŵ in

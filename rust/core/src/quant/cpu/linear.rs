@@ -47,16 +47,22 @@ pub fn avx512_shape(bits: u32, n: usize, group: usize) -> bool {
     cfg!(target_arch = "x86_64") && bits == 4 && n.is_multiple_of(32) && group.is_multiple_of(32) && crate::cpu::has_avx512()
 }
 
-/// The row-blocked AVX-512 GEMV of 4-, 3- and 2-bit codes ([`tiles_rows512`]): the group size a
-/// multiple of 128 (a load of codes is 128 weights of one group), a CPU with AVX-512 (3 bits: and
-/// VBMI, whose byte permute spreads the 3-byte units to dwords).
-pub(super) fn rows512_path(q: &QuantArgs) -> bool {
-    let bits_ok = match q.bits {
+/// The row-blocked AVX-512 GEMV of 4-, 3- and 2-bit codes ([`tiles_rows512`]) and the input
+/// gradient's row tasks apply to codes of `bits` in groups of `group`: the group size a multiple of
+/// 128 (a load of codes is 128 weights of one group), a CPU with AVX-512 (3 bits: and VBMI, whose
+/// byte permute spreads the 3-byte units to dwords).
+pub fn rows512_shape(bits: u32, group: usize) -> bool {
+    let bits_ok = match bits {
         4 | 2 => crate::cpu::has_avx512(),
         3 => crate::cpu::has_avx512_vbmi(),
         _ => false,
     };
-    cfg!(target_arch = "x86_64") && q.group.is_multiple_of(128) && bits_ok
+    cfg!(target_arch = "x86_64") && group.is_multiple_of(128) && bits_ok
+}
+
+/// [`rows512_shape`] of a call.
+pub(super) fn rows512_path(q: &QuantArgs) -> bool {
+    rows512_shape(q.bits, q.group)
 }
 
 /// The AVX-512 8-bit GEMV decodes 64 codes at a time by byte planes ([`Planes256::decode64`]): the

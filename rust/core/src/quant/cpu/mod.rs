@@ -16,7 +16,7 @@ mod search;
 pub use backward::{avx512_narrow_bwd_shape, linear_backward, narrow_bwd_shape};
 #[cfg(target_arch = "x86_64")]
 use decode::*;
-pub use linear::{avx512_shape, linear};
+pub use linear::{avx512_shape, linear, rows512_shape};
 #[cfg(target_arch = "x86_64")]
 use linear::fast512_path;
 use linear::{fast8_path, fast23_path, fast_path, rows512_path};
