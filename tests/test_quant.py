@@ -17,6 +17,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -742,20 +743,27 @@ def test_power_quant_linear_nan_codebook_row_propagates_on_every_path(bits, in_f
 
 
 def test_power_quant_linear_eager_path_matches_op(monkeypatch):
-    """Eager calls that need no gradient skip the dispatcher (lmkern.ops.quant.quant_linear); they
-    must give the op's exact result, and every other call must still go through the op."""
+    """Eager calls on CPU skip the dispatcher (lmkern.ops.quant.quant_linear; with a gradient wanted
+    through _LinearFunction, whose backward runs _linear_bwd): they must give the op's exact
+    results and gradients, and every other call (a transform, tracing) must still go through the op."""
     from lmkern.ops import quant as quant_ops
 
     lin = _linear(256, 40, True, 5)
     mod = PowerQuantLinear.from_linear(lin, 4, 64, a=0.6)
-    calls = []
-    direct = quant_ops._linear
+    calls, bwd_calls = [], []
+    direct, direct_bwd = quant_ops._linear, quant_ops._linear_bwd
 
     def spy(*args):
         calls.append(args[0].shape)
         return direct(*args)
 
-    monkeypatch.setattr(quant_ops, "_linear", spy)  # the op keeps the implementation it registered
+    def spy_bwd(*args):
+        bwd_calls.append(args[0].shape)
+        return direct_bwd(*args)
+
+    # The op keeps the implementations it registered.
+    monkeypatch.setattr(quant_ops, "_linear", spy)
+    monkeypatch.setattr(quant_ops, "_linear_bwd", spy_bwd)
     for x in (randn((3, 256), F32, 0), randn((2, 3, 256), BF16, 1), randn((256, 3), F16, 2).t(), randn((1, 256), F64, 3)):
         want = torch.ops.lmkern.power_quant_linear(x, mod.codes, mod.scales, mod.codebook, mod.bias, 4, 64, 256)
         calls.clear()
@@ -763,18 +771,40 @@ def test_power_quant_linear_eager_path_matches_op(monkeypatch):
             got = mod(x)
         assert calls == [x.shape], "an eager no-grad call should skip the dispatcher"
         assert got.dtype == x.dtype and torch.equal(got, want)
+    # With a gradient: the same output, dx and bias gradient as the op's autograd.
     xg = randn((2, 256), F32, 4).requires_grad_(True)
+    bias = mod.bias.clone().requires_grad_(True)
+    dy = randn((2, 40), F32, 5)
+    args = (mod.codes, mod.scales, mod.codebook, bias, 4, 64, 256)
+    want = torch.ops.lmkern.power_quant_linear(xg, *args)
+    want_dx, want_db = torch.autograd.grad(want, (xg, bias), dy, retain_graph=True)
     calls.clear()
-    y = mod(xg)
-    assert calls == [] and y.grad_fn is not None, "a call that needs a gradient goes through the op"
+    y = quant_ops.quant_linear(xg, *args)
+    assert calls == [xg.shape] and type(y.grad_fn).__name__ == "_LinearFunctionBackward"
+    dx, db = torch.autograd.grad(y, (xg, bias), dy)
+    assert bwd_calls == [dy.shape] and torch.equal(y, want) and torch.equal(dx, want_dx) and torch.equal(db, want_db)
+    # Batched gradients (no storage) through the backward op, one at a time (vmap's fallback, which
+    # warns that it is slow).
+    dys = randn((3, 2, 40), F32, 6)
+    bwd_calls.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        (dxs,) = torch.autograd.grad(quant_ops.quant_linear(xg, *args), xg, dys, is_grads_batched=True)
+    assert bwd_calls == [] and torch.allclose(dxs[1], torch.autograd.grad(want, xg, dys[1], retain_graph=True)[0])
+    # A second derivative raises (the backward is not differentiable), as through the op.
+    (dx,) = torch.autograd.grad(quant_ops.quant_linear(xg, *args).square().sum(), xg, create_graph=True)
+    with pytest.raises(RuntimeError, match="second derivatives"):
+        dx.sum().backward()
+    # Under a transform the op runs (torch.func.vmap of the op's implementation, not this path).
+    calls.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        torch.func.vmap(lambda r: quant_ops.quant_linear(r, *args[:3], None, 4, 64, 256))(xg.detach())
+    assert calls == []
     calls.clear()
     with torch.inference_mode():
-        assert torch.equal(mod(xg.detach()), y.detach()) and calls == [xg.shape]
-    # A bias that wants a gradient goes through the op too, and gets it; the quantized weight refuses one.
-    calls.clear()
-    bias = mod.bias.clone().requires_grad_(True)
-    quant_ops.quant_linear(xg.detach(), mod.codes, mod.scales, mod.codebook, bias, 4, 64, 256).sum().backward()
-    assert calls == [] and torch.equal(bias.grad, torch.full_like(bias, 2.0))
+        assert torch.equal(mod(xg.detach()), mod(xg).detach()) and calls == [xg.shape] * 2
+    # The quantized weight refuses a gradient.
     with pytest.raises(NotImplementedError, match="frozen"):
         quant_ops.quant_linear(xg.detach(), mod.codes, mod.scales.clone().requires_grad_(True), mod.codebook, None,
                                4, 64, 256).sum().backward()

@@ -47,7 +47,8 @@ import threading
 import torch
 
 from .. import _core
-from .._lib import DTYPE_CODES, LIB, check_cpu_or_cuda, check_device, check_floating, device_args, eager_ok, plain_number, ptr, register_fake
+from .._lib import (DTYPE_CODES, LIB, check_cpu_or_cuda, check_device, check_floating, device_args, eager_ok,
+                   first_order_backward, plain_number, ptr, register_fake)
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 BITS = (2, 3, 4, 8)
@@ -515,12 +516,14 @@ def _fused_gemv(x2, codes, scales, table, bias, bits, group_size, in_features):
 
 
 def quant_linear(x, codes, scales, table, bias, bits: int, group_size: int, in_features: int) -> torch.Tensor:
-    """torch.ops.lmkern.power_quant_linear; an eager call on CPU that needs no gradient runs the op's
-    implementation directly (the dispatcher and torch.library's autograd wrapper cost ~0.15 ms when
-    their code is out of cache, as it is after a large matmul); all else goes through the op."""
+    """torch.ops.lmkern.power_quant_linear; an eager call on CPU runs the op's implementations
+    directly (through _LinearFunction when a gradient is wanted: the dispatcher and torch.library's
+    autograd wrapper cost ~0.15 ms a forward when their code is out of cache, as it is after a large
+    matmul, and ~0.3 ms a forward + backward); all else goes through the op."""
     tensors = (x, codes, scales, table, bias)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    if x.is_cpu and not needs_grad and eager_ok(*tensors):
+    if x.is_cpu and eager_ok(*tensors):
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+            return _LinearFunction.apply(x, codes, scales, table, bias, bits, group_size, in_features)
         return _linear(x, codes, scales, table, bias, bits, group_size, in_features)
     return torch.ops.lmkern.power_quant_linear(x, codes, scales, table, bias, bits, group_size, in_features)
 
@@ -653,17 +656,37 @@ def _linear_setup(ctx, inputs, output):
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
-def _linear_grad(ctx, dy):
+def _linear_grad(ctx, dy, input_grad=None):
+    """The gradients of power_quant_linear; dx by `input_grad` (default: the backward op)."""
     codes, scales, table = ctx.saved_tensors
     dx = db = None
     if any(ctx.needs_input_grad[1:4]):
         raise NotImplementedError("power_quant_linear: the quantized weight (codes, scales, codebooks) is frozen (no gradient)")
     if ctx.needs_input_grad[0]:
-        dx = torch.ops.lmkern.power_quant_linear_backward(dy, codes, scales, table, ctx.bits, ctx.group_size, ctx.in_features)
+        dx = (input_grad or torch.ops.lmkern.power_quant_linear_backward)(
+            dy, codes, scales, table, ctx.bits, ctx.group_size, ctx.in_features)
     if ctx.needs_input_grad[4]:
         # The bias's gradient: dy summed over every token, in float32.
         db = dy.reshape(_rows(dy)[0], dy.shape[-1]).sum(0, dtype=torch.float32).to(ctx.bias_dtype)
     return dx, None, None, None, db, None, None, None
+
+
+class _LinearFunction(torch.autograd.Function):
+    """Eager autograd of power_quant_linear on the CPU over the op's own implementations (_linear,
+    _linear_bwd); the same results as the op's autograd."""
+
+    @staticmethod
+    def forward(ctx, x, codes, scales, table, bias, bits, group_size, in_features):
+        y = _linear(x, codes, scales, table, bias, bits, group_size, in_features)
+        _linear_setup(ctx, (x, codes, scales, table, bias, bits, group_size, in_features), y)
+        return y
+
+    @staticmethod
+    @first_order_backward("lmkern power_quant_linear")
+    def backward(ctx, dy):
+        # Batched gradients (is_grads_batched: no storage) go through the op, which vmap runs one
+        # gradient at a time.
+        return _linear_grad(ctx, dy, _linear_bwd if torch._C._has_storage(dy) else None)
 
 
 def _no_double_backward(name):
