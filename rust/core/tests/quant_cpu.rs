@@ -515,16 +515,17 @@ fn every_cpu_path_on_awkward_shapes() {
 /// of 22 = a 16-row tile and a 6-row one, so four (or two) rows at a time and single ones), its
 /// chunks of x (4352 = 34 groups of 128: two chunks at one token, 4 at 3 tokens, 9 at 8, 6 at 5
 /// for 13 = 8 + 5, the last one short), and groups of 256 (two 128-weight loads each), with a
-/// bias, against float64 sums of x·Ŵ; and the input gradient (at 1-4 tokens by tasks of 256 rows,
-/// partials in the GEMV's column order summed back, 600 rows: three tasks; its chunks of columns:
-/// 3 at 3 and 4 tokens) against dy·Ŵ. On CPUs without AVX-512 the other paths.
+/// bias, against float64 sums of x·Ŵ; and the input gradient (at 1-8 tokens by tasks of 256 rows
+/// in tiles of up to 4 tokens, 7 = 4 + 3, partials in the GEMV's column order summed back, 600
+/// rows: three tasks; its chunks of columns: 3 at 3 and 4 tokens) against dy·Ŵ. On CPUs without
+/// AVX-512 the other paths.
 #[test]
 fn row_blocked_gemv_row_tasks_chunks_and_long_groups() {
     let mut rng = Rng(29);
     let cases = [(4u32, 4352usize, 128usize), (4, 4352, 256), (4, 512, 256), (3, 4352, 128), (3, 512, 256), (2, 4352, 128), (2, 512, 256)];
     // 600 rows: the input gradient's tasks of 256 rows (two whole, one of 88) summed.
     let runs = cases.map(|c| (150usize, c)).into_iter().chain([(600, (4, 256, 128)), (600, (3, 384, 128)), (600, (2, 256, 128))]);
-    for (tokens, (n_out, (bits, n_in, g))) in runs.flat_map(|r| [1usize, 3, 4, 8, 13].map(|t| (t, r))) {
+    for (tokens, (n_out, (bits, n_in, g))) in runs.flat_map(|r| [1usize, 3, 4, 7, 8, 13].map(|t| (t, r))) {
         let q = QuantArgs { bits, rows: n_out, n: n_in, group: g, clip: 1.0 };
         let w: Vec<f32> = (0..n_out * n_in).map(|_| rng.next() as f32).collect();
         let a: Vec<f32> = (0..n_out).map(|r| 0.3 + 0.1 * (r % 7) as f32).collect();

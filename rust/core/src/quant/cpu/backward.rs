@@ -1,6 +1,6 @@
 //! The input gradient of PowerQuantLinear on the CPU, dx = dy @ Ŵ: the transposed GEMV, tasks
 //! owning blocks of dx's columns, per instruction set and code width (with AVX-512, 8-bit codes at
-//! a few tokens and 2-4-bit codes at up to 4: tasks owning blocks of rows, their partial sums added
+//! a few tokens and 2-4-bit codes at up to 8: tasks owning blocks of rows, their partial sums added
 //! after).
 use super::*;
 
@@ -76,9 +76,10 @@ const SPLIT_ROWS: usize = 64;
 /// Rows a task of the 2-4-bit [`linear_bwd_split`] takes.
 #[cfg(target_arch = "x86_64")]
 const SPLIT_ROWS_SMALL: usize = 256;
-/// The most tokens the 2-4-bit [`linear_bwd_split`] takes.
+/// The most tokens the 2-4-bit [`linear_bwd_split`] takes (tiles of 4: at 8 tokens 1.6 ms against
+/// the column blocks' 1.75 at 4096², 4 bits; the partials, tasks × tokens × n, grow with them).
 #[cfg(target_arch = "x86_64")]
-const SPLIT_MAX_TOKENS_SMALL: usize = 4;
+const SPLIT_MAX_TOKENS_SMALL: usize = 8;
 /// Partial sums (tokens × columns, float32) the 2-4-bit [`linear_bwd_split`] keeps in L1 while
 /// its rows pass over them: 24 KiB.
 #[cfg(target_arch = "x86_64")]
@@ -88,7 +89,7 @@ const SPLIT_L1_FLOATS: usize = 6144;
 #[cfg(target_arch = "x86_64")]
 const SPLIT_MAX_TOKENS: usize = 4;
 
-/// dy @ Ŵ by rows (8-bit codes at a few tokens, 2-4-bit at 1-4): each task adds `task_rows` rows in
+/// dy @ Ŵ by rows (8-bit codes at a few tokens, 2-4-bit at 1-8): each task adds `task_rows` rows in
 /// order into its own partial dx with `rows(o0, o1, partial)`, reading each row's codes in order
 /// and its codebook once (as the GEMV does; the column blocks of [`linear_bwd_cols`] read a
 /// codebook per row per block and the rows' codes in pieces 2 KB apart, which the L3 serves one
@@ -176,8 +177,9 @@ unsafe fn bwd_split_rows_avx512_8bit(lb: &LinBwd, o0: usize, o1: usize, acc: &mu
 /// token's columns in the row-blocked GEMV's order, [`rows512_path`]): four rows at a time, the
 /// codes read as that GEMV reads them (128 weights of a group a load, one `vpermps` per 16
 /// weights after a shift), so each load and store of 16 partial sums serves four rows' FMAs,
-/// added in row order, and each lookup serves every token. The weights are m·table\[field\] in
-/// float32 (Ŵ), times dy by the FMA.
+/// added in row order, and each lookup serves a tile of up to 4 tokens (the rows pass once per
+/// tile; their codes come back from L2). The weights are m·table\[field\] in float32 (Ŵ), times dy
+/// by the FMA.
 ///
 /// # Safety
 /// As [`rows512_path`] (the CPU and the codes); 1 <= tokens <= SPLIT_MAX_TOKENS_SMALL; o1 <= rows;
@@ -191,17 +193,23 @@ unsafe fn bwd_split_rows512(lb: &LinBwd, o0: usize, o1: usize, acc: &mut [f32]) 
     }
 }
 
-/// [`bwd_split_rows512`] for B-bit codes, by the token count.
+/// [`bwd_split_rows512`] for B-bit codes: tiles of 4 tokens, then the rest.
 ///
 /// # Safety
 /// As [`bwd_split_rows512`], B-bit codes.
 #[cfg(target_arch = "x86_64")]
 unsafe fn bwd_split_tokens<const B: usize>(lb: &LinBwd, o0: usize, o1: usize, acc: &mut [f32]) {
-    match lb.l.tokens {
-        1 => bwd_split_isa::<B, 1>(lb, o0, o1, acc),
-        2 => bwd_split_isa::<B, 2>(lb, o0, o1, acc),
-        3 => bwd_split_isa::<B, 3>(lb, o0, o1, acc),
-        _ => bwd_split_isa::<B, 4>(lb, o0, o1, acc),
+    let tokens = lb.l.tokens;
+    let mut t0 = 0;
+    while t0 < tokens {
+        let nt = (tokens - t0).min(4);
+        match nt {
+            1 => bwd_split_isa::<B, 1>(lb, o0, o1, t0, acc),
+            2 => bwd_split_isa::<B, 2>(lb, o0, o1, t0, acc),
+            3 => bwd_split_isa::<B, 3>(lb, o0, o1, t0, acc),
+            _ => bwd_split_isa::<B, 4>(lb, o0, o1, t0, acc),
+        }
+        t0 += nt;
     }
 }
 
@@ -210,11 +218,11 @@ unsafe fn bwd_split_tokens<const B: usize>(lb: &LinBwd, o0: usize, o1: usize, ac
 /// # Safety
 /// As [`bwd_split_body`].
 #[cfg(target_arch = "x86_64")]
-unsafe fn bwd_split_isa<const B: usize, const NT: usize>(lb: &LinBwd, o0: usize, o1: usize, acc: &mut [f32]) {
+unsafe fn bwd_split_isa<const B: usize, const NT: usize>(lb: &LinBwd, o0: usize, o1: usize, t0: usize, acc: &mut [f32]) {
     if B == 3 {
-        bwd_split_rows512_vbmi::<NT>(lb, o0, o1, acc)
+        bwd_split_rows512_vbmi::<NT>(lb, o0, o1, t0, acc)
     } else {
-        bwd_split_rows512_plain::<B, NT>(lb, o0, o1, acc)
+        bwd_split_rows512_plain::<B, NT>(lb, o0, o1, t0, acc)
     }
 }
 
@@ -224,8 +232,8 @@ unsafe fn bwd_split_isa<const B: usize, const NT: usize>(lb: &LinBwd, o0: usize,
 /// As [`bwd_split_body`], B = 4 or 2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-unsafe fn bwd_split_rows512_plain<const B: usize, const NT: usize>(lb: &LinBwd, o0: usize, o1: usize, acc: &mut [f32]) {
-    bwd_split_body::<B, NT>(lb, o0, o1, acc)
+unsafe fn bwd_split_rows512_plain<const B: usize, const NT: usize>(lb: &LinBwd, o0: usize, o1: usize, t0: usize, acc: &mut [f32]) {
+    bwd_split_body::<B, NT>(lb, o0, o1, t0, acc)
 }
 
 /// [`bwd_split_body`] for 3-bit codes.
@@ -234,17 +242,18 @@ unsafe fn bwd_split_rows512_plain<const B: usize, const NT: usize>(lb: &LinBwd, 
 /// As [`bwd_split_body`], B = 3 (AVX512-VBMI).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx2,fma")]
-unsafe fn bwd_split_rows512_vbmi<const NT: usize>(lb: &LinBwd, o0: usize, o1: usize, acc: &mut [f32]) {
-    bwd_split_body::<3, NT>(lb, o0, o1, acc)
+unsafe fn bwd_split_rows512_vbmi<const NT: usize>(lb: &LinBwd, o0: usize, o1: usize, t0: usize, acc: &mut [f32]) {
+    bwd_split_body::<3, NT>(lb, o0, o1, t0, acc)
 }
 
-/// [`bwd_split_rows512`] for B-bit codes and NT tokens: rows four at a time, then one.
+/// [`bwd_split_rows512`] for B-bit codes and tokens t0 .. t0 + NT: rows four at a time, then one,
+/// over chunks of columns.
 ///
 /// # Safety
-/// As [`bwd_split_rows512`]; NT tokens.
+/// As [`bwd_split_rows512`]; t0 + NT <= tokens.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn bwd_split_body<const B: usize, const NT: usize>(lb: &LinBwd, o0: usize, o1: usize, acc: &mut [f32]) {
+unsafe fn bwd_split_body<const B: usize, const NT: usize>(lb: &LinBwd, o0: usize, o1: usize, t0: usize, acc: &mut [f32]) {
     let (ng, g) = (lb.l.q.groups(), lb.l.q.group);
     let chunk_groups = (SPLIT_L1_FLOATS / NT / g).max(1);
     let mut c0 = 0;
@@ -252,34 +261,33 @@ unsafe fn bwd_split_body<const B: usize, const NT: usize>(lb: &LinBwd, o0: usize
         let c1 = (c0 + chunk_groups).min(ng);
         let mut o = o0;
         while o + 4 <= o1 {
-            bwd_rows512::<4, NT, B>(lb, o, c0, c1, acc.as_mut_ptr());
+            bwd_rows512::<4, NT, B>(lb, o, t0, c0, c1, acc.as_mut_ptr());
             o += 4;
         }
         while o < o1 {
-            bwd_rows512::<1, NT, B>(lb, o, c0, c1, acc.as_mut_ptr());
+            bwd_rows512::<1, NT, B>(lb, o, t0, c0, c1, acc.as_mut_ptr());
             o += 1;
         }
         c0 = c1;
     }
 }
 
-
-
-/// Rows o..o + R of [`bwd_split_rows512`] into `ap`, NT tokens.
+/// Rows o..o + R of [`bwd_split_rows512`] into `ap`, tokens t0 .. t0 + NT, groups c0..c1.
 ///
 /// # Safety
-/// As [`bwd_split_rows512`]; o + R <= rows; `ap` valid for tokens × n float32.
+/// As [`bwd_split_rows512`]; o + R <= rows; t0 + NT <= tokens; c1 <= groups; `ap` valid for tokens × n
+/// float32.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 #[allow(clippy::needless_range_loop)] // indexed loops over the rows keep their registers
-unsafe fn bwd_rows512<const R: usize, const NT: usize, const B: usize>(lb: &LinBwd, o: usize, c0: usize, c1: usize, ap: *mut f32) {
+unsafe fn bwd_rows512<const R: usize, const NT: usize, const B: usize>(lb: &LinBwd, o: usize, t0: usize, c0: usize, c1: usize, ap: *mut f32) {
     use std::arch::x86_64::*;
     const AHEAD: usize = 4;
     let q = &lb.l.q;
     let (k, nout, rb, ng, g) = (q.n, q.rows, q.row_bytes(), q.groups(), q.group);
     let (codes, scales, table) = (lb.codes as *const u8, lb.scales as *const f32, lb.table as *const f32);
     let tab: [__m512; R] = std::array::from_fn(|r| codebook16_avx512::<B>(table.add((o + r) << B)));
-    let dy: [[__m512; NT]; R] = std::array::from_fn(|r| std::array::from_fn(|s| _mm512_set1_ps(lb.dyf[s * nout + o + r])));
+    let dy: [[__m512; NT]; R] = std::array::from_fn(|r| std::array::from_fn(|s| _mm512_set1_ps(lb.dyf[(t0 + s) * nout + o + r])));
     for gi in c0..c1 {
         let t: [__m512; R] = std::array::from_fn(|r| _mm512_mul_ps(tab[r], _mm512_set1_ps(*scales.add((o + r) * ng + gi))));
         for blk in 0..g / 128 {
@@ -295,13 +303,18 @@ unsafe fn bwd_rows512<const R: usize, const NT: usize, const B: usize>(lb: &LinB
                 for r in 0..R {
                     d[r] = next_field::<B>(d[r]);
                 }
+                // Every token's loads before its stores: the tokens' partials are k floats apart
+                // (16 KB at k = 4096), so a load after another token's store looks like it reads
+                // the stored address (the same low 12 bits) and waits for it.
+                let a: [*mut f32; NT] = std::array::from_fn(|s| ap.add((t0 + s) * k + col + 16 * j));
+                let mut v: [__m512; NT] = std::array::from_fn(|s| _mm512_loadu_ps(a[s]));
                 for s in 0..NT {
-                    let a = ap.add(s * k + col + 16 * j);
-                    let mut v = _mm512_loadu_ps(a);
                     for r in 0..R {
-                        v = _mm512_fmadd_ps(dy[r][s], w[r], v);
+                        v[s] = _mm512_fmadd_ps(dy[r][s], w[r], v[s]);
                     }
-                    _mm512_storeu_ps(a, v);
+                }
+                for s in 0..NT {
+                    _mm512_storeu_ps(a[s], v[s]);
                 }
             }
         }
