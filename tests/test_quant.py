@@ -595,8 +595,9 @@ def linear_cases(draw):
     # Groups of 8 and 24 (multiples of 8, not of 16): the AVX2 2-/3-/8-bit kernels even on AVX-512.
     g = draw(st.sampled_from([d for d in (8, 16, 24, 32, 128, in_f) if in_f % d == 0]))
     out_f = draw(st.sampled_from([1, 5, 16, 33]))
-    # 41 tokens: 8-token tiles + 1 (GEMV); 3 × 17 = 51: Ŵ in chunks.
-    lead = draw(st.sampled_from([(1,), (2,), (3,), (5,), (2, 3), (0,), (), (41,), (3, 17)]))
+    # 41 tokens: 8-token tiles + 1 (GEMV); 7 and 2 × 4 = 8: the input gradient's row tasks in tiles
+    # of 4 (AVX-512, groups of multiples of 128); 3 × 17 = 51: Ŵ in chunks where the GEMV stops below.
+    lead = draw(st.sampled_from([(1,), (2,), (3,), (4,), (5,), (2, 3), (7,), (2, 4), (0,), (), (41,), (3, 17)]))
     bias = draw(st.booleans())
     seed = draw(st.integers(0, 2**31 - 1))
     return dtype, bits, in_f, g, out_f, lead, bias, seed

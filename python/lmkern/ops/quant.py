@@ -28,8 +28,8 @@ the kernels' launch path:
   - power_search_exponent runs on the CPU: w (and x) are copied to the host, the result back.
 On CPU, power_quant_linear runs the fused GEMV up to _core.quant_cpu_gemv_max_tokens tokens (where
 the AVX-512 4-bit kernel runs: 1024 on a CPU with half-width AVX-512 (Zen 4), 64 on a full-width
-one; else 48, 32 on a full-width AVX-512 CPU; there, 2-4-bit codes in groups of multiples of 128
-96 (4-bit) and 64), and power_quant_linear_backward its transposed twin
+one; else 48, 32 on a full-width AVX-512 CPU; there, for codes in groups of multiples of 128, 96
+tokens at 4 bits and 64 at 2 and 3), and power_quant_linear_backward its transposed twin
 up to _core.quant_cpu_bwd_gemv_max_tokens (4 bits: with AVX-512 512 at half width, 64 at full
 width, else 24; 2, 3 and 8 bits: with AVX-512 48 at half width, 32 at full width, 16 with AVX2;
 the shapes of the SIMD kernels only; lmkern-core's quant::cpu_gemv_max_tokens says where each

@@ -905,8 +905,8 @@ unsafe fn tiles_rows512<T: QElem>(lin: &Lin, o0: usize, o1: usize) {
 /// `sums[o - o0][s]` = row o's dot with token t0 + s for a tile of nt <= 8 tokens, rows R and chains C
 /// per kernel call by the token count: R·NT·C accumulators fit the 32 registers with the tables,
 /// codes and activations (1 token: 4 rows of 2 chains; 2: 4 rows, 2 chains a token; 3-4: 4 rows,
-/// one chain; 5-8: 2 rows. At 4096² on a Xeon, per token: 1 token 0.29 ms, 2 0.21, 4 0.15, 8 0.14;
-/// 4 tokens by 2 rows 0.17, 8 by 1 row 0.17; 2 tokens of one chain 0.21-0.23).
+/// one chain; 5-8: 2 rows. At 4096² on a Xeon, 2 threads: 1 token 0.29 ms, 2 0.39-0.42, 4 0.60, 8
+/// 1.18; 2 tokens of one chain 0.42, 4 by 2 rows 0.69, 8 by 1 row 1.36).
 ///
 /// # Safety
 /// As [`tiles_rows512`]; 1 <= nt <= 8, t0 + nt <= tokens.

@@ -19,7 +19,9 @@ use decode::*;
 pub use linear::{avx512_shape, linear, rows512_shape};
 #[cfg(target_arch = "x86_64")]
 use linear::fast512_path;
-use linear::{fast8_path, fast23_path, fast_path, rows512_path};
+use linear::{fast8_path, fast23_path, fast_path};
+#[cfg(target_arch = "x86_64")]
+use linear::rows512_path;
 pub use search::search_exponent;
 
 /// The comparison/accumulation type of an element type (f32, or f64 for f64 input).
