@@ -1,6 +1,6 @@
 //! The input gradient of PowerQuantLinear on the CPU, dx = dy @ Ŵ: the transposed GEMV, tasks
 //! owning blocks of dx's columns, per instruction set and code width (with AVX-512, 8-bit codes at
-//! a few tokens and 2-4-bit codes at up to 8: tasks owning blocks of rows, their partial sums added
+//! a few tokens and 2-4-bit codes at up to 32: tasks owning blocks of rows, their partial sums added
 //! after).
 use super::*;
 
@@ -59,7 +59,10 @@ unsafe fn linear_bwd_t<T: QElem>(l: &LinearArgs, dy: u64, codes: u64, scales: u6
         };
     }
     #[cfg(target_arch = "x86_64")]
-    if tokens <= SPLIT_MAX_TOKENS_SMALL && rows512_path(&l.q) {
+    if tokens <= SPLIT_MAX_TOKENS_SMALL
+        && nout.div_ceil(SPLIT_ROWS_SMALL) * tokens * k * 4 <= SPLIT_MAX_PARTIAL_BYTES
+        && rows512_path(&l.q)
+    {
         // SAFETY: rows512_path checked AVX-512 (F, BW, VL; VBMI for 3 bits), 2-4-bit codes, k and g
         // multiples of 128; at most SPLIT_MAX_TOKENS_SMALL tokens.
         return unsafe { linear_bwd_split::<T>(&lb, SPLIT_ROWS_SMALL, true, |o0, o1, dst| bwd_split_rows512(&lb, o0, o1, dst)) };
@@ -76,10 +79,17 @@ const SPLIT_ROWS: usize = 64;
 /// Rows a task of the 2-4-bit [`linear_bwd_split`] takes.
 #[cfg(target_arch = "x86_64")]
 const SPLIT_ROWS_SMALL: usize = 256;
-/// The most tokens the 2-4-bit [`linear_bwd_split`] takes (tiles of 4: at 8 tokens 1.6 ms against
-/// the column blocks' 1.75 at 4096², 4 bits; the partials, tasks × tokens × n, grow with them).
+/// The most tokens the 2-4-bit [`linear_bwd_split`] takes, in tiles of 4 (at 4096² on a Xeon,
+/// against the column blocks: 4 bits 8 tokens 1.6 ms against 1.75, 16 3.1 against 3.6, 32 6.3
+/// against 7.8; 2 bits 16 2.9 against 4.1, 32 5.5 against 9.1; 3 bits 32 6.9 against 10.4): the
+/// 2- and 3-bit transposed GEMV's limit on a full-width CPU (cpu_bwd_gemv_max_tokens).
 #[cfg(target_arch = "x86_64")]
-const SPLIT_MAX_TOKENS_SMALL: usize = 8;
+const SPLIT_MAX_TOKENS_SMALL: usize = 32;
+/// The most bytes of partial sums (tasks × tokens × n float32) the 2-4-bit [`linear_bwd_split`]
+/// allocates: 8 MiB (4096² at 32 tokens; as the many-token path's scratch), beyond which the
+/// column blocks, which need none, take the call.
+#[cfg(target_arch = "x86_64")]
+const SPLIT_MAX_PARTIAL_BYTES: usize = 8 << 20;
 /// Partial sums (tokens × columns, float32) the 2-4-bit [`linear_bwd_split`] keeps in L1 while
 /// its rows pass over them: 24 KiB.
 #[cfg(target_arch = "x86_64")]
@@ -89,7 +99,7 @@ const SPLIT_L1_FLOATS: usize = 6144;
 #[cfg(target_arch = "x86_64")]
 const SPLIT_MAX_TOKENS: usize = 4;
 
-/// dy @ Ŵ by rows (8-bit codes at a few tokens, 2-4-bit at 1-8): each task adds `task_rows` rows in
+/// dy @ Ŵ by rows (8-bit codes at a few tokens, 2-4-bit at 1-32): each task adds `task_rows` rows in
 /// order into its own partial dx with `rows(o0, o1, partial)`, reading each row's codes in order
 /// and its codebook once (as the GEMV does; the column blocks of [`linear_bwd_cols`] read a
 /// codebook per row per block and the rows' codes in pieces 2 KB apart, which the L3 serves one
