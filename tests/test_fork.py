@@ -7,6 +7,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import random
+import time
 
 import numpy as np
 import pytest
@@ -45,17 +46,24 @@ def work():
     with torch.no_grad():
         out = layer(tokens)
     scores = N.zipfit_scores(texts[:30], texts[30:])
-    return lmkern.get_num_threads(), [t.detach() for t in (y, dx, dw, out)], scores, pool_threads(), lmkern.cpu_pool()
+    own = lmkern.cpu_pool() == "lmkern"
+    return lmkern.get_num_threads(), [t.detach() for t in (y, dx, dw, out)], scores, pool_threads(30.0 if own else 0.0), lmkern.cpu_pool()
 
 
-def pool_threads() -> int | None:
+def pool_threads(wait: float = 0.0) -> int | None:
     """lmkern's pool threads in this process (a forked child has none until it builds its pool),
-    or None where /proc cannot tell."""
-    try:
-        names = [open(f"/proc/self/task/{t}/comm").read() for t in os.listdir("/proc/self/task")]
-    except OSError:
-        return None
-    return sum(n.startswith("lmkern-") for n in names)
+    or None where /proc cannot tell; with `wait`, up to that many seconds for the first (a thread
+    names itself when the OS first runs it, which may come after the work that started it)."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            names = [open(f"/proc/self/task/{t}/comm").read() for t in os.listdir("/proc/self/task")]
+        except OSError:
+            return None
+        n = sum(name.startswith("lmkern-") for name in names)
+        if n or time.monotonic() >= deadline:
+            return n
+        time.sleep(0.01)
 
 
 def child_start():
@@ -79,7 +87,7 @@ def test_forked_child_uses_a_pool_of_its_own(num_threads):
         assert child_pool == "lmkern"
         if running is not None:
             assert (running == 0) == cpu_pool.startswith("openmp:")
-        # its own pool, started (a thread names itself when it first runs: at least one by now)
+        # its own pool, started (pool_threads waits for the first of its threads to name itself)
         assert child_running is None or child_running >= 1
         for got, want in zip(child_tensors, tensors):
             assert torch.equal(got, want)
