@@ -683,13 +683,13 @@ const PREFETCH: usize = 4096;
 #[target_feature(enable = "avx2,fma")]
 #[inline]
 unsafe fn write_row_sums<T: QElem>(lin: &Lin, o: usize, t0: usize, sums: &[std::arch::x86_64::__m256]) {
-    let b = if lin.bias != 0 { *(lin.bias as *const f32).add(o) } else { 0.0 };
+    let mut values = [0f32; 8];
     for (t, v) in sums.iter().enumerate() {
         let mut lanes = [0f32; 8];
         std::arch::x86_64::_mm256_storeu_ps(lanes.as_mut_ptr(), *v);
-        let v = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7])) + b;
-        (lin.y as *mut T).add((t0 + t) * lin.l.q.rows + o).write(T::store(T::Acc::from_f64(v as f64)));
+        values[t] = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
     }
+    write_row_values::<T>(lin, o, t0, &values[..sums.len()]);
 }
 
 /// [`write_row_sums`] for AVX-512 sums (the lanes added by `_mm512_reduce_add_ps`, a fixed order).
@@ -700,10 +700,22 @@ unsafe fn write_row_sums<T: QElem>(lin: &Lin, o: usize, t0: usize, sums: &[std::
 #[target_feature(enable = "avx512f,avx2,fma")]
 #[inline]
 unsafe fn write_row_sums_avx512<T: QElem>(lin: &Lin, o: usize, t0: usize, sums: &[std::arch::x86_64::__m512]) {
-    let b = if lin.bias != 0 { *(lin.bias as *const f32).add(o) } else { 0.0 };
+    let mut values = [0f32; 8];
     for (t, v) in sums.iter().enumerate() {
-        let v = std::arch::x86_64::_mm512_reduce_add_ps(*v) + b;
-        (lin.y as *mut T).add((t0 + t) * lin.l.q.rows + o).write(T::store(T::Acc::from_f64(v as f64)));
+        values[t] = std::arch::x86_64::_mm512_reduce_add_ps(*v);
+    }
+    write_row_values::<T>(lin, o, t0, &values[..sums.len()]);
+}
+
+/// Writes y\[t0 + t, o\] = `values[t]` + bias\[o\] (in float32) for each token t of a GEMV tile.
+///
+/// # Safety
+/// `lin` valid as [`crate::quant::linear`] documents; (t0 + t, o) inside y and written by this task only.
+#[inline]
+unsafe fn write_row_values<T: QElem>(lin: &Lin, o: usize, t0: usize, values: &[f32]) {
+    let b = if lin.bias != 0 { *(lin.bias as *const f32).add(o) } else { 0.0 };
+    for (t, &v) in values.iter().enumerate() {
+        (lin.y as *mut T).add((t0 + t) * lin.l.q.rows + o).write(T::store(T::Acc::from_f64((v + b) as f64)));
     }
 }
 
@@ -882,7 +894,7 @@ unsafe fn linear_tile_avx512<T: QElem, const NT: usize>(lin: &Lin, o0: usize, o1
 /// As [`rows_avx512`] for every token (the CPU and codes [`rows512_path`] checks); o1 - o0 <= TILE.
 #[cfg(target_arch = "x86_64")]
 unsafe fn tiles_rows512<T: QElem>(lin: &Lin, o0: usize, o1: usize) {
-    let (tokens, rows) = (lin.l.tokens, lin.l.q.rows);
+    let tokens = lin.l.tokens;
     let mut sums = [[0f32; 8]; TILE];
     let mut t0 = 0;
     while t0 < tokens {
@@ -893,10 +905,7 @@ unsafe fn tiles_rows512<T: QElem>(lin: &Lin, o0: usize, o1: usize) {
             _ => tile_sums_rows512::<2>(lin, o0, o1, t0, nt, &mut sums),
         }
         for o in o0..o1 {
-            let b = if lin.bias != 0 { *(lin.bias as *const f32).add(o) } else { 0.0 };
-            for (s, &v) in sums[o - o0][..nt].iter().enumerate() {
-                (lin.y as *mut T).add((t0 + s) * rows + o).write(T::store(T::Acc::from_f64((v + b) as f64)));
-            }
+            write_row_values::<T>(lin, o, t0, &sums[o - o0][..nt]);
         }
         t0 += nt;
     }
