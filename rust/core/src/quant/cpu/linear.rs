@@ -711,6 +711,7 @@ unsafe fn write_row_sums_avx512<T: QElem>(lin: &Lin, o: usize, t0: usize, sums: 
 ///
 /// # Safety
 /// `lin` valid as [`crate::quant::linear`] documents; (t0 + t, o) inside y and written by this task only.
+#[cfg(target_arch = "x86_64")]
 #[inline]
 unsafe fn write_row_values<T: QElem>(lin: &Lin, o: usize, t0: usize, values: &[f32]) {
     let b = if lin.bias != 0 { *(lin.bias as *const f32).add(o) } else { 0.0 };
