@@ -697,7 +697,9 @@ def test_power_quant_linear_many_tokens_in_chunks(monkeypatch, dtype, in_f, g, o
     forward agrees with the GEMV."""
     from lmkern.ops import quant as quant_ops
 
-    monkeypatch.setattr(quant_ops, "CPU_CHUNK_BYTES", 4 * in_f * (8 if dtype == F64 else 4))
+    four_rows = 4 * in_f * (8 if dtype == F64 else 4)
+    monkeypatch.setattr(quant_ops, "CPU_CHUNK_BYTES", four_rows)
+    monkeypatch.setattr(quant_ops, "CPU_CHUNK_MAX_BYTES", four_rows)
     lin = _linear(in_f, out_f, True, in_f)
     a = torch.rand(out_f, generator=torch.Generator().manual_seed(out_f)) * 0.8 + 0.2
     mod = PowerQuantLinear.from_linear(lin, bits, g, a)
@@ -721,6 +723,27 @@ def test_power_quant_linear_many_tokens_in_chunks(monkeypatch, dtype, in_f, g, o
         y_mm = mod(x)
         y_gemv = torch.cat([mod(x[:limit]), mod(x[limit:])])
     assert rel_err(y_mm.to(F64), y_gemv.to(F64)) <= tol
+
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_weight_chunks_as_large_as_the_activations(monkeypatch, dtype):
+    """A chunk of Ŵ is as many bytes as the activations it multiplies, within CPU_CHUNK_BYTES and
+    CPU_CHUNK_MAX_BYTES, and the chunks are Ŵ's rows in order, each equal to the whole's."""
+    from lmkern.ops import quant as quant_ops
+
+    in_f, out_f, g = 64, 37, 16
+    row = in_f * dtype.itemsize
+    monkeypatch.setattr(quant_ops, "CPU_CHUNK_BYTES", 2 * row)
+    monkeypatch.setattr(quant_ops, "CPU_CHUNK_MAX_BYTES", 10 * row)
+    mod = PowerQuantLinear.from_linear(_linear(in_f, out_f, False, 1), 4, g)
+    w_hat = quant_ops._dequantize_codebooks(mod.codes, mod.scales, mod.codebook, 4, g, in_f, dtype)
+    for act_rows, step in [(0, 2), (1, 2), (2, 2), (7, 7), (10, 10), (11, 10), (500, 10)]:
+        acts = torch.empty(act_rows, in_f, dtype=dtype)
+        got = [(o0, o1, w.clone()) for o0, o1, w in quant_ops._weight_chunks(
+            mod.codes, mod.scales, mod.codebook, 4, g, in_f, dtype, acts)]
+        assert [(o0, o1) for o0, o1, _ in got] == [(o, min(out_f, o + step)) for o in range(0, out_f, step)]
+        for o0, o1, w in got:
+            assert torch.equal(w, w_hat[o0:o1])
 
 
 @pytest.mark.parametrize("bits, in_f, g", [(4, 256, 64), (3, 96, 32)])

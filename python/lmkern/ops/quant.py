@@ -34,8 +34,9 @@ up to _core.quant_cpu_bwd_gemv_max_tokens (4 bits: with AVX-512 512 at half widt
 width, else 24; 2, 3 and 8 bits: with AVX-512 48 at half width, 32 at full width, 16 with AVX2;
 the shapes of the SIMD kernels only; lmkern-core's quant::cpu_gemv_max_tokens says where each
 number was measured); beyond, Ŵ is formed
-CPU_CHUNK_BYTES of rows at a time (float32, float64 for float64) in a per-thread scratch and each
-chunk goes through torch's matmul: the dense weight is never formed whole.
+a chunk of rows at a time (float32, float64 for float64; CPU_CHUNK_BYTES to CPU_CHUNK_MAX_BYTES, as
+large as the activations) in a per-thread scratch and each chunk goes through torch's matmul: the
+dense weight is never formed whole (unless it fits in one chunk).
 """
 from __future__ import annotations
 
@@ -52,10 +53,14 @@ from .._lib import (DTYPE_CODES, LIB, check_cpu_or_cuda, check_device, check_flo
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 BITS = (2, 3, 4, 8)
-#: The CPU many-token paths form Ŵ this many bytes of rows at a time, in a buffer kept per thread
-#: and dtype (held for the thread's life): a fresh buffer of a whole weight costs more in first-touch
-#: page faults than the dequantization.
+#: The CPU many-token paths form Ŵ a chunk of rows at a time, in a buffer kept per thread and dtype
+#: (held for the thread's life: a fresh buffer of a whole weight costs more in first-touch page
+#: faults than the dequantization). A chunk is as many bytes as the activations it multiplies (x
+#: forward, dy backward), within these bounds: each chunk's matmul packs all of the activations
+#: again (8 MiB chunks cost ~10 % at 2048 tokens of a 4096x4096 layer, 32 MiB ones ~4 %), while a
+#: small chunk is still in cache when its matmul reads it (8 MiB won at 128-512 tokens).
 CPU_CHUNK_BYTES = 8 << 20
+CPU_CHUNK_MAX_BYTES = 32 << 20
 
 # Exponent search (rust/core/src/quant/mod.rs SearchArgs): a coarse grid of SEARCH_GRID exponents
 # on [SEARCH_LO, 1], then SEARCH_REFINE points around each of the 4 best coarse local minima.
@@ -386,11 +391,13 @@ def _dequantize_codebooks(codes, scales, table, bits, group_size, n, dtype, out=
 _scratch = threading.local()
 
 
-def _weight_chunks(codes, scales, table, bits, group_size, n, dtype):
-    """(o0, o1, Ŵ[o0:o1]) for consecutive row chunks of CPU_CHUNK_BYTES, each formed in this
-    thread's scratch buffer (valid until the next chunk)."""
+def _weight_chunks(codes, scales, table, bits, group_size, n, dtype, activations):
+    """(o0, o1, Ŵ[o0:o1]) for consecutive row chunks of about `activations`' size (in `dtype`),
+    CPU_CHUNK_BYTES to CPU_CHUNK_MAX_BYTES, each formed in this thread's scratch buffer (valid
+    until the next chunk)."""
     rows = codes.shape[0]
-    step = max(1, CPU_CHUNK_BYTES // max(1, n * dtype.itemsize))
+    chunk_bytes = min(max(activations.numel() * dtype.itemsize, CPU_CHUNK_BYTES), CPU_CHUNK_MAX_BYTES)
+    step = max(1, chunk_bytes // max(1, n * dtype.itemsize))
     need = min(step, rows) * n
     buf = getattr(_scratch, "buf", {}).get(dtype)
     if buf is None or buf.numel() < need:
@@ -416,11 +423,13 @@ def _linear_many_tokens(x2, codes, scales, table, bias, bits, group_size, in_fea
         return x2 @ w.t() if bias is None else torch.addmm(bias.to(x2.dtype), x2, w.t())
     cd = _compute_dtype(x2.dtype)
     xc = x2.to(cd)
+    bc = None if bias is None else bias.to(cd)
     y = torch.empty((x2.shape[0], out_features), dtype=cd)
-    for o0, o1, w in _weight_chunks(codes, scales, table, bits, group_size, in_features, cd):
-        torch.mm(xc, w.t(), out=y[:, o0:o1])
-    if bias is not None:
-        y += bias
+    for o0, o1, w in _weight_chunks(codes, scales, table, bits, group_size, in_features, cd, xc):
+        if bc is None:
+            torch.mm(xc, w.t(), out=y[:, o0:o1])
+        else:  # (the bias in the matmul's own first pass over y: one pass less than y += bias)
+            torch.addmm(bc[o0:o1], xc, w.t(), out=y[:, o0:o1])
     return y.to(x2.dtype)
 
 
@@ -555,7 +564,7 @@ def _linear_bwd(dy, codes, scales, table, bits, group_size, in_features):
         cd = _compute_dtype(dy.dtype)
         dyc = dy2.to(cd)
         dx = torch.zeros((dy2.shape[0], in_features), dtype=cd)
-        for o0, o1, w in _weight_chunks(codes, scales, table, bits, group_size, in_features, cd):
+        for o0, o1, w in _weight_chunks(codes, scales, table, bits, group_size, in_features, cd, dyc):
             dx.addmm_(dyc[:, o0:o1], w)
     return dx.to(dy.dtype).reshape(*dy.shape[:-1], in_features)
 
