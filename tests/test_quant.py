@@ -839,6 +839,30 @@ def test_power_quant_linear_eager_path_matches_op(monkeypatch):
     with pytest.raises(ValueError, match="scales"):
         with torch.no_grad():
             quant_ops.quant_linear(xg.detach(), mod.codes, mod.scales[:, :2], mod.codebook, None, 4, 64, 256)
+    # The layer's own call: with a gradient wanted through _LinearFunction; under a dispatch or a
+    # function mode the mode sees the op (the eager path, spied, is not taken).
+    calls.clear()
+    assert type(mod(xg).grad_fn).__name__ == "_LinearFunctionBackward" and calls == [xg.shape]
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    class SeenFn(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    for mode in (Seen, SeenFn):
+        seen = []
+        calls.clear()
+        with torch.no_grad(), mode():
+            got = mod(xg.detach())
+        assert any("power_quant_linear" in f for f in seen) and calls == [], (mode, seen)
+        assert torch.equal(got, want.detach())
 
 
 def _avx512_half_width():

@@ -526,15 +526,21 @@ def _fused_gemv(x2, codes, scales, table, bias, bits, group_size, in_features):
 
 def quant_linear(x, codes, scales, table, bias, bits: int, group_size: int, in_features: int) -> torch.Tensor:
     """torch.ops.lmkern.power_quant_linear; an eager call on CPU runs the op's implementations
-    directly (through _LinearFunction when a gradient is wanted: the dispatcher and torch.library's
-    autograd wrapper cost ~0.15 ms a forward when their code is out of cache, as it is after a large
-    matmul, and ~0.3 ms a forward + backward); all else goes through the op."""
-    tensors = (x, codes, scales, table, bias)
-    if x.is_cpu and eager_ok(*tensors):
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-            return _LinearFunction.apply(x, codes, scales, table, bias, bits, group_size, in_features)
-        return _linear(x, codes, scales, table, bias, bits, group_size, in_features)
+    directly (quant_linear_eager); all else goes through the op."""
+    if x.is_cpu and eager_ok(x, codes, scales, table, bias):
+        return quant_linear_eager(x, codes, scales, table, bias, bits, group_size, in_features)
     return torch.ops.lmkern.power_quant_linear(x, codes, scales, table, bias, bits, group_size, in_features)
+
+
+def quant_linear_eager(x, codes, scales, table, bias, bits: int, group_size: int, in_features: int) -> torch.Tensor:
+    """power_quant_linear's implementations called directly, for an eager call on CPU tensors that
+    eager_ok passed (the caller's test): through _LinearFunction when a gradient is wanted. The
+    dispatcher and torch.library's autograd wrapper cost ~0.15 ms a forward when their code is out
+    of cache, as it is after a large matmul, and ~0.3 ms a forward + backward."""
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)
+                                    or codes.requires_grad or scales.requires_grad or table.requires_grad):
+        return _LinearFunction.apply(x, codes, scales, table, bias, bits, group_size, in_features)
+    return _linear(x, codes, scales, table, bias, bits, group_size, in_features)
 
 
 def _linear_fake(x, codes, scales, table, bias, bits, group_size, in_features):
