@@ -206,10 +206,10 @@ def first_order_backward(what: str):
     def decorate(backward):
         @functools.wraps(backward)
         def wrapper(ctx, *grads):
+            if not torch.is_grad_enabled():  # no create_graph: nothing will differentiate them
+                return backward(ctx, *grads)
             with torch.no_grad():
                 outputs = backward(ctx, *grads)
-            if not torch.is_grad_enabled():  # no create_graph: nothing will differentiate them
-                return outputs
             upstream = [t for t in (*grads, *ctx.saved_tensors) if t is not None and t.requires_grad]
             if not upstream:
                 return outputs

@@ -452,17 +452,18 @@ def _check_linear(x, codes, scales, table, bias, bits, group_size, in_features, 
     return out_features
 
 
-def _cpu_ready(x, codes, scales, table, bias, bits, group_size, in_features) -> bool:
+def _cpu_ready(x, codes, scales, table, bias, bits, group_size, in_features, backward=False) -> bool:
     """The common CPU call in one test: contiguous CPU tensors of the dtypes and shapes the kernel
-    reads. After the dense work a GEMV sits next to, torch's and Python's code is out of cache and
-    every step of the full checks (_check_linear, reshape, contiguous) costs ~10x its warm time:
-    ~0.1 ms per call, 5-10 % of a 4096x4096 GEMV. Never true where _check_linear would raise."""
+    reads (x: the layer's input, or with `backward` the output's gradient dy). After the dense work
+    a GEMV sits next to, torch's and Python's code is out of cache and every step of the full
+    checks (_check_linear, reshape, contiguous) costs ~10x its warm time: ~0.1 ms per call, 5-10 %
+    of a 4096x4096 GEMV. Never true where _check_linear (_linear_bwd's checks) would raise."""
     if (type(bits) is not int or bits not in BITS or type(group_size) is not int or type(in_features) is not int
             or in_features < 1 or group_size < 1 or in_features % group_size or x.dim() < 1 or codes.dim() != 2):
         return False
     out = codes.shape[0]
     return (
-        x.is_cpu and x.dtype in DTYPE_CODES and x.shape[-1] == in_features and x.is_contiguous()
+        x.is_cpu and x.dtype in DTYPE_CODES and x.shape[-1] == (out if backward else in_features) and x.is_contiguous()
         and codes.is_cpu and codes.dtype == torch.uint8 and codes.shape[1] == row_bytes(in_features, bits)
         and codes.is_contiguous()
         and scales.is_cpu and scales.dtype == torch.float32 and scales.shape == (out, in_features // group_size)
@@ -549,6 +550,15 @@ def _linear_fake(x, codes, scales, table, bias, bits, group_size, in_features):
 
 
 def _linear_bwd(dy, codes, scales, table, bits, group_size, in_features):
+    if (_cpu_ready(dy, codes, scales, table, None, bits, group_size, in_features, backward=True) and codes.shape[0]
+            and dy.numel() <= cpu_bwd_gemv_max_tokens(bits, in_features, group_size) * codes.shape[0]):
+        # The common call in one test, as _linear's (~60 us of a 1-token backward out of cache).
+        out_features = codes.shape[0]
+        dx = dy.new_empty((*dy.shape[:-1], in_features))
+        _core.quant_linear_backward(DTYPE_CODES[dy.dtype], -1, 0, bits, out_features, in_features, group_size,
+                                    dy.numel() // out_features, dy.data_ptr(), codes.data_ptr(), scales.data_ptr(),
+                                    table.data_ptr(), dx.data_ptr())
+        return dx
     out_features = codes.shape[0]
     _check_x("dy", dy)
     if dy.shape[-1] != out_features:
