@@ -11,17 +11,17 @@ Side by side with their peers, on the inputs of `lmkern bench` (lmkern.bench's r
   Target ≤ 2 s; track_seconds reports the median of a few calls.
 - FakeQuantize: lmkern.quant.power_fake_quantize forward + backward (x and a) vs the torch composite
   of the straight-through fake quantizer under autograd.
-- PowerQuantLinearTokens: the same layer at 1, 8, 64 and 512 tokens, forward (no grad) and forward +
-  backward (dx), vs dense float32 F.linear: the fused GEMV and its transposed twin up to the token
+- PowerQuantLinearTokens: the same layer at 1, 8, 64, 512 and 2048 tokens, forward (no grad) and
+  forward + backward (dx), vs dense float32 F.linear: the fused GEMV and its transposed twin up to the token
   limits of lmkern.ops.quant (cpu_gemv_max_tokens, cpu_bwd_gemv_max_tokens), beyond them Ŵ formed
-  8 MiB of rows at a time for torch's matmul. PowerQuantLinearBits: the same with 2-, 3- and 8-bit
-  codes at 1 and 8 tokens.
+  a chunk of rows at a time (as large as the activations, 8-32 MiB) for torch's matmul.
+  PowerQuantLinearBits: the same with 2-, 3- and 8-bit codes at 1 and 8 tokens.
 
 track_speedup = peer time / lmkern time, medians of interleaved rounds in one process.
 
   asv machine --yes && asv run --python=same --quick --show-stderr --bench quant
 
-Script mode prints the PowerQuantLinearTokens table:  python benches/bench_quant.py [--tokens 1 8 64 512]
+Script mode prints the PowerQuantLinearTokens table:  python benches/bench_quant.py [--tokens 1 8 64 512 2048]
 """
 from __future__ import annotations
 
@@ -170,7 +170,7 @@ class PowerQuantLinearTokens:
     """PowerQuantLinear (4096 → 4096, 4-bit g128) vs dense float32 F.linear by token count, forward
     (no grad) and forward + backward (dx)."""
 
-    params = [[1, 8, 64, 512]]
+    params = [[1, 8, 64, 512, 2048]]
     param_names = ["tokens"]
     timeout = 600
 
