@@ -228,6 +228,91 @@ fn long_rows_go_in_pieces_with_the_codes_of_the_whole_row() {
     }
 }
 
+/// ∂x̂/∂x and ∂x̂/∂a of one element in float64, straight from the formulas (PAPERS.md §2, the doc
+/// of quant::fake_quantize_backward): code q, scale m, exponent a.
+fn fake_grads_ref(x: f64, q: i32, m: f64, a: f64, bits: u32) -> (f64, f64) {
+    if x == 0.0 || m == 0.0 || x.abs() > m {
+        return (0.0, 0.0);
+    }
+    let (s, lu) = (x.signum(), (x.abs() / m + quant::FAKE_GRAD_EPS).ln());
+    let r = q.unsigned_abs() as f64 / qmax(bits) as f64;
+    let big_r = if q == 0 { if a == 1.0 { 1.0 } else { 0.0 } } else { r.powf(1.0 / a - 1.0) };
+    let first = if q == 0 { 0.0 } else { -(m / (a * a)) * s * r.powf(1.0 / a) * r.ln() };
+    (big_r * ((a - 1.0) * lu).exp(), first + (m / a) * s * big_r * (a * lu).exp() * lu)
+}
+
+#[test]
+fn fake_quantize_gradients_match_the_formula() {
+    // Whichever path this CPU (and LMKERN_CPU_ISA) gives: AVX-512's eight lanes (with a short last
+    // one: n or g not multiples of 8) or the scalar loop; float32 and float64 x; zeros, an all-zero
+    // group, clipped elements (clip 0.8), a = 1 and tiny exponents.
+    let mut rng = Rng(17);
+    for bits in [2u32, 3, 4, 8] {
+        for (rows, n, g) in [(1usize, 1usize, 1usize), (3, 5, 5), (2, 300, 60), (4, 96, 32), (2, 17, 17), (3, 1030, 1030)] {
+            for clip in [1.0f64, 0.8] {
+                let mut x: Vec<f64> = (0..rows * n).map(|_| rng.next() * 3.0).collect();
+                x[n / 2] = 0.0;
+                if n >= 2 * g {
+                    x[g..2 * g].fill(0.0);
+                }
+                let a: Vec<f32> = (0..rows).map(|r| [1.0, 0.05, 0.7, 1e-3][r % 4]).collect();
+                let dy: Vec<f64> = (0..rows * n).map(|_| rng.next()).collect();
+                let q = QuantArgs { bits, rows, n, group: g, clip };
+                let (rb, ng) = (row_bytes(n, bits), n / g);
+                for dtype in [DType::F32, DType::F64] {
+                    let at = format!("bits {bits} [{rows}, {n}] g{g} clip {clip} {dtype:?}");
+                    let x32: Vec<f32> = x.iter().map(|&v| v as f32).collect();
+                    let xv: Vec<f64> = if dtype == DType::F32 { x32.iter().map(|&v| v as f64).collect() } else { x.clone() };
+                    let xa = if dtype == DType::F32 { addr(&x32) } else { addr(&x) };
+                    let (mut codes, mut scales) = (vec![0u8; rows * rb], vec![0f32; rows * ng]);
+                    unsafe { quant::quantize(Device::Cpu, dtype, &q, xa, addr(&a), out(&mut codes), out(&mut scales)).unwrap() };
+                    // Elements within rounding of a code boundary may take either code: no gradient asked there.
+                    let mut dyv = dy.clone();
+                    let mut f = vec![0u8; n];
+                    let (mut dx_ref, mut da_ref, mut da_abs) = (vec![0f64; rows * n], vec![0f64; rows], vec![0f64; rows]);
+                    for r in 0..rows {
+                        unpack_fields(&codes[r * rb..(r + 1) * rb], bits, 0, &mut f);
+                        let t = quant::boundaries(bits, a[r]);
+                        for j in 0..n {
+                            let (e, m) = (r * n + j, scales[r * ng + j / g] as f64);
+                            let u = xv[e].abs() / m;
+                            if m > 0.0 && t.iter().any(|&b| (u - b).abs() <= 1e-6 * b) {
+                                dyv[e] = 0.0;
+                            }
+                            let (gx, ga) = fake_grads_ref(xv[e], field_to_code(f[j], bits), m, a[r] as f64, bits);
+                            dx_ref[e] = dyv[e] * gx;
+                            da_ref[r] += dyv[e] * ga;
+                            da_abs[r] += (dyv[e] * ga).abs();
+                        }
+                    }
+                    let mut da = vec![f32::NAN; rows];
+                    let dx: Vec<f64> = unsafe {
+                        if dtype == DType::F32 {
+                            let dy32: Vec<f32> = dyv.iter().map(|&v| v as f32).collect();
+                            let mut dx = vec![f32::NAN; rows * n];
+                            quant::fake_quantize_backward(Device::Cpu, dtype, &q, addr(&dy32), xa, addr(&scales), addr(&a), out(&mut dx), out(&mut da)).unwrap();
+                            dx.iter().map(|&v| v as f64).collect()
+                        } else {
+                            let mut dx = vec![f64::NAN; rows * n];
+                            quant::fake_quantize_backward(Device::Cpu, dtype, &q, addr(&dyv), xa, addr(&scales), addr(&a), out(&mut dx), out(&mut da)).unwrap();
+                            dx
+                        }
+                    };
+                    // (dy rounded to float32 for float32: the reference's dy is the float64 one.)
+                    let tol = if dtype == DType::F32 { 2e-7 } else { 1e-12 };
+                    for (e, (&got, &want)) in dx.iter().zip(&dx_ref).enumerate() {
+                        assert!((got - want).abs() <= tol * want.abs() + 1e-300, "{at}: dx[{e}] {got} vs {want}");
+                    }
+                    for r in 0..rows {
+                        let tol = if dtype == DType::F32 { 1e-6 } else { 1e-7 };
+                        assert!((da[r] as f64 - da_ref[r]).abs() <= tol * da_abs[r] + 1e-30, "{at}: da[{r}] {} vs {}", da[r], da_ref[r]);
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn linear_matches_dense_dequantized_matmul_on_both_paths() {
     let mut rng = Rng(5);

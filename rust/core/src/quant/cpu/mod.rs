@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 mod backward;
 mod decode;
+mod fake_grad;
 mod linear;
 mod search;
 pub use backward::{avx512_narrow_bwd_shape, linear_backward, narrow_bwd_shape};
@@ -709,12 +710,20 @@ pub unsafe fn fake_quantize_backward(dtype: DType, q: &QuantArgs, dy: u64, x: u6
     }
 }
 
+/// Elements of a piece the AVX-512 gradients take at a time (float64 copies of x, dy and dx: 6 KiB
+/// a task).
+#[cfg(target_arch = "x86_64")]
+const GRAD_BLOCK: usize = 256;
+
 #[allow(clippy::needless_range_loop)] // one index into the piece's values, counts, dy and dx
 unsafe fn fake_bwd_t<T: QElem>(q: &QuantArgs, dy: u64, x: u64, scales: u64, a: u64, dx: u64, da: u64)
 {
     let (rows, n, g, ng) = (q.rows, q.n, q.group, q.groups());
     let (dys, xs, dxs, das) = (Shared(dy as usize), Shared(x as usize), Shared(dx as usize), Shared(da as usize));
     let qm = qmax(q.bits) as f64;
+    // Eight elements at a time with AVX-512 (fake_grad), else one by one below.
+    #[cfg(target_arch = "x86_64")]
+    let wide = crate::cpu::has_avx512();
     for_each_row_range(rows, n, |r0, r1| {
         // SAFETY: tasks own disjoint row ranges of dx and da; the inputs are only read.
         let (dyr, xr, sr, ar, dxr) = unsafe {
@@ -729,6 +738,9 @@ unsafe fn fake_bwd_t<T: QElem>(q: &QuantArgs, dy: u64, x: u64, scales: u64, a: u
         // SAFETY: da has one float per row; rows [r0, r1) belong to this task alone.
         let mut dar = (das.0 != 0).then(|| unsafe { rows_of_mut::<f32>(das.0 as u64, 1, r0, r1) });
         let mut s = RowScratch::<T::Acc>::new(n, g, false);
+        // The AVX-512 path's float64 copies of x, dy and dx (GRAD_BLOCK elements each).
+        #[cfg(target_arch = "x86_64")]
+        let mut wide_buf = vec![0f64; if wide { 3 * GRAD_BLOCK } else { 0 }];
         // Per |q| = c (the row's exponent a): R = r^(1/a − 1) and r^(1/a)·ln r with r = c/qmax
         // (c = 0: R = [a = 1], no first term), recomputed only when a changes from row to row; per
         // element then one ln and one exp, (u+ε)^a being (u+ε)^(a−1)·(u+ε) (six before).
@@ -745,6 +757,8 @@ unsafe fn fake_bwd_t<T: QElem>(q: &QuantArgs, dy: u64, x: u64, scales: u64, a: u
                 }
             }
             let mut da_row = 0.0f64;
+            #[cfg(target_arch = "x86_64")]
+            let mut da_lanes = [0f64; 8];
             for gi in 0..ng {
                 let m32 = sr[i * ng + gi];
                 let m = m32 as f64;
@@ -755,6 +769,28 @@ unsafe fn fake_bwd_t<T: QElem>(q: &QuantArgs, dy: u64, x: u64, scales: u64, a: u
                     let xs = load_into(&xr[e0..e0 + len], &mut s.xv);
                     // The same codes the forward made, from the same stored scale.
                     count_codes(xs, &t, m32, &mut s.cnt);
+                    #[cfg(target_arch = "x86_64")]
+                    if wide {
+                        let row = fake_grad::GradRow { a: av, eps: FAKE_GRAD_EPS, big_r: &big_r, first: &first };
+                        let (x64, rest) = wide_buf.split_at_mut(GRAD_BLOCK);
+                        let (dy64, dx64) = rest.split_at_mut(GRAD_BLOCK);
+                        for b0 in (0..len).step_by(GRAD_BLOCK) {
+                            let bl = GRAD_BLOCK.min(len - b0);
+                            for j in 0..bl {
+                                (x64[j], dy64[j]) = (xs[b0 + j].to_f64(), dyr[e0 + b0 + j].load().to_f64());
+                            }
+                            // SAFETY: `wide` checked AVX-512 (F, BW, VL); the slices are bl long;
+                            // the counts are codes' magnitudes, at most qmax (the tables' last index).
+                            unsafe {
+                                fake_grad::piece_grads_avx512(&x64[..bl], &dy64[..bl], &s.cnt[b0..b0 + bl], m, &row,
+                                                              &mut dx64[..bl], &mut da_lanes)
+                            };
+                            for j in 0..bl {
+                                dxr[e0 + b0 + j] = T::store(T::Acc::from_f64(dx64[j]));
+                            }
+                        }
+                        continue;
+                    }
                     for j in 0..len {
                         let e = e0 + j;
                         let xv = xs[j].to_f64();
@@ -775,6 +811,12 @@ unsafe fn fake_bwd_t<T: QElem>(q: &QuantArgs, dy: u64, x: u64, scales: u64, a: u
                         da_row += g_out * dda;
                     }
                 }
+            }
+            // (The AVX-512 path's lanes, added in a fixed order; the scalar path's sum is in da_row.)
+            #[cfg(target_arch = "x86_64")]
+            {
+                let l = &da_lanes;
+                da_row += ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]));
             }
             if let Some(d) = dar.as_deref_mut() {
                 d[i] = da_row as f32;
