@@ -108,6 +108,40 @@ unsafe fn or(a: __m512d, b: __m512d) -> __m512d {
     _mm512_castsi512_pd(_mm512_or_si512(_mm512_castpd_si512(a), _mm512_castpd_si512(b)))
 }
 
+/// Elements the gradients load and store eight at a time as float64 lanes (masked: lanes off the
+/// mask are neither read nor written). Inlined into [`piece_grads_avx512`], whose features the
+/// intrinsics need.
+pub(super) trait Lanes: Copy {
+    /// # Safety
+    /// AVX-512F and VL; the masked lanes of p readable.
+    unsafe fn load(p: *const Self, lanes: __mmask8) -> __m512d;
+    /// # Safety
+    /// AVX-512F and VL; the masked lanes of p writable.
+    unsafe fn store(p: *mut Self, lanes: __mmask8, v: __m512d);
+}
+
+impl Lanes for f64 {
+    #[inline(always)]
+    unsafe fn load(p: *const f64, lanes: __mmask8) -> __m512d {
+        _mm512_maskz_loadu_pd(lanes, p)
+    }
+    #[inline(always)]
+    unsafe fn store(p: *mut f64, lanes: __mmask8, v: __m512d) {
+        _mm512_mask_storeu_pd(p, lanes, v)
+    }
+}
+
+impl Lanes for f32 {
+    #[inline(always)]
+    unsafe fn load(p: *const f32, lanes: __mmask8) -> __m512d {
+        _mm512_cvtps_pd(_mm256_maskz_loadu_ps(lanes, p))
+    }
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, lanes: __mmask8, v: __m512d) {
+        _mm256_mask_storeu_ps(p, lanes, _mm512_cvtpd_ps(v))
+    }
+}
+
 /// What a row's pieces share: its exponent `a`, the ε added to u inside the logarithm, and for
 /// |q| = c ≤ qmax `big_r[c]` = R and `first[c]` = r^(1/a)·ln r (see [`super::fake_quantize_backward`]).
 pub(super) struct GradRow<'a> {
@@ -117,16 +151,17 @@ pub(super) struct GradRow<'a> {
     pub first: &'a [f64],
 }
 
-/// `dx[j] = dy[j]·∂x̂/∂x` for the elements of one group's piece (x, dy as float64, `cnt[j]` = |q|,
-/// the group's scale `m`, the row's exponent and tables in `t`), and `acc[j % 8]` += dy·∂x̂/∂a (the caller adds
-/// the lanes in a fixed order): the scalar loop of fake_bwd_t, with its
-/// zero gradients where x = 0, m = 0 or |x| > m (NaN x or dy: NaN, as there).
+/// `dx[j] = dy[j]·∂x̂/∂x` for the elements of one group's piece (x, dy and dx float32 or float64,
+/// computed in float64; `cnt[j]` = |q|, the group's scale `m`, the row's exponent and tables in
+/// `t`), and `acc[j % 8]` += dy·∂x̂/∂a (the caller adds the lanes in a fixed order): the scalar loop
+/// of fake_bwd_t, with its zero gradients where x = 0, m = 0 or |x| > m (NaN x or dy: NaN, as
+/// there). One vector at a time: four at once (independent FMA chains) measured no faster.
 ///
 /// # Safety
 /// AVX-512F and VL; x, dy, cnt and dx of one length; every `cnt[j]` < the tables' length.
 #[target_feature(enable = "avx512f,avx512vl")]
-pub(super) unsafe fn piece_grads_avx512(
-    x: &[f64], dy: &[f64], cnt: &[u32], m: f64, t: &GradRow, dx: &mut [f64], acc: &mut [f64; 8],
+pub(super) unsafe fn piece_grads_avx512<E: Lanes>(
+    x: &[E], dy: &[E], cnt: &[u32], m: f64, t: &GradRow, dx: &mut [E], acc: &mut [f64; 8],
 ) {
     let (a, eps) = (t.a, t.eps);
     let n = x.len();
@@ -152,8 +187,8 @@ pub(super) unsafe fn piece_grads_avx512(
     while j < n {
         let len = (n - j).min(8);
         let lanes: __mmask8 = if len == 8 { 0xff } else { (1u8 << len) - 1 };
-        let xv = _mm512_maskz_loadu_pd(lanes, x.as_ptr().add(j));
-        let dyv = _mm512_maskz_loadu_pd(lanes, dy.as_ptr().add(j));
+        let xv = E::load(x.as_ptr().add(j), lanes);
+        let dyv = E::load(dy.as_ptr().add(j), lanes);
         let c = _mm256_maskz_loadu_epi32(lanes, cnt.as_ptr().add(j) as *const i32);
         let ax = andnot(sign, xv);
         // Zero gradients where x = 0, m = 0 or |x| > m; NaN x stays (NaN > m is false).
@@ -180,7 +215,7 @@ pub(super) unsafe fn piece_grads_avx512(
         // −(m/a²)·s·first[c] + (m/a)·s·R·(p·ue)·lu
         let second = _mm512_mul_pd(_mm512_mul_pd(c_second, _mm512_mul_pd(s, r)), _mm512_mul_pd(_mm512_mul_pd(p, ue), lu));
         let dda = _mm512_maskz_mov_pd(live, _mm512_fmadd_pd(_mm512_mul_pd(c_first, s), f, second));
-        _mm512_mask_storeu_pd(dx.as_mut_ptr().add(j), lanes, _mm512_mul_pd(dyv, ddx));
+        E::store(dx.as_mut_ptr().add(j), lanes, _mm512_mul_pd(dyv, ddx));
         sum = _mm512_fmadd_pd(dyv, dda, sum);
         j += 8;
     }

@@ -81,11 +81,35 @@ impl Real for f64 {
 pub trait QElem: Elem<Acc: Real> {
     /// The element is float32 (the AVX2 dequantizer writes float32 only).
     const IS_F32: bool = false;
+    /// The element is float64.
+    const IS_F64: bool = false;
 }
 impl QElem for f32 {
     const IS_F32: bool = true;
 }
-impl QElem for f64 {}
+impl QElem for f64 {
+    const IS_F64: bool = true;
+}
+
+/// `v` as the element type E it is (T::IS_F32 for f32, T::IS_F64 for f64).
+///
+/// # Safety
+/// T is E.
+#[cfg(target_arch = "x86_64")]
+unsafe fn same_as<T, E>(v: &[T]) -> &[E] {
+    debug_assert_eq!(std::any::type_name::<T>(), std::any::type_name::<E>());
+    std::slice::from_raw_parts(v.as_ptr() as *const E, v.len())
+}
+
+/// [`same_as`] for a unique borrow.
+///
+/// # Safety
+/// T is E.
+#[cfg(target_arch = "x86_64")]
+unsafe fn same_as_mut<T, E>(v: &mut [T]) -> &mut [E] {
+    debug_assert_eq!(std::any::type_name::<T>(), std::any::type_name::<E>());
+    std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut E, v.len())
+}
 impl QElem for f16 {}
 impl QElem for bf16 {}
 
@@ -738,9 +762,10 @@ unsafe fn fake_bwd_t<T: QElem>(q: &QuantArgs, dy: u64, x: u64, scales: u64, a: u
         // SAFETY: da has one float per row; rows [r0, r1) belong to this task alone.
         let mut dar = (das.0 != 0).then(|| unsafe { rows_of_mut::<f32>(das.0 as u64, 1, r0, r1) });
         let mut s = RowScratch::<T::Acc>::new(n, g, false);
-        // The AVX-512 path's float64 copies of x, dy and dx (GRAD_BLOCK elements each).
+        // The AVX-512 path's float64 copies of x, dy and dx (GRAD_BLOCK elements each) for
+        // half-precision elements.
         #[cfg(target_arch = "x86_64")]
-        let mut wide_buf = vec![0f64; if wide { 3 * GRAD_BLOCK } else { 0 }];
+        let mut wide_buf = vec![0f64; if wide && !(T::IS_F32 || T::IS_F64) { 3 * GRAD_BLOCK } else { 0 }];
         // Per |q| = c (the row's exponent a): R = r^(1/a − 1) and r^(1/a)·ln r with r = c/qmax
         // (c = 0: R = [a = 1], no first term), recomputed only when a changes from row to row; per
         // element then one ln and one exp, (u+ε)^a being (u+ε)^(a−1)·(u+ε) (six before).
@@ -770,7 +795,26 @@ unsafe fn fake_bwd_t<T: QElem>(q: &QuantArgs, dy: u64, x: u64, scales: u64, a: u
                     // The same codes the forward made, from the same stored scale.
                     count_codes(xs, &t, m32, &mut s.cnt);
                     #[cfg(target_arch = "x86_64")]
+                    if wide && (T::IS_F32 || T::IS_F64) {
+                        let row = fake_grad::GradRow { a: av, eps: FAKE_GRAD_EPS, big_r: &big_r, first: &first };
+                        let (xp, dyp, dxp) = (&xr[e0..e0 + len], &dyr[e0..e0 + len], &mut dxr[e0..e0 + len]);
+                        // SAFETY: `wide` checked AVX-512 (F, BW, VL); T is the type each call
+                        // reinterprets the piece as (same size and layout); the counts are codes'
+                        // magnitudes, at most qmax (the tables' last index).
+                        unsafe {
+                            if T::IS_F32 {
+                                let (x, dy, dx) = (same_as::<T, f32>(xp), same_as::<T, f32>(dyp), same_as_mut::<T, f32>(dxp));
+                                fake_grad::piece_grads_avx512(x, dy, &s.cnt[..len], m, &row, dx, &mut da_lanes)
+                            } else {
+                                let (x, dy, dx) = (same_as::<T, f64>(xp), same_as::<T, f64>(dyp), same_as_mut::<T, f64>(dxp));
+                                fake_grad::piece_grads_avx512(x, dy, &s.cnt[..len], m, &row, dx, &mut da_lanes)
+                            }
+                        };
+                        continue;
+                    }
+                    #[cfg(target_arch = "x86_64")]
                     if wide {
+                        // Half-precision elements through float64 copies.
                         let row = fake_grad::GradRow { a: av, eps: FAKE_GRAD_EPS, big_r: &big_r, first: &first };
                         let (x64, rest) = wide_buf.split_at_mut(GRAD_BLOCK);
                         let (dy64, dx64) = rest.split_at_mut(GRAD_BLOCK);
@@ -782,7 +826,7 @@ unsafe fn fake_bwd_t<T: QElem>(q: &QuantArgs, dy: u64, x: u64, scales: u64, a: u
                             // SAFETY: `wide` checked AVX-512 (F, BW, VL); the slices are bl long;
                             // the counts are codes' magnitudes, at most qmax (the tables' last index).
                             unsafe {
-                                fake_grad::piece_grads_avx512(&x64[..bl], &dy64[..bl], &s.cnt[b0..b0 + bl], m, &row,
+                                fake_grad::piece_grads_avx512::<f64>(&x64[..bl], &dy64[..bl], &s.cnt[b0..b0 + bl], m, &row,
                                                               &mut dx64[..bl], &mut da_lanes)
                             };
                             for j in 0..bl {
