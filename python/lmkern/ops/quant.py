@@ -57,7 +57,7 @@ BITS = (2, 3, 4, 8)
 #: (held for the thread's life: a fresh buffer of a whole weight costs more in first-touch page
 #: faults than the dequantization). A chunk is as many bytes as the activations it multiplies (x
 #: forward, dy backward), within these bounds: each chunk's matmul packs all of the activations
-#: again (8 MiB chunks cost ~10 % at 2048 tokens of a 4096x4096 layer, 32 MiB ones ~4 %), while a
+#: again (8 MiB chunks cost ~10 % at 2048 tokens of a 4096x4096 layer, 32 MiB ones ~2 %), while a
 #: small chunk is still in cache when its matmul reads it (8 MiB won at 128-512 tokens).
 CPU_CHUNK_BYTES = 8 << 20
 CPU_CHUNK_MAX_BYTES = 32 << 20

@@ -90,6 +90,8 @@ impl QElem for f32 {
 impl QElem for f64 {
     const IS_F64: bool = true;
 }
+impl QElem for f16 {}
+impl QElem for bf16 {}
 
 /// `v` as the element type E it is (T::IS_F32 for f32, T::IS_F64 for f64).
 ///
@@ -110,8 +112,6 @@ unsafe fn same_as_mut<T, E>(v: &mut [T]) -> &mut [E] {
     debug_assert_eq!(std::any::type_name::<T>(), std::any::type_name::<E>());
     std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut E, v.len())
 }
-impl QElem for f16 {}
-impl QElem for bf16 {}
 
 /// Rows handed to one task: about 16K elements of work, independent of the thread count.
 fn rows_per_task(n: usize) -> usize {
