@@ -243,9 +243,10 @@ fn fake_grads_ref(x: f64, q: i32, m: f64, a: f64, bits: u32) -> (f64, f64) {
 
 #[test]
 fn fake_quantize_gradients_match_the_formula() {
+    use half::bf16;
     // Whichever path this CPU (and LMKERN_CPU_ISA) gives: AVX-512's eight lanes (with a short last
-    // one: n or g not multiples of 8) or the scalar loop; float32 and float64 x; zeros, an all-zero
-    // group, clipped elements (clip 0.8), a = 1 and tiny exponents.
+    // one: n or g not multiples of 8) or the scalar loop; float32, float64 and bfloat16 x; zeros,
+    // an all-zero group, clipped elements (clip 0.8), a = 1 and tiny exponents.
     let mut rng = Rng(17);
     for bits in [2u32, 3, 4, 8] {
         for (rows, n, g) in [(1usize, 1usize, 1usize), (3, 5, 5), (2, 300, 60), (4, 96, 32), (2, 17, 17), (3, 1030, 1030)] {
@@ -259,11 +260,15 @@ fn fake_quantize_gradients_match_the_formula() {
                 let dy: Vec<f64> = (0..rows * n).map(|_| rng.next()).collect();
                 let q = QuantArgs { bits, rows, n, group: g, clip };
                 let (rb, ng) = (row_bytes(n, bits), n / g);
-                for dtype in [DType::F32, DType::F64] {
+                for dtype in [DType::F32, DType::F64, DType::BF16] {
                     let at = format!("bits {bits} [{rows}, {n}] g{g} clip {clip} {dtype:?}");
                     let x32: Vec<f32> = x.iter().map(|&v| v as f32).collect();
-                    let xv: Vec<f64> = if dtype == DType::F32 { x32.iter().map(|&v| v as f64).collect() } else { x.clone() };
-                    let xa = if dtype == DType::F32 { addr(&x32) } else { addr(&x) };
+                    let x16: Vec<bf16> = x.iter().map(|&v| bf16::from_f64(v)).collect();
+                    let (xv, xa): (Vec<f64>, u64) = match dtype {
+                        DType::F32 => (x32.iter().map(|&v| v as f64).collect(), addr(&x32)),
+                        DType::BF16 => (x16.iter().map(|v| v.to_f64()).collect(), addr(&x16)),
+                        _ => (x.clone(), addr(&x)),
+                    };
                     let (mut codes, mut scales) = (vec![0u8; rows * rb], vec![0f32; rows * ng]);
                     unsafe { quant::quantize(Device::Cpu, dtype, &q, xa, addr(&a), out(&mut codes), out(&mut scales)).unwrap() };
                     // Elements within rounding of a code boundary may take either code: no gradient asked there.
@@ -287,24 +292,34 @@ fn fake_quantize_gradients_match_the_formula() {
                     }
                     let mut da = vec![f32::NAN; rows];
                     let dx: Vec<f64> = unsafe {
-                        if dtype == DType::F32 {
-                            let dy32: Vec<f32> = dyv.iter().map(|&v| v as f32).collect();
-                            let mut dx = vec![f32::NAN; rows * n];
-                            quant::fake_quantize_backward(Device::Cpu, dtype, &q, addr(&dy32), xa, addr(&scales), addr(&a), out(&mut dx), out(&mut da)).unwrap();
-                            dx.iter().map(|&v| v as f64).collect()
-                        } else {
-                            let mut dx = vec![f64::NAN; rows * n];
-                            quant::fake_quantize_backward(Device::Cpu, dtype, &q, addr(&dyv), xa, addr(&scales), addr(&a), out(&mut dx), out(&mut da)).unwrap();
-                            dx
+                        match dtype {
+                            DType::F32 => {
+                                let dy32: Vec<f32> = dyv.iter().map(|&v| v as f32).collect();
+                                let mut dx = vec![f32::NAN; rows * n];
+                                quant::fake_quantize_backward(Device::Cpu, dtype, &q, addr(&dy32), xa, addr(&scales), addr(&a), out(&mut dx), out(&mut da)).unwrap();
+                                dx.iter().map(|&v| v as f64).collect()
+                            }
+                            DType::BF16 => {
+                                let dy16: Vec<bf16> = dyv.iter().map(|&v| bf16::from_f64(v)).collect();
+                                let mut dx = vec![bf16::NAN; rows * n];
+                                quant::fake_quantize_backward(Device::Cpu, dtype, &q, addr(&dy16), xa, addr(&scales), addr(&a), out(&mut dx), out(&mut da)).unwrap();
+                                dx.iter().map(|v| v.to_f64()).collect()
+                            }
+                            _ => {
+                                let mut dx = vec![f64::NAN; rows * n];
+                                quant::fake_quantize_backward(Device::Cpu, dtype, &q, addr(&dyv), xa, addr(&scales), addr(&a), out(&mut dx), out(&mut da)).unwrap();
+                                dx
+                            }
                         }
                     };
-                    // (dy rounded to float32 for float32: the reference's dy is the float64 one.)
-                    let tol = if dtype == DType::F32 { 2e-7 } else { 1e-12 };
+                    // (dy rounded to float32 or bfloat16 there, and dx stored so: the reference's
+                    // dy is the float64 one.)
+                    let tol = match dtype { DType::F32 => 2e-7, DType::BF16 => 8e-3, _ => 1e-12 };
                     for (e, (&got, &want)) in dx.iter().zip(&dx_ref).enumerate() {
                         assert!((got - want).abs() <= tol * want.abs() + 1e-300, "{at}: dx[{e}] {got} vs {want}");
                     }
                     for r in 0..rows {
-                        let tol = if dtype == DType::F32 { 1e-6 } else { 1e-7 };
+                        let tol = match dtype { DType::F32 => 1e-6, DType::BF16 => 4e-3, _ => 1e-7 };
                         assert!((da[r] as f64 - da_ref[r]).abs() <= tol * da_abs[r] + 1e-30, "{at}: da[{r}] {} vs {}", da[r], da_ref[r]);
                     }
                 }

@@ -9,6 +9,7 @@
 //! of the formulas.
 #![cfg(target_arch = "x86_64")]
 
+use half::bf16;
 use std::arch::x86_64::*;
 
 /// ln 2 in two parts: `LN2_HI` with its low 32 mantissa bits zero (k·LN2_HI is exact for
@@ -110,14 +111,14 @@ unsafe fn or(a: __m512d, b: __m512d) -> __m512d {
 }
 
 /// Elements the gradients load and store eight at a time as float64 lanes (masked: lanes off the
-/// mask are neither read nor written). Inlined into [`piece_grads_avx512`], whose features the
-/// intrinsics need.
+/// mask are neither read nor written): float32, float64 and bfloat16 (float16 goes through float64
+/// copies). Inlined into [`piece_grads_avx512`], whose features the intrinsics need.
 pub(super) trait Lanes: Copy {
     /// # Safety
-    /// AVX-512F and VL; the masked lanes of p readable.
+    /// AVX-512F, BW and VL, AVX2; the masked lanes of p readable.
     unsafe fn load(p: *const Self, lanes: __mmask8) -> __m512d;
     /// # Safety
-    /// AVX-512F and VL; the masked lanes of p writable.
+    /// AVX-512F, BW and VL, AVX2; the masked lanes of p writable.
     unsafe fn store(p: *mut Self, lanes: __mmask8, v: __m512d);
 }
 
@@ -143,6 +144,26 @@ impl Lanes for f32 {
     }
 }
 
+impl Lanes for bf16 {
+    #[inline(always)]
+    unsafe fn load(p: *const bf16, lanes: __mmask8) -> __m512d {
+        let h = _mm_maskz_loadu_epi16(lanes, p as *const i16);
+        _mm512_cvtps_pd(_mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h))))
+    }
+    /// Through float32 as the scalar path's `bf16::from_f32(v as f32)`: rounded to nearest even on
+    /// the upper 16 bits; NaN kept a quiet NaN of the same sign.
+    #[inline(always)]
+    unsafe fn store(p: *mut bf16, lanes: __mmask8, v: __m512d) {
+        let b = _mm256_castps_si256(_mm512_cvtpd_ps(v));
+        let high = _mm256_srli_epi32::<16>(b);
+        let lsb = _mm256_and_si256(high, _mm256_set1_epi32(1));
+        let rounded = _mm256_srli_epi32::<16>(_mm256_add_epi32(b, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb)));
+        let nan = _mm256_or_si256(high, _mm256_set1_epi32(0x40));
+        let is_nan = _mm256_cmpgt_epi32(_mm256_and_si256(b, _mm256_set1_epi32(0x7fff_ffff)), _mm256_set1_epi32(0x7f80_0000));
+        _mm_mask_storeu_epi16(p as *mut i16, lanes, _mm256_cvtepi32_epi16(_mm256_blendv_epi8(rounded, nan, is_nan)));
+    }
+}
+
 /// What a row's pieces share: its exponent `a`, the ε added to u inside the logarithm, and for
 /// |q| = c ≤ qmax `big_r[c]` = R and `first[c]` = r^(1/a)·ln r (see [`super::fake_quantize_backward`]).
 pub(super) struct GradRow<'a> {
@@ -152,15 +173,15 @@ pub(super) struct GradRow<'a> {
     pub first: &'a [f64],
 }
 
-/// `dx[j] = dy[j]·∂x̂/∂x` for the elements of one group's piece (x, dy and dx float32 or float64,
+/// `dx[j] = dy[j]·∂x̂/∂x` for the elements of one group's piece (x, dy and dx of a [`Lanes`] type,
 /// computed in float64; `cnt[j]` = |q|, the group's scale `m`, the row's exponent and tables in
 /// `t`), and `acc[j % 8]` += dy·∂x̂/∂a (the caller adds the lanes in a fixed order): the scalar loop
 /// of fake_bwd_t, with its zero gradients where x = 0, m = 0 or |x| > m (NaN x or dy: NaN, as
 /// there). One vector at a time: four at once (independent FMA chains) measured no faster.
 ///
 /// # Safety
-/// AVX-512F and VL; x, dy, cnt and dx of one length; every `cnt[j]` < the tables' length.
-#[target_feature(enable = "avx512f,avx512vl")]
+/// AVX-512F, BW and VL, AVX2; x, dy, cnt and dx of one length; every `cnt[j]` < the tables' length.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
 pub(super) unsafe fn piece_grads_avx512<E: Lanes>(
     x: &[E], dy: &[E], cnt: &[u32], m: f64, t: &GradRow, dx: &mut [E], acc: &mut [f64; 8],
 ) {
@@ -238,6 +259,42 @@ mod tests {
                 let want = g(x);
                 let tol = ulps * f64::EPSILON * want.abs().max(f64::MIN_POSITIVE);
                 assert!((y - want).abs() <= tol, "{x}: {y} against {want}");
+            }
+        }
+    }
+
+    #[test]
+    fn bfloat16_lanes_round_as_half_does() {
+        if !crate::cpu::has_avx512() {
+            return;
+        }
+        // Ties both ways, the largest finite values, infinities, NaNs, subnormals, zeros.
+        let mut vs: Vec<f64> = vec![0.0, -0.0, 1.0, 1.0 + 2f64.powi(-8), 1.0 + 3.0 * 2f64.powi(-8), 1.0 + 2f64.powi(-8) + 2f64.powi(-30),
+                                    f32::MAX as f64, -(f32::MAX as f64), 3.4e38, f64::INFINITY, f64::NEG_INFINITY, f64::NAN, -f64::NAN,
+                                    1e-40, -1e-45, 1e-39, 1e300, 65504.0];
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..20000 {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            vs.push(f32::from_bits(rng as u32) as f64);
+        }
+        for c in vs.chunks(8) {
+            let mut out = [bf16::ZERO; 8];
+            let mut v = [0f64; 8];
+            v[..c.len()].copy_from_slice(c);
+            let lanes = ((1u16 << c.len()) - 1) as u8;
+            // SAFETY: AVX-512 checked above; out holds 8.
+            let back = unsafe {
+                <bf16 as Lanes>::store(out.as_mut_ptr(), lanes, _mm512_loadu_pd(v.as_ptr()));
+                let mut b = [0f64; 8];
+                _mm512_storeu_pd(b.as_mut_ptr(), <bf16 as Lanes>::load(out.as_ptr(), lanes));
+                b
+            };
+            for (i, &x) in c.iter().enumerate() {
+                let want = bf16::from_f32(x as f32);
+                assert_eq!(out[i].to_bits(), want.to_bits(), "{x:e}");
+                assert!(back[i].to_bits() == want.to_f64().to_bits() || (back[i].is_nan() && want.is_nan()), "{x:e}");
             }
         }
     }

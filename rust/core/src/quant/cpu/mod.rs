@@ -83,6 +83,8 @@ pub trait QElem: Elem<Acc: Real> {
     const IS_F32: bool = false;
     /// The element is float64.
     const IS_F64: bool = false;
+    /// The element is bfloat16.
+    const IS_BF16: bool = false;
 }
 impl QElem for f32 {
     const IS_F32: bool = true;
@@ -91,9 +93,11 @@ impl QElem for f64 {
     const IS_F64: bool = true;
 }
 impl QElem for f16 {}
-impl QElem for bf16 {}
+impl QElem for bf16 {
+    const IS_BF16: bool = true;
+}
 
-/// `v` as the element type E it is (T::IS_F32 for f32, T::IS_F64 for f64).
+/// `v` as the element type E it is (T::IS_F32 for f32, T::IS_F64 for f64, T::IS_BF16 for bf16).
 ///
 /// # Safety
 /// T is E.
@@ -762,10 +766,9 @@ unsafe fn fake_bwd_t<T: QElem>(q: &QuantArgs, dy: u64, x: u64, scales: u64, a: u
         // SAFETY: da has one float per row; rows [r0, r1) belong to this task alone.
         let mut dar = (das.0 != 0).then(|| unsafe { rows_of_mut::<f32>(das.0 as u64, 1, r0, r1) });
         let mut s = RowScratch::<T::Acc>::new(n, g, false);
-        // The AVX-512 path's float64 copies of x, dy and dx (GRAD_BLOCK elements each) for
-        // half-precision elements.
+        // The AVX-512 path's float64 copies of x, dy and dx (GRAD_BLOCK elements each) for float16.
         #[cfg(target_arch = "x86_64")]
-        let mut wide_buf = vec![0f64; if wide && !(T::IS_F32 || T::IS_F64) { 3 * GRAD_BLOCK } else { 0 }];
+        let mut wide_buf = vec![0f64; if wide && !(T::IS_F32 || T::IS_F64 || T::IS_BF16) { 3 * GRAD_BLOCK } else { 0 }];
         // Per |q| = c (the row's exponent a): R = r^(1/a − 1) and r^(1/a)·ln r with r = c/qmax
         // (c = 0: R = [a = 1], no first term), recomputed only when a changes from row to row; per
         // element then one ln and one exp, (u+ε)^a being (u+ε)^(a−1)·(u+ε) (six before).
@@ -795,18 +798,21 @@ unsafe fn fake_bwd_t<T: QElem>(q: &QuantArgs, dy: u64, x: u64, scales: u64, a: u
                     // The same codes the forward made, from the same stored scale.
                     count_codes(xs, &t, m32, &mut s.cnt);
                     #[cfg(target_arch = "x86_64")]
-                    if wide && (T::IS_F32 || T::IS_F64) {
+                    if wide && (T::IS_F32 || T::IS_F64 || T::IS_BF16) {
                         let row = fake_grad::GradRow { a: av, eps: FAKE_GRAD_EPS, big_r: &big_r, first: &first };
                         let (xp, dyp, dxp) = (&xr[e0..e0 + len], &dyr[e0..e0 + len], &mut dxr[e0..e0 + len]);
-                        // SAFETY: `wide` checked AVX-512 (F, BW, VL); T is the type each call
+                        // SAFETY: `wide` checked AVX-512 (F, BW, VL) and AVX2; T is the type each call
                         // reinterprets the piece as (same size and layout); the counts are codes'
                         // magnitudes, at most qmax (the tables' last index).
                         unsafe {
                             if T::IS_F32 {
                                 let (x, dy, dx) = (same_as::<T, f32>(xp), same_as::<T, f32>(dyp), same_as_mut::<T, f32>(dxp));
                                 fake_grad::piece_grads_avx512(x, dy, &s.cnt[..len], m, &row, dx, &mut da_lanes)
-                            } else {
+                            } else if T::IS_F64 {
                                 let (x, dy, dx) = (same_as::<T, f64>(xp), same_as::<T, f64>(dyp), same_as_mut::<T, f64>(dxp));
+                                fake_grad::piece_grads_avx512(x, dy, &s.cnt[..len], m, &row, dx, &mut da_lanes)
+                            } else {
+                                let (x, dy, dx) = (same_as::<T, bf16>(xp), same_as::<T, bf16>(dyp), same_as_mut::<T, bf16>(dxp));
                                 fake_grad::piece_grads_avx512(x, dy, &s.cnt[..len], m, &row, dx, &mut da_lanes)
                             }
                         };
@@ -814,7 +820,7 @@ unsafe fn fake_bwd_t<T: QElem>(q: &QuantArgs, dy: u64, x: u64, scales: u64, a: u
                     }
                     #[cfg(target_arch = "x86_64")]
                     if wide {
-                        // Half-precision elements through float64 copies.
+                        // float16 elements through float64 copies.
                         let row = fake_grad::GradRow { a: av, eps: FAKE_GRAD_EPS, big_r: &big_r, first: &first };
                         let (x64, rest) = wide_buf.split_at_mut(GRAD_BLOCK);
                         let (dy64, dx64) = rest.split_at_mut(GRAD_BLOCK);
