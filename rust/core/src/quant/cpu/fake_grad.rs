@@ -78,7 +78,8 @@ const INV_FACTORIAL: [f64; 14] = {
 };
 
 /// 1/d for positive normal d (here in [1.7, 2.5]): the 14-bit estimate and two Newton steps
-/// (error 2^-56 relative before rounding: within an ulp of the division, at a third of its time).
+/// (error 2^-56 relative before rounding: within an ulp of the division; the loop's two divisions
+/// a vector bound it: without them, with |x|·(1/m), 32 -> 24 ms on one thread).
 #[target_feature(enable = "avx512f")]
 #[inline]
 unsafe fn recip_pd(d: __m512d) -> __m512d {
