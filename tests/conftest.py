@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -27,6 +28,23 @@ settings.register_profile("default", max_examples=50, **_COMMON)
 settings.register_profile("ci", max_examples=200, print_blob=True, **_COMMON)
 settings.register_profile("dev", max_examples=10, **_COMMON)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+def lmkern_pool_threads(wait: float = 0.0) -> int | None:
+    """lmkern's own pool threads in this process (a forked child has none until it builds its pool),
+    or None where /proc cannot tell; with `wait`, up to that many seconds for the first (a thread
+    names itself when the OS first runs it, which on a busy VM, torch's OpenMP threads spinning on
+    the cores, can come after the call that started the pool has returned)."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            names = [open(f"/proc/self/task/{t}/comm").read() for t in os.listdir("/proc/self/task")]
+        except OSError:
+            return None
+        n = sum(name.startswith("lmkern-") for name in names)
+        if n or time.monotonic() >= deadline:
+            return n
+        time.sleep(0.01)
 
 
 def cuda_skip_reason() -> str | None:

@@ -7,12 +7,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 import lmkern
+from conftest import lmkern_pool_threads
 from lmkern import _core
 from lmkern.nn import PowerQuantLinear
 
@@ -37,18 +37,6 @@ def work() -> list[torch.Tensor]:
         return [lmkern.rms_norm(x, w, 1e-5), layer(tokens[:1]), layer(tokens)]
 
 
-def own_pool_threads(wait: float = 0.0) -> int:
-    """lmkern's own pool threads in this process; with `wait`, up to that many seconds for the first
-    (a thread names itself when the OS first runs it, which on a busy VM, torch's OpenMP threads
-    spinning on the cores, can come after the call that started the pool has returned)."""
-    deadline = time.monotonic() + wait
-    while True:
-        n = sum(open(f"/proc/self/task/{t}/comm").read().startswith("lmkern-") for t in os.listdir("/proc/self/task"))
-        if n or time.monotonic() >= deadline:
-            return n
-        time.sleep(0.01)
-
-
 @openmp_here
 def test_torchs_openmp_runtime_is_shared(num_threads):
     """At import lmkern finds the runtime torch loaded (pip wheels: torch/lib/libgomp.so.1) and runs
@@ -62,7 +50,7 @@ def test_torchs_openmp_runtime_is_shared(num_threads):
     lmkern.set_num_threads(2)
     work()
     assert lmkern.get_num_threads() == 2
-    assert own_pool_threads() == 0
+    assert lmkern_pool_threads() == 0
 
 
 @openmp_here
@@ -76,7 +64,7 @@ def test_stop_and_share_again_same_bits(num_threads):
         _core.stop_sharing_openmp()
         assert lmkern.cpu_pool() == "lmkern"
         got = work()
-        assert own_pool_threads(wait=30.0) >= 1  # started
+        assert lmkern_pool_threads(wait=30.0) >= 1  # started
     finally:
         _core.share_openmp_runtime(path)
     assert lmkern.cpu_pool() == f"openmp:{path}"

@@ -7,13 +7,13 @@ from __future__ import annotations
 import multiprocessing
 import os
 import random
-import time
 
 import numpy as np
 import pytest
 import torch
 
 import lmkern
+from conftest import lmkern_pool_threads
 from lmkern import ncd as N
 from lmkern.nn import PowerQuantLinear
 
@@ -47,23 +47,7 @@ def work():
         out = layer(tokens)
     scores = N.zipfit_scores(texts[:30], texts[30:])
     own = lmkern.cpu_pool() == "lmkern"
-    return lmkern.get_num_threads(), [t.detach() for t in (y, dx, dw, out)], scores, pool_threads(30.0 if own else 0.0), lmkern.cpu_pool()
-
-
-def pool_threads(wait: float = 0.0) -> int | None:
-    """lmkern's pool threads in this process (a forked child has none until it builds its pool),
-    or None where /proc cannot tell; with `wait`, up to that many seconds for the first (a thread
-    names itself when the OS first runs it, which may come after the work that started it)."""
-    deadline = time.monotonic() + wait
-    while True:
-        try:
-            names = [open(f"/proc/self/task/{t}/comm").read() for t in os.listdir("/proc/self/task")]
-        except OSError:
-            return None
-        n = sum(name.startswith("lmkern-") for name in names)
-        if n or time.monotonic() >= deadline:
-            return n
-        time.sleep(0.01)
+    return lmkern.get_num_threads(), [t.detach() for t in (y, dx, dw, out)], scores, lmkern_pool_threads(30.0 if own else 0.0), lmkern.cpu_pool()
 
 
 def child_start():
@@ -87,7 +71,7 @@ def test_forked_child_uses_a_pool_of_its_own(num_threads):
         assert child_pool == "lmkern"
         if running is not None:
             assert (running == 0) == cpu_pool.startswith("openmp:")
-        # its own pool, started (pool_threads waits for the first of its threads to name itself)
+        # its own pool, started (lmkern_pool_threads waits for the first of its threads to name itself)
         assert child_running is None or child_running >= 1
         for got, want in zip(child_tensors, tensors):
             assert torch.equal(got, want)

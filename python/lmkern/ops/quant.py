@@ -549,16 +549,21 @@ def _linear_fake(x, codes, scales, table, bias, bits, group_size, in_features):
     return x.new_empty((*x.shape[:-1], out_features))
 
 
+def _bwd_gemv(dy, codes, scales, table, bits, group_size, in_features):
+    """dx = dy @ Ŵ by the CPU's fused transposed GEMV: dy [..., out] contiguous, the weight's
+    tensors contiguous and checked; dx [..., in_features] of dy's dtype."""
+    out_features = codes.shape[0]
+    dx = dy.new_empty((*dy.shape[:-1], in_features))
+    _core.quant_linear_backward(DTYPE_CODES[dy.dtype], -1, 0, bits, out_features, in_features, group_size,
+                                _rows(dy)[0], ptr(dy), ptr(codes), ptr(scales), ptr(table), ptr(dx))
+    return dx
+
+
 def _linear_bwd(dy, codes, scales, table, bits, group_size, in_features):
     if (_cpu_ready(dy, codes, scales, table, None, bits, group_size, in_features, backward=True) and codes.shape[0]
             and dy.numel() <= cpu_bwd_gemv_max_tokens(bits, in_features, group_size) * codes.shape[0]):
         # The common call in one test, as _linear's (~60 us of a 1-token backward out of cache).
-        out_features = codes.shape[0]
-        dx = dy.new_empty((*dy.shape[:-1], in_features))
-        _core.quant_linear_backward(DTYPE_CODES[dy.dtype], -1, 0, bits, out_features, in_features, group_size,
-                                    dy.numel() // out_features, dy.data_ptr(), codes.data_ptr(), scales.data_ptr(),
-                                    table.data_ptr(), dx.data_ptr())
-        return dx
+        return _bwd_gemv(dy, codes, scales, table, bits, group_size, in_features)
     out_features = codes.shape[0]
     _check_x("dy", dy)
     if dy.shape[-1] != out_features:
@@ -570,11 +575,8 @@ def _linear_bwd(dy, codes, scales, table, bits, group_size, in_features):
         # dy @ Ŵ by cuBLAS, Ŵ in dy's dtype (as the many-token forward forms it).
         dx = dy2 @ _dequantize_codebooks(codes, scales, table, bits, group_size, in_features, dy.dtype)
     elif dy2.shape[0] <= cpu_bwd_gemv_max_tokens(bits, in_features, group_size):
-        dy2 = dy2.contiguous()
-        dx = torch.empty((dy2.shape[0], in_features), dtype=dy.dtype)
-        codes, scales, table = codes.contiguous(), scales.contiguous(), table.contiguous()
-        _core.quant_linear_backward(DTYPE_CODES[dy.dtype], -1, 0, bits, out_features, in_features, group_size,
-                                    dy2.shape[0], ptr(dy2), ptr(codes), ptr(scales), ptr(table), ptr(dx))
+        dx = _bwd_gemv(dy2.contiguous(), codes.contiguous(), scales.contiguous(), table.contiguous(), bits, group_size,
+                       in_features)
     else:
         # Σ over chunks of Ŵ's rows, in order.
         cd = _compute_dtype(dy.dtype)

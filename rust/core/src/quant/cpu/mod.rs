@@ -787,6 +787,8 @@ unsafe fn fake_bwd_t<T: QElem>(q: &QuantArgs, dy: u64, x: u64, scales: u64, a: u
             let mut da_row = 0.0f64;
             #[cfg(target_arch = "x86_64")]
             let mut da_lanes = [0f64; 8];
+            #[cfg(target_arch = "x86_64")]
+            let grad_row = fake_grad::GradRow { a: av, eps: FAKE_GRAD_EPS, big_r: &big_r, first: &first };
             for gi in 0..ng {
                 let m32 = sr[i * ng + gi];
                 let m = m32 as f64;
@@ -799,7 +801,6 @@ unsafe fn fake_bwd_t<T: QElem>(q: &QuantArgs, dy: u64, x: u64, scales: u64, a: u
                     count_codes(xs, &t, m32, &mut s.cnt);
                     #[cfg(target_arch = "x86_64")]
                     if wide && (T::IS_F32 || T::IS_F64 || T::IS_BF16) {
-                        let row = fake_grad::GradRow { a: av, eps: FAKE_GRAD_EPS, big_r: &big_r, first: &first };
                         let (xp, dyp, dxp) = (&xr[e0..e0 + len], &dyr[e0..e0 + len], &mut dxr[e0..e0 + len]);
                         // SAFETY: `wide` checked AVX-512 (F, BW, VL) and AVX2; T is the type each call
                         // reinterprets the piece as (same size and layout); the counts are codes'
@@ -807,13 +808,13 @@ unsafe fn fake_bwd_t<T: QElem>(q: &QuantArgs, dy: u64, x: u64, scales: u64, a: u
                         unsafe {
                             if T::IS_F32 {
                                 let (x, dy, dx) = (same_as::<T, f32>(xp), same_as::<T, f32>(dyp), same_as_mut::<T, f32>(dxp));
-                                fake_grad::piece_grads_avx512(x, dy, &s.cnt[..len], m, &row, dx, &mut da_lanes)
+                                fake_grad::piece_grads_avx512(x, dy, &s.cnt[..len], m, &grad_row, dx, &mut da_lanes)
                             } else if T::IS_F64 {
                                 let (x, dy, dx) = (same_as::<T, f64>(xp), same_as::<T, f64>(dyp), same_as_mut::<T, f64>(dxp));
-                                fake_grad::piece_grads_avx512(x, dy, &s.cnt[..len], m, &row, dx, &mut da_lanes)
+                                fake_grad::piece_grads_avx512(x, dy, &s.cnt[..len], m, &grad_row, dx, &mut da_lanes)
                             } else {
                                 let (x, dy, dx) = (same_as::<T, bf16>(xp), same_as::<T, bf16>(dyp), same_as_mut::<T, bf16>(dxp));
-                                fake_grad::piece_grads_avx512(x, dy, &s.cnt[..len], m, &row, dx, &mut da_lanes)
+                                fake_grad::piece_grads_avx512(x, dy, &s.cnt[..len], m, &grad_row, dx, &mut da_lanes)
                             }
                         };
                         continue;
@@ -821,7 +822,6 @@ unsafe fn fake_bwd_t<T: QElem>(q: &QuantArgs, dy: u64, x: u64, scales: u64, a: u
                     #[cfg(target_arch = "x86_64")]
                     if wide {
                         // float16 elements through float64 copies.
-                        let row = fake_grad::GradRow { a: av, eps: FAKE_GRAD_EPS, big_r: &big_r, first: &first };
                         let (x64, rest) = wide_buf.split_at_mut(GRAD_BLOCK);
                         let (dy64, dx64) = rest.split_at_mut(GRAD_BLOCK);
                         for b0 in (0..len).step_by(GRAD_BLOCK) {
@@ -832,7 +832,7 @@ unsafe fn fake_bwd_t<T: QElem>(q: &QuantArgs, dy: u64, x: u64, scales: u64, a: u
                             // SAFETY: `wide` checked AVX-512 (F, BW, VL); the slices are bl long;
                             // the counts are codes' magnitudes, at most qmax (the tables' last index).
                             unsafe {
-                                fake_grad::piece_grads_avx512::<f64>(&x64[..bl], &dy64[..bl], &s.cnt[b0..b0 + bl], m, &row,
+                                fake_grad::piece_grads_avx512::<f64>(&x64[..bl], &dy64[..bl], &s.cnt[b0..b0 + bl], m, &grad_row,
                                                               &mut dx64[..bl], &mut da_lanes)
                             };
                             for j in 0..bl {
